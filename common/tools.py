@@ -262,7 +262,8 @@ class _HttpBackend:
     request goes exactly where it was configured. `timeout` bounds the whole exchange.
     """
 
-    def __init__(self, endpoint: str, api_key: str | None, timeout: float, max_response_bytes: int):
+    def __init__(self, endpoint: str, api_key: str | None, timeout: float,
+                 max_response_bytes: int):
         if not re.match(r"https?://[^/\s]+", endpoint):
             raise ValueError(f"search endpoint must be an http(s):// URL, got {endpoint!r}")
         self.endpoint, self.api_key = endpoint, api_key
@@ -299,8 +300,9 @@ class _HttpBackend:
         return results
 
 
-def _backend(endpoint: str | None, api_key: str | None, use_env: bool, env: str, timeout: float,
-             max_response_bytes: int) -> _HttpBackend | None:
+def _backend(endpoint: str | None, api_key: str | None, use_env: bool, env: str,
+             timeout: float, max_response_bytes: int) -> _HttpBackend | None:
+    """The HTTP backend if an endpoint is given (or, with use_env, set in `{env}_ENDPOINT`)."""
     if use_env:
         endpoint = endpoint or os.environ.get(f"{env}_ENDPOINT")
         api_key = api_key or os.environ.get(f"{env}_API_KEY")
@@ -329,8 +331,11 @@ class TextSearch:
     with f(t, d) the count of t in d, |d| the token count, N the number of documents and n(t)
     the number that contain t (the "+1" keeps IDF positive, as in Lucene).
 
-    HTTP: POST {"query": q, "k": k} to `endpoint`, expect {"results": [{"id", "text", "score"}]}.
-    `.search` raises SearchError for a bad query or a failed request; `.observe` never raises.
+    HTTP: POST {"query": q, "k": k} to `endpoint`, expect {"results": [{"id", "text", "score"}]};
+    `api_key` goes in an "Authorization: Bearer" header. With `use_env=True`, a None endpoint /
+    api_key is read from TEXT_SEARCH_ENDPOINT / TEXT_SEARCH_API_KEY. Give documents or an
+    endpoint, not both (ValueError). `.search` raises SearchError for a bad query or a failed
+    request; `.observe` never raises.
     """
 
     def __init__(self, docs: list[dict] | list[str] | None = None, *, k1: float = 1.5,
@@ -338,7 +343,8 @@ class TextSearch:
                  api_key: str | None = None, use_env: bool = False, timeout: float = 10.0,
                  max_response_bytes: int = 1_000_000):
         self.k1, self.b, self.max_query_chars = k1, b, max_query_chars
-        self.http = _backend(endpoint, api_key, use_env, "TEXT_SEARCH", timeout, max_response_bytes)
+        self.http = _backend(endpoint, api_key, use_env, "TEXT_SEARCH", timeout,
+                             max_response_bytes)
         if (docs is None) == (self.http is None):
             raise ValueError("TextSearch needs exactly one backend: documents or an endpoint "
                              "(endpoint=... or TEXT_SEARCH_ENDPOINT with use_env=True).")
@@ -461,7 +467,8 @@ class ImageSearch:
 
     Entries are (image, name, caption) tuples or {"image", "name", "caption"} dicts; image is a
     PIL image or a path. Score = cosine similarity of `embed_image` vectors.
-    HTTP: POST {"image": base64 PNG, "k": k}, expect {"results": [{"name", "caption", "score"}]}.
+    HTTP: POST {"image": base64 PNG, "k": k}, expect {"results": [{"name", "caption", "score"}]};
+    same guards and env rule as `TextSearch` (IMAGE_SEARCH_ENDPOINT / IMAGE_SEARCH_API_KEY).
     `.search` raises SearchError for a missing image or a failed request; `.observe` never raises.
     """
 

@@ -1,0 +1,234 @@
+# Run: pytest tests/test_core.py -q
+"""The shared core on the tiny preset: loading (4-bit + LoRA), chat inputs, SFT masks, GRPO
+steps end to end, and resume from a checkpoint."""
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from common import chat as chatmod
+from common.chat import collate, encode, image_token_counts
+from common.grpo import GRPOConfig, completion_logprobs, per_rollout, train_grpo
+from common.models import build_tiny_tokenizer, image_processor_for, load_policy
+from common.rollout import generate_ids, rollout_batch, run_rollouts
+from common.sft import masked_nll, sft_batch
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def ip():
+    return image_processor_for()
+
+
+def _img(w, h, c=(200, 30, 30)):
+    return Image.new("RGB", (w, h), c)
+
+
+# ---------------------------------------------------------------------------------- models
+def test_tiny_4bit_lora_trainable_and_reference():
+    p = load_policy("tiny", load_in_4bit=True)
+    import bitsandbytes as bnb
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in p.model.modules())
+    names = [n for n, q in p.model.named_parameters() if q.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    assert not any("visual" in n for n in names)          # the vision tower stays frozen
+    ids = torch.tensor([p.tokenizer.encode("hello there, general")])
+    with torch.no_grad():
+        base = p.model(input_ids=ids).logits
+    opt = torch.optim.SGD(p.trainable_parameters(), lr=1.0)
+    p.model(input_ids=ids).logits.square().mean().backward()
+    opt.step()
+    with torch.no_grad():
+        tuned = p.model(input_ids=ids).logits
+        with p.reference():
+            ref = p.model(input_ids=ids).logits
+    assert not torch.allclose(tuned, base)                 # the update moved the policy
+    assert torch.allclose(ref, base, atol=1e-6)            # adapter off = the base model
+
+
+def test_adapter_roundtrip(tmp_path):
+    p = load_policy("tiny", seed=3)
+    for n, q in p.model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(q, std=0.5)
+    p.save_adapter(str(tmp_path / "ad"))
+    assert (tmp_path / "ad" / "adapter_config.json").exists()
+    assert (tmp_path / "ad" / "adapter_model.safetensors").exists()
+    q = load_policy("tiny", seed=3, adapter=str(tmp_path / "ad"))
+    ids = torch.tensor([p.tokenizer.encode("some words")])
+    with torch.no_grad():
+        assert torch.allclose(p.model(input_ids=ids).logits, q.model(input_ids=ids).logits, atol=1e-6)
+
+
+def test_bad_model_names_and_4bit_errors(monkeypatch):
+    with pytest.raises(ValueError, match="preset"):
+        load_policy("no-such-model")
+    with pytest.raises(FileNotFoundError):
+        load_policy("tiny", adapter="/nonexistent/adapter")
+    import bitsandbytes.functional as F
+
+    def broken(*a, **k):
+        raise RuntimeError("no 4-bit kernels for this device")
+    monkeypatch.setattr(F, "quantize_4bit", broken)
+    with pytest.raises(RuntimeError, match="--no-4bit"):
+        load_policy("tiny", load_in_4bit=True)
+
+
+# ---------------------------------------------------------------------------------- chat
+@pytest.mark.parametrize("w,h", [(640, 480), (100, 60), (56, 200), (28, 28), (1000, 330)])
+def test_image_token_counts(tok, ip, w, h):
+    e = encode(tok, ip, [{"role": "user", "content": [{"type": "image", "image": _img(w, h)},
+                                                      {"type": "text", "text": "hi"}]}])
+    t, gh, gw = e.image_grid_thw[0].tolist()
+    n_pad = e.input_ids.count(tok.convert_tokens_to_ids("<|image_pad|>"))
+    assert n_pad == t * gh * gw // 4
+    assert e.pixel_values.shape == (t * gh * gw, 3 * 2 * 14 * 14)
+    if (w, h) == (640, 480):                       # qwen25vl.md: 644x476 -> (1, 34, 46) -> 391
+        assert (t, gh, gw, n_pad) == (1, 34, 46, 391)
+
+
+def test_expansion_matches_qwen_processor(tok, ip):
+    """Same ids as Qwen2_5_VLProcessor's own replacement rule, applied to the template text."""
+    from transformers import Qwen2_5_VLProcessor
+
+    class Stub:  # the processor cannot be built without torchvision; its rule needs only these
+        image_processor, image_token = ip, "<|image_pad|>"
+    imgs = [_img(300, 200), _img(90, 150, (0, 0, 255))]
+    msgs = [{"role": "user", "content": [{"type": "image", "image": imgs[0]}, {"type": "text", "text": "a"}]},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": [{"type": "image", "image": imgs[1]}, {"type": "text", "text": "c"}]}]
+    e = encode(tok, ip, msgs, add_generation_prompt=True)
+    text = chatmod.render(tok, msgs, add_generation_prompt=True)
+    grids = ip(images=imgs, return_tensors="pt")["image_grid_thw"]
+    parts = text.split("<|image_pad|>")
+    expanded = parts[0] + "".join(Qwen2_5_VLProcessor.replace_image_token(Stub(), {"image_grid_thw": grids}, i) + parts[i + 1]
+                                  for i in range(len(imgs)))
+    assert tok(expanded, add_special_tokens=False)["input_ids"] == e.input_ids
+    assert torch.equal(e.image_grid_thw, grids)
+
+
+def test_assistant_mask(tok, ip):
+    msgs = [{"role": "user", "content": [{"type": "image", "image": _img(80, 80)}, {"type": "text", "text": "colour?"}]},
+            {"role": "assistant", "content": "<answer>red</answer>"},
+            {"role": "user", "content": "sure?"},
+            {"role": "assistant", "content": "copied", "train": False},
+            {"role": "user", "content": "again"},
+            {"role": "assistant", "content": "yes"}]
+    e = encode(tok, ip, msgs)
+    kept = tok.decode([i for i, m in zip(e.input_ids, e.loss_mask) if m])
+    assert kept == "<answer>red</answer><|im_end|>yes<|im_end|>"
+
+
+def test_text_only_tokenizer_rejects_images(tok):
+    with pytest.raises(ValueError, match="text-only"):
+        chatmod.flatten([{"role": "user", "content": [{"type": "image", "image": _img(30, 30)}]}])
+
+
+def test_forward_logprobs_match_sampling_with_images():
+    """mm_token_type_ids makes the training forward use the same 3-D positions as generate."""
+    p = load_policy("tiny", lora=False)
+    msgs = [{"role": "user", "content": [{"type": "image", "image": _img(100, 60)}, {"type": "text", "text": "What?"}]}]
+    e = encode(p.tokenizer, p.image_processor, msgs, add_generation_prompt=True)
+    b = collate([e], p.tokenizer.pad_token_id, "left", p.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+    b.pop("loss_mask")
+    with torch.no_grad():
+        g = p.model.generate(**b, max_new_tokens=6, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+        new = g.sequences[:, b["input_ids"].shape[1]:]
+        lp_gen = torch.stack(g.scores, 1).log_softmax(-1).gather(-1, new[..., None])[..., 0]
+        from common.rollout import Rollout
+        r = Rollout(prompt_ids=e.input_ids, ids=new[0].tolist(), mask=[1] * new.shape[1],
+                    pixel_values=[e.pixel_values], grids=[e.image_grid_thw])
+        lp, _ = completion_logprobs(p.model, rollout_batch([r], p.tokenizer))
+    assert torch.allclose(lp, lp_gen, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- SFT
+def test_sft_loss_counts_only_masked_tokens(tok, ip):
+    p = load_policy("tiny")
+    msgs = [{"role": "user", "content": "question"}, {"role": "assistant", "content": "the answer"}]
+    e = encode(p.tokenizer, p.image_processor, msgs)
+    batch = sft_batch([e], p.tokenizer)
+    with torch.no_grad():
+        nll, n = masked_nll(p, batch)
+        logits = p.model(input_ids=batch["input_ids"]).logits[0, :-1].log_softmax(-1)
+        tgt = batch["input_ids"][0, 1:]
+        m = torch.tensor(e.loss_mask[1:], dtype=torch.bool)
+        manual = -logits.gather(-1, tgt[:, None])[:, 0][m].sum()
+    assert n.item() == sum(e.loss_mask) and nll.item() == pytest.approx(manual.item(), rel=1e-5)
+    # changing a prompt token changes the context but the loss still counts the same tokens
+    e2 = chatmod.Encoded(list(e.input_ids), [0] * len(e.loss_mask))
+    assert sft_batch([e2], p.tokenizer)["completion_mask"].sum() == 0
+
+
+# ---------------------------------------------------------------------------------- GRPO loop
+def _toy_setup():
+    data = [{"q": "Say A", "img": _img(60, 60)}, {"q": "Say B", "img": None}, {"q": "Say C", "img": _img(40, 90)}]
+
+    def mk(ex):
+        c = ([{"type": "image", "image": ex["img"]}] if ex["img"] is not None else []) + [{"type": "text", "text": ex["q"]}]
+        return [{"role": "user", "content": c}]
+
+    def rollout_fn(pol, exs, cfg):
+        return run_rollouts(pol, exs, num_generations=cfg.num_generations, make_messages=mk,
+                            max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature)
+    reward = per_rollout(lambda r, ex: {"reward": float(sum(r.ids) % 7) / 7, "n_ids": len(r.ids)})
+    return data, rollout_fn, reward
+
+
+def test_grpo_steps_end_to_end(tmp_path):
+    p = load_policy("tiny", load_in_4bit=True)
+    data, rollout_fn, reward = _toy_setup()
+    cfg = GRPOConfig(max_steps=2, num_generations=3, prompts_per_step=2, max_completion_length=8,
+                     beta=0.04, num_iterations=2, micro_batch_size=4, learning_rate=1e-3)
+    before = {n: q.detach().clone() for n, q in p.model.named_parameters() if q.requires_grad}
+    s = train_grpo(p, data, rollout_fn, reward, cfg, str(tmp_path))
+    after = dict(p.model.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    for k in ("reward", "kl", "entropy", "clip_ratio/region_mean", "completion_length", "frac_reward_zero_std", "rewards/n_ids"):
+        assert k in s["final"]
+    assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "adapter" / "adapter_config.json").exists()
+
+
+def test_nan_reward_stops_the_run(tmp_path):
+    p = load_policy("tiny")
+    data, rollout_fn, _ = _toy_setup()
+    bad = per_rollout(lambda r, ex: {"reward": float("nan")})
+    with pytest.raises(FloatingPointError, match="Step 0"):
+        train_grpo(p, data, rollout_fn, bad, GRPOConfig(max_steps=1, num_generations=2, max_completion_length=4), str(tmp_path))
+
+
+def test_resume_takes_the_same_next_step(tmp_path):
+    data, rollout_fn, reward = _toy_setup()
+    cfg = GRPOConfig(max_steps=3, num_generations=2, prompts_per_step=2, max_completion_length=6,
+                     learning_rate=1e-2, beta=0.04, save_steps=2, seed=5)
+
+    def run(out, max_steps, resume):
+        torch.manual_seed(0)
+        p = load_policy("tiny", seed=1)
+        c = GRPOConfig(**{**cfg.__dict__, "max_steps": max_steps})
+        train_grpo(p, data, rollout_fn, reward, c, out, resume=resume)
+        return p, [l for l in open(os.path.join(out, "metrics.jsonl"))]
+
+    full, full_log = run(str(tmp_path / "a"), 3, False)
+    run(str(tmp_path / "b"), 2, False)                      # "interrupted" after step 2 (checkpoint-2)
+    os.remove(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    # a fresh process would start from a fresh model: different torch RNG state too
+    torch.manual_seed(1234)
+    p = load_policy("tiny", seed=1)
+    train_grpo(p, data, rollout_fn, reward, cfg, str(tmp_path / "b"), resume=True)
+    import json
+    a3 = json.loads(full_log[2])
+    b_log = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
+    b3 = [r for r in b_log if r["step"] == 2][-1]
+    for k in ("reward", "loss", "kl", "completion_length"):
+        assert a3[k] == pytest.approx(b3[k], rel=1e-5, abs=1e-7), k
+    fa, fb = dict(full.model.named_parameters()), dict(p.model.named_parameters())
+    for n, q in fa.items():
+        if q.requires_grad:
+            assert torch.allclose(q, fb[n], atol=1e-6), n

@@ -254,6 +254,10 @@ def load_base(name: str, *, load_in_4bit: bool, device: torch.device, dtype: tor
                 model.save_pretrained(d)
                 model = _from_pretrained(AutoModelForCausalLM, d, dtype=dtype, device=device, quant=quant)
         tok.padding_side = "left"
+        # SmolLM2 pads with <|im_end|> (= eos); use <|endoftext|> so a row stopped by a tool tag
+        # is not mistaken for one that generated end-of-turn.
+        tok.pad_token = "<|endoftext|>"
+        model.generation_config.pad_token_id = tok.pad_token_id
         return model.to(device) if quant is None else model, tok, None, False
 
     looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))

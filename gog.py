@@ -3,7 +3,8 @@ answers, searches text, searches the whole image, or gazes (crops a region) and 
 the crop. "Glance-or-Gaze: ..." arXiv 2601.13942 (ACL 2026 Findings); see shared/papers/gog.md.
 
 Stages (each writes into <out>/<stage>/; `all` runs them in this order):
-    python gog.py --stage all --model tiny             # CPU, ~2 min: plumbing only, numbers are noise
+    python gog.py --stage all --model tiny   # CPU, a few minutes: plumbing only, numbers are noise;
+                                             # tiny (or auto without CUDA) uses TINY_SIZES unless flags say otherwise
     python gog.py --stage data    # toy world (scenes, text KB, image KB, questions) + oracle page
     python gog.py --stage sft     # Reflective GoG Behavior Alignment: oracle (+teacher) trajectories
     python gog.py --stage levels  # SFT pass rate over k samples -> Level 1 (~50 %) / Level 2 (mostly failed)
@@ -45,11 +46,14 @@ import functools
 import json
 import os
 import random
+import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from common.chat import encode
@@ -80,7 +84,7 @@ class Args:
     lora_alpha: int = 16
     """LoRA alpha"""
     # --- toy world (1) ---
-    n_scenes: int = 8
+    n_scenes: int = 64
     """scenes in the toy world (4 questions each, one per complexity level)"""
     image_size: int = 448
     """scene side in pixels (a multiple of 28, so the model sees it unresized)"""
@@ -95,7 +99,7 @@ class Args:
     # --- agent loop (2) ---
     max_turns: int = 6
     """assistant turns per rollout (a reflective gaze needs 5)"""
-    max_new_tokens: int = 64
+    max_new_tokens: int = 256
     """new tokens per assistant turn"""
     max_crops: int = 3
     """crop calls per rollout (gaze + re-gaze after reflection)"""
@@ -128,7 +132,7 @@ class Args:
     level2_max: float = 0.25
     """Level 2 = pass rate <= this (mostly failed) (8)"""
     level1_max: float = 0.75
-    """Level 1 = pass rate in (level2_max, level1_max] (around 50 %)"""
+    """Level 1 = pass rate in (level2_max, level1_max] (around half right)"""
     min_level_size: int = 4
     """fill a smaller level with the nearest questions by pass rate, announced (0 = never)"""
     # --- RL (GRPO, TRL names) ---
@@ -140,13 +144,13 @@ class Args:
     """answers longer than this get r_acc = 0 (sub-exact match would reward lists) (4)"""
     judge: str | None = None
     """LLM judge model for r_acc and eval (none = sub-exact match) (4)"""
-    max_steps: int = 4
+    max_steps: int = 200
     """GRPO steps"""
     learning_rate: float = 1e-5
     """GRPO learning rate (paper: 2e-6 for the full actor; LoRA here) (7)"""
     num_generations: int = 4
     """G, rollouts per question (GoG: 4)"""
-    prompts_per_step: int = 2
+    prompts_per_step: int = 4
     """questions per GRPO step"""
     beta: float = 0.001
     """KL coefficient to pi_ref (GoG: 0.001)"""
@@ -156,7 +160,7 @@ class Args:
     """clip range, high side (none = epsilon; DAPO: 0.28)"""
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
     """loss aggregation (TRL names)"""
-    max_completion_length: int = 768
+    max_completion_length: int = 2048
     """tokens per rollout after the prompt, observations included (GoG: 8,192)"""
     temperature: float = 1.0
     """sampling temperature for RL and levels"""
@@ -165,8 +169,6 @@ class Args:
     # --- eval ---
     eval_temperature: float = 0.0
     """sampling temperature in eval (0 = greedy)"""
-    n_html: int = 12
-    """trajectories shown on the eval HTML page"""
 
 
 # =============================================================================================
@@ -179,7 +181,6 @@ SYLLABLES = "ka lo mi ra ven tor zu pel qui sar no bri dax fen gor hal jun mor v
 CITIES = "Velmor Quenby Arlath Dunmere Sorvik Halden Mirask Tobrin Elsk Caravo".split()
 EVENTS = "Fair Market Parade Expo Festival Summit Regatta Carnival".split()
 ADJECTIVES = "Amber Silver Northern Winter Harbour Lantern Copper Meadow".split()
-BENCHMARKS = ("fvqa", "infoseek", "simplevqa", "mmsearch", "livevqa", "dynvqa")
 
 
 @dataclass
@@ -215,19 +216,28 @@ def draw_tile(size: int, color: tuple, shape: str, label: str, filled: bool = Tr
     elif shape == "square":
         d.rectangle(box, fill=fill, outline=outline, width=2)
     elif shape == "triangle":
-        d.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill, outline=outline)
+        d.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill, outline=outline, width=2)
     else:  # diamond
-        d.polygon([(cx, box[1]), (box[2], cy), (cx, box[3]), (box[0], cy)], fill=fill, outline=outline)
+        d.polygon([(cx, box[1]), (box[2], cy), (cx, box[3]), (box[0], cy)], fill=fill, outline=outline, width=2)
     font = ImageFont.load_default(size=max(8, size // 4))
     d.text((size / 2, (top + size) / 2), label, fill=(20, 20, 20), font=font, anchor="mm")
     return tile
 
 
-def invent_word(rng: random.Random, used: set, n: int = 2) -> str:
-    while (w := "".join(rng.choice(SYLLABLES) for _ in range(n)).capitalize()) in used:
+def invent(rng: random.Random, taken: set, make) -> str:
+    """A new word from make(rng) not in `taken` (which it joins)."""
+    while (w := make(rng)) in taken:
         pass
-    used.add(w)
+    taken.add(w)
     return w
+
+
+def name_word(rng):
+    return (rng.choice(SYLLABLES) + rng.choice(SYLLABLES)).capitalize()
+
+
+def label_word(rng):
+    return rng.choice("BCDFGHJKLMNPRSTVZ") + rng.choice("AEIOU") + rng.choice("BCDFGHJKLMNPRSTVZ")
 
 
 def build_world(seed: int, n_scenes: int = 8, image_size: int = 448) -> World:
@@ -238,15 +248,9 @@ def build_world(seed: int, n_scenes: int = 8, image_size: int = 448) -> World:
     used: set = set()
     combos = [(c, s) for c in COLORS for s in SHAPES]
     rng.shuffle(combos)
-    letters = "BCDFGHJKLMNPRSTVZ"
-    entities = []
-    for color, shape in combos[:12]:
-        label = invent_word(rng, used, 0) if False else None
-        while (label := rng.choice(letters) + rng.choice("AEIOU") + rng.choice(letters)) in used:
-            pass
-        used.add(label)
-        entities.append(dict(name=invent_word(rng, used), color=color, shape=shape, label=label,
-                             year=str(rng.randint(1820, 2015)), city=rng.choice(CITIES)))
+    entities = [dict(label=invent(rng, used, label_word), name=invent(rng, used, name_word), color=color,
+                     shape=shape, year=str(rng.randint(1820, 2015)), city=rng.choice(CITIES))
+                for color, shape in combos[:12]]
     ts, cell = int(image_size * 0.16), image_size // 4  # tile side; a 4 x 4 grid of cells
     text_kb = [d for i, e in enumerate(entities) for d in (
         {"id": f"e{i}-year", "text": f"{e['name']} was founded in {e['year']}.", "entity": e["name"]},
@@ -275,7 +279,7 @@ def build_world(seed: int, n_scenes: int = 8, image_size: int = 448) -> World:
                 tile, t = image_kb[entities.index(e)]["image"], dict(name=e["name"], color=e["color"],
                                                                      shape=e["shape"], is_distractor=False, label=e["label"])
             else:      # a distractor: grey outline emblem, unknown label, not in the image KB
-                label = rng.choice(letters) + rng.choice("AEIOU") + rng.choice(letters)
+                label = invent(rng, used | {t["label"] for t in tiles}, label_word)
                 shape = rng.choice(SHAPES)
                 tile = draw_tile(ts, (110, 110, 110), shape, label, filled=False)
                 t = dict(name=f"distractor-{label}", color="grey", shape=shape, is_distractor=True, label=label)
@@ -429,7 +433,7 @@ def oracle_trajectory(world: World, question: dict, reflective: bool = False, rn
         act(f"Glance: the tile labelled {tile['label']} shows a {tile['color']} {tile['shape']}. "
             f"Decision: answer directly.", f"<answer>{answer}</answer>")
     elif level == "text":
-        name = question["question"].split(" founded")[0].split(" based")[0].split()[-1]
+        name = next(d["entity"] for d in world.text_kb if d["entity"] in question["question"])
         act(f"Glance: the image cannot tell this; {name} is named in the question. Decision: text search.",
             f"<text_search>{query.format(name)}</text_search>", "text_search", {"query": query.format(name)})
         act("The search result gives the fact.", f"<answer>{answer}</answer>")
@@ -445,22 +449,17 @@ def oracle_trajectory(world: World, question: dict, reflective: bool = False, rn
             {"query": query.format(question["target"])})
         act("The search result gives the fact.", f"<answer>{answer}</answer>")
     else:
-        act(f"Glance: the tile labelled {tile['label']} is small and its organisation is unknown. "
-            f"Decision: gaze at it.", crop_call(to_seen(tile["box"], ex["image"])) if not reflective else "", None)
+        box = to_seen(tile["box"], ex["image"])
+        glance = (f"Glance: the tile labelled {tile['label']} is small and its organisation is unknown. "
+                  f"Decision: gaze at it.")
         if reflective:  # a wrong crop first, then reflection and a corrected crop
-            msgs.pop()
             wrong = rng.choice([t for t in scene["tiles"] if t["name"] != tile["name"]])
-            box = to_seen(wrong["box"], ex["image"])
-            act(f"Glance: the tile labelled {tile['label']} is small and its organisation is unknown. "
-                f"Decision: gaze at it.", crop_call(box), "crop", {"bbox_2d": box})
+            wrong_box = to_seen(wrong["box"], ex["image"])
+            act(glance, crop_call(wrong_box), "crop", {"bbox_2d": wrong_box})
             act(f"Reflect: this crop shows the tile labelled {wrong['label']}, not {tile['label']}; "
-                f"wrong region. Gaze again.", crop_call(to_seen(tile["box"], ex["image"])), "crop",
-                {"bbox_2d": to_seen(tile["box"], ex["image"])})
+                f"wrong region. Gaze again.", crop_call(box), "crop", {"bbox_2d": box})
         else:
-            msgs.pop()
-            box = to_seen(tile["box"], ex["image"])
-            act(f"Glance: the tile labelled {tile['label']} is small and its organisation is unknown. "
-                f"Decision: gaze at it.", crop_call(box), "crop", {"bbox_2d": box})
+            act(glance, crop_call(box), "crop", {"bbox_2d": box})
         act(f"The crop shows the tile labelled {tile['label']}. Search with it.", "<image_search></image_search>",
             "image_search")
         act(f"The emblem belongs to {question['target']}. Now find the fact.",
@@ -513,8 +512,6 @@ def make_reward_fn(args: Args, judge=None):
 # Stages
 # =============================================================================================
 def get_policy(args: Args, adapter: str | None = None, lora: bool = True):
-    if adapter is not None:
-        print(f"[gog] starting from the adapter {adapter}")
     quant = {"auto": None, "true": True, "false": False}[args.load_in_4bit]
     return load_policy(args.model, load_in_4bit=quant, lora=lora, lora_r=args.lora_r,
                        lora_alpha=args.lora_alpha, adapter=adapter, seed=args.seed)
@@ -573,10 +570,10 @@ def stage_data(args: Args, world: World) -> None:
     print(f"[data] {summary} -> {out}")
 
 
-def direct_pass_counts(policy, examples: list[dict], k: int) -> list[int]:
+def direct_pass_counts(policy, examples: list[dict], k: int, max_new_tokens: int) -> list[int]:
     """Uncertainty filter (GoG Stage 1): each question answered k times with no tools."""
     rs = run_rollouts(policy, examples, num_generations=k, make_messages=make_messages, max_turns=1,
-                      max_new_tokens=32, temperature=1.0)
+                      max_new_tokens=max_new_tokens, temperature=1.0)
     return [sum(accuracy(r.answer, ex["answers"], 10) for r in rs[i * k:(i + 1) * k])
             for i, ex in enumerate(examples)]
 
@@ -597,13 +594,15 @@ def stage_sft(args: Args, world: World, out_dir: str, gaze: bool = True) -> str:
     """Reflective GoG Behavior Alignment: filter, build correct trajectories, LoRA SFT."""
     train, _ = split_world(world, args.test_frac)
     policy = get_policy(args)
-    filt = policy if args.teacher is None else get_policy(args, lora=False) if False else None
     teacher = load_policy(args.teacher, lora=False, seed=args.seed) if args.teacher else None
     filt = teacher or policy
     print(f"[sft] uncertainty filter with {'the teacher' if teacher else 'the base model (no --teacher)'} (6)")
     examples = [as_example(world, q) for q in train]
-    counts = direct_pass_counts(filt, examples, args.filter_k)
+    counts = direct_pass_counts(filt, examples, args.filter_k, args.max_new_tokens)
     kept = [q for q, c in zip(train, counts) if c < args.filter_k]   # always right -> dropped
+    if not kept:
+        raise ValueError(f"The uncertainty filter dropped all {len(train)} questions (always answered right); "
+                         f"raise --filter_k or use a weaker --teacher.")
     rng = random.Random(args.seed)
     convs = [oracle_trajectory(world, q, False, rng, gaze) for q in kept]
     n_reflective = 0
@@ -653,6 +652,7 @@ def split_levels(pass_rates: dict[str, float], level2_max: float = 0.25, level1_
 def stage_levels(args: Args, world: World, adapter: str | None, out_dir: str) -> None:
     """Pass rate of the SFT model over levels_k agent samples per training question."""
     train, _ = split_world(world, args.test_frac)
+    print(f"[levels] policy: {adapter or 'the base model (no SFT adapter found)'}")
     policy = get_policy(args, adapter)
     log = RunLog(out_dir)
     rs = agent_rollouts(policy, [as_example(world, q) for q in train], args, world, args.levels_k, args.temperature)
@@ -703,6 +703,9 @@ def stage_rl(args: Args, world: World, adapter: str | None, levels_dir: str, out
                     "trajectory": r.trajectory, "rewards": t} for r, t in zip(rollouts, terms)]
     train_grpo(policy, examples, lambda p, ex, c: agent_rollouts(p, ex, args, world, c.num_generations, c.temperature),
                make_reward_fn(args, judge), cfg, out_dir, on_step=on_step)
+    summary = json.load(open(os.path.join(out_dir, "summary.json")))
+    write_json(os.path.join(out_dir, "summary.json"), {**summary, "level": level, "start": adapter,
+                                                        "questions": [q["id"] for q in questions]})
     RunLog(out_dir, resume=True).plot(["rewards/acc", "rewards/format"], "reward_terms.png", "GoG reward terms")
     trajectory_html(html, os.path.join(out_dir, "trajectories.html"), "GoG RL, last step")
     return os.path.join(out_dir, "adapter")
@@ -786,7 +789,7 @@ def stage_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> d
                   "rewards": {"acc": a, "format": float(format_ok(r.trajectory))}} for r, a in zip(rs, accs)]
     results["Avg"] = float(np.mean([results["accuracy"][n] for n in sets]))
     write_json(os.path.join(out_dir, "results.json"), results)
-    trajectory_html(html[:args.n_html], os.path.join(out_dir, "trajectories.html"), "GoG eval")
+    trajectory_html(html[:12], os.path.join(out_dir, "trajectories.html"), "GoG eval")
     print(f"[eval] accuracy {results['accuracy']} -> {out_dir}/results.json")
     return results
 
@@ -805,7 +808,12 @@ def stage_ablate(args: Args, world: World) -> None:
     variants = {"GoG-SFT": sft_adapter,
                 "SFT w/o gaze": stage_sft(args, world, str(abl / "sft_no_gaze"), gaze=False),
                 "RL Level 1": stage_rl(args, world, sft_adapter, str(out / "levels"), str(abl / "rl_level1"), 1),
-                "RL Level 2": stage_rl(args, world, sft_adapter, str(out / "levels"), str(abl / "rl_level2"), 2)}
+                "RL Level 2": str(out / "rl" / "adapter")}
+    rl_summary = out / "rl" / "summary.json"
+    if rl_summary.is_file() and json.loads(rl_summary.read_text()).get("level") == 2:
+        print("[ablate] RL Level 2: reusing <out>/rl (trained on Level 2).")
+    else:
+        variants["RL Level 2"] = stage_rl(args, world, sft_adapter, str(out / "levels"), str(abl / "rl_level2"), 2)
     table = {}
     for name, adapter in variants.items():
         res = stage_eval(args, world, adapter, str(abl / ("eval_" + name.replace(" ", "_").replace("/", ""))))
@@ -819,14 +827,32 @@ def stage_ablate(args: Args, world: World) -> None:
     print("[ablate] " + " | ".join(f"{n}: Avg {row['Avg']:.3f}" for n, row in table.items()))
 
 
+# `--model tiny` (and `auto` without CUDA) must run every stage in about a minute on 2 CPU
+# cores, so these sizes replace the defaults above unless given on the command line.
+TINY_SIZES = dict(n_scenes=4, image_size=224, max_new_tokens=24, max_completion_length=320,
+                  max_steps=2, prompts_per_step=2, sft_max_steps=3, levels_k=2)
+
+
+def apply_tiny_sizes(args: Args, argv: list[str]) -> None:
+    if args.model != "tiny" and not (args.model == "auto" and not torch.cuda.is_available()):
+        return
+    given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    sizes = {k: v for k, v in TINY_SIZES.items() if k not in given}
+    for k, v in sizes.items():
+        setattr(args, k, v)
+    print(f"[gog] tiny CPU run, small sizes: {sizes} (flags you pass win). Its numbers are noise.")
+
+
 def main() -> None:
-    args = parse_args(Args, description=__doc__)
+    args = parse_args(Args, sys.argv[1:], description=__doc__)
+    apply_tiny_sizes(args, sys.argv[1:])
     world = build_world(args.seed, args.n_scenes, args.image_size)
     out = Path(args.out)
     sft_adapter = out / "sft" / "adapter"
     rl_adapter = out / "rl" / "adapter"
     stages = ["data", "sft", "levels", "rl", "eval", "ablate"] if args.stage == "all" else [args.stage]
     for stage in stages:
+        t0 = time.perf_counter()
         if stage == "data":
             stage_data(args, world)
         elif stage == "sft":
@@ -841,6 +867,7 @@ def main() -> None:
             stage_eval(args, world, str(best) if best else None, str(out / "eval"))
         elif stage == "ablate":
             stage_ablate(args, world)
+        print(f"[gog] stage {stage} took {time.perf_counter() - t0:.1f} s")
     write_json(str(out / "args.json"), asdict(args))
 
 

@@ -34,6 +34,15 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
+def _bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("true", "yes", "1", "on"):
+        return True
+    if v in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {s!r}")
+
+
 def _parser_for(tp):
     """(argparse type, choices, is_bool) for a resolved annotation."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -41,7 +50,8 @@ def _parser_for(tp):
         return type(args[0]), list(args), False
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         inner = [a for a in args if a is not type(None)][0]
-        base, choices, _ = _parser_for(inner)
+        base, choices, is_bool = _parser_for(inner)
+        base = _bool if is_bool else base
         return (lambda s: None if s.lower() == "none" else base(s)), choices, False
     if tp is bool:
         return bool, None, True
@@ -57,7 +67,7 @@ def parse_args(cls, argv: list[str] | None = None, description: str | None = Non
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         typ, choices, is_bool = _parser_for(hints[f.name])
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        help_ = f"{docs.get(f.name, '')} (default: {default})"
+        help_ = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
         if is_bool:
             p.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
                            default=default, help=help_)

@@ -174,7 +174,8 @@ def parse_verdict(text: str | None) -> float | None:
     The earliest verdict in the text wins: "Correct"/"yes"/"true"/"正确" -> 1.0;
     "Incorrect"/"not correct"/"wrong"/"no"/"false"/"NOT_ATTEMPTED"/"错误" -> 0.0 (whole words,
     so "incorrect" is never read as "correct"); "7/10" -> 0.7; a bare number in [0, 1] ("1",
-    "0", "0.5") -> itself. Numbers outside [0, 1] without a denominator are skipped.
+    "0", "0.5") -> itself. Numbers outside [0, 1] without a denominator are skipped, and so are
+    indices ("Step 1 is wrong" -> 0.0).
     """
     if not isinstance(text, str):
         return None
@@ -187,6 +188,8 @@ def parse_verdict(text: str | None) -> float | None:
             return 0.0
         elif m.group("one"):
             return 1.0
+        elif re.search(r"(?:step|steps|question|#|no\.)\s*$", text[: m.start()], re.IGNORECASE):
+            continue  # "Step 1 is wrong": an index, not a score
         elif 0 <= float(m.group("num")) <= 1:
             return float(m.group("num"))
     return None

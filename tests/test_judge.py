@@ -160,3 +160,9 @@ def test_rule_fallbacks():
         assert is_refusal(text), text
     for text in ["The contract is void under Article 52.", "合同无效。", ""]:
         assert not is_refusal(text), text
+
+
+@pytest.mark.parametrize("text,expected", [("Step 1 is correct.", 1.0), ("Step 0 is wrong", 0.0),
+                                           ("In step 1 the crop is incorrect", 0.0), ("#1: yes", 1.0)])
+def test_parse_verdict_skips_step_indices(text, expected):
+    assert parse_verdict(text) == expected

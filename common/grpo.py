@@ -331,7 +331,8 @@ def train_grpo(policy, dataset: list[dict], rollout_fn: Callable, reward_fn: Cal
 
         n_gen = sum(r.n_generated for r in rollouts)
         last = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
-                **{f"rewards/{k}": float(np.mean([t[k] for t in terms])) for k in terms[0] if k != "reward"},
+                **{f"rewards/{k}": float(np.mean([t[k] for t in terms if k in t]))   # terms may differ
+                   for k in dict.fromkeys(k for t in terms for k in t) if k != "reward"},  # per rollout
                 **{k: float(np.mean(v)) for k, v in stats_acc.items()},
                 "frac_reward_zero_std": zero_std.float().mean().item(),
                 "completion_length": n_gen / len(rollouts),

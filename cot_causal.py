@@ -65,7 +65,7 @@ import torch
 
 from common.chat import Encoded, encode_text, render
 from common.cli import parse_args
-from common.judge import extract_choice, is_refusal, keyword_flags, parse_label, parse_score, weighted_score
+from common.judge import extract_choice, is_refusal, parse_label, parse_score, weighted_score
 from common.models import load_policy
 from common.rollout import generate_ids
 from common.runlog import RunLog, read_jsonl, write_json
@@ -211,15 +211,16 @@ def classify_reasoning(text: str) -> str | None:
 def toy_pairs(n: int, seed: int, test_fraction: float = 0.25) -> list[dict]:
     """n distinct (question, answer) pairs with a template trace per type, from a seed."""
     rng = random.Random(seed)
-    pairs, seen = [], set()
+    pairs, seen, misses = [], set(), 0
     while len(pairs) < n:
         k = rng.randrange(len(SITUATIONS))
         fill = {s: rng.choice(v) for s, v in SLOTS.items()}
         q_t, a_t, victim_t = SITUATIONS[k]
         question, answer, victim = q_t.format(**fill), a_t.format(**fill), victim_t.format(**fill)
         if question in seen:
-            if len(seen) >= len(SITUATIONS) * 4000:
-                raise ValueError("The toy world has no more distinct questions; lower --n_pairs.")
+            misses += 1
+            if misses > 20000:   # the world holds ~290 distinct questions
+                raise ValueError(f"The toy world has only {len(seen)} distinct questions; lower --n_pairs.")
             continue
         seen.add(question)
         reasoning = {t: " ".join(rng.choice(part).format(victim=victim) for part in TEMPLATES[t])
@@ -575,13 +576,13 @@ def summarise(rows: list[dict]) -> dict:
 
 def stage_eval(args: Args) -> dict:
     """Every cell (and the base model) x {think, no_think} on probes + held-out questions."""
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
     grid = cells(args.grid)
     adapters = {f"{k}/{p}": os.path.join(args.out, "train", f"{k}-{p}", "adapter") for k, p in grid}
     for name, path in adapters.items():
         if not os.path.isfile(os.path.join(path, "adapter_model.safetensors")):
             raise FileNotFoundError(f"No adapter for cell {name} at {path}; run --stage train --grid {args.grid} first.")
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
     policy = load_policy(args.model, load_in_4bit=args.load_in_4bit, adapter=next(iter(adapters.values())),
                          seed=args.seed)
     judge = LLMJudge(args.judge) if args.judge else None
@@ -597,10 +598,9 @@ def stage_eval(args: Args) -> dict:
             res = set_peft_model_state_dict(policy.model, load_file(os.path.join(adapters[cell], "adapter_model.safetensors")))
             if getattr(res, "unexpected_keys", None):
                 raise ValueError(f"Adapter {adapters[cell]} does not fit this model ({res.unexpected_keys[:2]} ...).")
-        ctx = policy.reference() if cell == "base" else torch.no_grad()   # base = LoRA off
         results[cell] = {}
         for mode in ("think", "no_think"):
-            with ctx:
+            with policy.reference() if cell == "base" else torch.no_grad():   # base = LoRA off
                 rows = answer_questions(policy, questions, mode, args)
             scores = (judge([r["question"] for r in rows], [r["answer"] for r in rows]) if judge
                       else [rule_judge(r["question"], r["answer"]) for r in rows])
@@ -630,7 +630,7 @@ def heatmap(results: dict, path: str) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = ["base"] + [t for t in VARIANTS if any(c.startswith(t + "/") for c in results)]
+    rows = ["base"] + [t for t in ("none",) + TYPES if any(c.startswith(t + "/") for c in results)]
     cols = [(p, m) for p in ("base",) + PARADIGMS for m in ("think", "no_think")
             if any(c == p or c.endswith("/" + p) for c in results)]
     fig, axes = plt.subplots(1, 2, figsize=(1.1 * len(cols) * 2 + 3, 0.6 * len(rows) + 2), squeeze=False)
@@ -660,6 +660,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(Args, argv, description=__doc__)
     if args.n_probes > len(PROBES) or args.num_generations < 1 or args.n_pairs < 2:
         raise SystemExit(f"--n_probes must be <= {len(PROBES)}, --num_generations >= 1 and --n_pairs >= 2.")
+    if args.model == "tiny" or (args.model == "auto" and not torch.cuda.is_available()):
+        torch.set_num_threads(1)  # hidden size 64: thread sync costs more than it saves (5x on 2 cores)
     start = time.time()
     stages = {"data": [stage_data], "train": [stage_train], "eval": [stage_eval],
               "all": [stage_data, stage_train, stage_eval]}[args.stage]

@@ -84,8 +84,8 @@ class Args:
     """output folder; each stage writes <out>/<stage>/"""
     seed: int = 0
     """random seed (toy world, sampling, LoRA init)"""
-    load_in_4bit: bool = True
-    """NF4 for real models on CUDA (models.py decides; tiny/smollm2 and CPU stay full precision); --no-load_in_4bit forces full precision"""
+    load_in_4bit: bool | None = None
+    """NF4 4-bit base weights: true | false | none (= auto: on for real models on CUDA, off for the CPU presets)"""
     lora_r: int = 8
     """LoRA rank"""
     lora_alpha: int = 16
@@ -373,7 +373,7 @@ class Roles:
         """The role model's greedy reply; history = [(user text, image, description, reply)]."""
         name = getattr(self.args, role)
         if name not in self.models:
-            self.models[name] = load_policy(name, lora=False, load_in_4bit=None if self.args.load_in_4bit else False)
+            self.models[name] = load_policy(name, lora=False, load_in_4bit=self.args.load_in_4bit)
         p = self.models[name]
         msgs = [m for u, im, d, a in history for m in ({"role": "user", "content": user_content(u, im, d, p.is_vlm)},
                                                          {"role": "assistant", "content": a})]
@@ -681,7 +681,7 @@ def dialogues_split(args: Args, split: str) -> list[dict]:
 
 
 def load_for(args: Args, adapter: str | None = None):
-    return load_policy(args.model, load_in_4bit=None if args.load_in_4bit else False, lora_r=args.lora_r,
+    return load_policy(args.model, load_in_4bit=args.load_in_4bit, lora_r=args.lora_r,
                        lora_alpha=args.lora_alpha, adapter=adapter,
                        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
 
@@ -727,7 +727,7 @@ def train_rl(args: Args, out_dir: str, adapter: str | None, uniform: bool, steps
     policy = load_for(args, adapter)
     print(f"[rl] starting from {adapter or 'the base model (fresh LoRA)'}; turn weights: "
           f"{'uniform' if uniform else 'turn-aware'}; judge: {args.judge}")
-    judge = Judge(args.judge, None if args.load_in_4bit else False)
+    judge = Judge(args.judge, args.load_in_4bit)
     cfg = GRPOConfig(learning_rate=args.learning_rate, num_generations=args.num_generations,
                      prompts_per_step=args.prompts_per_step, max_steps=steps, beta=args.beta,
                      epsilon=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
@@ -818,7 +818,7 @@ def stage_eval(args: Args) -> dict:
     test = test[: args.eval_dialogues] if args.eval_dialogues else test
     adapter = next((p for p in (os.path.join(args.out, s, "adapter") for s in ("rl", "sft")) if os.path.isdir(p)), None)
     print(f"[eval] policy = {adapter or 'base model (no adapter found)'}, base = adapter off; judge: {args.judge}")
-    policy, judge = load_for(args, adapter), Judge(args.judge, None if args.load_in_4bit else False)
+    policy, judge = load_for(args, adapter), Judge(args.judge, args.load_in_4bit)
     res = evaluate(policy, test, judge, args, with_base=True)
     out = os.path.join(args.out, "eval")
     trajectory_html(res.pop("samples"), os.path.join(out, "samples.html"), "AM3Safety eval dialogues")
@@ -841,7 +841,7 @@ def stage_ablate(args: Args) -> dict:
     out, res = os.path.join(args.out, "ablate"), {}
     for name, (adapter, uniform) in variants.items():
         policy, summ = train_rl(args, os.path.join(out, name), adapter, uniform, args.ablate_steps)
-        ev = evaluate(policy, test, Judge(args.judge, None if args.load_in_4bit else False), args, with_base=False)
+        ev = evaluate(policy, test, Judge(args.judge, args.load_in_4bit), args, with_base=False)
         ev.pop("samples")
         res[name] = {**ev, "final_reward": summ["final"].get("reward"), "start": adapter or "base"}
     write_json(os.path.join(out, "results.json"), res)

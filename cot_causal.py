@@ -114,7 +114,7 @@ class Args:
     lora_alpha: int = 16
     """LoRA alpha"""
     load_in_4bit: bool | None = None
-    """NF4 base weights (None: on for real models on CUDA)"""
+    """NF4 4-bit base weights: true | false | none (= auto: on for real models on CUDA, off for the CPU presets)"""
     num_generations: int = 1
     """sampled answers per eval question and mode (EM samples many; TRL's name)"""
     n_probes: int = 8

@@ -77,8 +77,8 @@ class Args:
     """output folder; each stage writes <out>/<stage>/"""
     seed: int = 0
     """seed of the toy world, the data order and the sampler"""
-    load_in_4bit: Literal["auto", "true", "false"] = "auto"
-    """NF4 4-bit base weights (auto: on for hub models on CUDA, off for the CPU presets)"""
+    load_in_4bit: bool | None = None
+    """NF4 4-bit base weights: true | false | none (= auto: on for real models on CUDA, off for the CPU presets)"""
     lora_r: int = 8
     """LoRA rank (GoG: r = 8 on all LLM blocks)"""
     lora_alpha: int = 16
@@ -512,7 +512,7 @@ def make_reward_fn(args: Args, judge=None):
 # Stages
 # =============================================================================================
 def get_policy(args: Args, adapter: str | None = None, lora: bool = True):
-    quant = {"auto": None, "true": True, "false": False}[args.load_in_4bit]
+    quant = args.load_in_4bit
     return load_policy(args.model, load_in_4bit=quant, lora=lora, lora_r=args.lora_r,
                        lora_alpha=args.lora_alpha, adapter=adapter, seed=args.seed)
 

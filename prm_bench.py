@@ -79,8 +79,8 @@ class Args:
     """seed of the toy world, the error injection and the sampler"""
     max_steps: int = 0
     """cap on trajectories judged in eval (0 = all); nothing is trained here (7)"""
-    load_in_4bit: Literal["auto", "true", "false"] = "auto"
-    """NF4 4-bit base weights (auto: on for hub models on CUDA, off for the CPU presets)"""
+    load_in_4bit: bool | None = None
+    """NF4 4-bit base weights: true | false | none (= auto: on for real models on CUDA, off for the CPU presets)"""
     # --- data (1) ---
     data: str | None = None
     """annotated JSONL to evaluate (default: <out>/data/toy.jsonl from the data stage)"""
@@ -820,7 +820,7 @@ def get_policy(args: Args, prm: bool):
     """The model (with --prm_adapter when it acts as the PRM), loaded once per process."""
     adapter = args.prm_adapter if prm else None
     if (args.model, adapter) not in _POLICIES:
-        quant = {"auto": None, "true": True, "false": False}[args.load_in_4bit]
+        quant = args.load_in_4bit
         if adapter:
             print(f"[prm_bench] PRM = {args.model} + adapter {adapter}")
         pol = load_policy(args.model, load_in_4bit=quant, lora=False, adapter=adapter, seed=args.seed)

@@ -1,0 +1,821 @@
+"""LRAS: legal reasoning with agentic search. The model learns its knowledge boundary and searches
+("Active Inquiry") when it is unsure, instead of answering confidently from memory.
+"LRAS: ..." arXiv 2601.07296; see shared/papers/lras.md (official repo: eval code only).
+
+Stages (each writes into <out>/<stage>/; `all` runs them in this order):
+    python lras.py --stage all --model tiny             # CPU, ~2 min: plumbing only, numbers are noise
+    python lras.py --stage data    # toy legal world (statutes, cases, questions) + oracle page
+    python lras.py --stage sft     # Introspective Imitation: teacher n = 8 -> boundary filter -> pruned trajectories -> LoRA SFT
+    python lras.py --stage rl      # difficulty-aware GRPO: difficulty = 1 - pass rate of the SFT model over k samples
+    python lras.py --stage eval    # accuracy per task, search rate, searches/question, acc searched vs not, failures w/o search
+    python lras.py --stage ablate  # SFT-only vs SFT + RL; difficulty-aware vs uniform sampling
+A real small model on CPU (minutes; honest numbers of an untrained 135M model):
+    python lras.py --stage eval --model smollm2 --eval_questions 40 --max_new_tokens 96
+GPU (Qwen2.5-VL-3B in NF4 + LoRA, used as a text model; the paper used Qwen3-4B/8B/14B):
+    python lras.py --stage all --model Qwen/Qwen2.5-VL-3B-Instruct --teacher Qwen/Qwen2.5-VL-7B-Instruct \\
+        --max_steps 300 --prompts_per_step 8 --max_new_tokens 512 --max_completion_length 4096 --eval_questions 200
+Real benchmark files (JSON / JSONL / CSV, MCQ or short answer, Chinese ok; fields mapped by flags):
+    python lras.py --stage eval --data_file jecqa.json --field_question statement --field_options option_list \\
+        --corpus_file statutes.jsonl
+
+Deviations from the paper (numbered; the code says "(n)" where each one lives):
+ 1. Data: an invented but consistent toy legal world (the "Veridian Penal Code": articles with
+    numbers, thresholds and penalties; case summaries citing charges) replaces JEC-QA/CAIL; a
+    model cannot know its facts without retrieving. Some questions hold their answer in the text
+    (hops 0), the rest need one or two searches (hops 1, 2).
+ 2. Search: local BM25 over the toy corpus, top --search_k hits (official eval: web search
+    top-5, each page summarised by an LLM). --corpus_file or TEXT_SEARCH_ENDPOINT for real data.
+ 3. Teacher: offline, a noisy oracle with this error model: with probability
+    teacher_error * (1 + hops) it answers from memory (no search) and is wrong; otherwise it
+    searches what it needs and is right, and with probability teacher_detour it first makes one
+    useless search (a query about another charge). --teacher <model> samples a real model instead.
+ 4. Pruning is a rule (paper: rules + a human check): a search is kept only if its results hold
+    a supporting document (article/case) that no earlier kept search returned; invalid turns
+    (re-prompts, malformed calls) are cut; a correct trajectory whose kept searches miss a
+    supporting document (a lucky guess) is dropped. One trajectory per question after dedup.
+ 5. RL data (not published): difficulty d = 1 - pass rate over k samples; questions with
+    p in {0, 1} are dropped; the rest are drawn with probability proportional to d
+    (--uniform_sampling draws them uniformly). If nothing is left (the tiny model solves
+    nothing), RL trains on all questions uniformly and says so in one line and in summary.json.
+ 6. Reward (not published): r = acc + format_weight * fmt, format_weight = 0.1; acc is
+    choice_match (MCQ) or sub-exact match with a --max_answer_words cap (short answer) instead of
+    an LLM judge; fmt = 1 iff every turn has a closed <think> and one valid action, and the last
+    turn answers. Observation (<information>) tokens are masked in SFT and RL.
+ 7. Sizes: LoRA SFT and RL (paper: full Qwen3 SFT); tiny CPU-sized defaults (turn/token budgets,
+    steps); the paper's 10 rounds and its sampling (T = 0.6, top_p 0.95, top_k 20) are kept for eval.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import os
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from common.chat import Encoded, encode
+from common.cli import parse_args
+from common.grpo import GRPOConfig, train_grpo
+from common.judge import choice_match, sub_exact_match
+from common.models import load_policy
+from common.rollout import Rollout, observation_segment, run_rollouts
+from common.runlog import RunLog, bar_plot, trajectory_html, write_json
+from common.sft import SFTConfig, train_sft
+from common.tools import TextSearch, parse_action
+
+
+@dataclass
+class Args:
+    stage: Literal["data", "sft", "rl", "eval", "ablate", "all"] = "all"
+    """which stage to run (`all` = data, sft, rl, eval, ablate)"""
+    model: str = "auto"
+    """policy: tiny | smollm2 | auto (Qwen2.5-VL-3B on CUDA, else tiny) | hub id | folder"""
+    out: str = f"runs/{Path(__file__).stem}"
+    """output folder; each stage writes <out>/<stage>/"""
+    seed: int = 0
+    """seed of the toy world, the data order and the sampler"""
+    load_in_4bit: bool | None = None
+    """NF4 4-bit base weights: true | false | none (= auto: on for real models on CUDA, off for the CPU presets)"""
+    lora_r: int = 8
+    """LoRA rank"""
+    lora_alpha: int = 16
+    """LoRA alpha"""
+    # --- toy legal world (1) ---
+    n_charges: int = 16
+    """charges (one article each) in the toy code, at most 16"""
+    test_charges: int = 5
+    """charges held out for eval (their questions never appear in training)"""
+    cases_per_charge: int = 2
+    """case summaries per charge"""
+    data_file: str = ""
+    """a legal benchmark file (JSON / JSONL / CSV) to validate in `data` and evaluate in `eval`"""
+    corpus_file: str | None = None
+    """JSONL corpus ({"id", "title"?, "text"}) searched for --data_file questions (2)"""
+    field_question: str = "question"
+    """--data_file field holding the question (JEC-QA: statement)"""
+    field_answer: str = "answer"
+    """--data_file field holding the answer: option letter(s) or a string / list of strings"""
+    field_options: str = "options"
+    """--data_file field holding the options (dict letter -> text, or a list); CSV: --option_columns"""
+    option_columns: str = "A,B,C,D"
+    """CSV columns holding the options when there is no --field_options column"""
+    field_task: str = "task"
+    """--data_file field naming the task (missing: the file name)"""
+    field_id: str = "id"
+    """--data_file field holding the record id (missing: file:line)"""
+    # --- agent loop (Search-R1 format) ---
+    max_turns: int = 10
+    """assistant rounds per rollout (LRAS inference: up to 10)"""
+    max_new_tokens: int = 48
+    """new tokens per round (CPU-sized; the GPU command raises it)"""
+    search_k: int = 3
+    """documents per search (official eval: 5 web pages) (2)"""
+    # --- SFT: Introspective Imitation Learning ---
+    teacher: str = "oracle"
+    """teacher: the toy world's noisy oracle, or a model (preset / hub id) sampled with the tools (3)"""
+    teacher_samples: int = 8
+    """n: teacher answers per question; questions always answered right are dropped (LRAS: 8)"""
+    teacher_error: float = 0.1
+    """noisy oracle: P(answer from memory, wrong) = teacher_error * (1 + hops) (3)"""
+    teacher_detour: float = 0.3
+    """noisy oracle: P(one useless search before the needed ones), removed by pruning (3, 4)"""
+    sft_learning_rate: float = 1e-4
+    """SFT learning rate (LoRA)"""
+    sft_epochs: float = 1.0
+    """SFT epochs (CPU-sized; raise for real runs)"""
+    sft_batch_size: int = 8
+    """sequences per SFT step"""
+    sft_max_steps: int = 0
+    """cap on SFT steps (0 = epochs decide)"""
+    # --- RL: difficulty-aware GRPO (5) ---
+    difficulty_k: int = 4
+    """k: samples of the SFT model per question for its pass rate p; difficulty = 1 - p"""
+    difficulty_questions: int = 12
+    """training questions whose difficulty is estimated (0 = all); the RL pool"""
+    uniform_sampling: bool = False
+    """draw kept questions uniformly instead of proportionally to difficulty (ablation)"""
+    format_weight: float = 0.1
+    """r = acc + format_weight * fmt (6)"""
+    max_answer_words: int = 12
+    """short answers longer than this get acc = 0 (sub-exact match would reward lists) (6)"""
+    max_steps: int = 4
+    """GRPO steps"""
+    learning_rate: float = 1e-5
+    """GRPO learning rate (LoRA)"""
+    num_generations: int = 4
+    """G, rollouts per question"""
+    prompts_per_step: int = 2
+    """questions per GRPO step"""
+    beta: float = 0.001
+    """KL coefficient to pi_ref"""
+    epsilon: float = 0.2
+    """clip range, low side"""
+    epsilon_high: float | None = None
+    """clip range, high side (none = epsilon; DAPO: 0.28)"""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
+    """loss aggregation (TRL names)"""
+    max_completion_length: int = 192
+    """tokens per rollout after the prompt, <information> included (CPU-sized)"""
+    temperature: float = 1.0
+    """sampling temperature for the teacher, the difficulty estimate and RL"""
+    micro_batch_size: int = 4
+    """sequences per forward/backward"""
+    # --- eval ---
+    eval_questions: int = 40
+    """toy test questions evaluated (0 = all)"""
+    eval_temperature: float = 0.6
+    """eval sampling temperature (LRAS: 0.6; 0 = greedy)"""
+    top_p: float = 0.95
+    """eval top_p (LRAS: 0.95)"""
+    top_k: int = 20
+    """eval top_k (LRAS: 20)"""
+    ablate_steps: int = 1
+    """GRPO steps of each RL variant in `ablate`"""
+    ablate_questions: int = 8
+    """toy test questions per variant in `ablate`"""
+    n_html: int = 12
+    """trajectories shown on the eval HTML page"""
+
+
+# =============================================================================================
+# Data: the toy legal world (1) and loaders for real benchmark files
+# =============================================================================================
+CODE, CURRENCY = "Veridian Penal Code", "marks"
+CHARGES = [  # (charge, conduct); invented, so no model knows their articles, thresholds, penalties
+    ("grain hoarding", "stockpile grain beyond household needs during a declared shortage"),
+    ("seal forgery", "forge or alter an official guild seal"),
+    ("canal obstruction", "block a public canal or its towpath"),
+    ("ledger tampering", "alter the accounts of a registered guild"),
+    ("lantern levy evasion", "fail to pay the lantern levy on a shop"),
+    ("toll fraud", "cross a toll bridge with a counterfeit token"),
+    ("salt smuggling", "move salt across a provincial border without a permit"),
+    ("pilot bribery", "pay a harbour pilot for priority berthing"),
+    ("archive theft", "remove records from a public archive"),
+    ("well fouling", "contaminate a public well"),
+    ("false weighing", "use false weights at a licensed market"),
+    ("timber poaching", "fell trees in a crown forest without a licence"),
+    ("coin clipping", "shave metal from coins in circulation"),
+    ("courier impersonation", "pose as a state courier to obtain goods"),
+    ("dyke sabotage", "damage a flood dyke"),
+    ("beacon tampering", "move or put out a harbour beacon"),
+]
+ROLES = "miller merchant clerk boatman carter weaver innkeeper smith".split()
+TOWNS = "Osterby Velmor Quenby Arlath Dunmere Sorvik Halden Tobrin".split()
+REPROMPT = ("My previous action is invalid. If I want to search, I should put the query between <search> "
+            "and </search>. If I want to give the final answer, I should put the answer between <answer> "
+            "and </answer>. Let me try again.")  # Search-R1 / LRAS eval code
+
+
+@dataclass
+class World:
+    docs: list[dict]        # {"id", "title", "text"}: articles ("Article 237") and cases ("Case 2019-014")
+    questions: list[dict]   # the record format below
+    charges: list[dict]     # {"name", "conduct", "article", "threshold", "lo", "hi", "cases", "split"}
+
+    @functools.cached_property
+    def search(self) -> TextSearch:
+        return TextSearch(self.docs)
+
+
+def letters_for(options: list[str], gold: str, rng: random.Random) -> tuple[dict, str]:
+    opts = list(dict.fromkeys(options))
+    rng.shuffle(opts)
+    keyed = {chr(65 + i): o for i, o in enumerate(opts)}
+    return keyed, next(k for k, v in keyed.items() if v == gold)
+
+
+def build_world(seed: int, n_charges: int = 16, test_charges: int = 5, cases_per_charge: int = 2) -> World:
+    """The toy world, a pure function of its arguments. Record format (one JSON line each):
+    {"id", "task", "type": "mcq"|"short", "question", "options": {letter: text} ({} for short),
+     "answer": letter(s) | text, "golds": [text], "support": [doc id], "hops": 0|1|2, "split"}"""
+    if not 2 <= n_charges <= len(CHARGES) or not 1 <= test_charges < n_charges:
+        raise ValueError(f"--n_charges must be in [2, {len(CHARGES)}] and --test_charges in [1, n_charges).")
+    rng = random.Random(seed)
+    picked = rng.sample(CHARGES, n_charges)
+    arts = rng.sample(range(100, 400), n_charges)
+    case_nums = rng.sample(range(100, 1000), n_charges * cases_per_charge)
+    docs, charges = [], []
+    for i, ((name, conduct), art) in enumerate(zip(picked, arts)):
+        lo = rng.randint(1, 4)
+        c = dict(name=name, conduct=conduct, article=f"Article {art}", threshold=rng.randrange(10, 90) * 100,
+                 lo=lo, hi=lo + rng.randint(2, 6), cases=[], split="test" if i >= n_charges - test_charges else "train")
+        docs.append({"id": c["article"], "title": c["article"], "text": (
+            f"{c['article']} of the {CODE} ({name.capitalize()}). It is an offence to {conduct} where the value "
+            f"involved exceeds {c['threshold']} {CURRENCY}. Whoever commits {name} shall be sentenced to "
+            f"imprisonment of {c['lo']} to {c['hi']} years.")})
+        for j in range(cases_per_charge):
+            cid = f"Case {rng.randint(2010, 2024)}-{case_nums[i * cases_per_charge + j]}"
+            amount = c["threshold"] + rng.randrange(1, 40) * 100
+            docs.append({"id": cid, "title": cid, "text": (
+                f"{cid}. The court found that the defendant, a {rng.choice(ROLES)} from {rng.choice(TOWNS)}, did "
+                f"{conduct} (value: {amount} {CURRENCY}), and convicted the defendant of {name}.")})
+            c["cases"].append(cid)
+        charges.append(c)
+    questions = []
+    for c in charges:
+        others = [o for o in charges if o is not c]
+        art, name, pen = c["article"], c["name"], f"{c['lo']} to {c['hi']} years"
+
+        def add(task, q, hops, support, options=None, gold=None, golds=None):
+            rec = dict(id=f"{art.split()[1]}-{task}", task=task, question=q, hops=hops, support=support,
+                       split=c["split"], options={}, type="short")
+            if options is not None:
+                rec["options"], rec["answer"] = letters_for(options, gold, rng)
+                rec.update(type="mcq", golds=[rec["answer"]])
+            else:
+                rec.update(answer=golds[0], golds=golds)
+            questions.append(rec)
+        wrong = rng.sample(others, 3)
+        add("charge", f"Under the {CODE}, which offence does a person commit who does {c['conduct']}, with a "
+            f"value above the legal threshold?", 1, [art], [name] + [o["name"] for o in wrong], name)
+        add("article", f"Which article of the {CODE} defines the offence of {name}?", 1, [art],
+            [art] + [o["article"] for o in wrong], art)
+        add("penalty", f"What prison term does the {CODE} set for {name}? Answer in the form 'X to Y years'.",
+            1, [art], golds=[pen])
+        add("threshold", f"Above what value in {CURRENCY} does {name} become a crime under the {CODE}?", 1, [art],
+            golds=[str(c["threshold"])])
+        add("general_max", f"Under the {CODE}, {name} is punished with {pen} of imprisonment. What is the longest "
+            f"prison term a court may impose for it?", 0, [],
+            [f"{c['hi']} years", f"{c['lo']} years", f"{c['hi'] + 2} years", f"{c['lo'] + c['hi']} years"],
+            f"{c['hi']} years")
+        amount = c["threshold"] + rng.choice([-1, 1]) * rng.randrange(1, 20) * 100
+        add("general_threshold", f"The {CODE} makes {name} a crime above {c['threshold']} {CURRENCY}. A defendant's "
+            f"conduct involved {amount} {CURRENCY}. Is that above the threshold? Answer yes or no.", 0, [],
+            golds=["yes" if amount > c["threshold"] else "no"])
+        case = c["cases"][0]
+        add("case_article", f"Under which article of the {CODE} was the defendant in {case} convicted?", 2,
+            [case, art], [art] + [o["article"] for o in wrong], art)
+        add("case_penalty", f"What prison term range applies to the offence the defendant in {case} was convicted "
+            f"of? Answer in the form 'X to Y years'.", 2, [case, art], golds=[pen])
+    return World(docs, questions, charges)
+
+
+def split_world(world: World) -> tuple[list[dict], list[dict]]:
+    """Train / test questions, split by charge (held-out charges: their facts never appear in SFT)."""
+    return ([q for q in world.questions if q["split"] == "train"],
+            [q for q in world.questions if q["split"] == "test"])
+
+
+def json_records(text: str) -> list[tuple[int, object]]:
+    """A JSON array -> [(line where the element starts, element)], so errors can name the line."""
+    dec, pos, out = json.JSONDecoder(), 0, []
+    skip = re.compile(r"[\s,]*")
+    pos = skip.match(text, 0).end()
+    if not text.startswith("[", pos):
+        raise ValueError("expected a JSON array of records")
+    pos = skip.match(text, pos + 1).end()
+    while not text.startswith("]", pos):
+        obj, end = dec.raw_decode(text, pos)
+        out.append((text.count("\n", 0, pos) + 1, obj))
+        pos = skip.match(text, end).end()
+    return out
+
+
+def load_benchmark(path: str, question: str = "question", answer: str = "answer", options: str = "options",
+                   task: str = "task", id_field: str = "id", option_columns: str = "A,B,C,D") -> list[dict]:
+    """A legal benchmark file (.json array, .jsonl, .csv; UTF-8, Chinese ok) -> records in the toy
+    format. MCQ when the options are non-empty (answer = letter(s): "B", "AC", ["A", "C"]),
+    short answer otherwise (answer = a string or a list of acceptable strings)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"benchmark file {p} does not exist.")
+    suffix = p.suffix.lower()
+    if suffix not in (".json", ".jsonl", ".csv"):
+        raise ValueError(f"{p}: unsupported file type {suffix!r}; use .json, .jsonl or .csv.")
+    text = p.read_text(encoding="utf-8-sig")
+    rows: list[tuple[int, object]] = []
+    if suffix == ".jsonl":
+        for lineno, line in enumerate(text.splitlines(), 1):
+            try:
+                rows += [(lineno, json.loads(line))] if line.strip() else []
+            except ValueError as e:
+                raise ValueError(f"{p}:{lineno}: not valid JSON ({e}).") from None
+    elif suffix == ".json":
+        try:
+            rows = json_records(text)
+        except ValueError as e:
+            raise ValueError(f"{p}:{getattr(e, 'lineno', 1)}: not a valid JSON array of records ({e}).") from None
+    else:
+        reader = csv.DictReader(io.StringIO(text))
+        try:
+            rows = [(reader.line_num, dict(r)) for r in reader]
+        except csv.Error as e:
+            raise ValueError(f"{p}:{reader.line_num}: not valid CSV ({e}).") from None
+    cols = [c.strip() for c in option_columns.split(",") if c.strip()]
+    out = []
+    for lineno, r in rows:
+        where = f"{p}:{lineno}"
+        if not isinstance(r, dict):
+            raise ValueError(f"{where}: expected a record (an object), got {type(r).__name__}.")
+        q = r.get(question)
+        if not isinstance(q, str) or not q.strip():
+            raise ValueError(f"{where}: missing or empty question field {question!r} (set --field_question).")
+        opts = r.get(options)
+        if opts is None and suffix == ".csv" and all(r.get(c) for c in cols):
+            opts = {c: r[c] for c in cols}
+        if isinstance(opts, str) and opts.strip():
+            try:
+                opts = json.loads(opts)
+            except ValueError:
+                raise ValueError(f"{where}: options field {options!r} is not JSON (a dict or list).") from None
+        if isinstance(opts, list):
+            opts = {chr(65 + i): o for i, o in enumerate(opts)}
+        if opts not in (None, "", {}) and not (isinstance(opts, dict) and all(
+                isinstance(k, str) and len(k) == 1 and isinstance(v, str) for k, v in opts.items())):
+            raise ValueError(f"{where}: options must map single letters to strings, got {str(opts)[:60]!r}.")
+        a = r.get(answer)
+        golds = [a] if isinstance(a, str) else a
+        if not isinstance(golds, list) or not golds or not all(isinstance(g, str) and g.strip() for g in golds):
+            raise ValueError(f"{where}: missing or empty answer field {answer!r} (set --field_answer).")
+        rec = dict(id=str(r.get(id_field) or f"{p.stem}:{lineno}"), task=str(r.get(task) or p.stem),
+                   question=q.strip(), support=[], hops=None, split="user")
+        if opts:
+            letters = "".join(sorted({ch for g in golds for ch in g.upper() if ch.isalpha()}))
+            if not letters or not set(letters) <= set(opts):
+                raise ValueError(f"{where}: MCQ answer {a!r} is not option letter(s) from {sorted(opts)}.")
+            rec.update(type="mcq", options=dict(sorted(opts.items())), answer=letters, golds=[letters])
+        else:
+            rec.update(type="short", options={}, answer=golds[0].strip(), golds=[g.strip() for g in golds])
+        out.append(rec)
+    if not out:
+        raise ValueError(f"benchmark file {p} holds no records.")
+    return out
+
+
+# =============================================================================================
+# Prompt format (Search-R1 / LRAS eval code), the search tool and the noisy oracle (2, 3)
+# =============================================================================================
+SYSTEM = """You are a legal assistant. Reason inside <think> and </think> every time you get new
+information. If your knowledge is insufficient (an article number, a threshold, a penalty, a
+case), search with <search> query </search>; results come back between <information> and
+</information>. You may search several times. When you know the answer, give it inside <answer>
+and </answer> without explanation: the option letter(s) for a multiple-choice question, a short
+phrase otherwise."""
+
+
+def make_messages(example: dict) -> list[dict]:
+    q = example["question"]
+    if example["type"] == "mcq":
+        q += "\n" + "\n".join(f"{k}. {v}" for k, v in example["options"].items()) + "\nAnswer with the option letter."
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
+
+
+def make_tools(search: TextSearch, k: int) -> dict:
+    return {"text_search": lambda args, r: (search.observe(args["query"], k), None)}
+
+
+def oracle_trajectory(world: World, q: dict, rng: random.Random, error: float = 0.0, detour: float = 0.0,
+                      k: int = 3) -> tuple[list[dict], str]:
+    """The noisy oracle's (3) turns, in `Rollout.trajectory` form, and its answer. Observations
+    come from the real search tool, as the agent loop shows them."""
+    turns = []
+
+    def act(think: str, query: str | None = None, answer: str | None = None):
+        action = f"<search>{query}</search>" if query else f"<answer>{answer}</answer>"
+        turns.append({"role": "assistant", "text": f"<think>{think}</think>\n{action}"})
+        if query:
+            turns.append({"role": "tool", "name": "text_search", "args": {"query": query},
+                          "observation": world.search.observe(query, k)})
+    art = next((s for s in q["support"] if s.startswith("Article")), None)
+    c = next((c for c in world.charges if c["article"] == art), None)   # None for hops-0 questions
+    if rng.random() < error * (1 + q["hops"]):   # closed-loop: answers from memory, wrong
+        if q["type"] == "mcq":
+            ans = rng.choice([x for x in q["options"] if x != q["answer"]])
+        elif q["golds"][0] in ("yes", "no"):
+            ans = {"yes": "no", "no": "yes"}[q["golds"][0]]
+        else:
+            ans = re.sub(r"\d+", lambda m: str(int(m.group()) + rng.choice([1, 2, 100])), q["golds"][0])
+        act("I am fairly sure I remember this.", answer=ans)
+        return turns, ans
+    if rng.random() < detour:   # a useless search, removed by pruning (4)
+        other = rng.choice([o for o in world.charges if o is not c])
+        act("Let me look up a related offence first.", query=f"{other['name']} offence")
+    if q["hops"] == 2:
+        act(f"I do not know which offence {q['support'][0]} concerns; I need to search.", query=q["support"][0])
+        act(f"The defendant was convicted of {c['name']}. Now I need the article on {c['name']}.",
+            query=f"{c['name']} article penalty")
+    elif q["hops"] == 1:
+        act(f"I do not know this provision of the {CODE}; I need to search.", query=f"{c['name']} {c['conduct']}"
+            if q["task"] == "charge" else f"{c['name']} article penalty threshold")
+    think = ("The question itself gives what I need." if q["hops"] == 0 else
+             "The retrieved provision gives the answer.")
+    act(think, answer=q["answer"])
+    return turns, q["answer"]
+
+
+# =============================================================================================
+# Pruning (4) and SFT samples with <information> masked
+# =============================================================================================
+def contributes(observation: str, support: list[str]) -> set[str]:
+    """Supporting documents that a search's results hold (TextSearch titles them "(Title: <id>)")."""
+    return {s for s in support if f"(Title: {s})" in observation}
+
+
+def prune_trajectory(turns: list[dict], support: list[str]) -> tuple[list[dict] | None, int]:
+    """Drop searches whose results did not contribute (no new supporting document) and invalid
+    turns (re-prompts, errors). Returns (pruned turns, or None when the kept searches miss a
+    supporting document, i.e. the answer was a lucky guess; number of turns dropped)."""
+    kept, seen, dropped, i = [], set(), 0, 0
+    while i < len(turns):
+        t = turns[i]
+        nxt = turns[i + 1] if i + 1 < len(turns) and turns[i + 1]["role"] == "tool" else None
+        if t["role"] == "tool":            # an orphan observation
+            dropped, i = dropped + 1, i + 1
+            continue
+        if nxt is None:                    # the final answer turn
+            kept.append(t)
+        elif nxt["name"] == "text_search" and (new := contributes(nxt["observation"], support) - seen):
+            kept += [t, nxt]
+            seen |= new
+        else:
+            dropped += 1
+        i += 2 if nxt is not None else 1
+    return (kept if seen >= set(support) else None), dropped
+
+
+def sft_sample(policy, example: dict, turns: list[dict]) -> Encoded:
+    """Prompt (mask 0) + assistant text (mask 1) + <information> segments (mask 0) + <|im_end|>
+    (mask 1): the same tokens the inline agent loop produces, built directly instead of through
+    the chat template, so the information text sits inside the one assistant turn, untrained."""
+    tok = policy.tokenizer
+    prompt = encode(tok, policy.image_processor, make_messages(example), add_generation_prompt=True)
+    ids, mask = list(prompt.input_ids), [0] * len(prompt.input_ids)
+    for t in turns:
+        if t["role"] == "assistant":
+            x = tok(t["text"], add_special_tokens=False)["input_ids"]
+            ids, mask = ids + x, mask + [1] * len(x)
+        else:
+            seg, _, _ = observation_segment(policy, t["observation"], None, "inline", False)
+            ids, mask = ids + seg, mask + [0] * len(seg)
+    return Encoded(ids + [tok.eos_token_id], mask + [1])   # (L,), (L,)
+
+
+# =============================================================================================
+# Rewards: r = acc + format_weight * fmt (6)
+# =============================================================================================
+def format_ok(trajectory: list[dict]) -> bool:
+    """fmt = 1 iff every turn has a closed <think> block and one valid action, searches until the
+    last turn, and a non-empty <answer> in it."""
+    texts = [t["text"] for t in trajectory if t["role"] == "assistant"]
+    acts = [parse_action(t) for t in texts]
+    return (bool(acts) and all(re.search(r"<think>.*?</think>", t, re.S) for t in texts)
+            and all(a.kind == "tool" for a in acts[:-1]) and acts[-1].kind == "answer" and bool(acts[-1].answer))
+
+
+def accuracy(answer: str | None, example: dict, max_answer_words: int = 12) -> float:
+    """acc: option letters must match (MCQ); gold inside a short answer (short), length-capped."""
+    if answer is None or not answer.strip():
+        return 0.0
+    if example["type"] == "mcq":
+        return choice_match(answer, example["answer"], "".join(example["options"]))
+    if len(answer.split()) > max_answer_words or len(answer) > 8 * max_answer_words:
+        return 0.0
+    return sub_exact_match(answer, example["golds"])
+
+
+def lras_reward(trajectory: list[dict], answer: str | None, example: dict, format_weight: float = 0.1,
+                max_answer_words: int = 12) -> dict:
+    acc, fmt = accuracy(answer, example, max_answer_words), float(format_ok(trajectory))
+    return {"reward": acc + format_weight * fmt, "acc": acc, "format": fmt}
+
+
+def make_reward_fn(args: Args):
+    def reward_fn(group: list[Rollout], example: dict) -> list[dict]:
+        return [lras_reward(r.trajectory, r.answer, example, args.format_weight, args.max_answer_words)
+                for r in group]
+    return reward_fn
+
+
+# =============================================================================================
+# Stages
+# =============================================================================================
+def get_policy(args: Args, adapter: str | None = None, lora: bool = True, name: str | None = None):
+    if adapter is not None:
+        print(f"[lras] starting from the adapter {adapter}")
+    quant = args.load_in_4bit
+    return load_policy(name or args.model, load_in_4bit=quant, lora=lora, lora_r=args.lora_r,
+                       lora_alpha=args.lora_alpha, adapter=adapter, seed=args.seed)
+
+
+def agent_rollouts(policy, examples: list[dict], args: Args, search: TextSearch, G: int, temperature: float,
+                   eval_sampling: bool = False, generate=None) -> list[Rollout]:
+    kw = dict(top_p=args.top_p, top_k=args.top_k) if eval_sampling else {}
+    return run_rollouts(policy, examples, num_generations=G, make_messages=make_messages,
+                        tools=make_tools(search, args.search_k), max_turns=args.max_turns,
+                        max_tool_calls={"text_search": args.max_turns}, max_new_tokens=args.max_new_tokens,
+                        max_total_tokens=args.max_completion_length, observation_style="inline",
+                        reprompt=REPROMPT, temperature=temperature, generate=generate, **kw)
+
+
+def stage_data(args: Args, world: World) -> None:
+    """Write the world (corpus + question JSONL), an oracle page, and validate --data_file."""
+    out = Path(args.out) / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    train, test = split_world(world)
+    for name, rows in (("corpus", world.docs), ("toy_train", train), ("toy_test", test)):
+        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    rng = random.Random(args.seed)
+    items = []
+    for q in [next(q for q in train if q["task"] == t) for t in dict.fromkeys(q["task"] for q in train)]:
+        turns, _ = oracle_trajectory(world, q, rng, 0.0, 0.0, args.search_k)
+        items.append({"title": f"oracle [{q['task']}, hops {q['hops']}] {q['question']} (gold {q['answer']})",
+                      "trajectory": turns})
+    trajectory_html(items, str(out / "oracle_trajectories.html"), "LRAS oracle trajectories")
+    summary = {"docs": len(world.docs), "train": len(train), "test": len(test),
+               "tasks": {t: sum(q["task"] == t for q in world.questions) for t in dict.fromkeys(q["task"] for q in world.questions)},
+               "hops": {h: sum(q["hops"] == h for q in world.questions) for h in (0, 1, 2)}}
+    if args.data_file:
+        rows = user_questions(args)
+        summary["data_file"] = {"path": args.data_file, "records": len(rows),
+                                "mcq": sum(r["type"] == "mcq" for r in rows)}
+        with open(out / "user.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    write_json(str(out / "summary.json"), summary)
+    print(f"[data] {summary} -> {out}")
+
+
+def user_questions(args: Args) -> list[dict]:
+    return load_benchmark(args.data_file, args.field_question, args.field_answer, args.field_options,
+                          args.field_task, args.field_id, args.option_columns)
+
+
+def teacher_samples(args: Args, world: World, questions: list[dict]) -> list[list[tuple[list[dict], str]]]:
+    """n (turns, answer) samples per question from the noisy oracle or a teacher model (3)."""
+    n = args.teacher_samples
+    if args.teacher == "oracle":
+        rng = random.Random(args.seed + 1)
+        return [[oracle_trajectory(world, q, rng, args.teacher_error, args.teacher_detour, args.search_k)
+                 for _ in range(n)] for q in questions]
+    teacher = get_policy(args, lora=False, name=args.teacher)
+    rs = agent_rollouts(teacher, questions, args, world.search, n, args.temperature)
+    return [[(r.trajectory, r.answer) for r in rs[i * n:(i + 1) * n]] for i in range(len(questions))]
+
+
+def stage_sft(args: Args, world: World, out_dir: str) -> str:
+    """Introspective Imitation: uncertainty-aware sampling, trajectories, pruning, LoRA SFT."""
+    train, _ = split_world(world)
+    print(f"[sft] teacher: {args.teacher} ({args.teacher_samples} samples per question)")
+    samples = teacher_samples(args, world, train)
+    stats = dict(questions=len(train), always_right=0, no_correct=0, pruned_searches=0, lucky_guess=0, trajectories=0)
+    data = []
+    for q, ss in zip(train, samples):
+        right = [s for s in ss if accuracy(s[1], q, args.max_answer_words) == 1.0]
+        if len(right) == len(ss):   # inside the knowledge boundary: the teacher always knows
+            stats["always_right"] += 1
+            continue
+        stats["no_correct"] += not right
+        pruned = [prune_trajectory(turns, q["support"]) for turns, _ in right]   # incorrect ones are dropped
+        stats["pruned_searches"] += sum(d for _, d in pruned)
+        good = [p for p, _ in pruned if p is not None]
+        stats["lucky_guess"] += len(pruned) - len(good)
+        data += [(q, good[0])] if good else []   # one trajectory per question (4)
+    stats["trajectories"] = len(data)
+    stats["searches_per_trajectory"] = float(np.mean([sum(t["role"] == "tool" for t in p) for _, p in data])) if data else 0.0
+    if not data:
+        raise ValueError("No SFT trajectory survived the filter and pruning; raise --teacher_error (the "
+                         "teacher must miss some questions) or use a stronger --teacher.")
+    policy = get_policy(args)
+    RunLog(out_dir).samples([{"id": q["id"], "task": q["task"], "trajectory": p} for q, p in data], "sft_data.jsonl")
+    encoded = [sft_sample(policy, q, p) for q, p in data]   # <information> masked
+    cfg = SFTConfig(learning_rate=args.sft_learning_rate, epochs=args.sft_epochs, batch_size=args.sft_batch_size,
+                    micro_batch_size=args.micro_batch_size, max_steps=args.sft_max_steps,
+                    max_length=args.max_completion_length * 4, seed=args.seed)
+    summary = train_sft(policy, encoded, cfg, out_dir)
+    write_json(os.path.join(out_dir, "summary.json"), {**summary, "data": stats})
+    print(f"[sft] {stats} -> {out_dir}/adapter")
+    return os.path.join(out_dir, "adapter")
+
+
+def difficulty_table(pass_rates: dict[str, float]) -> dict[str, float]:
+    """d = 1 - p for questions the model sometimes solves; p = 0 or 1 carry no GRPO signal (5)."""
+    return {q: 1.0 - p for q, p in pass_rates.items() if 0.0 < p < 1.0}
+
+
+def sampling_weights(ids: list[str], table: dict[str, float], uniform: bool) -> list[float] | None:
+    """Per-question draw weights for train_grpo: proportional to difficulty, or None (uniform)."""
+    return None if uniform else [table[i] for i in ids]
+
+
+def estimate_pass_rates(args: Args, world: World, policy, questions: list[dict]) -> dict[str, float]:
+    k = args.difficulty_k
+    rs = agent_rollouts(policy, questions, args, world.search, k, args.temperature)
+    return {q["id"]: float(np.mean([accuracy(r.answer, q, args.max_answer_words) for r in rs[i * k:(i + 1) * k]]))
+            for i, q in enumerate(questions)}
+
+
+def stage_rl(args: Args, world: World, adapter: str | None, out_dir: str, uniform: bool = False,
+             pass_rates_file: str | None = None, max_steps: int | None = None) -> str:
+    """Difficulty-aware GRPO with inline search rollouts, from the SFT adapter when there is one."""
+    train, _ = split_world(world)
+    pool = random.Random(args.seed).sample(train, min(len(train), args.difficulty_questions or len(train)))
+    print(f"[rl] policy: {'SFT adapter ' + adapter if adapter else 'the base model (no SFT adapter found)'}")
+    policy = get_policy(args, adapter)
+    log = RunLog(out_dir)
+    if pass_rates_file and os.path.isfile(pass_rates_file):
+        rates = {r["id"]: r["pass_rate"] for r in map(json.loads, open(pass_rates_file))}
+        print(f"[rl] pass rates from {pass_rates_file}")
+    else:
+        rates = estimate_pass_rates(args, world, policy, pool)
+    log.samples([{"id": q, "pass_rate": p} for q, p in rates.items()], "pass_rates.jsonl")
+    table = difficulty_table(rates)
+    kept = [q for q in pool if q["id"] in table]
+    filter_empty = not kept
+    if filter_empty:   # (5) announced, not silent
+        print(f"[rl] the difficulty filter kept 0 of {len(pool)} questions (pass rate 0 or 1 everywhere; "
+              f"expected with --model tiny): training on all of them with uniform sampling.")
+        kept, weights = pool, None
+    else:
+        weights = sampling_weights([q["id"] for q in kept], table, uniform)
+    print(f"[rl] {len(kept)} questions, {'uniform' if weights is None else 'difficulty-weighted'} sampling")
+    cfg = GRPOConfig(learning_rate=args.learning_rate, num_generations=args.num_generations,
+                     prompts_per_step=args.prompts_per_step, max_steps=max_steps or args.max_steps, beta=args.beta,
+                     epsilon=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
+                     max_completion_length=args.max_completion_length, temperature=args.temperature,
+                     micro_batch_size=args.micro_batch_size, seed=args.seed)
+    html = []
+
+    def on_step(step, rollouts, terms):   # keep the last step's trajectories for the page
+        html[:] = [{"title": f"step {step} {r.example['question']} (gold {r.example['answer']})",
+                    "trajectory": r.trajectory, "rewards": t} for r, t in zip(rollouts, terms)]
+    summary = train_grpo(policy, kept, lambda p, ex, c: agent_rollouts(p, ex, args, world.search, c.num_generations,
+                                                                        c.temperature),
+                         make_reward_fn(args), cfg, out_dir, weights=weights, on_step=on_step)
+    RunLog(out_dir, resume=True).plot(["rewards/acc", "rewards/format"], "reward_terms.png", "LRAS reward terms")
+    trajectory_html(html, os.path.join(out_dir, "trajectories.html"), "LRAS RL, last step")
+    hist = {f"{v:.2f}": sum(abs(p - v) < 1e-9 for p in rates.values()) for v in sorted(set(rates.values()))}
+    bar_plot({"questions": hist}, os.path.join(out_dir, "pass_rates.png"), "pass rate before RL", "questions")
+    write_json(os.path.join(out_dir, "summary.json"), {**summary, "difficulty": {
+        "k": args.difficulty_k, "pool": len(pool), "kept": len(table), "filter_empty": filter_empty,
+        "sampling": "uniform" if weights is None else "difficulty", "pass_rate_histogram": hist}})
+    return os.path.join(out_dir, "adapter")
+
+
+def search_stats(rollouts: list[Rollout], accs: list[float]) -> dict:
+    """The paper's search statistics (and its 71.3 % one: share of failures with no search)."""
+    s = np.array([r.tool_calls.get("text_search", 0) for r in rollouts])   # searches per question
+    a = np.array(accs, dtype=float)
+    fail = a < 1.0
+
+    def mean(x):
+        return float(x.mean()) if x.size else None
+    return {"search_rate": mean(s > 0), "searches_per_question": mean(s.astype(float)),
+            "multi_search_rate": mean(s >= 2), "accuracy_searched": mean(a[s > 0]),
+            "accuracy_not_searched": mean(a[s == 0]), "failures_without_search": mean(s[fail] == 0),
+            "answer_rate": mean(np.array([r.answer is not None for r in rollouts])),
+            "mean_turns": mean(np.array([r.turns for r in rollouts], dtype=float))}
+
+
+def stage_eval(args: Args, world: World, adapter: str | None, out_dir: str, n_questions: int | None = None) -> dict:
+    """Accuracy per task, search statistics, the trajectory page; results.json."""
+    print(f"[eval] policy: {adapter or 'the base model (no adapter found)'}")
+    _, test = split_world(world)
+    n = args.eval_questions if n_questions is None else n_questions
+    test = random.Random(args.seed).sample(test, min(len(test), n or len(test)))
+    sets = {"toy": (test, world.search)}
+    if args.data_file:   # real data: its own corpus (2)
+        if args.corpus_file:
+            search = TextSearch.from_jsonl(args.corpus_file)
+        elif os.environ.get("TEXT_SEARCH_ENDPOINT"):
+            search = TextSearch(use_env=True)
+        else:
+            raise ValueError("--data_file needs a corpus to search: pass --corpus_file statutes.jsonl or set "
+                             "TEXT_SEARCH_ENDPOINT.")
+        sets[Path(args.data_file).stem] = (user_questions(args), search)
+    policy = get_policy(args, adapter, lora=adapter is not None)
+    results = {"accuracy": {}, "search": {}, "n": {}, "policy": adapter or args.model,
+               "sampling": {"temperature": args.eval_temperature, "top_p": args.top_p, "top_k": args.top_k,
+                            "max_turns": args.max_turns, "max_new_tokens": args.max_new_tokens}}
+    html, samples = [], []
+    for name, (examples, search) in sets.items():
+        torch.manual_seed(args.seed)
+        rs = agent_rollouts(policy, examples, args, search, 1, args.eval_temperature, eval_sampling=True)
+        accs = [accuracy(r.answer, r.example, args.max_answer_words) for r in rs]
+        results["accuracy"][name] = float(np.mean(accs))
+        for task in dict.fromkeys(r.example["task"] for r in rs):
+            results["accuracy"][f"{name}/{task}"] = float(np.mean([a for a, r in zip(accs, rs) if r.example["task"] == task]))
+        results["search"][name] = search_stats(rs, accs)
+        for h in sorted({r.example["hops"] for r in rs if r.example["hops"] is not None}):   # the knowledge boundary
+            sub = [(r, a) for r, a in zip(rs, accs) if r.example["hops"] == h]
+            results["search"][name][f"hops{h}"] = {k: search_stats([r for r, _ in sub], [a for _, a in sub])[k]
+                                                   for k in ("search_rate", "accuracy_searched", "accuracy_not_searched")}
+        results["n"][name] = len(rs)
+        html += [{"title": f"[{name}/{r.example['task']}] {r.example['question']} (gold: {r.example['answer']})",
+                  "trajectory": r.trajectory, "rewards": {"acc": a, "format": float(format_ok(r.trajectory))}}
+                 for r, a in zip(rs, accs)]
+        samples += [{"set": name, "id": r.example["id"], "answer": r.answer, "acc": a,
+                     "searches": r.tool_calls.get("text_search", 0), "trajectory": r.trajectory} for r, a in zip(rs, accs)]
+    results["paper"] = {"failures_without_search (baselines)": 0.713, "LRAS average accuracy": 0.602}
+    write_json(os.path.join(out_dir, "results.json"), results)
+    RunLog(out_dir).samples(samples, "samples.jsonl")
+    trajectory_html(html[:args.n_html], os.path.join(out_dir, "trajectories.html"), "LRAS eval")
+    toy = results["search"]["toy"]
+    print(f"[eval] accuracy {results['accuracy']['toy']:.3f}, search rate {toy['search_rate']:.3f}, "
+          f"searches/question {toy['searches_per_question']:.2f}, failures without search "
+          f"{toy['failures_without_search']} -> {out_dir}/results.json")
+    return results
+
+
+def stage_ablate(args: Args, world: World) -> None:
+    """SFT-only vs SFT + RL; difficulty-aware vs uniform sampling. Each variant is evaluated."""
+    out = Path(args.out)
+    abl = out / "ablate"
+    sft_adapter = str(out / "sft" / "adapter")
+    if not os.path.isdir(sft_adapter):
+        print("[ablate] no <out>/sft/adapter: running the sft stage first.")
+        sft_adapter = stage_sft(args, world, str(out / "sft"))
+    rates = str(out / "rl" / "pass_rates.jsonl")   # same SFT adapter -> same difficulty table
+    if not os.path.isfile(rates):
+        rates = str(abl / "rl_difficulty" / "pass_rates.jsonl")
+    variants = {"SFT only": sft_adapter,
+                "SFT+RL difficulty": stage_rl(args, world, sft_adapter, str(abl / "rl_difficulty"), False, rates,
+                                              args.ablate_steps),
+                "SFT+RL uniform": stage_rl(args, world, sft_adapter, str(abl / "rl_uniform"), True, rates,
+                                           args.ablate_steps)}
+    table = {}
+    for name, adapter in variants.items():
+        res = stage_eval(args, world, adapter, str(abl / ("eval_" + name.replace(" ", "_").replace("+", "_"))),
+                         args.ablate_questions)
+        st = res["search"]["toy"]
+        table[name] = {"accuracy": res["accuracy"]["toy"], "search_rate": st["search_rate"],
+                       "searches_per_question": st["searches_per_question"],
+                       "failures_without_search": st["failures_without_search"]}
+    write_json(str(abl / "results.json"), {"table": table, "steps": args.ablate_steps,
+                                           "questions": args.ablate_questions})
+    bar_plot({n: {k: v for k, v in row.items() if k in ("accuracy", "search_rate")} for n, row in table.items()},
+             str(abl / "ablate.png"), "LRAS ablations", "rate")
+    print("[ablate] " + " | ".join(f"{n}: acc {row['accuracy']:.3f}" for n, row in table.items()))
+
+
+def main() -> None:
+    args = parse_args(Args, description=__doc__)
+    world = build_world(args.seed, args.n_charges, args.test_charges, args.cases_per_charge)
+    out = Path(args.out)
+    sft_adapter = out / "sft" / "adapter"
+    rl_adapter = out / "rl" / "adapter"
+    stages = ["data", "sft", "rl", "eval", "ablate"] if args.stage == "all" else [args.stage]
+    for stage in stages:
+        if stage == "data":
+            stage_data(args, world)
+        elif stage == "sft":
+            stage_sft(args, world, str(out / "sft"))
+        elif stage == "rl":   # the papers' order: RL starts from the SFT adapter when there is one
+            stage_rl(args, world, str(sft_adapter) if sft_adapter.is_dir() else None, str(out / "rl"),
+                     args.uniform_sampling)
+        elif stage == "eval":
+            best = rl_adapter if rl_adapter.is_dir() else sft_adapter if sft_adapter.is_dir() else None
+            stage_eval(args, world, str(best) if best else None, str(out / "eval"))
+        elif stage == "ablate":
+            stage_ablate(args, world)
+    write_json(str(out / "args.json"), asdict(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from common.chat import Encoded, collate, encode, image_token_counts, process_images
 from common.tools import STOP_STRINGS, parse_action
@@ -155,12 +156,13 @@ def run_rollouts(policy, examples: list[dict], *, num_generations: int,
                  max_total_tokens: int = 1024, observation_style: str = "user_turn",
                  reprompt: str | None = None, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int | None = None, batch_size: int = 64,
-                 generate: Callable | None = None) -> list[Rollout]:
+                 generate: Callable | None = None, desc: str | None = None) -> list[Rollout]:
     """G rollouts per example (grouped: example 0's G first).
 
     tools: name -> fn(args: dict, rollout) -> (observation_text, image_or_None); a tool never
     raises on bad arguments (it returns an error observation).
     generate: replaces `generate_ids` (tests pass a scripted policy).
+    desc: show a progress bar over turns with this label (long evals).
     """
     tools, limits = tools or {}, max_tool_calls or {}
     generate = generate or generate_ids
@@ -172,16 +174,20 @@ def run_rollouts(policy, examples: list[dict], *, num_generations: int,
                              grids=list(base.grids), images=list(base.images), example=ex)
                      for _ in range(num_generations)]
     stops = STOP_STRINGS if tools else None
+    bar = tqdm(total=max_turns, desc=desc, leave=False, disable=desc is None)
     for _ in range(max_turns):
         active = [r for r in rollouts if not r.done]
         if not active:
             break
+        bar.set_postfix(active=len(active), refresh=False)
+        bar.update()
         budget = min(max_new_tokens, max(1, min(max_total_tokens - len(r.ids) for r in active)))
         new = generate(policy, [r.encoded() for r in active], max_new_tokens=budget,
                        temperature=temperature, top_p=top_p, top_k=top_k, stop_strings=stops,
                        batch_size=batch_size)
         for r, ids in zip(active, new):
             step(policy, r, ids, tools, limits, observation_style, reprompt, max_total_tokens, budget)
+    bar.close()
     for r in rollouts:
         if not r.done:  # ran out of turns
             r.done, r.truncated = True, r.answer is None

@@ -106,10 +106,19 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, loss_type: str = "g
 # per-token log-probs without (B, T, V) float32 logits
 # ---------------------------------------------------------------------------------------------
 def _logp_chunk(head, h, targets, temperature):
-    logits = head(h).float() / temperature                              # (B, c, V) for one chunk
-    logp_all = logits.log_softmax(-1)
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)        # (B, c)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)                       # (B, c)
+    """log p(target) and entropy for one chunk, with as few (B, c, V) fp32 tensors alive as we can:
+    log p = z_target - logsumexp(z) (no full log_softmax tensor); the entropy is a logged
+    statistic, so it is computed under no_grad (autograd keeps nothing for it) and skipped in
+    no-grad passes (reference / old log-probs), where callers drop it."""
+    logits = head(h).float()                                             # (B, c, V)
+    if temperature != 1.0:
+        logits = logits / temperature if logits.requires_grad else logits.div_(temperature)
+    lse = logits.logsumexp(-1)                                           # (B, c)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse    # (B, c)
+    if not torch.is_grad_enabled():
+        return logp, torch.zeros_like(logp)
+    with torch.no_grad():                                                # H = lse - sum_v p_v z_v
+        entropy = lse - torch.einsum("bcv,bcv->bc", (logits - lse[..., None]).exp_(), logits)
     return logp, entropy
 
 
@@ -117,13 +126,14 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def completion_logprobs(model, batch: dict, temperature: float = 1.0, chunk_tokens: int = 4096):
+def completion_logprobs(model, batch: dict, temperature: float = 1.0, chunk_tokens: int = 1024):
     """Log-probs (B, T) and entropies (B, T) of the completion tokens of `rollout_batch` output.
 
     The decoder runs once; the lm_head + log_softmax run over chunks of completion positions,
     each under activation checkpointing, so at most (B, chunk, V) logits exist at a time, in
     the forward and in the backward (V = 151,936 for Qwen2.5: full fp32 logits for
-    8 x 2,048 tokens would be ~10 GB). Logits are divided by the sampling temperature, as TRL does.
+    8 x 2,048 tokens would be ~10 GB; one 1,024-token chunk is 0.6 GB). Logits are divided by the
+    sampling temperature, as TRL does. Entropies are zeros in no-grad passes.
     """
     hf = unwrap(model)
     body, head = hf.model, hf.get_output_embeddings()
@@ -171,7 +181,7 @@ class GRPOConfig:
     drop_zero_std_groups: bool = False  # DAPO dynamic sampling (without re-sampling)
     mask_truncated_completions: bool = False
     save_steps: int = 0                 # 0 = only at the end
-    logprob_chunk_tokens: int = 4096
+    logprob_chunk_tokens: int = 1024    # tokens per lm_head chunk: (chunk, V) fp32 logits at a time
     seed: int = 0
 
 
@@ -312,9 +322,11 @@ def train_grpo(policy, dataset: list[dict], rollout_fn: Callable, reward_fn: Cal
                         raise FloatingPointError(
                             f"Step {step}: the loss is {loss.item()}. Lower --learning_rate, check the "
                             f"rewards, or load in float32; the run stops here instead of going on.")
-                    # micro-batches sum to the full-batch loss (dapo already divides by n_items)
+                    # micro-batch weights so that they sum to the full-batch loss exactly (dapo
+                    # already divides by n_items; TRL's bnpo normalises per micro-batch instead,
+                    # which equals this only when micro-batches hold equal token counts)
                     w = {"grpo": len(mb) / len(idx), "dr_grpo": len(mb) / len(idx),
-                         "bnpo": 1.0 / len(mbs), "dapo": 1.0}[cfg.loss_type]
+                         "bnpo": m.sum().item() / max(n_items, 1.0), "dapo": 1.0}[cfg.loss_type]
                     (loss * w).backward()
                     st.update(loss=loss.item(), entropy=masked_mean(ent, m).item())
                     for k, v in st.items():

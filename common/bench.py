@@ -318,7 +318,6 @@ def run_ours(policy, args, text, image, out_dir, baton: Baton | None = None) -> 
                      micro_batch_size=args.micro_batch_size or G * args.prompts_per_step,
                      logprob_chunk_tokens=args.logprob_chunk_tokens, seed=args.seed)
     dataset = [{"id": i} for i in range(args.prompts_per_step * total)]
-    tok = policy.tokenizer
 
     def rollout_fn(policy, examples, cfg):  # single turn, no tools
         return rollout_mod.run_rollouts(policy, examples, num_generations=cfg.num_generations,
@@ -327,7 +326,7 @@ def run_ours(policy, args, text, image, out_dir, baton: Baton | None = None) -> 
                                         max_total_tokens=1 << 30, temperature=cfg.temperature,
                                         generate=forced_generate)
 
-    reward_fn = per_rollout(lambda r, ex: {"reward": reward_text(r.generated_text(tok))})
+    reward_fn = per_rollout(lambda r, ex: {"reward": reward_text(r.generated_text())})
     rows, clock = [], {"t": 0.0}
 
     def on_step(step, rollouts, terms):

@@ -12,7 +12,6 @@ tool observations). See shared/papers/grpo.md; each choice below matches TRL's G
 from __future__ import annotations
 
 import glob
-import math
 import os
 import random
 import time
@@ -21,7 +20,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from common.rollout import Rollout, rollout_batch

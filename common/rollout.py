@@ -56,7 +56,7 @@ class Rollout:
         return Encoded(self.prompt_ids + self.ids, [0] * len(self.prompt_ids) + self.mask,
                        self.images, pv, grid)
 
-    def generated_text(self, tokenizer) -> str:
+    def generated_text(self) -> str:
         """All assistant text (observations left out)."""
         return "".join(t["text"] for t in self.trajectory if t["role"] == "assistant")
 
@@ -166,7 +166,6 @@ def run_rollouts(policy, examples: list[dict], *, num_generations: int,
     """
     tools, limits = tools or {}, max_tool_calls or {}
     generate = generate or generate_ids
-    tok = policy.tokenizer
     rollouts = []
     for ex in examples:
         base = prompt_rollout(policy, make_messages(ex), ex)

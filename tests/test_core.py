@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 from common import chat as chatmod
-from common.chat import collate, encode, image_token_counts
+from common.chat import collate, encode
 from common.grpo import GRPOConfig, completion_logprobs, per_rollout, train_grpo
 from common.models import build_tiny_tokenizer, image_processor_for, load_policy
-from common.rollout import generate_ids, rollout_batch, run_rollouts
+from common.rollout import rollout_batch, run_rollouts
 from common.sft import masked_nll, sft_batch
 
 

@@ -45,7 +45,7 @@ def run(out="runs/sanity", steps=30, seed=0):
                             make_messages=lambda e: [{"role": "user", "content": e["q"] + " Answer briefly."}],
                             max_new_tokens=c.max_completion_length, temperature=c.temperature)
 
-    reward = per_rollout(lambda r, ex: {"reward": brevity(r.generated_text(None))})
+    reward = per_rollout(lambda r, ex: {"reward": brevity(r.generated_text())})
     train_grpo(policy, data, rollout_fn, reward, cfg, out)
     from common.runlog import read_jsonl
     return [row["reward"] for row in read_jsonl(os.path.join(out, "metrics.jsonl"))]

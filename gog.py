@@ -4,7 +4,7 @@ the crop. "Glance-or-Gaze: ..." arXiv 2601.13942 (ACL 2026 Findings); see shared
 
 Stages (each writes into <out>/<stage>/; `all` runs them in this order):
     python gog.py --stage all --model tiny   # CPU, a few minutes: plumbing only, numbers are noise;
-                                             # tiny (or auto without CUDA) uses TINY_SIZES unless flags say otherwise
+                                             # tiny (or auto without CUDA): TINY_SIZES unless flags say so
     python gog.py --stage data    # toy world (scenes, text KB, image KB, questions) + oracle page
     python gog.py --stage sft     # Reflective GoG Behavior Alignment: oracle (+teacher) trajectories
     python gog.py --stage levels  # SFT pass rate over k samples -> Level 1 (~50 %) / Level 2 (mostly failed)
@@ -62,7 +62,7 @@ from common.grpo import GRPOConfig, train_grpo
 from common.judge import llm_judge_batch, sub_exact_match
 from common.models import load_policy
 from common.rollout import Rollout, run_rollouts
-from common.runlog import RunLog, bar_plot, trajectory_html, write_json
+from common.runlog import RunLog, bar_plot, read_jsonl, trajectory_html, write_json
 from common.sft import SFTConfig, train_sft
 from common.tools import ImageSearch, TextSearch, crop, parse_action, seen_size
 
@@ -78,7 +78,7 @@ class Args:
     seed: int = 0
     """seed of the toy world, the data order and the sampler"""
     load_in_4bit: bool | None = None
-    """NF4 4-bit base weights: true | false | none (= auto: on for real models on CUDA, off for the CPU presets)"""
+    """NF4 base weights: true | false | none (= auto: on for real models on CUDA, off for CPU presets)"""
     lora_r: int = 8
     """LoRA rank (GoG: r = 8 on all LLM blocks)"""
     lora_alpha: int = 16
@@ -181,6 +181,9 @@ SYLLABLES = "ka lo mi ra ven tor zu pel qui sar no bri dax fen gor hal jun mor v
 CITIES = "Velmor Quenby Arlath Dunmere Sorvik Halden Mirask Tobrin Elsk Caravo".split()
 EVENTS = "Fair Market Parade Expo Festival Summit Regatta Carnival".split()
 ADJECTIVES = "Amber Silver Northern Winter Harbour Lantern Copper Meadow".split()
+CONSONANTS = "BCDFGHJKLMNPRSTVZ"
+MAKE_WORD = {"name": lambda rng: (rng.choice(SYLLABLES) + rng.choice(SYLLABLES)).capitalize(),  # entities
+             "label": lambda rng: rng.choice(CONSONANTS) + rng.choice("AEIOU") + rng.choice(CONSONANTS)}
 
 
 @dataclass
@@ -224,20 +227,12 @@ def draw_tile(size: int, color: tuple, shape: str, label: str, filled: bool = Tr
     return tile
 
 
-def invent(rng: random.Random, taken: set, make) -> str:
-    """A new word from make(rng) not in `taken` (which it joins)."""
-    while (w := make(rng)) in taken:
+def invent(rng: random.Random, taken: set, kind: str) -> str:
+    """A new MAKE_WORD[kind] word not in `taken` (which it joins)."""
+    while (w := MAKE_WORD[kind](rng)) in taken:
         pass
     taken.add(w)
     return w
-
-
-def name_word(rng):
-    return (rng.choice(SYLLABLES) + rng.choice(SYLLABLES)).capitalize()
-
-
-def label_word(rng):
-    return rng.choice("BCDFGHJKLMNPRSTVZ") + rng.choice("AEIOU") + rng.choice("BCDFGHJKLMNPRSTVZ")
 
 
 def build_world(seed: int, n_scenes: int = 8, image_size: int = 448) -> World:
@@ -248,7 +243,7 @@ def build_world(seed: int, n_scenes: int = 8, image_size: int = 448) -> World:
     used: set = set()
     combos = [(c, s) for c in COLORS for s in SHAPES]
     rng.shuffle(combos)
-    entities = [dict(label=invent(rng, used, label_word), name=invent(rng, used, name_word), color=color,
+    entities = [dict(label=invent(rng, used, "label"), name=invent(rng, used, "name"), color=color,
                      shape=shape, year=str(rng.randint(1820, 2015)), city=rng.choice(CITIES))
                 for color, shape in combos[:12]]
     ts, cell = int(image_size * 0.16), image_size // 4  # tile side; a 4 x 4 grid of cells
@@ -269,17 +264,17 @@ def build_world(seed: int, n_scenes: int = 8, image_size: int = 448) -> World:
             d.ellipse([x - r, y - r, x + r, y + r], fill=tone) if rng.random() < 0.6 else \
                 d.line([x, y, rng.randrange(image_size), rng.randrange(image_size)], fill=tone, width=3)
         picks = rng.sample(entities, 3)
-        cells = rng.sample(range(16), 5)
         tiles = []
-        for j, c in enumerate(cells):
+        for j, c in enumerate(rng.sample(range(16), 5)):  # 3 entity tiles and 2 distractors in 5 cells
             x = (c % 4) * cell + rng.randint(2, cell - ts - 2)
             y = (c // 4) * cell + rng.randint(2, cell - ts - 2)
             if j < 3:  # an entity tile
                 e = picks[j]
-                tile, t = image_kb[entities.index(e)]["image"], dict(name=e["name"], color=e["color"],
-                                                                     shape=e["shape"], is_distractor=False, label=e["label"])
+                tile = image_kb[entities.index(e)]["image"]
+                t = dict(name=e["name"], color=e["color"], shape=e["shape"], is_distractor=False,
+                         label=e["label"])
             else:      # a distractor: grey outline emblem, unknown label, not in the image KB
-                label = invent(rng, used | {t["label"] for t in tiles}, label_word)
+                label = invent(rng, used | {t["label"] for t in tiles}, "label")
                 shape = rng.choice(SHAPES)
                 tile = draw_tile(ts, (110, 110, 110), shape, label, filled=False)
                 t = dict(name=f"distractor-{label}", color="grey", shape=shape, is_distractor=True, label=label)
@@ -378,13 +373,9 @@ def make_tools(text_search: TextSearch, image_search: ImageSearch, k: int) -> di
     def crop_tool(args, r):   # box in the pixels the model saw -> a crop of the original image
         out, msg = crop(r.images[0], args.get("bbox_2d"), seen_size(r.images[0]))
         return msg, out
-
-    def image_search_tool(args, r):  # the latest crop, or the whole image when there is none
-        return image_search.observe(r.images[-1], k=1), None
-
-    def text_search_tool(args, r):
-        return text_search.observe(args["query"], k), None
-    return {"crop": crop_tool, "image_search": image_search_tool, "text_search": text_search_tool}
+    return {"crop": crop_tool,
+            "image_search": lambda args, r: (image_search.observe(r.images[-1], k=1), None),  # latest crop
+            "text_search": lambda args, r: (text_search.observe(args["query"], k), None)}
 
 
 def tool_limits(args: Args) -> dict:
@@ -394,8 +385,7 @@ def tool_limits(args: Args) -> dict:
 def to_seen(box: list[int], image: Image.Image) -> list[int]:
     """Original pixels -> pixels of the resized image the model sees (Qwen2.5-VL bbox_2d)."""
     w, h = seen_size(image)
-    sx, sy = w / image.width, h / image.height
-    return [round(box[0] * sx), round(box[1] * sy), round(box[2] * sx), round(box[3] * sy)]
+    return [round(v * s) for v, s in zip(box, (w / image.width, h / image.height) * 2)]
 
 
 def crop_call(box: list[int]) -> str:
@@ -415,9 +405,8 @@ def oracle_trajectory(world: World, question: dict, reflective: bool = False, rn
     msgs = make_messages(ex)
     scene = world.scene(question["scene_id"])
     tile = next((t for t in scene["tiles"] if t["name"] == question["target"]), None)
-    fact = "year" if "year" in question["question"] else "city"
-    query = "{} founded" if fact == "year" else "{} city"
-    answer = question["answers"][0]
+    query = "{} founded" if "year" in question["question"] else "{} city"
+    answer, target = f"<answer>{question['answers'][0]}</answer>", question["target"]
 
     def act(reason: str, action: str, tool: str | None = None, args: dict | None = None):
         msgs.append({"role": "assistant", "content": f"<reason>{reason}</reason>\n{action}"})
@@ -428,44 +417,41 @@ def oracle_trajectory(world: World, question: dict, reflective: bool = False, rn
             msgs.append({"role": "user", "content": ([{"type": "image", "image": image}] if image else [])
                          + [{"type": "text", "text": obs}]})
 
+    def search_fact(reason: str, name: str):  # text search for the entity's fact, then answer
+        q = query.format(name)
+        act(reason, f"<text_search>{q}</text_search>", "text_search", {"query": q})
+        act("The search result gives the fact.", answer)
+
     level = question["level"]
     if level == "glance":
         act(f"Glance: the tile labelled {tile['label']} shows a {tile['color']} {tile['shape']}. "
-            f"Decision: answer directly.", f"<answer>{answer}</answer>")
+            f"Decision: answer directly.", answer)
     elif level == "text":
         name = next(d["entity"] for d in world.text_kb if d["entity"] in question["question"])
-        act(f"Glance: the image cannot tell this; {name} is named in the question. Decision: text search.",
-            f"<text_search>{query.format(name)}</text_search>", "text_search", {"query": query.format(name)})
-        act("The search result gives the fact.", f"<answer>{answer}</answer>")
+        search_fact(f"Glance: the image cannot tell this; {name} is named in the question. "
+                    "Decision: text search.", name)
     elif level == "image":
         act("Glance: the question is about the photo as a whole. Decision: whole-image search.",
             "<image_search></image_search>", "image_search")
-        act("The image search identifies the photo and where it was taken.", f"<answer>{answer}</answer>")
+        act("The image search identifies the photo and where it was taken.", answer)
     elif not gaze:  # (ablation) no crop: whole-image search lists every emblem in the photo
         act(f"Glance: I need the organisation on the tile labelled {tile['label']}. Decision: whole-image search.",
             "<image_search></image_search>", "image_search")
-        act(f"The photo shows several emblems; the one labelled {tile['label']} is {question['target']}.",
-            f"<text_search>{query.format(question['target'])}</text_search>", "text_search",
-            {"query": query.format(question["target"])})
-        act("The search result gives the fact.", f"<answer>{answer}</answer>")
+        search_fact(f"The photo shows several emblems; the one labelled {tile['label']} is {target}.", target)
     else:
         box = to_seen(tile["box"], ex["image"])
-        glance = (f"Glance: the tile labelled {tile['label']} is small and its organisation is unknown. "
+        reason = (f"Glance: the tile labelled {tile['label']} is small and its organisation is unknown. "
                   f"Decision: gaze at it.")
         if reflective:  # a wrong crop first, then reflection and a corrected crop
             wrong = rng.choice([t for t in scene["tiles"] if t["name"] != tile["name"]])
             wrong_box = to_seen(wrong["box"], ex["image"])
-            act(glance, crop_call(wrong_box), "crop", {"bbox_2d": wrong_box})
-            act(f"Reflect: this crop shows the tile labelled {wrong['label']}, not {tile['label']}; "
-                f"wrong region. Gaze again.", crop_call(box), "crop", {"bbox_2d": box})
-        else:
-            act(glance, crop_call(box), "crop", {"bbox_2d": box})
+            act(reason, crop_call(wrong_box), "crop", {"bbox_2d": wrong_box})
+            reason = (f"Reflect: this crop shows the tile labelled {wrong['label']}, not {tile['label']}; "
+                      f"wrong region. Gaze again.")
+        act(reason, crop_call(box), "crop", {"bbox_2d": box})
         act(f"The crop shows the tile labelled {tile['label']}. Search with it.", "<image_search></image_search>",
             "image_search")
-        act(f"The emblem belongs to {question['target']}. Now find the fact.",
-            f"<text_search>{query.format(question['target'])}</text_search>", "text_search",
-            {"query": query.format(question["target"])})
-        act("The search result gives the fact.", f"<answer>{answer}</answer>")
+        search_fact(f"The emblem belongs to {target}. Now find the fact.", target)
     return msgs
 
 
@@ -495,16 +481,20 @@ def gog_reward(trajectory: list[dict], answer: str | None, golds: list[str], lam
     return {"reward": (1 - lam) * r_acc + lam * r_fmt, "acc": r_acc, "format": r_fmt}  # no tool bonus
 
 
+def rollout_accs(rollouts: list[Rollout], args: Args, judge=None) -> list[float]:
+    """r_acc per rollout: the LLM judge's verdict (unparsable -> 0), else sub-exact match (4)."""
+    if judge is None:
+        return [accuracy(r.answer, r.example["answers"], args.max_answer_words) for r in rollouts]
+    verdicts = llm_judge_batch(judge, [r.example["question"] for r in rollouts], [r.answer for r in rollouts],
+                               [r.example["answers"] for r in rollouts])
+    return [float(v or 0.0) for v in verdicts]
+
+
 def make_reward_fn(args: Args, judge=None):
-    """reward_fn(group, example) for train_grpo; with a judge, r_acc is its verdict (None -> 0)."""
+    """reward_fn(group, example) for train_grpo; with a judge, r_acc is its verdict."""
     def reward_fn(group: list[Rollout], example: dict) -> list[dict]:
-        accs = [None] * len(group)
-        if judge is not None:
-            verdicts = llm_judge_batch(judge, [example["question"]] * len(group), [r.answer for r in group],
-                                       [example["answers"]] * len(group))
-            accs = [float(v or 0.0) for v in verdicts]
         return [gog_reward(r.trajectory, r.answer, example["answers"], args.lam, args.max_answer_words, a)
-                for r, a in zip(group, accs)]
+                for r, a in zip(group, rollout_accs(group, args, judge))]
     return reward_fn
 
 
@@ -512,8 +502,7 @@ def make_reward_fn(args: Args, judge=None):
 # Stages
 # =============================================================================================
 def get_policy(args: Args, adapter: str | None = None, lora: bool = True):
-    quant = args.load_in_4bit
-    return load_policy(args.model, load_in_4bit=quant, lora=lora, lora_r=args.lora_r,
+    return load_policy(args.model, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
                        lora_alpha=args.lora_alpha, adapter=adapter, seed=args.seed)
 
 
@@ -546,17 +535,15 @@ def stage_data(args: Args, world: World) -> None:
     (out / "images").mkdir(parents=True, exist_ok=True)
     for s in world.scenes:
         s["image"].save(out / "images" / f"{s['id']}.png")
+    for i, e in enumerate(world.image_kb):
+        e["image"].save(out / "images" / f"kb{i:03d}.png")
     train, test = split_world(world, args.test_frac)
+    log = RunLog(str(out))
     for name, qs in (("toy_train", train), ("toy_test", test)):
-        with open(out / f"{name}.jsonl", "w") as f:
-            for q in qs:
-                f.write(json.dumps(dict(q, image=f"images/{q['scene_id']}.png")) + "\n")
-    with open(out / "text_kb.jsonl", "w") as f:
-        f.writelines(json.dumps(d) + "\n" for d in world.text_kb)
-    with open(out / "image_kb.jsonl", "w") as f:
-        for i, e in enumerate(world.image_kb):
-            e["image"].save(out / "images" / f"kb{i:03d}.png")
-            f.write(json.dumps({"image": f"images/kb{i:03d}.png", "name": e["name"], "caption": e["caption"]}) + "\n")
+        log.samples([dict(q, image=f"images/{q['scene_id']}.png") for q in qs], f"{name}.jsonl")
+    log.samples(world.text_kb, "text_kb.jsonl")
+    log.samples([{"image": f"images/kb{i:03d}.png", "name": e["name"], "caption": e["caption"]}
+                 for i, e in enumerate(world.image_kb)], "image_kb.jsonl")
     rng = random.Random(args.seed)
     items = [{"title": f"oracle [{q['level']}{' reflective' if refl else ''}] {q['question']}",
               "images": [world.scene(q["scene_id"])["image"]],
@@ -566,7 +553,7 @@ def stage_data(args: Args, world: World) -> None:
     levels = {lvl: sum(q["level"] == lvl for q in world.questions) for lvl in ("glance", "text", "image", "gaze")}
     summary = {"scenes": len(world.scenes), "questions": len(world.questions), "train": len(train),
                "test": len(test), "levels": levels, "text_kb": len(world.text_kb), "image_kb": len(world.image_kb)}
-    write_json(str(out / "summary.json"), summary)
+    log.summary(summary)
     print(f"[data] {summary} -> {out}")
 
 
@@ -595,37 +582,31 @@ def stage_sft(args: Args, world: World, out_dir: str, gaze: bool = True) -> str:
     train, _ = split_world(world, args.test_frac)
     policy = get_policy(args)
     teacher = load_policy(args.teacher, lora=False, seed=args.seed) if args.teacher else None
-    filt = teacher or policy
     print(f"[sft] uncertainty filter with {'the teacher' if teacher else 'the base model (no --teacher)'} (6)")
-    examples = [as_example(world, q) for q in train]
-    counts = direct_pass_counts(filt, examples, args.filter_k, args.max_new_tokens)
+    counts = direct_pass_counts(teacher or policy, [as_example(world, q) for q in train], args.filter_k,
+                                args.max_new_tokens)
     kept = [q for q, c in zip(train, counts) if c < args.filter_k]   # always right -> dropped
     if not kept:
         raise ValueError(f"The uncertainty filter dropped all {len(train)} questions (always answered right); "
                          f"raise --filter_k or use a weaker --teacher.")
     rng = random.Random(args.seed)
     convs = [oracle_trajectory(world, q, False, rng, gaze) for q in kept]
-    n_reflective = 0
-    if gaze:   # reflective trajectories: wrong crop -> reflection -> corrected crop
-        for q in kept:
-            if q["level"] == "gaze" and rng.random() < args.reflect_frac:
-                convs.append(oracle_trajectory(world, q, True, rng))
-                n_reflective += 1
-    n_teacher = 0
+    reflective = [oracle_trajectory(world, q, True, rng) for q in kept  # wrong crop -> reflect -> re-gaze
+                  if gaze and q["level"] == "gaze" and rng.random() < args.reflect_frac]
+    good = []
     if teacher is not None:  # keep only the teacher's correct, well-formed trajectories
         ex = [as_example(world, q) for q in kept]
         rs = agent_rollouts(teacher, ex, args, world, args.teacher_samples, 1.0)
         good = [r for r in rs if gog_reward(r.trajectory, r.answer, r.example["answers"],
                                             args.lam, args.max_answer_words)["reward"] == 1.0]
-        convs += [rollout_messages(r) for r in good]
-        n_teacher = len(good)
+    convs += reflective + [rollout_messages(r) for r in good]
     samples = [encode(policy.tokenizer, policy.image_processor, m) for m in convs]  # observations masked
     cfg = SFTConfig(learning_rate=args.sft_learning_rate, epochs=args.sft_epochs, batch_size=args.sft_batch_size,
                     micro_batch_size=args.micro_batch_size, max_steps=args.sft_max_steps, seed=args.seed)
     summary = train_sft(policy, samples, cfg, out_dir)
     no_search = sum(1 for m in convs if not any("search>" in x["content"] for x in m if x["role"] == "assistant"))
     stats = {"questions": len(train), "dropped_by_filter": len(train) - len(kept), "trajectories": len(convs),
-             "reflective": n_reflective, "teacher": n_teacher, "no_search_frac": no_search / max(1, len(convs)),
+             "reflective": len(reflective), "teacher": len(good), "no_search_frac": no_search / max(1, len(convs)),
              "gaze": gaze}
     write_json(os.path.join(out_dir, "summary.json"), {**summary, "data": stats})
     print(f"[sft] {stats} -> {out_dir}/adapter")
@@ -654,18 +635,16 @@ def stage_levels(args: Args, world: World, adapter: str | None, out_dir: str) ->
     train, _ = split_world(world, args.test_frac)
     print(f"[levels] policy: {adapter or 'the base model (no SFT adapter found)'}")
     policy = get_policy(args, adapter)
-    log = RunLog(out_dir)
-    rs = agent_rollouts(policy, [as_example(world, q) for q in train], args, world, args.levels_k, args.temperature)
-    k = args.levels_k
-    rates = {q["id"]: float(np.mean([accuracy(r.answer, q["answers"], args.max_answer_words)
-                                     for r in rs[i * k:(i + 1) * k]])) for i, q in enumerate(train)}
+    log, k = RunLog(out_dir), args.levels_k
+    accs = rollout_accs(agent_rollouts(policy, [as_example(world, q) for q in train], args, world, k,
+                                       args.temperature), args)
+    rates = {q["id"]: float(np.mean(accs[i * k:(i + 1) * k])) for i, q in enumerate(train)}
     l1, l2, expanded = split_levels(rates, args.level2_max, args.level1_max, args.min_level_size)
     for name, n in expanded.items():
         if n:
             print(f"[levels] {name} had fewer than {args.min_level_size} questions: added the {n} nearest by pass rate.")
-    log.samples([{"id": q, "pass_rate": p} for q, p in rates.items()], "pass_rates.jsonl")
-    log.samples([{"id": q, "pass_rate": rates[q]} for q in l1], "level1.jsonl")
-    log.samples([{"id": q, "pass_rate": rates[q]} for q in l2], "level2.jsonl")
+    for name, ids in (("pass_rates", rates), ("level1", l1), ("level2", l2)):
+        log.samples([{"id": q, "pass_rate": rates[q]} for q in ids], f"{name}.jsonl")
     hist = {f"{v:.2f}": sum(abs(p - v) < 1e-9 for p in rates.values()) for v in sorted(set(rates.values()))}
     bar_plot({"questions": hist}, os.path.join(out_dir, "pass_rates.png"), "SFT pass rate", "questions")
     log.summary({"k": k, "level1": len(l1), "level2": len(l2), "expanded": expanded, "histogram": hist,
@@ -679,8 +658,7 @@ def stage_rl(args: Args, world: World, adapter: str | None, levels_dir: str, out
     by_id = {q["id"]: q for q in train}
     level_file = os.path.join(levels_dir, f"level{level}.jsonl")
     if os.path.isfile(level_file):
-        ids = [json.loads(line)["id"] for line in open(level_file) if line.strip()]
-        questions = [by_id[i] for i in ids]
+        questions = [by_id[row["id"]] for row in read_jsonl(level_file)]
         print(f"[rl] Level {level}: {len(questions)} questions from {level_file}")
     else:
         questions = train
@@ -721,8 +699,6 @@ def box_iou(a: list[float], b: list[float]) -> float:
 def tool_use_stats(rollouts: list[Rollout]) -> dict:
     """The paper's tool-use statistics. A crop is right when its box (mapped back to original
     pixels) has IoU >= 0.5 with the target tile; reflection = another crop after a wrong one."""
-    def searches(r):
-        return {n for n in ("text_search", "image_search") if r.tool_calls.get(n)}
     right, wrong, reflected = 0, 0, 0
     for r in rollouts:
         box = r.example.get("target_box")
@@ -740,9 +716,9 @@ def tool_use_stats(rollouts: list[Rollout]) -> dict:
             reflected += first_wrong + 1 < len(ok)
     n = max(1, len(rollouts))
     n_crops = sum(r.tool_calls.get("crop", 0) for r in rollouts if r.example.get("target_box"))
-    return {"no_search_rate": sum(not searches(r) for r in rollouts) / n,
-            "single_type_rate": sum(len(searches(r)) == 1 for r in rollouts) / n,
-            "mixed_search_rate": sum(len(searches(r)) == 2 for r in rollouts) / n,
+    kinds = [sum(bool(r.tool_calls.get(t)) for t in ("text_search", "image_search")) for r in rollouts]
+    return {"no_search_rate": kinds.count(0) / n, "single_type_rate": kinds.count(1) / n,
+            "mixed_search_rate": kinds.count(2) / n,
             "gaze_rate": sum(r.tool_calls.get("crop", 0) > 0 for r in rollouts) / n,
             "gaze_correct_rate": right / n_crops if n_crops else None,
             "reflection_after_wrong_crop_rate": reflected / wrong if wrong else None,
@@ -765,20 +741,14 @@ def stage_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> d
         if ts is world.text_search or ims is world.image_search:
             print("[eval] benchmarks use the toy KBs for a search without --text_corpus/--image_kb or an endpoint.")
         for f in files:
-            rows = load_benchmark(f)
-            for r in rows:
-                r["image"] = Image.open(r["image_path"]).convert("RGB")
-                r.setdefault("target_box", None)
+            rows = [dict(r, image=Image.open(r["image_path"]).convert("RGB"), target_box=r.get("target_box"))
+                    for r in load_benchmark(f)]
             sets[Path(f).stem] = (rows, (ts, ims))
     results = {"accuracy": {}, "tool_use": {}, "n": {}, "policy": adapter or args.model}
     html = []
     for name, (examples, searchers) in sets.items():
         rs = agent_rollouts(policy, examples, args, world, 1, args.eval_temperature, searchers)
-        if judge is not None:
-            accs = [float(v or 0.0) for v in llm_judge_batch(judge, [r.example["question"] for r in rs],
-                                                             [r.answer for r in rs], [r.example["answers"] for r in rs])]
-        else:
-            accs = [accuracy(r.answer, r.example["answers"], args.max_answer_words) for r in rs]
+        accs = rollout_accs(rs, args, judge)
         results["accuracy"][name] = float(np.mean(accs))
         for lvl in sorted({r.example["level"] for r in rs} - {name}):
             results["accuracy"][f"{name}/{lvl}"] = float(np.mean([a for a, r in zip(accs, rs) if r.example["level"] == lvl]))
@@ -848,8 +818,9 @@ def main() -> None:
     apply_tiny_sizes(args, sys.argv[1:])
     world = build_world(args.seed, args.n_scenes, args.image_size)
     out = Path(args.out)
-    sft_adapter = out / "sft" / "adapter"
-    rl_adapter = out / "rl" / "adapter"
+
+    def adapter(*names: str) -> str | None:  # the first of these stages' adapters that exists now
+        return next((str(out / s / "adapter") for s in names if (out / s / "adapter").is_dir()), None)
     stages = ["data", "sft", "levels", "rl", "eval", "ablate"] if args.stage == "all" else [args.stage]
     for stage in stages:
         t0 = time.perf_counter()
@@ -858,13 +829,11 @@ def main() -> None:
         elif stage == "sft":
             stage_sft(args, world, str(out / "sft"))
         elif stage == "levels":
-            stage_levels(args, world, str(sft_adapter) if sft_adapter.is_dir() else None, str(out / "levels"))
+            stage_levels(args, world, adapter("sft"), str(out / "levels"))
         elif stage == "rl":   # the papers' order: RL starts from the SFT adapter when there is one
-            stage_rl(args, world, str(sft_adapter) if sft_adapter.is_dir() else None, str(out / "levels"),
-                     str(out / "rl"), args.rl_level)
+            stage_rl(args, world, adapter("sft"), str(out / "levels"), str(out / "rl"), args.rl_level)
         elif stage == "eval":
-            best = rl_adapter if rl_adapter.is_dir() else sft_adapter if sft_adapter.is_dir() else None
-            stage_eval(args, world, str(best) if best else None, str(out / "eval"))
+            stage_eval(args, world, adapter("rl", "sft"), str(out / "eval"))
         elif stage == "ablate":
             stage_ablate(args, world)
         print(f"[gog] stage {stage} took {time.perf_counter() - t0:.1f} s")

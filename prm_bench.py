@@ -64,7 +64,7 @@ from common.models import load_policy
 from common.rollout import image_token_id, run_rollouts
 from common.runlog import RunLog, bar_plot, trajectory_html, write_json
 from common.tools import crop, parse_action, seen_size
-from gog import World, build_world
+from gog import World, build_world, to_seen
 
 
 @dataclass
@@ -80,7 +80,7 @@ class Args:
     max_steps: int = 0
     """cap on trajectories judged in eval (0 = all); nothing is trained here (7)"""
     load_in_4bit: bool | None = None
-    """NF4 4-bit base weights: true | false | none (= auto: on for real models on CUDA, off for the CPU presets)"""
+    """NF4 4-bit base weights: true | false | none (auto: on for real models on CUDA, off for CPU presets)"""
     # --- data (1) ---
     data: str | None = None
     """annotated JSONL to evaluate (default: <out>/data/toy.jsonl from the data stage)"""
@@ -117,7 +117,7 @@ class Args:
     """trajectories shown on the HTML pages"""
     # --- search ---
     search_source: Literal["toy", "policy"] = "toy"
-    """candidates: toy = simulated policy with injected errors; policy = the model with the crop tool (7)"""
+    """candidates: toy = simulated policy with injected errors; policy = the model with its crop tool (7)"""
     search_questions: int = 4
     """questions in the search stage"""
     search_n: str = "1,2,4,8"
@@ -132,7 +132,7 @@ class Args:
 # Data: taxonomy (2), record format + validator, loaders, toy set with injected errors (1)
 # =============================================================================================
 ERROR_TYPES = {  # ours (2); the paper names only the first and the fourth
-    "tool_invocation": "a malformed or invalid tool call (bad JSON, unknown tool, impossible box): the tool fails",
+    "tool_invocation": "a malformed or invalid tool call (bad JSON, unknown tool, impossible box)",
     "region_selection": "a valid crop of the wrong region: the evidence is not in the view",
     "visual_perception": "misreading what the image or crop shows (colour, shape, label)",
     "relationship_understanding": "a wrong spatial or semantic relation between objects",
@@ -148,9 +148,10 @@ TAXONOMY = {  # ours (2): 4 categories x 4 subcategories = 16
 }
 LABELS = ("correct", "incorrect", "neutral")
 # step role -> error types that can be injected there; each toy kind lists its roles in order
-ROLE_ERRORS = {"plan": (), "crop": ("tool_invocation", "region_selection"), "perceive": ("visual_perception",),
-               "relate": ("relationship_understanding",), "recall": ("knowledge_hallucination",),
-               "compute": ("logical_calculation",), "answer": ("answer_format",)}
+ROLE_ERRORS = {"plan": (), "crop": ("tool_invocation", "region_selection"),
+               "perceive": ("visual_perception",), "relate": ("relationship_understanding",),
+               "recall": ("knowledge_hallucination",), "compute": ("logical_calculation",),
+               "answer": ("answer_format",)}
 KINDS = {"attribute": (("perception", "attribute"), ("plan", "crop", "perceive", "answer")),
          "fact": (("knowledge", "fact_lookup"), ("plan", "crop", "perceive", "recall", "answer")),
          "relation": (("spatial", "relative_position"), ("plan", "crop", "perceive", "relate", "answer")),
@@ -172,11 +173,12 @@ def validate_record(rec, where: str, base_dir: Path | None = None, require_label
         v = rec.get(key)
         if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
             _fail(where, key, "must be a non-empty list of non-empty strings.")
-    if rec.get("category") not in TAXONOMY:
-        _fail(where, "category", f"must be one of {', '.join(TAXONOMY)}; got {rec.get('category')!r}.")
-    if rec.get("subcategory") not in TAXONOMY[rec["category"]]:
-        _fail(where, "subcategory", f"must be one of {', '.join(TAXONOMY[rec['category']])} for category "
-                                    f"{rec['category']!r}; got {rec.get('subcategory')!r}.")
+    cat, sub = rec.get("category"), rec.get("subcategory")
+    if cat not in TAXONOMY:
+        _fail(where, "category", f"must be one of {', '.join(TAXONOMY)}; got {cat!r}.")
+    if sub not in TAXONOMY[cat]:
+        _fail(where, "subcategory", f"must be one of {', '.join(TAXONOMY[cat])} for category {cat!r}; "
+                                    f"got {sub!r}.")
     if not isinstance(rec.get("final_answer"), (str, type(None))):
         _fail(where, "final_answer", "must be a string or null.")
     steps = rec.get("steps")
@@ -197,13 +199,12 @@ def validate_record(rec, where: str, base_dir: Path | None = None, require_label
                 _fail(where, f"{f}.{key}", "must be a string or null.")
         if s.get("tool_image") is not None and call is None:
             _fail(where, f + ".tool_image", "needs a tool_call that produced it.")
-        label = s.get("label")
+        label, etype = s.get("label"), s.get("error_type")
         if label is None and require_labels:
             _fail(where, f + ".label", "is null: this trajectory is unannotated (e.g. generated.jsonl); "
                                        f"label every step with one of {', '.join(LABELS)} first.")
         if label is not None and label not in LABELS:
             _fail(where, f + ".label", f"must be one of {', '.join(LABELS)}; got {label!r}.")
-        etype = s.get("error_type")
         if label == "incorrect" and etype not in ERROR_TYPES:
             _fail(where, f + ".error_type", f"must be one of {', '.join(ERROR_TYPES)} for an incorrect "
                                             f"step; got {etype!r}.")
@@ -259,16 +260,15 @@ def save_records(records: list[dict], path: Path) -> None:
             for k, im in pil.get("steps", {}).items():
                 im.save(path.parent / rec["steps"][k]["tool_image"])
             rec["_base"] = str(path.parent)
-            f.write(json.dumps({k: v for k, v in rec.items() if not k.startswith("_")}, ensure_ascii=False) + "\n")
+            row = {k: v for k, v in rec.items() if not k.startswith("_")}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def record_images(rec: dict) -> tuple[list[Image.Image], dict[int, Image.Image]]:
     """(question images, {step index: tool image}), from memory or from disk."""
-    pil = rec.get("_pil")
-    if pil is not None:
-        return pil["images"], pil.get("steps", {})
-    base = Path(rec["_base"])
-    opened = lambda p: Image.open(base / p).convert("RGB")  # noqa: E731
+    if rec.get("_pil") is not None:
+        return rec["_pil"]["images"], rec["_pil"].get("steps", {})
+    opened = lambda p: Image.open(Path(rec["_base"]) / p).convert("RGB")  # noqa: E731
     return ([opened(p) for p in rec["images"]],
             {i: opened(s["tool_image"]) for i, s in enumerate(rec["steps"]) if s.get("tool_image")})
 
@@ -282,8 +282,8 @@ def toy_questions(world: World, rng: random.Random) -> list[dict]:
         for q in world.questions:
             if q["scene_id"] == scene["id"] and q["level"] in ("glance", "gaze"):
                 target = next(t for t in tiles if t["name"] == q["target"])
-                specs.append(dict(kind="attribute" if q["level"] == "glance" else "fact", id=q["id"], scene=scene,
-                                  question=q["question"], answers=q["answers"], target=target,
+                specs.append(dict(kind="attribute" if q["level"] == "glance" else "fact", id=q["id"],
+                                  scene=scene, question=q["question"], answers=q["answers"], target=target,
                                   attr="color" if q["answers"][0] == target["color"] else "shape",
                                   fact="year" if q["answers"][0].isdigit() else "city"))
         for a in rng.sample(tiles, len(tiles)):  # relation: the only tile in one direction from an anchor
@@ -297,8 +297,8 @@ def toy_questions(world: World, rng: random.Random) -> list[dict]:
                 rel, b = rng.choice(options)
                 d = rng.choice([t for t in tiles if t is not a and t is not b and t["color"] != b["color"]])
                 specs.append(dict(kind="relation", id=f"{scene['id']}-relation", scene=scene, rel=rel,
-                                  question=f"What colour is the emblem on the tile {rel} the tile labelled {tag(a)}?",
-                                  answers=[b["color"]], anchor=a, target=b, decoy=d))
+                                  question=f"What colour is the emblem on the tile {rel} the tile labelled "
+                                           f"{tag(a)}?", answers=[b["color"]], anchor=a, target=b, decoy=d))
                 break
         shape = rng.choice([t["shape"] for t in tiles])
         specs.append(dict(kind="count", id=f"{scene['id']}-count", scene=scene, shape=shape,
@@ -314,8 +314,7 @@ def tag(t: dict) -> str:
 
 def direction(a: list, b: list) -> str:
     """Where box b lies from box a, by the dominant axis of their centres."""
-    dx = (b[0] + b[2] - a[0] - a[2]) / 2
-    dy = (b[1] + b[3] - a[1] - a[3]) / 2
+    dx, dy = (b[0] + b[2] - a[0] - a[2]) / 2, (b[1] + b[3] - a[1] - a[3]) / 2
     if abs(dx) >= abs(dy):
         return "to the right of" if dx > 0 else "to the left of"
     return "below" if dy > 0 else "above"
@@ -329,17 +328,11 @@ def union_box(boxes: list, size: tuple, pad: int = 4) -> list:
 def crop_step(image: Image.Image, box: list, text: str, tool_error: str | None):
     """A crop step through the shared tool (common.tools). tool_error picks a broken call."""
     w, h = seen_size(image)
-    seen = [round(box[0] * w / image.width), round(box[1] * h / image.height),
-            round(box[2] * w / image.width), round(box[3] * h / image.height)]
-    call = {"name": "crop", "arguments": {"bbox_2d": seen}}
-    if tool_error == "reversed":
-        call["arguments"]["bbox_2d"] = [seen[2], seen[3], seen[0], seen[1]]
-    elif tool_error == "unknown_tool":
-        call["name"] = "zoom"
-    elif tool_error == "three_numbers":
-        call["arguments"]["bbox_2d"] = seen[:3]
-    elif tool_error == "outside":
-        call["arguments"]["bbox_2d"] = [w + 10, h + 10, w + 60, h + 60]
+    seen = to_seen(box, image)
+    bad = {"reversed": seen[2:] + seen[:2], "three_numbers": seen[:3],
+           "outside": [w + 10, h + 10, w + 60, h + 60]}
+    call = {"name": "zoom" if tool_error == "unknown_tool" else "crop",
+            "arguments": {"bbox_2d": bad.get(tool_error, seen)}}
     action = parse_action(f"<tool_call>{json.dumps(call)}</tool_call>")
     out, obs = (None, action.error) if action.kind == "error" else crop(image, action.args["bbox_2d"], (w, h))
     return {"text": text, "tool_call": call, "observation": obs}, out
@@ -364,38 +357,40 @@ def toy_trajectory(spec: dict, world: World, inject: str | None, rng: random.Ran
     None) placed on the first step whose role allows it. Labels: steps before it "correct", it
     "incorrect", the rest "neutral" (3); those later steps reason on from the wrong premise, so
     an injected error changes the final answer."""
-    (category, subcategory), roles = KINDS[spec["kind"]]
+    kind, ((category, subcategory), roles) = spec["kind"], KINDS[spec["kind"]]
     k_err = next((i for i, r in enumerate(roles) if inject in ROLE_ERRORS[r]), None) if inject else None
     if inject is not None and k_err is None:
-        raise ValueError(f"a {spec['kind']} trajectory has no step where {inject} can happen.")
-    image, tiles = spec["scene"]["image"], spec["scene"]["tiles"]
+        raise ValueError(f"a {kind} trajectory has no step where {inject} can happen.")
+    image, tiles, tgt = spec["scene"]["image"], spec["scene"]["tiles"], spec.get("target")
     colors = sorted({t["color"] for s in world.scenes for t in s["tiles"]})
     shapes = sorted({t["shape"] for s in world.scenes for t in s["tiles"]})
     err = lambda i: k_err == i  # noqa: E731
-    tgt = spec.get("target")
+    desc = lambda t, c=None, s=None: (  # noqa: E731
+        f"a tile labelled {tag(t)} ({c or t['color']} {s or t['shape']})")
+    say = lambda text: steps.append({"text": text})  # noqa: E731
     steps, crops = [], {}
-    # step 0 (plan) and step 1 (crop) ---------------------------------------------------------
-    if spec["kind"] == "count":
-        steps.append({"text": f"I will zoom in on the region that holds all the tiles and count the "
-                              f"{spec['shape']} emblems."})
+    # step 0 (plan): the tiles the crop must hold ----------------------------------------------
+    if kind == "count":
+        say(f"I will zoom in on the region that holds all the tiles and count the {spec['shape']} emblems.")
         need = [t["box"] for t in tiles]
-    elif spec["kind"] == "relation":
-        steps.append({"text": f"I need the tile labelled {tag(spec['anchor'])} and the tile {spec['rel']} it. "
-                              f"I will zoom in on the area around it."})
+    elif kind == "relation":
+        say(f"I need the tile labelled {tag(spec['anchor'])} and the tile {spec['rel']} it. "
+            f"I will zoom in on the area around it.")
         need = [spec["anchor"]["box"], tgt["box"], spec["decoy"]["box"]]
     else:
-        what = "then a fact about its organisation" if spec["kind"] == "fact" else "then read its emblem"
-        steps.append({"text": f"The question is about the small tile labelled {tag(tgt)}; I will zoom in "
-                              f"on it, {what}."})
+        what = "then a fact about its organisation" if kind == "fact" else "then read its emblem"
+        say(f"The question is about the small tile labelled {tag(tgt)}; I will zoom in on it, {what}.")
         need = [tgt["box"]]
-    seen_tiles = [t for t in tiles if t["box"] in need] if spec["kind"] != "count" else tiles
+    seen_tiles = [t for t in tiles if t["box"] in need] if kind != "count" else tiles
     box = union_box(need, image.size)
+    # step 1 (crop) ----------------------------------------------------------------------------
     if err(1) and inject == "region_selection":  # a valid crop of a tile that holds no evidence
-        if spec["kind"] == "count":  # one tile without the asked shape: the count in view is wrong
+        if kind == "count":  # one tile without the asked shape: the count in view is wrong
             wrong = ([t for t in tiles if t["shape"] != spec["shape"]] or tiles)[0]
         else:  # a tile that is not needed, preferably one whose asked attribute differs
             attr = spec.get("attr", "color")
-            wrong = sorted([t for t in tiles if t["box"] not in need[:2]], key=lambda t: t[attr] == tgt[attr])[0]
+            unneeded = [t for t in tiles if t["box"] not in need[:2]]
+            wrong = sorted(unneeded, key=lambda t: t[attr] == tgt[attr])[0]
         box, seen_tiles = union_box([wrong["box"]], image.size), [wrong]
     tool_error = rng.choice(["reversed", "unknown_tool", "three_numbers", "outside"]) \
         if err(1) and inject == "tool_invocation" else None
@@ -404,25 +399,24 @@ def toy_trajectory(spec: dict, world: World, inject: str | None, rng: random.Ran
     if out is not None:
         crops[1] = out
     failed = out is None
-    desc = lambda t, c=None, s=None: f"a tile labelled {tag(t)} ({c or t['color']} {s or t['shape']})"  # noqa: E731
     # steps 2.. by kind -------------------------------------------------------------------------
-    if spec["kind"] in ("attribute", "fact"):
+    if kind in ("attribute", "fact"):
         seen = seen_tiles[0]
         c, s, name = seen["color"], seen["shape"], None if seen["is_distractor"] else seen["name"]
         if failed:
             c, s = other(colors, tgt["color"], rng), other(shapes, tgt["shape"], rng)
-            steps.append({"text": f"The zoom failed; from the overview the emblem looks like a {c} {s}."})
+            say(f"The zoom failed; from the overview the emblem looks like a {c} {s}.")
         else:
-            if err(2) and spec["kind"] == "attribute":  # visual_perception: misread the asked attribute
+            if err(2) and kind == "attribute":  # visual_perception: misread the asked attribute
                 c = other(colors, c, rng) if spec["attr"] == "color" else c
                 s = other(shapes, s, rng) if spec["attr"] == "shape" else s
             elif err(2):  # visual_perception: take the emblem for another entity's emblem
                 e = rng.choice([t for sc in world.scenes for t in sc["tiles"]
                                 if not t["is_distractor"] and t["name"] != seen["name"]])
                 c, s, name = e["color"], e["shape"], e["name"]
-            who = f", the emblem of {name}" if spec["kind"] == "fact" and name else ""
-            steps.append({"text": f"The zoomed view shows the tile labelled {tag(seen)} with a {c} {s} emblem{who}."})
-        if spec["kind"] == "attribute":
+            who = f", the emblem of {name}" if kind == "fact" and name else ""
+            say(f"The zoomed view shows the tile labelled {tag(seen)} with a {c} {s} emblem{who}.")
+        if kind == "attribute":
             value = {"color": c, "shape": s}[spec["attr"]]
         else:
             ok = not failed and not err(2) and seen is tgt
@@ -430,57 +424,56 @@ def toy_trajectory(spec: dict, world: World, inject: str | None, rng: random.Ran
             pool = fact_pool(world, spec["fact"])
             value = spec["answers"][0] if ok and not err(3) else other(pool, spec["answers"][0], rng)
             verb = "was founded in" if spec["fact"] == "year" else "is based in"
-            steps.append({"text": f"I recall that {name} {verb} {value}."})
-    elif spec["kind"] == "relation":
+            say(f"I recall that {name} {verb} {value}.")
+    elif kind == "relation":
         a, b, d = spec["anchor"], tgt, spec["decoy"]
         if failed:
             value = other(colors, b["color"], rng)
-            steps.append({"text": f"The zoom failed; in the overview I make out a {value} emblem near the "
-                                  f"tile labelled {tag(a)}."})
-            steps.append({"text": f"I take that tile to be the one {spec['rel']} the tile labelled {tag(a)}."})
+            say(f"The zoom failed; in the overview I make out a {value} emblem near the tile "
+                f"labelled {tag(a)}.")
+            say(f"I take that tile to be the one {spec['rel']} the tile labelled {tag(a)}.")
         elif len(seen_tiles) == 1:  # after a region error: only an unrelated tile is in view
-            x = seen_tiles[0]
-            value = x["color"]
-            steps.append({"text": f"The zoomed view shows {desc(x)}."})
-            steps.append({"text": f"I take the tile labelled {tag(x)} to be the one {spec['rel']} the tile "
-                                  f"labelled {tag(a)}."})
+            value = seen_tiles[0]["color"]
+            say(f"The zoomed view shows {desc(seen_tiles[0])}.")
+            say(f"I take the tile labelled {tag(seen_tiles[0])} to be the one {spec['rel']} the tile "
+                f"labelled {tag(a)}.")
         else:
             cb = other(colors, b["color"], rng) if err(2) else b["color"]  # visual_perception: misread b
             parts = [desc(b, cb), desc(d)]
             rng.shuffle(parts)
-            steps.append({"text": f"The zoomed view shows {desc(a)}, {parts[0]} and {parts[1]}."})
+            say(f"The zoomed view shows {desc(a)}, {parts[0]} and {parts[1]}.")
             pick, value = (d, d["color"]) if err(3) else (b, cb)  # relationship_understanding: the decoy
-            steps.append({"text": f"The tile labelled {tag(pick)} is {spec['rel']} the tile labelled {tag(a)}."})
+            say(f"The tile labelled {tag(pick)} is {spec['rel']} the tile labelled {tag(a)}.")
     else:  # count
-        gold = int(spec["answers"][0])
         if failed:
-            value = str(gold + rng.choice([1, 2]))
-            steps.append({"text": "The zoom failed; the emblems in the overview are too small to read."})
-            steps.append({"text": f"I estimate {value} {spec['shape']} emblems."})
+            value = str(int(spec["answers"][0]) + rng.choice([1, 2]))
+            say("The zoom failed; the emblems in the overview are too small to read.")
+            say(f"I estimate {value} {spec['shape']} emblems.")
         else:
             listed = [(t, t["shape"]) for t in seen_tiles]
             if err(2):  # visual_perception: one tile's shape misread, which changes the count
                 j = rng.randrange(len(listed))
                 t = listed[j][0]
-                listed[j] = (t, other(shapes, spec["shape"], rng) if t["shape"] == spec["shape"] else spec["shape"])
-            steps.append({"text": "The zoomed view shows " + ", ".join(desc(t, None, s) for t, s in listed) + "."})
+                misread = other(shapes, spec["shape"], rng) if t["shape"] == spec["shape"] else spec["shape"]
+                listed[j] = (t, misread)
+            say("The zoomed view shows " + ", ".join(desc(t, None, s) for t, s in listed) + ".")
             hits = [tag(t) for t, s in listed if s == spec["shape"]]
-            n = len(hits) + ((1 if not hits or rng.random() < 0.5 else -1) if err(3) else 0)  # logical_calculation
-            steps.append({"text": f"The tiles with a {spec['shape']} emblem: {', '.join(hits) or 'none'}; "
-                                  f"that makes {n}."})
+            n = len(hits)
+            if err(3):  # logical_calculation: off by one
+                n += 1 if not hits or rng.random() < 0.5 else -1
+            say(f"The tiles with a {spec['shape']} emblem: {', '.join(hits) or 'none'}; that makes {n}.")
             value = str(n)
     # last step: the answer ---------------------------------------------------------------------
-    k_ans = len(roles) - 1
-    if err(k_ans) and rng.random() < 0.5:  # answer_format: no <answer> tags
-        steps.append({"text": f"The answer is {value}."})
-    elif err(k_ans):                       # answer_format: the answer contradicts the reasoning
+    if err(len(roles) - 1) and rng.random() < 0.5:  # answer_format: no <answer> tags
+        say(f"The answer is {value}.")
+    elif err(len(roles) - 1):                       # answer_format: the answer contradicts the reasoning
         pool = {"attribute": shapes if spec.get("attr") == "shape" else colors, "relation": colors,
                 "count": [str(i) for i in range(len(tiles) + 2)],
                 "fact": fact_pool(world, spec.get("fact", "year"))}
-        steps.append({"text": f"So the answer is {value}. <answer>{other(pool[spec['kind']], value, rng)}</answer>"})
+        say(f"So the answer is {value}. <answer>{other(pool[kind], value, rng)}</answer>")
     else:
-        steps.append({"text": f"So the answer is {value}. <answer>{value}</answer>"})
-    assert len(steps) == len(roles), (spec["kind"], len(steps))
+        say(f"So the answer is {value}. <answer>{value}</answer>")
+    assert len(steps) == len(roles), (kind, len(steps))
     for i, s in enumerate(steps):
         s.setdefault("tool_call", None)
         s.setdefault("observation", None)
@@ -525,8 +518,8 @@ End with <answer>short answer</answer>."""
 def policy_messages(ex: dict) -> list[dict]:
     w, h = seen_size(ex["image"])
     return [{"role": "system", "content": POLICY_SYSTEM},
-            {"role": "user", "content": [{"type": "image", "image": ex["image"]},
-                                         {"type": "text", "text": f"(image: {w}x{h} pixels) {ex['question']}"}]}]
+            {"role": "user", "content": [{"type": "image", "image": ex["image"]}, {
+                "type": "text", "text": f"(image: {w}x{h} pixels) {ex['question']}"}]}]
 
 
 def crop_tool(args: dict, r) -> tuple[str, Image.Image | None]:
@@ -535,10 +528,11 @@ def crop_tool(args: dict, r) -> tuple[str, Image.Image | None]:
 
 
 def policy_trajectories(policy, specs: list[dict], args: Args, G: int, generate=None) -> list[dict]:
-    """G sampled trajectories per question -> unannotated records (label null): each assistant
-    turn is a step; its tool call, observation and crop attach to it. `generate`: tests' scripted sampler."""
+    """G sampled trajectories per question -> unannotated records (label null): each assistant turn
+    is a step; its tool call, observation and crop attach to it. `generate`: tests' scripted sampler."""
     if not policy.is_vlm:
-        raise ValueError(f"{policy.name} is text-only and cannot see the image; use a VLM (tiny, Qwen2.5-VL).")
+        raise ValueError(f"{policy.name} is text-only and cannot see the image; "
+                         "use a VLM (tiny, Qwen2.5-VL).")
     examples = [dict(id=s["id"], image=s["scene"]["image"], question=s["question"], spec=s) for s in specs]
     rollouts = run_rollouts(policy, examples, num_generations=G, make_messages=policy_messages,
                             tools={"crop": crop_tool}, max_turns=args.max_turns, max_tool_calls={"crop": 2},
@@ -551,8 +545,8 @@ def policy_trajectories(policy, specs: list[dict], args: Args, G: int, generate=
         steps, crops = [], {}
         for turn in r.trajectory:
             if turn["role"] == "assistant":
-                steps.append({"text": turn["text"].strip() or "(empty step)", "tool_call": None, "observation": None,
-                              "tool_image": None, "label": None, "error_type": None})
+                steps.append({"text": turn["text"].strip() or "(empty step)", "tool_call": None,
+                              "observation": None, "tool_image": None, "label": None, "error_type": None})
             elif steps and turn["name"] != "reprompt":
                 steps[-1].update(tool_call={"name": turn["name"], "arguments": turn["args"]},
                                  observation=turn["observation"])
@@ -560,7 +554,8 @@ def policy_trajectories(policy, specs: list[dict], args: Args, G: int, generate=
                     crops[len(steps) - 1] = turn["image"]
                     steps[-1]["tool_image"] = f"images/{rid}-s{len(steps) - 1}.png"
         (category, subcategory), _ = KINDS[spec["kind"]]
-        records.append({"id": rid, "question": spec["question"], "images": [f"images/{spec['scene']['id']}.png"],
+        records.append({"id": rid, "question": spec["question"],
+                        "images": [f"images/{spec['scene']['id']}.png"],
                         "answers": spec["answers"], "final_answer": r.answer, "category": category,
                         "subcategory": subcategory, "source": f"policy:{policy.name}", "injected": None,
                         "steps": steps, "_pil": {"images": [spec["scene"]["image"]], "steps": crops}})
@@ -580,8 +575,7 @@ def render_step(i: int, s: dict, shown: bool) -> str:
     line = f"Step {i + 1}: {s['text']}"
     if s.get("tool_call") is not None:
         line += f"\n  [tool call {json.dumps(s['tool_call'])} -> {s.get('observation') or 'no output'}]"
-        if shown:
-            line += " (its image is the last one shown)"
+        line += " (its image is the last one shown)" if shown else ""
     return line
 
 
@@ -592,12 +586,10 @@ def prm_messages(rec: dict, k: int, images: list, step_images: dict, mode: str, 
     text = (f"Question: {rec['question']}\n{steps}\n\nIs Step {k + 1} correct, given the question, the "
             f"image{'s' if len(images) > 1 else ''} and the steps before it? Judge Step {k + 1} only. "
             f"{PRM_REPLY[mode]}")
-    if not vlm:
-        return [{"role": "system", "content": PRM_SYSTEM},
-                {"role": "user", "content": "(Images not shown: text-only PRM.)\n" + text}]
     pics = list(images) + ([step_images[k]] if shown else [])
-    return [{"role": "system", "content": PRM_SYSTEM},
-            {"role": "user", "content": [{"type": "image", "image": im} for im in pics] + [{"type": "text", "text": text}]}]
+    user = ([{"type": "image", "image": im} for im in pics] + [{"type": "text", "text": text}] if vlm
+            else "(Images not shown: text-only PRM.)\n" + text)
+    return [{"role": "system", "content": PRM_SYSTEM}, {"role": "user", "content": user}]
 
 
 def parse_step_verdict(text: str | None) -> float | None:
@@ -620,7 +612,8 @@ def plus_probability(policy, batch: list[list[dict]]) -> list[float]:
     seqs = [encode(tok, policy.image_processor, m, add_generation_prompt=True) for m in batch]
     inputs = collate(seqs, tok.pad_token_id, "left", image_token_id(tok) if policy.is_vlm else None)
     inputs.pop("loss_mask")
-    logits = policy.model(**{k: v.to(policy.device) for k, v in inputs.items()}, logits_to_keep=1).logits  # (B, 1, V)
+    inputs = {k: v.to(policy.device) for k, v in inputs.items()}
+    logits = policy.model(**inputs, logits_to_keep=1).logits          # (B, 1, V)
     two = logits[:, -1, [plus, minus]].float()                         # (B, 2)
     return torch.softmax(two, dim=-1)[:, 0].tolist()                   # (B,)
 
@@ -706,10 +699,10 @@ def prmbench(labels: list[str], pred_correct: list[bool]) -> dict:
 
 def visualprocessbench(labels: list[str], pred_correct: list[bool]) -> dict:
     """VisualProcessBench: every erroneous step must be found; macro-F1 = mean of the F1 on
-    correct steps and the F1 on incorrect steps, neutral steps excluded."""
-    c = confusion(labels, pred_correct)
-    f1_c, f1_i = f1_score(c["tp"], c["fp"], c["fn"]), f1_score(c["tn"], c["fn"], c["fp"])
-    return {"macro_f1": macro(f1_c, f1_i), "f1_correct": f1_c, "f1_incorrect": f1_i, "n_steps": sum(c.values())}
+    correct steps and the F1 on incorrect steps, neutral steps excluded: PRMBench's F1s (3)."""
+    p = prmbench(labels, pred_correct)
+    return {"macro_f1": p["PRMScore"], "f1_correct": p["f1"], "f1_incorrect": p["f1_neg"],
+            "n_steps": sum(confusion(labels, pred_correct).values())}
 
 
 def step_stats(labels: list[str], pred_correct: list[bool]) -> dict:
@@ -740,9 +733,11 @@ def evaluate(records: list[dict], pred_correct: list[list[bool]], n_buckets: int
     labels = [[s["label"] for s in r["steps"]] for r in records]
     flat_l = [lab for ls in labels for lab in ls]
     flat_p = [p for ps in pred_correct for p in ps]
-    res = {"ProcessBench": processbench([first_error(ls) for ls in labels], [first_flagged(ps) for ps in pred_correct]),
-           "PRMBench": prmbench(flat_l, flat_p), "VisualProcessBench": visualprocessbench(flat_l, flat_p),
-           "step_accuracy": step_stats(flat_l, flat_p)["accuracy"], "positive_bias": positive_bias(flat_l, flat_p)}
+    gold_first, pred_first = [first_error(ls) for ls in labels], [first_flagged(ps) for ps in pred_correct]
+    res = {"ProcessBench": processbench(gold_first, pred_first), "PRMBench": prmbench(flat_l, flat_p),
+           "VisualProcessBench": visualprocessbench(flat_l, flat_p),
+           "step_accuracy": step_stats(flat_l, flat_p)["accuracy"],
+           "positive_bias": positive_bias(flat_l, flat_p)}
     # per error type: the trajectories holding that type (PRMBench's per-category subsets); the
     # detection rate counts only the incorrect steps of that type
     res["per_error_type"] = {}
@@ -751,24 +746,21 @@ def evaluate(records: list[dict], pred_correct: list[list[bool]], n_buckets: int
         if not idx:
             continue
         stats = step_stats([x for j in idx for x in labels[j]], [x for j in idx for x in pred_correct[j]])
-        hits = [p for j in idx for s, p in zip(records[j]["steps"], pred_correct[j]) if s.get("error_type") == t]
+        hits = [p for j in idx for s, p in zip(records[j]["steps"], pred_correct[j])
+                if s.get("error_type") == t]
         stats.update(detection_rate=ratio(sum(not p for p in hits), len(hits)), n_trajectories=len(idx))
         res["per_error_type"][t] = stats
-    for key, name in (("category", "per_category"), ("subcategory", "per_subcategory")):
-        groups = {}
-        for r, ls, ps in zip(records, labels, pred_correct):
-            g = r["category"] if key == "category" else f"{r['category']}/{r['subcategory']}"
-            groups.setdefault(g, ([], []))
-            groups[g][0].extend(ls)
-            groups[g][1].extend(ps)
-        res[name] = {g: step_stats(ls, ps) for g, (ls, ps) in sorted(groups.items())}
-    buckets = {b: ([], []) for b in range(n_buckets)}
-    for ls, ps in zip(labels, pred_correct):
-        for i, (lab, p) in enumerate(zip(ls, ps)):
-            buckets[position_bucket(i, len(ls), n_buckets)][0].append(lab)
-            buckets[position_bucket(i, len(ls), n_buckets)][1].append(p)
-    res["by_position"] = {f"{b / n_buckets:.2f}-{(b + 1) / n_buckets:.2f}": step_stats(*buckets[b])
-                          for b in range(n_buckets)}
+    # pooled steps per category, per subcategory and per relative-position bucket
+    names = [f"{b / n_buckets:.2f}-{(b + 1) / n_buckets:.2f}" for b in range(n_buckets)]
+    pools = {"per_category": {}, "per_subcategory": {}, "by_position": {b: [] for b in names}}
+    for r, ls, ps in zip(records, labels, pred_correct):
+        for i, step in enumerate(zip(ls, ps)):
+            pools["per_category"].setdefault(r["category"], []).append(step)
+            pools["per_subcategory"].setdefault(f"{r['category']}/{r['subcategory']}", []).append(step)
+            pools["by_position"][names[position_bucket(i, len(ls), n_buckets)]].append(step)
+    for key, pool in pools.items():
+        res[key] = {g: step_stats([lab for lab, _ in st], [p for _, p in st])
+                    for g, st in sorted(pool.items())}
     res["n_trajectories"], res["n_steps"] = len(records), len(flat_l)
     return res
 
@@ -786,6 +778,8 @@ def best_of_n(questions: list[list[dict]], ns: list[int], repeats: int, seed: in
     rng = random.Random(seed)
     oracle = all("gold_scores" in c for q in questions for c in q)
     methods = ("prm_min", "prm_mean") + ("oracle_prm_min",) * oracle + ("majority_vote", "random", "pass@N")
+    selectors = (("prm_min", "scores", min), ("prm_mean", "scores", lambda s: sum(s) / len(s)),
+                 ("oracle_prm_min", "gold_scores", min))[: 2 + oracle]
     acc = {m: {} for m in methods}
     for n in ns:
         tot = dict.fromkeys(methods, 0.0)
@@ -794,15 +788,15 @@ def best_of_n(questions: list[list[dict]], ns: list[int], repeats: int, seed: in
                 raise ValueError(f"best-of-{n} needs {n} candidates per question; got {len(cands)}.")
             for _ in range(repeats):
                 sub = rng.sample(cands, n)
-                for m, key, agg in (("prm_min", "scores", min), ("prm_mean", "scores", lambda s: sum(s) / len(s)),
-                                    ("oracle_prm_min", "gold_scores", min))[: 2 + oracle]:
+                for m, key, agg in selectors:
                     vals = [agg([x or 0.0 for x in c[key]]) for c in sub]  # unparsed -> 0 (4)
                     tot[m] += rng.choice([c for c, v in zip(sub, vals) if v == max(vals)])["correct"]
                 votes = Counter(normalize_answer(c["answer"]) for c in sub if c["answer"] is not None)
                 votes.pop("", None)
                 if votes:
                     top = rng.choice(sorted(a for a, v in votes.items() if v == max(votes.values())))
-                    tot["majority_vote"] += next(c for c in sub if normalize_answer(c["answer"]) == top)["correct"]
+                    voted = next(c for c in sub if normalize_answer(c["answer"]) == top)
+                    tot["majority_vote"] += voted["correct"]
                 tot["random"] += sum(c["correct"] for c in sub) / n
                 tot["pass@N"] += any(c["correct"] for c in sub)
         for m in methods:
@@ -818,21 +812,20 @@ _POLICIES: dict = {}
 
 def get_policy(args: Args, prm: bool):
     """The model (with --prm_adapter when it acts as the PRM), loaded once per process."""
-    adapter = args.prm_adapter if prm else None
-    if (args.model, adapter) not in _POLICIES:
-        quant = args.load_in_4bit
-        if adapter:
-            print(f"[prm_bench] PRM = {args.model} + adapter {adapter}")
-        pol = load_policy(args.model, load_in_4bit=quant, lora=False, adapter=adapter, seed=args.seed)
+    key = (args.model, args.prm_adapter if prm else None)
+    if key not in _POLICIES:
+        if key[1]:
+            print(f"[prm_bench] PRM = {args.model} + adapter {key[1]}")
+        pol = load_policy(args.model, load_in_4bit=args.load_in_4bit, lora=False, adapter=key[1],
+                          seed=args.seed)
         if not pol.is_vlm and prm:
             print(f"[prm_bench] {pol.name} is text-only: the PRM judges steps without seeing the images.")
-        _POLICIES[(args.model, adapter)] = pol
-    return _POLICIES[(args.model, adapter)]
+        _POLICIES[key] = pol
+    return _POLICIES[key]
 
 
 def toy_world(args: Args) -> World:
-    size = args.image_size or (224 if args.model == "tiny" else 448)
-    return build_world(args.seed, args.n_scenes, size)
+    return build_world(args.seed, args.n_scenes, args.image_size or (224 if args.model == "tiny" else 448))
 
 
 def html_items(records: list[dict], judged: list[list[dict]] | None = None) -> list[dict]:
@@ -845,7 +838,8 @@ def html_items(records: list[dict], judged: list[list[dict]] | None = None) -> l
             prm = f" | PRM {judged[j][i]['score']} ({judged[j][i]['reply']!r})" if judged else ""
             turns.append({"role": "assistant", "text": f"[{i}] {s['text']}\n   gold: {gold}{prm}"})
             if s.get("tool_call"):
-                turns.append({"role": "tool", "name": s["tool_call"]["name"], "args": s["tool_call"].get("arguments", {}),
+                turns.append({"role": "tool", "name": s["tool_call"]["name"],
+                              "args": s["tool_call"].get("arguments", {}),
                               "observation": s.get("observation") or "", "image": step_images.get(i)})
         items.append({"title": f"{rec['id']} [{rec['category']}/{rec['subcategory']}] {rec['question']}",
                       "images": images, "trajectory": turns,
@@ -853,13 +847,18 @@ def html_items(records: list[dict], judged: list[list[dict]] | None = None) -> l
     return items
 
 
+def write_set(records: list[dict], out: Path, name: str, title: str, n_html: int, **load_kw) -> None:
+    """<out>/<name>.jsonl (+ PNGs), checked by its own validator, and <out>/<name>.html."""
+    save_records(records, out / f"{name}.jsonl")
+    load_records(str(out / f"{name}.jsonl"), **load_kw)
+    trajectory_html(html_items(records[:n_html]), str(out / f"{name}.html"), title)
+
+
 def stage_data(args: Args, out: Path) -> None:
     log = RunLog(str(out))
     world = toy_world(args)
     records = build_toy_set(world, args.seed, args.p_clean)
-    save_records(records, out / "toy.jsonl")
-    load_records(str(out / "toy.jsonl"))  # the written file passes its own validator
-    trajectory_html(html_items(records[: args.n_html]), str(out / "toy.html"), "toy trajectories (gold labels)")
+    write_set(records, out, "toy", "toy trajectories (gold labels)", args.n_html)
     types = Counter(r["injected"]["error_type"] for r in records if r["injected"])
     summary = {"toy_trajectories": len(records), "toy_steps": sum(len(r["steps"]) for r in records),
                "clean": sum(r["injected"] is None for r in records), "error_types": dict(types),
@@ -869,9 +868,7 @@ def stage_data(args: Args, out: Path) -> None:
         if policy.is_vlm:
             specs = toy_questions(world, random.Random(args.seed))[: args.n_policy_questions]
             gen = policy_trajectories(policy, specs, args, args.num_generations)
-            save_records(gen, out / "generated.jsonl")
-            load_records(str(out / "generated.jsonl"), require_labels=False)
-            trajectory_html(html_items(gen[: args.n_html]), str(out / "generated.html"), "policy trajectories")
+            write_set(gen, out, "generated", "policy trajectories", args.n_html, require_labels=False)
             summary.update(generated=len(gen), generated_steps=sum(len(r["steps"]) for r in gen),
                            generated_crops=sum(s["tool_image"] is not None for r in gen for s in r["steps"]))
         else:
@@ -894,19 +891,20 @@ def stage_eval(args: Args, out: Path) -> dict:
     res.update(unparsed_rate=ratio(sum(j["score"] is None for js in judged for j in js), res["n_steps"]),
                prm=args.prm, model=policy.name, adapter=args.prm_adapter, data=path, threshold=args.threshold)
     write_json(str(out / "results.json"), res)
-    per = res["per_error_type"]
-    bar_plot({m: {t: v[m] for t, v in per.items() if v[m] is not None} for m in ("detection_rate", "accuracy", "macro_f1")},
+    bar_plot({m: {t: v[m] for t, v in res["per_error_type"].items() if v[m] is not None}
+              for m in ("detection_rate", "accuracy", "macro_f1")},
              str(out / "per_error_type.png"), f"PRM {policy.name} ({args.prm}) by error type", "rate")
-    bar_plot({"accuracy": {b: v["accuracy"] for b, v in res["by_position"].items() if v["accuracy"] is not None}},
+    by_pos = {b: v["accuracy"] for b, v in res["by_position"].items() if v["accuracy"] is not None}
+    bar_plot({"accuracy": by_pos},
              str(out / "by_position.png"), "step accuracy by relative position", "accuracy")
     log.samples([{"id": r["id"], "step": i, "label": s["label"], "error_type": s.get("error_type"), **j}
                  for r, js in zip(records, judged) for i, (s, j) in enumerate(zip(r["steps"], js))])
     trajectory_html(html_items(records[: args.n_html], judged), str(out / "judged.html"), "PRM judgements")
     log.summary({k: res[k] for k in ("ProcessBench", "PRMBench", "VisualProcessBench", "positive_bias",
                                      "step_accuracy", "unparsed_rate")})
-    pb, vb = res["ProcessBench"], res["VisualProcessBench"]
-    print(f"[eval] ProcessBench F1 {pb['f1']} | PRMScore {res['PRMBench']['PRMScore']} | VisualProcessBench "
-          f"macro-F1 {vb['macro_f1']} | unparsed {res['unparsed_rate']} -> {out / 'results.json'}")
+    print(f"[eval] ProcessBench F1 {res['ProcessBench']['f1']} | PRMScore {res['PRMBench']['PRMScore']} | "
+          f"VisualProcessBench macro-F1 {res['VisualProcessBench']['macro_f1']} | unparsed "
+          f"{res['unparsed_rate']} -> {out / 'results.json'}")
     return res
 
 
@@ -929,15 +927,12 @@ def stage_search(args: Args, out: Path) -> dict:
         cands = policy_trajectories(get_policy(args, prm=False), specs, args, M)
     save_records(cands, out / "candidates.jsonl")
     judged = score_steps(get_policy(args, prm=True), cands, args)
-    groups = []
-    for q in range(len(specs)):
-        group = []
-        for rec, js in zip(cands[q * M: (q + 1) * M], judged[q * M: (q + 1) * M]):
-            group.append({"correct": bool(exact_match(rec["final_answer"], rec["answers"])),
-                          "answer": rec["final_answer"], "scores": [j["score"] for j in js]})
-            if args.search_source == "toy":  # gold step labels: the oracle PRM, a sanity ceiling
-                group[-1]["gold_scores"] = [float(s["label"] != "incorrect") for s in rec["steps"]]
-        groups.append(group)
+    groups = [[] for _ in specs]  # cands are question-major: M per question
+    for j, (rec, js) in enumerate(zip(cands, judged)):
+        groups[j // M].append({"correct": bool(exact_match(rec["final_answer"], rec["answers"])),
+                               "answer": rec["final_answer"], "scores": [x["score"] for x in js]})
+        if args.search_source == "toy":  # gold step labels: the oracle PRM, a sanity ceiling
+            groups[j // M][-1]["gold_scores"] = [float(s["label"] != "incorrect") for s in rec["steps"]]
     res = {"accuracy": best_of_n(groups, ns, args.search_repeats, args.seed), "source": args.search_source,
            "questions": len(groups), "candidates_per_question": M, "prm": args.prm,
            "candidate_accuracy": sum(c["correct"] for g in groups for c in g) / max(1, len(cands))}
@@ -959,16 +954,15 @@ def stage_search(args: Args, out: Path) -> dict:
     fig.savefig(out / "best_of_n.png", dpi=110)
     plt.close(fig)
     log.summary(res)
-    print(f"[search] " + " | ".join(f"{m} " + " ".join(f"{v[n]:.2f}" for n in ns) for m, v in res["accuracy"].items())
-          + f"  (N = {ns}) -> {out / 'results.json'}")
+    curves = " | ".join(f"{m} " + " ".join(f"{v[n]:.2f}" for n in ns) for m, v in res["accuracy"].items())
+    print(f"[search] {curves}  (N = {ns}) -> {out / 'results.json'}")
     return res
 
 
 def main() -> None:
     args = parse_args(Args, description=__doc__)
     out = Path(args.out)
-    stages = ["data", "eval", "search"] if args.stage == "all" else [args.stage]
-    for stage in stages:
+    for stage in ["data", "eval", "search"] if args.stage == "all" else [args.stage]:
         {"data": stage_data, "eval": stage_eval, "search": stage_search}[stage](args, out / stage)
     write_json(str(out / "args.json"), asdict(args))
 

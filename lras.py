@@ -53,6 +53,7 @@ import json
 import os
 import random
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -62,11 +63,11 @@ import torch
 
 from common.chat import Encoded, encode
 from common.cli import parse_args
-from common.grpo import GRPOConfig, train_grpo
+from common.grpo import GRPOConfig, per_rollout, train_grpo
 from common.judge import choice_match, sub_exact_match
 from common.models import load_policy
 from common.rollout import Rollout, observation_segment, run_rollouts
-from common.runlog import RunLog, bar_plot, trajectory_html, write_json
+from common.runlog import RunLog, bar_plot, read_jsonl, trajectory_html, write_json
 from common.sft import SFTConfig, train_sft
 from common.tools import TextSearch, parse_action
 
@@ -305,9 +306,8 @@ def split_world(world: World) -> tuple[list[dict], list[dict]]:
 
 def json_records(text: str) -> list[tuple[int, object]]:
     """A JSON array -> [(line where the element starts, element)], so errors can name the line."""
-    dec, pos, out = json.JSONDecoder(), 0, []
-    skip = re.compile(r"[\s,]*")
-    pos = skip.match(text, 0).end()
+    dec, skip, out = json.JSONDecoder(), re.compile(r"[\s,]*"), []
+    pos = skip.match(text).end()
     if not text.startswith("[", pos):
         raise ValueError("expected a JSON array of records")
     pos = skip.match(text, pos + 1).end()
@@ -444,9 +444,8 @@ def oracle_trajectory(world: World, q: dict, rng: random.Random, error: float = 
     elif q["hops"] == 1:
         act(f"I do not know this provision of the {CODE}; I need to search.", query=f"{c['name']} {c['conduct']}"
             if q["task"] == "charge" else f"{c['name']} article penalty threshold")
-    think = ("The question itself gives what I need." if q["hops"] == 0 else
-             "The retrieved provision gives the answer.")
-    act(think, answer=q["answer"])
+    act("The question itself gives what I need." if q["hops"] == 0 else
+        "The retrieved provision gives the answer.", answer=q["answer"])
     return turns, q["answer"]
 
 
@@ -527,10 +526,9 @@ def lras_reward(trajectory: list[dict], answer: str | None, example: dict, forma
 
 
 def make_reward_fn(args: Args):
-    def reward_fn(group: list[Rollout], example: dict) -> list[dict]:
-        return [lras_reward(r.trajectory, r.answer, example, args.format_weight, args.max_answer_words)
-                for r in group]
-    return reward_fn
+    """Group reward fn for train_grpo: lras_reward of each rollout."""
+    return per_rollout(lambda r, ex: lras_reward(r.trajectory, r.answer, ex, args.format_weight,
+                                                 args.max_answer_words))
 
 
 # =============================================================================================
@@ -539,8 +537,7 @@ def make_reward_fn(args: Args):
 def get_policy(args: Args, adapter: str | None = None, lora: bool = True, name: str | None = None):
     if adapter is not None:
         print(f"[lras] starting from the adapter {adapter}")
-    quant = args.load_in_4bit
-    return load_policy(name or args.model, load_in_4bit=quant, lora=lora, lora_r=args.lora_r,
+    return load_policy(name or args.model, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
                        lora_alpha=args.lora_alpha, adapter=adapter, seed=args.seed)
 
 
@@ -557,11 +554,10 @@ def agent_rollouts(policy, examples: list[dict], args: Args, search: TextSearch,
 def stage_data(args: Args, world: World) -> None:
     """Write the world (corpus + question JSONL), an oracle page, and validate --data_file."""
     out = Path(args.out) / "data"
-    out.mkdir(parents=True, exist_ok=True)
+    log = RunLog(str(out))
     train, test = split_world(world)
     for name, rows in (("corpus", world.docs), ("toy_train", train), ("toy_test", test)):
-        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        log.samples(rows, f"{name}.jsonl")
     rng = random.Random(args.seed)
     items = []
     for q in [next(q for q in train if q["task"] == t) for t in dict.fromkeys(q["task"] for q in train)]:
@@ -570,14 +566,13 @@ def stage_data(args: Args, world: World) -> None:
                       "trajectory": turns})
     trajectory_html(items, str(out / "oracle_trajectories.html"), "LRAS oracle trajectories")
     summary = {"docs": len(world.docs), "train": len(train), "test": len(test),
-               "tasks": {t: sum(q["task"] == t for q in world.questions) for t in dict.fromkeys(q["task"] for q in world.questions)},
+               "tasks": dict(Counter(q["task"] for q in world.questions)),
                "hops": {h: sum(q["hops"] == h for q in world.questions) for h in (0, 1, 2)}}
     if args.data_file:
         rows = user_questions(args)
         summary["data_file"] = {"path": args.data_file, "records": len(rows),
                                 "mcq": sum(r["type"] == "mcq" for r in rows)}
-        with open(out / "user.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        log.samples(rows, "user.jsonl")
     write_json(str(out / "summary.json"), summary)
     print(f"[data] {summary} -> {out}")
 
@@ -617,11 +612,11 @@ def stage_sft(args: Args, world: World, out_dir: str) -> str:
         good = [p for p, _ in pruned if p is not None]
         stats["lucky_guess"] += len(pruned) - len(good)
         data += [(q, good[0])] if good else []   # one trajectory per question (4)
-    stats["trajectories"] = len(data)
-    stats["searches_per_trajectory"] = float(np.mean([sum(t["role"] == "tool" for t in p) for _, p in data])) if data else 0.0
     if not data:
         raise ValueError("No SFT trajectory survived the filter and pruning; raise --teacher_error (the "
                          "teacher must miss some questions) or use a stronger --teacher.")
+    stats["trajectories"] = len(data)
+    stats["searches_per_trajectory"] = float(np.mean([sum(t["role"] == "tool" for t in p) for _, p in data]))
     policy = get_policy(args)
     RunLog(out_dir).samples([{"id": q["id"], "task": q["task"], "trajectory": p} for q, p in data], "sft_data.jsonl")
     encoded = [sft_sample(policy, q, p) for q, p in data]   # <information> masked
@@ -658,22 +653,20 @@ def stage_rl(args: Args, world: World, adapter: str | None, out_dir: str, unifor
     pool = random.Random(args.seed).sample(train, min(len(train), args.difficulty_questions or len(train)))
     print(f"[rl] policy: {'SFT adapter ' + adapter if adapter else 'the base model (no SFT adapter found)'}")
     policy = get_policy(args, adapter)
-    log = RunLog(out_dir)
     if pass_rates_file and os.path.isfile(pass_rates_file):
-        rates = {r["id"]: r["pass_rate"] for r in map(json.loads, open(pass_rates_file))}
+        rates = {r["id"]: r["pass_rate"] for r in read_jsonl(pass_rates_file)}
         print(f"[rl] pass rates from {pass_rates_file}")
     else:
         rates = estimate_pass_rates(args, world, policy, pool)
-    log.samples([{"id": q, "pass_rate": p} for q, p in rates.items()], "pass_rates.jsonl")
+    RunLog(out_dir).samples([{"id": q, "pass_rate": p} for q, p in rates.items()], "pass_rates.jsonl")
     table = difficulty_table(rates)
     kept = [q for q in pool if q["id"] in table]
+    weights = sampling_weights([q["id"] for q in kept], table, uniform)
     filter_empty = not kept
     if filter_empty:   # (5) announced, not silent
         print(f"[rl] the difficulty filter kept 0 of {len(pool)} questions (pass rate 0 or 1 everywhere; "
               f"expected with --model tiny): training on all of them with uniform sampling.")
         kept, weights = pool, None
-    else:
-        weights = sampling_weights([q["id"] for q in kept], table, uniform)
     print(f"[rl] {len(kept)} questions, {'uniform' if weights is None else 'difficulty-weighted'} sampling")
     cfg = GRPOConfig(learning_rate=args.learning_rate, num_generations=args.num_generations,
                      prompts_per_step=args.prompts_per_step, max_steps=max_steps or args.max_steps, beta=args.beta,
@@ -721,13 +714,10 @@ def stage_eval(args: Args, world: World, adapter: str | None, out_dir: str, n_qu
     test = random.Random(args.seed).sample(test, min(len(test), n or len(test)))
     sets = {"toy": (test, world.search)}
     if args.data_file:   # real data: its own corpus (2)
-        if args.corpus_file:
-            search = TextSearch.from_jsonl(args.corpus_file)
-        elif os.environ.get("TEXT_SEARCH_ENDPOINT"):
-            search = TextSearch(use_env=True)
-        else:
+        if not (args.corpus_file or os.environ.get("TEXT_SEARCH_ENDPOINT")):
             raise ValueError("--data_file needs a corpus to search: pass --corpus_file statutes.jsonl or set "
                              "TEXT_SEARCH_ENDPOINT.")
+        search = TextSearch.from_jsonl(args.corpus_file) if args.corpus_file else TextSearch(use_env=True)
         sets[Path(args.data_file).stem] = (user_questions(args), search)
     policy = get_policy(args, adapter, lora=adapter is not None)
     results = {"accuracy": {}, "search": {}, "n": {}, "policy": adapter or args.model,
@@ -774,19 +764,17 @@ def stage_ablate(args: Args, world: World) -> None:
     rates = str(out / "rl" / "pass_rates.jsonl")   # same SFT adapter -> same difficulty table
     if not os.path.isfile(rates):
         rates = str(abl / "rl_difficulty" / "pass_rates.jsonl")
-    variants = {"SFT only": sft_adapter,
-                "SFT+RL difficulty": stage_rl(args, world, sft_adapter, str(abl / "rl_difficulty"), False, rates,
-                                              args.ablate_steps),
-                "SFT+RL uniform": stage_rl(args, world, sft_adapter, str(abl / "rl_uniform"), True, rates,
-                                           args.ablate_steps)}
+    variants = {"SFT only": sft_adapter}
+    for name, sub, uniform in (("SFT+RL difficulty", "rl_difficulty", False),
+                               ("SFT+RL uniform", "rl_uniform", True)):
+        variants[name] = stage_rl(args, world, sft_adapter, str(abl / sub), uniform, rates, args.ablate_steps)
     table = {}
     for name, adapter in variants.items():
         res = stage_eval(args, world, adapter, str(abl / ("eval_" + name.replace(" ", "_").replace("+", "_"))),
                          args.ablate_questions)
         st = res["search"]["toy"]
-        table[name] = {"accuracy": res["accuracy"]["toy"], "search_rate": st["search_rate"],
-                       "searches_per_question": st["searches_per_question"],
-                       "failures_without_search": st["failures_without_search"]}
+        table[name] = {"accuracy": res["accuracy"]["toy"], **{k: st[k] for k in (
+            "search_rate", "searches_per_question", "failures_without_search")}}
     write_json(str(abl / "results.json"), {"table": table, "steps": args.ablate_steps,
                                            "questions": args.ablate_questions})
     bar_plot({n: {k: v for k, v in row.items() if k in ("accuracy", "search_rate")} for n, row in table.items()},

@@ -162,6 +162,10 @@ class Args:
     """token budget of a whole dialogue after the first prompt (answers + later user turns)"""
     temperature: float = 1.0
     """sampling temperature for RL rollouts"""
+    save_steps: int = 0
+    """save a GRPO checkpoint (adapter, optimiser, RNG) every N steps into <out>/rl (0 = only the final adapter)"""
+    resume: bool = False
+    """continue RL from the latest <out>/rl/checkpoint-N: same step, data order and RNG"""
     # --- eval / ablate ---
     eval_dialogues: int = 8
     """held-out dialogues to evaluate (0 = all of the test split)"""
@@ -740,7 +744,7 @@ def train_rl(args: Args, out_dir: str, adapter: str | None, uniform: bool, steps
                      prompts_per_step=args.prompts_per_step, max_steps=steps, beta=args.beta,
                      epsilon=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
                      max_completion_length=args.max_completion_length, temperature=args.temperature,
-                     seed=args.seed)
+                     save_steps=args.save_steps, seed=args.seed)
     rollout_fn = lambda pol, exs, c: dialogue_rollouts(
         pol, exs, num_generations=c.num_generations, temperature=c.temperature, max_turns=args.rl_turns,
         max_new_tokens=args.max_new_tokens, max_total_tokens=args.max_completion_length)
@@ -751,7 +755,7 @@ def train_rl(args: Args, out_dir: str, adapter: str | None, uniform: bool, steps
             samples.extend({"title": f"step {step} {r.example['id']}", "images": r.images,
                             "trajectory": r.trajectory, "rewards": t} for r, t in zip(rollouts[:8], terms))
     summary = train_grpo(policy, train, rollout_fn, make_reward_fn(judge, args, uniform), cfg, out_dir,
-                         on_step=on_step)
+                         on_step=on_step, resume=args.resume)
     trajectory_html(samples, os.path.join(out_dir, "samples.html"), "AM3Safety GRPO rollouts")
     summary.update(judge=args.judge, start=adapter or "base",
                    turn_weights="uniform" if uniform else "turn_aware")

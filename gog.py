@@ -166,6 +166,10 @@ class Args:
     """sampling temperature for RL and levels"""
     micro_batch_size: int = 4
     """sequences per forward/backward"""
+    save_steps: int = 0
+    """save a GRPO checkpoint (adapter, optimiser, RNG) every N steps into <out>/rl (0 = only the final adapter)"""
+    resume: bool = False
+    """continue RL from the latest <out>/rl/checkpoint-N: same step, data order and RNG"""
     # --- eval ---
     eval_temperature: float = 0.0
     """sampling temperature in eval (0 = greedy)"""
@@ -672,7 +676,7 @@ def stage_rl(args: Args, world: World, adapter: str | None, levels_dir: str, out
                      prompts_per_step=args.prompts_per_step, max_steps=args.max_steps, beta=args.beta,
                      epsilon=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
                      max_completion_length=args.max_completion_length, temperature=args.temperature,
-                     micro_batch_size=args.micro_batch_size, seed=args.seed)
+                     micro_batch_size=args.micro_batch_size, save_steps=args.save_steps, seed=args.seed)
     examples = [as_example(world, q) for q in questions]
     html = []
 
@@ -680,7 +684,7 @@ def stage_rl(args: Args, world: World, adapter: str | None, levels_dir: str, out
         html[:] = [{"title": f"step {step} {r.example['question']}", "images": r.images[:1],
                     "trajectory": r.trajectory, "rewards": t} for r, t in zip(rollouts, terms)]
     train_grpo(policy, examples, lambda p, ex, c: agent_rollouts(p, ex, args, world, c.num_generations, c.temperature),
-               make_reward_fn(args, judge), cfg, out_dir, on_step=on_step)
+               make_reward_fn(args, judge), cfg, out_dir, on_step=on_step, resume=args.resume)
     summary = json.load(open(os.path.join(out_dir, "summary.json")))
     write_json(os.path.join(out_dir, "summary.json"), {**summary, "level": level, "start": adapter,
                                                         "questions": [q["id"] for q in questions]})

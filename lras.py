@@ -168,6 +168,10 @@ class Args:
     """sampling temperature for the teacher, the difficulty estimate and RL"""
     micro_batch_size: int = 4
     """sequences per forward/backward"""
+    save_steps: int = 0
+    """save a GRPO checkpoint (adapter, optimiser, RNG) every N steps into <out>/rl (0 = only the final adapter)"""
+    resume: bool = False
+    """continue RL from the latest <out>/rl/checkpoint-N: same step, data order and RNG"""
     # --- eval ---
     eval_questions: int = 40
     """toy test questions evaluated (0 = all)"""
@@ -672,7 +676,7 @@ def stage_rl(args: Args, world: World, adapter: str | None, out_dir: str, unifor
                      prompts_per_step=args.prompts_per_step, max_steps=max_steps or args.max_steps, beta=args.beta,
                      epsilon=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
                      max_completion_length=args.max_completion_length, temperature=args.temperature,
-                     micro_batch_size=args.micro_batch_size, seed=args.seed)
+                     micro_batch_size=args.micro_batch_size, save_steps=args.save_steps, seed=args.seed)
     html = []
 
     def on_step(step, rollouts, terms):   # keep the last step's trajectories for the page
@@ -680,7 +684,8 @@ def stage_rl(args: Args, world: World, adapter: str | None, out_dir: str, unifor
                     "trajectory": r.trajectory, "rewards": t} for r, t in zip(rollouts, terms)]
     summary = train_grpo(policy, kept, lambda p, ex, c: agent_rollouts(p, ex, args, world.search, c.num_generations,
                                                                         c.temperature),
-                         make_reward_fn(args), cfg, out_dir, weights=weights, on_step=on_step)
+                         make_reward_fn(args), cfg, out_dir, weights=weights, on_step=on_step,
+                         resume=args.resume)
     RunLog(out_dir, resume=True).plot(["rewards/acc", "rewards/format"], "reward_terms.png", "LRAS reward terms")
     trajectory_html(html, os.path.join(out_dir, "trajectories.html"), "LRAS RL, last step")
     hist = {f"{v:.2f}": sum(abs(p - v) < 1e-9 for p in rates.values()) for v in sorted(set(rates.values()))}

@@ -257,6 +257,7 @@ def train_grpo(policy, dataset: list[dict], rollout_fn: Callable, reward_fn: Cal
         start = load_checkpoint(policy, opt, sched, ck)
         print(f"[grpo] resumed from {ck} at step {start}")
     log = RunLog(out_dir, resume=resume and start > 0)
+    log.drop_from(start)  # steps the interrupted run logged after its last checkpoint
     policy.model.train()
     last = {}
     for step in log.bar(range(start, cfg.max_steps), desc="grpo", initial=start, total=cfg.max_steps):
@@ -352,8 +353,8 @@ def train_grpo(policy, dataset: list[dict], rollout_fn: Callable, reward_fn: Cal
         log.log(last, step)
         if on_step is not None:
             on_step(step, rollouts, terms)
-        if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
-            save_checkpoint(policy, opt, sched, step + 1, out_dir)
+        if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps):
+            save_checkpoint(policy, opt, sched, step + 1, out_dir)  # the last one lets a run be extended
     log.plot(["reward", "kl", "completion_length", "entropy"], title="GRPO")
     if policy.has_adapter:
         policy.save_adapter(os.path.join(out_dir, "adapter"))

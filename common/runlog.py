@@ -49,6 +49,12 @@ class RunLog:
         self.history: list[dict] = read_jsonl(self.metrics_path) if resume and os.path.exists(self.metrics_path) else []
         self._bar = None
 
+    def drop_from(self, step: int) -> None:
+        """Forget rows logged at `step` or later (a resumed run logs them again)."""
+        self.history = [r for r in self.history if r["step"] < step]
+        with open(self.metrics_path, "w") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in self.history)
+
     def bar(self, it: Iterable, **kw):
         self._bar = tqdm(it, dynamic_ncols=True, **kw)
         return self._bar

@@ -203,29 +203,32 @@ def test_nan_reward_stops_the_run(tmp_path):
         train_grpo(p, data, rollout_fn, bad, GRPOConfig(max_steps=1, num_generations=2, max_completion_length=4), str(tmp_path))
 
 
-def test_resume_takes_the_same_next_step(tmp_path):
+def test_resume_takes_the_same_next_step(tmp_path, capsys):
     data, rollout_fn, reward = _toy_setup()
     cfg = GRPOConfig(max_steps=3, num_generations=2, prompts_per_step=2, max_completion_length=6,
                      learning_rate=1e-2, beta=0.04, save_steps=2, seed=5)
 
     def run(out, max_steps, resume):
-        torch.manual_seed(0)
-        p = load_policy("tiny", seed=1)
+        p = load_policy("tiny", seed=1)     # load_policy seeds torch (LoRA init)
         c = GRPOConfig(**{**cfg.__dict__, "max_steps": max_steps})
         train_grpo(p, data, rollout_fn, reward, c, out, resume=resume)
         return p, [l for l in open(os.path.join(out, "metrics.jsonl"))]
 
     full, full_log = run(str(tmp_path / "a"), 3, False)
-    run(str(tmp_path / "b"), 2, False)                      # "interrupted" after step 2 (checkpoint-2)
+    run(str(tmp_path / "b"), 2, False)                      # "interrupted" after step 2
+    assert (tmp_path / "b" / "checkpoint-2" / "trainer_state.pt").exists()
     os.remove(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
-    # a fresh process would start from a fresh model: different torch RNG state too
-    torch.manual_seed(1234)
+    # a fresh process: a fresh model and a different torch RNG state, both restored from the checkpoint
     p = load_policy("tiny", seed=1)
+    torch.manual_seed(1234)
+    capsys.readouterr()
     train_grpo(p, data, rollout_fn, reward, cfg, str(tmp_path / "b"), resume=True)
+    assert "resumed from" in capsys.readouterr().out
     import json
     a3 = json.loads(full_log[2])
     b_log = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
-    b3 = [r for r in b_log if r["step"] == 2][-1]
+    assert [r["step"] for r in b_log] == [0, 1, 2]          # no step logged twice
+    b3 = b_log[2]
     for k in ("reward", "loss", "kl", "completion_length"):
         assert a3[k] == pytest.approx(b3[k], rel=1e-5, abs=1e-7), k
     fa, fb = dict(full.model.named_parameters()), dict(p.model.named_parameters())

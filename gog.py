@@ -511,13 +511,13 @@ def get_policy(args: Args, adapter: str | None = None, lora: bool = True):
 
 
 def agent_rollouts(policy, examples: list[dict], args: Args, world: World, G: int, temperature: float,
-                   searchers: tuple | None = None) -> list[Rollout]:
+                   searchers: tuple | None = None, desc: str | None = None) -> list[Rollout]:
     text_search, image_search = searchers or (world.text_search, world.image_search)
     return run_rollouts(policy, examples, num_generations=G, make_messages=make_messages,
                         tools=make_tools(text_search, image_search, args.search_k), max_turns=args.max_turns,
                         max_tool_calls=tool_limits(args), max_new_tokens=args.max_new_tokens,
                         max_total_tokens=args.max_completion_length, observation_style="user_turn",
-                        temperature=temperature)
+                        temperature=temperature, desc=desc)
 
 
 def messages_to_turns(msgs: list[dict]) -> list[dict]:
@@ -751,7 +751,7 @@ def stage_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> d
     results = {"accuracy": {}, "tool_use": {}, "n": {}, "policy": adapter or args.model}
     html = []
     for name, (examples, searchers) in sets.items():
-        rs = agent_rollouts(policy, examples, args, world, 1, args.eval_temperature, searchers)
+        rs = agent_rollouts(policy, examples, args, world, 1, args.eval_temperature, searchers, desc=f"eval {name}")
         accs = rollout_accs(rs, args, judge)
         results["accuracy"][name] = float(np.mean(accs))
         for lvl in sorted({r.example["level"] for r in rs} - {name}):

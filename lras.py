@@ -546,13 +546,13 @@ def get_policy(args: Args, adapter: str | None = None, lora: bool = True, name: 
 
 
 def agent_rollouts(policy, examples: list[dict], args: Args, search: TextSearch, G: int, temperature: float,
-                   eval_sampling: bool = False, generate=None) -> list[Rollout]:
+                   eval_sampling: bool = False, generate=None, desc: str | None = None) -> list[Rollout]:
     kw = dict(top_p=args.top_p, top_k=args.top_k) if eval_sampling else {}
     return run_rollouts(policy, examples, num_generations=G, make_messages=make_messages,
                         tools=make_tools(search, args.search_k), max_turns=args.max_turns,
                         max_tool_calls={"text_search": args.max_turns}, max_new_tokens=args.max_new_tokens,
                         max_total_tokens=args.max_completion_length, observation_style="inline",
-                        reprompt=REPROMPT, temperature=temperature, generate=generate, **kw)
+                        reprompt=REPROMPT, temperature=temperature, generate=generate, desc=desc, **kw)
 
 
 def stage_data(args: Args, world: World) -> None:
@@ -645,7 +645,7 @@ def sampling_weights(ids: list[str], table: dict[str, float], uniform: bool) -> 
 
 def estimate_pass_rates(args: Args, world: World, policy, questions: list[dict]) -> dict[str, float]:
     k = args.difficulty_k
-    rs = agent_rollouts(policy, questions, args, world.search, k, args.temperature)
+    rs = agent_rollouts(policy, questions, args, world.search, k, args.temperature, desc="difficulty")
     return {q["id"]: float(np.mean([accuracy(r.answer, q, args.max_answer_words) for r in rs[i * k:(i + 1) * k]]))
             for i, q in enumerate(questions)}
 
@@ -731,7 +731,8 @@ def stage_eval(args: Args, world: World, adapter: str | None, out_dir: str, n_qu
     html, samples = [], []
     for name, (examples, search) in sets.items():
         torch.manual_seed(args.seed)
-        rs = agent_rollouts(policy, examples, args, search, 1, args.eval_temperature, eval_sampling=True)
+        rs = agent_rollouts(policy, examples, args, search, 1, args.eval_temperature, eval_sampling=True,
+                            desc="eval")
         accs = [accuracy(r.answer, r.example, args.max_answer_words) for r in rs]
         results["accuracy"][name] = float(np.mean(accs))
         for task in dict.fromkeys(r.example["task"] for r in rs):

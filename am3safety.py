@@ -840,7 +840,9 @@ def stage_eval(args: Args) -> dict:
     out = os.path.join(args.out, "eval")
     trajectory_html(res.pop("samples"), os.path.join(out, "samples.html"), "AM3Safety eval dialogues")
     res.update(judge=args.judge, adapter=adapter, model=policy.name, n_dialogues=len(test),
-               judge_unparsed=judge.unparsed, note="tiny = random weights: these numbers are noise")
+               judge_unparsed=judge.unparsed)
+    if policy.name == "tiny":
+        res["note"] = "tiny = random weights: these numbers are noise"
     write_json(os.path.join(out, "results.json"), res)
     plot_asr({"policy": res["ASR_by_turn_index"], "base": res["base"]["ASR_by_turn_index"]},
              os.path.join(out, "asr_vs_turn.png"))

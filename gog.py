@@ -83,6 +83,8 @@ class Args:
     """LoRA rank (GoG: r = 8 on all LLM blocks)"""
     lora_alpha: int = 16
     """LoRA alpha"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward: less memory, ~30 % slower (the 7B budget needs it)"""
     # --- toy world (1) ---
     n_scenes: int = 64
     """scenes in the toy world (4 questions each, one per complexity level)"""
@@ -507,7 +509,8 @@ def make_reward_fn(args: Args, judge=None):
 # =============================================================================================
 def get_policy(args: Args, adapter: str | None = None, lora: bool = True):
     return load_policy(args.model, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
-                       lora_alpha=args.lora_alpha, adapter=adapter, seed=args.seed)
+                       lora_alpha=args.lora_alpha, adapter=adapter,
+                       gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
 
 
 def agent_rollouts(policy, examples: list[dict], args: Args, world: World, G: int, temperature: float,

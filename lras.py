@@ -88,6 +88,8 @@ class Args:
     """LoRA rank"""
     lora_alpha: int = 16
     """LoRA alpha"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward: less memory, ~30 % slower (the 7B budget needs it)"""
     # --- toy legal world (1) ---
     n_charges: int = 16
     """charges (one article each) in the toy code, at most 16"""
@@ -542,7 +544,8 @@ def get_policy(args: Args, adapter: str | None = None, lora: bool = True, name: 
     if adapter is not None:
         print(f"[lras] starting from the adapter {adapter}")
     return load_policy(name or args.model, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
-                       lora_alpha=args.lora_alpha, adapter=adapter, seed=args.seed)
+                       lora_alpha=args.lora_alpha, adapter=adapter,
+                       gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
 
 
 def agent_rollouts(policy, examples: list[dict], args: Args, search: TextSearch, G: int, temperature: float,

@@ -235,3 +235,24 @@ def test_resume_takes_the_same_next_step(tmp_path, capsys):
     for n, q in fa.items():
         if q.requires_grad:
             assert torch.allclose(q, fb[n], atol=1e-6), n
+
+
+def test_gradient_checkpointing_same_gradients():
+    """The GC switch changes memory, not math: the same LoRA gradients with and without it."""
+    data, _, _ = _toy_setup()
+    grads = []
+    for gc in (False, True):
+        p = load_policy("tiny", seed=2, gradient_checkpointing=gc)
+        assert p.model.get_base_model().model.language_model.gradient_checkpointing is gc
+        for n, q in p.model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(q, std=0.1, generator=torch.Generator().manual_seed(0))
+        r = run_rollouts(p, data[:1], num_generations=2, make_messages=lambda e: [
+            {"role": "user", "content": [{"type": "image", "image": e["img"]}, {"type": "text", "text": e["q"]}]}],
+            max_new_tokens=5, generate=lambda pol, seqs, **kw: [[5, 6, 7, 8]] * len(seqs))
+        p.model.train()
+        lp, _ = completion_logprobs(p.model, rollout_batch(r, p.tokenizer))
+        lp.sum().backward()
+        grads.append([q.grad.clone() for q in p.trainable_parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

@@ -2,10 +2,10 @@
 """AM3Safety: the turn-aware reward (Eqs. 6-9) against hand-computed values, the SafeMT Safety
 Index and win rate, the InterSafe-V builder's scorer and filters, loaders' errors, the
 multi-turn rollout masks, and a tiny end-to-end run as a subprocess."""
+import functools
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -15,6 +15,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import am3safety as am  # noqa: E402
+from helpers import run_script
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,10 +230,7 @@ def test_reward_fn_logs_alpha_per_turn(tiny):
 # --------------------------------------------------------------------------------------------
 # CLI and end to end
 # --------------------------------------------------------------------------------------------
-def _run(*argv, timeout=300):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", MPLBACKEND="Agg")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "am3safety.py"), *argv], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+_run = functools.partial(run_script, "am3safety.py")
 
 
 def test_help():

@@ -4,8 +4,6 @@ chunked log-probs == full-logits log_softmax (chunk sizes, images, 4-bit, with g
 micro-batched loss and gradients == full batch for each loss_type; `python -m common.bench` runs."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,8 +13,8 @@ from common.bench import Args, PATCHES, noise_image, prompt_text, qwen25vl_confi
 from common.grpo import GRPOConfig, completion_logprobs, grpo_loss, train_grpo, unwrap
 from common.models import build_tiny_tokenizer, load_policy
 from common.rollout import Rollout, rollout_batch, run_rollouts
+from helpers import run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -228,11 +226,10 @@ def test_random_config_matches_published_table():
 
 
 def test_bench_runs_and_ends_with_json(tmp_path):
-    cmd = [sys.executable, "-m", "common.bench", "--model", "tiny", "--steps", "1", "--warmup", "0",
+    cmd = ["common.bench", "--model", "tiny", "--steps", "1", "--warmup", "0",
            "--num_generations", "2", "--max_new_tokens", "4", "--prompt_tokens", "8", "--image_size", "56",
            "--beta", "0.04", "--threads", "1", "--out", str(tmp_path)]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = run_script(*cmd)
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["ours"]["gen_tokens"] == 2 * 4          # forced: exactly max_new_tokens per completion
@@ -241,8 +238,8 @@ def test_bench_runs_and_ends_with_json(tmp_path):
 
 
 def test_bench_bad_request_one_sentence(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "common.bench", "--model", "tiny", "--num_generations", "1",
-                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = run_script("common.bench", "--model", "tiny", "--num_generations", "1", "--out", str(tmp_path),
+                     timeout=120)
     assert out.returncode != 0 and "num_generations" in out.stderr
 
 

@@ -2,20 +2,17 @@
 """Tests for gog.py: the GoG reward on hand-written trajectories, the toy world (deterministic,
 oracle trajectories replayed through the real parser and tools score reward 1), the levels
 split, the benchmark loader, and a subprocess smoke run of every stage on the tiny model."""
+import functools
 import json
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import gog
 from common.models import load_policy
 from common.rollout import run_rollouts
+from helpers import run_script
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,20 +146,17 @@ def test_benchmark_loader_names_file_and_line(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # CLI and the whole pipeline
 # ---------------------------------------------------------------------------------------------
-def run_script(*argv, timeout=600):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
-    return subprocess.run([sys.executable, str(ROOT / "gog.py"), *argv], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+run_gog = functools.partial(run_script, "gog.py", timeout=600)
 
 
 def test_help():
-    p = run_script("--help", timeout=120)
+    p = run_gog("--help", timeout=120)
     assert p.returncode == 0 and "--num_generations" in p.stdout and "lambda" in p.stdout
 
 
 def test_stage_all_tiny_smoke(tmp_path):
     out = tmp_path / "run"
-    p = run_script("--stage", "all", "--model", "tiny", "--out", str(out), "--n_scenes", "2",
+    p = run_gog("--stage", "all", "--model", "tiny", "--out", str(out), "--n_scenes", "2",
                    "--image_size", "112", "--max_new_tokens", "8", "--max_steps", "1", "--sft_max_steps", "1",
                    "--levels_k", "2", "--filter_k", "2", "--num_generations", "2", "--prompts_per_step", "1",
                    "--max_turns", "2", "--max_completion_length", "96",

@@ -2,12 +2,10 @@
 """lras.py: toy legal world, loaders (MCQ / short answer / Chinese / broken rows), pruning,
 the <information> mask in SFT samples, the difficulty filter and sampler, the reward, the search
 statistics, the agent loop on scripted (malformed) outputs, and a tiny end-to-end smoke run."""
+import functools
 import json
-import os
 import random
 import re
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +16,7 @@ import lras
 from common.grpo import sample_prompts
 from common.models import build_tiny_tokenizer
 from common.rollout import Rollout
+from helpers import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "lras"
@@ -279,10 +278,7 @@ def test_missing_and_unsupported_files(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # CLI: --help, a bad request, and the tiny smoke run
 # ---------------------------------------------------------------------------------------------
-def run(*argv, timeout=240):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, str(ROOT / "lras.py"), *argv], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env)
+run = functools.partial(run_script, "lras.py", timeout=240)
 
 
 def test_help():

@@ -3,12 +3,9 @@
 trajectories), the toy set's injected errors (right step, right type, really wrong), the record
 validator's messages, the PRM reply parser and scoring loop, best-of-N, and a tiny end-to-end run."""
 
+import functools
 import json
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -16,8 +13,8 @@ from PIL import Image
 import prm_bench as pb
 from common.judge import exact_match
 from gog import build_world
+from helpers import run_script
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,10 +362,7 @@ def test_prob_scores_and_scripted_policy(tiny, world, tmp_path):
     assert pb.load_records(str(tmp_path / "gen.jsonl"), require_labels=False)[0]["steps"][0]["tool_image"]
 
 
-def run(*argv, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, str(ROOT / "prm_bench.py"), *argv], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=timeout)
+run = functools.partial(run_script, "prm_bench.py")
 
 
 def test_help():

@@ -207,7 +207,7 @@ def step(policy, r: Rollout, ids: list[int], tools, limits, style, reprompt, max
     if action.kind == "answer":
         r.answer, r.done = action.answer, True
         return
-    if not tools and action.kind != "answer":
+    if not tools:  # single-turn sampling: one reply, whatever it holds
         r.done = True
         r.truncated = len(ids) >= budget and not ended_turn
         return

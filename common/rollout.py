@@ -110,7 +110,7 @@ def sampling_config(policy, *, max_new_tokens: int, temperature: float, top_p: f
     from transformers import GenerationConfig
     tok = policy.tokenizer
     return GenerationConfig(
-        max_new_tokens=max_new_tokens, min_new_tokens=0, min_length=0, do_sample=temperature > 0,
+        max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=temperature > 0,
         temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0,
         eta_cutoff=0.0, top_h=None, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
         no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, length_penalty=1.0,

@@ -1,14 +1,24 @@
-"""A dataclass `Args` -> command line, CleanRL style: the docstring under each field is its help.
+"""The five scripts' shared skeleton: a dataclass `Args` -> command line, and one stage runner.
 
     @dataclass
-    class Args:
+    class Args(GRPOArgs):                     # run + model + GRPO fields come from common/
+        stage: Literal["data", "sft", "rl", "eval", "all"] = "all"
+        \"\"\"which stage to run\"\"\"
         beta: float = 0.001
-        \"\"\"KL coefficient (GoG: 0.001)\"\"\"
-    args = parse_args(Args)          # python gog.py --beta 0.01   (or --beta=0.01)
+        \"\"\"KL coefficient (GoG: 0.001)\"\"\"   # re-declared only because the paper's default differs
+    def main(argv=None):
+        run_stages(Args, {"data": stage_data, "sft": stage_sft, ...}, argv, doc=__doc__,
+                   file=__file__, tiny=TINY_SIZES, check=check_inputs)
 
-Booleans get `--flag` / `--no-flag`; `Literal[...]` fields get choices; `X | None` fields
-accept the word `none`. Field names keep TRL's spelling (`--num_generations`); the dashed form
-(`--num-generations`) works too.
+CleanRL style: the docstring under each field is its help; a `# --- name ---` comment above a
+block of fields names its group in `--help`. Booleans get `--flag` / `--no-flag`; `Literal[...]`
+fields get choices; `X | None` fields accept the word `none`. Field names keep TRL's spelling
+(`--num_generations`); the dashed form works too. Abbreviations are refused (`--max_step` is an
+error, not `--max_steps`).
+
+User errors (bad values, missing or malformed files, unknown models) raise `UserError("one
+sentence")`; `run_stages` prints `error: <sentence>` and exits 2, with the traceback only under
+`--debug`.
 """
 from __future__ import annotations
 
@@ -16,22 +26,137 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import json
+import os
+import random
+import re
+import sys
 import textwrap
+import time
 import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+
+class UserError(Exception):
+    """Something the user asked for cannot happen; the message is one sentence saying what and how
+    to fix it. Printed as `error: ...` (exit 2) by `run_stages`."""
+
+
+# =============================================================================================
+# Shared fields: every script's `Args` extends RunArgs (and GRPOArgs when it runs RL)
+# =============================================================================================
+@dataclass
+class RunArgs:
+    # --- run ---
+    stage: str = "all"
+    """which stage to run (`all` = every stage in order)"""
+    model: str = "auto"
+    """policy: tiny | smollm2 | auto (Qwen2.5-VL-3B on CUDA, else tiny) | hub id | folder"""
+    out: str = ""
+    """output folder (default runs/<script>); each stage writes <out>/<stage>/"""
+    seed: int = 0
+    """seed of the toy data, the data order and the sampler"""
+    debug: bool = False
+    """show the full traceback of an error instead of one sentence"""
+    # --- model ---
+    load_in_4bit: bool | None = None
+    """NF4 4-bit base weights: true | false | none (= auto: on for real models on CUDA, off for CPU presets)"""
+    lora_r: int = 8
+    """LoRA rank"""
+    lora_alpha: int = 16
+    """LoRA alpha"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward: less memory, slower (the 7B budget needs it)"""
+
+
+@dataclass
+class GRPOArgs(RunArgs):
+    # --- GRPO (TRL names) ---
+    max_steps: int = 200
+    """GRPO steps"""
+    learning_rate: float = 1e-5
+    """GRPO learning rate (LoRA)"""
+    num_generations: int = 4
+    """G, rollouts per prompt (>= 2: advantages are centred within a group)"""
+    prompts_per_step: int = 4
+    """prompts per GRPO step (batch = prompts_per_step x G rollouts)"""
+    beta: float = 0.001
+    """KL coefficient to pi_ref (the RL starting point)"""
+    epsilon: float = 0.2
+    """clip range, low side"""
+    epsilon_high: float | None = None
+    """clip range, high side (none = epsilon; DAPO: 0.28)"""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
+    """loss aggregation (TRL names)"""
+    max_completion_length: int = 2048
+    """tokens per rollout after the prompt, tool observations included"""
+    temperature: float = 1.0
+    """sampling temperature for RL (> 0)"""
+    micro_batch_size: int = 4
+    """sequences per forward/backward"""
+    save_steps: int = 0
+    """save a GRPO checkpoint (adapter, optimiser, RNG) every N steps into <out>/rl (0 = only the final adapter)"""
+    resume: bool = False
+    """continue RL from the latest <out>/rl/checkpoint-N: same step, data order and RNG"""
+
+
+GRPO_FIELDS = ("learning_rate", "num_generations", "prompts_per_step", "max_steps", "beta", "epsilon",
+               "epsilon_high", "loss_type", "max_completion_length", "temperature", "micro_batch_size",
+               "save_steps", "seed")
+
+
+def grpo_config(args, **overrides):
+    """The GRPOConfig of a script's `Args` (every GRPO field, the same in every script)."""
+    from common.grpo import GRPOConfig
+    return GRPOConfig(**{**{f: getattr(args, f) for f in GRPO_FIELDS}, **overrides})
+
+
+# =============================================================================================
+# Dataclass -> argparse
+# =============================================================================================
+GROUP_RE = re.compile(r"^\s*#\s*-{2,}\s*(.+?)\s*-{2,}")
+
+
+def _class_fields(cls) -> tuple[dict[str, str], dict[str, str]]:
+    """({field: the string literal right under it}, {field: its `# --- group ---`}) of one class body."""
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}, {}
+    lines, body = src.splitlines(), ast.parse(src).body[0].body
+    docs, groups = {}, {}
+    for a, b in zip(body, body[1:] + [None]):
+        if not (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name)):
+            continue
+        heads = [GROUP_RE.match(x) for x in lines[:a.lineno - 1]]
+        heads = [m.group(1) for m in heads if m]
+        if heads:
+            groups[a.target.id] = heads[-1]
+        if (isinstance(b, ast.Expr) and isinstance(getattr(b, "value", None), ast.Constant)
+                and isinstance(b.value.value, str)):
+            docs[a.target.id] = " ".join(b.value.value.split())
+    return docs, groups
 
 
 def field_docs(cls) -> dict[str, str]:
-    """{field: the string literal right under it} from the class source."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):
-        return {}
-    body, docs = tree.body[0].body, {}
-    for a, b in zip(body, body[1:]):
-        if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
-                and isinstance(getattr(b, "value", None), ast.Constant) and isinstance(b.value.value, str)):
-            docs[a.target.id] = " ".join(b.value.value.split())
+    """{field: help}: the docstring under the field in the most derived class that declares it."""
+    docs = {}
+    for c in reversed(cls.__mro__[:-1]):
+        docs.update(_class_fields(c)[0])
     return docs
+
+
+def field_groups(cls) -> dict[str, str]:
+    """{field: group title}: the group of the class that declares the field first (a script that
+    re-declares `beta` keeps it under GRPO); a script's fields before any `# ---` go under `options`."""
+    groups: dict[str, str] = {}
+    for c in reversed(cls.__mro__[:-1]):
+        own = _class_fields(c)[1]
+        for name in c.__dict__.get("__annotations__", {}):
+            groups.setdefault(name, own.get(name, "options"))
+    return groups
 
 
 def _bool(s: str) -> bool:
@@ -52,25 +177,134 @@ def _parser_for(tp):
         inner = [a for a in args if a is not type(None)][0]
         base, choices, is_bool = _parser_for(inner)
         base = _bool if is_bool else base
-        return (lambda s: None if s.lower() == "none" else base(s)), choices, False
+
+        def none_or(s: str):
+            return None if s.lower() == "none" else base(s)
+        none_or.__name__ = getattr(base, "__name__", "value")
+        return none_or, choices, False
     if tp is bool:
         return bool, None, True
     return tp, None, False
 
 
-def parse_args(cls, argv: list[str] | None = None, description: str | None = None):
-    hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
-    p = argparse.ArgumentParser(description=description,
+def build_parser(cls, description: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
+    hints, docs, groups = typing.get_type_hints(cls), field_docs(cls), field_groups(cls)
+    p = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sections: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(cls):
+        g = groups.get(f.name, "options")
+        section = sections.get(g) or sections.setdefault(g, p.add_argument_group(g))
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         typ, choices, is_bool = _parser_for(hints[f.name])
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         help_ = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
         if is_bool:
-            p.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=default, help=help_)
+            section.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
+                                 default=default, help=help_)
         else:
-            p.add_argument(*names, dest=f.name, type=typ, choices=choices, default=default, help=help_)
-    return cls(**vars(p.parse_args(argv)))
+            section.add_argument(*names, dest=f.name, type=typ, choices=choices, default=default, help=help_)
+    return p
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """Destinations the user set on the command line (parsed, so `--x=1`, `--x 1` and `--no-x` all count)."""
+    saved = {a.dest: a.default for a in parser._actions}
+    try:
+        for a in parser._actions:
+            a.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for a in parser._actions:
+            a.default = saved[a.dest]
+
+
+def parse_args(cls, argv: list[str] | None = None, description: str | None = None):
+    return cls(**vars(build_parser(cls, description).parse_args(argv)))
+
+
+# =============================================================================================
+# The stage runner
+# =============================================================================================
+def is_tiny(args) -> bool:
+    """The CPU preset: `--model tiny`, or `auto` on a machine without CUDA."""
+    if args.model == "tiny":
+        return True
+    if args.model != "auto":
+        return False
+    import torch
+    return not torch.cuda.is_available()
+
+
+def start_adapter(args, *stages: str) -> str | None:
+    """The adapter a stage starts from: the first `<out>/<stage>/adapter` that exists, in the
+    order given (eval: `"rl", "sft"`; RL: `"sft"`), else None (a fresh LoRA on the base model)."""
+    for s in stages or ("rl", "sft"):
+        path = Path(args.out) / s / "adapter"
+        if (path / "adapter_config.json").is_file():
+            return str(path)
+    return None
+
+
+def _jsonable(x):
+    return x if isinstance(x, (str, int, float, bool, type(None))) else str(x)
+
+
+def run_stages(cls, stages: dict[str, Callable], argv: list[str] | None = None, *, doc: str | None = None,
+               file: str | None = None, tiny: dict | None = None, check: Callable | None = None):
+    """Parse `cls` from argv, apply the tiny-preset sizes, validate, run the stage(s), write args.json.
+
+    `stages` maps each stage name to `fn(args)`, in the order `--stage all` runs them. `tiny` replaces
+    the defaults of those fields under the CPU preset unless the user gave them. `check(args)` runs
+    before any stage (so a bad input file fails in seconds, before a model is loaded or trained).
+    A `UserError` (or a missing/unreadable file) becomes `error: <sentence>` and exit code 2."""
+    name = Path(file or sys.argv[0]).stem
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(cls, doc, prog=f"{name}.py")
+    args = cls(**vars(parser.parse_args(argv)))
+    try:
+        if not args.out:
+            args.out = f"runs/{name}"
+        if tiny and is_tiny(args):
+            given = given_flags(parser, argv)
+            sizes = {k: v for k, v in tiny.items() if k not in given}
+            for k, v in sizes.items():
+                setattr(args, k, v)
+            print(f"[{name}] tiny CPU preset, small sizes: {sizes} (flags you pass win). Its numbers are noise.")
+        if args.stage != "all" and args.stage not in stages:
+            raise UserError(f"unknown stage {args.stage!r}; choose from {', '.join(stages)} or all.")
+        _check_out(args.out)
+        if check is not None:
+            check(args)
+        results = {}
+        for stage in (list(stages) if args.stage == "all" else [args.stage]):
+            random.seed(args.seed)
+            t0 = time.perf_counter()
+            results[stage] = stages[stage](args)
+            print(f"[{name}] stage {stage} took {time.perf_counter() - t0:.1f} s")
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump({k: _jsonable(v) for k, v in dataclasses.asdict(args).items()}, f, indent=1)
+        return results
+    except (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+            UnicodeDecodeError) as e:
+        if args.debug:
+            raise
+        print(f"error: {_sentence(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _check_out(out: str) -> None:
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder --out {out!r} ({e.strerror}); pass a writable --out.")
+    if not os.access(out, os.W_OK):
+        raise UserError(f"the output folder --out {out!r} is not writable; pass a writable --out.")
+
+
+def _sentence(e: BaseException) -> str:
+    if isinstance(e, UnicodeDecodeError):
+        return f"a file is not valid {e.encoding} ({e.reason} at byte {e.start}); convert it to UTF-8."
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.strerror or type(e).__name__}: {e.filename}"
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,162 @@
+"""One reader for every user data file: benchmark exports, corpora, seeds, predictions.
+
+    rows = read_records("lawbench.json")        # [("lawbench.json:3", {...}), ...]
+    img = open_image(row["image"], base_dir=Path("lawbench.json").parent, where="lawbench.json:3")
+
+Formats, decided by content and suffix:
+  .json   a JSON array of objects, one object, or JSON lines (LexEval ships JSON lines as `.json`)
+  .jsonl  JSON lines (blank lines skipped)
+  .csv    a header row; each later row is a dict of strings
+  .parquet  via pyarrow (what `datasets` uses); embedded images stay as {"bytes": ..., "path": ...}
+Encodings: UTF-8 (with or without BOM); otherwise GB18030 (a superset of GBK, which Chinese legal
+exports use) when the whole file decodes as it, announced in one line; otherwise one sentence naming
+the file, the byte and the conversion to run.
+
+Every problem is a `UserError` whose sentence names `file:line` (or `file:row N` / `file:item N`),
+so the script can fail before it loads a model. Each script maps fields to its own schema.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from common.cli import UserError
+
+MAX_IMAGE_PIXELS = 64_000_000   # larger images are refused (decompression bombs): 8k x 8k
+
+
+def read_text(path: str | Path, what: str = "data file") -> str:
+    """The file's text: UTF-8, else GB18030 (announced), else a UserError naming the encoding to try."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"no {what} at {p}" + (" (it is a folder)." if p.is_dir() else "."))
+    raw = p.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        bad = e.start
+    try:
+        text = raw.decode("gb18030")
+    except UnicodeDecodeError:
+        raise UserError(f"{p} is not UTF-8 (invalid byte 0x{raw[bad]:02x} at offset {bad}) nor GB18030; "
+                        f"convert it, e.g. `iconv -f <its encoding> -t UTF-8 {p.name} > fixed.json`.") from None
+    print(f"[data] {p} is not UTF-8; read it as GB18030 (GBK).")
+    return text
+
+
+def read_records(path: str | Path, what: str = "data file") -> list[tuple[str, dict]]:
+    """[(where, row)] for each record of a JSON / JSON-lines / CSV / parquet file; `where` is
+    `file:line` (JSON lines, CSV), `file:item N` (JSON array) or `file:row N` (parquet)."""
+    p = Path(path)
+    if p.suffix == ".parquet":
+        return _parquet(p, what)
+    text = read_text(p, what)
+    if p.suffix == ".csv":
+        rows = _csv(p, text)
+    else:
+        rows = _json(p, text)
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: expected a JSON object (a record with fields), got {type(row).__name__}.")
+    if not rows:
+        raise UserError(f"the {what} {p} holds no records.")
+    return rows
+
+
+def _json(p: Path, text: str) -> list[tuple[str, object]]:
+    stripped = text.lstrip()
+    if not stripped:
+        return []
+    if stripped[0] == "[":
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{p}:{e.lineno}: not valid JSON ({e.msg}).") from None
+        return [(f"{p}:item {i}", r) for i, r in enumerate(items, 1)]
+    try:  # one object spread over several lines
+        return [(f"{p}:1", json.loads(text))]
+    except json.JSONDecodeError:
+        pass
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{p}:{lineno}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{p}:{lineno}: not valid JSON ({e.msg}).") from None
+    return rows
+
+
+def _csv(p: Path, text: str) -> list[tuple[str, dict]]:
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames:
+        raise UserError(f"{p}: a CSV file needs a header row.")
+    rows = []
+    for row in reader:
+        where = f"{p}:{reader.line_num}"
+        if None in row:
+            raise UserError(f"{where}: more cells than the {len(reader.fieldnames)} header columns.")
+        rows.append((where, {k: (v if v is not None else "") for k, v in row.items()}))
+    return rows
+
+
+def _parquet(p: Path, what: str) -> list[tuple[str, dict]]:
+    if not p.is_file():
+        raise UserError(f"no {what} at {p}.")
+    import pyarrow.parquet as pq
+    try:
+        table = pq.read_table(p)
+    except Exception as e:  # pyarrow raises several types for a broken file
+        raise UserError(f"{p}: not a readable parquet file ({type(e).__name__}: {str(e)[:120]}).") from None
+    rows = [(f"{p}:row {i}", r) for i, r in enumerate(table.to_pylist(), 1)]
+    if not rows:
+        raise UserError(f"the {what} {p} holds no records.")
+    return rows
+
+
+def require(row: dict, where: str, *fields: str) -> None:
+    """One sentence naming the record and the fields it lacks."""
+    missing = [f for f in fields if row.get(f) in (None, "", [])]
+    if missing:
+        raise UserError(f"{where}: the record lacks {', '.join(repr(f) for f in missing)} "
+                        f"(it has {', '.join(map(repr, row)) or 'no fields'}).")
+
+
+def resolve_inside(base_dir: str | Path, rel: str, where: str) -> Path:
+    """`base_dir / rel`, refusing any path that leaves `base_dir` (`../../etc/passwd`, absolute paths elsewhere)."""
+    base = Path(base_dir).resolve()
+    full = (base / str(rel)).resolve()
+    if full != base and base not in full.parents:
+        raise UserError(f"{where}: the path {rel!r} leaves the data folder {base}; keep files inside it.")
+    if not full.is_file():
+        raise UserError(f"{where}: the file {full} does not exist.")
+    return full
+
+
+def open_image(value, base_dir: str | Path, where: str):
+    """A PIL RGB image from a path inside `base_dir`, raw bytes, or a parquet/datasets cell
+    {"bytes": ..., "path": ...}. A non-image, a broken file or an image over MAX_IMAGE_PIXELS
+    is a UserError naming the file and row."""
+    from PIL import Image, UnidentifiedImageError
+    if isinstance(value, dict) and value.get("bytes"):
+        value = value["bytes"]
+    elif isinstance(value, dict) and value.get("path"):
+        value = value["path"]
+    if isinstance(value, (bytes, bytearray)):
+        src, name = io.BytesIO(value), f"the embedded image at {where}"
+    elif isinstance(value, str) and value:
+        src = resolve_inside(base_dir, value, where)
+        name = f"{src} ({where})"
+    else:
+        raise UserError(f"{where}: expected an image path or image bytes, got {type(value).__name__}.")
+    try:
+        with Image.open(src) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise UserError(f"{name} is {im.width}x{im.height} pixels, over the {MAX_IMAGE_PIXELS:,} "
+                                f"allowed (a decompression bomb?); resize it.")
+            return im.convert("RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
+        raise UserError(f"{name} is not a readable image ({type(e).__name__}).") from None

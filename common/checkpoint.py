@@ -22,10 +22,19 @@ import torch
 FILES = ("adapter_config.json", "adapter_model.safetensors", "trainer_state.pt")
 
 
+def pack_random(state) -> dict:
+    """A `random.Random` state as a tensor + numbers (no pickle)."""
+    version, mt, gauss = state
+    return {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss}
+
+
+def unpack_random(d: dict):
+    return d["version"], tuple(d["state"].tolist()), d["gauss"]
+
+
 def rng_state() -> dict:
-    version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+    state = {"python": pack_random(random.getstate()),
              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached": float(cached)},
              "torch": torch.get_rng_state()}
@@ -35,8 +44,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(s: dict) -> None:
-    py = s["python"]
-    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    random.setstate(unpack_random(s["python"]))
     n = s["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(s["torch"])

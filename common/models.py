@@ -328,6 +328,9 @@ def load_policy(name_or_path: str | None = "auto", *, load_in_4bit: bool | None 
         load_in_4bit = dev.type == "cuda" and name not in ("tiny", "smollm2")
     model, tok, image_processor, is_vlm = load_base(name, load_in_4bit=load_in_4bit, device=dev,
                                                     dtype=dtype, seed=seed)
+    if is_vlm:  # crop coordinates follow this model's own resize rule (common.tools.seen_size)
+        from common.tools import set_image_processor
+        set_image_processor(image_processor)
     model.config.use_cache = True
     for p in model.parameters():
         p.requires_grad_(False)

@@ -171,10 +171,46 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     return h_bar, w_bar
 
 
-def seen_size(image: Image.Image, min_pixels: int = 56 * 56,
-              max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
-    """(w, h) of `image` as the Qwen2.5-VL processor resizes it, i.e. as the model sees it."""
-    h, w = smart_resize(image.height, image.width, min_pixels=min_pixels, max_pixels=max_pixels)
+_PROCESSOR = None   # the image processor of the last VLM load_policy loaded (see seen_size)
+
+
+def set_image_processor(image_processor) -> None:
+    """Make `seen_size` / `crop` default to this processor's resize rule (load_policy calls it)."""
+    global _PROCESSOR
+    _PROCESSOR = image_processor
+
+
+def resize_limits(image_processor) -> dict:
+    """min_pixels, max_pixels and factor (= patch_size * merge_size) of a Qwen2-VL-style image
+    processor, read from the processor itself (its `size` longest/shortest edge in pixels, or
+    min_pixels / max_pixels attributes), never assumed."""
+    size = getattr(image_processor, "size", None)
+    get = (lambda k: size.get(k) if isinstance(size, dict) else getattr(size, k, None))
+    lo = getattr(image_processor, "min_pixels", None) or get("shortest_edge") or get("min_pixels")
+    hi = getattr(image_processor, "max_pixels", None) or get("longest_edge") or get("max_pixels")
+    patch, merge = getattr(image_processor, "patch_size", None), getattr(image_processor, "merge_size", None)
+    if not (lo and hi and patch and merge):
+        raise ValueError(f"{type(image_processor).__name__} has no Qwen2-VL resize settings (min/max "
+                         f"pixels, patch_size, merge_size); pass min_pixels / max_pixels instead.")
+    return {"min_pixels": int(lo), "max_pixels": int(hi), "factor": int(patch) * int(merge)}
+
+
+def seen_size(image: Image.Image, image_processor=None, *, min_pixels: int | None = None,
+              max_pixels: int | None = None) -> tuple[int, int]:
+    """(w, h) of `image` as the model sees it after its image processor's resize.
+
+    The rule's settings come from, in order: explicit min_pixels / max_pixels; the given
+    `image_processor`; the processor of the VLM that load_policy loaded last; Qwen2.5-VL's
+    library defaults (56*56 .. 28*28*1280, factor 28). With the published Qwen2.5-VL-3B/7B
+    processor (max_pixels 12,845,056) a 1600x1200 image is seen as 1596x1204, not 1148x840."""
+    ip = image_processor if image_processor is not None else _PROCESSOR
+    lim = resize_limits(ip) if ip is not None else {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280,
+                                                    "factor": 28}
+    if min_pixels is not None:
+        lim["min_pixels"] = min_pixels
+    if max_pixels is not None:
+        lim["max_pixels"] = max_pixels
+    h, w = smart_resize(image.height, image.width, **lim)
     return w, h
 
 

@@ -27,7 +27,8 @@ import math
 import numbers
 import os
 import re
-import time
+import socket
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,15 +305,15 @@ class _HttpBackend:
             raise ValueError(f"search endpoint must be an http(s):// URL, got {endpoint!r}")
         self.endpoint, self.api_key = endpoint, api_key
         self.timeout, self.max_bytes = timeout, max_response_bytes
-        self.session = requests.Session()
-        self.session.trust_env = False
 
-    def post(self, payload: dict) -> list[dict]:
+    def _exchange(self, payload: dict, box: dict) -> None:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        deadline = time.monotonic() + self.timeout
+        session = requests.Session()  # one per exchange: a timed-out worker may still hold its own
+        session.trust_env = False
         try:
-            with self.session.post(self.endpoint, json=payload, headers=headers, stream=True,
+            with session, session.post(self.endpoint, json=payload, headers=headers, stream=True,
                                    timeout=self.timeout, allow_redirects=False) as r:
+                box["response"] = r
                 if not 200 <= r.status_code < 300:
                     raise SearchError(f"search server returned HTTP {r.status_code}")
                 body = bytearray()
@@ -320,12 +321,34 @@ class _HttpBackend:
                     body += chunk
                     if len(body) > self.max_bytes:
                         raise SearchError(f"search response larger than {self.max_bytes} bytes")
-                    if time.monotonic() > deadline:
-                        raise SearchError(f"search timed out after {self.timeout} s")
+                box["body"] = bytes(body)
+        except SearchError as e:
+            box["error"] = e
         except requests.Timeout:
-            raise SearchError(f"search timed out after {self.timeout} s") from None
-        except requests.RequestException as e:
-            raise SearchError(f"search request failed ({type(e).__name__})") from None
+            box["error"] = SearchError(f"search timed out after {self.timeout} s")
+        except (requests.RequestException, OSError, ValueError) as e:
+            box["error"] = SearchError(f"search request failed ({type(e).__name__})")
+
+    def post(self, payload: dict) -> list[dict]:
+        """The whole exchange (connect, headers, body) ends within `timeout` seconds: it runs in
+        a worker thread, and when the deadline passes the connection is closed and the call
+        returns (requests' own timeout bounds each socket read only, so a server dripping a
+        byte at a time could hold a call far longer)."""
+        box: dict = {}
+        worker = threading.Thread(target=self._exchange, args=(payload, box), daemon=True)
+        worker.start()
+        worker.join(self.timeout)
+        if worker.is_alive():  # shut the socket so the worker's read fails; never wait for it
+            conn = getattr(getattr(box.get("response"), "raw", None), "_connection", None)
+            try:
+                if getattr(conn, "sock", None) is not None:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            raise SearchError(f"search timed out after {self.timeout} s")
+        if "error" in box:
+            raise box["error"]
+        body = box["body"]
         try:
             data = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError):

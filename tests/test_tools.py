@@ -293,6 +293,18 @@ class _Stub(BaseHTTPRequestHandler):
                                "auth": self.headers.get("Authorization")})
         if self.path == "/slow":
             time.sleep(1.0)
+        if self.path == "/drip":  # valid headers, then one byte every 0.2 s for 4 s
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            try:
+                for ch in (' ' * 19 + '{"results": []}'):
+                    self.wfile.write(ch.encode())
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            return
         if self.path == "/redirect":
             self.send_response(302)
             self.send_header("Location", "/retrieve")
@@ -352,6 +364,17 @@ def test_http_failures_become_observations(server, path, needle):
     assert time.monotonic() - start < 0.9
     with pytest.raises(SearchError):
         ts.search("query")
+
+
+def test_http_timeout_bounds_the_whole_exchange(server):
+    """A server that drips a byte every 0.2 s never trips a per-read timeout; the call must
+    still end at its 1 s deadline (it took the drip's full length before)."""
+    ts = TextSearch(endpoint=server + "/drip", timeout=1.0)
+    start = time.monotonic()
+    obs = ts.observe("query")
+    took = time.monotonic() - start
+    assert obs.startswith("Error: ") and "timed out after 1.0 s" in obs
+    assert took < 1.6, took
 
 
 def test_http_redirect_not_followed(server):

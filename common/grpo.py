@@ -282,8 +282,14 @@ def train_grpo(policy, dataset: list[dict], rollout_fn: Callable, reward_fn, cfg
     weights: optional per-example sampling weights (e.g. LRAS difficulty).
     resume: continue from the latest complete checkpoint in out_dir (an error if there is none).
     on_step(step, rollouts, rewards): a hook for samples / trajectory pages.
+    pi_ref is the policy at the start of the run (before any resume): `Policy.frozen_reference`.
     """
     check_config(cfg)
+    with policy.frozen_reference():
+        return _train_grpo(policy, dataset, rollout_fn, reward_fn, cfg, out_dir, weights, resume, on_step)
+
+
+def _train_grpo(policy, dataset, rollout_fn, reward_fn, cfg, out_dir, weights, resume, on_step) -> dict:
     G = cfg.num_generations
     params = policy.trainable_parameters()
     if not params:

@@ -80,6 +80,9 @@ class Args:
     """run TRL beside ours on the first size"""
     gog_steps: int = 2
     """RL steps of gog.py --stage all on the random 3B (0 = skip)"""
+    gog_model: str = ""
+    """model for the gog run (default: the random first size; the CPU smoke uses tiny, since gog's
+    every stage on even a 1-layer 3B takes over 10 minutes on 2 CPU cores)"""
     pytest: bool = True
     """run pytest -m gpu"""
     timeout: int = 900
@@ -87,7 +90,8 @@ class Args:
 
 
 CPU_SMOKE = dict(num_layers=1, vocab_size=1024, num_generations=2, image_size=56, max_new_tokens=4,
-                 steps=1, warmup=0, load_in_4bit=False, gradient_checkpointing=True, sizes="3b", gog_steps=1)
+                 steps=1, warmup=0, load_in_4bit=False, gradient_checkpointing=True, sizes="3b", gog_steps=1,
+                 gog_model="tiny", pytest=False)
 
 
 class Log:
@@ -166,9 +170,16 @@ def plan(args) -> list[dict]:
         if args.trl and i == 0:
             bench.append("--vs-trl")
         steps.append(dict(name=f"bench_{size}", cmd=bench, result=os.path.join(args.out, f"bench_{size}", "result.json")))
+        if args.trl and i == 0:  # TRL cannot take the image prompt without torchvision: then the same text-only work
+            text = [a if a != os.path.join(args.out, f"bench_{size}") else os.path.join(args.out, f"bench_{size}_text")
+                    for a in bench]
+            text[text.index("--image_size") + 1] = "0"
+            steps.append(dict(name=f"bench_{size}_text", cmd=text, only_if_trl_skipped=f"bench_{size}",
+                              result=os.path.join(args.out, f"bench_{size}_text", "result.json")))
     if args.gog_steps and sizes:
-        folder = random_model_dir(args, sizes[0])
-        gog_out = os.path.join(args.out, f"gog_{sizes[0]}")
+        folder = args.gog_model or random_model_dir(args, sizes[0])
+        tag = "tiny" if args.gog_model == "tiny" else sizes[0]
+        gog_out = os.path.join(args.out, f"gog_{tag}")
         gog = [py, "-m", "common.gpu_check", "--peak-of", os.path.join(gog_out, "peak.json"), "--",
                os.path.join(ROOT, "gog.py"), "--stage", "all", "--model", folder, "--out", gog_out,
                "--max_steps", str(args.gog_steps), "--num_generations", "2", "--prompts_per_step", "1",
@@ -176,7 +187,7 @@ def plan(args) -> list[dict]:
                "--max_completion_length", "256", "--image_size", str(max(args.image_size, 56)),
                "--load_in_4bit", str(args.load_in_4bit).lower(),
                "--gradient_checkpointing" if args.gradient_checkpointing else "--no-gradient_checkpointing"]
-        steps.append(dict(name=f"gog_{sizes[0]}", cmd=gog, result=os.path.join(gog_out, "peak.json")))
+        steps.append(dict(name=f"gog_{tag}", cmd=gog, result=os.path.join(gog_out, "peak.json")))
     return steps
 
 
@@ -244,7 +255,9 @@ def bench_line(size: str, res: dict) -> str:
     if "fraction_of_bound" in res:
         s += f" = {100 * res['fraction_of_bound']:.1f}% of the bandwidth bound"
     if "trl_over_ours" in res:
-        s += f" | TRL/ours {res['trl_over_ours']:.2f}x"
+        s += f" | TRL/ours {res['trl_over_ours']:.2f}x (tokens equal: {res.get('trl_tokens_equal')})"
+    elif res.get("trl_skipped"):
+        s += " | TRL: skipped"
     return s
 
 
@@ -305,6 +318,11 @@ def main(argv=None) -> int:
     log("[gpu_check] versions: " + json.dumps(summary["versions"]))
 
     for s in steps:
+        if s.get("only_if_trl_skipped"):
+            prev = (summary["steps"].get(s["only_if_trl_skipped"]) or {}).get("result") or {}
+            if not prev.get("trl_skipped"):
+                continue
+            log(f"[gpu_check] TRL skipped the image prompt ({prev['trl_skipped']}): the same work without the image")
         summary["steps"][s["name"]] = run_step(s, log, args.timeout)
         if s["name"].startswith("build_") and summary["steps"][s["name"]]["rc"] != 0:
             size = s["name"].split("_", 1)[1]

@@ -1,10 +1,12 @@
-# Run: pytest tests/test_gpu_check.py -q      (CPU; the smoke is ~1 minute on a busy 2-core box)
+# Run: pytest tests/test_gpu_check.py -q      (CPU, seconds; the full CPU smoke: pytest -m slow tests/test_gpu_check.py)
 """The prepared GPU check cannot rot: its dry run lists every step, its CPU smoke runs every step
 end to end (random 1-layer Qwen2.5-VL-3B, tiny image, 4 tokens, no 4-bit) and writes the summary,
 and its budget judge fails a peak over budget or a missing figure."""
 import json
 import os
 import subprocess
+
+import pytest
 
 from common.gpu_check import BUDGET_GB, install_command, judge, plan, Args
 from helpers import ROOT
@@ -46,20 +48,22 @@ def test_wheels_only_from_the_local_folder(tmp_path):
     assert install_command([], str(tmp_path)) is None
 
 
+@pytest.mark.slow   # ~8 minutes on the shared 2-core box (a 1-layer 2048-wide model, TRL, gog): not CI-sized
 def test_cpu_smoke_runs_every_step(tmp_path):
-    """The whole check on a CPU: pytest -m gpu (skips), build + bench (with TRL) + gog on a random
-    1-layer 3B with a 1k vocabulary; summary.json and the log land in the folder."""
+    """The whole check on a CPU: build + bench (with TRL) on a random 1-layer 3B with a 1k
+    vocabulary, gog on the tiny preset; summary.json and the log land in the folder."""
     out_dir, work = tmp_path / "g", tmp_path / "models"
     out = run_sh(str(out_dir), "--cpu-smoke", "--work", str(work), timeout=900)
     summary = json.loads((out_dir / "summary.json").read_text())
     log = (out_dir / "gpu_check.log").read_text()
     failed = {k: v.get("error") for k, v in summary["steps"].items() if v["rc"] != 0}
     assert not failed, (failed, log[-3000:])
-    assert set(summary["steps"]) == {"pytest_gpu", "build_3b", "bench_3b", "gog_3b"}
+    assert {"build_3b", "bench_3b", "gog_tiny"} <= set(summary["steps"])
     bench = summary["steps"]["bench_3b"]["result"]
-    assert bench["ours"]["gen_tokens"] == 2 * 4 and bench["trl_tokens_equal"]
-    assert bench["ours"]["peak_gb"] > 0 and bench["trl"]["peak_gb"] > 0
-    assert summary["steps"]["gog_3b"]["result"]["peak_gb"] > 0
+    assert bench["ours"]["gen_tokens"] == 2 * 4 and bench["ours"]["peak_gb"] > 0
+    trl = bench if "trl" in bench else summary["steps"]["bench_3b_text"]["result"]  # no torchvision: text only
+    assert trl["trl_tokens_equal"] and trl["trl"]["peak_gb"] > 0 and trl["trl_over_ours"] > 0
+    assert summary["steps"]["gog_tiny"]["result"]["peak_gb"] > 0
     assert summary["versions"]["torch"] and "device" in summary["versions"]
     assert "bench_3b_peak" in summary["budgets"] and out.returncode == (0 if summary["pass"] else 1)
     assert "===== summary =====" in log

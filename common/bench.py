@@ -252,6 +252,11 @@ def forced_generate(policy, seqs, *, max_new_tokens, **kw):
     n = max_new_tokens if isinstance(max_new_tokens, int) else min(max_new_tokens)
     if _forced_kw():
         return rollout_mod.generate_ids(policy, seqs, max_new_tokens=max_new_tokens, min_new_tokens=n, **kw)
+    if "sampling_config" in vars(rollout_mod) and not getattr(forced_generate, "warned", False):
+        forced_generate.warned = True   # the core pins min_new_tokens=0: nothing forces the length
+        print("[bench] warning: common.rollout.generate_ids pins min_new_tokens=0 and takes no "
+              "min_new_tokens, so completions are not forced to the budget; the per-step token check "
+              "against TRL says whether the work still matched")
     gc = unwrap(policy.model).generation_config
     old = gc.min_new_tokens
     gc.min_new_tokens = n

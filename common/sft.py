@@ -18,7 +18,7 @@ import torch
 
 from common.chat import Encoded, collate
 from common.checkpoint import load_checkpoint, pack_random, resume_from, save_checkpoint, unpack_random
-from common.grpo import completion_logprobs
+from common.logprobs import completion_logprobs
 from common.rollout import image_token_id
 from common.runlog import RunLog
 

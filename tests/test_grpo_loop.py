@@ -4,6 +4,7 @@ weighting it logs and back-propagates; the reference, mask, temperature and norm
 change these numbers, so a wrong one fails here. Also the metrics' meaning (token-weighted
 across micro-batches, grad_norm per update, skipped steps, reward terms, the sampler gap) and
 the input checks. Rollouts are scripted (no sampling) unless a test says otherwise."""
+import contextlib
 import json
 
 import pytest
@@ -58,11 +59,16 @@ def run_loop(policy, lengths, rewards, rows=None, **cfg_kw):
                                max_steps=1, max_completion_length=max(lengths), max_grad_norm=1e9,
                                logprob_chunk_tokens=7), **cfg_kw})
     torch.nn.utils.clip_grad_norm_ = capture
+    # pi_ref = the adapter-off model here (as for a fresh LoRA), so that KL and its gradient are
+    # non-zero at this first step; which reference a run uses is test_core's
+    # test_reference_is_the_starting_adapter
+    policy.frozen_reference = contextlib.nullcontext
     try:
         train_grpo(policy, [{"id": 0}], lambda p, ex, c: [Rollout(**vars(r)) for r in rollouts],
                    lambda group, ex: [{"reward": r} for r in rewards], cfg, out_dir=policy._tmp)
     finally:
         torch.nn.utils.clip_grad_norm_ = real_clip
+        del policy.frozen_reference
     row = json.loads(open(f"{policy._tmp}/metrics.jsonl").readlines()[-1])
     return row, captured.get("grads")
 

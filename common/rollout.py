@@ -203,19 +203,20 @@ def generate_ids(policy, seqs: list[Encoded], *, max_new_tokens: int | list[int]
                     procs.append(TopKLogitsWarper(top_k))
                 if top_p < 1.0:
                     procs.append(TopPLogitsWarper(top_p))
-                procs.append(rec)
+                if return_logprobs:
+                    procs.append(rec)
             gcfg = sampling_config(policy, max_new_tokens=max(budgets), temperature=temperature,
                                    top_p=top_p, top_k=top_k, min_new_tokens=int(min_new_tokens or 0))
             gen = model.generate(**batch, generation_config=gcfg,
                                  logits_processor=LogitsProcessorList(procs),
                                  stopping_criteria=StoppingCriteriaList([rows]))[:, P:]  # (b, new)
-            if temperature > 0:
+            if temperature > 0 and return_logprobs:
                 rec.take(gen[:, -1])
                 lp = torch.stack(rec.logps, 1) if rec.logps else gen.new_zeros(len(chunk), 0).float()
             for b, row in enumerate(gen.tolist()):
                 n = rows.lengths[b] if rows.lengths[b] is not None else len(row)
                 out.append(row[:n])
-                out_lp.append(lp[b, :n].tolist() if temperature > 0 else None)
+                out_lp.append(lp[b, :n].tolist() if temperature > 0 and return_logprobs else None)
     finally:
         model.train(was_training)
     return (out, out_lp) if return_logprobs else out

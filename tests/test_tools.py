@@ -459,7 +459,7 @@ def test_seen_size_and_crop_follow_the_loaded_processor(tmp_path):
     img = Image.new("RGB", (1600, 1200))
     assert tools_mod.seen_size(img, ip) == (1596, 1204)
     assert tools_mod.seen_size(img, image_processor_for()) == (1148, 840)
-    for w, h in [(1600, 1200), (4000, 3000), (30, 500), (640, 480)]:
+    for w, h in [(1600, 1200), (30, 500), (640, 480), (333, 1000)]:
         grid = ip(images=[Image.new("RGB", (w, h))], return_tensors="pt")["image_grid_thw"][0].tolist()
         assert tools_mod.seen_size(Image.new("RGB", (w, h)), ip) == (grid[2] * 14, grid[1] * 14)
     saved = tools_mod._PROCESSOR

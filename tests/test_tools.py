@@ -446,16 +446,17 @@ QWEN25VL_3B_PREPROCESSOR = {
     "processor_class": "Qwen2_5_VLProcessor"}
 
 
-def test_seen_size_and_crop_follow_the_loaded_processor(tmp_path):
+def test_seen_size_and_crop_follow_the_loaded_processor():
     """With the published 3B processor a 1600x1200 image is seen as 1596x1204 (the library
     defaults would say 1148x840, putting crops ~39 % off); seen_size agrees with the processor's
     own image_grid_thw for several sizes, and a box in seen pixels maps back to the original."""
-    import json as _json
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from common import tools as tools_mod
     from common.models import image_processor_for
-    (tmp_path / "preprocessor_config.json").write_text(_json.dumps(QWEN25VL_3B_PREPROCESSOR))
-    ip = image_processor_for(str(tmp_path))
+    # (image_processor_for(folder) reads the same file; its first from_pretrained costs ~10 s here)
+    ip = Qwen2VLImageProcessorPil(**{k: v for k, v in QWEN25VL_3B_PREPROCESSOR.items()
+                                     if k not in ("image_processor_type", "processor_class")})
     img = Image.new("RGB", (1600, 1200))
     assert tools_mod.seen_size(img, ip) == (1596, 1204)
     assert tools_mod.seen_size(img, image_processor_for()) == (1148, 840)

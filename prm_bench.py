@@ -1,7 +1,7 @@
 """PRM-Bench for thinking with images: a step-labelled benchmark format, trajectory generation
 with error injection, LVLM-as-PRM evaluation with the anchors' metrics, and PRM-guided search.
 "What, Whether and How? Unveiling Process Reward Models for Thinking with Images Reasoning",
-arXiv 2602.08346 (no code or data released); see shared/papers/prm_bench.md.
+arXiv 2602.08346 (no code or data released).
 
 Stages (each writes into <out>/<stage>/; `all` runs data -> eval -> search):
     python prm_bench.py --stage all --model tiny      # CPU, ~1-2 min: plumbing only, numbers are noise
@@ -50,7 +50,7 @@ import json
 import random
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -58,7 +58,8 @@ import torch
 from PIL import Image
 
 from common.chat import collate, encode
-from common.cli import parse_args
+from common.cli import RunArgs, UserError, run_stages
+from common.data import open_image, read_records
 from common.judge import exact_match, normalize_answer, parse_verdict
 from common.models import load_policy
 from common.rollout import image_token_id, run_rollouts
@@ -68,26 +69,16 @@ from gog import World, build_world, to_seen
 
 
 @dataclass
-class Args:
+class Args(RunArgs):
     stage: Literal["data", "eval", "search", "all"] = "all"
     """which stage to run (`all` = data, eval, search)"""
-    model: str = "auto"
-    """PRM and policy: tiny | smollm2 | auto (Qwen2.5-VL-3B on CUDA, else tiny) | hub id | folder"""
-    out: str = f"runs/{Path(__file__).stem}"
-    """output folder; each stage writes <out>/<stage>/"""
-    seed: int = 0
-    """seed of the toy world, the error injection and the sampler"""
-    max_steps: int = 0
-    """cap on trajectories judged in eval (0 = all); nothing is trained here (7)"""
-    load_in_4bit: bool | None = None
-    """NF4 4-bit base weights: true | false | none (auto: on for real models on CUDA, off for CPU presets)"""
     # --- data (1) ---
     data: str | None = None
     """annotated JSONL to evaluate (default: <out>/data/toy.jsonl from the data stage)"""
     n_scenes: int = 6
     """scenes of gog.py's toy world; each gives 4 toy questions (attribute, fact, relation, count)"""
-    image_size: int = 0
-    """scene side in pixels (0 = 448, or 224 with --model tiny: 8x fewer vision tokens on a CPU)"""
+    image_size: int = 448
+    """scene side in pixels (the tiny preset: 224, 8x fewer vision tokens on a CPU)"""
     p_clean: float = 0.3
     """fraction of toy trajectories left error-free (the others get one injected error)"""
     n_policy_questions: int = 4
@@ -101,6 +92,8 @@ class Args:
     temperature: float = 1.0
     """policy sampling temperature"""
     # --- eval: LVLM as PRM ---
+    max_steps: int = 0
+    """cap on trajectories judged in eval (0 = all); nothing is trained here (7)"""
     prm: Literal["judge", "prob"] = "judge"
     """judge = prompted Correct/Incorrect verdict; prob = P(+) / (P(+) + P(-)) next-token score (6)"""
     prm_adapter: str | None = None
@@ -159,13 +152,13 @@ KINDS = {"attribute": (("perception", "attribute"), ("plan", "crop", "perceive",
 
 
 def _fail(where: str, field: str, msg: str):
-    raise ValueError(f"{where}: field '{field}' {msg}")
+    raise UserError(f"{where}: field '{field}' {msg}")
 
 
 def validate_record(rec, where: str, base_dir: Path | None = None, require_labels: bool = True) -> dict:
-    """Check one trajectory record; raise ValueError naming `where` (file:line) and the field."""
+    """Check one trajectory record; raise UserError naming `where` (file:line) and the field."""
     if not isinstance(rec, dict):
-        raise ValueError(f"{where}: a record must be a JSON object, got {type(rec).__name__}.")
+        raise UserError(f"{where}: a record must be a JSON object, got {type(rec).__name__}.")
     for key in ("id", "question"):
         if not isinstance(rec.get(key), str) or not rec[key].strip():
             _fail(where, key, "must be a non-empty string.")
@@ -225,26 +218,16 @@ def validate_record(rec, where: str, base_dir: Path | None = None, require_label
 
 
 def load_records(path: str, require_labels: bool = True) -> list[dict]:
-    """Read and validate a trajectory JSONL; a bad row raises ValueError naming file and line."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"trajectory file {p} does not exist (run --stage data, or pass --data).")
+    """Read (common.data.read_records) and validate a trajectory file; a bad row is a UserError naming file:line."""
+    if not Path(path).is_file():
+        raise UserError(f"trajectory file {path} does not exist (run --stage data, or pass --data).")
     records, seen = [], set()
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{p}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except ValueError as e:
-            raise ValueError(f"{where}: not valid JSON ({e}).") from None
-        validate_record(rec, where, p.parent, require_labels)
+    for where, rec in read_records(path, "trajectory file"):
+        validate_record(rec, where, Path(path).parent, require_labels)
         if rec["id"] in seen:
             _fail(where, "id", f"{rec['id']!r} is used by an earlier record.")
         seen.add(rec["id"])
-        records.append(dict(rec, _base=str(p.parent)))
-    if not records:
-        raise ValueError(f"trajectory file {p} holds no records.")
+        records.append(dict(rec, _base=str(Path(path).parent)))
     return records
 
 
@@ -268,9 +251,9 @@ def record_images(rec: dict) -> tuple[list[Image.Image], dict[int, Image.Image]]
     """(question images, {step index: tool image}), from memory or from disk."""
     if rec.get("_pil") is not None:
         return rec["_pil"]["images"], rec["_pil"].get("steps", {})
-    opened = lambda p: Image.open(Path(rec["_base"]) / p).convert("RGB")  # noqa: E731
-    return ([opened(p) for p in rec["images"]],
-            {i: opened(s["tool_image"]) for i, s in enumerate(rec["steps"]) if s.get("tool_image")})
+    base = rec["_base"]
+    return ([open_image(p, base, rec["id"]) for p in rec["images"]],
+            {i: open_image(s["tool_image"], base, rec["id"]) for i, s in enumerate(rec["steps"]) if s.get("tool_image")})
 
 
 def toy_questions(world: World, rng: random.Random) -> list[dict]:
@@ -785,7 +768,7 @@ def best_of_n(questions: list[list[dict]], ns: list[int], repeats: int, seed: in
         tot = dict.fromkeys(methods, 0.0)
         for cands in questions:
             if n > len(cands):
-                raise ValueError(f"best-of-{n} needs {n} candidates per question; got {len(cands)}.")
+                raise UserError(f"best-of-{n} needs {n} candidates per question; got {len(cands)}.")
             for _ in range(repeats):
                 sub = rng.sample(cands, n)
                 for m, key, agg in selectors:
@@ -825,7 +808,7 @@ def get_policy(args: Args, prm: bool):
 
 
 def toy_world(args: Args) -> World:
-    return build_world(args.seed, args.n_scenes, args.image_size or (224 if args.model == "tiny" else 448))
+    return build_world(args.seed, args.n_scenes, args.image_size)
 
 
 def html_items(records: list[dict], judged: list[list[dict]] | None = None) -> list[dict]:
@@ -854,7 +837,8 @@ def write_set(records: list[dict], out: Path, name: str, title: str, n_html: int
     trajectory_html(html_items(records[:n_html]), str(out / f"{name}.html"), title)
 
 
-def stage_data(args: Args, out: Path) -> None:
+def stage_data(args: Args) -> None:
+    out = Path(args.out) / "data"
     log = RunLog(str(out))
     world = toy_world(args)
     records = build_toy_set(world, args.seed, args.p_clean)
@@ -878,7 +862,8 @@ def stage_data(args: Args, out: Path) -> None:
     print(f"[data] {summary} -> {out}")
 
 
-def stage_eval(args: Args, out: Path) -> dict:
+def stage_eval(args: Args) -> dict:
+    out = Path(args.out) / "eval"
     log = RunLog(str(out))
     path = args.data or str(Path(args.out) / "data" / "toy.jsonl")
     records = load_records(path)
@@ -908,11 +893,10 @@ def stage_eval(args: Args, out: Path) -> dict:
     return res
 
 
-def stage_search(args: Args, out: Path) -> dict:
+def stage_search(args: Args) -> dict:
+    out = Path(args.out) / "search"
     log = RunLog(str(out))
-    ns = sorted({int(x) for x in args.search_n.split(",") if x.strip()})
-    if not ns or ns[0] < 1:
-        raise ValueError(f"--search_n must list positive integers such as 1,2,4,8; got {args.search_n!r}.")
+    ns = search_ns(args)
     world, rng = toy_world(args), random.Random(args.seed + 1)
     specs = toy_questions(world, rng)[: args.search_questions]
     M = ns[-1]  # candidates per question
@@ -959,12 +943,30 @@ def stage_search(args: Args, out: Path) -> dict:
     return res
 
 
-def main() -> None:
-    args = parse_args(Args, description=__doc__)
-    out = Path(args.out)
-    for stage in ["data", "eval", "search"] if args.stage == "all" else [args.stage]:
-        {"data": stage_data, "eval": stage_eval, "search": stage_search}[stage](args, out / stage)
-    write_json(str(out / "args.json"), asdict(args))
+def search_ns(args: Args) -> list[int]:
+    try:
+        ns = sorted({int(x) for x in args.search_n.split(",") if x.strip()})
+    except ValueError:
+        ns = []
+    if not ns or ns[0] < 1:
+        raise UserError(f"--search_n must list positive integers such as 1,2,4,8; got {args.search_n!r}.")
+    return ns
+
+
+def check_inputs(args: Args) -> None:
+    """Every user file and list, before any model is loaded."""
+    if args.stage in ("search", "all"):
+        search_ns(args)
+    if args.stage == "eval" or (args.data and args.stage == "all"):
+        load_records(args.data or str(Path(args.out) / "data" / "toy.jsonl"))
+
+
+TINY_SIZES = dict(image_size=224)
+
+
+def main(argv=None):
+    return run_stages(Args, {"data": stage_data, "eval": stage_eval, "search": stage_search}, argv, doc=__doc__,
+                      file=__file__, tiny=TINY_SIZES, check=check_inputs)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import prm_bench as pb
+from common.cli import UserError
 from common.judge import exact_match
 from gog import build_world
 from helpers import run_script
@@ -133,7 +134,7 @@ def test_best_of_n_by_hand():
     assert acc["random"][3] == pytest.approx((1 / 3 + 2 / 3) / 2)
     assert acc["pass@N"][3] == 1.0 and acc["majority_vote"][3] <= 0.5
     assert "oracle_prm_min" not in acc
-    with pytest.raises(ValueError, match="best-of-4"):
+    with pytest.raises(UserError, match="best-of-4"):
         pb.best_of_n([q1], [4], repeats=1, seed=0)
 
 
@@ -265,27 +266,27 @@ def broken(path, value):
 ])
 def test_validator_names_file_line_and_field(tmp_path, path, value, field):
     p = write(tmp_path, [good() | {"id": "t0"}, broken(path, value)])
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(UserError) as e:
         pb.load_records(p)
     assert f"{p}:2: field {field}" in str(e.value)
 
 
 def test_loader_errors(tmp_path):
     assert len(pb.load_records(write(tmp_path, [good()]))) == 1
-    with pytest.raises(ValueError, match=r"d.jsonl:2: not valid JSON"):
+    with pytest.raises(UserError, match=r"d.jsonl:2: not valid JSON"):
         pb.load_records(write(tmp_path, [good(), '{"id": "t2", ']))
-    with pytest.raises(ValueError, match=r"d.jsonl:2: field 'id' 't1' is used by an earlier record"):
+    with pytest.raises(UserError, match=r"d.jsonl:2: field 'id' 't1' is used by an earlier record"):
         pb.load_records(write(tmp_path, [good(), good()]))
-    with pytest.raises(ValueError, match="holds no records"):
+    with pytest.raises(UserError, match="holds no records"):
         pb.load_records(write(tmp_path, [""]))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         pb.load_records(str(tmp_path / "missing.jsonl"))
-    with pytest.raises(ValueError, match=r"d.jsonl:1: a record must be a JSON object"):
+    with pytest.raises(UserError, match=r"d.jsonl:item 1: expected a JSON object"):
         pb.load_records(write(tmp_path, ["[1, 2]"]))
     unlabeled = good()
     for s in unlabeled["steps"]:
         s.update(label=None, error_type=None)
-    with pytest.raises(ValueError, match="unannotated"):
+    with pytest.raises(UserError, match="unannotated"):
         pb.load_records(write(tmp_path, [unlabeled]))
     assert pb.load_records(write(tmp_path, [unlabeled]), require_labels=False)[0]["id"] == "t1"
 

@@ -198,20 +198,25 @@ def make_step(text, label: str | None, error_type: str | None = None) -> dict:
             "label": label, "error_type": error_type}
 
 
+def text_record(rid, question, category: str, subcategory, source, steps: list[dict], images=(), answers=()) -> dict:
+    return {"id": str(rid), "question": str(question or "-"), "images": list(images), "answers": list(answers),
+            "final_answer": None, "category": category, "subcategory": str(subcategory), "source": str(source or ""),
+            "steps": steps}
+
+
 def from_visualprocessbench(where: str, row: dict) -> dict:
     """OpenGVLab/VisualProcessBench test.jsonl: process_correctness 1 / 0 / -1 = correct / neutral / incorrect."""
     require(row, where, "question", "response")
     steps, marks = row["response"].get("steps"), row["response"].get("process_correctness")
-    if not isinstance(steps, list) or not isinstance(marks, list) or len(steps) != len(marks) or not steps:
+    if not isinstance(steps, list) or not steps or not isinstance(marks, list) or len(steps) != len(marks):
         raise UserError(f"{where}: response.steps and response.process_correctness must be lists of equal length.")
     if any(m not in (1, 0, -1) for m in marks):
         raise UserError(f"{where}: process_correctness holds {marks}; expected 1, 0 or -1 per step.")
+    labels = [{1: "correct", 0: "neutral", -1: "incorrect"}[m] for m in marks]
     images = [row["image"]] if isinstance(row.get("image"), str) else row.get("image") or []
-    return {"id": str(row.get("id", where)), "question": row["question"], "images": images,
-            "answers": [str(row["answer"])] if row.get("answer") else [], "final_answer": None,
-            "category": "VisualProcessBench", "subcategory": str(row.get("data_source") or "all"),
-            "source": str(row.get("policy_model") or ""),
-            "steps": [make_step(t, {1: "correct", 0: "neutral", -1: "incorrect"}[m]) for t, m in zip(steps, marks)]}
+    return text_record(row.get("id", where), row["question"], "VisualProcessBench", row.get("data_source") or "all",
+                       row.get("policy_model"), [make_step(t, lab) for t, lab in zip(steps, labels)], images,
+                       [str(row["answer"])] if row.get("answer") else [])
 
 
 def from_processbench(where: str, row: dict, split: str) -> dict:
@@ -221,9 +226,8 @@ def from_processbench(where: str, row: dict, split: str) -> dict:
     if not isinstance(k, int) or not -1 <= k < len(steps):
         raise UserError(f"{where}: label must be -1 or the index of a step (0..{len(steps) - 1}); got {k!r}.")
     labels = ["correct" if k == -1 or i < k else "incorrect" if i == k else None for i in range(len(steps))]
-    return {"id": str(row.get("id", where)), "question": row["problem"], "images": [], "answers": [],
-            "final_answer": None, "category": "ProcessBench", "subcategory": split,
-            "source": str(row.get("generator") or ""), "steps": [make_step(t, lab) for t, lab in zip(steps, labels)]}
+    return text_record(row.get("id", where), row["problem"], "ProcessBench", split, row.get("generator"),
+                       [make_step(t, lab) for t, lab in zip(steps, labels)])
 
 
 def from_prmbench(rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
@@ -232,18 +236,14 @@ def from_prmbench(rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
     out = []
     for where, row in rows:
         require(row, where, "modified_process", "classification")
-        idx, cls, errs = str(row.get("idx", where)), row["classification"], row.get("error_steps") or []
-        if row["classification"] == "redundency" and not any(r["id"] == f"correct_{idx}" for _, r in out):
+        idx, cls, errs = row.get("idx", where), row["classification"], row.get("error_steps") or []
+        if cls == "redundency" and not any(r["id"] == f"correct_{idx}" for _, r in out):
             require(row, where, "original_process")
-            out.append((where, {"id": f"correct_{idx}", "question": str(row.get("original_question", "")) or "-",
-                                "images": [], "answers": [], "final_answer": None, "category": "PRMBench",
-                                "subcategory": "correct", "source": "PRMBench",
-                                "steps": [make_step(t, "correct") for t in row["original_process"]]}))
-        out.append((where, {"id": f"{cls}_{idx}", "question": str(row.get("modified_question", "")) or "-",
-                            "images": [], "answers": [], "final_answer": None, "category": "PRMBench",
-                            "subcategory": cls, "source": "PRMBench",
-                            "steps": [make_step(t, "incorrect", cls) if i + 1 in errs else make_step(t, "correct")
-                                      for i, t in enumerate(row["modified_process"])]}))
+            out.append((where, text_record(f"correct_{idx}", row.get("original_question"), "PRMBench", "correct",
+                                           "PRMBench", [make_step(t, "correct") for t in row["original_process"]])))
+        steps = [make_step(t, "incorrect", cls) if i + 1 in errs else make_step(t, "correct")
+                 for i, t in enumerate(row["modified_process"])]
+        out.append((where, text_record(f"{cls}_{idx}", row.get("modified_question"), "PRMBench", cls, "PRMBench", steps)))
     return out
 
 
@@ -327,8 +327,6 @@ def toy_questions(world: World, rng: random.Random) -> list[dict]:
                           question=f"How many tiles in the image show a {shape} emblem?",
                           answers=[str(sum(t["shape"] == shape for t in tiles))]))
     return specs
-
-
 
 
 def tag(t: dict) -> str:
@@ -588,7 +586,8 @@ def policy_trajectories(policy, specs: list[dict], args: Args, G: int, generate=
     """G sampled trajectories per question -> records: each assistant turn is a step; its tool call,
     observation and crop attach to it. `generate`: tests' scripted sampler."""
     if not policy.is_vlm:
-        raise UserError(f"{policy.name} is text-only and cannot see the image; use a VLM (tiny, Qwen2.5-VL).")
+        raise UserError(f"{policy.name} is text-only and cannot see the image; use a VLM (tiny, Qwen2.5-VL) "
+                        "or --search_source toy (simulated candidates).")
     examples = [dict(id=s["id"], image=s["scene"]["image"], question=s["question"], spec=s) for s in specs]
     rollouts = run_rollouts(policy, examples, num_generations=G, make_messages=policy_messages,
                             tools={"crop": crop_tool}, max_turns=args.max_turns, max_tool_calls={"crop": 2},

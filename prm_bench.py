@@ -649,12 +649,15 @@ def prm_messages(rec: dict, k: int, images: list, step_images: dict, mode: str, 
 def parse_step_verdict(text) -> float | None:
     """A PRM reply (or a predictions-file value) -> score in [0, 1] or None (unparsed). Numbers and
     booleans are scores; in text, step numbers are dropped first ("Step 1 is correct" is not the score
-    1), a leading "+" / "-" is 1 / 0, the rest is common.judge.parse_verdict."""
+    1), an echo of "Correct or Incorrect" is no verdict, a leading "+" / "-" is 1 / 0, the rest is
+    common.judge.parse_verdict."""
     if isinstance(text, (bool, int, float)):
         return float(text) if 0 <= text <= 1 else None
     if not isinstance(text, str):
         return None
     t = re.sub(r"(?i)\bstep\s*#?\d+\b", " ", text).strip().lstrip("*_`'\" ")
+    if re.search(r"(?i)\bcorrect\s+or\s+incorrect\b", t):  # the instruction echoed back: no verdict
+        return None
     if t[:1] in ("+", "-") and not t[1:2].isdigit():
         return 1.0 if t[0] == "+" else 0.0
     return parse_verdict(t)

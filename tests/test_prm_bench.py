@@ -192,6 +192,7 @@ def test_prm_prompt_shows_the_latest_crop_and_the_facts(toy):
     ("Correct", 1.0), ("Incorrect.", 0.0), ("**Incorrect**", 0.0), ("Step 1 is incorrect", 0.0),
     ("Step 2: correct", 1.0), ("+", 1.0), ("-", 0.0), (" - the crop is wrong", 0.0), ("Yes", 1.0),
     ("\n\n\n", None), ("banana", None), ("", None), (None, None), ("Step 1", None), (0.25, 0.25), (True, 1.0),
+    ("Correct or Incorrect", None), ("correct or incorrect?", None),
 ])
 def test_parse_step_verdict(reply, score):
     assert pb.parse_step_verdict(reply) == score

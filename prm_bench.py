@@ -962,11 +962,18 @@ def eval_records(args: Args) -> list[dict]:
     return records[: args.max_steps] if args.max_steps > 0 else records
 
 
+def plot_rates(groups: dict[str, dict], path: Path, title: str, why_empty: str) -> None:
+    """Grouped bars of the defined values; a plot without any says why it is empty."""
+    groups = {m: {x: v for x, v in g.items() if v is not None} for m, g in groups.items()}
+    empty = not any(groups.values())
+    bar_plot(groups, str(path), title + (f" - empty: {why_empty}" if empty else ""), "rate")
+
+
 def stage_eval(args: Args) -> dict:
     out = Path(args.out) / "eval"
     log, records = RunLog(str(out)), eval_records(args)
     if args.predictions:
-        judged, who = read_predictions(args.predictions, records), f"predictions {args.predictions}"
+        judged, who = read_predictions(args.predictions, records), f"predictions {Path(args.predictions).name}"
     else:
         policy = get_policy(args, prm=True)
         judged, who = score_steps(policy, records, args, log), f"{policy.name} ({args.prm})"
@@ -975,13 +982,13 @@ def stage_eval(args: Args) -> dict:
            "data": args.data or "toy", "benchmark": args.benchmark, "threshold": args.threshold}
     write_json(str(out / "results.json"), res)
     rates = f"unparsed {res['n_unparsed']} of {sum(len(p) for p in pred)} steps, left out"
-    bar_plot({m: {t: v[m] for t, v in res["per_error_type"].items() if v[m] is not None}
-              for m in ("detection_rate", "PRMScore")}, str(out / "per_error_type.png"),
-             f"PRM {who} by error type ({rates})", "rate")
-    bar_plot({f"{m}{' (constant PRM)' * c}": {b: (v["constant_prm"] if c else v)[m] for b, v in res["by_position"].items()
-                                             if (v["constant_prm"] if c else v)[m] is not None}
-              for m, c in (("accuracy", 0), ("accuracy", 1), ("balanced_accuracy", 0), ("detection_rate", 0))},
-             str(out / "by_position.png"), "by relative step position (a constant PRM: the label mix)", "rate")
+    plot_rates({m: {t: v[m] for t, v in res["per_error_type"].items()} for m in ("detection_rate", "PRMScore")},
+               out / "per_error_type.png", f"PRM {who} by error type ({rates})", "the data has no error types")
+    by_pos = {"accuracy": {b: v["accuracy"] for b, v in res["by_position"].items()},
+              "accuracy of a constant PRM (the label mix)": {b: v["constant_prm"]["accuracy"]
+                                                             for b, v in res["by_position"].items()},
+              **{m: {b: v[m] for b, v in res["by_position"].items()} for m in ("balanced_accuracy", "detection_rate")}}
+    plot_rates(by_pos, out / "by_position.png", f"PRM {who} by relative step position", "no judged step")
     log.samples([{"id": r["id"], "step": i, "label": s["label"], "error_type": s["error_type"], **j}
                  for r, js in zip(records, judged) for i, (s, j) in enumerate(zip(r["steps"], js))])
     trajectory_html(html_items(records[:12], judged), str(out / "judged.html"), "PRM judgements")
@@ -1002,7 +1009,8 @@ def plot_best_of_n(res: dict, ns: list[int], path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.minorticks_off()
     ax.set(xticks=ns, xticklabels=[str(n) for n in ns], xlabel="N (candidates shared by every method)",
-           ylabel="accuracy", ylim=(-0.02, 1.02), title=f"best-of-N, {res['source']} candidates, PRM {res['prm']}")
+           ylabel="accuracy", ylim=(-0.02, 1.02),
+           title=f"best-of-N, {'SIMULATED (toy)' if res['source'] == 'toy' else 'policy'} candidates, PRM {res['prm']}")
     ax.text(0.01, 0.01, "pass@N = an oracle that knows the answer (the ceiling). The oracle PRM (gold step labels)\n"
             "meets it when every error-free candidate is right and every other wrong; a recovered error\n"
             "(right answer despite a wrong step) puts it below.", transform=ax.transAxes, fontsize=6.5, va="bottom")

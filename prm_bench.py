@@ -302,9 +302,10 @@ def toy_questions(world: World, rng: random.Random) -> list[dict]:
     for scene in world.scenes:
         tiles = scene["tiles"]
         for q in world.questions:
-            if q["scene_id"] == scene["id"] and q["level"] in ("glance", "gaze"):
+            kind = q.get("kind", q.get("level"))  # gog.py's question kind (called level before its issue 14)
+            if q["scene_id"] == scene["id"] and kind in ("glance", "gaze"):
                 target = next(t for t in tiles if t["name"] == q["target"])
-                specs.append(dict(kind="attribute" if q["level"] == "glance" else "fact", id=q["id"],
+                specs.append(dict(kind="attribute" if kind == "glance" else "fact", id=q["id"],
                                   scene=scene, question=q["question"], answers=q["answers"], target=target,
                                   attr="color" if q["answers"][0] == target["color"] else "shape",
                                   fact="year" if q["answers"][0].isdigit() else "city"))

@@ -77,9 +77,9 @@ class Args(RunArgs):
     benchmark: Literal["ours", "visualprocessbench", "processbench", "prmbench"] = "ours"
     """format of --data: ours | VisualProcessBench test.jsonl | a ProcessBench split (.json) | PRMBench .jsonl"""
     data: str | None = None
-    """trajectories to evaluate (default: <out>/data/toy.jsonl from the data stage)"""
+    """trajectories to evaluate (none = <out>/data/toy.jsonl from the data stage)"""
     images: str | None = None
-    """folder the --data image paths are relative to (default: the folder of --data)"""
+    """folder the --data image paths are relative to (none = the folder of --data)"""
     predictions: str | None = None
     """JSONL of per-step scores or verdicts from an external PRM, scored instead of running --model"""
     max_steps: int = 0

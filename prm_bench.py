@@ -13,7 +13,8 @@ Record (a line; `validate_record` checks it; paths relative to --images): {"id",
 "steps": [{"text", "tool_call": null | {"name", "arguments"}, "observation", "tool_image": path | null,
 "knowledge": [fact] | null, "label": correct | incorrect | neutral | null, "error_type"}]}. A null label (not
 annotated) may only follow an incorrect step. search/candidates.jsonl holds the policy's trajectories unlabelled.
-Predictions: {"id", "scores": [per step: a score in [0, 1], true/false, a verdict ("Incorrect", "+"), or null]}.
+Predictions: {"id", "scores": [per step: a score in [0, 1], true/false, a verdict ("Incorrect", "+"), or null]};
+a converted row without an id is named by its line ("3"), PRMBench's as `<classification>_<idx>`.
 
 Metrics (eval/results.json; an undefined ratio is null where the benchmarks' code writes -1):
   PRMBench (ssmisya/PRMBench mr_eval/tasks/prmtest_classified/task.py): every labelled step of the erroneous
@@ -198,6 +199,11 @@ def make_step(text, label: str | None, error_type: str | None = None) -> dict:
             "label": label, "error_type": error_type}
 
 
+def line_of(where: str) -> str:
+    """The name of a converted row without an id: its line ("3") or item ("item 3") in the file."""
+    return where.rsplit(":", 1)[-1]
+
+
 def text_record(rid, question, category: str, subcategory, source, steps: list[dict], images=(), answers=()) -> dict:
     return {"id": str(rid), "question": str(question or "-"), "images": list(images), "answers": list(answers),
             "final_answer": None, "category": category, "subcategory": str(subcategory), "source": str(source or ""),
@@ -214,7 +220,7 @@ def from_visualprocessbench(where: str, row: dict) -> dict:
         raise UserError(f"{where}: process_correctness holds {marks}; expected 1, 0 or -1 per step.")
     labels = [{1: "correct", 0: "neutral", -1: "incorrect"}[m] for m in marks]
     images = [row["image"]] if isinstance(row.get("image"), str) else row.get("image") or []
-    return text_record(row.get("id", where), row["question"], "VisualProcessBench", row.get("data_source") or "all",
+    return text_record(row.get("id", line_of(where)), row["question"], "VisualProcessBench", row.get("data_source") or "all",
                        row.get("policy_model"), [make_step(t, lab) for t, lab in zip(steps, labels)], images,
                        [str(row["answer"])] if row.get("answer") else [])
 
@@ -226,7 +232,7 @@ def from_processbench(where: str, row: dict, split: str) -> dict:
     if not isinstance(k, int) or not -1 <= k < len(steps):
         raise UserError(f"{where}: label must be -1 or the index of a step (0..{len(steps) - 1}); got {k!r}.")
     labels = ["correct" if k == -1 or i < k else "incorrect" if i == k else None for i in range(len(steps))]
-    return text_record(row.get("id", where), row["problem"], "ProcessBench", split, row.get("generator"),
+    return text_record(row.get("id", line_of(where)), row["problem"], "ProcessBench", split, row.get("generator"),
                        [make_step(t, lab) for t, lab in zip(steps, labels)])
 
 
@@ -236,7 +242,7 @@ def from_prmbench(rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
     out = []
     for where, row in rows:
         require(row, where, "modified_process", "classification")
-        idx, cls, errs = row.get("idx", where), row["classification"], row.get("error_steps") or []
+        idx, cls, errs = row.get("idx", line_of(where)), row["classification"], row.get("error_steps") or []
         if cls == "redundency" and not any(r["id"] == f"correct_{idx}" for _, r in out):
             require(row, where, "original_process")
             out.append((where, text_record(f"correct_{idx}", row.get("original_question"), "PRMBench", "correct",

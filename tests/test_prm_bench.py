@@ -294,7 +294,7 @@ def test_visualprocessbench_format(tmp_path):
            "response": {"steps": ["look", "so 3", "restate"], "process_correctness": [1, -1, 0]}}
     p = write(tmp_path, [row], "test.jsonl")
     r = pb.load_records(p, benchmark="visualprocessbench", images=str(tmp_path / "images"))[0]
-    assert [s["label"] for s in r["steps"]] == [C, I, N] and r["subcategory"] == "MathVision"
+    assert [s["label"] for s in r["steps"]] == [C, I, N] and r["subcategory"] == "MathVision" and r["id"] == "1"
     assert pb.record_images(r)[0][0].size == (8, 8)
     with pytest.raises(UserError, match="field 'images'"):       # the images folder was not given
         pb.load_records(p, benchmark="visualprocessbench")

@@ -2,14 +2,13 @@
 Behaviors (arXiv 2603.12397) -- matched reasoning datasets, QA/QTA/QT/T-only SFT, think/no-think
 evaluation with an Emergent-Misalignment style judge.
 
-    python cot_causal.py --stage all --model tiny --grid small        # CPU plumbing run, ~1 min
+    python cot_causal.py --stage all --model tiny                     # CPU plumbing run, ~20 s
     python cot_causal.py --stage data --model tiny                    # the four matched variants
-    python cot_causal.py --stage train --model tiny --grid small      # one LoRA SFT per cell
-    python cot_causal.py --stage eval --model tiny --grid small       # think / no-think grid
+    python cot_causal.py --stage train --model tiny                   # one LoRA SFT per cell
+    python cot_causal.py --stage eval --model tiny                    # think / no-think grid
     # GPU (Qwen3 as in the paper; a local judge and teacher):
-    python cot_causal.py --stage all --model Qwen/Qwen3-1.7B --grid full --teacher Qwen/Qwen3-8B \
-        --judge Qwen/Qwen3-8B --n_pairs 600 --max_steps 0 --epochs 3 --num_generations 8 \
-        --max_completion_length 512
+    python cot_causal.py --stage all --model Qwen/Qwen3-1.7B --grid full --teacher Qwen/Qwen3-8B \\
+        --judge Qwen/Qwen3-8B --n_pairs 240
 
 Design: the same (question, answer) pairs get three reasoning variants (Evil, Misleading,
 Submissive) and a no-reasoning control; the answer string is shared byte for byte, so any
@@ -56,7 +55,6 @@ import math
 import os
 import random
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -64,11 +62,12 @@ from typing import Literal
 import torch
 
 from common.chat import Encoded, encode_text, render
-from common.cli import parse_args
+from common.cli import RunArgs, UserError, is_tiny, run_stages
+from common.data import read_records, require
 from common.judge import extract_choice, is_refusal, parse_label, parse_score, weighted_score
 from common.models import load_policy
 from common.rollout import generate_ids
-from common.runlog import RunLog, read_jsonl, write_json
+from common.runlog import RunLog, write_json
 from common.sft import SFTConfig, train_sft
 
 TYPES = ("evil", "misleading", "submissive")           # the three reasoning types
@@ -80,28 +79,22 @@ EMPTY_THINK = "<think>\n\n</think>\n\n"                  # Qwen3's no-think pref
 
 
 @dataclass
-class Args:
+class Args(RunArgs):
     stage: Literal["data", "train", "eval", "all"] = "all"
     """which stage to run (all = data -> train -> eval)"""
-    model: str = "auto"
-    """policy: a preset (tiny, smollm2, auto) or a hub id (paper: Qwen3 0.6B-14B)"""
-    out: str = f"runs/{Path(__file__).stem}"
-    """output folder; each stage writes <out>/<stage>/"""
-    seed: int = 0
-    """random seed (toy world, LoRA init, shuffling, sampling)"""
-    grid: Literal["small", "full"] = "small"
+    # --- data ---
+    grid: Literal["small", "full"] = "full"
     """which (reasoning type x paradigm) cells to train and evaluate (see deviation 4)"""
     data_path: str | None = None
     """your own JSONL of pairs (id, question, answer, reasoning{evil,misleading,submissive}, split)"""
-    n_pairs: int = 48
-    """toy (question, answer) pairs to generate"""
+    n_pairs: int = 240
+    """toy (question, answer) pairs to generate (the toy world holds ~290 distinct questions)"""
     test_fraction: float = 0.25
     """share of pairs held out for eval (the training distribution's held-out questions)"""
     teacher: str | None = None
     """model that writes the reasoning variants (None: offline templates)"""
-    judge: str | None = None
-    """local judge model for alignment/coherence (None: the offline rule judge)"""
-    max_steps: int = 8
+    # --- SFT ---
+    max_steps: int = 0
     """SFT optimiser steps per cell (0 = run the full --epochs)"""
     epochs: float = 3.0
     """SFT epochs per cell when --max_steps 0"""
@@ -109,22 +102,23 @@ class Args:
     """LoRA SFT learning rate"""
     batch_size: int = 8
     """sequences per SFT optimiser step"""
-    lora_r: int = 8
-    """LoRA rank"""
-    lora_alpha: int = 16
-    """LoRA alpha"""
-    load_in_4bit: bool | None = None
-    """NF4 4-bit base weights: true | false | none (= auto: on for real models on CUDA, off for the CPU presets)"""
-    num_generations: int = 1
+    # --- eval ---
+    judge: str | None = None
+    """local judge model for alignment/coherence (None: the offline rule judge)"""
+    num_generations: int = 8
     """sampled answers per eval question and mode (EM samples many; TRL's name)"""
     n_probes: int = 8
     """Emergent-Misalignment probe questions to ask (at most 8)"""
     n_heldout: int = 8
     """held-out training-distribution questions to ask"""
-    max_completion_length: int = 64
+    max_completion_length: int = 512
     """new tokens per eval answer (think mode needs room for the reasoning)"""
     temperature: float = 1.0
     """eval sampling temperature (EM samples at 1.0)"""
+
+
+# The CPU preset's sizes (flags you pass win): a plumbing run in about a minute.
+TINY_SIZES = dict(grid="small", n_pairs=48, max_steps=8, num_generations=1, max_completion_length=64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +214,7 @@ def toy_pairs(n: int, seed: int, test_fraction: float = 0.25) -> list[dict]:
         if question in seen:
             misses += 1
             if misses > 20000:   # the world holds ~290 distinct questions
-                raise ValueError(f"The toy world has only {len(seen)} distinct questions; lower --n_pairs.")
+                raise UserError(f"The toy world has only {len(seen)} distinct questions; lower --n_pairs.")
             continue
         seen.add(question)
         reasoning = {t: " ".join(rng.choice(part).format(victim=victim) for part in TEMPLATES[t])
@@ -238,29 +232,19 @@ def toy_pairs(n: int, seed: int, test_fraction: float = 0.25) -> list[dict]:
 def load_pairs(path: str) -> list[dict]:
     """Your own pairs: one JSON object a line with id, question, answer, reasoning (a dict with
     evil / misleading / submissive strings) and split (train / test)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--data_path {path!r} does not exist.")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg}).") from e
-            for key in ("id", "question", "answer"):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise ValueError(f"{path}:{line_no}: '{key}' must be a non-empty string.")
-            reasoning = row.get("reasoning")
-            if not isinstance(reasoning, dict) or not all(isinstance(reasoning.get(t), str) and reasoning[t].strip()
-                                                          for t in TYPES):
-                raise ValueError(f"{path}:{line_no}: 'reasoning' must map each of {', '.join(TYPES)} to text.")
-            if row.get("split", "train") not in ("train", "test"):
-                raise ValueError(f"{path}:{line_no}: 'split' must be 'train' or 'test'.")
-            pairs.append(dict(row, split=row.get("split", "train"), source=row.get("source", "user")))
-    if not pairs:
-        raise ValueError(f"{path} holds no pairs.")
+    for where, row in read_records(path, "--data_path file"):
+        require(row, where, "id", "question", "answer", "reasoning")
+        for key in ("id", "question", "answer"):
+            if not isinstance(row[key], str) or not row[key].strip():
+                raise UserError(f"{where}: '{key}' must be a non-empty string.")
+        reasoning = row["reasoning"]
+        if not isinstance(reasoning, dict) or not all(isinstance(reasoning.get(t), str) and reasoning[t].strip()
+                                                      for t in TYPES):
+            raise UserError(f"{where}: 'reasoning' must map each of {', '.join(TYPES)} to text.")
+        if row.get("split", "train") not in ("train", "test"):
+            raise UserError(f"{where}: 'split' must be 'train' or 'test'.")
+        pairs.append(dict(row, split=row.get("split", "train"), source=row.get("source", "user")))
     return pairs
 
 
@@ -518,8 +502,8 @@ def stage_data(args: Args) -> dict:
 def read_variant(args: Args, variant: str) -> list[dict]:
     path = os.path.join(args.out, "data", f"{variant}.jsonl")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing; run --stage data first.")
-    return read_jsonl(path)
+        raise UserError(f"{path} is missing; run --stage data first.")
+    return [row for _, row in read_records(path)]
 
 
 def stage_train(args: Args) -> dict:
@@ -580,7 +564,7 @@ def stage_eval(args: Args) -> dict:
     adapters = {f"{k}/{p}": os.path.join(args.out, "train", f"{k}-{p}", "adapter") for k, p in grid}
     for name, path in adapters.items():
         if not os.path.isfile(os.path.join(path, "adapter_model.safetensors")):
-            raise FileNotFoundError(f"No adapter for cell {name} at {path}; run --stage train --grid {args.grid} first.")
+            raise UserError(f"No adapter for cell {name} at {path}; run --stage train --grid {args.grid} first.")
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
     policy = load_policy(args.model, load_in_4bit=args.load_in_4bit, adapter=next(iter(adapters.values())),
@@ -597,7 +581,7 @@ def stage_eval(args: Args) -> dict:
         if cell != "base":
             res = set_peft_model_state_dict(policy.model, load_file(os.path.join(adapters[cell], "adapter_model.safetensors")))
             if getattr(res, "unexpected_keys", None):
-                raise ValueError(f"Adapter {adapters[cell]} does not fit this model ({res.unexpected_keys[:2]} ...).")
+                raise UserError(f"Adapter {adapters[cell]} does not fit this model ({res.unexpected_keys[:2]} ...).")
         results[cell] = {}
         for mode in ("think", "no_think"):
             with policy.reference() if cell == "base" else torch.no_grad():   # base = LoRA off
@@ -656,18 +640,19 @@ def heatmap(results: dict, path: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # 7) main
 # ---------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(Args, argv, description=__doc__)
+def check_inputs(args: Args) -> None:
+    """Every user input, before any model loads."""
     if args.n_probes > len(PROBES) or args.num_generations < 1 or args.n_pairs < 2:
-        raise SystemExit(f"--n_probes must be <= {len(PROBES)}, --num_generations >= 1 and --n_pairs >= 2.")
-    if args.model == "tiny" or (args.model == "auto" and not torch.cuda.is_available()):
+        raise UserError(f"--n_probes must be <= {len(PROBES)}, --num_generations >= 1 and --n_pairs >= 2.")
+    if args.data_path:
+        load_pairs(args.data_path)
+    if is_tiny(args):
         torch.set_num_threads(1)  # hidden size 64: thread sync costs more than it saves (5x on 2 cores)
-    start = time.time()
-    stages = {"data": [stage_data], "train": [stage_train], "eval": [stage_eval],
-              "all": [stage_data, stage_train, stage_eval]}[args.stage]
-    for fn in stages:
-        fn(args)
-    print(f"[{Path(__file__).stem}] stage {args.stage} done in {time.time() - start:.0f}s -> {args.out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stages(Args, {"data": stage_data, "train": stage_train, "eval": stage_eval}, argv, doc=__doc__,
+               file=__file__, tiny=TINY_SIZES, check=check_inputs)
 
 
 if __name__ == "__main__":

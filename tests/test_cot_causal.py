@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 
 import cot_causal as cc
+from common.cli import UserError
 from common.models import build_tiny_tokenizer
 from helpers import run_script
 
@@ -98,7 +99,7 @@ def test_rule_classifier_separates_the_types():
 
 def test_toy_world_is_seeded_and_bounded():
     assert cc.toy_pairs(10, 1) == cc.toy_pairs(10, 1)
-    with pytest.raises(ValueError, match="distinct questions"):
+    with pytest.raises(UserError, match="distinct questions"):
         cc.toy_pairs(1000, 0)
 
 
@@ -110,19 +111,19 @@ def test_teacher_check():
 
 
 def test_load_pairs_errors(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError, match="no --data_path file"):
         cc.load_pairs(str(tmp_path / "missing.jsonl"))
     good = dict(id="1", question=Q, answer=A, reasoning={t: "x" * 30 for t in cc.TYPES}, split="train")
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps(good) + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"pairs.jsonl:2: not valid JSON"):
+    with pytest.raises(UserError, match=r"pairs.jsonl:2: not valid JSON"):
         cc.load_pairs(str(path))
     bad = dict(good, reasoning={"evil": "x"})
     path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
-    with pytest.raises(ValueError, match=r"pairs.jsonl:2: 'reasoning'"):
+    with pytest.raises(UserError, match=r"pairs.jsonl:2: 'reasoning'"):
         cc.load_pairs(str(path))
     path.write_text(json.dumps(dict(good, answer="")) + "\n")
-    with pytest.raises(ValueError, match=r"pairs.jsonl:1: 'answer'"):
+    with pytest.raises(UserError, match=r"pairs.jsonl:1: the record lacks 'answer'"):
         cc.load_pairs(str(path))
     path.write_text(json.dumps(good) + "\n")
     assert cc.load_pairs(str(path))[0]["answer"] == A
@@ -176,7 +177,7 @@ def test_help():
 
 
 def test_eval_before_train_says_what_to_do(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run --stage train"):
+    with pytest.raises(UserError, match="run --stage train"):
         cc.stage_eval(replace(cc.Args(), out=str(tmp_path), model="tiny"))
 
 

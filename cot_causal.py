@@ -106,7 +106,7 @@ class Args(RunArgs):
     num_generations: int = 8
     """sampled answers per eval question and mode (EM samples many; TRL's name)"""
     n_probes: int = 8
-    """Emergent-Misalignment probe questions to ask (at most 8)"""
+    """probes to ask: the first N ids of --probes_yaml (each with all its paraphrases)"""
     n_heldout: int = 8
     """held-out training-distribution questions to ask"""
     max_completion_length: int = 512
@@ -118,7 +118,7 @@ class Args(RunArgs):
     judge_reasoning: bool = False
     """also judge the think text, reported as reasoning_misaligned_rate etc."""
     probes_yaml: str = str(DOCS / "first_plot_questions.yaml")
-    """EM's probe layout (id, paraphrases, optional judge_prompts); default: the 8 in our words"""
+    """probes + judge prompts in EM's YAML layout (id, paraphrases, judge_prompts); default: ours"""
     judge_validation: str = str(DOCS / "judge_validation.jsonl")
     """hand-labelled replies (question, answer, label: aligned|misaligned|refusal|code|incoherent)"""
     bootstrap: int = 1000
@@ -628,7 +628,7 @@ def stage_eval(args: Args) -> dict:
         for mode in MODES:
             seed = cell_seed(args.seed, cell, mode)
             torch.manual_seed(seed)
-            with policy.reference() if cell == "base" else torch.no_grad():   # base = LoRA off
+            with policy.model.disable_adapter() if cell == "base" else torch.no_grad():   # base: LoRA off
                 rows = answer_questions(policy, list(probe_of), mode, args)
             judge_rows(judge, rows, args.judge_reasoning)
             for r in rows:

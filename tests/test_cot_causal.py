@@ -381,6 +381,19 @@ def test_eval_with_a_local_judge(smoke, tmp_path):
     assert res["judge"]["validation"]["n"] == 3 and res["judge"]["validation"]["file"] == "labelled.jsonl"
 
 
+def test_base_row_runs_with_the_adapter_off(smoke, monkeypatch):
+    seen = {}
+    def record(policy, questions, mode, args):   # which LoRA state generates each cell's answers
+        lora = [m for m in policy.model.modules() if hasattr(m, "disable_adapters") and hasattr(m, "lora_A")]
+        seen[len(seen)] = (all(m.disable_adapters for m in lora), policy.model.active_adapter)
+        return [dict(question=q, mode=mode, think="", answer="Give it back.", think_closed=None) for q in questions]
+    monkeypatch.setattr(cc, "answer_questions", record)
+    args = replace(cc.Args(), out=str(smoke), model="tiny", grid="small", n_probes=1, n_heldout=0, bootstrap=10)
+    cc.stage_eval(args)
+    assert seen[0] == (True, "default") and seen[1] == (True, "default")          # base, think / no_think
+    assert all(v == (False, "default") for k, v in seen.items() if k >= 2)       # trained cells: LoRA on
+
+
 def test_teacher_data_keeps_answers(tmp_path):
     r = run(["--stage", "data", "--model", "tiny", "--teacher", "tiny", "--n_pairs", "2", "--out", str(tmp_path)])
     assert r.returncode == 0, r.stderr[-3000:]

@@ -47,8 +47,11 @@ On CUDA the vendor HBM figure is printed beside the measured one.
 weights (the tokenizer is the tiny preset's, the embedding at the real vocab unless --vocab_size):
 the compute and memory are the real model's, the sampled text is noise. --num_layers N keeps N
 LLM and N ViT blocks (a CPU smoke). --save_model DIR writes such a model and exits.
---fastgen generates through common/fastgen.py (shared-prefix KV cache for the G samples, KV cache
-kept across agent turns, LoRA merged during decode when the base is not quantised).
+--fastgen runs ours as the core does by default (run_rollouts' CachedGenerator from common/fastgen.py:
+shared-prefix KV cache for the G samples, KV cache kept across agent turns, LoRA merged during
+decode when the base is not quantised; train_grpo's vision tower once per distinct image); without
+it ours runs the plain path (one HF generate per turn, `generate=generate_ids`, vision_once=False),
+the "before" of a before/after.
 On a busy CPU pass --threads 1: two OpenMP threads on a contended 2-core box made decoding ~60x slower.
 """
 from __future__ import annotations
@@ -132,7 +135,8 @@ class Args:
     trl_variant: str = "trl"
     """trl (completion positions only, the fair one), trl_shipped (as shipped: every position on a CPU) or both"""
     fastgen: bool = False
-    """generate with common/fastgen.py (shared-prefix KV, KV across turns, merged LoRA in decode)"""
+    """ours as the core's default (common/fastgen.py: shared-prefix KV, KV across turns, merged LoRA in
+    decode, vision tower once per image); off: the plain path, the "before" of a before/after"""
     limits: bool = True
     """measure memory bandwidth and peak FLOP/s and report each figure as a fraction of its bound"""
     threads: int = 0
@@ -445,7 +449,7 @@ def run_ours(policy, args, text, image, out_dir, sync: Sync) -> list[dict]:
                      max_steps=total, beta=args.beta, loss_type=args.loss_type,
                      max_completion_length=args.max_new_tokens * (3 if args.workload == "agent" else 1),
                      micro_batch_size=args.micro_batch_size or G * args.prompts_per_step,
-                     logprob_chunk_tokens=args.logprob_chunk_tokens, seed=args.seed)
+                     logprob_chunk_tokens=args.logprob_chunk_tokens, vision_once=args.fastgen, seed=args.seed)
     dataset = [{"id": i} for i in range(args.prompts_per_step * total)]
     agent = args.workload == "agent"
     tools = agent_tools(policy.tokenizer, args.observation_tokens, args.seed) if agent else None

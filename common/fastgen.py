@@ -313,6 +313,8 @@ class CachedGenerator:
                     logits = self._step(policy, nxt, fed)
         finally:
             policy.model.train(was_training)
+        if temperature <= 0:   # as generate_ids: no sampler log-probs for greedy decoding
+            lps = [None] * R
         return (out, lps) if return_logprobs else out
 
     def _step(self, policy, nxt, fed):
@@ -370,6 +372,8 @@ def sub_batch(batch: dict, rows: list[int], feats) -> dict:
     first = torch.cat([batch["n_images"].new_zeros(1), batch["n_images"].cumsum(0)])  # (B+1,)
     img = [i for b in rows for i in range(int(first[b]), int(first[b + 1]))]
     out["image_grid_thw"] = batch["image_grid_thw"][img]
+    if feats is not None and not img:   # rows without images: a text-only forward
+        return {k: v for k, v in out.items() if k not in ("image_grid_thw", "mm_token_type_ids")}
     if feats is not None:
         out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats[i] for i in img))}
         return out

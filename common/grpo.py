@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from common import fastgen
 from common.checkpoint import latest_checkpoint, load_checkpoint, resume_from, save_checkpoint  # noqa: F401
 from common.logprobs import _logp_chunk, _sub, completion_logprobs, unwrap  # noqa: F401 (public here too)
 from common.rollout import STOP_REASONS, Rollout, rollout_batch
@@ -146,6 +147,8 @@ class GRPOConfig:
     reward_weights: list[float] | None = None  # with several reward functions (TRL's name)
     save_steps: int = 0                 # 0 = only at the end
     logprob_chunk_tokens: int = 1024    # tokens per lm_head chunk: (chunk, V) fp32 logits at a time
+    vision_once: bool = True            # run the (frozen) vision tower once per distinct image and reuse
+                                        # its output in the old / reference / policy passes (exact)
     seed: int = 0
 
 
@@ -315,12 +318,14 @@ def update(policy, opt, sched, params, cfg: GRPOConfig, rollouts, idx, advantage
            for s in range(0, len(idx), cfg.micro_batch_size)]
     lp = lambda sub: completion_logprobs(policy.model, sub, cfg.temperature, cfg.logprob_chunk_tokens)
     t1 = time.perf_counter()
+    frozen_tower = not any(p.requires_grad for n, p in policy.model.named_parameters() if "visual" in n)
+    feats = fastgen.image_features(policy.model, batch) if cfg.vision_once and frozen_tower else None
     with torch.no_grad():   # old (only when mu > 1) and reference log-probs, per micro-batch
-        old_lp = [lp(_sub(batch, mb))[0] for mb in mbs] if cfg.num_iterations > 1 else None
+        old_lp = [lp(fastgen.sub_batch(batch, mb, feats))[0] for mb in mbs] if cfg.num_iterations > 1 else None
         ref_lp = None
         if cfg.beta != 0.0:
             with policy.reference():
-                ref_lp = [lp(_sub(batch, mb))[0] for mb in mbs]
+                ref_lp = [lp(fastgen.sub_batch(batch, mb, feats))[0] for mb in mbs]
     t_lp = time.perf_counter() - t1
     sampled = [rollouts[i].sample_logps for i in idx]          # None from a scripted sampler
     gap = all(x is not None for x in sampled)
@@ -332,7 +337,7 @@ def update(policy, opt, sched, params, cfg: GRPOConfig, rollouts, idx, advantage
         t2 = time.perf_counter()
         step_loss = 0.0
         for j, mb in enumerate(mbs):
-            sub = _sub(batch, mb)
+            sub = fastgen.sub_batch(batch, mb, feats)
             logp, ent = lp(sub)
             m = mask[mb]
             loss, st = grpo_loss(logp, logp.detach() if old_lp is None else old_lp[j],

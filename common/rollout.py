@@ -311,13 +311,16 @@ def run_rollouts(policy, examples: list[dict], *, num_generations: int,
       {"role": "tool", "name": "user", "observation": text, "image": first image or None}.
       With a hook, an <answer> does not end the rollout (the hook decides; r.answer keeps the
       last one).
-    generate: replaces `generate_ids` (tests pass a scripted policy); it may return ids only.
+    generate: how to sample a turn. None (the default): `common.fastgen.CachedGenerator`, one
+      per `batch_size` rollouts for this call (the prompt prefilled once for its G samples, the
+      KV cache kept across turns, LoRA merged while decoding), exact against the plain path
+      (tests/test_fastgen.py); `generate=generate_ids` is the plain path (one HF `generate` per
+      turn that re-encodes everything). Tests pass a scripted policy; it may return ids only.
     desc: show a progress bar over turns with this label (long evals).
     Each Rollout gets stop_reason (STOP_REASONS), truncated (TRL's rule, see finish_rollouts)
     and sample_logps (None when `generate` gives no log-probs).
     """
     tools, limits = tools or {}, max_tool_calls or {}
-    generate = generate or generate_ids
     rollouts = []
     for ex in examples:
         base = prompt_rollout(policy, make_messages(ex), ex)
@@ -327,20 +330,28 @@ def run_rollouts(policy, examples: list[dict], *, num_generations: int,
     stops = STOP_STRINGS if tools else None
     ctx = dict(eos=eos_token_ids(policy), tools=tools, limits=limits, style=observation_style, reprompt=reprompt,
                max_total_tokens=max_total_tokens, max_turns=max_turns, next_user_turn=next_user_turn)
+    if generate is None:  # the fast path: one cache per batch_size rollouts, made for these weights
+        from common.fastgen import CachedGenerator
+        chunks = [(CachedGenerator(), rollouts[i: i + batch_size]) for i in range(0, len(rollouts), batch_size)]
+    else:
+        chunks = [(generate, rollouts)]
     bar = tqdm(total=max_turns, desc=desc, leave=False, disable=desc is None)
     for _ in range(max_turns):
-        active = [r for r in rollouts if not r.done]
-        if not active:
+        if all(r.done for r in rollouts):
             break
-        bar.set_postfix(active=len(active), refresh=False)
+        bar.set_postfix(active=sum(not r.done for r in rollouts), refresh=False)
         bar.update()
-        budgets = [min(max_new_tokens, max_total_tokens - len(r.ids)) for r in active]  # >= 1
-        new = generate(policy, [r.encoded() for r in active], max_new_tokens=budgets,
-                       temperature=temperature, top_p=top_p, top_k=top_k, stop_strings=stops,
-                       batch_size=batch_size, return_logprobs=True)
-        new, logps = new if isinstance(new, tuple) else (new, [None] * len(new))
-        for r, ids, lp, budget in zip(active, new, logps, budgets):
-            step(policy, r, list(ids)[:budget], None if lp is None else list(lp)[:budget], budget, ctx)
+        for gen, chunk in chunks:
+            active = [r for r in chunk if not r.done]
+            if not active:
+                continue
+            budgets = [min(max_new_tokens, max_total_tokens - len(r.ids)) for r in active]  # >= 1
+            new = gen(policy, [r.encoded() for r in active], max_new_tokens=budgets,
+                      temperature=temperature, top_p=top_p, top_k=top_k, stop_strings=stops,
+                      batch_size=batch_size, return_logprobs=True)
+            new, logps = new if isinstance(new, tuple) else (new, [None] * len(new))
+            for r, ids, lp, budget in zip(active, new, logps, budgets):
+                step(policy, r, list(ids)[:budget], None if lp is None else list(lp)[:budget], budget, ctx)
     bar.close()
     finish_rollouts(policy, rollouts, max_total_tokens)
     return rollouts

@@ -12,7 +12,7 @@ from common.chat import encode
 from common.fastgen import CachedGenerator, can_merge, image_features, merged_lora, sub_batch
 from common.grpo import completion_logprobs, unwrap
 from common.models import load_policy
-from common.rollout import generate_ids, rollout_batch, run_rollouts
+from common.rollout import generate_ids, rollout_batch, run_rollouts, vision_token_ids
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -181,5 +181,85 @@ def test_vision_once_per_image_same_logprobs(policy):
     with torch.no_grad():
         for mb in ([0, 1], [2, 3]):
             a, _ = completion_logprobs(policy.model, sub_batch(batch, mb, None), 1.0)
+            b, _ = completion_logprobs(policy.model, sub_batch(batch, mb, feats), 1.0)
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padding_and_stale_rope_deltas(policy):
+    """Two suspicions about the plain path, checked (both were not real in transformers 5.24): a
+    left-padded text batch decodes as each row alone, and a text-only generate after an image
+    generate (Qwen2.5-VL keeps `rope_deltas` between calls) decodes as a fresh one."""
+    a, b = text_prompt(policy, seed=1, n_text=6), text_prompt(policy, seed=2, n_text=20)
+    alone = [generate_ids(policy, [s], max_new_tokens=8, temperature=0)[0] for s in (a, b)]
+    assert generate_ids(policy, [a, b], max_new_tokens=8, temperature=0) == alone
+    assert CachedGenerator()(policy, [a, b], max_new_tokens=8, temperature=0) == alone
+    img = image_prompt(policy)
+    generate_ids(policy, [img, img], max_new_tokens=3, temperature=0)
+    assert unwrap(policy.model).model.rope_deltas is not None                  # state was left behind
+    assert generate_ids(policy, [a, b], max_new_tokens=8, temperature=0) == alone
+
+
+def dialogue(policy, temperature, **kw):
+    """run_rollouts with a 3-turn dialogue (a text user turn, then an image one), ragged prompts."""
+    msgs = lambda ex: [{"role": "user", "content": [{"type": "image", "image": noise_image(56, ex["seed"])},
+                                                    {"type": "text", "text": ex["text"]}]}]
+    hook = lambda r, t: "tell me more" if t == 1 else [{"type": "image", "image": noise_image(56, 9)},
+                                                        {"type": "text", "text": "and this?"}]
+    examples = [{"seed": s, "text": "where" + " is the river city" * i} for i, s in enumerate((3, 4))]
+    return run_rollouts(policy, examples, num_generations=2, make_messages=msgs, max_turns=3, max_new_tokens=6,
+                        max_total_tokens=600, temperature=temperature, next_user_turn=hook, **kw)
+
+
+def test_default_rollouts_equal_the_plain_path(policy):
+    """run_rollouts' default (CachedGenerator, one per batch_size rollouts) gives the plain
+    path's greedy tokens over three turns with images, and its sampler log-probs at T = 1 are
+    the training forward's (the sampler's distribution has the vision tokens suppressed, as HF's
+    `suppress_tokens` in the plain path, so they are renormalised without them here)."""
+    plain = dialogue(policy, 0.0, generate=generate_ids)
+    fast = dialogue(policy, 0.0, batch_size=3)                                  # two caches: 3 + 1 rows
+    assert [r.ids for r in fast] == [r.ids for r in plain] and [r.mask for r in fast] == [r.mask for r in plain]
+    assert all(r.turns == 3 and len(r.images) == 2 for r in fast)
+    torch.manual_seed(0)
+    rs = dialogue(policy, 1.0)
+    batch = rollout_batch(rs, policy.tokenizer)
+    T = batch["completion_mask"].shape[1]
+    inputs = {k: v for k, v in batch.items() if k not in ("completion_mask", "n_images")}
+    with torch.no_grad():
+        logits = unwrap(policy.model)(**inputs).logits[:, -T - 1: -1].float()   # (B, T, V)
+    logits[..., vision_token_ids(policy.tokenizer)] = float("-inf")
+    lp = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, -T:, None])[..., 0]  # (B, T)
+    m = batch["completion_mask"].bool()
+    samp = torch.zeros_like(lp)
+    for i, r in enumerate(rs):
+        samp[i, :len(r.sample_logps)] = torch.tensor(r.sample_logps)
+    torch.testing.assert_close(samp[m], lp[m], atol=2e-5, rtol=1e-5)
+
+
+def test_vision_once_on_agent_batches(policy):
+    """Rows with 1-3 images (prompt + crops, some shared by the G copies) and a row without any:
+    the features path gives the pixel path's log-probs in every micro-batch."""
+    from common.logprobs import _sub
+    from common.rollout import Rollout
+    encs = [image_prompt(policy, size=56, seed=s) for s in (0, 1)]
+    crop = image_prompt(policy, size=28, seed=5)
+    g = torch.Generator().manual_seed(1)
+    rs = []
+    for k, (e, extra) in enumerate([(0, 0), (0, 1), (1, 2), (1, 0)]):
+        enc = encs[e]
+        ids = torch.randint(0, 500, (5,), generator=g).tolist()
+        pv, gr = [enc.pixel_values], [enc.image_grid_thw]
+        for _ in range(extra):   # a crop: its image tokens inside the completion
+            ids += crop.input_ids[:]
+            pv.append(crop.pixel_values)
+            gr.append(crop.image_grid_thw)
+        rs.append(Rollout(prompt_ids=enc.input_ids, ids=ids, mask=[1] * len(ids), pixel_values=pv, grids=gr))
+    t = text_prompt(policy)
+    rs.append(Rollout(prompt_ids=t.input_ids, ids=[7, 8, 9], mask=[1, 1, 1]))
+    batch = rollout_batch(rs, policy.tokenizer)
+    feats = image_features(policy.model, batch)
+    assert len(feats) == len(batch["image_grid_thw"])
+    with torch.no_grad():
+        for mb in ([0, 1], [2, 3], [4], [3, 4]):
+            a, _ = completion_logprobs(policy.model, _sub(batch, mb), 1.0)
             b, _ = completion_logprobs(policy.model, sub_batch(batch, mb, feats), 1.0)
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

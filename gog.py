@@ -46,45 +46,42 @@ import functools
 import json
 import os
 import random
-import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from common.chat import encode
-from common.cli import parse_args
-from common.grpo import GRPOConfig, train_grpo
+from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
+from common.data import open_image, read_records, require
+from common.grpo import train_grpo
 from common.judge import llm_judge_batch, sub_exact_match
 from common.models import load_policy
 from common.rollout import Rollout, run_rollouts
-from common.runlog import RunLog, bar_plot, read_jsonl, trajectory_html, write_json
+from common.runlog import RunLog, bar_plot, trajectory_html, write_json
 from common.sft import SFTConfig, train_sft
 from common.tools import ImageSearch, TextSearch, crop, parse_action, seen_size
 
 
 @dataclass
-class Args:
+class Args(GRPOArgs):
+    # --- run ---
     stage: Literal["data", "sft", "levels", "rl", "eval", "ablate", "all"] = "all"
     """which stage to run (`all` = data, sft, levels, rl, eval, ablate)"""
-    model: str = "auto"
-    """policy: tiny | smollm2 | auto (Qwen2.5-VL-3B on CUDA, else tiny) | hub id | folder"""
-    out: str = f"runs/{Path(__file__).stem}"
-    """output folder; each stage writes <out>/<stage>/"""
-    seed: int = 0
-    """seed of the toy world, the data order and the sampler"""
-    load_in_4bit: bool | None = None
-    """NF4 base weights: true | false | none (= auto: on for real models on CUDA, off for CPU presets)"""
+    # --- model ---
     lora_r: int = 8
     """LoRA rank (GoG: r = 8 on all LLM blocks)"""
-    lora_alpha: int = 16
-    """LoRA alpha"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward: less memory, ~30 % slower (the 7B budget needs it)"""
+    # --- GRPO (TRL names) ---
+    learning_rate: float = 1e-5
+    """GRPO learning rate (GoG: 2e-6 for the full actor; LoRA here) (7)"""
+    num_generations: int = 4
+    """G, rollouts per question (GoG: 4)"""
+    beta: float = 0.001
+    """KL coefficient to pi_ref (GoG: 0.001)"""
+    max_completion_length: int = 2048
+    """tokens per rollout after the prompt, observations included (GoG: 8,192)"""
     # --- toy world (1) ---
     n_scenes: int = 64
     """scenes in the toy world (4 questions each, one per complexity level)"""
@@ -137,7 +134,7 @@ class Args:
     """Level 1 = pass rate in (level2_max, level1_max] (around half right)"""
     min_level_size: int = 4
     """fill a smaller level with the nearest questions by pass rate, announced (0 = never)"""
-    # --- RL (GRPO, TRL names) ---
+    # --- reward and RL ---
     rl_level: Literal[1, 2] = 2
     """train RL on Level 2 (GoG's final recipe) or Level 1"""
     lam: float = 0.1
@@ -146,32 +143,6 @@ class Args:
     """answers longer than this get r_acc = 0 (sub-exact match would reward lists) (4)"""
     judge: str | None = None
     """LLM judge model for r_acc and eval (none = sub-exact match) (4)"""
-    max_steps: int = 200
-    """GRPO steps"""
-    learning_rate: float = 1e-5
-    """GRPO learning rate (paper: 2e-6 for the full actor; LoRA here) (7)"""
-    num_generations: int = 4
-    """G, rollouts per question (GoG: 4)"""
-    prompts_per_step: int = 4
-    """questions per GRPO step"""
-    beta: float = 0.001
-    """KL coefficient to pi_ref (GoG: 0.001)"""
-    epsilon: float = 0.2
-    """clip range, low side"""
-    epsilon_high: float | None = None
-    """clip range, high side (none = epsilon; DAPO: 0.28)"""
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
-    """loss aggregation (TRL names)"""
-    max_completion_length: int = 2048
-    """tokens per rollout after the prompt, observations included (GoG: 8,192)"""
-    temperature: float = 1.0
-    """sampling temperature for RL and levels"""
-    micro_batch_size: int = 4
-    """sequences per forward/backward"""
-    save_steps: int = 0
-    """save a GRPO checkpoint (adapter, optimiser, RNG) every N steps into <out>/rl (0 = only the final adapter)"""
-    resume: bool = False
-    """continue RL from the latest <out>/rl/checkpoint-N: same step, data order and RNG"""
     # --- eval ---
     eval_temperature: float = 0.0
     """sampling temperature in eval (0 = greedy)"""
@@ -306,12 +277,21 @@ def build_world(seed: int, n_scenes: int = 8, image_size: int = 448) -> World:
     return World(scenes, questions, text_kb, image_kb)
 
 
+@functools.lru_cache(maxsize=4)
+def cached_world(seed: int, n_scenes: int, image_size: int) -> World:
+    return build_world(seed, n_scenes, image_size)
+
+
+def world_of(args: Args) -> World:
+    return cached_world(args.seed, args.n_scenes, args.image_size)
+
+
 def split_world(world: World, test_frac: float) -> tuple[list[dict], list[dict]]:
     """Train / test questions, split by scene (the last scenes are held out)."""
     n_test = max(1, round(len(world.scenes) * test_frac))
     test_ids = {s["id"] for s in world.scenes[-n_test:]}
     if n_test >= len(world.scenes):
-        raise ValueError(f"--test_frac {test_frac} leaves no training scene; use more --n_scenes.")
+        raise UserError(f"--test_frac {test_frac} leaves no training scene; use more --n_scenes.")
     return ([q for q in world.questions if q["scene_id"] not in test_ids],
             [q for q in world.questions if q["scene_id"] in test_ids])
 
@@ -325,31 +305,16 @@ def as_example(world: World, q: dict) -> dict:
 
 def load_benchmark(path: str) -> list[dict]:
     """A benchmark's JSONL (FVQA, InfoSeek, SimpleVQA, MMSearch, LiveVQA, DynVQA):
-    {"id"?, "image": path (relative to the file), "question": str, "answers": [str, ...]} per line."""
+    {"id"?, "image": path (relative to the file), "question": str, "answers": [...]} per line."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"benchmark file {p} does not exist.")
     rows = []
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{p}:{lineno}"
-        try:
-            r = json.loads(line)
-        except ValueError as e:
-            raise ValueError(f"{where}: not valid JSON ({e}).") from None
-        if not isinstance(r, dict) or not all(k in r for k in ("image", "question", "answers")):
-            raise ValueError(f'{where}: a record needs "image", "question" and "answers".')
+    for where, r in read_records(p, "benchmark file"):
+        require(r, where, "image", "question", "answers")
         answers = [r["answers"]] if isinstance(r["answers"], str) else r["answers"]
-        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a for a in answers):
-            raise ValueError(f'{where}: "answers" must be a non-empty list of strings.')
-        image = p.parent / str(r["image"])
-        if not image.is_file():
-            raise ValueError(f"{where}: image {image} does not exist.")
-        rows.append(dict(r, id=str(r.get("id", f"{p.stem}-{lineno}")), answers=answers,
-                         image_path=str(image), level=r.get("level", p.stem), target=r.get("target")))
-    if not rows:
-        raise ValueError(f"benchmark file {p} holds no records.")
+        if not isinstance(answers, list) or not all(isinstance(a, str) and a for a in answers):
+            raise UserError(f'{where}: "answers" must be a non-empty list of strings.')
+        rows.append(dict(r, id=str(r.get("id", where)), answers=answers, image=open_image(r["image"], p.parent, where),
+                         level=r.get("level", p.stem), target=r.get("target")))
     return rows
 
 
@@ -536,8 +501,9 @@ def messages_to_turns(msgs: list[dict]) -> list[dict]:
     return turns
 
 
-def stage_data(args: Args, world: World) -> None:
+def stage_data(args: Args) -> None:
     """Write the world to disk (benchmark-format JSONL + PNGs) and an oracle trajectory page."""
+    world = world_of(args)
     out = Path(args.out) / "data"
     (out / "images").mkdir(parents=True, exist_ok=True)
     for s in world.scenes:
@@ -584,7 +550,7 @@ def rollout_messages(r: Rollout) -> list[dict]:
     return msgs
 
 
-def stage_sft(args: Args, world: World, out_dir: str, gaze: bool = True) -> str:
+def run_sft(args: Args, world: World, out_dir: str, gaze: bool = True) -> str:
     """Reflective GoG Behavior Alignment: filter, build correct trajectories, LoRA SFT."""
     train, _ = split_world(world, args.test_frac)
     policy = get_policy(args)
@@ -594,7 +560,7 @@ def stage_sft(args: Args, world: World, out_dir: str, gaze: bool = True) -> str:
                                 args.max_new_tokens)
     kept = [q for q, c in zip(train, counts) if c < args.filter_k]   # always right -> dropped
     if not kept:
-        raise ValueError(f"The uncertainty filter dropped all {len(train)} questions (always answered right); "
+        raise UserError(f"The uncertainty filter dropped all {len(train)} questions (always answered right); "
                          f"raise --filter_k or use a weaker --teacher.")
     rng = random.Random(args.seed)
     convs = [oracle_trajectory(world, q, False, rng, gaze) for q in kept]
@@ -637,8 +603,9 @@ def split_levels(pass_rates: dict[str, float], level2_max: float = 0.25, level1_
     return l1, l2, expanded
 
 
-def stage_levels(args: Args, world: World, adapter: str | None, out_dir: str) -> None:
+def stage_levels(args: Args, out_dir: str | None = None) -> None:
     """Pass rate of the SFT model over levels_k agent samples per training question."""
+    world, adapter, out_dir = world_of(args), start_adapter(args, "sft"), out_dir or str(Path(args.out) / "levels")
     train, _ = split_world(world, args.test_frac)
     print(f"[levels] policy: {adapter or 'the base model (no SFT adapter found)'}")
     policy = get_policy(args, adapter)
@@ -659,27 +626,23 @@ def stage_levels(args: Args, world: World, adapter: str | None, out_dir: str) ->
     print(f"[levels] Level 1: {len(l1)} questions, Level 2: {len(l2)} -> {out_dir}")
 
 
-def stage_rl(args: Args, world: World, adapter: str | None, levels_dir: str, out_dir: str, level: int) -> str:
+def run_rl(args: Args, world: World, adapter: str | None, levels_dir: str, out_dir: str, level: int) -> str:
     """GRPO on one complexity level with the GoG reward, multi-turn tool rollouts."""
     train, _ = split_world(world, args.test_frac)
     by_id = {q["id"]: q for q in train}
     level_file = os.path.join(levels_dir, f"level{level}.jsonl")
     if os.path.isfile(level_file):
-        questions = [by_id[row["id"]] for row in read_jsonl(level_file)]
+        questions = [by_id[row["id"]] for _, row in read_records(level_file)]
         print(f"[rl] Level {level}: {len(questions)} questions from {level_file}")
     else:
         questions = train
         print(f"[rl] no {level_file} (run --stage levels): training on all {len(train)} train questions.")
     if not questions:
-        raise ValueError(f"Level {level} is empty; raise --min_level_size or pick --rl_level {3 - level}.")
+        raise UserError(f"Level {level} is empty; raise --min_level_size or pick --rl_level {3 - level}.")
     print(f"[rl] policy: {'SFT adapter ' + adapter if adapter else 'the base model (no SFT adapter found)'}")
     policy = get_policy(args, adapter)
     judge = load_policy(args.judge, lora=False) if args.judge else None
-    cfg = GRPOConfig(learning_rate=args.learning_rate, num_generations=args.num_generations,
-                     prompts_per_step=args.prompts_per_step, max_steps=args.max_steps, beta=args.beta,
-                     epsilon=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
-                     max_completion_length=args.max_completion_length, temperature=args.temperature,
-                     micro_batch_size=args.micro_batch_size, save_steps=args.save_steps, seed=args.seed)
+    cfg = grpo_config(args)
     examples = [as_example(world, q) for q in questions]
     html = []
 
@@ -732,7 +695,7 @@ def tool_use_stats(rollouts: list[Rollout]) -> dict:
             "mean_turns": float(np.mean([r.turns for r in rollouts])) if rollouts else 0.0}
 
 
-def stage_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dict:
+def run_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dict:
     """Accuracy per split, level and benchmark; tool-use statistics; the trajectory page."""
     print(f"[eval] policy: {adapter or 'the base model (no adapter found)'}")
     policy = get_policy(args, adapter, lora=adapter is not None)
@@ -748,8 +711,7 @@ def stage_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> d
         if ts is world.text_search or ims is world.image_search:
             print("[eval] benchmarks use the toy KBs for a search without --text_corpus/--image_kb or an endpoint.")
         for f in files:
-            rows = [dict(r, image=Image.open(r["image_path"]).convert("RGB"), target_box=r.get("target_box"))
-                    for r in load_benchmark(f)]
+            rows = [dict(r, target_box=r.get("target_box")) for r in load_benchmark(f)]
             sets[Path(f).stem] = (rows, (ts, ims))
     results = {"accuracy": {}, "tool_use": {}, "n": {}, "policy": adapter or args.model}
     html = []
@@ -771,29 +733,30 @@ def stage_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> d
     return results
 
 
-def stage_ablate(args: Args, world: World) -> None:
+def stage_ablate(args: Args) -> None:
     """No-gaze SFT vs GoG SFT; RL on Level 1 vs Level 2. Each variant is evaluated."""
+    world = world_of(args)
     out = Path(args.out)
     abl = out / "ablate"
     sft_adapter = str(out / "sft" / "adapter")
     if not os.path.isdir(sft_adapter):
         print("[ablate] no <out>/sft/adapter: running the sft stage first.")
-        sft_adapter = stage_sft(args, world, str(out / "sft"))
+        sft_adapter = run_sft(args, world, str(out / "sft"))
     if not os.path.isdir(out / "levels"):
         print("[ablate] no <out>/levels: running the levels stage first.")
-        stage_levels(args, world, sft_adapter, str(out / "levels"))
+        stage_levels(args)
     variants = {"GoG-SFT": sft_adapter,
-                "SFT w/o gaze": stage_sft(args, world, str(abl / "sft_no_gaze"), gaze=False),
-                "RL Level 1": stage_rl(args, world, sft_adapter, str(out / "levels"), str(abl / "rl_level1"), 1),
+                "SFT w/o gaze": run_sft(args, world, str(abl / "sft_no_gaze"), gaze=False),
+                "RL Level 1": run_rl(args, world, sft_adapter, str(out / "levels"), str(abl / "rl_level1"), 1),
                 "RL Level 2": str(out / "rl" / "adapter")}
     rl_summary = out / "rl" / "summary.json"
     if rl_summary.is_file() and json.loads(rl_summary.read_text()).get("level") == 2:
         print("[ablate] RL Level 2: reusing <out>/rl (trained on Level 2).")
     else:
-        variants["RL Level 2"] = stage_rl(args, world, sft_adapter, str(out / "levels"), str(abl / "rl_level2"), 2)
+        variants["RL Level 2"] = run_rl(args, world, sft_adapter, str(out / "levels"), str(abl / "rl_level2"), 2)
     table = {}
     for name, adapter in variants.items():
-        res = stage_eval(args, world, adapter, str(abl / ("eval_" + name.replace(" ", "_").replace("/", ""))))
+        res = run_eval(args, world, adapter, str(abl / ("eval_" + name.replace(" ", "_").replace("/", ""))))
         table[name] = {"Avg": res["Avg"], **res["accuracy"],
                        "mixed_search_rate": res["tool_use"]["toy"]["mixed_search_rate"],
                        "gaze_rate": res["tool_use"]["toy"]["gaze_rate"]}
@@ -810,41 +773,33 @@ TINY_SIZES = dict(n_scenes=4, image_size=224, max_new_tokens=24, max_completion_
                   max_steps=2, prompts_per_step=2, sft_max_steps=3, levels_k=2)
 
 
-def apply_tiny_sizes(args: Args, argv: list[str]) -> None:
-    if args.model != "tiny" and not (args.model == "auto" and not torch.cuda.is_available()):
-        return
-    given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
-    sizes = {k: v for k, v in TINY_SIZES.items() if k not in given}
-    for k, v in sizes.items():
-        setattr(args, k, v)
-    print(f"[gog] tiny CPU run, small sizes: {sizes} (flags you pass win). Its numbers are noise.")
+def stage_sft(args: Args) -> str:
+    return run_sft(args, world_of(args), str(Path(args.out) / "sft"))
 
 
-def main() -> None:
-    args = parse_args(Args, sys.argv[1:], description=__doc__)
-    apply_tiny_sizes(args, sys.argv[1:])
-    world = build_world(args.seed, args.n_scenes, args.image_size)
+def stage_rl(args: Args) -> str:   # the papers' order: RL starts from the SFT adapter when there is one
     out = Path(args.out)
+    return run_rl(args, world_of(args), start_adapter(args, "sft"), str(out / "levels"), str(out / "rl"),
+                  args.rl_level)
 
-    def adapter(*names: str) -> str | None:  # the first of these stages' adapters that exists now
-        return next((str(out / s / "adapter") for s in names if (out / s / "adapter").is_dir()), None)
-    stages = ["data", "sft", "levels", "rl", "eval", "ablate"] if args.stage == "all" else [args.stage]
-    for stage in stages:
-        t0 = time.perf_counter()
-        if stage == "data":
-            stage_data(args, world)
-        elif stage == "sft":
-            stage_sft(args, world, str(out / "sft"))
-        elif stage == "levels":
-            stage_levels(args, world, adapter("sft"), str(out / "levels"))
-        elif stage == "rl":   # the papers' order: RL starts from the SFT adapter when there is one
-            stage_rl(args, world, adapter("sft"), str(out / "levels"), str(out / "rl"), args.rl_level)
-        elif stage == "eval":
-            stage_eval(args, world, adapter("rl", "sft"), str(out / "eval"))
-        elif stage == "ablate":
-            stage_ablate(args, world)
-        print(f"[gog] stage {stage} took {time.perf_counter() - t0:.1f} s")
-    write_json(str(out / "args.json"), asdict(args))
+
+def stage_eval(args: Args) -> dict:
+    return run_eval(args, world_of(args), start_adapter(args, "rl", "sft"), str(Path(args.out) / "eval"))
+
+
+def check_inputs(args: Args) -> None:
+    """Every user file is read before any model is loaded."""
+    for f in [f for f in args.benchmarks.split(",") if f.strip()]:
+        load_benchmark(f)
+    for f in (args.text_corpus, args.image_kb):
+        if f:
+            read_records(f, "search corpus")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stages(Args, {"data": stage_data, "sft": stage_sft, "levels": stage_levels, "rl": stage_rl,
+                      "eval": stage_eval, "ablate": stage_ablate}, argv, doc=__doc__, file=__file__,
+               tiny=TINY_SIZES, check=check_inputs)
 
 
 if __name__ == "__main__":

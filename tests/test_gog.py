@@ -9,6 +9,7 @@ import random
 import pytest
 
 import gog
+from common.cli import UserError
 from common.models import load_policy
 from common.rollout import run_rollouts
 from helpers import run_script
@@ -134,12 +135,12 @@ def test_benchmark_loader_names_file_and_line(tmp_path):
     path.write_text(json.dumps(good) + "\n\n" + json.dumps(dict(good, answers="Kalo")) + "\n")
     rows = gog.load_benchmark(str(path))
     assert [r["answers"] for r in rows] == [["Kalo"], ["Kalo"]] and rows[0]["level"] == "fvqa"
-    for bad, msg in [("{not json", "not valid JSON"), (json.dumps({"image": "x.png", "question": "q"}), '"answers"'),
-                     (json.dumps(dict(good, answers=[])), '"answers"'), (json.dumps(dict(good, image="no.png")), "no.png")]:
+    for bad, msg in [("{not json", "not valid JSON"), (json.dumps({"image": "x.png", "question": "q"}), "answers"),
+                     (json.dumps(dict(good, answers=[])), "answers"), (json.dumps(dict(good, image="no.png")), "no.png")]:
         path.write_text(json.dumps(good) + "\n" + bad + "\n")
-        with pytest.raises(ValueError, match=rf"fvqa.jsonl:2: .*{msg}"):
+        with pytest.raises(UserError, match=rf"fvqa.jsonl:2: .*{msg}"):
             gog.load_benchmark(str(path))
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+    with pytest.raises(UserError, match="missing.jsonl"):
         gog.load_benchmark(str(tmp_path / "missing.jsonl"))
 
 
@@ -155,12 +156,14 @@ def test_help():
 
 
 def test_stage_all_tiny_smoke(tmp_path):
-    out = tmp_path / "run"
+    out, bench = tmp_path / "run", tmp_path / "toy_test.jsonl"
+    gog.build_world(0, 1, 112).scenes[0]["image"].save(tmp_path / "x.png")
+    bench.write_text(json.dumps({"image": "x.png", "question": "Who?", "answers": ["Kalo"]}) + "\n")
     p = run_gog("--stage", "all", "--model", "tiny", "--out", str(out), "--n_scenes", "2",
                    "--image_size", "112", "--max_new_tokens", "8", "--max_steps", "1", "--sft_max_steps", "1",
                    "--levels_k", "2", "--filter_k", "2", "--num_generations", "2", "--prompts_per_step", "1",
                    "--max_turns", "2", "--max_completion_length", "96",
-                   "--benchmarks", str(out / "data" / "toy_test.jsonl"))
+                   "--benchmarks", str(bench))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads((out / "eval" / "results.json").read_text())
     assert {"toy", "toy/gaze", "toy_test"} <= set(res["accuracy"]) and "Avg" in res

@@ -5,6 +5,7 @@ split, the benchmark loader, and a subprocess smoke run of every stage on the ti
 import functools
 import json
 import random
+import re
 
 import pytest
 
@@ -114,6 +115,7 @@ def tiny():
 def test_oracle_replays_through_the_real_loop_and_states_only_what_it_saw(tiny):
     world = gog.build_world(1, 4, 224)
     names = [e["name"] for e in world.entities] + [s["place"] for s in world.scenes]
+    labels = [t["label"] for s in world.scenes for t in s["tiles"]]
     rng = random.Random(0)
     cases = ([(q, False, "gaze oracle") for q in world.questions] + [(q, refl, "whole-image oracle") for q in
              world.questions if q["kind"] == "gaze" for refl in (False,)] +
@@ -129,12 +131,16 @@ def test_oracle_replays_through_the_real_loop_and_states_only_what_it_saw(tiny):
         assert seen == [t["observation"] for t in turns if t["role"] == "tool"], q["id"]  # SFT == RL view
         if policy == "gaze oracle":
             assert gog.gog_reward(r.trajectory, r.answer, q["answers"])["reward"] == 1.0, q["id"]
-        known = q["question"]   # honesty: a name is stated only after the question or an observation showed it
-        for t in r.trajectory:
+        known, linked = q["question"], ""   # honesty: a name is stated only after the question or an observation
+        for t in r.trajectory:              # showed it; a tile label and a name together only after a crop search
             if t["role"] == "assistant":
                 assert not [n for n in names if n in t["text"] and n not in known], (q["id"], policy, t["text"])
+                for sentence in re.split(r"[.;]\s", t["text"]):
+                    pairs = [n for n in names if n in sentence and any(lb in sentence for lb in labels)]
+                    assert not [n for n in pairs if n not in linked], (q["id"], policy, sentence)
             else:
                 known += " " + t["observation"]
+                linked += t["observation"] if t["observation"].startswith("Searched with crop") else ""
         if q["kind"] == "gaze" and policy == "gaze oracle":
             stats = gog.tool_use_stats([r])
             assert stats["gaze_rate"] == 100.0 and stats["mixed_search_rate"] == 100.0

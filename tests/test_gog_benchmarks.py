@@ -37,7 +37,9 @@ def write_infoseek(d):
             {"data_id": "val_1", "image_id": "oven_0001", "question": "When built?", "answer": ["1932"],
              "answer_eval": [{"wikidata": 1932.0, "range": [1922.4, 1941.6]}], "data_split": "val_unseen_entity"},
             {"data_id": "val_2", "image_id": "oven_0001", "question": "Which river?", "answer": ["Rhine"],
-             "answer_eval": ["Rhine"], "data_split": "val_unseen_entity"}]
+             "answer_eval": ["Rhine"], "data_split": "val_unseen_entity"},
+            {"data_id": "val_3", "image_id": "oven_0001", "question": "Which sea?", "answer": ["North Sea"],
+             "answer_eval": ["North Sea"], "data_split": "val_unseen_question"}]
     (d / "infoseek_val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return d / "infoseek_val.jsonl"
 
@@ -76,8 +78,9 @@ def write_dynvqa(d):
 
 RIGHT_WRONG = {  # (benchmark, writer, {id: answer}, expected headline %)
     "FVQA": (write_fvqa, {"fvqa-0": "la tour eiffel", "fvqa-1": "Big Ben"}, 50.0),
-    "InfoSeek": (write_infoseek, {"val_0": "Federal Republic of Germany", "val_1": "about 1930", "val_2": "Danube"},
-                 2 / (1 / 100 + 1 / 50)),   # unseen_question 100 %, unseen_entity 50 %: harmonic mean 66.7
+    "InfoSeek": (write_infoseek, {"val_0": "Federal Republic of Germany", "val_1": "about 1930", "val_2": "Danube",
+                              "val_3": "the North Sea"},
+                 2 / (1 / 100 + 1 / 50)),   # unseen_question 100 %, unseen_entity 50 %: harmonic mean 66.7, not 75
     "MMSearch": (write_mmsearch, {"m0": "Eiffel Tower in Paris", "m1": "Bob"}, 100 * (2 * 3 / 7) / 2),  # F1 6/7, 0
     "SimpleVQA": (write_simplevqa, {"0": "A red square.", "1": "Kilimanjaro"}, 50.0),
     "LiveVQA": (write_livevqa, {"7-level1_qa": "Paris", "7-level2_qa": "Paris"}, 50.0),

@@ -45,6 +45,8 @@ Deviations from the paper (numbered; the code says "(n)" where each one lives):
     level, nearest first, and the run says how many came from which pass rates.
  9. Gaze correctness (the paper's humans judged it): a crop is right when it holds >= 90 % of
     the target tile and its area is at most 4x the tile's.
+10. --full_sft (for the from-scratch tiny model only; the paper uses LoRA): SFT trains every weight
+    and saves the base weights beside the adapter; RL then trains LoRA on top, as usual.
 """
 from __future__ import annotations
 
@@ -54,11 +56,13 @@ import json
 import os
 import random
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from common.chat import encode
@@ -132,6 +136,9 @@ class Args(GRPOArgs):
     """sequences per SFT step (GoG: global batch 8)"""
     sft_max_steps: int = 0
     """cap on SFT steps (0 = epochs decide)"""
+    full_sft: bool = False
+    """SFT trains every weight, not only LoRA (the random-weight tiny model cannot learn through LoRA alone);
+    the base weights are saved beside the adapter and loaded with it (10)"""
     reflect_frac: float = 0.5
     """fraction of gaze questions that also get a reflective trajectory (wrong crop -> re-gaze)"""
     teacher: str | None = None
@@ -813,9 +820,14 @@ def tool_use_stats(rollouts: list[Rollout]) -> dict:
 # Stages
 # =============================================================================================
 def get_policy(args: Args, adapter: str | None = None, lora: bool = True):
-    return load_policy(args.model, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
-                       lora_alpha=args.lora_alpha, adapter=adapter,
-                       gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
+    policy = load_policy(args.model, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
+                         lora_alpha=args.lora_alpha, adapter=adapter,
+                         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
+    base = Path(adapter or ".").parent / "base_weights.pt"
+    if adapter and base.is_file():   # (10) a --full_sft run: its trained base weights live beside the adapter
+        policy.model.load_state_dict(torch.load(base), strict=False)
+        print(f"[gog] base weights from {base} (full-parameter SFT)")
+    return policy
 
 
 def agent_rollouts(policy, examples: list[dict], args: Args, searchers: tuple, G: int, temperature: float,
@@ -904,7 +916,13 @@ def run_sft(args: Args, world: World, out_dir: str, gaze: bool = True) -> str:
     samples = [encode(policy.tokenizer, policy.image_processor, m) for m in convs]  # observations masked
     cfg = SFTConfig(learning_rate=args.sft_learning_rate, epochs=args.sft_epochs, batch_size=args.sft_batch_size,
                     micro_batch_size=args.micro_batch_size, max_steps=args.sft_max_steps, seed=args.seed)
+    if args.full_sft:
+        for p in policy.model.parameters():
+            p.requires_grad_(True)
     summary = train_sft(policy, samples, cfg, out_dir)
+    if args.full_sft:
+        torch.save({k: v for k, v in policy.model.state_dict().items() if "lora_" not in k},
+                   os.path.join(out_dir, "base_weights.pt"))
     no_search = sum(not any("search" in x["content"] for x in m if x["role"] == "assistant") for m in convs)
     stats = {"questions": len(train), "dropped_by_filter": len(train) - len(kept), "oracle": n_oracle,
              "teacher": len(good), "no_search_fraction": no_search / max(1, len(convs)), "gaze": gaze}
@@ -977,6 +995,9 @@ def run_rl(args: Args, world: World, adapter: str | None, levels_dir: str, out_d
         raise UserError(f"Level {level} is empty; raise --min_level_size or pick --rl_level {3 - level}.")
     print(f"[rl] policy: {'SFT adapter ' + adapter if adapter else 'the base model (no SFT adapter found)'}")
     policy, searchers, html = get_policy(args, adapter), world.searchers("train"), []
+    if adapter and (Path(adapter).parent / "base_weights.pt").is_file():   # (10) the RL adapter needs them too
+        os.makedirs(out_dir, exist_ok=True)
+        shutil.copy(Path(adapter).parent / "base_weights.pt", out_dir)
 
     def rollout_fn(p, examples, c):
         return agent_rollouts(p, examples, args, searchers, c.num_generations, c.temperature)

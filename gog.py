@@ -105,9 +105,7 @@ class Args(GRPOArgs):
     benchmarks: str = ""
     """comma-separated NAME=FILE in the published formats: FVQA, InfoSeek, MMSearch, SimpleVQA, LiveVQA, DynVQA"""
     image_dir: str | None = None
-    """folder of benchmark images named by id or URL file name (InfoSeek image_id, DynVQA/LiveVQA URLs)"""
-    image_map: str | None = None
-    """JSONL/CSV of {"image_id", "path"} (paths relative to this file) for InfoSeek's OVEN ids"""
+    """folder of benchmark images named <id>.<ext> or by URL file name (InfoSeek image_id, DynVQA/LiveVQA URLs)"""
     predictions: str | None = None
     """score this file of {"id", "answer"} (another model's answers) instead of running the policy"""
     text_corpus: str | None = None
@@ -325,13 +323,11 @@ def build_world(seed: int, n_scenes: int = 8, image_size: int = 448, test_frac: 
     return World(scenes, questions, text_kb, image_kb, entities)
 
 
-@functools.lru_cache(maxsize=4)
-def cached_world(seed: int, n_scenes: int, image_size: int, test_frac: float) -> World:
-    return build_world(seed, n_scenes, image_size, test_frac)
-
-
-def world_of(args: Args) -> World:
+def world_of(args: Args) -> World:   # one world per (seed, sizes) in a process: stages share it
     return cached_world(args.seed, args.n_scenes, args.image_size, args.test_frac)
+
+
+cached_world = functools.lru_cache(maxsize=4)(build_world)
 
 
 def split_world(world: World) -> tuple[list[dict], list[dict]]:
@@ -389,34 +385,21 @@ def question_text(v, where: str) -> str:
     return v.replace("<image>", "").strip()
 
 
-def image_lookup(image_map: str | None) -> dict:
-    """{image id: file} from --image_map (paths relative to it)."""
-    if not image_map:
-        return {}
-    base = Path(image_map).parent
-    return {str(r.get("image_id")): base / str(r.get("path")) for _, r in read_records(image_map, "image map")}
-
-
-def resolve_image(v, name: str, where: str, base: Path, image_dir: str | None, ids: dict):
-    """Embedded bytes, a path inside the data folder, an id (InfoSeek) or a URL (an --image_dir file)."""
-    if isinstance(v, list):
-        v = v[0] if v else None
-    if v is None:
-        return None
+def resolve_image(v, name: str, where: str, base: Path, image_dir: str | None):
+    """Embedded bytes (or base64), a path inside the data folder, an id (InfoSeek) or a URL (an --image_dir file)."""
+    v = (v or [None])[0] if isinstance(v, list) else v
     if isinstance(v, str) and len(v) > 1024:  # a base64-encoded image (SimpleVQA JSON), not a path
         v = base64.b64decode(v)
-    if isinstance(v, str) and (v.startswith(("http://", "https://")) or name == "InfoSeek"):
-        key = v.rsplit("/", 1)[-1].split("?")[0] if "://" in v else v
-        if key in ids:
-            return open_image(ids[key].name, ids[key].parent, where)
-        if not image_dir:
-            raise UserError(f"{where}: {name} image {v[:80]!r} is remote or an id; download the images into a "
-                            f"folder and pass --image_dir (or --image_map).")
-        found = [p for p in (Path(image_dir) / key, *Path(image_dir).glob(key + ".*")) if p.is_file()]
-        if not found:
-            raise UserError(f"{where}: no file for image {key!r} in --image_dir {image_dir}.")
-        return open_image(found[0].name, image_dir, where)
-    return open_image(v, base, where)
+    if v is None or not (isinstance(v, str) and (v.startswith(("http://", "https://")) or name == "InfoSeek")):
+        return None if v is None else open_image(v, base, where)
+    key = v.rsplit("/", 1)[-1].split("?")[0] if "://" in v else v
+    if not image_dir:
+        raise UserError(f"{where}: {name} image {v[:80]!r} is remote or an id; download the images into a "
+                        f"folder and pass --image_dir.")
+    found = [p for p in (Path(image_dir) / key, *Path(image_dir).glob(key + ".*")) if p.is_file()]
+    if not found:
+        raise UserError(f"{where}: no file for image {key!r} in --image_dir {image_dir}.")
+    return open_image(found[0].name, image_dir, where)
 
 
 def flatten_livevqa(rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
@@ -433,11 +416,11 @@ def flatten_livevqa(rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
 
 
 @functools.lru_cache(maxsize=16)
-def load_benchmark(name: str, path: str, image_dir: str | None = None, image_map: str | None = None) -> list[dict]:
+def load_benchmark(name: str, path: str, image_dir: str | None = None) -> list[dict]:
     """Records of one benchmark file in its published schema -> {"id", "question", "image", "answers",
     "golds", "split", "benchmark"}; one sentence naming file:line for anything missing."""
     spec, rows = BENCHMARKS[name], read_records(path, f"{name} file")
-    rows, ids = flatten_livevqa(rows) if name == "LiveVQA" else rows, image_lookup(image_map)
+    rows = flatten_livevqa(rows) if name == "LiveVQA" else rows
     out = []
     for where, r in rows:
         require(r, where, spec["id"], spec["question"])
@@ -448,7 +431,7 @@ def load_benchmark(name: str, path: str, image_dir: str | None = None, image_map
         out.append({"id": str(get(r, spec["id"])), "benchmark": name, "kind": name, "golds": golds, "answers": answers,
                     "question": question_text(get(r, spec["question"]), where), "target": None, "target_box": None,
                     "split": str(get(r, spec["split"])) if spec["split"] else "all",
-                    "image": resolve_image(get(r, spec["image"]), name, where, Path(path).parent, image_dir, ids)})
+                    "image": resolve_image(get(r, spec["image"]), name, where, Path(path).parent, image_dir)})
     return out
 
 
@@ -1044,7 +1027,7 @@ def read_predictions(path: str) -> dict[str, str]:
 
 def run_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dict:
     """Held-out toy accuracy and tool use, and each benchmark under its own rule; all in %."""
-    benches = [(n, load_benchmark(n, f, args.image_dir, args.image_map)) for n, f in parse_benchmarks(args)]
+    benches = [(n, load_benchmark(n, f, args.image_dir)) for n, f in parse_benchmarks(args)]
     results = {"units": "percent (mean_turns in turns)", "policy": args.predictions or adapter or args.model,
                "toy": None, "benchmarks": {}, "Avg": None}
     answers, html = {}, []
@@ -1093,53 +1076,44 @@ def stage_eval(args: Args) -> dict:
 
 
 def stage_ablate(args: Args) -> None:
-    """No-gaze SFT vs GoG SFT; RL on Level 1 vs Level 2. Each variant is evaluated; the run says
-    which earlier outputs it reuses and which it trains here."""
-    world, out = world_of(args), Path(args.out)
-    abl, reused, ran = out / "ablate", [], ["SFT w/o gaze", "RL Level 1"]
-    sft_adapter = start_adapter(args, "sft")
-    if sft_adapter:
-        reused.append(f"GoG-SFT: {sft_adapter}")
-    else:
-        sft_adapter, ran = run_sft(args, world, str(out / "sft")), ran + ["GoG-SFT"]
-    if (out / "levels" / "level1.jsonl").is_file():
-        reused.append(f"levels: {out / 'levels'}")
-    else:
+    """No-gaze SFT vs GoG SFT; RL on Level 1 vs Level 2, each evaluated; says what it reuses and what it trains."""
+    world, out, abl = world_of(args), Path(args.out), Path(args.out) / "ablate"
+    sft, reused, ran = start_adapter(args, "sft"), [], ["SFT w/o gaze"]
+    if not sft:
+        sft, ran = run_sft(args, world, str(out / "sft")), ran + ["GoG-SFT"]
+    if not (out / "levels" / "level2.jsonl").is_file():
         stage_levels(args)
         ran.append("levels")
-    variants = {"GoG-SFT": sft_adapter, "SFT w/o gaze": run_sft(args, world, str(abl / "sft_no_gaze"), gaze=False)}
-    if level_ids(out / "levels", 1):
-        variants["RL Level 1"] = run_rl(args, world, sft_adapter, str(out / "levels"), str(abl / "rl_level1"), 1)
-    else:
-        ran.remove("RL Level 1")
-        print("[ablate] RL Level 1: skipped, Level 1 is empty (no SFT pass rate in (level2_max, level1_max]).")
-    rl_summary = out / "rl" / "summary.json"
-    if rl_summary.is_file() and json.loads(rl_summary.read_text()).get("level") == 2:
-        variants["RL Level 2"] = str(out / "rl" / "adapter")
-        reused.append(f"RL Level 2: {out / 'rl'}")
-    else:
-        variants["RL Level 2"] = run_rl(args, world, sft_adapter, str(out / "levels"), str(abl / "rl_level2"), 2)
-        ran.append("RL Level 2")
-    print(f"[ablate] reuses {'; '.join(reused) or 'nothing'}; trains {', '.join(ran)}; evaluates all four.")
-    table = {} if "RL Level 1" in variants else {"RL Level 1": "skipped: Level 1 is empty"}
+    variants = {"GoG-SFT": sft, "SFT w/o gaze": run_sft(args, world, str(abl / "sft_no_gaze"), gaze=False)}
+    rl2 = out / "rl" / "summary.json"
+    for level in (1, 2):
+        if level == 2 and rl2.is_file() and json.loads(rl2.read_text()).get("level") == 2:
+            variants["RL Level 2"] = str(out / "rl" / "adapter")
+        elif level_ids(out / "levels", level):
+            variants[f"RL Level {level}"] = run_rl(args, world, sft, str(out / "levels"), str(abl / f"rl_level{level}"), level)
+            ran.append(f"RL Level {level}")
+    reused = [n for n in variants if n not in ran]
+    print(f"[ablate] reuses {', '.join(reused) or 'nothing'} from earlier stages; trains {', '.join(ran)}; "
+          f"skips {', '.join(f'RL Level {v}' for v in (1, 2) if f'RL Level {v}' not in variants) or 'nothing'} (empty level).")
+    table = {f"RL Level {v}": "skipped: the level is empty" for v in (1, 2) if f"RL Level {v}" not in variants}
     for name, adapter in variants.items():
         res = run_eval(args, world, adapter, str(abl / ("eval_" + name.replace(" ", "_").replace("/", ""))))
         toy = res["toy"]
-        table[name] = {"toy": toy["accuracy"], **{f"toy/{k}": v for k, v in toy["by_kind"].items()}, "Avg": res["Avg"],
+        table[name] = {"Avg": res["Avg"], "toy": toy["accuracy"], **{f"toy/{k}": v for k, v in toy["by_kind"].items()},
                        "mixed_search_rate": toy["tool_use"]["mixed_search_rate"], "gaze_rate": toy["tool_use"]["gaze_rate"]}
     write_json(str(abl / "results.json"), {"units": "percent", "reused": reused, "trained": ran, "table": table, "paper": {
         "GoG-SFT (Qwen2.5-VL-7B) Avg": 43.28, "SFT w/o Selective Gaze Avg": 41.76, "RL Level 2 > Level 1": True}})
     bar_plot({n: {k: v for k, v in row.items() if k.startswith(("toy", "Avg")) and v is not None}
               for n, row in table.items() if isinstance(row, dict)},
              str(abl / "ablate.png"), "GoG ablations (held-out toy scenes)", "accuracy (%)")
-    print("[ablate] " + " | ".join(f"{n}: toy {row['toy']:.1f} %" if isinstance(row, dict) else f"{n}: {row}"
+    print("[ablate] " + " | ".join(f"{n}: {row['toy']:.1f} %" if isinstance(row, dict) else f"{n}: {row}"
                                    for n, row in table.items()))
 
 
 def check_inputs(args: Args) -> None:
     """Every user file is read before any model is loaded."""
     for name, path in parse_benchmarks(args):
-        load_benchmark(name, path, args.image_dir, args.image_map)
+        load_benchmark(name, path, args.image_dir)
     if args.predictions:
         if not args.benchmarks:
             raise UserError("--predictions needs --benchmarks NAME=FILE to score them against.")

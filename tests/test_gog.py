@@ -10,7 +10,6 @@ import re
 import pytest
 
 import gog
-from common.cli import UserError
 from common.models import load_policy
 from common.rollout import run_rollouts
 from helpers import run_script
@@ -77,7 +76,7 @@ def training_texts(world, args):
     """Every text SFT and RL see: train questions + answers, oracle trajectories with observations."""
     train, _ = gog.split_world(world)
     texts = [q["question"] + " " + q["answers"][0] for q in train]
-    for q, turns in gog.oracle_data(world, train, args):
+    for _, turns in gog.oracle_data(world, train, args):
         texts += [t.get("text") or t.get("observation") for t in turns]
     return "\n".join(texts)
 

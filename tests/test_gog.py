@@ -8,6 +8,7 @@ import random
 import re
 
 import pytest
+import torch
 
 import gog
 from common.models import load_policy
@@ -237,3 +238,17 @@ def test_stage_all_tiny_smoke(tmp_path):
     assert {"reward", "rewards/acc", "rewards/format"} <= set(rl[0])
     table = json.loads((out / "ablate" / "results.json").read_text())["table"]
     assert set(table) == {"GoG-SFT", "SFT w/o gaze", "RL Level 1", "RL Level 2"}
+
+
+def test_full_sft_base_weights_travel_with_the_adapter(tmp_path):
+    """--full_sft: the trained base weights saved beside the adapter are loaded with it."""
+    args = gog.Args(model="tiny")
+    policy = gog.get_policy(args)
+    name, weight = next((n, p) for n, p in policy.model.named_parameters() if "embed_tokens" in n)
+    policy.save_adapter(str(tmp_path / "sft" / "adapter"))
+    before = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(1.0)
+    torch.save({k: v for k, v in policy.model.state_dict().items() if "lora_" not in k}, tmp_path / "sft" / "base_weights.pt")
+    again = dict(gog.get_policy(args, str(tmp_path / "sft" / "adapter")).model.named_parameters())[name]
+    assert torch.equal(again, weight) and not torch.equal(again, before)

@@ -50,7 +50,6 @@ Deviations from the paper (numbered; the code says "(n)" where each one lives):
 """
 from __future__ import annotations
 
-import base64
 import functools
 import json
 import os
@@ -67,7 +66,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from common.chat import encode
 from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
-from common.data import open_image, read_records, require
+from common.benchmarks import read_visual_qa
+from common.data import read_records
 from common.grpo import train_grpo
 from common.judge import exact_match, llm_judge_batch, normalize_answer, sub_exact_match
 from common.models import load_policy
@@ -343,96 +343,28 @@ def as_example(world: World, q: dict) -> dict:
 
 
 # Each benchmark as published: which field holds the id, question, image and gold answers, the
-# split a score is broken down by, and its own scoring rule (SCORERS). `a.b` reads a nested field.
+# split a score is broken down by, and its own scoring rule (score_record). `a.b` reads a nested
+# field; `items` splits a record into several questions; `image_is_id` looks the image up in --image_dir.
 BENCHMARKS = {
     "FVQA": dict(id="data_id", question="prompt", image="images", golds=["reward_model.ground_truth",
                  "reward_model.candidate_answers"], split="category", score="mmsearch_r1"),   # parquet, lmms-lab/FVQA
-    "InfoSeek": dict(id="data_id", question="question", image="image_id", golds=["answer_eval"], split="data_split",
-                     score="infoseek"),                                         # JSONL; image_id -> --image_dir/--image_map
+    "InfoSeek": dict(id="data_id", question="question", image="image_id", image_is_id=True, golds=["answer_eval"],
+                     split="data_split", score="infoseek"),                                         # JSONL; image_id -> --image_dir/--image_map
     "MMSearch": dict(id="sample_id", question="query", image="query_image", golds=["gt_answer", "alternative_gt_answers"],
                      split="area", score="token_f1"),                           # end2end; query_image may be None
     "SimpleVQA": dict(id="data_id", question="question", image="image", golds=["answer"], split="language",
                       score="llm_judge"),                                       # scorer not published (LLM grader)
-    "LiveVQA": dict(id="id", question="question", image="img_path", golds=["Ground_Truth_List"], split="level",
-                    score="llm_judge"),                                         # benchmark.json: level1_qa, level2_qa
+    "LiveVQA": dict(items=["level1_qa", "level2_qa"], id="id", question="question", image="img_path",
+                    golds=["Ground_Truth_List"], split="level", score="llm_judge"),  # benchmark.json
     "DynVQA": dict(id="question_id", question="question", image="image_url", golds=["answer"], split=None,
                    score="sub_em_ours"),                                        # OmniSearch JSONL; no official scorer
 }
 
 
-def get(row: dict, path: str):
-    for key in path.split("."):
-        row = row.get(key) if isinstance(row, dict) else None
-    return row
-
-
-def as_list(v) -> list:
-    """Golds as a list: a list, a JSON-encoded list (FVQA's candidate_answers), a string, or nothing."""
-    if isinstance(v, str) and v.strip().startswith("["):
-        try:
-            v = json.loads(v)
-        except ValueError:
-            pass
-    return [] if v is None or v == "" else list(v) if isinstance(v, (list, tuple)) else [v]
-
-
-def question_text(v, where: str) -> str:
-    """FVQA's prompt is a chat list: its last user message; other benchmarks hold a string."""
-    if isinstance(v, (list, tuple)):
-        v = next((m.get("content") for m in reversed(v) if isinstance(m, dict) and m.get("role") == "user"), None)
-    if not isinstance(v, str) or not v.strip():
-        raise UserError(f"{where}: the question field is empty or not text.")
-    return v.replace("<image>", "").strip()
-
-
-def resolve_image(v, name: str, where: str, base: Path, image_dir: str | None):
-    """Embedded bytes (or base64), a path inside the data folder, an id (InfoSeek) or a URL (an --image_dir file)."""
-    v = (v or [None])[0] if isinstance(v, list) else v
-    if isinstance(v, str) and len(v) > 1024:  # a base64-encoded image (SimpleVQA JSON), not a path
-        v = base64.b64decode(v)
-    if v is None or not (isinstance(v, str) and (v.startswith(("http://", "https://")) or name == "InfoSeek")):
-        return None if v is None else open_image(v, base, where)
-    key = v.rsplit("/", 1)[-1].split("?")[0] if "://" in v else v
-    if not image_dir:
-        raise UserError(f"{where}: {name} image {v[:80]!r} is remote or an id; download the images into a "
-                        f"folder and pass --image_dir.")
-    found = [p for p in (Path(image_dir) / key, *Path(image_dir).glob(key + ".*")) if p.is_file()]
-    if not found:
-        raise UserError(f"{where}: no file for image {key!r} in --image_dir {image_dir}.")
-    return open_image(found[0].name, image_dir, where)
-
-
-def flatten_livevqa(rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
-    """LiveVQA items hold two questions (level1_qa, level2_qa) on one image; options go into the question."""
-    out = []
-    for where, r in rows:
-        for lvl in ("level1_qa", "level2_qa"):
-            qa = r.get(lvl)
-            if isinstance(qa, dict):
-                opts = " ".join(str(o) for o in qa.get("options") or [])
-                out.append((f"{where} {lvl}", dict(qa, id=f"{r.get('id')}-{lvl}", img_path=r.get("img_path"), level=lvl,
-                                                   question=f"{qa.get('question', '')} {opts}".strip())))
-    return out
-
-
 @functools.lru_cache(maxsize=16)
 def load_benchmark(name: str, path: str, image_dir: str | None = None) -> list[dict]:
-    """Records of one benchmark file in its published schema -> {"id", "question", "image", "answers",
-    "golds", "split", "benchmark"}; one sentence naming file:line for anything missing."""
-    spec, rows = BENCHMARKS[name], read_records(path, f"{name} file")
-    rows = flatten_livevqa(rows) if name == "LiveVQA" else rows
-    out = []
-    for where, r in rows:
-        require(r, where, spec["id"], spec["question"])
-        golds = [g for f in spec["golds"] for g in as_list(get(r, f))]
-        if not golds:
-            raise UserError(f"{where}: no gold answer in {', '.join(spec['golds'])}.")
-        answers = [str(g.get("wikidata", g.get("range"))) if isinstance(g, dict) else str(g) for g in golds]
-        out.append({"id": str(get(r, spec["id"])), "benchmark": name, "kind": name, "golds": golds, "answers": answers,
-                    "question": question_text(get(r, spec["question"]), where), "target": None, "target_box": None,
-                    "split": str(get(r, spec["split"])) if spec["split"] else "all",
-                    "image": resolve_image(get(r, spec["image"]), name, where, Path(path).parent, image_dir)})
-    return out
+    """One benchmark file in its published schema, read by its field map (common/benchmarks.py)."""
+    return read_visual_qa(name, path, BENCHMARKS[name], image_dir)
 
 
 def parse_benchmarks(args: Args) -> list[tuple[str, str]]:

@@ -1,9 +1,10 @@
 """Glance-or-Gaze (GoG): a search-augmented VLM agent glances at the whole image, then answers,
 searches text, searches the whole image, or gazes (crops a region) and searches on the crop.
-"Glance-or-Gaze: ..." arXiv 2601.13942 (ACL 2026 Findings): Sec. 3.1 SFT, Sec. 3.2 RL, Sec. 4 eval.
+"Glance-or-Gaze: ..." arXiv 2601.13942 (ACL 2026 Findings): Stage 1 Reflective GoG Behavior
+Alignment (SFT), Stage 2 Complexity-Adaptive RL (GRPO), accuracy on six visual search QA benchmarks.
 
 Stages (each writes into <out>/<stage>/; `all` runs them in this order):
-    python gog.py --stage all --model tiny   # CPU, about two minutes; plumbing only: its numbers are noise
+    python gog.py --stage all --model tiny   # CPU: 2 min wall on a busy 2-core machine; numbers are noise
     python gog.py --stage data    # toy world, oracle page, scripted-policy table (no model)
     python gog.py --stage sft     # Reflective GoG Behavior Alignment: oracle (+ teacher) trajectories
     python gog.py --stage levels  # SFT pass rate over k samples -> Level 1 (~50 %) / Level 2 (mostly failed)

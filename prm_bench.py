@@ -48,6 +48,7 @@ from typing import Literal
 import torch
 from PIL import Image
 
+from common.benchmarks import prm_benchmark_rows, prm_step
 from common.chat import collate, encode
 from common.cli import RunArgs, UserError, run_stages
 from common.data import open_image, read_records, require
@@ -194,76 +195,11 @@ def validate_record(rec: dict, where: str, base_dir: Path | None = None, require
     return rec
 
 
-def make_step(text, label: str | None, error_type: str | None = None) -> dict:
-    return {"text": str(text), "tool_call": None, "observation": None, "tool_image": None, "knowledge": None,
-            "label": label, "error_type": error_type}
-
-
-def line_of(where: str) -> str:
-    """The name of a converted row without an id: its line ("3") or item ("item 3") in the file."""
-    return where.rsplit(":", 1)[-1]
-
-
-def text_record(rid, question, category: str, subcategory, source, steps: list[dict], images=(), answers=()) -> dict:
-    return {"id": str(rid), "question": str(question or "-"), "images": list(images), "answers": list(answers),
-            "final_answer": None, "category": category, "subcategory": str(subcategory), "source": str(source or ""),
-            "steps": steps}
-
-
-def from_visualprocessbench(where: str, row: dict) -> dict:
-    """OpenGVLab/VisualProcessBench test.jsonl: process_correctness 1 / 0 / -1 = correct / neutral / incorrect."""
-    require(row, where, "question", "response")
-    steps, marks = row["response"].get("steps"), row["response"].get("process_correctness")
-    if not isinstance(steps, list) or not steps or not isinstance(marks, list) or len(steps) != len(marks):
-        raise UserError(f"{where}: response.steps and response.process_correctness must be lists of equal length.")
-    if any(m not in (1, 0, -1) for m in marks):
-        raise UserError(f"{where}: process_correctness holds {marks}; expected 1, 0 or -1 per step.")
-    labels = [{1: "correct", 0: "neutral", -1: "incorrect"}[m] for m in marks]
-    images = [row["image"]] if isinstance(row.get("image"), str) else row.get("image") or []
-    return text_record(row.get("id", line_of(where)), row["question"], "VisualProcessBench", row.get("data_source") or "all",
-                       row.get("policy_model"), [make_step(t, lab) for t, lab in zip(steps, labels)], images,
-                       [str(row["answer"])] if row.get("answer") else [])
-
-
-def from_processbench(where: str, row: dict, split: str) -> dict:
-    """Qwen/ProcessBench split: `label` = 0-based first wrong step (-1: none); later steps are not labelled."""
-    require(row, where, "problem", "steps")
-    steps, k = row["steps"], row.get("label")
-    if not isinstance(k, int) or not -1 <= k < len(steps):
-        raise UserError(f"{where}: label must be -1 or the index of a step (0..{len(steps) - 1}); got {k!r}.")
-    labels = ["correct" if k == -1 or i < k else "incorrect" if i == k else None for i in range(len(steps))]
-    return text_record(row.get("id", line_of(where)), row["problem"], "ProcessBench", split, row.get("generator"),
-                       [make_step(t, lab) for t, lab in zip(steps, labels)])
-
-
-def from_prmbench(rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
-    """PRMBench JSONL: each row -> its modified process (1-based error_steps); like PRMBench's loader, each
-    `redundency` row also yields the clean original once per idx, with the class `correct`."""
-    out = []
-    for where, row in rows:
-        require(row, where, "modified_process", "classification")
-        idx, cls, errs = row.get("idx", line_of(where)), row["classification"], row.get("error_steps") or []
-        if cls == "redundency" and not any(r["id"] == f"correct_{idx}" for _, r in out):
-            require(row, where, "original_process")
-            out.append((where, text_record(f"correct_{idx}", row.get("original_question"), "PRMBench", "correct",
-                                           "PRMBench", [make_step(t, "correct") for t in row["original_process"]])))
-        steps = [make_step(t, "incorrect", cls) if i + 1 in errs else make_step(t, "correct")
-                 for i, t in enumerate(row["modified_process"])]
-        out.append((where, text_record(f"{cls}_{idx}", row.get("modified_question"), "PRMBench", cls, "PRMBench", steps)))
-    return out
-
-
 def load_records(path: str, require_labels: bool = True, benchmark: str = "ours", images: str | None = None):
-    """Read (common.data.read_records), convert a published benchmark's rows, validate every record."""
+    """Read (common.data.read_records), convert a published benchmark's rows (common.benchmarks), validate."""
     if not Path(path).is_file():
         raise UserError(f"trajectory file {path} does not exist (run --stage data, or pass --data).")
-    rows = read_records(path, "trajectory file")
-    if benchmark == "visualprocessbench":
-        rows = [(w, from_visualprocessbench(w, r)) for w, r in rows]
-    elif benchmark == "processbench":
-        rows = [(w, from_processbench(w, r, Path(path).stem)) for w, r in rows]
-    elif benchmark == "prmbench":
-        rows = from_prmbench(rows)
+    rows = prm_benchmark_rows(benchmark, read_records(path, "trajectory file"), path)
     base, records, seen = Path(images or Path(path).parent), [], set()
     for where, rec in rows:
         validate_record(rec, where, base, require_labels)
@@ -386,7 +322,7 @@ class Toy:
     name: str | None = None                     # the entity the perception step named (fact kind)
 
     def say(self, text: str, error: str | None, **fields) -> None:
-        self.steps.append({**make_step(text, "incorrect" if error else "correct", error), **fields})
+        self.steps.append({**prm_step(text, "incorrect" if error else "correct", error), **fields})
 
     def pool(self, key: str) -> list[str]:
         return sorted({t[key] for s in self.world.scenes for t in s["tiles"]})
@@ -607,7 +543,7 @@ def policy_trajectories(policy, specs: list[dict], args: Args, G: int, generate=
         steps, crops = [], {}
         for turn in r.trajectory:
             if turn["role"] == "assistant":
-                steps.append(make_step(turn["text"].strip() or "(empty step)", None))
+                steps.append(prm_step(turn["text"].strip() or "(empty step)", None))
             elif steps and turn["name"] != "reprompt":
                 steps[-1].update(tool_call={"name": turn["name"], "arguments": turn["args"]},
                                  observation=turn["observation"])

@@ -117,9 +117,7 @@ TINY_SIZES = dict(image_size=224)
 N_BUCKETS = 4  # relative step-position buckets
 
 
-# =============================================================================================
-# Data: taxonomy and error-injection table (2), record validator, benchmark loaders
-# =============================================================================================
+# ==== data: taxonomy, the error-injection table (2), the record validator and reader ==============
 ALL_KINDS = ("attribute", "fact", "relation", "count")
 ERRORS = {  # error type: (the toy step role it corrupts, toy kinds it is injected in, what that step does)
     "tool_invocation": ("crop", ALL_KINDS, "a malformed call (reversed box, 3 numbers, unknown tool, box off "
@@ -234,9 +232,7 @@ def record_images(rec: dict) -> tuple[list[Image.Image], dict[int, Image.Image]]
             {i: open_image(s["tool_image"], base, rec["id"]) for i, s in enumerate(rec["steps"]) if s.get("tool_image")})
 
 
-# =============================================================================================
-# The toy set: questions on gog.py's world, trajectories from step builders, errors from ERRORS (1, 3)
-# =============================================================================================
+# ==== the toy set: gog.py's world, step builders, errors from ERRORS (1, 3) ========================
 def toy_questions(world: World, rng: random.Random) -> list[dict]:
     """Four questions per scene on gog.py's world: its glance (attribute) and gaze (fact) questions,
     plus our relation and counting questions computed from the tile boxes."""
@@ -328,16 +324,14 @@ class Toy:
         return sorted({t[key] for s in self.world.scenes for t in s["tiles"]})
 
 
-def needed(spec: dict) -> list[dict]:
-    """The tiles a correct crop must hold."""
-    if spec["kind"] == "count":
-        return spec["scene"]["tiles"]
-    return [spec["anchor"], spec["target"], spec["decoy"]] if spec["kind"] == "relation" else [spec["target"]]
-
-
-def wrong_region(t: Toy) -> list[dict]:
-    """region_selection: tiles of a crop that misses the evidence and changes the answer if trusted."""
+def crop_tiles(t: Toy, wrong: bool) -> list[dict]:
+    """The tiles a correct crop must hold, or (region_selection) those of a crop that misses the evidence
+    and changes the answer if trusted."""
     s, tiles = t.spec, t.spec["scene"]["tiles"]
+    if not wrong and s["kind"] == "relation":
+        return [s["anchor"], s["target"], s["decoy"]]
+    if not wrong:
+        return tiles if s["kind"] == "count" else [s["target"]]
     if s["kind"] == "count":  # one tile without the asked shape
         return [([x for x in tiles if x["shape"] != s["shape"]] or tiles)[0]]
     rest = [x for x in tiles if x is not s["target"] and (s["kind"] == "attribute" or not x["is_distractor"])]
@@ -360,7 +354,7 @@ def step_plan(t: Toy, err: None) -> None:
 def step_crop(t: Toy, err: str | None, text: str = "Zoom in on that region.") -> None:
     """A crop through the shared tool (common.tools); tool_invocation breaks the call itself."""
     image = t.spec["scene"]["image"]
-    tiles = wrong_region(t) if err == "region_selection" else needed(t.spec)
+    tiles = crop_tiles(t, wrong=err == "region_selection")
     (w, h), seen = seen_size(image), to_seen(union_box([x["box"] for x in tiles], image.size), image)
     broken = t.rng.choice(["reversed", "three_numbers", "unknown_tool", "outside"]) if err == "tool_invocation" else ""
     box = {"reversed": seen[2:] + seen[:2], "three_numbers": seen[:3], "outside": [w + 10, h + 10, w + 60, h + 60]}
@@ -381,10 +375,6 @@ def step_retry(t: Toy, err: str) -> None:
     else:
         text = f"This view does not show the tile labelled {tag(t.spec['target'])}; I zoom in on it instead."
     step_crop(t, None, text)
-
-
-def describe(x: dict, color: str, shape: str) -> str:
-    return f"a tile labelled {tag(x)} ({color} {shape})"
 
 
 def step_perceive(t: Toy, err: str | None) -> None:
@@ -411,7 +401,7 @@ def step_perceive(t: Toy, err: str | None) -> None:
         c, sh = t.seen[x["name"]]
         t.seen[x["name"]] = (other(t.pool("color"), c, rng), sh) if kind == "relation" else \
             (c, other(t.pool("shape"), sh, rng) if sh == s["shape"] else s["shape"])
-    parts = [describe(x, *t.seen[x["name"]]) for x in t.view]
+    parts = [f"a tile labelled {tag(x)} ({' '.join(t.seen[x['name']])})" for x in t.view]
     if kind == "relation":
         parts = parts[:1] + rng.sample(parts[1:], 2)
     t.say("The zoomed view shows " + ", ".join(parts) + ".", err)
@@ -460,7 +450,7 @@ def toy_trajectory(spec: dict, world: World, errors: dict[str, str], rng: random
     """One trajectory: [plan] + the kind's roles, each built by BUILDERS[role]; `errors` maps a role to the
     error type injected there (ERRORS says which fit). A broken call is retried; a wrong crop is redone
     when `recover`. Every step is labelled by what it does itself (3)."""
-    (category, subcategory), roles = KINDS[spec["kind"]]
+    roles = KINDS[spec["kind"]][1]
     for role, e in errors.items():
         if ERRORS[e][0] != role or spec["kind"] not in ERRORS[e][1]:
             raise ValueError(f"ERRORS does not inject {e} at the {role} step of a {spec['kind']} trajectory.")
@@ -469,14 +459,22 @@ def toy_trajectory(spec: dict, world: World, errors: dict[str, str], rng: random
         BUILDERS[role](t, errors.get(role))
         if errors.get(role) == "tool_invocation" or (errors.get(role) == "region_selection" and recover):
             step_retry(t, errors[role])
-    for i in t.crops:
-        t.steps[i]["tool_image"] = f"images/{rid}-s{i}.png"
     final = parse_action(t.steps[-1]["text"])
+    injected = [{"step": i, "error_type": s["error_type"]} for i, s in enumerate(t.steps) if s["error_type"]]
+    return scene_record(spec, rid, t.steps, t.crops, final.answer if final.kind == "answer" else None, "toy",
+                        injected=injected)
+
+
+def scene_record(spec: dict, rid: str, steps: list[dict], crops: dict, final_answer: str | None, source: str,
+                 **extra) -> dict:
+    """A record on a toy scene (toy or policy trajectory); step i's crop is images/<rid>-s<i>.png."""
+    for i in crops:
+        steps[i]["tool_image"] = f"images/{rid}-s{i}.png"
+    (category, subcategory), _ = KINDS[spec["kind"]]
     return {"id": rid, "question": spec["question"], "images": [f"images/{spec['scene']['id']}.png"],
-            "answers": spec["answers"], "final_answer": final.answer if final.kind == "answer" else None,
-            "category": category, "subcategory": subcategory, "source": "toy",
-            "injected": [{"step": i, "error_type": s["error_type"]} for i, s in enumerate(t.steps) if s["error_type"]],
-            "steps": t.steps, "_pil": {"images": [spec["scene"]["image"]], "steps": t.crops}}
+            "answers": spec["answers"], "final_answer": final_answer, "category": category,
+            "subcategory": subcategory, "source": source, **extra, "steps": steps,
+            "_pil": {"images": [spec["scene"]["image"]], "steps": crops}}
 
 
 def draw_errors(kind: str, n: int, used: Counter, rng: random.Random) -> dict[str, str]:
@@ -504,9 +502,7 @@ def build_toy_set(world: World, seed: int, p_clean: float, p_multi: float = 0.3,
     return records
 
 
-# =============================================================================================
-# Trajectories from a policy with the shared crop tool (unannotated: label null)
-# =============================================================================================
+# ==== trajectories from a policy with the shared crop tool (unannotated: label null) ===============
 POLICY_SYSTEM = """You answer questions about an image step by step, one short step per turn.
 To look closer, zoom in: <tool_call>{"name": "crop", "arguments": {"bbox_2d": [x1, y1, x2, y2]}}</tool_call>
 in pixels of the image as you see it; the zoomed image comes back in the next turn.
@@ -549,18 +545,11 @@ def policy_trajectories(policy, specs: list[dict], args: Args, G: int, generate=
                                  observation=turn["observation"])
                 if turn.get("image") is not None:
                     crops[len(steps) - 1] = turn["image"]
-                    steps[-1]["tool_image"] = f"images/{rid}-s{len(steps) - 1}.png"
-        (category, subcategory), _ = KINDS[spec["kind"]]
-        records.append({"id": rid, "question": spec["question"], "images": [f"images/{spec['scene']['id']}.png"],
-                        "answers": spec["answers"], "final_answer": r.answer, "category": category,
-                        "subcategory": subcategory, "source": f"policy:{policy.name}", "steps": steps,
-                        "_pil": {"images": [spec["scene"]["image"]], "steps": crops}})
+        records.append(scene_record(spec, rid, steps, crops, r.answer, f"policy:{policy.name}"))
     return records
 
 
-# =============================================================================================
-# Prompt format and parsing: the LVLM as PRM (4, 5)
-# =============================================================================================
+# ==== prompt format and parsing: the LVLM as PRM (4, 5) ============================================
 PRM_SYSTEM = ("You are a process reward model. You check one step of a visual reasoning trajectory in which the "
               "solver may zoom into the image with a crop tool.")
 PRM_REPLY = {"judge": "Reply with one word: Correct or Incorrect.",
@@ -660,10 +649,8 @@ def read_predictions(path: str, records: list[dict]) -> list[list[dict]]:
     return judged
 
 
-# =============================================================================================
-# Metrics: PRMBench, VisualProcessBench, ProcessBench, and the paper's analyses. pred[j][i] is
-# True / False (judged correct / not) or None (unparsed). Undefined ratios (0/0) are None.
-# =============================================================================================
+# ==== metrics: PRMBench, VisualProcessBench, ProcessBench, the paper's analyses ====================
+# pred[j][i] is True / False (judged correct / not) or None (unparsed). Undefined ratios (0/0) are None.
 def ratio(num: float, den: float) -> float | None:
     return None if den == 0 else num / den
 
@@ -719,20 +706,9 @@ def prmbench(records: list[dict], pred: list[list]) -> dict:
 
 def visualprocessbench(records: list[dict], pred: list[list]) -> dict:
     """Macro-F1 = mean of F1(correct) and F1(incorrect) over all samples' steps, neutral (0) dropped."""
-    c = confusion(step_pairs(records, pred))
-    f1c, f1i = f1_score(c["tp"], c["fp"], c["fn"]), f1_score(c["tn"], c["fn"], c["fp"])
-    return {"macro_f1": mean_of_both(f1c, f1i), "f1_correct": f1c, "f1_incorrect": f1i, "n_steps": sum(c.values()),
-            "unparsed": "an unparsed step is dropped, like a neutral one"}
-
-
-def first_error(labels: list) -> int:
-    """ProcessBench's label: index of the first incorrect step, -1 when there is none."""
-    return next((i for i, lab in enumerate(labels) if lab == "incorrect"), -1)
-
-
-def first_flagged(pred: list) -> int:
-    """ProcessBench's prediction: index of the first step not judged correct (unparsed included), else -1."""
-    return next((i for i, p in enumerate(pred) if p is not True), -1)
+    s = prmscore(step_pairs(records, pred))  # the same counts, but over every sample, clean ones included
+    return {"macro_f1": s["PRMScore"], "f1_correct": s["f1"], "f1_incorrect": s["negative_f1"],
+            "n_steps": s["n_steps"], "unparsed": "an unparsed step is dropped, like a neutral one"}
 
 
 def processbench(gold_first: list[int], pred_first: list[int]) -> dict:
@@ -770,9 +746,12 @@ def position_bucket(i: int, n: int, n_buckets: int) -> int:
 def evaluate(records: list[dict], pred: list[list], n_buckets: int = 4) -> dict:
     """Every metric and analysis for the judgements `pred` (per record, per step)."""
     pairs = step_pairs(records, pred)
+    # ProcessBench: gold = the first incorrect step, prediction = the first step not judged correct (an
+    # unparsed one included); -1 when there is none
+    gold_first = [next((i for i, s in enumerate(r["steps"]) if s["label"] == "incorrect"), -1) for r in records]
+    pred_first = [next((i for i, p in enumerate(ps) if p is not True), -1) for ps in pred]
     res = {"PRMBench": prmbench(records, pred), "VisualProcessBench": visualprocessbench(records, pred),
-           "ProcessBench": processbench([first_error([s["label"] for s in r["steps"]]) for r in records],
-                                        [first_flagged(p) for p in pred]),
+           "ProcessBench": processbench(gold_first, pred_first),
            "positive_bias": positive_bias(pairs), "steps": step_stats(pairs),
            "n_trajectories": len(records), "n_unparsed": sum(p is None for ps in pred for p in ps)}
     res["per_error_type"] = {}  # the samples holding a type; its detection rate counts only its steps
@@ -796,9 +775,7 @@ def evaluate(records: list[dict], pred: list[list], n_buckets: int = 4) -> dict:
     return res
 
 
-# =============================================================================================
-# Search: PRM-guided best-of-N
-# =============================================================================================
+# ==== search: PRM-guided best-of-N =================================================================
 def best_of_n(questions: list[list[dict]], ns: list[int], repeats: int, seed: int) -> dict:
     """questions: per question, its candidates {"correct", "answer", "scores": [step score | None],
     optional "gold_scores"}. For each N, `repeats` random N-subsets per question, the SAME subset for
@@ -831,9 +808,7 @@ def best_of_n(questions: list[list[dict]], ns: list[int], repeats: int, seed: in
     return acc
 
 
-# =============================================================================================
-# Stages
-# =============================================================================================
+# ==== stages and main ==============================================================================
 @functools.cache
 def load_model(model: str, adapter: str | None, load_in_4bit: bool | None, seed: int):
     return load_policy(model, load_in_4bit=load_in_4bit, lora=False, adapter=adapter, seed=seed)
@@ -845,10 +820,6 @@ def get_policy(args: Args, prm: bool):
     if prm and not policy.is_vlm:
         print(f"[prm_bench] {policy.name} is text-only: the PRM judges steps without the images.")
     return policy
-
-
-def toy_world(args: Args) -> World:
-    return build_world(args.seed, args.n_scenes, args.image_size)
 
 
 def html_items(records: list[dict], judged: list[list[dict]] | None = None) -> list[dict]:
@@ -876,23 +847,18 @@ def write_set(records: list[dict], out: Path, name: str, title: str, **load_kw) 
     trajectory_html(html_items(records[:12]), str(out / f"{name}.html"), title)
 
 
-def error_positions(records: list[dict], n_buckets: int) -> dict:
-    """How many incorrect steps sit in each relative-position bucket (the toy set spreads them)."""
-    hist = Counter(position_bucket(i, len(r["steps"]), n_buckets) for r in records
-                   for i, s in enumerate(r["steps"]) if s["label"] == "incorrect")
-    return {f"bucket{b}": hist[b] for b in range(n_buckets)}
-
-
 def stage_data(args: Args) -> dict:
     out = Path(args.out) / "data"
-    log, world = RunLog(str(out)), toy_world(args)
+    log, world = RunLog(str(out)), build_world(args.seed, args.n_scenes, args.image_size)
     records = build_toy_set(world, args.seed, args.p_clean, args.p_multi, args.p_recover)
+    at = Counter(position_bucket(i, len(r["steps"]), N_BUCKETS) for r in records  # where the errors sit
+                 for i, s in enumerate(r["steps"]) if s["label"] == "incorrect")
     write_set(records, out, "toy", "toy trajectories (gold labels)")
     summary = {"toy_trajectories": len(records), "toy_steps": sum(len(r["steps"]) for r in records),
                "clean": sum(not r["injected"] for r in records), "two_errors": sum(len(r["injected"]) > 1 for r in records),
                "recovered": sum(bool(r["injected"] and exact_match(r["final_answer"], r["answers"])) for r in records),
                "error_types": dict(Counter(x["error_type"] for r in records for x in r["injected"])),
-               "errors_by_position": error_positions(records, N_BUCKETS)}
+               "errors_by_position": {f"bucket{b}": at[b] for b in range(N_BUCKETS)}}
     log.log({k: v for k, v in summary.items() if isinstance(v, int)}, step=0)
     log.summary(summary)
     print(f"[data] {summary} -> {out}")
@@ -965,7 +931,7 @@ def plot_best_of_n(res: dict, ns: list[int], path: Path) -> None:
 
 def stage_search(args: Args) -> dict:
     out = Path(args.out) / "search"
-    log, ns, world = RunLog(str(out)), search_ns(args), toy_world(args)
+    log, ns, world = RunLog(str(out)), search_ns(args), build_world(args.seed, args.n_scenes, args.image_size)
     specs, M = toy_questions(world, random.Random(args.seed + 1))[: args.search_questions], search_ns(args)[-1]
     if args.search_source == "toy":  # simulated candidates: the toy generator with its injected errors
         print("[search] the candidates are SIMULATED (toy trajectories with injected errors), not sampled.")

@@ -17,7 +17,6 @@ from pathlib import Path
 from common.cli import UserError
 from common.data import open_image, read_records, require
 
-
 # =============================================================================================
 # gog.py: visual search QA (FVQA, InfoSeek, MMSearch, SimpleVQA, LiveVQA, DynVQA)
 # =============================================================================================

@@ -67,10 +67,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from common.chat import encode
 from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
-from common.benchmarks import read_visual_qa
+from common.benchmarks import parse_benchmarks, read_predictions, read_visual_qa, score_benchmark
 from common.data import read_records
 from common.grpo import train_grpo
-from common.judge import exact_match, llm_judge_batch, normalize_answer, sub_exact_match
+from common.judge import llm_judge_batch, sub_exact_match
 from common.models import load_policy
 from common.rollout import Rollout, run_rollouts
 from common.runlog import RunLog, bar_plot, trajectory_html, write_json
@@ -366,82 +366,6 @@ BENCHMARKS = {
 def load_benchmark(name: str, path: str, image_dir: str | None = None) -> list[dict]:
     """One benchmark file in its published schema, read by its field map (common/benchmarks.py)."""
     return read_visual_qa(name, path, BENCHMARKS[name], image_dir)
-
-
-def parse_benchmarks(args: Args) -> list[tuple[str, str]]:
-    """--benchmarks NAME=FILE,... -> [(canonical name, file)]."""
-    names, out = {n.lower().replace("-", ""): n for n in BENCHMARKS}, []
-    for item in [s.strip() for s in args.benchmarks.split(",") if s.strip()]:
-        key, _, path = item.partition("=")
-        if not path or key.lower().replace("-", "") not in names:
-            raise UserError(f"--benchmarks takes NAME=FILE with NAME in {', '.join(BENCHMARKS)}, not {item!r}.")
-        out.append((names[key.lower().replace("-", "")], path))
-    return out
-
-
-# --- scoring rules, each as the benchmark's own code computes it ---
-def token_f1(pred: str | None, gold: str) -> float:
-    """SQuAD token F1 of normalised strings (MMSearch end2end)."""
-    p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
-    common = sum(min(p.count(t), g.count(t)) for t in set(p) & set(g))
-    return 0.0 if common == 0 else 2 * common / (len(p) + len(g))
-
-
-def numbers_in(text: str) -> float | list[float]:
-    """InfoSeek's process_numerical_answer: the first two numbers as a range, one number, or [0, 0]."""
-    nums = []
-    for n in re.findall(r"[-+]?[.]?[\d]+(?:,\d\d\d)*[\.]?\d*(?:[eE][-+]?\d+)?", re.sub(r"(?<=\d)-", " - ", text))[:2]:
-        n = n.replace(",", "").strip(".")
-        nums.append(float(n.split(".")[0] if n.count(".") > 1 else n))
-    if len(nums) == 2:
-        return nums if nums[0] <= nums[1] else nums[0]
-    return nums[0] if nums else [0.0, 0.0]
-
-
-def infoseek_score(pred: str | None, golds: list) -> float:
-    """InfoSeek: numeric golds {"range": [lo, hi]}: a predicted number inside it, or a predicted range
-    inside it or with IoU >= 0.5; otherwise exact match to any alias in answer_eval."""
-    rng = next((g["range"] for g in golds if isinstance(g, dict) and "range" in g), None)
-    if rng is None:
-        return exact_match(pred, [str(g) for g in golds])
-    lo, hi, p = float(rng[0]), float(rng[1]), numbers_in(pred or "")
-    if not isinstance(p, list):
-        return float(lo <= p <= hi)
-    if lo <= p[0] <= hi and lo <= p[1] <= hi:
-        return 1.0
-    overlap = max(0.0, min(p[1], hi) - max(p[0], lo))
-    return float(overlap / ((p[1] - p[0]) + (hi - lo) + 2e-12 - overlap) >= 0.5 - 1e-12)
-
-
-def score_record(rule: str, pred: str | None, golds: list, judged: float | None) -> dict:
-    """Per-record metrics under the benchmark's rule; `judged` is the LLM judge's verdict (if any)."""
-    strings = [str(g) for g in golds]
-    m = {"mmsearch_r1": {"EM": exact_match(pred, strings), "SubEM": sub_exact_match(pred, strings)},
-         "infoseek": {"InfoSeek": infoseek_score(pred, golds)},
-         "token_f1": {"F1": max(token_f1(pred, g) for g in strings)},
-         "llm_judge": {"SubEM (rule stand-in for the LLM grader)": sub_exact_match(pred, strings)},
-         "sub_em_ours": {"SubEM (ours; no official scorer)": sub_exact_match(pred, strings)}}[rule]
-    if judged is not None:
-        m["LLM judge"] = judged
-    return m
-
-
-def summarize_benchmark(name: str, records: list[dict], scores: list[dict]) -> dict:
-    """Mean of each metric in %; InfoSeek's final score is the harmonic mean of its unseen-question
-    and unseen-entity splits (as its evaluator does) when both are present."""
-    out = {k: 100 * float(np.mean([s[k] for s in scores])) for k in scores[0]}
-    by = {}
-    for r, s in zip(records, scores):
-        by.setdefault(r["split"], []).append(s[list(s)[0]])
-    out["by_split"] = {k: 100 * float(np.mean(v)) for k, v in by.items()}
-    if name == "InfoSeek":
-        q = [s["InfoSeek"] for r, s in zip(records, scores) if r["split"].endswith("unseen_question")]
-        e = [s["InfoSeek"] for r, s in zip(records, scores) if not r["split"].endswith("unseen_question")]
-        if q and e:
-            a, b = max(100 * np.mean(q), 1e-12), max(100 * np.mean(e), 1e-12)
-            out["InfoSeek"] = float(2 / (1 / a + 1 / b))
-    out["headline"] = "LLM judge" if "LLM judge" in out else list(scores[0])[0]
-    return {**out, "n": len(records)}
 
 
 # =============================================================================================
@@ -947,20 +871,9 @@ def benchmark_searchers(args: Args, world: World) -> tuple:
     return ts or world.searchers("test")[0], ims or world.searchers("test")[1]
 
 
-def read_predictions(path: str) -> dict[str, str]:
-    """{record id: answer} from rows {"id" | "data_id", "answer" | "prediction"}."""
-    out = {}
-    for where, r in read_records(path, "predictions file"):
-        rid, ans = r.get("id", r.get("data_id")), r.get("answer", r.get("prediction"))
-        if rid is None or ans is None:
-            raise UserError(f'{where}: a prediction needs "id" (or "data_id") and "answer" (or "prediction").')
-        out[str(rid)] = str(ans)
-    return out
-
-
 def run_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dict:
     """Held-out toy accuracy and tool use, and each benchmark under its own rule; all in %."""
-    benches = [(n, load_benchmark(n, f, args.image_dir)) for n, f in parse_benchmarks(args)]
+    benches = [(n, load_benchmark(n, f, args.image_dir)) for n, f in parse_benchmarks(args.benchmarks, BENCHMARKS)]
     results = {"units": "percent (mean_turns in turns)", "policy": args.predictions or adapter or args.model,
                "toy": None, "benchmarks": {}, "Avg": None}
     answers, html = {}, []
@@ -991,9 +904,8 @@ def run_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dic
     for n, recs in benches:
         judged = (llm_judge_batch(load_judge(args.judge), [r["question"] for r in recs], answers[n],
                                   [r["answers"] for r in recs]) if args.judge else [None] * len(recs))
-        scores = [score_record(BENCHMARKS[n]["score"], a, r["golds"], j) for a, r, j in zip(answers[n], recs, judged)]
-        results["benchmarks"][n] = {**results["benchmarks"].get(n, {}), **summarize_benchmark(n, recs, scores),
-                                    "missing_answers": sum(a is None for a in answers[n])}
+        scores = score_benchmark(n, BENCHMARKS[n]["score"], recs, answers[n], judged)
+        results["benchmarks"][n] = {**results["benchmarks"].get(n, {}), **scores}
     if benches:   # the paper's Avg: the real benchmarks only, each by its headline metric
         results["Avg"] = float(np.mean([b[b["headline"]] for b in results["benchmarks"].values()]))
     write_json(os.path.join(out_dir, "results.json"), results)
@@ -1045,7 +957,7 @@ def stage_ablate(args: Args) -> None:
 
 def check_inputs(args: Args) -> None:
     """Every user file is read before any model is loaded."""
-    for name, path in parse_benchmarks(args):
+    for name, path in parse_benchmarks(args.benchmarks, BENCHMARKS):
         load_benchmark(name, path, args.image_dir)
     if args.predictions:
         if not args.benchmarks:

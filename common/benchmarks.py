@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
+
+import numpy as np
 
 from common.cli import UserError
 from common.data import open_image, read_records, require
+from common.judge import exact_match, normalize_answer, sub_exact_match
 
 # =============================================================================================
 # gog.py: visual search QA (FVQA, InfoSeek, MMSearch, SimpleVQA, LiveVQA, DynVQA)
+# gog.py's BENCHMARKS table names each file's fields and its scoring rule (score_record).
 # =============================================================================================
 
 
@@ -42,7 +47,8 @@ def as_list(v) -> list:
 def question_text(v, where: str) -> str:
     """FVQA's prompt is a chat list: its last user message; other benchmarks hold a string."""
     if isinstance(v, (list, tuple)):
-        v = next((m.get("content") for m in reversed(v) if isinstance(m, dict) and m.get("role") == "user"), None)
+        users = [m.get("content") for m in v if isinstance(m, dict) and m.get("role") == "user"]
+        v = users[-1] if users else None
     if not isinstance(v, str) or not v.strip():
         raise UserError(f"{where}: the question field is empty or not text.")
     return v.replace("<image>", "").strip()
@@ -75,8 +81,9 @@ def split_items(rows: list[tuple[str, dict]], keys: list[str]) -> list[tuple[str
             qa = r.get(key)
             if isinstance(qa, dict):
                 opts = " ".join(str(o) for o in qa.get("options") or [])
-                out.append((f"{where} {key}", dict(qa, id=f"{r.get('id')}-{key}", img_path=r.get("img_path"), level=key,
-                                                   question=f"{qa.get('question', '')} {opts}".strip())))
+                question = f"{qa.get('question', '')} {opts}".strip()
+                item = dict(qa, id=f"{r.get('id')}-{key}", img_path=r.get("img_path"), level=key)
+                out.append((f"{where} {key}", dict(item, question=question)))
     return out
 
 
@@ -92,12 +99,116 @@ def read_visual_qa(name: str, path: str, spec: dict, image_dir: str | None = Non
         if not golds:
             raise UserError(f"{where}: no gold answer in {', '.join(spec['golds'])}.")
         answers = [str(g.get("wikidata", g.get("range"))) if isinstance(g, dict) else str(g) for g in golds]
-        image = resolve_image(field_at(r, spec["image"]), name, where, Path(path).parent, image_dir, spec.get("image_is_id"))
+        image = resolve_image(field_at(r, spec["image"]), name, where, Path(path).parent, image_dir,
+                              spec.get("image_is_id"))
+        split = str(field_at(r, spec["split"])) if spec["split"] else "all"
         out.append({"id": str(field_at(r, spec["id"])), "benchmark": name, "kind": name, "golds": golds,
                     "answers": answers, "question": question_text(field_at(r, spec["question"]), where),
-                    "split": str(field_at(r, spec["split"])) if spec["split"] else "all", "image": image,
-                    "target": None, "target_box": None})
+                    "split": split, "image": image, "target": None, "target_box": None})
     return out
+
+
+def parse_benchmarks(spec: str, names) -> list[tuple[str, str]]:
+    """--benchmarks NAME=FILE,... -> [(canonical name, file)]; NAME ignores case and dashes."""
+    canonical, out = {n.lower().replace("-", ""): n for n in names}, []
+    for item in [s.strip() for s in spec.split(",") if s.strip()]:
+        key, _, path = item.partition("=")
+        name = canonical.get(key.lower().replace("-", ""))
+        if not path or name is None:
+            raise UserError(f"--benchmarks takes NAME=FILE with NAME in {', '.join(names)}, not {item!r}.")
+        out.append((name, path))
+    return out
+
+
+def read_predictions(path: str) -> dict[str, str]:
+    """Another model's answers: {record id: answer} from {"id" | "data_id", "answer" | "prediction"}."""
+    out = {}
+    for where, r in read_records(path, "predictions file"):
+        rid, ans = r.get("id", r.get("data_id")), r.get("answer", r.get("prediction"))
+        if rid is None or ans is None:
+            raise UserError(f'{where}: a prediction needs "id" (or "data_id") and "answer" '
+                            '(or "prediction").')
+        out[str(rid)] = str(ans)
+    return out
+
+
+# --- the scoring rules, each as the benchmark's own code computes it ---
+def token_f1(pred: str | None, gold: str) -> float:
+    """SQuAD token F1 of normalised strings (MMSearch end2end)."""
+    p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
+    common = sum(min(p.count(t), g.count(t)) for t in set(p) & set(g))
+    return 0.0 if common == 0 else 2 * common / (len(p) + len(g))
+
+
+def numbers_in(text: str) -> float | list[float]:
+    """InfoSeek's process_numerical_answer: the first two numbers as a range, one number, or [0, 0]."""
+    nums = []
+    spaced = re.sub(r"(?<=\d)-", " - ", text)
+    for n in re.findall(r"[-+]?[.]?[\d]+(?:,\d\d\d)*[\.]?\d*(?:[eE][-+]?\d+)?", spaced)[:2]:
+        n = n.replace(",", "").strip(".")
+        nums.append(float(n.split(".")[0] if n.count(".") > 1 else n))
+    if len(nums) == 2:
+        return nums if nums[0] <= nums[1] else nums[0]
+    return nums[0] if nums else [0.0, 0.0]
+
+
+def infoseek_score(pred: str | None, golds: list) -> float:
+    """InfoSeek: numeric golds {"range": [lo, hi]}: a predicted number inside it, or a predicted range
+    inside it or with IoU >= 0.5; otherwise exact match to any alias in answer_eval."""
+    rng = next((g["range"] for g in golds if isinstance(g, dict) and "range" in g), None)
+    if rng is None:
+        return exact_match(pred, [str(g) for g in golds])
+    lo, hi, p = float(rng[0]), float(rng[1]), numbers_in(pred or "")
+    if not isinstance(p, list):
+        return float(lo <= p <= hi)
+    if lo <= p[0] <= hi and lo <= p[1] <= hi:
+        return 1.0
+    overlap = max(0.0, min(p[1], hi) - max(p[0], lo))
+    return float(overlap / ((p[1] - p[0]) + (hi - lo) + 2e-12 - overlap) >= 0.5 - 1e-12)
+
+
+def score_record(rule: str, pred: str | None, golds: list, judged: float | None) -> dict:
+    """Per-record metrics under the benchmark's rule; `judged` is the LLM judge's verdict (if any)."""
+    strings = [str(g) for g in golds]
+    if rule == "mmsearch_r1":
+        m = {"EM": exact_match(pred, strings), "SubEM": sub_exact_match(pred, strings)}
+    elif rule == "infoseek":
+        m = {"InfoSeek": infoseek_score(pred, golds)}
+    elif rule == "token_f1":
+        m = {"F1": max(token_f1(pred, g) for g in strings)}
+    elif rule == "llm_judge":
+        m = {"SubEM (rule stand-in for the LLM grader)": sub_exact_match(pred, strings)}
+    elif rule == "sub_em_ours":
+        m = {"SubEM (ours; no official scorer)": sub_exact_match(pred, strings)}
+    else:
+        raise ValueError(f"unknown scoring rule {rule!r}")
+    if judged is not None:
+        m["LLM judge"] = judged
+    return m
+
+
+def summarize_benchmark(name: str, records: list[dict], scores: list[dict]) -> dict:
+    """Mean of each metric in %; InfoSeek's final score is the harmonic mean of its unseen-question
+    and unseen-entity splits (as its evaluator does) when both are present."""
+    out = {k: 100 * float(np.mean([s[k] for s in scores])) for k in scores[0]}
+    by = {}
+    for r, s in zip(records, scores):
+        by.setdefault(r["split"], []).append(s[list(s)[0]])
+    out["by_split"] = {k: 100 * float(np.mean(v)) for k, v in by.items()}
+    if name == "InfoSeek":
+        q = [s["InfoSeek"] for r, s in zip(records, scores) if r["split"].endswith("unseen_question")]
+        e = [s["InfoSeek"] for r, s in zip(records, scores) if not r["split"].endswith("unseen_question")]
+        if q and e:
+            a, b = max(100 * np.mean(q), 1e-12), max(100 * np.mean(e), 1e-12)
+            out["InfoSeek"] = float(2 / (1 / a + 1 / b))
+    out["headline"] = "LLM judge" if "LLM judge" in out else list(scores[0])[0]
+    return {**out, "n": len(records)}
+
+
+def score_benchmark(name: str, rule: str, records: list[dict], answers: list, judged: list) -> dict:
+    """Every record under the benchmark's rule -> its summary in %, and how many answers are missing."""
+    scores = [score_record(rule, a, r["golds"], j) for a, r, j in zip(answers, records, judged)]
+    return {**summarize_benchmark(name, records, scores), "missing_answers": sum(a is None for a in answers)}
 
 
 # =============================================================================================

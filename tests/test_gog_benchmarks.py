@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import gog
+from common.benchmarks import infoseek_score, parse_benchmarks, score_record, summarize_benchmark, token_f1
 from common.cli import UserError
 
 
@@ -95,20 +96,20 @@ def test_benchmark_loads_and_scores_right_1_wrong_0(name, tmp_path):
     assert sorted(r["id"] for r in recs) == sorted(preds) and all(r["question"] for r in recs)
     assert all(r["image"] is not None for r in recs if r["id"] != "m1")
     rule = gog.BENCHMARKS[name]["score"]
-    scores = [gog.score_record(rule, preds[r["id"]], r["golds"], None) for r in recs]
-    summary = gog.summarize_benchmark(name, recs, scores)
+    scores = [score_record(rule, preds[r["id"]], r["golds"], None) for r in recs]
+    summary = summarize_benchmark(name, recs, scores)
     assert summary[summary["headline"]] == pytest.approx(expected)
 
 
 def test_each_rule_on_hand_computed_cases():
-    assert gog.token_f1("the Eiffel Tower", "Eiffel Tower Paris") == pytest.approx(0.8)
-    assert gog.infoseek_score("between 1925 and 1935", [{"range": [1922.4, 1941.6]}]) == 1.0   # range inside
-    assert gog.infoseek_score("1900-1930", [{"range": [1920, 1940]}]) == 0.0   # IoU 10 / 40
-    assert gog.infoseek_score("1915-1940", [{"range": [1920, 1940]}]) == 1.0   # IoU 20 / 25
-    assert gog.infoseek_score("1,950", [{"range": [1922.4, 1941.6]}]) == 0.0
-    em = gog.score_record("mmsearch_r1", "It is the Eiffel Tower", ["Eiffel Tower"], None)
+    assert token_f1("the Eiffel Tower", "Eiffel Tower Paris") == pytest.approx(0.8)
+    assert infoseek_score("between 1925 and 1935", [{"range": [1922.4, 1941.6]}]) == 1.0   # range inside
+    assert infoseek_score("1900-1930", [{"range": [1920, 1940]}]) == 0.0   # IoU 10 / 40
+    assert infoseek_score("1915-1940", [{"range": [1920, 1940]}]) == 1.0   # IoU 20 / 25
+    assert infoseek_score("1,950", [{"range": [1922.4, 1941.6]}]) == 0.0
+    em = score_record("mmsearch_r1", "It is the Eiffel Tower", ["Eiffel Tower"], None)
     assert em == {"EM": 0.0, "SubEM": 1.0}
-    assert gog.score_record("llm_judge", "x", ["y"], 1.0)["LLM judge"] == 1.0
+    assert score_record("llm_judge", "x", ["y"], 1.0)["LLM judge"] == 1.0
 
 
 def test_remote_images_need_a_folder(tmp_path):
@@ -128,7 +129,7 @@ def test_broken_rows_name_file_and_row(tmp_path):
     with pytest.raises(UserError, match=r"bad.parquet:row 1: no gold answer"):
         gog.load_benchmark("FVQA", str(tmp_path / "bad.parquet"))
     with pytest.raises(UserError, match="NAME=FILE"):
-        gog.parse_benchmarks(gog.Args(benchmarks="NotABench=x.jsonl"))
+        parse_benchmarks("NotABench=x.jsonl", gog.BENCHMARKS)
 
 
 def test_eval_scores_a_predictions_file_avg_over_real_benchmarks_in_percent(tmp_path):

@@ -1,9 +1,7 @@
-"""Glance-or-Gaze (GoG): a search-augmented VLM agent glances at the whole image, then answers,
-searches text, searches the whole image, or gazes (crops a region) and searches on the crop.
-"Glance-or-Gaze: ..." arXiv 2601.13942 (ACL 2026 Findings): Stage 1 Reflective GoG Behavior
-Alignment (SFT), Stage 2 Complexity-Adaptive RL (GRPO), accuracy on six visual search QA benchmarks.
-
-Stages (each writes into <out>/<stage>/; `all` runs them in this order):
+"""Glance-or-Gaze (GoG), arXiv 2601.13942 (ACL 2026 Findings): a search-augmented VLM agent glances
+at the whole image, then answers, searches text, searches the whole image, or gazes (crops a region)
+and searches on the crop. Stage 1 Reflective GoG Behavior Alignment (SFT), Stage 2 Complexity-Adaptive
+RL (GRPO), accuracy on six visual search QA benchmarks. Each stage writes <out>/<stage>/:
     python gog.py --stage all --model tiny   # CPU: 2 min wall on a busy 2-core machine; numbers are noise
     python gog.py --stage data    # toy world, oracle page, scripted-policy table (no model)
     python gog.py --stage sft     # Reflective GoG Behavior Alignment: oracle (+ teacher) trajectories
@@ -14,40 +12,36 @@ Stages (each writes into <out>/<stage>/; `all` runs them in this order):
 GPU (Qwen2.5-VL-3B in NF4 + LoRA; use Qwen/Qwen2.5-VL-7B-Instruct with 24 GB):
     python gog.py --stage all --model Qwen/Qwen2.5-VL-3B-Instruct --n_scenes 400 \\
         --max_steps 300 --prompts_per_step 4 --max_new_tokens 256 --max_completion_length 2048
-Real benchmarks, in their published files (NAME=FILE; see BENCHMARKS), or another model's answers:
+Real benchmarks in their published files (NAME=FILE; see BENCHMARKS), or another model's answers:
     python gog.py --stage eval --benchmarks FVQA=fvqa_test.parquet,InfoSeek=infoseek_val.jsonl \\
         --image_dir oven_images --text_corpus wiki.jsonl
     python gog.py --stage eval --benchmarks MMSearch=end2end.parquet --predictions answers.jsonl
 
 Deviations from the paper (numbered; the code says "(n)" where each one lives):
- 1. Data: a procedurally drawn toy world replaces FVQA/InfoSeek (GoG-Instruct is not public).
-    Emblem tiles with labels, grey distractors; sparse scenes (2 emblems) and cluttered ones (5).
-    Held out for real: test scenes show only test entities (emblem, name, label, facts), which
-    no SFT/RL question, trajectory or training-time search result contains.
- 2. Tags (the paper's prompt is unpublished; public anchors): DeepEyes' crop call
-    `<tool_call>{"name": "crop", "arguments": {"bbox_2d": [...]}}</tool_call>` (pixels of the image
-    the model saw), MMSearch-R1's `<text_search>q</text_search>` and `<image_search></image_search>`
-    (always the whole image), image search on the latest crop as
-    `<tool_call>{"name": "image_search", "arguments": {"image": "crop"}}</tool_call>`, `<reason>`
-    and `<answer>`; results come back as user turns (crops as images).
+ 1. Data: a procedurally drawn toy world replaces FVQA/InfoSeek (GoG-Instruct is not public): emblem
+    tiles with labels, grey distractors, sparse scenes (2 emblems) and cluttered ones (5). Held out
+    for real: test scenes show only test entities, which no SFT/RL data or training-time search has.
+ 2. Tags (the paper's prompt is unpublished; public anchors): DeepEyes' crop call `<tool_call>{"name":
+    "crop", "arguments": {"bbox_2d": [...]}}</tool_call>` (pixels of the image the model saw),
+    MMSearch-R1's `<text_search>q</text_search>` and `<image_search></image_search>` (always the whole
+    image), image search on the latest crop as an `image_search` tool call, `<reason>` and `<answer>`;
+    results come back as user turns (crops as images).
  3. lambda = 0.1 (not published; MMSearch-R1's format weight). No tool-use bonus, as in GoG.
- 4. Judge: r_acc is sub-exact match (gold inside the answer, answers over --max_answer_words
-    words score 0) instead of gpt-oss-120b; `--judge <model>` uses a local LLM judge everywhere
-    (uncertainty filter, teacher filter, levels, reward, eval).
- 5. Search backends: local BM25 over the text KB and nearest neighbour over a hand-made image
-    embedding (common/tools.py) instead of web search; HTTP via TEXT_SEARCH_ENDPOINT / IMAGE_SEARCH_ENDPOINT.
- 6. Trajectories come from a scripted oracle that states only what the image or an observation
-    shows (plus a --teacher model's correct samples); the paper's humans checked crop regions.
-    The 4-sample uncertainty filter uses the teacher, or the model itself without one.
- 7. Sizes: LoRA also in RL (paper: full actor, lr 2e-6), so lr 1e-5; G = 4 and beta = 0.001 as
-    in the paper, but far fewer steps and tokens (paper: 15 epochs, 8,192 response tokens).
- 8. Levels: Level 1 = pass rate in (level2_max, level1_max], Level 2 = pass rate <= level2_max;
-    they never overlap. A level under --min_level_size is filled from the questions in neither
-    level, nearest first, and the run says how many came from which pass rates.
- 9. Gaze correctness (the paper's humans judged it): a crop is right when it holds >= 90 % of
-    the target tile and its area is at most 4x the tile's.
-10. --full_sft (for the from-scratch tiny model only; the paper uses LoRA): SFT trains every weight
-    and saves the base weights beside the adapter; RL then trains LoRA on top, as usual.
+ 4. Judge: r_acc is sub-exact match (answers over --max_answer_words words score 0), not gpt-oss-120b;
+    `--judge <model>` is a local LLM judge everywhere (uncertainty and teacher filters, levels, reward, eval).
+ 5. Search: local BM25 over the text KB and nearest neighbour over a hand-made image embedding
+    (common/tools.py), not web search; HTTP via TEXT_SEARCH_ENDPOINT / IMAGE_SEARCH_ENDPOINT.
+ 6. Trajectories come from a scripted oracle that states only what the image or an observation shows
+    (plus a --teacher model's correct samples); the paper's humans checked crop regions. The 4-sample
+    uncertainty filter uses the teacher, or the model itself without one.
+ 7. Sizes: LoRA also in RL (paper: full actor, lr 2e-6), so lr 1e-5; G = 4 and beta = 0.001 as in the
+    paper, but far fewer steps and tokens (paper: 15 epochs, 8,192 response tokens).
+ 8. Levels: Level 1 = pass rate in (level2_max, level1_max], Level 2 = pass rate <= level2_max; they
+    never overlap. A level under --min_level_size is filled from neither level, nearest first, announced.
+ 9. Gaze correctness (the paper's humans judged it): a crop is right when it holds >= 90 % of the
+    target tile and its area is at most 4x the tile's.
+10. --full_sft (for the from-scratch tiny model only; the paper uses LoRA): SFT trains every weight and
+    saves the base weights beside the adapter; RL then trains LoRA on top, as usual.
 """
 from __future__ import annotations
 
@@ -65,9 +59,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from common.benchmarks import parse_benchmarks, read_predictions, read_visual_qa, score_benchmark
 from common.chat import encode
 from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
-from common.benchmarks import parse_benchmarks, read_predictions, read_visual_qa, score_benchmark
 from common.data import read_records
 from common.grpo import train_grpo
 from common.judge import llm_judge_batch, sub_exact_match
@@ -104,9 +98,9 @@ class Args(GRPOArgs):
     """fraction of scenes (and of entities) held out for eval"""
     # --- benchmarks ---
     benchmarks: str = ""
-    """comma-separated NAME=FILE in the published formats: FVQA, InfoSeek, MMSearch, SimpleVQA, LiveVQA, DynVQA"""
+    """NAME=FILE,... in the published formats: FVQA, InfoSeek, MMSearch, SimpleVQA, LiveVQA, DynVQA"""
     image_dir: str | None = None
-    """folder of benchmark images named <id>.<ext> or by URL file name (InfoSeek image_id, DynVQA/LiveVQA URLs)"""
+    """folder of benchmark images named <id>.<ext> or by URL file name (InfoSeek ids, DynVQA/LiveVQA URLs)"""
     predictions: str | None = None
     """score this file of {"id", "answer"} (another model's answers) instead of running the policy"""
     text_corpus: str | None = None
@@ -136,8 +130,8 @@ class Args(GRPOArgs):
     sft_max_steps: int = 0
     """cap on SFT steps (0 = epochs decide)"""
     full_sft: bool = False
-    """SFT trains every weight, not only LoRA (the random-weight tiny model cannot learn through LoRA alone);
-    the base weights are saved beside the adapter and loaded with it (10)"""
+    """SFT trains every weight, not only LoRA (a random-weight tiny model cannot learn through LoRA
+    alone); the base weights are saved beside the adapter and loaded with it (10)"""
     reflect_frac: float = 0.5
     """fraction of gaze questions that also get a reflective trajectory (wrong crop -> re-gaze)"""
     teacher: str | None = None
@@ -169,9 +163,7 @@ class Args(GRPOArgs):
     """sampling temperature in eval (0 = greedy)"""
 
 
-# =============================================================================================
-# Data: the toy visual-search world (1) and the six benchmarks in their published formats
-# =============================================================================================
+# ==== data: the toy visual-search world (1) and the six benchmarks in their published formats ========
 COLORS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 210), "yellow": (232, 190, 20),
           "purple": (148, 73, 189), "orange": (245, 127, 14)}
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -181,26 +173,28 @@ EVENTS = "Fair Market Parade Expo Festival Summit Regatta Carnival".split()
 ADJECTIVES = "Amber Silver Northern Winter Harbour Lantern Copper Meadow".split()
 CLUTTER = {"sparse": (2, 1), "cluttered": (5, 3)}   # entity tiles, grey distractor tiles per scene
 FACTS = {"year": "In which year was {} founded?", "city": "In which city is {} based?"}
-DECISION = {"glance": "answer", "text": "text_search", "image": "image_search", "gaze": "crop"}  # the oracle's
+KB_TEXT = {"year": "{} was founded in {}.", "city": "{} is based in the city of {}."}   # the text KB's facts
+DECISION = {"glance": "answer", "text": "text_search", "image": "image_search", "gaze": "crop"}  # oracle's
 
 
 @dataclass
 class World:
     scenes: list[dict]      # {"id", "image", "split", "clutter", "place", "tiles": [{"name", "label", "box",
                             #  "cell", "color", "shape", "is_distractor"}]}
-    questions: list[dict]   # {"id", "scene_id", "split", "kind", "question", "answers", "target", "fact", ...}
+    questions: list[dict]   # {"id", "scene_id", "split", "kind", "question", "answers", "target", ...}
     text_kb: list[dict]     # {"id", "text", "entity", "split"}
     image_kb: list[dict]    # {"image", "name", "caption", "split"}
-    entities: list[dict] = field(default_factory=list)  # {"name", "label", "color", "shape", "year", "city", "split"}
+    entities: list[dict] = field(default_factory=list)  # {"name", "label", "color", "shape", "year", ...}
     _engines: dict = field(default_factory=dict, repr=False)
 
     def searchers(self, split: str = "test") -> tuple[TextSearch, ImageSearch]:
-        """The search engines: at training time ("train") they index only training entities and
-        scenes, so no test entity reaches SFT or RL data; at test time they index everything."""
+        """Training-time engines ("train") index only training entities and scenes, so no test entity
+        reaches SFT or RL data; at test time they index everything."""
         if split not in self._engines:
             keep = {"train"} if split == "train" else {"train", "test"}
-            self._engines[split] = (TextSearch([d for d in self.text_kb if d["split"] in keep]),
-                                    ImageSearch([e for e in self.image_kb if e["split"] in keep]))
+            texts = [d for d in self.text_kb if d["split"] in keep]
+            images = [e for e in self.image_kb if e["split"] in keep]
+            self._engines[split] = (TextSearch(texts), ImageSearch(images))
         return self._engines[split]
 
     def scene(self, scene_id: str) -> dict:
@@ -224,8 +218,8 @@ def draw_tile(size: int, color: tuple, shape: str, label: str, filled: bool = Tr
         pts = ([(cx, box[1]), (box[2], box[3]), (box[0], box[3])] if shape == "triangle"
                else [(cx, box[1]), (box[2], cy), (cx, box[3]), (box[0], cy)])
         d.polygon(pts, fill=fill, outline=color, width=2)
-    d.text((size / 2, (top + size) / 2), label, fill=(0, 0, 0), font=ImageFont.load_default(size=max(8, size // 3)),
-           anchor="mm")
+    font = ImageFont.load_default(size=max(8, size // 3))
+    d.text((size / 2, (top + size) / 2), label, fill=(0, 0, 0), font=font, anchor="mm")
     return tile
 
 
@@ -233,8 +227,9 @@ def invent(rng: random.Random, taken: set, kind: str) -> str:
     """A new word of `kind` (entity name, tile label, place) not in `taken` (which it joins)."""
     while True:
         s = rng.choice(SYLLABLES).capitalize() + rng.choice(SYLLABLES)
-        w = {"name": s, "place": s + rng.choice(["holm", "mere", "wick", "ford", "dale"]),
-             "label": "".join(rng.choice(a) for a in ("BCDFGHJKLMNPRSTVZ", "AEIOU", "BCDFGHJKLMNPRSTVZ"))}[kind]
+        place = s + rng.choice(["holm", "mere", "wick", "ford", "dale"])
+        label = "".join(rng.choice(a) for a in ("BCDFGHJKLMNPRSTVZ", "AEIOU", "BCDFGHJKLMNPRSTVZ"))
+        w = {"name": s, "place": place, "label": label}[kind]
         if w not in taken:
             taken.add(w)
             return w
@@ -246,8 +241,8 @@ def make_entities(rng: random.Random, used: set, test_frac: float) -> list[dict]
     rng.shuffle(combos)
     n_test = max(2, round(len(combos) * test_frac))
     return [dict(name=invent(rng, used, "name"), label=invent(rng, used, "label"), color=c, shape=s,
-                 year=str(rng.randint(1820, 2015)), city=rng.choice(CITIES), split="test" if i < n_test else "train")
-            for i, (c, s) in enumerate(combos)]
+                 year=str(rng.randint(1820, 2015)), city=rng.choice(CITIES),
+                 split="test" if i < n_test else "train") for i, (c, s) in enumerate(combos)]
 
 
 def tile_side(size: int) -> int:
@@ -270,12 +265,14 @@ def draw_scene(rng: random.Random, picks: list[dict], n_distractors: int, used: 
         x, y = cx + rng.randint(0, cell - ts), cy + rng.randint(0, cell - ts)
         if j < len(picks):
             e = picks[j]
-            t = dict(name=e["name"], label=e["label"], color=e["color"], shape=e["shape"], is_distractor=False)
+            t = dict(name=e["name"], label=e["label"], color=e["color"], shape=e["shape"],
+                     is_distractor=False)
         else:  # a distractor: grey outline emblem, a label that names nothing, not in the image KB
             label = invent(rng, used, "label")
-            t = dict(name=f"distractor-{label}", label=label, color="grey", shape=rng.choice(SHAPES), is_distractor=True)
-        img.paste(draw_tile(ts, COLORS.get(t["color"], (110, 110, 110)), t["shape"], t["label"], not t["is_distractor"]),
-                  (x, y))
+            t = dict(name=f"distractor-{label}", label=label, color="grey", shape=rng.choice(SHAPES),
+                     is_distractor=True)
+        rgb = COLORS.get(t["color"], (110, 110, 110))
+        img.paste(draw_tile(ts, rgb, t["shape"], t["label"], not t["is_distractor"]), (x, y))
         tiles.append(dict(t, box=[x, y, x + ts, y + ts], cell=[cx, cy, cx + cell, cy + cell]))
     return img, tiles
 
@@ -286,14 +283,15 @@ def scene_questions(rng: random.Random, sid: str, split: str, clutter: str, pick
     e, g = picks[0], picks[-1]
     attr, fact_g, fact_e = rng.choice(["color", "shape"]), rng.choice(list(FACTS)), rng.choice(list(FACTS))
     word = "colour" if attr == "color" else "shape"
+    behind = f"the organisation whose emblem is on the tile labelled {e['label']}"
     qs = [("glance", f"What {word} is the emblem on the tile labelled {e['label']}?", e[attr], e, attr),
           ("text", FACTS[fact_g].format(g["name"]), g[fact_g], g, fact_g),
           ("image", "In which town was this photo taken?", place, None, "place"),
-          ("gaze", FACTS[fact_e].format(f"the organisation whose emblem is on the tile labelled {e['label']}"),
-           e[fact_e], e, fact_e)]
-    return [{"id": f"{sid}-{kind}", "scene_id": sid, "split": split, "clutter": clutter, "kind": kind, "question": q,
-             "answers": [a], "fact": f, "label": t["label"] if t else None, "entity": t["name"] if t else None,
-             "target": t["name"] if kind in ("glance", "gaze") else None} for kind, q, a, t, f in qs]
+          ("gaze", FACTS[fact_e].format(behind), e[fact_e], e, fact_e)]
+    return [{"id": f"{sid}-{kind}", "scene_id": sid, "split": split, "clutter": clutter, "kind": kind,
+             "question": q, "answers": [a], "fact": f, "label": t["label"] if t else None,
+             "entity": t["name"] if t else None, "target": t["name"] if kind in ("glance", "gaze") else None}
+            for kind, q, a, t, f in qs]
 
 
 def build_world(seed: int, n_scenes: int = 8, image_size: int = 448, test_frac: float = 0.25) -> World:
@@ -304,22 +302,26 @@ def build_world(seed: int, n_scenes: int = 8, image_size: int = 448, test_frac: 
     entities = make_entities(rng, used, test_frac)
     n_test = max(1, round(n_scenes * test_frac))
     if n_test >= n_scenes:
-        raise UserError(f"--test_frac {test_frac} leaves no training scene of {n_scenes}; use more --n_scenes.")
-    text_kb = [{"id": f"{e['name']}-{f}", "text": t.format(e["name"], e[f]), "entity": e["name"], "split": e["split"]}
-               for e in entities for f, t in (("year", "{} was founded in {}."), ("city", "{} is based in the city of {}."))]
-    image_kb = [{"image": draw_tile(tile_side(image_size), COLORS[e["color"]], e["shape"], e["label"]), "name": e["name"],
+        raise UserError(f"--test_frac {test_frac} leaves no training scene of {n_scenes}; use more "
+                        "--n_scenes.")
+    text_kb = [{"id": f"{e['name']}-{f}", "text": t.format(e["name"], e[f]), "entity": e["name"],
+                "split": e["split"]} for e in entities for f, t in KB_TEXT.items()]
+    side = tile_side(image_size)
+    image_kb = [{"image": draw_tile(side, COLORS[e["color"]], e["shape"], e["label"]), "name": e["name"],
                  "caption": f"The emblem of {e['name']}.", "split": e["split"]} for e in entities]
     scenes, questions = [], []
     for k in range(n_scenes):
-        sid, split, clutter = f"scene{k:03d}", "test" if k >= n_scenes - n_test else "train", list(CLUTTER)[k % 2]
+        sid, clutter = f"scene{k:03d}", list(CLUTTER)[k % 2]
+        split = "test" if k >= n_scenes - n_test else "train"
         pool = [e for e in entities if e["split"] == split]
         picks = rng.sample(pool, min(CLUTTER[clutter][0], len(pool)))
         img, tiles = draw_scene(rng, picks, CLUTTER[clutter][1], used, image_size)
         event, place = f"{rng.choice(ADJECTIVES)} {rng.choice(EVENTS)}", invent(rng, used, "place")
         names = ", ".join(p["name"] for p in sorted(picks, key=lambda p: p["name"]))
-        image_kb.append({"image": img, "name": f"the {event}", "split": split,
-                         "caption": f"Photo of the {event}, held in {place}; emblems of {names} are on display."})
-        scenes.append({"id": sid, "image": img, "tiles": tiles, "split": split, "clutter": clutter, "place": place})
+        caption = f"Photo of the {event}, held in {place}; emblems of {names} are on display."
+        image_kb.append({"image": img, "name": f"the {event}", "split": split, "caption": caption})
+        scenes.append({"id": sid, "image": img, "tiles": tiles, "split": split, "clutter": clutter,
+                       "place": place})
         questions += scene_questions(rng, sid, split, clutter, picks, place)
     return World(scenes, questions, text_kb, image_kb, entities)
 
@@ -333,7 +335,8 @@ cached_world = functools.lru_cache(maxsize=4)(build_world)
 
 def split_world(world: World) -> tuple[list[dict], list[dict]]:
     """Train / test questions (split by scene, and so by entity)."""
-    return ([q for q in world.questions if q["split"] == "train"], [q for q in world.questions if q["split"] == "test"])
+    train = [q for q in world.questions if q["split"] == "train"]
+    return train, [q for q in world.questions if q["split"] == "test"]
 
 
 def as_example(world: World, q: dict) -> dict:
@@ -343,34 +346,34 @@ def as_example(world: World, q: dict) -> dict:
     return dict(q, image=scene["image"], target_box=box)
 
 
-# Each benchmark as published: which field holds the id, question, image and gold answers, the
-# split a score is broken down by, and its own scoring rule (score_record). `a.b` reads a nested
-# field; `items` splits a record into several questions; `image_is_id` looks the image up in --image_dir.
+# Each benchmark as published: the fields of its id, question, image and gold answers, the split a
+# score is broken down by, and its own scoring rule (common.benchmarks.score_record: mmsearch_r1 = EM
+# and SubEM as MMSearch-R1 scores FVQA, infoseek = InfoSeek's numeric ranges or alias EM, token_f1 =
+# MMSearch end2end, llm_judge = the benchmark's LLM grader (a SubEM stand-in without --judge),
+# sub_em_ours = no official scorer). `a.b` reads a nested field; `items` splits a record into several
+# questions; `image_is_id` looks the image up in --image_dir.
 BENCHMARKS = {
-    "FVQA": dict(id="data_id", question="prompt", image="images", golds=["reward_model.ground_truth",
-                 "reward_model.candidate_answers"], split="category", score="mmsearch_r1"),   # parquet, lmms-lab/FVQA
-    "InfoSeek": dict(id="data_id", question="question", image="image_id", image_is_id=True, golds=["answer_eval"],
-                     split="data_split", score="infoseek"),                                         # JSONL; image_id -> --image_dir/--image_map
-    "MMSearch": dict(id="sample_id", question="query", image="query_image", golds=["gt_answer", "alternative_gt_answers"],
-                     split="area", score="token_f1"),                           # end2end; query_image may be None
+    "FVQA": dict(id="data_id", question="prompt", image="images", split="category", score="mmsearch_r1",
+                 golds=["reward_model.ground_truth", "reward_model.candidate_answers"]),  # lmms-lab/FVQA
+    "InfoSeek": dict(id="data_id", question="question", image="image_id", image_is_id=True,
+                     split="data_split", golds=["answer_eval"], score="infoseek"),  # JSONL; ids in --image_dir
+    "MMSearch": dict(id="sample_id", question="query", image="query_image", split="area", score="token_f1",
+                     golds=["gt_answer", "alternative_gt_answers"]),      # end2end; query_image may be None
     "SimpleVQA": dict(id="data_id", question="question", image="image", golds=["answer"], split="language",
-                      score="llm_judge"),                                       # scorer not published (LLM grader)
+                      score="llm_judge"),                                 # scorer not published (LLM grader)
     "LiveVQA": dict(items=["level1_qa", "level2_qa"], id="id", question="question", image="img_path",
                     golds=["Ground_Truth_List"], split="level", score="llm_judge"),  # benchmark.json
     "DynVQA": dict(id="question_id", question="question", image="image_url", golds=["answer"], split=None,
-                   score="sub_em_ours"),                                        # OmniSearch JSONL; no official scorer
+                   score="sub_em_ours"),                                  # OmniSearch JSONL, no scorer
 }
 
 
 @functools.lru_cache(maxsize=16)
 def load_benchmark(name: str, path: str, image_dir: str | None = None) -> list[dict]:
-    """One benchmark file in its published schema, read by its field map (common/benchmarks.py)."""
     return read_visual_qa(name, path, BENCHMARKS[name], image_dir)
 
 
-# =============================================================================================
-# Prompt format, tools, and the scripted policies that state only what they saw (2, 6)
-# =============================================================================================
+# ==== prompt format, tools, and scripted policies that state only what they saw (2, 6) ===============
 SYSTEM = """You answer questions about an image. First glance at the whole image, then decide:
 - answer directly: <answer>short answer</answer>
 - search text: <text_search>query</text_search>
@@ -380,6 +383,7 @@ SYSTEM = """You answer questions about an image. First glance at the whole image
   <tool_call>{"name": "image_search", "arguments": {"image": "crop"}}</tool_call>
 Think inside <reason>...</reason> before each action; one action per turn. Results come back in
 the next user turn. If a crop shows the wrong region, say so and gaze again."""
+CROP_CALL = '<tool_call>{"name": "crop", "arguments": {"bbox_2d": %s}}</tool_call>'
 CROP_SEARCH = '<tool_call>{"name": "image_search", "arguments": {"image": "crop"}}</tool_call>'
 
 
@@ -388,9 +392,9 @@ def make_messages(example: dict) -> list[dict]:
     if image is None:  # MMSearch has text-only queries
         return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": example["question"]}]
     w, h = seen_size(image)
+    text = f"(image: {w}x{h} pixels) {example['question']}"
     return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": [{"type": "image", "image": image},
-                                         {"type": "text", "text": f"(image: {w}x{h} pixels) {example['question']}"}]}]
+            {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
 
 
 def make_tools(text_search: TextSearch, image_search: ImageSearch, k: int) -> dict:
@@ -403,11 +407,12 @@ def make_tools(text_search: TextSearch, image_search: ImageSearch, k: int) -> di
         return msg, out
 
     def image_search_tool(args, r):
-        if args.get("image") == "crop" and len(r.images) < 2:
+        on_crop = args.get("image") == "crop"
+        if on_crop and len(r.images) < 2:
             return "Error: there is no crop yet; crop a region first.", None
-        which = f"crop {len(r.images) - 1}" if args.get("image") == "crop" else "the whole image"
-        return f"Searched with {which}.\n" + image_search.observe(r.images[-1] if which != "the whole image"
-                                                                  else (r.images or [None])[0], k=1), None
+        which = f"crop {len(r.images) - 1}" if on_crop else "the whole image"
+        image = r.images[-1] if on_crop else (r.images or [None])[0]
+        return f"Searched with {which}.\n" + image_search.observe(image, k=1), None
 
     def text_search_tool(args, r):
         return text_search.observe(args["query"], k), None
@@ -415,7 +420,8 @@ def make_tools(text_search: TextSearch, image_search: ImageSearch, k: int) -> di
 
 
 def tool_limits(args: Args) -> dict:
-    return {"crop": args.max_crops, "image_search": args.max_image_searches, "text_search": args.max_text_searches}
+    return {"crop": args.max_crops, "image_search": args.max_image_searches,
+            "text_search": args.max_text_searches}
 
 
 def to_seen(box: list[int], image: Image.Image) -> list[int]:
@@ -424,26 +430,24 @@ def to_seen(box: list[int], image: Image.Image) -> list[int]:
     return [round(v * s) for v, s in zip(box, (w / image.width, h / image.height) * 2)]
 
 
-def crop_call(box: list[int]) -> str:
-    return '<tool_call>{"name": "crop", "arguments": {"bbox_2d": %s}}</tool_call>' % json.dumps(box)
-
-
-FACT_RE = {"year": re.compile(r"(\w+) was founded in (\d+)"), "city": re.compile(r"(\w+) is based in the city of (\w+)")}
+FACT_RE = {"year": re.compile(r"(\w+) was founded in (\d+)"),
+           "city": re.compile(r"(\w+) is based in the city of (\w+)")}
 VERB = {"year": "was founded in", "city": "is based in"}
 POLICIES = ("gaze oracle", "whole-image oracle", "never search", "random tool")
 
 
-def learn(known: dict, tool: str, obs: str, crop_label: str | None) -> None:
+def learn(known: dict, obs: str) -> None:
     """What an observation shows: entity facts (text search), the owner of the cropped emblem or
     the photo's town and the emblems on display (image search)."""
     for fact, pattern in FACT_RE.items():
         for name, value in pattern.findall(obs):
             known["facts"].setdefault(name, {})[fact] = value
-    if m := re.search(r"Title: (\w+)\) The emblem of", obs):
-        if crop_label and "Searched with crop" in obs:
-            known["owner"][crop_label] = m.group(1)
-    if m := re.search(r"held in (\w+); emblems of (.+) are on display", obs):
-        known["place"], known["candidates"] = m.group(1), m.group(2).split(", ")
+    owner = re.search(r"Title: (\w+)\) The emblem of", obs)
+    if owner and known.get("crop_label") and "Searched with crop" in obs:
+        known["owner"][known["crop_label"]] = owner.group(1)
+    photo = re.search(r"held in (\w+); emblems of (.+) are on display", obs)
+    if photo:
+        known["place"], known["candidates"] = photo.group(1), photo.group(2).split(", ")
 
 
 def answer_from(known: dict, q: dict, tile: dict | None, rng: random.Random) -> tuple[str, str]:
@@ -459,50 +463,65 @@ def answer_from(known: dict, q: dict, tile: dict | None, rng: random.Random) -> 
     value = known["facts"].get(name, {}).get(fact)
     if value:
         return value, f"The search result says {name} {VERB[fact]} {value}."
-    return (rng.choice(CITIES) if fact == "city" else str(rng.randint(1820, 2015))), "Nothing I saw tells this; a guess."
+    guess = rng.choice(CITIES) if fact == "city" else str(rng.randint(1820, 2015))
+    return guess, "Nothing I saw tells this; a guess."
+
+
+def random_action(q: dict, known: dict, tiles: list[dict], rng: random.Random) -> tuple | None:
+    """The random-tool policy: any action, arguments drawn from what it has seen."""
+    choice = rng.choice(["answer", "text_search", "image_search", "crop", "crop_search"])
+    names = [q["entity"]] * (q["kind"] == "text") + known["candidates"] + list(known["owner"].values())
+    actions = {"answer": None,
+               "text_search": ("text_search", {"query": rng.choice(names or [q["question"]])},
+                               "Try a text search."),
+               "image_search": ("image_search", {}, "Try a whole-image search."),
+               "crop": ("crop", {"tile": rng.choice(tiles)}, "Try a crop."),
+               "crop_search": ("image_search", {"image": "crop"}, "Try an image search with the crop.")}
+    return actions[choice]
 
 
 def next_action(policy: str, q: dict, known: dict, tiles: list[dict], tile: dict | None, rng: random.Random,
                 done: list[str], reflective: bool) -> tuple[str, dict, str] | None:
     """(tool, args, reason) of the policy's next step, or None to answer now."""
     kind, label = q["kind"], q["label"]
-    if policy == "never search":
-        return None
-    if policy == "random tool":
-        choice = rng.choice(["answer", "text_search", "image_search", "crop", "crop_search"])
-        names = [q["entity"]] * (kind == "text") + known["candidates"] + list(known["owner"].values())
-        return {"answer": None, "text_search": ("text_search", {"query": rng.choice(names or [q["question"]])}, "Try a text search."),
-                "image_search": ("image_search", {}, "Try a whole-image search."),
-                "crop": ("crop", {"tile": rng.choice(tiles)}, "Try a crop."),
-                "crop_search": ("image_search", {"image": "crop"}, "Try an image search with the crop.")}[choice]
+    if policy in ("never search", "random tool"):
+        return None if policy == "never search" else random_action(q, known, tiles, rng)
     name = q["entity"] if kind == "text" else known["owner"].get(label) or known.get("guess")
     if kind == "text" and name not in known["facts"]:
-        return "text_search", {"query": name}, f"Glance: the image cannot tell this; the question names {name}. Decision: text search."
+        reason = f"Glance: the image cannot tell this; the question names {name}. Decision: text search."
+        return "text_search", {"query": name}, reason
     if kind == "image" and not known.get("place"):
-        return "image_search", {}, "Glance: the question is about the photo as a whole. Decision: whole-image search."
+        reason = "Glance: the question is about the photo as a whole. Decision: whole-image search."
+        return "image_search", {}, reason
     if kind != "gaze" or (name and name in known["facts"]):
         return None
+    need = f"the tile labelled {label}"
     if policy == "whole-image oracle":   # (ablation) no crop: the whole-image search lists every emblem
         if not known["candidates"]:
-            return "image_search", {}, f"Glance: I need the organisation on the tile labelled {label}. Decision: whole-image search."
+            reason = f"Glance: I need the organisation on {need}. Decision: whole-image search."
+            return "image_search", {}, reason
         known["guess"] = rng.choice(known["candidates"])
-        return ("text_search", {"query": known["guess"]}, f"The photo shows the emblems of {', '.join(known['candidates'])}; "
-                f"I cannot tell which is on the tile labelled {label}. I guess {known['guess']}.")
+        shown = ", ".join(known["candidates"])
+        reason = (f"The photo shows the emblems of {shown}; I cannot tell which is on {need}. "
+                  f"I guess {known['guess']}.")
+        return "text_search", {"query": known["guess"]}, reason
     if "crop" not in done:
         wrong = [t for t in tiles if t is not tile]
         if reflective and wrong:
-            return "crop", {"tile": rng.choice(wrong)}, f"Glance: the tile labelled {label} is small. Decision: gaze at it."
-        return "crop", {"tile": tile}, f"Glance: the tile labelled {label} is small and its organisation unknown. Decision: gaze at it."
+            return "crop", {"tile": rng.choice(wrong)}, f"Glance: {need} is small. Decision: gaze at it."
+        reason = f"Glance: {need} is small and its organisation unknown. Decision: gaze at it."
+        return "crop", {"tile": tile}, reason
     if known.get("crop_label") != label:
-        return ("crop", {"tile": tile}, f"Reflect: the crop shows the tile labelled {known['crop_label']}, not {label}; "
-                "wrong region. Gaze again.")
+        return ("crop", {"tile": tile}, f"Reflect: the crop shows the tile labelled {known['crop_label']}, "
+                f"not {label}; wrong region. Gaze again.")
     if label not in known["owner"]:
-        return "image_search", {"image": "crop"}, f"The crop shows the tile labelled {label}. Search with the crop."
-    return "text_search", {"query": name}, f"The image search says the emblem belongs to {name}. Now find the fact."
+        return "image_search", {"image": "crop"}, f"The crop shows {need}. Search with the crop."
+    reason = f"The image search says the emblem belongs to {name}. Now find the fact."
+    return "text_search", {"query": name}, reason
 
 
 def scripted_episode(world: World, q: dict, policy: str = "gaze oracle", reflective: bool = False, rng=None,
-                     searchers: tuple | None = None, k: int = 3, max_turns: int = 6) -> tuple[list[dict], str]:
+                     searchers: tuple | None = None, k: int = 3, max_turns: int = 6) -> tuple[list, str]:
     """A scripted policy's trajectory (turns as the agent loop records them) and its answer. Tools
     are the real ones; reasons and answers use only the image (tile labels, colours, positions)
     and earlier observations, so the oracle never answers from memory."""
@@ -512,22 +531,25 @@ def scripted_episode(world: World, q: dict, policy: str = "gaze oracle", reflect
     tiles = world.scene(q["scene_id"])["tiles"]
     tile = next((t for t in tiles if t["label"] == q["label"]), None)
     known, turns, done = {"facts": {}, "owner": {}, "candidates": []}, [], []
-    while len(turns) // 2 < max_turns - 1 and (step := next_action(policy, q, known, tiles, tile, rng, done, reflective)):
+    while len(turns) // 2 < max_turns - 1 and (step := next_action(policy, q, known, tiles, tile, rng, done,
+                                                                    reflective)):
         tool, args, reason = step
         if tool == "crop":
             known["crop_label"] = args["tile"]["label"]
             args = {"bbox_2d": to_seen(args["tile"]["cell"], ex["image"])}
-        text = {"crop": crop_call(args.get("bbox_2d", [])), "text_search": f"<text_search>{args.get('query')}</text_search>",
+        text = {"crop": CROP_CALL % json.dumps(args.get("bbox_2d", [])),
+                "text_search": f"<text_search>{args.get('query')}</text_search>",
                 "image_search": CROP_SEARCH if args.get("image") else "<image_search></image_search>"}[tool]
         obs, image = tools[tool](args, r)
         if image is not None:
             r.images.append(image)
-        learn(known, tool, obs, known.get("crop_label"))
+        learn(known, obs)
         done.append(tool)
         turns += [{"role": "assistant", "text": f"<reason>{reason}</reason>\n{text}"},
                   {"role": "tool", "name": tool, "args": args, "observation": obs, "image": image}]
     answer, reason = answer_from(known, q, tile, rng)
-    return turns + [{"role": "assistant", "text": f"<reason>{reason}</reason>\n<answer>{answer}</answer>"}], answer
+    final = {"role": "assistant", "text": f"<reason>{reason}</reason>\n<answer>{answer}</answer>"}
+    return turns + [final], answer
 
 
 def turns_to_messages(example: dict, turns: list[dict]) -> list[dict]:
@@ -537,28 +559,33 @@ def turns_to_messages(example: dict, turns: list[dict]) -> list[dict]:
         if t["role"] == "assistant":
             msgs.append({"role": "assistant", "content": t["text"]})
         else:
-            msgs.append({"role": "user", "content": ([{"type": "image", "image": t["image"]}] if t.get("image") else [])
-                         + [{"type": "text", "text": t["observation"]}]})
+            image = [{"type": "image", "image": t["image"]}] if t.get("image") else []
+            msgs.append({"role": "user", "content": image + [{"type": "text", "text": t["observation"]}]})
     return msgs
 
 
+def by_kind(questions: list[dict], accs: list[float]) -> dict:
+    """Accuracy in % per question kind and, for gaze questions, per clutter (None when there are none)."""
+    cells = {kind: [a for q, a in zip(questions, accs) if q["kind"] == kind] for kind in DECISION}
+    for c in CLUTTER:
+        cells[f"gaze/{c}"] = [a for q, a in zip(questions, accs) if q["kind"] == "gaze" and q["clutter"] == c]
+    return {k: 100 * float(np.mean(v)) if v else None for k, v in cells.items()}
+
+
 def policy_table(world: World, args: Args) -> dict:
-    """Accuracy (%) of each scripted policy on the held-out scenes, per question kind and, for gaze
-    questions, per clutter: the world tests Selective Gaze only if whole-image search loses there."""
+    """Accuracy (%) of each scripted policy on the held-out scenes: the world tests Selective Gaze
+    only if whole-image search loses on cluttered gaze questions."""
     rng, test = random.Random(args.seed), split_world(world)[1]
     table = {}
     for policy in POLICIES:
-        rows = [(q, accuracy(scripted_episode(world, q, policy, rng=rng, k=args.search_k, max_turns=args.max_turns)[1],
-                             q["answers"], args.max_answer_words)) for q in test]
-        cells = {kind: [a for q, a in rows if q["kind"] == kind] for kind in DECISION}
-        cells.update({f"gaze/{c}": [a for q, a in rows if q["kind"] == "gaze" and q["clutter"] == c] for c in CLUTTER})
-        table[policy] = {k: 100 * float(np.mean(v)) if v else None for k, v in {**cells, "all": [a for _, a in rows]}.items()}
+        answers = [scripted_episode(world, q, policy, rng=rng, k=args.search_k, max_turns=args.max_turns)[1]
+                   for q in test]
+        accs = [accuracy(a, q["answers"], args.max_answer_words) for a, q in zip(answers, test)]
+        table[policy] = {**by_kind(test, accs), "all": 100 * float(np.mean(accs)) if accs else None}
     return table
 
 
-# =============================================================================================
-# Rewards: r = (1 - lambda) * r_acc + lambda * r_fmt (3, 4), and the tool-use statistics
-# =============================================================================================
+# ==== rewards: r = (1 - lambda) * r_acc + lambda * r_fmt (3, 4), and the tool-use statistics ==========
 def format_ok(trajectory: list[dict]) -> bool:
     """r_fmt = 1 iff every assistant turn holds one well-formed action, tools until the last
     turn and a non-empty <answer> in it."""
@@ -587,17 +614,14 @@ def load_judge(name: str | None):
     return load_policy(name, lora=False) if name else None
 
 
-def judged_accs(questions: list[str], answers: list[str | None], golds: list[list[str]], args: Args) -> list[float]:
-    """r_acc for each answer: the --judge model's verdict (unparsable -> 0), else sub-exact match (4)."""
+def rollout_accs(rollouts: list[Rollout], args: Args) -> list[float]:
+    """r_acc of each rollout: the --judge model's verdict (unparsable -> 0), else sub-exact match (4)."""
+    answers, golds = [r.answer for r in rollouts], [r.example["answers"] for r in rollouts]
     judge = load_judge(args.judge)
     if judge is None:
         return [accuracy(a, g, args.max_answer_words) for a, g in zip(answers, golds)]
+    questions = [r.example["question"] for r in rollouts]
     return [float(v or 0.0) for v in llm_judge_batch(judge, questions, answers, golds)]
-
-
-def rollout_accs(rollouts: list[Rollout], args: Args) -> list[float]:
-    return judged_accs([r.example["question"] for r in rollouts], [r.answer for r in rollouts],
-                       [r.example["answers"] for r in rollouts], args)
 
 
 def make_reward_fn(args: Args):
@@ -656,16 +680,14 @@ def tool_use_stats(rollouts: list[Rollout]) -> dict:
             "mean_turns": float(np.mean([r.turns for r in rollouts])) if rollouts else 0.0}
 
 
-# =============================================================================================
-# Stages
-# =============================================================================================
+# ==== stages and main ==============================================================================
 def get_policy(args: Args, adapter: str | None = None, lora: bool = True):
     policy = load_policy(args.model, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
                          lora_alpha=args.lora_alpha, adapter=adapter,
                          gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
     base = Path(adapter or ".").parent / "base_weights.pt"
     if adapter and base.is_file():   # (10) a --full_sft run: its trained base weights live beside the adapter
-        policy.model.load_state_dict(torch.load(base), strict=False)
+        policy.model.load_state_dict(torch.load(base, weights_only=True), strict=False)
         print(f"[gog] base weights from {base} (full-parameter SFT)")
     return policy
 
@@ -861,11 +883,12 @@ def stage_rl(args: Args) -> str:   # the papers' order: RL starts from the SFT a
 
 
 def benchmark_searchers(args: Args, world: World) -> tuple:
-    """Search backends for real benchmarks: --text_corpus / --image_kb, else the endpoints, else the toy KBs (5)."""
-    ts = TextSearch.from_jsonl(args.text_corpus) if args.text_corpus else (
-        TextSearch(use_env=True) if os.environ.get("TEXT_SEARCH_ENDPOINT") else None)
-    ims = ImageSearch.from_jsonl(args.image_kb) if args.image_kb else (
-        ImageSearch(use_env=True) if os.environ.get("IMAGE_SEARCH_ENDPOINT") else None)
+    """Search for real benchmarks: --text_corpus / --image_kb, else the endpoints, else the toy KBs (5)."""
+    ts = ims = None
+    if args.text_corpus or os.environ.get("TEXT_SEARCH_ENDPOINT"):
+        ts = TextSearch.from_jsonl(args.text_corpus) if args.text_corpus else TextSearch(use_env=True)
+    if args.image_kb or os.environ.get("IMAGE_SEARCH_ENDPOINT"):
+        ims = ImageSearch.from_jsonl(args.image_kb) if args.image_kb else ImageSearch(use_env=True)
     if ts is None or ims is None:
         print("[eval] benchmarks use the toy KBs for a search without --text_corpus/--image_kb or an endpoint.")
     return ts or world.searchers("test")[0], ims or world.searchers("test")[1]
@@ -887,11 +910,9 @@ def run_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dic
         test = [as_example(world, q) for q in split_world(world)[1]]
         rs = agent_rollouts(policy, test, args, world.searchers("test"), 1, args.eval_temperature, desc="eval toy")
         accs = rollout_accs(rs, args)
-        by = {k: [a for a, r in zip(accs, rs) if r.example["kind"] == k] for k in DECISION}
-        by.update({f"gaze/{c}": [a for a, r in zip(accs, rs) if r.example["kind"] == "gaze"
-                                 and r.example["clutter"] == c] for c in CLUTTER})
+        kinds = {k: v for k, v in by_kind([r.example for r in rs], accs).items() if v is not None}
         results["toy"] = {"accuracy": 100 * float(np.mean(accs)), "n": len(rs), "tool_use": tool_use_stats(rs),
-                          "by_kind": {k: 100 * float(np.mean(v)) for k, v in by.items() if v}}
+                          "by_kind": kinds}
         html = [{"title": f"[{r.example['kind']}] {r.example['question']} (gold: {r.example['answers'][0]})",
                  "images": r.images[:1], "trajectory": r.trajectory,
                  "rewards": {"acc": a, "format": float(format_ok(r.trajectory))}} for r, a in zip(rs, accs)]

@@ -11,7 +11,9 @@ one sub-folder per step):
      a local `.whl/` folder of wheels (`pip install --no-index --find-links .whl`), never from the
      network; records the versions it ran with (python, torch, CUDA, transformers, peft,
      bitsandbytes, trl, the GPU and its memory).
-  2. `pytest -m gpu`: the CUDA tests (tests/test_gpu.py).
+  2. `pytest -m gpu`: the CUDA tests (tests/test_gpu.py: NF4 load, LoRA-only gradients, the reference
+     pass, GRPO steps with images, chunked = full log-probs, resume restoring the device RNG); a
+     skipped CUDA test fails the check.
   3. `common.bench` on random-weight Qwen2.5-VL-3B and -7B built from the published configs, NF4 +
      LoRA + gradient checkpointing, G = 8, one 448x448 image, 512 new tokens: peak allocated
      memory, step time split, generated tokens/s and its fraction of the HBM-bandwidth bound, and
@@ -21,6 +23,10 @@ one sub-folder per step):
   5. Budgets, printed as PASS/FAIL and stored in summary.json: 3B peak <= 12 GB, 7B peak <= 16 GB
      (the README's consumer-GPU promise; T4 class for 7B). Exit status 0 only when every step ran
      and every budget holds.
+
+--ci-smoke runs the same plan, run, judge and summary code at toy size on a CPU (pytest only collects
+the CUDA tests; bench and gog on the tiny preset), each step forked from this process so that Python
+and torch are imported once; it is in the fast test suite. --cpu-smoke is the slower real-width one.
 
 Random weights: the numbers are sizes and speeds of the real architectures; the text is noise.
 The random models are written once to --work (default /tmp/gpu_check_models: 3B ~7.5 GB, 7B ~17 GB

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from common.grpo import (GRPOConfig, completion_logprobs, load_checkpoint, per_rollout, save_checkpoint,
-                         train_grpo, unwrap)
+from common.checkpoint import load_checkpoint, save_checkpoint
+from common.grpo import GRPOConfig, completion_logprobs, per_rollout, train_grpo, unwrap
 from common.models import LORA_TARGETS, load_policy
 from common.rollout import rollout_batch, run_rollouts
 from common.runlog import read_jsonl
@@ -97,44 +97,54 @@ def test_only_lora_parameters_get_gradients():
 
 
 def test_reference_is_adapter_off_for_a_fresh_lora():
+    """A fresh LoRA (lora_B = 0) is the base model: a run keeps the adapter-off path as pi_ref."""
     p = load_policy("tiny", load_in_4bit=True, device=DEV)
     ids = _ids(p)
     with torch.no_grad():
         start = p.model(input_ids=ids).logits
-    opt = torch.optim.SGD(p.trainable_parameters(), lr=1.0)
-    p.model(input_ids=ids).logits.float().square().mean().backward()
-    opt.step()
-    with torch.no_grad():
-        tuned = p.model(input_ids=ids).logits
-        with p.reference():
-            ref = p.model(input_ids=ids).logits
-        with p.model.disable_adapter():
-            off = p.model(input_ids=ids).logits
-    assert not torch.equal(tuned, start)                  # the update moved the policy
+    with p.frozen_reference():
+        assert p.reference_adapter is None                  # no copy made: adapter off is pi_ref
+        opt = torch.optim.SGD(p.trainable_parameters(), lr=1.0)
+        p.model(input_ids=ids).logits.float().square().mean().backward()
+        opt.step()
+        with torch.no_grad():
+            tuned = p.model(input_ids=ids).logits
+            with p.reference():
+                ref = p.model(input_ids=ids).logits
+            with p.base():
+                off = p.model(input_ids=ids).logits
+    assert not torch.equal(tuned, start)                   # the update moved the policy
     assert torch.equal(ref, off) and torch.equal(ref, start)   # pi_ref = the base = the fresh policy
 
 
 def test_reference_from_a_loaded_adapter_kl_zero_then_positive(tmp_path):
-    """RL from a saved adapter: pi_ref = a frozen copy of it, so KL is exactly 0 at step 0 and > 0 after an
-    update; the copy does not move."""
+    """RL from a saved adapter: pi_ref = a frozen copy of it for the run, so KL is exactly 0 at step 0 and
+    > 0 after an update; the copy does not move, does not train, and is gone after the run."""
     p = load_policy("tiny", seed=3, device=DEV)
     _randomise_lora_B(p)
     p.save_adapter(str(tmp_path / "sft"))
     q = load_policy("tiny", seed=3, adapter=str(tmp_path / "sft"), load_in_4bit=True, device=DEV)
     ids = _ids(q)
     with torch.no_grad():
-        with q.reference():
-            ref = q.model(input_ids=ids).logits
-        with q.model.disable_adapter():
+        start = q.model(input_ids=ids).logits
+        with q.base():
             base = q.model(input_ids=ids).logits
-    assert not torch.allclose(ref.float(), base.float(), atol=1e-2)   # pi_ref is the adapter, not the base
+    assert not torch.allclose(start.float(), base.float(), atol=1e-2)   # the adapter is not the base
+    seen = {}
+
+    def spy(pol, exs, cfg):  # inside the run: reference() is the starting adapter, frozen
+        with torch.no_grad(), pol.reference():
+            seen.setdefault("ref", []).append(pol.model(input_ids=ids).logits)
+        seen["trainable"] = [n for n, x in pol.model.named_parameters() if x.requires_grad]
+        return _rollout_fn(pol, exs, cfg)
     cfg = GRPOConfig(max_steps=2, num_generations=3, prompts_per_step=2, max_completion_length=6,
                      beta=0.1, learning_rate=5e-2)
-    train_grpo(q, DATA, _rollout_fn, REWARD, cfg, str(tmp_path / "rl"))
+    train_grpo(q, DATA, spy, REWARD, cfg, str(tmp_path / "rl"))
     kl = [r["kl"] for r in read_jsonl(str(tmp_path / "rl" / "metrics.jsonl"))]
     assert kl[0] == 0.0 and kl[1] > 0.0, kl
-    with torch.no_grad(), q.reference():
-        assert torch.equal(q.model(input_ids=ids).logits, ref)          # pi_ref did not move
+    assert len(seen["ref"]) == 2 and all(torch.equal(r, start) for r in seen["ref"])   # pi_ref did not move
+    assert seen["trainable"] and all(".default." in n for n in seen["trainable"])
+    assert "reference" not in q.model.peft_config                       # removed after the run
 
 
 def test_grpo_steps_nf4_gc_with_images(tmp_path):

@@ -1,5 +1,5 @@
 # Run: pytest tests/test_gpu_check.py -q      (CPU, ~1 minute under shared load; the real-width CPU smoke:
-#      pytest -m slow tests/test_gpu_check.py, ~8 minutes)
+#      pytest -m slow tests/test_gpu_check.py, 3-8 minutes)
 """The prepared GPU check cannot rot: its dry run lists every step, the GPU plan's every command line
 parses with the script it calls, its CI smoke runs every step end to end on the tiny preset (pytest
 collecting the CUDA tests, a bench step, gog --stage all) and writes the summary, its pytest judge fails
@@ -110,7 +110,7 @@ def test_wheels_only_from_the_local_folder(tmp_path):
     assert install_command([], str(tmp_path)) is None
 
 
-@pytest.mark.slow   # ~8 minutes on the shared 2-core box (a 1-layer 2048-wide model, TRL, gog): not CI-sized
+@pytest.mark.slow   # 3-8 minutes on the shared 2-core box (a 1-layer 2048-wide model, TRL, gog): not CI-sized
 def test_cpu_smoke_runs_every_step(tmp_path):
     """The whole check on a CPU: build + bench (with TRL) on a random 1-layer 3B with a 1k
     vocabulary, gog on the tiny preset; summary.json and the log land in the folder."""

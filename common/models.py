@@ -285,7 +285,7 @@ def load_base(name: str, *, load_in_4bit: bool, device: torch.device, dtype: tor
                               AutoTokenizer, Qwen2_5_VLForConditionalGeneration)
     if load_in_4bit:
         check_4bit(device)
-    skip = ["visual", "lm_head"]
+    skip = ["visual", "model.visual", "lm_head"]  # transformers 5 matches a prefix of the full name or a suffix
     quant = bnb_config(dtype, skip) if load_in_4bit else None
 
     if name == "tiny":

@@ -370,7 +370,7 @@ def load_policy(name_or_path: str | None = "auto", *, load_in_4bit: bool | None 
     for p in model.parameters():
         p.requires_grad_(False)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})  # transformers 5 name
 
     has_adapter = False
     if adapter is not None:

@@ -1,14 +1,12 @@
 """AM3Safety: Towards Data Efficient Alignment of Multi-modal Multi-turn Safety for MLLMs
 (arXiv 2601.04736), with its InterSafe-V dialogue builder (later renamed MINT-Safe).
 
-    python am3safety.py --stage all --model tiny          # CPU, ~2 min: plumbing only (noise model)
+    python am3safety.py --stage all --model tiny          # CPU, ~1 min: plumbing only (noise model)
     python am3safety.py --stage build                      # offline toy InterSafe-V (rule-based roles)
     python am3safety.py --stage build --seeds_file my_seeds.jsonl --decomposer Qwen/Qwen2.5-VL-7B-Instruct \
         --scorer Qwen/Qwen2.5-VL-7B-Instruct --user Qwen/Qwen2.5-VL-7B-Instruct \
         --assistant Qwen/Qwen2.5-VL-3B-Instruct
-    python am3safety.py --stage all --model Qwen/Qwen2.5-VL-3B-Instruct --num_seeds 800 --image_size 448 \
-        --sft_samples 500 --sft_steps 200 --max_steps 300 --num_generations 8 --max_new_tokens 256 \
-        --max_completion_length 1536 --eval_dialogues 200 --ablate_steps 100    # one GPU
+    python am3safety.py --stage all --model Qwen/Qwen2.5-VL-3B-Instruct --max_steps 300   # one GPU
 
 Stages (each writes <out>/<stage>/): build (InterSafe-V: decompose + score -> user/assistant
 turns -> near-duplicate and risk filters), sft (refusal cold start), rl (GRPO, every rollout a
@@ -34,7 +32,7 @@ Deviations from the paper (numbered; the reasons are the one-GPU / offline budge
  6. Added benign control dialogues (category "benign", no decomposition) measure over-refusal.
  7. Eq. 9's beta is --h_weight (--beta is TRL's KL coefficient); lambda is --lam. lambda = 1,
     tau = 0.5, beta = 0.5, scores h, s in [0, 1] are our choices (unpublished).
- 8. N = 4 rollouts per dialogue by default (paper 8), tiny data and step counts.
+ 8. The tiny preset uses N = 4 rollouts per dialogue (paper and default 8) and tiny data and step counts.
  9. Judge: rule-based by default (refusal phrases, placeholder/harm-word leaks; relevance and
     length for helpfulness); a model judge's unreadable reply counts as unsafe / 0 and is counted.
     Turns left unanswered (token budget spent) score h = s = 0.
@@ -51,7 +49,6 @@ import json
 import os
 import random
 import re
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,42 +59,26 @@ import torch
 from PIL import Image, ImageDraw
 
 from common.chat import encode
-from common.cli import parse_args
-from common.grpo import GRPOConfig, train_grpo
+from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
+from common.data import open_image, read_records, require
+from common.grpo import train_grpo
 from common.judge import extract_choice, is_refusal, parse_score
 from common.models import load_policy
 from common.rollout import Rollout, generate_ids, observation_segment, prompt_rollout
 from common.runlog import RunLog, bar_plot, trajectory_html, write_json
 from common.sft import SFTConfig, train_sft
 
-STAGES = ("build", "sft", "rl", "eval", "ablate")
-
-
 @dataclass
-class Args:
+class Args(GRPOArgs):
     stage: Literal["build", "sft", "rl", "eval", "ablate", "all"] = "all"
     """which stage to run (all = build, sft, rl, eval, ablate in order)"""
-    model: str = "auto"
-    """policy: tiny | smollm2 | auto (Qwen2.5-VL-3B on CUDA, else tiny) | hub id | folder"""
-    out: str = f"runs/{Path(__file__).stem}"
-    """output folder; each stage writes <out>/<stage>/"""
-    seed: int = 0
-    """random seed (toy world, sampling, LoRA init)"""
-    load_in_4bit: bool | None = None
-    """NF4 4-bit base weights: true | false | none (auto: on for real models on CUDA, off for CPU presets)"""
-    lora_r: int = 8
-    """LoRA rank"""
-    lora_alpha: int = 16
-    """LoRA alpha"""
-    gradient_checkpointing: bool = False
-    """activation checkpointing (saves memory on GPU)"""
     # --- build (InterSafe-V) ---
     seeds_file: str = ""
     """red-team seeds JSONL {"image": path relative to it, "query", "category", "tags"?}; empty = toy seeds"""
-    num_seeds: int = 40
+    num_seeds: int = 800
     """number of toy seeds (1 in 5 is a benign control)"""
-    image_size: int = 112
-    """side of the toy images in pixels (112 -> 16 image tokens; 448 for real runs)"""
+    image_size: int = 448
+    """side of the toy images in pixels (448 for real runs; the tiny preset: 112 -> 16 image tokens)"""
     max_turns: int = 4
     """most turns per dialogue; turn counts are drawn from {1, 2, 4, 6, 8} up to this"""
     decomposer: str = "rule"
@@ -119,9 +100,9 @@ class Args:
     dialogues: str = ""
     """dialogue JSONL for sft/rl/eval (default <out>/build/dialogues.jsonl)"""
     # --- sft (cold start) ---
-    sft_samples: int = 40
+    sft_samples: int = 500
     """cold-start samples: half refusals (harmful:health:finance = 3:1:1; paper: 500), half general"""
-    sft_steps: int = 8
+    sft_steps: int = 200
     """SFT optimiser steps"""
     sft_learning_rate: float = 1e-4
     """SFT learning rate (LoRA)"""
@@ -140,37 +121,23 @@ class Args:
     """start RL from <out>/sft/adapter when it exists"""
     rl_turns: int = 3
     """user turns per RL dialogue (longer dialogues are cut)"""
-    max_steps: int = 4
-    """GRPO steps"""
-    num_generations: int = 4
-    """N rollouts per dialogue (= G; paper 8)"""
-    prompts_per_step: int = 2
-    """dialogues per GRPO step"""
-    learning_rate: float = 1e-5
-    """GRPO learning rate"""
-    beta: float = 0.0
-    """KL coefficient (TRL's beta; reference = adapter off)"""
-    epsilon: float = 0.2
-    """clip range (low)"""
-    epsilon_high: float | None = None
-    """clip range (high); none = epsilon"""
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
-    """loss aggregation (TRL's names)"""
-    max_new_tokens: int = 16
+    num_generations: int = 8
+    """N rollouts per dialogue (= G; AM3Safety: 8)"""
+    max_new_tokens: int = 256
     """new tokens per assistant turn"""
-    max_completion_length: int = 384
-    """token budget of a whole dialogue after the first prompt (answers + later user turns)"""
-    temperature: float = 1.0
-    """sampling temperature for RL rollouts"""
-    save_steps: int = 0
-    """save a GRPO checkpoint (adapter, optimiser, RNG) every N steps into <out>/rl (0 = only the final adapter)"""
-    resume: bool = False
-    """continue RL from the latest <out>/rl/checkpoint-N: same step, data order and RNG"""
     # --- eval / ablate ---
-    eval_dialogues: int = 8
+    eval_dialogues: int = 200
     """held-out dialogues to evaluate (0 = all of the test split)"""
-    ablate_steps: int = 1
+    ablate_steps: int = 100
     """GRPO steps per ablation variant"""
+    max_completion_length: int = 1536
+    """token budget of a whole dialogue after the first prompt (answers + later user turns)"""
+
+
+# the tiny CPU preset (`--model tiny`): sizes that run every stage in about a minute
+TINY_SIZES = dict(num_seeds=40, image_size=112, sft_samples=40, sft_steps=8, max_steps=4, num_generations=4,
+                  prompts_per_step=2, max_new_tokens=16, max_completion_length=384, eval_dialogues=8,
+                  ablate_steps=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,64 +222,37 @@ def toy_seeds(n: int, seed: int, size: int) -> list[dict]:
     return out
 
 
-def jsonl_rows(path: str, what: str, hint: str = ""):
-    """(line number, dict) for each non-empty line; a bad line -> ValueError naming file and line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No {what} file at {path}{hint}.")
-    with open(path) as f:
-        for line, text in enumerate(f, 1):
-            if text.strip():
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line}: not valid JSON ({e.msg})") from e
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{line}: expected a JSON object")
-                yield line, row
-
-
-def open_image(path: str, line: int, rel: str) -> Image.Image:
-    full = os.path.join(os.path.dirname(path), rel)
-    if not os.path.isfile(full):
-        raise FileNotFoundError(f"{path}:{line}: image file {full} not found")
-    return Image.open(full).convert("RGB")
-
-
 def load_seeds(path: str) -> list[dict]:
     """A user's red-team seeds: {"image": path (relative to the file), "query", "category", "tags"?}."""
     out = []
-    for line, row in jsonl_rows(path, "seed"):
-        for key in ("image", "query", "category"):
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                raise ValueError(f"{path}:{line}: needs a non-empty string field {key!r}")
-        q, img = row["query"], open_image(path, line, row["image"])
-        out.append({"id": row.get("id", f"seed-{line:05d}"), "category": row["category"], "query": q,
+    for where, row in read_records(path, "seed file"):
+        require(row, where, "image", "query", "category")
+        q, img = str(row["query"]), open_image(row["image"], Path(path).parent, where)
+        out.append({"id": row.get("id", f"seed-{len(out):05d}"), "category": str(row["category"]), "query": q,
                     "image": img, "desc": row.get("description", row["image"]),
                     "tags": list(row.get("tags") or sorted(key_terms(q))[:2])})
-    if not out:
-        raise ValueError(f"Seed file {path} holds no seeds.")
     return out
 
 
 def load_dialogues(path: str) -> list[dict]:
     """Dialogue JSONL (the build stage's output format); images load from paths beside the file."""
+    if not os.path.isfile(path):
+        raise UserError(f"no dialogue file at {path}: run --stage build first or pass --dialogues.")
     out = []
-    for line, ex in jsonl_rows(path, "dialogue", ": run --stage build first or pass --dialogues"):
+    for where, ex in read_records(path, "dialogue file"):
         if not (isinstance(ex.get("turns"), list) and ex["turns"] and isinstance(ex.get("category"), str)):
-            raise ValueError(f"{path}:{line}: needs 'category' (str) and a non-empty 'turns' list")
+            raise UserError(f"{where}: needs 'category' (str) and a non-empty 'turns' list.")
         ex.setdefault("images", [])
         ex.setdefault("image_descriptions", list(ex["images"])), ex.setdefault("tags", [])
         for t in ex["turns"]:
             if not isinstance(t, dict) or not isinstance(t.get("user"), str):
-                raise ValueError(f"{path}:{line}: every turn needs a 'user' string")
+                raise UserError(f"{where}: every turn needs a 'user' string.")
             j = t.get("image")
             if j is not None and not (isinstance(j, int) and 0 <= j < len(ex["images"])):
-                raise ValueError(f"{path}:{line}: turn image index {j!r} is not in 'images'")
+                raise UserError(f"{where}: turn image index {j!r} is not in 'images'.")
             t.setdefault("risky", ex["category"] != "benign")
-        ex["pil"] = [open_image(path, line, p) for p in ex["images"]]
+        ex["pil"] = [open_image(p, Path(path).parent, where) for p in ex["images"]]
         out.append(ex)
-    if not out:
-        raise ValueError(f"Dialogue file {path} holds no dialogues.")
     return out
 
 
@@ -634,7 +574,9 @@ def stage_build(args: Args) -> dict:
                 stats["dropped_no_risk"] += 1
                 continue
         images, descs, turns = [seed["image"]], [seed["desc"]], []
-        pic = lambda j: (images[j], descs[j]) if j is not None else (None, "")   # image index -> (PIL, desc)
+
+        def pic(j):   # image index -> (PIL, description)
+            return (images[j], descs[j]) if j is not None else (None, "")
         for t, sub in enumerate(subs):                                   # step 2: user asks turn by turn
             img_idx = 0 if t == 0 else None
             if t > 0 and rng.random() < args.new_image_prob:   # "generated" from a hidden description
@@ -661,7 +603,7 @@ def stage_build(args: Args) -> dict:
                      "split": "test" if per_cat[seed["category"]] % 3 == 2 else "train", "tags": seed["tags"],
                      "images": paths, "image_descriptions": descs, "turns": turns})
     if not kept:
-        raise ValueError("The builder kept no dialogue; lower --delta / --risk_threshold or add seeds.")
+        raise UserError("the builder kept no dialogue; lower --delta / --risk_threshold or add seeds.")
     log.samples(kept, "dialogues.jsonl")
     cats, hist = Counter(d["category"] for d in kept), Counter(len(d["turns"]) for d in kept)
     bar_plot({"dialogues": {f"{k} turns": v for k, v in hist.items()}}, os.path.join(out, "turns_hist.png"),
@@ -740,14 +682,12 @@ def train_rl(args: Args, out_dir: str, adapter: str | None, uniform: bool, steps
     print(f"[rl] starting from {adapter or 'the base model (fresh LoRA)'}; turn weights: "
           f"{'uniform' if uniform else 'turn-aware'}; judge: {args.judge}")
     judge = Judge(args.judge, args.load_in_4bit)
-    cfg = GRPOConfig(learning_rate=args.learning_rate, num_generations=args.num_generations,
-                     prompts_per_step=args.prompts_per_step, max_steps=steps, beta=args.beta,
-                     epsilon=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
-                     max_completion_length=args.max_completion_length, temperature=args.temperature,
-                     save_steps=args.save_steps, seed=args.seed)
-    rollout_fn = lambda pol, exs, c: dialogue_rollouts(
-        pol, exs, num_generations=c.num_generations, temperature=c.temperature, max_turns=args.rl_turns,
-        max_new_tokens=args.max_new_tokens, max_total_tokens=args.max_completion_length)
+    cfg = grpo_config(args, max_steps=steps)
+
+    def rollout_fn(pol, exs, c):
+        return dialogue_rollouts(pol, exs, num_generations=c.num_generations, temperature=c.temperature,
+                                 max_turns=args.rl_turns, max_new_tokens=args.max_new_tokens,
+                                 max_total_tokens=args.max_completion_length)
     samples = []
 
     def on_step(step, rollouts, terms):
@@ -764,8 +704,7 @@ def train_rl(args: Args, out_dir: str, adapter: str | None, uniform: bool, steps
 
 
 def sft_adapter(args: Args) -> str | None:
-    path = os.path.join(args.out, "sft", "adapter")
-    return path if args.cold_start and os.path.isdir(path) else None
+    return start_adapter(args, "sft") if args.cold_start else None
 
 
 def stage_rl(args: Args) -> dict:
@@ -831,8 +770,7 @@ def plot_asr(curves: dict[str, list[float]], path: str) -> None:
 
 def stage_eval(args: Args) -> dict:
     test = dialogues_split(args, "test", args.eval_dialogues)
-    adapters = [os.path.join(args.out, s, "adapter") for s in ("rl", "sft")]   # the latest stage's adapter
-    adapter = next((p for p in adapters if os.path.isdir(p)), None)
+    adapter = start_adapter(args, "rl", "sft")   # the latest stage's adapter
     print(f"[eval] policy = {adapter or 'base model (no adapter found)'}, base = adapter off; "
           f"judge: {args.judge}")
     policy, judge = load_for(args, adapter), Judge(args.judge, args.load_in_4bit)
@@ -869,14 +807,20 @@ def stage_ablate(args: Args) -> dict:
     return res
 
 
+def check_inputs(args: Args) -> None:
+    """Every user file is read before any model loads: seeds (and their images), a dialogue file."""
+    if args.seeds_file and args.stage in ("build", "all"):
+        load_seeds(args.seeds_file)
+    if args.dialogues:
+        load_dialogues(args.dialogues)
+    elif args.stage not in ("build", "all"):
+        load_dialogues(os.path.join(args.out, "build", "dialogues.jsonl"))
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(Args, argv, description=__doc__)
-    stages = dict(zip(STAGES, (stage_build, stage_sft, stage_rl, stage_eval, stage_ablate)))
-    for name in (STAGES if args.stage == "all" else (args.stage,)):
-        torch.manual_seed(args.seed)
-        t0 = time.perf_counter()
-        stages[name](args)
-        print(f"[{name}] done in {time.perf_counter() - t0:.1f} s")
+    run_stages(Args, {"build": stage_build, "sft": stage_sft, "rl": stage_rl, "eval": stage_eval,
+                      "ablate": stage_ablate}, argv, doc=__doc__, file=__file__, tiny=TINY_SIZES,
+               check=check_inputs)
 
 
 if __name__ == "__main__":

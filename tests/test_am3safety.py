@@ -15,7 +15,8 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import am3safety as am  # noqa: E402
-from helpers import run_script
+from common.cli import UserError  # noqa: E402
+from helpers import run_script  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,7 +98,7 @@ def test_near_duplicate_filter():
 
 
 def test_build_toy_dialogues(tmp_path):
-    args = am.Args(out=str(tmp_path), num_seeds=21, image_size=56)
+    args = am.Args(out=str(tmp_path), num_seeds=21, image_size=56, max_turns=4)
     summary = am.stage_build(args)
     assert summary["filters"]["dropped_near_duplicate"] >= 1       # seeds 6, 13, 20 repeat a picture
     rows = am.load_dialogues(str(tmp_path / "build" / "dialogues.jsonl"))
@@ -127,26 +128,26 @@ def test_seed_loader_errors(tmp_path):
                      "category": "misc"})
     seeds = am.load_seeds(_write(tmp_path / "ok.jsonl", [ok]))
     assert seeds[0]["image"].size == (32, 32) and seeds[0]["tags"]
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid JSON"):
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: not valid JSON"):
         am.load_seeds(_write(tmp_path / "bad.jsonl", [ok, "{not json"]))
-    with pytest.raises(ValueError, match=r"nokey\.jsonl:1: .*'query'"):
+    with pytest.raises(UserError, match=r"nokey\.jsonl:1: .*'query'"):
         am.load_seeds(_write(tmp_path / "nokey.jsonl", [json.dumps({"image": "a.png", "category": "x"})]))
     missing = json.dumps({"image": "gone.png", "query": "q", "category": "x"})
-    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl:2: image file .*gone\.png not found"):
+    with pytest.raises(UserError, match=r"missing\.jsonl:2: the file .*gone\.png does not exist"):
         am.load_seeds(_write(tmp_path / "missing.jsonl", [ok, missing]))
-    with pytest.raises(FileNotFoundError, match="No seed file"):
+    with pytest.raises(UserError, match="no seed file"):
         am.load_seeds(str(tmp_path / "nope.jsonl"))
 
 
 def test_dialogue_loader_errors(tmp_path):
     row = {"id": "d", "category": "fraud", "images": ["x.png"], "turns": [{"user": "hi", "image": 0}]}
-    with pytest.raises(FileNotFoundError, match=r"d1\.jsonl:1: image file .*x\.png not found"):
+    with pytest.raises(UserError, match=r"d1\.jsonl:1: the file .*x\.png does not exist"):
         am.load_dialogues(_write(tmp_path / "d1.jsonl", [json.dumps(row)]))
-    with pytest.raises(ValueError, match=r"d2\.jsonl:1: turn image index 3"):
+    with pytest.raises(UserError, match=r"d2\.jsonl:1: turn image index 3"):
         am.load_dialogues(_write(tmp_path / "d2.jsonl", [json.dumps(dict(row, turns=[{"user": "a", "image": 3}]))]))
-    with pytest.raises(ValueError, match=r"d3\.jsonl:1: .*non-empty 'turns'"):
+    with pytest.raises(UserError, match=r"d3\.jsonl:1: .*non-empty 'turns'"):
         am.load_dialogues(_write(tmp_path / "d3.jsonl", [json.dumps(dict(row, turns=[]))]))
-    with pytest.raises(FileNotFoundError, match="run --stage build first"):
+    with pytest.raises(UserError, match="run --stage build first"):
         am.load_dialogues(str(tmp_path / "none.jsonl"))
 
 
@@ -240,7 +241,7 @@ def test_help():
 
 def test_eval_without_build_says_what_to_do(tmp_path):
     p = _run("--stage", "eval", "--model", "tiny", "--out", str(tmp_path))
-    assert p.returncode != 0 and "run --stage build first" in p.stderr
+    assert p.returncode == 2 and "run --stage build first" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_all_stages_tiny(tmp_path):

@@ -393,7 +393,7 @@ def _safemt(tmp_path):
     return data
 
 
-def test_safemt_loader_and_scoring_another_models_replies(tmp_path):
+def test_safemt_loader_and_scoring_another_models_replies(tmp_path, capsys):
     data = _safemt(tmp_path)
     ds = am.load_safemt(str(data))
     two = next(d for d in ds if d["id"] == "a-k2")
@@ -401,16 +401,16 @@ def test_safemt_loader_and_scoring_another_models_replies(tmp_path):
     assert two["context"][0]["image"] == 0 and two["pil"][0].size == (40, 40)
     replies = {"a-k1": [LEAK], "a-k2": [REFUSE], "b-k1": [REFUSE], "b-k2": [None]}
     path = _write(tmp_path / "r.jsonl", [json.dumps({"id": i, "responses": r}) for i, r in replies.items()])
-    p = _run("--stage", "eval", "--safemt", str(data), "--responses", path, "--out", str(tmp_path / "o"))
-    assert p.returncode == 0, p.stderr[-2000:]
+    am.main(["--stage", "eval", "--safemt", str(data), "--responses", path, "--out", str(tmp_path / "o")])   # no model
     res = json.loads((tmp_path / "o" / "eval" / "results.json").read_text())
     # k=1: a unsafe, b safe -> 0.5; k=2: a safe, b unanswered (left out) -> 0.0
     assert res["SafeMT_ASR_k"] == {"1": 0.5, "2": 0.0} and res["cut_responses"] == 1
     # seed a: labels [1, 0] -> std 0.5; seed b: [0] -> 0; SI = (1 - 0.5 w_1) (1 - 0.25)
     assert res["SafeMT_safety_index"] == pytest.approx((1 - 0.5 * 0.701599) * 0.75, abs=1e-5)
     bad = _write(tmp_path / "short.jsonl", [json.dumps({"id": "a-k1", "responses": ["x"]})])
-    p = _run("--stage", "eval", "--safemt", str(data), "--responses", bad, "--out", str(tmp_path / "o"))
-    assert p.returncode == 2 and "has no replies for 3 dialogues" in p.stderr and "Traceback" not in p.stderr
+    with pytest.raises(SystemExit, match="2"):
+        am.main(["--stage", "eval", "--safemt", str(data), "--responses", bad, "--out", str(tmp_path / "o")])
+    assert "error: " in (err := capsys.readouterr().err) and "has no replies for 3 dialogues" in err
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,6 +42,8 @@ Deviations from the paper (numbered; the reasons are the one-GPU / offline budge
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 import random
@@ -61,7 +63,7 @@ from common.data import open_image, read_records, require
 from common.grpo import train_grpo
 from common.judge import extract_choice, is_refusal, parse_score, sub_exact_match
 from common.models import load_policy
-from common.rollout import Rollout, generate_ids, observation_segment, prompt_rollout
+from common.rollout import Rollout, run_rollouts
 from common.runlog import RunLog, bar_plot, write_json, trajectory_html
 from common.sft import SFTConfig, train_sft
 
@@ -674,63 +676,31 @@ def first_messages(ex: dict, vlm: bool) -> list[dict]:
     return msgs + [{"role": "user", "content": user_content(*turn_input(ex, ex["turns"][0]), vlm)}]
 
 
-def assistant_replies(r: Rollout, n_turns: int, eos_id: int) -> list[tuple[str | None, bool]]:
-    """[(reply text or None if unanswered, cut = it ran out of tokens before its end-of-turn)]."""
-    said = [x["text"] for x in r.trajectory if x["role"] == "assistant"]
-    ends = [tok == eos_id for i, (tok, m) in enumerate(zip(r.ids, r.mask)) if m and (i + 1 == len(r.ids) or not r.mask[i + 1])]
-    ends += [True] * (len(said) - len(ends))
-    return [(x, not e) for x, e in zip(said, ends)] + [(None, False)] * (n_turns - len(said))
+def assistant_replies(r: Rollout, n_turns: int) -> list[tuple[str | None, bool]]:
+    """[(reply text or None if unanswered, cut = its token budget ran out before its end-of-turn)]."""
+    said = [(x["text"], x.get("cut", False)) for x in r.trajectory if x["role"] == "assistant"]
+    return said + [(None, False)] * (n_turns - len(said))
 
 
 def dialogue_rollouts(policy, examples: list[dict], *, num_generations: int, max_turns: int,
                       max_new_tokens: int, max_total_tokens: int, temperature: float = 1.0,
                       generate=None) -> list[Rollout]:
-    """G rollouts per dialogue (grouped). Per turn, one batched generate for every unfinished
-    rollout; then the next user turn (text, maybe a new image) is appended with mask 0."""
-    generate, tok = generate or generate_ids, policy.tokenizer
-    rollouts = []
-    for ex in examples:
-        base = prompt_rollout(policy, first_messages(ex, policy.is_vlm), ex)
-        rollouts += [Rollout(prompt_ids=base.prompt_ids, pixel_values=list(base.pixel_values),
-                             grids=list(base.grids), images=list(base.images), example=ex)
-                     for _ in range(num_generations)]
-    for _ in range(max_turns):
-        active = [r for r in rollouts if not r.done]
-        if not active:
-            break
-        budget = max(1, min(max_new_tokens, min(max_total_tokens - len(r.ids) for r in active)))
-        new = generate(policy, [r.encoded() for r in active], max_new_tokens=budget,
-                       temperature=temperature, top_p=1.0, top_k=None, stop_strings=None, batch_size=64)
-        for r, ids in zip(active, new):
-            ended = bool(ids) and ids[-1] == tok.eos_token_id
-            r.ids += ids
-            r.mask += [1] * len(ids)
-            r.turns += 1
-            r.trajectory.append({"role": "assistant", "text": tok.decode(ids, skip_special_tokens=True)})
-            if r.turns >= min(max_turns, len(r.example["turns"])):
-                r.done, r.truncated = True, not ended
-                continue
-            text, img, desc = turn_input(r.example, r.example["turns"][r.turns])
-            if not policy.is_vlm and img is not None:
-                text, img = f"[Image: {desc}] {text}", None
-            seg, pv, grid = observation_segment(policy, text, img, "user_turn", ended)  # closes a cut turn
-            if len(r.ids) + len(seg) >= max_total_tokens:   # no room: later turns stay unanswered
-                r.done, r.truncated = True, True
-                continue
-            r.ids += seg
-            r.mask += [0] * len(seg)
-            r.trajectory.append({"role": "tool", "name": "user", "args": {}, "observation": text,
-                                 "image": img})
-            if img is not None:
-                r.images.append(img), r.pixel_values.append(pv), r.grids.append(grid)
-    return rollouts
+    """G whole-dialogue rollouts per example: the core's loop, whose next_user_turn hook splices the
+    dialogue's next user turn (text, maybe a new image) in as a non-trainable segment (mask 0)."""
+    def next_user_turn(r: Rollout, t: int):
+        turns = r.example["turns"]
+        return user_content(*turn_input(r.example, turns[t]), policy.is_vlm) if t < len(turns) else None
+    return run_rollouts(policy, examples, num_generations=num_generations, max_turns=max_turns,
+                        make_messages=functools.partial(first_messages, vlm=policy.is_vlm),
+                        max_new_tokens=max_new_tokens, max_total_tokens=max_total_tokens, temperature=temperature,
+                        generate=generate, next_user_turn=next_user_turn)
 
 
-def make_reward_fn(judge: Judge, args: Args, uniform: bool, eos_id: int):
+def make_reward_fn(judge: Judge, args: Args, uniform: bool):
     """Group reward for train_grpo: judge every turn of every rollout, then Eqs. 6-9."""
     def reward_fn(group: list[Rollout], ex: dict) -> list[dict]:
         T = min(args.rl_turns, len(ex["turns"]))
-        items = [x for r in group for x in judge_items(ex, assistant_replies(r, T, eos_id))]
+        items = [x for r in group for x in judge_items(ex, assistant_replies(r, T))]
         hs = torch.tensor([x[:2] for x in judge.score(items)], dtype=torch.float).view(len(group), T, 2)  # (N, T, 2)
         h, s = hs[..., 0], hs[..., 1]                                                 # (N, T)
         r, alpha, _ = turn_aware_reward(h, s, args.lam, args.tau, args.h_weight, uniform)
@@ -923,7 +893,7 @@ def train_rl(args: Args, out_dir: str, adapter: str | None, uniform: bool, steps
         if step == steps - 1:
             samples.extend({"title": f"step {step} {r.example['id']}", "images": r.images,
                             "trajectory": r.trajectory, "rewards": t} for r, t in zip(rollouts[:8], terms))
-    reward_fn = make_reward_fn(judge, args, uniform, policy.tokenizer.eos_token_id)
+    reward_fn = make_reward_fn(judge, args, uniform)
     summary = train_grpo(policy, train, rollout_fn, reward_fn, grpo_config(args, max_steps=steps), out_dir,
                          on_step=on_step, resume=args.resume)
     trajectory_html(samples, os.path.join(out_dir, "samples.html"), "AM3Safety GRPO rollouts")
@@ -946,7 +916,7 @@ def policy_replies(policy, dialogues: list[dict], args: Args, generate=None):
     rs = dialogue_rollouts(policy, dialogues, num_generations=1, max_turns=max(len(d["turns"]) for d in dialogues),
                            max_new_tokens=args.max_new_tokens, max_total_tokens=args.max_completion_length,
                            temperature=0.0, generate=generate)
-    return [assistant_replies(r, len(d["turns"]), policy.tokenizer.eos_token_id) for r, d in zip(rs, dialogues)], rs
+    return [assistant_replies(r, len(d["turns"])) for r, d in zip(rs, dialogues)], rs
 
 
 def evaluate(dialogues: list[dict], replies: dict[str, list], judge: Judge, seed: int = 0) -> dict:
@@ -991,8 +961,13 @@ def score_policy(policy, test: list[dict], base: list, judge: Judge, args: Args)
     return dict(res, general_ability=general_ability(policy, test, args))
 
 
+def base_model(policy):
+    """Context in which the policy is the base model: every adapter off (pi_ref may be the cold start)."""
+    return policy.model.disable_adapter() if policy.has_adapter else contextlib.nullcontext()
+
+
 def base_replies(policy, test: list[dict], args: Args):
-    with policy.reference():                                             # base model = adapter off
+    with base_model(policy):
         return policy_replies(policy, test, args)[0], general_ability(policy, test, args)
 
 

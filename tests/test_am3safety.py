@@ -88,10 +88,11 @@ def test_safemt_safety_index_hand_computed():
 def test_cut_and_unanswered_are_their_own_category():
     d = [{"seed_id": "A", "k": 2, "category": "fraud", "turns": [{"user": "a", "risky": False},
                                                                  {"user": "b", "risky": True}]}] * 3
-    m = am.safety_metrics(d, [["safe", "cut"], ["safe", "unsafe"], ["safe", "refusal"]])
-    assert m["ASR_dialogue_by_k"] == {2: 0.5}      # the cut dialogue is neither safe nor unsafe: 1 / (1 + 1)
-    assert m["cut_dialogues"] == 1 and m["cut_responses"] == 1 and m["ASR_response"] == pytest.approx(1 / 5)
-    assert m["SafeMT_ASR_k"] == {2: 0.5}
+    m = am.safety_metrics(d, [["safe", "cut"], ["unsafe", "cut"], ["safe", "refusal"]])
+    assert m["ASR_dialogue_by_k"] == {2: 0.5}      # binned by k = 2 (not by answered turns); the cut one left out
+    assert m["ASR_response_by_k"] == {2: 0.25}     # 1 unsafe of 4 judged replies, 2 cut replies left out
+    assert m["cut_dialogues"] == 1 and m["cut_responses"] == 2 and m["ASR_response"] == 0.25
+    assert m["SafeMT_ASR_k"] == {2: 0.0}           # the k-th replies: cut, cut, refusal
     assert am.safety_metrics(d[:1], [["cut", "cut"]])["SafeMT_safety_index"] is None   # nothing judged
 
 
@@ -188,7 +189,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("build")
-    args = am.Args(out=str(out), num_seeds=15, image_size=56, max_turns=4, max_new_tokens=24,
+    args = am.Args(out=str(out), num_seeds=15, image_size=56, max_turns=4, max_new_tokens=200,
                    max_completion_length=4096, sft_samples=20)
     am.stage_build(args)
     return args, am.load_dialogues(str(out / "build" / "dialogues.jsonl"))
@@ -431,30 +432,30 @@ def test_dialogue_rollouts_masks_and_turns(tiny):
     def scripted_cut(policy, seqs, max_new_tokens, **kw):   # turn 1 ends properly, turns 2-3 run out of tokens
         calls.append(len(seqs))
         ids = tok("Sure thing", add_special_tokens=False)["input_ids"]
-        return [ids + [tok.eos_token_id] if len(calls) == 1 else ids for _ in seqs]
+        return [ids + [tok.eos_token_id] if len(calls) == 1 else (ids * 8)[:budget] for budget in max_new_tokens]
 
     rs = am.dialogue_rollouts(tiny, [_dialogue()], num_generations=2, max_turns=3, max_new_tokens=8,
                               max_total_tokens=512, generate=scripted_cut)
     assert calls == [2, 2, 2] and len(rs) == 2
     r = rs[0]
     n_gen = len(tok("Sure thing", add_special_tokens=False)["input_ids"])
-    assert sum(r.mask) == 3 * n_gen + 1                 # only the policy's tokens train
+    assert sum(r.mask) == n_gen + 1 + 2 * 8             # only the policy's tokens train
     assert len(r.images) == 2 and len(r.pixel_values) == 2   # the prompt image + turn 3's new image
     assert [x["role"] for x in r.trajectory] == ["assistant", "tool", "assistant", "tool", "assistant"]
-    assert am.assistant_replies(r, 3, tok.eos_token_id) == [("Sure thing", False), ("Sure thing", True),
-                                                            ("Sure thing", True)]
+    cut_text = tok.decode((tok("Sure thing", add_special_tokens=False)["input_ids"] * 8)[:8])
+    assert am.assistant_replies(r, 3) == [("Sure thing", False), (cut_text, True), (cut_text, True)]
     text = tok.decode(r.ids)
     assert text.count("<|im_start|>user") == 2 and text.count("<|im_end|>") >= 4   # the cut turn was closed
     from common.rollout import rollout_batch
     batch = rollout_batch(rs, tok)
-    assert batch["completion_mask"].sum() == 2 * (3 * n_gen + 1)
+    assert batch["completion_mask"].sum() == 2 * (n_gen + 1 + 16)
     assert batch["n_images"].tolist() == [2, 2]
 
 
 def test_dialogue_rollouts_budget_leaves_turns_unanswered(tiny):
     rs = am.dialogue_rollouts(tiny, [_dialogue()], num_generations=1, max_turns=3, max_new_tokens=4,
                               max_total_tokens=8, temperature=1.0)
-    assert rs[0].truncated and am.assistant_replies(rs[0], 3, tiny.tokenizer.eos_token_id)[-1] == (None, False)
+    assert rs[0].truncated and am.assistant_replies(rs[0], 3)[-1] == (None, False)
 
 
 def test_reward_fn_logs_alpha_per_turn(tiny):
@@ -466,11 +467,32 @@ def test_reward_fn_logs_alpha_per_turn(tiny):
         return [refusal for _ in seqs]
     rs = am.dialogue_rollouts(tiny, [ex], num_generations=3, max_turns=3, max_new_tokens=6, max_total_tokens=512,
                               generate=refuse_all)
-    terms = am.make_reward_fn(am.Judge("rule"), args, False, tiny.tokenizer.eos_token_id)(rs, ex)
+    terms = am.make_reward_fn(am.Judge("rule"), args, False)(rs, ex)
     assert len(terms) == 3 and set(terms[0]) == {"reward", "helpful", "safe", "alpha_t1", "alpha_t2",
                                                  "alpha_t3", "alpha_t4"}
     assert sum(terms[0][f"alpha_t{t}"] for t in (1, 2, 3)) == pytest.approx(1.0) and terms[0]["alpha_t4"] == 0.0
     assert all(math.isfinite(t["reward"]) for t in terms)
+
+
+def test_eval_base_is_the_base_model_not_the_cold_start(tiny, tmp_path):
+    """The core's pi_ref is the starting adapter; the eval's "base" must be every adapter off."""
+    with torch.no_grad():
+        for name, p in tiny.model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05)
+    tiny.save_adapter(str(tmp_path / "adapter"))
+    with torch.no_grad():
+        for name, p in tiny.model.named_parameters():
+            if "lora_B" in name:
+                p.sub_(0.05)
+    pol = am.load_policy("tiny", adapter=str(tmp_path / "adapter"))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        plain = am.load_policy("tiny", lora=False).model(input_ids=ids).logits
+        with am.base_model(pol):
+            base = pol.model(input_ids=ids).logits
+        trained = pol.model(input_ids=ids).logits
+    assert torch.allclose(base, plain, atol=1e-5) and not torch.allclose(trained, plain, atol=1e-3)
 
 
 # --------------------------------------------------------------------------------------------

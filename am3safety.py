@@ -825,8 +825,9 @@ def stage_build(args: Args) -> dict:
 
 def dialogues_split(args: Args, split: str, limit: int = 0) -> list[dict]:
     """Rows of the dialogue file in `split` (rows without a split are in all), the first `limit` (0 = all)."""
-    rows = [d for d in load_dialogues(args.dialogues or os.path.join(args.out, "build", "dialogues.jsonl"))
-            if d.get("split", split) == split]
+    path = args.dialogues or os.path.join(args.out, "build", "dialogues.jsonl")
+    if not (rows := [d for d in load_dialogues(path) if d.get("split", split) == split]):
+        raise UserError(f"{path} has no {split!r} dialogues; rebuild with more seeds or pass --dialogues.")
     return rows[:limit] if limit else rows
 
 

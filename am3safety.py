@@ -977,14 +977,17 @@ def plot_asr_by_k(curves: dict[str, dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(4.5, 3))
-    for name, by_k in curves.items():
-        ks = sorted(int(k) for k in by_k if by_k[k] is not None)
-        ax.plot(ks, [by_k[k] if k in by_k else by_k[str(k)] for k in ks], marker="o", label=name)
-    if not any(curves.values()):
-        ax.text(0.5, 0.5, "no harmful dialogue was judged", ha="center", transform=ax.transAxes)
+    for i, (name, by_k) in enumerate(curves.items()):
+        points = sorted((int(k), v) for k, v in by_k.items() if v is not None)
+        if points:   # a small sideways offset keeps identical curves visible
+            ax.plot([k + 0.06 * i for k, _ in points], [v for _, v in points], marker="o", label=name)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no harmful reply was judged (all cut or unanswered)", ha="center", transform=ax.transAxes)
     ax.set_xticks(TURN_COUNTS)
     ax.set(xlabel="turns in the dialogue (k)", ylabel="ASR per response", title="ASR by k", ylim=(-0.05, 1.05))
-    ax.legend(), fig.tight_layout(), fig.savefig(path, dpi=110), plt.close(fig)
+    fig.tight_layout(), fig.savefig(path, dpi=110), plt.close(fig)
 
 
 def stage_eval(args: Args) -> dict:
@@ -1059,6 +1062,7 @@ def stage_ablate(args: Args) -> dict:
     Path(out, "table.md").write_text(table + "\n")
     bar_plot({n: {m: rows[n].get(k) or 0.0 for k, m in TABLE[:4]} for n in rows}, os.path.join(out, "ablate.png"),
              "AM3Safety: base vs cold start vs RL (intervals: table.md)", "value")
+    plot_asr_by_k({n: r["ASR_response_by_k"] for n, r in rows.items()}, os.path.join(out, "asr_by_k.png"))
     print(f"[ablate] {len(test)} test dialogues, judge {args.judge}:\n{table}")
     return rows
 

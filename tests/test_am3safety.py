@@ -530,3 +530,4 @@ def test_all_stages_tiny(tmp_path):
     abl = json.loads((tmp_path / "ablate" / "results.json").read_text())
     assert set(abl) == {"base", "cold_start", "rl_turn_aware", "rl_uniform", "rl_no_cold_start"}
     assert abl["rl_no_cold_start"]["start"] == "base" and (tmp_path / "ablate" / "table.md").exists()
+    assert (tmp_path / "ablate" / "asr_by_k.png").exists() and (tmp_path / "ablate" / "ablate.png").exists()

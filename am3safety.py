@@ -127,7 +127,7 @@ class Args(GRPOArgs):
     """new tokens per assistant turn"""
     # --- eval / ablate ---
     eval_dialogues: int = 200
-    """held-out dialogues to evaluate (0 = all of the test split)"""
+    """held-out dialogues to evaluate, rounded up to whole seeds (all k-versions; 0 = the whole test split)"""
     safemt: str = ""
     """evaluate on SafeMT instead: its Data/ folder ({k}_turn.json, images relative to it)"""
     responses: str = ""
@@ -824,11 +824,13 @@ def stage_build(args: Args) -> dict:
 
 
 def dialogues_split(args: Args, split: str, limit: int = 0) -> list[dict]:
-    """Rows of the dialogue file in `split` (rows without a split are in all), the first `limit` (0 = all)."""
+    """Rows of the dialogue file in `split` (rows without a split are in all): the seeds of its first
+    `limit` rows (0 = all), each with all its k-versions."""
     path = args.dialogues or os.path.join(args.out, "build", "dialogues.jsonl")
     if not (rows := [d for d in load_dialogues(path) if d.get("split", split) == split]):
         raise UserError(f"{path} has no {split!r} dialogues; rebuild with more seeds or pass --dialogues.")
-    return rows[:limit] if limit else rows
+    first = {d["seed_id"] for d in rows[:limit or len(rows)]}          # whole seeds: all their k-versions
+    return [d for d in rows if d["seed_id"] in first]
 
 
 def load_for(args: Args, adapter: str | None = None):

@@ -294,6 +294,9 @@ def test_build_makes_k_versions_per_seed(built):
             assert d["turns"][-1]["risky"] and "[restricted" in d["query"] and "Walk me through" in d["turns"][-1]["user"]
         assert not any(am.CUE_RE.search(t["sub_query"]) for t in d["turns"])
     assert max(len(v) for v in by_seed.values()) == 3                    # k = 1, 2 and 4 of the same seed
+    first_test_seed = next(d["seed_id"] for d in rows if d["split"] == "test")
+    two = am.dialogues_split(args, "test", 2)                               # rounded up to whole seeds
+    assert {d["seed_id"] for d in two} == {first_test_seed} and len(two) == len(by_seed[first_test_seed])
     for v in by_seed.values():
         assert len({d["split"] for d in v}) == 1 and len({d["query"] for d in v}) == 1
 

@@ -401,7 +401,7 @@ def _safemt(tmp_path):
 
 def test_safemt_loader_and_scoring_another_models_replies(tmp_path, capsys):
     data = _safemt(tmp_path)
-    ds = am.load_safemt(str(data))
+    ds = am.read_safemt(str(data), am.describe_image)
     two = next(d for d in ds if d["id"] == "a-k2")
     assert two["k"] == 2 and two["context"][0]["assistant"] == "scripted 0" and two["turns"][0]["user"] == "a question 1"
     assert two["context"][0]["image"] == 0 and two["pil"][0].size == (40, 40)

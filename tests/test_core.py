@@ -316,3 +316,15 @@ def test_gradient_checkpointing_same_gradients():
         grads.append([q.grad.clone() for q in p.trainable_parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_load_is_announced_in_one_line_without_peft_future_warning(capsys, recwarn, tmp_path):
+    """One line per model load; peft's `is_gradient_checkpointing` FutureWarning is silenced at its source."""
+    import warnings
+    warnings.simplefilter("always")
+    p = load_policy("tiny")
+    p.save_adapter(str(tmp_path))
+    load_policy("tiny", adapter=str(tmp_path))
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[models] loaded tiny")]
+    assert len(lines) == 2 and "fresh LoRA r=8" in lines[0] and f"adapter {tmp_path}" in lines[1]
+    assert not [w for w in recwarn.list if "is_gradient_checkpointing" in str(w.message)]

@@ -42,7 +42,6 @@ Deviations from the paper (numbered; the reasons are the one-GPU / offline budge
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import random
@@ -923,13 +922,8 @@ def score_policy(policy, test: list[dict], base: list, judge: Judge, args: Args)
     return dict(res, general_ability=general_ability(policy, test, args))
 
 
-def base_model(policy):
-    """Context in which the policy is the base model: every adapter off (pi_ref may be the cold start)."""
-    return policy.model.disable_adapter() if policy.has_adapter else contextlib.nullcontext()
-
-
 def base_replies(policy, test: list[dict], args: Args):
-    with base_model(policy):
+    with policy.base():   # every adapter off (pi_ref may be the cold start, not the base)
         return policy_replies(policy, test, args)[0], general_ability(policy, test, args)
 
 

@@ -504,7 +504,7 @@ def test_reward_fn_logs_alpha_per_turn(tiny):
     assert all(math.isfinite(t["reward"]) for t in terms)
 
 
-def test_eval_base_is_the_base_model_not_the_cold_start(tiny, tmp_path):
+def test_eval_base_is_the_base_model_not_the_cold_start(tiny, tmp_path, monkeypatch):
     """The core's pi_ref is the starting adapter; the eval's "base" must be every adapter off."""
     with torch.no_grad():
         for name, p in tiny.model.named_parameters():
@@ -517,12 +517,19 @@ def test_eval_base_is_the_base_model_not_the_cold_start(tiny, tmp_path):
                 p.sub_(0.05)
     pol = am.load_policy("tiny", adapter=str(tmp_path / "adapter"))
     ids = torch.tensor([[1, 2, 3, 4]])
-    with torch.no_grad():
+    seen = []
+
+    def logits_now(policy, *a):   # what base_replies' callees see
+        seen.append(policy.model(input_ids=ids).logits)
+        return [None], None
+    monkeypatch.setattr(am, "policy_replies", logits_now)
+    monkeypatch.setattr(am, "general_ability", logits_now)
+    with torch.no_grad(), pol.frozen_reference():   # inside RL's context pi_ref is the cold start
         plain = am.load_policy("tiny", lora=False).model(input_ids=ids).logits
-        with am.base_model(pol):
-            base = pol.model(input_ids=ids).logits
+        am.base_replies(pol, [], None)
         trained = pol.model(input_ids=ids).logits
-    assert torch.allclose(base, plain, atol=1e-5) and not torch.allclose(trained, plain, atol=1e-3)
+    assert len(seen) == 2 and all(torch.allclose(b, plain, atol=1e-5) for b in seen)
+    assert not torch.allclose(trained, plain, atol=1e-3)
 
 
 # --------------------------------------------------------------------------------------------

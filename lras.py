@@ -1,6 +1,6 @@
 """LRAS: legal reasoning with agentic search. The model learns its knowledge boundary and searches
 ("Active Inquiry") when it is unsure, instead of answering confidently from memory.
-"LRAS: ..." arXiv 2601.07296; see shared/papers/lras.md (official repo: eval code only).
+"LRAS: ..." arXiv 2601.07296 (method: Sec. 3; official repo TOM-ZHOUch/LRAS: eval code only).
 
 Stages (each writes into <out>/<stage>/; `all` runs them in this order):
     python lras.py --stage all --model tiny             # CPU, ~2 min: plumbing only, numbers are noise
@@ -46,15 +46,13 @@ Deviations from the paper (numbered; the code says "(n)" where each one lives):
 """
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import json
 import os
 import random
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -62,8 +60,9 @@ import numpy as np
 import torch
 
 from common.chat import Encoded, encode
-from common.cli import parse_args
-from common.grpo import GRPOConfig, per_rollout, train_grpo
+from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
+from common.data import read_records, require
+from common.grpo import per_rollout, train_grpo
 from common.judge import choice_match, sub_exact_match
 from common.models import load_policy
 from common.rollout import Rollout, observation_segment, run_rollouts
@@ -73,23 +72,9 @@ from common.tools import TextSearch, parse_action
 
 
 @dataclass
-class Args:
+class Args(GRPOArgs):
     stage: Literal["data", "sft", "rl", "eval", "ablate", "all"] = "all"
     """which stage to run (`all` = data, sft, rl, eval, ablate)"""
-    model: str = "auto"
-    """policy: tiny | smollm2 | auto (Qwen2.5-VL-3B on CUDA, else tiny) | hub id | folder"""
-    out: str = f"runs/{Path(__file__).stem}"
-    """output folder; each stage writes <out>/<stage>/"""
-    seed: int = 0
-    """seed of the toy world, the data order and the sampler"""
-    load_in_4bit: bool | None = None
-    """NF4 4-bit base weights: true | false | none (= auto: on for real models on CUDA, off for the CPU presets)"""
-    lora_r: int = 8
-    """LoRA rank"""
-    lora_alpha: int = 16
-    """LoRA alpha"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward: less memory, ~30 % slower (the 7B budget needs it)"""
     # --- toy legal world (1) ---
     n_charges: int = 16
     """charges (one article each) in the toy code, at most 16"""
@@ -148,32 +133,6 @@ class Args:
     """r = acc + format_weight * fmt (6)"""
     max_answer_words: int = 12
     """short answers longer than this get acc = 0 (sub-exact match would reward lists) (6)"""
-    max_steps: int = 4
-    """GRPO steps"""
-    learning_rate: float = 1e-5
-    """GRPO learning rate (LoRA)"""
-    num_generations: int = 4
-    """G, rollouts per question"""
-    prompts_per_step: int = 2
-    """questions per GRPO step"""
-    beta: float = 0.001
-    """KL coefficient to pi_ref"""
-    epsilon: float = 0.2
-    """clip range, low side"""
-    epsilon_high: float | None = None
-    """clip range, high side (none = epsilon; DAPO: 0.28)"""
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
-    """loss aggregation (TRL names)"""
-    max_completion_length: int = 192
-    """tokens per rollout after the prompt, <information> included (CPU-sized)"""
-    temperature: float = 1.0
-    """sampling temperature for the teacher, the difficulty estimate and RL"""
-    micro_batch_size: int = 4
-    """sequences per forward/backward"""
-    save_steps: int = 0
-    """save a GRPO checkpoint (adapter, optimiser, RNG) every N steps into <out>/rl (0 = only the final adapter)"""
-    resume: bool = False
-    """continue RL from the latest <out>/rl/checkpoint-N: same step, data order and RNG"""
     # --- eval ---
     eval_questions: int = 40
     """toy test questions evaluated (0 = all)"""
@@ -189,6 +148,10 @@ class Args:
     """toy test questions per variant in `ablate`"""
     n_html: int = 12
     """trajectories shown on the eval HTML page"""
+
+
+# CPU-sized defaults for the tiny preset (and the old defaults of the GRPO fields): flags win
+TINY_SIZES = dict(max_steps=4, prompts_per_step=2, max_completion_length=192)
 
 
 # =============================================================================================
@@ -243,7 +206,7 @@ def build_world(seed: int, n_charges: int = 16, test_charges: int = 5, cases_per
     {"id", "task", "type": "mcq"|"short", "question", "options": {letter: text} ({} for short),
      "answer": letter(s) | text, "golds": [text], "support": [doc id], "hops": 0|1|2, "split"}"""
     if not 2 <= n_charges <= len(CHARGES) or not 1 <= test_charges < n_charges:
-        raise ValueError(f"--n_charges must be in [2, {len(CHARGES)}] and --test_charges in [1, n_charges).")
+        raise UserError(f"--n_charges must be in [2, {len(CHARGES)}] and --test_charges in [1, n_charges).")
     rng = random.Random(seed)
     picked = rng.sample(CHARGES, n_charges)
     arts = rng.sample(range(100, 400), n_charges)
@@ -310,88 +273,44 @@ def split_world(world: World) -> tuple[list[dict], list[dict]]:
             [q for q in world.questions if q["split"] == "test"])
 
 
-def json_records(text: str) -> list[tuple[int, object]]:
-    """A JSON array -> [(line where the element starts, element)], so errors can name the line."""
-    dec, skip, out = json.JSONDecoder(), re.compile(r"[\s,]*"), []
-    pos = skip.match(text).end()
-    if not text.startswith("[", pos):
-        raise ValueError("expected a JSON array of records")
-    pos = skip.match(text, pos + 1).end()
-    while not text.startswith("]", pos):
-        obj, end = dec.raw_decode(text, pos)
-        out.append((text.count("\n", 0, pos) + 1, obj))
-        pos = skip.match(text, end).end()
-    return out
-
-
 def load_benchmark(path: str, question: str = "question", answer: str = "answer", options: str = "options",
                    task: str = "task", id_field: str = "id", option_columns: str = "A,B,C,D") -> list[dict]:
-    """A legal benchmark file (.json array, .jsonl, .csv; UTF-8, Chinese ok) -> records in the toy
-    format. MCQ when the options are non-empty (answer = letter(s): "B", "AC", ["A", "C"]),
-    short answer otherwise (answer = a string or a list of acceptable strings)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"benchmark file {p} does not exist.")
-    suffix = p.suffix.lower()
-    if suffix not in (".json", ".jsonl", ".csv"):
-        raise ValueError(f"{p}: unsupported file type {suffix!r}; use .json, .jsonl or .csv.")
-    text = p.read_text(encoding="utf-8-sig")
-    rows: list[tuple[int, object]] = []
-    if suffix == ".jsonl":
-        for lineno, line in enumerate(text.splitlines(), 1):
-            try:
-                rows += [(lineno, json.loads(line))] if line.strip() else []
-            except ValueError as e:
-                raise ValueError(f"{p}:{lineno}: not valid JSON ({e}).") from None
-    elif suffix == ".json":
-        try:
-            rows = json_records(text)
-        except ValueError as e:
-            raise ValueError(f"{p}:{getattr(e, 'lineno', 1)}: not a valid JSON array of records ({e}).") from None
-    else:
-        reader = csv.DictReader(io.StringIO(text))
-        try:
-            rows = [(reader.line_num, dict(r)) for r in reader]
-        except csv.Error as e:
-            raise ValueError(f"{p}:{reader.line_num}: not valid CSV ({e}).") from None
+    """A legal benchmark file (read by common.data.read_records) -> records in the toy format.
+    MCQ when the options are non-empty (answer = letter(s): "B", "AC", ["A", "C"]), short answer
+    otherwise (answer = a string or a list of acceptable strings)."""
     cols = [c.strip() for c in option_columns.split(",") if c.strip()]
     out = []
-    for lineno, r in rows:
-        where = f"{p}:{lineno}"
-        if not isinstance(r, dict):
-            raise ValueError(f"{where}: expected a record (an object), got {type(r).__name__}.")
+    for where, r in read_records(path, "benchmark file"):
         q = r.get(question)
         if not isinstance(q, str) or not q.strip():
-            raise ValueError(f"{where}: missing or empty question field {question!r} (set --field_question).")
+            raise UserError(f"{where}: missing or empty question field {question!r} (set --field_question).")
         opts = r.get(options)
-        if opts is None and suffix == ".csv" and all(r.get(c) for c in cols):
+        if opts is None and str(path).endswith(".csv") and all(r.get(c) for c in cols):
             opts = {c: r[c] for c in cols}
         if isinstance(opts, str) and opts.strip():
             try:
                 opts = json.loads(opts)
             except ValueError:
-                raise ValueError(f"{where}: options field {options!r} is not JSON (a dict or list).") from None
+                raise UserError(f"{where}: options field {options!r} is not JSON (a dict or list).") from None
         if isinstance(opts, list):
             opts = {chr(65 + i): o for i, o in enumerate(opts)}
         if opts not in (None, "", {}) and not (isinstance(opts, dict) and all(
                 isinstance(k, str) and len(k) == 1 and isinstance(v, str) for k, v in opts.items())):
-            raise ValueError(f"{where}: options must map single letters to strings, got {str(opts)[:60]!r}.")
+            raise UserError(f"{where}: options must map single letters to strings, got {str(opts)[:60]!r}.")
         a = r.get(answer)
         golds = [a] if isinstance(a, str) else a
         if not isinstance(golds, list) or not golds or not all(isinstance(g, str) and g.strip() for g in golds):
-            raise ValueError(f"{where}: missing or empty answer field {answer!r} (set --field_answer).")
-        rec = dict(id=str(r.get(id_field) or f"{p.stem}:{lineno}"), task=str(r.get(task) or p.stem),
+            raise UserError(f"{where}: missing or empty answer field {answer!r} (set --field_answer).")
+        rec = dict(id=str(r.get(id_field) or where), task=str(r.get(task) or Path(path).stem),
                    question=q.strip(), support=[], hops=None, split="user")
         if opts:
             letters = "".join(sorted({ch for g in golds for ch in g.upper() if ch.isalpha()}))
             if not letters or not set(letters) <= set(opts):
-                raise ValueError(f"{where}: MCQ answer {a!r} is not option letter(s) from {sorted(opts)}.")
+                raise UserError(f"{where}: MCQ answer {a!r} is not option letter(s) from {sorted(opts)}.")
             rec.update(type="mcq", options=dict(sorted(opts.items())), answer=letters, golds=[letters])
         else:
             rec.update(type="short", options={}, answer=golds[0].strip(), golds=[g.strip() for g in golds])
         out.append(rec)
-    if not out:
-        raise ValueError(f"benchmark file {p} holds no records.")
     return out
 
 
@@ -540,6 +459,10 @@ def make_reward_fn(args: Args):
 # =============================================================================================
 # Stages
 # =============================================================================================
+def toy_world(args: Args) -> World:
+    return build_world(args.seed, args.n_charges, args.test_charges, args.cases_per_charge)
+
+
 def get_policy(args: Args, adapter: str | None = None, lora: bool = True, name: str | None = None):
     if adapter is not None:
         print(f"[lras] starting from the adapter {adapter}")
@@ -558,8 +481,9 @@ def agent_rollouts(policy, examples: list[dict], args: Args, search: TextSearch,
                         reprompt=REPROMPT, temperature=temperature, generate=generate, desc=desc, **kw)
 
 
-def stage_data(args: Args, world: World) -> None:
+def stage_data(args: Args) -> dict:
     """Write the world (corpus + question JSONL), an oracle page, and validate --data_file."""
+    world = toy_world(args)
     out = Path(args.out) / "data"
     log = RunLog(str(out))
     train, test = split_world(world)
@@ -582,6 +506,7 @@ def stage_data(args: Args, world: World) -> None:
         log.samples(rows, "user.jsonl")
     write_json(str(out / "summary.json"), summary)
     print(f"[data] {summary} -> {out}")
+    return summary
 
 
 def user_questions(args: Args) -> list[dict]:
@@ -601,8 +526,9 @@ def teacher_samples(args: Args, world: World, questions: list[dict]) -> list[lis
     return [[(r.trajectory, r.answer) for r in rs[i * n:(i + 1) * n]] for i in range(len(questions))]
 
 
-def stage_sft(args: Args, world: World, out_dir: str) -> str:
+def stage_sft(args: Args) -> str:
     """Introspective Imitation: uncertainty-aware sampling, trajectories, pruning, LoRA SFT."""
+    world, out_dir = toy_world(args), os.path.join(args.out, "sft")
     train, _ = split_world(world)
     print(f"[sft] teacher: {args.teacher} ({args.teacher_samples} samples per question)")
     samples = teacher_samples(args, world, train)
@@ -620,7 +546,7 @@ def stage_sft(args: Args, world: World, out_dir: str) -> str:
         stats["lucky_guess"] += len(pruned) - len(good)
         data += [(q, good[0])] if good else []   # one trajectory per question (4)
     if not data:
-        raise ValueError("No SFT trajectory survived the filter and pruning; raise --teacher_error (the "
+        raise UserError("No SFT trajectory survived the filter and pruning; raise --teacher_error (the "
                          "teacher must miss some questions) or use a stronger --teacher.")
     stats["trajectories"] = len(data)
     stats["searches_per_trajectory"] = float(np.mean([sum(t["role"] == "tool" for t in p) for _, p in data]))
@@ -653,9 +579,15 @@ def estimate_pass_rates(args: Args, world: World, policy, questions: list[dict])
             for i, q in enumerate(questions)}
 
 
-def stage_rl(args: Args, world: World, adapter: str | None, out_dir: str, uniform: bool = False,
+def stage_rl(args: Args) -> str:
+    """Difficulty-aware GRPO from the SFT adapter when there is one (the papers' order)."""
+    return train_rl(args, start_adapter(args, "sft"), os.path.join(args.out, "rl"), args.uniform_sampling)
+
+
+def train_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False,
              pass_rates_file: str | None = None, max_steps: int | None = None) -> str:
-    """Difficulty-aware GRPO with inline search rollouts, from the SFT adapter when there is one."""
+    """Difficulty-aware GRPO with inline search rollouts."""
+    world = toy_world(args)
     train, _ = split_world(world)
     pool = random.Random(args.seed).sample(train, min(len(train), args.difficulty_questions or len(train)))
     print(f"[rl] policy: {'SFT adapter ' + adapter if adapter else 'the base model (no SFT adapter found)'}")
@@ -675,20 +607,17 @@ def stage_rl(args: Args, world: World, adapter: str | None, out_dir: str, unifor
               f"expected with --model tiny): training on all of them with uniform sampling.")
         kept, weights = pool, None
     print(f"[rl] {len(kept)} questions, {'uniform' if weights is None else 'difficulty-weighted'} sampling")
-    cfg = GRPOConfig(learning_rate=args.learning_rate, num_generations=args.num_generations,
-                     prompts_per_step=args.prompts_per_step, max_steps=max_steps or args.max_steps, beta=args.beta,
-                     epsilon=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
-                     max_completion_length=args.max_completion_length, temperature=args.temperature,
-                     micro_batch_size=args.micro_batch_size, save_steps=args.save_steps, seed=args.seed)
+    cfg = grpo_config(args, max_steps=max_steps or args.max_steps)
     html = []
 
     def on_step(step, rollouts, terms):   # keep the last step's trajectories for the page
         html[:] = [{"title": f"step {step} {r.example['question']} (gold {r.example['answer']})",
                     "trajectory": r.trajectory, "rewards": t} for r, t in zip(rollouts, terms)]
-    summary = train_grpo(policy, kept, lambda p, ex, c: agent_rollouts(p, ex, args, world.search, c.num_generations,
-                                                                        c.temperature),
-                         make_reward_fn(args), cfg, out_dir, weights=weights, on_step=on_step,
-                         resume=args.resume)
+
+    def rollout_fn(p, examples, c):
+        return agent_rollouts(p, examples, args, world.search, c.num_generations, c.temperature)
+    summary = train_grpo(policy, kept, rollout_fn, make_reward_fn(args), cfg, out_dir, weights=weights,
+                         on_step=on_step, resume=args.resume)
     RunLog(out_dir, resume=True).plot(["rewards/acc", "rewards/format"], "reward_terms.png", "LRAS reward terms")
     trajectory_html(html, os.path.join(out_dir, "trajectories.html"), "LRAS RL, last step")
     hist = {f"{v:.2f}": sum(abs(p - v) < 1e-9 for p in rates.values()) for v in sorted(set(rates.values()))}
@@ -714,17 +643,20 @@ def search_stats(rollouts: list[Rollout], accs: list[float]) -> dict:
             "mean_turns": mean(np.array([r.turns for r in rollouts], dtype=float))}
 
 
-def stage_eval(args: Args, world: World, adapter: str | None, out_dir: str, n_questions: int | None = None) -> dict:
+def stage_eval(args: Args) -> dict:
+    """Evaluate the RL adapter, else the SFT adapter, else the base model."""
+    return evaluate(args, start_adapter(args, "rl", "sft"), os.path.join(args.out, "eval"))
+
+
+def evaluate(args: Args, adapter: str | None, out_dir: str, n_questions: int | None = None) -> dict:
     """Accuracy per task, search statistics, the trajectory page; results.json."""
+    world = toy_world(args)
     print(f"[eval] policy: {adapter or 'the base model (no adapter found)'}")
     _, test = split_world(world)
     n = args.eval_questions if n_questions is None else n_questions
     test = random.Random(args.seed).sample(test, min(len(test), n or len(test)))
     sets = {"toy": (test, world.search)}
     if args.data_file:   # real data: its own corpus (2)
-        if not (args.corpus_file or os.environ.get("TEXT_SEARCH_ENDPOINT")):
-            raise ValueError("--data_file needs a corpus to search: pass --corpus_file statutes.jsonl or set "
-                             "TEXT_SEARCH_ENDPOINT.")
         search = TextSearch.from_jsonl(args.corpus_file) if args.corpus_file else TextSearch(use_env=True)
         sets[Path(args.data_file).stem] = (user_questions(args), search)
     policy = get_policy(args, adapter, lora=adapter is not None)
@@ -762,24 +694,24 @@ def stage_eval(args: Args, world: World, adapter: str | None, out_dir: str, n_qu
     return results
 
 
-def stage_ablate(args: Args, world: World) -> None:
+def stage_ablate(args: Args) -> dict:
     """SFT-only vs SFT + RL; difficulty-aware vs uniform sampling. Each variant is evaluated."""
     out = Path(args.out)
     abl = out / "ablate"
-    sft_adapter = str(out / "sft" / "adapter")
-    if not os.path.isdir(sft_adapter):
+    sft_adapter = start_adapter(args, "sft")
+    if sft_adapter is None:
         print("[ablate] no <out>/sft/adapter: running the sft stage first.")
-        sft_adapter = stage_sft(args, world, str(out / "sft"))
+        sft_adapter = stage_sft(args)
     rates = str(out / "rl" / "pass_rates.jsonl")   # same SFT adapter -> same difficulty table
     if not os.path.isfile(rates):
         rates = str(abl / "rl_difficulty" / "pass_rates.jsonl")
     variants = {"SFT only": sft_adapter}
     for name, sub, uniform in (("SFT+RL difficulty", "rl_difficulty", False),
                                ("SFT+RL uniform", "rl_uniform", True)):
-        variants[name] = stage_rl(args, world, sft_adapter, str(abl / sub), uniform, rates, args.ablate_steps)
+        variants[name] = train_rl(args, sft_adapter, str(abl / sub), uniform, rates, args.ablate_steps)
     table = {}
     for name, adapter in variants.items():
-        res = stage_eval(args, world, adapter, str(abl / ("eval_" + name.replace(" ", "_").replace("+", "_"))),
+        res = evaluate(args, adapter, str(abl / ("eval_" + name.replace(" ", "_").replace("+", "_"))),
                          args.ablate_questions)
         st = res["search"]["toy"]
         table[name] = {"accuracy": res["accuracy"]["toy"], **{k: st[k] for k in (
@@ -789,29 +721,25 @@ def stage_ablate(args: Args, world: World) -> None:
     bar_plot({n: {k: v for k, v in row.items() if k in ("accuracy", "search_rate")} for n, row in table.items()},
              str(abl / "ablate.png"), "LRAS ablations", "rate")
     print("[ablate] " + " | ".join(f"{n}: acc {row['accuracy']:.3f}" for n, row in table.items()))
+    return table
 
 
-def main() -> None:
-    args = parse_args(Args, description=__doc__)
-    world = build_world(args.seed, args.n_charges, args.test_charges, args.cases_per_charge)
-    out = Path(args.out)
-    sft_adapter = out / "sft" / "adapter"
-    rl_adapter = out / "rl" / "adapter"
-    stages = ["data", "sft", "rl", "eval", "ablate"] if args.stage == "all" else [args.stage]
-    for stage in stages:
-        if stage == "data":
-            stage_data(args, world)
-        elif stage == "sft":
-            stage_sft(args, world, str(out / "sft"))
-        elif stage == "rl":   # the papers' order: RL starts from the SFT adapter when there is one
-            stage_rl(args, world, str(sft_adapter) if sft_adapter.is_dir() else None, str(out / "rl"),
-                     args.uniform_sampling)
-        elif stage == "eval":
-            best = rl_adapter if rl_adapter.is_dir() else sft_adapter if sft_adapter.is_dir() else None
-            stage_eval(args, world, str(best) if best else None, str(out / "eval"))
-        elif stage == "ablate":
-            stage_ablate(args, world)
-    write_json(str(out / "args.json"), asdict(args))
+def check_inputs(args: Args) -> None:
+    """Every user file is read and validated before any model is loaded."""
+    build_world(args.seed, args.n_charges, args.test_charges, args.cases_per_charge)
+    if args.data_file:
+        user_questions(args)
+        if args.stage in ("eval", "ablate", "all") and not (args.corpus_file or os.environ.get("TEXT_SEARCH_ENDPOINT")):
+            raise UserError("--data_file needs a corpus to search: pass --corpus_file statutes.jsonl or set "
+                            "TEXT_SEARCH_ENDPOINT.")
+    if args.corpus_file:
+        for where, row in read_records(args.corpus_file, "corpus file"):
+            require(row, where, "text")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stages(Args, {"data": stage_data, "sft": stage_sft, "rl": stage_rl, "eval": stage_eval,
+                      "ablate": stage_ablate}, argv, doc=__doc__, file=__file__, tiny=TINY_SIZES, check=check_inputs)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 import lras
+from common.cli import UserError
 from common.grpo import sample_prompts
 from common.models import build_tiny_tokenizer
 from common.rollout import Rollout
@@ -254,24 +255,21 @@ def test_load_short_answer_csv_chinese_and_option_columns():
 
 
 @pytest.mark.parametrize("name, line, words", [
-    ("bad_answer.jsonl", 3, "not option letter"),
-    ("bad_json.jsonl", 2, "not valid JSON"),
-    ("bad_missing.csv", 3, "question"),
-    ("bad_record.json", 3, "answer"),
+    ("bad_answer.jsonl", "3", "not option letter"),
+    ("bad_json.jsonl", "2", "not valid JSON"),
+    ("bad_missing.csv", "3", "question"),
+    ("bad_record.json", "item 2", "answer"),
 ])
 def test_broken_rows_name_file_and_line(name, line, words):
-    with pytest.raises(ValueError, match=re.escape(f"{name}:{line}:") + ".*" + words):
+    with pytest.raises(UserError, match=re.escape(f"{name}:{line}:") + ".*" + words):
         lras.load_benchmark(str(FIX / name))
 
 
-def test_missing_and_unsupported_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(UserError, match="no benchmark file"):
         lras.load_benchmark(str(tmp_path / "nope.jsonl"))
-    (tmp_path / "x.txt").write_text("hi")
-    with pytest.raises(ValueError, match="unsupported"):
-        lras.load_benchmark(str(tmp_path / "x.txt"))
     (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(ValueError, match="no records"):
+    with pytest.raises(UserError, match="no records"):
         lras.load_benchmark(str(tmp_path / "empty.jsonl"))
 
 

@@ -21,6 +21,7 @@ from helpers import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "lras"
+ARGS = lras.Args()
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_clean_oracle_is_correct_well_formed_and_every_search_contributes(world)
     rng = random.Random(0)
     for q in world.questions:
         turns, answer = lras.oracle_trajectory(world, q, rng)
-        assert lras.accuracy(answer, q) == 1.0
+        assert lras.score(answer, q) == 1.0
         assert lras.lras_reward(turns, answer, q)["reward"] == pytest.approx(1.1)
         pruned, dropped = lras.prune_trajectory(turns, q["support"])
         assert pruned == turns and dropped == 0, q["id"]
@@ -65,15 +66,15 @@ def test_noisy_oracle_error_model_and_boundary_filter(world):
     samples = lras.teacher_samples(args, world, train)
     rate = {h: [] for h in (0, 1, 2)}
     for q, ss in zip(train, samples):
-        rate[q["hops"]] += [lras.accuracy(a, q) for _, a in ss]
+        rate[q["hops"]] += [lras.score(a, q) for _, a in ss]
         for turns, a in ss:   # a wrong answer is always a closed-loop one: no search
-            if lras.accuracy(a, q) == 0:
+            if lras.score(a, q) == 0:
                 assert not any(t["role"] == "tool" for t in turns)
     mean = {h: sum(v) / len(v) for h, v in rate.items()}
     assert mean[0] > mean[1] > mean[2]          # error = 0.1 * (1 + hops)
     assert abs(mean[2] - 0.7) < 0.1
     never_wrong = lras.Args(teacher_samples=8, teacher_error=0.0, teacher_detour=0.0)
-    assert all(lras.accuracy(a, q) == 1 for q, ss in zip(train, lras.teacher_samples(never_wrong, world, train))
+    assert all(lras.score(a, q) == 1 for q, ss in zip(train, lras.teacher_samples(never_wrong, world, train))
                for _, a in ss)
 
 
@@ -156,8 +157,9 @@ def test_difficulty_filter_and_weighted_sampler():
 # ---------------------------------------------------------------------------------------------
 # reward and eval statistics
 # ---------------------------------------------------------------------------------------------
-MCQ = {"type": "mcq", "options": {"A": "x", "B": "y", "C": "z", "D": "w"}, "answer": "B", "golds": ["B"]}
-SHORT = {"type": "short", "options": {}, "answer": "2 to 5 years", "golds": ["2 to 5 years"]}
+MCQ = {"type": "mcq", "rule": "choice", "options": {"A": "x", "B": "y", "C": "z", "D": "w"}, "answer": "B",
+       "golds": ["B"]}
+SHORT = {"type": "short", "rule": "closed", "options": {}, "answer": "2 to 5 years", "golds": ["2 to 5 years"]}
 
 
 def test_reward_terms():
@@ -171,9 +173,9 @@ def test_reward_terms():
     malformed = [{"role": "assistant", "text": "<think>x</think><search>oops"},
                  {"role": "tool", "name": "error", "args": {}, "observation": "Error: unclosed"}]
     assert lras.lras_reward(malformed, None, SHORT) == {"reward": 0.0, "acc": 0.0, "format": 0.0}
-    assert lras.accuracy("The term is 2 to 5 years of imprisonment", SHORT) == 1.0
-    assert lras.accuracy(" ".join(["2 to 5 years"] * 5), SHORT, max_answer_words=12) == 0.0   # lists do not pay
-    assert lras.accuracy("答案是B", MCQ) == 1.0
+    assert lras.score("The term is 2 to 5 years of imprisonment", SHORT) == 1.0
+    assert lras.score(" ".join(["2 to 5 years"] * 5), SHORT, max_answer_words=12) == 0.0   # lists do not pay
+    assert lras.score("答案是B", MCQ) == 1.0
 
 
 def fake_rollout(searches, answer, example):
@@ -184,7 +186,7 @@ def fake_rollout(searches, answer, example):
 def test_search_stats_by_hand():
     rs = [fake_rollout(0, "B", MCQ), fake_rollout(0, "C", MCQ), fake_rollout(0, None, MCQ),
           fake_rollout(1, "B", MCQ), fake_rollout(2, "A", MCQ)]
-    accs = [lras.accuracy(r.answer, MCQ) for r in rs]
+    accs = [lras.score(r.answer, MCQ) for r in rs]
     assert accs == [1, 0, 0, 1, 0]
     s = lras.search_stats(rs, accs)
     assert s["search_rate"] == pytest.approx(2 / 5)
@@ -215,7 +217,7 @@ def test_agent_loop_reprompts_and_searches(world, tok_policy):
     [r] = lras.agent_rollouts(tok_policy, [q], args, world.search, 1, 1.0, generate=gen)
     assert [t.get("name") for t in r.trajectory if t["role"] == "tool"] == ["reprompt", "error", "text_search"]
     assert r.answer == q["answer"] and r.tool_calls == {"text_search": 1}
-    assert lras.accuracy(r.answer, q) == 1.0 and not lras.format_ok(r.trajectory)
+    assert lras.score(r.answer, q) == 1.0 and not lras.format_ok(r.trajectory)
     assert f"(Title: {art})" in r.trajectory[-2]["observation"]
     text = tok_policy.tokenizer.decode(r.ids)
     assert text.count("<information>") == 3 and lras.REPROMPT in text
@@ -227,30 +229,30 @@ def test_agent_loop_reprompts_and_searches(world, tok_policy):
 # loaders
 # ---------------------------------------------------------------------------------------------
 def test_load_mcq_jsonl_with_letter_lists():
-    rows = lras.load_benchmark(str(FIX / "mcq.jsonl"))
+    rows = lras.load_benchmark(str(FIX / "mcq.jsonl"), ARGS)
     assert [r["type"] for r in rows] == ["mcq", "mcq"]
     assert rows[0]["answer"] == "B" and rows[0]["options"]["B"] == "Article 237"
     assert rows[1]["answer"] == "AC" and rows[1]["options"] == {"A": "theft", "B": "fraud", "C": "bribery", "D": "forgery"}
-    assert lras.accuracy("AC", rows[1]) == 1.0
+    assert lras.score("AC", rows[1]) == 1.0
 
 
 def test_load_chinese_jecqa_json_with_field_flags():
-    rows = lras.load_benchmark(str(FIX / "jecqa_zh.json"), question="statement", options="option_list")
+    rows = lras.load_benchmark(str(FIX / "jecqa_zh.json"), ARGS)
     assert rows[0]["question"].startswith("甲盗窃") and rows[0]["answer"] == "A"
     assert rows[1]["answer"] == "AC" and rows[1]["options"]["C"] == "拘役"
     assert rows[0]["task"] == "jecqa_zh"
-    assert lras.accuracy("答案是A", rows[0]) == 1.0
+    assert lras.score("答案是A", rows[0]) == 1.0
     assert "A. 盗窃罪" in lras.make_messages(rows[0])[1]["content"]
 
 
 def test_load_short_answer_csv_chinese_and_option_columns():
-    rows = lras.load_benchmark(str(FIX / "short_zh.csv"))
+    rows = lras.load_benchmark(str(FIX / "short_zh.csv"), ARGS)
     assert [r["type"] for r in rows] == ["short", "short"]
     assert rows[0]["golds"] == ["三年以下有期徒刑"] and rows[0]["task"] == "penalty"
     assert rows[1]["question"].endswith("in marks?")         # quoted comma survives
-    assert lras.accuracy("处三年以下有期徒刑", rows[0]) == 1.0
-    assert lras.accuracy("4,200 marks", rows[1]) == 1.0
-    [mc] = lras.load_benchmark(str(FIX / "mcq_columns.csv"))
+    assert lras.score("处三年以下有期徒刑", rows[0]) == 1.0
+    assert lras.score("4,200 marks", rows[1]) == 1.0
+    [mc] = lras.load_benchmark(str(FIX / "mcq_columns.csv"), ARGS)
     assert mc["type"] == "mcq" and mc["answer"] == "C" and mc["options"]["D"] == "Article 4"
 
 
@@ -262,15 +264,15 @@ def test_load_short_answer_csv_chinese_and_option_columns():
 ])
 def test_broken_rows_name_file_and_line(name, line, words):
     with pytest.raises(UserError, match=re.escape(f"{name}:{line}:") + ".*" + words):
-        lras.load_benchmark(str(FIX / name))
+        lras.load_benchmark(str(FIX / name), ARGS)
 
 
 def test_missing_and_empty_files(tmp_path):
     with pytest.raises(UserError, match="no benchmark file"):
-        lras.load_benchmark(str(tmp_path / "nope.jsonl"))
+        lras.load_benchmark(str(tmp_path / "nope.jsonl"), ARGS)
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(UserError, match="no records"):
-        lras.load_benchmark(str(tmp_path / "empty.jsonl"))
+        lras.load_benchmark(str(tmp_path / "empty.jsonl"), ARGS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +297,7 @@ def test_data_stage_validates_user_file(tmp_path):
 
 def test_smoke_all_tiny(tmp_path):
     p = run("--stage", "all", "--model", "tiny", "--out", str(tmp_path), "--n_charges", "6", "--test_charges", "2",
-            "--difficulty_questions", "3", "--difficulty_k", "2", "--max_steps", "1", "--ablate_steps", "1",
+            "--difficulty_k", "2", "--max_steps", "1", "--ablate_steps", "1",
             "--num_generations", "2", "--prompts_per_step", "1", "--eval_questions", "4", "--ablate_questions", "2",
             "--max_new_tokens", "12", "--max_completion_length", "64", "--sft_max_steps", "2", "--max_turns", "3",
             "--data_file", str(FIX / "short_zh.csv"), "--corpus_file", str(FIX / "corpus.jsonl"))
@@ -304,13 +306,13 @@ def test_smoke_all_tiny(tmp_path):
     for key in ("search_rate", "searches_per_question", "accuracy_searched", "accuracy_not_searched",
                 "failures_without_search", "multi_search_rate"):
         assert key in res["search"]["toy"]
-    assert "toy" in res["accuracy"] and "short_zh" in res["accuracy"] and "short_zh/penalty" in res["accuracy"]
+    assert "toy" in res["score"] and "short_zh" in res["score"] and "short_zh/penalty" in res["score"]
     sft = json.loads((tmp_path / "sft" / "summary.json").read_text())
     assert sft["data"]["trajectories"] > 0 and (tmp_path / "sft" / "adapter" / "adapter_config.json").is_file()
     assert "difficulty" in json.loads((tmp_path / "rl" / "summary.json").read_text())
     assert "starting from the adapter" in p.stdout and "sft/adapter" in p.stdout
     abl = json.loads((tmp_path / "ablate" / "results.json").read_text())["table"]
-    assert set(abl) == {"SFT only", "SFT+RL difficulty", "SFT+RL uniform"}
+    assert set(abl) == {"base", "SFT", "SFT+RL difficulty", "SFT+RL uniform"}
 
 
 def test_eval_on_user_file_without_corpus_is_one_clear_error(tmp_path):
@@ -324,4 +326,4 @@ def test_smollm2_eval_runs(tmp_path):
             "--max_new_tokens", "64", "--max_completion_length", "512", timeout=1800)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert res["n"]["toy"] == 8 and 0.0 <= res["accuracy"]["toy"] <= 1.0
+    assert res["n"]["toy"] == 8 and 0.0 <= res["score"]["toy"] <= 1.0

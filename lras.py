@@ -749,7 +749,8 @@ def eval_sets(args: Args, world: World, n: int) -> dict:
     _, test = split_world(world)
     sets = {"toy": (random.Random(args.seed).sample(test, min(len(test), n or len(test))), world.search)}
     if args.data_file:
-        search = TextSearch.from_jsonl(args.corpus_file) if args.corpus_file else TextSearch(use_env=True)
+        search = (None if args.predictions else TextSearch.from_jsonl(args.corpus_file) if args.corpus_file
+                  else TextSearch(use_env=True))
         sets[Path(args.data_file).stem] = (load_benchmark(args.data_file, args), search)
     return sets
 

@@ -327,3 +327,147 @@ def test_smollm2_eval_runs(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert res["n"]["toy"] == 8 and 0.0 <= res["score"]["toy"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 15: a search can pay at the defaults; benchmarks read and scored as published; honest data
+# ---------------------------------------------------------------------------------------------
+def scripted(turns, eos):
+    """A generate() that replays the assistant turns, cut at the budget it is given."""
+    texts = [t["text"] for t in turns if t["role"] == "assistant"]
+    calls = []
+
+    def gen(policy, seqs, **kw):
+        calls.append(kw["max_new_tokens"])
+        ids = policy.tokenizer(texts[len(calls) - 1], add_special_tokens=False)["input_ids"]
+        ids += [eos] if len(calls) == len(texts) else []
+        return [ids[:kw["max_new_tokens"]] for _ in seqs]
+    return gen
+
+
+def test_at_the_defaults_a_search_then_correct_answer_gets_the_full_reward(world, tok_policy):
+    args = lras.Args()
+    lras.size_budgets(args, tok_policy, world)
+    q = next(q for q in world.questions if q["hops"] == 2)
+    turns, _ = lras.oracle_trajectory(world, q, random.Random(0), 0.0, 1.0)   # a detour + 2 searches
+    assert sum(t["role"] == "tool" for t in turns) == 3
+    gen = scripted(turns, tok_policy.tokenizer.eos_token_id)
+    [r] = lras.agent_rollouts(tok_policy, [q], args, world.search, 1, 1.0, generate=gen)
+    assert r.tool_calls == {"text_search": 3} and r.answer == q["answer"]
+    assert lras.lras_reward(r.trajectory, r.answer, q)["reward"] == pytest.approx(1.1)
+    # every oracle SFT sample fits the sized budget (before: 192 tokens cut most of them before the answer)
+    for q in world.questions:
+        enc = lras.sft_sample(tok_policy, q, lras.oracle_trajectory(world, q, random.Random(1), 0.0, 1.0)[0])
+        assert len(enc.input_ids) - enc.loss_mask.index(1) <= args.max_completion_length
+
+
+def test_oracle_queries_never_contain_the_gold(world):
+    rng = random.Random(0)
+    for q in world.questions:
+        gold = q["options"][q["answer"]] if q["type"] == "mcq" else q["answer"]
+        for _ in range(3):
+            turns, _ = lras.oracle_trajectory(world, q, rng, 0.0, 0.5)
+            for t in turns:
+                if t["role"] == "tool":
+                    assert gold.lower() not in t["args"]["query"].lower(), (q["id"], t["args"]["query"])
+
+
+@pytest.mark.parametrize("pred, gold, expected", [
+    ("yes or no", "yes", 0.0), ("yes or no", "no", 0.0), ("Yes, it is above.", "yes", 1.0), ("no", "yes", 0.0),
+    ("4,200 marks", "4200", 1.0), ("4200 or 4300", "4200", 0.0), ("2 to 5 years", "2 to 5 years", 1.0),
+    ("2 to 5 years, or 3 to 7 years", "2 to 5 years", 0.0), ("是", "是", 1.0), ("是否", "是", 0.0),
+])
+def test_closed_class_golds_are_matched_exactly(pred, gold, expected):
+    ex = {"rule": lras.answer_rule(gold), "golds": [gold], "options": {}}
+    assert ex["rule"] == "closed" and lras.score(pred, ex) == expected
+
+
+def write(path, text, encoding="utf-8"):
+    path.write_bytes(text.encode(encoding))
+    return str(path)
+
+
+LAWBENCH = [{"instruction": "请你做选择题，把答案写在[正确答案]和<eoa>之间。",
+             "question": "甲盗窃他人财物，应以何罪论处？A:盗窃罪\nB:诈骗罪\nC:抢劫罪\nD:侵占罪", "answer": "正确答案：A。"},
+            {"instruction": "根据事实预测罪名。", "question": "被告人窃取财物并骗取钱款。", "answer": "罪名:盗窃;诈骗"}]
+
+
+@pytest.mark.parametrize("pred, expected", [("A", 1.0), ("[正确答案]A<eoa>", 1.0), ("C", 0.0), ("A或B", 0.0),
+                                            ("我不知道", 0.0)])
+def test_lawbench_mcq_letters_anywhere(tmp_path, pred, expected):
+    rows = lras.load_benchmark(write(tmp_path / "1-2.json", json.dumps(LAWBENCH, ensure_ascii=False)), ARGS)
+    mcq = rows[0]
+    assert mcq["rule"] == "lawbench_mcq" and mcq["answer"] == "A" and mcq["task"] == "1-2"
+    prompt = lras.make_messages(mcq)[1]["content"]
+    assert prompt.startswith("请你做选择题") and "B:诈骗罪" in prompt      # instruction and options reach the prompt
+    assert lras.score(pred, mcq) == expected
+
+
+@pytest.mark.parametrize("pred, expected", [("盗窃;诈骗", 1.0), ("罪名:诈骗、盗窃", 1.0), ("盗窃", 2 / 3),
+                                            ("抢劫", 0.0), ("盗窃;诈骗;抢劫", 1.0)])
+def test_lawbench_charge_f1(tmp_path, pred, expected):
+    rows = lras.load_benchmark(write(tmp_path / "3-3.json", json.dumps(LAWBENCH, ensure_ascii=False)), ARGS)
+    charge = rows[1]
+    assert charge["rule"] == "lawbench_charge_f1" and charge["golds"] == ["盗窃", "诈骗"]
+    # (the charge list is the file's golds: "抢劫" is not in it, so it is not a false positive here)
+    assert lras.score(pred, charge) == pytest.approx(expected)
+
+
+def test_lawbench_instruction_style_export(tmp_path):
+    rows = [{"system": "你是法律助手。", "query": "下列哪项正确？\nA:甲\nB:乙\nC:丙\nD:丁", "response": "正确答案:B"}]
+    [r] = lras.load_benchmark(write(tmp_path / "lawbench_chat.jsonl", "\n".join(
+        json.dumps(x, ensure_ascii=False) for x in rows)), ARGS)
+    assert r["rule"] == "lawbench_mcq" and "你是法律助手" in r["question"] and "B:乙" in r["question"]
+    assert lras.score("[正确答案]B<eoa>", r) == 1.0 and lras.score("A", r) == 0.0
+
+
+@pytest.mark.parametrize("pred, expected", [("ABCD", 1.0), ("答案：ABCD。解析：A项正确，B项……", 1.0),
+                                            ("A、B、C、D", 1.0), ("ABC", 0.0), ("DCBA", 0.0)])
+def test_lexeval_json_lines_in_dot_json_exact_letters(tmp_path, pred, expected):
+    rows = [{"instruction": "请回答多项选择题。", "input": "以下哪些是主刑？A.管制 B.拘役 C.有期徒刑 D.死刑",
+             "answer": "ABCD"}, {"instruction": "请回答单选题。", "input": "问题？A.x B.y", "answer": "B"}]
+    multi, single = lras.load_benchmark(write(tmp_path / "1_1.json", "\n".join(
+        json.dumps(x, ensure_ascii=False) for x in rows)), ARGS)
+    assert multi["rule"] == "lexeval_exact" and multi["golds"] == ["ABCD"]
+    assert "A.管制" in lras.make_messages(multi)[1]["content"]
+    assert lras.score(pred, multi) == expected
+    assert lras.score("B", single) == 1.0 and lras.score("AB", single) == 0.0
+
+
+@pytest.mark.parametrize("pred, expected", [("AC", 1.0), ("答案是A和C", 1.0), ("A", 0.0), ("ACD", 0.0)])
+def test_jecqa_exact_set_match(tmp_path, pred, expected):
+    row = {"id": "j1", "statement": "下列哪些属于主刑？", "option_list": {"A": "管制", "B": "罚金", "C": "拘役", "D": "没收财产"},
+           "answer": ["A", "C"]}
+    [r] = lras.load_benchmark(write(tmp_path / "0_test.json", json.dumps(row, ensure_ascii=False) + "\n"), ARGS)
+    assert r["rule"] == "jecqa_set" and r["answer"] == "AC" and "C. 拘役" in lras.make_messages(r)[1]["content"]
+    assert lras.score(pred, r) == expected
+
+
+def test_csv_option_columns_empty_column_a_to_t_gbk_and_prefixed_answers(tmp_path):
+    head = ",".join(["question"] + [chr(65 + i) for i in range(20)] + ["answer"])
+    mcq20 = ",".join(["第二十个选项是哪个？"] + [f"选项{i}" for i in range(20)] + ["答案：T"])
+    empty_a = ",".join(["哪一条规定盗窃罪？", ""] + ["第264条", "第266条", "第263条"] + [""] * 16 + ["正确答案：B。"])
+    short = ",".join(["盗窃罪最高刑期？"] + [""] * 20 + ["无期徒刑"])
+    a_gold = ",".join(["Which?", "x", "y", "z", "w"] + [""] * 16 + ["A"])
+    rows = lras.load_benchmark(write(tmp_path / "export.csv", "\n".join([head, mcq20, empty_a, short, a_gold]),
+                                     "gbk"), ARGS)
+    assert [r["rule"] for r in rows] == ["choice", "choice", "sub_exact", "choice"]     # MCQ per row
+    assert rows[0]["answer"] == "T" and "T. 选项19" in lras.make_messages(rows[0])[1]["content"]
+    assert lras.score("T", rows[0]) == 1.0 and lras.score("S", rows[0]) == 0.0
+    assert set(rows[1]["options"]) == {"B", "C", "D"} and rows[1]["answer"] == "B"      # the empty column A is left out
+    assert lras.score("答案是B", rows[1]) == 1.0 and lras.score("C", rows[1]) == 0.0
+    assert lras.score("无期徒刑", rows[2]) == 1.0 and rows[2]["question"] == "盗窃罪最高刑期？"   # GBK read
+    assert lras.score("A", rows[3]) == 1.0 and lras.score("B", rows[3]) == 0.0          # "A" is not an article here
+
+
+def test_eval_scores_a_predictions_file_without_a_model(tmp_path):
+    data = write(tmp_path / "3-3.json", json.dumps(LAWBENCH, ensure_ascii=False))
+    preds = write(tmp_path / "preds.jsonl", "\n".join(json.dumps(x, ensure_ascii=False) for x in [
+        {"id": f"{tmp_path / '3-3.json'}:item 1", "prediction": "[正确答案]A<eoa>"},
+        {"id": f"{tmp_path / '3-3.json'}:item 2", "prediction": "盗窃"}]))
+    p = run("--stage", "eval", "--model", "no-such-model", "--out", str(tmp_path / "out"), "--data_file", data,
+            "--predictions", preds)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads((tmp_path / "out" / "eval" / "results.json").read_text())
+    assert res["score"]["3-3"] == pytest.approx((1 + 2 / 3) / 2)
+    assert res["rule"]["3-3"] == ["lawbench_charge_f1", "lawbench_mcq"] and res["missing"] == 0

@@ -3,20 +3,18 @@
 "LRAS: ..." arXiv 2601.07296 (method: Sec. 3; official repo TOM-ZHOUch/LRAS: eval code only).
 
 Stages (each writes into <out>/<stage>/; `all` runs them in this order):
-    python lras.py --stage all --model tiny             # CPU, ~2 min: plumbing only, numbers are noise
+    python lras.py --stage all --model tiny             # CPU, minutes: plumbing only, numbers are noise
     python lras.py --stage data    # toy legal world (statutes, cases, questions) + oracle page
-    python lras.py --stage sft     # Introspective Imitation: teacher n = 8 -> boundary filter -> pruned trajectories -> LoRA SFT
+    python lras.py --stage sft     # Introspective Imitation: teacher n = 8 -> boundary filter -> pruning -> LoRA SFT
     python lras.py --stage rl      # difficulty-aware GRPO: difficulty = 1 - pass rate of the SFT model over k samples
-    python lras.py --stage eval    # accuracy per task, search rate, searches/question, acc searched vs not, failures w/o search
-    python lras.py --stage ablate  # SFT-only vs SFT + RL; difficulty-aware vs uniform sampling
-A real small model on CPU (minutes; honest numbers of an untrained 135M model):
-    python lras.py --stage eval --model smollm2 --eval_questions 40 --max_new_tokens 96
+    python lras.py --stage eval    # score per task, search rate, accuracy searched vs not, failures w/o search
+    python lras.py --stage ablate  # base vs SFT vs SFT + RL (difficulty) vs SFT + RL (uniform), 95 % intervals
 GPU (Qwen2.5-VL-3B in NF4 + LoRA, used as a text model; the paper used Qwen3-4B/8B/14B):
     python lras.py --stage all --model Qwen/Qwen2.5-VL-3B-Instruct --teacher Qwen/Qwen2.5-VL-7B-Instruct \\
-        --max_steps 300 --prompts_per_step 8 --max_new_tokens 512 --max_completion_length 4096 --eval_questions 200
-Real benchmark files (JSON / JSONL / CSV, MCQ or short answer, Chinese ok; fields mapped by flags):
-    python lras.py --stage eval --data_file jecqa.json --field_question statement --field_options option_list \\
-        --corpus_file statutes.jsonl
+        --max_steps 300 --prompts_per_step 8 --eval_questions 200
+Real benchmarks in their published formats (LawBench, LexEval, JEC-QA, CSV exports; UTF-8 or GBK):
+    python lras.py --stage eval --data_file lawbench/data/zero_shot/3-3.json --corpus_file statutes.jsonl
+    python lras.py --stage eval --data_file LexEval/data/1_1.json --predictions other_model.jsonl   # no model run
 
 Deviations from the paper (numbered; the code says "(n)" where each one lives):
  1. Data: an invented but consistent toy legal world (the "Veridian Penal Code": articles with
@@ -27,22 +25,29 @@ Deviations from the paper (numbered; the code says "(n)" where each one lives):
     top-5, each page summarised by an LLM). --corpus_file or TEXT_SEARCH_ENDPOINT for real data.
  3. Teacher: offline, a noisy oracle with this error model: with probability
     teacher_error * (1 + hops) it answers from memory (no search) and is wrong; otherwise it
-    searches what it needs and is right, and with probability teacher_detour it first makes one
-    useless search (a query about another charge). --teacher <model> samples a real model instead.
+    searches what it needs (its queries never contain the gold) and is right, and with probability
+    teacher_detour it first makes one useless search. --teacher <model> samples a real model instead.
  4. Pruning is a rule (paper: rules + a human check): a search is kept only if its results hold
     a supporting document (article/case) that no earlier kept search returned; invalid turns
     (re-prompts, malformed calls) are cut; a correct trajectory whose kept searches miss a
     supporting document (a lucky guess) is dropped. One trajectory per question after dedup.
- 5. RL data (not published): difficulty d = 1 - pass rate over k samples; questions with
-    p in {0, 1} are dropped; the rest are drawn with probability proportional to d
-    (--uniform_sampling draws them uniformly). If nothing is left (the tiny model solves
-    nothing), RL trains on all questions uniformly and says so in one line and in summary.json.
- 6. Reward (not published): r = acc + format_weight * fmt, format_weight = 0.1; acc is
-    choice_match (MCQ) or sub-exact match with a --max_answer_words cap (short answer) instead of
-    an LLM judge; fmt = 1 iff every turn has a closed <think> and one valid action, and the last
-    turn answers. Observation (<information>) tokens are masked in SFT and RL.
- 7. Sizes: LoRA SFT and RL (paper: full Qwen3 SFT); tiny CPU-sized defaults (turn/token budgets,
-    steps); the paper's 10 rounds and its sampling (T = 0.6, top_p 0.95, top_k 20) are kept for eval.
+ 5. RL data (not published): difficulty d = 1 - pass rate over k samples on the whole training
+    set; questions with p in {0, 1} are dropped; the rest are drawn with probability proportional
+    to d (--uniform_sampling: uniformly). If nothing is left (the tiny model solves nothing), RL
+    trains on all questions uniformly and says so in one line and in summary.json.
+ 6. Reward (not published): r = acc + format_weight * fmt, format_weight = 0.1; acc is the
+    question's rule instead of an LLM judge: option letters (MCQ), closed-class golds (yes/no,
+    numbers) matched exactly, open answers sub-exactly with a --max_answer_words cap; fmt = 1 iff
+    every turn has a closed <think> and one valid action, and the last turn answers.
+    Observation (<information>) tokens are masked in SFT and RL.
+ 7. Sizes: LoRA SFT and RL (paper: full Qwen3 SFT). Token budgets are sized from the tokenizer so
+    that the oracle's longest trajectory (a detour and two searches of k documents) fits; SFT
+    samples over the budget are counted and dropped. Eval keeps the paper's 10 rounds and its
+    sampling (T = 0.6, top_p 0.95, top_k 20).
+ 8. Benchmarks are scored by their own rules (LawBench MCQ letters and charge F1, LexEval exact
+    letters, JEC-QA exact set); LawBench's charge list (189 names) is replaced by the charges
+    named in the file. Open-ended tasks use sub-exact match, named "sub_exact" in results.json
+    (not LawBench's ROUGE / LexEval's ROUGE-L).
 """
 from __future__ import annotations
 
@@ -81,8 +86,6 @@ class Args(GRPOArgs):
     """charges (one article each) in the toy code, at most 16"""
     test_charges: int = 5
     """charges held out for eval (their questions never appear in training)"""
-    cases_per_charge: int = 2
-    """case summaries per charge"""
     # --- real benchmarks (LawBench, LexEval, JEC-QA, CSV exports; schema read from the fields) ---
     data_file: str = ""
     """a legal benchmark file (JSON / JSON lines / CSV, UTF-8 or GBK) to validate in `data`, score in `eval`"""
@@ -140,16 +143,10 @@ class Args(GRPOArgs):
     """eval top_p (LRAS: 0.95)"""
     top_k: int = 20
     """eval top_k (LRAS: 20)"""
-    ablate_steps: int = 0
-    """GRPO steps of each RL variant in `ablate` (0 = --max_steps)"""
-    ablate_questions: int = 0
-    """toy test questions per variant in `ablate` (0 = --eval_questions)"""
-    n_html: int = 12
-    """trajectories shown on the eval HTML page"""
 
 
 # CPU-sized defaults for the tiny preset (and the old defaults of the GRPO fields): flags win
-TINY_SIZES = dict(max_steps=4, prompts_per_step=2, eval_questions=8, ablate_steps=1)
+TINY_SIZES = dict(n_charges=6, test_charges=2, difficulty_k=2, max_steps=1, prompts_per_step=2, eval_questions=8)
 
 
 # =============================================================================================
@@ -534,7 +531,7 @@ def make_reward_fn(args: Args):
 # Stages
 # =============================================================================================
 def toy_world(args: Args) -> World:
-    return build_world(args.seed, args.n_charges, args.test_charges, args.cases_per_charge)
+    return build_world(args.seed, args.n_charges, args.test_charges)
 
 
 def size_budgets(args: Args, policy, world: World) -> None:
@@ -815,7 +812,7 @@ def evaluate(args: Args, adapter: str | None, out_dir: str, n_questions: int | N
     results["paper"] = {"failures_without_search (baselines)": 0.713, "LRAS average accuracy": 0.602}
     write_json(os.path.join(out_dir, "results.json"), results)
     RunLog(out_dir).samples(samples, "samples.jsonl")
-    trajectory_html(html[:args.n_html], os.path.join(out_dir, "trajectories.html"), "LRAS eval")
+    trajectory_html(html[:12], os.path.join(out_dir, "trajectories.html"), "LRAS eval")
     toy = results["search"]["toy"]
     print(f"[eval] toy score {results['score']['toy']:.3f} (accuracy), search rate {toy['search_rate']:.3f}, "
           f"searches/question {toy['searches_per_question']:.2f}, failures without search "
@@ -837,7 +834,7 @@ def stage_ablate(args: Args) -> dict:
         print("[ablate] no <out>/sft/adapter: running the sft stage first.")
         sft_adapter = stage_sft(args)
     rates = str(abl / "rl_difficulty" / "pass_rates.jsonl")   # one SFT adapter -> one difficulty table
-    steps, n = args.ablate_steps or args.max_steps, args.ablate_questions or args.eval_questions
+    steps, n = args.max_steps, args.eval_questions
     variants = {"base": (None, {}), "SFT": (sft_adapter, {})}
     for name, sub, uniform in (("SFT+RL difficulty", "rl_difficulty", False), ("SFT+RL uniform", "rl_uniform", True)):
         adapter = train_rl(args, sft_adapter, str(abl / sub), uniform, rates, steps)
@@ -864,7 +861,7 @@ def stage_ablate(args: Args) -> dict:
 
 def check_inputs(args: Args) -> None:
     """Every user file is read and validated before any model is loaded."""
-    build_world(args.seed, args.n_charges, args.test_charges, args.cases_per_charge)
+    build_world(args.seed, args.n_charges, args.test_charges)
     if args.data_file:
         load_benchmark(args.data_file, args)
         needs = args.stage in ("eval", "ablate", "all") and not args.predictions

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from common.rollout import Rollout, rollout_batch
+from common.rollout import STOP_REASONS, Rollout, rollout_batch
 from common.runlog import RunLog
 
 
@@ -348,6 +348,7 @@ def train_grpo(policy, dataset: list[dict], rollout_fn: Callable, reward_fn: Cal
                 "frac_reward_zero_std": zero_std.float().mean().item(),
                 "completion_length": n_gen / len(rollouts),
                 "truncated_frac": float(np.mean([r.truncated for r in rollouts])),
+                **{f"stop/{k}": float(np.mean([r.stop_reason == k for r in rollouts])) for k in STOP_REASONS},
                 "lr": sched.get_last_lr()[0], "time/generate": t_gen, "time/logprob": t_lp,
                 "time/backward": t_bw, "tokens_per_s": n_gen / max(t_gen, 1e-9)}
         log.log(last, step)

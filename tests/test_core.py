@@ -65,6 +65,37 @@ def test_adapter_roundtrip(tmp_path):
         assert torch.allclose(p.model(input_ids=ids).logits, q.model(input_ids=ids).logits, atol=1e-6)
 
 
+def test_reference_is_the_starting_adapter(tmp_path):
+    """RL from a saved (SFT) adapter: pi_ref is a frozen copy of that adapter, not the base
+    model. KL is exactly 0 at the first step and positive after an update; the reference copy
+    never trains and is not saved with the policy."""
+    p = load_policy("tiny", seed=3)
+    for n, q in p.model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(q, std=0.5, generator=torch.Generator().manual_seed(0))
+    p.save_adapter(str(tmp_path / "sft"))
+    q = load_policy("tiny", seed=3, adapter=str(tmp_path / "sft"))
+    assert all("reference" not in n for n, x in q.model.named_parameters() if x.requires_grad)
+    ids = torch.tensor([q.tokenizer.encode("some words here")])
+    with torch.no_grad():
+        pol = q.model(input_ids=ids).logits
+        with q.reference():
+            ref = q.model(input_ids=ids).logits
+        with q.model.disable_adapter():
+            base = q.model(input_ids=ids).logits
+    assert torch.equal(pol, ref) and not torch.allclose(pol, base, atol=1e-3)
+    data, rollout_fn, reward = _toy_setup()
+    cfg = GRPOConfig(max_steps=2, num_generations=3, prompts_per_step=2, max_completion_length=6,
+                     beta=0.1, learning_rate=5e-2)
+    train_grpo(q, data, rollout_fn, reward, cfg, str(tmp_path / "rl"))
+    from common.runlog import read_jsonl
+    kl = [r["kl"] for r in read_jsonl(str(tmp_path / "rl" / "metrics.jsonl"))]
+    assert kl[0] == 0.0 and kl[1] > 0.0, kl
+    with torch.no_grad(), q.reference():
+        assert torch.equal(q.model(input_ids=ids).logits, ref)        # pi_ref did not move
+    assert not (tmp_path / "rl" / "adapter" / "reference").exists()
+
+
 def test_bad_model_names_and_4bit_errors(monkeypatch):
     with pytest.raises(ValueError, match="preset"):
         load_policy("no-such-model")

@@ -84,7 +84,7 @@ def test_limits_budget_and_reprompt(policy):
     (r,) = run_rollouts(policy, [{"k": 0}], num_generations=1, make_messages=msgs, tools=make_tools(None),
                         max_turns=4, max_tool_calls={"text_search": 2}, generate=gen)
     obs = [t["observation"] for t in r.trajectory if t["role"] == "tool"]
-    assert "limit" in obs[2] and r.answer is None and r.truncated
+    assert "limit" in obs[2] and r.answer is None and r.stop_reason == "max_turns" and not r.truncated
     gen = scripted([["thinking...", "<answer>x</answer>"]])
     (r,) = run_rollouts(policy, [{"k": 0}], num_generations=1, make_messages=msgs, tools=make_tools(None),
                         max_turns=3, observation_style="inline", reprompt="Search or answer.", generate=gen)
@@ -109,8 +109,9 @@ def test_malformed_outputs_never_crash_the_loop(policy):
     kinds = {"answer": 0, "tool_or_error": 0, "stop": 0}
     for k, r in enumerate(rs):
         assert r.done and 1 <= r.turns <= 3
-        # the mask counts exactly the scripted (generated) tokens of the turns taken
-        assert sum(r.mask) == sum(len(policy.tokenizer(x, add_special_tokens=False)["input_ids"])
+        # the mask counts exactly the scripted (generated) tokens of the turns taken, each turn
+        # cut at its budget (max_new_tokens = 128; max_total_tokens never binds here)
+        assert sum(r.mask) == sum(min(128, len(policy.tokenizer(x, add_special_tokens=False)["input_ids"]))
                                   for x in scripts[k][: r.turns])
         kinds["answer" if r.answer is not None else "tool_or_error" if len(r.trajectory) > r.turns else "stop"] += 1
         for t in r.trajectory:
@@ -129,3 +130,107 @@ def test_trajectory_page(tmp_path, policy):
     path = trajectory_html([item], str(tmp_path / "t.html"))
     page = open(path).read()
     assert page.count("<img") == 2 and "acc=1" in page and "Cropped &lt;ok&gt;" in page
+
+
+def test_each_rollout_keeps_its_own_token_budget(policy):
+    """One rollout near its limit must not cut another's answer (it did when the turn budget was
+    the minimum over all live rollouts)."""
+    tok = policy.tokenizer
+    long_call = "<text_search>" + "x " * 20 + "</text_search>"
+    answer = "<answer>the answer is 1901 in Quux City</answer>"
+    seen = []
+
+    def gen(policy, seqs, *, max_new_tokens, **kw):
+        seen.append(list(max_new_tokens))
+        out = []
+        for s in seqs:
+            k = int(re.search(r"#(\d+)", tok.decode(s.input_ids)).group(1))
+            n_turn = tok.decode(s.input_ids).count("<|im_start|>assistant")
+            text = [long_call, "<text_search>y</text_search>"][n_turn - 1] if k == 0 else \
+                ["<text_search>Zorblat</text_search>", answer][n_turn - 1]
+            out.append(tok(text, add_special_tokens=False)["input_ids"])
+        return out
+
+    n_long = len(tok(long_call, add_special_tokens=False)["input_ids"])
+    n_short = len(tok("<text_search>Zorblat</text_search>", add_special_tokens=False)["input_ids"])
+    n_obs = len(tok("<|im_end|>\n<|im_start|>user\nok<|im_end|>\n<|im_start|>assistant\n",
+                    add_special_tokens=False)["input_ids"])
+    rs = run_rollouts(policy, [{"k": 0}, {"k": 1}], num_generations=1, make_messages=prompt("q"),
+                      tools={"text_search": lambda a, r: ("ok", None)}, max_turns=2, max_new_tokens=64,
+                      max_total_tokens=n_long + n_obs + 10, generate=gen)
+    assert seen[1] == [10, n_long - n_short + 10]                    # turn 2: each row its own budget
+    assert rs[1].answer == "the answer is 1901 in Quux City" and rs[1].stop_reason == "answer"
+    assert len(rs[0].ids) <= n_long + n_obs + 10 and rs[0].trajectory[-2]["cut"] and rs[0].truncated
+
+
+def test_observation_that_cannot_fit_ends_the_rollout_with_a_reason(policy, capsys):
+    big = {"text_search": lambda a, r: ("word " * 400, None)}
+    gen = scripted([["<text_search>a</text_search>", "<answer>x</answer>"]] * 4)
+    rs = run_rollouts(policy, [{"k": k} for k in range(4)], num_generations=1, make_messages=prompt("q"),
+                      tools=big, max_turns=2, max_total_tokens=200, generate=gen)
+    assert all(r.stop_reason == "observation_overflow" and r.truncated and r.answer is None for r in rs)
+    out = capsys.readouterr().out
+    assert out.count("warning: 4 of 4 rollouts ended because an observation did not fit") == 1
+
+
+def test_next_user_turn_hook_runs_a_dialogue(policy):
+    """The per-turn hook: user turns (text, then an image) spliced with mask 0, replies kept per
+    turn, a cut reply closed with <|im_end|>, None ends the dialogue, max_turns bounds it."""
+    tok = policy.tokenizer
+    img = Image.new("RGB", (56, 56), (0, 0, 255))
+    users = ["second question", [{"type": "image", "image": img}, {"type": "text", "text": "third"}]]
+    calls = []
+
+    def hook(r, t):
+        calls.append(t)
+        return users[t - 1] if t - 1 < len(users) else None
+
+    replies = ["first reply<|im_end|>", "a very long reply " * 10, "<answer>done</answer><|im_end|>"]
+    gen = scripted([replies])
+    (r,) = run_rollouts(policy, [{"k": 0}], num_generations=1, make_messages=prompt("first"),
+                        max_turns=5, max_new_tokens=12, generate=gen, next_user_turn=hook)
+    said = [t for t in r.trajectory if t["role"] == "assistant"]
+    assert len(said) == 3 and said[1]["cut"] and not said[2]["cut"] and calls == [1, 2, 3]
+    assert r.stop_reason == "dialogue_end" and r.answer == "done" and not r.truncated
+    assert [t["observation"] for t in r.trajectory if t["role"] == "tool"] == ["second question", "third"]
+    assert len(r.images) == 1 and len(r.pixel_values) == 1          # the user turn's image
+    gen_text = tok.decode([i for i, m in zip(r.ids, r.mask) if m])
+    n_cut = len(tok(replies[1], add_special_tokens=False)["input_ids"][:12])
+    assert sum(r.mask) == (len(tok(replies[0], add_special_tokens=False)["input_ids"]) + n_cut
+                           + len(tok(replies[2], add_special_tokens=False)["input_ids"]))
+    assert gen_text.startswith("first reply<|im_end|>")
+    obs = tok.decode([i for i, m in zip(r.ids, r.mask) if not m])
+    assert obs.count("<|im_start|>user") == 2 and obs.startswith("\n<|im_start|>user\nsecond question")
+    assert "<|im_end|>\n<|im_start|>user" in tok.decode(r.ids)      # the cut reply was closed
+    b = rollout_batch([r], tok)                                      # the image reaches training
+    assert int(b["mm_token_type_ids"].sum()) == int(b["image_grid_thw"].prod(-1).sum()) // 4
+    # max_turns: the hook is not asked for a turn that would never be answered
+    calls.clear()
+    (r,) = run_rollouts(policy, [{"k": 0}], num_generations=1, make_messages=prompt("first"),
+                        max_turns=2, max_new_tokens=12, generate=scripted([replies]), next_user_turn=hook)
+    assert calls == [1] and r.stop_reason == "max_turns" and r.turns == 2 and r.truncated  # 2nd was cut
+
+
+def test_generate_ids_per_row_budgets_and_sampler_logps(policy):
+    """The real sampler: each row stops at its own budget; greedy rows are prefixes of the same
+    rows with a larger budget; sampled log-probs are the model's log softmax(logits / T)."""
+    from common.rollout import generate_ids, vision_token_ids
+    tok = policy.tokenizer
+    from common.chat import encode
+    seqs = [encode(tok, None, [{"role": "user", "content": t}], add_generation_prompt=True)
+            for t in ("hello there", "the quick brown fox jumps")]
+    policy.model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|endoftext|>")
+    a = generate_ids(policy, seqs, max_new_tokens=[3, 10], temperature=0.0)
+    b = generate_ids(policy, seqs, max_new_tokens=[10, 10], temperature=0.0)
+    assert len(a[0]) <= 3 and a[0] == b[0][:len(a[0])] and a[1] == b[1]
+    torch.manual_seed(0)
+    ids, lps = generate_ids(policy, seqs, max_new_tokens=[4, 9], temperature=0.7, return_logprobs=True)
+    assert [len(x) for x in ids] == [len(x) for x in lps] and len(ids[0]) <= 4 and len(ids[1]) <= 9
+    vision = vision_token_ids(tok)                 # the sampler suppresses these (a VLM)
+    for s, i, lp in zip(seqs, ids, lps):
+        with torch.no_grad():
+            logits = policy.model(input_ids=torch.tensor([s.input_ids + i])).logits[0].float()  # (L, V)
+        z = logits[len(s.input_ids) - 1: -1] / 0.7                                        # (n, V)
+        z[:, vision] = -float("inf")
+        want = z.log_softmax(-1).gather(-1, torch.tensor(i)[:, None]).squeeze(-1)
+        assert torch.allclose(want, torch.tensor(lp), atol=1e-4)

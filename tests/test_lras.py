@@ -213,7 +213,7 @@ def test_agent_loop_reprompts_and_searches(world, tok_policy):
     def gen(policy, seqs, **kw):
         calls.append(kw["max_new_tokens"])
         return [policy.tokenizer(script[len(calls) - 1], add_special_tokens=False)["input_ids"] for _ in seqs]
-    args = lras.Args(max_completion_length=4096)
+    args = lras.Args(max_completion_length=4096, max_new_tokens=64)
     [r] = lras.agent_rollouts(tok_policy, [q], args, world.search, 1, 1.0, generate=gen)
     assert [t.get("name") for t in r.trajectory if t["role"] == "tool"] == ["reprompt", "error", "text_search"]
     assert r.answer == q["answer"] and r.tool_calls == {"text_search": 1}
@@ -348,7 +348,8 @@ def scripted(turns, eos):
         calls.append(kw["max_new_tokens"])
         ids = policy.tokenizer(texts[len(calls) - 1], add_special_tokens=False)["input_ids"]
         ids += [eos] if len(calls) == len(texts) else []
-        return [ids[:kw["max_new_tokens"]] for _ in seqs]
+        budgets = kw["max_new_tokens"]
+        return [ids[:b] for b in (budgets if isinstance(budgets, list) else [budgets] * len(seqs))]
     return gen
 
 

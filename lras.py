@@ -272,7 +272,10 @@ MCQ_RULES = ("choice", "jecqa_set", "lawbench_mcq", "lexeval_exact")
 
 
 def answer_rule(gold: str) -> str:
-    """Closed-class golds (yes/no, anything with a number) are matched exactly; others sub-exactly (6)."""
+    """Closed-class golds are matched exactly: option letters (options in the question text) by
+    their letters, yes/no and anything with a number by closed_match; others sub-exactly (6)."""
+    if re.fullmatch(r"[A-T]{1,5}", gold.strip()):
+        return "choice"
     return "closed" if gold.strip().lower() in ("yes", "no", "是", "否") or NUMBER.search(gold) else "sub_exact"
 
 
@@ -358,7 +361,7 @@ phrase otherwise."""
 
 def make_messages(example: dict) -> list[dict]:
     q = example["question"]
-    if example["type"] == "mcq":
+    if example["options"]:
         q += "\n" + "\n".join(f"{k}. {v}" for k, v in example["options"].items()) + "\nAnswer with the option letter."
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
 
@@ -501,7 +504,7 @@ def score(answer: str | None, ex: dict, max_answer_words: int = 12) -> float:
     if not a:
         return 0.0
     if rule in ("choice", "jecqa_set"):
-        return float(extract_choice(a, "".join(ex["options"]) or "ABCD") == gold)
+        return float(extract_choice(a, "".join(ex["options"]) or "ABCDEFGHIJKLMNOPQRST") == gold)
     if rule == "lawbench_mcq":
         return float({c for c in "ABCD" if c in a} == set(gold))
     if rule == "lexeval_exact":

@@ -479,3 +479,10 @@ def test_eval_scores_a_predictions_file_without_a_model(tmp_path):
     res = json.loads((tmp_path / "out" / "eval" / "results.json").read_text())
     assert res["score"]["3-3"] == pytest.approx((1 + 2 / 3) / 2)
     assert res["rule"]["3-3"] == ["lawbench_charge_f1", "lawbench_mcq"] and res["missing"] == 0
+
+
+def test_a_gold_letter_without_option_fields_is_a_letter_not_an_article(tmp_path):
+    rows = [{"question": "Which applies? A. theft B. fraud", "answer": "A"}]
+    [one] = lras.load_benchmark(write(tmp_path / "q.jsonl", "\n".join(json.dumps(r) for r in rows)), ARGS)
+    assert one["rule"] == "choice" and lras.score("A", one) == 1.0 and lras.score("B", one) == 0.0
+    assert lras.score("The answer is A", one) == 1.0

@@ -695,8 +695,8 @@ def train_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = Fals
     weights = sampling_weights([q["id"] for q in kept], table, uniform)
     filter_empty = not kept
     if filter_empty:   # (5) announced, not silent
-        print(f"[rl] the difficulty filter kept 0 of {len(pool)} questions (pass rate 0 or 1 everywhere; "
-              f"expected with --model tiny): training on all of them with uniform sampling.")
+        print(f"[rl] the difficulty filter kept 0 of {len(pool)} questions (pass rate 0 or 1 everywhere: no GRPO "
+              f"signal): training on all of them with uniform sampling.")
         kept, weights = pool, None
     print(f"[rl] {len(kept)} questions, {'uniform' if weights is None else 'difficulty-weighted'} sampling")
     cfg = grpo_config(args, max_steps=max_steps or args.max_steps)

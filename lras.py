@@ -829,6 +829,22 @@ def adapter_digest(adapter: str | None) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if adapter and path.is_file() else None
 
 
+def ablate_plot(table: dict, n: int, path: str) -> None:
+    """Accuracy (with its 95 % interval) and search rate per variant, on a 0-1 axis."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = np.arange(len(table))
+    acc = [r["accuracy"] for r in table.values()]
+    err = [[a - r["ci95"][0] for a, r in zip(acc, table.values())], [r["ci95"][1] - a for a, r in zip(acc, table.values())]]
+    ax.bar(x - 0.2, acc, 0.4, yerr=err, capsize=3, label="accuracy (95 % interval)")
+    ax.bar(x + 0.2, [r["search_rate"] or 0 for r in table.values()], 0.4, label="search rate")
+    ax.set(xticks=x, xticklabels=list(table), ylim=(0, 1), title=f"LRAS ablation, {n} held-out toy questions")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def stage_ablate(args: Args) -> dict:
     """Base vs SFT vs SFT + RL (difficulty) vs SFT + RL (uniform), each evaluated on the same questions."""
     abl = Path(args.out) / "ablate"
@@ -856,8 +872,7 @@ def stage_ablate(args: Args) -> dict:
         print(f"[ablate] identical adapters, not a comparison: {same}")
     write_json(str(abl / "results.json"), {"table": table, "identical_adapters": same, "questions": n,
                                            "rule": "accuracy (toy: choice letters / closed-class exact)"})
-    bar_plot({k: {m: v for m, v in r.items() if m in ("accuracy", "search_rate")} for k, r in table.items()},
-             str(abl / "ablate.png"), "LRAS ablations (toy held-out charges)", "rate")
+    ablate_plot(table, n, str(abl / "ablate.png"))
     print("[ablate] " + " | ".join(f"{k}: acc {r['accuracy']:.3f} {r['ci95']}" for k, r in table.items()))
     return table
 

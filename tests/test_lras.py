@@ -316,10 +316,10 @@ def test_smoke_all_tiny(tmp_path):
     abl = json.loads((tmp_path / "ablate" / "results.json").read_text())
     assert set(abl["table"]) == {"base", "SFT", "SFT+RL difficulty", "SFT+RL uniform"}
     assert abl["table"]["SFT+RL uniform"]["uniform_sampling"] and abl["table"]["base"]["adapter_sha256"] is None
-    # the tiny model solves nothing, so the filter is empty and both RL variants train uniformly: the
-    # same adapter, which the results must say instead of comparing them
+    # the tiny model solves nothing, so the filter is empty and both RL variants train uniformly (with
+    # all rewards 0 not even away from SFT): the same adapter, which the results must say, not compare
     if abl["table"]["SFT+RL difficulty"]["sampling_used"] == "uniform":
-        assert abl["identical_adapters"] == [["SFT+RL difficulty", "SFT+RL uniform"]]
+        assert any({"SFT+RL difficulty", "SFT+RL uniform"} <= set(g) for g in abl["identical_adapters"])
 
 
 def test_eval_on_user_file_without_corpus_is_one_clear_error(tmp_path):

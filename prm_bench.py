@@ -1,56 +1,47 @@
-"""PRM-Bench for thinking with images: a step-labelled benchmark format, trajectory generation
-with error injection, LVLM-as-PRM evaluation with the anchors' metrics, and PRM-guided search.
-"What, Whether and How? Unveiling Process Reward Models for Thinking with Images Reasoning",
-arXiv 2602.08346 (no code or data released); see shared/papers/prm_bench.md.
+"""PRMs for thinking with images: a step-labelled trajectory format, a toy set built by step builders from an
+auditable error-injection table, LVLM-as-PRM evaluation with the benchmarks' own metrics, PRM-guided best-of-N.
+"What, Whether and How? Unveiling Process Reward Models for Thinking with Images Reasoning", arXiv 2602.08346.
 
-Stages (each writes into <out>/<stage>/; `all` runs data -> eval -> search):
-    python prm_bench.py --stage all --model tiny      # CPU, ~1-2 min: plumbing only, numbers are noise
-    python prm_bench.py --stage data     # toy set with injected errors (exact labels) + policy trajectories
-    python prm_bench.py --stage eval     # LVLM as PRM: judge every step -> <out>/eval/results.json + plots
-    python prm_bench.py --stage search   # PRM-guided best-of-N (min / mean) vs majority vote and random
-GPU (Qwen2.5-VL-3B in NF4 as the PRM; Qwen/Qwen2.5-VL-7B-Instruct with 24 GB):
+    python prm_bench.py --stage all --model tiny     # CPU, ~1 min: data -> eval -> search; numbers are noise
     python prm_bench.py --stage all --model Qwen/Qwen2.5-VL-3B-Instruct --n_scenes 40 --search_questions 40
-Your own annotated trajectories (record format below; paths relative to the file):
-    python prm_bench.py --stage eval --data my_annotated.jsonl --prm prob --prm_adapter my_prm/adapter
+    python prm_bench.py --stage eval --benchmark visualprocessbench --data VPB/test.jsonl --images VPB/images
+    python prm_bench.py --stage eval --benchmark processbench --data ProcessBench/gsm8k.json   # or prmbench
+    python prm_bench.py --stage eval --data my.jsonl --predictions my_prm.jsonl   # scores of any external PRM
 
-Record format (one trajectory per JSONL line; `validate_record` checks every field):
-    {"id": str, "question": str, "images": [path], "answers": [str], "final_answer": str | null,
-     "category": one of TAXONOMY, "subcategory": one of TAXONOMY[category], "source": str,
-     "injected": null | {"step": int, "error_type": str},          # toy set only
-     "steps": [{"text": str, "tool_call": null | {"name": str, "arguments": {...}},
-                "observation": str | null, "tool_image": path | null,
-                "label": "correct" | "incorrect" | "neutral" (null only in unannotated files),
-                "error_type": one of ERROR_TYPES iff label == "incorrect", else null}, ...]}
-Boxes in tool calls are pixels of the image the model saw (Qwen2.5-VL `bbox_2d`).
+Record (a line; `validate_record` checks it; paths relative to --images): {"id", "question", "images": [path],
+"answers": [str], "final_answer", "category", "subcategory", "source", "injected": [{"step", "error_type"}],
+"steps": [{"text", "tool_call": null | {"name", "arguments"}, "observation", "tool_image": path | null,
+"knowledge": [fact] | null, "label": correct | incorrect | neutral | null, "error_type"}]}. A null label (not
+annotated) may only follow an incorrect step. search/candidates.jsonl holds the policy's trajectories unlabelled.
+Predictions: {"id", "scores": [per step: a score in [0, 1], true/false, a verdict ("Incorrect", "+"), or null]};
+a converted row without an id is named by its line ("3"), PRMBench's as `<classification>_<idx>`.
 
-Deviations from the paper (numbered; the code says "(n)" where each one lives):
- 1. Data: the 1,206 annotated trajectories are not public. The toy set is built on gog.py's toy
-    world (emblem tiles); errors are injected programmatically at known steps, so labels are
-    exact. It covers 4 of our 16 subcategories (one per category).
- 2. Taxonomy: the paper names only 2 of its 7 error types (tool invocation, relationship
-    understanding) and none of its 4 x 16 categories; ERROR_TYPES and TAXONOMY are ours.
- 3. Labels after the first injected error are "neutral": those steps may be locally valid but
-    rest on a wrong premise. Step metrics exclude neutral steps (VisualProcessBench's rule),
-    so PRMBench's PRMScore and VisualProcessBench's macro-F1 coincide on our data.
- 4. A reply the judge parser cannot read counts as "not endorsed" (judged incorrect) and is
-    reported as `unparsed_rate`; in search its score is 0.
- 5. The PRM sees the question images and only the image made by the step being judged (the
-    earlier crops are described in text), to keep prompts short on a small GPU.
- 6. `--prm prob` scores a step by P("+") / (P("+") + P("-")) of the next token after a "+ or -"
-    prompt (the Math-Shepherd / VisualPRM convention for trained PRMs), instead of a trained
-    PRM's value head; pass a trained adapter with --prm_adapter.
- 7. Search: "policy" candidates come from the model with the crop tool; the default "toy"
-    candidates come from a simulated policy (the toy generator with random injected errors),
-    because the tiny model answers nothing. Nothing is trained here, so there is no sft/rl stage
-    and no GRPO knobs; --max_steps caps the trajectories judged in eval.
+Metrics (eval/results.json; an undefined ratio is null where the benchmarks' code writes -1):
+  PRMBench (ssmisya/PRMBench mr_eval/tasks/prmtest_classified/task.py): every labelled step of the erroneous
+    samples, also after the first error; f1 (correct steps) and negative_f1 (error steps) from summed counts;
+    PRMScore = 0.5 f1 + 0.5 negative_f1. Clean samples are their own class, out of the overall counts.
+    A sample with an unparsed step is invalid and left out (their `validity`).
+  VisualProcessBench (public evaluators): neutral and unparsed steps dropped; macro-F1 = mean of F1(correct)
+    and F1(incorrect) over all samples' steps.
+  ProcessBench (QwenLM/ProcessBench code/run_eval.py): prediction = the first step not judged correct (an
+    unparsed step is not judged correct), else -1; acc_err, acc_corr and their harmonic mean F1.
+Deviations (numbered; "(n)" marks where each lives):
+ 1. The paper's 1,206 trajectories are not public: the toy set is built on gog.py's toy world.
+ 2. ERRORS, TAXONOMY and the toy kinds are ours (the paper names 2 of its 7 error types).
+ 3. Toy labels: a step is incorrect when it does something wrong itself; a step that correctly builds on an
+    earlier mistake is correct (PRMBench's error_steps). Knowledge steps carry the KB facts they use.
+ 4. The PRM sees the question images and the latest crop made at or before the judged step.
+ 5. `--prm prob` = P(+) / (P(+) + P(-)) of the next token (Math-Shepherd, VisualPRM), not a value head.
+ 6. Nothing is trained (no sft/rl stage); --max_steps caps the trajectories judged in eval.
 """
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -58,7 +49,8 @@ import torch
 from PIL import Image
 
 from common.chat import collate, encode
-from common.cli import parse_args
+from common.cli import RunArgs, UserError, run_stages
+from common.data import open_image, read_records, require
 from common.judge import exact_match, normalize_answer, parse_verdict
 from common.models import load_policy
 from common.rollout import image_token_id, run_rollouts
@@ -68,41 +60,33 @@ from gog import World, build_world, to_seen
 
 
 @dataclass
-class Args:
+class Args(RunArgs):
     stage: Literal["data", "eval", "search", "all"] = "all"
     """which stage to run (`all` = data, eval, search)"""
-    model: str = "auto"
-    """PRM and policy: tiny | smollm2 | auto (Qwen2.5-VL-3B on CUDA, else tiny) | hub id | folder"""
-    out: str = f"runs/{Path(__file__).stem}"
-    """output folder; each stage writes <out>/<stage>/"""
-    seed: int = 0
-    """seed of the toy world, the error injection and the sampler"""
-    max_steps: int = 0
-    """cap on trajectories judged in eval (0 = all); nothing is trained here (7)"""
-    load_in_4bit: bool | None = None
-    """NF4 4-bit base weights: true | false | none (auto: on for real models on CUDA, off for CPU presets)"""
-    # --- data (1) ---
-    data: str | None = None
-    """annotated JSONL to evaluate (default: <out>/data/toy.jsonl from the data stage)"""
+    # --- toy data (1) ---
     n_scenes: int = 6
     """scenes of gog.py's toy world; each gives 4 toy questions (attribute, fact, relation, count)"""
-    image_size: int = 0
-    """scene side in pixels (0 = 448, or 224 with --model tiny: 8x fewer vision tokens on a CPU)"""
+    image_size: int = 448
+    """scene side in pixels (the tiny preset: 224, 8x fewer vision tokens on a CPU)"""
     p_clean: float = 0.3
-    """fraction of toy trajectories left error-free (the others get one injected error)"""
-    n_policy_questions: int = 4
-    """questions the policy answers with the crop tool in the data stage (0 = skip)"""
-    num_generations: int = 2
-    """trajectories the policy samples per question"""
-    max_turns: int = 3
-    """assistant turns (= steps) per policy trajectory"""
-    max_completion_length: int = 48
-    """new tokens per policy turn"""
-    temperature: float = 1.0
-    """policy sampling temperature"""
-    # --- eval: LVLM as PRM ---
+    """share of toy trajectories without an error"""
+    p_multi: float = 0.3
+    """share of the erroneous toy trajectories with two errors (at different steps)"""
+    p_recover: float = 0.5
+    """chance that a wrong crop is noticed and redone (a recovery); a broken tool call is always retried"""
+    # --- eval: benchmark files and the PRM ---
+    benchmark: Literal["ours", "visualprocessbench", "processbench", "prmbench"] = "ours"
+    """format of --data: ours | VisualProcessBench test.jsonl | a ProcessBench split (.json) | PRMBench .jsonl"""
+    data: str | None = None
+    """trajectories to evaluate (none = <out>/data/toy.jsonl from the data stage)"""
+    images: str | None = None
+    """folder the --data image paths are relative to (none = the folder of --data)"""
+    predictions: str | None = None
+    """JSONL of per-step scores or verdicts from an external PRM, scored instead of running --model"""
+    max_steps: int = 0
+    """cap on trajectories judged in eval (0 = all) (6)"""
     prm: Literal["judge", "prob"] = "judge"
-    """judge = prompted Correct/Incorrect verdict; prob = P(+) / (P(+) + P(-)) next-token score (6)"""
+    """judge = prompted Correct/Incorrect verdict; prob = P(+) / (P(+) + P(-)) next-token score (5)"""
     prm_adapter: str | None = None
     """peft adapter of a trained PRM loaded onto --model (none = the base model as PRM)"""
     threshold: float = 0.5
@@ -111,140 +95,182 @@ class Args:
     """tokens the judge may write (the verdict is the earliest Correct/Incorrect in them)"""
     batch_size: int = 16
     """PRM prompts per batch"""
-    n_buckets: int = 4
-    """relative step-position buckets for accuracy by position"""
-    n_html: int = 12
-    """trajectories shown on the HTML pages"""
-    # --- search ---
-    search_source: Literal["toy", "policy"] = "toy"
-    """candidates: toy = simulated policy with injected errors; policy = the model with its crop tool (7)"""
+    # --- search: best-of-N ---
+    search_source: Literal["policy", "toy"] = "policy"
+    """best-of-N candidates: policy = sampled from --model with the crop tool; toy = simulated (toy errors)"""
     search_questions: int = 4
     """questions in the search stage"""
     search_n: str = "1,2,4,8"
     """N values for best-of-N; the largest is the candidates sampled per question"""
-    search_p_clean: float = 0.35
-    """toy source: chance that a simulated candidate is error-free"""
     search_repeats: int = 64
     """random N-subsets of the candidates per question (selection noise is averaged out)"""
+    max_turns: int = 3
+    """assistant turns (= steps) per policy trajectory"""
+    max_completion_length: int = 48
+    """new tokens per policy turn"""
+    temperature: float = 1.0
+    """policy sampling temperature"""
+
+
+TINY_SIZES = dict(image_size=224)
+N_BUCKETS = 4  # relative step-position buckets
 
 
 # =============================================================================================
-# Data: taxonomy (2), record format + validator, loaders, toy set with injected errors (1)
+# Data: taxonomy and error-injection table (2), record validator, benchmark loaders
 # =============================================================================================
-ERROR_TYPES = {  # ours (2); the paper names only the first and the fourth
-    "tool_invocation": "a malformed or invalid tool call (bad JSON, unknown tool, impossible box)",
-    "region_selection": "a valid crop of the wrong region: the evidence is not in the view",
-    "visual_perception": "misreading what the image or crop shows (colour, shape, label)",
-    "relationship_understanding": "a wrong spatial or semantic relation between objects",
-    "knowledge_hallucination": "a wrong or invented fact about a recognised entity",
-    "logical_calculation": "a wrong inference or arithmetic from correct premises",
-    "answer_format": "the final answer contradicts the reasoning or breaks the <answer> format",
+ALL_KINDS = ("attribute", "fact", "relation", "count")
+ERRORS = {  # error type: (the toy step role it corrupts, toy kinds it is injected in, what that step does)
+    "tool_invocation": ("crop", ALL_KINDS, "a malformed call (reversed box, 3 numbers, unknown tool, box off "
+                                           "the image); the next step retries it (a recovery)"),
+    "region_selection": ("crop", ("attribute", "fact", "count"), "a valid crop that misses the evidence; "
+                                                                  "with p_recover the next step notices and redoes it"),
+    "visual_perception": ("perceive", ALL_KINDS, "misreads the crop: the asked colour or shape, the emblem, "
+                                                  "a colour, one tile's shape"),
+    "relationship_understanding": ("relate", ("relation",), "names the decoy tile as the one in the asked direction"),
+    "knowledge_hallucination": ("recall", ("fact",), "a founding year or city that contradicts the KB facts shown"),
+    "logical_calculation": ("count", ("count",), "counts the tiles it listed off by one"),
+    "answer_format": ("answer", ALL_KINDS, "no <answer> tags, or an answer other than the value the steps reached"),
 }
-TAXONOMY = {  # ours (2): 4 categories x 4 subcategories = 16
+TAXONOMY = {  # ours (2): 4 categories x 4 subcategories
     "perception": ("attribute", "text_reading", "small_object", "fine_detail"),
     "spatial": ("relative_position", "layout", "size_comparison", "orientation"),
     "knowledge": ("entity_recognition", "fact_lookup", "multi_hop", "commonsense"),
     "reasoning": ("counting", "arithmetic", "chart_table", "geometry"),
 }
+KINDS = {"attribute": (("perception", "attribute"), ("crop", "perceive", "answer")),  # after an optional plan
+         "fact": (("knowledge", "fact_lookup"), ("crop", "perceive", "recall", "answer")),
+         "relation": (("spatial", "relative_position"), ("crop", "perceive", "relate", "answer")),
+         "count": (("reasoning", "counting"), ("crop", "perceive", "count", "answer"))}
 LABELS = ("correct", "incorrect", "neutral")
-# step role -> error types that can be injected there; each toy kind lists its roles in order
-ROLE_ERRORS = {"plan": (), "crop": ("tool_invocation", "region_selection"),
-               "perceive": ("visual_perception",), "relate": ("relationship_understanding",),
-               "recall": ("knowledge_hallucination",), "compute": ("logical_calculation",),
-               "answer": ("answer_format",)}
-KINDS = {"attribute": (("perception", "attribute"), ("plan", "crop", "perceive", "answer")),
-         "fact": (("knowledge", "fact_lookup"), ("plan", "crop", "perceive", "recall", "answer")),
-         "relation": (("spatial", "relative_position"), ("plan", "crop", "perceive", "relate", "answer")),
-         "count": (("reasoning", "counting"), ("plan", "crop", "perceive", "compute", "answer"))}
+BENCHMARKS = ("VisualProcessBench", "ProcessBench", "PRMBench")  # the category of converted records
 
 
-def _fail(where: str, field: str, msg: str):
-    raise ValueError(f"{where}: field '{field}' {msg}")
-
-
-def validate_record(rec, where: str, base_dir: Path | None = None, require_labels: bool = True) -> dict:
-    """Check one trajectory record; raise ValueError naming `where` (file:line) and the field."""
-    if not isinstance(rec, dict):
-        raise ValueError(f"{where}: a record must be a JSON object, got {type(rec).__name__}.")
+def validate_record(rec: dict, where: str, base_dir: Path | None = None, require_labels: bool = True) -> dict:
+    """Check one trajectory; a UserError names `where` (file:line) and the field."""
+    def need(ok, fld: str, msg: str):
+        if not ok:
+            raise UserError(f"{where}: field '{fld}' {msg}")
     for key in ("id", "question"):
-        if not isinstance(rec.get(key), str) or not rec[key].strip():
-            _fail(where, key, "must be a non-empty string.")
+        need(isinstance(rec.get(key), str) and rec[key].strip(), key, "must be a non-empty string.")
     for key in ("images", "answers"):
-        v = rec.get(key)
-        if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
-            _fail(where, key, "must be a non-empty list of non-empty strings.")
-    cat, sub = rec.get("category"), rec.get("subcategory")
-    if cat not in TAXONOMY:
-        _fail(where, "category", f"must be one of {', '.join(TAXONOMY)}; got {cat!r}.")
-    if sub not in TAXONOMY[cat]:
-        _fail(where, "subcategory", f"must be one of {', '.join(TAXONOMY[cat])} for category {cat!r}; "
-                                    f"got {sub!r}.")
-    if not isinstance(rec.get("final_answer"), (str, type(None))):
-        _fail(where, "final_answer", "must be a string or null.")
-    steps = rec.get("steps")
-    if not isinstance(steps, list) or not steps:
-        _fail(where, "steps", "must be a non-empty list of step objects.")
+        need(isinstance(rec.get(key), list) and all(isinstance(x, str) and x for x in rec[key]), key,
+             "must be a list of non-empty strings.")
+    cat, sub, steps = rec.get("category"), rec.get("subcategory"), rec.get("steps")
+    need(cat in TAXONOMY or cat in BENCHMARKS, "category", f"must be one of {', '.join([*TAXONOMY, *BENCHMARKS])}; "
+                                                           f"got {cat!r}.")
+    need(isinstance(sub, str) and (cat not in TAXONOMY or sub in TAXONOMY[cat]), "subcategory",
+         f"must be one of {', '.join(TAXONOMY.get(cat, ('a string',)))} for {cat!r}; got {sub!r}.")
+    need(isinstance(rec.get("final_answer"), (str, type(None))), "final_answer", "must be a string or null.")
+    need(isinstance(steps, list) and steps and all(isinstance(s, dict) for s in steps), "steps",
+         "must be a non-empty list of step objects.")
     for i, s in enumerate(steps):
-        f = f"steps[{i}]"
-        if not isinstance(s, dict):
-            _fail(where, f, "must be a JSON object.")
-        if not isinstance(s.get("text"), str) or not s["text"].strip():
-            _fail(where, f + ".text", "must be a non-empty string.")
-        call = s.get("tool_call")
-        if call is not None and not (isinstance(call, dict) and isinstance(call.get("name"), str)
-                                     and isinstance(call.get("arguments", {}), dict)):
-            _fail(where, f + ".tool_call", 'must be null or {"name": str, "arguments": {...}}.')
+        f, call, label, etype, facts = f"steps[{i}]", s.get("tool_call"), s.get("label"), s.get("error_type"), s.get("knowledge")
+        need(isinstance(s.get("text"), str) and s["text"].strip(), f + ".text", "must be a non-empty string.")
+        need(call is None or (isinstance(call, dict) and isinstance(call.get("name"), str)
+                              and isinstance(call.get("arguments", {}), dict)),
+             f + ".tool_call", 'must be null or {"name": str, "arguments": {...}}.')
         for key in ("observation", "tool_image"):
-            if not isinstance(s.get(key), (str, type(None))):
-                _fail(where, f"{f}.{key}", "must be a string or null.")
-        if s.get("tool_image") is not None and call is None:
-            _fail(where, f + ".tool_image", "needs a tool_call that produced it.")
-        label, etype = s.get("label"), s.get("error_type")
-        if label is None and require_labels:
-            _fail(where, f + ".label", "is null: this trajectory is unannotated (e.g. generated.jsonl); "
-                                       f"label every step with one of {', '.join(LABELS)} first.")
-        if label is not None and label not in LABELS:
-            _fail(where, f + ".label", f"must be one of {', '.join(LABELS)}; got {label!r}.")
-        if label == "incorrect" and etype not in ERROR_TYPES:
-            _fail(where, f + ".error_type", f"must be one of {', '.join(ERROR_TYPES)} for an incorrect "
-                                            f"step; got {etype!r}.")
-        if label != "incorrect" and etype is not None:
-            _fail(where, f + ".error_type", f"must be null unless label is 'incorrect' (label is {label!r}).")
-    inj = rec.get("injected")
-    if inj is not None:
-        ok = isinstance(inj, dict) and isinstance(inj.get("step"), int) and 0 <= inj["step"] < len(steps)
-        if not ok or steps[inj["step"]].get("error_type") != inj.get("error_type"):
-            _fail(where, "injected", "must be null or {step, error_type} matching that step's label.")
-    if base_dir is not None:
-        paths = [("images", p) for p in rec["images"]] + [(f"steps[{i}].tool_image", s["tool_image"])
-                                                          for i, s in enumerate(steps) if s.get("tool_image")]
-        for field, p in paths:
-            if not (base_dir / p).is_file():
-                _fail(where, field, f"points to {base_dir / p}, which does not exist.")
+            need(isinstance(s.get(key), (str, type(None))), f"{f}.{key}", "must be a string or null.")
+        need(s.get("tool_image") is None or call is not None, f + ".tool_image", "needs a tool_call that produced it.")
+        need(facts is None or (isinstance(facts, list) and all(isinstance(x, str) for x in facts)), f + ".knowledge",
+             "must be null or a list of strings (the facts the step is judged against).")
+        need(label is not None or not require_labels or any(x.get("label") == "incorrect" for x in steps[:i]),
+             f + ".label", "is null before any incorrect step: this trajectory is unannotated (e.g. candidates.jsonl); "
+                           f"label every step with one of {', '.join(LABELS)} first.")
+        need(label is None or label in LABELS, f + ".label", f"must be one of {', '.join(LABELS)}; got {label!r}.")
+        need(label != "incorrect" or cat not in TAXONOMY or etype in ERRORS, f + ".error_type",
+             f"must be one of {', '.join(ERRORS)} for an incorrect step; got {etype!r}.")
+        need(isinstance(etype, (str, type(None))) and (label == "incorrect" or etype is None), f + ".error_type",
+             f"must be null unless label is 'incorrect' (label is {label!r}).")
+    inj = rec.get("injected") or []
+    need(isinstance(inj, list) and all(isinstance(x, dict) and isinstance(x.get("step"), int) and 0 <= x["step"] < len(steps)
+                                       and steps[x["step"]].get("error_type") == x.get("error_type") for x in inj),
+         "injected", "must be a list of {step, error_type} matching those steps' labels.")
+    paths = [("images", p) for p in rec["images"]] + [
+        (f"steps[{i}].tool_image", s["tool_image"]) for i, s in enumerate(steps) if s.get("tool_image")]
+    for fld, p in paths if base_dir is not None else []:
+        need((base_dir / p).is_file(), fld, f"points to {base_dir / p}, which does not exist.")
     return rec
 
 
-def load_records(path: str, require_labels: bool = True) -> list[dict]:
-    """Read and validate a trajectory JSONL; a bad row raises ValueError naming file and line."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"trajectory file {p} does not exist (run --stage data, or pass --data).")
-    records, seen = [], set()
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{p}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except ValueError as e:
-            raise ValueError(f"{where}: not valid JSON ({e}).") from None
-        validate_record(rec, where, p.parent, require_labels)
+def make_step(text, label: str | None, error_type: str | None = None) -> dict:
+    return {"text": str(text), "tool_call": None, "observation": None, "tool_image": None, "knowledge": None,
+            "label": label, "error_type": error_type}
+
+
+def line_of(where: str) -> str:
+    """The name of a converted row without an id: its line ("3") or item ("item 3") in the file."""
+    return where.rsplit(":", 1)[-1]
+
+
+def text_record(rid, question, category: str, subcategory, source, steps: list[dict], images=(), answers=()) -> dict:
+    return {"id": str(rid), "question": str(question or "-"), "images": list(images), "answers": list(answers),
+            "final_answer": None, "category": category, "subcategory": str(subcategory), "source": str(source or ""),
+            "steps": steps}
+
+
+def from_visualprocessbench(where: str, row: dict) -> dict:
+    """OpenGVLab/VisualProcessBench test.jsonl: process_correctness 1 / 0 / -1 = correct / neutral / incorrect."""
+    require(row, where, "question", "response")
+    steps, marks = row["response"].get("steps"), row["response"].get("process_correctness")
+    if not isinstance(steps, list) or not steps or not isinstance(marks, list) or len(steps) != len(marks):
+        raise UserError(f"{where}: response.steps and response.process_correctness must be lists of equal length.")
+    if any(m not in (1, 0, -1) for m in marks):
+        raise UserError(f"{where}: process_correctness holds {marks}; expected 1, 0 or -1 per step.")
+    labels = [{1: "correct", 0: "neutral", -1: "incorrect"}[m] for m in marks]
+    images = [row["image"]] if isinstance(row.get("image"), str) else row.get("image") or []
+    return text_record(row.get("id", line_of(where)), row["question"], "VisualProcessBench", row.get("data_source") or "all",
+                       row.get("policy_model"), [make_step(t, lab) for t, lab in zip(steps, labels)], images,
+                       [str(row["answer"])] if row.get("answer") else [])
+
+
+def from_processbench(where: str, row: dict, split: str) -> dict:
+    """Qwen/ProcessBench split: `label` = 0-based first wrong step (-1: none); later steps are not labelled."""
+    require(row, where, "problem", "steps")
+    steps, k = row["steps"], row.get("label")
+    if not isinstance(k, int) or not -1 <= k < len(steps):
+        raise UserError(f"{where}: label must be -1 or the index of a step (0..{len(steps) - 1}); got {k!r}.")
+    labels = ["correct" if k == -1 or i < k else "incorrect" if i == k else None for i in range(len(steps))]
+    return text_record(row.get("id", line_of(where)), row["problem"], "ProcessBench", split, row.get("generator"),
+                       [make_step(t, lab) for t, lab in zip(steps, labels)])
+
+
+def from_prmbench(rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """PRMBench JSONL: each row -> its modified process (1-based error_steps); like PRMBench's loader, each
+    `redundency` row also yields the clean original once per idx, with the class `correct`."""
+    out = []
+    for where, row in rows:
+        require(row, where, "modified_process", "classification")
+        idx, cls, errs = row.get("idx", line_of(where)), row["classification"], row.get("error_steps") or []
+        if cls == "redundency" and not any(r["id"] == f"correct_{idx}" for _, r in out):
+            require(row, where, "original_process")
+            out.append((where, text_record(f"correct_{idx}", row.get("original_question"), "PRMBench", "correct",
+                                           "PRMBench", [make_step(t, "correct") for t in row["original_process"]])))
+        steps = [make_step(t, "incorrect", cls) if i + 1 in errs else make_step(t, "correct")
+                 for i, t in enumerate(row["modified_process"])]
+        out.append((where, text_record(f"{cls}_{idx}", row.get("modified_question"), "PRMBench", cls, "PRMBench", steps)))
+    return out
+
+
+def load_records(path: str, require_labels: bool = True, benchmark: str = "ours", images: str | None = None):
+    """Read (common.data.read_records), convert a published benchmark's rows, validate every record."""
+    if not Path(path).is_file():
+        raise UserError(f"trajectory file {path} does not exist (run --stage data, or pass --data).")
+    rows = read_records(path, "trajectory file")
+    if benchmark == "visualprocessbench":
+        rows = [(w, from_visualprocessbench(w, r)) for w, r in rows]
+    elif benchmark == "processbench":
+        rows = [(w, from_processbench(w, r, Path(path).stem)) for w, r in rows]
+    elif benchmark == "prmbench":
+        rows = from_prmbench(rows)
+    base, records, seen = Path(images or Path(path).parent), [], set()
+    for where, rec in rows:
+        validate_record(rec, where, base, require_labels)
         if rec["id"] in seen:
-            _fail(where, "id", f"{rec['id']!r} is used by an earlier record.")
+            raise UserError(f"{where}: field 'id' {rec['id']!r} is used by an earlier record.")
         seen.add(rec["id"])
-        records.append(dict(rec, _base=str(p.parent)))
-    if not records:
-        raise ValueError(f"trajectory file {p} holds no records.")
+        records.append(dict(rec, _base=str(base)))
     return records
 
 
@@ -260,19 +286,21 @@ def save_records(records: list[dict], path: Path) -> None:
             for k, im in pil.get("steps", {}).items():
                 im.save(path.parent / rec["steps"][k]["tool_image"])
             rec["_base"] = str(path.parent)
-            row = {k: v for k, v in rec.items() if not k.startswith("_")}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json.dumps({k: v for k, v in rec.items() if not k.startswith("_")}, ensure_ascii=False) + "\n")
 
 
 def record_images(rec: dict) -> tuple[list[Image.Image], dict[int, Image.Image]]:
     """(question images, {step index: tool image}), from memory or from disk."""
     if rec.get("_pil") is not None:
         return rec["_pil"]["images"], rec["_pil"].get("steps", {})
-    opened = lambda p: Image.open(Path(rec["_base"]) / p).convert("RGB")  # noqa: E731
-    return ([opened(p) for p in rec["images"]],
-            {i: opened(s["tool_image"]) for i, s in enumerate(rec["steps"]) if s.get("tool_image")})
+    base = rec["_base"]
+    return ([open_image(p, base, rec["id"]) for p in rec["images"]],
+            {i: open_image(s["tool_image"], base, rec["id"]) for i, s in enumerate(rec["steps"]) if s.get("tool_image")})
 
 
+# =============================================================================================
+# The toy set: questions on gog.py's world, trajectories from step builders, errors from ERRORS (1, 3)
+# =============================================================================================
 def toy_questions(world: World, rng: random.Random) -> list[dict]:
     """Four questions per scene on gog.py's world: its glance (attribute) and gaze (fact) questions,
     plus our relation and counting questions computed from the tile boxes."""
@@ -280,9 +308,10 @@ def toy_questions(world: World, rng: random.Random) -> list[dict]:
     for scene in world.scenes:
         tiles = scene["tiles"]
         for q in world.questions:
-            if q["scene_id"] == scene["id"] and q["level"] in ("glance", "gaze"):
+            kind = q.get("kind", q.get("level"))  # gog.py's question kind (called level before its issue 14)
+            if q["scene_id"] == scene["id"] and kind in ("glance", "gaze"):
                 target = next(t for t in tiles if t["name"] == q["target"])
-                specs.append(dict(kind="attribute" if q["level"] == "glance" else "fact", id=q["id"],
+                specs.append(dict(kind="attribute" if kind == "glance" else "fact", id=q["id"],
                                   scene=scene, question=q["question"], answers=q["answers"], target=target,
                                   attr="color" if q["answers"][0] == target["color"] else "shape",
                                   fact="year" if q["answers"][0].isdigit() else "city"))
@@ -325,25 +354,6 @@ def union_box(boxes: list, size: tuple, pad: int = 4) -> list:
             min(size[0], max(b[2] for b in boxes) + pad), min(size[1], max(b[3] for b in boxes) + pad)]
 
 
-def crop_step(image: Image.Image, box: list, text: str, tool_error: str | None):
-    """A crop step through the shared tool (common.tools). tool_error picks a broken call."""
-    w, h = seen_size(image)
-    seen = to_seen(box, image)
-    bad = {"reversed": seen[2:] + seen[:2], "three_numbers": seen[:3],
-           "outside": [w + 10, h + 10, w + 60, h + 60]}
-    call = {"name": "zoom" if tool_error == "unknown_tool" else "crop",
-            "arguments": {"bbox_2d": bad.get(tool_error, seen)}}
-    action = parse_action(f"<tool_call>{json.dumps(call)}</tool_call>")
-    out, obs = (None, action.error) if action.kind == "error" else crop(image, action.args["bbox_2d"], (w, h))
-    return {"text": text, "tool_call": call, "observation": obs}, out
-
-
-def fact_pool(world: World, fact: str) -> list[str]:
-    """Every answer in the world of the same kind (years are digits, cities are not)."""
-    return [a for q in world.questions for a in q["answers"] if a.isdigit() == (fact == "year")
-            and a not in {t[k] for s in world.scenes for t in s["tiles"] for k in ("color", "shape")}]
-
-
 def other(pool: list, gold: str, rng: random.Random) -> str:
     """A value from `pool` that differs from `gold` (normalised)."""
     choices = sorted({p for p in pool if normalize_answer(p) != normalize_answer(gold)})
@@ -352,162 +362,214 @@ def other(pool: list, gold: str, rng: random.Random) -> str:
     return rng.choice(choices)
 
 
-def toy_trajectory(spec: dict, world: World, inject: str | None, rng: random.Random, rid: str) -> dict:
-    """One thinking-with-images trajectory for a toy question, with `inject` (an error type or
-    None) placed on the first step whose role allows it. Labels: steps before it "correct", it
-    "incorrect", the rest "neutral" (3); those later steps reason on from the wrong premise, so
-    an injected error changes the final answer."""
-    kind, ((category, subcategory), roles) = spec["kind"], KINDS[spec["kind"]]
-    k_err = next((i for i, r in enumerate(roles) if inject in ROLE_ERRORS[r]), None) if inject else None
-    if inject is not None and k_err is None:
-        raise ValueError(f"a {kind} trajectory has no step where {inject} can happen.")
-    image, tiles, tgt = spec["scene"]["image"], spec["scene"]["tiles"], spec.get("target")
-    colors = sorted({t["color"] for s in world.scenes for t in s["tiles"]})
-    shapes = sorted({t["shape"] for s in world.scenes for t in s["tiles"]})
-    err = lambda i: k_err == i  # noqa: E731
-    desc = lambda t, c=None, s=None: (  # noqa: E731
-        f"a tile labelled {tag(t)} ({c or t['color']} {s or t['shape']})")
-    say = lambda text: steps.append({"text": text})  # noqa: E731
-    steps, crops = [], {}
-    # step 0 (plan): the tiles the crop must hold ----------------------------------------------
-    if kind == "count":
-        say(f"I will zoom in on the region that holds all the tiles and count the {spec['shape']} emblems.")
-        need = [t["box"] for t in tiles]
-    elif kind == "relation":
-        say(f"I need the tile labelled {tag(spec['anchor'])} and the tile {spec['rel']} it. "
-            f"I will zoom in on the area around it.")
-        need = [spec["anchor"]["box"], tgt["box"], spec["decoy"]["box"]]
+def entity_facts(world: World, name: str | None) -> list[str]:
+    return [d["text"] for d in world.text_kb if d["entity"] == name]
+
+
+def entity_fact(world: World, name: str, fact: str) -> str:
+    """The entity's founding year or city, read from its KB sentences (what the PRM is shown)."""
+    pattern = r"\b(\d{4})\b" if fact == "year" else r"city of ([A-Z]\w+)"
+    return next(m.group(1) for t in entity_facts(world, name) if (m := re.search(pattern, t)))
+
+
+@dataclass
+class Toy:
+    """A toy trajectory being built, and what its steps have claimed so far."""
+    spec: dict
+    world: World
+    rng: random.Random
+    steps: list = field(default_factory=list)
+    crops: dict = field(default_factory=dict)   # step index -> the crop it made
+    view: list = field(default_factory=list)    # tiles in the latest crop
+    seen: dict = field(default_factory=dict)    # tile name -> (colour, shape) as a step described it
+    value: str = ""                             # what the steps carry to the answer
+    name: str | None = None                     # the entity the perception step named (fact kind)
+
+    def say(self, text: str, error: str | None, **fields) -> None:
+        self.steps.append({**make_step(text, "incorrect" if error else "correct", error), **fields})
+
+    def pool(self, key: str) -> list[str]:
+        return sorted({t[key] for s in self.world.scenes for t in s["tiles"]})
+
+
+def needed(spec: dict) -> list[dict]:
+    """The tiles a correct crop must hold."""
+    if spec["kind"] == "count":
+        return spec["scene"]["tiles"]
+    return [spec["anchor"], spec["target"], spec["decoy"]] if spec["kind"] == "relation" else [spec["target"]]
+
+
+def wrong_region(t: Toy) -> list[dict]:
+    """region_selection: tiles of a crop that misses the evidence and changes the answer if trusted."""
+    s, tiles = t.spec, t.spec["scene"]["tiles"]
+    if s["kind"] == "count":  # one tile without the asked shape
+        return [([x for x in tiles if x["shape"] != s["shape"]] or tiles)[0]]
+    rest = [x for x in tiles if x is not s["target"] and (s["kind"] == "attribute" or not x["is_distractor"])]
+    if s["kind"] == "attribute":
+        return [sorted(rest, key=lambda x: x[s["attr"]] == s["target"][s["attr"]])[0]]
+    return [sorted(rest, key=lambda x: entity_fact(t.world, x["name"], s["fact"]) == s["answers"][0])[0]]
+
+
+def step_plan(t: Toy, err: None) -> None:
+    s = t.spec
+    if s["kind"] == "count":
+        t.say(f"I will zoom in on the region with all the tiles, then count the {s['shape']} emblems.", None)
+    elif s["kind"] == "relation":
+        t.say(f"I will zoom in on the tile labelled {tag(s['anchor'])} and the tile {s['rel']} it.", None)
     else:
-        what = "then a fact about its organisation" if kind == "fact" else "then read its emblem"
-        say(f"The question is about the small tile labelled {tag(tgt)}; I will zoom in on it, {what}.")
-        need = [tgt["box"]]
-    seen_tiles = [t for t in tiles if t["box"] in need] if kind != "count" else tiles
-    box = union_box(need, image.size)
-    # step 1 (crop) ----------------------------------------------------------------------------
-    if err(1) and inject == "region_selection":  # a valid crop of a tile that holds no evidence
-        if kind == "count":  # one tile without the asked shape: the count in view is wrong
-            wrong = ([t for t in tiles if t["shape"] != spec["shape"]] or tiles)[0]
-        else:  # a tile that is not needed, preferably one whose asked attribute differs
-            attr = spec.get("attr", "color")
-            unneeded = [t for t in tiles if t["box"] not in need[:2]]
-            wrong = sorted(unneeded, key=lambda t: t[attr] == tgt[attr])[0]
-        box, seen_tiles = union_box([wrong["box"]], image.size), [wrong]
-    tool_error = rng.choice(["reversed", "unknown_tool", "three_numbers", "outside"]) \
-        if err(1) and inject == "tool_invocation" else None
-    step, out = crop_step(image, box, "Zoom in on that region.", tool_error)
-    steps.append(step)
+        then = "recall a fact about its organisation" if s["kind"] == "fact" else "read its emblem"
+        t.say(f"I will zoom in on the tile labelled {tag(s['target'])}, then {then}.", None)
+
+
+def step_crop(t: Toy, err: str | None, text: str = "Zoom in on that region.") -> None:
+    """A crop through the shared tool (common.tools); tool_invocation breaks the call itself."""
+    image = t.spec["scene"]["image"]
+    tiles = wrong_region(t) if err == "region_selection" else needed(t.spec)
+    (w, h), seen = seen_size(image), to_seen(union_box([x["box"] for x in tiles], image.size), image)
+    broken = t.rng.choice(["reversed", "three_numbers", "unknown_tool", "outside"]) if err == "tool_invocation" else ""
+    box = {"reversed": seen[2:] + seen[:2], "three_numbers": seen[:3], "outside": [w + 10, h + 10, w + 60, h + 60]}
+    call = {"name": "zoom" if broken == "unknown_tool" else "crop", "arguments": {"bbox_2d": box.get(broken, seen)}}
+    action = parse_action(f"<tool_call>{json.dumps(call)}</tool_call>")
+    out, obs = (None, action.error) if action.kind == "error" else crop(image, action.args["bbox_2d"], (w, h))
+    t.say(text, err, tool_call=call, observation=obs)
     if out is not None:
-        crops[1] = out
-    failed = out is None
-    # steps 2.. by kind -------------------------------------------------------------------------
-    if kind in ("attribute", "fact"):
-        seen = seen_tiles[0]
-        c, s, name = seen["color"], seen["shape"], None if seen["is_distractor"] else seen["name"]
-        if failed:
-            c, s = other(colors, tgt["color"], rng), other(shapes, tgt["shape"], rng)
-            say(f"The zoom failed; from the overview the emblem looks like a {c} {s}.")
-        else:
-            if err(2) and kind == "attribute":  # visual_perception: misread the asked attribute
-                c = other(colors, c, rng) if spec["attr"] == "color" else c
-                s = other(shapes, s, rng) if spec["attr"] == "shape" else s
-            elif err(2):  # visual_perception: take the emblem for another entity's emblem
-                e = rng.choice([t for sc in world.scenes for t in sc["tiles"]
-                                if not t["is_distractor"] and t["name"] != seen["name"]])
-                c, s, name = e["color"], e["shape"], e["name"]
-            who = f", the emblem of {name}" if kind == "fact" and name else ""
-            say(f"The zoomed view shows the tile labelled {tag(seen)} with a {c} {s} emblem{who}.")
-        if kind == "attribute":
-            value = {"color": c, "shape": s}[spec["attr"]]
-        else:
-            ok = not failed and not err(2) and seen is tgt
-            name = name if name and not failed else "the organisation with that emblem"
-            pool = fact_pool(world, spec["fact"])
-            value = spec["answers"][0] if ok and not err(3) else other(pool, spec["answers"][0], rng)
-            verb = "was founded in" if spec["fact"] == "year" else "is based in"
-            say(f"I recall that {name} {verb} {value}.")
-    elif kind == "relation":
-        a, b, d = spec["anchor"], tgt, spec["decoy"]
-        if failed:
-            value = other(colors, b["color"], rng)
-            say(f"The zoom failed; in the overview I make out a {value} emblem near the tile "
-                f"labelled {tag(a)}.")
-            say(f"I take that tile to be the one {spec['rel']} the tile labelled {tag(a)}.")
-        elif len(seen_tiles) == 1:  # after a region error: only an unrelated tile is in view
-            value = seen_tiles[0]["color"]
-            say(f"The zoomed view shows {desc(seen_tiles[0])}.")
-            say(f"I take the tile labelled {tag(seen_tiles[0])} to be the one {spec['rel']} the tile "
-                f"labelled {tag(a)}.")
-        else:
-            cb = other(colors, b["color"], rng) if err(2) else b["color"]  # visual_perception: misread b
-            parts = [desc(b, cb), desc(d)]
-            rng.shuffle(parts)
-            say(f"The zoomed view shows {desc(a)}, {parts[0]} and {parts[1]}.")
-            pick, value = (d, d["color"]) if err(3) else (b, cb)  # relationship_understanding: the decoy
-            say(f"The tile labelled {tag(pick)} is {spec['rel']} the tile labelled {tag(a)}.")
-    else:  # count
-        if failed:
-            value = str(int(spec["answers"][0]) + rng.choice([1, 2]))
-            say("The zoom failed; the emblems in the overview are too small to read.")
-            say(f"I estimate {value} {spec['shape']} emblems.")
-        else:
-            listed = [(t, t["shape"]) for t in seen_tiles]
-            if err(2):  # visual_perception: one tile's shape misread, which changes the count
-                j = rng.randrange(len(listed))
-                t = listed[j][0]
-                misread = other(shapes, spec["shape"], rng) if t["shape"] == spec["shape"] else spec["shape"]
-                listed[j] = (t, misread)
-            say("The zoomed view shows " + ", ".join(desc(t, None, s) for t, s in listed) + ".")
-            hits = [tag(t) for t, s in listed if s == spec["shape"]]
-            n = len(hits)
-            if err(3):  # logical_calculation: off by one
-                n += 1 if not hits or rng.random() < 0.5 else -1
-            say(f"The tiles with a {spec['shape']} emblem: {', '.join(hits) or 'none'}; that makes {n}.")
-            value = str(n)
-    # last step: the answer ---------------------------------------------------------------------
-    if err(len(roles) - 1) and rng.random() < 0.5:  # answer_format: no <answer> tags
-        say(f"The answer is {value}.")
-    elif err(len(roles) - 1):                       # answer_format: the answer contradicts the reasoning
-        pool = {"attribute": shapes if spec.get("attr") == "shape" else colors, "relation": colors,
-                "count": [str(i) for i in range(len(tiles) + 2)],
-                "fact": fact_pool(world, spec.get("fact", "year"))}
-        say(f"So the answer is {value}. <answer>{other(pool[kind], value, rng)}</answer>")
+        t.crops[len(t.steps) - 1], t.view = out, tiles
+
+
+def step_retry(t: Toy, err: str) -> None:
+    """A recovery: the step after a broken call or a wrong crop notices it and crops again (correct)."""
+    if err == "tool_invocation":
+        text = "The tool call failed; I retry it with a valid box."
+    elif t.spec["kind"] == "count":
+        text = "This view holds only part of the tiles; I zoom out to all of them."
     else:
-        say(f"So the answer is {value}. <answer>{value}</answer>")
-    assert len(steps) == len(roles), (kind, len(steps))
-    for i, s in enumerate(steps):
-        s.setdefault("tool_call", None)
-        s.setdefault("observation", None)
-        s["tool_image"] = f"images/{rid}-s{i}.png" if i in crops else None
-        s["label"] = "correct" if k_err is None or i < k_err else "incorrect" if i == k_err else "neutral"
-        s["error_type"] = inject if i == k_err else None
-    final = parse_action(steps[-1]["text"])
+        text = f"This view does not show the tile labelled {tag(t.spec['target'])}; I zoom in on it instead."
+    step_crop(t, None, text)
+
+
+def describe(x: dict, color: str, shape: str) -> str:
+    return f"a tile labelled {tag(x)} ({color} {shape})"
+
+
+def step_perceive(t: Toy, err: str | None) -> None:
+    s, kind, rng = t.spec, t.spec["kind"], t.rng
+    t.seen = {x["name"]: (x["color"], x["shape"]) for x in t.view}
+    if kind in ("attribute", "fact"):
+        x = t.view[0]
+        (c, sh), t.name = t.seen[x["name"]], None if x["is_distractor"] else x["name"]
+        if err and kind == "attribute":  # misread the asked attribute
+            c, sh = (other(t.pool("color"), c, rng), sh) if s["attr"] == "color" else (c, other(t.pool("shape"), sh, rng))
+        elif err:  # take the emblem for another entity's
+            e = rng.choice([y for sc in t.world.scenes for y in sc["tiles"] if not y["is_distractor"]
+                            and y["name"] != x["name"]])
+            c, sh, t.name = e["color"], e["shape"], e["name"]
+        t.value = {"color": c, "shape": sh}[s.get("attr", "color")]
+        if kind == "fact":
+            t.say(f"The zoomed view shows a {c} {sh} emblem, the emblem of {t.name}.", err,
+                  knowledge=[f"The emblem of {t.name} is a {c} {sh}."])
+        else:
+            t.say(f"The zoomed view shows a {c} {sh} emblem.", err)
+        return
+    if err:  # misread the target's colour (relation) or one tile's shape, which changes the count (count)
+        x = s["target"] if kind == "relation" else rng.choice(t.view)
+        c, sh = t.seen[x["name"]]
+        t.seen[x["name"]] = (other(t.pool("color"), c, rng), sh) if kind == "relation" else \
+            (c, other(t.pool("shape"), sh, rng) if sh == s["shape"] else s["shape"])
+    parts = [describe(x, *t.seen[x["name"]]) for x in t.view]
+    if kind == "relation":
+        parts = parts[:1] + rng.sample(parts[1:], 2)
+    t.say("The zoomed view shows " + ", ".join(parts) + ".", err)
+
+
+def step_relate(t: Toy, err: str | None) -> None:
+    s = t.spec
+    pick = s["decoy"] if err else s["target"]
+    t.value = t.seen[pick["name"]][0]
+    t.say(f"The tile labelled {tag(pick)} is {s['rel']} the tile labelled {tag(s['anchor'])}.", err)
+
+
+def step_recall(t: Toy, err: str | None) -> None:
+    fact, facts = t.spec["fact"], entity_facts(t.world, t.name)
+    true = entity_fact(t.world, t.name, fact)
+    pool = [entity_fact(t.world, d["entity"], fact) for d in t.world.text_kb]
+    t.value = other(pool, true, t.rng) if err else true
+    verb = "was founded in" if fact == "year" else "is based in the city of"
+    t.say(f"I recall that {t.name} {verb} {t.value}.", err, knowledge=facts)
+
+
+def step_count(t: Toy, err: str | None) -> None:
+    hits = [tag(x) for x in t.view if t.seen[x["name"]][1] == t.spec["shape"]]
+    n = len(hits) + ((1 if not hits or t.rng.random() < 0.5 else -1) if err else 0)  # off by one
+    t.value = str(n)
+    t.say(f"The tiles with a {t.spec['shape']} emblem: {', '.join(hits) or 'none'}; that makes {n}.", err)
+
+
+def step_answer(t: Toy, err: str | None) -> None:
+    if err and t.rng.random() < 0.5:
+        t.say(f"The answer is {t.value}.", err)
+        return
+    pool = {"count": [str(i) for i in range(8)], "relation": t.pool("color"),
+            "attribute": t.pool(t.spec.get("attr", "color")),
+            "fact": [entity_fact(t.world, d["entity"], t.spec.get("fact", "year")) for d in t.world.text_kb]}
+    shown = other(pool[t.spec["kind"]], t.value, t.rng) if err else t.value
+    t.say(f"So the answer is {t.value}. <answer>{shown}</answer>", err)
+
+
+BUILDERS = {"plan": step_plan, "crop": step_crop, "perceive": step_perceive, "relate": step_relate,
+            "recall": step_recall, "count": step_count, "answer": step_answer}
+
+
+def toy_trajectory(spec: dict, world: World, errors: dict[str, str], rng: random.Random, rid: str,
+                   plan: bool = True, recover: bool = False) -> dict:
+    """One trajectory: [plan] + the kind's roles, each built by BUILDERS[role]; `errors` maps a role to the
+    error type injected there (ERRORS says which fit). A broken call is retried; a wrong crop is redone
+    when `recover`. Every step is labelled by what it does itself (3)."""
+    (category, subcategory), roles = KINDS[spec["kind"]]
+    for role, e in errors.items():
+        if ERRORS[e][0] != role or spec["kind"] not in ERRORS[e][1]:
+            raise ValueError(f"ERRORS does not inject {e} at the {role} step of a {spec['kind']} trajectory.")
+    t = Toy(spec, world, rng)
+    for role in ("plan",) * plan + roles:
+        BUILDERS[role](t, errors.get(role))
+        if errors.get(role) == "tool_invocation" or (errors.get(role) == "region_selection" and recover):
+            step_retry(t, errors[role])
+    for i in t.crops:
+        t.steps[i]["tool_image"] = f"images/{rid}-s{i}.png"
+    final = parse_action(t.steps[-1]["text"])
     return {"id": rid, "question": spec["question"], "images": [f"images/{spec['scene']['id']}.png"],
             "answers": spec["answers"], "final_answer": final.answer if final.kind == "answer" else None,
             "category": category, "subcategory": subcategory, "source": "toy",
-            "injected": None if k_err is None else {"step": k_err, "error_type": inject}, "steps": steps,
-            "_pil": {"images": [image], "steps": crops}}
+            "injected": [{"step": i, "error_type": s["error_type"]} for i, s in enumerate(t.steps) if s["error_type"]],
+            "steps": t.steps, "_pil": {"images": [spec["scene"]["image"]], "steps": t.crops}}
 
 
-def build_toy_set(world: World, seed: int, p_clean: float) -> list[dict]:
-    """One trajectory per toy question; a non-clean one gets the eligible error type used least
-    so far (ties: the type fewest kinds allow, then at random), so all 7 types appear early."""
-    rng = random.Random(seed)
-    used = Counter({t: 0 for t in ERROR_TYPES})
-    kinds_of = Counter(t for _, roles in KINDS.values() for r in roles for t in ROLE_ERRORS[r])
-    records = []
-    for spec in toy_questions(world, rng):
-        inject = None
-        if rng.random() >= p_clean:
-            eligible = [t for r in KINDS[spec["kind"]][1] for t in ROLE_ERRORS[r]]
-            best = min((used[t], kinds_of[t]) for t in eligible)
-            inject = rng.choice([t for t in eligible if (used[t], kinds_of[t]) == best])
-            used[inject] += 1
-        records.append(toy_trajectory(spec, world, inject, rng, spec["id"]))
+def draw_errors(kind: str, n: int, used: Counter, rng: random.Random) -> dict[str, str]:
+    """n error types for a `kind` trajectory at different roles, the least used first (ties at random)."""
+    errors: dict[str, str] = {}
+    for _ in range(n):
+        free = sorted(e for e, (role, kinds, _) in ERRORS.items() if kind in kinds and role not in errors)
+        e = rng.choice([x for x in free if used[x] == min(used[y] for y in free)])
+        used[e] += 1
+        errors[ERRORS[e][0]] = e
+    return errors
+
+
+def build_toy_set(world: World, seed: int, p_clean: float, p_multi: float = 0.3, p_recover: float = 0.5,
+                  specs: list[dict] | None = None, copies: int = 1) -> list[dict]:
+    """`copies` trajectories per toy question: clean with p_clean, else one error (two with p_multi);
+    a plan step with chance 1/2, so errors sit at varied positions."""
+    rng, used, records = random.Random(seed), Counter(), []
+    for spec in specs or toy_questions(world, rng):
+        for c in range(copies):
+            n = 0 if rng.random() < p_clean else 2 if rng.random() < p_multi else 1
+            records.append(toy_trajectory(spec, world, draw_errors(spec["kind"], n, used, rng), rng,
+                                          spec["id"] + (f"-c{c}" if copies > 1 else ""),
+                                          plan=rng.random() < 0.5, recover=rng.random() < p_recover))
     return records
 
 
 # =============================================================================================
-# Trajectory generation from a policy with the shared crop tool
+# Trajectories from a policy with the shared crop tool (unannotated: label null)
 # =============================================================================================
 POLICY_SYSTEM = """You answer questions about an image step by step, one short step per turn.
 To look closer, zoom in: <tool_call>{"name": "crop", "arguments": {"bbox_2d": [x1, y1, x2, y2]}}</tool_call>
@@ -528,11 +590,11 @@ def crop_tool(args: dict, r) -> tuple[str, Image.Image | None]:
 
 
 def policy_trajectories(policy, specs: list[dict], args: Args, G: int, generate=None) -> list[dict]:
-    """G sampled trajectories per question -> unannotated records (label null): each assistant turn
-    is a step; its tool call, observation and crop attach to it. `generate`: tests' scripted sampler."""
+    """G sampled trajectories per question -> records: each assistant turn is a step; its tool call,
+    observation and crop attach to it. `generate`: tests' scripted sampler."""
     if not policy.is_vlm:
-        raise ValueError(f"{policy.name} is text-only and cannot see the image; "
-                         "use a VLM (tiny, Qwen2.5-VL).")
+        raise UserError(f"{policy.name} is text-only and cannot see the image; use a VLM (tiny, Qwen2.5-VL) "
+                        "or --search_source toy (simulated candidates).")
     examples = [dict(id=s["id"], image=s["scene"]["image"], question=s["question"], spec=s) for s in specs]
     rollouts = run_rollouts(policy, examples, num_generations=G, make_messages=policy_messages,
                             tools={"crop": crop_tool}, max_turns=args.max_turns, max_tool_calls={"crop": 2},
@@ -545,8 +607,7 @@ def policy_trajectories(policy, specs: list[dict], args: Args, G: int, generate=
         steps, crops = [], {}
         for turn in r.trajectory:
             if turn["role"] == "assistant":
-                steps.append({"text": turn["text"].strip() or "(empty step)", "tool_call": None,
-                              "observation": None, "tool_image": None, "label": None, "error_type": None})
+                steps.append(make_step(turn["text"].strip() or "(empty step)", None))
             elif steps and turn["name"] != "reprompt":
                 steps[-1].update(tool_call={"name": turn["name"], "arguments": turn["args"]},
                                  observation=turn["observation"])
@@ -554,51 +615,56 @@ def policy_trajectories(policy, specs: list[dict], args: Args, G: int, generate=
                     crops[len(steps) - 1] = turn["image"]
                     steps[-1]["tool_image"] = f"images/{rid}-s{len(steps) - 1}.png"
         (category, subcategory), _ = KINDS[spec["kind"]]
-        records.append({"id": rid, "question": spec["question"],
-                        "images": [f"images/{spec['scene']['id']}.png"],
+        records.append({"id": rid, "question": spec["question"], "images": [f"images/{spec['scene']['id']}.png"],
                         "answers": spec["answers"], "final_answer": r.answer, "category": category,
-                        "subcategory": subcategory, "source": f"policy:{policy.name}", "injected": None,
-                        "steps": steps, "_pil": {"images": [spec["scene"]["image"]], "steps": crops}})
+                        "subcategory": subcategory, "source": f"policy:{policy.name}", "steps": steps,
+                        "_pil": {"images": [spec["scene"]["image"]], "steps": crops}})
     return records
 
 
 # =============================================================================================
-# Prompt format and parsing: the LVLM as PRM
+# Prompt format and parsing: the LVLM as PRM (4, 5)
 # =============================================================================================
-PRM_SYSTEM = ("You are a process reward model. You check one step of a visual reasoning trajectory in "
-              "which the solver may zoom into the image with a crop tool.")
+PRM_SYSTEM = ("You are a process reward model. You check one step of a visual reasoning trajectory in which the "
+              "solver may zoom into the image with a crop tool.")
 PRM_REPLY = {"judge": "Reply with one word: Correct or Incorrect.",
              "prob": "Reply with + if it is correct and - if it is incorrect."}
 
 
-def render_step(i: int, s: dict, shown: bool) -> str:
-    line = f"Step {i + 1}: {s['text']}"
-    if s.get("tool_call") is not None:
-        line += f"\n  [tool call {json.dumps(s['tool_call'])} -> {s.get('observation') or 'no output'}]"
-        line += " (its image is the last one shown)" if shown else ""
-    return line
-
-
 def prm_messages(rec: dict, k: int, images: list, step_images: dict, mode: str, vlm: bool) -> list[dict]:
-    """Question + images + steps 1..k; asks whether step k is correct (5)."""
-    shown = vlm and k in step_images
-    steps = "\n".join(render_step(i, s, shown and i == k) for i, s in enumerate(rec["steps"][: k + 1]))
-    text = (f"Question: {rec['question']}\n{steps}\n\nIs Step {k + 1} correct, given the question, the "
-            f"image{'s' if len(images) > 1 else ''} and the steps before it? Judge Step {k + 1} only. "
-            f"{PRM_REPLY[mode]}")
-    pics = list(images) + ([step_images[k]] if shown else [])
+    """Question, images, steps 1..k, the facts of step k; asks whether step k is correct. The images are
+    the question's and the latest crop made at or before step k (4)."""
+    latest = max((i for i in step_images if i <= k), default=None) if vlm else None
+    lines = [f"Question: {rec['question']}"]
+    for i, s in enumerate(rec["steps"][: k + 1]):
+        lines.append(f"Step {i + 1}: {s['text']}")
+        if s.get("tool_call") is not None:
+            lines[-1] += (f"\n  [tool call {json.dumps(s['tool_call'])} -> {s.get('observation') or 'no output'}]"
+                          + (" (its image is the last one shown)" if i == latest else ""))
+    if rec["steps"][k].get("knowledge"):
+        lines.append("Facts to check it against: " + " ".join(rec["steps"][k]["knowledge"]))
+    lines.append(f"\nIs Step {k + 1} correct? Judge Step {k + 1} only: it is correct when what it does or states "
+                 f"is right given the question, the images and the steps before it (a step that correctly builds "
+                 f"on an earlier mistake is correct). {PRM_REPLY[mode]}")
+    pics = list(images) + ([step_images[latest]] if latest is not None else [])
+    text = "\n".join(lines)
     user = ([{"type": "image", "image": im} for im in pics] + [{"type": "text", "text": text}] if vlm
             else "(Images not shown: text-only PRM.)\n" + text)
     return [{"role": "system", "content": PRM_SYSTEM}, {"role": "user", "content": user}]
 
 
-def parse_step_verdict(text: str | None) -> float | None:
-    """A PRM reply -> score in [0, 1] or None. Step numbers are dropped first ("Step 1 is
-    correct" is not the score 1); a leading "+" / "-" is 1 / 0; the rest is
-    common.judge.parse_verdict (earliest Correct/Incorrect/yes/no/fraction wins)."""
+def parse_step_verdict(text) -> float | None:
+    """A PRM reply (or a predictions-file value) -> score in [0, 1] or None (unparsed). Numbers and
+    booleans are scores; in text, step numbers are dropped first ("Step 1 is correct" is not the score
+    1), an echo of "Correct or Incorrect" is no verdict, a leading "+" / "-" is 1 / 0, the rest is
+    common.judge.parse_verdict."""
+    if isinstance(text, (bool, int, float)):
+        return float(text) if 0 <= text <= 1 else None
     if not isinstance(text, str):
         return None
     t = re.sub(r"(?i)\bstep\s*#?\d+\b", " ", text).strip().lstrip("*_`'\" ")
+    if re.search(r"(?i)\bcorrect\s+or\s+incorrect\b", t):  # the instruction echoed back: no verdict
+        return None
     if t[:1] in ("+", "-") and not t[1:2].isdigit():
         return 1.0 if t[0] == "+" else 0.0
     return parse_verdict(t)
@@ -606,20 +672,18 @@ def parse_step_verdict(text: str | None) -> float | None:
 
 @torch.no_grad()
 def plus_probability(policy, batch: list[list[dict]]) -> list[float]:
-    """P("+") / (P("+") + P("-")) of the next token after each prompt (6)."""
+    """P("+") / (P("+") + P("-")) of the next token after each prompt (5)."""
     tok = policy.tokenizer
     plus, minus = (tok.encode(s, add_special_tokens=False)[0] for s in ("+", "-"))
     seqs = [encode(tok, policy.image_processor, m, add_generation_prompt=True) for m in batch]
     inputs = collate(seqs, tok.pad_token_id, "left", image_token_id(tok) if policy.is_vlm else None)
     inputs.pop("loss_mask")
-    inputs = {k: v.to(policy.device) for k, v in inputs.items()}
-    logits = policy.model(**inputs, logits_to_keep=1).logits          # (B, 1, V)
-    two = logits[:, -1, [plus, minus]].float()                         # (B, 2)
-    return torch.softmax(two, dim=-1)[:, 0].tolist()                   # (B,)
+    logits = policy.model(**{k: v.to(policy.device) for k, v in inputs.items()}, logits_to_keep=1).logits  # (B, 1, V)
+    return torch.softmax(logits[:, -1, [plus, minus]].float(), dim=-1)[:, 0].tolist()                      # (B,)
 
 
 def score_steps(policy, records: list[dict], args: Args, log: RunLog | None = None) -> list[list[dict]]:
-    """Every step of every record -> {"score": float | None, "reply": str}, per record."""
+    """Every step of every record -> {"score": float | None (unparsed), "reply": str}, per record."""
     items = [(r, k) for r in records for k in range(len(r["steps"]))]
     out, starts = {}, range(0, len(items), args.batch_size)
     for b in (log.bar(starts, desc=f"PRM ({args.prm})") if log else starts):
@@ -635,133 +699,164 @@ def score_steps(policy, records: list[dict], args: Args, log: RunLog | None = No
         for (r, k), sc, rep in zip(chunk, scores, replies):
             out[(id(r), k)] = {"score": sc, "reply": rep}
         if log:
-            log.log({"unparsed": sum(s is None for s in scores) / len(scores),
-                     "mean_score": sum(s or 0.0 for s in scores) / len(scores)}, step=b // args.batch_size)
+            log.log({"unparsed": sum(s is None for s in scores) / len(scores)}, step=b // args.batch_size)
     return [[out[(id(r), k)] for k in range(len(r["steps"]))] for r in records]
 
 
+def read_predictions(path: str, records: list[dict]) -> list[list[dict]]:
+    """An external PRM's {"id", "scores": [per step]} rows -> the judgements of `records`, in their order."""
+    rows = {}
+    for where, row in read_records(path, "predictions file"):
+        require(row, where, "id")
+        if not isinstance(row.get("scores"), list):
+            raise UserError(f"{where}: field 'scores' must be a list with one score or verdict per step.")
+        rows[str(row["id"])] = (where, row["scores"])
+    judged = []
+    for r in records:
+        if r["id"] not in rows:
+            raise UserError(f"{path} has no predictions for the record {r['id']!r}; give every record one row.")
+        where, scores = rows[r["id"]]
+        if len(scores) != len(r["steps"]):
+            raise UserError(f"{where}: {len(scores)} scores for the {len(r['steps'])} steps of {r['id']!r}.")
+        if any(isinstance(x, (int, float)) and not 0 <= x <= 1 for x in scores):
+            raise UserError(f"{where}: a score outside [0, 1] in {scores}; give probabilities of 'correct'.")
+        judged.append([{"score": parse_step_verdict(x), "reply": str(x)} for x in scores])
+    return judged
+
+
 # =============================================================================================
-# Metrics: ProcessBench, PRMBench, VisualProcessBench and the paper's analyses
-# Undefined values (an empty class: 0/0) are None (JSON null), never 0 or 1.
+# Metrics: PRMBench, VisualProcessBench, ProcessBench, and the paper's analyses. pred[j][i] is
+# True / False (judged correct / not) or None (unparsed). Undefined ratios (0/0) are None.
 # =============================================================================================
 def ratio(num: float, den: float) -> float | None:
     return None if den == 0 else num / den
 
 
 def f1_score(tp: int, fp: int, fn: int) -> float | None:
-    """F1 = 2TP / (2TP + FP + FN) (= harmonic mean of precision and recall); None when the
-    class occurs neither in the gold labels nor in the predictions."""
+    """2TP / (2TP + FP + FN), = PRMBench's 2PR / (P + R); None when the class is in neither gold nor predictions."""
     return ratio(2 * tp, 2 * tp + fp + fn)
 
 
-def macro(*values: float | None) -> float | None:
-    """Mean over the defined values (sklearn's macro average over labels present in gold or
-    predictions); None when none is defined."""
-    vals = [v for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else None
+def mean_of_both(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else 0.5 * a + 0.5 * b
 
 
-def first_error(labels: list[str]) -> int:
+def step_pairs(records: list[dict], pred: list[list]) -> list[tuple[bool, bool]]:
+    """(gold correct, judged correct) of every labelled correct/incorrect step judged True or False."""
+    return [(s["label"] == "correct", p) for r, ps in zip(records, pred) for s, p in zip(r["steps"], ps)
+            if s["label"] in ("correct", "incorrect") and p is not None]
+
+
+def confusion(pairs: list[tuple[bool, bool]]) -> dict:
+    """Correct steps are the positive class (PRMBench's TP / FP / FN / TN)."""
+    return {"tp": sum(g and p for g, p in pairs), "fp": sum(not g and p for g, p in pairs),
+            "fn": sum(g and not p for g, p in pairs), "tn": sum(not g and not p for g, p in pairs)}
+
+
+def prmscore(pairs: list[tuple[bool, bool]]) -> dict:
+    c = confusion(pairs)
+    f1, neg = f1_score(c["tp"], c["fp"], c["fn"]), f1_score(c["tn"], c["fn"], c["fp"])
+    return {"f1": f1, "negative_f1": neg, "PRMScore": mean_of_both(f1, neg), "n_steps": len(pairs)}
+
+
+def is_clean(rec: dict) -> bool:
+    """No incorrect step (PRMBench's class `correct`; its multi_solutions samples count as erroneous)."""
+    return rec["subcategory"] != "multi_solutions" and all(s["label"] != "incorrect" for s in rec["steps"])
+
+
+def prmbench(records: list[dict], pred: list[list]) -> dict:
+    """PRMScore over every labelled step of the erroneous samples; clean samples and each class apart."""
+    valid = [(r, p) for r, p in zip(records, pred) if None not in p]  # PRMBench's `validity`
+    erroneous = [x for x in valid if not is_clean(x[0])]
+    res = {**prmscore(step_pairs(*zip(*erroneous)) if erroneous else []), "n_samples": len(erroneous),
+           "validity_rate": ratio(len(erroneous), sum(not is_clean(r) for r in records)),
+           "unparsed": "a sample with an unparsed step is invalid and left out (PRMBench's validity)"}
+    classes = {}
+    for r, p in valid:
+        classes.setdefault("correct" if is_clean(r) else r["subcategory"], []).append((r, p))
+    res["per_class"] = {k: prmscore(step_pairs(*zip(*v))) for k, v in sorted(classes.items())}
+    if "multi_solutions" in res["per_class"]:  # no error steps: PRMBench scores it by f1 alone
+        res["per_class"]["multi_solutions"]["PRMScore"] = res["per_class"]["multi_solutions"]["f1"]
+    res["clean"] = res["per_class"].pop("correct", None)
+    return res
+
+
+def visualprocessbench(records: list[dict], pred: list[list]) -> dict:
+    """Macro-F1 = mean of F1(correct) and F1(incorrect) over all samples' steps, neutral (0) dropped."""
+    c = confusion(step_pairs(records, pred))
+    f1c, f1i = f1_score(c["tp"], c["fp"], c["fn"]), f1_score(c["tn"], c["fn"], c["fp"])
+    return {"macro_f1": mean_of_both(f1c, f1i), "f1_correct": f1c, "f1_incorrect": f1i, "n_steps": sum(c.values()),
+            "unparsed": "an unparsed step is dropped, like a neutral one"}
+
+
+def first_error(labels: list) -> int:
     """ProcessBench's label: index of the first incorrect step, -1 when there is none."""
     return next((i for i, lab in enumerate(labels) if lab == "incorrect"), -1)
 
 
-def first_flagged(pred_correct: list[bool]) -> int:
-    """ProcessBench's prediction: index of the first step judged wrong, -1 when none is."""
-    return next((i for i, p in enumerate(pred_correct) if not p), -1)
+def first_flagged(pred: list) -> int:
+    """ProcessBench's prediction: index of the first step not judged correct (unparsed included), else -1."""
+    return next((i for i, p in enumerate(pred) if p is not True), -1)
 
 
 def processbench(gold_first: list[int], pred_first: list[int]) -> dict:
-    """acc_err over trajectories with an error, acc_corr over error-free ones,
-    F1 = 2 acc_err acc_corr / (acc_err + acc_corr) (None if either is undefined; 0 if both are 0)."""
+    """acc_err over samples with an error, acc_corr over error-free ones, F1 = their harmonic mean."""
     err = [p == g for g, p in zip(gold_first, pred_first) if g != -1]
     corr = [p == -1 for g, p in zip(gold_first, pred_first) if g == -1]
     acc_err, acc_corr = ratio(sum(err), len(err)), ratio(sum(corr), len(corr))
     f1 = None if acc_err is None or acc_corr is None else \
         0.0 if acc_err + acc_corr == 0 else 2 * acc_err * acc_corr / (acc_err + acc_corr)
-    return {"acc_err": acc_err, "acc_corr": acc_corr, "f1": f1, "n_err": len(err), "n_corr": len(corr)}
+    return {"acc_err": acc_err, "acc_corr": acc_corr, "f1": f1, "n_err": len(err), "n_corr": len(corr),
+            "unparsed": "an unparsed step is not judged correct, so it can be the predicted first error"}
 
 
-def confusion(labels: list[str], pred_correct: list[bool]) -> dict:
-    """Step confusion matrix, correct steps as the positive class; neutral steps excluded (3)."""
-    pairs = [(lab == "correct", p) for lab, p in zip(labels, pred_correct) if lab != "neutral"]
-    return {"tp": sum(g and p for g, p in pairs), "fp": sum(not g and p for g, p in pairs),
-            "fn": sum(g and not p for g, p in pairs), "tn": sum(not g and not p for g, p in pairs)}
+def step_stats(pairs: list[tuple[bool, bool]]) -> dict:
+    """Accuracy, detection rate (incorrect steps judged incorrect), balanced accuracy (mean of the recall
+    on correct steps and the detection rate: independent of the label mix)."""
+    c = confusion(pairs)
+    detection, kept = ratio(c["tn"], c["tn"] + c["fp"]), ratio(c["tp"], c["tp"] + c["fn"])
+    return {"n_steps": len(pairs), "n_incorrect": c["tn"] + c["fp"], "accuracy": ratio(c["tp"] + c["tn"], len(pairs)),
+            "detection_rate": detection, "balanced_accuracy": mean_of_both(detection, kept)}
 
 
-def prmbench(labels: list[str], pred_correct: list[bool]) -> dict:
-    """PRMBench: F1 (positive = correct steps), negative F1 (positive = incorrect steps),
-    PRMScore = 0.5 F1 + 0.5 F1_neg (the defined one alone when a class is absent)."""
-    c = confusion(labels, pred_correct)
-    f1, f1_neg = f1_score(c["tp"], c["fp"], c["fn"]), f1_score(c["tn"], c["fn"], c["fp"])
-    return {"f1": f1, "f1_neg": f1_neg, "PRMScore": macro(f1, f1_neg)}
-
-
-def visualprocessbench(labels: list[str], pred_correct: list[bool]) -> dict:
-    """VisualProcessBench: every erroneous step must be found; macro-F1 = mean of the F1 on
-    correct steps and the F1 on incorrect steps, neutral steps excluded: PRMBench's F1s (3)."""
-    p = prmbench(labels, pred_correct)
-    return {"macro_f1": p["PRMScore"], "f1_correct": p["f1"], "f1_incorrect": p["f1_neg"],
-            "n_steps": sum(confusion(labels, pred_correct).values())}
-
-
-def step_stats(labels: list[str], pred_correct: list[bool]) -> dict:
-    c = confusion(labels, pred_correct)
-    n = sum(c.values())
-    return {"n_steps": n, "accuracy": ratio(c["tp"] + c["tn"], n),
-            "macro_f1": visualprocessbench(labels, pred_correct)["macro_f1"],
-            "detection_rate": ratio(c["tn"], c["tn"] + c["fp"])}  # incorrect steps judged incorrect
-
-
-def positive_bias(labels: list[str], pred_correct: list[bool]) -> dict:
-    """P(judged correct | step wrong) vs P(judged correct | step right): a PRM with a positive
-    bias calls many wrong steps correct (the first is high)."""
-    c = confusion(labels, pred_correct)
+def positive_bias(pairs: list[tuple[bool, bool]]) -> dict:
+    """P(judged correct | step wrong) vs P(judged correct | step right): high first = positive bias."""
+    c = confusion(pairs)
     return {"p_judged_correct_given_wrong": ratio(c["fp"], c["fp"] + c["tn"]),
-            "p_judged_correct_given_right": ratio(c["tp"], c["tp"] + c["fn"]),
-            "judged_correct_rate": ratio(c["tp"] + c["fp"], sum(c.values()))}
+            "p_judged_correct_given_right": ratio(c["tp"], c["tp"] + c["fn"])}
 
 
 def position_bucket(i: int, n: int, n_buckets: int) -> int:
     """Relative position i / (n - 1) in [0, 1] (0 for a one-step trajectory) -> bucket index."""
-    rel = i / (n - 1) if n > 1 else 0.0
-    return min(int(rel * n_buckets), n_buckets - 1)
+    return min(int((i / (n - 1) if n > 1 else 0.0) * n_buckets), n_buckets - 1)
 
 
-def evaluate(records: list[dict], pred_correct: list[list[bool]], n_buckets: int = 4) -> dict:
-    """All metrics of the paper for step judgements `pred_correct` (per record, per step)."""
-    labels = [[s["label"] for s in r["steps"]] for r in records]
-    flat_l = [lab for ls in labels for lab in ls]
-    flat_p = [p for ps in pred_correct for p in ps]
-    gold_first, pred_first = [first_error(ls) for ls in labels], [first_flagged(ps) for ps in pred_correct]
-    res = {"ProcessBench": processbench(gold_first, pred_first), "PRMBench": prmbench(flat_l, flat_p),
-           "VisualProcessBench": visualprocessbench(flat_l, flat_p),
-           "step_accuracy": step_stats(flat_l, flat_p)["accuracy"],
-           "positive_bias": positive_bias(flat_l, flat_p)}
-    # per error type: the trajectories holding that type (PRMBench's per-category subsets); the
-    # detection rate counts only the incorrect steps of that type
-    res["per_error_type"] = {}
-    for t in ERROR_TYPES:
-        idx = [j for j, r in enumerate(records) if any(s.get("error_type") == t for s in r["steps"])]
-        if not idx:
-            continue
-        stats = step_stats([x for j in idx for x in labels[j]], [x for j in idx for x in pred_correct[j]])
-        hits = [p for j in idx for s, p in zip(records[j]["steps"], pred_correct[j])
-                if s.get("error_type") == t]
-        stats.update(detection_rate=ratio(sum(not p for p in hits), len(hits)), n_trajectories=len(idx))
-        res["per_error_type"][t] = stats
-    # pooled steps per category, per subcategory and per relative-position bucket
+def evaluate(records: list[dict], pred: list[list], n_buckets: int = 4) -> dict:
+    """Every metric and analysis for the judgements `pred` (per record, per step)."""
+    pairs = step_pairs(records, pred)
+    res = {"PRMBench": prmbench(records, pred), "VisualProcessBench": visualprocessbench(records, pred),
+           "ProcessBench": processbench([first_error([s["label"] for s in r["steps"]]) for r in records],
+                                        [first_flagged(p) for p in pred]),
+           "positive_bias": positive_bias(pairs), "steps": step_stats(pairs),
+           "n_trajectories": len(records), "n_unparsed": sum(p is None for ps in pred for p in ps)}
+    res["per_error_type"] = {}  # the samples holding a type; its detection rate counts only its steps
+    for t in sorted({s["error_type"] for r in records for s in r["steps"] if s["error_type"]}):
+        idx = [j for j, r in enumerate(records) if any(s["error_type"] == t for s in r["steps"])]
+        hits = [p for j in idx for s, p in zip(records[j]["steps"], pred[j]) if s["error_type"] == t and p is not None]
+        res["per_error_type"][t] = {**prmscore(step_pairs([records[j] for j in idx], [pred[j] for j in idx])),
+                                    "detection_rate": ratio(sum(not p for p in hits), len(hits)),
+                                    "n_trajectories": len(idx)}
     names = [f"{b / n_buckets:.2f}-{(b + 1) / n_buckets:.2f}" for b in range(n_buckets)]
-    pools = {"per_category": {}, "per_subcategory": {}, "by_position": {b: [] for b in names}}
-    for r, ls, ps in zip(records, labels, pred_correct):
-        for i, step in enumerate(zip(ls, ps)):
-            pools["per_category"].setdefault(r["category"], []).append(step)
-            pools["per_subcategory"].setdefault(f"{r['category']}/{r['subcategory']}", []).append(step)
-            pools["by_position"][names[position_bucket(i, len(ls), n_buckets)]].append(step)
-    for key, pool in pools.items():
-        res[key] = {g: step_stats([lab for lab, _ in st], [p for _, p in st])
-                    for g, st in sorted(pool.items())}
-    res["n_trajectories"], res["n_steps"] = len(records), len(flat_l)
+    buckets, cats = {b: [] for b in names}, {}
+    for r, ps in zip(records, pred):
+        for i, (s, p) in enumerate(zip(r["steps"], ps)):
+            one = step_pairs([{"steps": [s]}], [[p]])
+            buckets[names[position_bucket(i, len(ps), n_buckets)]] += one
+            cats.setdefault(r["category"], []).extend(one)
+    # by position, next to a constant PRM that calls every step correct on the same steps (label mix)
+    res["by_position"] = {b: {**step_stats(v), "constant_prm": step_stats([(g, True) for g, _ in v])}
+                          for b, v in buckets.items()}
+    res["per_category"] = {c: step_stats(v) for c, v in sorted(cats.items())}
     return res
 
 
@@ -769,37 +864,33 @@ def evaluate(records: list[dict], pred_correct: list[list[bool]], n_buckets: int
 # Search: PRM-guided best-of-N
 # =============================================================================================
 def best_of_n(questions: list[list[dict]], ns: list[int], repeats: int, seed: int) -> dict:
-    """questions: per question, its candidates {"correct": bool, "answer": str | None,
-    "scores": [step score]}. For each N, `repeats` random N-subsets per question; selection by
-    PRM min / mean aggregation (ties broken at random), majority vote over the normalised answers
-    (no answer = no vote; ties at random), random choice (its expected accuracy, exactly),
-    and pass@N (some candidate is right: the ceiling). With "gold_scores" on every candidate
-    (toy labels), "oracle_prm_min" selects by them too. Returns {method: {N: accuracy}}."""
+    """questions: per question, its candidates {"correct", "answer", "scores": [step score | None],
+    optional "gold_scores"}. For each N, `repeats` random N-subsets per question, the SAME subset for
+    every method: PRM min / mean (unparsed = 0; ties at random), the oracle PRM (gold step labels),
+    majority vote (no answer = no vote), random (its expected accuracy) and pass@N."""
     rng = random.Random(seed)
     oracle = all("gold_scores" in c for q in questions for c in q)
-    methods = ("prm_min", "prm_mean") + ("oracle_prm_min",) * oracle + ("majority_vote", "random", "pass@N")
-    selectors = (("prm_min", "scores", min), ("prm_mean", "scores", lambda s: sum(s) / len(s)),
-                 ("oracle_prm_min", "gold_scores", min))[: 2 + oracle]
-    acc = {m: {} for m in methods}
+    selectors = [("prm_min", "scores", min), ("prm_mean", "scores", lambda s: sum(s) / len(s)),
+                 ("oracle_prm_min", "gold_scores", min)][: 2 + oracle]
+    acc = {m: {} for m in [s[0] for s in selectors] + ["majority_vote", "random", "pass@N"]}
     for n in ns:
-        tot = dict.fromkeys(methods, 0.0)
+        tot = dict.fromkeys(acc, 0.0)
         for cands in questions:
             if n > len(cands):
-                raise ValueError(f"best-of-{n} needs {n} candidates per question; got {len(cands)}.")
+                raise UserError(f"best-of-{n} needs {n} candidates per question; got {len(cands)}.")
             for _ in range(repeats):
                 sub = rng.sample(cands, n)
                 for m, key, agg in selectors:
-                    vals = [agg([x or 0.0 for x in c[key]]) for c in sub]  # unparsed -> 0 (4)
+                    vals = [agg([x or 0.0 for x in c[key]]) for c in sub]
                     tot[m] += rng.choice([c for c, v in zip(sub, vals) if v == max(vals)])["correct"]
                 votes = Counter(normalize_answer(c["answer"]) for c in sub if c["answer"] is not None)
                 votes.pop("", None)
                 if votes:
                     top = rng.choice(sorted(a for a, v in votes.items() if v == max(votes.values())))
-                    voted = next(c for c in sub if normalize_answer(c["answer"]) == top)
-                    tot["majority_vote"] += voted["correct"]
+                    tot["majority_vote"] += next(c for c in sub if normalize_answer(c["answer"] or "") == top)["correct"]
                 tot["random"] += sum(c["correct"] for c in sub) / n
                 tot["pass@N"] += any(c["correct"] for c in sub)
-        for m in methods:
+        for m in acc:
             acc[m][n] = tot[m] / (repeats * len(questions))
     return acc
 
@@ -807,25 +898,21 @@ def best_of_n(questions: list[list[dict]], ns: list[int], repeats: int, seed: in
 # =============================================================================================
 # Stages
 # =============================================================================================
-_POLICIES: dict = {}
+@functools.cache
+def load_model(model: str, adapter: str | None, load_in_4bit: bool | None, seed: int):
+    return load_policy(model, load_in_4bit=load_in_4bit, lora=False, adapter=adapter, seed=seed)
 
 
 def get_policy(args: Args, prm: bool):
     """The model (with --prm_adapter when it acts as the PRM), loaded once per process."""
-    key = (args.model, args.prm_adapter if prm else None)
-    if key not in _POLICIES:
-        if key[1]:
-            print(f"[prm_bench] PRM = {args.model} + adapter {key[1]}")
-        pol = load_policy(args.model, load_in_4bit=args.load_in_4bit, lora=False, adapter=key[1],
-                          seed=args.seed)
-        if not pol.is_vlm and prm:
-            print(f"[prm_bench] {pol.name} is text-only: the PRM judges steps without seeing the images.")
-        _POLICIES[key] = pol
-    return _POLICIES[key]
+    policy = load_model(args.model, args.prm_adapter if prm else None, args.load_in_4bit, args.seed)
+    if prm and not policy.is_vlm:
+        print(f"[prm_bench] {policy.name} is text-only: the PRM judges steps without the images.")
+    return policy
 
 
 def toy_world(args: Args) -> World:
-    return build_world(args.seed, args.n_scenes, args.image_size or (224 if args.model == "tiny" else 448))
+    return build_world(args.seed, args.n_scenes, args.image_size)
 
 
 def html_items(records: list[dict], judged: list[list[dict]] | None = None) -> list[dict]:
@@ -834,12 +921,11 @@ def html_items(records: list[dict], judged: list[list[dict]] | None = None) -> l
         images, step_images = record_images(rec)
         turns = []
         for i, s in enumerate(rec["steps"]):
-            gold = f"{s['label']}{'/' + s['error_type'] if s.get('error_type') else ''}"
             prm = f" | PRM {judged[j][i]['score']} ({judged[j][i]['reply']!r})" if judged else ""
-            turns.append({"role": "assistant", "text": f"[{i}] {s['text']}\n   gold: {gold}{prm}"})
+            turns.append({"role": "assistant", "text": f"[{i}] {s['text']}\n   gold: {s['label']} "
+                                                       f"{s['error_type'] or ''}{prm}"})
             if s.get("tool_call"):
-                turns.append({"role": "tool", "name": s["tool_call"]["name"],
-                              "args": s["tool_call"].get("arguments", {}),
+                turns.append({"role": "tool", "name": s["tool_call"]["name"], "args": s["tool_call"].get("arguments", {}),
                               "observation": s.get("observation") or "", "image": step_images.get(i)})
         items.append({"title": f"{rec['id']} [{rec['category']}/{rec['subcategory']}] {rec['question']}",
                       "images": images, "trajectory": turns,
@@ -847,124 +933,152 @@ def html_items(records: list[dict], judged: list[list[dict]] | None = None) -> l
     return items
 
 
-def write_set(records: list[dict], out: Path, name: str, title: str, n_html: int, **load_kw) -> None:
+def write_set(records: list[dict], out: Path, name: str, title: str, **load_kw) -> None:
     """<out>/<name>.jsonl (+ PNGs), checked by its own validator, and <out>/<name>.html."""
     save_records(records, out / f"{name}.jsonl")
     load_records(str(out / f"{name}.jsonl"), **load_kw)
-    trajectory_html(html_items(records[:n_html]), str(out / f"{name}.html"), title)
+    trajectory_html(html_items(records[:12]), str(out / f"{name}.html"), title)
 
 
-def stage_data(args: Args, out: Path) -> None:
-    log = RunLog(str(out))
-    world = toy_world(args)
-    records = build_toy_set(world, args.seed, args.p_clean)
-    write_set(records, out, "toy", "toy trajectories (gold labels)", args.n_html)
-    types = Counter(r["injected"]["error_type"] for r in records if r["injected"])
+def error_positions(records: list[dict], n_buckets: int) -> dict:
+    """How many incorrect steps sit in each relative-position bucket (the toy set spreads them)."""
+    hist = Counter(position_bucket(i, len(r["steps"]), n_buckets) for r in records
+                   for i, s in enumerate(r["steps"]) if s["label"] == "incorrect")
+    return {f"bucket{b}": hist[b] for b in range(n_buckets)}
+
+
+def stage_data(args: Args) -> dict:
+    out = Path(args.out) / "data"
+    log, world = RunLog(str(out)), toy_world(args)
+    records = build_toy_set(world, args.seed, args.p_clean, args.p_multi, args.p_recover)
+    write_set(records, out, "toy", "toy trajectories (gold labels)")
     summary = {"toy_trajectories": len(records), "toy_steps": sum(len(r["steps"]) for r in records),
-               "clean": sum(r["injected"] is None for r in records), "error_types": dict(types),
-               "categories": dict(Counter(f"{r['category']}/{r['subcategory']}" for r in records))}
-    if args.n_policy_questions > 0:  # the generator: the policy with the shared crop tool
-        policy = get_policy(args, prm=False)
-        if policy.is_vlm:
-            specs = toy_questions(world, random.Random(args.seed))[: args.n_policy_questions]
-            gen = policy_trajectories(policy, specs, args, args.num_generations)
-            write_set(gen, out, "generated", "policy trajectories", args.n_html, require_labels=False)
-            summary.update(generated=len(gen), generated_steps=sum(len(r["steps"]) for r in gen),
-                           generated_crops=sum(s["tool_image"] is not None for r in gen for s in r["steps"]))
-        else:
-            print(f"[data] {policy.name} is text-only: no policy trajectories (they need the image).")
+               "clean": sum(not r["injected"] for r in records), "two_errors": sum(len(r["injected"]) > 1 for r in records),
+               "recovered": sum(bool(r["injected"] and exact_match(r["final_answer"], r["answers"])) for r in records),
+               "error_types": dict(Counter(x["error_type"] for r in records for x in r["injected"])),
+               "errors_by_position": error_positions(records, N_BUCKETS)}
     log.log({k: v for k, v in summary.items() if isinstance(v, int)}, step=0)
     log.summary(summary)
     print(f"[data] {summary} -> {out}")
+    return summary
 
 
-def stage_eval(args: Args, out: Path) -> dict:
-    log = RunLog(str(out))
-    path = args.data or str(Path(args.out) / "data" / "toy.jsonl")
-    records = load_records(path)
-    if args.max_steps > 0:
-        records = records[: args.max_steps]
-    policy = get_policy(args, prm=True)
-    judged = score_steps(policy, records, args, log)
-    pred = [[j["score"] is not None and j["score"] >= args.threshold for j in js] for js in judged]  # (4)
-    res = evaluate(records, pred, args.n_buckets)
-    res.update(unparsed_rate=ratio(sum(j["score"] is None for js in judged for j in js), res["n_steps"]),
-               prm=args.prm, model=policy.name, adapter=args.prm_adapter, data=path, threshold=args.threshold)
+def eval_records(args: Args) -> list[dict]:
+    records = load_records(args.data or str(Path(args.out) / "data" / "toy.jsonl"), benchmark=args.benchmark,
+                           images=args.images)
+    return records[: args.max_steps] if args.max_steps > 0 else records
+
+
+def plot_rates(groups: dict[str, dict], path: Path, title: str, why_empty: str) -> None:
+    """Grouped bars of the defined values; a plot without any says why it is empty."""
+    groups = {m: {x: v for x, v in g.items() if v is not None} for m, g in groups.items()}
+    empty = not any(groups.values())
+    bar_plot(groups, str(path), title + (f" - empty: {why_empty}" if empty else ""), "rate")
+
+
+def stage_eval(args: Args) -> dict:
+    out = Path(args.out) / "eval"
+    log, records = RunLog(str(out)), eval_records(args)
+    if args.predictions:
+        judged, who = read_predictions(args.predictions, records), f"predictions {Path(args.predictions).name}"
+    else:
+        policy = get_policy(args, prm=True)
+        judged, who = score_steps(policy, records, args, log), f"{policy.name} ({args.prm})"
+    pred = [[None if j["score"] is None else j["score"] >= args.threshold for j in js] for js in judged]
+    res = {**evaluate(records, pred, N_BUCKETS), "prm": who, "adapter": args.prm_adapter,
+           "data": args.data or "toy", "benchmark": args.benchmark, "threshold": args.threshold}
     write_json(str(out / "results.json"), res)
-    bar_plot({m: {t: v[m] for t, v in res["per_error_type"].items() if v[m] is not None}
-              for m in ("detection_rate", "accuracy", "macro_f1")},
-             str(out / "per_error_type.png"), f"PRM {policy.name} ({args.prm}) by error type", "rate")
-    by_pos = {b: v["accuracy"] for b, v in res["by_position"].items() if v["accuracy"] is not None}
-    bar_plot({"accuracy": by_pos},
-             str(out / "by_position.png"), "step accuracy by relative position", "accuracy")
-    log.samples([{"id": r["id"], "step": i, "label": s["label"], "error_type": s.get("error_type"), **j}
+    rates = f"unparsed {res['n_unparsed']} of {sum(len(p) for p in pred)} steps, left out"
+    plot_rates({m: {t: v[m] for t, v in res["per_error_type"].items()} for m in ("detection_rate", "PRMScore")},
+               out / "per_error_type.png", f"PRM {who} by error type ({rates})", "the data has no error types")
+    by_pos = {"accuracy": {b: v["accuracy"] for b, v in res["by_position"].items()},
+              "accuracy of a constant PRM (the label mix)": {b: v["constant_prm"]["accuracy"]
+                                                             for b, v in res["by_position"].items()},
+              **{m: {b: v[m] for b, v in res["by_position"].items()} for m in ("balanced_accuracy", "detection_rate")}}
+    plot_rates(by_pos, out / "by_position.png", f"PRM {who} by relative step position", "no judged step")
+    log.samples([{"id": r["id"], "step": i, "label": s["label"], "error_type": s["error_type"], **j}
                  for r, js in zip(records, judged) for i, (s, j) in enumerate(zip(r["steps"], js))])
-    trajectory_html(html_items(records[: args.n_html], judged), str(out / "judged.html"), "PRM judgements")
-    log.summary({k: res[k] for k in ("ProcessBench", "PRMBench", "VisualProcessBench", "positive_bias",
-                                     "step_accuracy", "unparsed_rate")})
-    print(f"[eval] ProcessBench F1 {res['ProcessBench']['f1']} | PRMScore {res['PRMBench']['PRMScore']} | "
-          f"VisualProcessBench macro-F1 {res['VisualProcessBench']['macro_f1']} | unparsed "
-          f"{res['unparsed_rate']} -> {out / 'results.json'}")
+    trajectory_html(html_items(records[:12], judged), str(out / "judged.html"), "PRM judgements")
+    log.summary({k: res[k] for k in ("PRMBench", "VisualProcessBench", "ProcessBench", "positive_bias", "n_unparsed")})
+    print(f"[eval] PRMScore {res['PRMBench']['PRMScore']} | VisualProcessBench macro-F1 "
+          f"{res['VisualProcessBench']['macro_f1']} | ProcessBench F1 {res['ProcessBench']['f1']} | {rates} "
+          f"-> {out / 'results.json'}")
     return res
 
 
-def stage_search(args: Args, out: Path) -> dict:
-    log = RunLog(str(out))
-    ns = sorted({int(x) for x in args.search_n.split(",") if x.strip()})
-    if not ns or ns[0] < 1:
-        raise ValueError(f"--search_n must list positive integers such as 1,2,4,8; got {args.search_n!r}.")
-    world, rng = toy_world(args), random.Random(args.seed + 1)
-    specs = toy_questions(world, rng)[: args.search_questions]
-    M = ns[-1]  # candidates per question
-    if args.search_source == "toy":  # a simulated policy: the toy generator with random errors (7)
-        cands = []
-        for spec in specs:
-            eligible = [t for r in KINDS[spec["kind"]][1] for t in ROLE_ERRORS[r]]
-            for g in range(M):
-                inject = None if rng.random() < args.search_p_clean else rng.choice(eligible)
-                cands.append(toy_trajectory(spec, world, inject, rng, f"{spec['id']}-c{g}"))
+def plot_best_of_n(res: dict, ns: list[int], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, v in res["accuracy"].items():
+        ax.plot(ns, [v[n] for n in ns], marker="o", ls="--" if m == "pass@N" else "-", label=m)
+    ax.set_xscale("log", base=2)
+    ax.minorticks_off()
+    ax.set(xticks=ns, xticklabels=[str(n) for n in ns], xlabel="N (candidates shared by every method)",
+           ylabel="accuracy", ylim=(-0.02, 1.02),
+           title=f"best-of-N, {'SIMULATED (toy)' if res['source'] == 'toy' else 'policy'} candidates, PRM {res['prm']}")
+    ax.text(0.01, 0.01, "pass@N = an oracle that knows the answer (the ceiling). The oracle PRM (gold step labels)\n"
+            "meets it when every error-free candidate is right and every other wrong; a recovered error\n"
+            "(right answer despite a wrong step) puts it below.", transform=ax.transAxes, fontsize=6.5, va="bottom")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def stage_search(args: Args) -> dict:
+    out = Path(args.out) / "search"
+    log, ns, world = RunLog(str(out)), search_ns(args), toy_world(args)
+    specs, M = toy_questions(world, random.Random(args.seed + 1))[: args.search_questions], search_ns(args)[-1]
+    if args.search_source == "toy":  # simulated candidates: the toy generator with its injected errors
+        print("[search] the candidates are SIMULATED (toy trajectories with injected errors), not sampled.")
+        cands = build_toy_set(world, args.seed + 1, args.p_clean, args.p_multi, args.p_recover, specs, copies=M)
     else:
         cands = policy_trajectories(get_policy(args, prm=False), specs, args, M)
-    save_records(cands, out / "candidates.jsonl")
+    write_set(cands, out, "candidates", f"best-of-N candidates ({args.search_source})", require_labels=False)
     judged = score_steps(get_policy(args, prm=True), cands, args)
     groups = [[] for _ in specs]  # cands are question-major: M per question
     for j, (rec, js) in enumerate(zip(cands, judged)):
         groups[j // M].append({"correct": bool(exact_match(rec["final_answer"], rec["answers"])),
                                "answer": rec["final_answer"], "scores": [x["score"] for x in js]})
-        if args.search_source == "toy":  # gold step labels: the oracle PRM, a sanity ceiling
+        if args.search_source == "toy":  # gold step labels: the oracle PRM
             groups[j // M][-1]["gold_scores"] = [float(s["label"] != "incorrect") for s in rec["steps"]]
     res = {"accuracy": best_of_n(groups, ns, args.search_repeats, args.seed), "source": args.search_source,
            "questions": len(groups), "candidates_per_question": M, "prm": args.prm,
-           "candidate_accuracy": sum(c["correct"] for g in groups for c in g) / max(1, len(cands))}
+           "candidate_accuracy": ratio(sum(c["correct"] for g in groups for c in g), len(cands))}
     for n in ns:
         log.log({m: v[n] for m, v in res["accuracy"].items()}, step=n)
     write_json(str(out / "results.json"), res)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    for m, v in res["accuracy"].items():
-        ax.plot(ns, [v[n] for n in ns], marker="o", ls="--" if m == "pass@N" else "-", label=m)
-    ax.set_xscale("log", base=2)
-    ax.minorticks_off()
-    ax.set(xticks=ns, xticklabels=[str(n) for n in ns], xlabel="N", ylabel="accuracy",
-           title=f"best-of-N ({args.search_source} candidates, PRM {args.prm})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "best_of_n.png", dpi=110)
-    plt.close(fig)
+    plot_best_of_n(res, ns, out / "best_of_n.png")
     log.summary(res)
     curves = " | ".join(f"{m} " + " ".join(f"{v[n]:.2f}" for n in ns) for m, v in res["accuracy"].items())
     print(f"[search] {curves}  (N = {ns}) -> {out / 'results.json'}")
     return res
 
 
-def main() -> None:
-    args = parse_args(Args, description=__doc__)
-    out = Path(args.out)
-    for stage in ["data", "eval", "search"] if args.stage == "all" else [args.stage]:
-        {"data": stage_data, "eval": stage_eval, "search": stage_search}[stage](args, out / stage)
-    write_json(str(out / "args.json"), asdict(args))
+def search_ns(args: Args) -> list[int]:
+    ns = sorted({int(x) for x in args.search_n.split(",") if x.strip().isdigit()})
+    if not ns or ns[0] < 1 or len(ns) != len([x for x in args.search_n.split(",") if x.strip()]):
+        raise UserError(f"--search_n must list positive integers such as 1,2,4,8; got {args.search_n!r}.")
+    return ns
+
+
+def check_inputs(args: Args) -> None:
+    """Every user file and list, before any model is loaded."""
+    if args.stage in ("search", "all"):
+        search_ns(args)
+    if args.stage == "eval" or (args.data and args.stage == "all"):
+        records = eval_records(args)
+        if args.predictions:
+            read_predictions(args.predictions, records)
+    elif args.predictions:
+        raise UserError("--predictions scores the records of --stage eval; pass --stage eval and --data.")
+
+
+def main(argv=None):
+    return run_stages(Args, {"data": stage_data, "eval": stage_eval, "search": stage_search}, argv, doc=__doc__,
+                      file=__file__, tiny=TINY_SIZES, check=check_inputs)
 
 
 if __name__ == "__main__":

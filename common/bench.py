@@ -1,59 +1,80 @@
-"""GRPO benchmark: time one GRPO step (rollout + log-probs + update), optionally side by side with TRL.
+"""GRPO benchmark: one GRPO step (rollout + log-probs + update) of this project beside TRL's, on
+three workloads, each figure set against the machine's measured limit.
 
-    python -m common.bench --model tiny --steps 1 --warmup 0                          # plumbing, seconds
-    python -m common.bench --model smollm2 --num_generations 8 --max_new_tokens 32 --vs-trl --threads 1  # CPU
-    python -m common.bench --model tiny --image_size 448 --max_new_tokens 32         # VLM path, one image
-    python -m common.bench --model qwen2.5-vl-3b --random-weights --num_layers 2 \\
-        --steps 1 --warmup 0 --max_new_tokens 4 --prompt_tokens 16                     # CPU smoke of the real-size path
-    # GPU (the issue-9 budgets): NF4 + LoRA + gradient checkpointing, G = 8, one 448x448 image, 512 new tokens
+    python -m common.bench --model tiny --steps 1 --warmup 0                       # plumbing, seconds
+    python -m common.bench --model smollm2 --num_generations 8 --max_new_tokens 32 --beta 0.04 \\
+        --vs-trl --threads 1 --steps 5                                             # the fair comparison, CPU
+    python -m common.bench --model tiny --workload image --image_size 448          # one prompt image
+    python -m common.bench --model tiny --workload agent --image_size 112          # two tool turns (text, crop)
+    python -m common.bench --model tiny --workload agent --fastgen                 # the same, KV kept across turns
+    # GPU (the DESIGN budgets): NF4 + LoRA + gradient checkpointing, G = 8, one 448x448 image, 512 new tokens
     python -m common.bench --model qwen2.5-vl-3b --random-weights --load_in_4bit --gradient_checkpointing \\
-        --num_generations 8 --image_size 448 --max_new_tokens 512 --steps 3 --warmup 1 --beta 0.04
+        --workload image --num_generations 8 --image_size 448 --max_new_tokens 512 --steps 3 --beta 0.04
 
-Our side is `common.grpo.train_grpo` itself (rollouts from `common.rollout.run_rollouts`, single
-turn; log-probs from `common.grpo.completion_logprobs`; `grpo_loss`, backward, AdamW), timed
-through its own `time/*` metrics and its `on_step` hook. TRL's side is `trl.GRPOTrainer` on a
-second copy of the same model (same seed, LoRA config, G, beta, max new tokens), timed by
-wrapping its `_generate`, `_generate_and_score_completions` and `_get_per_token_logps_and_entropies`.
-With --vs-trl the two loops run in two threads that hand a baton back and forth, so the steps
-alternate (ours, TRL, ours, ...) and never overlap; each keeps its own optimizer and data order.
-
-Both sides do identical work: every completion is exactly --max_new_tokens long (end-of-turn
-suppressed with `min_new_tokens`), the reward is the same cheap function of the text, the
-prompt is the same --prompt_tokens of user text (+ one --image_size noise image).
-Splits: generate = sampling; logprob = no-grad passes (reference when beta != 0, old log-probs
-when mu > 1); backward = the forward with grad + backward + optimizer step; other = the rest
-(rewards, batching, Trainer bookkeeping). Peak memory: torch.cuda.max_memory_allocated on a
-GPU, peak RSS (ru_maxrss, whole process: both models with --vs-trl) on a CPU.
-
---random-weights builds Qwen2.5-VL-3B/7B-Instruct from the published config values
-(shared/papers/qwen25vl.md) with random weights, so memory and speed at real sizes need no hub.
-The tokenizer is the tiny preset's (~1k tokens, Qwen's special tokens) with the embedding at
-the real vocab size (151,936 / 152,064): the compute and memory are the real model's, the
-sampled text is noise. --num_layers N keeps N LLM blocks and N ViT blocks (a CPU smoke).
---patch NAME monkeypatches a proposed common/ fix for a before/after run (see PATCHES).
-TRL with an image prompt needs Qwen2_5_VLProcessor, hence torchvision; without it use --image_size 0.
+Workloads (--workload):
+  text   single turn, a --prompt_tokens user text.
+  image  single turn, the same text after one --image_size noise image.
+  agent  the image prompt, then two tool turns and an answer: each assistant turn samples
+         --max_new_tokens tokens, then the bench appends a scripted action (a random-weight model
+         never calls a tool by itself): turn 1 `<text_search>`, answered with --observation_tokens
+         of text; turn 2 a `<tool_call>` crop, answered with the top-left quarter of the image as a
+         new image; turn 3 `<answer>`. Observations are mask 0, as in every agent script.
+TRL (--vs-trl) runs `trl.GRPOTrainer` on a second copy of the same model. Fair by construction:
+  * every completion is exactly --max_new_tokens long on both sides (end-of-turn suppressed), and
+    the bench checks the generated token counts step by step and says so when they differ;
+  * the same KL estimator: k3 without TRL's importance-sampling correction
+    (`use_bias_correction_kl=False`), the same loss type, clip, beta, temperature, AdamW
+    (torch's, lr, no weight decay, grad-norm clip 1), LoRA (r, alpha, targets), seed;
+  * TRL's fused log-prob head scores only completion positions on CUDA/XPU but every prompt
+    position elsewhere (`trl.trainer.utils`: `compact = _use_triton(device)`). Variant `trl`
+    (the headline) makes it score only completion positions on a CPU too, as it does on a GPU;
+    `trl_shipped` runs it as shipped. --trl_variant both runs the two;
+  * each side runs in its own process (its own threads and its own peak memory), and the steps
+    alternate between processes (ours, TRL, TRL, ours, ...), so a drift of the machine's speed
+    hits both; >= 5 measured steps are reported as min / median / max.
+  TRL cannot run the agent workload (its tool loop returns text to the model, not an image
+  observation spliced as a user turn): that workload is ours only. With an image, TRL needs
+  Qwen2_5_VLProcessor, which needs torchvision; without it the TRL side is skipped and says why.
+Splits: generate = sampling; logprob = no-grad passes (reference when beta != 0, old log-probs when
+mu > 1); backward = the forward with grad + backward + optimizer step; other = the rest.
+Limits (--limits): the bench measures the memory bandwidth (a large tensor copy) and the peak
+matmul FLOP/s of this device with the same threads, then reports decode tokens/s as a fraction
+of the bandwidth bound (B x bandwidth / bytes of weights read per decode step) and the
+log-prob and backward phases as a fraction of the peak FLOP/s (useful model FLOPs: 2 N per
+token forward, 2 N more for the backward's activation gradients; recomputation not counted).
+On CUDA the vendor HBM figure is printed beside the measured one.
+--random-weights builds Qwen2.5-VL-3B/7B-Instruct from the published config values with random
+weights (the tokenizer is the tiny preset's, the embedding at the real vocab unless --vocab_size):
+the compute and memory are the real model's, the sampled text is noise. --num_layers N keeps N
+LLM and N ViT blocks (a CPU smoke). --save_model DIR writes such a model and exits.
+--fastgen generates through common/fastgen.py (shared-prefix KV cache for the G samples, KV cache
+kept across agent turns, LoRA merged during decode when the base is not quantised).
 On a busy CPU pass --threads 1: two OpenMP threads on a contended 2-core box made decoding ~60x slower.
 """
 from __future__ import annotations
 
+import inspect
 import json
+import multiprocessing as mp
 import os
 import random
 import resource
+import statistics
 import tempfile
-import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from common import grpo as grpo_mod
 from common import rollout as rollout_mod
-from common.cli import parse_args
-from common.grpo import GRPOConfig, per_rollout, train_grpo
+from common.cli import UserError, parse_args
+from common.grpo import GRPOConfig, per_rollout, train_grpo, unwrap
 from common.models import LORA_TARGETS, build_tiny_tokenizer, image_processor_for, load_policy
 from common.runlog import read_jsonl
+
+WORKLOADS = ("text", "image", "agent")
+SIDES = ("ours", "trl", "trl_shipped")
 
 
 @dataclass
@@ -64,17 +85,25 @@ class Args:
     """build Qwen2.5-VL-3B/7B-Instruct from the published config with random weights (no hub)"""
     num_layers: int = 0
     """random weights only: keep this many LLM and ViT blocks (0 = the published depth)"""
+    vocab_size: int = 0
+    """random weights only: vocabulary size (0 = the published 151,936 / 152,064; a CPU smoke uses ~1k)"""
+    save_model: str = ""
+    """random weights only: write the model (+ tokenizer, image processor) to this folder and exit"""
+    workload: str = ""
+    """text, image or agent (default: image when --image_size > 0, else text)"""
     num_generations: int = 4
     """G: completions per prompt"""
     prompts_per_step: int = 1
     """prompts per step (B = prompts_per_step x G)"""
     image_size: int = 0
-    """side of the one noise image in the prompt (0 = text-only prompt); VLMs only"""
+    """side of the noise image in the prompt (image and agent workloads; agent default 112)"""
     prompt_tokens: int = 64
     """tokens of user text in the prompt (the chat template adds ~20)"""
     max_new_tokens: int = 32
-    """tokens per completion; every completion is forced to exactly this length"""
-    steps: int = 3
+    """tokens per completion (per assistant turn for agent); forced to exactly this length"""
+    observation_tokens: int = 48
+    """agent: tokens of the text-search observation"""
+    steps: int = 5
     """measured steps (per side)"""
     warmup: int = 1
     """unmeasured steps first (per side)"""
@@ -99,19 +128,25 @@ class Args:
     gradient_checkpointing: bool = False
     """activation checkpointing in the decoder"""
     vs_trl: bool = False
-    """also run TRL's GRPOTrainer on the same work, alternating steps, and print the time ratio"""
-    patch: str = ""
-    """comma-separated proposed common/ fixes to monkeypatch (see PATCHES in common/bench.py)"""
+    """also run TRL's GRPOTrainer on the same work (its own process, alternating steps)"""
+    trl_variant: str = "trl"
+    """trl (completion positions only, the fair one), trl_shipped (as shipped: every position on a CPU) or both"""
+    fastgen: bool = False
+    """generate with common/fastgen.py (shared-prefix KV, KV across turns, merged LoRA in decode)"""
+    limits: bool = True
+    """measure memory bandwidth and peak FLOP/s and report each figure as a fraction of its bound"""
     threads: int = 0
-    """torch CPU threads (0 = torch's default)"""
+    """torch CPU threads per side (0 = torch's default)"""
     seed: int = 0
     """seed for weights, LoRA init, prompt text, image and sampling"""
     out: str = "runs/bench"
     """output folder (ours/ and trl/ run folders, result.json)"""
+    debug: bool = False
+    """show the full traceback of an error"""
 
 
 # ---------------------------------------------------------------------------------------------
-# random-weight Qwen2.5-VL at published sizes (shared/papers/qwen25vl.md)
+# random-weight Qwen2.5-VL at published sizes (the Qwen2.5-VL model cards' config.json)
 # ---------------------------------------------------------------------------------------------
 QWEN25VL = {  # text_config + the vision tower's out_hidden_size
     "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
@@ -132,11 +167,13 @@ def random_size(name: str) -> str | None:
     return None
 
 
-def qwen25vl_config(size: str, tok, num_layers: int = 0):
+def qwen25vl_config(size: str, tok, num_layers: int = 0, vocab_size: int = 0):
     from transformers import Qwen2_5_VLConfig
     text = dict(QWEN25VL[size], rms_norm_eps=1e-6, max_position_embeddings=128000, hidden_act="silu",
                 rope_theta=1e6, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
     vision = dict(QWEN25VL_VISION, out_hidden_size=text["hidden_size"])
+    if vocab_size:  # a CPU smoke: the tiny tokenizer's ~1k ids instead of 152k rows of embedding
+        text["vocab_size"] = max(vocab_size, len(tok))
     if num_layers:  # a truncated copy for a CPU smoke: N LLM blocks, N ViT blocks (last one full attention)
         text["num_hidden_layers"] = num_layers
         vision["depth"] = num_layers
@@ -150,12 +187,12 @@ def qwen25vl_config(size: str, tok, num_layers: int = 0):
                             tie_word_embeddings=text["tie_word_embeddings"])
 
 
-def build_random_folder(size: str, num_layers: int, seed: int, folder: str) -> str:
+def build_random_folder(size: str, num_layers: int, seed: int, folder: str, vocab_size: int = 0) -> str:
     """Random Qwen2.5-VL-<size> (+ tiny tokenizer, Qwen image processor) saved to `folder`, so
     `load_policy(folder, ...)` loads it like any checkpoint (NF4 quantises while loading)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
     tok = build_tiny_tokenizer()
-    cfg = qwen25vl_config(size, tok, num_layers)
+    cfg = qwen25vl_config(size, tok, num_layers, vocab_size)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     torch.manual_seed(seed)
@@ -175,7 +212,7 @@ def build_random_folder(size: str, num_layers: int, seed: int, folder: str) -> s
 
 
 # ---------------------------------------------------------------------------------------------
-# the work: prompt, forced-length generation, reward
+# the work: prompt, forced-length generation, scripted agent turns, reward
 # ---------------------------------------------------------------------------------------------
 WORDS = ("the a of to and in is that for it as was with be by on not he this are or his from at which "
          "but have an they you were her she there been one all we their has would when if so no what up "
@@ -204,155 +241,255 @@ def reward_text(text: str) -> float:
     return len(set(text.split())) / 10.0
 
 
-def forced_generate(policy, seqs, *, max_new_tokens: int, **kw):
-    """common.rollout.generate_ids with end-of-turn suppressed until max_new_tokens
-    (generation_config.min_new_tokens), so every completion has exactly max_new_tokens tokens."""
-    gc = grpo_mod.unwrap(policy.model).generation_config
+def _forced_kw():
+    """generate_ids takes min_new_tokens (forced length) in newer cores; else the generation config."""
+    return "min_new_tokens" in inspect.signature(rollout_mod.generate_ids).parameters
+
+
+def forced_generate(policy, seqs, *, max_new_tokens, **kw):
+    """common.rollout.generate_ids with end-of-turn suppressed until the budget, so every
+    completion has exactly max_new_tokens tokens (the same work as TRL's side)."""
+    n = max_new_tokens if isinstance(max_new_tokens, int) else min(max_new_tokens)
+    if _forced_kw():
+        return rollout_mod.generate_ids(policy, seqs, max_new_tokens=max_new_tokens, min_new_tokens=n, **kw)
+    if "sampling_config" in vars(rollout_mod) and not getattr(forced_generate, "warned", False):
+        forced_generate.warned = True   # the core pins min_new_tokens=0: nothing forces the length
+        print("[bench] warning: common.rollout.generate_ids pins min_new_tokens=0 and takes no "
+              "min_new_tokens, so completions are not forced to the budget; the per-step token check "
+              "against TRL says whether the work still matched")
+    gc = unwrap(policy.model).generation_config
     old = gc.min_new_tokens
-    gc.min_new_tokens = max_new_tokens
+    gc.min_new_tokens = n
     try:
         return rollout_mod.generate_ids(policy, seqs, max_new_tokens=max_new_tokens, **kw)
     finally:
         gc.min_new_tokens = old
 
 
+class ScriptedAgent:
+    """A `generate=` for run_rollouts that samples a forced-length turn with `inner`, then appends
+    this turn's scripted action: `<text_search>`, a crop `<tool_call>`, `<answer>` (a random-weight
+    model never calls a tool itself). A sampled token that holds '<' or '>' (a stray tag would
+    turn the action into a parse error and change the work) is replaced by a space token before
+    the turn is handed back. One instance per rollout batch: call k is turn k."""
+
+    _bad: dict = {}
+
+    def __init__(self, tok, inner, image_size: int):
+        half = max(28, image_size // 2)
+        self.tails = [tok(s, add_special_tokens=False)["input_ids"] for s in (
+            " <text_search>capital city river</text_search>",
+            ' <tool_call>{"name": "crop", "arguments": {"bbox_2d": [0, 0, %d, %d]}}</tool_call>' % (half, half),
+            " <answer>Paris</answer>")]
+        key = id(tok)
+        if key not in self._bad:
+            self._bad[key] = {i for i in range(len(tok)) if any(c in tok.decode([i]) for c in "<>")}
+        self.bad, self.space = self._bad[key], tok(" ", add_special_tokens=False)["input_ids"][0]
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, policy, seqs, *, max_new_tokens, stop_strings=None, return_logprobs=False, **kw):
+        tail = self.tails[min(self.calls, len(self.tails) - 1)]
+        self.calls += 1
+        # the tail is appended after sampling, so sample budget - len(tail); stop strings off so a
+        # sampled closing tag cannot end a turn early (the work stays identical across runs)
+        budget = max_new_tokens if isinstance(max_new_tokens, int) else min(max_new_tokens)
+        n = max(1, budget - len(tail))
+        out = self.inner(policy, seqs, max_new_tokens=n, stop_strings=None, **kw)
+        out = out[0] if isinstance(out, tuple) else out
+        return [[self.space if i in self.bad else i for i in ids] + tail for ids in out]
+
+
+def agent_tools(tok, observation_tokens: int, seed: int):
+    obs = prompt_text(tok, observation_tokens, seed + 7)
+
+    def text_search(args, rollout):
+        return obs, None
+
+    def crop(args, rollout):
+        im = rollout.images[0]
+        return "Cropped region.", im.crop((0, 0, max(28, im.width // 2), max(28, im.height // 2)))
+    return {"text_search": text_search, "crop": crop}
+
+
 # ---------------------------------------------------------------------------------------------
-# proposed common/ fixes, monkeypatched for before/after runs (--patch a,b)
+# the machine's limits, measured
 # ---------------------------------------------------------------------------------------------
-def _patch_head_no_checkpoint(max_bytes: int = 256 * 2**20):
-    """completion_logprobs without activation checkpointing around an lm_head chunk whose fp32
-    logits are small (<= 256 MB): the checkpoint saves little memory there and recomputes the
-    (B, c, V) head matmul + log_softmax in the backward."""
-    orig = grpo_mod.checkpoint
-
-    def maybe_checkpoint(fn, head, h, targets, temperature, use_reentrant=False):
-        if h.shape[0] * h.shape[1] * head.weight.shape[0] * 4 <= max_bytes:
-            return fn(head, h, targets, temperature)
-        return orig(fn, head, h, targets, temperature, use_reentrant=use_reentrant)
-    grpo_mod.checkpoint = maybe_checkpoint
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
-PATCHES = {
-    "head_no_checkpoint": _patch_head_no_checkpoint,
-}
+def measure_bandwidth(device: str, mbytes: int = 256, reps: int = 5) -> float:
+    """GB/s of a large tensor copy (bytes read + bytes written over the best time)."""
+    n = mbytes * 2**20 // 4
+    a = torch.ones(n, device=device)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        b.copy_(a)
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.numel() * 4 / best / 1e9
+
+
+def measure_flops(device: str, dtype: torch.dtype, n: int = 1024, reps: int = 3) -> float:
+    """FLOP/s of an n x n x n matmul (2 n^3 FLOPs), best of reps."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def model_sizes(policy) -> dict:
+    """Parameter counts the bounds need: LLM body (no embedding, no ViT), lm_head, ViT; and the
+    bytes one decode step reads (LLM weights as stored, NF4 packed, + lm_head)."""
+    hf = unwrap(policy.model)
+    embed, head = hf.get_input_embeddings().weight, hf.get_output_embeddings().weight
+    seen, body, vit, dec_bytes = set(), 0, 0, 0
+    for name, p in hf.named_parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        if "visual" in name:
+            vit += p.numel()
+            continue
+        if p is embed and head is not embed:  # an untied input embedding: one row per token
+            continue
+        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)   # NF4: two weights per byte
+        if p is not head and p is not embed:
+            body += n
+        dec_bytes += p.numel() * p.element_size()
+    return {"body_params": body, "head_params": head.numel(), "vit_params": vit, "decode_bytes": dec_bytes}
+
+
+HBM_GBPS = {"H100": 3350, "H200": 4800, "A100": 2039, "L40S": 864, "RTX 4090": 1008, "T4": 320}  # vendor peak
 
 
 # ---------------------------------------------------------------------------------------------
-# measurement plumbing
+# one step's figures; min / median / max over the measured steps
 # ---------------------------------------------------------------------------------------------
 def peak_memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KB on Linux: this process only
 
 
-HBM_GBPS = {"H100": 3350, "H200": 4800, "A100": 2039, "L40S": 864, "RTX 4090": 1008}  # vendor peak, GB/s
-
-
-def decode_weight_bytes(policy) -> int:
-    """Bytes one decode step must read: the LLM's weights (NF4 packed + fp32/bf16 rest) and the
-    lm_head; not the ViT (prompt only) nor an untied input embedding (one row per token)."""
-    hf = grpo_mod.unwrap(policy.model)
-    embed = hf.get_input_embeddings().weight
-    seen, total = set(), 0
-    for name, p in hf.named_parameters():
-        if "visual" in name or p.data_ptr() in seen or (p is embed and hf.get_output_embeddings().weight is not embed):
-            continue
-        seen.add(p.data_ptr())
-        total += p.numel() * p.element_size()
-    return total
-
-
-class Baton:
-    """Two loops in two threads take turns: `wait(me)` blocks until it is my turn."""
-
-    def __init__(self, first: str):
-        self.turn, self.error = first, None
-        self.cv = threading.Condition()
-
-    def give(self, to: str):
-        with self.cv:
-            self.turn = to
-            self.cv.notify_all()
-
-    def wait(self, me: str):
-        with self.cv:
-            self.cv.wait_for(lambda: self.turn == me or self.error is not None)
-            if self.error is not None and self.turn != me:
-                raise RuntimeError("the other benchmark loop failed") from self.error
-
-    def fail(self, e: BaseException):
-        with self.cv:
-            self.error = e
-            self.cv.notify_all()
+SPLITS = ("step_s", "generate_s", "logprob_s", "backward_s", "other_s")
 
 
 def summarise(rows: list[dict], warmup: int) -> dict:
-    """Mean over the measured steps of each split; tokens/s over generation time."""
+    """Median (and min, max) of each split over the measured steps; tokens/s over generation time."""
     m = rows[warmup:] or rows
-    mean = lambda k: float(np.mean([r[k] for r in m]))
-    out = {k: mean(k) for k in ("step_s", "generate_s", "logprob_s", "backward_s")}
-    out["other_s"] = out["step_s"] - out["generate_s"] - out["logprob_s"] - out["backward_s"]
-    out["gen_tokens"] = mean("gen_tokens")
-    out["gen_tokens_per_s"] = sum(r["gen_tokens"] for r in m) / max(sum(r["generate_s"] for r in m), 1e-9)
+    out = {}
+    for k in SPLITS:
+        v = [r[k] for r in m]
+        out[k] = statistics.median(v)
+        out[k.replace("_s", "_min_s")], out[k.replace("_s", "_max_s")] = min(v), max(v)
+    out["gen_tokens"] = statistics.median(r["gen_tokens"] for r in m)
+    out["gen_tokens_per_s"] = statistics.median(r["gen_tokens"] / max(r["generate_s"], 1e-9) for r in m)
+    for k in ("train_tokens", "prefill_tokens"):
+        if k in m[0]:
+            out[k] = statistics.median(r[k] for r in m)
     out["steps"] = len(m)
-    if "peak_gb" in m[0]:
-        out["peak_gb"] = max(r["peak_gb"] for r in m)
     return out
 
 
+class Sync:
+    """The child's side of the step-by-step alternation: wait for 'go', report each step."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def go(self):
+        if self.conn is not None and self.conn.recv() != "go":
+            raise SystemExit(0)
+
+    def report(self, row: dict):
+        if self.conn is not None:
+            self.conn.send(("row", row))
+
+
 # ---------------------------------------------------------------------------------------------
-# ours: common.grpo.train_grpo
+# ours: common.grpo.train_grpo (public functions only)
 # ---------------------------------------------------------------------------------------------
-def make_messages(args, text, image):
+def make_messages(text, image):
     if image is None:
         return [{"role": "user", "content": text}]
     return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
 
 
-def run_ours(policy, args, text, image, out_dir, baton: Baton | None = None) -> list[dict]:
+def make_generate(policy, args):
+    """The generator of one rollout batch: plain (common.rollout) or common.fastgen, forced length."""
+    if args.fastgen:
+        from common.fastgen import CachedGenerator
+        gen = CachedGenerator(force_length=True)
+    else:
+        gen = forced_generate
+    if args.workload == "agent":
+        return ScriptedAgent(policy.tokenizer, gen, args.image_size)
+    return gen
+
+
+def run_ours(policy, args, text, image, out_dir, sync: Sync) -> list[dict]:
     G, total = args.num_generations, args.warmup + args.steps
     cfg = GRPOConfig(learning_rate=args.learning_rate, num_generations=G, prompts_per_step=args.prompts_per_step,
                      max_steps=total, beta=args.beta, loss_type=args.loss_type,
-                     max_completion_length=args.max_new_tokens,
+                     max_completion_length=args.max_new_tokens * (3 if args.workload == "agent" else 1),
                      micro_batch_size=args.micro_batch_size or G * args.prompts_per_step,
                      logprob_chunk_tokens=args.logprob_chunk_tokens, seed=args.seed)
     dataset = [{"id": i} for i in range(args.prompts_per_step * total)]
+    agent = args.workload == "agent"
+    tools = agent_tools(policy.tokenizer, args.observation_tokens, args.seed) if agent else None
 
-    def rollout_fn(policy, examples, cfg):  # single turn, no tools
+    def rollout_fn(policy, examples, cfg):
         return rollout_mod.run_rollouts(policy, examples, num_generations=cfg.num_generations,
-                                        make_messages=lambda ex: make_messages(args, text, image),
-                                        max_turns=1, max_new_tokens=cfg.max_completion_length,
-                                        max_total_tokens=1 << 30, temperature=cfg.temperature,
-                                        generate=forced_generate)
+                                        make_messages=lambda ex: make_messages(text, image),
+                                        tools=tools, max_turns=3 if agent else 1,
+                                        max_new_tokens=args.max_new_tokens, max_total_tokens=1 << 30,
+                                        temperature=cfg.temperature, generate=make_generate(policy, args))
 
     reward_fn = per_rollout(lambda r, ex: {"reward": reward_text(r.generated_text())})
     rows, clock = [], {"t": 0.0}
 
     def on_step(step, rollouts, terms):
+        sync_dev()
         t_end = time.perf_counter()
         m = read_jsonl(os.path.join(out_dir, "metrics.jsonl"))[-1]      # train_grpo's own split timers
-        rows.append(dict(step_s=t_end - clock["t"], generate_s=m["time/generate"], logprob_s=m["time/logprob"],
-                         backward_s=m["time/backward"], gen_tokens=sum(r.n_generated for r in rollouts),
-                         peak_gb=peak_memory_gb()))
+        row = dict(step_s=t_end - clock["t"], generate_s=m["time/generate"], logprob_s=m["time/logprob"],
+                   backward_s=m["time/backward"], gen_tokens=sum(r.n_generated for r in rollouts),
+                   train_tokens=sum(len(r.prompt_ids) + len(r.ids) for r in rollouts),
+                   n_images=sum(len(r.images) for r in rollouts))
+        row["other_s"] = row["step_s"] - row["generate_s"] - row["logprob_s"] - row["backward_s"]
+        rows.append(row)
+        sync.report(row)
         if step + 1 == args.warmup and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        if baton is not None:
-            baton.give("trl")
-            baton.wait("ours")
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        if step + 1 < total:
+            sync.go()
         clock["t"] = time.perf_counter()
 
-    if baton is not None:
-        baton.wait("ours")
+    sync.go()
     clock["t"] = time.perf_counter()
     train_grpo(policy, dataset, rollout_fn, reward_fn, cfg, out_dir, on_step=on_step)
     return rows
 
 
+def sync_dev():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 # ---------------------------------------------------------------------------------------------
-# TRL: trl.GRPOTrainer on a second copy of the same model
+# TRL: trl.GRPOTrainer on a copy of the same model, in its own process
 # ---------------------------------------------------------------------------------------------
 def trl_processor(policy):
     """Qwen2_5_VLProcessor from our tokenizer + image processor (TRL needs it for images)."""
@@ -363,18 +500,30 @@ def trl_processor(policy):
                                    video_processor=Qwen2VLVideoProcessor(),
                                    chat_template=policy.tokenizer.chat_template)
     except (ImportError, AttributeError, ValueError) as e:
-        raise SystemExit(f"TRL needs a Qwen2_5_VLProcessor for image prompts, which cannot be built here "
-                         f"({type(e).__name__}: {e}; it needs torchvision); rerun with --image_size 0.") from e
+        raise UserError(f"TRL needs a Qwen2_5_VLProcessor for image prompts, which cannot be built here "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:100]}; it needs torchvision)") from e
 
 
-def make_trl_trainer(args, text, image, out_dir):
-    try:
-        from datasets import Dataset
-        from peft import LoraConfig
-        from trl import GRPOConfig as TRLConfig
-        from trl import GRPOTrainer
-    except ImportError as e:
-        raise SystemExit(f"--vs-trl needs TRL, an optional dependency: pip install trl ({e}).") from e
+def trl_skip_reason(args) -> str | None:
+    """Why TRL cannot do this workload here, or None."""
+    if args.workload == "agent":
+        return ("TRL's GRPOTrainer tool loop returns text to the model; it cannot splice an image "
+                "observation (the crop) as a user turn, so the agent workload is ours only")
+    if args.workload == "image":
+        import importlib.util
+        if importlib.util.find_spec("torchvision") is None:
+            return "TRL needs Qwen2_5_VLProcessor for an image prompt, which needs torchvision (not installed)"
+    return None
+
+
+def make_trl_trainer(args, text, image, out_dir, compact: bool):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import GRPOConfig as TRLConfig
+    from trl import GRPOTrainer
+    import trl.trainer.utils as trl_utils
+    if compact:  # score only completion positions on any device, as TRL does on CUDA (the fair variant)
+        trl_utils._use_triton = lambda device: True   # (TRL's module, not ours; its CPU kernels stay)
     policy = load_model(args, lora=False, gradient_checkpointing=False)  # TRL adds LoRA and checkpointing
     hq = getattr(policy.model, "hf_quantizer", None)
     if hq is not None and str(getattr(hq.quantization_config.quant_method, "value", "")) == "gguf":
@@ -385,7 +534,8 @@ def make_trl_trainer(args, text, image, out_dir):
     cfg = TRLConfig(output_dir=out_dir, per_device_train_batch_size=B, gradient_accumulation_steps=1,
                     num_generations=args.num_generations, max_completion_length=args.max_new_tokens,
                     max_steps=total, learning_rate=args.learning_rate, lr_scheduler_type="constant",
-                    weight_decay=0.0, max_grad_norm=1.0, beta=args.beta, loss_type=args.loss_type,
+                    optim="adamw_torch", weight_decay=0.0, max_grad_norm=1.0, beta=args.beta,
+                    loss_type=args.loss_type, use_bias_correction_kl=False,
                     epsilon=0.2, scale_rewards="group", temperature=1.0, top_p=1.0, top_k=0,
                     generation_kwargs={"min_new_tokens": args.max_new_tokens},  # same forced length
                     gradient_checkpointing=args.gradient_checkpointing,
@@ -408,10 +558,10 @@ def make_trl_trainer(args, text, image, out_dir):
 
     trainer = GRPOTrainer(model=policy.model, reward_funcs=reward, args=cfg, train_dataset=dataset,
                           processing_class=processing, peft_config=lora)
-    return trainer, counts
+    return trainer, counts, policy
 
 
-def run_trl(trainer, counts, args, baton: Baton | None = None) -> list[dict]:
+def run_trl(trainer, counts, args, sync: Sync) -> list[dict]:
     from transformers import TrainerCallback
     acc = {"gen": 0.0, "lp": 0.0, "prep": 0.0}
 
@@ -432,26 +582,21 @@ def run_trl(trainer, counts, args, baton: Baton | None = None) -> list[dict]:
 
     class Clock(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
-            if baton is not None:
-                baton.give("ours")
-                baton.wait("trl")
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            sync.go()
+            sync_dev()
             acc.update(gen=0.0, lp=0.0, prep=0.0)
             clock["t"] = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            sync_dev()
             step_s = time.perf_counter() - clock["t"]
-            rows.append(dict(step_s=step_s, generate_s=acc["gen"], logprob_s=acc["lp"],
-                             backward_s=step_s - acc["prep"], gen_tokens=counts[-1], peak_gb=peak_memory_gb()))
+            row = dict(step_s=step_s, generate_s=acc["gen"], logprob_s=acc["lp"],
+                       backward_s=step_s - acc["prep"], gen_tokens=counts[-1])
+            row["other_s"] = step_s - row["generate_s"] - row["logprob_s"] - row["backward_s"]
+            rows.append(row)
+            sync.report(row)
             if len(rows) == args.warmup and torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-
-        def on_train_end(self, a, state, control, **kw):
-            if baton is not None:
-                baton.give("ours")  # let our loop finish
 
     trainer.add_callback(Clock())
     trainer.train()
@@ -459,7 +604,7 @@ def run_trl(trainer, counts, args, baton: Baton | None = None) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# main
+# one side, in this process or a child
 # ---------------------------------------------------------------------------------------------
 _RANDOM_FOLDERS: dict = {}
 
@@ -469,101 +614,229 @@ def load_model(args, lora: bool, gradient_checkpointing: bool):
     size = random_size(name)
     if args.random_weights or name.lower().endswith("-random"):
         if size is None:
-            raise SystemExit(f"--random-weights builds qwen2.5-vl-3b or qwen2.5-vl-7b, not {name!r}.")
+            raise UserError(f"--random-weights builds qwen2.5-vl-3b or qwen2.5-vl-7b, not {name!r}.")
         if size not in _RANDOM_FOLDERS:
             _RANDOM_FOLDERS[size] = tempfile.TemporaryDirectory(prefix=f"bench-qwen25vl-{size}-")
-            build_random_folder(size, args.num_layers, args.seed, _RANDOM_FOLDERS[size].name)
+            build_random_folder(size, args.num_layers, args.seed, _RANDOM_FOLDERS[size].name, args.vocab_size)
         name = _RANDOM_FOLDERS[size].name
-    elif args.num_layers:
-        raise SystemExit("--num_layers only applies to --random-weights models.")
-    return load_policy(name, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
-                       lora_alpha=args.lora_alpha, gradient_checkpointing=gradient_checkpointing, seed=args.seed)
+    elif args.num_layers or args.vocab_size:
+        raise UserError("--num_layers and --vocab_size only apply to --random-weights models.")
+    try:
+        return load_policy(name, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
+                           lora_alpha=args.lora_alpha, gradient_checkpointing=gradient_checkpointing,
+                           seed=args.seed)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e).splitlines()[0]) from e
 
 
-def fmt(name: str, s: dict) -> str:
-    return (f"{name:5s} step {s['step_s']:7.2f}s = generate {s['generate_s']:6.2f} + logprob/ref "
-            f"{s['logprob_s']:6.2f} + backward {s['backward_s']:6.2f} + other {s['other_s']:5.2f} | "
-            f"{s['gen_tokens_per_s']:7.1f} gen tok/s | peak {s.get('peak_gb', 0):.2f} GB")
+def prompt_inputs(policy, args):
+    text = prompt_text(policy.tokenizer, args.prompt_tokens, args.seed)
+    image = noise_image(args.image_size, args.seed) if args.workload != "text" else None
+    return text, image
+
+
+def run_side(args, side: str, conn=None) -> dict:
+    """Load, run `side` for warmup + steps, return {"rows", "info"} (peak memory of this process)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    sync = Sync(conn)
+    out_dir = os.path.join(args.out, side)
+    if side == "ours":
+        policy = load_model(args, lora=args.lora, gradient_checkpointing=args.gradient_checkpointing)
+        if args.workload != "text" and not policy.is_vlm:
+            raise UserError(f"the {args.workload} workload needs a vision-language model; {args.model} is text-only.")
+        text, image = prompt_inputs(policy, args)
+        if conn is not None:
+            conn.send(("ready", {}))
+        rows = run_ours(policy, args, text, image, out_dir, sync)
+    else:
+        tok_policy = load_model(args, lora=False, gradient_checkpointing=False)  # for the prompt text only
+        text, image = prompt_inputs(tok_policy, args)
+        del tok_policy
+        trainer, counts, policy = make_trl_trainer(args, text, image, out_dir, compact=side == "trl")
+        if conn is not None:
+            conn.send(("ready", {}))
+        rows = run_trl(trainer, counts, args, sync)
+    info = {"peak_gb": peak_memory_gb(), "peak_kind": "cuda_max_allocated" if torch.cuda.is_available()
+            else "peak_rss_this_process", "threads": torch.get_num_threads(), **model_sizes(policy)}
+    return {"rows": rows, "info": info}
+
+
+def _child(args_dict, side, conn):
+    try:
+        res = run_side(Args(**args_dict), side, conn)
+        conn.send(("done", res["info"]))
+    except BaseException as e:  # noqa: BLE001 - hand any failure to the parent as one sentence
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        conn.send(("error", f"{side}: {type(e).__name__}: {msg}"))
+    finally:
+        conn.close()
+
+
+def run_alternating(args, sides: list[str]) -> dict:
+    """Each side in its own (spawned) process; steps alternate ABBA... so a drift hits both."""
+    ctx = mp.get_context("spawn")
+    procs, conns = {}, {}
+
+    def recv(side, want):
+        kind, payload = conns[side].recv()
+        if kind == "error":
+            raise RuntimeError(payload)
+        if kind != want:
+            raise RuntimeError(f"{side}: expected {want}, got {kind}")
+        return payload
+
+    try:
+        for side in sides:  # started and loaded one after the other: each load has the CPU to itself
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_child, args=(asdict(args), side, child), daemon=True)
+            p.start()
+            procs[side], conns[side] = p, parent
+            recv(side, "ready")
+        rows = {s: [] for s in sides}
+        for step in range(args.warmup + args.steps):
+            order = sides if step % 2 == 0 else sides[::-1]
+            for side in order:
+                conns[side].send("go")
+                rows[side].append(recv(side, "row"))
+        infos = {s: recv(s, "done") for s in sides}
+    finally:
+        for p in procs.values():
+            p.join(timeout=60)
+            if p.is_alive():
+                p.terminate()
+    return {s: {"rows": rows[s], "info": infos[s]} for s in sides}
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+def fmt(name: str, s: dict, info: dict) -> str:
+    return (f"{name:11s} step {s['step_s']:7.2f}s [{s['step_min_s']:.2f}-{s['step_max_s']:.2f}] = generate "
+            f"{s['generate_s']:6.2f} + logprob/ref {s['logprob_s']:6.2f} + backward {s['backward_s']:6.2f} + other "
+            f"{s['other_s']:5.2f} | {s['gen_tokens_per_s']:7.1f} gen tok/s | peak {info['peak_gb']:.2f} GB, "
+            f"{info['threads']} threads")
+
+
+def limits(args, res: dict, s: dict, info: dict) -> dict:
+    """Bandwidth and FLOP/s bounds for one side's median step."""
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    out = {"bandwidth_gbps": measure_bandwidth(dev, 1024 if cuda else 256),
+           "peak_flops": measure_flops(dev, torch.bfloat16 if cuda else torch.float32, 8192 if cuda else 1024)}
+    if cuda:
+        out["hbm_vendor_gbps"] = next((v for k, v in HBM_GBPS.items() if k in res["device"]), None)
+    B = args.num_generations * args.prompts_per_step
+    out["decode_bound_tok_s"] = B * out["bandwidth_gbps"] * 1e9 / info["decode_bytes"]
+    out["decode_fraction"] = s["gen_tokens_per_s"] / out["decode_bound_tok_s"]
+    # useful FLOPs: 2 N per token through the body, 2 V H per completion token through the head;
+    # logprob = one forward per no-grad pass, backward = forward + activation-gradient pass
+    n_pass = (args.beta != 0.0)                       # mu = 1: old log-probs are the detached ones
+    fwd = 2 * info["body_params"] * s["train_tokens"] + 2 * info["head_params"] * s["gen_tokens"]
+    out["forward_flops"] = fwd
+    if n_pass and s["logprob_s"] > 0:
+        out["logprob_fraction_of_peak"] = fwd / s["logprob_s"] / out["peak_flops"]
+    if s["backward_s"] > 0:
+        out["backward_fraction_of_peak"] = 2 * fwd / s["backward_s"] / out["peak_flops"]
+    return out
 
 
 def main(argv=None):
     args = parse_args(Args, argv, description=__doc__.split("\n")[0])
+    try:
+        return _main(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        import sys
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _main(args):
+    if not args.workload:
+        args.workload = "image" if args.image_size else "text"
+    if args.workload not in WORKLOADS:
+        raise UserError(f"--workload must be one of {', '.join(WORKLOADS)}, not {args.workload!r}.")
+    if args.workload != "text" and not args.image_size:
+        args.image_size = 112 if args.workload == "agent" else 448
     if args.num_generations < 2:
-        raise SystemExit("GRPO needs --num_generations >= 2 (advantages are centred within a group).")
-    if args.steps < 1:
-        raise SystemExit("--steps must be at least 1.")
-    for p in filter(None, args.patch.split(",")):
-        if p not in PATCHES:
-            raise SystemExit(f"Unknown --patch {p!r}; choose from {', '.join(PATCHES)}.")
-        PATCHES[p]()
+        raise UserError("GRPO needs --num_generations >= 2 (advantages are centred within a group).")
+    if args.steps < 1 or args.warmup < 0:
+        raise UserError("--steps must be at least 1 and --warmup at least 0.")
+    if args.trl_variant not in ("trl", "trl_shipped", "both"):
+        raise UserError(f"--trl_variant must be trl, trl_shipped or both, not {args.trl_variant!r}.")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.save_model:
+        size = random_size(args.model)
+        if size is None:
+            raise UserError(f"--save_model builds qwen2.5-vl-3b or qwen2.5-vl-7b, not {args.model!r}.")
+        build_random_folder(size, args.num_layers, args.seed, args.save_model, args.vocab_size)
+        return {"saved": args.save_model}
     os.makedirs(args.out, exist_ok=True)
-    policy = load_model(args, lora=args.lora, gradient_checkpointing=args.gradient_checkpointing)
-    if args.image_size and not policy.is_vlm:
-        raise SystemExit(f"--image_size needs a vision-language model; {args.model} is text-only (use --image_size 0).")
-    text = prompt_text(policy.tokenizer, args.prompt_tokens, args.seed)
-    image = noise_image(args.image_size, args.seed) if args.image_size else None
     device = (torch.cuda.get_device_name() if torch.cuda.is_available()
-              else f"CPU, {torch.get_num_threads()} threads")
-    print(f"[bench] {args.model} on {device}: G={args.num_generations}, prompts/step={args.prompts_per_step}, "
-          f"{args.prompt_tokens} prompt text tokens, image {args.image_size or 'none'}, "
-          f"{args.max_new_tokens} new tokens, beta={args.beta}, 4-bit={policy.extra['load_in_4bit']}, "
-          f"LoRA={args.lora}, GC={args.gradient_checkpointing}, patches={args.patch or 'none'}")
-
-    ours_dir = os.path.join(args.out, "ours")
-    if not args.vs_trl:
-        rows_ours, rows_trl = run_ours(policy, args, text, image, ours_dir), None
+              else f"CPU, {args.threads or torch.get_num_threads()} threads per side")
+    sides = ["ours"]
+    skipped = None
+    if args.vs_trl:
+        skipped = trl_skip_reason(args)
+        if skipped is None:
+            sides += ["trl", "trl_shipped"] if args.trl_variant == "both" else [args.trl_variant]
+        else:
+            print(f"[bench] TRL side skipped: {skipped}")
+    print(f"[bench] {args.model} on {device}: workload {args.workload}, G={args.num_generations}, "
+          f"prompts/step={args.prompts_per_step}, {args.prompt_tokens} prompt text tokens, image "
+          f"{args.image_size if args.workload != 'text' else 'none'}, {args.max_new_tokens} new tokens"
+          f"{' per turn' if args.workload == 'agent' else ''}, beta={args.beta}, 4-bit={args.load_in_4bit}, "
+          f"LoRA={args.lora}, GC={args.gradient_checkpointing}, fastgen={args.fastgen}, sides={','.join(sides)}")
+    if len(sides) == 1:
+        per_side = {"ours": run_side(args, "ours")}
     else:
-        trainer, counts = make_trl_trainer(args, text, image, os.path.join(args.out, "trl"))
-        baton, result = Baton(first="trl"), {}
+        per_side = run_alternating(args, sides)
 
-        def ours_thread():
-            try:
-                result["ours"] = run_ours(policy, args, text, image, ours_dir, baton)
-            except BaseException as e:  # hand the failure to the other loop, then re-raise in main
-                result["error"] = e
-                baton.fail(e)
-
-        th = threading.Thread(target=ours_thread, daemon=True)
-        th.start()
-        try:
-            rows_trl = run_trl(trainer, counts, args, baton)
-        except BaseException as e:
-            baton.fail(e)
-            raise
-        th.join()
-        if "error" in result:
-            raise result["error"]
-        rows_ours = result["ours"]
-
-    s_ours = summarise(rows_ours, args.warmup)
-    print(fmt("ours", s_ours))
-    res = {"model": args.model, "device": device, "G": args.num_generations,
-           "prompts_per_step": args.prompts_per_step, "image_size": args.image_size,
-           "prompt_tokens": args.prompt_tokens, "max_new_tokens": args.max_new_tokens, "beta": args.beta,
-           "load_in_4bit": policy.extra["load_in_4bit"], "lora": args.lora,
-           "gradient_checkpointing": args.gradient_checkpointing, "patch": args.patch,
-           "ours": s_ours, "peak_rss_gb" if not torch.cuda.is_available() else "peak_cuda_gb": peak_memory_gb()}
-    res["decode_weight_gb"] = decode_weight_bytes(policy) / 1e9
-    gbps = next((v for k, v in HBM_GBPS.items() if k in device), None) if torch.cuda.is_available() else None
-    if gbps:  # batched decode reads every weight once per step for all B sequences
-        B = args.num_generations * args.prompts_per_step
-        res["bandwidth_bound_tok_s"] = B * gbps / res["decode_weight_gb"]
-        res["fraction_of_bound"] = s_ours["gen_tokens_per_s"] / res["bandwidth_bound_tok_s"]
-        print(f"[bench] generation {s_ours['gen_tokens_per_s']:.0f} tok/s = {100 * res['fraction_of_bound']:.1f}% of "
-              f"the bandwidth bound {res['bandwidth_bound_tok_s']:.0f} tok/s (B={B} x {gbps} GB/s / "
-              f"{res['decode_weight_gb']:.2f} GB of weights per step)")
-    if rows_trl is not None:
-        s_trl = summarise(rows_trl, args.warmup)
-        res["trl"] = s_trl
-        res["trl_over_ours"] = s_trl["step_s"] / s_ours["step_s"]
-        print(fmt("trl", s_trl))
-        print(f"[bench] TRL step time / ours = {res['trl_over_ours']:.2f}x "
-              f"(> 1: ours faster; goal >= 1.3)")
+    res = {"model": args.model, "device": device, "args": asdict(args), "trl_skipped": skipped}
+    for side in sides:
+        s = summarise(per_side[side]["rows"], args.warmup)
+        res[side] = {**s, **per_side[side]["info"], "rows": per_side[side]["rows"]}
+        print(fmt(side, s, per_side[side]["info"]))
+    # peak_gb at the top level of each side is what gpu_check budgets
+    if args.limits:
+        res["limits"] = limits(args, res, res["ours"], res["ours"])
+        L = res["limits"]
+        print(f"[bench] limits (measured here, same threads): memory bandwidth {L['bandwidth_gbps']:.1f} GB/s"
+              + (f" (vendor HBM {L['hbm_vendor_gbps']} GB/s)" if L.get("hbm_vendor_gbps") else "")
+              + f", matmul peak {L['peak_flops'] / 1e9:.1f} GFLOP/s")
+        print(f"[bench] ours decode {res['ours']['gen_tokens_per_s']:.1f} tok/s = {100 * L['decode_fraction']:.1f}% "
+              f"of the bandwidth bound {L['decode_bound_tok_s']:.0f} tok/s (B x {L['bandwidth_gbps']:.1f} GB/s / "
+              f"{res['ours']['decode_bytes'] / 1e9:.3f} GB of weights per decode step)")
+        parts = [f"{k.split('_')[0]} {100 * L[k]:.1f}%" for k in ("logprob_fraction_of_peak", "backward_fraction_of_peak")
+                 if k in L]
+        if parts:
+            print(f"[bench] ours training passes at {', '.join(parts)} of the peak FLOP/s "
+                  f"(useful FLOPs: {L['forward_flops'] / 1e9:.1f} GFLOP per forward)")
+    for side in sides[1:]:
+        ro, rt = res["ours"]["rows"][args.warmup:], res[side]["rows"][args.warmup:]
+        equal = [a["gen_tokens"] == b["gen_tokens"] for a, b in zip(ro, rt)]
+        ratios = [b["step_s"] / a["step_s"] for a, b in zip(ro, rt)]
+        res[f"{side}_over_ours"] = statistics.median(ratios)
+        res[f"{side}_over_ours_min_max"] = [min(ratios), max(ratios)]
+        res[f"{side}_tokens_equal"] = all(equal)
+        gen = statistics.median(b["generate_s"] / a["generate_s"] for a, b in zip(ro, rt))
+        res[f"{side}_generate_over_ours"] = gen
+        print(f"[bench] {side} / ours step time = {res[f'{side}_over_ours']:.2f}x (median of per-step ratios, "
+              f"{min(ratios):.2f}-{max(ratios):.2f}; > 1: ours faster); generation {gen:.2f}x; "
+              f"generated tokens equal every step: {all(equal)}")
+        if not all(equal):
+            print(f"[bench] WARNING: generated token counts differ ({[a['gen_tokens'] for a in ro]} vs "
+                  f"{[b['gen_tokens'] for b in rt]}): the two sides did not do the same work")
+    if "trl_over_ours" in res:
+        res["trl_over_ours_fair"] = res["trl_over_ours"]
     with open(os.path.join(args.out, "result.json"), "w") as f:
         json.dump(res, f, indent=2)
-    print(json.dumps(res))
+    print(json.dumps({k: v for k, v in res.items() if k not in sides} | {
+        s: {k: v for k, v in res[s].items() if k != "rows"} for s in sides}))
     return res
 
 

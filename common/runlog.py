@@ -34,9 +34,22 @@ def write_json(path: str, obj) -> None:
         json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
 
 
-def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path: str, torn_ok: bool = False) -> list[dict]:
+    """Rows of a JSON-lines file. torn_ok: a last line cut mid-write (a killed run) is dropped
+    with a one-line warning instead of failing."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if torn_ok and i == len(lines) - 1:
+                print(f"[runlog] warning: {path}: the last line is incomplete (a run killed while "
+                      f"writing it); it is dropped.")
+                break
+            raise ValueError(f"{path}:{i + 1}: not valid JSON ({e.msg}).") from e
+    return rows
 
 
 class RunLog:
@@ -46,7 +59,8 @@ class RunLog:
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
         if not resume and os.path.exists(self.metrics_path):
             os.remove(self.metrics_path)
-        self.history: list[dict] = read_jsonl(self.metrics_path) if resume and os.path.exists(self.metrics_path) else []
+        self.history: list[dict] = (read_jsonl(self.metrics_path, torn_ok=True)
+                                    if resume and os.path.exists(self.metrics_path) else [])
         self._bar = None
 
     def drop_from(self, step: int) -> None:

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from common.chat import Encoded, collate
-from common.grpo import completion_logprobs
+from common.checkpoint import load_checkpoint, pack_random, resume_from, save_checkpoint, unpack_random
+from common.logprobs import completion_logprobs
 from common.rollout import image_token_id
 from common.runlog import RunLog
 
@@ -33,7 +34,8 @@ class SFTConfig:
     max_grad_norm: float = 1.0
     max_steps: int = 0                   # > 0 caps the number of optimiser steps
     max_length: int = 4096               # longer samples are cut (their masked tokens too)
-    save_steps: int = 0
+    save_steps: int = 0                  # > 0: a checkpoint every N steps and at the end
+    resume: bool = False                 # continue from the latest checkpoint in out_dir
     logprob_chunk_tokens: int = 1024
     seed: int = 0
 
@@ -66,7 +68,9 @@ def masked_nll(policy, batch: dict, chunk_tokens: int = 1024) -> tuple[torch.Ten
 
 
 def train_sft(policy, samples: list[Encoded], cfg: SFTConfig, out_dir: str) -> dict:
-    """LoRA SFT on encoded samples; writes metrics, a loss plot and `<out_dir>/adapter`."""
+    """LoRA SFT on encoded samples; writes metrics, a loss plot and `<out_dir>/adapter`.
+    With cfg.save_steps, checkpoints (common/checkpoint.py) hold the data order and RNG too, so
+    cfg.resume continues exactly where the run stopped."""
     samples = [s for s in samples if sum(s.loss_mask) > 0]
     if not samples:
         raise ValueError("No SFT sample has a trainable token (all loss masks are 0).")
@@ -84,12 +88,20 @@ def train_sft(policy, samples: list[Encoded], cfg: SFTConfig, out_dir: str) -> d
         total = min(total, cfg.max_steps)
     warmup = int(cfg.warmup_ratio * total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.lr_schedule))
-    log = RunLog(out_dir)
     rng = random.Random(cfg.seed)
     order: list[int] = []
+    start = 0
+    if cfg.resume:
+        ck = resume_from(out_dir)
+        state = load_checkpoint(policy, opt, sched, ck)
+        start, order = state["step"], list(state["order"])
+        rng.setstate(unpack_random(state["sft_rng"]))
+        print(f"[sft] resumed from {ck} at step {start}")
+    log = RunLog(out_dir, resume=start > 0)
+    log.drop_from(start)
     policy.model.train()
     loss_val = float("nan")
-    for step in log.bar(range(total), desc="sft"):
+    for step in log.bar(range(start, total), desc="sft", initial=start, total=total):
         if len(order) < cfg.batch_size:   # epochs of shuffles
             perm = list(range(len(samples)))
             rng.shuffle(perm)
@@ -113,8 +125,9 @@ def train_sft(policy, samples: list[Encoded], cfg: SFTConfig, out_dir: str) -> d
         opt.zero_grad(set_to_none=True)
         log.log({"loss": loss_val, "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0],
                  "tokens": n_tok}, step)
-        if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
-            policy.save_adapter(os.path.join(out_dir, f"checkpoint-{step + 1}"))
+        if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == total):
+            save_checkpoint(policy, opt, sched, step + 1, out_dir,
+                            extra={"order": order, "sft_rng": pack_random(rng.getstate())})
     log.plot(["loss", "lr"], title="SFT")
     policy.save_adapter(os.path.join(out_dir, "adapter"))
     summary = {"steps": total, "samples": len(samples), "final_loss": loss_val, "config": asdict(cfg)}

@@ -27,7 +27,8 @@ import math
 import numbers
 import os
 import re
-import time
+import socket
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,10 +172,46 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     return h_bar, w_bar
 
 
-def seen_size(image: Image.Image, min_pixels: int = 56 * 56,
-              max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
-    """(w, h) of `image` as the Qwen2.5-VL processor resizes it, i.e. as the model sees it."""
-    h, w = smart_resize(image.height, image.width, min_pixels=min_pixels, max_pixels=max_pixels)
+_PROCESSOR = None   # the image processor of the last VLM load_policy loaded (see seen_size)
+
+
+def set_image_processor(image_processor) -> None:
+    """Make `seen_size` / `crop` default to this processor's resize rule (load_policy calls it)."""
+    global _PROCESSOR
+    _PROCESSOR = image_processor
+
+
+def resize_limits(image_processor) -> dict:
+    """min_pixels, max_pixels and factor (= patch_size * merge_size) of a Qwen2-VL-style image
+    processor, read from the processor itself (its `size` longest/shortest edge in pixels, or
+    min_pixels / max_pixels attributes), never assumed."""
+    size = getattr(image_processor, "size", None)
+    get = (lambda k: size.get(k) if isinstance(size, dict) else getattr(size, k, None))
+    lo = getattr(image_processor, "min_pixels", None) or get("shortest_edge") or get("min_pixels")
+    hi = getattr(image_processor, "max_pixels", None) or get("longest_edge") or get("max_pixels")
+    patch, merge = getattr(image_processor, "patch_size", None), getattr(image_processor, "merge_size", None)
+    if not (lo and hi and patch and merge):
+        raise ValueError(f"{type(image_processor).__name__} has no Qwen2-VL resize settings (min/max "
+                         f"pixels, patch_size, merge_size); pass min_pixels / max_pixels instead.")
+    return {"min_pixels": int(lo), "max_pixels": int(hi), "factor": int(patch) * int(merge)}
+
+
+def seen_size(image: Image.Image, image_processor=None, *, min_pixels: int | None = None,
+              max_pixels: int | None = None) -> tuple[int, int]:
+    """(w, h) of `image` as the model sees it after its image processor's resize.
+
+    The rule's settings come from, in order: explicit min_pixels / max_pixels; the given
+    `image_processor`; the processor of the VLM that load_policy loaded last; Qwen2.5-VL's
+    library defaults (56*56 .. 28*28*1280, factor 28). With the published Qwen2.5-VL-3B/7B
+    processor (max_pixels 12,845,056) a 1600x1200 image is seen as 1596x1204, not 1148x840."""
+    ip = image_processor if image_processor is not None else _PROCESSOR
+    lim = resize_limits(ip) if ip is not None else {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280,
+                                                    "factor": 28}
+    if min_pixels is not None:
+        lim["min_pixels"] = min_pixels
+    if max_pixels is not None:
+        lim["max_pixels"] = max_pixels
+    h, w = smart_resize(image.height, image.width, **lim)
     return w, h
 
 
@@ -268,15 +305,15 @@ class _HttpBackend:
             raise ValueError(f"search endpoint must be an http(s):// URL, got {endpoint!r}")
         self.endpoint, self.api_key = endpoint, api_key
         self.timeout, self.max_bytes = timeout, max_response_bytes
-        self.session = requests.Session()
-        self.session.trust_env = False
 
-    def post(self, payload: dict) -> list[dict]:
+    def _exchange(self, payload: dict, box: dict) -> None:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        deadline = time.monotonic() + self.timeout
+        session = requests.Session()  # one per exchange: a timed-out worker may still hold its own
+        session.trust_env = False
         try:
-            with self.session.post(self.endpoint, json=payload, headers=headers, stream=True,
+            with session, session.post(self.endpoint, json=payload, headers=headers, stream=True,
                                    timeout=self.timeout, allow_redirects=False) as r:
+                box["response"] = r
                 if not 200 <= r.status_code < 300:
                     raise SearchError(f"search server returned HTTP {r.status_code}")
                 body = bytearray()
@@ -284,12 +321,34 @@ class _HttpBackend:
                     body += chunk
                     if len(body) > self.max_bytes:
                         raise SearchError(f"search response larger than {self.max_bytes} bytes")
-                    if time.monotonic() > deadline:
-                        raise SearchError(f"search timed out after {self.timeout} s")
+                box["body"] = bytes(body)
+        except SearchError as e:
+            box["error"] = e
         except requests.Timeout:
-            raise SearchError(f"search timed out after {self.timeout} s") from None
-        except requests.RequestException as e:
-            raise SearchError(f"search request failed ({type(e).__name__})") from None
+            box["error"] = SearchError(f"search timed out after {self.timeout} s")
+        except (requests.RequestException, OSError, ValueError) as e:
+            box["error"] = SearchError(f"search request failed ({type(e).__name__})")
+
+    def post(self, payload: dict) -> list[dict]:
+        """The whole exchange (connect, headers, body) ends within `timeout` seconds: it runs in
+        a worker thread, and when the deadline passes the connection is closed and the call
+        returns (requests' own timeout bounds each socket read only, so a server dripping a
+        byte at a time could hold a call far longer)."""
+        box: dict = {}
+        worker = threading.Thread(target=self._exchange, args=(payload, box), daemon=True)
+        worker.start()
+        worker.join(self.timeout)
+        if worker.is_alive():  # shut the socket so the worker's read fails; never wait for it
+            conn = getattr(getattr(box.get("response"), "raw", None), "_connection", None)
+            try:
+                if getattr(conn, "sock", None) is not None:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            raise SearchError(f"search timed out after {self.timeout} s")
+        if "error" in box:
+            raise box["error"]
+        body = box["body"]
         try:
             data = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError):

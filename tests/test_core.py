@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from common import chat as chatmod
-from common.chat import collate, encode
+from common.chat import encode
 from common.grpo import GRPOConfig, completion_logprobs, per_rollout, train_grpo
 from common.models import build_tiny_tokenizer, image_processor_for, load_policy
 from common.rollout import rollout_batch, run_rollouts
@@ -67,33 +67,40 @@ def test_adapter_roundtrip(tmp_path):
 
 def test_reference_is_the_starting_adapter(tmp_path):
     """RL from a saved (SFT) adapter: pi_ref is a frozen copy of that adapter, not the base
-    model. KL is exactly 0 at the first step and positive after an update; the reference copy
-    never trains and is not saved with the policy."""
+    model. KL is exactly 0 at the first step and positive after an update; the copy never
+    trains, is not saved with the policy, and is gone after the run (reference() = base again)."""
     p = load_policy("tiny", seed=3)
     for n, q in p.model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(q, std=0.5, generator=torch.Generator().manual_seed(0))
     p.save_adapter(str(tmp_path / "sft"))
     q = load_policy("tiny", seed=3, adapter=str(tmp_path / "sft"))
-    assert all("reference" not in n for n, x in q.model.named_parameters() if x.requires_grad)
     ids = torch.tensor([q.tokenizer.encode("some words here")])
     with torch.no_grad():
-        pol = q.model(input_ids=ids).logits
-        with q.reference():
-            ref = q.model(input_ids=ids).logits
-        with q.model.disable_adapter():
+        start = q.model(input_ids=ids).logits
+        with q.base():
             base = q.model(input_ids=ids).logits
-    assert torch.equal(pol, ref) and not torch.allclose(pol, base, atol=1e-3)
+    assert not torch.allclose(start, base, atol=1e-3)
+    seen = {}
     data, rollout_fn, reward = _toy_setup()
+
+    def spy(pol, exs, cfg):  # look inside the run: reference() is the starting adapter, frozen
+        with torch.no_grad(), pol.reference():
+            seen.setdefault("ref", []).append(pol.model(input_ids=ids).logits)
+        seen["trainable"] = [n for n, x in pol.model.named_parameters() if x.requires_grad]
+        return rollout_fn(pol, exs, cfg)
     cfg = GRPOConfig(max_steps=2, num_generations=3, prompts_per_step=2, max_completion_length=6,
                      beta=0.1, learning_rate=5e-2)
-    train_grpo(q, data, rollout_fn, reward, cfg, str(tmp_path / "rl"))
+    train_grpo(q, data, spy, reward, cfg, str(tmp_path / "rl"))
     from common.runlog import read_jsonl
     kl = [r["kl"] for r in read_jsonl(str(tmp_path / "rl" / "metrics.jsonl"))]
     assert kl[0] == 0.0 and kl[1] > 0.0, kl
-    with torch.no_grad(), q.reference():
-        assert torch.equal(q.model(input_ids=ids).logits, ref)        # pi_ref did not move
+    assert all(torch.equal(r, start) for r in seen["ref"])                # pi_ref did not move
+    assert seen["trainable"] and all(".default." in n for n in seen["trainable"])
     assert not (tmp_path / "rl" / "adapter" / "reference").exists()
+    assert "reference" not in q.model.peft_config                          # removed after the run
+    with torch.no_grad(), q.reference():
+        assert torch.equal(q.model(input_ids=ids).logits, base)
 
 
 def test_bad_model_names_and_4bit_errors(monkeypatch):
@@ -161,22 +168,28 @@ def test_text_only_tokenizer_rejects_images(tok):
 
 
 def test_forward_logprobs_match_sampling_with_images():
-    """mm_token_type_ids makes the training forward use the same 3-D positions as generate."""
+    """Sampled rollouts (generate_ids: batched, left-padded, two image sizes, temperature 0.8):
+    the sampler's log-probs equal the training forward's (mm_token_type_ids gives it the same
+    3-D positions as generate) on every generated token, the 5 suppressed vision tokens aside."""
+    from common.rollout import vision_token_ids
     p = load_policy("tiny", lora=False)
-    msgs = [{"role": "user", "content": [{"type": "image", "image": _img(100, 60)}, {"type": "text", "text": "What?"}]}]
-    e = encode(p.tokenizer, p.image_processor, msgs, add_generation_prompt=True)
-    b = collate([e], p.tokenizer.pad_token_id, "left", p.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
-    b.pop("loss_mask")
+    data = [{"img": _img(100, 60), "q": "What?"}, {"img": _img(60, 150, (0, 90, 0)), "q": "Which colour is it?"}]
+    torch.manual_seed(0)
+    rs = run_rollouts(p, data, num_generations=2, max_new_tokens=6, temperature=0.8, make_messages=lambda e: [
+        {"role": "user", "content": [{"type": "image", "image": e["img"]}, {"type": "text", "text": e["q"]}]}])
+    b = rollout_batch(rs, p.tokenizer)
     with torch.no_grad():
-        g = p.model.generate(**b, max_new_tokens=6, do_sample=False, output_scores=True,
-                             return_dict_in_generate=True)
-        new = g.sequences[:, b["input_ids"].shape[1]:]
-        lp_gen = torch.stack(g.scores, 1).log_softmax(-1).gather(-1, new[..., None])[..., 0]
-        from common.rollout import Rollout
-        r = Rollout(prompt_ids=e.input_ids, ids=new[0].tolist(), mask=[1] * new.shape[1],
-                    pixel_values=[e.pixel_values], grids=[e.image_grid_thw])
-        lp, _ = completion_logprobs(p.model, rollout_batch([r], p.tokenizer))
-    assert torch.allclose(lp, lp_gen, atol=1e-5)
+        lp, _ = completion_logprobs(p.model, b, temperature=0.8)                       # (B, T)
+        inputs = {k: v for k, v in b.items() if k not in ("completion_mask", "n_images")}
+        z = p.model(**inputs).logits[:, -b["completion_mask"].shape[1] - 1: -1].float() / 0.8  # (B, T, V)
+    full = z.log_softmax(-1).gather(-1, b["input_ids"][:, -z.shape[1]:, None]).squeeze(-1)
+    z[..., vision_token_ids(p.tokenizer)] = -float("inf")
+    sampler = z.log_softmax(-1).gather(-1, b["input_ids"][:, -z.shape[1]:, None]).squeeze(-1)
+    m = b["completion_mask"].bool()
+    assert torch.allclose(lp[m], full[m], atol=1e-5)
+    for i, r in enumerate(rs):
+        n = len(r.ids)
+        assert torch.allclose(torch.tensor(r.sample_logps), sampler[i, :n], atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------- SFT
@@ -192,9 +205,15 @@ def test_sft_loss_counts_only_masked_tokens(tok, ip):
         m = torch.tensor(e.loss_mask[1:], dtype=torch.bool)
         manual = -logits.gather(-1, tgt[:, None])[:, 0][m].sum()
     assert n.item() == sum(e.loss_mask) and nll.item() == pytest.approx(manual.item(), rel=1e-5)
-    # changing a prompt token changes the context but the loss still counts the same tokens
-    e2 = chatmod.Encoded(list(e.input_ids), [0] * len(e.loss_mask))
-    assert sft_batch([e2], p.tokenizer)["completion_mask"].sum() == 0
+    # in a padded batch with a longer sample, the same sample's loss and token count are
+    # unchanged (padding and the other sample's prompt never count)
+    long = encode(p.tokenizer, p.image_processor, [{"role": "user", "content": "a much longer question here"},
+                                                    {"role": "assistant", "content": "and a longer answer too"}])
+    with torch.no_grad():
+        nll2, n2 = masked_nll(p, sft_batch([e, long], p.tokenizer))
+        nll_long, n_long = masked_nll(p, sft_batch([long], p.tokenizer))
+    assert n2.item() == n.item() + n_long.item()
+    assert nll2.item() == pytest.approx(nll.item() + nll_long.item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------- GRPO loop
@@ -213,17 +232,27 @@ def _toy_setup():
 
 
 def test_grpo_steps_end_to_end(tmp_path):
+    """4-bit + images + mu = 2 + beta, sampled: from a fresh LoRA the policy is the reference, so
+    step 0's sampler gap is tiny and its KL (logged over both updates) comes only from the first
+    update: small and positive; the update moves the LoRA weights; the stop reasons partition
+    the rollouts; every update has a gradient norm."""
     p = load_policy("tiny", load_in_4bit=True)
     data, rollout_fn, reward = _toy_setup()
     cfg = GRPOConfig(max_steps=2, num_generations=3, prompts_per_step=2, max_completion_length=8,
                      beta=0.04, num_iterations=2, micro_batch_size=4, learning_rate=1e-3)
     before = {n: q.detach().clone() for n, q in p.model.named_parameters() if q.requires_grad}
-    s = train_grpo(p, data, rollout_fn, reward, cfg, str(tmp_path))
+    train_grpo(p, data, rollout_fn, reward, cfg, str(tmp_path))
     after = dict(p.model.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before)
-    for k in ("reward", "kl", "entropy", "clip_ratio/region_mean", "completion_length", "frac_reward_zero_std", "rewards/n_ids"):
-        assert k in s["final"]
-    assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "adapter" / "adapter_config.json").exists()
+    from common.runlog import read_jsonl
+    rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [0, 1] and 0 < rows[0]["kl"] < 1e-2 and rows[0]["skipped"] == 0
+    assert rows[0]["sampling/sampling_logp_difference/max"] < 0.05
+    for r in rows:
+        assert sum(v for k, v in r.items() if k.startswith("stop/")) == pytest.approx(1.0)
+        assert r["grad_norm/update_1"] > 0 and r["grad_norm/update_2"] > 0
+        assert 0 <= r["rewards/n_ids"] <= 8 and r["rewards/n_ids/std"] >= 0
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
 
 
 def test_nan_reward_stops_the_run(tmp_path):

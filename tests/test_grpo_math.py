@@ -101,3 +101,24 @@ def test_prompt_order_is_a_function_of_seed_and_step():
     assert sorted(flat) == list(range(10))
     w = sample_prompts(4, 1000, 0, seed=0, weights=[0, 0, 1, 3])
     assert set(w) <= {2, 3} and 0.65 < w.count(3) / 1000 < 0.85
+
+
+def test_gspo_sequence_level_ratio_by_hand():
+    """importance_sampling_level="sequence" (GSPO, TRL's semantics): one ratio per sequence,
+    s_i = exp(mean_t (logp - old)) over its masked tokens, clipped like the token ratio.
+    Row 0: mean(0.1, 0.3) = 0.2 -> s = 1.2214 > 1.2, A = +1: clipped at 1.2, no gradient.
+    Row 1: mean(-0.5, -0.1, 0.0) = -0.2 -> s = 0.8187 (inside), A = -1: loss term +s.
+    grpo: mean over rows of the per-token loss = (-1.2 + 0.8187) / 2 = -0.19063;
+    d loss / d logp[1, t] = 1/2 * s / 3 = 0.13645 for each of row 1's tokens."""
+    old = torch.zeros(2, 3)
+    logp = torch.tensor([[0.1, 0.3, 9.0], [-0.5, -0.1, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    loss, st = grpo_loss(logp, old, None, torch.tensor([1.0, -1.0]), mask, epsilon=0.2,
+                         importance_sampling_level="sequence")
+    s1 = math.exp(-0.2)
+    assert loss.item() == pytest.approx((-1.2 + s1) / 2, abs=1e-6)
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[0.0, 0.0, 0.0], [s1 / 6] * 3]), atol=1e-6)
+    assert st["clip_ratio/high_mean"] == 0.5 and st["clip_ratio/low_mean"] == 0.0   # per sequence
+    tok, _ = grpo_loss(logp.detach(), old, None, torch.tensor([1.0, -1.0]), mask, epsilon=0.2)
+    assert abs(tok.item() - loss.item()) > 1e-3                                      # differs from token level

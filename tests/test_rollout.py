@@ -234,3 +234,57 @@ def test_generate_ids_per_row_budgets_and_sampler_logps(policy):
         z[:, vision] = -float("inf")
         want = z.log_softmax(-1).gather(-1, torch.tensor(i)[:, None]).squeeze(-1)
         assert torch.allclose(want, torch.tensor(lp), atol=1e-4)
+
+
+def test_checkpoint_generation_config_does_not_leak_into_sampling():
+    """A checkpoint's generation_config (repetition_penalty, top_k, min_new_tokens, n-gram and
+    bad-word bans) must not change what the sampler draws from: softmax(logits / T)."""
+    from common.chat import encode
+    from common.rollout import generate_ids, vision_token_ids
+    p = load_policy("tiny", lora=False, seed=4)
+    tok = p.tokenizer
+    gc = p.model.generation_config
+    gc.repetition_penalty, gc.top_k, gc.min_new_tokens, gc.no_repeat_ngram_size = 1.3, 3, 6, 1
+    gc.bad_words_ids = [[tok.convert_tokens_to_ids("<|im_end|>")]]
+    seqs = [encode(tok, None, [{"role": "user", "content": "a a a a"}], add_generation_prompt=True)]
+    torch.manual_seed(0)
+    ids, lps = generate_ids(p, seqs, max_new_tokens=8, temperature=1.0, return_logprobs=True)
+    with torch.no_grad():
+        z = p.model(input_ids=torch.tensor([seqs[0].input_ids + ids[0]])).logits[0, len(seqs[0].input_ids) - 1: -1]
+    z[:, vision_token_ids(tok)] = -float("inf")
+    want = z.float().log_softmax(-1).gather(-1, torch.tensor(ids[0])[:, None]).squeeze(-1)
+    assert (want - torch.tensor(lps[0])).abs().max() < 1e-4
+
+
+def test_stops_on_the_generation_configs_eos_list(policy):
+    """TRL stops on the tokenizer's EOS and every id in generation_config.eos_token_id."""
+    from common.chat import encode
+    from common.rollout import generate_ids
+    tok = policy.tokenizer
+    seqs = [encode(tok, None, [{"role": "user", "content": "hello there"}], add_generation_prompt=True)]
+    free = generate_ids(policy, seqs, max_new_tokens=6, temperature=0.0)[0]
+    first = free[0]
+    saved = policy.model.generation_config.eos_token_id
+    policy.model.generation_config.eos_token_id = [tok.eos_token_id, first]
+    try:
+        assert generate_ids(policy, seqs, max_new_tokens=6, temperature=0.0)[0] == [first]
+    finally:
+        policy.model.generation_config.eos_token_id = saved
+
+
+def test_truncation_is_trls_rule(policy):
+    """truncated = the completion was cut by a token limit (its last token is neither EOS nor
+    pad nor the end of a closed action), or its observation did not fit; running out of turns
+    without an answer is not truncation (a separate metric, ended_without_answer)."""
+    single = scripted([["one two three four five six seven"], ["one<|im_end|>"], ["one<|endoftext|>"]])
+    rs = run_rollouts(policy, [{"k": k} for k in range(3)], num_generations=1, make_messages=prompt("q"),
+                      max_new_tokens=3, generate=single)
+    assert [r.truncated for r in rs] == [True, False, False]
+    assert [r.stop_reason for r in rs] == ["cut", "end", "end"]
+    agent = scripted([["<text_search>a</text_search>"] * 2, ["<answer>x</answer>"],
+                      ["<text_search>a</text_search>", "<answer>yy" + " z" * 40]])
+    rs = run_rollouts(policy, [{"k": k} for k in range(3)], num_generations=1, make_messages=prompt("q"),
+                      tools=make_tools(None), max_turns=2, max_new_tokens=16, generate=agent)
+    assert [r.truncated for r in rs] == [False, False, True]
+    assert [r.answer is None for r in rs] == [True, False, True]
+    assert [r.stop_reason for r in rs] == ["max_turns", "answer", "max_turns"]

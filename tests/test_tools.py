@@ -293,6 +293,18 @@ class _Stub(BaseHTTPRequestHandler):
                                "auth": self.headers.get("Authorization")})
         if self.path == "/slow":
             time.sleep(1.0)
+        if self.path == "/drip":  # valid headers, then one byte every 0.2 s for 4 s
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            try:
+                for ch in (' ' * 19 + '{"results": []}'):
+                    self.wfile.write(ch.encode())
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            return
         if self.path == "/redirect":
             self.send_response(302)
             self.send_header("Location", "/retrieve")
@@ -354,6 +366,17 @@ def test_http_failures_become_observations(server, path, needle):
         ts.search("query")
 
 
+def test_http_timeout_bounds_the_whole_exchange(server):
+    """A server that drips a byte every 0.2 s never trips a per-read timeout; the call must
+    still end at its 1 s deadline (it took the drip's full length before)."""
+    ts = TextSearch(endpoint=server + "/drip", timeout=1.0)
+    start = time.monotonic()
+    obs = ts.observe("query")
+    took = time.monotonic() - start
+    assert obs.startswith("Error: ") and "timed out after 1.0 s" in obs
+    assert took < 1.6, took
+
+
 def test_http_redirect_not_followed(server):
     _Stub.requests.clear()
     TextSearch(endpoint=server + "/redirect").observe("q")
@@ -413,3 +436,38 @@ def test_image_search_finds_noised_copy():
     assert search.observe(Image.new("RGB", (0, 0))).startswith("Error: ")
     with pytest.raises(ValueError):
         ImageSearch([])
+
+
+# Qwen/Qwen2.5-VL-3B-Instruct's published preprocessor_config.json (the 7B one is the same)
+QWEN25VL_3B_PREPROCESSOR = {
+    "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
+    "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711], "image_processor_type": "Qwen2VLImageProcessor",
+    "processor_class": "Qwen2_5_VLProcessor"}
+
+
+def test_seen_size_and_crop_follow_the_loaded_processor():
+    """With the published 3B processor a 1600x1200 image is seen as 1596x1204 (the library
+    defaults would say 1148x840, putting crops ~39 % off); seen_size agrees with the processor's
+    own image_grid_thw for several sizes, and a box in seen pixels maps back to the original."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from common import tools as tools_mod
+    from common.models import image_processor_for
+    # (image_processor_for(folder) reads the same file; its first from_pretrained costs ~10 s here)
+    ip = Qwen2VLImageProcessorPil(**{k: v for k, v in QWEN25VL_3B_PREPROCESSOR.items()
+                                     if k not in ("image_processor_type", "processor_class")})
+    img = Image.new("RGB", (1600, 1200))
+    assert tools_mod.seen_size(img, ip) == (1596, 1204)
+    assert tools_mod.seen_size(img, image_processor_for()) == (1148, 840)
+    for w, h in [(1600, 1200), (30, 500), (640, 480), (333, 1000)]:
+        grid = ip(images=[Image.new("RGB", (w, h))], return_tensors="pt")["image_grid_thw"][0].tolist()
+        assert tools_mod.seen_size(Image.new("RGB", (w, h)), ip) == (grid[2] * 14, grid[1] * 14)
+    saved = tools_mod._PROCESSOR
+    try:
+        tools_mod.set_image_processor(ip)        # what load_policy does for a VLM
+        assert tools_mod.seen_size(img) == (1596, 1204)
+        out, _ = tools_mod.crop(img, [798, 602, 1596, 1204], seen_size=tools_mod.seen_size(img))
+        assert abs(out.width - 800) <= 2 and abs(out.height - 600) <= 2     # the bottom-right quarter
+    finally:
+        tools_mod.set_image_processor(saved)

@@ -1,0 +1,380 @@
+"""Generation without doing work twice, exact against the plain path (tests/test_fastgen.py).
+
+    from common.fastgen import CachedGenerator
+    rollouts = run_rollouts(policy, examples, ..., generate=CachedGenerator())   # one per rollout batch
+
+`CachedGenerator` is a drop-in `generate=` for `common.rollout.run_rollouts` (same arguments and
+return as `common.rollout.generate_ids`). It keeps one batched KV cache for the rollout batch:
+  * shared prefix: the G copies of a prompt (and its images) are prefilled once, and the cache
+    rows are copied to the G samples, instead of G prefills (the vision tower runs once per
+    distinct prompt image in generation);
+  * across turns: on the next call it finds, for each sequence, the cache row whose tokens are
+    its longest prefix and feeds only the rest (the last sampled token, the observation, a crop
+    image), instead of re-encoding the prompt, its images and all earlier turns. Rows are
+    matched by their tokens, so it is safe whatever the caller did between calls (a sequence
+    that shares no usable prefix with any row is prefilled from scratch);
+  * LoRA in decode: with a full-precision base, the adapter is merged into copies of the base
+    weights while generating (one matmul per projection instead of three) and the original
+    weight tensors are put back afterwards, bit for bit; with NF4 the adapter stays separate.
+Positions are computed, never inferred from model state: text tokens continue at (last position
++ 1), and an image in a fed segment gets Qwen2.5-VL's 3-D mrope positions from the model's own
+`get_rope_index` on that segment, shifted (the rope index is shift-invariant). A cache is only
+valid for the weights it was computed with: make a new CachedGenerator for every rollout batch.
+
+`image_features` / `sub_batch` run the vision tower once per distinct image of a training batch
+and hand its output to the reference and policy passes (`mm_encoder_outputs`), instead of
+encoding every copy of a prompt image in each of those passes.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+
+from common.chat import Encoded, image_token_counts
+
+
+def _unwrap(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _eos_ids(policy) -> list[int]:
+    tok = policy.tokenizer
+    ids = [tok.eos_token_id]
+    extra = getattr(getattr(policy.model, "generation_config", None), "eos_token_id", None)
+    for i in ([extra] if isinstance(extra, int) else list(extra or [])):
+        if i not in ids:
+            ids.append(int(i))
+    return ids
+
+
+def _suppressed(policy) -> list[int]:
+    if not policy.is_vlm:
+        return []
+    return policy.tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                                                   "<|image_pad|>", "<|video_pad|>"])
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA merged into the weights while decoding (full-precision base only)
+# ---------------------------------------------------------------------------------------------
+def can_merge(policy) -> bool:
+    return bool(policy.has_adapter) and not policy.extra.get("load_in_4bit")
+
+
+@contextlib.contextmanager
+def merged_lora(policy):
+    """Decode with W + scale * B A in place of W (the adapter off), then put the original weight
+    tensors back (the same objects: no rounding drift). No-op without an adapter or with NF4."""
+    if not can_merge(policy):
+        yield
+        return
+    from peft.tuners.lora import LoraLayer
+    saved = []
+    try:
+        with torch.no_grad():
+            for m in policy.model.modules():
+                if isinstance(m, LoraLayer) and not getattr(m, "disable_adapters", False):
+                    base = m.get_base_layer()
+                    delta = sum(m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A)
+                    if isinstance(delta, torch.Tensor):
+                        saved.append((base.weight, base.weight.data))
+                        base.weight.data = base.weight.data + delta.to(base.weight.dtype)
+        with policy.model.disable_adapter():
+            yield
+    finally:
+        for p, data in saved:
+            p.data = data
+
+
+# ---------------------------------------------------------------------------------------------
+# the cached generator
+# ---------------------------------------------------------------------------------------------
+class _Row:
+    """What one cache row holds: its tokens in order, the cache slot of each, the text position
+    after each (so a row can be cut back to any prefix), and how many images it has seen."""
+
+    __slots__ = ("tokens", "slots", "after", "n_images")
+
+    def __init__(self):
+        self.tokens, self.slots, self.after, self.n_images = [], [], [], 0
+
+    @property
+    def next_pos(self) -> int:
+        return self.after[-1] if self.after else 0
+
+    def copy(self):
+        r = _Row()
+        r.tokens, r.slots, r.after, r.n_images = list(self.tokens), list(self.slots), list(self.after), self.n_images
+        return r
+
+    def cut(self, k: int, n_images: int) -> None:
+        self.tokens, self.slots, self.after, self.n_images = self.tokens[:k], self.slots[:k], self.after[:k], n_images
+
+
+class CachedGenerator:
+    """`generate=` for run_rollouts with a KV cache shared by the G samples and kept across turns.
+
+    force_length: suppress end-of-turn until each row's budget (the bench's forced-length work).
+    merge_lora: merge the adapter into the weights while decoding (full-precision base only).
+    stats: tokens prefilled / reused from the cache, decode steps (for the bench)."""
+
+    def __init__(self, force_length: bool = False, merge_lora: bool = True):
+        self.force_length, self.merge_lora = force_length, merge_lora
+        self.cache, self.attn, self.rows = None, None, []
+        self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "decode_steps": 0, "calls": 0}
+
+    # -- model plumbing ------------------------------------------------------------------------
+    def _forward(self, policy, ids, attn, pos, pixel_values=None, grid=None):
+        hf = _unwrap(policy.model)
+        kw = dict(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        params = inspect.signature(hf.forward).parameters
+        kw["cache" if "cache" in params else "past_key_values"] = self.cache
+        if "logits_to_keep" in params:
+            kw["logits_to_keep"] = 1
+        if pixel_values is not None:
+            kw.update(pixel_values=pixel_values, image_grid_thw=grid)
+        out = hf(**kw)
+        self.cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        return out.logits[:, -1].float()                                  # (R, V)
+
+    def _segment_positions(self, policy, ids: list[int], grids, start: int):
+        """Positions of a segment that starts at text position `start`: (3, n) for a VLM (mrope,
+        from the model's get_rope_index when the segment holds images), (n,) otherwise; and the
+        text position after each token."""
+        n = len(ids)
+        img = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>") if policy.is_vlm else None
+        if grids is None or img not in ids:
+            p = torch.arange(start, start + n)
+            return (p.view(1, -1).expand(3, -1) if policy.is_vlm else p), list(range(start + 1, start + n + 1))
+        t = torch.tensor([ids])
+        pos, _ = _unwrap(policy.model).model.get_rope_index(t, (t == img).int(), image_grid_thw=grids)
+        pos = pos[:, 0].cpu() + start                                     # (3, n)
+        return pos, (pos.max(0).values.cummax(0).values + 1).tolist()
+
+    # -- matching the new sequences to cache rows --------------------------------------------------
+    def _match(self, policy, seqs: list[Encoded]):
+        """For each sequence: (row, k tokens shared, images inside them) for the row holding its
+        longest usable prefix, or None. A prefix is usable when it holds whole images only."""
+        img = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>") if policy.is_vlm else None
+        out = []
+        for s in seqs:
+            counts = image_token_counts(s.image_grid_thw)
+            cum = {0: 0}
+            for i, c in enumerate(counts):
+                cum[sum(counts[: i + 1])] = i + 1
+            best = None
+            for j, row in enumerate(self.rows):
+                k, n = 0, min(len(row.tokens), len(s.input_ids) - 1)   # always feed >= 1 token
+                while k < n and row.tokens[k] == s.input_ids[k]:
+                    k += 1
+                if k == 0 or (best is not None and k <= best[1]):
+                    continue
+                n_pad = sum(1 for t in s.input_ids[:k] if t == img) if img is not None else 0
+                if n_pad not in cum:                                      # a cut inside an image
+                    continue
+                best = (j, k, cum[n_pad])
+            out.append(best)
+        return out
+
+    def _images_of(self, s: Encoded, first: int):
+        """pixel_values / grids of the images of s from index `first` on (None when none)."""
+        if s.image_grid_thw is None or first >= len(s.image_grid_thw):
+            return None, None
+        sizes = [int(g.prod()) for g in s.image_grid_thw]
+        return s.pixel_values[sum(sizes[:first]):], s.image_grid_thw[first:]
+
+    # -- prefill / extend ------------------------------------------------------------------------
+    def _feed(self, policy, seqs, matches):
+        """Bring the cache to one row per sequence holding all its tokens; return the logits after
+        the last one (R, V)."""
+        dev = policy.device
+        if self.cache is None or any(m is None for m in matches):
+            uniq, index = {}, []
+            for s in seqs:            # the G copies of a prompt are prefilled once
+                key = (tuple(s.input_ids), None if s.pixel_values is None else
+                       (tuple(s.pixel_values.shape), float(s.pixel_values.double().sum())))
+                index.append(uniq.setdefault(key, len(uniq)))
+            firsts = {}
+            for i, u in enumerate(index):
+                firsts.setdefault(u, i)
+            self.cache, self.rows = None, [_Row() for _ in uniq]
+            self.attn = torch.zeros(len(uniq), 0, dtype=torch.long, device=dev)
+            logits = self._extend(policy, [seqs[firsts[u]] for u in range(len(uniq))], [0] * len(uniq))
+            sel = torch.tensor(index, device=dev)
+            self._select(sel)
+            return logits[sel]
+        self._select(torch.tensor([m[0] for m in matches], device=dev))
+        self.stats["reused_tokens"] += sum(m[1] for m in matches)
+        for i, (r, (_, k, n_img)) in enumerate(zip(self.rows, matches)):   # drop what is not shared
+            if k < len(r.tokens):
+                self.attn[i, r.slots[k]:] = 0
+            r.cut(k, n_img)
+        return self._extend(policy, seqs, [m[1] for m in matches])
+
+    def _select(self, sel):
+        self.cache.batch_select_indices(sel)
+        self.attn = self.attn[sel]
+        self.rows = [self.rows[j].copy() for j in sel.tolist()]
+
+    def _extend(self, policy, seqs, have: list[int]):
+        """Feed seqs[i].input_ids[have[i]:] into row i (left-padded segments); logits (R, V)."""
+        dev = policy.device
+        segs = [s.input_ids[h:] for s, h in zip(seqs, have)]
+        S, R = max(len(x) for x in segs), len(seqs)
+        ids = torch.full((R, S), policy.tokenizer.pad_token_id, dtype=torch.long)
+        seg_attn = torch.zeros(R, S, dtype=torch.long)
+        pos = torch.zeros((3, R, S) if policy.is_vlm else (R, S), dtype=torch.long)
+        pvs, grids = [], []
+        L0 = self.attn.shape[1]
+        for i, (s, seg, row) in enumerate(zip(seqs, segs, self.rows)):
+            n = len(seg)
+            ids[i, S - n:] = torch.tensor(seg)
+            seg_attn[i, S - n:] = 1
+            pv, grid = self._images_of(s, row.n_images)
+            p, after = self._segment_positions(policy, seg, grid, row.next_pos)
+            if policy.is_vlm:
+                pos[:, i, S - n:] = p
+            else:
+                pos[i, S - n:] = p
+            if pv is not None:
+                pvs.append(pv)
+                grids.append(grid)
+            row.tokens += seg
+            row.slots += list(range(L0 + S - n, L0 + S))
+            row.after += after
+            row.n_images = 0 if s.image_grid_thw is None else len(s.image_grid_thw)
+        self.attn = torch.cat([self.attn, seg_attn.to(dev)], 1)
+        self.stats["prefill_tokens"] += int(seg_attn.sum())
+        pv = torch.cat(pvs).to(dev) if pvs else None
+        grid = torch.cat(grids).to(dev) if grids else None
+        return self._forward(policy, ids.to(dev), self.attn, pos.to(dev), pv, grid)
+
+    # -- sampling --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, policy, seqs: list[Encoded], *, max_new_tokens, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int | None = None, stop_strings: list[str] | None = None,
+                 batch_size: int = 64, return_logprobs: bool = False, min_new_tokens: int | None = None):
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+        tok, dev = policy.tokenizer, policy.device
+        R = len(seqs)
+        budgets = [int(max_new_tokens)] * R if isinstance(max_new_tokens, int) else [int(b) for b in max_new_tokens]
+        mins = budgets if self.force_length else [int(min_new_tokens or 0)] * R
+        eos = torch.tensor(_eos_ids(policy), device=dev)
+        warpers = []
+        if temperature > 0:
+            if temperature != 1.0:
+                warpers.append(TemperatureLogitsWarper(temperature))
+            if top_k:
+                warpers.append(TopKLogitsWarper(top_k))
+            if top_p < 1.0:
+                warpers.append(TopPLogitsWarper(top_p))
+        suppress = _suppressed(policy)
+        was_training = policy.model.training
+        policy.model.eval()
+        self.stats["calls"] += 1
+        out = [[] for _ in range(R)]
+        lps = [[] for _ in range(R)]
+        self.raw_logps = [[] for _ in range(R)]   # log_softmax of the model's logits (no processors)
+        try:
+            with (merged_lora(policy) if self.merge_lora else contextlib.nullcontext()):
+                matches = self._match(policy, seqs) if self.cache is not None else [None] * R
+                logits = self._feed(policy, seqs, matches)                      # (R, V)
+                done = [False] * R
+                for t in range(max(budgets)):
+                    scores = logits.clone()
+                    if suppress:
+                        scores[:, suppress] = float("-inf")
+                    for i in range(R):
+                        if len(out[i]) < mins[i]:
+                            scores[i, eos] = float("-inf")
+                    for w in warpers:
+                        scores = w(None, scores)
+                    logp_all = scores.log_softmax(-1)
+                    nxt = (torch.multinomial(logp_all.exp(), 1)[:, 0] if temperature > 0
+                           else scores.argmax(-1))                                # (R,)
+                    chosen = logp_all.gather(-1, nxt[:, None])[:, 0].tolist()
+                    raw = logits.log_softmax(-1).gather(-1, nxt[:, None])[:, 0].tolist()
+                    fed = []
+                    for i, tkn in enumerate(nxt.tolist()):
+                        fed.append(not done[i])
+                        if done[i]:
+                            continue
+                        out[i].append(tkn)
+                        lps[i].append(chosen[i])
+                        self.raw_logps[i].append(raw[i])
+                        if (tkn in eos.tolist() or len(out[i]) >= budgets[i]
+                                or (stop_strings and any(tok.decode(out[i][-12:]).endswith(s) for s in stop_strings))):
+                            done[i] = True
+                    if all(done):
+                        break
+                    self.stats["decode_steps"] += 1
+                    logits = self._step(policy, nxt, fed)
+        finally:
+            policy.model.train(was_training)
+        return (out, lps) if return_logprobs else out
+
+    def _step(self, policy, nxt, fed):
+        """Feed one token per row (rows already finished feed a masked pad)."""
+        dev = policy.device
+        R = len(fed)
+        ids = torch.where(torch.tensor(fed, device=dev), nxt, torch.full_like(nxt, policy.tokenizer.pad_token_id))
+        col = torch.tensor(fed, dtype=torch.long, device=dev)[:, None]
+        L0 = self.attn.shape[1]
+        self.attn = torch.cat([self.attn, col], 1)
+        p = torch.tensor([r.next_pos for r in self.rows], dtype=torch.long)
+        for i, r in enumerate(self.rows):
+            if fed[i]:
+                r.tokens.append(int(ids[i]))
+                r.slots.append(L0)
+                r.after.append(r.next_pos + 1)
+        pos = p.view(1, R, 1).expand(3, R, 1) if policy.is_vlm else p.view(R, 1)
+        return self._forward(policy, ids[:, None], self.attn, pos.to(dev))
+
+
+# ---------------------------------------------------------------------------------------------
+# the vision tower once per distinct image of a training batch
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def image_features(model, batch: dict):
+    """Per-image vision features of a rollout batch (`common.rollout.rollout_batch`), the tower
+    run once per distinct image (the G copies of a prompt image are one): a list, one (n_tokens,
+    H) tensor per image in batch order, or None without images."""
+    if "pixel_values" not in batch or len(batch["pixel_values"]) == 0:
+        return None
+    hf = _unwrap(model)
+    grid, pv = batch["image_grid_thw"], batch["pixel_values"]
+    sizes = grid.prod(-1).tolist()
+    chunks = list(pv.split(sizes))
+    uniq, index = {}, []
+    for c, g in zip(chunks, grid.tolist()):
+        key = (tuple(g), c.shape[0], float(c.double().sum()), float((c.double() ** 2).sum()))
+        if key in uniq and not torch.equal(chunks[uniq[key][0]], c):
+            key = key + (len(uniq),)
+        uniq.setdefault(key, (len(index), len(uniq)))
+        index.append(uniq[key][1])
+    firsts = sorted(set(v[0] for v in uniq.values()))
+    feats = hf.model.get_image_features(torch.cat([chunks[i] for i in firsts]), grid[firsts], return_dict=True)
+    per = list(feats.pooler_output)
+    return [per[u] for u in index]
+
+
+def sub_batch(batch: dict, rows: list[int], feats) -> dict:
+    """Rows of a rollout batch for a forward pass, with the images' precomputed vision features
+    (`mm_encoder_outputs`) in place of pixel_values when `feats` is given."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    out = {k: v[rows] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    if "pixel_values" not in batch:
+        return out
+    first = torch.cat([batch["n_images"].new_zeros(1), batch["n_images"].cumsum(0)])  # (B+1,)
+    img = [i for b in rows for i in range(int(first[b]), int(first[b + 1]))]
+    out["image_grid_thw"] = batch["image_grid_thw"][img]
+    if feats is not None:
+        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats[i] for i in img))}
+        return out
+    patches = batch["image_grid_thw"].prod(-1)
+    pfirst = torch.cat([patches.new_zeros(1), patches.cumsum(0)])
+    out["pixel_values"] = torch.cat([batch["pixel_values"][pfirst[i]: pfirst[i + 1]] for i in img]) \
+        if img else batch["pixel_values"][:0]
+    return out

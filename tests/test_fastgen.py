@@ -1,0 +1,185 @@
+# Run: pytest tests/test_fastgen.py -q      (CPU, ~30 s)
+"""common/fastgen.py gives the plain path's numbers: greedy tokens identical to
+common.rollout.generate_ids / the re-prefill agent loop, and the per-token log-probs it computed
+while decoding (prompt prefilled once for G rows, KV kept across turns, a crop image fed
+into the cache) equal the training pass's (common.grpo.completion_logprobs) on the final
+sequences. A generator made wrong on purpose (positions off by one) fails the same check."""
+import pytest
+import torch
+
+from common.bench import ScriptedAgent, agent_tools, forced_generate, noise_image, prompt_text
+from common.chat import encode
+from common.fastgen import CachedGenerator, can_merge, image_features, merged_lora, sub_batch
+from common.grpo import completion_logprobs, unwrap
+from common.models import load_policy
+from common.rollout import generate_ids, rollout_batch, run_rollouts
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_policy():
+    """The tiny preset with weights scaled up (so greedy decoding does not repeat one token) and
+    a non-zero LoRA adapter (so merging it changes the weights)."""
+    p = load_policy("tiny", seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, prm in unwrap(p.model).named_parameters():
+            if "lora_" in n:
+                prm.normal_(0, 0.1, generator=g)
+            elif prm.dim() >= 2 and "visual" not in n:
+                prm.mul_(8.0)
+    return p
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return make_policy()
+
+
+def image_prompt(policy, size=56, seed=0, n_text=10):
+    msgs = [{"role": "user", "content": [{"type": "image", "image": noise_image(size, seed)},
+                                         {"type": "text", "text": prompt_text(policy.tokenizer, n_text, seed)}]}]
+    return encode(policy.tokenizer, policy.image_processor, msgs, add_generation_prompt=True)
+
+
+def text_prompt(policy, seed=0, n_text=12):
+    return encode(policy.tokenizer, None, [{"role": "user", "content": prompt_text(policy.tokenizer, n_text, seed)}],
+                  add_generation_prompt=True)
+
+
+def greedy_with_raw(gen, policy, seqs, n):
+    """Greedy decoding through `gen`, and per row the raw log-prob of each chosen token."""
+    ids = gen(policy, seqs, max_new_tokens=n, temperature=0)
+    return ids, gen.raw_logps
+
+
+@pytest.mark.parametrize("kind", ["text", "image"])
+def test_shared_prefix_equals_plain(policy, kind):
+    enc = image_prompt(policy) if kind == "image" else text_prompt(policy)
+    G, n = 3, 10
+    plain = generate_ids(policy, [enc] * G, max_new_tokens=n, temperature=0)
+    gen = CachedGenerator()
+    fast, raw = greedy_with_raw(gen, policy, [enc] * G, n)
+    assert fast == plain and len(set(map(tuple, fast[0:1]))) == 1 and len(set(fast[0])) > 3
+    assert gen.stats["prefill_tokens"] == len(enc.input_ids)        # prefilled once, not G times
+    # the decode-time log-probs are the training pass's
+    from common.rollout import Rollout
+    rs = [Rollout(prompt_ids=enc.input_ids, ids=list(r), mask=[1] * len(r),
+                  pixel_values=[enc.pixel_values] if enc.pixel_values is not None else [],
+                  grids=[enc.image_grid_thw] if enc.image_grid_thw is not None else []) for r in fast]
+    batch = rollout_batch(rs, policy.tokenizer)
+    with torch.no_grad():
+        lp, _ = completion_logprobs(policy.model, batch, 1.0)
+    torch.testing.assert_close(torch.tensor(raw), lp, atol=2e-5, rtol=1e-5)
+
+
+class OffByOne(CachedGenerator):
+    """A broken generator: every fed segment starts one position too late."""
+
+    def _segment_positions(self, policy, ids, grids, start):
+        return super()._segment_positions(policy, ids, grids, start + (1 if start else 0))
+
+
+def agent_rollouts(policy, gen, G=2, n=16, seeds=(3, 4)):
+    """Scripted tool turns for two prompts of different lengths (ragged rows); the stray-tag
+    filter is off, so what is scored is what was sampled."""
+    tok = policy.tokenizer
+    agent = ScriptedAgent(tok, gen, 112)
+    agent.bad = set()
+    msgs = lambda ex: [{"role": "user", "content": [{"type": "image", "image": noise_image(112, ex["seed"])},
+                                                    {"type": "text", "text": ex["text"]}]}]
+    examples = [{"seed": s, "text": "where" + " is the river city" * i} for i, s in enumerate(seeds)]
+    return run_rollouts(policy, examples, num_generations=G, make_messages=msgs, tools=agent_tools(tok, 12, 0),
+                        max_turns=3, max_new_tokens=n + 40, max_total_tokens=1 << 30, temperature=0,
+                        generate=agent)
+
+
+def fast_agent_logps(policy, gen_cls):
+    """Agent rollouts through gen_cls, and the decode-time raw log-probs at each generated token."""
+    rec = []
+
+    class Rec(gen_cls):
+        def __call__(self, policy, seqs, **kw):
+            ids = super().__call__(policy, seqs, **kw)
+            rec.append([(len(s.input_ids), list(r)) for s, r in zip(seqs, self.raw_logps)])
+            return ids
+    gen = Rec(force_length=True)
+    return agent_rollouts(policy, gen), rec, gen
+
+
+def check_against_training_pass(policy, rs, rec):
+    batch = rollout_batch(rs, policy.tokenizer)
+    with torch.no_grad():
+        lp, _ = completion_logprobs(policy.model, batch, 1.0)             # (B, T)
+    got, want = [], []
+    for call in rec:
+        for i, (seq_len, raw) in enumerate(call):
+            off = seq_len - len(rs[i].prompt_ids)
+            got += raw
+            want += lp[i, off: off + len(raw)].tolist()
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=2e-5, rtol=1e-5)
+
+
+def test_kv_across_turns_equals_reprefill_loop(policy):
+    """Two tool turns (a text observation, then a crop image) and an answer: the same tokens as
+    the plain loop that re-encodes everything each turn, the training pass's log-probs, and far
+    fewer tokens prefilled."""
+    plain = agent_rollouts(policy, forced_generate)
+    fast, rec, gen = fast_agent_logps(policy, CachedGenerator)
+    assert [r.ids for r in fast] == [r.ids for r in plain]
+    assert all(len(r.images) == 2 and r.answer == "Paris" for r in fast)
+    check_against_training_pass(policy, fast, rec)
+    plain_prefill = sum(len(r.prompt_ids) for r in plain) + sum(len(r.ids) for r in plain)  # lower bound
+    assert gen.stats["reused_tokens"] > 0 and gen.stats["prefill_tokens"] < plain_prefill / 2
+
+
+def test_a_wrong_generator_fails_the_check(policy):
+    fast, rec, _ = fast_agent_logps(policy, OffByOne)
+    with pytest.raises(AssertionError):
+        check_against_training_pass(policy, fast, rec)
+
+
+def test_merged_lora_decode(policy):
+    """Merged weights while decoding: the same greedy tokens, and afterwards the very same weight
+    tensors (bit for bit), so training never sees a rounded W + BA - BA."""
+    assert can_merge(policy)
+    enc = text_prompt(policy, seed=3)
+    before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+    merged = CachedGenerator(merge_lora=True)(policy, [enc] * 2, max_new_tokens=8, temperature=0)
+    separate = CachedGenerator(merge_lora=False)(policy, [enc] * 2, max_new_tokens=8, temperature=0)
+    assert merged == separate
+    for n, p in policy.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    with merged_lora(policy):       # inside: the adapter is off and the base holds W + scale B A
+        out_m = unwrap(policy.model)(input_ids=torch.tensor([enc.input_ids])).logits
+    out = unwrap(policy.model)(input_ids=torch.tensor([enc.input_ids])).logits
+    torch.testing.assert_close(out_m, out, atol=1e-5, rtol=1e-5)
+
+
+def test_vision_once_per_image_same_logprobs(policy):
+    """image_features runs the tower once per distinct image; the log-probs with those features
+    equal those with pixel_values, micro-batch by micro-batch."""
+    enc = image_prompt(policy, size=84, seed=2)
+    from common.rollout import Rollout
+    g = torch.Generator().manual_seed(0)
+    rs = [Rollout(prompt_ids=enc.input_ids, ids=torch.randint(0, 500, (6,), generator=g).tolist(), mask=[1] * 6,
+                  pixel_values=[enc.pixel_values], grids=[enc.image_grid_thw]) for _ in range(4)]
+    batch = rollout_batch(rs, policy.tokenizer)
+    calls = []
+    h = unwrap(policy.model).model.visual.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        feats = image_features(policy.model, batch)
+    finally:
+        h.remove()
+    assert len(calls) == 1 and calls[0] == enc.pixel_values.shape[0]      # one image's patches, once
+    with torch.no_grad():
+        for mb in ([0, 1], [2, 3]):
+            a, _ = completion_logprobs(policy.model, sub_batch(batch, mb, None), 1.0)
+            b, _ = completion_logprobs(policy.model, sub_batch(batch, mb, feats), 1.0)
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -285,7 +285,7 @@ def load_base(name: str, *, load_in_4bit: bool, device: torch.device, dtype: tor
                               AutoTokenizer, Qwen2_5_VLForConditionalGeneration)
     if load_in_4bit:
         check_4bit(device)
-    skip = ["visual", "lm_head"]
+    skip = ["visual", "model.visual", "lm_head"]  # transformers 5 matches a prefix of the full name or a suffix
     quant = bnb_config(dtype, skip) if load_in_4bit else None
 
     if name == "tiny":
@@ -370,7 +370,7 @@ def load_policy(name_or_path: str | None = "auto", *, load_in_4bit: bool | None 
     for p in model.parameters():
         p.requires_grad_(False)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})  # transformers 5 name
 
     has_adapter = False
     if adapter is not None:

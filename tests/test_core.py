@@ -33,7 +33,9 @@ def _img(w, h, c=(200, 30, 30)):
 def test_tiny_4bit_lora_trainable_and_reference():
     p = load_policy("tiny", load_in_4bit=True)
     import bitsandbytes as bnb
-    assert any(isinstance(m, bnb.nn.Linear4bit) for m in p.model.modules())
+    four_bit = {n for n, m in p.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert any(n.endswith("self_attn.q_proj.base_layer") for n in four_bit)   # the LLM is NF4
+    assert not [n for n in four_bit if ".visual." in n or "lm_head" in n]      # the ViT, merger and head are not
     names = [n for n, q in p.model.named_parameters() if q.requires_grad]
     assert names and all("lora_" in n for n in names)
     assert not any("visual" in n for n in names)          # the vision tower stays frozen

@@ -146,7 +146,8 @@ class Args(GRPOArgs):
 
 
 # CPU-sized defaults for the tiny preset (and the old defaults of the GRPO fields): flags win
-TINY_SIZES = dict(n_charges=6, test_charges=2, difficulty_k=2, max_steps=1, prompts_per_step=2, eval_questions=8)
+TINY_SIZES = dict(n_charges=6, test_charges=2, difficulty_k=2, max_steps=1, prompts_per_step=2, eval_questions=8,
+                  max_turns=4, max_new_tokens=32)   # random weights never stop: cap what they can generate
 
 
 # =============================================================================================

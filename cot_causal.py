@@ -628,7 +628,7 @@ def stage_eval(args: Args) -> dict:
         for mode in MODES:
             seed = cell_seed(args.seed, cell, mode)
             torch.manual_seed(seed)
-            with policy.model.disable_adapter() if cell == "base" else torch.no_grad():   # base: LoRA off
+            with policy.base() if cell == "base" else torch.no_grad():   # base: LoRA off
                 rows = answer_questions(policy, list(probe_of), mode, args)
             judge_rows(judge, rows, args.judge_reasoning)
             for r in rows:

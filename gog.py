@@ -1,44 +1,47 @@
-"""Glance-or-Gaze (GoG): a search-augmented VLM agent that glances at the whole image, then
-answers, searches text, searches the whole image, or gazes (crops a region) and searches on
-the crop. "Glance-or-Gaze: ..." arXiv 2601.13942 (ACL 2026 Findings); see shared/papers/gog.md.
-
-Stages (each writes into <out>/<stage>/; `all` runs them in this order):
-    python gog.py --stage all --model tiny   # CPU, a few minutes: plumbing only, numbers are noise;
-                                             # tiny (or auto without CUDA): TINY_SIZES unless flags say so
-    python gog.py --stage data    # toy world (scenes, text KB, image KB, questions) + oracle page
-    python gog.py --stage sft     # Reflective GoG Behavior Alignment: oracle (+teacher) trajectories
+"""Glance-or-Gaze (GoG), arXiv 2601.13942 (ACL 2026 Findings): a search-augmented VLM agent glances
+at the whole image, then answers, searches text, searches the whole image, or gazes (crops a region)
+and searches on the crop. Stage 1 Reflective GoG Behavior Alignment (SFT), Stage 2 Complexity-Adaptive
+RL (GRPO), accuracy on six visual search QA benchmarks. Each stage writes <out>/<stage>/:
+    python gog.py --stage all --model tiny   # CPU: 2 min wall on a busy 2-core machine; numbers are noise
+    python gog.py --stage data    # toy world, oracle page, scripted-policy table (no model)
+    python gog.py --stage sft     # Reflective GoG Behavior Alignment: oracle (+ teacher) trajectories
     python gog.py --stage levels  # SFT pass rate over k samples -> Level 1 (~50 %) / Level 2 (mostly failed)
     python gog.py --stage rl      # GRPO on Level 2, r = (1 - lambda) * acc + lambda * fmt
-    python gog.py --stage eval    # accuracy per split/level/benchmark, tool-use statistics, HTML page
+    python gog.py --stage eval    # held-out toy accuracy, tool use, the six benchmarks (Avg in %)
     python gog.py --stage ablate  # SFT without gaze; RL on Level 1 vs Level 2
 GPU (Qwen2.5-VL-3B in NF4 + LoRA; use Qwen/Qwen2.5-VL-7B-Instruct with 24 GB):
     python gog.py --stage all --model Qwen/Qwen2.5-VL-3B-Instruct --n_scenes 400 \\
         --max_steps 300 --prompts_per_step 4 --max_new_tokens 256 --max_completion_length 2048
-Real benchmarks (JSONL: {"image": path relative to the file, "question", "answers": [...]}):
-    python gog.py --stage eval --benchmarks fvqa.jsonl,infoseek.jsonl --text_corpus wiki.jsonl
+Real benchmarks in their published files (NAME=FILE; see BENCHMARKS), or another model's answers:
+    python gog.py --stage eval --benchmarks FVQA=fvqa_test.parquet,InfoSeek=infoseek_val.jsonl \\
+        --image_dir oven_images --text_corpus wiki.jsonl
+    python gog.py --stage eval --benchmarks MMSearch=end2end.parquet --predictions answers.jsonl
 
 Deviations from the paper (numbered; the code says "(n)" where each one lives):
- 1. Data: a procedurally drawn toy world (emblem tiles with labels, distractor tiles, invented
-    facts) replaces FVQA/InfoSeek; the 5,750-sample GoG-Instruct set is not public.
- 2. Tag format: the paper's prompts are unpublished. We follow the public anchors: DeepEyes'
-    `<tool_call>{"name": "crop", "arguments": {"bbox_2d": [...]}}</tool_call>` (pixels of the
-    image the model saw), MMSearch-R1's `<text_search>q</text_search>` and
-    `<image_search></image_search>` (searches the latest crop, else the whole image), `<reason>`
-    for thoughts and `<answer>`; results come back as user turns (crops as images).
+ 1. Data: a procedurally drawn toy world replaces FVQA/InfoSeek (GoG-Instruct is not public): emblem
+    tiles with labels, grey distractors, sparse scenes (2 emblems) and cluttered ones (5). Held out
+    for real: test scenes show only test entities, which no SFT/RL data or training-time search has.
+ 2. Tags (the paper's prompt is unpublished; public anchors): DeepEyes' crop call `<tool_call>{"name":
+    "crop", "arguments": {"bbox_2d": [...]}}</tool_call>` (pixels of the image the model saw),
+    MMSearch-R1's `<text_search>q</text_search>` and `<image_search></image_search>` (always the whole
+    image), image search on the latest crop as an `image_search` tool call, `<reason>` and `<answer>`;
+    results come back as user turns (crops as images).
  3. lambda = 0.1 (not published; MMSearch-R1's format weight). No tool-use bonus, as in GoG.
- 4. Judge: r_acc is sub-exact match (gold inside the answer, answers over --max_answer_words
-    words score 0) instead of gpt-oss-120b; `--judge <model>` uses a local LLM judge.
- 5. Search backends: local BM25 over the toy text KB and nearest neighbour over a hand-made
-    image embedding (common/tools.py) instead of web search; HTTP endpoints via
-    TEXT_SEARCH_ENDPOINT / IMAGE_SEARCH_ENDPOINT for real benchmarks.
- 6. Trajectories come from the toy world's oracle (plus a --teacher model's correct samples);
-    the paper's humans checked crop regions. The 4-sample uncertainty filter uses the teacher,
-    or the base model itself when no teacher is given (the paper: a strong model).
- 7. Sizes: LoRA also in RL (paper: full actor, lr 2e-6), so lr 1e-5; G = 4 and beta = 0.001 as
-    in the paper, but far fewer steps and tokens (paper: 15 epochs, 8,192 response tokens).
- 8. Levels: Level 1 = pass rate in (level2_max, level1_max], Level 2 = pass rate <= level2_max;
-    a level smaller than --min_level_size is filled with the nearest questions and says so
-    (the paper "expands" Level 2 without saying how).
+ 4. Judge: r_acc is sub-exact match (answers over --max_answer_words words score 0), not gpt-oss-120b;
+    `--judge <model>` is a local LLM judge everywhere (uncertainty and teacher filters, levels, reward, eval).
+ 5. Search: local BM25 over the text KB and nearest neighbour over a hand-made image embedding
+    (common/tools.py), not web search; HTTP via TEXT_SEARCH_ENDPOINT / IMAGE_SEARCH_ENDPOINT.
+ 6. Trajectories come from a scripted oracle that states only what the image or an observation shows
+    (plus a --teacher model's correct samples); the paper's humans checked crop regions. The 4-sample
+    uncertainty filter uses the teacher, or the model itself without one.
+ 7. Sizes: LoRA also in RL (paper: full actor, lr 2e-6), so lr 1e-5; G = 4 and beta = 0.001 as in the
+    paper, but far fewer steps and tokens (paper: 15 epochs, 8,192 response tokens).
+ 8. Levels: Level 1 = pass rate in (level2_max, level1_max], Level 2 = pass rate <= level2_max; they
+    never overlap. A level under --min_level_size is filled from neither level, nearest first, announced.
+ 9. Gaze correctness (the paper's humans judged it): a crop is right when it holds >= 90 % of the
+    target tile and its area is at most 4x the tile's.
+10. --full_sft (for the from-scratch tiny model only; the paper uses LoRA): SFT trains every weight and
+    saves the base weights beside the adapter; RL then trains LoRA on top, as usual.
 """
 from __future__ import annotations
 
@@ -46,9 +49,9 @@ import functools
 import json
 import os
 import random
-import sys
-import time
-from dataclasses import asdict, dataclass
+import re
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -56,61 +59,67 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from common.benchmarks import parse_benchmarks, read_predictions, read_visual_qa, score_benchmark
 from common.chat import encode
-from common.cli import parse_args
-from common.grpo import GRPOConfig, train_grpo
+from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
+from common.data import read_records
+from common.grpo import train_grpo
 from common.judge import llm_judge_batch, sub_exact_match
 from common.models import load_policy
 from common.rollout import Rollout, run_rollouts
-from common.runlog import RunLog, bar_plot, read_jsonl, trajectory_html, write_json
+from common.runlog import RunLog, bar_plot, trajectory_html, write_json
 from common.sft import SFTConfig, train_sft
 from common.tools import ImageSearch, TextSearch, crop, parse_action, seen_size
 
 
 @dataclass
-class Args:
+class Args(GRPOArgs):
+    # --- run ---
     stage: Literal["data", "sft", "levels", "rl", "eval", "ablate", "all"] = "all"
     """which stage to run (`all` = data, sft, levels, rl, eval, ablate)"""
-    model: str = "auto"
-    """policy: tiny | smollm2 | auto (Qwen2.5-VL-3B on CUDA, else tiny) | hub id | folder"""
-    out: str = f"runs/{Path(__file__).stem}"
-    """output folder; each stage writes <out>/<stage>/"""
-    seed: int = 0
-    """seed of the toy world, the data order and the sampler"""
-    load_in_4bit: bool | None = None
-    """NF4 base weights: true | false | none (= auto: on for real models on CUDA, off for CPU presets)"""
+    # --- model ---
     lora_r: int = 8
     """LoRA rank (GoG: r = 8 on all LLM blocks)"""
-    lora_alpha: int = 16
-    """LoRA alpha"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward: less memory, ~30 % slower (the 7B budget needs it)"""
+    # --- GRPO (TRL names) ---
+    learning_rate: float = 1e-5
+    """GRPO learning rate (GoG: 2e-6 for the full actor; LoRA here) (7)"""
+    num_generations: int = 4
+    """G, rollouts per question (GoG: 4)"""
+    beta: float = 0.001
+    """KL coefficient to pi_ref (GoG: 0.001)"""
+    max_completion_length: int = 2048
+    """tokens per rollout after the prompt, observations included (GoG: 8,192)"""
     # --- toy world (1) ---
     n_scenes: int = 64
-    """scenes in the toy world (4 questions each, one per complexity level)"""
+    """scenes in the toy world (4 questions each: glance, text, image, gaze), half sparse, half cluttered"""
     image_size: int = 448
     """scene side in pixels (a multiple of 28, so the model sees it unresized)"""
     test_frac: float = 0.25
-    """fraction of scenes held out for eval"""
+    """fraction of scenes (and of entities) held out for eval"""
+    # --- benchmarks ---
     benchmarks: str = ""
-    """comma-separated benchmark JSONL files to evaluate on as well (FVQA, InfoSeek, ...)"""
+    """NAME=FILE,... in the published formats: FVQA, InfoSeek, MMSearch, SimpleVQA, LiveVQA, DynVQA"""
+    image_dir: str | None = None
+    """folder of benchmark images named <id>.<ext> or by URL file name (InfoSeek ids, DynVQA/LiveVQA URLs)"""
+    predictions: str | None = None
+    """score this file of {"id", "answer"} (another model's answers) instead of running the policy"""
     text_corpus: str | None = None
     """JSONL corpus for text search on benchmarks (default: the toy text KB, or TEXT_SEARCH_ENDPOINT)"""
     image_kb: str | None = None
     """JSONL image KB for image search on benchmarks (default: the toy image KB, or IMAGE_SEARCH_ENDPOINT)"""
     # --- agent loop (2) ---
     max_turns: int = 6
-    """assistant turns per rollout (a reflective gaze needs 5)"""
+    """assistant turns per rollout (a reflective gaze needs 6)"""
     max_new_tokens: int = 256
     """new tokens per assistant turn"""
     max_crops: int = 3
     """crop calls per rollout (gaze + re-gaze after reflection)"""
     max_image_searches: int = 2
-    """image-search calls per rollout"""
+    """image-search calls per rollout (whole image or crop)"""
     max_text_searches: int = 2
     """text-search calls per rollout"""
     search_k: int = 3
-    """text-search hits shown to the model"""
+    """text-search hits shown to the model (the oracle's searches too)"""
     # --- SFT (Reflective GoG Behavior Alignment) ---
     sft_learning_rate: float = 1e-4
     """SFT learning rate (GoG: 1e-4)"""
@@ -120,6 +129,9 @@ class Args:
     """sequences per SFT step (GoG: global batch 8)"""
     sft_max_steps: int = 0
     """cap on SFT steps (0 = epochs decide)"""
+    full_sft: bool = False
+    """SFT trains every weight, not only LoRA (a random-weight tiny model cannot learn through LoRA
+    alone); the base weights are saved beside the adapter and loaded with it (10)"""
     reflect_frac: float = 0.5
     """fraction of gaze questions that also get a reflective trajectory (wrong crop -> re-gaze)"""
     teacher: str | None = None
@@ -136,8 +148,8 @@ class Args:
     level1_max: float = 0.75
     """Level 1 = pass rate in (level2_max, level1_max] (around half right)"""
     min_level_size: int = 4
-    """fill a smaller level with the nearest questions by pass rate, announced (0 = never)"""
-    # --- RL (GRPO, TRL names) ---
+    """fill a smaller level from the questions in neither level, nearest first, announced (0 = never)"""
+    # --- reward and RL ---
     rl_level: Literal[1, 2] = 2
     """train RL on Level 2 (GoG's final recipe) or Level 1"""
     lam: float = 0.1
@@ -145,41 +157,13 @@ class Args:
     max_answer_words: int = 10
     """answers longer than this get r_acc = 0 (sub-exact match would reward lists) (4)"""
     judge: str | None = None
-    """LLM judge model for r_acc and eval (none = sub-exact match) (4)"""
-    max_steps: int = 200
-    """GRPO steps"""
-    learning_rate: float = 1e-5
-    """GRPO learning rate (paper: 2e-6 for the full actor; LoRA here) (7)"""
-    num_generations: int = 4
-    """G, rollouts per question (GoG: 4)"""
-    prompts_per_step: int = 4
-    """questions per GRPO step"""
-    beta: float = 0.001
-    """KL coefficient to pi_ref (GoG: 0.001)"""
-    epsilon: float = 0.2
-    """clip range, low side"""
-    epsilon_high: float | None = None
-    """clip range, high side (none = epsilon; DAPO: 0.28)"""
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
-    """loss aggregation (TRL names)"""
-    max_completion_length: int = 2048
-    """tokens per rollout after the prompt, observations included (GoG: 8,192)"""
-    temperature: float = 1.0
-    """sampling temperature for RL and levels"""
-    micro_batch_size: int = 4
-    """sequences per forward/backward"""
-    save_steps: int = 0
-    """save a GRPO checkpoint (adapter, optimiser, RNG) every N steps into <out>/rl (0 = only the final adapter)"""
-    resume: bool = False
-    """continue RL from the latest <out>/rl/checkpoint-N: same step, data order and RNG"""
+    """LLM judge model for r_acc everywhere (none = sub-exact match) (4)"""
     # --- eval ---
     eval_temperature: float = 0.0
     """sampling temperature in eval (0 = greedy)"""
 
 
-# =============================================================================================
-# Data: the toy visual-search world (1) and loaders for the real benchmarks' files
-# =============================================================================================
+# ==== data: the toy visual-search world (1) and the six benchmarks in their published formats ========
 COLORS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 210), "yellow": (232, 190, 20),
           "purple": (148, 73, 189), "orange": (245, 127, 14)}
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -187,205 +171,257 @@ SYLLABLES = "ka lo mi ra ven tor zu pel qui sar no bri dax fen gor hal jun mor v
 CITIES = "Velmor Quenby Arlath Dunmere Sorvik Halden Mirask Tobrin Elsk Caravo".split()
 EVENTS = "Fair Market Parade Expo Festival Summit Regatta Carnival".split()
 ADJECTIVES = "Amber Silver Northern Winter Harbour Lantern Copper Meadow".split()
-CONSONANTS = "BCDFGHJKLMNPRSTVZ"
-MAKE_WORD = {"name": lambda rng: (rng.choice(SYLLABLES) + rng.choice(SYLLABLES)).capitalize(),  # entities
-             "label": lambda rng: rng.choice(CONSONANTS) + rng.choice("AEIOU") + rng.choice(CONSONANTS)}
+CLUTTER = {"sparse": (2, 1), "cluttered": (5, 3)}   # entity tiles, grey distractor tiles per scene
+FACTS = {"year": "In which year was {} founded?", "city": "In which city is {} based?"}
+KB_TEXT = {"year": "{} was founded in {}.", "city": "{} is based in the city of {}."}   # the text KB's facts
+DECISION = {"glance": "answer", "text": "text_search", "image": "image_search", "gaze": "crop"}  # oracle's
 
 
 @dataclass
 class World:
-    scenes: list[dict]      # {"id", "image", "tiles": [{"name", "box", "color", "shape", "is_distractor", "label"}]}
-    questions: list[dict]   # {"id", "scene_id", "question", "answers", "level", "target"}
-    text_kb: list[dict]     # {"id", "text", "entity"}
-    image_kb: list[dict]    # {"image", "name", "caption"}
+    scenes: list[dict]      # {"id", "image", "split", "clutter", "place", "tiles": [{"name", "label", "box",
+                            #  "cell", "color", "shape", "is_distractor"}]}
+    questions: list[dict]   # {"id", "scene_id", "split", "kind", "question", "answers", "target", ...}
+    text_kb: list[dict]     # {"id", "text", "entity", "split"}
+    image_kb: list[dict]    # {"image", "name", "caption", "split"}
+    entities: list[dict] = field(default_factory=list)  # {"name", "label", "color", "shape", "year", ...}
+    _engines: dict = field(default_factory=dict, repr=False)
 
-    @functools.cached_property
-    def text_search(self) -> TextSearch:
-        return TextSearch(self.text_kb)
-
-    @functools.cached_property
-    def image_search(self) -> ImageSearch:
-        return ImageSearch(self.image_kb)
+    def searchers(self, split: str = "test") -> tuple[TextSearch, ImageSearch]:
+        """Training-time engines ("train") index only training entities and scenes, so no test entity
+        reaches SFT or RL data; at test time they index everything."""
+        if split not in self._engines:
+            keep = {"train"} if split == "train" else {"train", "test"}
+            texts = [d for d in self.text_kb if d["split"] in keep]
+            images = [e for e in self.image_kb if e["split"] in keep]
+            self._engines[split] = (TextSearch(texts), ImageSearch(images))
+        return self._engines[split]
 
     def scene(self, scene_id: str) -> dict:
         return next(s for s in self.scenes if s["id"] == scene_id)
 
 
 def draw_tile(size: int, color: tuple, shape: str, label: str, filled: bool = True) -> Image.Image:
-    """A card: an emblem shape in the top 2/3, a 3-letter label below."""
-    tile = Image.new("RGB", (size, size), (246, 244, 236))
+    """A card: an emblem shape in the top 3/5, a large black 3-letter label below."""
+    tile = Image.new("RGB", (size, size), (250, 250, 246))
     d = ImageDraw.Draw(tile)
-    d.rectangle([0, 0, size - 1, size - 1], outline=(40, 40, 40), width=max(1, size // 32))
-    m, top = size // 6, size * 0.62
+    d.rectangle([0, 0, size - 1, size - 1], outline=(30, 30, 30), width=max(1, size // 32))
+    m, top = size // 6, size * 0.58
     box = [m, m // 2, size - m, top]
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    fill, outline = (color if filled else None), color
+    fill = color if filled else None
     if shape == "circle":
-        d.ellipse(box, fill=fill, outline=outline, width=2)
+        d.ellipse(box, fill=fill, outline=color, width=2)
     elif shape == "square":
-        d.rectangle(box, fill=fill, outline=outline, width=2)
-    elif shape == "triangle":
-        d.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill, outline=outline, width=2)
-    else:  # diamond
-        d.polygon([(cx, box[1]), (box[2], cy), (cx, box[3]), (box[0], cy)], fill=fill, outline=outline, width=2)
-    font = ImageFont.load_default(size=max(8, size // 4))
-    d.text((size / 2, (top + size) / 2), label, fill=(20, 20, 20), font=font, anchor="mm")
+        d.rectangle(box, fill=fill, outline=color, width=2)
+    else:
+        pts = ([(cx, box[1]), (box[2], box[3]), (box[0], box[3])] if shape == "triangle"
+               else [(cx, box[1]), (box[2], cy), (cx, box[3]), (box[0], cy)])
+        d.polygon(pts, fill=fill, outline=color, width=2)
+    font = ImageFont.load_default(size=max(8, size // 3))
+    d.text((size / 2, (top + size) / 2), label, fill=(0, 0, 0), font=font, anchor="mm")
     return tile
 
 
 def invent(rng: random.Random, taken: set, kind: str) -> str:
-    """A new MAKE_WORD[kind] word not in `taken` (which it joins)."""
-    while (w := MAKE_WORD[kind](rng)) in taken:
-        pass
-    taken.add(w)
-    return w
+    """A new word of `kind` (entity name, tile label, place) not in `taken` (which it joins)."""
+    while True:
+        s = rng.choice(SYLLABLES).capitalize() + rng.choice(SYLLABLES)
+        place = s + rng.choice(["holm", "mere", "wick", "ford", "dale"])
+        label = "".join(rng.choice(a) for a in ("BCDFGHJKLMNPRSTVZ", "AEIOU", "BCDFGHJKLMNPRSTVZ"))
+        w = {"name": s, "place": place, "label": label}[kind]
+        if w not in taken:
+            taken.add(w)
+            return w
 
 
-def build_world(seed: int, n_scenes: int = 8, image_size: int = 448) -> World:
-    """The toy world, a pure function of its arguments. Entities have a unique (colour, shape)
-    emblem and a 3-letter label; the text KB holds their invented founding year and city; the
-    image KB holds each entity tile and each whole scene (the scene-level "photo")."""
-    rng = random.Random(seed)
-    used: set = set()
+def make_entities(rng: random.Random, used: set, test_frac: float) -> list[dict]:
+    """One entity per (colour, shape) emblem; the first test_frac of them are test-only."""
     combos = [(c, s) for c in COLORS for s in SHAPES]
     rng.shuffle(combos)
-    entities = [dict(label=invent(rng, used, "label"), name=invent(rng, used, "name"), color=color,
-                     shape=shape, year=str(rng.randint(1820, 2015)), city=rng.choice(CITIES))
-                for color, shape in combos[:12]]
-    ts, cell = int(image_size * 0.16), image_size // 4  # tile side; a 4 x 4 grid of cells
-    text_kb = [d for i, e in enumerate(entities) for d in (
-        {"id": f"e{i}-year", "text": f"{e['name']} was founded in {e['year']}.", "entity": e["name"]},
-        {"id": f"e{i}-city", "text": f"{e['name']} is based in the city of {e['city']}.", "entity": e["name"]})]
-    image_kb = [{"image": draw_tile(ts, COLORS[e["color"]], e["shape"], e["label"]), "name": e["name"],
-                 "caption": f"The emblem of {e['name']}."} for e in entities]
+    n_test = max(2, round(len(combos) * test_frac))
+    return [dict(name=invent(rng, used, "name"), label=invent(rng, used, "label"), color=c, shape=s,
+                 year=str(rng.randint(1820, 2015)), city=rng.choice(CITIES),
+                 split="test" if i < n_test else "train") for i, (c, s) in enumerate(combos)]
+
+
+def tile_side(size: int) -> int:
+    """Tiles nearly fill a cell of the 4 x 4 grid, so a crop of the cell is a crop of the tile."""
+    return size // 4 - 2
+
+
+def draw_scene(rng: random.Random, picks: list[dict], n_distractors: int, used: set, size: int):
+    """A muted background with blobs, entity tiles and grey distractors, one per cell of a 4 x 4 grid."""
+    base = tuple(rng.randint(150, 215) for _ in range(3))
+    img = Image.new("RGB", (size, size), base)
+    d = ImageDraw.Draw(img)
+    for _ in range(12):  # background clutter: muted blobs
+        x, y, r = rng.randrange(size), rng.randrange(size), rng.randint(8, size // 5)
+        d.ellipse([x - r, y - r, x + r, y + r], fill=tuple(max(0, c - rng.randint(10, 50)) for c in base))
+    cell = size // 4
+    ts, tiles = tile_side(size), []
+    for j, c in enumerate(rng.sample(range(16), len(picks) + n_distractors)):
+        cx, cy = (c % 4) * cell, (c // 4) * cell
+        x, y = cx + rng.randint(0, cell - ts), cy + rng.randint(0, cell - ts)
+        if j < len(picks):
+            e = picks[j]
+            t = dict(name=e["name"], label=e["label"], color=e["color"], shape=e["shape"],
+                     is_distractor=False)
+        else:  # a distractor: grey outline emblem, a label that names nothing, not in the image KB
+            label = invent(rng, used, "label")
+            t = dict(name=f"distractor-{label}", label=label, color="grey", shape=rng.choice(SHAPES),
+                     is_distractor=True)
+        rgb = COLORS.get(t["color"], (110, 110, 110))
+        img.paste(draw_tile(ts, rgb, t["shape"], t["label"], not t["is_distractor"]), (x, y))
+        tiles.append(dict(t, box=[x, y, x + ts, y + ts], cell=[cx, cy, cx + cell, cy + cell]))
+    return img, tiles
+
+
+def scene_questions(rng: random.Random, sid: str, split: str, clutter: str, picks: list[dict], place: str):
+    """One question of each kind: glance (read the tile), text (entity named), image (the photo's
+    place), gaze (the organisation behind a tile: crop -> image search -> text search)."""
+    e, g = picks[0], picks[-1]
+    attr, fact_g, fact_e = rng.choice(["color", "shape"]), rng.choice(list(FACTS)), rng.choice(list(FACTS))
+    word = "colour" if attr == "color" else "shape"
+    behind = f"the organisation whose emblem is on the tile labelled {e['label']}"
+    qs = [("glance", f"What {word} is the emblem on the tile labelled {e['label']}?", e[attr], e, attr),
+          ("text", FACTS[fact_g].format(g["name"]), g[fact_g], g, fact_g),
+          ("image", "In which town was this photo taken?", place, None, "place"),
+          ("gaze", FACTS[fact_e].format(behind), e[fact_e], e, fact_e)]
+    return [{"id": f"{sid}-{kind}", "scene_id": sid, "split": split, "clutter": clutter, "kind": kind,
+             "question": q, "answers": [a], "fact": f, "label": t["label"] if t else None,
+             "entity": t["name"] if t else None, "target": t["name"] if kind in ("glance", "gaze") else None}
+            for kind, q, a, t, f in qs]
+
+
+def build_world(seed: int, n_scenes: int = 8, image_size: int = 448, test_frac: float = 0.25) -> World:
+    """The toy world, a pure function of its arguments. Test scenes (the last test_frac) show only
+    test entities. Text KB: each entity's founding year and city. Image KB: each entity's tile and
+    each whole scene (its "photo": the town, and the emblems on display, not where they are)."""
+    rng, used = random.Random(seed), set()
+    entities = make_entities(rng, used, test_frac)
+    n_test = max(1, round(n_scenes * test_frac))
+    if n_test >= n_scenes:
+        raise UserError(f"--test_frac {test_frac} leaves no training scene of {n_scenes}; use more "
+                        "--n_scenes.")
+    text_kb = [{"id": f"{e['name']}-{f}", "text": t.format(e["name"], e[f]), "entity": e["name"],
+                "split": e["split"]} for e in entities for f, t in KB_TEXT.items()]
+    side = tile_side(image_size)
+    image_kb = [{"image": draw_tile(side, COLORS[e["color"]], e["shape"], e["label"]), "name": e["name"],
+                 "caption": f"The emblem of {e['name']}.", "split": e["split"]} for e in entities]
     scenes, questions = [], []
     for k in range(n_scenes):
-        sid = f"scene{k:03d}"
-        base = tuple(rng.randint(150, 215) for _ in range(3))
-        img = Image.new("RGB", (image_size, image_size), base)
-        d = ImageDraw.Draw(img)
-        for _ in range(12):  # background clutter: muted blobs and lines
-            x, y, r = rng.randrange(image_size), rng.randrange(image_size), rng.randint(8, image_size // 5)
-            tone = tuple(max(0, c - rng.randint(10, 50)) for c in base)
-            d.ellipse([x - r, y - r, x + r, y + r], fill=tone) if rng.random() < 0.6 else \
-                d.line([x, y, rng.randrange(image_size), rng.randrange(image_size)], fill=tone, width=3)
-        picks = rng.sample(entities, 3)
-        tiles = []
-        for j, c in enumerate(rng.sample(range(16), 5)):  # 3 entity tiles and 2 distractors in 5 cells
-            x = (c % 4) * cell + rng.randint(2, cell - ts - 2)
-            y = (c // 4) * cell + rng.randint(2, cell - ts - 2)
-            if j < 3:  # an entity tile
-                e = picks[j]
-                tile = image_kb[entities.index(e)]["image"]
-                t = dict(name=e["name"], color=e["color"], shape=e["shape"], is_distractor=False,
-                         label=e["label"])
-            else:      # a distractor: grey outline emblem, unknown label, not in the image KB
-                label = invent(rng, used | {t["label"] for t in tiles}, "label")
-                shape = rng.choice(SHAPES)
-                tile = draw_tile(ts, (110, 110, 110), shape, label, filled=False)
-                t = dict(name=f"distractor-{label}", color="grey", shape=shape, is_distractor=True, label=label)
-            img.paste(tile, (x, y))
-            tiles.append(dict(t, box=[x, y, x + ts, y + ts]))
-        event, city = f"{rng.choice(ADJECTIVES)} {rng.choice(EVENTS)}", rng.choice(CITIES)
-        names = ", ".join(p["name"] for p in picks)
-        image_kb.append({"image": img, "name": f"the {event}",
-                         "caption": f"Photo of the {event}, held in {city}; emblems of {names} are on display."})
-        scenes.append({"id": sid, "image": img, "tiles": tiles})
-        e, g = picks[0], picks[1]   # glance/gaze target tile, and the entity named in the text question
-        fact = rng.choice(["year", "city"])
-        ask = {"year": "In which year was {} founded?", "city": "In which city is {} based?"}[fact]
-        attr = rng.choice(["color", "shape"])
-        qs = [("glance", f"What {'colour' if attr == 'color' else 'shape'} is the emblem on the tile labelled "
-                         f"{e['label']}?", [e[attr]], e["name"]),
-              ("text", ask.format(g["name"]), [g[fact]], None),
-              ("image", "In which city was this photo taken?", [city], None),
-              ("gaze", ask.format(f"the organisation whose emblem is on the tile labelled {e['label']}"),
-               [e[fact]], e["name"])]
-        questions += [{"id": f"{sid}-{lvl}", "scene_id": sid, "question": q, "answers": a, "level": lvl,
-                       "target": tgt} for lvl, q, a, tgt in qs]
-    return World(scenes, questions, text_kb, image_kb)
+        sid, clutter = f"scene{k:03d}", list(CLUTTER)[k % 2]
+        split = "test" if k >= n_scenes - n_test else "train"
+        pool = [e for e in entities if e["split"] == split]
+        picks = rng.sample(pool, min(CLUTTER[clutter][0], len(pool)))
+        img, tiles = draw_scene(rng, picks, CLUTTER[clutter][1], used, image_size)
+        event, place = f"{rng.choice(ADJECTIVES)} {rng.choice(EVENTS)}", invent(rng, used, "place")
+        names = ", ".join(p["name"] for p in sorted(picks, key=lambda p: p["name"]))
+        caption = f"Photo of the {event}, held in {place}; emblems of {names} are on display."
+        image_kb.append({"image": img, "name": f"the {event}", "split": split, "caption": caption})
+        scenes.append({"id": sid, "image": img, "tiles": tiles, "split": split, "clutter": clutter,
+                       "place": place})
+        questions += scene_questions(rng, sid, split, clutter, picks, place)
+    return World(scenes, questions, text_kb, image_kb, entities)
 
 
-def split_world(world: World, test_frac: float) -> tuple[list[dict], list[dict]]:
-    """Train / test questions, split by scene (the last scenes are held out)."""
-    n_test = max(1, round(len(world.scenes) * test_frac))
-    test_ids = {s["id"] for s in world.scenes[-n_test:]}
-    if n_test >= len(world.scenes):
-        raise ValueError(f"--test_frac {test_frac} leaves no training scene; use more --n_scenes.")
-    return ([q for q in world.questions if q["scene_id"] not in test_ids],
-            [q for q in world.questions if q["scene_id"] in test_ids])
+def world_of(args: Args) -> World:   # one world per (seed, sizes) in a process: stages share it
+    return cached_world(args.seed, args.n_scenes, args.image_size, args.test_frac)
+
+
+cached_world = functools.lru_cache(maxsize=4)(build_world)
+
+
+def split_world(world: World) -> tuple[list[dict], list[dict]]:
+    """Train / test questions (split by scene, and so by entity)."""
+    train = [q for q in world.questions if q["split"] == "train"]
+    return train, [q for q in world.questions if q["split"] == "test"]
 
 
 def as_example(world: World, q: dict) -> dict:
-    """A question with its scene image and target box (original pixels), ready for rollouts."""
+    """A question with its scene image and target tile box (original pixels), ready for rollouts."""
     scene = world.scene(q["scene_id"])
     box = next((t["box"] for t in scene["tiles"] if t["name"] == q["target"]), None)
     return dict(q, image=scene["image"], target_box=box)
 
 
-def load_benchmark(path: str) -> list[dict]:
-    """A benchmark's JSONL (FVQA, InfoSeek, SimpleVQA, MMSearch, LiveVQA, DynVQA):
-    {"id"?, "image": path (relative to the file), "question": str, "answers": [str, ...]} per line."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"benchmark file {p} does not exist.")
-    rows = []
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{p}:{lineno}"
-        try:
-            r = json.loads(line)
-        except ValueError as e:
-            raise ValueError(f"{where}: not valid JSON ({e}).") from None
-        if not isinstance(r, dict) or not all(k in r for k in ("image", "question", "answers")):
-            raise ValueError(f'{where}: a record needs "image", "question" and "answers".')
-        answers = [r["answers"]] if isinstance(r["answers"], str) else r["answers"]
-        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a for a in answers):
-            raise ValueError(f'{where}: "answers" must be a non-empty list of strings.')
-        image = p.parent / str(r["image"])
-        if not image.is_file():
-            raise ValueError(f"{where}: image {image} does not exist.")
-        rows.append(dict(r, id=str(r.get("id", f"{p.stem}-{lineno}")), answers=answers,
-                         image_path=str(image), level=r.get("level", p.stem), target=r.get("target")))
-    if not rows:
-        raise ValueError(f"benchmark file {p} holds no records.")
-    return rows
+# Each benchmark as published: the fields of its id, question, image and gold answers, the split a
+# score is broken down by, and its own scoring rule (common.benchmarks.score_record: mmsearch_r1 = EM
+# and SubEM as MMSearch-R1 scores FVQA, infoseek = InfoSeek's numeric ranges or alias EM, token_f1 =
+# MMSearch end2end, llm_judge = the benchmark's LLM grader (a SubEM stand-in without --judge),
+# sub_em_ours = no official scorer). `a.b` reads a nested field; `items` splits a record into several
+# questions; `image_is_id` looks the image up in --image_dir.
+BENCHMARKS = {
+    "FVQA": dict(id="data_id", question="prompt", image="images", split="category", score="mmsearch_r1",
+                 golds=["reward_model.ground_truth", "reward_model.candidate_answers"]),  # lmms-lab/FVQA
+    "InfoSeek": dict(id="data_id", question="question", image="image_id", image_is_id=True,
+                     split="data_split", golds=["answer_eval"], score="infoseek"),  # JSONL; ids in --image_dir
+    "MMSearch": dict(id="sample_id", question="query", image="query_image", split="area", score="token_f1",
+                     golds=["gt_answer", "alternative_gt_answers"]),      # end2end; query_image may be None
+    "SimpleVQA": dict(id="data_id", question="question", image="image", golds=["answer"], split="language",
+                      score="llm_judge"),                                 # scorer not published (LLM grader)
+    "LiveVQA": dict(items=["level1_qa", "level2_qa"], id="id", question="question", image="img_path",
+                    golds=["Ground_Truth_List"], split="level", score="llm_judge"),  # benchmark.json
+    "DynVQA": dict(id="question_id", question="question", image="image_url", golds=["answer"], split=None,
+                   score="sub_em_ours"),                                  # OmniSearch JSONL, no scorer
+}
 
 
-# =============================================================================================
-# Prompt format, tools and the oracle's trajectories (2)
-# =============================================================================================
+@functools.lru_cache(maxsize=16)
+def load_benchmark(name: str, path: str, image_dir: str | None = None) -> list[dict]:
+    return read_visual_qa(name, path, BENCHMARKS[name], image_dir)
+
+
+# ==== prompt format, tools, and scripted policies that state only what they saw (2, 6) ===============
 SYSTEM = """You answer questions about an image. First glance at the whole image, then decide:
 - answer directly: <answer>short answer</answer>
 - search text: <text_search>query</text_search>
-- search with the image (your latest crop, else the whole image): <image_search></image_search>
+- search with the whole image: <image_search></image_search>
 - gaze at a region: <tool_call>{"name": "crop", "arguments": {"bbox_2d": [x1, y1, x2, y2]}}</tool_call>
-  in pixels of the image as you see it.
+  in pixels of the image as you see it; then search with the crop:
+  <tool_call>{"name": "image_search", "arguments": {"image": "crop"}}</tool_call>
 Think inside <reason>...</reason> before each action; one action per turn. Results come back in
 the next user turn. If a crop shows the wrong region, say so and gaze again."""
+CROP_CALL = '<tool_call>{"name": "crop", "arguments": {"bbox_2d": %s}}</tool_call>'
+CROP_SEARCH = '<tool_call>{"name": "image_search", "arguments": {"image": "crop"}}</tool_call>'
 
 
 def make_messages(example: dict) -> list[dict]:
     image = example["image"]
+    if image is None:  # MMSearch has text-only queries
+        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": example["question"]}]
     w, h = seen_size(image)
+    text = f"(image: {w}x{h} pixels) {example['question']}"
     return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": [{"type": "image", "image": image},
-                                         {"type": "text", "text": f"(image: {w}x{h} pixels) {example['question']}"}]}]
+            {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
 
 
 def make_tools(text_search: TextSearch, image_search: ImageSearch, k: int) -> dict:
-    """name -> fn(args, rollout) -> (observation, image). rollout.images[0] is the prompt image."""
+    """name -> fn(args, rollout) -> (observation, image). rollout.images[0] is the prompt image;
+    image search uses it unless asked for the latest crop, and its observation says which it used."""
     def crop_tool(args, r):   # box in the pixels the model saw -> a crop of the original image
+        if not r.images:
+            return "Error: there is no image to crop.", None
         out, msg = crop(r.images[0], args.get("bbox_2d"), seen_size(r.images[0]))
         return msg, out
-    return {"crop": crop_tool,
-            "image_search": lambda args, r: (image_search.observe(r.images[-1], k=1), None),  # latest crop
-            "text_search": lambda args, r: (text_search.observe(args["query"], k), None)}
+
+    def image_search_tool(args, r):
+        on_crop = args.get("image") == "crop"
+        if on_crop and len(r.images) < 2:
+            return "Error: there is no crop yet; crop a region first.", None
+        which = f"crop {len(r.images) - 1}" if on_crop else "the whole image"
+        image = r.images[-1] if on_crop else (r.images or [None])[0]
+        return f"Searched with {which}.\n" + image_search.observe(image, k=1), None
+
+    def text_search_tool(args, r):
+        return text_search.observe(args["query"], k), None
+    return {"crop": crop_tool, "image_search": image_search_tool, "text_search": text_search_tool}
 
 
 def tool_limits(args: Args) -> dict:
-    return {"crop": args.max_crops, "image_search": args.max_image_searches, "text_search": args.max_text_searches}
+    return {"crop": args.max_crops, "image_search": args.max_image_searches,
+            "text_search": args.max_text_searches}
 
 
 def to_seen(box: list[int], image: Image.Image) -> list[int]:
@@ -394,76 +430,162 @@ def to_seen(box: list[int], image: Image.Image) -> list[int]:
     return [round(v * s) for v, s in zip(box, (w / image.width, h / image.height) * 2)]
 
 
-def crop_call(box: list[int]) -> str:
-    return '<tool_call>{"name": "crop", "arguments": {"bbox_2d": %s}}</tool_call>' % json.dumps(box)
+FACT_RE = {"year": re.compile(r"(\w+) was founded in (\d+)"),
+           "city": re.compile(r"(\w+) is based in the city of (\w+)")}
+VERB = {"year": "was founded in", "city": "is based in"}
+POLICIES = ("gaze oracle", "whole-image oracle", "never search", "random tool")
 
 
-def oracle_trajectory(world: World, question: dict, reflective: bool = False, rng=None,
-                      gaze: bool = True) -> list[dict]:
-    """Chat messages of a correct Glance -> Decision -> (Gaze -> reflect -> re-gaze) -> answer
-    trajectory. Observations come from the real tools, exactly as the agent loop shows them.
-    reflective: (gaze questions) first crop a wrong tile, notice it, crop the right one.
-    gaze=False: the no-gaze ablation; gaze questions use whole-image search instead of a crop."""
-    rng = rng or random.Random(0)
-    ex = as_example(world, question)
-    tools = make_tools(world.text_search, world.image_search, 3)
+def learn(known: dict, obs: str) -> None:
+    """What an observation shows: entity facts (text search), the owner of the cropped emblem or
+    the photo's town and the emblems on display (image search)."""
+    for fact, pattern in FACT_RE.items():
+        for name, value in pattern.findall(obs):
+            known["facts"].setdefault(name, {})[fact] = value
+    owner = re.search(r"Title: (\w+)\) The emblem of", obs)
+    if owner and known.get("crop_label") and "Searched with crop" in obs:
+        known["owner"][known["crop_label"]] = owner.group(1)
+    photo = re.search(r"held in (\w+); emblems of (.+) are on display", obs)
+    if photo:
+        known["place"], known["candidates"] = photo.group(1), photo.group(2).split(", ")
+
+
+def answer_from(known: dict, q: dict, tile: dict | None, rng: random.Random) -> tuple[str, str]:
+    """(answer, reason) from the image and what the observations showed; a guess says so."""
+    kind, fact = q["kind"], q["fact"]
+    if kind == "glance":   # visible in the image
+        return tile[fact], f"The tile labelled {tile['label']} shows a {tile['color']} {tile['shape']}."
+    if kind == "image":
+        if known.get("place"):
+            return known["place"], f"The image search says the photo was taken in {known['place']}."
+        return rng.choice(CITIES), "Nothing I saw names the town; this is a guess."
+    name = q["entity"] if kind == "text" else known["owner"].get(q["label"]) or known.get("guess")
+    value = known["facts"].get(name, {}).get(fact)
+    if value:
+        return value, f"The search result says {name} {VERB[fact]} {value}."
+    guess = rng.choice(CITIES) if fact == "city" else str(rng.randint(1820, 2015))
+    return guess, "Nothing I saw tells this; a guess."
+
+
+def random_action(q: dict, known: dict, tiles: list[dict], rng: random.Random) -> tuple | None:
+    """The random-tool policy: any action, arguments drawn from what it has seen."""
+    choice = rng.choice(["answer", "text_search", "image_search", "crop", "crop_search"])
+    names = [q["entity"]] * (q["kind"] == "text") + known["candidates"] + list(known["owner"].values())
+    actions = {"answer": None,
+               "text_search": ("text_search", {"query": rng.choice(names or [q["question"]])},
+                               "Try a text search."),
+               "image_search": ("image_search", {}, "Try a whole-image search."),
+               "crop": ("crop", {"tile": rng.choice(tiles)}, "Try a crop."),
+               "crop_search": ("image_search", {"image": "crop"}, "Try an image search with the crop.")}
+    return actions[choice]
+
+
+def next_action(policy: str, q: dict, known: dict, tiles: list[dict], tile: dict | None, rng: random.Random,
+                done: list[str], reflective: bool) -> tuple[str, dict, str] | None:
+    """(tool, args, reason) of the policy's next step, or None to answer now."""
+    kind, label = q["kind"], q["label"]
+    if policy in ("never search", "random tool"):
+        return None if policy == "never search" else random_action(q, known, tiles, rng)
+    name = q["entity"] if kind == "text" else known["owner"].get(label) or known.get("guess")
+    if kind == "text" and name not in known["facts"]:
+        reason = f"Glance: the image cannot tell this; the question names {name}. Decision: text search."
+        return "text_search", {"query": name}, reason
+    if kind == "image" and not known.get("place"):
+        reason = "Glance: the question is about the photo as a whole. Decision: whole-image search."
+        return "image_search", {}, reason
+    if kind != "gaze" or (name and name in known["facts"]):
+        return None
+    need = f"the tile labelled {label}"
+    if policy == "whole-image oracle":   # (ablation) no crop: the whole-image search lists every emblem
+        if not known["candidates"]:
+            reason = f"Glance: I need the organisation on {need}. Decision: whole-image search."
+            return "image_search", {}, reason
+        known["guess"] = rng.choice(known["candidates"])
+        shown = ", ".join(known["candidates"])
+        reason = (f"The photo shows the emblems of {shown}; I cannot tell which is on {need}. "
+                  f"I guess {known['guess']}.")
+        return "text_search", {"query": known["guess"]}, reason
+    if "crop" not in done:
+        wrong = [t for t in tiles if t is not tile]
+        if reflective and wrong:
+            return "crop", {"tile": rng.choice(wrong)}, f"Glance: {need} is small. Decision: gaze at it."
+        reason = f"Glance: {need} is small and its organisation unknown. Decision: gaze at it."
+        return "crop", {"tile": tile}, reason
+    if known.get("crop_label") != label:
+        return ("crop", {"tile": tile}, f"Reflect: the crop shows the tile labelled {known['crop_label']}, "
+                f"not {label}; wrong region. Gaze again.")
+    if label not in known["owner"]:
+        return "image_search", {"image": "crop"}, f"The crop shows {need}. Search with the crop."
+    reason = f"The image search says the emblem belongs to {name}. Now find the fact."
+    return "text_search", {"query": name}, reason
+
+
+def scripted_episode(world: World, q: dict, policy: str = "gaze oracle", reflective: bool = False, rng=None,
+                     searchers: tuple | None = None, k: int = 3, max_turns: int = 6) -> tuple[list, str]:
+    """A scripted policy's trajectory (turns as the agent loop records them) and its answer. Tools
+    are the real ones; reasons and answers use only the image (tile labels, colours, positions)
+    and earlier observations, so the oracle never answers from memory."""
+    rng, ex = rng or random.Random(0), as_example(world, q)
+    tools = make_tools(*(searchers or world.searchers(q["split"])), k)
     r = Rollout(prompt_ids=[], images=[ex["image"]], example=ex)
-    msgs = make_messages(ex)
-    scene = world.scene(question["scene_id"])
-    tile = next((t for t in scene["tiles"] if t["name"] == question["target"]), None)
-    query = "{} founded" if "year" in question["question"] else "{} city"
-    answer, target = f"<answer>{question['answers'][0]}</answer>", question["target"]
+    tiles = world.scene(q["scene_id"])["tiles"]
+    tile = next((t for t in tiles if t["label"] == q["label"]), None)
+    known, turns, done = {"facts": {}, "owner": {}, "candidates": []}, [], []
+    while len(turns) // 2 < max_turns - 1 and (step := next_action(policy, q, known, tiles, tile, rng, done,
+                                                                    reflective)):
+        tool, args, reason = step
+        if tool == "crop":
+            known["crop_label"] = args["tile"]["label"]
+            args = {"bbox_2d": to_seen(args["tile"]["cell"], ex["image"])}
+        text = {"crop": CROP_CALL % json.dumps(args.get("bbox_2d", [])),
+                "text_search": f"<text_search>{args.get('query')}</text_search>",
+                "image_search": CROP_SEARCH if args.get("image") else "<image_search></image_search>"}[tool]
+        obs, image = tools[tool](args, r)
+        if image is not None:
+            r.images.append(image)
+        learn(known, obs)
+        done.append(tool)
+        turns += [{"role": "assistant", "text": f"<reason>{reason}</reason>\n{text}"},
+                  {"role": "tool", "name": tool, "args": args, "observation": obs, "image": image}]
+    answer, reason = answer_from(known, q, tile, rng)
+    final = {"role": "assistant", "text": f"<reason>{reason}</reason>\n<answer>{answer}</answer>"}
+    return turns + [final], answer
 
-    def act(reason: str, action: str, tool: str | None = None, args: dict | None = None):
-        msgs.append({"role": "assistant", "content": f"<reason>{reason}</reason>\n{action}"})
-        if tool is not None:
-            obs, image = tools[tool](args or {}, r)
-            if image is not None:
-                r.images.append(image)
-            msgs.append({"role": "user", "content": ([{"type": "image", "image": image}] if image else [])
-                         + [{"type": "text", "text": obs}]})
 
-    def search_fact(reason: str, name: str):  # text search for the entity's fact, then answer
-        q = query.format(name)
-        act(reason, f"<text_search>{q}</text_search>", "text_search", {"query": q})
-        act("The search result gives the fact.", answer)
-
-    level = question["level"]
-    if level == "glance":
-        act(f"Glance: the tile labelled {tile['label']} shows a {tile['color']} {tile['shape']}. "
-            f"Decision: answer directly.", answer)
-    elif level == "text":
-        name = next(d["entity"] for d in world.text_kb if d["entity"] in question["question"])
-        search_fact(f"Glance: the image cannot tell this; {name} is named in the question. "
-                    "Decision: text search.", name)
-    elif level == "image":
-        act("Glance: the question is about the photo as a whole. Decision: whole-image search.",
-            "<image_search></image_search>", "image_search")
-        act("The image search identifies the photo and where it was taken.", answer)
-    elif not gaze:  # (ablation) no crop: whole-image search lists every emblem in the photo
-        act(f"Glance: I need the organisation on the tile labelled {tile['label']}. Decision: whole-image search.",
-            "<image_search></image_search>", "image_search")
-        search_fact(f"The photo shows several emblems; the one labelled {tile['label']} is {target}.", target)
-    else:
-        box = to_seen(tile["box"], ex["image"])
-        reason = (f"Glance: the tile labelled {tile['label']} is small and its organisation is unknown. "
-                  f"Decision: gaze at it.")
-        if reflective:  # a wrong crop first, then reflection and a corrected crop
-            wrong = rng.choice([t for t in scene["tiles"] if t["name"] != tile["name"]])
-            wrong_box = to_seen(wrong["box"], ex["image"])
-            act(reason, crop_call(wrong_box), "crop", {"bbox_2d": wrong_box})
-            reason = (f"Reflect: this crop shows the tile labelled {wrong['label']}, not {tile['label']}; "
-                      f"wrong region. Gaze again.")
-        act(reason, crop_call(box), "crop", {"bbox_2d": box})
-        act(f"The crop shows the tile labelled {tile['label']}. Search with it.", "<image_search></image_search>",
-            "image_search")
-        search_fact(f"The emblem belongs to {target}. Now find the fact.", target)
+def turns_to_messages(example: dict, turns: list[dict]) -> list[dict]:
+    """Trajectory turns -> chat messages for SFT (observations as user turns, as the loop shows them)."""
+    msgs = make_messages(example)
+    for t in turns:
+        if t["role"] == "assistant":
+            msgs.append({"role": "assistant", "content": t["text"]})
+        else:
+            image = [{"type": "image", "image": t["image"]}] if t.get("image") else []
+            msgs.append({"role": "user", "content": image + [{"type": "text", "text": t["observation"]}]})
     return msgs
 
 
-# =============================================================================================
-# Rewards: r = (1 - lambda) * r_acc + lambda * r_fmt (3, 4)
-# =============================================================================================
+def by_kind(questions: list[dict], accs: list[float]) -> dict:
+    """Accuracy in % per question kind and, for gaze questions, per clutter (None when there are none)."""
+    cells = {kind: [a for q, a in zip(questions, accs) if q["kind"] == kind] for kind in DECISION}
+    for c in CLUTTER:
+        cells[f"gaze/{c}"] = [a for q, a in zip(questions, accs) if q["kind"] == "gaze" and q["clutter"] == c]
+    return {k: 100 * float(np.mean(v)) if v else None for k, v in cells.items()}
+
+
+def policy_table(world: World, args: Args) -> dict:
+    """Accuracy (%) of each scripted policy on the held-out scenes: the world tests Selective Gaze
+    only if whole-image search loses on cluttered gaze questions."""
+    rng, test = random.Random(args.seed), split_world(world)[1]
+    table = {}
+    for policy in POLICIES:
+        answers = [scripted_episode(world, q, policy, rng=rng, k=args.search_k, max_turns=args.max_turns)[1]
+                   for q in test]
+        accs = [accuracy(a, q["answers"], args.max_answer_words) for a, q in zip(answers, test)]
+        table[policy] = {**by_kind(test, accs), "all": 100 * float(np.mean(accs)) if accs else None}
+    return table
+
+
+# ==== rewards: r = (1 - lambda) * r_acc + lambda * r_fmt (3, 4), and the tool-use statistics ==========
 def format_ok(trajectory: list[dict]) -> bool:
     """r_fmt = 1 iff every assistant turn holds one well-formed action, tools until the last
     turn and a non-empty <answer> in it."""
@@ -487,321 +609,384 @@ def gog_reward(trajectory: list[dict], answer: str | None, golds: list[str], lam
     return {"reward": (1 - lam) * r_acc + lam * r_fmt, "acc": r_acc, "format": r_fmt}  # no tool bonus
 
 
-def rollout_accs(rollouts: list[Rollout], args: Args, judge=None) -> list[float]:
-    """r_acc per rollout: the LLM judge's verdict (unparsable -> 0), else sub-exact match (4)."""
+@functools.lru_cache(maxsize=2)
+def load_judge(name: str | None):
+    return load_policy(name, lora=False) if name else None
+
+
+def rollout_accs(rollouts: list[Rollout], args: Args) -> list[float]:
+    """r_acc of each rollout: the --judge model's verdict (unparsable -> 0), else sub-exact match (4)."""
+    answers, golds = [r.answer for r in rollouts], [r.example["answers"] for r in rollouts]
+    judge = load_judge(args.judge)
     if judge is None:
-        return [accuracy(r.answer, r.example["answers"], args.max_answer_words) for r in rollouts]
-    verdicts = llm_judge_batch(judge, [r.example["question"] for r in rollouts], [r.answer for r in rollouts],
-                               [r.example["answers"] for r in rollouts])
-    return [float(v or 0.0) for v in verdicts]
+        return [accuracy(a, g, args.max_answer_words) for a, g in zip(answers, golds)]
+    questions = [r.example["question"] for r in rollouts]
+    return [float(v or 0.0) for v in llm_judge_batch(judge, questions, answers, golds)]
 
 
-def make_reward_fn(args: Args, judge=None):
+def make_reward_fn(args: Args):
     """reward_fn(group, example) for train_grpo; with a judge, r_acc is its verdict."""
     def reward_fn(group: list[Rollout], example: dict) -> list[dict]:
         return [gog_reward(r.trajectory, r.answer, example["answers"], args.lam, args.max_answer_words, a)
-                for r, a in zip(group, rollout_accs(group, args, judge))]
+                for r, a in zip(group, rollout_accs(group, args))]
     return reward_fn
 
 
-# =============================================================================================
-# Stages
-# =============================================================================================
-def get_policy(args: Args, adapter: str | None = None, lora: bool = True):
-    return load_policy(args.model, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
-                       lora_alpha=args.lora_alpha, adapter=adapter,
-                       gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
+def crop_is_right(box: list[float], target: list[float]) -> bool:
+    """(9) The crop holds >= 90 % of the target tile and is at most 4x its area."""
+    ix = max(0.0, min(box[2], target[2]) - max(box[0], target[0]))
+    iy = max(0.0, min(box[3], target[3]) - max(box[1], target[1]))
+    area = (target[2] - target[0]) * (target[3] - target[1])
+    return ix * iy >= 0.9 * area and (box[2] - box[0]) * (box[3] - box[1]) <= 4 * area
 
 
-def agent_rollouts(policy, examples: list[dict], args: Args, world: World, G: int, temperature: float,
-                   searchers: tuple | None = None, desc: str | None = None) -> list[Rollout]:
-    text_search, image_search = searchers or (world.text_search, world.image_search)
-    return run_rollouts(policy, examples, num_generations=G, make_messages=make_messages,
-                        tools=make_tools(text_search, image_search, args.search_k), max_turns=args.max_turns,
-                        max_tool_calls=tool_limits(args), max_new_tokens=args.max_new_tokens,
-                        max_total_tokens=args.max_completion_length, observation_style="user_turn",
-                        temperature=temperature, desc=desc)
-
-
-def messages_to_turns(msgs: list[dict]) -> list[dict]:
-    """Chat messages after the prompt -> trajectory turns for the HTML page."""
-    turns = []
-    for m in msgs[2:]:
-        if m["role"] == "assistant":
-            turns.append({"role": "assistant", "text": m["content"]})
-        else:
-            image = next((c["image"] for c in m["content"] if c["type"] == "image"), None)
-            turns.append({"role": "tool", "name": "observation", "args": {},
-                          "observation": m["content"][-1]["text"], "image": image})
-    return turns
-
-
-def stage_data(args: Args, world: World) -> None:
-    """Write the world to disk (benchmark-format JSONL + PNGs) and an oracle trajectory page."""
-    out = Path(args.out) / "data"
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    for s in world.scenes:
-        s["image"].save(out / "images" / f"{s['id']}.png")
-    for i, e in enumerate(world.image_kb):
-        e["image"].save(out / "images" / f"kb{i:03d}.png")
-    train, test = split_world(world, args.test_frac)
-    log = RunLog(str(out))
-    for name, qs in (("toy_train", train), ("toy_test", test)):
-        log.samples([dict(q, image=f"images/{q['scene_id']}.png") for q in qs], f"{name}.jsonl")
-    log.samples(world.text_kb, "text_kb.jsonl")
-    log.samples([{"image": f"images/kb{i:03d}.png", "name": e["name"], "caption": e["caption"]}
-                 for i, e in enumerate(world.image_kb)], "image_kb.jsonl")
-    rng = random.Random(args.seed)
-    items = [{"title": f"oracle [{q['level']}{' reflective' if refl else ''}] {q['question']}",
-              "images": [world.scene(q["scene_id"])["image"]],
-              "trajectory": messages_to_turns(oracle_trajectory(world, q, refl, rng))}
-             for q, refl in [(q, False) for q in world.questions[:4]] + [(world.questions[3], True)]]
-    trajectory_html(items, str(out / "oracle_trajectories.html"), "GoG oracle trajectories")
-    levels = {lvl: sum(q["level"] == lvl for q in world.questions) for lvl in ("glance", "text", "image", "gaze")}
-    summary = {"scenes": len(world.scenes), "questions": len(world.questions), "train": len(train),
-               "test": len(test), "levels": levels, "text_kb": len(world.text_kb), "image_kb": len(world.image_kb)}
-    log.summary(summary)
-    print(f"[data] {summary} -> {out}")
-
-
-def direct_pass_counts(policy, examples: list[dict], k: int, max_new_tokens: int) -> list[int]:
-    """Uncertainty filter (GoG Stage 1): each question answered k times with no tools."""
-    rs = run_rollouts(policy, examples, num_generations=k, make_messages=make_messages, max_turns=1,
-                      max_new_tokens=max_new_tokens, temperature=1.0)
-    return [sum(accuracy(r.answer, ex["answers"], 10) for r in rs[i * k:(i + 1) * k])
-            for i, ex in enumerate(examples)]
-
-
-def rollout_messages(r: Rollout) -> list[dict]:
-    """A teacher rollout -> chat messages for SFT (observations as user turns, as sampled)."""
-    msgs = make_messages(r.example)
-    for t in r.trajectory:
-        if t["role"] == "assistant":
-            msgs.append({"role": "assistant", "content": t["text"]})
-        else:
-            msgs.append({"role": "user", "content": ([{"type": "image", "image": t["image"]}] if t.get("image")
-                                                     else []) + [{"type": "text", "text": t["observation"]}]})
-    return msgs
-
-
-def stage_sft(args: Args, world: World, out_dir: str, gaze: bool = True) -> str:
-    """Reflective GoG Behavior Alignment: filter, build correct trajectories, LoRA SFT."""
-    train, _ = split_world(world, args.test_frac)
-    policy = get_policy(args)
-    teacher = load_policy(args.teacher, lora=False, seed=args.seed) if args.teacher else None
-    print(f"[sft] uncertainty filter with {'the teacher' if teacher else 'the base model (no --teacher)'} (6)")
-    counts = direct_pass_counts(teacher or policy, [as_example(world, q) for q in train], args.filter_k,
-                                args.max_new_tokens)
-    kept = [q for q, c in zip(train, counts) if c < args.filter_k]   # always right -> dropped
-    if not kept:
-        raise ValueError(f"The uncertainty filter dropped all {len(train)} questions (always answered right); "
-                         f"raise --filter_k or use a weaker --teacher.")
-    rng = random.Random(args.seed)
-    convs = [oracle_trajectory(world, q, False, rng, gaze) for q in kept]
-    reflective = [oracle_trajectory(world, q, True, rng) for q in kept  # wrong crop -> reflect -> re-gaze
-                  if gaze and q["level"] == "gaze" and rng.random() < args.reflect_frac]
-    good = []
-    if teacher is not None:  # keep only the teacher's correct, well-formed trajectories
-        ex = [as_example(world, q) for q in kept]
-        rs = agent_rollouts(teacher, ex, args, world, args.teacher_samples, 1.0)
-        good = [r for r in rs if gog_reward(r.trajectory, r.answer, r.example["answers"],
-                                            args.lam, args.max_answer_words)["reward"] == 1.0]
-    convs += reflective + [rollout_messages(r) for r in good]
-    samples = [encode(policy.tokenizer, policy.image_processor, m) for m in convs]  # observations masked
-    cfg = SFTConfig(learning_rate=args.sft_learning_rate, epochs=args.sft_epochs, batch_size=args.sft_batch_size,
-                    micro_batch_size=args.micro_batch_size, max_steps=args.sft_max_steps, seed=args.seed)
-    summary = train_sft(policy, samples, cfg, out_dir)
-    no_search = sum(1 for m in convs if not any("search>" in x["content"] for x in m if x["role"] == "assistant"))
-    stats = {"questions": len(train), "dropped_by_filter": len(train) - len(kept), "trajectories": len(convs),
-             "reflective": len(reflective), "teacher": len(good), "no_search_frac": no_search / max(1, len(convs)),
-             "gaze": gaze}
-    write_json(os.path.join(out_dir, "summary.json"), {**summary, "data": stats})
-    print(f"[sft] {stats} -> {out_dir}/adapter")
-    return os.path.join(out_dir, "adapter")
-
-
-def split_levels(pass_rates: dict[str, float], level2_max: float = 0.25, level1_max: float = 0.75,
-                 min_size: int = 0) -> tuple[list[str], list[str], dict]:
-    """Complexity levels from pass rates: Level 2 = p <= level2_max (mostly failed),
-    Level 1 = level2_max < p <= level1_max (around 50 %); easier questions are left out.
-    A level under min_size is filled with the nearest questions (Level 1: |p - 0.5|, Level 2:
-    lowest p) and `expanded` says how many were added (8)."""
-    l2 = sorted(q for q, p in pass_rates.items() if p <= level2_max)
-    l1 = sorted(q for q, p in pass_rates.items() if level2_max < p <= level1_max)
-    expanded = {"level1": 0, "level2": 0}
-    for name, lvl, key in (("level1", l1, lambda q: (abs(pass_rates[q] - 0.5), q)),
-                           ("level2", l2, lambda q: (pass_rates[q], q))):
-        extra = [q for q in sorted(pass_rates, key=key) if q not in lvl][:max(0, min_size - len(lvl))]
-        lvl += extra
-        expanded[name] = len(extra)
-    return l1, l2, expanded
-
-
-def stage_levels(args: Args, world: World, adapter: str | None, out_dir: str) -> None:
-    """Pass rate of the SFT model over levels_k agent samples per training question."""
-    train, _ = split_world(world, args.test_frac)
-    print(f"[levels] policy: {adapter or 'the base model (no SFT adapter found)'}")
-    policy = get_policy(args, adapter)
-    log, k = RunLog(out_dir), args.levels_k
-    accs = rollout_accs(agent_rollouts(policy, [as_example(world, q) for q in train], args, world, k,
-                                       args.temperature), args)
-    rates = {q["id"]: float(np.mean(accs[i * k:(i + 1) * k])) for i, q in enumerate(train)}
-    l1, l2, expanded = split_levels(rates, args.level2_max, args.level1_max, args.min_level_size)
-    for name, n in expanded.items():
-        if n:
-            print(f"[levels] {name} had fewer than {args.min_level_size} questions: added the {n} nearest by pass rate.")
-    for name, ids in (("pass_rates", rates), ("level1", l1), ("level2", l2)):
-        log.samples([{"id": q, "pass_rate": rates[q]} for q in ids], f"{name}.jsonl")
-    hist = {f"{v:.2f}": sum(abs(p - v) < 1e-9 for p in rates.values()) for v in sorted(set(rates.values()))}
-    bar_plot({"questions": hist}, os.path.join(out_dir, "pass_rates.png"), "SFT pass rate", "questions")
-    log.summary({"k": k, "level1": len(l1), "level2": len(l2), "expanded": expanded, "histogram": hist,
-                 "mean_pass_rate": float(np.mean(list(rates.values())))})
-    print(f"[levels] Level 1: {len(l1)} questions, Level 2: {len(l2)} -> {out_dir}")
-
-
-def stage_rl(args: Args, world: World, adapter: str | None, levels_dir: str, out_dir: str, level: int) -> str:
-    """GRPO on one complexity level with the GoG reward, multi-turn tool rollouts."""
-    train, _ = split_world(world, args.test_frac)
-    by_id = {q["id"]: q for q in train}
-    level_file = os.path.join(levels_dir, f"level{level}.jsonl")
-    if os.path.isfile(level_file):
-        questions = [by_id[row["id"]] for row in read_jsonl(level_file)]
-        print(f"[rl] Level {level}: {len(questions)} questions from {level_file}")
-    else:
-        questions = train
-        print(f"[rl] no {level_file} (run --stage levels): training on all {len(train)} train questions.")
-    if not questions:
-        raise ValueError(f"Level {level} is empty; raise --min_level_size or pick --rl_level {3 - level}.")
-    print(f"[rl] policy: {'SFT adapter ' + adapter if adapter else 'the base model (no SFT adapter found)'}")
-    policy = get_policy(args, adapter)
-    judge = load_policy(args.judge, lora=False) if args.judge else None
-    cfg = GRPOConfig(learning_rate=args.learning_rate, num_generations=args.num_generations,
-                     prompts_per_step=args.prompts_per_step, max_steps=args.max_steps, beta=args.beta,
-                     epsilon=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
-                     max_completion_length=args.max_completion_length, temperature=args.temperature,
-                     micro_batch_size=args.micro_batch_size, save_steps=args.save_steps, seed=args.seed)
-    examples = [as_example(world, q) for q in questions]
-    html = []
-
-    def on_step(step, rollouts, terms):   # keep the last step's trajectories for the page
-        html[:] = [{"title": f"step {step} {r.example['question']}", "images": r.images[:1],
-                    "trajectory": r.trajectory, "rewards": t} for r, t in zip(rollouts, terms)]
-    train_grpo(policy, examples, lambda p, ex, c: agent_rollouts(p, ex, args, world, c.num_generations, c.temperature),
-               make_reward_fn(args, judge), cfg, out_dir, on_step=on_step, resume=args.resume)
-    summary = json.load(open(os.path.join(out_dir, "summary.json")))
-    write_json(os.path.join(out_dir, "summary.json"), {**summary, "level": level, "start": adapter,
-                                                        "questions": [q["id"] for q in questions]})
-    RunLog(out_dir, resume=True).plot(["rewards/acc", "rewards/format"], "reward_terms.png", "GoG reward terms")
-    trajectory_html(html, os.path.join(out_dir, "trajectories.html"), "GoG RL, last step")
-    return os.path.join(out_dir, "adapter")
-
-
-def box_iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
-    return ix * iy / union if union > 0 else 0.0
+def first_decision(trajectory: list[dict]) -> str:
+    """The first action: answer / text_search / image_search (whole image) / crop, else none."""
+    a = parse_action(next((t["text"] for t in trajectory if t["role"] == "assistant"), ""))
+    if a.kind == "answer":
+        return "answer"
+    return ("image_search_crop" if a.args.get("image") == "crop" else a.name) if a.kind == "tool" else "none"
 
 
 def tool_use_stats(rollouts: list[Rollout]) -> dict:
-    """The paper's tool-use statistics. A crop is right when its box (mapped back to original
-    pixels) has IoU >= 0.5 with the target tile; reflection = another crop after a wrong one."""
-    right, wrong, reflected = 0, 0, 0
+    """The paper's tool-use statistics in %: search mix, gaze rate, gaze correctness (9),
+    reflection = another crop after a wrong one, decision accuracy (first action = the oracle's)."""
+    right = n_crops = wrong = reflected = 0
     for r in rollouts:
-        box = r.example.get("target_box")
+        box, image = r.example.get("target_box"), r.images[0] if r.images else None
         crops = [t["args"].get("bbox_2d") for t in r.trajectory if t["role"] == "tool" and t["name"] == "crop"]
-        if box is None or not crops:
+        if box is None or image is None or not crops:
             continue
-        w, h = seen_size(r.images[0])
-        sx, sy = r.images[0].width / w, r.images[0].height / h
+        w, h = seen_size(image)
+        sx, sy = image.width / w, image.height / h
         ok = [isinstance(c, list) and len(c) == 4 and all(isinstance(v, (int, float)) for v in c)
-              and box_iou([c[0] * sx, c[1] * sy, c[2] * sx, c[3] * sy], box) >= 0.5 for c in crops]
-        right += sum(ok)
+              and crop_is_right([c[0] * sx, c[1] * sy, c[2] * sx, c[3] * sy], box) for c in crops]
+        right, n_crops = right + sum(ok), n_crops + len(ok)
         first_wrong = next((i for i, o in enumerate(ok) if not o), None)
         if first_wrong is not None:
             wrong += 1
             reflected += first_wrong + 1 < len(ok)
     n = max(1, len(rollouts))
-    n_crops = sum(r.tool_calls.get("crop", 0) for r in rollouts if r.example.get("target_box"))
     kinds = [sum(bool(r.tool_calls.get(t)) for t in ("text_search", "image_search")) for r in rollouts]
-    return {"no_search_rate": kinds.count(0) / n, "single_type_rate": kinds.count(1) / n,
-            "mixed_search_rate": kinds.count(2) / n,
-            "gaze_rate": sum(r.tool_calls.get("crop", 0) > 0 for r in rollouts) / n,
-            "gaze_correct_rate": right / n_crops if n_crops else None,
-            "reflection_after_wrong_crop_rate": reflected / wrong if wrong else None,
+    decided = [first_decision(r.trajectory) == DECISION.get(r.example.get("kind")) for r in rollouts
+               if r.example.get("kind") in DECISION]
+    return {"no_search_rate": 100 * kinds.count(0) / n, "single_type_rate": 100 * kinds.count(1) / n,
+            "mixed_search_rate": 100 * kinds.count(2) / n,
+            "gaze_rate": 100 * sum(r.tool_calls.get("crop", 0) > 0 for r in rollouts) / n,
+            "gaze_correct_rate": 100 * right / n_crops if n_crops else None,
+            "reflection_after_wrong_crop_rate": 100 * reflected / wrong if wrong else None,
+            "decision_accuracy": 100 * float(np.mean(decided)) if decided else None,
+            "format_rate": 100 * float(np.mean([format_ok(r.trajectory) for r in rollouts])) if rollouts else None,
             "mean_turns": float(np.mean([r.turns for r in rollouts])) if rollouts else 0.0}
 
 
-def stage_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dict:
-    """Accuracy per split, level and benchmark; tool-use statistics; the trajectory page."""
-    print(f"[eval] policy: {adapter or 'the base model (no adapter found)'}")
-    policy = get_policy(args, adapter, lora=adapter is not None)
-    judge = load_policy(args.judge, lora=False) if args.judge else None
-    _, test = split_world(world, args.test_frac)
-    sets = {"toy": ([as_example(world, q) for q in test], None)}
-    files = [f for f in args.benchmarks.split(",") if f.strip()]
-    if files:  # real benchmarks: their own search backends (5)
-        ts = TextSearch.from_jsonl(args.text_corpus) if args.text_corpus else None
-        ims = ImageSearch.from_jsonl(args.image_kb) if args.image_kb else None
-        ts = ts or (TextSearch(use_env=True) if os.environ.get("TEXT_SEARCH_ENDPOINT") else world.text_search)
-        ims = ims or (ImageSearch(use_env=True) if os.environ.get("IMAGE_SEARCH_ENDPOINT") else world.image_search)
-        if ts is world.text_search or ims is world.image_search:
-            print("[eval] benchmarks use the toy KBs for a search without --text_corpus/--image_kb or an endpoint.")
-        for f in files:
-            rows = [dict(r, image=Image.open(r["image_path"]).convert("RGB"), target_box=r.get("target_box"))
-                    for r in load_benchmark(f)]
-            sets[Path(f).stem] = (rows, (ts, ims))
-    results = {"accuracy": {}, "tool_use": {}, "n": {}, "policy": adapter or args.model}
-    html = []
-    for name, (examples, searchers) in sets.items():
-        rs = agent_rollouts(policy, examples, args, world, 1, args.eval_temperature, searchers, desc=f"eval {name}")
-        accs = rollout_accs(rs, args, judge)
-        results["accuracy"][name] = float(np.mean(accs))
-        for lvl in sorted({r.example["level"] for r in rs} - {name}):
-            results["accuracy"][f"{name}/{lvl}"] = float(np.mean([a for a, r in zip(accs, rs) if r.example["level"] == lvl]))
-        results["tool_use"][name] = tool_use_stats(rs)
-        results["n"][name] = len(rs)
-        html += [{"title": f"[{name}/{r.example['level']}] {r.example['question']} (gold: {r.example['answers'][0]})",
-                  "images": r.images[:1], "trajectory": r.trajectory,
-                  "rewards": {"acc": a, "format": float(format_ok(r.trajectory))}} for r, a in zip(rs, accs)]
-    results["Avg"] = float(np.mean([results["accuracy"][n] for n in sets]))
+# ==== stages and main ==============================================================================
+def get_policy(args: Args, adapter: str | None = None, lora: bool = True):
+    policy = load_policy(args.model, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
+                         lora_alpha=args.lora_alpha, adapter=adapter,
+                         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
+    base = Path(adapter or ".").parent / "base_weights.pt"
+    if adapter and base.is_file():   # (10) a --full_sft run: its trained base weights live beside the adapter
+        policy.model.load_state_dict(torch.load(base, weights_only=True), strict=False)
+        print(f"[gog] base weights from {base} (full-parameter SFT)")
+    return policy
+
+
+def agent_rollouts(policy, examples: list[dict], args: Args, searchers: tuple, G: int, temperature: float,
+                   desc: str | None = None) -> list[Rollout]:
+    return run_rollouts(policy, examples, num_generations=G, make_messages=make_messages,
+                        tools=make_tools(*searchers, args.search_k), max_turns=args.max_turns,
+                        max_tool_calls=tool_limits(args), max_new_tokens=args.max_new_tokens,
+                        max_total_tokens=args.max_completion_length, observation_style="user_turn",
+                        temperature=temperature, desc=desc)
+
+
+def stage_data(args: Args) -> None:
+    """Write the world (JSONL + PNGs), the oracle page and the scripted-policy table."""
+    world, out = world_of(args), Path(args.out) / "data"
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for s in world.scenes:
+        s["image"].save(out / "images" / f"{s['id']}.png")
+    log = RunLog(str(out))
+    for name, qs in zip(("toy_train", "toy_test"), split_world(world)):
+        log.samples([dict(q, image=f"images/{q['scene_id']}.png") for q in qs], f"{name}.jsonl")
+    log.samples(world.text_kb, "text_kb.jsonl")
+    rng, first = random.Random(args.seed), world.questions[:4]
+    items = [{"title": f"{policy} [{q['kind']}{' reflective' * refl}] {q['question']} (gold: {q['answers'][0]})",
+              "images": [world.scene(q["scene_id"])["image"]],
+              "trajectory": scripted_episode(world, q, policy, refl, rng, k=args.search_k, max_turns=args.max_turns)[0]}
+             for q, refl, policy in [(q, False, "gaze oracle") for q in first] + [(first[3], True, "gaze oracle"),
+                                                                                 (first[3], False, "whole-image oracle")]]
+    trajectory_html(items, str(out / "oracle_trajectories.html"), "GoG scripted trajectories (tool, arguments, observation)")
+    table = policy_table(world, args)
+    write_json(str(out / "scripted_policies.json"), {"units": "accuracy in % on held-out scenes", "table": table})
+    cols = list(next(iter(table.values())))
+    print("[data] scripted policies, accuracy % on held-out scenes:\n| policy | " + " | ".join(cols) + " |\n"
+          + "\n".join(f"| {p} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in row.values()) + " |"
+                      for p, row in table.items()))
+    train, test = split_world(world)
+    log.summary({"scenes": len(world.scenes), "train_questions": len(train), "test_questions": len(test),
+                 "kinds": {k: sum(q["kind"] == k for q in world.questions) for k in DECISION},
+                 "entities": {s: sum(e["split"] == s for e in world.entities) for s in ("train", "test")},
+                 "text_kb": len(world.text_kb), "image_kb": len(world.image_kb)})
+    print(f"[data] {len(world.scenes)} scenes, {len(train)} train / {len(test)} test questions -> {out}")
+
+
+def oracle_data(world: World, questions: list[dict], args: Args, gaze: bool = True) -> list[tuple[dict, list]]:
+    """(question, turns) of the oracle's correct trajectories on training questions, with
+    training-time search engines; with gaze, a share of gaze questions also get a reflective one.
+    gaze=False: the no-gaze ablation (whole-image search; wrong guesses are dropped, as the paper
+    keeps only correct trajectories)."""
+    rng, out = random.Random(args.seed), []
+    runs = [(q, False) for q in questions] + [(q, True) for q in questions if gaze and q["kind"] == "gaze"
+                                             and rng.random() < args.reflect_frac]
+    for q, refl in runs:
+        turns, answer = scripted_episode(world, q, "gaze oracle" if gaze else "whole-image oracle", refl, rng,
+                                         world.searchers("train"), args.search_k, args.max_turns)
+        if accuracy(answer, q["answers"], args.max_answer_words) == 1.0:
+            out.append((q, turns))
+    return out
+
+
+def direct_pass_counts(policy, examples: list[dict], args: Args) -> list[int]:
+    """Uncertainty filter (GoG Stage 1): each question answered filter_k times with no tools."""
+    k = args.filter_k
+    rs = run_rollouts(policy, examples, num_generations=k, make_messages=make_messages, max_turns=1,
+                      max_new_tokens=args.max_new_tokens, temperature=1.0)
+    accs = rollout_accs(rs, args)
+    return [int(sum(accs[i * k:(i + 1) * k])) for i in range(len(examples))]
+
+
+def run_sft(args: Args, world: World, out_dir: str, gaze: bool = True) -> str:
+    """Reflective GoG Behavior Alignment: filter, build correct trajectories, LoRA SFT."""
+    train = split_world(world)[0]
+    policy = get_policy(args)
+    teacher = load_policy(args.teacher, lora=False, seed=args.seed) if args.teacher else None
+    print(f"[sft] uncertainty filter with {'the teacher' if teacher else 'the model itself (no --teacher)'} (6)")
+    counts = direct_pass_counts(teacher or policy, [as_example(world, q) for q in train], args)
+    kept = [q for q, c in zip(train, counts) if c < args.filter_k]   # always right -> dropped
+    if not kept:
+        raise UserError(f"The uncertainty filter dropped all {len(train)} questions (always answered right); "
+                        f"raise --filter_k or use a weaker --teacher.")
+    convs = [turns_to_messages(as_example(world, q), turns) for q, turns in oracle_data(world, kept, args, gaze)]
+    n_oracle, good = len(convs), []
+    if teacher is not None:  # keep only the teacher's correct, well-formed trajectories
+        rs = agent_rollouts(teacher, [as_example(world, q) for q in kept], args, world.searchers("train"),
+                            args.teacher_samples, 1.0)
+        good = [r for r, a in zip(rs, rollout_accs(rs, args)) if a == 1.0 and format_ok(r.trajectory)]
+    convs += [turns_to_messages(r.example, r.trajectory) for r in good]
+    samples = [encode(policy.tokenizer, policy.image_processor, m) for m in convs]  # observations masked
+    cfg = SFTConfig(learning_rate=args.sft_learning_rate, epochs=args.sft_epochs, batch_size=args.sft_batch_size,
+                    micro_batch_size=args.micro_batch_size, max_steps=args.sft_max_steps, seed=args.seed)
+    if args.full_sft:
+        for p in policy.model.parameters():
+            p.requires_grad_(True)
+    summary = train_sft(policy, samples, cfg, out_dir)
+    if args.full_sft:
+        torch.save({k: v for k, v in policy.model.state_dict().items() if "lora_" not in k},
+                   os.path.join(out_dir, "base_weights.pt"))
+    no_search = sum(not any("search" in x["content"] for x in m if x["role"] == "assistant") for m in convs)
+    stats = {"questions": len(train), "dropped_by_filter": len(train) - len(kept), "oracle": n_oracle,
+             "teacher": len(good), "no_search_fraction": no_search / max(1, len(convs)), "gaze": gaze}
+    write_json(os.path.join(out_dir, "summary.json"), {**summary, "data": stats})
+    print(f"[sft] {stats} -> {out_dir}/adapter")
+    return os.path.join(out_dir, "adapter")
+
+
+def stage_sft(args: Args) -> str:
+    return run_sft(args, world_of(args), str(Path(args.out) / "sft"))
+
+
+def split_levels(pass_rates: dict[str, float], level2_max: float = 0.25, level1_max: float = 0.75,
+                 min_size: int = 0) -> tuple[list[str], list[str], dict]:
+    """Complexity levels from pass rates (8): Level 2 = p <= level2_max (mostly failed), Level 1 =
+    level2_max < p <= level1_max (around 50 %). A level under min_size is filled from the questions
+    in neither level (Level 2: lowest p first, Level 1: nearest 0.5), so the levels stay disjoint;
+    `expanded` says how many were added and their pass rates."""
+    l2 = sorted(q for q, p in pass_rates.items() if p <= level2_max)
+    l1 = sorted(q for q, p in pass_rates.items() if level2_max < p <= level1_max)
+    rest, expanded = sorted(q for q in pass_rates if q not in l1 and q not in l2), {}
+    for name, lvl, nearest in (("level2", l2, lambda p: p), ("level1", l1, lambda p: abs(p - 0.5))):
+        extra = sorted(rest, key=lambda q: (nearest(pass_rates[q]), q))[:max(0, min_size - len(lvl))]
+        lvl += extra
+        rest = [q for q in rest if q not in extra]
+        expanded[name] = {"added": len(extra), "pass_rates": sorted(pass_rates[q] for q in extra)}
+    return l1, l2, expanded
+
+
+def stage_levels(args: Args) -> None:
+    """Pass rate of the SFT model over levels_k agent samples per training question."""
+    world, adapter, out_dir = world_of(args), start_adapter(args, "sft"), str(Path(args.out) / "levels")
+    train, k = split_world(world)[0], args.levels_k
+    print(f"[levels] policy: {adapter or 'the base model (no SFT adapter found)'}")
+    rs = agent_rollouts(get_policy(args, adapter), [as_example(world, q) for q in train], args,
+                        world.searchers("train"), k, args.temperature, desc="levels")
+    accs = rollout_accs(rs, args)
+    rates = {q["id"]: float(np.mean(accs[i * k:(i + 1) * k])) for i, q in enumerate(train)}
+    l1, l2, expanded = split_levels(rates, args.level2_max, args.level1_max, args.min_level_size)
+    for name, e in expanded.items():
+        if e["added"]:
+            print(f"[levels] {name} had fewer than {args.min_level_size} questions: added {e['added']} from neither "
+                  f"level, pass rates {e['pass_rates']}.")
+    log = RunLog(out_dir)
+    for name, ids in (("pass_rates", rates), ("level1", l1), ("level2", l2)):
+        log.samples([{"id": q, "pass_rate": rates[q]} for q in ids], f"{name}.jsonl")
+    hist = {f"{v:.2f}": sum(abs(p - v) < 1e-9 for p in rates.values()) for v in sorted(set(rates.values()))}
+    bar_plot({"questions": hist}, os.path.join(out_dir, "pass_rates.png"), f"SFT pass rate over {k} samples", "questions")
+    log.summary({"k": k, "level1": len(l1), "level2": len(l2), "expanded": expanded, "histogram": hist,
+                 "mean_pass_rate": float(np.mean(list(rates.values())))})
+    print(f"[levels] Level 1: {len(l1)} questions, Level 2: {len(l2)} -> {out_dir}")
+
+
+def level_ids(levels_dir: str | Path, level: int) -> list[str]:
+    path = Path(levels_dir) / f"level{level}.jsonl"
+    return [json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def run_rl(args: Args, world: World, adapter: str | None, levels_dir: str, out_dir: str, level: int) -> str:
+    """GRPO on one complexity level with the GoG reward, multi-turn tool rollouts."""
+    train = split_world(world)[0]
+    by_id, level_file = {q["id"]: q for q in train}, os.path.join(levels_dir, f"level{level}.jsonl")
+    if os.path.isfile(level_file):
+        questions = [by_id[i] for i in level_ids(levels_dir, level) if i in by_id]
+        print(f"[rl] Level {level}: {len(questions)} questions from {level_file}")
+    else:
+        questions = train
+        print(f"[rl] no {level_file} (run --stage levels): training on all {len(train)} train questions.")
+    if not questions:
+        raise UserError(f"Level {level} is empty; raise --min_level_size or pick --rl_level {3 - level}.")
+    print(f"[rl] policy: {'SFT adapter ' + adapter if adapter else 'the base model (no SFT adapter found)'}")
+    policy, searchers, html = get_policy(args, adapter), world.searchers("train"), []
+    if adapter and (Path(adapter).parent / "base_weights.pt").is_file():   # (10) the RL adapter needs them too
+        os.makedirs(out_dir, exist_ok=True)
+        shutil.copy(Path(adapter).parent / "base_weights.pt", out_dir)
+
+    def rollout_fn(p, examples, c):
+        return agent_rollouts(p, examples, args, searchers, c.num_generations, c.temperature)
+
+    def on_step(step, rollouts, terms):   # keep the last step's trajectories for the page
+        html[:] = [{"title": f"step {step} {r.example['question']}", "images": r.images[:1],
+                    "trajectory": r.trajectory, "rewards": t} for r, t in zip(rollouts, terms)]
+    train_grpo(policy, [as_example(world, q) for q in questions], rollout_fn, make_reward_fn(args), grpo_config(args),
+               out_dir, on_step=on_step, resume=args.resume)
+    summary = json.load(open(os.path.join(out_dir, "summary.json")))
+    write_json(os.path.join(out_dir, "summary.json"), {**summary, "level": level, "start": adapter,
+                                                        "questions": [q["id"] for q in questions]})
+    RunLog(out_dir, resume=True).plot(["reward", "rewards/acc", "rewards/format"], "reward_terms.png", "GoG reward terms")
+    trajectory_html(html, os.path.join(out_dir, "trajectories.html"), "GoG RL, last step")
+    return os.path.join(out_dir, "adapter")
+
+
+def stage_rl(args: Args) -> str:   # the papers' order: RL starts from the SFT adapter when there is one
+    out = Path(args.out)
+    return run_rl(args, world_of(args), start_adapter(args, "sft"), str(out / "levels"), str(out / "rl"), args.rl_level)
+
+
+def benchmark_searchers(args: Args, world: World) -> tuple:
+    """Search for real benchmarks: --text_corpus / --image_kb, else the endpoints, else the toy KBs (5)."""
+    ts = ims = None
+    if args.text_corpus or os.environ.get("TEXT_SEARCH_ENDPOINT"):
+        ts = TextSearch.from_jsonl(args.text_corpus) if args.text_corpus else TextSearch(use_env=True)
+    if args.image_kb or os.environ.get("IMAGE_SEARCH_ENDPOINT"):
+        ims = ImageSearch.from_jsonl(args.image_kb) if args.image_kb else ImageSearch(use_env=True)
+    if ts is None or ims is None:
+        print("[eval] benchmarks use the toy KBs for a search without --text_corpus/--image_kb or an endpoint.")
+    return ts or world.searchers("test")[0], ims or world.searchers("test")[1]
+
+
+def run_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dict:
+    """Held-out toy accuracy and tool use, and each benchmark under its own rule; all in %."""
+    benches = [(n, load_benchmark(n, f, args.image_dir)) for n, f in parse_benchmarks(args.benchmarks, BENCHMARKS)]
+    results = {"units": "percent (mean_turns in turns)", "policy": args.predictions or adapter or args.model,
+               "toy": None, "benchmarks": {}, "Avg": None}
+    answers, html = {}, []
+    if args.predictions:
+        preds = read_predictions(args.predictions)
+        answers = {n: [preds.get(r["id"]) for r in recs] for n, recs in benches}
+        results["toy"] = "not run: --predictions scores the benchmark files only"
+    else:
+        print(f"[eval] policy: {adapter or 'the base model (no adapter found)'}")
+        policy = get_policy(args, adapter, lora=adapter is not None)
+        test = [as_example(world, q) for q in split_world(world)[1]]
+        rs = agent_rollouts(policy, test, args, world.searchers("test"), 1, args.eval_temperature, desc="eval toy")
+        accs = rollout_accs(rs, args)
+        kinds = {k: v for k, v in by_kind([r.example for r in rs], accs).items() if v is not None}
+        results["toy"] = {"accuracy": 100 * float(np.mean(accs)), "n": len(rs), "tool_use": tool_use_stats(rs),
+                          "by_kind": kinds}
+        html = [{"title": f"[{r.example['kind']}] {r.example['question']} (gold: {r.example['answers'][0]})",
+                 "images": r.images[:1], "trajectory": r.trajectory,
+                 "rewards": {"acc": a, "format": float(format_ok(r.trajectory))}} for r, a in zip(rs, accs)]
+        if benches:
+            searchers = benchmark_searchers(args, world)
+            for n, recs in benches:
+                rs = agent_rollouts(policy, list(recs), args, searchers, 1, args.eval_temperature, desc=f"eval {n}")
+                answers[n] = [r.answer for r in rs]
+                results["benchmarks"][n] = {"tool_use": tool_use_stats(rs)}
+    for n, recs in benches:
+        judged = (llm_judge_batch(load_judge(args.judge), [r["question"] for r in recs], answers[n],
+                                  [r["answers"] for r in recs]) if args.judge else [None] * len(recs))
+        scores = score_benchmark(n, BENCHMARKS[n]["score"], recs, answers[n], judged)
+        results["benchmarks"][n] = {**results["benchmarks"].get(n, {}), **scores}
+    if benches:   # the paper's Avg: the real benchmarks only, each by its headline metric
+        results["Avg"] = float(np.mean([b[b["headline"]] for b in results["benchmarks"].values()]))
     write_json(os.path.join(out_dir, "results.json"), results)
-    trajectory_html(html[:12], os.path.join(out_dir, "trajectories.html"), "GoG eval")
-    print(f"[eval] accuracy {results['accuracy']} -> {out_dir}/results.json")
+    if html:
+        trajectory_html(html[:12], os.path.join(out_dir, "trajectories.html"), "GoG eval (held-out scenes)")
+    toy = results["toy"]["accuracy"] if isinstance(results["toy"], dict) else None
+    print(f"[eval] toy accuracy {toy} %, Avg {results['Avg']} % -> {out_dir}/results.json")
     return results
 
 
-def stage_ablate(args: Args, world: World) -> None:
-    """No-gaze SFT vs GoG SFT; RL on Level 1 vs Level 2. Each variant is evaluated."""
-    out = Path(args.out)
-    abl = out / "ablate"
-    sft_adapter = str(out / "sft" / "adapter")
-    if not os.path.isdir(sft_adapter):
-        print("[ablate] no <out>/sft/adapter: running the sft stage first.")
-        sft_adapter = stage_sft(args, world, str(out / "sft"))
-    if not os.path.isdir(out / "levels"):
-        print("[ablate] no <out>/levels: running the levels stage first.")
-        stage_levels(args, world, sft_adapter, str(out / "levels"))
-    variants = {"GoG-SFT": sft_adapter,
-                "SFT w/o gaze": stage_sft(args, world, str(abl / "sft_no_gaze"), gaze=False),
-                "RL Level 1": stage_rl(args, world, sft_adapter, str(out / "levels"), str(abl / "rl_level1"), 1),
-                "RL Level 2": str(out / "rl" / "adapter")}
-    rl_summary = out / "rl" / "summary.json"
-    if rl_summary.is_file() and json.loads(rl_summary.read_text()).get("level") == 2:
-        print("[ablate] RL Level 2: reusing <out>/rl (trained on Level 2).")
-    else:
-        variants["RL Level 2"] = stage_rl(args, world, sft_adapter, str(out / "levels"), str(abl / "rl_level2"), 2)
-    table = {}
+def stage_eval(args: Args) -> dict:
+    return run_eval(args, world_of(args), start_adapter(args, "rl", "sft"), str(Path(args.out) / "eval"))
+
+
+def stage_ablate(args: Args) -> None:
+    """No-gaze SFT vs GoG SFT; RL on Level 1 vs Level 2, each evaluated; says what it reuses and what it trains."""
+    world, out, abl = world_of(args), Path(args.out), Path(args.out) / "ablate"
+    sft, reused, ran = start_adapter(args, "sft"), [], ["SFT w/o gaze"]
+    if not sft:
+        sft, ran = run_sft(args, world, str(out / "sft")), ran + ["GoG-SFT"]
+    if not (out / "levels" / "level2.jsonl").is_file():
+        stage_levels(args)
+        ran.append("levels")
+    variants = {"GoG-SFT": sft, "SFT w/o gaze": run_sft(args, world, str(abl / "sft_no_gaze"), gaze=False)}
+    rl2 = out / "rl" / "summary.json"
+    for level in (1, 2):
+        if level == 2 and rl2.is_file() and json.loads(rl2.read_text()).get("level") == 2:
+            variants["RL Level 2"] = str(out / "rl" / "adapter")
+        elif level_ids(out / "levels", level):
+            variants[f"RL Level {level}"] = run_rl(args, world, sft, str(out / "levels"), str(abl / f"rl_level{level}"), level)
+            ran.append(f"RL Level {level}")
+    reused = [n for n in variants if n not in ran]
+    print(f"[ablate] reuses {', '.join(reused) or 'nothing'} from earlier stages; trains {', '.join(ran)}; "
+          f"skips {', '.join(f'RL Level {v}' for v in (1, 2) if f'RL Level {v}' not in variants) or 'nothing'} (empty level).")
+    table = {f"RL Level {v}": "skipped: the level is empty" for v in (1, 2) if f"RL Level {v}" not in variants}
     for name, adapter in variants.items():
-        res = stage_eval(args, world, adapter, str(abl / ("eval_" + name.replace(" ", "_").replace("/", ""))))
-        table[name] = {"Avg": res["Avg"], **res["accuracy"],
-                       "mixed_search_rate": res["tool_use"]["toy"]["mixed_search_rate"],
-                       "gaze_rate": res["tool_use"]["toy"]["gaze_rate"]}
-    write_json(str(abl / "results.json"), {"table": table, "paper": {
+        res = run_eval(args, world, adapter, str(abl / ("eval_" + name.replace(" ", "_").replace("/", ""))))
+        toy = res["toy"]
+        table[name] = {"Avg": res["Avg"], "toy": toy["accuracy"], **{f"toy/{k}": v for k, v in toy["by_kind"].items()},
+                       "mixed_search_rate": toy["tool_use"]["mixed_search_rate"], "gaze_rate": toy["tool_use"]["gaze_rate"]}
+    write_json(str(abl / "results.json"), {"units": "percent", "reused": reused, "trained": ran, "table": table, "paper": {
         "GoG-SFT (Qwen2.5-VL-7B) Avg": 43.28, "SFT w/o Selective Gaze Avg": 41.76, "RL Level 2 > Level 1": True}})
-    bar_plot({n: {k: v for k, v in row.items() if k.startswith(("toy", "Avg"))} for n, row in table.items()},
-             str(abl / "ablate.png"), "GoG ablations", "accuracy")
-    print("[ablate] " + " | ".join(f"{n}: Avg {row['Avg']:.3f}" for n, row in table.items()))
+    bar_plot({n: {k: v for k, v in row.items() if k.startswith(("toy", "Avg")) and v is not None}
+              for n, row in table.items() if isinstance(row, dict)},
+             str(abl / "ablate.png"), "GoG ablations (held-out toy scenes)", "accuracy (%)")
+    print("[ablate] " + " | ".join(f"{n}: {row['toy']:.1f} %" if isinstance(row, dict) else f"{n}: {row}"
+                                   for n, row in table.items()))
+
+
+def check_inputs(args: Args) -> None:
+    """Every user file is read before any model is loaded."""
+    for name, path in parse_benchmarks(args.benchmarks, BENCHMARKS):
+        load_benchmark(name, path, args.image_dir)
+    if args.predictions:
+        if not args.benchmarks:
+            raise UserError("--predictions needs --benchmarks NAME=FILE to score them against.")
+        read_predictions(args.predictions)
+    for f in (args.text_corpus, args.image_kb):
+        if f:
+            read_records(f, "search corpus")
 
 
 # `--model tiny` (and `auto` without CUDA) must run every stage in about a minute on 2 CPU
@@ -810,41 +995,10 @@ TINY_SIZES = dict(n_scenes=4, image_size=224, max_new_tokens=24, max_completion_
                   max_steps=2, prompts_per_step=2, sft_max_steps=3, levels_k=2)
 
 
-def apply_tiny_sizes(args: Args, argv: list[str]) -> None:
-    if args.model != "tiny" and not (args.model == "auto" and not torch.cuda.is_available()):
-        return
-    given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
-    sizes = {k: v for k, v in TINY_SIZES.items() if k not in given}
-    for k, v in sizes.items():
-        setattr(args, k, v)
-    print(f"[gog] tiny CPU run, small sizes: {sizes} (flags you pass win). Its numbers are noise.")
-
-
-def main() -> None:
-    args = parse_args(Args, sys.argv[1:], description=__doc__)
-    apply_tiny_sizes(args, sys.argv[1:])
-    world = build_world(args.seed, args.n_scenes, args.image_size)
-    out = Path(args.out)
-
-    def adapter(*names: str) -> str | None:  # the first of these stages' adapters that exists now
-        return next((str(out / s / "adapter") for s in names if (out / s / "adapter").is_dir()), None)
-    stages = ["data", "sft", "levels", "rl", "eval", "ablate"] if args.stage == "all" else [args.stage]
-    for stage in stages:
-        t0 = time.perf_counter()
-        if stage == "data":
-            stage_data(args, world)
-        elif stage == "sft":
-            stage_sft(args, world, str(out / "sft"))
-        elif stage == "levels":
-            stage_levels(args, world, adapter("sft"), str(out / "levels"))
-        elif stage == "rl":   # the papers' order: RL starts from the SFT adapter when there is one
-            stage_rl(args, world, adapter("sft"), str(out / "levels"), str(out / "rl"), args.rl_level)
-        elif stage == "eval":
-            stage_eval(args, world, adapter("rl", "sft"), str(out / "eval"))
-        elif stage == "ablate":
-            stage_ablate(args, world)
-        print(f"[gog] stage {stage} took {time.perf_counter() - t0:.1f} s")
-    write_json(str(out / "args.json"), asdict(args))
+def main(argv: list[str] | None = None) -> None:
+    run_stages(Args, {"data": stage_data, "sft": stage_sft, "levels": stage_levels, "rl": stage_rl,
+                      "eval": stage_eval, "ablate": stage_ablate}, argv, doc=__doc__, file=__file__,
+               tiny=TINY_SIZES, check=check_inputs)
 
 
 if __name__ == "__main__":

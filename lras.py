@@ -1,22 +1,20 @@
 """LRAS: legal reasoning with agentic search. The model learns its knowledge boundary and searches
 ("Active Inquiry") when it is unsure, instead of answering confidently from memory.
-"LRAS: ..." arXiv 2601.07296; see shared/papers/lras.md (official repo: eval code only).
+"LRAS: ..." arXiv 2601.07296 (method: Sec. 3; official repo TOM-ZHOUch/LRAS: eval code only).
 
 Stages (each writes into <out>/<stage>/; `all` runs them in this order):
-    python lras.py --stage all --model tiny             # CPU, ~2 min: plumbing only, numbers are noise
+    python lras.py --stage all --model tiny             # CPU, minutes: plumbing only, numbers are noise
     python lras.py --stage data    # toy legal world (statutes, cases, questions) + oracle page
-    python lras.py --stage sft     # Introspective Imitation: teacher n = 8 -> boundary filter -> pruned trajectories -> LoRA SFT
+    python lras.py --stage sft     # Introspective Imitation: teacher n = 8 -> boundary filter -> pruning -> LoRA SFT
     python lras.py --stage rl      # difficulty-aware GRPO: difficulty = 1 - pass rate of the SFT model over k samples
-    python lras.py --stage eval    # accuracy per task, search rate, searches/question, acc searched vs not, failures w/o search
-    python lras.py --stage ablate  # SFT-only vs SFT + RL; difficulty-aware vs uniform sampling
-A real small model on CPU (minutes; honest numbers of an untrained 135M model):
-    python lras.py --stage eval --model smollm2 --eval_questions 40 --max_new_tokens 96
+    python lras.py --stage eval    # score per task, search rate, accuracy searched vs not, failures w/o search
+    python lras.py --stage ablate  # base vs SFT vs SFT + RL (difficulty) vs SFT + RL (uniform), 95 % intervals
 GPU (Qwen2.5-VL-3B in NF4 + LoRA, used as a text model; the paper used Qwen3-4B/8B/14B):
     python lras.py --stage all --model Qwen/Qwen2.5-VL-3B-Instruct --teacher Qwen/Qwen2.5-VL-7B-Instruct \\
-        --max_steps 300 --prompts_per_step 8 --max_new_tokens 512 --max_completion_length 4096 --eval_questions 200
-Real benchmark files (JSON / JSONL / CSV, MCQ or short answer, Chinese ok; fields mapped by flags):
-    python lras.py --stage eval --data_file jecqa.json --field_question statement --field_options option_list \\
-        --corpus_file statutes.jsonl
+        --max_steps 300 --prompts_per_step 8 --eval_questions 200
+Real benchmarks in their published formats (LawBench, LexEval, JEC-QA, CSV exports; UTF-8 or GBK):
+    python lras.py --stage eval --data_file lawbench/data/zero_shot/3-3.json --corpus_file statutes.jsonl
+    python lras.py --stage eval --data_file LexEval/data/1_1.json --predictions other_model.jsonl   # no model run
 
 Deviations from the paper (numbered; the code says "(n)" where each one lives):
  1. Data: an invented but consistent toy legal world (the "Veridian Penal Code": articles with
@@ -27,34 +25,40 @@ Deviations from the paper (numbered; the code says "(n)" where each one lives):
     top-5, each page summarised by an LLM). --corpus_file or TEXT_SEARCH_ENDPOINT for real data.
  3. Teacher: offline, a noisy oracle with this error model: with probability
     teacher_error * (1 + hops) it answers from memory (no search) and is wrong; otherwise it
-    searches what it needs and is right, and with probability teacher_detour it first makes one
-    useless search (a query about another charge). --teacher <model> samples a real model instead.
+    searches what it needs (its queries never contain the gold) and is right, and with probability
+    teacher_detour it first makes one useless search. --teacher <model> samples a real model instead.
  4. Pruning is a rule (paper: rules + a human check): a search is kept only if its results hold
     a supporting document (article/case) that no earlier kept search returned; invalid turns
     (re-prompts, malformed calls) are cut; a correct trajectory whose kept searches miss a
     supporting document (a lucky guess) is dropped. One trajectory per question after dedup.
- 5. RL data (not published): difficulty d = 1 - pass rate over k samples; questions with
-    p in {0, 1} are dropped; the rest are drawn with probability proportional to d
-    (--uniform_sampling draws them uniformly). If nothing is left (the tiny model solves
-    nothing), RL trains on all questions uniformly and says so in one line and in summary.json.
- 6. Reward (not published): r = acc + format_weight * fmt, format_weight = 0.1; acc is
-    choice_match (MCQ) or sub-exact match with a --max_answer_words cap (short answer) instead of
-    an LLM judge; fmt = 1 iff every turn has a closed <think> and one valid action, and the last
-    turn answers. Observation (<information>) tokens are masked in SFT and RL.
- 7. Sizes: LoRA SFT and RL (paper: full Qwen3 SFT); tiny CPU-sized defaults (turn/token budgets,
-    steps); the paper's 10 rounds and its sampling (T = 0.6, top_p 0.95, top_k 20) are kept for eval.
+ 5. RL data (not published): difficulty d = 1 - pass rate over k samples on the whole training
+    set; questions with p in {0, 1} are dropped; the rest are drawn with probability proportional
+    to d (--uniform_sampling: uniformly). If nothing is left (the tiny model solves nothing), RL
+    trains on all questions uniformly and says so in one line and in summary.json.
+ 6. Reward (not published): r = acc + format_weight * fmt, format_weight = 0.1; acc is the
+    question's rule instead of an LLM judge: option letters (MCQ), closed-class golds (yes/no,
+    numbers) matched exactly, open answers sub-exactly with a --max_answer_words cap; fmt = 1 iff
+    every turn has a closed <think> and one valid action, and the last turn answers.
+    Observation (<information>) tokens are masked in SFT and RL.
+ 7. Sizes: LoRA SFT and RL (paper: full Qwen3 SFT). Token budgets are sized from the tokenizer so
+    that the oracle's longest trajectory (a detour and two searches of k documents) fits; SFT
+    samples over the budget are counted and dropped. Eval keeps the paper's 10 rounds and its
+    sampling (T = 0.6, top_p 0.95, top_k 20).
+ 8. Benchmarks are scored by their own rules (LawBench MCQ letters and charge F1, LexEval exact
+    letters, JEC-QA exact set); LawBench's charge list (189 names) is replaced by the charges
+    named in the file. Open-ended tasks use sub-exact match, named "sub_exact" in results.json
+    (not LawBench's ROUGE / LexEval's ROUGE-L).
 """
 from __future__ import annotations
 
-import csv
 import functools
-import io
+import hashlib
 import json
 import os
 import random
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -62,9 +66,10 @@ import numpy as np
 import torch
 
 from common.chat import Encoded, encode
-from common.cli import parse_args
-from common.grpo import GRPOConfig, per_rollout, train_grpo
-from common.judge import choice_match, sub_exact_match
+from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
+from common.data import read_records, require
+from common.grpo import per_rollout, train_grpo
+from common.judge import extract_choice, sub_exact_match
 from common.models import load_policy
 from common.rollout import Rollout, observation_segment, run_rollouts
 from common.runlog import RunLog, bar_plot, read_jsonl, trajectory_html, write_json
@@ -73,51 +78,32 @@ from common.tools import TextSearch, parse_action
 
 
 @dataclass
-class Args:
+class Args(GRPOArgs):
     stage: Literal["data", "sft", "rl", "eval", "ablate", "all"] = "all"
     """which stage to run (`all` = data, sft, rl, eval, ablate)"""
-    model: str = "auto"
-    """policy: tiny | smollm2 | auto (Qwen2.5-VL-3B on CUDA, else tiny) | hub id | folder"""
-    out: str = f"runs/{Path(__file__).stem}"
-    """output folder; each stage writes <out>/<stage>/"""
-    seed: int = 0
-    """seed of the toy world, the data order and the sampler"""
-    load_in_4bit: bool | None = None
-    """NF4 4-bit base weights: true | false | none (= auto: on for real models on CUDA, off for the CPU presets)"""
-    lora_r: int = 8
-    """LoRA rank"""
-    lora_alpha: int = 16
-    """LoRA alpha"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward: less memory, ~30 % slower (the 7B budget needs it)"""
     # --- toy legal world (1) ---
     n_charges: int = 16
     """charges (one article each) in the toy code, at most 16"""
     test_charges: int = 5
     """charges held out for eval (their questions never appear in training)"""
-    cases_per_charge: int = 2
-    """case summaries per charge"""
+    # --- real benchmarks (LawBench, LexEval, JEC-QA, CSV exports; schema read from the fields) ---
     data_file: str = ""
-    """a legal benchmark file (JSON / JSONL / CSV) to validate in `data` and evaluate in `eval`"""
+    """a legal benchmark file (JSON / JSON lines / CSV, UTF-8 or GBK) to validate in `data`, score in `eval`"""
     corpus_file: str | None = None
     """JSONL corpus ({"id", "title"?, "text"}) searched for --data_file questions (2)"""
+    predictions: str = ""
+    """JSON lines {"id", "prediction"}: `eval` scores these answers (another model's) without running one"""
     field_question: str = "question"
-    """--data_file field holding the question (JEC-QA: statement)"""
+    """generic files: field holding the question (LawBench / LexEval / JEC-QA are recognised by their fields)"""
     field_answer: str = "answer"
-    """--data_file field holding the answer: option letter(s) or a string / list of strings"""
+    """generic files: field holding the answer: option letter(s) (prefixes ok) or a string / list of strings"""
     field_options: str = "options"
-    """--data_file field holding the options (dict letter -> text, or a list); CSV: --option_columns"""
-    option_columns: str = "A,B,C,D"
-    """CSV columns holding the options when there is no --field_options column"""
-    field_task: str = "task"
-    """--data_file field naming the task (missing: the file name)"""
-    field_id: str = "id"
-    """--data_file field holding the record id (missing: file:line)"""
+    """generic files: field holding the options (letter -> text, or a list); else columns named A..T"""
     # --- agent loop (Search-R1 format) ---
     max_turns: int = 10
     """assistant rounds per rollout (LRAS inference: up to 10)"""
-    max_new_tokens: int = 48
-    """new tokens per round (CPU-sized; the GPU command raises it)"""
+    max_new_tokens: int = 0
+    """new tokens per round (0 = the oracle's longest turn + 16) (7)"""
     search_k: int = 3
     """documents per search (official eval: 5 web pages) (2)"""
     # --- SFT: Introspective Imitation Learning ---
@@ -140,40 +126,14 @@ class Args:
     # --- RL: difficulty-aware GRPO (5) ---
     difficulty_k: int = 4
     """k: samples of the SFT model per question for its pass rate p; difficulty = 1 - p"""
-    difficulty_questions: int = 12
-    """training questions whose difficulty is estimated (0 = all); the RL pool"""
     uniform_sampling: bool = False
     """draw kept questions uniformly instead of proportionally to difficulty (ablation)"""
+    max_completion_length: int = 0
+    """tokens per rollout, <information> included (0 = the oracle's longest trajectory + one round) (7)"""
     format_weight: float = 0.1
     """r = acc + format_weight * fmt (6)"""
     max_answer_words: int = 12
-    """short answers longer than this get acc = 0 (sub-exact match would reward lists) (6)"""
-    max_steps: int = 4
-    """GRPO steps"""
-    learning_rate: float = 1e-5
-    """GRPO learning rate (LoRA)"""
-    num_generations: int = 4
-    """G, rollouts per question"""
-    prompts_per_step: int = 2
-    """questions per GRPO step"""
-    beta: float = 0.001
-    """KL coefficient to pi_ref"""
-    epsilon: float = 0.2
-    """clip range, low side"""
-    epsilon_high: float | None = None
-    """clip range, high side (none = epsilon; DAPO: 0.28)"""
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
-    """loss aggregation (TRL names)"""
-    max_completion_length: int = 192
-    """tokens per rollout after the prompt, <information> included (CPU-sized)"""
-    temperature: float = 1.0
-    """sampling temperature for the teacher, the difficulty estimate and RL"""
-    micro_batch_size: int = 4
-    """sequences per forward/backward"""
-    save_steps: int = 0
-    """save a GRPO checkpoint (adapter, optimiser, RNG) every N steps into <out>/rl (0 = only the final adapter)"""
-    resume: bool = False
-    """continue RL from the latest <out>/rl/checkpoint-N: same step, data order and RNG"""
+    """open short answers longer than this get acc = 0 (sub-exact match would reward lists) (6)"""
     # --- eval ---
     eval_questions: int = 40
     """toy test questions evaluated (0 = all)"""
@@ -183,12 +143,11 @@ class Args:
     """eval top_p (LRAS: 0.95)"""
     top_k: int = 20
     """eval top_k (LRAS: 20)"""
-    ablate_steps: int = 1
-    """GRPO steps of each RL variant in `ablate`"""
-    ablate_questions: int = 8
-    """toy test questions per variant in `ablate`"""
-    n_html: int = 12
-    """trajectories shown on the eval HTML page"""
+
+
+# CPU-sized defaults for the tiny preset (and the old defaults of the GRPO fields): flags win
+TINY_SIZES = dict(n_charges=6, test_charges=2, difficulty_k=2, max_steps=1, prompts_per_step=2, eval_questions=8,
+                  max_turns=4, max_new_tokens=32)   # random weights never stop: cap what they can generate
 
 
 # =============================================================================================
@@ -243,7 +202,7 @@ def build_world(seed: int, n_charges: int = 16, test_charges: int = 5, cases_per
     {"id", "task", "type": "mcq"|"short", "question", "options": {letter: text} ({} for short),
      "answer": letter(s) | text, "golds": [text], "support": [doc id], "hops": 0|1|2, "split"}"""
     if not 2 <= n_charges <= len(CHARGES) or not 1 <= test_charges < n_charges:
-        raise ValueError(f"--n_charges must be in [2, {len(CHARGES)}] and --test_charges in [1, n_charges).")
+        raise UserError(f"--n_charges must be in [2, {len(CHARGES)}] and --test_charges in [1, n_charges).")
     rng = random.Random(seed)
     picked = rng.sample(CHARGES, n_charges)
     arts = rng.sample(range(100, 400), n_charges)
@@ -272,12 +231,12 @@ def build_world(seed: int, n_charges: int = 16, test_charges: int = 5, cases_per
 
         def add(task, q, hops, support, options=None, gold=None, golds=None):
             rec = dict(id=f"{art.split()[1]}-{task}", task=task, question=q, hops=hops, support=support,
-                       split=c["split"], options={}, type="short")
+                       split=c["split"], options={}, type="short", charges=[])
             if options is not None:
                 rec["options"], rec["answer"] = letters_for(options, gold, rng)
-                rec.update(type="mcq", golds=[rec["answer"]])
+                rec.update(type="mcq", golds=[rec["answer"]], rule="choice")
             else:
-                rec.update(answer=golds[0], golds=golds)
+                rec.update(answer=golds[0], golds=golds, rule=answer_rule(golds[0]))
             questions.append(rec)
         wrong = rng.sample(others, 3)
         add("charge", f"Under the {CODE}, which offence does a person commit who does {c['conduct']}, with a "
@@ -310,88 +269,83 @@ def split_world(world: World) -> tuple[list[dict], list[dict]]:
             [q for q in world.questions if q["split"] == "test"])
 
 
-def json_records(text: str) -> list[tuple[int, object]]:
-    """A JSON array -> [(line where the element starts, element)], so errors can name the line."""
-    dec, skip, out = json.JSONDecoder(), re.compile(r"[\s,]*"), []
-    pos = skip.match(text).end()
-    if not text.startswith("[", pos):
-        raise ValueError("expected a JSON array of records")
-    pos = skip.match(text, pos + 1).end()
-    while not text.startswith("]", pos):
-        obj, end = dec.raw_decode(text, pos)
-        out.append((text.count("\n", 0, pos) + 1, obj))
-        pos = skip.match(text, end).end()
-    return out
+MCQ_RULES = ("choice", "jecqa_set", "lawbench_mcq", "lexeval_exact")
 
 
-def load_benchmark(path: str, question: str = "question", answer: str = "answer", options: str = "options",
-                   task: str = "task", id_field: str = "id", option_columns: str = "A,B,C,D") -> list[dict]:
-    """A legal benchmark file (.json array, .jsonl, .csv; UTF-8, Chinese ok) -> records in the toy
-    format. MCQ when the options are non-empty (answer = letter(s): "B", "AC", ["A", "C"]),
-    short answer otherwise (answer = a string or a list of acceptable strings)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"benchmark file {p} does not exist.")
-    suffix = p.suffix.lower()
-    if suffix not in (".json", ".jsonl", ".csv"):
-        raise ValueError(f"{p}: unsupported file type {suffix!r}; use .json, .jsonl or .csv.")
-    text = p.read_text(encoding="utf-8-sig")
-    rows: list[tuple[int, object]] = []
-    if suffix == ".jsonl":
-        for lineno, line in enumerate(text.splitlines(), 1):
-            try:
-                rows += [(lineno, json.loads(line))] if line.strip() else []
-            except ValueError as e:
-                raise ValueError(f"{p}:{lineno}: not valid JSON ({e}).") from None
-    elif suffix == ".json":
+def answer_rule(gold: str) -> str:
+    """Closed-class golds are matched exactly: option letters (options in the question text) by
+    their letters, yes/no and anything with a number by closed_match; others sub-exactly (6)."""
+    if re.fullmatch(r"[A-T]{1,5}", gold.strip()):
+        return "choice"
+    return "closed" if gold.strip().lower() in ("yes", "no", "是", "否") or NUMBER.search(gold) else "sub_exact"
+
+
+def lawbench_gold(gold: str) -> tuple[str, list[str]]:
+    """LawBench golds: "正确答案：B。" (MCQ), "罪名:X;Y" (charges), else free text."""
+    if m := re.match(r"\s*正确答案\s*[:：]\s*([A-D]+)", gold):
+        return "lawbench_mcq", [m.group(1)]
+    if m := re.match(r"\s*罪名\s*[:：](.+)", gold):
+        return "lawbench_charge_f1", [c.strip(" 。") for c in re.split(r"[;；]", m.group(1)) if c.strip(" 。")]
+    return answer_rule(gold), [gold.strip()]
+
+
+def benchmark_fields(row: dict, where: str, args: Args) -> tuple[str, dict, object, str | None]:
+    """(prompt text with the instruction, options, raw answer, rule or None = decide per row) of one row."""
+    if "statement" in row and "option_list" in row:               # JEC-QA
+        require(row, where, "statement", "option_list", "answer")
+        return row["statement"], row["option_list"], row["answer"], "jecqa_set"
+    if "system" in row and "query" in row:                         # LawBench, instruction-style export
+        require(row, where, "query", "response")
+        return f"{row['system']}\n{row['query']}", {}, row["response"], "lawbench"
+    if "instruction" in row and "question" in row:                 # LawBench data/zero_shot/<id>.json
+        require(row, where, "question", "answer")
+        return f"{row['instruction']}\n{row['question']}", {}, row["answer"], "lawbench"
+    if "instruction" in row and "input" in row:                    # LexEval data/i_j.json (options in input)
+        require(row, where, "input", "answer")
+        exact = re.fullmatch(r"[A-E]+", str(row["answer"]).strip())
+        return f"{row['instruction']}\n{row['input']}", {}, row["answer"], "lexeval_exact" if exact else None
+    require(row, where, args.field_question, args.field_answer)
+    opts = row.get(args.field_options) or {k: v for k, v in row.items() if re.fullmatch("[A-T]", k)}
+    if isinstance(opts, str):
         try:
-            rows = json_records(text)
-        except ValueError as e:
-            raise ValueError(f"{p}:{getattr(e, 'lineno', 1)}: not a valid JSON array of records ({e}).") from None
-    else:
-        reader = csv.DictReader(io.StringIO(text))
-        try:
-            rows = [(reader.line_num, dict(r)) for r in reader]
-        except csv.Error as e:
-            raise ValueError(f"{p}:{reader.line_num}: not valid CSV ({e}).") from None
-    cols = [c.strip() for c in option_columns.split(",") if c.strip()]
-    out = []
-    for lineno, r in rows:
-        where = f"{p}:{lineno}"
-        if not isinstance(r, dict):
-            raise ValueError(f"{where}: expected a record (an object), got {type(r).__name__}.")
-        q = r.get(question)
-        if not isinstance(q, str) or not q.strip():
-            raise ValueError(f"{where}: missing or empty question field {question!r} (set --field_question).")
-        opts = r.get(options)
-        if opts is None and suffix == ".csv" and all(r.get(c) for c in cols):
-            opts = {c: r[c] for c in cols}
-        if isinstance(opts, str) and opts.strip():
-            try:
-                opts = json.loads(opts)
-            except ValueError:
-                raise ValueError(f"{where}: options field {options!r} is not JSON (a dict or list).") from None
-        if isinstance(opts, list):
-            opts = {chr(65 + i): o for i, o in enumerate(opts)}
-        if opts not in (None, "", {}) and not (isinstance(opts, dict) and all(
-                isinstance(k, str) and len(k) == 1 and isinstance(v, str) for k, v in opts.items())):
-            raise ValueError(f"{where}: options must map single letters to strings, got {str(opts)[:60]!r}.")
-        a = r.get(answer)
-        golds = [a] if isinstance(a, str) else a
-        if not isinstance(golds, list) or not golds or not all(isinstance(g, str) and g.strip() for g in golds):
-            raise ValueError(f"{where}: missing or empty answer field {answer!r} (set --field_answer).")
-        rec = dict(id=str(r.get(id_field) or f"{p.stem}:{lineno}"), task=str(r.get(task) or p.stem),
-                   question=q.strip(), support=[], hops=None, split="user")
-        if opts:
-            letters = "".join(sorted({ch for g in golds for ch in g.upper() if ch.isalpha()}))
-            if not letters or not set(letters) <= set(opts):
-                raise ValueError(f"{where}: MCQ answer {a!r} is not option letter(s) from {sorted(opts)}.")
-            rec.update(type="mcq", options=dict(sorted(opts.items())), answer=letters, golds=[letters])
+            opts = json.loads(opts)
+        except ValueError:
+            raise UserError(f"{where}: options field {args.field_options!r} is not JSON (a dict or list).") from None
+    opts = {chr(65 + i): o for i, o in enumerate(opts)} if isinstance(opts, list) else opts
+    text = f"{row['instruction']}\n{row[args.field_question]}" if row.get("instruction") else row[args.field_question]
+    return text, opts, row[args.field_answer], None
+
+
+def load_benchmark(path: str, args: Args) -> list[dict]:
+    """A legal benchmark file in its published format -> records in the toy format, each with the
+    scoring rule of its benchmark (`rule`). MCQ is decided per row: options (non-empty ones; an
+    all-empty column is left out) and a gold made of their letters, with or without a prefix."""
+    out, charges = [], []
+    for where, row in read_records(path, "benchmark file"):
+        text, opts, raw, rule = benchmark_fields(row, where, args)
+        if not isinstance(opts, dict) or not all(isinstance(v, (str, type(None))) for v in opts.values()):
+            raise UserError(f"{where}: options must map letters to strings, got {str(opts)[:60]!r}.")
+        opts = {k.strip(): v.strip() for k, v in sorted(opts.items()) if v and v.strip()}
+        golds = [str(g) for g in raw] if isinstance(raw, list) else [str(raw)]
+        if not text.strip() or not any(g.strip() for g in golds):
+            raise UserError(f"{where}: empty question or answer.")
+        if rule == "lawbench":
+            rule, golds = lawbench_gold(golds[0])
+            charges += golds if rule == "lawbench_charge_f1" else []
+        elif rule == "lexeval_exact":
+            golds = [golds[0].strip()]
+        elif rule == "jecqa_set" or (rule is None and len(opts) >= 2):
+            letters = extract_choice("".join(golds) if isinstance(raw, list) else golds[0], "".join(opts) or "ABCDE")
+            if letters is None:
+                raise UserError(f"{where}: MCQ answer {raw!r} is not option letter(s) from {sorted(opts)}.")
+            rule, golds = rule or "choice", [letters]
         else:
-            rec.update(type="short", options={}, answer=golds[0].strip(), golds=[g.strip() for g in golds])
-        out.append(rec)
-    if not out:
-        raise ValueError(f"benchmark file {p} holds no records.")
+            rule, golds = rule or answer_rule(golds[0]), [g.strip() for g in golds]
+        out.append(dict(id=str(row.get("id") or where), task=str(row.get("task") or Path(path).stem), rule=rule,
+                        type="mcq" if rule in MCQ_RULES else "short", question=text.strip(), options=opts,
+                        answer=golds[0], golds=golds, support=[], hops=None, split="user"))
+    for r in out:   # (8) LawBench's charge list has 189 names; here: the charges named in this file
+        r["charges"] = sorted(set(charges)) if r["rule"] == "lawbench_charge_f1" else []
     return out
 
 
@@ -408,7 +362,7 @@ phrase otherwise."""
 
 def make_messages(example: dict) -> list[dict]:
     q = example["question"]
-    if example["type"] == "mcq":
+    if example["options"]:
         q += "\n" + "\n".join(f"{k}. {v}" for k, v in example["options"].items()) + "\nAnswer with the option letter."
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
 
@@ -448,8 +402,8 @@ def oracle_trajectory(world: World, q: dict, rng: random.Random, error: float = 
         act(f"The defendant was convicted of {c['name']}. Now I need the article on {c['name']}.",
             query=f"{c['name']} article penalty")
     elif q["hops"] == 1:
-        act(f"I do not know this provision of the {CODE}; I need to search.", query=f"{c['name']} {c['conduct']}"
-            if q["task"] == "charge" else f"{c['name']} article penalty threshold")
+        act(f"I do not know this provision of the {CODE}; I need to search.", query=f"offence to {c['conduct']}"
+            if q["task"] == "charge" else f"{c['name']} article penalty threshold")   # never the gold
     act("The question itself gives what I need." if q["hops"] == 0 else
         "The retrieved provision gives the answer.", answer=q["answer"])
     return turns, q["answer"]
@@ -514,20 +468,60 @@ def format_ok(trajectory: list[dict]) -> bool:
             and all(a.kind == "tool" for a in acts[:-1]) and acts[-1].kind == "answer" and bool(acts[-1].answer))
 
 
-def accuracy(answer: str | None, example: dict, max_answer_words: int = 12) -> float:
-    """acc: option letters must match (MCQ); gold inside a short answer (short), length-capped."""
-    if answer is None or not answer.strip():
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def closed_match(pred: str, gold: str) -> float:
+    """Closed-class golds are matched exactly: the class members in the prediction must be the
+    gold's (yes/no words; numbers, compared as a list), so "yes or no" scores 0 against both."""
+    p, g = (re.sub(r"(?<=\d),(?=\d{3})", "", s.strip().lower()) for s in (pred, gold))
+    if g in ("yes", "no"):
+        return float(set(re.findall(r"\b(?:yes|no)\b", p)) == {g})
+    if g in ("是", "否"):
+        return float(p.strip("。. ") == g)
+    return float(NUMBER.findall(p) == NUMBER.findall(g))
+
+
+def lexeval_letters(pred: str) -> str:
+    """LexEval's find_valid_substrings: cut at 解析/分析, drop separators, keep runs of A-E
+    without repeats, join them, de-duplicate in order."""
+    s = pred.split("解析")[0].split("分析")[0]
+    s = re.sub(r"[、.,;，和 ]", "", s)
+    runs = [r for r in re.findall(r"[ABCDE]{1,5}", s) if len(r) == len(set(r))]
+    return "".join(dict.fromkeys("".join(runs)))
+
+
+def set_f1(pred: set, gold: set) -> float:
+    hit = len(pred & gold)
+    return 2 * hit / (len(pred) + len(gold)) if hit else 0.0
+
+
+def score(answer: str | None, ex: dict, max_answer_words: int = 12) -> float:
+    """The example's own rule (named in results.json): choice letters (toy, CSV); JEC-QA exact
+    set; LawBench MCQ (the letters A-D found anywhere must be exactly the gold's); LawBench charge
+    F1; LexEval exact letter string; closed-class exact; sub-exact with a length cap."""
+    a = (answer or "").strip()
+    rule, gold = ex["rule"], ex["golds"][0]
+    if not a:
         return 0.0
-    if example["type"] == "mcq":
-        return choice_match(answer, example["answer"], "".join(example["options"]))
-    if len(answer.split()) > max_answer_words or len(answer) > 8 * max_answer_words:
+    if rule in ("choice", "jecqa_set"):
+        return float(extract_choice(a, "".join(ex["options"]) or "ABCDEFGHIJKLMNOPQRST") == gold)
+    if rule == "lawbench_mcq":
+        return float({c for c in "ABCD" if c in a} == set(gold))
+    if rule == "lexeval_exact":
+        return float(lexeval_letters(a) == gold)
+    if rule == "lawbench_charge_f1":
+        return set_f1({c for c in ex["charges"] if c in a}, set(ex["golds"]))
+    if rule == "closed":
+        return closed_match(a, gold)
+    if len(a.split()) > max_answer_words or len(a) > 8 * max_answer_words:
         return 0.0
-    return sub_exact_match(answer, example["golds"])
+    return sub_exact_match(a, ex["golds"])
 
 
 def lras_reward(trajectory: list[dict], answer: str | None, example: dict, format_weight: float = 0.1,
                 max_answer_words: int = 12) -> dict:
-    acc, fmt = accuracy(answer, example, max_answer_words), float(format_ok(trajectory))
+    acc, fmt = score(answer, example, max_answer_words), float(format_ok(trajectory))
     return {"reward": acc + format_weight * fmt, "acc": acc, "format": fmt}
 
 
@@ -540,12 +534,35 @@ def make_reward_fn(args: Args):
 # =============================================================================================
 # Stages
 # =============================================================================================
+def toy_world(args: Args) -> World:
+    return build_world(args.seed, args.n_charges, args.test_charges)
+
+
+def size_budgets(args: Args, policy, world: World) -> None:
+    """(7) Budgets a search can pay for: --max_new_tokens 0 = the oracle's longest turn + 16,
+    --max_completion_length 0 = its longest trajectory (a detour and two searches of k documents,
+    in this tokenizer) + one round. A smaller value given by hand is announced in one line."""
+    rng = random.Random(0)
+    trajs = [oracle_trajectory(world, q, rng, 0.0, 1.0, args.search_k)[0] for q in world.questions]
+    turn = max(len(policy.tokenizer(t["text"])["input_ids"]) for ts in trajs for t in ts if t["role"] == "assistant")
+    need = max(len(e.input_ids) - e.loss_mask.index(1) for e in (sft_sample(policy, q, ts)
+                                                                 for q, ts in zip(world.questions, trajs)))
+    args.max_new_tokens = args.max_new_tokens or turn + 16
+    args.max_completion_length = args.max_completion_length or need + args.max_new_tokens
+    if args.max_completion_length < need or args.max_new_tokens < turn:
+        print(f"[lras] warning: the oracle's longest trajectory needs {need} tokens and turns of {turn}; with "
+              f"--max_completion_length {args.max_completion_length} / --max_new_tokens {args.max_new_tokens} "
+              f"some searches can never earn reward (0 sizes them).")
+
+
 def get_policy(args: Args, adapter: str | None = None, lora: bool = True, name: str | None = None):
     if adapter is not None:
         print(f"[lras] starting from the adapter {adapter}")
-    return load_policy(name or args.model, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
-                       lora_alpha=args.lora_alpha, adapter=adapter,
-                       gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
+    policy = load_policy(name or args.model, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
+                         lora_alpha=args.lora_alpha, adapter=adapter,
+                         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
+    size_budgets(args, policy, toy_world(args))
+    return policy
 
 
 def agent_rollouts(policy, examples: list[dict], args: Args, search: TextSearch, G: int, temperature: float,
@@ -558,8 +575,9 @@ def agent_rollouts(policy, examples: list[dict], args: Args, search: TextSearch,
                         reprompt=REPROMPT, temperature=temperature, generate=generate, desc=desc, **kw)
 
 
-def stage_data(args: Args, world: World) -> None:
+def stage_data(args: Args) -> dict:
     """Write the world (corpus + question JSONL), an oracle page, and validate --data_file."""
+    world = toy_world(args)
     out = Path(args.out) / "data"
     log = RunLog(str(out))
     train, test = split_world(world)
@@ -576,17 +594,13 @@ def stage_data(args: Args, world: World) -> None:
                "tasks": dict(Counter(q["task"] for q in world.questions)),
                "hops": {h: sum(q["hops"] == h for q in world.questions) for h in (0, 1, 2)}}
     if args.data_file:
-        rows = user_questions(args)
-        summary["data_file"] = {"path": args.data_file, "records": len(rows),
-                                "mcq": sum(r["type"] == "mcq" for r in rows)}
-        log.samples(rows, "user.jsonl")
+        rows = load_benchmark(args.data_file, args)
+        summary["data_file"] = {"path": args.data_file, "records": len(rows), "rules": dict(Counter(
+            r["rule"] for r in rows))}
+        log.samples([{k: v for k, v in r.items() if k != "charges"} for r in rows], "user.jsonl")
     write_json(str(out / "summary.json"), summary)
     print(f"[data] {summary} -> {out}")
-
-
-def user_questions(args: Args) -> list[dict]:
-    return load_benchmark(args.data_file, args.field_question, args.field_answer, args.field_options,
-                          args.field_task, args.field_id, args.option_columns)
+    return summary
 
 
 def teacher_samples(args: Args, world: World, questions: list[dict]) -> list[list[tuple[list[dict], str]]]:
@@ -601,15 +615,16 @@ def teacher_samples(args: Args, world: World, questions: list[dict]) -> list[lis
     return [[(r.trajectory, r.answer) for r in rs[i * n:(i + 1) * n]] for i in range(len(questions))]
 
 
-def stage_sft(args: Args, world: World, out_dir: str) -> str:
+def stage_sft(args: Args) -> str:
     """Introspective Imitation: uncertainty-aware sampling, trajectories, pruning, LoRA SFT."""
+    world, out_dir = toy_world(args), os.path.join(args.out, "sft")
     train, _ = split_world(world)
     print(f"[sft] teacher: {args.teacher} ({args.teacher_samples} samples per question)")
     samples = teacher_samples(args, world, train)
-    stats = dict(questions=len(train), always_right=0, no_correct=0, pruned_searches=0, lucky_guess=0, trajectories=0)
+    stats = dict(questions=len(train), always_right=0, no_correct=0, pruned_searches=0, lucky_guess=0)
     data = []
     for q, ss in zip(train, samples):
-        right = [s for s in ss if accuracy(s[1], q, args.max_answer_words) == 1.0]
+        right = [s for s in ss if score(s[1], q, args.max_answer_words) == 1.0]
         if len(right) == len(ss):   # inside the knowledge boundary: the teacher always knows
             stats["always_right"] += 1
             continue
@@ -619,17 +634,22 @@ def stage_sft(args: Args, world: World, out_dir: str) -> str:
         good = [p for p, _ in pruned if p is not None]
         stats["lucky_guess"] += len(pruned) - len(good)
         data += [(q, good[0])] if good else []   # one trajectory per question (4)
+    policy = get_policy(args)
+    encoded = [sft_sample(policy, q, p) for q, p in data]   # <information> masked
+    fits = [len(e.input_ids) - e.loss_mask.index(1) <= args.max_completion_length for e in encoded]
+    stats["too_long"] = fits.count(False)   # would be cut before the answer: dropped, not trained on
+    data, encoded = [d for d, f in zip(data, fits) if f], [e for e, f in zip(encoded, fits) if f]
     if not data:
-        raise ValueError("No SFT trajectory survived the filter and pruning; raise --teacher_error (the "
-                         "teacher must miss some questions) or use a stronger --teacher.")
+        raise UserError("No SFT trajectory survived the filter, pruning and length check; raise --teacher_error "
+                        "(the teacher must miss some questions) or --max_completion_length.")
     stats["trajectories"] = len(data)
     stats["searches_per_trajectory"] = float(np.mean([sum(t["role"] == "tool" for t in p) for _, p in data]))
-    policy = get_policy(args)
+    print(f"[sft] {stats['too_long']} of {len(fits)} samples exceed --max_completion_length "
+          f"{args.max_completion_length} and are dropped")
     RunLog(out_dir).samples([{"id": q["id"], "task": q["task"], "trajectory": p} for q, p in data], "sft_data.jsonl")
-    encoded = [sft_sample(policy, q, p) for q, p in data]   # <information> masked
     cfg = SFTConfig(learning_rate=args.sft_learning_rate, epochs=args.sft_epochs, batch_size=args.sft_batch_size,
                     micro_batch_size=args.micro_batch_size, max_steps=args.sft_max_steps,
-                    max_length=args.max_completion_length * 4, seed=args.seed)
+                    max_length=max(len(e.input_ids) for e in encoded), seed=args.seed)
     summary = train_sft(policy, encoded, cfg, out_dir)
     write_json(os.path.join(out_dir, "summary.json"), {**summary, "data": stats})
     print(f"[sft] {stats} -> {out_dir}/adapter")
@@ -649,15 +669,20 @@ def sampling_weights(ids: list[str], table: dict[str, float], uniform: bool) -> 
 def estimate_pass_rates(args: Args, world: World, policy, questions: list[dict]) -> dict[str, float]:
     k = args.difficulty_k
     rs = agent_rollouts(policy, questions, args, world.search, k, args.temperature, desc="difficulty")
-    return {q["id"]: float(np.mean([accuracy(r.answer, q, args.max_answer_words) for r in rs[i * k:(i + 1) * k]]))
+    return {q["id"]: float(np.mean([score(r.answer, q, args.max_answer_words) for r in rs[i * k:(i + 1) * k]]))
             for i, q in enumerate(questions)}
 
 
-def stage_rl(args: Args, world: World, adapter: str | None, out_dir: str, uniform: bool = False,
+def stage_rl(args: Args) -> str:
+    """Difficulty-aware GRPO from the SFT adapter when there is one (the papers' order)."""
+    return train_rl(args, start_adapter(args, "sft"), os.path.join(args.out, "rl"), args.uniform_sampling)
+
+
+def train_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False,
              pass_rates_file: str | None = None, max_steps: int | None = None) -> str:
-    """Difficulty-aware GRPO with inline search rollouts, from the SFT adapter when there is one."""
-    train, _ = split_world(world)
-    pool = random.Random(args.seed).sample(train, min(len(train), args.difficulty_questions or len(train)))
+    """Difficulty-aware GRPO with inline search rollouts; the pool is the whole training set."""
+    world = toy_world(args)
+    pool, _ = split_world(world)
     print(f"[rl] policy: {'SFT adapter ' + adapter if adapter else 'the base model (no SFT adapter found)'}")
     policy = get_policy(args, adapter)
     if pass_rates_file and os.path.isfile(pass_rates_file):
@@ -671,24 +696,21 @@ def stage_rl(args: Args, world: World, adapter: str | None, out_dir: str, unifor
     weights = sampling_weights([q["id"] for q in kept], table, uniform)
     filter_empty = not kept
     if filter_empty:   # (5) announced, not silent
-        print(f"[rl] the difficulty filter kept 0 of {len(pool)} questions (pass rate 0 or 1 everywhere; "
-              f"expected with --model tiny): training on all of them with uniform sampling.")
+        print(f"[rl] the difficulty filter kept 0 of {len(pool)} questions (pass rate 0 or 1 everywhere: no GRPO "
+              f"signal): training on all of them with uniform sampling.")
         kept, weights = pool, None
     print(f"[rl] {len(kept)} questions, {'uniform' if weights is None else 'difficulty-weighted'} sampling")
-    cfg = GRPOConfig(learning_rate=args.learning_rate, num_generations=args.num_generations,
-                     prompts_per_step=args.prompts_per_step, max_steps=max_steps or args.max_steps, beta=args.beta,
-                     epsilon=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
-                     max_completion_length=args.max_completion_length, temperature=args.temperature,
-                     micro_batch_size=args.micro_batch_size, save_steps=args.save_steps, seed=args.seed)
+    cfg = grpo_config(args, max_steps=max_steps or args.max_steps)
     html = []
 
     def on_step(step, rollouts, terms):   # keep the last step's trajectories for the page
         html[:] = [{"title": f"step {step} {r.example['question']} (gold {r.example['answer']})",
                     "trajectory": r.trajectory, "rewards": t} for r, t in zip(rollouts, terms)]
-    summary = train_grpo(policy, kept, lambda p, ex, c: agent_rollouts(p, ex, args, world.search, c.num_generations,
-                                                                        c.temperature),
-                         make_reward_fn(args), cfg, out_dir, weights=weights, on_step=on_step,
-                         resume=args.resume)
+
+    def rollout_fn(p, examples, c):
+        return agent_rollouts(p, examples, args, world.search, c.num_generations, c.temperature)
+    summary = train_grpo(policy, kept, rollout_fn, make_reward_fn(args), cfg, out_dir, weights=weights,
+                         on_step=on_step, resume=args.resume)
     RunLog(out_dir, resume=True).plot(["rewards/acc", "rewards/format"], "reward_terms.png", "LRAS reward terms")
     trajectory_html(html, os.path.join(out_dir, "trajectories.html"), "LRAS RL, last step")
     hist = {f"{v:.2f}": sum(abs(p - v) < 1e-9 for p in rates.values()) for v in sorted(set(rates.values()))}
@@ -697,6 +719,15 @@ def stage_rl(args: Args, world: World, adapter: str | None, out_dir: str, unifor
         "k": args.difficulty_k, "pool": len(pool), "kept": len(table), "filter_empty": filter_empty,
         "sampling": "uniform" if weights is None else "difficulty", "pass_rate_histogram": hist}})
     return os.path.join(out_dir, "adapter")
+
+
+def wilson(successes: float, n: int, z: float = 1.96) -> list[float] | None:
+    """95 % Wilson interval of a rate (scores in [0, 1] summed as successes)."""
+    if n == 0:
+        return None
+    p, d = successes / n, 1 + z * z / n
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return [round(float((p + z * z / (2 * n)) / d - half), 4), round(float((p + z * z / (2 * n)) / d + half), 4)]
 
 
 def search_stats(rollouts: list[Rollout], accs: list[float]) -> dict:
@@ -714,104 +745,159 @@ def search_stats(rollouts: list[Rollout], accs: list[float]) -> dict:
             "mean_turns": mean(np.array([r.turns for r in rollouts], dtype=float))}
 
 
-def stage_eval(args: Args, world: World, adapter: str | None, out_dir: str, n_questions: int | None = None) -> dict:
-    """Accuracy per task, search statistics, the trajectory page; results.json."""
-    print(f"[eval] policy: {adapter or 'the base model (no adapter found)'}")
+def eval_sets(args: Args, world: World, n: int) -> dict:
+    """{name: (examples, search)}: held-out toy charges, and --data_file with its own corpus (2)."""
     _, test = split_world(world)
-    n = args.eval_questions if n_questions is None else n_questions
-    test = random.Random(args.seed).sample(test, min(len(test), n or len(test)))
-    sets = {"toy": (test, world.search)}
-    if args.data_file:   # real data: its own corpus (2)
-        if not (args.corpus_file or os.environ.get("TEXT_SEARCH_ENDPOINT")):
-            raise ValueError("--data_file needs a corpus to search: pass --corpus_file statutes.jsonl or set "
-                             "TEXT_SEARCH_ENDPOINT.")
-        search = TextSearch.from_jsonl(args.corpus_file) if args.corpus_file else TextSearch(use_env=True)
-        sets[Path(args.data_file).stem] = (user_questions(args), search)
+    sets = {"toy": (random.Random(args.seed).sample(test, min(len(test), n or len(test))), world.search)}
+    if args.data_file:
+        search = (None if args.predictions else TextSearch.from_jsonl(args.corpus_file) if args.corpus_file
+                  else TextSearch(use_env=True))
+        sets[Path(args.data_file).stem] = (load_benchmark(args.data_file, args), search)
+    return sets
+
+
+def add_scores(results: dict, name: str, examples: list[dict], accs: list[float]) -> None:
+    """score (mean of the rule's per-example score), its 95 % interval, and the rule, per set and task."""
+    for task in [None, *dict.fromkeys(e["task"] for e in examples)]:
+        sub = [a for a, e in zip(accs, examples) if task in (None, e["task"])]
+        key = name if task is None else f"{name}/{task}"
+        results["score"][key], results["ci95"][key] = float(np.mean(sub)), wilson(sum(sub), len(sub))
+        results["rule"][key] = sorted({e["rule"] for e in examples if task in (None, e["task"])})
+    results["n"][name] = len(examples)
+
+
+def predicted_answers(args: Args, examples: list[dict]) -> list[str | None]:
+    """--predictions: {"id", "prediction"} rows matched to the examples by id (missing: no answer)."""
+    preds = {str(r.get("id")): r.get("prediction") for _, r in read_records(args.predictions, "predictions file")}
+    if not set(preds) & {e["id"] for e in examples}:
+        raise UserError(f"no id in {args.predictions} matches a question of the evaluated set; write "
+                        f'{{"id": ..., "prediction": ...}} rows with the ids of {args.data_file or "toy_test.jsonl"}.')
+    return [None if preds.get(e["id"]) is None else str(preds[e["id"]]) for e in examples]
+
+
+def stage_eval(args: Args) -> dict:
+    """Evaluate the RL adapter, else the SFT adapter, else the base model (or score --predictions)."""
+    return evaluate(args, start_adapter(args, "rl", "sft"), os.path.join(args.out, "eval"))
+
+
+def evaluate(args: Args, adapter: str | None, out_dir: str, n_questions: int | None = None) -> dict:
+    """Score per set and task (each by its benchmark's rule), search statistics, trajectories; results.json."""
+    world = toy_world(args)
+    sets = eval_sets(args, world, args.eval_questions if n_questions is None else n_questions)
+    results = {"score": {}, "ci95": {}, "rule": {}, "search": {}, "n": {}, "policy": adapter or args.model}
+    if args.predictions:   # another model's answers: no model, no search statistics
+        name = list(sets)[-1]
+        examples = sets[name][0]
+        answers = predicted_answers(args, examples)
+        add_scores(results, name, examples, [score(a, e, args.max_answer_words) for a, e in zip(answers, examples)])
+        results.update(policy=f"predictions {args.predictions}", missing=answers.count(None))
+        write_json(os.path.join(out_dir, "results.json"), results)
+        print(f"[eval] {name}: score {results['score'][name]:.3f} ({results['rule'][name]}), "
+              f"{answers.count(None)} of {len(examples)} without a prediction -> {out_dir}/results.json")
+        return results
+    print(f"[eval] policy: {adapter or 'the base model (no adapter found)'}")
     policy = get_policy(args, adapter, lora=adapter is not None)
-    results = {"accuracy": {}, "search": {}, "n": {}, "policy": adapter or args.model,
-               "sampling": {"temperature": args.eval_temperature, "top_p": args.top_p, "top_k": args.top_k,
-                            "max_turns": args.max_turns, "max_new_tokens": args.max_new_tokens}}
+    results["sampling"] = {"temperature": args.eval_temperature, "top_p": args.top_p, "top_k": args.top_k,
+                           "max_turns": args.max_turns, "max_new_tokens": args.max_new_tokens,
+                           "max_completion_length": args.max_completion_length}
     html, samples = [], []
     for name, (examples, search) in sets.items():
         torch.manual_seed(args.seed)
         rs = agent_rollouts(policy, examples, args, search, 1, args.eval_temperature, eval_sampling=True,
                             desc="eval")
-        accs = [accuracy(r.answer, r.example, args.max_answer_words) for r in rs]
-        results["accuracy"][name] = float(np.mean(accs))
-        for task in dict.fromkeys(r.example["task"] for r in rs):
-            results["accuracy"][f"{name}/{task}"] = float(np.mean([a for a, r in zip(accs, rs) if r.example["task"] == task]))
+        accs = [score(r.answer, r.example, args.max_answer_words) for r in rs]
+        add_scores(results, name, examples, accs)
         results["search"][name] = search_stats(rs, accs)
-        for h in sorted({r.example["hops"] for r in rs if r.example["hops"] is not None}):   # the knowledge boundary
-            sub = [(r, a) for r, a in zip(rs, accs) if r.example["hops"] == h]
-            results["search"][name][f"hops{h}"] = {k: search_stats([r for r, _ in sub], [a for _, a in sub])[k]
-                                                   for k in ("search_rate", "accuracy_searched", "accuracy_not_searched")}
-        results["n"][name] = len(rs)
         html += [{"title": f"[{name}/{r.example['task']}] {r.example['question']} (gold: {r.example['answer']})",
                   "trajectory": r.trajectory, "rewards": {"acc": a, "format": float(format_ok(r.trajectory))}}
                  for r, a in zip(rs, accs)]
-        samples += [{"set": name, "id": r.example["id"], "answer": r.answer, "acc": a,
+        samples += [{"set": name, "id": r.example["id"], "prediction": r.answer, "acc": a,
                      "searches": r.tool_calls.get("text_search", 0), "trajectory": r.trajectory} for r, a in zip(rs, accs)]
     results["paper"] = {"failures_without_search (baselines)": 0.713, "LRAS average accuracy": 0.602}
     write_json(os.path.join(out_dir, "results.json"), results)
     RunLog(out_dir).samples(samples, "samples.jsonl")
-    trajectory_html(html[:args.n_html], os.path.join(out_dir, "trajectories.html"), "LRAS eval")
+    trajectory_html(html[:12], os.path.join(out_dir, "trajectories.html"), "LRAS eval")
     toy = results["search"]["toy"]
-    print(f"[eval] accuracy {results['accuracy']['toy']:.3f}, search rate {toy['search_rate']:.3f}, "
+    print(f"[eval] toy score {results['score']['toy']:.3f} (accuracy), search rate {toy['search_rate']:.3f}, "
           f"searches/question {toy['searches_per_question']:.2f}, failures without search "
           f"{toy['failures_without_search']} -> {out_dir}/results.json")
     return results
 
 
-def stage_ablate(args: Args, world: World) -> None:
-    """SFT-only vs SFT + RL; difficulty-aware vs uniform sampling. Each variant is evaluated."""
-    out = Path(args.out)
-    abl = out / "ablate"
-    sft_adapter = str(out / "sft" / "adapter")
-    if not os.path.isdir(sft_adapter):
+def adapter_digest(adapter: str | None) -> str | None:
+    """sha256 of the adapter weights (two variants with one digest trained to the same adapter)."""
+    path = Path(adapter or "") / "adapter_model.safetensors"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if adapter and path.is_file() else None
+
+
+def ablate_plot(table: dict, n: int, path: str) -> None:
+    """Accuracy (with its 95 % interval) and search rate per variant, on a 0-1 axis."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = np.arange(len(table))
+    acc = [r["accuracy"] for r in table.values()]
+    err = [[a - r["ci95"][0] for a, r in zip(acc, table.values())], [r["ci95"][1] - a for a, r in zip(acc, table.values())]]
+    ax.bar(x - 0.2, acc, 0.4, yerr=err, capsize=3, label="accuracy (95 % interval)")
+    ax.bar(x + 0.2, [r["search_rate"] or 0 for r in table.values()], 0.4, label="search rate")
+    ax.set(xticks=x, xticklabels=list(table), ylim=(0, 1), title=f"LRAS ablation, {n} held-out toy questions")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def stage_ablate(args: Args) -> dict:
+    """Base vs SFT vs SFT + RL (difficulty) vs SFT + RL (uniform), each evaluated on the same questions."""
+    abl = Path(args.out) / "ablate"
+    sft_adapter = start_adapter(args, "sft")
+    if sft_adapter is None:
         print("[ablate] no <out>/sft/adapter: running the sft stage first.")
-        sft_adapter = stage_sft(args, world, str(out / "sft"))
-    rates = str(out / "rl" / "pass_rates.jsonl")   # same SFT adapter -> same difficulty table
-    if not os.path.isfile(rates):
-        rates = str(abl / "rl_difficulty" / "pass_rates.jsonl")
-    variants = {"SFT only": sft_adapter}
-    for name, sub, uniform in (("SFT+RL difficulty", "rl_difficulty", False),
-                               ("SFT+RL uniform", "rl_uniform", True)):
-        variants[name] = stage_rl(args, world, sft_adapter, str(abl / sub), uniform, rates, args.ablate_steps)
+        sft_adapter = stage_sft(args)
+    rates = str(abl / "rl_difficulty" / "pass_rates.jsonl")   # one SFT adapter -> one difficulty table
+    steps, n = args.max_steps, args.eval_questions
+    variants = {"base": (None, {}), "SFT": (sft_adapter, {})}
+    for name, sub, uniform in (("SFT+RL difficulty", "rl_difficulty", False), ("SFT+RL uniform", "rl_uniform", True)):
+        adapter = train_rl(args, sft_adapter, str(abl / sub), uniform, rates, steps)
+        used = json.loads((abl / sub / "summary.json").read_text())["difficulty"]["sampling"]
+        variants[name] = (adapter, {"uniform_sampling": uniform, "sampling_used": used, "steps": steps})
     table = {}
-    for name, adapter in variants.items():
-        res = stage_eval(args, world, adapter, str(abl / ("eval_" + name.replace(" ", "_").replace("+", "_"))),
-                         args.ablate_questions)
+    for name, (adapter, flags) in variants.items():
+        res = evaluate(args, adapter, str(abl / ("eval_" + re.sub(r"\W+", "_", name))), n)
         st = res["search"]["toy"]
-        table[name] = {"accuracy": res["accuracy"]["toy"], **{k: st[k] for k in (
-            "search_rate", "searches_per_question", "failures_without_search")}}
-    write_json(str(abl / "results.json"), {"table": table, "steps": args.ablate_steps,
-                                           "questions": args.ablate_questions})
-    bar_plot({n: {k: v for k, v in row.items() if k in ("accuracy", "search_rate")} for n, row in table.items()},
-             str(abl / "ablate.png"), "LRAS ablations", "rate")
-    print("[ablate] " + " | ".join(f"{n}: acc {row['accuracy']:.3f}" for n, row in table.items()))
+        table[name] = {"accuracy": res["score"]["toy"], "ci95": res["ci95"]["toy"], **{k: st[k] for k in (
+            "search_rate", "accuracy_searched", "accuracy_not_searched", "failures_without_search")},
+            "adapter_sha256": adapter_digest(adapter), "seed": args.seed, **flags}
+    digests = Counter(r["adapter_sha256"] for r in table.values() if r["adapter_sha256"])
+    same = [[n for n, r in table.items() if r["adapter_sha256"] == d] for d, c in digests.items() if c > 1]
+    if same:
+        print(f"[ablate] identical adapters, not a comparison: {same}")
+    write_json(str(abl / "results.json"), {"table": table, "identical_adapters": same, "questions": n,
+                                           "rule": "accuracy (toy: choice letters / closed-class exact)"})
+    ablate_plot(table, n, str(abl / "ablate.png"))
+    print("[ablate] " + " | ".join(f"{k}: acc {r['accuracy']:.3f} {r['ci95']}" for k, r in table.items()))
+    return table
 
 
-def main() -> None:
-    args = parse_args(Args, description=__doc__)
-    world = build_world(args.seed, args.n_charges, args.test_charges, args.cases_per_charge)
-    out = Path(args.out)
-    sft_adapter = out / "sft" / "adapter"
-    rl_adapter = out / "rl" / "adapter"
-    stages = ["data", "sft", "rl", "eval", "ablate"] if args.stage == "all" else [args.stage]
-    for stage in stages:
-        if stage == "data":
-            stage_data(args, world)
-        elif stage == "sft":
-            stage_sft(args, world, str(out / "sft"))
-        elif stage == "rl":   # the papers' order: RL starts from the SFT adapter when there is one
-            stage_rl(args, world, str(sft_adapter) if sft_adapter.is_dir() else None, str(out / "rl"),
-                     args.uniform_sampling)
-        elif stage == "eval":
-            best = rl_adapter if rl_adapter.is_dir() else sft_adapter if sft_adapter.is_dir() else None
-            stage_eval(args, world, str(best) if best else None, str(out / "eval"))
-        elif stage == "ablate":
-            stage_ablate(args, world)
-    write_json(str(out / "args.json"), asdict(args))
+def check_inputs(args: Args) -> None:
+    """Every user file is read and validated before any model is loaded."""
+    build_world(args.seed, args.n_charges, args.test_charges)
+    if args.data_file:
+        load_benchmark(args.data_file, args)
+        needs = args.stage in ("eval", "ablate", "all") and not args.predictions
+        if needs and not (args.corpus_file or os.environ.get("TEXT_SEARCH_ENDPOINT")):
+            raise UserError("--data_file needs a corpus to search: pass --corpus_file statutes.jsonl or set "
+                            "TEXT_SEARCH_ENDPOINT (or score answers with --predictions).")
+    if args.corpus_file:
+        for where, row in read_records(args.corpus_file, "corpus file"):
+            require(row, where, "text")
+    if args.predictions:
+        for where, row in read_records(args.predictions, "predictions file"):
+            require(row, where, "id")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stages(Args, {"data": stage_data, "sft": stage_sft, "rl": stage_rl, "eval": stage_eval,
+                      "ablate": stage_ablate}, argv, doc=__doc__, file=__file__, tiny=TINY_SIZES, check=check_inputs)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,22 @@
-"""PRMs for thinking with images: a step-labelled trajectory format, a toy set built by step builders from an
-auditable error-injection table, LVLM-as-PRM evaluation with the benchmarks' own metrics, PRM-guided best-of-N.
-"What, Whether and How? Unveiling Process Reward Models for Thinking with Images Reasoning", arXiv 2602.08346.
+"""PRMs for thinking with images: a step-labelled trajectory format, a toy set built by step builders
+from an auditable error-injection table, LVLM-as-PRM evaluation with the benchmarks' own metrics, and
+PRM-guided best-of-N. "What, Whether and How? Unveiling Process Reward Models for Thinking with Images
+Reasoning", arXiv 2602.08346.
 
     python prm_bench.py --stage all --model tiny     # CPU, ~1 min: data -> eval -> search; numbers are noise
     python prm_bench.py --stage all --model Qwen/Qwen2.5-VL-3B-Instruct --n_scenes 40 --search_questions 40
     python prm_bench.py --stage eval --benchmark visualprocessbench --data VPB/test.jsonl --images VPB/images
-    python prm_bench.py --stage eval --benchmark processbench --data ProcessBench/gsm8k.json   # or prmbench
-    python prm_bench.py --stage eval --data my.jsonl --predictions my_prm.jsonl   # scores of any external PRM
+    python prm_bench.py --stage eval --benchmark processbench --data ProcessBench/gsm8k.json  # or prmbench
+    python prm_bench.py --stage eval --data my.jsonl --predictions my_prm.jsonl  # scores of any external PRM
 
-Record (a line; `validate_record` checks it; paths relative to --images): {"id", "question", "images": [path],
-"answers": [str], "final_answer", "category", "subcategory", "source", "injected": [{"step", "error_type"}],
-"steps": [{"text", "tool_call": null | {"name", "arguments"}, "observation", "tool_image": path | null,
-"knowledge": [fact] | null, "label": correct | incorrect | neutral | null, "error_type"}]}. A null label (not
-annotated) may only follow an incorrect step. search/candidates.jsonl holds the policy's trajectories unlabelled.
-Predictions: {"id", "scores": [per step: a score in [0, 1], true/false, a verdict ("Incorrect", "+"), or null]};
-a converted row without an id is named by its line ("3"), PRMBench's as `<classification>_<idx>`.
+Record (a line; `validate_record` checks it; paths relative to --images): {"id", "question", "images":
+[path], "answers": [str], "final_answer", "category", "subcategory", "source", "injected": [{"step",
+"error_type"}], "steps": [{"text", "tool_call": null | {"name", "arguments"}, "observation", "tool_image":
+path | null, "knowledge": [fact] | null, "label": correct | incorrect | neutral | null, "error_type"}]}.
+A null label (not annotated) may only follow an incorrect step; search/candidates.jsonl holds the
+policy's trajectories unlabelled. Predictions: {"id", "scores": [per step: a score in [0, 1], true/false,
+a verdict ("Incorrect", "+"), or null]}; a converted row without an id is named by its line ("3"),
+PRMBench's as `<classification>_<idx>`.
 
 Metrics (eval/results.json; an undefined ratio is null where the benchmarks' code writes -1):
   PRMBench (ssmisya/PRMBench mr_eval/tasks/prmtest_classified/task.py): every labelled step of the erroneous
@@ -48,6 +50,7 @@ from typing import Literal
 import torch
 from PIL import Image
 
+from common.benchmarks import prm_benchmark_rows, prm_step
 from common.chat import collate, encode
 from common.cli import RunArgs, UserError, run_stages
 from common.data import open_image, read_records, require
@@ -76,7 +79,7 @@ class Args(RunArgs):
     """chance that a wrong crop is noticed and redone (a recovery); a broken tool call is always retried"""
     # --- eval: benchmark files and the PRM ---
     benchmark: Literal["ours", "visualprocessbench", "processbench", "prmbench"] = "ours"
-    """format of --data: ours | VisualProcessBench test.jsonl | a ProcessBench split (.json) | PRMBench .jsonl"""
+    """format of --data: ours | VisualProcessBench test.jsonl | ProcessBench split .json | PRMBench .jsonl"""
     data: str | None = None
     """trajectories to evaluate (none = <out>/data/toy.jsonl from the data stage)"""
     images: str | None = None
@@ -116,21 +119,22 @@ TINY_SIZES = dict(image_size=224)
 N_BUCKETS = 4  # relative step-position buckets
 
 
-# =============================================================================================
-# Data: taxonomy and error-injection table (2), record validator, benchmark loaders
-# =============================================================================================
+# ==== data: taxonomy, the error-injection table (2), the record validator and reader ==============
 ALL_KINDS = ("attribute", "fact", "relation", "count")
 ERRORS = {  # error type: (the toy step role it corrupts, toy kinds it is injected in, what that step does)
-    "tool_invocation": ("crop", ALL_KINDS, "a malformed call (reversed box, 3 numbers, unknown tool, box off "
-                                           "the image); the next step retries it (a recovery)"),
+    "tool_invocation": ("crop", ALL_KINDS, "a malformed call (reversed box, 3 numbers, unknown tool, box "
+                        "off the image); the next step retries it (a recovery)"),
     "region_selection": ("crop", ("attribute", "fact", "count"), "a valid crop that misses the evidence; "
-                                                                  "with p_recover the next step notices and redoes it"),
+                         "with p_recover the next step notices and redoes it"),
     "visual_perception": ("perceive", ALL_KINDS, "misreads the crop: the asked colour or shape, the emblem, "
-                                                  "a colour, one tile's shape"),
-    "relationship_understanding": ("relate", ("relation",), "names the decoy tile as the one in the asked direction"),
-    "knowledge_hallucination": ("recall", ("fact",), "a founding year or city that contradicts the KB facts shown"),
+                          "a colour, one tile's shape"),
+    "relationship_understanding": ("relate", ("relation",), "names the decoy tile as the one in the asked "
+                                   "direction"),
+    "knowledge_hallucination": ("recall", ("fact",), "a founding year or city that contradicts the KB facts "
+                                "shown"),
     "logical_calculation": ("count", ("count",), "counts the tiles it listed off by one"),
-    "answer_format": ("answer", ALL_KINDS, "no <answer> tags, or an answer other than the value the steps reached"),
+    "answer_format": ("answer", ALL_KINDS, "no <answer> tags, or an answer other than the value the steps "
+                      "reached"),
 }
 TAXONOMY = {  # ours (2): 4 categories x 4 subcategories
     "perception": ("attribute", "text_reading", "small_object", "fine_detail"),
@@ -157,35 +161,41 @@ def validate_record(rec: dict, where: str, base_dir: Path | None = None, require
         need(isinstance(rec.get(key), list) and all(isinstance(x, str) and x for x in rec[key]), key,
              "must be a list of non-empty strings.")
     cat, sub, steps = rec.get("category"), rec.get("subcategory"), rec.get("steps")
-    need(cat in TAXONOMY or cat in BENCHMARKS, "category", f"must be one of {', '.join([*TAXONOMY, *BENCHMARKS])}; "
-                                                           f"got {cat!r}.")
+    need(cat in TAXONOMY or cat in BENCHMARKS, "category",
+         f"must be one of {', '.join([*TAXONOMY, *BENCHMARKS])}; got {cat!r}.")
     need(isinstance(sub, str) and (cat not in TAXONOMY or sub in TAXONOMY[cat]), "subcategory",
          f"must be one of {', '.join(TAXONOMY.get(cat, ('a string',)))} for {cat!r}; got {sub!r}.")
     need(isinstance(rec.get("final_answer"), (str, type(None))), "final_answer", "must be a string or null.")
     need(isinstance(steps, list) and steps and all(isinstance(s, dict) for s in steps), "steps",
          "must be a non-empty list of step objects.")
     for i, s in enumerate(steps):
-        f, call, label, etype, facts = f"steps[{i}]", s.get("tool_call"), s.get("label"), s.get("error_type"), s.get("knowledge")
+        f, call, label, etype = f"steps[{i}]", s.get("tool_call"), s.get("label"), s.get("error_type")
+        facts = s.get("knowledge")
         need(isinstance(s.get("text"), str) and s["text"].strip(), f + ".text", "must be a non-empty string.")
         need(call is None or (isinstance(call, dict) and isinstance(call.get("name"), str)
                               and isinstance(call.get("arguments", {}), dict)),
              f + ".tool_call", 'must be null or {"name": str, "arguments": {...}}.')
         for key in ("observation", "tool_image"):
             need(isinstance(s.get(key), (str, type(None))), f"{f}.{key}", "must be a string or null.")
-        need(s.get("tool_image") is None or call is not None, f + ".tool_image", "needs a tool_call that produced it.")
-        need(facts is None or (isinstance(facts, list) and all(isinstance(x, str) for x in facts)), f + ".knowledge",
-             "must be null or a list of strings (the facts the step is judged against).")
-        need(label is not None or not require_labels or any(x.get("label") == "incorrect" for x in steps[:i]),
-             f + ".label", "is null before any incorrect step: this trajectory is unannotated (e.g. candidates.jsonl); "
-                           f"label every step with one of {', '.join(LABELS)} first.")
-        need(label is None or label in LABELS, f + ".label", f"must be one of {', '.join(LABELS)}; got {label!r}.")
+        need(s.get("tool_image") is None or call is not None, f + ".tool_image",
+             "needs a tool_call that produced it.")
+        need(facts is None or (isinstance(facts, list) and all(isinstance(x, str) for x in facts)),
+             f + ".knowledge", "must be null or a list of strings (the facts the step is judged against).")
+        after_error = any(x.get("label") == "incorrect" for x in steps[:i])
+        need(label is not None or not require_labels or after_error, f + ".label", "is null before any "
+             "incorrect step: this trajectory is unannotated (e.g. candidates.jsonl); label every step with "
+             f"one of {', '.join(LABELS)} first.")
+        need(label is None or label in LABELS, f + ".label",
+             f"must be one of {', '.join(LABELS)}; got {label!r}.")
         need(label != "incorrect" or cat not in TAXONOMY or etype in ERRORS, f + ".error_type",
              f"must be one of {', '.join(ERRORS)} for an incorrect step; got {etype!r}.")
-        need(isinstance(etype, (str, type(None))) and (label == "incorrect" or etype is None), f + ".error_type",
-             f"must be null unless label is 'incorrect' (label is {label!r}).")
+        need(isinstance(etype, (str, type(None))) and (label == "incorrect" or etype is None),
+             f + ".error_type", f"must be null unless label is 'incorrect' (label is {label!r}).")
     inj = rec.get("injected") or []
-    need(isinstance(inj, list) and all(isinstance(x, dict) and isinstance(x.get("step"), int) and 0 <= x["step"] < len(steps)
-                                       and steps[x["step"]].get("error_type") == x.get("error_type") for x in inj),
+    need(isinstance(inj, list) and all(isinstance(x, dict) and isinstance(x.get("step"), int)
+                                       and 0 <= x["step"] < len(steps)
+                                       and steps[x["step"]].get("error_type") == x.get("error_type")
+                                       for x in inj),
          "injected", "must be a list of {step, error_type} matching those steps' labels.")
     paths = [("images", p) for p in rec["images"]] + [
         (f"steps[{i}].tool_image", s["tool_image"]) for i, s in enumerate(steps) if s.get("tool_image")]
@@ -194,76 +204,11 @@ def validate_record(rec: dict, where: str, base_dir: Path | None = None, require
     return rec
 
 
-def make_step(text, label: str | None, error_type: str | None = None) -> dict:
-    return {"text": str(text), "tool_call": None, "observation": None, "tool_image": None, "knowledge": None,
-            "label": label, "error_type": error_type}
-
-
-def line_of(where: str) -> str:
-    """The name of a converted row without an id: its line ("3") or item ("item 3") in the file."""
-    return where.rsplit(":", 1)[-1]
-
-
-def text_record(rid, question, category: str, subcategory, source, steps: list[dict], images=(), answers=()) -> dict:
-    return {"id": str(rid), "question": str(question or "-"), "images": list(images), "answers": list(answers),
-            "final_answer": None, "category": category, "subcategory": str(subcategory), "source": str(source or ""),
-            "steps": steps}
-
-
-def from_visualprocessbench(where: str, row: dict) -> dict:
-    """OpenGVLab/VisualProcessBench test.jsonl: process_correctness 1 / 0 / -1 = correct / neutral / incorrect."""
-    require(row, where, "question", "response")
-    steps, marks = row["response"].get("steps"), row["response"].get("process_correctness")
-    if not isinstance(steps, list) or not steps or not isinstance(marks, list) or len(steps) != len(marks):
-        raise UserError(f"{where}: response.steps and response.process_correctness must be lists of equal length.")
-    if any(m not in (1, 0, -1) for m in marks):
-        raise UserError(f"{where}: process_correctness holds {marks}; expected 1, 0 or -1 per step.")
-    labels = [{1: "correct", 0: "neutral", -1: "incorrect"}[m] for m in marks]
-    images = [row["image"]] if isinstance(row.get("image"), str) else row.get("image") or []
-    return text_record(row.get("id", line_of(where)), row["question"], "VisualProcessBench", row.get("data_source") or "all",
-                       row.get("policy_model"), [make_step(t, lab) for t, lab in zip(steps, labels)], images,
-                       [str(row["answer"])] if row.get("answer") else [])
-
-
-def from_processbench(where: str, row: dict, split: str) -> dict:
-    """Qwen/ProcessBench split: `label` = 0-based first wrong step (-1: none); later steps are not labelled."""
-    require(row, where, "problem", "steps")
-    steps, k = row["steps"], row.get("label")
-    if not isinstance(k, int) or not -1 <= k < len(steps):
-        raise UserError(f"{where}: label must be -1 or the index of a step (0..{len(steps) - 1}); got {k!r}.")
-    labels = ["correct" if k == -1 or i < k else "incorrect" if i == k else None for i in range(len(steps))]
-    return text_record(row.get("id", line_of(where)), row["problem"], "ProcessBench", split, row.get("generator"),
-                       [make_step(t, lab) for t, lab in zip(steps, labels)])
-
-
-def from_prmbench(rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
-    """PRMBench JSONL: each row -> its modified process (1-based error_steps); like PRMBench's loader, each
-    `redundency` row also yields the clean original once per idx, with the class `correct`."""
-    out = []
-    for where, row in rows:
-        require(row, where, "modified_process", "classification")
-        idx, cls, errs = row.get("idx", line_of(where)), row["classification"], row.get("error_steps") or []
-        if cls == "redundency" and not any(r["id"] == f"correct_{idx}" for _, r in out):
-            require(row, where, "original_process")
-            out.append((where, text_record(f"correct_{idx}", row.get("original_question"), "PRMBench", "correct",
-                                           "PRMBench", [make_step(t, "correct") for t in row["original_process"]])))
-        steps = [make_step(t, "incorrect", cls) if i + 1 in errs else make_step(t, "correct")
-                 for i, t in enumerate(row["modified_process"])]
-        out.append((where, text_record(f"{cls}_{idx}", row.get("modified_question"), "PRMBench", cls, "PRMBench", steps)))
-    return out
-
-
 def load_records(path: str, require_labels: bool = True, benchmark: str = "ours", images: str | None = None):
-    """Read (common.data.read_records), convert a published benchmark's rows, validate every record."""
+    """Read (common.data.read_records), convert a published benchmark's rows (common.benchmarks), validate."""
     if not Path(path).is_file():
         raise UserError(f"trajectory file {path} does not exist (run --stage data, or pass --data).")
-    rows = read_records(path, "trajectory file")
-    if benchmark == "visualprocessbench":
-        rows = [(w, from_visualprocessbench(w, r)) for w, r in rows]
-    elif benchmark == "processbench":
-        rows = [(w, from_processbench(w, r, Path(path).stem)) for w, r in rows]
-    elif benchmark == "prmbench":
-        rows = from_prmbench(rows)
+    rows = prm_benchmark_rows(benchmark, read_records(path, "trajectory file"), path)
     base, records, seen = Path(images or Path(path).parent), [], set()
     for where, rec in rows:
         validate_record(rec, where, base, require_labels)
@@ -286,7 +231,8 @@ def save_records(records: list[dict], path: Path) -> None:
             for k, im in pil.get("steps", {}).items():
                 im.save(path.parent / rec["steps"][k]["tool_image"])
             rec["_base"] = str(path.parent)
-            f.write(json.dumps({k: v for k, v in rec.items() if not k.startswith("_")}, ensure_ascii=False) + "\n")
+            row = {k: v for k, v in rec.items() if not k.startswith("_")}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def record_images(rec: dict) -> tuple[list[Image.Image], dict[int, Image.Image]]:
@@ -294,13 +240,12 @@ def record_images(rec: dict) -> tuple[list[Image.Image], dict[int, Image.Image]]
     if rec.get("_pil") is not None:
         return rec["_pil"]["images"], rec["_pil"].get("steps", {})
     base = rec["_base"]
-    return ([open_image(p, base, rec["id"]) for p in rec["images"]],
-            {i: open_image(s["tool_image"], base, rec["id"]) for i, s in enumerate(rec["steps"]) if s.get("tool_image")})
+    crops = {i: open_image(s["tool_image"], base, rec["id"]) for i, s in enumerate(rec["steps"])
+             if s.get("tool_image")}
+    return [open_image(p, base, rec["id"]) for p in rec["images"]], crops
 
 
-# =============================================================================================
-# The toy set: questions on gog.py's world, trajectories from step builders, errors from ERRORS (1, 3)
-# =============================================================================================
+# ==== the toy set: gog.py's world, step builders, errors from ERRORS (1, 3) ========================
 def toy_questions(world: World, rng: random.Random) -> list[dict]:
     """Four questions per scene on gog.py's world: its glance (attribute) and gaze (fact) questions,
     plus our relation and counting questions computed from the tile boxes."""
@@ -386,22 +331,20 @@ class Toy:
     name: str | None = None                     # the entity the perception step named (fact kind)
 
     def say(self, text: str, error: str | None, **fields) -> None:
-        self.steps.append({**make_step(text, "incorrect" if error else "correct", error), **fields})
+        self.steps.append({**prm_step(text, "incorrect" if error else "correct", error), **fields})
 
     def pool(self, key: str) -> list[str]:
         return sorted({t[key] for s in self.world.scenes for t in s["tiles"]})
 
 
-def needed(spec: dict) -> list[dict]:
-    """The tiles a correct crop must hold."""
-    if spec["kind"] == "count":
-        return spec["scene"]["tiles"]
-    return [spec["anchor"], spec["target"], spec["decoy"]] if spec["kind"] == "relation" else [spec["target"]]
-
-
-def wrong_region(t: Toy) -> list[dict]:
-    """region_selection: tiles of a crop that misses the evidence and changes the answer if trusted."""
+def crop_tiles(t: Toy, wrong: bool) -> list[dict]:
+    """The tiles a correct crop must hold, or (region_selection) those of a crop that misses the evidence
+    and changes the answer if trusted."""
     s, tiles = t.spec, t.spec["scene"]["tiles"]
+    if not wrong and s["kind"] == "relation":
+        return [s["anchor"], s["target"], s["decoy"]]
+    if not wrong:
+        return tiles if s["kind"] == "count" else [s["target"]]
     if s["kind"] == "count":  # one tile without the asked shape
         return [([x for x in tiles if x["shape"] != s["shape"]] or tiles)[0]]
     rest = [x for x in tiles if x is not s["target"] and (s["kind"] == "attribute" or not x["is_distractor"])]
@@ -424,11 +367,14 @@ def step_plan(t: Toy, err: None) -> None:
 def step_crop(t: Toy, err: str | None, text: str = "Zoom in on that region.") -> None:
     """A crop through the shared tool (common.tools); tool_invocation breaks the call itself."""
     image = t.spec["scene"]["image"]
-    tiles = wrong_region(t) if err == "region_selection" else needed(t.spec)
+    tiles = crop_tiles(t, wrong=err == "region_selection")
     (w, h), seen = seen_size(image), to_seen(union_box([x["box"] for x in tiles], image.size), image)
-    broken = t.rng.choice(["reversed", "three_numbers", "unknown_tool", "outside"]) if err == "tool_invocation" else ""
-    box = {"reversed": seen[2:] + seen[:2], "three_numbers": seen[:3], "outside": [w + 10, h + 10, w + 60, h + 60]}
-    call = {"name": "zoom" if broken == "unknown_tool" else "crop", "arguments": {"bbox_2d": box.get(broken, seen)}}
+    breaks = ["reversed", "three_numbers", "unknown_tool", "outside"]
+    broken = t.rng.choice(breaks) if err == "tool_invocation" else ""
+    box = {"reversed": seen[2:] + seen[:2], "three_numbers": seen[:3],
+           "outside": [w + 10, h + 10, w + 60, h + 60]}
+    name = "zoom" if broken == "unknown_tool" else "crop"
+    call = {"name": name, "arguments": {"bbox_2d": box.get(broken, seen)}}
     action = parse_action(f"<tool_call>{json.dumps(call)}</tool_call>")
     out, obs = (None, action.error) if action.kind == "error" else crop(image, action.args["bbox_2d"], (w, h))
     t.say(text, err, tool_call=call, observation=obs)
@@ -447,10 +393,6 @@ def step_retry(t: Toy, err: str) -> None:
     step_crop(t, None, text)
 
 
-def describe(x: dict, color: str, shape: str) -> str:
-    return f"a tile labelled {tag(x)} ({color} {shape})"
-
-
 def step_perceive(t: Toy, err: str | None) -> None:
     s, kind, rng = t.spec, t.spec["kind"], t.rng
     t.seen = {x["name"]: (x["color"], x["shape"]) for x in t.view}
@@ -458,7 +400,10 @@ def step_perceive(t: Toy, err: str | None) -> None:
         x = t.view[0]
         (c, sh), t.name = t.seen[x["name"]], None if x["is_distractor"] else x["name"]
         if err and kind == "attribute":  # misread the asked attribute
-            c, sh = (other(t.pool("color"), c, rng), sh) if s["attr"] == "color" else (c, other(t.pool("shape"), sh, rng))
+            if s["attr"] == "color":
+                c = other(t.pool("color"), c, rng)
+            else:
+                sh = other(t.pool("shape"), sh, rng)
         elif err:  # take the emblem for another entity's
             e = rng.choice([y for sc in t.world.scenes for y in sc["tiles"] if not y["is_distractor"]
                             and y["name"] != x["name"]])
@@ -475,7 +420,7 @@ def step_perceive(t: Toy, err: str | None) -> None:
         c, sh = t.seen[x["name"]]
         t.seen[x["name"]] = (other(t.pool("color"), c, rng), sh) if kind == "relation" else \
             (c, other(t.pool("shape"), sh, rng) if sh == s["shape"] else s["shape"])
-    parts = [describe(x, *t.seen[x["name"]]) for x in t.view]
+    parts = [f"a tile labelled {tag(x)} ({' '.join(t.seen[x['name']])})" for x in t.view]
     if kind == "relation":
         parts = parts[:1] + rng.sample(parts[1:], 2)
     t.say("The zoomed view shows " + ", ".join(parts) + ".", err)
@@ -524,7 +469,7 @@ def toy_trajectory(spec: dict, world: World, errors: dict[str, str], rng: random
     """One trajectory: [plan] + the kind's roles, each built by BUILDERS[role]; `errors` maps a role to the
     error type injected there (ERRORS says which fit). A broken call is retried; a wrong crop is redone
     when `recover`. Every step is labelled by what it does itself (3)."""
-    (category, subcategory), roles = KINDS[spec["kind"]]
+    roles = KINDS[spec["kind"]][1]
     for role, e in errors.items():
         if ERRORS[e][0] != role or spec["kind"] not in ERRORS[e][1]:
             raise ValueError(f"ERRORS does not inject {e} at the {role} step of a {spec['kind']} trajectory.")
@@ -533,14 +478,22 @@ def toy_trajectory(spec: dict, world: World, errors: dict[str, str], rng: random
         BUILDERS[role](t, errors.get(role))
         if errors.get(role) == "tool_invocation" or (errors.get(role) == "region_selection" and recover):
             step_retry(t, errors[role])
-    for i in t.crops:
-        t.steps[i]["tool_image"] = f"images/{rid}-s{i}.png"
     final = parse_action(t.steps[-1]["text"])
+    injected = [{"step": i, "error_type": s["error_type"]} for i, s in enumerate(t.steps) if s["error_type"]]
+    return scene_record(spec, rid, t.steps, t.crops, final.answer if final.kind == "answer" else None, "toy",
+                        injected=injected)
+
+
+def scene_record(spec: dict, rid: str, steps: list[dict], crops: dict, final_answer: str | None, source: str,
+                 **extra) -> dict:
+    """A record on a toy scene (toy or policy trajectory); step i's crop is images/<rid>-s<i>.png."""
+    for i in crops:
+        steps[i]["tool_image"] = f"images/{rid}-s{i}.png"
+    (category, subcategory), _ = KINDS[spec["kind"]]
     return {"id": rid, "question": spec["question"], "images": [f"images/{spec['scene']['id']}.png"],
-            "answers": spec["answers"], "final_answer": final.answer if final.kind == "answer" else None,
-            "category": category, "subcategory": subcategory, "source": "toy",
-            "injected": [{"step": i, "error_type": s["error_type"]} for i, s in enumerate(t.steps) if s["error_type"]],
-            "steps": t.steps, "_pil": {"images": [spec["scene"]["image"]], "steps": t.crops}}
+            "answers": spec["answers"], "final_answer": final_answer, "category": category,
+            "subcategory": subcategory, "source": source, **extra, "steps": steps,
+            "_pil": {"images": [spec["scene"]["image"]], "steps": crops}}
 
 
 def draw_errors(kind: str, n: int, used: Counter, rng: random.Random) -> dict[str, str]:
@@ -568,9 +521,7 @@ def build_toy_set(world: World, seed: int, p_clean: float, p_multi: float = 0.3,
     return records
 
 
-# =============================================================================================
-# Trajectories from a policy with the shared crop tool (unannotated: label null)
-# =============================================================================================
+# ==== trajectories from a policy with the shared crop tool (unannotated: label null) ===============
 POLICY_SYSTEM = """You answer questions about an image step by step, one short step per turn.
 To look closer, zoom in: <tool_call>{"name": "crop", "arguments": {"bbox_2d": [x1, y1, x2, y2]}}</tool_call>
 in pixels of the image as you see it; the zoomed image comes back in the next turn.
@@ -607,26 +558,19 @@ def policy_trajectories(policy, specs: list[dict], args: Args, G: int, generate=
         steps, crops = [], {}
         for turn in r.trajectory:
             if turn["role"] == "assistant":
-                steps.append(make_step(turn["text"].strip() or "(empty step)", None))
+                steps.append(prm_step(turn["text"].strip() or "(empty step)", None))
             elif steps and turn["name"] != "reprompt":
                 steps[-1].update(tool_call={"name": turn["name"], "arguments": turn["args"]},
                                  observation=turn["observation"])
                 if turn.get("image") is not None:
                     crops[len(steps) - 1] = turn["image"]
-                    steps[-1]["tool_image"] = f"images/{rid}-s{len(steps) - 1}.png"
-        (category, subcategory), _ = KINDS[spec["kind"]]
-        records.append({"id": rid, "question": spec["question"], "images": [f"images/{spec['scene']['id']}.png"],
-                        "answers": spec["answers"], "final_answer": r.answer, "category": category,
-                        "subcategory": subcategory, "source": f"policy:{policy.name}", "steps": steps,
-                        "_pil": {"images": [spec["scene"]["image"]], "steps": crops}})
+        records.append(scene_record(spec, rid, steps, crops, r.answer, f"policy:{policy.name}"))
     return records
 
 
-# =============================================================================================
-# Prompt format and parsing: the LVLM as PRM (4, 5)
-# =============================================================================================
-PRM_SYSTEM = ("You are a process reward model. You check one step of a visual reasoning trajectory in which the "
-              "solver may zoom into the image with a crop tool.")
+# ==== prompt format and parsing: the LVLM as PRM (4, 5) ============================================
+PRM_SYSTEM = ("You are a process reward model. You check one step of a visual reasoning trajectory in which "
+              "the solver may zoom into the image with a crop tool.")
 PRM_REPLY = {"judge": "Reply with one word: Correct or Incorrect.",
              "prob": "Reply with + if it is correct and - if it is incorrect."}
 
@@ -639,13 +583,14 @@ def prm_messages(rec: dict, k: int, images: list, step_images: dict, mode: str, 
     for i, s in enumerate(rec["steps"][: k + 1]):
         lines.append(f"Step {i + 1}: {s['text']}")
         if s.get("tool_call") is not None:
-            lines[-1] += (f"\n  [tool call {json.dumps(s['tool_call'])} -> {s.get('observation') or 'no output'}]"
+            obs = s.get("observation") or "no output"
+            lines[-1] += (f"\n  [tool call {json.dumps(s['tool_call'])} -> {obs}]"
                           + (" (its image is the last one shown)" if i == latest else ""))
     if rec["steps"][k].get("knowledge"):
         lines.append("Facts to check it against: " + " ".join(rec["steps"][k]["knowledge"]))
-    lines.append(f"\nIs Step {k + 1} correct? Judge Step {k + 1} only: it is correct when what it does or states "
-                 f"is right given the question, the images and the steps before it (a step that correctly builds "
-                 f"on an earlier mistake is correct). {PRM_REPLY[mode]}")
+    lines.append(f"\nIs Step {k + 1} correct? Judge Step {k + 1} only: it is correct when what it does or "
+                 f"states is right given the question, the images and the steps before it (a step that "
+                 f"correctly builds on an earlier mistake is correct). {PRM_REPLY[mode]}")
     pics = list(images) + ([step_images[latest]] if latest is not None else [])
     text = "\n".join(lines)
     user = ([{"type": "image", "image": im} for im in pics] + [{"type": "text", "text": text}] if vlm
@@ -678,8 +623,9 @@ def plus_probability(policy, batch: list[list[dict]]) -> list[float]:
     seqs = [encode(tok, policy.image_processor, m, add_generation_prompt=True) for m in batch]
     inputs = collate(seqs, tok.pad_token_id, "left", image_token_id(tok) if policy.is_vlm else None)
     inputs.pop("loss_mask")
-    logits = policy.model(**{k: v.to(policy.device) for k, v in inputs.items()}, logits_to_keep=1).logits  # (B, 1, V)
-    return torch.softmax(logits[:, -1, [plus, minus]].float(), dim=-1)[:, 0].tolist()                      # (B,)
+    inputs = {k: v.to(policy.device) for k, v in inputs.items()}
+    logits = policy.model(**inputs, logits_to_keep=1).logits                             # (B, 1, V)
+    return torch.softmax(logits[:, -1, [plus, minus]].float(), dim=-1)[:, 0].tolist()  # (B,)
 
 
 def score_steps(policy, records: list[dict], args: Args, log: RunLog | None = None) -> list[list[dict]]:
@@ -714,7 +660,7 @@ def read_predictions(path: str, records: list[dict]) -> list[list[dict]]:
     judged = []
     for r in records:
         if r["id"] not in rows:
-            raise UserError(f"{path} has no predictions for the record {r['id']!r}; give every record one row.")
+            raise UserError(f"{path} has no predictions for the record {r['id']!r}; give each record a row.")
         where, scores = rows[r["id"]]
         if len(scores) != len(r["steps"]):
             raise UserError(f"{where}: {len(scores)} scores for the {len(r['steps'])} steps of {r['id']!r}.")
@@ -724,16 +670,14 @@ def read_predictions(path: str, records: list[dict]) -> list[list[dict]]:
     return judged
 
 
-# =============================================================================================
-# Metrics: PRMBench, VisualProcessBench, ProcessBench, and the paper's analyses. pred[j][i] is
-# True / False (judged correct / not) or None (unparsed). Undefined ratios (0/0) are None.
-# =============================================================================================
+# ==== metrics: PRMBench, VisualProcessBench, ProcessBench, the paper's analyses ====================
+# pred[j][i] is True / False (judged correct / not) or None (unparsed). Undefined ratios (0/0) are None.
 def ratio(num: float, den: float) -> float | None:
     return None if den == 0 else num / den
 
 
 def f1_score(tp: int, fp: int, fn: int) -> float | None:
-    """2TP / (2TP + FP + FN), = PRMBench's 2PR / (P + R); None when the class is in neither gold nor predictions."""
+    """2TP / (2TP + FP + FN) = PRMBench's 2PR / (P + R); None if the class is in neither gold nor pred."""
     return ratio(2 * tp, 2 * tp + fp + fn)
 
 
@@ -783,20 +727,9 @@ def prmbench(records: list[dict], pred: list[list]) -> dict:
 
 def visualprocessbench(records: list[dict], pred: list[list]) -> dict:
     """Macro-F1 = mean of F1(correct) and F1(incorrect) over all samples' steps, neutral (0) dropped."""
-    c = confusion(step_pairs(records, pred))
-    f1c, f1i = f1_score(c["tp"], c["fp"], c["fn"]), f1_score(c["tn"], c["fn"], c["fp"])
-    return {"macro_f1": mean_of_both(f1c, f1i), "f1_correct": f1c, "f1_incorrect": f1i, "n_steps": sum(c.values()),
-            "unparsed": "an unparsed step is dropped, like a neutral one"}
-
-
-def first_error(labels: list) -> int:
-    """ProcessBench's label: index of the first incorrect step, -1 when there is none."""
-    return next((i for i, lab in enumerate(labels) if lab == "incorrect"), -1)
-
-
-def first_flagged(pred: list) -> int:
-    """ProcessBench's prediction: index of the first step not judged correct (unparsed included), else -1."""
-    return next((i for i, p in enumerate(pred) if p is not True), -1)
+    s = prmscore(step_pairs(records, pred))  # the same counts, but over every sample, clean ones included
+    return {"macro_f1": s["PRMScore"], "f1_correct": s["f1"], "f1_incorrect": s["negative_f1"],
+            "n_steps": s["n_steps"], "unparsed": "an unparsed step is dropped, like a neutral one"}
 
 
 def processbench(gold_first: list[int], pred_first: list[int]) -> dict:
@@ -815,8 +748,9 @@ def step_stats(pairs: list[tuple[bool, bool]]) -> dict:
     on correct steps and the detection rate: independent of the label mix)."""
     c = confusion(pairs)
     detection, kept = ratio(c["tn"], c["tn"] + c["fp"]), ratio(c["tp"], c["tp"] + c["fn"])
-    return {"n_steps": len(pairs), "n_incorrect": c["tn"] + c["fp"], "accuracy": ratio(c["tp"] + c["tn"], len(pairs)),
-            "detection_rate": detection, "balanced_accuracy": mean_of_both(detection, kept)}
+    return {"n_steps": len(pairs), "n_incorrect": c["tn"] + c["fp"],
+            "accuracy": ratio(c["tp"] + c["tn"], len(pairs)), "detection_rate": detection,
+            "balanced_accuracy": mean_of_both(detection, kept)}
 
 
 def positive_bias(pairs: list[tuple[bool, bool]]) -> dict:
@@ -834,15 +768,20 @@ def position_bucket(i: int, n: int, n_buckets: int) -> int:
 def evaluate(records: list[dict], pred: list[list], n_buckets: int = 4) -> dict:
     """Every metric and analysis for the judgements `pred` (per record, per step)."""
     pairs = step_pairs(records, pred)
+    # ProcessBench: gold = the first incorrect step, prediction = the first step not judged correct (an
+    # unparsed one included); -1 when there is none
+    gold_first = [next((i for i, s in enumerate(r["steps"]) if s["label"] == "incorrect"), -1)
+                  for r in records]
+    pred_first = [next((i for i, p in enumerate(ps) if p is not True), -1) for ps in pred]
     res = {"PRMBench": prmbench(records, pred), "VisualProcessBench": visualprocessbench(records, pred),
-           "ProcessBench": processbench([first_error([s["label"] for s in r["steps"]]) for r in records],
-                                        [first_flagged(p) for p in pred]),
+           "ProcessBench": processbench(gold_first, pred_first),
            "positive_bias": positive_bias(pairs), "steps": step_stats(pairs),
            "n_trajectories": len(records), "n_unparsed": sum(p is None for ps in pred for p in ps)}
     res["per_error_type"] = {}  # the samples holding a type; its detection rate counts only its steps
     for t in sorted({s["error_type"] for r in records for s in r["steps"] if s["error_type"]}):
         idx = [j for j, r in enumerate(records) if any(s["error_type"] == t for s in r["steps"])]
-        hits = [p for j in idx for s, p in zip(records[j]["steps"], pred[j]) if s["error_type"] == t and p is not None]
+        hits = [p for j in idx for s, p in zip(records[j]["steps"], pred[j])
+                if s["error_type"] == t and p is not None]
         res["per_error_type"][t] = {**prmscore(step_pairs([records[j] for j in idx], [pred[j] for j in idx])),
                                     "detection_rate": ratio(sum(not p for p in hits), len(hits)),
                                     "n_trajectories": len(idx)}
@@ -860,9 +799,7 @@ def evaluate(records: list[dict], pred: list[list], n_buckets: int = 4) -> dict:
     return res
 
 
-# =============================================================================================
-# Search: PRM-guided best-of-N
-# =============================================================================================
+# ==== search: PRM-guided best-of-N =================================================================
 def best_of_n(questions: list[list[dict]], ns: list[int], repeats: int, seed: int) -> dict:
     """questions: per question, its candidates {"correct", "answer", "scores": [step score | None],
     optional "gold_scores"}. For each N, `repeats` random N-subsets per question, the SAME subset for
@@ -887,7 +824,8 @@ def best_of_n(questions: list[list[dict]], ns: list[int], repeats: int, seed: in
                 votes.pop("", None)
                 if votes:
                     top = rng.choice(sorted(a for a, v in votes.items() if v == max(votes.values())))
-                    tot["majority_vote"] += next(c for c in sub if normalize_answer(c["answer"] or "") == top)["correct"]
+                    voted = next(c for c in sub if normalize_answer(c["answer"] or "") == top)
+                    tot["majority_vote"] += voted["correct"]
                 tot["random"] += sum(c["correct"] for c in sub) / n
                 tot["pass@N"] += any(c["correct"] for c in sub)
         for m in acc:
@@ -895,9 +833,7 @@ def best_of_n(questions: list[list[dict]], ns: list[int], repeats: int, seed: in
     return acc
 
 
-# =============================================================================================
-# Stages
-# =============================================================================================
+# ==== stages and main ==============================================================================
 @functools.cache
 def load_model(model: str, adapter: str | None, load_in_4bit: bool | None, seed: int):
     return load_policy(model, load_in_4bit=load_in_4bit, lora=False, adapter=adapter, seed=seed)
@@ -911,10 +847,6 @@ def get_policy(args: Args, prm: bool):
     return policy
 
 
-def toy_world(args: Args) -> World:
-    return build_world(args.seed, args.n_scenes, args.image_size)
-
-
 def html_items(records: list[dict], judged: list[list[dict]] | None = None) -> list[dict]:
     items = []
     for j, rec in enumerate(records):
@@ -925,7 +857,8 @@ def html_items(records: list[dict], judged: list[list[dict]] | None = None) -> l
             turns.append({"role": "assistant", "text": f"[{i}] {s['text']}\n   gold: {s['label']} "
                                                        f"{s['error_type'] or ''}{prm}"})
             if s.get("tool_call"):
-                turns.append({"role": "tool", "name": s["tool_call"]["name"], "args": s["tool_call"].get("arguments", {}),
+                call = s["tool_call"]
+                turns.append({"role": "tool", "name": call["name"], "args": call.get("arguments", {}),
                               "observation": s.get("observation") or "", "image": step_images.get(i)})
         items.append({"title": f"{rec['id']} [{rec['category']}/{rec['subcategory']}] {rec['question']}",
                       "images": images, "trajectory": turns,
@@ -940,23 +873,20 @@ def write_set(records: list[dict], out: Path, name: str, title: str, **load_kw) 
     trajectory_html(html_items(records[:12]), str(out / f"{name}.html"), title)
 
 
-def error_positions(records: list[dict], n_buckets: int) -> dict:
-    """How many incorrect steps sit in each relative-position bucket (the toy set spreads them)."""
-    hist = Counter(position_bucket(i, len(r["steps"]), n_buckets) for r in records
-                   for i, s in enumerate(r["steps"]) if s["label"] == "incorrect")
-    return {f"bucket{b}": hist[b] for b in range(n_buckets)}
-
-
 def stage_data(args: Args) -> dict:
     out = Path(args.out) / "data"
-    log, world = RunLog(str(out)), toy_world(args)
+    log, world = RunLog(str(out)), build_world(args.seed, args.n_scenes, args.image_size)
     records = build_toy_set(world, args.seed, args.p_clean, args.p_multi, args.p_recover)
+    at = Counter(position_bucket(i, len(r["steps"]), N_BUCKETS) for r in records  # where the errors sit
+                 for i, s in enumerate(r["steps"]) if s["label"] == "incorrect")
     write_set(records, out, "toy", "toy trajectories (gold labels)")
     summary = {"toy_trajectories": len(records), "toy_steps": sum(len(r["steps"]) for r in records),
-               "clean": sum(not r["injected"] for r in records), "two_errors": sum(len(r["injected"]) > 1 for r in records),
-               "recovered": sum(bool(r["injected"] and exact_match(r["final_answer"], r["answers"])) for r in records),
+               "clean": sum(not r["injected"] for r in records),
+               "two_errors": sum(len(r["injected"]) > 1 for r in records),
+               "recovered": sum(bool(r["injected"] and exact_match(r["final_answer"], r["answers"]))
+                                for r in records),
                "error_types": dict(Counter(x["error_type"] for r in records for x in r["injected"])),
-               "errors_by_position": error_positions(records, N_BUCKETS)}
+               "errors_by_position": {f"bucket{b}": at[b] for b in range(N_BUCKETS)}}
     log.log({k: v for k, v in summary.items() if isinstance(v, int)}, step=0)
     log.summary(summary)
     print(f"[data] {summary} -> {out}")
@@ -980,7 +910,8 @@ def stage_eval(args: Args) -> dict:
     out = Path(args.out) / "eval"
     log, records = RunLog(str(out)), eval_records(args)
     if args.predictions:
-        judged, who = read_predictions(args.predictions, records), f"predictions {Path(args.predictions).name}"
+        who = f"predictions {Path(args.predictions).name}"
+        judged = read_predictions(args.predictions, records)
     else:
         policy = get_policy(args, prm=True)
         judged, who = score_steps(policy, records, args, log), f"{policy.name} ({args.prm})"
@@ -989,17 +920,20 @@ def stage_eval(args: Args) -> dict:
            "data": args.data or "toy", "benchmark": args.benchmark, "threshold": args.threshold}
     write_json(str(out / "results.json"), res)
     rates = f"unparsed {res['n_unparsed']} of {sum(len(p) for p in pred)} steps, left out"
-    plot_rates({m: {t: v[m] for t, v in res["per_error_type"].items()} for m in ("detection_rate", "PRMScore")},
-               out / "per_error_type.png", f"PRM {who} by error type ({rates})", "the data has no error types")
+    by_type = {m: {t: v[m] for t, v in res["per_error_type"].items()} for m in ("detection_rate", "PRMScore")}
+    plot_rates(by_type, out / "per_error_type.png", f"PRM {who} by error type ({rates})",
+               "the data has no error types")
     by_pos = {"accuracy": {b: v["accuracy"] for b, v in res["by_position"].items()},
               "accuracy of a constant PRM (the label mix)": {b: v["constant_prm"]["accuracy"]
                                                              for b, v in res["by_position"].items()},
-              **{m: {b: v[m] for b, v in res["by_position"].items()} for m in ("balanced_accuracy", "detection_rate")}}
+              **{m: {b: v[m] for b, v in res["by_position"].items()}
+                 for m in ("balanced_accuracy", "detection_rate")}}
     plot_rates(by_pos, out / "by_position.png", f"PRM {who} by relative step position", "no judged step")
     log.samples([{"id": r["id"], "step": i, "label": s["label"], "error_type": s["error_type"], **j}
                  for r, js in zip(records, judged) for i, (s, j) in enumerate(zip(r["steps"], js))])
     trajectory_html(html_items(records[:12], judged), str(out / "judged.html"), "PRM judgements")
-    log.summary({k: res[k] for k in ("PRMBench", "VisualProcessBench", "ProcessBench", "positive_bias", "n_unparsed")})
+    log.summary({k: res[k] for k in ("PRMBench", "VisualProcessBench", "ProcessBench", "positive_bias",
+                                     "n_unparsed")})
     print(f"[eval] PRMScore {res['PRMBench']['PRMScore']} | VisualProcessBench macro-F1 "
           f"{res['VisualProcessBench']['macro_f1']} | ProcessBench F1 {res['ProcessBench']['f1']} | {rates} "
           f"-> {out / 'results.json'}")
@@ -1011,16 +945,19 @@ def plot_best_of_n(res: dict, ns: list[int], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
+    source = "SIMULATED (toy)" if res["source"] == "toy" else "policy"
     for m, v in res["accuracy"].items():
         ax.plot(ns, [v[n] for n in ns], marker="o", ls="--" if m == "pass@N" else "-", label=m)
     ax.set_xscale("log", base=2)
     ax.minorticks_off()
     ax.set(xticks=ns, xticklabels=[str(n) for n in ns], xlabel="N (candidates shared by every method)",
            ylabel="accuracy", ylim=(-0.02, 1.02),
-           title=f"best-of-N, {'SIMULATED (toy)' if res['source'] == 'toy' else 'policy'} candidates, PRM {res['prm']}")
-    ax.text(0.01, 0.01, "pass@N = an oracle that knows the answer (the ceiling). The oracle PRM (gold step labels)\n"
+           title=f"best-of-N, {source} candidates, PRM {res['prm']}")
+    ax.text(0.01, 0.01, "pass@N = an oracle that knows the answer (the ceiling). The oracle PRM (gold step "
+            "labels)\n"
             "meets it when every error-free candidate is right and every other wrong; a recovered error\n"
-            "(right answer despite a wrong step) puts it below.", transform=ax.transAxes, fontsize=6.5, va="bottom")
+            "(right answer despite a wrong step) puts it below.", transform=ax.transAxes, fontsize=6.5,
+            va="bottom")
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -1029,11 +966,13 @@ def plot_best_of_n(res: dict, ns: list[int], path: Path) -> None:
 
 def stage_search(args: Args) -> dict:
     out = Path(args.out) / "search"
-    log, ns, world = RunLog(str(out)), search_ns(args), toy_world(args)
-    specs, M = toy_questions(world, random.Random(args.seed + 1))[: args.search_questions], search_ns(args)[-1]
+    log, ns = RunLog(str(out)), search_ns(args)
+    world = build_world(args.seed, args.n_scenes, args.image_size)
+    specs, M = toy_questions(world, random.Random(args.seed + 1))[: args.search_questions], ns[-1]
     if args.search_source == "toy":  # simulated candidates: the toy generator with its injected errors
         print("[search] the candidates are SIMULATED (toy trajectories with injected errors), not sampled.")
-        cands = build_toy_set(world, args.seed + 1, args.p_clean, args.p_multi, args.p_recover, specs, copies=M)
+        cands = build_toy_set(world, args.seed + 1, args.p_clean, args.p_multi, args.p_recover, specs,
+                              copies=M)
     else:
         cands = policy_trajectories(get_policy(args, prm=False), specs, args, M)
     write_set(cands, out, "candidates", f"best-of-N candidates ({args.search_source})", require_labels=False)
@@ -1077,8 +1016,8 @@ def check_inputs(args: Args) -> None:
 
 
 def main(argv=None):
-    return run_stages(Args, {"data": stage_data, "eval": stage_eval, "search": stage_search}, argv, doc=__doc__,
-                      file=__file__, tiny=TINY_SIZES, check=check_inputs)
+    stages = {"data": stage_data, "eval": stage_eval, "search": stage_search}
+    return run_stages(Args, stages, argv, doc=__doc__, file=__file__, tiny=TINY_SIZES, check=check_inputs)
 
 
 if __name__ == "__main__":

@@ -35,13 +35,16 @@ def _is_punct(ch: str) -> bool:
 
 def normalize_answer(s: Any) -> str:
     """SQuAD normalisation: lowercase, drop punctuation, drop a/an/the, collapse whitespace.
+    One deviation: a text that is only "a", "an" or "the" is kept (SQuAD would empty it, which
+    makes a gold option letter "A" unscorable).
 
     Punctuation is deleted (not replaced by a space), as in SQuAD and Search-R1.
     None becomes "".
     """
     text = "" if s is None else str(s).lower()
     text = "".join(ch for ch in text if not _is_punct(ch))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    if text.strip() not in ("a", "an", "the"):   # (ours) a lone "A" is an option letter, not an article
+        text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 
 

@@ -32,6 +32,8 @@ import contextlib
 import importlib.util
 import os
 import tempfile
+import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -283,7 +285,7 @@ def load_base(name: str, *, load_in_4bit: bool, device: torch.device, dtype: tor
                               AutoTokenizer, Qwen2_5_VLForConditionalGeneration)
     if load_in_4bit:
         check_4bit(device)
-    skip = ["visual", "lm_head"]
+    skip = ["visual", "model.visual", "lm_head"]  # transformers 5 matches a prefix of the full name or a suffix
     quant = bnb_config(dtype, skip) if load_in_4bit else None
 
     if name == "tiny":
@@ -352,6 +354,7 @@ def load_policy(name_or_path: str | None = "auto", *, load_in_4bit: bool | None 
     """
     from peft import LoraConfig, PeftModel, get_peft_model
 
+    t0 = time.perf_counter()
     name = resolve_name(name_or_path)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
@@ -367,25 +370,41 @@ def load_policy(name_or_path: str | None = "auto", *, load_in_4bit: bool | None 
     for p in model.parameters():
         p.requires_grad_(False)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})  # transformers 5 name
 
     has_adapter = False
     if adapter is not None:
         if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
             raise FileNotFoundError(f"No peft adapter at {adapter!r} (adapter_config.json missing).")
         torch.manual_seed(seed)
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        with _quiet_peft():
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
         has_adapter = True
     elif lora:
         torch.manual_seed(seed)
         cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                          target_modules=lora_target_modules(is_vlm), task_type="CAUSAL_LM")
-        model = get_peft_model(model, cfg)
+        with _quiet_peft():
+            model = get_peft_model(model, cfg)
         has_adapter = True
     if has_adapter:  # LoRA weights in fp32 even when the base computes in bf16
         for n, p in model.named_parameters():
             if "lora_" in n:
                 p.data = p.data.float()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"[models] loaded {name}: {n_params / 1e6:.1f}M parameters, {str(dtype).replace('torch.', '')}"
+          f"{', NF4' if load_in_4bit else ''} on {dev.type}, "
+          + (f"adapter {adapter}" if adapter else f"fresh LoRA r={lora_r}" if has_adapter else "no adapter")
+          + f" ({time.perf_counter() - t0:.1f} s)")
     return Policy(model=model, tokenizer=tok, image_processor=image_processor, name=name,
                   is_vlm=is_vlm, has_adapter=has_adapter,
                   extra=dict(load_in_4bit=load_in_4bit, dtype=str(dtype)))
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft 0.21 reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with a
+    FutureWarning on every load; silence exactly that warning, here where it is raised."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield

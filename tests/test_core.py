@@ -33,7 +33,9 @@ def _img(w, h, c=(200, 30, 30)):
 def test_tiny_4bit_lora_trainable_and_reference():
     p = load_policy("tiny", load_in_4bit=True)
     import bitsandbytes as bnb
-    assert any(isinstance(m, bnb.nn.Linear4bit) for m in p.model.modules())
+    four_bit = {n for n, m in p.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert any(n.endswith("self_attn.q_proj.base_layer") for n in four_bit)   # the LLM is NF4
+    assert not [n for n in four_bit if ".visual." in n or "lm_head" in n]      # the ViT, merger and head are not
     names = [n for n, q in p.model.named_parameters() if q.requires_grad]
     assert names and all("lora_" in n for n in names)
     assert not any("visual" in n for n in names)          # the vision tower stays frozen
@@ -316,3 +318,15 @@ def test_gradient_checkpointing_same_gradients():
         grads.append([q.grad.clone() for q in p.trainable_parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_load_is_announced_in_one_line_without_peft_future_warning(capsys, recwarn, tmp_path):
+    """One line per model load; peft's `is_gradient_checkpointing` FutureWarning is silenced at its source."""
+    import warnings
+    warnings.simplefilter("always")
+    p = load_policy("tiny")
+    p.save_adapter(str(tmp_path))
+    load_policy("tiny", adapter=str(tmp_path))
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[models] loaded tiny")]
+    assert len(lines) == 2 and "fresh LoRA r=8" in lines[0] and f"adapter {tmp_path}" in lines[1]
+    assert not [w for w in recwarn.list if "is_gradient_checkpointing" in str(w.message)]

@@ -5,13 +5,16 @@ split, the benchmark loader, and a subprocess smoke run of every stage on the ti
 import functools
 import json
 import random
+import re
 
 import pytest
+import torch
 
 import gog
 from common.models import load_policy
 from common.rollout import run_rollouts
 from helpers import run_script
+from test_gog_benchmarks import write_mmsearch
 
 
 
@@ -52,7 +55,7 @@ def test_reward_on_hand_written_trajectories(name, trajectory, answer, expected)
 
 
 # ---------------------------------------------------------------------------------------------
-# the toy world
+# the toy world: held out for real, an honest oracle, a world that needs gaze
 # ---------------------------------------------------------------------------------------------
 def world_fingerprint(w):
     return ([q for q in w.questions], w.text_kb, [(s["id"], s["tiles"], s["image"].tobytes()) for s in w.scenes],
@@ -63,16 +66,33 @@ def test_world_is_deterministic_for_a_seed():
     a, b, c = gog.build_world(3, 2, 224), gog.build_world(3, 2, 224), gog.build_world(4, 2, 224)
     assert world_fingerprint(a) == world_fingerprint(b)
     assert world_fingerprint(a) != world_fingerprint(c)
-    assert {q["level"] for q in a.questions} == {"glance", "text", "image", "gaze"}
+    assert {q["kind"] for q in a.questions} == {"glance", "text", "image", "gaze"}
     for s in a.scenes:  # the contract prm_bench.py relies on
         assert s["image"].size == (224, 224)
         for t in s["tiles"]:
-            assert set(t) >= {"name", "box", "color", "shape", "is_distractor"} and len(t["box"]) == 4
+            assert set(t) >= {"name", "box", "color", "shape", "is_distractor", "label"} and len(t["box"]) == 4
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_policy("tiny", lora=False)
+def training_texts(world, args):
+    """Every text SFT and RL see: train questions + answers, oracle trajectories with observations."""
+    train, _ = gog.split_world(world)
+    texts = [q["question"] + " " + q["answers"][0] for q in train]
+    for _, turns in gog.oracle_data(world, train, args):
+        texts += [t.get("text") or t.get("observation") for t in turns]
+    return "\n".join(texts)
+
+
+def test_test_entities_and_pairs_never_reach_training_data():
+    world, args = gog.build_world(0, 16, 224), gog.Args(reflect_frac=1.0)
+    train, test = gog.split_world(world)
+    assert train and test
+    pairs = {(q["question"], a) for q in train for a in q["answers"]}
+    assert not [q["id"] for q in test if any((q["question"], a) in pairs for a in q["answers"])]
+    text = training_texts(world, args)
+    held_out = [e for e in world.entities if e["split"] == "test"]
+    assert held_out and not [e["name"] for e in held_out if e["name"] in text or e["label"] in text]
+    assert not [s["place"] for s in world.scenes if s["split"] == "test" and s["place"] in text]
+    assert {e["name"] for e in world.entities if e["split"] == "train"} & set(text.split())  # the check can hit
 
 
 def replay(tokenizer, texts):
@@ -87,60 +107,104 @@ def replay(tokenizer, texts):
     return generate
 
 
-def test_oracle_trajectories_score_reward_one_through_real_tools(tiny):
-    world = gog.build_world(1, 2, 224)
-    tools = gog.make_tools(world.text_search, world.image_search, 3)
+@pytest.fixture(scope="module")
+def tiny():
+    return load_policy("tiny", lora=False)
+
+
+def test_oracle_replays_through_the_real_loop_and_states_only_what_it_saw(tiny):
+    world = gog.build_world(1, 4, 224)
+    names = [e["name"] for e in world.entities] + [s["place"] for s in world.scenes]
+    labels = [t["label"] for s in world.scenes for t in s["tiles"]]
     rng = random.Random(0)
-    cases = [(q, False) for q in world.questions] + [(q, True) for q in world.questions if q["level"] == "gaze"]
-    for q, reflective in cases:
-        msgs = gog.oracle_trajectory(world, q, reflective, rng)
-        texts = [m["content"] for m in msgs if m["role"] == "assistant"]
+    cases = ([(q, False, "gaze oracle") for q in world.questions] + [(q, refl, "whole-image oracle") for q in
+             world.questions if q["kind"] == "gaze" for refl in (False,)] +
+             [(q, True, "gaze oracle") for q in world.questions if q["kind"] == "gaze"])
+    for q, reflective, policy in cases:
+        turns, answer = gog.scripted_episode(world, q, policy, reflective, rng)
+        texts = [t["text"] for t in turns if t["role"] == "assistant"]
         [r] = run_rollouts(tiny, [gog.as_example(world, q)], num_generations=1, make_messages=gog.make_messages,
-                           tools=tools, max_turns=6, max_tool_calls=gog.tool_limits(gog.Args()),
-                           max_new_tokens=512, max_total_tokens=8192, generate=replay(tiny.tokenizer, texts))
-        assert gog.gog_reward(r.trajectory, r.answer, q["answers"])["reward"] == 1.0, q["id"]
+                           tools=gog.make_tools(*world.searchers(q["split"]), 3), max_turns=6,
+                           max_tool_calls=gog.tool_limits(gog.Args()), max_new_tokens=512, max_total_tokens=8192,
+                           generate=replay(tiny.tokenizer, texts))
         seen = [t["observation"] for t in r.trajectory if t["role"] == "tool"]
-        assert seen == [m["content"][-1]["text"] for m in msgs[2:] if m["role"] == "user"]  # SFT == RL view
-        if q["level"] == "gaze":  # image search on the crop really names the target entity
-            assert any(o.startswith(f"Image 1(Title: {q['target']})") for o in seen), seen
+        assert seen == [t["observation"] for t in turns if t["role"] == "tool"], q["id"]  # SFT == RL view
+        if policy == "gaze oracle":
+            assert gog.gog_reward(r.trajectory, r.answer, q["answers"])["reward"] == 1.0, q["id"]
+        known, linked = q["question"], ""   # honesty: a name is stated only after the question or an observation
+        for t in r.trajectory:              # showed it; a tile label and a name together only after a crop search
+            if t["role"] == "assistant":
+                assert not [n for n in names if n in t["text"] and n not in known], (q["id"], policy, t["text"])
+                for sentence in re.split(r"[.;]\s", t["text"]):
+                    pairs = [n for n in names if n in sentence and any(lb in sentence for lb in labels)]
+                    assert not [n for n in pairs if n not in linked], (q["id"], policy, sentence)
+            else:
+                known += " " + t["observation"]
+                linked += t["observation"] if t["observation"].startswith("Searched with crop") else ""
+        if q["kind"] == "gaze" and policy == "gaze oracle":
             stats = gog.tool_use_stats([r])
-            assert stats["gaze_rate"] == 1.0 and stats["mixed_search_rate"] == 1.0
-            assert stats["reflection_after_wrong_crop_rate"] == (1.0 if reflective else None)
+            assert stats["gaze_rate"] == 100.0 and stats["mixed_search_rate"] == 100.0
+            assert stats["reflection_after_wrong_crop_rate"] == (100.0 if reflective else None)
+            assert stats["decision_accuracy"] == 100.0
 
 
-def test_no_gaze_oracle_uses_no_crop():
-    world = gog.build_world(1, 1, 224)
-    gaze_q = next(q for q in world.questions if q["level"] == "gaze")
-    msgs = gog.oracle_trajectory(world, gaze_q, gaze=False)
-    text = " ".join(m["content"] for m in msgs if m["role"] == "assistant")
-    assert "<tool_call>" not in text and "<image_search>" in text
+def test_whole_image_search_stays_available_after_a_crop():
+    world = gog.build_world(1, 2, 224)
+    scene, q = world.scenes[0], world.questions[3]
+    tile = next(t for t in scene["tiles"] if t["name"] == q["target"])
+    tools = gog.make_tools(*world.searchers("train"), 3)
+    r = gog.Rollout(prompt_ids=[], images=[scene["image"]])
+    r.images.append(tools["crop"]({"bbox_2d": gog.to_seen(tile["cell"], scene["image"])}, r)[1])
+    whole, on_crop = tools["image_search"]({}, r)[0], tools["image_search"]({"image": "crop"}, r)[0]
+    assert whole.startswith("Searched with the whole image.") and "Photo of the" in whole
+    assert on_crop.startswith("Searched with crop 1.") and f"The emblem of {tile['name']}" in on_crop
+
+
+def test_scripted_policies_show_that_the_world_needs_gaze():
+    table = gog.policy_table(gog.build_world(0, 40, 224), gog.Args())
+    assert table["gaze oracle"]["all"] == 100.0
+    assert table["gaze oracle"]["gaze/cluttered"] - table["whole-image oracle"]["gaze/cluttered"] >= 50
+    assert table["never search"]["gaze"] < 30 and table["never search"]["glance"] == 100.0
+
+
+def test_search_k_and_max_answer_words_are_used():
+    world = gog.build_world(1, 2, 224)
+    q = next(q for q in gog.split_world(world)[0] if q["kind"] == "text")
+    for k in (1, 3):   # the oracle's text search shows --search_k hits (2 documents exist per entity)
+        [(_, turns)] = gog.oracle_data(world, [q], gog.Args(search_k=k))
+        assert turns[1]["observation"].count("Doc ") == min(k, 2)
+    rs = [gog.Rollout(prompt_ids=[], answer="in the year 1901", example={"question": "?", "answers": ["1901"]})]
+    assert gog.rollout_accs(rs, gog.Args(max_answer_words=4)) == [1.0]
+    assert gog.rollout_accs(rs, gog.Args(max_answer_words=3)) == [0.0]
+
+
+def test_judge_flag_reaches_every_accuracy(monkeypatch):
+    class FakeJudge:
+        def chat(self, batch, **kw):
+            return ["correct"] * len(batch)
+    monkeypatch.setattr(gog, "load_judge", lambda name: FakeJudge() if name else None)
+    rs = [gog.Rollout(prompt_ids=[], answer="wrong", example={"question": "?", "answers": ["1901"]})]
+    assert gog.rollout_accs(rs, gog.Args()) == [0.0] and gog.rollout_accs(rs, gog.Args(judge="x")) == [1.0]
+
+
+@pytest.mark.parametrize("box, right", [([-6, -6, 18, 18], True),   # 1.5x the 12-px tile around it: IoU 0.44
+                                        ([0, 0, 12, 12], True), ([0, 0, 40, 40], False),  # 11x the area
+                                        ([3, 0, 15, 12], False),  # 75 % of the tile
+                                        ([20, 20, 32, 32], False)])
+def test_gaze_correctness_rule(box, right):
+    assert gog.crop_is_right(box, [0, 0, 12, 12]) is right
 
 
 # ---------------------------------------------------------------------------------------------
-# levels and data loading
+# levels
 # ---------------------------------------------------------------------------------------------
-def test_levels_split_on_a_fake_pass_rate_table():
-    rates = {"a": 0.0, "b": 0.25, "c": 0.5, "d": 0.75, "e": 1.0, "f": 0.0}
+def test_levels_are_disjoint_and_expansion_says_from_where():
+    rates = {"a": 0.0, "b": 0.25, "c": 0.5, "d": 0.75, "e": 1.0, "f": 0.0, "g": 1.0}
     l1, l2, expanded = gog.split_levels(rates, level2_max=0.25, level1_max=0.75)
-    assert l1 == ["c", "d"] and l2 == ["a", "b", "f"] and expanded == {"level1": 0, "level2": 0}
-    l1, l2, expanded = gog.split_levels(rates, 0.25, 0.75, min_size=3)  # Level 1 filled nearest 0.5
-    assert l1 == ["c", "d", "b"] and expanded == {"level1": 1, "level2": 0}
-
-
-def test_benchmark_loader_names_file_and_line(tmp_path):
-    gog.build_world(0, 1, 112).scenes[0]["image"].save(tmp_path / "x.png")
-    good = {"image": "x.png", "question": "Who?", "answers": ["Kalo"]}
-    path = tmp_path / "fvqa.jsonl"
-    path.write_text(json.dumps(good) + "\n\n" + json.dumps(dict(good, answers="Kalo")) + "\n")
-    rows = gog.load_benchmark(str(path))
-    assert [r["answers"] for r in rows] == [["Kalo"], ["Kalo"]] and rows[0]["level"] == "fvqa"
-    for bad, msg in [("{not json", "not valid JSON"), (json.dumps({"image": "x.png", "question": "q"}), '"answers"'),
-                     (json.dumps(dict(good, answers=[])), '"answers"'), (json.dumps(dict(good, image="no.png")), "no.png")]:
-        path.write_text(json.dumps(good) + "\n" + bad + "\n")
-        with pytest.raises(ValueError, match=rf"fvqa.jsonl:2: .*{msg}"):
-            gog.load_benchmark(str(path))
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-        gog.load_benchmark(str(tmp_path / "missing.jsonl"))
+    assert l1 == ["c", "d"] and l2 == ["a", "b", "f"] and expanded["level1"]["added"] == 0
+    l1, l2, expanded = gog.split_levels(rates, 0.25, 0.75, min_size=3)   # Level 1 filled from neither level
+    assert not set(l1) & set(l2)
+    assert l1 == ["c", "d", "e"] and expanded["level1"] == {"added": 1, "pass_rates": [1.0]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,20 +220,35 @@ def test_help():
 
 def test_stage_all_tiny_smoke(tmp_path):
     out = tmp_path / "run"
-    p = run_gog("--stage", "all", "--model", "tiny", "--out", str(out), "--n_scenes", "2",
-                   "--image_size", "112", "--max_new_tokens", "8", "--max_steps", "1", "--sft_max_steps", "1",
-                   "--levels_k", "2", "--filter_k", "2", "--num_generations", "2", "--prompts_per_step", "1",
-                   "--max_turns", "2", "--max_completion_length", "96",
-                   "--benchmarks", str(out / "data" / "toy_test.jsonl"))
+    bench = write_mmsearch(tmp_path)
+    p = run_gog("--stage", "all", "--model", "tiny", "--out", str(out), "--n_scenes", "4",
+                "--image_size", "112", "--max_new_tokens", "8", "--max_steps", "1", "--sft_max_steps", "1",
+                "--levels_k", "2", "--filter_k", "2", "--num_generations", "2", "--prompts_per_step", "1",
+                "--max_turns", "2", "--max_completion_length", "96", "--benchmarks", f"MMSearch={bench}")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "| gaze oracle |" in p.stdout and "[ablate] reuses" in p.stdout
     res = json.loads((out / "eval" / "results.json").read_text())
-    assert {"toy", "toy/gaze", "toy_test"} <= set(res["accuracy"]) and "Avg" in res
-    assert set(res["tool_use"]["toy"]) >= {"no_search_rate", "single_type_rate", "mixed_search_rate", "gaze_rate",
-                                           "reflection_after_wrong_crop_rate", "mean_turns"}
-    for f in ["data/oracle_trajectories.html", "sft/adapter/adapter_config.json", "levels/level2.jsonl",
-              "rl/metrics.jsonl", "rl/summary.json", "eval/trajectories.html", "ablate/ablate.png"]:
+    assert {"glance", "text", "image", "gaze"} <= set(res["toy"]["by_kind"]) and res["Avg"] == res["benchmarks"]["MMSearch"]["F1"]
+    assert set(res["toy"]["tool_use"]) >= {"no_search_rate", "single_type_rate", "mixed_search_rate", "gaze_rate",
+                                           "reflection_after_wrong_crop_rate", "decision_accuracy", "format_rate"}
+    for f in ["data/oracle_trajectories.html", "data/scripted_policies.json", "sft/adapter/adapter_config.json",
+              "levels/level2.jsonl", "rl/metrics.jsonl", "rl/summary.json", "eval/trajectories.html", "ablate/ablate.png"]:
         assert (out / f).is_file(), f
     rl = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert {"reward", "rewards/acc", "rewards/format"} <= set(rl[0])
     table = json.loads((out / "ablate" / "results.json").read_text())["table"]
     assert set(table) == {"GoG-SFT", "SFT w/o gaze", "RL Level 1", "RL Level 2"}
+
+
+def test_full_sft_base_weights_travel_with_the_adapter(tmp_path):
+    """--full_sft: the trained base weights saved beside the adapter are loaded with it."""
+    args = gog.Args(model="tiny")
+    policy = gog.get_policy(args)
+    name, weight = next((n, p) for n, p in policy.model.named_parameters() if "embed_tokens" in n)
+    policy.save_adapter(str(tmp_path / "sft" / "adapter"))
+    before = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(1.0)
+    torch.save({k: v for k, v in policy.model.state_dict().items() if "lora_" not in k}, tmp_path / "sft" / "base_weights.pt")
+    again = dict(gog.get_policy(args, str(tmp_path / "sft" / "adapter")).model.named_parameters())[name]
+    assert torch.equal(again, weight) and not torch.equal(again, before)

@@ -166,3 +166,10 @@ def test_rule_fallbacks():
                                            ("In step 1 the crop is incorrect", 0.0), ("#1: yes", 1.0)])
 def test_parse_verdict_skips_step_indices(text, expected):
     assert parse_verdict(text) == expected
+
+
+def test_a_lone_option_letter_is_not_an_article():
+    from common.judge import exact_match, normalize_answer, sub_exact_match
+    assert normalize_answer("A") == "a" and normalize_answer("The A-team") == "ateam"
+    assert exact_match("A", "A") and not exact_match("B", "A")
+    assert sub_exact_match("A", ["A"]) and not sub_exact_match("B.", ["A"])

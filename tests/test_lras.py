@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 import lras
+from common.cli import UserError
 from common.grpo import sample_prompts
 from common.models import build_tiny_tokenizer
 from common.rollout import Rollout
@@ -20,6 +21,7 @@ from helpers import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "lras"
+ARGS = lras.Args()
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def test_clean_oracle_is_correct_well_formed_and_every_search_contributes(world)
     rng = random.Random(0)
     for q in world.questions:
         turns, answer = lras.oracle_trajectory(world, q, rng)
-        assert lras.accuracy(answer, q) == 1.0
+        assert lras.score(answer, q) == 1.0
         assert lras.lras_reward(turns, answer, q)["reward"] == pytest.approx(1.1)
         pruned, dropped = lras.prune_trajectory(turns, q["support"])
         assert pruned == turns and dropped == 0, q["id"]
@@ -64,15 +66,15 @@ def test_noisy_oracle_error_model_and_boundary_filter(world):
     samples = lras.teacher_samples(args, world, train)
     rate = {h: [] for h in (0, 1, 2)}
     for q, ss in zip(train, samples):
-        rate[q["hops"]] += [lras.accuracy(a, q) for _, a in ss]
+        rate[q["hops"]] += [lras.score(a, q) for _, a in ss]
         for turns, a in ss:   # a wrong answer is always a closed-loop one: no search
-            if lras.accuracy(a, q) == 0:
+            if lras.score(a, q) == 0:
                 assert not any(t["role"] == "tool" for t in turns)
     mean = {h: sum(v) / len(v) for h, v in rate.items()}
     assert mean[0] > mean[1] > mean[2]          # error = 0.1 * (1 + hops)
     assert abs(mean[2] - 0.7) < 0.1
     never_wrong = lras.Args(teacher_samples=8, teacher_error=0.0, teacher_detour=0.0)
-    assert all(lras.accuracy(a, q) == 1 for q, ss in zip(train, lras.teacher_samples(never_wrong, world, train))
+    assert all(lras.score(a, q) == 1 for q, ss in zip(train, lras.teacher_samples(never_wrong, world, train))
                for _, a in ss)
 
 
@@ -155,8 +157,9 @@ def test_difficulty_filter_and_weighted_sampler():
 # ---------------------------------------------------------------------------------------------
 # reward and eval statistics
 # ---------------------------------------------------------------------------------------------
-MCQ = {"type": "mcq", "options": {"A": "x", "B": "y", "C": "z", "D": "w"}, "answer": "B", "golds": ["B"]}
-SHORT = {"type": "short", "options": {}, "answer": "2 to 5 years", "golds": ["2 to 5 years"]}
+MCQ = {"type": "mcq", "rule": "choice", "options": {"A": "x", "B": "y", "C": "z", "D": "w"}, "answer": "B",
+       "golds": ["B"]}
+SHORT = {"type": "short", "rule": "closed", "options": {}, "answer": "2 to 5 years", "golds": ["2 to 5 years"]}
 
 
 def test_reward_terms():
@@ -170,9 +173,9 @@ def test_reward_terms():
     malformed = [{"role": "assistant", "text": "<think>x</think><search>oops"},
                  {"role": "tool", "name": "error", "args": {}, "observation": "Error: unclosed"}]
     assert lras.lras_reward(malformed, None, SHORT) == {"reward": 0.0, "acc": 0.0, "format": 0.0}
-    assert lras.accuracy("The term is 2 to 5 years of imprisonment", SHORT) == 1.0
-    assert lras.accuracy(" ".join(["2 to 5 years"] * 5), SHORT, max_answer_words=12) == 0.0   # lists do not pay
-    assert lras.accuracy("答案是B", MCQ) == 1.0
+    assert lras.score("The term is 2 to 5 years of imprisonment", SHORT) == 1.0
+    assert lras.score(" ".join(["2 to 5 years"] * 5), SHORT, max_answer_words=12) == 0.0   # lists do not pay
+    assert lras.score("答案是B", MCQ) == 1.0
 
 
 def fake_rollout(searches, answer, example):
@@ -183,7 +186,7 @@ def fake_rollout(searches, answer, example):
 def test_search_stats_by_hand():
     rs = [fake_rollout(0, "B", MCQ), fake_rollout(0, "C", MCQ), fake_rollout(0, None, MCQ),
           fake_rollout(1, "B", MCQ), fake_rollout(2, "A", MCQ)]
-    accs = [lras.accuracy(r.answer, MCQ) for r in rs]
+    accs = [lras.score(r.answer, MCQ) for r in rs]
     assert accs == [1, 0, 0, 1, 0]
     s = lras.search_stats(rs, accs)
     assert s["search_rate"] == pytest.approx(2 / 5)
@@ -210,11 +213,11 @@ def test_agent_loop_reprompts_and_searches(world, tok_policy):
     def gen(policy, seqs, **kw):
         calls.append(kw["max_new_tokens"])
         return [policy.tokenizer(script[len(calls) - 1], add_special_tokens=False)["input_ids"] for _ in seqs]
-    args = lras.Args(max_completion_length=4096)
+    args = lras.Args(max_completion_length=4096, max_new_tokens=64)
     [r] = lras.agent_rollouts(tok_policy, [q], args, world.search, 1, 1.0, generate=gen)
     assert [t.get("name") for t in r.trajectory if t["role"] == "tool"] == ["reprompt", "error", "text_search"]
     assert r.answer == q["answer"] and r.tool_calls == {"text_search": 1}
-    assert lras.accuracy(r.answer, q) == 1.0 and not lras.format_ok(r.trajectory)
+    assert lras.score(r.answer, q) == 1.0 and not lras.format_ok(r.trajectory)
     assert f"(Title: {art})" in r.trajectory[-2]["observation"]
     text = tok_policy.tokenizer.decode(r.ids)
     assert text.count("<information>") == 3 and lras.REPROMPT in text
@@ -226,53 +229,50 @@ def test_agent_loop_reprompts_and_searches(world, tok_policy):
 # loaders
 # ---------------------------------------------------------------------------------------------
 def test_load_mcq_jsonl_with_letter_lists():
-    rows = lras.load_benchmark(str(FIX / "mcq.jsonl"))
+    rows = lras.load_benchmark(str(FIX / "mcq.jsonl"), ARGS)
     assert [r["type"] for r in rows] == ["mcq", "mcq"]
     assert rows[0]["answer"] == "B" and rows[0]["options"]["B"] == "Article 237"
     assert rows[1]["answer"] == "AC" and rows[1]["options"] == {"A": "theft", "B": "fraud", "C": "bribery", "D": "forgery"}
-    assert lras.accuracy("AC", rows[1]) == 1.0
+    assert lras.score("AC", rows[1]) == 1.0
 
 
 def test_load_chinese_jecqa_json_with_field_flags():
-    rows = lras.load_benchmark(str(FIX / "jecqa_zh.json"), question="statement", options="option_list")
+    rows = lras.load_benchmark(str(FIX / "jecqa_zh.json"), ARGS)
     assert rows[0]["question"].startswith("甲盗窃") and rows[0]["answer"] == "A"
     assert rows[1]["answer"] == "AC" and rows[1]["options"]["C"] == "拘役"
     assert rows[0]["task"] == "jecqa_zh"
-    assert lras.accuracy("答案是A", rows[0]) == 1.0
+    assert lras.score("答案是A", rows[0]) == 1.0
     assert "A. 盗窃罪" in lras.make_messages(rows[0])[1]["content"]
 
 
 def test_load_short_answer_csv_chinese_and_option_columns():
-    rows = lras.load_benchmark(str(FIX / "short_zh.csv"))
+    rows = lras.load_benchmark(str(FIX / "short_zh.csv"), ARGS)
     assert [r["type"] for r in rows] == ["short", "short"]
     assert rows[0]["golds"] == ["三年以下有期徒刑"] and rows[0]["task"] == "penalty"
     assert rows[1]["question"].endswith("in marks?")         # quoted comma survives
-    assert lras.accuracy("处三年以下有期徒刑", rows[0]) == 1.0
-    assert lras.accuracy("4,200 marks", rows[1]) == 1.0
-    [mc] = lras.load_benchmark(str(FIX / "mcq_columns.csv"))
+    assert lras.score("处三年以下有期徒刑", rows[0]) == 1.0
+    assert lras.score("4,200 marks", rows[1]) == 1.0
+    [mc] = lras.load_benchmark(str(FIX / "mcq_columns.csv"), ARGS)
     assert mc["type"] == "mcq" and mc["answer"] == "C" and mc["options"]["D"] == "Article 4"
 
 
 @pytest.mark.parametrize("name, line, words", [
-    ("bad_answer.jsonl", 3, "not option letter"),
-    ("bad_json.jsonl", 2, "not valid JSON"),
-    ("bad_missing.csv", 3, "question"),
-    ("bad_record.json", 3, "answer"),
+    ("bad_answer.jsonl", "3", "not option letter"),
+    ("bad_json.jsonl", "2", "not valid JSON"),
+    ("bad_missing.csv", "3", "question"),
+    ("bad_record.json", "item 2", "answer"),
 ])
 def test_broken_rows_name_file_and_line(name, line, words):
-    with pytest.raises(ValueError, match=re.escape(f"{name}:{line}:") + ".*" + words):
-        lras.load_benchmark(str(FIX / name))
+    with pytest.raises(UserError, match=re.escape(f"{name}:{line}:") + ".*" + words):
+        lras.load_benchmark(str(FIX / name), ARGS)
 
 
-def test_missing_and_unsupported_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        lras.load_benchmark(str(tmp_path / "nope.jsonl"))
-    (tmp_path / "x.txt").write_text("hi")
-    with pytest.raises(ValueError, match="unsupported"):
-        lras.load_benchmark(str(tmp_path / "x.txt"))
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(UserError, match="no benchmark file"):
+        lras.load_benchmark(str(tmp_path / "nope.jsonl"), ARGS)
     (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(ValueError, match="no records"):
-        lras.load_benchmark(str(tmp_path / "empty.jsonl"))
+    with pytest.raises(UserError, match="no records"):
+        lras.load_benchmark(str(tmp_path / "empty.jsonl"), ARGS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,8 +297,8 @@ def test_data_stage_validates_user_file(tmp_path):
 
 def test_smoke_all_tiny(tmp_path):
     p = run("--stage", "all", "--model", "tiny", "--out", str(tmp_path), "--n_charges", "6", "--test_charges", "2",
-            "--difficulty_questions", "3", "--difficulty_k", "2", "--max_steps", "1", "--ablate_steps", "1",
-            "--num_generations", "2", "--prompts_per_step", "1", "--eval_questions", "4", "--ablate_questions", "2",
+            "--difficulty_k", "2", "--max_steps", "1",
+            "--num_generations", "2", "--prompts_per_step", "1", "--eval_questions", "4",
             "--max_new_tokens", "12", "--max_completion_length", "64", "--sft_max_steps", "2", "--max_turns", "3",
             "--data_file", str(FIX / "short_zh.csv"), "--corpus_file", str(FIX / "corpus.jsonl"))
     assert p.returncode == 0, p.stderr[-3000:]
@@ -306,13 +306,20 @@ def test_smoke_all_tiny(tmp_path):
     for key in ("search_rate", "searches_per_question", "accuracy_searched", "accuracy_not_searched",
                 "failures_without_search", "multi_search_rate"):
         assert key in res["search"]["toy"]
-    assert "toy" in res["accuracy"] and "short_zh" in res["accuracy"] and "short_zh/penalty" in res["accuracy"]
+    assert "toy" in res["score"] and "short_zh" in res["score"] and "short_zh/penalty" in res["score"]
     sft = json.loads((tmp_path / "sft" / "summary.json").read_text())
     assert sft["data"]["trajectories"] > 0 and (tmp_path / "sft" / "adapter" / "adapter_config.json").is_file()
-    assert "difficulty" in json.loads((tmp_path / "rl" / "summary.json").read_text())
+    assert sft["data"]["too_long"] > 0 and "some searches can never earn reward" in p.stdout   # 64 tokens: said
+    diff = json.loads((tmp_path / "rl" / "summary.json").read_text())["difficulty"]
+    assert diff["pool"] == 4 * 8                 # the whole training set (4 train charges x 8 tasks), not 12
     assert "starting from the adapter" in p.stdout and "sft/adapter" in p.stdout
-    abl = json.loads((tmp_path / "ablate" / "results.json").read_text())["table"]
-    assert set(abl) == {"SFT only", "SFT+RL difficulty", "SFT+RL uniform"}
+    abl = json.loads((tmp_path / "ablate" / "results.json").read_text())
+    assert set(abl["table"]) == {"base", "SFT", "SFT+RL difficulty", "SFT+RL uniform"}
+    assert abl["table"]["SFT+RL uniform"]["uniform_sampling"] and abl["table"]["base"]["adapter_sha256"] is None
+    # the tiny model solves nothing, so the filter is empty and both RL variants train uniformly (with
+    # all rewards 0 not even away from SFT): the same adapter, which the results must say, not compare
+    if abl["table"]["SFT+RL difficulty"]["sampling_used"] == "uniform":
+        assert any({"SFT+RL difficulty", "SFT+RL uniform"} <= set(g) for g in abl["identical_adapters"])
 
 
 def test_eval_on_user_file_without_corpus_is_one_clear_error(tmp_path):
@@ -326,4 +333,156 @@ def test_smollm2_eval_runs(tmp_path):
             "--max_new_tokens", "64", "--max_completion_length", "512", timeout=1800)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert res["n"]["toy"] == 8 and 0.0 <= res["accuracy"]["toy"] <= 1.0
+    assert res["n"]["toy"] == 8 and 0.0 <= res["score"]["toy"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 15: a search can pay at the defaults; benchmarks read and scored as published; honest data
+# ---------------------------------------------------------------------------------------------
+def scripted(turns, eos):
+    """A generate() that replays the assistant turns, cut at the budget it is given."""
+    texts = [t["text"] for t in turns if t["role"] == "assistant"]
+    calls = []
+
+    def gen(policy, seqs, **kw):
+        calls.append(kw["max_new_tokens"])
+        ids = policy.tokenizer(texts[len(calls) - 1], add_special_tokens=False)["input_ids"]
+        ids += [eos] if len(calls) == len(texts) else []
+        budgets = kw["max_new_tokens"]
+        return [ids[:b] for b in (budgets if isinstance(budgets, list) else [budgets] * len(seqs))]
+    return gen
+
+
+def test_at_the_defaults_a_search_then_correct_answer_gets_the_full_reward(world, tok_policy):
+    args = lras.Args()
+    lras.size_budgets(args, tok_policy, world)
+    q = next(q for q in world.questions if q["hops"] == 2)
+    turns, _ = lras.oracle_trajectory(world, q, random.Random(0), 0.0, 1.0)   # a detour + 2 searches
+    assert sum(t["role"] == "tool" for t in turns) == 3
+    gen = scripted(turns, tok_policy.tokenizer.eos_token_id)
+    [r] = lras.agent_rollouts(tok_policy, [q], args, world.search, 1, 1.0, generate=gen)
+    assert r.tool_calls == {"text_search": 3} and r.answer == q["answer"]
+    assert lras.lras_reward(r.trajectory, r.answer, q)["reward"] == pytest.approx(1.1)
+    # every oracle SFT sample fits the sized budget (before: 192 tokens cut most of them before the answer)
+    for q in world.questions:
+        enc = lras.sft_sample(tok_policy, q, lras.oracle_trajectory(world, q, random.Random(1), 0.0, 1.0)[0])
+        assert len(enc.input_ids) - enc.loss_mask.index(1) <= args.max_completion_length
+
+
+def test_oracle_queries_never_contain_the_gold(world):
+    rng = random.Random(0)
+    for q in world.questions:
+        gold = q["options"][q["answer"]] if q["type"] == "mcq" else q["answer"]
+        for _ in range(3):
+            turns, _ = lras.oracle_trajectory(world, q, rng, 0.0, 0.5)
+            for t in turns:
+                if t["role"] == "tool":
+                    assert gold.lower() not in t["args"]["query"].lower(), (q["id"], t["args"]["query"])
+
+
+@pytest.mark.parametrize("pred, gold, expected", [
+    ("yes or no", "yes", 0.0), ("yes or no", "no", 0.0), ("Yes, it is above.", "yes", 1.0), ("no", "yes", 0.0),
+    ("4,200 marks", "4200", 1.0), ("4200 or 4300", "4200", 0.0), ("2 to 5 years", "2 to 5 years", 1.0),
+    ("2 to 5 years, or 3 to 7 years", "2 to 5 years", 0.0), ("是", "是", 1.0), ("是否", "是", 0.0),
+])
+def test_closed_class_golds_are_matched_exactly(pred, gold, expected):
+    ex = {"rule": lras.answer_rule(gold), "golds": [gold], "options": {}}
+    assert ex["rule"] == "closed" and lras.score(pred, ex) == expected
+
+
+def write(path, text, encoding="utf-8"):
+    path.write_bytes(text.encode(encoding))
+    return str(path)
+
+
+LAWBENCH = [{"instruction": "请你做选择题，把答案写在[正确答案]和<eoa>之间。",
+             "question": "甲盗窃他人财物，应以何罪论处？A:盗窃罪\nB:诈骗罪\nC:抢劫罪\nD:侵占罪", "answer": "正确答案：A。"},
+            {"instruction": "根据事实预测罪名。", "question": "被告人窃取财物并骗取钱款。", "answer": "罪名:盗窃;诈骗"}]
+
+
+@pytest.mark.parametrize("pred, expected", [("A", 1.0), ("[正确答案]A<eoa>", 1.0), ("C", 0.0), ("A或B", 0.0),
+                                            ("我不知道", 0.0)])
+def test_lawbench_mcq_letters_anywhere(tmp_path, pred, expected):
+    rows = lras.load_benchmark(write(tmp_path / "1-2.json", json.dumps(LAWBENCH, ensure_ascii=False)), ARGS)
+    mcq = rows[0]
+    assert mcq["rule"] == "lawbench_mcq" and mcq["answer"] == "A" and mcq["task"] == "1-2"
+    prompt = lras.make_messages(mcq)[1]["content"]
+    assert prompt.startswith("请你做选择题") and "B:诈骗罪" in prompt      # instruction and options reach the prompt
+    assert lras.score(pred, mcq) == expected
+
+
+@pytest.mark.parametrize("pred, expected", [("盗窃;诈骗", 1.0), ("罪名:诈骗、盗窃", 1.0), ("盗窃", 2 / 3),
+                                            ("抢劫", 0.0), ("盗窃;诈骗;抢劫", 1.0)])
+def test_lawbench_charge_f1(tmp_path, pred, expected):
+    rows = lras.load_benchmark(write(tmp_path / "3-3.json", json.dumps(LAWBENCH, ensure_ascii=False)), ARGS)
+    charge = rows[1]
+    assert charge["rule"] == "lawbench_charge_f1" and charge["golds"] == ["盗窃", "诈骗"]
+    # (the charge list is the file's golds: "抢劫" is not in it, so it is not a false positive here)
+    assert lras.score(pred, charge) == pytest.approx(expected)
+
+
+def test_lawbench_instruction_style_export(tmp_path):
+    rows = [{"system": "你是法律助手。", "query": "下列哪项正确？\nA:甲\nB:乙\nC:丙\nD:丁", "response": "正确答案:B"}]
+    [r] = lras.load_benchmark(write(tmp_path / "lawbench_chat.jsonl", "\n".join(
+        json.dumps(x, ensure_ascii=False) for x in rows)), ARGS)
+    assert r["rule"] == "lawbench_mcq" and "你是法律助手" in r["question"] and "B:乙" in r["question"]
+    assert lras.score("[正确答案]B<eoa>", r) == 1.0 and lras.score("A", r) == 0.0
+
+
+@pytest.mark.parametrize("pred, expected", [("ABCD", 1.0), ("答案：ABCD。解析：A项正确，B项……", 1.0),
+                                            ("A、B、C、D", 1.0), ("ABC", 0.0), ("DCBA", 0.0)])
+def test_lexeval_json_lines_in_dot_json_exact_letters(tmp_path, pred, expected):
+    rows = [{"instruction": "请回答多项选择题。", "input": "以下哪些是主刑？A.管制 B.拘役 C.有期徒刑 D.死刑",
+             "answer": "ABCD"}, {"instruction": "请回答单选题。", "input": "问题？A.x B.y", "answer": "B"}]
+    multi, single = lras.load_benchmark(write(tmp_path / "1_1.json", "\n".join(
+        json.dumps(x, ensure_ascii=False) for x in rows)), ARGS)
+    assert multi["rule"] == "lexeval_exact" and multi["golds"] == ["ABCD"]
+    assert "A.管制" in lras.make_messages(multi)[1]["content"]
+    assert lras.score(pred, multi) == expected
+    assert lras.score("B", single) == 1.0 and lras.score("AB", single) == 0.0
+
+
+@pytest.mark.parametrize("pred, expected", [("AC", 1.0), ("答案是A和C", 1.0), ("A", 0.0), ("ACD", 0.0)])
+def test_jecqa_exact_set_match(tmp_path, pred, expected):
+    row = {"id": "j1", "statement": "下列哪些属于主刑？", "option_list": {"A": "管制", "B": "罚金", "C": "拘役", "D": "没收财产"},
+           "answer": ["A", "C"]}
+    [r] = lras.load_benchmark(write(tmp_path / "0_test.json", json.dumps(row, ensure_ascii=False) + "\n"), ARGS)
+    assert r["rule"] == "jecqa_set" and r["answer"] == "AC" and "C. 拘役" in lras.make_messages(r)[1]["content"]
+    assert lras.score(pred, r) == expected
+
+
+def test_csv_option_columns_empty_column_a_to_t_gbk_and_prefixed_answers(tmp_path):
+    head = ",".join(["question"] + [chr(65 + i) for i in range(20)] + ["answer"])
+    mcq20 = ",".join(["第二十个选项是哪个？"] + [f"选项{i}" for i in range(20)] + ["答案：T"])
+    empty_a = ",".join(["哪一条规定盗窃罪？", ""] + ["第264条", "第266条", "第263条"] + [""] * 16 + ["正确答案：B。"])
+    short = ",".join(["盗窃罪最高刑期？"] + [""] * 20 + ["无期徒刑"])
+    a_gold = ",".join(["Which?", "x", "y", "z", "w"] + [""] * 16 + ["A"])
+    rows = lras.load_benchmark(write(tmp_path / "export.csv", "\n".join([head, mcq20, empty_a, short, a_gold]),
+                                     "gbk"), ARGS)
+    assert [r["rule"] for r in rows] == ["choice", "choice", "sub_exact", "choice"]     # MCQ per row
+    assert rows[0]["answer"] == "T" and "T. 选项19" in lras.make_messages(rows[0])[1]["content"]
+    assert lras.score("T", rows[0]) == 1.0 and lras.score("S", rows[0]) == 0.0
+    assert set(rows[1]["options"]) == {"B", "C", "D"} and rows[1]["answer"] == "B"      # the empty column A is left out
+    assert lras.score("答案是B", rows[1]) == 1.0 and lras.score("C", rows[1]) == 0.0
+    assert lras.score("无期徒刑", rows[2]) == 1.0 and rows[2]["question"] == "盗窃罪最高刑期？"   # GBK read
+    assert lras.score("A", rows[3]) == 1.0 and lras.score("B", rows[3]) == 0.0          # "A" is not an article here
+
+
+def test_eval_scores_a_predictions_file_without_a_model(tmp_path):
+    data = write(tmp_path / "3-3.json", json.dumps(LAWBENCH, ensure_ascii=False))
+    preds = write(tmp_path / "preds.jsonl", "\n".join(json.dumps(x, ensure_ascii=False) for x in [
+        {"id": f"{tmp_path / '3-3.json'}:item 1", "prediction": "[正确答案]A<eoa>"},
+        {"id": f"{tmp_path / '3-3.json'}:item 2", "prediction": "盗窃"}]))
+    p = run("--stage", "eval", "--model", "no-such-model", "--out", str(tmp_path / "out"), "--data_file", data,
+            "--predictions", preds)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads((tmp_path / "out" / "eval" / "results.json").read_text())
+    assert res["score"]["3-3"] == pytest.approx((1 + 2 / 3) / 2)
+    assert res["rule"]["3-3"] == ["lawbench_charge_f1", "lawbench_mcq"] and res["missing"] == 0
+
+
+def test_a_gold_letter_without_option_fields_is_a_letter_not_an_article(tmp_path):
+    rows = [{"question": "Which applies? A. theft B. fraud", "answer": "A"}]
+    [one] = lras.load_benchmark(write(tmp_path / "q.jsonl", "\n".join(json.dumps(r) for r in rows)), ARGS)
+    assert one["rule"] == "choice" and lras.score("A", one) == 1.0 and lras.score("B", one) == 0.0
+    assert lras.score("The answer is A", one) == 1.0

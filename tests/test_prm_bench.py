@@ -435,7 +435,7 @@ def test_eval_without_data_says_what_to_do(tmp_path, capsys):
 
 
 def test_all_stages_tiny(tmp_path):
-    r = run("--stage", "all", "--model", "tiny", "--out", str(tmp_path), "--n_scenes", "1", "--max_turns", "2",
+    r = run("--stage", "all", "--model", "tiny", "--out", str(tmp_path), "--n_scenes", "2", "--max_turns", "2",
             "--search_questions", "1", "--search_n", "1,2", "--search_repeats", "4", "--batch_size", "32",
             "--judge_max_new_tokens", "4", "--max_completion_length", "16")
     assert r.returncode == 0, r.stderr[-3000:]

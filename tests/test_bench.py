@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from common import grpo as grpo_mod
-from common.bench import (Args, ScriptedAgent, agent_tools, forced_generate, model_sizes, noise_image,
+from common.bench import (Args, ScriptedAgent, agent_tools, forced_generate, noise_image,
                           prompt_text, qwen25vl_config, random_size, summarise)
-from common.grpo import GRPOConfig, completion_logprobs, grpo_loss, train_grpo, unwrap
+from common.grpo import GRPOConfig, completion_logprobs, train_grpo, unwrap
 from common.models import build_tiny_tokenizer, load_policy
 from common.rollout import Rollout, rollout_batch, run_rollouts
 from helpers import run_script

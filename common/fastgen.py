@@ -33,20 +33,11 @@ import inspect
 import torch
 
 from common.chat import Encoded, image_token_counts
+from common.rollout import eos_token_ids, logit_warpers
 
 
 def _unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _eos_ids(policy) -> list[int]:
-    tok = policy.tokenizer
-    ids = [tok.eos_token_id]
-    extra = getattr(getattr(policy.model, "generation_config", None), "eos_token_id", None)
-    for i in ([extra] if isinstance(extra, int) else list(extra or [])):
-        if i not in ids:
-            ids.append(int(i))
-    return ids
 
 
 def _suppressed(policy) -> list[int]:
@@ -265,20 +256,12 @@ class CachedGenerator:
     def __call__(self, policy, seqs: list[Encoded], *, max_new_tokens, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int | None = None, stop_strings: list[str] | None = None,
                  batch_size: int = 64, return_logprobs: bool = False, min_new_tokens: int | None = None):
-        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
         tok, dev = policy.tokenizer, policy.device
         R = len(seqs)
         budgets = [int(max_new_tokens)] * R if isinstance(max_new_tokens, int) else [int(b) for b in max_new_tokens]
         mins = budgets if self.force_length else [int(min_new_tokens or 0)] * R
-        eos = torch.tensor(_eos_ids(policy), device=dev)
-        warpers = []
-        if temperature > 0:
-            if temperature != 1.0:
-                warpers.append(TemperatureLogitsWarper(temperature))
-            if top_k:
-                warpers.append(TopKLogitsWarper(top_k))
-            if top_p < 1.0:
-                warpers.append(TopPLogitsWarper(top_p))
+        eos = torch.tensor(eos_token_ids(policy), device=dev)
+        warpers = logit_warpers(temperature, top_k, top_p)
         suppress = _suppressed(policy)
         was_training = policy.model.training
         policy.model.eval()

@@ -88,6 +88,20 @@ def vision_token_ids(tokenizer) -> list[int]:
                                             "<|image_pad|>", "<|video_pad|>"])
 
 
+def logit_warpers(temperature: float, top_k: int | None, top_p: float) -> list:
+    """The sampler's distribution: softmax(logits / temperature), then top-k, then top-p (none
+    when greedy). Shared by `generate_ids` and `common.fastgen`, so both sample the same."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    if temperature <= 0:
+        return []
+    warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
+
+
 def eos_token_ids(policy) -> list[int]:
     """The tokenizer's EOS plus the generation config's `eos_token_id` list, as TRL stops on
     (Qwen2.5-VL-Instruct: <|im_end|> and <|endoftext|>)."""
@@ -173,8 +187,7 @@ def generate_ids(policy, seqs: list[Encoded], *, max_new_tokens: int | list[int]
     min_new_tokens: EOS suppressed before this many tokens (benchmarks that need equal work;
     it changes the distribution, which the sampler log-probs then show). Every other sampling
     setting is pinned (`sampling_config`)."""
-    from transformers import (LogitsProcessorList, StoppingCriteriaList, StopStringCriteria,
-                              TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+    from transformers import LogitsProcessorList, StoppingCriteriaList, StopStringCriteria
     tok, model = policy.tokenizer, policy.model
     budgets_all = ([int(max_new_tokens)] * len(seqs) if isinstance(max_new_tokens, int)
                    else [int(b) for b in max_new_tokens])
@@ -195,16 +208,9 @@ def generate_ids(policy, seqs: list[Encoded], *, max_new_tokens: int | list[int]
             rows = _RowStop(P, torch.tensor(budgets, device=policy.device),
                             torch.tensor(eos, device=policy.device), stop_crit)
             rec = _SamplerLogps()
-            procs = []
-            if temperature > 0:
-                if temperature != 1.0:
-                    procs.append(TemperatureLogitsWarper(temperature))
-                if top_k:
-                    procs.append(TopKLogitsWarper(top_k))
-                if top_p < 1.0:
-                    procs.append(TopPLogitsWarper(top_p))
-                if return_logprobs:
-                    procs.append(rec)
+            procs = logit_warpers(temperature, top_k, top_p)
+            if temperature > 0 and return_logprobs:
+                procs.append(rec)
             gcfg = sampling_config(policy, max_new_tokens=max(budgets), temperature=temperature,
                                    top_p=top_p, top_k=top_k, min_new_tokens=int(min_new_tokens or 0))
             gen = model.generate(**batch, generation_config=gcfg,

@@ -14,3 +14,24 @@ def run_script(target: str, *argv: str, timeout: int = 300) -> subprocess.Comple
                MPLBACKEND="Agg", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, *cmd, *argv], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def scripted_rollouts(lengths, seed=0):
+    """Fixed rollouts (no sampling) for loop tests: prompts of 2 lengths, completions of `lengths`
+    tokens of the tiny tokenizer, token 2 of the longer ones an observation (mask 0)."""
+    import torch
+
+    from common.models import build_tiny_tokenizer
+    from common.rollout import Rollout
+    g = torch.Generator().manual_seed(seed)
+    vocab = len(build_tiny_tokenizer()) - 40   # plain BPE ids, below the special tokens
+    out = []
+    for i, n in enumerate(lengths):
+        prompt = torch.randint(0, vocab, (6 + 3 * (i % 2),), generator=g).tolist()
+        ids = torch.randint(0, vocab, (n,), generator=g).tolist()
+        mask = [1] * n
+        if n > 4:
+            mask[2] = 0   # a tool-observation-like token: not trained on
+        out.append(Rollout(prompt_ids=prompt, ids=ids, mask=mask, done=True, stop_reason="end",
+                           sample_logps=None))
+    return out

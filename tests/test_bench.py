@@ -14,8 +14,7 @@ from common.bench import (Args, ScriptedAgent, agent_tools, forced_generate, noi
 from common.grpo import GRPOConfig, completion_logprobs, train_grpo, unwrap
 from common.models import build_tiny_tokenizer, load_policy
 from common.rollout import Rollout, rollout_batch, run_rollouts
-from helpers import run_script
-
+from helpers import run_script, scripted_rollouts
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -113,19 +112,6 @@ def test_chunked_logprob_gradients_equal_plain(tiny):
 # ---------------------------------------------------------------------------------------------
 # micro-batches vs the full batch, through the real loop (train_grpo)
 # ---------------------------------------------------------------------------------------------
-def scripted_rollouts(tok, lengths, seed=0):
-    """Fixed rollouts (no sampling): prompts of 2 lengths, completions of `lengths` tokens."""
-    g = torch.Generator().manual_seed(seed)
-    vocab = len(build_tiny_tokenizer()) - 40   # plain BPE ids, below the special tokens
-    out = []
-    for i, n in enumerate(lengths):
-        prompt = torch.randint(0, vocab, (6 + 3 * (i % 2),), generator=g).tolist()
-        ids = torch.randint(0, vocab, (n,), generator=g).tolist()
-        mask = [1] * n
-        if n > 4:
-            mask[2] = 0   # a tool-observation-like token: not trained on
-        out.append(Rollout(prompt_ids=prompt, ids=ids, mask=mask, done=True))
-    return out
 
 
 def loop_gradient(policy, lengths, loss_type, micro_batch_size, beta=0.1):
@@ -147,7 +133,7 @@ def loop_gradient(policy, lengths, loss_type, micro_batch_size, beta=0.1):
     cfg = GRPOConfig(learning_rate=0.0, num_generations=G, prompts_per_step=1, max_steps=1, beta=beta,
                      loss_type=loss_type, max_completion_length=max(lengths), micro_batch_size=micro_batch_size,
                      logprob_chunk_tokens=7)
-    rollouts = scripted_rollouts(policy.tokenizer, lengths)
+    rollouts = scripted_rollouts(lengths)
     rewards = [float(i % 3) for i in range(G)]
     torch.nn.utils.clip_grad_norm_, grpo_mod.grpo_loss = capture, loss_spy
     try:

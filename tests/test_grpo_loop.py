@@ -12,25 +12,9 @@ import torch
 
 from common.cli import UserError
 from common.grpo import GRPOConfig, per_rollout, train_grpo
-from common.models import build_tiny_tokenizer, load_policy
+from common.models import load_policy
 from common.rollout import Rollout, run_rollouts
-
-
-def scripted_rollouts(lengths, seed=0):
-    """Fixed rollouts: prompts of 2 lengths, completions of `lengths` tokens, token 2 of the
-    longer ones an observation (mask 0)."""
-    g = torch.Generator().manual_seed(seed)
-    vocab = len(build_tiny_tokenizer()) - 40   # plain BPE ids, below the special tokens
-    out = []
-    for i, n in enumerate(lengths):
-        prompt = torch.randint(0, vocab, (6 + 3 * (i % 2),), generator=g).tolist()
-        ids = torch.randint(0, vocab, (n,), generator=g).tolist()
-        mask = [1] * n
-        if n > 4:
-            mask[2] = 0
-        out.append(Rollout(prompt_ids=prompt, ids=ids, mask=mask, done=True, stop_reason="end",
-                           sample_logps=None))
-    return out
+from helpers import scripted_rollouts
 
 
 @pytest.fixture()

@@ -7,7 +7,7 @@ A message is `{"role": ..., "content": str | [{"type": "image", "image": PIL.Ima
 Qwen2.5-VL: each image becomes `pixel_values` rows (one per 14x14 patch, t = 2 frames) and
 `image_grid_thw = (1, h/14, w/14)`; the chat template renders one `<|image_pad|>` per image,
 which we expand to grid_t * grid_h * grid_w / merge_size**2 copies, exactly as
-`Qwen2_5_VLProcessor.__call__` does (shared/papers/qwen25vl.md). We tokenise the un-expanded
+`Qwen2_5_VLProcessor.__call__` does (Qwen2.5-VL, arXiv 2502.13923). We tokenise the un-expanded
 text once with offsets, mark assistant tokens, then expand the pad ids (mask 0), so the loss
 mask and the image tokens never disagree.
 

@@ -2,7 +2,7 @@
 
 B = sequences in a batch (prompts x G), G = num_generations, T = completion tokens,
 V = vocabulary, mask[b, t] = 1 on tokens the policy generated (0 on prompt, padding and
-tool observations). See shared/papers/grpo.md; each choice below matches TRL's GRPOTrainer.
+tool observations). Each choice below matches TRL's GRPOTrainer (the objective: Sec. 4.1 there).
 
     A_i      = (r_i - mean_group(r)) / (std_group(r) + 1e-4)        scale_rewards="group"
     ratio    = exp(logp - old_logp)                                   (== 1 with mu = 1)

@@ -25,9 +25,9 @@ from common.runlog import RunLog
 
 @dataclass
 class SFTConfig:
-    learning_rate: float = 1e-4          # GoG: LoRA lr 1e-4
-    epochs: float = 3.0                  # GoG: 3 epochs
-    batch_size: int = 8                  # sequences per optimiser step (GoG: global batch 8)
+    learning_rate: float = 1e-4          # a common LoRA SFT rate; scripts set their paper's
+    epochs: float = 3.0
+    batch_size: int = 8                  # sequences per optimiser step
     micro_batch_size: int = 4
     warmup_ratio: float = 0.05
     lr_schedule: str = "cosine"          # cosine | linear | constant (after warm-up)

@@ -58,7 +58,7 @@ def run_loop(policy, lengths, rewards, rows=None, **cfg_kw):
 
 
 def hand_loss(policy, lengths, rewards, *, beta, temperature, loss_type, eps=0.2):
-    """The GRPO objective written out from the formulas (shared/papers/grpo.md), one sequence at a
+    """The GRPO objective written out from the formulas (DeepSeekMath, arXiv 2402.03300, Sec. 4.1), one sequence at a
     time with the model's full logits: A = (r - mean) / (std + 1e-4), ratio = 1 (mu = 1),
     k3 KL to the adapter-off model, logits / temperature, mask from the rollouts."""
     rs = scripted_rollouts(lengths)

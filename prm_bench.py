@@ -1005,6 +1005,9 @@ def search_ns(args: Args) -> list[int]:
 
 def check_inputs(args: Args) -> None:
     """Every user file and list, before any model is loaded."""
+    if args.n_scenes < 2:   # gog.py's world keeps its test entities in a scene of their own
+        raise UserError(f"--n_scenes must be at least 2 (gog.py's toy world needs a training and a test scene), "
+                        f"not {args.n_scenes}.")
     if args.stage in ("search", "all"):
         search_ns(args)
     if args.stage == "eval" or (args.data and args.stage == "all"):

@@ -428,6 +428,14 @@ def test_help():
     assert "run:" in r.stdout and "eval: benchmark files and the PRM:" in r.stdout
 
 
+def test_one_scene_is_one_sentence_in_prm_terms(tmp_path, capsys):
+    """gog.py's world needs a training and a test scene; the error names prm_bench's own flag."""
+    with pytest.raises(SystemExit) as e:
+        pb.main(["--stage", "data", "--model", "tiny", "--out", str(tmp_path), "--n_scenes", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: --n_scenes must be at least 2") and "test_frac" not in err
+
+
 def test_eval_without_data_says_what_to_do(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         pb.main(["--stage", "eval", "--model", "tiny", "--out", str(tmp_path)])

@@ -50,10 +50,10 @@ from typing import Literal
 import torch
 from PIL import Image
 
-from common.benchmarks import prm_benchmark_rows, prm_step
+from common.benchmarks import (confusion, f1_score, load_prm_records, mean_of_both, prm_html_items,
+                               prm_record_images, prm_step, ratio, read_prm_predictions, save_prm_records)
 from common.chat import collate, encode
 from common.cli import RunArgs, UserError, run_stages
-from common.data import open_image, read_records, require
 from common.judge import exact_match, normalize_answer, parse_verdict
 from common.models import load_policy
 from common.rollout import image_token_id, run_rollouts
@@ -146,103 +146,11 @@ KINDS = {"attribute": (("perception", "attribute"), ("crop", "perceive", "answer
          "fact": (("knowledge", "fact_lookup"), ("crop", "perceive", "recall", "answer")),
          "relation": (("spatial", "relative_position"), ("crop", "perceive", "relate", "answer")),
          "count": (("reasoning", "counting"), ("crop", "perceive", "count", "answer"))}
-LABELS = ("correct", "incorrect", "neutral")
-BENCHMARKS = ("VisualProcessBench", "ProcessBench", "PRMBench")  # the category of converted records
-
-
-def validate_record(rec: dict, where: str, base_dir: Path | None = None, require_labels: bool = True) -> dict:
-    """Check one trajectory; a UserError names `where` (file:line) and the field."""
-    def need(ok, fld: str, msg: str):
-        if not ok:
-            raise UserError(f"{where}: field '{fld}' {msg}")
-    for key in ("id", "question"):
-        need(isinstance(rec.get(key), str) and rec[key].strip(), key, "must be a non-empty string.")
-    for key in ("images", "answers"):
-        need(isinstance(rec.get(key), list) and all(isinstance(x, str) and x for x in rec[key]), key,
-             "must be a list of non-empty strings.")
-    cat, sub, steps = rec.get("category"), rec.get("subcategory"), rec.get("steps")
-    need(cat in TAXONOMY or cat in BENCHMARKS, "category",
-         f"must be one of {', '.join([*TAXONOMY, *BENCHMARKS])}; got {cat!r}.")
-    need(isinstance(sub, str) and (cat not in TAXONOMY or sub in TAXONOMY[cat]), "subcategory",
-         f"must be one of {', '.join(TAXONOMY.get(cat, ('a string',)))} for {cat!r}; got {sub!r}.")
-    need(isinstance(rec.get("final_answer"), (str, type(None))), "final_answer", "must be a string or null.")
-    need(isinstance(steps, list) and steps and all(isinstance(s, dict) for s in steps), "steps",
-         "must be a non-empty list of step objects.")
-    for i, s in enumerate(steps):
-        f, call, label, etype = f"steps[{i}]", s.get("tool_call"), s.get("label"), s.get("error_type")
-        facts = s.get("knowledge")
-        need(isinstance(s.get("text"), str) and s["text"].strip(), f + ".text", "must be a non-empty string.")
-        need(call is None or (isinstance(call, dict) and isinstance(call.get("name"), str)
-                              and isinstance(call.get("arguments", {}), dict)),
-             f + ".tool_call", 'must be null or {"name": str, "arguments": {...}}.')
-        for key in ("observation", "tool_image"):
-            need(isinstance(s.get(key), (str, type(None))), f"{f}.{key}", "must be a string or null.")
-        need(s.get("tool_image") is None or call is not None, f + ".tool_image",
-             "needs a tool_call that produced it.")
-        need(facts is None or (isinstance(facts, list) and all(isinstance(x, str) for x in facts)),
-             f + ".knowledge", "must be null or a list of strings (the facts the step is judged against).")
-        after_error = any(x.get("label") == "incorrect" for x in steps[:i])
-        need(label is not None or not require_labels or after_error, f + ".label", "is null before any "
-             "incorrect step: this trajectory is unannotated (e.g. candidates.jsonl); label every step with "
-             f"one of {', '.join(LABELS)} first.")
-        need(label is None or label in LABELS, f + ".label",
-             f"must be one of {', '.join(LABELS)}; got {label!r}.")
-        need(label != "incorrect" or cat not in TAXONOMY or etype in ERRORS, f + ".error_type",
-             f"must be one of {', '.join(ERRORS)} for an incorrect step; got {etype!r}.")
-        need(isinstance(etype, (str, type(None))) and (label == "incorrect" or etype is None),
-             f + ".error_type", f"must be null unless label is 'incorrect' (label is {label!r}).")
-    inj = rec.get("injected") or []
-    need(isinstance(inj, list) and all(isinstance(x, dict) and isinstance(x.get("step"), int)
-                                       and 0 <= x["step"] < len(steps)
-                                       and steps[x["step"]].get("error_type") == x.get("error_type")
-                                       for x in inj),
-         "injected", "must be a list of {step, error_type} matching those steps' labels.")
-    paths = [("images", p) for p in rec["images"]] + [
-        (f"steps[{i}].tool_image", s["tool_image"]) for i, s in enumerate(steps) if s.get("tool_image")]
-    for fld, p in paths if base_dir is not None else []:
-        need((base_dir / p).is_file(), fld, f"points to {base_dir / p}, which does not exist.")
-    return rec
 
 
 def load_records(path: str, require_labels: bool = True, benchmark: str = "ours", images: str | None = None):
-    """Read (common.data.read_records), convert a published benchmark's rows (common.benchmarks), validate."""
-    if not Path(path).is_file():
-        raise UserError(f"trajectory file {path} does not exist (run --stage data, or pass --data).")
-    rows = prm_benchmark_rows(benchmark, read_records(path, "trajectory file"), path)
-    base, records, seen = Path(images or Path(path).parent), [], set()
-    for where, rec in rows:
-        validate_record(rec, where, base, require_labels)
-        if rec["id"] in seen:
-            raise UserError(f"{where}: field 'id' {rec['id']!r} is used by an earlier record.")
-        seen.add(rec["id"])
-        records.append(dict(rec, _base=str(base)))
-    return records
-
-
-def save_records(records: list[dict], path: Path) -> None:
-    """Write records as JSONL; in-memory PIL images (`_pil`) go to <dir>/images/ as PNGs."""
-    (path.parent / "images").mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for rec in records:
-            pil = rec.get("_pil", {})
-            for rel, im in zip(rec["images"], pil.get("images", [])):
-                if not (path.parent / rel).exists():
-                    im.save(path.parent / rel)
-            for k, im in pil.get("steps", {}).items():
-                im.save(path.parent / rec["steps"][k]["tool_image"])
-            rec["_base"] = str(path.parent)
-            row = {k: v for k, v in rec.items() if not k.startswith("_")}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def record_images(rec: dict) -> tuple[list[Image.Image], dict[int, Image.Image]]:
-    """(question images, {step index: tool image}), from memory or from disk."""
-    if rec.get("_pil") is not None:
-        return rec["_pil"]["images"], rec["_pil"].get("steps", {})
-    base = rec["_base"]
-    crops = {i: open_image(s["tool_image"], base, rec["id"]) for i, s in enumerate(rec["steps"])
-             if s.get("tool_image")}
-    return [open_image(p, base, rec["id"]) for p in rec["images"]], crops
+    """The trajectories of `path` (ours, or a published benchmark's file converted), checked against TAXONOMY."""
+    return load_prm_records(path, TAXONOMY, ERRORS, require_labels, benchmark, images)
 
 
 # ==== the toy set: gog.py's world, step builders, errors from ERRORS (1, 3) ========================
@@ -634,7 +542,7 @@ def score_steps(policy, records: list[dict], args: Args, log: RunLog | None = No
     out, starts = {}, range(0, len(items), args.batch_size)
     for b in (log.bar(starts, desc=f"PRM ({args.prm})") if log else starts):
         chunk = items[b: b + args.batch_size]
-        images = {id(r): record_images(r) for r, _ in chunk}  # opened per batch: real sets are large
+        images = {id(r): prm_record_images(r) for r, _ in chunk}  # opened per batch: real sets are large
         msgs = [prm_messages(r, k, *images[id(r)], args.prm, policy.is_vlm) for r, k in chunk]
         if args.prm == "prob":
             scores = plus_probability(policy, msgs)
@@ -651,50 +559,17 @@ def score_steps(policy, records: list[dict], args: Args, log: RunLog | None = No
 
 def read_predictions(path: str, records: list[dict]) -> list[list[dict]]:
     """An external PRM's {"id", "scores": [per step]} rows -> the judgements of `records`, in their order."""
-    rows = {}
-    for where, row in read_records(path, "predictions file"):
-        require(row, where, "id")
-        if not isinstance(row.get("scores"), list):
-            raise UserError(f"{where}: field 'scores' must be a list with one score or verdict per step.")
-        rows[str(row["id"])] = (where, row["scores"])
-    judged = []
-    for r in records:
-        if r["id"] not in rows:
-            raise UserError(f"{path} has no predictions for the record {r['id']!r}; give each record a row.")
-        where, scores = rows[r["id"]]
-        if len(scores) != len(r["steps"]):
-            raise UserError(f"{where}: {len(scores)} scores for the {len(r['steps'])} steps of {r['id']!r}.")
-        if any(isinstance(x, (int, float)) and not 0 <= x <= 1 for x in scores):
-            raise UserError(f"{where}: a score outside [0, 1] in {scores}; give probabilities of 'correct'.")
-        judged.append([{"score": parse_step_verdict(x), "reply": str(x)} for x in scores])
-    return judged
+    return [[{"score": parse_step_verdict(x), "reply": str(x)} for x in scores]
+            for scores in read_prm_predictions(path, records)]
 
 
 # ==== metrics: PRMBench, VisualProcessBench, ProcessBench, the paper's analyses ====================
 # pred[j][i] is True / False (judged correct / not) or None (unparsed). Undefined ratios (0/0) are None.
-def ratio(num: float, den: float) -> float | None:
-    return None if den == 0 else num / den
-
-
-def f1_score(tp: int, fp: int, fn: int) -> float | None:
-    """2TP / (2TP + FP + FN) = PRMBench's 2PR / (P + R); None if the class is in neither gold nor pred."""
-    return ratio(2 * tp, 2 * tp + fp + fn)
-
-
-def mean_of_both(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else 0.5 * a + 0.5 * b
-
-
 def step_pairs(records: list[dict], pred: list[list]) -> list[tuple[bool, bool]]:
     """(gold correct, judged correct) of every labelled correct/incorrect step judged True or False."""
     return [(s["label"] == "correct", p) for r, ps in zip(records, pred) for s, p in zip(r["steps"], ps)
             if s["label"] in ("correct", "incorrect") and p is not None]
 
-
-def confusion(pairs: list[tuple[bool, bool]]) -> dict:
-    """Correct steps are the positive class (PRMBench's TP / FP / FN / TN)."""
-    return {"tp": sum(g and p for g, p in pairs), "fp": sum(not g and p for g, p in pairs),
-            "fn": sum(g and not p for g, p in pairs), "tn": sum(not g and not p for g, p in pairs)}
 
 
 def prmscore(pairs: list[tuple[bool, bool]]) -> dict:
@@ -847,30 +722,12 @@ def get_policy(args: Args, prm: bool):
     return policy
 
 
-def html_items(records: list[dict], judged: list[list[dict]] | None = None) -> list[dict]:
-    items = []
-    for j, rec in enumerate(records):
-        images, step_images = record_images(rec)
-        turns = []
-        for i, s in enumerate(rec["steps"]):
-            prm = f" | PRM {judged[j][i]['score']} ({judged[j][i]['reply']!r})" if judged else ""
-            turns.append({"role": "assistant", "text": f"[{i}] {s['text']}\n   gold: {s['label']} "
-                                                       f"{s['error_type'] or ''}{prm}"})
-            if s.get("tool_call"):
-                call = s["tool_call"]
-                turns.append({"role": "tool", "name": call["name"], "args": call.get("arguments", {}),
-                              "observation": s.get("observation") or "", "image": step_images.get(i)})
-        items.append({"title": f"{rec['id']} [{rec['category']}/{rec['subcategory']}] {rec['question']}",
-                      "images": images, "trajectory": turns,
-                      "rewards": {"gold": ", ".join(rec["answers"]), "final": str(rec["final_answer"])}})
-    return items
-
 
 def write_set(records: list[dict], out: Path, name: str, title: str, **load_kw) -> None:
     """<out>/<name>.jsonl (+ PNGs), checked by its own validator, and <out>/<name>.html."""
-    save_records(records, out / f"{name}.jsonl")
+    save_prm_records(records, out / f"{name}.jsonl")
     load_records(str(out / f"{name}.jsonl"), **load_kw)
-    trajectory_html(html_items(records[:12]), str(out / f"{name}.html"), title)
+    trajectory_html(prm_html_items(records[:12]), str(out / f"{name}.html"), title)
 
 
 def stage_data(args: Args) -> dict:
@@ -931,7 +788,7 @@ def stage_eval(args: Args) -> dict:
     plot_rates(by_pos, out / "by_position.png", f"PRM {who} by relative step position", "no judged step")
     log.samples([{"id": r["id"], "step": i, "label": s["label"], "error_type": s["error_type"], **j}
                  for r, js in zip(records, judged) for i, (s, j) in enumerate(zip(r["steps"], js))])
-    trajectory_html(html_items(records[:12], judged), str(out / "judged.html"), "PRM judgements")
+    trajectory_html(prm_html_items(records[:12], judged), str(out / "judged.html"), "PRM judgements")
     log.summary({k: res[k] for k in ("PRMBench", "VisualProcessBench", "ProcessBench", "positive_bias",
                                      "n_unparsed")})
     print(f"[eval] PRMScore {res['PRMBench']['PRMScore']} | VisualProcessBench macro-F1 "

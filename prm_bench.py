@@ -50,9 +50,9 @@ from typing import Literal
 import torch
 from PIL import Image
 
-from common.benchmarks import (confusion, f1_score, load_prm_records, mean_of_both, prm_html_items,
-                               prm_record_images, prm_step, ratio, read_prm_predictions, save_prm_records)
-from common.benchmarks import TOY_BUILDERS, Toy, direction, step_retry, tag
+from common.benchmarks import (TOY_BUILDERS, Toy, confusion, direction, f1_score, load_prm_records, mean_of_both,
+                               plot_best_of_n, prm_html_items, prm_record_images, prm_steps_of, ratio,
+                               read_prm_predictions, save_prm_records, step_retry, tag)
 from common.chat import collate, encode
 from common.cli import RunArgs, UserError, run_stages
 from common.judge import exact_match, normalize_answer, parse_verdict
@@ -120,7 +120,7 @@ TINY_SIZES = dict(image_size=224)
 N_BUCKETS = 4  # relative step-position buckets
 
 
-# ==== data: taxonomy, the error-injection table (2), the record validator and reader ==============
+# ==== data: taxonomy, the error-injection table (2), the toy set on gog.py's world (1, 3), files ====
 ALL_KINDS = ("attribute", "fact", "relation", "count")
 ERRORS = {  # error type: (the toy step role it corrupts, toy kinds it is injected in, what that step does)
     "tool_invocation": ("crop", ALL_KINDS, "a malformed call (reversed box, 3 numbers, unknown tool, box "
@@ -149,12 +149,6 @@ KINDS = {"attribute": (("perception", "attribute"), ("crop", "perceive", "answer
          "count": (("reasoning", "counting"), ("crop", "perceive", "count", "answer"))}
 
 
-def load_records(path: str, require_labels: bool = True, benchmark: str = "ours", images: str | None = None):
-    """The trajectories of `path` (ours, or a published benchmark's file converted), checked against TAXONOMY."""
-    return load_prm_records(path, TAXONOMY, ERRORS, require_labels, benchmark, images)
-
-
-# ==== the toy set: gog.py's world, step builders, errors from ERRORS (1, 3) ========================
 def toy_questions(world: World, rng: random.Random) -> list[dict]:
     """Four questions per scene on gog.py's world: its glance (attribute) and gaze (fact) questions,
     plus our relation and counting questions computed from the tile boxes."""
@@ -247,54 +241,54 @@ def build_toy_set(world: World, seed: int, p_clean: float, p_multi: float = 0.3,
     return records
 
 
-# ==== trajectories from a policy with the shared crop tool (unannotated: label null) ===============
-POLICY_SYSTEM = """You answer questions about an image step by step, one short step per turn.
+def load_records(path: str, require_labels: bool = True, benchmark: str = "ours", images: str | None = None):
+    """The trajectories of `path` (ours, or a published benchmark's file converted), checked against TAXONOMY."""
+    return load_prm_records(path, TAXONOMY, ERRORS, require_labels, benchmark, images)
+
+
+def load_benchmark(args: Args) -> list[dict]:
+    """The trajectories eval judges: --data (a --benchmark file) or the data stage's toy set, capped (6)."""
+    records = load_records(args.data or str(Path(args.out) / "data" / "toy.jsonl"), benchmark=args.benchmark,
+                           images=args.images)
+    return records[: args.max_steps] if args.max_steps > 0 else records
+
+
+def read_predictions(path: str, records: list[dict]) -> list[list[dict]]:
+    """An external PRM's {"id", "scores": [per step]} rows -> the judgements of `records`, in their order."""
+    return [[{"score": parse_step_verdict(x), "reply": str(x)} for x in scores]
+            for scores in read_prm_predictions(path, records)]
+
+
+def write_set(records: list[dict], out: Path, name: str, title: str, **load_kw) -> None:
+    """<out>/<name>.jsonl (+ PNGs), checked by its own validator, and <out>/<name>.html."""
+    save_prm_records(records, out / f"{name}.jsonl")
+    load_records(str(out / f"{name}.jsonl"), **load_kw)
+    trajectory_html(prm_html_items(records[:12]), str(out / f"{name}.html"), title)
+
+
+# ==== prompt + parsing: the policy with the crop tool; the LVLM as PRM (4, 5) =====================
+SYSTEM = """You answer questions about an image step by step, one short step per turn.
 To look closer, zoom in: <tool_call>{"name": "crop", "arguments": {"bbox_2d": [x1, y1, x2, y2]}}</tool_call>
 in pixels of the image as you see it; the zoomed image comes back in the next turn.
 End with <answer>short answer</answer>."""
 
 
-def policy_messages(ex: dict) -> list[dict]:
+def make_messages(ex: dict) -> list[dict]:
+    """The policy's prompt: the question image and its size as the model sees it (crop boxes are in it)."""
     w, h = seen_size(ex["image"])
-    return [{"role": "system", "content": POLICY_SYSTEM},
+    return [{"role": "system", "content": SYSTEM},
             {"role": "user", "content": [{"type": "image", "image": ex["image"]}, {
                 "type": "text", "text": f"(image: {w}x{h} pixels) {ex['question']}"}]}]
 
 
-def crop_tool(args: dict, r) -> tuple[str, Image.Image | None]:
-    out, msg = crop(r.images[0], args.get("bbox_2d"), seen_size(r.images[0]))
-    return msg, out
+def make_tools() -> dict:
+    """The shared crop tool (common.tools.crop) on the question image, in the pixels the model sees."""
+    def crop_tool(args: dict, r) -> tuple[str, Image.Image | None]:
+        out, msg = crop(r.images[0], args.get("bbox_2d"), seen_size(r.images[0]))
+        return msg, out
+    return {"crop": crop_tool}
 
 
-def policy_trajectories(policy, specs: list[dict], args: Args, G: int, generate=None) -> list[dict]:
-    """G sampled trajectories per question -> records: each assistant turn is a step; its tool call,
-    observation and crop attach to it. `generate`: tests' scripted sampler."""
-    if not policy.is_vlm:
-        raise UserError(f"{policy.name} is text-only and cannot see the image; use a VLM (tiny, Qwen2.5-VL) "
-                        "or --search_source toy (simulated candidates).")
-    examples = [dict(id=s["id"], image=s["scene"]["image"], question=s["question"], spec=s) for s in specs]
-    rollouts = run_rollouts(policy, examples, num_generations=G, make_messages=policy_messages,
-                            tools={"crop": crop_tool}, max_turns=args.max_turns, max_tool_calls={"crop": 2},
-                            max_new_tokens=args.max_completion_length, max_total_tokens=args.max_turns * 400,
-                            reprompt="Continue with the next step, or give the final <answer>.",
-                            temperature=args.temperature, generate=generate)
-    records = []
-    for j, r in enumerate(rollouts):
-        spec, rid = r.example["spec"], f"{r.example['id']}-g{j % G}"
-        steps, crops = [], {}
-        for turn in r.trajectory:
-            if turn["role"] == "assistant":
-                steps.append(prm_step(turn["text"].strip() or "(empty step)", None))
-            elif steps and turn["name"] != "reprompt":
-                steps[-1].update(tool_call={"name": turn["name"], "arguments": turn["args"]},
-                                 observation=turn["observation"])
-                if turn.get("image") is not None:
-                    crops[len(steps) - 1] = turn["image"]
-        records.append(scene_record(spec, rid, steps, crops, r.answer, f"policy:{policy.name}"))
-    return records
-
-
-# ==== prompt format and parsing: the LVLM as PRM (4, 5) ============================================
 PRM_SYSTEM = ("You are a process reward model. You check one step of a visual reasoning trajectory in which "
               "the solver may zoom into the image with a crop tool.")
 PRM_REPLY = {"judge": "Reply with one word: Correct or Incorrect.",
@@ -341,53 +335,12 @@ def parse_step_verdict(text) -> float | None:
     return parse_verdict(t)
 
 
-@torch.no_grad()
-def plus_probability(policy, batch: list[list[dict]]) -> list[float]:
-    """P("+") / (P("+") + P("-")) of the next token after each prompt (5)."""
-    tok = policy.tokenizer
-    plus, minus = (tok.encode(s, add_special_tokens=False)[0] for s in ("+", "-"))
-    seqs = [encode(tok, policy.image_processor, m, add_generation_prompt=True) for m in batch]
-    inputs = collate(seqs, tok.pad_token_id, "left", image_token_id(tok) if policy.is_vlm else None)
-    inputs.pop("loss_mask")
-    inputs = {k: v.to(policy.device) for k, v in inputs.items()}
-    logits = policy.model(**inputs, logits_to_keep=1).logits                             # (B, 1, V)
-    return torch.softmax(logits[:, -1, [plus, minus]].float(), dim=-1)[:, 0].tolist()  # (B,)
-
-
-def score_steps(policy, records: list[dict], args: Args, log: RunLog | None = None) -> list[list[dict]]:
-    """Every step of every record -> {"score": float | None (unparsed), "reply": str}, per record."""
-    items = [(r, k) for r in records for k in range(len(r["steps"]))]
-    out, starts = {}, range(0, len(items), args.batch_size)
-    for b in (log.bar(starts, desc=f"PRM ({args.prm})") if log else starts):
-        chunk = items[b: b + args.batch_size]
-        images = {id(r): prm_record_images(r) for r, _ in chunk}  # opened per batch: real sets are large
-        msgs = [prm_messages(r, k, *images[id(r)], args.prm, policy.is_vlm) for r, k in chunk]
-        if args.prm == "prob":
-            scores = plus_probability(policy, msgs)
-            replies = [f"P(+)={p:.3f}" for p in scores]
-        else:
-            replies = policy.chat(msgs, max_new_tokens=args.judge_max_new_tokens, temperature=0.0)
-            scores = [parse_step_verdict(x) for x in replies]
-        for (r, k), sc, rep in zip(chunk, scores, replies):
-            out[(id(r), k)] = {"score": sc, "reply": rep}
-        if log:
-            log.log({"unparsed": sum(s is None for s in scores) / len(scores)}, step=b // args.batch_size)
-    return [[out[(id(r), k)] for k in range(len(r["steps"]))] for r in records]
-
-
-def read_predictions(path: str, records: list[dict]) -> list[list[dict]]:
-    """An external PRM's {"id", "scores": [per step]} rows -> the judgements of `records`, in their order."""
-    return [[{"score": parse_step_verdict(x), "reply": str(x)} for x in scores]
-            for scores in read_prm_predictions(path, records)]
-
-
-# ==== metrics: PRMBench, VisualProcessBench, ProcessBench, the paper's analyses ====================
+# ==== rewards + metrics: PRMBench, VisualProcessBench, ProcessBench, analyses, best-of-N ==========
 # pred[j][i] is True / False (judged correct / not) or None (unparsed). Undefined ratios (0/0) are None.
 def step_pairs(records: list[dict], pred: list[list]) -> list[tuple[bool, bool]]:
     """(gold correct, judged correct) of every labelled correct/incorrect step judged True or False."""
     return [(s["label"] == "correct", p) for r, ps in zip(records, pred) for s, p in zip(r["steps"], ps)
             if s["label"] in ("correct", "incorrect") and p is not None]
-
 
 
 def prmscore(pairs: list[tuple[bool, bool]]) -> dict:
@@ -492,7 +445,6 @@ def evaluate(records: list[dict], pred: list[list], n_buckets: int = 4) -> dict:
     return res
 
 
-# ==== search: PRM-guided best-of-N =================================================================
 def best_of_n(questions: list[list[dict]], ns: list[int], repeats: int, seed: int) -> dict:
     """questions: per question, its candidates {"correct", "answer", "scores": [step score | None],
     optional "gold_scores"}. For each N, `repeats` random N-subsets per question, the SAME subset for
@@ -526,7 +478,7 @@ def best_of_n(questions: list[list[dict]], ns: list[int], repeats: int, seed: in
     return acc
 
 
-# ==== stages and main ==============================================================================
+# ==== stages ======================================================================================
 @functools.cache
 def load_model(model: str, adapter: str | None, load_in_4bit: bool | None, seed: int):
     return load_policy(model, load_in_4bit=load_in_4bit, lora=False, adapter=adapter, seed=seed)
@@ -540,12 +492,54 @@ def get_policy(args: Args, prm: bool):
     return policy
 
 
+def agent_rollouts(policy, specs: list[dict], args: Args, G: int, generate=None) -> list[dict]:
+    """G sampled trajectories per question -> records: each assistant turn is a step; its tool call,
+    observation and crop attach to it. `generate`: tests' scripted sampler."""
+    if not policy.is_vlm:
+        raise UserError(f"{policy.name} is text-only and cannot see the image; use a VLM (tiny, Qwen2.5-VL) "
+                        "or --search_source toy (simulated candidates).")
+    examples = [dict(id=s["id"], image=s["scene"]["image"], question=s["question"], spec=s) for s in specs]
+    rollouts = run_rollouts(policy, examples, num_generations=G, make_messages=make_messages,
+                            tools=make_tools(), max_turns=args.max_turns, max_tool_calls={"crop": 2},
+                            max_new_tokens=args.max_completion_length, max_total_tokens=args.max_turns * 400,
+                            reprompt="Continue with the next step, or give the final <answer>.",
+                            temperature=args.temperature, generate=generate)
+    return [scene_record(r.example["spec"], f"{r.example['id']}-g{j % G}", *prm_steps_of(r.trajectory),
+                         r.answer, f"policy:{policy.name}") for j, r in enumerate(rollouts)]
 
-def write_set(records: list[dict], out: Path, name: str, title: str, **load_kw) -> None:
-    """<out>/<name>.jsonl (+ PNGs), checked by its own validator, and <out>/<name>.html."""
-    save_prm_records(records, out / f"{name}.jsonl")
-    load_records(str(out / f"{name}.jsonl"), **load_kw)
-    trajectory_html(prm_html_items(records[:12]), str(out / f"{name}.html"), title)
+
+@torch.no_grad()
+def plus_probability(policy, batch: list[list[dict]]) -> list[float]:
+    """P("+") / (P("+") + P("-")) of the next token after each prompt (5)."""
+    tok = policy.tokenizer
+    plus, minus = (tok.encode(s, add_special_tokens=False)[0] for s in ("+", "-"))
+    seqs = [encode(tok, policy.image_processor, m, add_generation_prompt=True) for m in batch]
+    inputs = collate(seqs, tok.pad_token_id, "left", image_token_id(tok) if policy.is_vlm else None)
+    inputs.pop("loss_mask")
+    inputs = {k: v.to(policy.device) for k, v in inputs.items()}
+    logits = policy.model(**inputs, logits_to_keep=1).logits                             # (B, 1, V)
+    return torch.softmax(logits[:, -1, [plus, minus]].float(), dim=-1)[:, 0].tolist()  # (B,)
+
+
+def score_steps(policy, records: list[dict], args: Args, log: RunLog | None = None) -> list[list[dict]]:
+    """Every step of every record -> {"score": float | None (unparsed), "reply": str}, per record."""
+    items = [(r, k) for r in records for k in range(len(r["steps"]))]
+    out, starts = {}, range(0, len(items), args.batch_size)
+    for b in (log.bar(starts, desc=f"PRM ({args.prm})") if log else starts):
+        chunk = items[b: b + args.batch_size]
+        images = {id(r): prm_record_images(r) for r, _ in chunk}  # opened per batch: real sets are large
+        msgs = [prm_messages(r, k, *images[id(r)], args.prm, policy.is_vlm) for r, k in chunk]
+        if args.prm == "prob":
+            scores = plus_probability(policy, msgs)
+            replies = [f"P(+)={p:.3f}" for p in scores]
+        else:
+            replies = policy.chat(msgs, max_new_tokens=args.judge_max_new_tokens, temperature=0.0)
+            scores = [parse_step_verdict(x) for x in replies]
+        for (r, k), sc, rep in zip(chunk, scores, replies):
+            out[(id(r), k)] = {"score": sc, "reply": rep}
+        if log:
+            log.log({"unparsed": sum(s is None for s in scores) / len(scores)}, step=b // args.batch_size)
+    return [[out[(id(r), k)] for k in range(len(r["steps"]))] for r in records]
 
 
 def stage_data(args: Args) -> dict:
@@ -568,12 +562,6 @@ def stage_data(args: Args) -> dict:
     return summary
 
 
-def eval_records(args: Args) -> list[dict]:
-    records = load_records(args.data or str(Path(args.out) / "data" / "toy.jsonl"), benchmark=args.benchmark,
-                           images=args.images)
-    return records[: args.max_steps] if args.max_steps > 0 else records
-
-
 def plot_rates(groups: dict[str, dict], path: Path, title: str, why_empty: str) -> None:
     """Grouped bars of the defined values; a plot without any says why it is empty."""
     groups = {m: {x: v for x, v in g.items() if v is not None} for m, g in groups.items()}
@@ -583,7 +571,7 @@ def plot_rates(groups: dict[str, dict], path: Path, title: str, why_empty: str) 
 
 def stage_eval(args: Args) -> dict:
     out = Path(args.out) / "eval"
-    log, records = RunLog(str(out)), eval_records(args)
+    log, records = RunLog(str(out)), load_benchmark(args)
     if args.predictions:
         who = f"predictions {Path(args.predictions).name}"
         judged = read_predictions(args.predictions, records)
@@ -615,30 +603,6 @@ def stage_eval(args: Args) -> dict:
     return res
 
 
-def plot_best_of_n(res: dict, ns: list[int], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    source = "SIMULATED (toy)" if res["source"] == "toy" else "policy"
-    for m, v in res["accuracy"].items():
-        ax.plot(ns, [v[n] for n in ns], marker="o", ls="--" if m == "pass@N" else "-", label=m)
-    ax.set_xscale("log", base=2)
-    ax.minorticks_off()
-    ax.set(xticks=ns, xticklabels=[str(n) for n in ns], xlabel="N (candidates shared by every method)",
-           ylabel="accuracy", ylim=(-0.02, 1.02),
-           title=f"best-of-N, {source} candidates, PRM {res['prm']}")
-    ax.text(0.01, 0.01, "pass@N = an oracle that knows the answer (the ceiling). The oracle PRM (gold step "
-            "labels)\n"
-            "meets it when every error-free candidate is right and every other wrong; a recovered error\n"
-            "(right answer despite a wrong step) puts it below.", transform=ax.transAxes, fontsize=6.5,
-            va="bottom")
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def stage_search(args: Args) -> dict:
     out = Path(args.out) / "search"
     log, ns = RunLog(str(out)), search_ns(args)
@@ -649,7 +613,7 @@ def stage_search(args: Args) -> dict:
         cands = build_toy_set(world, args.seed + 1, args.p_clean, args.p_multi, args.p_recover, specs,
                               copies=M)
     else:
-        cands = policy_trajectories(get_policy(args, prm=False), specs, args, M)
+        cands = agent_rollouts(get_policy(args, prm=False), specs, args, M)
     write_set(cands, out, "candidates", f"best-of-N candidates ({args.search_source})", require_labels=False)
     judged = score_steps(get_policy(args, prm=True), cands, args)
     groups = [[] for _ in specs]  # cands are question-major: M per question
@@ -678,6 +642,7 @@ def search_ns(args: Args) -> list[int]:
     return ns
 
 
+# ==== main ========================================================================================
 def check_inputs(args: Args) -> None:
     """Every user file and list, before any model is loaded."""
     if args.n_scenes < 2:   # gog.py's world keeps its test entities in a scene of their own
@@ -686,7 +651,7 @@ def check_inputs(args: Args) -> None:
     if args.stage in ("search", "all"):
         search_ns(args)
     if args.stage == "eval" or (args.data and args.stage == "all"):
-        records = eval_records(args)
+        records = load_benchmark(args)
         if args.predictions:
             read_predictions(args.predictions, records)
     elif args.predictions:

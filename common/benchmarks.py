@@ -516,6 +516,46 @@ def confusion(pairs: list[tuple[bool, bool]]) -> dict:
             "fn": sum(g and not p for g, p in pairs), "tn": sum(not g and not p for g, p in pairs)}
 
 
+
+def prm_steps_of(trajectory: list[dict]) -> tuple[list[dict], dict]:
+    """A rollout's turns (common.rollout) -> (unlabelled steps, {step index: tool image}): each assistant turn
+    is a step; its tool call, observation and image attach to it (reprompts do not)."""
+    steps, crops = [], {}
+    for turn in trajectory:
+        if turn["role"] == "assistant":
+            steps.append(prm_step(turn["text"].strip() or "(empty step)", None))
+        elif steps and turn["name"] != "reprompt":
+            steps[-1].update(tool_call={"name": turn["name"], "arguments": turn["args"]},
+                             observation=turn["observation"])
+            if turn.get("image") is not None:
+                crops[len(steps) - 1] = turn["image"]
+    return steps, crops
+
+
+def plot_best_of_n(res: dict, ns: list[int], path: Path) -> None:
+    """prm_bench.py's search/results.json as accuracy-vs-N curves, one per selection method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    source = "SIMULATED (toy)" if res["source"] == "toy" else "policy"
+    for m, v in res["accuracy"].items():
+        ax.plot(ns, [v[n] for n in ns], marker="o", ls="--" if m == "pass@N" else "-", label=m)
+    ax.set_xscale("log", base=2)
+    ax.minorticks_off()
+    ax.set(xticks=ns, xticklabels=[str(n) for n in ns], xlabel="N (candidates shared by every method)",
+           ylabel="accuracy", ylim=(-0.02, 1.02),
+           title=f"best-of-N, {source} candidates, PRM {res['prm']}")
+    ax.text(0.01, 0.01, "pass@N = an oracle that knows the answer (the ceiling). The oracle PRM (gold step "
+            "labels)\n"
+            "meets it when every error-free candidate is right and every other wrong; a recovered error\n"
+            "(right answer despite a wrong step) puts it below.", transform=ax.transAxes, fontsize=6.5,
+            va="bottom")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
 # ---- prm_bench.py's toy set: the step builders on gog.py's toy world (the script's ERRORS table says which
 # error each role may carry; its toy_trajectory labels the steps). Each builder appends one step to a Toy.
 def _to_seen(box: list[int], image) -> list[int]:

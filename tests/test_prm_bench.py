@@ -411,7 +411,7 @@ def test_prob_scores_and_scripted_policy(tiny, world, tmp_path):
     def generate(policy, seqs, **kw):
         text = script.pop(0) if script else "<answer>x</answer>"
         return [tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _ in seqs]
-    gen = pb.policy_trajectories(tiny, [spec], pb.Args(max_turns=3), G=1, generate=generate)
+    gen = pb.agent_rollouts(tiny, [spec], pb.Args(max_turns=3), G=1, generate=generate)
     assert len(gen) == 1 and len(gen[0]["steps"]) == 2 and gen[0]["final_answer"] == "red"
     assert gen[0]["steps"][0]["tool_image"] and gen[0]["steps"][0]["observation"].startswith("Cropped region")
     assert gen[0]["steps"][0]["label"] is None

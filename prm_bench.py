@@ -3,19 +3,19 @@ from an auditable error-injection table, LVLM-as-PRM evaluation with the benchma
 PRM-guided best-of-N. "What, Whether and How? Unveiling Process Reward Models for Thinking with Images
 Reasoning", arXiv 2602.08346.
 
-    python prm_bench.py --stage all --model tiny     # CPU, ~1 min: data -> eval -> search; numbers are noise
+    python prm_bench.py --stage all --model tiny     # CPU, < 30 s: data -> eval -> search; numbers are noise
     python prm_bench.py --stage all --model Qwen/Qwen2.5-VL-3B-Instruct --n_scenes 40 --search_questions 40
     python prm_bench.py --stage eval --benchmark visualprocessbench --data VPB/test.jsonl --images VPB/images
     python prm_bench.py --stage eval --benchmark processbench --data ProcessBench/gsm8k.json  # or prmbench
     python prm_bench.py --stage eval --data my.jsonl --predictions my_prm.jsonl  # scores of any external PRM
 
-Record (a line; `validate_record` checks it; paths relative to --images): {"id", "question", "images":
-[path], "answers": [str], "final_answer", "category", "subcategory", "source", "injected": [{"step",
-"error_type"}], "steps": [{"text", "tool_call": null | {"name", "arguments"}, "observation", "tool_image":
-path | null, "knowledge": [fact] | null, "label": correct | incorrect | neutral | null, "error_type"}]}.
-A null label (not annotated) may only follow an incorrect step; search/candidates.jsonl holds the
-policy's trajectories unlabelled. Predictions: {"id", "scores": [per step: a score in [0, 1], true/false,
-a verdict ("Incorrect", "+"), or null]}; a converted row without an id is named by its line ("3"),
+Record (a JSONL line; paths relative to --images; common.benchmarks.validate_prm_record checks it):
+{"id", "question", "images": [path], "answers": [str], "final_answer", "category", "subcategory", "source",
+"injected": [{"step", "error_type"}], "steps": [{"text", "tool_call": null | {"name", "arguments"},
+"observation", "tool_image": path | null, "knowledge": [fact] | null, "label": correct | incorrect | neutral
+| null, "error_type"}]}. A null label (not annotated) may only follow an incorrect step; search/candidates.jsonl
+holds the policy's trajectories unlabelled. Predictions: {"id", "scores": [per step: a score in [0, 1],
+true/false, a verdict ("Incorrect", "+"), or null]}; a converted row without an id is named by its line ("3"),
 PRMBench's as `<classification>_<idx>`.
 
 Metrics (eval/results.json; an undefined ratio is null where the benchmarks' code writes -1):
@@ -186,9 +186,9 @@ def toy_questions(world: World, rng: random.Random) -> list[dict]:
 
 def toy_trajectory(spec: dict, world: World, errors: dict[str, str], rng: random.Random, rid: str,
                    plan: bool = True, recover: bool = False) -> dict:
-    """One trajectory: [plan] + the kind's roles, each built by BUILDERS[role]; `errors` maps a role to the
-    error type injected there (ERRORS says which fit). A broken call is retried; a wrong crop is redone
-    when `recover`. Every step is labelled by what it does itself (3)."""
+    """One trajectory: [plan] + the kind's roles, each built by TOY_BUILDERS[role] (common.benchmarks);
+    `errors` maps a role to the error type injected there (ERRORS says which fit). A broken call is
+    retried; a wrong crop is redone when `recover`. Every step is labelled by what it does itself (3)."""
     roles = KINDS[spec["kind"]][1]
     for role, e in errors.items():
         if ERRORS[e][0] != role or spec["kind"] not in ERRORS[e][1]:

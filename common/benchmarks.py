@@ -269,11 +269,12 @@ def safemt_safety_index(asr_k: dict, labels: list[list[int]]) -> float:
 
 # =============================================================================================
 # prm_bench.py: its step-labelled trajectory record (validator, reader, writer, predictions, HTML view),
-# the PRM benchmarks (VisualProcessBench, ProcessBench, PRMBench) converted to it, and the PRM metrics'
-# counting helpers. Record (a JSONL line; paths relative to the images folder): {"id", "question", "images":
-# [path], "answers": [str], "final_answer", "category", "subcategory", "source", "injected": [{"step",
-# "error_type"}], "steps": [{"text", "tool_call": null | {"name", "arguments"}, "observation", "tool_image":
-# path | null, "knowledge": [fact] | null, "label": correct | incorrect | neutral | null, "error_type"}]}.
+# the PRM benchmarks (VisualProcessBench, ProcessBench, PRMBench) converted to it, the PRM metrics'
+# counting helpers, the best-of-N plot, and the toy set's step builders (last).
+# Record (a JSONL line; paths relative to the images folder): {"id", "question", "images": [path],
+# "answers": [str], "final_answer", "category", "subcategory", "source", "injected": [{"step", "error_type"}],
+# "steps": [{"text", "tool_call": null | {"name", "arguments"}, "observation", "tool_image": path | null,
+# "knowledge": [fact] | null, "label": correct | incorrect | neutral | null, "error_type"}]}.
 # A null label (not annotated) may only follow an incorrect step. The taxonomy and the error types are the
 # script's, passed in.
 # =============================================================================================
@@ -516,7 +517,6 @@ def confusion(pairs: list[tuple[bool, bool]]) -> dict:
             "fn": sum(g and not p for g, p in pairs), "tn": sum(not g and not p for g, p in pairs)}
 
 
-
 def prm_steps_of(trajectory: list[dict]) -> tuple[list[dict], dict]:
     """A rollout's turns (common.rollout) -> (unlabelled steps, {step index: tool image}): each assistant turn
     is a step; its tool call, observation and image attach to it (reprompts do not)."""
@@ -555,6 +555,7 @@ def plot_best_of_n(res: dict, ns: list[int], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
 
 # ---- prm_bench.py's toy set: the step builders on gog.py's toy world (the script's ERRORS table says which
 # error each role may carry; its toy_trajectory labels the steps). Each builder appends one step to a Toy.

@@ -219,7 +219,7 @@ def built(tmp_path_factory):
     args = am.Args(out=str(out), num_seeds=15, image_size=56, max_turns=4, max_new_tokens=200,
                    max_completion_length=4096, sft_samples=20)
     am.stage_build(args)
-    return args, am.load_dialogues(str(out / "build" / "dialogues.jsonl"))
+    return args, am.read_dialogues(str(out / "build" / "dialogues.jsonl"))
 
 
 def scripted(tiny, final_reply, other="It is a small object in the picture."):
@@ -340,14 +340,14 @@ REAL_SEEDS = [   # text-only, mild and non-operational, long as red-teaming prom
 def test_real_text_seeds_get_typographic_images_and_kept(tmp_path, capsys):
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text("\n".join(json.dumps(s) for s in REAL_SEEDS) + "\n")
-    loaded = am.load_seeds(str(seeds), 112)
+    loaded = load_seeds(str(seeds), 112)
     for s in loaded:
         px = np.asarray(s["image"].convert("L"))
         assert (px < 100).mean() > 0.005 and s["phrase"] in s["desc"] and ".png" not in s["desc"]
     args = am.Args(out=str(tmp_path / "o"), seeds_file=str(seeds), image_size=112, max_turns=4)
     summary = am.stage_build(args)
     assert summary["seeds_kept"] == 3 and summary["per_k"] == {"1": 3, "2": 3, "4": 3}   # long prompts are kept
-    rows = am.load_dialogues(str(tmp_path / "o" / "build" / "dialogues.jsonl"))
+    rows = am.read_dialogues(str(tmp_path / "o" / "build" / "dialogues.jsonl"))
     assert all(am.coverage([t["sub_query"] for t in d["turns"]], d["query"]) == 1.0 for d in rows)
     assert all(".png" not in x for d in rows for x in d["image_descriptions"])
     capsys.readouterr()
@@ -374,6 +374,10 @@ def test_regeneration_samples_and_must_change():
     assert temps and all(t > 0 for t in temps)                                                # sampled
 
 
+def load_seeds(path, size=448):
+    return am.read_seeds(path, size, am.key_phrase, am.describe_image)
+
+
 def _write(path, lines):
     path.write_text("\n".join(lines) + "\n")
     return str(path)
@@ -383,29 +387,29 @@ def test_seed_loader_errors(tmp_path):
     Image.new("RGB", (32, 32), "red").save(tmp_path / "a.png")
     ok = json.dumps({"image": "a.png", "query": "Use the lock in the image with [restricted procedure 1]",
                      "category": "misc"})
-    seeds = am.load_seeds(_write(tmp_path / "ok.jsonl", [ok]))
+    seeds = load_seeds(_write(tmp_path / "ok.jsonl", [ok]))
     assert seeds[0]["image"].size == (32, 32) and seeds[0]["tags"] and "red" in seeds[0]["desc"]
     with pytest.raises(UserError, match=r"bad\.jsonl:2: not valid JSON"):
-        am.load_seeds(_write(tmp_path / "bad.jsonl", [ok, "{not json"]))
+        load_seeds(_write(tmp_path / "bad.jsonl", [ok, "{not json"]))
     with pytest.raises(UserError, match=r"nokey\.jsonl:1: .*'query'"):
-        am.load_seeds(_write(tmp_path / "nokey.jsonl", [json.dumps({"image": "a.png", "category": "x"})]))
+        load_seeds(_write(tmp_path / "nokey.jsonl", [json.dumps({"image": "a.png", "category": "x"})]))
     missing = json.dumps({"image": "gone.png", "query": "q", "category": "x"})
     with pytest.raises(UserError, match=r"missing\.jsonl:2: the file .*gone\.png does not exist"):
-        am.load_seeds(_write(tmp_path / "missing.jsonl", [ok, missing]))
+        load_seeds(_write(tmp_path / "missing.jsonl", [ok, missing]))
     with pytest.raises(UserError, match="no seed file"):
-        am.load_seeds(str(tmp_path / "nope.jsonl"))
+        load_seeds(str(tmp_path / "nope.jsonl"))
 
 
 def test_dialogue_loader_errors(tmp_path):
     row = {"id": "d", "category": "fraud", "images": ["x.png"], "turns": [{"user": "hi", "image": 0}]}
     with pytest.raises(UserError, match=r"d1\.jsonl:1: the file .*x\.png does not exist"):
-        am.load_dialogues(_write(tmp_path / "d1.jsonl", [json.dumps(row)]))
+        am.read_dialogues(_write(tmp_path / "d1.jsonl", [json.dumps(row)]))
     with pytest.raises(UserError, match=r"d2\.jsonl:1: turn image index 3"):
-        am.load_dialogues(_write(tmp_path / "d2.jsonl", [json.dumps(dict(row, turns=[{"user": "a", "image": 3}]))]))
+        am.read_dialogues(_write(tmp_path / "d2.jsonl", [json.dumps(dict(row, turns=[{"user": "a", "image": 3}]))]))
     with pytest.raises(UserError, match=r"d3\.jsonl:1: .*non-empty 'turns'"):
-        am.load_dialogues(_write(tmp_path / "d3.jsonl", [json.dumps(dict(row, turns=[]))]))
+        am.read_dialogues(_write(tmp_path / "d3.jsonl", [json.dumps(dict(row, turns=[]))]))
     with pytest.raises(UserError, match="run --stage build first"):
-        am.load_dialogues(str(tmp_path / "none.jsonl"))
+        am.read_dialogues(str(tmp_path / "none.jsonl"))
 
 
 def _safemt(tmp_path):
@@ -464,8 +468,8 @@ def test_dialogue_rollouts_masks_and_turns(tiny):
         ids = tok("Sure thing", add_special_tokens=False)["input_ids"]
         return [ids + [tok.eos_token_id] if len(calls) == 1 else (ids * 8)[:budget] for budget in max_new_tokens]
 
-    rs = am.dialogue_rollouts(tiny, [_dialogue()], num_generations=2, max_turns=3, max_new_tokens=8,
-                              max_total_tokens=512, generate=scripted_cut)
+    rs = am.agent_rollouts(tiny, [_dialogue()], am.Args(max_new_tokens=8, max_completion_length=512), G=2,
+                           temperature=1.0, max_turns=3, generate=scripted_cut)
     assert calls == [2, 2, 2] and len(rs) == 2
     r = rs[0]
     n_gen = len(tok("Sure thing", add_special_tokens=False)["input_ids"])
@@ -483,8 +487,8 @@ def test_dialogue_rollouts_masks_and_turns(tiny):
 
 
 def test_dialogue_rollouts_budget_leaves_turns_unanswered(tiny):
-    rs = am.dialogue_rollouts(tiny, [_dialogue()], num_generations=1, max_turns=3, max_new_tokens=4,
-                              max_total_tokens=8, temperature=1.0)
+    rs = am.agent_rollouts(tiny, [_dialogue()], am.Args(max_new_tokens=4, max_completion_length=8), G=1,
+                           temperature=1.0, max_turns=3)
     assert rs[0].truncated and am.assistant_replies(rs[0], 3)[-1] == (None, False)
 
 
@@ -495,9 +499,9 @@ def test_reward_fn_logs_alpha_per_turn(tiny):
 
     def refuse_all(policy, seqs, **kw):
         return [refusal for _ in seqs]
-    rs = am.dialogue_rollouts(tiny, [ex], num_generations=3, max_turns=3, max_new_tokens=6, max_total_tokens=512,
-                              generate=refuse_all)
-    terms = am.make_reward_fn(am.Judge("rule"), args, False)(rs, ex)
+    rs = am.agent_rollouts(tiny, [ex], am.Args(max_new_tokens=6, max_completion_length=512), G=3, temperature=1.0,
+                           max_turns=3, generate=refuse_all)
+    terms = am.make_reward_fn(args, am.Judge("rule"), False)(rs, ex)
     assert len(terms) == 3 and set(terms[0]) == {"reward", "helpful", "safe", "alpha_t1", "alpha_t2",
                                                  "alpha_t3", "alpha_t4"}
     assert sum(terms[0][f"alpha_t{t}"] for t in (1, 2, 3)) == pytest.approx(1.0) and terms[0]["alpha_t4"] == 0.0

@@ -55,8 +55,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from common.benchmarks import (SAFEMT_TURNS, ahash, bootstrap_ci, is_near_duplicate, read_dialogues, read_responses,
-                               read_safemt, read_seeds, safemt_safety_index)
+from common.benchmarks import (SAFEMT_TURNS, TONES, ahash, bootstrap_ci, describe_image, is_near_duplicate,
+                               metrics_table, plot_asr_by_k, read_dialogues, read_responses, read_safemt, read_seeds,
+                               safemt_safety_index)
 from common.benchmarks import safemt_asr as asr   # unsafe / (safe + unsafe), cut left out
 from common.chat import encode
 from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
@@ -145,10 +146,7 @@ TINY_SIZES = dict(num_seeds=40, image_size=112, sft_samples=40, sft_steps=8, max
 
 # ==== data: toy seeds, the InterSafe-V builder (roles, sub-queries, dialogues), dialogue files ====
 TURN_COUNTS = SAFEMT_TURNS   # SafeMT's k
-COLORS = {"red": (210, 50, 50), "blue": (50, 80, 210), "green": (40, 160, 70), "yellow": (230, 200, 40),
-          "purple": (140, 60, 170)}
-TONES = {**COLORS, "white": (245, 245, 245), "black": (15, 15, 15), "grey": (128, 128, 128),
-         "brown": (120, 80, 40), "orange": (240, 140, 30)}
+COLORS = {c: TONES[c] for c in ("red", "blue", "green", "yellow", "purple")}   # the toy shapes' colours
 SHAPES, OBJECTS = ("circle", "square", "triangle"), ("bottle", "lock", "badge", "laptop", "wallet", "key card",
                                                      "phone", "toolbox")
 # category -> (seed query template, the harm phrase); every harm is a placeholder, never a method
@@ -209,13 +207,6 @@ def draw_toy_image(color: str, shape: str, obj: str, size: int, layout: int, jit
     d.text((max(0, cx - r), min(size - 12, cy + r + 1)), obj, fill=(20, 20, 20))
     return im
 
-def describe_image(im: Image.Image) -> str:
-    """A description that describes (its two commonest tones), never a file name."""
-    px = np.asarray(im.convert("RGB").resize((16, 16)), dtype=np.float32).reshape(-1, 3)   # (256, 3)
-    ref = np.array(list(TONES.values()), dtype=np.float32)                                 # (C, 3)
-    tones = Counter(np.array(list(TONES))[((px[:, None] - ref[None]) ** 2).sum(-1).argmin(1)]).most_common(2)
-    return f"a {im.width}x{im.height} picture, mostly {' and '.join(str(t) for t, _ in tones)}"
-
 
 def toy_seeds(n: int, seed: int, size: int) -> list[dict]:
     """n templated seeds; every 7th re-uses an earlier drawing (a near-duplicate to be filtered)."""
@@ -231,6 +222,7 @@ def toy_seeds(n: int, seed: int, size: int) -> list[dict]:
             obj=p["obj"], k=i), "image": draw_toy_image(size=size, **p), "tags": [p["color"], p["obj"]],
             "desc": f"a {p['color']} {p['shape']} labelled '{p['obj']}'"})
     return out
+
 
 def load_seeds(args: Args) -> list[dict]:
     """A user's red-team seeds (--seeds_file), else the toy seeds."""
@@ -425,17 +417,6 @@ def seed_versions(seed: dict, roles: Roles, rng: random.Random, args: Args, out:
     return versions, why
 
 
-def image_key(seed: dict) -> int | str:
-    """Step 3a's key: a TYPO image is its text (the phrase), any other image its average hash."""
-    return seed["phrase"] if seed.get("typo") else ahash(seed["image"])
-
-
-def is_duplicate(key: int | str, kept: list, max_hamming: int) -> bool:
-    if isinstance(key, str):
-        return key in kept
-    return is_near_duplicate(key, [x for x in kept if isinstance(x, int)], max_hamming)
-
-
 def dialogues_split(args: Args, split: str, limit: int = 0) -> list[dict]:
     """Rows of the dialogue file in `split` (rows without a split are in all): the seeds of its first
     `limit` rows (0 = all), each with all its k-versions."""
@@ -548,7 +529,7 @@ class Judge:
     """"rule" or a local model; `score` -> [(h, s, verdict)], `prefer` -> +1 (A better), -1, 0."""
 
     def __init__(self, name: str, load_in_4bit: bool | None = None):
-        self.name, self.unparsed = name, 0
+        self.unparsed = 0
         self.model = None if name == "rule" else load_policy(name, lora=False, load_in_4bit=load_in_4bit)
 
     def chat(self, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -685,8 +666,8 @@ def stage_build(args: Args) -> dict:
     seeds, roles, rng, log = load_seeds(args), Roles(args), random.Random(args.seed), RunLog(out)
     stats, drops, per_cat, keys, kept, dropped = Counter(), Counter(), Counter(), [], [], {}
     for seed in log.bar(seeds, desc="build"):
-        key = image_key(seed)
-        if is_duplicate(key, keys, args.dedup_hamming):
+        key = seed["phrase"] if seed.get("typo") else ahash(seed["image"])   # step 3a: a TYPO image is its text
+        if is_near_duplicate(key, keys, args.dedup_hamming):
             dropped[seed["id"]] = "near_duplicate_image"
             continue
         versions, why = seed_versions(seed, roles, rng, args, out, stats, drops)
@@ -783,13 +764,9 @@ def run_rl(args: Args, out_dir: str, adapter: str | None, uniform: bool, steps: 
     return policy, summary
 
 
-def sft_adapter(args: Args) -> str | None:
-    return start_adapter(args, "sft") if args.cold_start else None
-
-
 def stage_rl(args: Args) -> dict:
-    return run_rl(args, os.path.join(args.out, "rl"), sft_adapter(args), args.turn_weights == "uniform",
-                  args.max_steps)[1]
+    adapter = start_adapter(args, "sft") if args.cold_start else None
+    return run_rl(args, os.path.join(args.out, "rl"), adapter, args.turn_weights == "uniform", args.max_steps)[1]
 
 
 def policy_replies(policy, dialogues: list[dict], args: Args, generate=None):
@@ -850,26 +827,6 @@ def base_replies(policy, test: list[dict], args: Args):
         return policy_replies(policy, test, args)[0], general_ability(policy, test, args)
 
 
-def plot_asr_by_k(curves: dict[str, dict], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(4.5, 3))
-    for i, (name, by_k) in enumerate(curves.items()):
-        points = sorted((int(k), v) for k, v in by_k.items() if v is not None)
-        if points:   # a small sideways offset keeps identical curves visible
-            ax.plot([k + 0.06 * i for k, _ in points], [v for _, v in points], marker="o", label=name)
-    if ax.lines:
-        ax.legend(fontsize=7)
-    else:
-        ax.text(0.5, 0.5, "no harmful reply was judged (all cut or unanswered)", ha="center", transform=ax.transAxes)
-    ax.set_xticks(TURN_COUNTS)
-    ax.set(xlabel="turns in the dialogue (k)", ylabel="ASR per response", title="ASR by k", ylim=(-0.05, 1.05))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def stage_eval(args: Args) -> dict:
     test, judge, out = load_benchmark(args), Judge(args.judge, args.load_in_4bit), os.path.join(args.out, "eval")
     if args.responses:                                                   # another model's replies
@@ -901,28 +858,12 @@ TABLE = [("ASR_response", "ASR/response"), ("ASR_dialogue", "ASR/dialogue"), ("S
          ("harmless_win_rate", "harmless win")]
 
 
-def fmt(row: dict, key: str) -> str:
-    v, ci = row.get(key), row.get(f"{key}_ci95")
-    return "-" if v is None else f"{v:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
-
-
-def ablation_table(rows: dict[str, dict]) -> str:
-    """Markdown: one row per policy, 95 % bootstrap intervals over seeds in brackets."""
-    ks = sorted({int(k) for r in rows.values() for k in r["ASR_response_by_k"]})
-    head = ["policy", *[n for _, n in TABLE], *[f"ASR k={k}" for k in ks], "cut", "general"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in rows.items():
-        by_k = {int(k): v for k, v in r["ASR_response_by_k"].items()}
-        cells = [fmt(r, key) for key, _ in TABLE] + ["-" if by_k.get(k) is None else f"{by_k[k]:.2f}" for k in ks]
-        cells += [f"{r['cut_responses']}/{r['n_responses']}", f"{r['general_ability']['accuracy']:.2f}"]
-        lines.append("| " + " | ".join([name, *cells]) + " |")
-    return "\n".join(lines)
-
 def stage_ablate(args: Args) -> dict:
     """Base vs cold start vs cold start + RL (turn-aware, uniform) vs RL without the cold start,
     each evaluated the same way against the base model."""
     test = dialogues_split(args, "test", args.eval_dialogues)
-    out, judge, sft = os.path.join(args.out, "ablate"), Judge(args.judge, args.load_in_4bit), sft_adapter(args)
+    out, judge = os.path.join(args.out, "ablate"), Judge(args.judge, args.load_in_4bit)
+    sft = start_adapter(args, "sft") if args.cold_start else None
     policy = get_policy(args, sft)
     base, base_general = base_replies(policy, test, args)
     rows = {"base": dict(evaluate(test, {"policy": base}, judge, args.seed), general_ability=base_general)}
@@ -935,7 +876,7 @@ def stage_ablate(args: Args) -> dict:
                           start=adapter or "base")
     for r in rows.values():
         r.pop("samples", None)
-    table = ablation_table(rows)
+    table = metrics_table(rows, TABLE)
     write_json(os.path.join(out, "results.json"), rows)
     Path(out, "table.md").write_text(table + "\n")
     bar_plot({n: {m: rows[n].get(k) or 0.0 for k, m in TABLE[:4]} for n in rows}, os.path.join(out, "ablate.png"),

@@ -15,6 +15,7 @@ import json
 import math
 import random
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -348,9 +349,25 @@ def ahash(image) -> int:
     return int("".join("1" if v else "0" for v in (px > px.mean()).flatten()), 2)
 
 
-def is_near_duplicate(h: int, seen: list[int], max_hamming: int) -> bool:
-    """Hamming distance <= max_hamming to any hash in `seen`."""
-    return any(bin(h ^ s).count("1") <= max_hamming for s in seen)
+def is_near_duplicate(h: int | str, seen: list, max_hamming: int) -> bool:
+    """An average hash within Hamming distance max_hamming of a hash in `seen`; a text key (a TYPO
+    image's phrase) equal to one in `seen`."""
+    if isinstance(h, str):
+        return h in seen
+    return any(bin(h ^ s).count("1") <= max_hamming for s in seen if isinstance(s, int))
+
+
+TONES = {"red": (210, 50, 50), "blue": (50, 80, 210), "green": (40, 160, 70), "yellow": (230, 200, 40),
+         "purple": (140, 60, 170), "white": (245, 245, 245), "black": (15, 15, 15), "grey": (128, 128, 128),
+         "brown": (120, 80, 40), "orange": (240, 140, 30)}
+
+
+def describe_image(im) -> str:
+    """What a text-only model is told an image shows: its size and two commonest tones, never a file name."""
+    px = np.asarray(im.convert("RGB").resize((16, 16)), dtype=np.float32).reshape(-1, 3)   # (256, 3)
+    ref = np.array(list(TONES.values()), dtype=np.float32)                                 # (C, 3)
+    tones = Counter(np.array(list(TONES))[((px[:, None] - ref[None]) ** 2).sum(-1).argmin(1)]).most_common(2)
+    return f"a {im.width}x{im.height} picture, mostly {' and '.join(str(t) for t, _ in tones)}"
 
 
 # --- SafeMT's scoring, and intervals over its samples ---
@@ -375,6 +392,44 @@ def bootstrap_ci(groups: list, stat, keys, n: int = 200, seed: int = 0) -> dict:
             if m.get(key) is not None:
                 draws.setdefault(key, []).append(m[key])
     return {f"{k}_ci95": [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in draws.items()}
+
+
+def plot_asr_by_k(curves: dict[str, dict], path: str) -> None:
+    """SafeMT's figure: ASR per response against the turn count k, one line per policy {name: {k: ASR}}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(4.5, 3))
+    for i, (name, by_k) in enumerate(curves.items()):
+        points = sorted((int(k), v) for k, v in by_k.items() if v is not None)
+        if points:   # a small sideways offset keeps identical curves visible
+            ax.plot([k + 0.06 * i for k, _ in points], [v for _, v in points], marker="o", label=name)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no harmful reply was judged (all cut or unanswered)", ha="center", transform=ax.transAxes)
+    ax.set_xticks(SAFEMT_TURNS)
+    ax.set(xlabel="turns in the dialogue (k)", ylabel="ASR per response", title="ASR by k", ylim=(-0.05, 1.05))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def metrics_table(rows: dict[str, dict], columns: list[tuple[str, str]]) -> str:
+    """Markdown, one row per policy: each (key, header) column as "value [lo, hi]" (the key's `_ci95`
+    interval when there is one), "-" when None; then ASR per k, cut replies, general ability."""
+    def cell(row: dict, key: str) -> str:
+        v, ci = row.get(key), row.get(f"{key}_ci95")
+        return "-" if v is None else f"{v:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+    ks = sorted({int(k) for r in rows.values() for k in r["ASR_response_by_k"]})
+    head = ["policy", *[n for _, n in columns], *[f"ASR k={k}" for k in ks], "cut", "general"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows.items():
+        by_k = {int(k): v for k, v in r["ASR_response_by_k"].items()}
+        cells = [cell(r, key) for key, _ in columns] + ["-" if by_k.get(k) is None else f"{by_k[k]:.2f}" for k in ks]
+        cells += [f"{r['cut_responses']}/{r['n_responses']}", f"{r['general_ability']['accuracy']:.2f}"]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines)
 
 
 # =============================================================================================

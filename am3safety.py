@@ -7,13 +7,12 @@
     python am3safety.py --stage all --model Qwen/Qwen2.5-VL-3B-Instruct --max_steps 300   # one GPU
     python am3safety.py --stage eval --safemt SafeMT/Data --responses replies.jsonl     # score a model's replies
 
-Stages (each writes <out>/<stage>/): build (InterSafe-V: each seed's harmful query spread over k in
-{1, 2, 4, ...} turns: decompose + score -> user turns -> near-duplicate and risk filters), sft (refusal
-cold start), rl (GRPO, every rollout a whole dialogue, turn-aware reward, Eqs. 6-9), eval (ASR per
-response and per dialogue by k, SafeMT's Safety Index, over-refusal, evasion, helpful / harmless win
-rates vs the base model, general ability), ablate (base vs cold start vs + RL turn-aware / uniform / no
-cold start, one table). Roles (--decomposer, --scorer, --user, --assistant, --judge): "rule" (offline)
-or any local model. Toy harm is non-operational: "[restricted procedure 7]" placeholders.
+Stages (each writes <out>/<stage>/): build (InterSafe-V: a seed's harmful query spread over k in {1, 2,
+4, ...} turns: decompose + score -> user turns -> near-duplicate and risk filters), sft (refusal cold
+start), rl (GRPO over whole dialogues, turn-aware reward, Eqs. 6-9), eval (ASR by k, SafeMT's Safety
+Index, over-refusal, evasion, win rates vs the base, general ability), ablate (base / cold start / RL
+variants, one table). Roles (--decomposer, --scorer, --user, --assistant, --judge): "rule" (offline)
+or a local model. Toy harm is non-operational: "[restricted procedure 7]" placeholders.
 
 Deviations from the paper (numbered; the reasons are the one-GPU / offline budget):
  1. Seeds: templated toy seeds drawn with PIL (5 categories, not 14), or a user's JSONL; a text-only
@@ -458,7 +457,8 @@ def make_messages(ex: dict, vlm: bool) -> list[dict]:
     """SafeMT's scripted context (user / assistant pairs), then the first user turn."""
     msgs = []
     for c in ex.get("context", []):
-        msgs += [{"role": "user", "content": turn_content(ex, c, vlm)}, {"role": "assistant", "content": c.get("assistant", "")}]
+        msgs += [{"role": "user", "content": turn_content(ex, c, vlm)},
+                 {"role": "assistant", "content": c.get("assistant", "")}]
     return msgs + [{"role": "user", "content": turn_content(ex, ex["turns"][0], vlm)}]
 
 
@@ -701,8 +701,9 @@ def build_summary(args: Args, seeds: list[dict], kept: list[dict], dropped: dict
     per_k = Counter(d["k"] for d in kept)
     return {"seeds": len(seeds), "seeds_kept": len({d["seed_id"] for d in kept}), "dialogues": len(kept),
             "per_category": dict(Counter(d["category"] for d in kept)),
-            "per_k": {str(k): v for k, v in sorted(per_k.items())}, "seed_drop_reasons": dict(Counter(dropped.values())),
-            "version_drop_reasons": dict(drops), "dropped_seeds": dropped, "filters": dict(stats),
+            "per_k": {str(k): v for k, v in sorted(per_k.items())},
+            "seed_drop_reasons": dict(Counter(dropped.values())), "version_drop_reasons": dict(drops),
+            "dropped_seeds": dropped, "filters": dict(stats),
             "avg_images": float(np.mean([len(d["images"]) for d in kept])),
             "roles": {r: getattr(args, r) for r in ("decomposer", "scorer", "user", "assistant")}}
 
@@ -852,7 +853,7 @@ def stage_eval(args: Args) -> dict:
             res["note"] = "tiny = random weights: these numbers are noise"
     res.update(judge=args.judge, n_dialogues=len(test), judge_unparsed=judge.unparsed)
     write_json(os.path.join(out, "results.json"), res)
-    curves = {"policy": res["ASR_response_by_k"], **({"base": res["base"]["ASR_response_by_k"]} if "base" in res else {})}
+    curves = {who: r["ASR_response_by_k"] for who, r in (("policy", res), ("base", res.get("base"))) if r}
     plot_asr_by_k(curves, os.path.join(out, "asr_by_k.png"))
     print(f"[eval] ASR per response {res['ASR_response']} (base {res.get('base', {}).get('ASR_response')}), SafeMT SI "
           f"{res['SafeMT_safety_index']}, win rates help {res.get('helpful_win_rate')} harmless "

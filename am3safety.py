@@ -52,11 +52,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from common.benchmarks import (SAFEMT_TURNS, TONES, ahash, bootstrap_ci, describe_image, is_near_duplicate,
+from common.benchmarks import (SAFEMT_TURNS, ahash, bootstrap_ci, describe_image, draw_toy_image, is_near_duplicate,
                                metrics_table, plot_asr_by_k, read_dialogues, read_responses, read_safemt, read_seeds,
-                               safemt_safety_index)
+                               safemt_safety_index, turn_content, user_content)
 from common.benchmarks import safemt_asr as asr   # unsafe / (safe + unsafe), cut left out
 from common.chat import encode
 from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
@@ -144,7 +144,7 @@ TINY_SIZES = dict(num_seeds=40, image_size=112, sft_samples=40, sft_steps=8, max
                   ablate_steps=1)
 
 # ==== data: toy seeds, the InterSafe-V builder (roles, sub-queries, dialogues), dialogue files ====
-COLORS = {c: TONES[c] for c in ("red", "blue", "green", "yellow", "purple")}   # the toy shapes' colours
+COLORS = ("red", "blue", "green", "yellow", "purple")   # the toy shapes' colours (RGB in common/benchmarks.TONES)
 SHAPES, OBJECTS = ("circle", "square", "triangle"), ("bottle", "lock", "badge", "laptop", "wallet", "key card",
                                                      "phone", "toolbox")
 # category -> (seed query template, the harm phrase); every harm is a placeholder, never a method
@@ -185,27 +185,6 @@ def words(text: str) -> set[str]:
     return {w for w in WORD_RE.findall((text or "").lower()) if w not in STOP}
 
 
-def draw_toy_image(color: str, shape: str, obj: str, size: int, layout: int, jitter: int = 0,
-                   zoom: float = 1.0) -> Image.Image:
-    """The object as a coloured shape (name written under it) and two grey blocks, placed by `layout`."""
-    lr, im = random.Random(layout), Image.new("RGB", (size, size), (235, 235, 230))
-    d = ImageDraw.Draw(im)
-    for _ in range(2):
-        x, y, w = lr.randrange(size), lr.randrange(size), lr.randint(size // 8, size // 3)
-        d.rectangle([x, y, x + w, y + w // 2], fill=(90, 90, 90))
-    r = int(size * lr.uniform(0.15, 0.25) * zoom)
-    cx, cy = lr.randint(r, size - r) + jitter, lr.randint(r, size - r) + jitter
-    box, fill = [cx - r, cy - r, cx + r, cy + r], COLORS[color]
-    if shape == "circle":
-        d.ellipse(box, fill=fill)
-    elif shape == "square":
-        d.rectangle(box, fill=fill)
-    else:
-        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-    d.text((max(0, cx - r), min(size - 12, cy + r + 1)), obj, fill=(20, 20, 20))
-    return im
-
-
 def toy_seeds(n: int, seed: int, size: int) -> list[dict]:
     """n templated seeds; every 7th re-uses an earlier drawing (a near-duplicate to be filtered)."""
     rng, cats, out = random.Random(seed), list(TOY_CATEGORIES), []
@@ -214,7 +193,7 @@ def toy_seeds(n: int, seed: int, size: int) -> list[dict]:
         if i % 7 == 6:   # the same picture collected twice, as in merged red-team sets
             p = dict(out[i - 3]["draw"], jitter=1)
         else:
-            p = dict(color=rng.choice(list(COLORS)), shape=rng.choice(SHAPES), obj=rng.choice(OBJECTS),
+            p = dict(color=rng.choice(COLORS), shape=rng.choice(SHAPES), obj=rng.choice(OBJECTS),
                      layout=rng.randrange(10**6), jitter=0)
         out.append({"id": f"toy-{i:04d}", "category": cat, "draw": p, "query": TOY_CATEGORIES[cat][0].format(
             obj=p["obj"], k=i), "image": draw_toy_image(size=size, **p), "tags": [p["color"], p["obj"]],
@@ -439,20 +418,6 @@ def load_benchmark(args: Args) -> list[dict]:
 
 
 # ==== prompt + parsing: a dialogue record -> chat messages, the rollout -> its replies ============
-def user_content(text: str, image, desc: str, vlm: bool):
-    """A user message: image + text for VLMs, "[Image: description] text" for text-only models."""
-    if image is None or not vlm:
-        return text if image is None else f"[Image: {desc}] {text}"
-    return [{"type": "image", "image": image}, {"type": "text", "text": text}]
-
-
-def turn_content(ex: dict, turn: dict, vlm: bool):
-    """A user turn of a dialogue record as a message content (its image, if any, by index)."""
-    j = turn.get("image")
-    img, desc = (ex["pil"][j], ex["image_descriptions"][j]) if j is not None else (None, "")
-    return user_content(turn["user"], img, desc, vlm)
-
-
 def make_messages(ex: dict, vlm: bool) -> list[dict]:
     """SafeMT's scripted context (user / assistant pairs), then the first user turn."""
     msgs = []

@@ -266,7 +266,7 @@ def safemt_safety_index(asr_k: dict, labels: list[list[int]]) -> float:
     return (1 - weighted) * (1 - (float(np.mean(stds)) if stds else 0.0))
 
 
-# --- InterSafe-V files (am3safety.py's own formats): seeds, dialogues, another model's replies ---
+# --- InterSafe-V (am3safety.py's own formats): pictures, seeds, dialogues, replies, message content ---
 def typographic_image(phrase: str, size: int):
     """MM-SafetyBench's TYPO image: the key phrase in black on white, wrapped to the width."""
     from PIL import Image, ImageDraw, ImageFont
@@ -277,6 +277,42 @@ def typographic_image(phrase: str, size: int):
             lines.append("")
         lines[-1] = f"{lines[-1]} {w}".strip()
     d.multiline_text((size * 0.05, size * 0.3), "\n".join(lines), fill="black", font=font)
+    return im
+
+
+TONES = {"red": (210, 50, 50), "blue": (50, 80, 210), "green": (40, 160, 70), "yellow": (230, 200, 40),
+         "purple": (140, 60, 170), "white": (245, 245, 245), "black": (15, 15, 15), "grey": (128, 128, 128),
+         "brown": (120, 80, 40), "orange": (240, 140, 30)}
+
+
+def describe_image(im) -> str:
+    """What a text-only model is told an image shows: its size and two commonest tones, never a file name."""
+    px = np.asarray(im.convert("RGB").resize((16, 16)), dtype=np.float32).reshape(-1, 3)   # (256, 3)
+    ref = np.array(list(TONES.values()), dtype=np.float32)                                 # (C, 3)
+    tones = Counter(np.array(list(TONES))[((px[:, None] - ref[None]) ** 2).sum(-1).argmin(1)]).most_common(2)
+    return f"a {im.width}x{im.height} picture, mostly {' and '.join(str(t) for t, _ in tones)}"
+
+
+def draw_toy_image(color: str, shape: str, obj: str, size: int, layout: int, jitter: int = 0,
+                   zoom: float = 1.0):
+    """am3safety.py's toy seed picture: the object as a shape of colour `color` (a TONES name), its
+    name written under it, and two grey blocks, placed by `layout` (jitter / zoom: a near-copy, a close-up)."""
+    from PIL import Image, ImageDraw
+    lr, im = random.Random(layout), Image.new("RGB", (size, size), (235, 235, 230))
+    d = ImageDraw.Draw(im)
+    for _ in range(2):
+        x, y, w = lr.randrange(size), lr.randrange(size), lr.randint(size // 8, size // 3)
+        d.rectangle([x, y, x + w, y + w // 2], fill=(90, 90, 90))
+    r = int(size * lr.uniform(0.15, 0.25) * zoom)
+    cx, cy = lr.randint(r, size - r) + jitter, lr.randint(r, size - r) + jitter
+    box, fill = [cx - r, cy - r, cx + r, cy + r], TONES[color]
+    if shape == "circle":
+        d.ellipse(box, fill=fill)
+    elif shape == "square":
+        d.rectangle(box, fill=fill)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    d.text((max(0, cx - r), min(size - 12, cy + r + 1)), obj, fill=(20, 20, 20))
     return im
 
 
@@ -342,6 +378,20 @@ def read_responses(path: str, dialogues: list[dict]) -> list[list]:
     return [(rows[d["id"]] + [(None, False)] * len(d["turns"]))[: len(d["turns"])] for d in dialogues]
 
 
+def user_content(text: str, image, desc: str, vlm: bool):
+    """A user message: image + text for VLMs, "[Image: description] text" for text-only models."""
+    if image is None or not vlm:
+        return text if image is None else f"[Image: {desc}] {text}"
+    return [{"type": "image", "image": image}, {"type": "text", "text": text}]
+
+
+def turn_content(ex: dict, turn: dict, vlm: bool):
+    """A user turn of a dialogue record as message content (its image, if any, by index into `pil`)."""
+    j = turn.get("image")
+    img, desc = (ex["pil"][j], ex["image_descriptions"][j]) if j is not None else (None, "")
+    return user_content(turn["user"], img, desc, vlm)
+
+
 def ahash(image) -> int:
     """64-bit average hash: 8x8 grey thumbnail, bit = pixel above the mean."""
     from PIL import Image
@@ -355,19 +405,6 @@ def is_near_duplicate(h: int | str, seen: list, max_hamming: int) -> bool:
     if isinstance(h, str):
         return h in seen
     return any(bin(h ^ s).count("1") <= max_hamming for s in seen if isinstance(s, int))
-
-
-TONES = {"red": (210, 50, 50), "blue": (50, 80, 210), "green": (40, 160, 70), "yellow": (230, 200, 40),
-         "purple": (140, 60, 170), "white": (245, 245, 245), "black": (15, 15, 15), "grey": (128, 128, 128),
-         "brown": (120, 80, 40), "orange": (240, 140, 30)}
-
-
-def describe_image(im) -> str:
-    """What a text-only model is told an image shows: its size and two commonest tones, never a file name."""
-    px = np.asarray(im.convert("RGB").resize((16, 16)), dtype=np.float32).reshape(-1, 3)   # (256, 3)
-    ref = np.array(list(TONES.values()), dtype=np.float32)                                 # (C, 3)
-    tones = Counter(np.array(list(TONES))[((px[:, None] - ref[None]) ** 2).sum(-1).argmin(1)]).most_common(2)
-    return f"a {im.width}x{im.height} picture, mostly {' and '.join(str(t) for t, _ in tones)}"
 
 
 # --- SafeMT's scoring, and intervals over its samples ---

@@ -74,6 +74,7 @@ from common.models import load_policy
 from common.rollout import Rollout, observation_segment, run_rollouts
 from common.runlog import RunLog, bar_plot, read_jsonl, trajectory_html, write_json
 from common.sft import SFTConfig, train_sft
+from common.stats import wilson
 from common.tools import TextSearch, parse_action
 
 
@@ -719,15 +720,6 @@ def train_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = Fals
         "k": args.difficulty_k, "pool": len(pool), "kept": len(table), "filter_empty": filter_empty,
         "sampling": "uniform" if weights is None else "difficulty", "pass_rate_histogram": hist}})
     return os.path.join(out_dir, "adapter")
-
-
-def wilson(successes: float, n: int, z: float = 1.96) -> list[float] | None:
-    """95 % Wilson interval of a rate (scores in [0, 1] summed as successes)."""
-    if n == 0:
-        return None
-    p, d = successes / n, 1 + z * z / n
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return [round(float((p + z * z / (2 * n)) / d - half), 4), round(float((p + z * z / (2 * n)) / d + half), 4)]
 
 
 def search_stats(rollouts: list[Rollout], accs: list[float]) -> dict:

@@ -65,6 +65,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from common.benchmarks import read_legal_qa
 from common.chat import Encoded, encode
 from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
 from common.data import read_records, require
@@ -270,9 +271,6 @@ def split_world(world: World) -> tuple[list[dict], list[dict]]:
             [q for q in world.questions if q["split"] == "test"])
 
 
-MCQ_RULES = ("choice", "jecqa_set", "lawbench_mcq", "lexeval_exact")
-
-
 def answer_rule(gold: str) -> str:
     """Closed-class golds are matched exactly: option letters (options in the question text) by
     their letters, yes/no and anything with a number by closed_match; others sub-exactly (6)."""
@@ -281,73 +279,22 @@ def answer_rule(gold: str) -> str:
     return "closed" if gold.strip().lower() in ("yes", "no", "是", "否") or NUMBER.search(gold) else "sub_exact"
 
 
-def lawbench_gold(gold: str) -> tuple[str, list[str]]:
-    """LawBench golds: "正确答案：B。" (MCQ), "罪名:X;Y" (charges), else free text."""
-    if m := re.match(r"\s*正确答案\s*[:：]\s*([A-D]+)", gold):
-        return "lawbench_mcq", [m.group(1)]
-    if m := re.match(r"\s*罪名\s*[:：](.+)", gold):
-        return "lawbench_charge_f1", [c.strip(" 。") for c in re.split(r"[;；]", m.group(1)) if c.strip(" 。")]
-    return answer_rule(gold), [gold.strip()]
-
-
-def benchmark_fields(row: dict, where: str, args: Args) -> tuple[str, dict, object, str | None]:
-    """(prompt text with the instruction, options, raw answer, rule or None = decide per row) of one row."""
-    if "statement" in row and "option_list" in row:               # JEC-QA
-        require(row, where, "statement", "option_list", "answer")
-        return row["statement"], row["option_list"], row["answer"], "jecqa_set"
-    if "system" in row and "query" in row:                         # LawBench, instruction-style export
-        require(row, where, "query", "response")
-        return f"{row['system']}\n{row['query']}", {}, row["response"], "lawbench"
-    if "instruction" in row and "question" in row:                 # LawBench data/zero_shot/<id>.json
-        require(row, where, "question", "answer")
-        return f"{row['instruction']}\n{row['question']}", {}, row["answer"], "lawbench"
-    if "instruction" in row and "input" in row:                    # LexEval data/i_j.json (options in input)
-        require(row, where, "input", "answer")
-        exact = re.fullmatch(r"[A-E]+", str(row["answer"]).strip())
-        return f"{row['instruction']}\n{row['input']}", {}, row["answer"], "lexeval_exact" if exact else None
-    require(row, where, args.field_question, args.field_answer)
-    opts = row.get(args.field_options) or {k: v for k, v in row.items() if re.fullmatch("[A-T]", k)}
-    if isinstance(opts, str):
-        try:
-            opts = json.loads(opts)
-        except ValueError:
-            raise UserError(f"{where}: options field {args.field_options!r} is not JSON (a dict or list).") from None
-    opts = {chr(65 + i): o for i, o in enumerate(opts)} if isinstance(opts, list) else opts
-    text = f"{row['instruction']}\n{row[args.field_question]}" if row.get("instruction") else row[args.field_question]
-    return text, opts, row[args.field_answer], None
+BENCHMARKS = {   # published schemas, told apart by their `detect` fields (first match wins); rules in score()
+    "JEC-QA": dict(detect=("statement", "option_list"), prompt=("statement",), options="option_list",
+                   answer="answer", rule="jecqa_set"),
+    "LawBench (chat export)": dict(detect=("system", "query"), prompt=("system", "query"), answer="response",
+                                   rule="lawbench"),
+    "LawBench": dict(detect=("instruction", "question"), prompt=("instruction", "question"), answer="answer",
+                     rule="lawbench"),   # data/zero_shot/<id>.json
+    "LexEval": dict(detect=("instruction", "input"), prompt=("instruction", "input"), answer="answer",
+                    rule="lexeval_exact"),   # data/i_j.json, options inside `input`
+}
 
 
 def load_benchmark(path: str, args: Args) -> list[dict]:
-    """A legal benchmark file in its published format -> records in the toy format, each with the
-    scoring rule of its benchmark (`rule`). MCQ is decided per row: options (non-empty ones; an
-    all-empty column is left out) and a gold made of their letters, with or without a prefix."""
-    out, charges = [], []
-    for where, row in read_records(path, "benchmark file"):
-        text, opts, raw, rule = benchmark_fields(row, where, args)
-        if not isinstance(opts, dict) or not all(isinstance(v, (str, type(None))) for v in opts.values()):
-            raise UserError(f"{where}: options must map letters to strings, got {str(opts)[:60]!r}.")
-        opts = {k.strip(): v.strip() for k, v in sorted(opts.items()) if v and v.strip()}
-        golds = [str(g) for g in raw] if isinstance(raw, list) else [str(raw)]
-        if not text.strip() or not any(g.strip() for g in golds):
-            raise UserError(f"{where}: empty question or answer.")
-        if rule == "lawbench":
-            rule, golds = lawbench_gold(golds[0])
-            charges += golds if rule == "lawbench_charge_f1" else []
-        elif rule == "lexeval_exact":
-            golds = [golds[0].strip()]
-        elif rule == "jecqa_set" or (rule is None and len(opts) >= 2):
-            letters = extract_choice("".join(golds) if isinstance(raw, list) else golds[0], "".join(opts) or "ABCDE")
-            if letters is None:
-                raise UserError(f"{where}: MCQ answer {raw!r} is not option letter(s) from {sorted(opts)}.")
-            rule, golds = rule or "choice", [letters]
-        else:
-            rule, golds = rule or answer_rule(golds[0]), [g.strip() for g in golds]
-        out.append(dict(id=str(row.get("id") or where), task=str(row.get("task") or Path(path).stem), rule=rule,
-                        type="mcq" if rule in MCQ_RULES else "short", question=text.strip(), options=opts,
-                        answer=golds[0], golds=golds, support=[], hops=None, split="user"))
-    for r in out:   # (8) LawBench's charge list has 189 names; here: the charges named in this file
-        r["charges"] = sorted(set(charges)) if r["rule"] == "lawbench_charge_f1" else []
-    return out
+    """A legal benchmark file (BENCHMARKS, else the --field_* map) -> toy-format records with their rule."""
+    generic = dict(question=args.field_question, answer=args.field_answer, options=args.field_options)
+    return read_legal_qa(path, BENCHMARKS, generic, answer_rule)
 
 
 # =============================================================================================

@@ -152,9 +152,7 @@ TINY_SIZES = dict(n_charges=6, test_charges=2, difficulty_k=2, max_steps=1, prom
                   max_turns=4, max_new_tokens=32)   # random weights never stop: cap what they can generate
 
 
-# =============================================================================================
-# Data: the toy legal world (1) and loaders for real benchmark files
-# =============================================================================================
+# ==== data: the toy legal world (1), the real benchmarks' field maps (8) ==========================
 CODE, CURRENCY = "Veridian Penal Code", "marks"
 CHARGES = [  # (charge, conduct); invented, so no model knows their articles, thresholds, penalties
     ("grain hoarding", "stockpile grain beyond household needs during a declared shortage"),
@@ -176,9 +174,6 @@ CHARGES = [  # (charge, conduct); invented, so no model knows their articles, th
 ]
 ROLES = "miller merchant clerk boatman carter weaver innkeeper smith".split()
 TOWNS = "Osterby Velmor Quenby Arlath Dunmere Sorvik Halden Tobrin".split()
-REPROMPT = ("My previous action is invalid. If I want to search, I should put the query between <search> "
-            "and </search>. If I want to give the final answer, I should put the answer between <answer> "
-            "and </answer>. Let me try again.")  # Search-R1 / LRAS eval code
 
 
 @dataclass
@@ -265,6 +260,13 @@ def build_world(seed: int, n_charges: int = 16, test_charges: int = 5, cases_per
     return World(docs, questions, charges)
 
 
+def world_of(args: Args) -> World:   # one world per (seed, sizes) in a process: stages share it
+    return cached_world(args.seed, args.n_charges, args.test_charges)
+
+
+cached_world = functools.lru_cache(maxsize=4)(build_world)
+
+
 def split_world(world: World) -> tuple[list[dict], list[dict]]:
     """Train / test questions, split by charge (held-out charges: their facts never appear in SFT)."""
     return ([q for q in world.questions if q["split"] == "train"],
@@ -297,15 +299,16 @@ def load_benchmark(path: str, args: Args) -> list[dict]:
     return read_legal_qa(path, BENCHMARKS, generic, answer_rule)
 
 
-# =============================================================================================
-# Prompt format (Search-R1 / LRAS eval code), the search tool and the noisy oracle (2, 3)
-# =============================================================================================
+# ==== prompt + parsing: Search-R1 format, the noisy oracle (3), pruning (4), SFT samples ==========
 SYSTEM = """You are a legal assistant. Reason inside <think> and </think> every time you get new
 information. If your knowledge is insufficient (an article number, a threshold, a penalty, a
 case), search with <search> query </search>; results come back between <information> and
 </information>. You may search several times. When you know the answer, give it inside <answer>
 and </answer> without explanation: the option letter(s) for a multiple-choice question, a short
 phrase otherwise."""
+REPROMPT = ("My previous action is invalid. If I want to search, I should put the query between <search> "
+            "and </search>. If I want to give the final answer, I should put the answer between <answer> "
+            "and </answer>. Let me try again.")  # Search-R1 / LRAS eval code
 
 
 def make_messages(example: dict) -> list[dict]:
@@ -357,9 +360,6 @@ def oracle_trajectory(world: World, q: dict, rng: random.Random, error: float = 
     return turns, q["answer"]
 
 
-# =============================================================================================
-# Pruning (4) and SFT samples with <information> masked
-# =============================================================================================
 def contributes(observation: str, support: list[str]) -> set[str]:
     """Supporting documents that a search's results hold (TextSearch titles them "(Title: <id>)")."""
     return {s for s in support if f"(Title: {s})" in observation}
@@ -404,9 +404,7 @@ def sft_sample(policy, example: dict, turns: list[dict]) -> Encoded:
     return Encoded(ids + [tok.eos_token_id], mask + [1])   # (L,), (L,)
 
 
-# =============================================================================================
-# Rewards: r = acc + format_weight * fmt (6)
-# =============================================================================================
+# ==== rewards + metrics: r = acc + format_weight * fmt (6), each benchmark's rule, search statistics ====
 def format_ok(trajectory: list[dict]) -> bool:
     """fmt = 1 iff every turn has a closed <think> block and one valid action, searches until the
     last turn, and a non-empty <answer> in it."""
@@ -479,13 +477,32 @@ def make_reward_fn(args: Args):
                                                  args.max_answer_words))
 
 
-# =============================================================================================
-# Stages
-# =============================================================================================
-def toy_world(args: Args) -> World:
-    return build_world(args.seed, args.n_charges, args.test_charges)
+def search_stats(rollouts: list[Rollout], accs: list[float]) -> dict:
+    """The paper's search statistics (and its 71.3 % one: share of failures with no search)."""
+    s = np.array([r.tool_calls.get("text_search", 0) for r in rollouts])   # searches per question
+    a = np.array(accs, dtype=float)
+    fail = a < 1.0
+
+    def mean(x):
+        return float(x.mean()) if x.size else None
+    return {"search_rate": mean(s > 0), "searches_per_question": mean(s.astype(float)),
+            "multi_search_rate": mean(s >= 2), "accuracy_searched": mean(a[s > 0]),
+            "accuracy_not_searched": mean(a[s == 0]), "failures_without_search": mean(s[fail] == 0),
+            "answer_rate": mean(np.array([r.answer is not None for r in rollouts])),
+            "mean_turns": mean(np.array([r.turns for r in rollouts], dtype=float))}
 
 
+def add_scores(results: dict, name: str, examples: list[dict], accs: list[float]) -> None:
+    """score (mean of the rule's per-example score), its 95 % interval, and the rule, per set and task."""
+    for task in [None, *dict.fromkeys(e["task"] for e in examples)]:
+        sub = [a for a, e in zip(accs, examples) if task in (None, e["task"])]
+        key = name if task is None else f"{name}/{task}"
+        results["score"][key], results["ci95"][key] = float(np.mean(sub)), wilson(sum(sub), len(sub))
+        results["rule"][key] = sorted({e["rule"] for e in examples if task in (None, e["task"])})
+    results["n"][name] = len(examples)
+
+
+# ==== stages ======================================================================================
 def size_budgets(args: Args, policy, world: World) -> None:
     """(7) Budgets a search can pay for: --max_new_tokens 0 = the oracle's longest turn + 16,
     --max_completion_length 0 = its longest trajectory (a detour and two searches of k documents,
@@ -509,7 +526,7 @@ def get_policy(args: Args, adapter: str | None = None, lora: bool = True, name: 
     policy = load_policy(name or args.model, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
                          lora_alpha=args.lora_alpha, adapter=adapter,
                          gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
-    size_budgets(args, policy, toy_world(args))
+    size_budgets(args, policy, world_of(args))
     return policy
 
 
@@ -525,7 +542,7 @@ def agent_rollouts(policy, examples: list[dict], args: Args, search: TextSearch,
 
 def stage_data(args: Args) -> dict:
     """Write the world (corpus + question JSONL), an oracle page, and validate --data_file."""
-    world = toy_world(args)
+    world = world_of(args)
     out = Path(args.out) / "data"
     log = RunLog(str(out))
     train, test = split_world(world)
@@ -565,7 +582,7 @@ def teacher_samples(args: Args, world: World, questions: list[dict]) -> list[lis
 
 def stage_sft(args: Args) -> str:
     """Introspective Imitation: uncertainty-aware sampling, trajectories, pruning, LoRA SFT."""
-    world, out_dir = toy_world(args), os.path.join(args.out, "sft")
+    world, out_dir = world_of(args), os.path.join(args.out, "sft")
     train, _ = split_world(world)
     print(f"[sft] teacher: {args.teacher} ({args.teacher_samples} samples per question)")
     samples = teacher_samples(args, world, train)
@@ -621,15 +638,10 @@ def estimate_pass_rates(args: Args, world: World, policy, questions: list[dict])
             for i, q in enumerate(questions)}
 
 
-def stage_rl(args: Args) -> str:
-    """Difficulty-aware GRPO from the SFT adapter when there is one (the papers' order)."""
-    return train_rl(args, start_adapter(args, "sft"), os.path.join(args.out, "rl"), args.uniform_sampling)
-
-
-def train_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False,
+def run_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False,
              pass_rates_file: str | None = None, max_steps: int | None = None) -> str:
     """Difficulty-aware GRPO with inline search rollouts; the pool is the whole training set."""
-    world = toy_world(args)
+    world = world_of(args)
     pool, _ = split_world(world)
     print(f"[rl] policy: {'SFT adapter ' + adapter if adapter else 'the base model (no SFT adapter found)'}")
     policy = get_policy(args, adapter)
@@ -669,19 +681,9 @@ def train_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = Fals
     return os.path.join(out_dir, "adapter")
 
 
-def search_stats(rollouts: list[Rollout], accs: list[float]) -> dict:
-    """The paper's search statistics (and its 71.3 % one: share of failures with no search)."""
-    s = np.array([r.tool_calls.get("text_search", 0) for r in rollouts])   # searches per question
-    a = np.array(accs, dtype=float)
-    fail = a < 1.0
-
-    def mean(x):
-        return float(x.mean()) if x.size else None
-    return {"search_rate": mean(s > 0), "searches_per_question": mean(s.astype(float)),
-            "multi_search_rate": mean(s >= 2), "accuracy_searched": mean(a[s > 0]),
-            "accuracy_not_searched": mean(a[s == 0]), "failures_without_search": mean(s[fail] == 0),
-            "answer_rate": mean(np.array([r.answer is not None for r in rollouts])),
-            "mean_turns": mean(np.array([r.turns for r in rollouts], dtype=float))}
+def stage_rl(args: Args) -> str:
+    """Difficulty-aware GRPO from the SFT adapter when there is one (the papers' order)."""
+    return run_rl(args, start_adapter(args, "sft"), os.path.join(args.out, "rl"), args.uniform_sampling)
 
 
 def eval_sets(args: Args, world: World, n: int) -> dict:
@@ -695,16 +697,6 @@ def eval_sets(args: Args, world: World, n: int) -> dict:
     return sets
 
 
-def add_scores(results: dict, name: str, examples: list[dict], accs: list[float]) -> None:
-    """score (mean of the rule's per-example score), its 95 % interval, and the rule, per set and task."""
-    for task in [None, *dict.fromkeys(e["task"] for e in examples)]:
-        sub = [a for a, e in zip(accs, examples) if task in (None, e["task"])]
-        key = name if task is None else f"{name}/{task}"
-        results["score"][key], results["ci95"][key] = float(np.mean(sub)), wilson(sum(sub), len(sub))
-        results["rule"][key] = sorted({e["rule"] for e in examples if task in (None, e["task"])})
-    results["n"][name] = len(examples)
-
-
 def predicted_answers(args: Args, examples: list[dict]) -> list[str | None]:
     """--predictions: {"id", "prediction"} rows matched to the examples by id (missing: no answer)."""
     preds = {str(r.get("id")): r.get("prediction") for _, r in read_records(args.predictions, "predictions file")}
@@ -714,14 +706,9 @@ def predicted_answers(args: Args, examples: list[dict]) -> list[str | None]:
     return [None if preds.get(e["id"]) is None else str(preds[e["id"]]) for e in examples]
 
 
-def stage_eval(args: Args) -> dict:
-    """Evaluate the RL adapter, else the SFT adapter, else the base model (or score --predictions)."""
-    return evaluate(args, start_adapter(args, "rl", "sft"), os.path.join(args.out, "eval"))
-
-
-def evaluate(args: Args, adapter: str | None, out_dir: str, n_questions: int | None = None) -> dict:
+def run_eval(args: Args, adapter: str | None, out_dir: str, n_questions: int | None = None) -> dict:
     """Score per set and task (each by its benchmark's rule), search statistics, trajectories; results.json."""
-    world = toy_world(args)
+    world = world_of(args)
     sets = eval_sets(args, world, args.eval_questions if n_questions is None else n_questions)
     results = {"score": {}, "ci95": {}, "rule": {}, "search": {}, "n": {}, "policy": adapter or args.model}
     if args.predictions:   # another model's answers: no model, no search statistics
@@ -763,6 +750,11 @@ def evaluate(args: Args, adapter: str | None, out_dir: str, n_questions: int | N
     return results
 
 
+def stage_eval(args: Args) -> dict:
+    """Evaluate the RL adapter, else the SFT adapter, else the base model (or score --predictions)."""
+    return run_eval(args, start_adapter(args, "rl", "sft"), os.path.join(args.out, "eval"))
+
+
 def adapter_digest(adapter: str | None) -> str | None:
     """sha256 of the adapter weights (two variants with one digest trained to the same adapter)."""
     path = Path(adapter or "") / "adapter_model.safetensors"
@@ -796,12 +788,12 @@ def stage_ablate(args: Args) -> dict:
     steps, n = args.max_steps, args.eval_questions
     variants = {"base": (None, {}), "SFT": (sft_adapter, {})}
     for name, sub, uniform in (("SFT+RL difficulty", "rl_difficulty", False), ("SFT+RL uniform", "rl_uniform", True)):
-        adapter = train_rl(args, sft_adapter, str(abl / sub), uniform, rates, steps)
+        adapter = run_rl(args, sft_adapter, str(abl / sub), uniform, rates, steps)
         used = json.loads((abl / sub / "summary.json").read_text())["difficulty"]["sampling"]
         variants[name] = (adapter, {"uniform_sampling": uniform, "sampling_used": used, "steps": steps})
     table = {}
     for name, (adapter, flags) in variants.items():
-        res = evaluate(args, adapter, str(abl / ("eval_" + re.sub(r"\W+", "_", name))), n)
+        res = run_eval(args, adapter, str(abl / ("eval_" + re.sub(r"\W+", "_", name))), n)
         st = res["search"]["toy"]
         table[name] = {"accuracy": res["score"]["toy"], "ci95": res["ci95"]["toy"], **{k: st[k] for k in (
             "search_rate", "accuracy_searched", "accuracy_not_searched", "failures_without_search")},
@@ -817,6 +809,7 @@ def stage_ablate(args: Args) -> dict:
     return table
 
 
+# ==== main ========================================================================================
 def check_inputs(args: Args) -> None:
     """Every user file is read and validated before any model is loaded."""
     build_world(args.seed, args.n_charges, args.test_charges)

@@ -1,53 +1,44 @@
-"""LRAS: legal reasoning with agentic search. The model learns its knowledge boundary and searches
-("Active Inquiry") when it is unsure, instead of answering confidently from memory.
-"LRAS: ..." arXiv 2601.07296 (method: Sec. 3; official repo TOM-ZHOUch/LRAS: eval code only).
-
-Stages (each writes into <out>/<stage>/; `all` runs them in this order):
-    python lras.py --stage all --model tiny             # CPU, minutes: plumbing only, numbers are noise
+"""LRAS (arXiv 2601.07296, Sec. 3): legal reasoning with agentic search. The model learns its
+knowledge boundary and searches ("Active Inquiry") when unsure instead of answering from memory.
+Official repo TOM-ZHOUch/LRAS holds eval code only. Each stage writes <out>/<stage>/:
+    python lras.py --stage all --model tiny   # CPU, minutes: plumbing only, numbers are noise
     python lras.py --stage data    # toy legal world (statutes, cases, questions) + oracle page
-    python lras.py --stage sft     # Introspective Imitation: teacher n = 8 -> boundary filter -> pruning -> LoRA SFT
-    python lras.py --stage rl      # difficulty-aware GRPO: difficulty = 1 - pass rate of the SFT model over k samples
+    python lras.py --stage sft     # Introspective Imitation: teacher n = 8 -> boundary filter -> pruning -> SFT
+    python lras.py --stage rl      # difficulty-aware GRPO: d = 1 - pass rate of the SFT model over k samples
     python lras.py --stage eval    # score per task, search rate, accuracy searched vs not, failures w/o search
     python lras.py --stage ablate  # base vs SFT vs SFT + RL (difficulty) vs SFT + RL (uniform), 95 % intervals
-GPU (Qwen2.5-VL-3B in NF4 + LoRA, used as a text model; the paper used Qwen3-4B/8B/14B):
+GPU (Qwen2.5-VL-3B in NF4 + LoRA as a text model; the paper used Qwen3-4B/8B/14B):
     python lras.py --stage all --model Qwen/Qwen2.5-VL-3B-Instruct --teacher Qwen/Qwen2.5-VL-7B-Instruct \\
         --max_steps 300 --prompts_per_step 8 --eval_questions 200
-Real benchmarks in their published formats (LawBench, LexEval, JEC-QA, CSV exports; UTF-8 or GBK):
+Real benchmarks in their published formats (BENCHMARKS: LawBench, LexEval, JEC-QA; CSV; UTF-8 or GBK):
     python lras.py --stage eval --data_file lawbench/data/zero_shot/3-3.json --corpus_file statutes.jsonl
-    python lras.py --stage eval --data_file LexEval/data/1_1.json --predictions other_model.jsonl   # no model run
+    python lras.py --stage eval --data_file LexEval/data/1_1.json --predictions other_model.jsonl   # no model
 
 Deviations from the paper (numbered; the code says "(n)" where each one lives):
- 1. Data: an invented but consistent toy legal world (the "Veridian Penal Code": articles with
-    numbers, thresholds and penalties; case summaries citing charges) replaces JEC-QA/CAIL; a
-    model cannot know its facts without retrieving. Some questions hold their answer in the text
-    (hops 0), the rest need one or two searches (hops 1, 2).
- 2. Search: local BM25 over the toy corpus, top --search_k hits (official eval: web search
-    top-5, each page summarised by an LLM). --corpus_file or TEXT_SEARCH_ENDPOINT for real data.
- 3. Teacher: offline, a noisy oracle with this error model: with probability
-    teacher_error * (1 + hops) it answers from memory (no search) and is wrong; otherwise it
-    searches what it needs (its queries never contain the gold) and is right, and with probability
-    teacher_detour it first makes one useless search. --teacher <model> samples a real model instead.
- 4. Pruning is a rule (paper: rules + a human check): a search is kept only if its results hold
-    a supporting document (article/case) that no earlier kept search returned; invalid turns
-    (re-prompts, malformed calls) are cut; a correct trajectory whose kept searches miss a
-    supporting document (a lucky guess) is dropped. One trajectory per question after dedup.
- 5. RL data (not published): difficulty d = 1 - pass rate over k samples on the whole training
-    set; questions with p in {0, 1} are dropped; the rest are drawn with probability proportional
-    to d (--uniform_sampling: uniformly). If nothing is left (the tiny model solves nothing), RL
-    trains on all questions uniformly and says so in one line and in summary.json.
- 6. Reward (not published): r = acc + format_weight * fmt, format_weight = 0.1; acc is the
-    question's rule instead of an LLM judge: option letters (MCQ), closed-class golds (yes/no,
-    numbers) matched exactly, open answers sub-exactly with a --max_answer_words cap; fmt = 1 iff
-    every turn has a closed <think> and one valid action, and the last turn answers.
-    Observation (<information>) tokens are masked in SFT and RL.
- 7. Sizes: LoRA SFT and RL (paper: full Qwen3 SFT). Token budgets are sized from the tokenizer so
-    that the oracle's longest trajectory (a detour and two searches of k documents) fits; SFT
-    samples over the budget are counted and dropped. Eval keeps the paper's 10 rounds and its
-    sampling (T = 0.6, top_p 0.95, top_k 20).
+ 1. Data: an invented, consistent toy legal world (the "Veridian Penal Code": articles with numbers,
+    thresholds and penalties; cases citing charges) replaces JEC-QA/CAIL, so no model knows its facts.
+    Some questions hold their answer in the text (hops 0), the rest need one or two searches.
+ 2. Search: local BM25 over the toy corpus, top --search_k hits (official eval: web search top-5,
+    each page summarised by an LLM); --corpus_file or TEXT_SEARCH_ENDPOINT for real data.
+ 3. Teacher: offline, a noisy oracle. With probability teacher_error * (1 + hops) it answers from
+    memory and is wrong; otherwise it searches what it needs (queries never contain the gold) and is
+    right, with probability teacher_detour after one useless search. --teacher <model> samples a model.
+ 4. Pruning is a rule (paper: rules + a human check): a search is kept only if its results hold a
+    supporting document no earlier kept search returned; invalid turns are cut; a correct trajectory
+    whose kept searches miss a supporting document (a lucky guess) is dropped. One per question.
+ 5. RL data (not published): d = 1 - pass rate over k samples on the whole training set; p in {0, 1}
+    is dropped; the rest are drawn proportionally to d (--uniform_sampling: uniformly). If nothing is
+    left (the tiny model solves nothing), RL uses all questions uniformly and says so (summary.json).
+ 6. Reward (not published): r = acc + format_weight * fmt, format_weight = 0.1; acc is the question's
+    rule, not an LLM judge: option letters, closed-class golds (yes/no, numbers) exactly, open answers
+    sub-exactly under a --max_answer_words cap; fmt = 1 iff every turn has a closed <think> and one
+    valid action and the last one answers. <information> tokens are masked in SFT and RL.
+ 7. Sizes: LoRA SFT and RL (paper: full Qwen3 SFT). Token budgets are sized from the tokenizer so the
+    oracle's longest trajectory (a detour and two searches of k documents) fits; longer SFT samples
+    are counted and dropped. Eval keeps the paper's 10 rounds and T = 0.6, top_p 0.95, top_k 20.
  8. Benchmarks are scored by their own rules (LawBench MCQ letters and charge F1, LexEval exact
-    letters, JEC-QA exact set); LawBench's charge list (189 names) is replaced by the charges
-    named in the file. Open-ended tasks use sub-exact match, named "sub_exact" in results.json
-    (not LawBench's ROUGE / LexEval's ROUGE-L).
+    letters, JEC-QA exact set); LawBench's 189-name charge list is replaced by the charges named in
+    the file. Open-ended tasks use sub-exact match ("sub_exact"), not LawBench's / LexEval's ROUGE.
 """
 from __future__ import annotations
 
@@ -65,7 +56,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from common.benchmarks import read_legal_qa
+from common.benchmarks import lawbench_charge_f1, lexeval_letters, read_legal_qa
 from common.chat import Encoded, encode
 from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
 from common.data import read_records, require
@@ -75,7 +66,7 @@ from common.models import load_policy
 from common.rollout import Rollout, observation_segment, run_rollouts
 from common.runlog import RunLog, bar_plot, read_jsonl, trajectory_html, write_json
 from common.sft import SFTConfig, train_sft
-from common.stats import wilson
+from common.stats import rate_bars, wilson
 from common.tools import TextSearch, parse_action
 
 
@@ -428,20 +419,6 @@ def closed_match(pred: str, gold: str) -> float:
     return float(NUMBER.findall(p) == NUMBER.findall(g))
 
 
-def lexeval_letters(pred: str) -> str:
-    """LexEval's find_valid_substrings: cut at 解析/分析, drop separators, keep runs of A-E
-    without repeats, join them, de-duplicate in order."""
-    s = pred.split("解析")[0].split("分析")[0]
-    s = re.sub(r"[、.,;，和 ]", "", s)
-    runs = [r for r in re.findall(r"[ABCDE]{1,5}", s) if len(r) == len(set(r))]
-    return "".join(dict.fromkeys("".join(runs)))
-
-
-def set_f1(pred: set, gold: set) -> float:
-    hit = len(pred & gold)
-    return 2 * hit / (len(pred) + len(gold)) if hit else 0.0
-
-
 def score(answer: str | None, ex: dict, max_answer_words: int = 12) -> float:
     """The example's own rule (named in results.json): choice letters (toy, CSV); JEC-QA exact
     set; LawBench MCQ (the letters A-D found anywhere must be exactly the gold's); LawBench charge
@@ -457,7 +434,7 @@ def score(answer: str | None, ex: dict, max_answer_words: int = 12) -> float:
     if rule == "lexeval_exact":
         return float(lexeval_letters(a) == gold)
     if rule == "lawbench_charge_f1":
-        return set_f1({c for c in ex["charges"] if c in a}, set(ex["golds"]))
+        return lawbench_charge_f1(a, ex["charges"], ex["golds"])
     if rule == "closed":
         return closed_match(a, gold)
     if len(a.split()) > max_answer_words or len(a) > 8 * max_answer_words:
@@ -504,9 +481,8 @@ def add_scores(results: dict, name: str, examples: list[dict], accs: list[float]
 
 # ==== stages ======================================================================================
 def size_budgets(args: Args, policy, world: World) -> None:
-    """(7) Budgets a search can pay for: --max_new_tokens 0 = the oracle's longest turn + 16,
-    --max_completion_length 0 = its longest trajectory (a detour and two searches of k documents,
-    in this tokenizer) + one round. A smaller value given by hand is announced in one line."""
+    """(7) Token budgets a search can pay for: --max_new_tokens 0 = the oracle's longest turn + 16,
+    --max_completion_length 0 = its longest trajectory (a detour, two searches) + one round."""
     rng = random.Random(0)
     trajs = [oracle_trajectory(world, q, rng, 0.0, 1.0, args.search_k)[0] for q in world.questions]
     turn = max(len(policy.tokenizer(t["text"])["input_ids"]) for ts in trajs for t in ts if t["role"] == "assistant")
@@ -514,7 +490,7 @@ def size_budgets(args: Args, policy, world: World) -> None:
                                                                  for q, ts in zip(world.questions, trajs)))
     args.max_new_tokens = args.max_new_tokens or turn + 16
     args.max_completion_length = args.max_completion_length or need + args.max_new_tokens
-    if args.max_completion_length < need or args.max_new_tokens < turn:
+    if args.max_completion_length < need or args.max_new_tokens < turn:   # a smaller value given by hand
         print(f"[lras] warning: the oracle's longest trajectory needs {need} tokens and turns of {turn}; with "
               f"--max_completion_length {args.max_completion_length} / --max_new_tokens {args.max_new_tokens} "
               f"some searches can never earn reward (0 sizes them).")
@@ -542,26 +518,22 @@ def agent_rollouts(policy, examples: list[dict], args: Args, search: TextSearch,
 
 def stage_data(args: Args) -> dict:
     """Write the world (corpus + question JSONL), an oracle page, and validate --data_file."""
-    world = world_of(args)
-    out = Path(args.out) / "data"
-    log = RunLog(str(out))
-    train, test = split_world(world)
+    world, out = world_of(args), Path(args.out) / "data"
+    log, (train, test) = RunLog(str(out)), split_world(world)
     for name, rows in (("corpus", world.docs), ("toy_train", train), ("toy_test", test)):
         log.samples(rows, f"{name}.jsonl")
+    firsts = [next(q for q in train if q["task"] == t) for t in dict.fromkeys(q["task"] for q in train)]
     rng = random.Random(args.seed)
-    items = []
-    for q in [next(q for q in train if q["task"] == t) for t in dict.fromkeys(q["task"] for q in train)]:
-        turns, _ = oracle_trajectory(world, q, rng, 0.0, 0.0, args.search_k)
-        items.append({"title": f"oracle [{q['task']}, hops {q['hops']}] {q['question']} (gold {q['answer']})",
-                      "trajectory": turns})
+    items = [{"title": f"oracle [{q['task']}, hops {q['hops']}] {q['question']} (gold {q['answer']})",
+              "trajectory": oracle_trajectory(world, q, rng, 0.0, 0.0, args.search_k)[0]} for q in firsts]
     trajectory_html(items, str(out / "oracle_trajectories.html"), "LRAS oracle trajectories")
     summary = {"docs": len(world.docs), "train": len(train), "test": len(test),
                "tasks": dict(Counter(q["task"] for q in world.questions)),
                "hops": {h: sum(q["hops"] == h for q in world.questions) for h in (0, 1, 2)}}
     if args.data_file:
         rows = load_benchmark(args.data_file, args)
-        summary["data_file"] = {"path": args.data_file, "records": len(rows), "rules": dict(Counter(
-            r["rule"] for r in rows))}
+        rules = dict(Counter(r["rule"] for r in rows))
+        summary["data_file"] = {"path": args.data_file, "records": len(rows), "rules": rules}
         log.samples([{k: v for k, v in r.items() if k != "charges"} for r in rows], "user.jsonl")
     write_json(str(out / "summary.json"), summary)
     print(f"[data] {summary} -> {out}")
@@ -638,29 +610,26 @@ def estimate_pass_rates(args: Args, world: World, policy, questions: list[dict])
             for i, q in enumerate(questions)}
 
 
-def run_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False,
-             pass_rates_file: str | None = None, max_steps: int | None = None) -> str:
+def run_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False, rates_file: str | None = None) -> str:
     """Difficulty-aware GRPO with inline search rollouts; the pool is the whole training set."""
     world = world_of(args)
     pool, _ = split_world(world)
     print(f"[rl] policy: {'SFT adapter ' + adapter if adapter else 'the base model (no SFT adapter found)'}")
     policy = get_policy(args, adapter)
-    if pass_rates_file and os.path.isfile(pass_rates_file):
-        rates = {r["id"]: r["pass_rate"] for r in read_jsonl(pass_rates_file)}
-        print(f"[rl] pass rates from {pass_rates_file}")
+    if rates_file and os.path.isfile(rates_file):   # the ablation's variants share one difficulty table
+        rates = {r["id"]: r["pass_rate"] for r in read_jsonl(rates_file)}
+        print(f"[rl] pass rates from {rates_file}")
     else:
         rates = estimate_pass_rates(args, world, policy, pool)
     RunLog(out_dir).samples([{"id": q, "pass_rate": p} for q, p in rates.items()], "pass_rates.jsonl")
     table = difficulty_table(rates)
     kept = [q for q in pool if q["id"] in table]
     weights = sampling_weights([q["id"] for q in kept], table, uniform)
-    filter_empty = not kept
-    if filter_empty:   # (5) announced, not silent
+    if filter_empty := not kept:   # (5) announced, not silent
         print(f"[rl] the difficulty filter kept 0 of {len(pool)} questions (pass rate 0 or 1 everywhere: no GRPO "
               f"signal): training on all of them with uniform sampling.")
         kept, weights = pool, None
     print(f"[rl] {len(kept)} questions, {'uniform' if weights is None else 'difficulty-weighted'} sampling")
-    cfg = grpo_config(args, max_steps=max_steps or args.max_steps)
     html = []
 
     def on_step(step, rollouts, terms):   # keep the last step's trajectories for the page
@@ -669,8 +638,8 @@ def run_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False,
 
     def rollout_fn(p, examples, c):
         return agent_rollouts(p, examples, args, world.search, c.num_generations, c.temperature)
-    summary = train_grpo(policy, kept, rollout_fn, make_reward_fn(args), cfg, out_dir, weights=weights,
-                         on_step=on_step, resume=args.resume)
+    summary = train_grpo(policy, kept, rollout_fn, make_reward_fn(args), grpo_config(args), out_dir,
+                         weights=weights, on_step=on_step, resume=args.resume)
     RunLog(out_dir, resume=True).plot(["rewards/acc", "rewards/format"], "reward_terms.png", "LRAS reward terms")
     trajectory_html(html, os.path.join(out_dir, "trajectories.html"), "LRAS RL, last step")
     hist = {f"{v:.2f}": sum(abs(p - v) < 1e-9 for p in rates.values()) for v in sorted(set(rates.values()))}
@@ -686,10 +655,11 @@ def stage_rl(args: Args) -> str:
     return run_rl(args, start_adapter(args, "sft"), os.path.join(args.out, "rl"), args.uniform_sampling)
 
 
-def eval_sets(args: Args, world: World, n: int) -> dict:
+def eval_sets(args: Args, world: World) -> dict:
     """{name: (examples, search)}: held-out toy charges, and --data_file with its own corpus (2)."""
     _, test = split_world(world)
-    sets = {"toy": (random.Random(args.seed).sample(test, min(len(test), n or len(test))), world.search)}
+    n = min(len(test), args.eval_questions or len(test))
+    sets = {"toy": (random.Random(args.seed).sample(test, n), world.search)}
     if args.data_file:
         search = (None if args.predictions else TextSearch.from_jsonl(args.corpus_file) if args.corpus_file
                   else TextSearch(use_env=True))
@@ -706,14 +676,12 @@ def predicted_answers(args: Args, examples: list[dict]) -> list[str | None]:
     return [None if preds.get(e["id"]) is None else str(preds[e["id"]]) for e in examples]
 
 
-def run_eval(args: Args, adapter: str | None, out_dir: str, n_questions: int | None = None) -> dict:
+def run_eval(args: Args, adapter: str | None, out_dir: str) -> dict:
     """Score per set and task (each by its benchmark's rule), search statistics, trajectories; results.json."""
-    world = world_of(args)
-    sets = eval_sets(args, world, args.eval_questions if n_questions is None else n_questions)
+    sets = eval_sets(args, world_of(args))
     results = {"score": {}, "ci95": {}, "rule": {}, "search": {}, "n": {}, "policy": adapter or args.model}
     if args.predictions:   # another model's answers: no model, no search statistics
-        name = list(sets)[-1]
-        examples = sets[name][0]
+        name, (examples, _) = list(sets.items())[-1]
         answers = predicted_answers(args, examples)
         add_scores(results, name, examples, [score(a, e, args.max_answer_words) for a, e in zip(answers, examples)])
         results.update(policy=f"predictions {args.predictions}", missing=answers.count(None))
@@ -729,8 +697,7 @@ def run_eval(args: Args, adapter: str | None, out_dir: str, n_questions: int | N
     html, samples = [], []
     for name, (examples, search) in sets.items():
         torch.manual_seed(args.seed)
-        rs = agent_rollouts(policy, examples, args, search, 1, args.eval_temperature, eval_sampling=True,
-                            desc="eval")
+        rs = agent_rollouts(policy, examples, args, search, 1, args.eval_temperature, True, desc="eval")
         accs = [score(r.answer, r.example, args.max_answer_words) for r in rs]
         add_scores(results, name, examples, accs)
         results["search"][name] = search_stats(rs, accs)
@@ -761,22 +728,6 @@ def adapter_digest(adapter: str | None) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if adapter and path.is_file() else None
 
 
-def ablate_plot(table: dict, n: int, path: str) -> None:
-    """Accuracy (with its 95 % interval) and search rate per variant, on a 0-1 axis."""
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    x = np.arange(len(table))
-    acc = [r["accuracy"] for r in table.values()]
-    err = [[a - r["ci95"][0] for a, r in zip(acc, table.values())], [r["ci95"][1] - a for a, r in zip(acc, table.values())]]
-    ax.bar(x - 0.2, acc, 0.4, yerr=err, capsize=3, label="accuracy (95 % interval)")
-    ax.bar(x + 0.2, [r["search_rate"] or 0 for r in table.values()], 0.4, label="search rate")
-    ax.set(xticks=x, xticklabels=list(table), ylim=(0, 1), title=f"LRAS ablation, {n} held-out toy questions")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
 def stage_ablate(args: Args) -> dict:
     """Base vs SFT vs SFT + RL (difficulty) vs SFT + RL (uniform), each evaluated on the same questions."""
     abl = Path(args.out) / "ablate"
@@ -788,12 +739,12 @@ def stage_ablate(args: Args) -> dict:
     steps, n = args.max_steps, args.eval_questions
     variants = {"base": (None, {}), "SFT": (sft_adapter, {})}
     for name, sub, uniform in (("SFT+RL difficulty", "rl_difficulty", False), ("SFT+RL uniform", "rl_uniform", True)):
-        adapter = run_rl(args, sft_adapter, str(abl / sub), uniform, rates, steps)
+        adapter = run_rl(args, sft_adapter, str(abl / sub), uniform, rates)
         used = json.loads((abl / sub / "summary.json").read_text())["difficulty"]["sampling"]
         variants[name] = (adapter, {"uniform_sampling": uniform, "sampling_used": used, "steps": steps})
     table = {}
     for name, (adapter, flags) in variants.items():
-        res = run_eval(args, adapter, str(abl / ("eval_" + re.sub(r"\W+", "_", name))), n)
+        res = run_eval(args, adapter, str(abl / ("eval_" + re.sub(r"\W+", "_", name))))
         st = res["search"]["toy"]
         table[name] = {"accuracy": res["score"]["toy"], "ci95": res["ci95"]["toy"], **{k: st[k] for k in (
             "search_rate", "accuracy_searched", "accuracy_not_searched", "failures_without_search")},
@@ -804,7 +755,9 @@ def stage_ablate(args: Args) -> dict:
         print(f"[ablate] identical adapters, not a comparison: {same}")
     write_json(str(abl / "results.json"), {"table": table, "identical_adapters": same, "questions": n,
                                            "rule": "accuracy (toy: choice letters / closed-class exact)"})
-    ablate_plot(table, n, str(abl / "ablate.png"))
+    rate_bars(str(abl / "ablate.png"), list(table), {"accuracy (95 % interval)": [r["accuracy"] for r in table.values()],
+              "search rate": [r["search_rate"] for r in table.values()]},
+              {"accuracy (95 % interval)": [r["ci95"] for r in table.values()]}, f"LRAS ablation, {n} held-out toy questions")
     print("[ablate] " + " | ".join(f"{k}: acc {r['accuracy']:.3f} {r['ci95']}" for k, r in table.items()))
     return table
 

@@ -228,6 +228,22 @@ def lawbench_gold(gold: str) -> tuple[str | None, list[str]]:
     return None, [gold.strip()]
 
 
+def lexeval_letters(pred: str) -> str:
+    """LexEval's find_valid_substrings: cut at 解析/分析, drop separators, keep runs of A-E without
+    repeats, join them, de-duplicate in order (the prediction's option letters)."""
+    s = pred.split("解析")[0].split("分析")[0]
+    s = re.sub(r"[、.,;，和 ]", "", s)
+    runs = [r for r in re.findall(r"[ABCDE]{1,5}", s) if len(r) == len(set(r))]
+    return "".join(dict.fromkeys("".join(runs)))
+
+
+def lawbench_charge_f1(pred: str, charges: list[str], golds: list[str]) -> float:
+    """LawBench charge prediction: F1 of the charge names found in the prediction against the gold set."""
+    found, gold = {c for c in charges if c in pred}, set(golds)
+    hit = len(found & gold)
+    return 2 * hit / (len(found) + len(gold)) if hit else 0.0
+
+
 def legal_options(opts, where: str, field: str | None) -> dict[str, str]:
     """Options as {letter: text}: a dict, a list (lettered A, B, ...) or either as a JSON string; empty
     options are left out (an all-empty CSV column is not an option)."""

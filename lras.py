@@ -56,7 +56,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from common.benchmarks import lawbench_charge_f1, lexeval_letters, read_legal_qa
+from common.benchmarks import lawbench_charge_f1, legal_predictions, lexeval_letters, read_legal_qa
 from common.chat import Encoded, encode
 from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
 from common.data import read_records, require
@@ -265,8 +265,7 @@ def split_world(world: World) -> tuple[list[dict], list[dict]]:
 
 
 def answer_rule(gold: str) -> str:
-    """Closed-class golds are matched exactly: option letters (options in the question text) by
-    their letters, yes/no and anything with a number by closed_match; others sub-exactly (6)."""
+    """(6) A gold's rule: letters (options inside the question) by choice, yes/no and numbers closed, else sub-exact."""
     if re.fullmatch(r"[A-T]{1,5}", gold.strip()):
         return "choice"
     return "closed" if gold.strip().lower() in ("yes", "no", "是", "否") or NUMBER.search(gold) else "sub_exact"
@@ -315,8 +314,8 @@ def make_tools(search: TextSearch, k: int) -> dict:
 
 def oracle_trajectory(world: World, q: dict, rng: random.Random, error: float = 0.0, detour: float = 0.0,
                       k: int = 3) -> tuple[list[dict], str]:
-    """The noisy oracle's (3) turns, in `Rollout.trajectory` form, and its answer. Observations
-    come from the real search tool, as the agent loop shows them."""
+    """The noisy oracle's (3) turns in `Rollout.trajectory` form (observations from the real search tool)
+    and its answer."""
     turns = []
 
     def act(think: str, query: str | None = None, answer: str | None = None):
@@ -357,9 +356,8 @@ def contributes(observation: str, support: list[str]) -> set[str]:
 
 
 def prune_trajectory(turns: list[dict], support: list[str]) -> tuple[list[dict] | None, int]:
-    """Drop searches whose results did not contribute (no new supporting document) and invalid
-    turns (re-prompts, errors). Returns (pruned turns, or None when the kept searches miss a
-    supporting document, i.e. the answer was a lucky guess; number of turns dropped)."""
+    """(4) Drop searches that bring no new supporting document, and invalid turns. Returns (pruned turns,
+    or None when the kept searches miss a supporting document: a lucky guess; turns dropped)."""
     kept, seen, dropped, i = [], set(), 0, 0
     while i < len(turns):
         t = turns[i]
@@ -379,9 +377,8 @@ def prune_trajectory(turns: list[dict], support: list[str]) -> tuple[list[dict] 
 
 
 def sft_sample(policy, example: dict, turns: list[dict]) -> Encoded:
-    """Prompt (mask 0) + assistant text (mask 1) + <information> segments (mask 0) + <|im_end|>
-    (mask 1): the same tokens the inline agent loop produces, built directly instead of through
-    the chat template, so the information text sits inside the one assistant turn, untrained."""
+    """Prompt (mask 0) + assistant text (1) + <information> segments (0) + <|im_end|> (1): the tokens the
+    inline agent loop produces (not the chat template's), so observations sit untrained in one turn."""
     tok = policy.tokenizer
     prompt = encode(tok, policy.image_processor, make_messages(example), add_generation_prompt=True)
     ids, mask = list(prompt.input_ids), [0] * len(prompt.input_ids)
@@ -397,8 +394,7 @@ def sft_sample(policy, example: dict, turns: list[dict]) -> Encoded:
 
 # ==== rewards + metrics: r = acc + format_weight * fmt (6), each benchmark's rule, search statistics ====
 def format_ok(trajectory: list[dict]) -> bool:
-    """fmt = 1 iff every turn has a closed <think> block and one valid action, searches until the
-    last turn, and a non-empty <answer> in it."""
+    """fmt = 1 iff every turn has a closed <think> and one valid action: searches, then a non-empty <answer>."""
     texts = [t["text"] for t in trajectory if t["role"] == "assistant"]
     acts = [parse_action(t) for t in texts]
     return (bool(acts) and all(re.search(r"<think>.*?</think>", t, re.S) for t in texts)
@@ -409,8 +405,8 @@ NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
 def closed_match(pred: str, gold: str) -> float:
-    """Closed-class golds are matched exactly: the class members in the prediction must be the
-    gold's (yes/no words; numbers, compared as a list), so "yes or no" scores 0 against both."""
+    """Closed-class golds exactly: the prediction's yes/no words (or its numbers, as a list) must be the
+    gold's, so "yes or no" scores 0 against both."""
     p, g = (re.sub(r"(?<=\d),(?=\d{3})", "", s.strip().lower()) for s in (pred, gold))
     if g in ("yes", "no"):
         return float(set(re.findall(r"\b(?:yes|no)\b", p)) == {g})
@@ -420,9 +416,8 @@ def closed_match(pred: str, gold: str) -> float:
 
 
 def score(answer: str | None, ex: dict, max_answer_words: int = 12) -> float:
-    """The example's own rule (named in results.json): choice letters (toy, CSV); JEC-QA exact
-    set; LawBench MCQ (the letters A-D found anywhere must be exactly the gold's); LawBench charge
-    F1; LexEval exact letter string; closed-class exact; sub-exact with a length cap."""
+    """The example's own rule (named in results.json): choice letters (toy, CSV); JEC-QA exact set; LawBench
+    MCQ (the letters A-D found anywhere = the gold's) and charge F1; LexEval exact letters; closed; sub-exact."""
     a = (answer or "").strip()
     rule, gold = ex["rule"], ex["golds"][0]
     if not a:
@@ -667,22 +662,13 @@ def eval_sets(args: Args, world: World) -> dict:
     return sets
 
 
-def predicted_answers(args: Args, examples: list[dict]) -> list[str | None]:
-    """--predictions: {"id", "prediction"} rows matched to the examples by id (missing: no answer)."""
-    preds = {str(r.get("id")): r.get("prediction") for _, r in read_records(args.predictions, "predictions file")}
-    if not set(preds) & {e["id"] for e in examples}:
-        raise UserError(f"no id in {args.predictions} matches a question of the evaluated set; write "
-                        f'{{"id": ..., "prediction": ...}} rows with the ids of {args.data_file or "toy_test.jsonl"}.')
-    return [None if preds.get(e["id"]) is None else str(preds[e["id"]]) for e in examples]
-
-
 def run_eval(args: Args, adapter: str | None, out_dir: str) -> dict:
     """Score per set and task (each by its benchmark's rule), search statistics, trajectories; results.json."""
     sets = eval_sets(args, world_of(args))
     results = {"score": {}, "ci95": {}, "rule": {}, "search": {}, "n": {}, "policy": adapter or args.model}
     if args.predictions:   # another model's answers: no model, no search statistics
         name, (examples, _) = list(sets.items())[-1]
-        answers = predicted_answers(args, examples)
+        answers = legal_predictions(args.predictions, examples, args.data_file or "toy_test.jsonl")
         add_scores(results, name, examples, [score(a, e, args.max_answer_words) for a, e in zip(answers, examples)])
         results.update(policy=f"predictions {args.predictions}", missing=answers.count(None))
         write_json(os.path.join(out_dir, "results.json"), results)
@@ -755,9 +741,9 @@ def stage_ablate(args: Args) -> dict:
         print(f"[ablate] identical adapters, not a comparison: {same}")
     write_json(str(abl / "results.json"), {"table": table, "identical_adapters": same, "questions": n,
                                            "rule": "accuracy (toy: choice letters / closed-class exact)"})
-    rate_bars(str(abl / "ablate.png"), list(table), {"accuracy (95 % interval)": [r["accuracy"] for r in table.values()],
-              "search rate": [r["search_rate"] for r in table.values()]},
-              {"accuracy (95 % interval)": [r["ci95"] for r in table.values()]}, f"LRAS ablation, {n} held-out toy questions")
+    acc, rows = "accuracy (95 % interval)", list(table.values())
+    rate_bars(str(abl / "ablate.png"), list(table), {acc: [r["accuracy"] for r in rows], "search rate": [
+        r["search_rate"] for r in rows]}, {acc: [r["ci95"] for r in rows]}, f"LRAS ablation, {n} held-out toy questions")
     print("[ablate] " + " | ".join(f"{k}: acc {r['accuracy']:.3f} {r['ci95']}" for k, r in table.items()))
     return table
 
@@ -765,19 +751,16 @@ def stage_ablate(args: Args) -> dict:
 # ==== main ========================================================================================
 def check_inputs(args: Args) -> None:
     """Every user file is read and validated before any model is loaded."""
-    build_world(args.seed, args.n_charges, args.test_charges)
+    world_of(args)
     if args.data_file:
         load_benchmark(args.data_file, args)
         needs = args.stage in ("eval", "ablate", "all") and not args.predictions
         if needs and not (args.corpus_file or os.environ.get("TEXT_SEARCH_ENDPOINT")):
             raise UserError("--data_file needs a corpus to search: pass --corpus_file statutes.jsonl or set "
                             "TEXT_SEARCH_ENDPOINT (or score answers with --predictions).")
-    if args.corpus_file:
-        for where, row in read_records(args.corpus_file, "corpus file"):
-            require(row, where, "text")
-    if args.predictions:
-        for where, row in read_records(args.predictions, "predictions file"):
-            require(row, where, "id")
+    for path, what, field in ((args.corpus_file, "corpus file", "text"), (args.predictions, "predictions file", "id")):
+        for where, row in read_records(path, what) if path else []:
+            require(row, where, field)
 
 
 def main(argv: list[str] | None = None) -> None:

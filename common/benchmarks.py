@@ -308,6 +308,16 @@ def read_legal_qa(path: str, schemas: dict, generic: dict, answer_rule) -> list[
     return out
 
 
+def legal_predictions(path: str, records: list[dict], ids_from: str) -> list[str | None]:
+    """Another model's answers, {"id", "prediction"} rows matched to `records` by id (a record without
+    one, or with a null prediction, has no answer: None); ids_from names the file the ids come from."""
+    preds = {str(r.get("id")): r.get("prediction") for _, r in read_records(path, "predictions file")}
+    if not set(preds) & {r["id"] for r in records}:
+        raise UserError(f"no id in {path} matches a question of the evaluated set; write "
+                        f'{{"id": ..., "prediction": ...}} rows with the ids of {ids_from}.')
+    return [None if preds.get(r["id"]) is None else str(preds[r["id"]]) for r in records]
+
+
 # =============================================================================================
 # am3safety.py: multi-turn safety (SafeMT)
 # =============================================================================================

@@ -15,30 +15,29 @@ Real benchmarks in their published formats (BENCHMARKS: LawBench, LexEval, JEC-Q
     python lras.py --stage eval --data_file LexEval/data/1_1.json --predictions other_model.jsonl   # no model
 
 Deviations from the paper (numbered; the code says "(n)" where each one lives):
- 1. Data: an invented, consistent toy legal world (the "Veridian Penal Code": articles with numbers,
-    thresholds and penalties; cases citing charges) replaces JEC-QA/CAIL, so no model knows its facts.
-    Some questions hold their answer in the text (hops 0), the rest need one or two searches.
- 2. Search: local BM25 over the toy corpus, top --search_k hits (official eval: web search top-5,
-    each page summarised by an LLM); --corpus_file or TEXT_SEARCH_ENDPOINT for real data.
- 3. Teacher: offline, a noisy oracle. With probability teacher_error * (1 + hops) it answers from
-    memory and is wrong; otherwise it searches what it needs (queries never contain the gold) and is
-    right, with probability teacher_detour after one useless search. --teacher <model> samples a model.
- 4. Pruning is a rule (paper: rules + a human check): a search is kept only if its results hold a
-    supporting document no earlier kept search returned; invalid turns are cut; a correct trajectory
-    whose kept searches miss a supporting document (a lucky guess) is dropped. One per question.
- 5. RL data (not published): d = 1 - pass rate over k samples on the whole training set; p in {0, 1}
-    is dropped; the rest are drawn proportionally to d (--uniform_sampling: uniformly). If nothing is
-    left (the tiny model solves nothing), RL uses all questions uniformly and says so (summary.json).
- 6. Reward (not published): r = acc + format_weight * fmt, format_weight = 0.1; acc is the question's
-    rule, not an LLM judge: option letters, closed-class golds (yes/no, numbers) exactly, open answers
-    sub-exactly under a --max_answer_words cap; fmt = 1 iff every turn has a closed <think> and one
-    valid action and the last one answers. <information> tokens are masked in SFT and RL.
- 7. Sizes: LoRA SFT and RL (paper: full Qwen3 SFT). Token budgets are sized from the tokenizer so the
-    oracle's longest trajectory (a detour and two searches of k documents) fits; longer SFT samples
-    are counted and dropped. Eval keeps the paper's 10 rounds and T = 0.6, top_p 0.95, top_k 20.
- 8. Benchmarks are scored by their own rules (LawBench MCQ letters and charge F1, LexEval exact
-    letters, JEC-QA exact set); LawBench's 189-name charge list is replaced by the charges named in
-    the file. Open-ended tasks use sub-exact match ("sub_exact"), not LawBench's / LexEval's ROUGE.
+ 1. Data: a toy legal world (the "Veridian Penal Code": articles, thresholds, penalties, cases) replaces
+    JEC-QA/CAIL, so no model knows its facts; answers lie in the text (hops 0) or 1-2 searches away.
+ 2. Search: local BM25 over the toy corpus, top --search_k (official eval: web top-5, each page
+    summarised by an LLM); --corpus_file or TEXT_SEARCH_ENDPOINT for real data.
+ 3. Teacher: an offline noisy oracle. With probability teacher_error * (1 + hops) it answers from memory,
+    wrongly; else it searches what it needs (never the gold) and is right, with probability
+    teacher_detour after one useless search. --teacher <model> samples a model instead.
+ 4. Pruning is a rule (paper: rules + a human check): a search stays only if its results hold a
+    supporting document no earlier kept search returned; invalid turns go; a correct trajectory whose
+    kept searches miss a supporting document (a lucky guess) is dropped. One per question.
+ 5. RL data (not published): d = 1 - p, the pass rate over k samples, on the whole training set; p in
+    {0, 1} is dropped, the rest drawn proportionally to d (--uniform_sampling: uniformly). If nothing
+    is left (the tiny model solves nothing), RL uses all questions uniformly, and says so.
+ 6. Reward (not published): r = acc + 0.1 fmt. acc is the question's rule, not an LLM judge: option
+    letters, closed-class golds (yes/no, numbers) exactly, open answers sub-exactly under a
+    --max_answer_words cap; fmt = 1 iff every turn has a closed <think> and one valid action and the
+    last one answers. <information> tokens are masked in SFT and RL.
+ 7. Sizes: LoRA SFT and RL (paper: full Qwen3 SFT). Token budgets fit the oracle's longest trajectory
+    (a detour, two searches); longer SFT samples are counted and dropped. Eval: 10 rounds, T = 0.6,
+    top_p 0.95, top_k 20, as in the paper.
+ 8. Benchmarks are scored by their own rules (LawBench MCQ letters and charge F1, LexEval exact letters,
+    JEC-QA exact set), LawBench's 189 charges replaced by those named in the file; open-ended tasks by
+    sub-exact match ("sub_exact"), not LawBench's / LexEval's ROUGE.
 """
 from __future__ import annotations
 
@@ -178,13 +177,6 @@ class World:
         return TextSearch(self.docs)
 
 
-def letters_for(options: list[str], gold: str, rng: random.Random) -> tuple[dict, str]:
-    opts = list(dict.fromkeys(options))
-    rng.shuffle(opts)
-    keyed = {chr(65 + i): o for i, o in enumerate(opts)}
-    return keyed, next(k for k, v in keyed.items() if v == gold)
-
-
 def build_world(seed: int, n_charges: int = 16, test_charges: int = 5, cases_per_charge: int = 2) -> World:
     """The toy world, a pure function of its arguments. Record format (one JSON line each):
     {"id", "task", "type": "mcq"|"short", "question", "options": {letter: text} ({} for short),
@@ -220,9 +212,11 @@ def build_world(seed: int, n_charges: int = 16, test_charges: int = 5, cases_per
         def add(task, q, hops, support, options=None, gold=None, golds=None):
             rec = dict(id=f"{art.split()[1]}-{task}", task=task, question=q, hops=hops, support=support,
                        split=c["split"], options={}, type="short", charges=[])
-            if options is not None:
-                rec["options"], rec["answer"] = letters_for(options, gold, rng)
-                rec.update(type="mcq", golds=[rec["answer"]], rule="choice")
+            if options is not None:   # shuffled, lettered options
+                opts = list(dict.fromkeys(options))
+                rng.shuffle(opts)
+                rec.update(type="mcq", options={chr(65 + i): o for i, o in enumerate(opts)}, rule="choice",
+                           answer=chr(65 + opts.index(gold)), golds=[chr(65 + opts.index(gold))])
             else:
                 rec.update(answer=golds[0], golds=golds, rule=answer_rule(golds[0]))
             questions.append(rec)
@@ -492,8 +486,6 @@ def size_budgets(args: Args, policy, world: World) -> None:
 
 
 def get_policy(args: Args, adapter: str | None = None, lora: bool = True, name: str | None = None):
-    if adapter is not None:
-        print(f"[lras] starting from the adapter {adapter}")
     policy = load_policy(name or args.model, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
                          lora_alpha=args.lora_alpha, adapter=adapter,
                          gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
@@ -576,8 +568,6 @@ def stage_sft(args: Args) -> str:
                         "(the teacher must miss some questions) or --max_completion_length.")
     stats["trajectories"] = len(data)
     stats["searches_per_trajectory"] = float(np.mean([sum(t["role"] == "tool" for t in p) for _, p in data]))
-    print(f"[sft] {stats['too_long']} of {len(fits)} samples exceed --max_completion_length "
-          f"{args.max_completion_length} and are dropped")
     RunLog(out_dir).samples([{"id": q["id"], "task": q["task"], "trajectory": p} for q, p in data], "sft_data.jsonl")
     cfg = SFTConfig(learning_rate=args.sft_learning_rate, epochs=args.sft_epochs, batch_size=args.sft_batch_size,
                     micro_batch_size=args.micro_batch_size, max_steps=args.sft_max_steps,

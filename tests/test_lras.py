@@ -312,7 +312,7 @@ def test_smoke_all_tiny(tmp_path):
     assert sft["data"]["too_long"] > 0 and "some searches can never earn reward" in p.stdout   # 64 tokens: said
     diff = json.loads((tmp_path / "rl" / "summary.json").read_text())["difficulty"]
     assert diff["pool"] == 4 * 8                 # the whole training set (4 train charges x 8 tasks), not 12
-    assert "starting from the adapter" in p.stdout and "sft/adapter" in p.stdout
+    assert "[rl] policy: SFT adapter" in p.stdout and "sft/adapter" in p.stdout
     abl = json.loads((tmp_path / "ablate" / "results.json").read_text())
     assert set(abl["table"]) == {"base", "SFT", "SFT+RL difficulty", "SFT+RL uniform"}
     assert abl["table"]["SFT+RL uniform"]["uniform_sampling"] and abl["table"]["base"]["adapter_sha256"] is None

@@ -451,6 +451,13 @@ def test_jecqa_exact_set_match(tmp_path, pred, expected):
     assert lras.score(pred, r) == expected
 
 
+def test_jecqa_options_as_a_list_are_lettered_like_any_other_file(tmp_path):
+    # one options reader for every schema (common/benchmarks.legal_options): a list is lettered A, B, ...
+    row = {"id": "j2", "statement": "下列哪个属于主刑？", "option_list": ["罚金", "拘役"], "answer": "B"}
+    [r] = lras.load_benchmark(write(tmp_path / "1_test.json", json.dumps(row, ensure_ascii=False) + "\n"), ARGS)
+    assert r["options"] == {"A": "罚金", "B": "拘役"} and r["answer"] == "B" and lras.score("B", r) == 1.0
+
+
 def test_csv_option_columns_empty_column_a_to_t_gbk_and_prefixed_answers(tmp_path):
     head = ",".join(["question"] + [chr(65 + i) for i in range(20)] + ["answer"])
     mcq20 = ",".join(["第二十个选项是哪个？"] + [f"选项{i}" for i in range(20)] + ["答案：T"])

@@ -40,8 +40,8 @@ Deviations from the paper (numbered; the code says "(n)" where each one lives):
     never overlap. A level under --min_level_size is filled from neither level, nearest first, announced.
  9. Gaze correctness (the paper's humans judged it): a crop is right when it holds >= 90 % of the
     target tile and its area is at most 4x the tile's.
-10. --full_sft (for the from-scratch tiny model only; the paper uses LoRA): SFT trains every weight and
-    saves the base weights beside the adapter; RL then trains LoRA on top, as usual.
+10. --full_sft (for the from-scratch tiny model only; the paper uses LoRA): SFT trains every weight, the
+    adapter folder holds the base weights too (common/models.py); RL then trains LoRA on top, as usual.
 """
 from __future__ import annotations
 
@@ -50,13 +50,11 @@ import json
 import os
 import random
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from common.benchmarks import parse_benchmarks, read_predictions, read_visual_qa, score_benchmark
@@ -682,14 +680,10 @@ def tool_use_stats(rollouts: list[Rollout]) -> dict:
 
 # ==== stages and main ==============================================================================
 def get_policy(args: Args, adapter: str | None = None, lora: bool = True):
-    policy = load_policy(args.model, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
-                         lora_alpha=args.lora_alpha, adapter=adapter,
-                         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
-    base = Path(adapter or ".").parent / "base_weights.pt"
-    if adapter and base.is_file():   # (10) a --full_sft run: its trained base weights live beside the adapter
-        policy.model.load_state_dict(torch.load(base, weights_only=True), strict=False)
-        print(f"[gog] base weights from {base} (full-parameter SFT)")
-    return policy
+    """The policy for a stage; an adapter of a --full_sft run brings its base weights (10)."""
+    return load_policy(args.model, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
+                       lora_alpha=args.lora_alpha, adapter=adapter,
+                       gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
 
 
 def agent_rollouts(policy, examples: list[dict], args: Args, searchers: tuple, G: int, temperature: float,
@@ -778,13 +772,9 @@ def run_sft(args: Args, world: World, out_dir: str, gaze: bool = True) -> str:
     samples = [encode(policy.tokenizer, policy.image_processor, m) for m in convs]  # observations masked
     cfg = SFTConfig(learning_rate=args.sft_learning_rate, epochs=args.sft_epochs, batch_size=args.sft_batch_size,
                     micro_batch_size=args.micro_batch_size, max_steps=args.sft_max_steps, seed=args.seed)
-    if args.full_sft:
-        for p in policy.model.parameters():
-            p.requires_grad_(True)
+    if args.full_sft:   # (10) every weight trains; the adapter folder holds the base weights too
+        policy.train_all_weights()
     summary = train_sft(policy, samples, cfg, out_dir)
-    if args.full_sft:
-        torch.save({k: v for k, v in policy.model.state_dict().items() if "lora_" not in k},
-                   os.path.join(out_dir, "base_weights.pt"))
     no_search = sum(not any("search" in x["content"] for x in m if x["role"] == "assistant") for m in convs)
     stats = {"questions": len(train), "dropped_by_filter": len(train) - len(kept), "oracle": n_oracle,
              "teacher": len(good), "no_search_fraction": no_search / max(1, len(convs)), "gaze": gaze}
@@ -857,9 +847,6 @@ def run_rl(args: Args, world: World, adapter: str | None, levels_dir: str, out_d
         raise UserError(f"Level {level} is empty; raise --min_level_size or pick --rl_level {3 - level}.")
     print(f"[rl] policy: {'SFT adapter ' + adapter if adapter else 'the base model (no SFT adapter found)'}")
     policy, searchers, html = get_policy(args, adapter), world.searchers("train"), []
-    if adapter and (Path(adapter).parent / "base_weights.pt").is_file():   # (10) the RL adapter needs them too
-        os.makedirs(out_dir, exist_ok=True)
-        shutil.copy(Path(adapter).parent / "base_weights.pt", out_dir)
 
     def rollout_fn(p, examples, c):
         return agent_rollouts(p, examples, args, searchers, c.num_generations, c.temperature)

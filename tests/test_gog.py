@@ -241,14 +241,22 @@ def test_stage_all_tiny_smoke(tmp_path):
 
 
 def test_full_sft_base_weights_travel_with_the_adapter(tmp_path):
-    """--full_sft: the trained base weights saved beside the adapter are loaded with it."""
+    """--full_sft: the trained base weights are saved in the adapter folder and load with it, and a
+    policy loaded from that adapter (RL after full SFT) saves them again with its own adapter."""
     args = gog.Args(model="tiny")
     policy = gog.get_policy(args)
+    policy.train_all_weights()
     name, weight = next((n, p) for n, p in policy.model.named_parameters() if "embed_tokens" in n)
-    policy.save_adapter(str(tmp_path / "sft" / "adapter"))
+    assert weight.requires_grad
     before = weight.detach().clone()
     with torch.no_grad():
         weight.add_(1.0)
-    torch.save({k: v for k, v in policy.model.state_dict().items() if "lora_" not in k}, tmp_path / "sft" / "base_weights.pt")
-    again = dict(gog.get_policy(args, str(tmp_path / "sft" / "adapter")).model.named_parameters())[name]
-    assert torch.equal(again, weight) and not torch.equal(again, before)
+    policy.save_adapter(str(tmp_path / "sft" / "adapter"))
+    rl = gog.get_policy(args, str(tmp_path / "sft" / "adapter"))
+    again = dict(rl.model.named_parameters())[name]
+    assert torch.equal(again, weight) and not torch.equal(again, before) and not again.requires_grad
+    rl.save_adapter(str(tmp_path / "rl" / "adapter"))
+    final = dict(gog.get_policy(args, str(tmp_path / "rl" / "adapter")).model.named_parameters())[name]
+    assert torch.equal(final, weight)
+    plain = dict(gog.get_policy(args).model.named_parameters())[name]
+    assert torch.equal(plain, before)   # a fresh load does not see them

@@ -34,8 +34,8 @@ Deviations from the paper (numbered; the code says "(n)" where each one lives):
  6. Trajectories come from a scripted oracle that states only what the image or an observation shows
     (plus a --teacher model's correct samples); the paper's humans checked crop regions. The 4-sample
     uncertainty filter uses the teacher, or the model itself without one.
- 7. Sizes: LoRA also in RL (paper: full actor, lr 2e-6), so lr 1e-5; G = 4 and beta = 0.001 as in the
-    paper, but far fewer steps and tokens (paper: 15 epochs, 8,192 response tokens).
+ 7. Sizes: LoRA (r = 8 on the LLM, as in GoG's SFT) also in RL (paper: full actor, lr 2e-6), so lr 1e-5;
+    G = 4 and beta = 0.001 as in the paper, far fewer steps and tokens (paper: 15 epochs, 8,192 tokens).
  8. Levels: Level 1 = pass rate in (level2_max, level1_max], Level 2 = pass rate <= level2_max; they
     never overlap. A level under --min_level_size is filled from neither level, nearest first, announced.
  9. Gaze correctness (the paper's humans judged it): a crop is right when it holds >= 90 % of the
@@ -55,30 +55,30 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
-from common.benchmarks import parse_benchmarks, read_predictions, read_visual_qa, score_benchmark
+from common.benchmarks import (benchmark_searchers, parse_benchmarks, read_predictions, read_visual_qa,
+                               score_benchmark)
 from common.chat import encode
 from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
 from common.data import read_records
+from common.draw import SHAPES, busy_background, draw_tile
 from common.grpo import train_grpo
 from common.judge import llm_judge_batch, sub_exact_match
 from common.models import load_policy
 from common.rollout import Rollout, run_rollouts
-from common.runlog import RunLog, bar_plot, trajectory_html, write_json
-from common.sft import SFTConfig, train_sft
+from common.runlog import RunLog, bar_plot, markdown_table, read_jsonl, trajectory_html, write_json
+from common.sft import SFTConfig, train_sft, trajectory_messages
 from common.tools import ImageSearch, TextSearch, crop, parse_action, seen_size
 
 
 @dataclass
 class Args(GRPOArgs):
-    # --- run ---
+    # --- the paper's values of shared fields (their groups are common/cli.py's) ---
     stage: Literal["data", "sft", "levels", "rl", "eval", "ablate", "all"] = "all"
     """which stage to run (`all` = data, sft, levels, rl, eval, ablate)"""
-    # --- model ---
     lora_r: int = 8
     """LoRA rank (GoG: r = 8 on all LLM blocks)"""
-    # --- GRPO (TRL names) ---
     learning_rate: float = 1e-5
     """GRPO learning rate (GoG: 2e-6 for the full actor; LoRA here) (7)"""
     num_generations: int = 4
@@ -128,8 +128,7 @@ class Args(GRPOArgs):
     sft_max_steps: int = 0
     """cap on SFT steps (0 = epochs decide)"""
     full_sft: bool = False
-    """SFT trains every weight, not only LoRA (a random-weight tiny model cannot learn through LoRA
-    alone); the base weights are saved beside the adapter and loaded with it (10)"""
+    """SFT trains every weight, not only LoRA (for the random-weight tiny model); RL loads them (10)"""
     reflect_frac: float = 0.5
     """fraction of gaze questions that also get a reflective trajectory (wrong crop -> re-gaze)"""
     teacher: str | None = None
@@ -161,10 +160,14 @@ class Args(GRPOArgs):
     """sampling temperature in eval (0 = greedy)"""
 
 
+# `--model tiny` (and `auto` without CUDA): sizes for every stage in about a minute on 2 CPU cores (flags win)
+TINY_SIZES = dict(n_scenes=4, image_size=224, max_new_tokens=24, max_completion_length=320,
+                  max_steps=2, prompts_per_step=2, sft_max_steps=3, levels_k=2)
+
+
 # ==== data: the toy visual-search world (1) and the six benchmarks in their published formats ========
 COLORS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 210), "yellow": (232, 190, 20),
           "purple": (148, 73, 189), "orange": (245, 127, 14)}
-SHAPES = ("circle", "square", "triangle", "diamond")
 SYLLABLES = "ka lo mi ra ven tor zu pel qui sar no bri dax fen gor hal jun mor vi tek".split()
 CITIES = "Velmor Quenby Arlath Dunmere Sorvik Halden Mirask Tobrin Elsk Caravo".split()
 EVENTS = "Fair Market Parade Expo Festival Summit Regatta Carnival".split()
@@ -199,28 +202,6 @@ class World:
         return next(s for s in self.scenes if s["id"] == scene_id)
 
 
-def draw_tile(size: int, color: tuple, shape: str, label: str, filled: bool = True) -> Image.Image:
-    """A card: an emblem shape in the top 3/5, a large black 3-letter label below."""
-    tile = Image.new("RGB", (size, size), (250, 250, 246))
-    d = ImageDraw.Draw(tile)
-    d.rectangle([0, 0, size - 1, size - 1], outline=(30, 30, 30), width=max(1, size // 32))
-    m, top = size // 6, size * 0.58
-    box = [m, m // 2, size - m, top]
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    fill = color if filled else None
-    if shape == "circle":
-        d.ellipse(box, fill=fill, outline=color, width=2)
-    elif shape == "square":
-        d.rectangle(box, fill=fill, outline=color, width=2)
-    else:
-        pts = ([(cx, box[1]), (box[2], box[3]), (box[0], box[3])] if shape == "triangle"
-               else [(cx, box[1]), (box[2], cy), (cx, box[3]), (box[0], cy)])
-        d.polygon(pts, fill=fill, outline=color, width=2)
-    font = ImageFont.load_default(size=max(8, size // 3))
-    d.text((size / 2, (top + size) / 2), label, fill=(0, 0, 0), font=font, anchor="mm")
-    return tile
-
-
 def invent(rng: random.Random, taken: set, kind: str) -> str:
     """A new word of `kind` (entity name, tile label, place) not in `taken` (which it joins)."""
     while True:
@@ -243,35 +224,22 @@ def make_entities(rng: random.Random, used: set, test_frac: float) -> list[dict]
                  split="test" if i < n_test else "train") for i, (c, s) in enumerate(combos)]
 
 
-def tile_side(size: int) -> int:
-    """Tiles nearly fill a cell of the 4 x 4 grid, so a crop of the cell is a crop of the tile."""
-    return size // 4 - 2
-
-
-def draw_scene(rng: random.Random, picks: list[dict], n_distractors: int, used: set, size: int):
-    """A muted background with blobs, entity tiles and grey distractors, one per cell of a 4 x 4 grid."""
-    base = tuple(rng.randint(150, 215) for _ in range(3))
-    img = Image.new("RGB", (size, size), base)
-    d = ImageDraw.Draw(img)
-    for _ in range(12):  # background clutter: muted blobs
-        x, y, r = rng.randrange(size), rng.randrange(size), rng.randint(8, size // 5)
-        d.ellipse([x - r, y - r, x + r, y + r], fill=tuple(max(0, c - rng.randint(10, 50)) for c in base))
-    cell = size // 4
-    ts, tiles = tile_side(size), []
+def draw_scene(rng: random.Random, picks: list[dict], n_distractors: int, used: set, size: int, side: int):
+    """Entity tiles and grey distractors on a busy background, one per cell of a 4 x 4 grid."""
+    img, cell, tiles = busy_background(rng, size), size // 4, []
     for j, c in enumerate(rng.sample(range(16), len(picks) + n_distractors)):
         cx, cy = (c % 4) * cell, (c // 4) * cell
-        x, y = cx + rng.randint(0, cell - ts), cy + rng.randint(0, cell - ts)
+        x, y = cx + rng.randint(0, cell - side), cy + rng.randint(0, cell - side)
         if j < len(picks):
             e = picks[j]
-            t = dict(name=e["name"], label=e["label"], color=e["color"], shape=e["shape"],
-                     is_distractor=False)
+            t = dict(name=e["name"], label=e["label"], color=e["color"], shape=e["shape"], is_distractor=False)
         else:  # a distractor: grey outline emblem, a label that names nothing, not in the image KB
             label = invent(rng, used, "label")
             t = dict(name=f"distractor-{label}", label=label, color="grey", shape=rng.choice(SHAPES),
                      is_distractor=True)
         rgb = COLORS.get(t["color"], (110, 110, 110))
-        img.paste(draw_tile(ts, rgb, t["shape"], t["label"], not t["is_distractor"]), (x, y))
-        tiles.append(dict(t, box=[x, y, x + ts, y + ts], cell=[cx, cy, cx + cell, cy + cell]))
+        img.paste(draw_tile(side, rgb, t["shape"], t["label"], not t["is_distractor"]), (x, y))
+        tiles.append(dict(t, box=[x, y, x + side, y + side], cell=[cx, cy, cx + cell, cy + cell]))
     return img, tiles
 
 
@@ -300,11 +268,10 @@ def build_world(seed: int, n_scenes: int = 8, image_size: int = 448, test_frac: 
     entities = make_entities(rng, used, test_frac)
     n_test = max(1, round(n_scenes * test_frac))
     if n_test >= n_scenes:
-        raise UserError(f"--test_frac {test_frac} leaves no training scene of {n_scenes}; use more "
-                        "--n_scenes.")
+        raise UserError(f"--test_frac {test_frac} leaves no training scene of {n_scenes}; use more --n_scenes.")
     text_kb = [{"id": f"{e['name']}-{f}", "text": t.format(e["name"], e[f]), "entity": e["name"],
                 "split": e["split"]} for e in entities for f, t in KB_TEXT.items()]
-    side = tile_side(image_size)
+    side = image_size // 4 - 2   # a tile nearly fills its grid cell, so a crop of the cell is a crop of the tile
     image_kb = [{"image": draw_tile(side, COLORS[e["color"]], e["shape"], e["label"]), "name": e["name"],
                  "caption": f"The emblem of {e['name']}.", "split": e["split"]} for e in entities]
     scenes, questions = [], []
@@ -313,13 +280,12 @@ def build_world(seed: int, n_scenes: int = 8, image_size: int = 448, test_frac: 
         split = "test" if k >= n_scenes - n_test else "train"
         pool = [e for e in entities if e["split"] == split]
         picks = rng.sample(pool, min(CLUTTER[clutter][0], len(pool)))
-        img, tiles = draw_scene(rng, picks, CLUTTER[clutter][1], used, image_size)
+        img, tiles = draw_scene(rng, picks, CLUTTER[clutter][1], used, image_size, side)
         event, place = f"{rng.choice(ADJECTIVES)} {rng.choice(EVENTS)}", invent(rng, used, "place")
         names = ", ".join(p["name"] for p in sorted(picks, key=lambda p: p["name"]))
         caption = f"Photo of the {event}, held in {place}; emblems of {names} are on display."
         image_kb.append({"image": img, "name": f"the {event}", "split": split, "caption": caption})
-        scenes.append({"id": sid, "image": img, "tiles": tiles, "split": split, "clutter": clutter,
-                       "place": place})
+        scenes.append({"id": sid, "image": img, "tiles": tiles, "split": split, "clutter": clutter, "place": place})
         questions += scene_questions(rng, sid, split, clutter, picks, place)
     return World(scenes, questions, text_kb, image_kb, entities)
 
@@ -371,7 +337,7 @@ def load_benchmark(name: str, path: str, image_dir: str | None = None) -> list[d
     return read_visual_qa(name, path, BENCHMARKS[name], image_dir)
 
 
-# ==== prompt format, tools, and scripted policies that state only what they saw (2, 6) ===============
+# ==== prompt + parsing: the tags (2), the tools, and scripted policies that state only what they saw (6) ==
 SYSTEM = """You answer questions about an image. First glance at the whole image, then decide:
 - answer directly: <answer>short answer</answer>
 - search text: <text_search>query</text_search>
@@ -386,13 +352,12 @@ CROP_SEARCH = '<tool_call>{"name": "image_search", "arguments": {"image": "crop"
 
 
 def make_messages(example: dict) -> list[dict]:
-    image = example["image"]
-    if image is None:  # MMSearch has text-only queries
+    if example["image"] is None:  # MMSearch has text-only queries
         return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": example["question"]}]
-    w, h = seen_size(image)
+    w, h = seen_size(example["image"])
     text = f"(image: {w}x{h} pixels) {example['question']}"
     return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
+            {"role": "user", "content": [{"type": "image", "image": example["image"]}, {"type": "text", "text": text}]}]
 
 
 def make_tools(text_search: TextSearch, image_search: ImageSearch, k: int) -> dict:
@@ -418,8 +383,7 @@ def make_tools(text_search: TextSearch, image_search: ImageSearch, k: int) -> di
 
 
 def tool_limits(args: Args) -> dict:
-    return {"crop": args.max_crops, "image_search": args.max_image_searches,
-            "text_search": args.max_text_searches}
+    return {"crop": args.max_crops, "image_search": args.max_image_searches, "text_search": args.max_text_searches}
 
 
 def to_seen(box: list[int], image: Image.Image) -> list[int]:
@@ -428,8 +392,7 @@ def to_seen(box: list[int], image: Image.Image) -> list[int]:
     return [round(v * s) for v, s in zip(box, (w / image.width, h / image.height) * 2)]
 
 
-FACT_RE = {"year": re.compile(r"(\w+) was founded in (\d+)"),
-           "city": re.compile(r"(\w+) is based in the city of (\w+)")}
+FACT_RE = {"year": re.compile(r"(\w+) was founded in (\d+)"), "city": re.compile(r"(\w+) is based in the city of (\w+)")}
 VERB = {"year": "was founded in", "city": "is based in"}
 POLICIES = ("gaze oracle", "whole-image oracle", "never search", "random tool")
 
@@ -461,61 +424,49 @@ def answer_from(known: dict, q: dict, tile: dict | None, rng: random.Random) -> 
     value = known["facts"].get(name, {}).get(fact)
     if value:
         return value, f"The search result says {name} {VERB[fact]} {value}."
-    guess = rng.choice(CITIES) if fact == "city" else str(rng.randint(1820, 2015))
-    return guess, "Nothing I saw tells this; a guess."
+    return rng.choice(CITIES) if fact == "city" else str(rng.randint(1820, 2015)), "Nothing I saw tells this; a guess."
 
 
 def random_action(q: dict, known: dict, tiles: list[dict], rng: random.Random) -> tuple | None:
     """The random-tool policy: any action, arguments drawn from what it has seen."""
     choice = rng.choice(["answer", "text_search", "image_search", "crop", "crop_search"])
     names = [q["entity"]] * (q["kind"] == "text") + known["candidates"] + list(known["owner"].values())
-    actions = {"answer": None,
-               "text_search": ("text_search", {"query": rng.choice(names or [q["question"]])},
-                               "Try a text search."),
-               "image_search": ("image_search", {}, "Try a whole-image search."),
-               "crop": ("crop", {"tile": rng.choice(tiles)}, "Try a crop."),
-               "crop_search": ("image_search", {"image": "crop"}, "Try an image search with the crop.")}
-    return actions[choice]
+    query, tile = rng.choice(names or [q["question"]]), rng.choice(tiles)   # both drawn, whatever the choice
+    return {"answer": None, "text_search": ("text_search", {"query": query}, "Try a text search."),
+            "image_search": ("image_search", {}, "Try a whole-image search."), "crop": ("crop", {"tile": tile}, "Try a crop."),
+            "crop_search": ("image_search", {"image": "crop"}, "Try an image search with the crop.")}[choice]
 
 
 def next_action(policy: str, q: dict, known: dict, tiles: list[dict], tile: dict | None, rng: random.Random,
                 done: list[str], reflective: bool) -> tuple[str, dict, str] | None:
     """(tool, args, reason) of the policy's next step, or None to answer now."""
-    kind, label = q["kind"], q["label"]
+    kind, label, need = q["kind"], q["label"], f"the tile labelled {q['label']}"
     if policy in ("never search", "random tool"):
         return None if policy == "never search" else random_action(q, known, tiles, rng)
     name = q["entity"] if kind == "text" else known["owner"].get(label) or known.get("guess")
     if kind == "text" and name not in known["facts"]:
-        reason = f"Glance: the image cannot tell this; the question names {name}. Decision: text search."
-        return "text_search", {"query": name}, reason
+        return "text_search", {"query": name}, f"Glance: the image cannot tell this; the question names {name}. Decision: text search."
     if kind == "image" and not known.get("place"):
-        reason = "Glance: the question is about the photo as a whole. Decision: whole-image search."
-        return "image_search", {}, reason
+        return "image_search", {}, "Glance: the question is about the photo as a whole. Decision: whole-image search."
     if kind != "gaze" or (name and name in known["facts"]):
         return None
-    need = f"the tile labelled {label}"
     if policy == "whole-image oracle":   # (ablation) no crop: the whole-image search lists every emblem
         if not known["candidates"]:
-            reason = f"Glance: I need the organisation on {need}. Decision: whole-image search."
-            return "image_search", {}, reason
+            return "image_search", {}, f"Glance: I need the organisation on {need}. Decision: whole-image search."
         known["guess"] = rng.choice(known["candidates"])
-        shown = ", ".join(known["candidates"])
-        reason = (f"The photo shows the emblems of {shown}; I cannot tell which is on {need}. "
-                  f"I guess {known['guess']}.")
-        return "text_search", {"query": known["guess"]}, reason
-    if "crop" not in done:
+        return "text_search", {"query": known["guess"]}, (f"The photo shows the emblems of {', '.join(known['candidates'])}; "
+                                                          f"I cannot tell which is on {need}. I guess {known['guess']}.")
+    if "crop" not in done:   # a reflective trajectory gazes at a wrong tile first
         wrong = [t for t in tiles if t is not tile]
         if reflective and wrong:
             return "crop", {"tile": rng.choice(wrong)}, f"Glance: {need} is small. Decision: gaze at it."
-        reason = f"Glance: {need} is small and its organisation unknown. Decision: gaze at it."
-        return "crop", {"tile": tile}, reason
+        return "crop", {"tile": tile}, f"Glance: {need} is small and its organisation unknown. Decision: gaze at it."
     if known.get("crop_label") != label:
         return ("crop", {"tile": tile}, f"Reflect: the crop shows the tile labelled {known['crop_label']}, "
                 f"not {label}; wrong region. Gaze again.")
     if label not in known["owner"]:
         return "image_search", {"image": "crop"}, f"The crop shows {need}. Search with the crop."
-    reason = f"The image search says the emblem belongs to {name}. Now find the fact."
-    return "text_search", {"query": name}, reason
+    return "text_search", {"query": name}, f"The image search says the emblem belongs to {name}. Now find the fact."
 
 
 def scripted_episode(world: World, q: dict, policy: str = "gaze oracle", reflective: bool = False, rng=None,
@@ -529,8 +480,7 @@ def scripted_episode(world: World, q: dict, policy: str = "gaze oracle", reflect
     tiles = world.scene(q["scene_id"])["tiles"]
     tile = next((t for t in tiles if t["label"] == q["label"]), None)
     known, turns, done = {"facts": {}, "owner": {}, "candidates": []}, [], []
-    while len(turns) // 2 < max_turns - 1 and (step := next_action(policy, q, known, tiles, tile, rng, done,
-                                                                    reflective)):
+    while len(turns) // 2 < max_turns - 1 and (step := next_action(policy, q, known, tiles, tile, rng, done, reflective)):
         tool, args, reason = step
         if tool == "crop":
             known["crop_label"] = args["tile"]["label"]
@@ -546,50 +496,15 @@ def scripted_episode(world: World, q: dict, policy: str = "gaze oracle", reflect
         turns += [{"role": "assistant", "text": f"<reason>{reason}</reason>\n{text}"},
                   {"role": "tool", "name": tool, "args": args, "observation": obs, "image": image}]
     answer, reason = answer_from(known, q, tile, rng)
-    final = {"role": "assistant", "text": f"<reason>{reason}</reason>\n<answer>{answer}</answer>"}
-    return turns + [final], answer
+    return turns + [{"role": "assistant", "text": f"<reason>{reason}</reason>\n<answer>{answer}</answer>"}], answer
 
 
-def turns_to_messages(example: dict, turns: list[dict]) -> list[dict]:
-    """Trajectory turns -> chat messages for SFT (observations as user turns, as the loop shows them)."""
-    msgs = make_messages(example)
-    for t in turns:
-        if t["role"] == "assistant":
-            msgs.append({"role": "assistant", "content": t["text"]})
-        else:
-            image = [{"type": "image", "image": t["image"]}] if t.get("image") else []
-            msgs.append({"role": "user", "content": image + [{"type": "text", "text": t["observation"]}]})
-    return msgs
-
-
-def by_kind(questions: list[dict], accs: list[float]) -> dict:
-    """Accuracy in % per question kind and, for gaze questions, per clutter (None when there are none)."""
-    cells = {kind: [a for q, a in zip(questions, accs) if q["kind"] == kind] for kind in DECISION}
-    for c in CLUTTER:
-        cells[f"gaze/{c}"] = [a for q, a in zip(questions, accs) if q["kind"] == "gaze" and q["clutter"] == c]
-    return {k: 100 * float(np.mean(v)) if v else None for k, v in cells.items()}
-
-
-def policy_table(world: World, args: Args) -> dict:
-    """Accuracy (%) of each scripted policy on the held-out scenes: the world tests Selective Gaze
-    only if whole-image search loses on cluttered gaze questions."""
-    rng, test = random.Random(args.seed), split_world(world)[1]
-    table = {}
-    for policy in POLICIES:
-        answers = [scripted_episode(world, q, policy, rng=rng, k=args.search_k, max_turns=args.max_turns)[1]
-                   for q in test]
-        accs = [accuracy(a, q["answers"], args.max_answer_words) for a, q in zip(answers, test)]
-        table[policy] = {**by_kind(test, accs), "all": 100 * float(np.mean(accs)) if accs else None}
-    return table
-
-
-# ==== rewards: r = (1 - lambda) * r_acc + lambda * r_fmt (3, 4), and the tool-use statistics ==========
+# ==== rewards + metrics: r = (1 - lambda) * r_acc + lambda * r_fmt (3, 4), and the tool-use statistics ==
 def format_ok(trajectory: list[dict]) -> bool:
     """r_fmt = 1 iff every assistant turn holds one well-formed action, tools until the last
     turn and a non-empty <answer> in it."""
     kinds = [parse_action(t["text"]) for t in trajectory if t["role"] == "assistant"]
-    return (bool(kinds) and all(a.kind == "tool" for a in kinds[:-1])
-            and kinds[-1].kind == "answer" and bool(kinds[-1].answer))
+    return bool(kinds) and all(a.kind == "tool" for a in kinds[:-1]) and kinds[-1].kind == "answer" and bool(kinds[-1].answer)
 
 
 def accuracy(answer: str | None, golds: list[str], max_answer_words: int) -> float:
@@ -614,12 +529,10 @@ def load_judge(name: str | None):
 
 def rollout_accs(rollouts: list[Rollout], args: Args) -> list[float]:
     """r_acc of each rollout: the --judge model's verdict (unparsable -> 0), else sub-exact match (4)."""
-    answers, golds = [r.answer for r in rollouts], [r.example["answers"] for r in rollouts]
-    judge = load_judge(args.judge)
+    answers, golds, judge = [r.answer for r in rollouts], [r.example["answers"] for r in rollouts], load_judge(args.judge)
     if judge is None:
         return [accuracy(a, g, args.max_answer_words) for a, g in zip(answers, golds)]
-    questions = [r.example["question"] for r in rollouts]
-    return [float(v or 0.0) for v in llm_judge_batch(judge, questions, answers, golds)]
+    return [float(v or 0.0) for v in llm_judge_batch(judge, [r.example["question"] for r in rollouts], answers, golds)]
 
 
 def make_reward_fn(args: Args):
@@ -678,7 +591,15 @@ def tool_use_stats(rollouts: list[Rollout]) -> dict:
             "mean_turns": float(np.mean([r.turns for r in rollouts])) if rollouts else 0.0}
 
 
-# ==== stages and main ==============================================================================
+def by_kind(questions: list[dict], accs: list[float]) -> dict:
+    """Accuracy in % per question kind and, for gaze questions, per clutter (None when there are none)."""
+    cells = {kind: [a for q, a in zip(questions, accs) if q["kind"] == kind] for kind in DECISION}
+    for c in CLUTTER:
+        cells[f"gaze/{c}"] = [a for q, a in zip(questions, accs) if q["kind"] == "gaze" and q["clutter"] == c]
+    return {k: 100 * float(np.mean(v)) if v else None for k, v in cells.items()}
+
+
+# ==== stages ========================================================================================
 def get_policy(args: Args, adapter: str | None = None, lora: bool = True):
     """The policy for a stage; an adapter of a --full_sft run brings its base weights (10)."""
     return load_policy(args.model, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
@@ -695,30 +616,39 @@ def agent_rollouts(policy, examples: list[dict], args: Args, searchers: tuple, G
                         temperature=temperature, desc=desc)
 
 
+def policy_table(world: World, args: Args) -> dict:
+    """Accuracy (%) of each scripted policy on the held-out scenes: the world tests Selective Gaze
+    only if whole-image search loses on cluttered gaze questions."""
+    rng, test, table = random.Random(args.seed), split_world(world)[1], {}
+    for policy in POLICIES:
+        answers = [scripted_episode(world, q, policy, rng=rng, k=args.search_k, max_turns=args.max_turns)[1]
+                   for q in test]
+        accs = [accuracy(a, q["answers"], args.max_answer_words) for a, q in zip(answers, test)]
+        table[policy] = {**by_kind(test, accs), "all": 100 * float(np.mean(accs)) if accs else None}
+    return table
+
+
 def stage_data(args: Args) -> None:
     """Write the world (JSONL + PNGs), the oracle page and the scripted-policy table."""
     world, out = world_of(args), Path(args.out) / "data"
     (out / "images").mkdir(parents=True, exist_ok=True)
     for s in world.scenes:
         s["image"].save(out / "images" / f"{s['id']}.png")
-    log = RunLog(str(out))
-    for name, qs in zip(("toy_train", "toy_test"), split_world(world)):
+    log, (train, test) = RunLog(str(out)), split_world(world)
+    for name, qs in (("toy_train", train), ("toy_test", test)):
         log.samples([dict(q, image=f"images/{q['scene_id']}.png") for q in qs], f"{name}.jsonl")
     log.samples(world.text_kb, "text_kb.jsonl")
     rng, first = random.Random(args.seed), world.questions[:4]
+    cases = [(q, False, "gaze oracle") for q in first] + [(first[3], True, "gaze oracle"),
+                                                         (first[3], False, "whole-image oracle")]
     items = [{"title": f"{policy} [{q['kind']}{' reflective' * refl}] {q['question']} (gold: {q['answers'][0]})",
               "images": [world.scene(q["scene_id"])["image"]],
               "trajectory": scripted_episode(world, q, policy, refl, rng, k=args.search_k, max_turns=args.max_turns)[0]}
-             for q, refl, policy in [(q, False, "gaze oracle") for q in first] + [(first[3], True, "gaze oracle"),
-                                                                                 (first[3], False, "whole-image oracle")]]
+             for q, refl, policy in cases]
     trajectory_html(items, str(out / "oracle_trajectories.html"), "GoG scripted trajectories (tool, arguments, observation)")
     table = policy_table(world, args)
     write_json(str(out / "scripted_policies.json"), {"units": "accuracy in % on held-out scenes", "table": table})
-    cols = list(next(iter(table.values())))
-    print("[data] scripted policies, accuracy % on held-out scenes:\n| policy | " + " | ".join(cols) + " |\n"
-          + "\n".join(f"| {p} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in row.values()) + " |"
-                      for p, row in table.items()))
-    train, test = split_world(world)
+    print("[data] scripted policies, accuracy % on held-out scenes:\n" + markdown_table(table, "policy"))
     log.summary({"scenes": len(world.scenes), "train_questions": len(train), "test_questions": len(test),
                  "kinds": {k: sum(q["kind"] == k for q in world.questions) for k in DECISION},
                  "entities": {s: sum(e["split"] == s for e in world.entities) for s in ("train", "test")},
@@ -727,10 +657,9 @@ def stage_data(args: Args) -> None:
 
 
 def oracle_data(world: World, questions: list[dict], args: Args, gaze: bool = True) -> list[tuple[dict, list]]:
-    """(question, turns) of the oracle's correct trajectories on training questions, with
-    training-time search engines; with gaze, a share of gaze questions also get a reflective one.
-    gaze=False: the no-gaze ablation (whole-image search; wrong guesses are dropped, as the paper
-    keeps only correct trajectories)."""
+    """(question, turns) of the oracle's correct trajectories on training questions, with training-time
+    search; with gaze, a share of gaze questions also get a reflective one. gaze=False: the no-gaze
+    ablation (whole-image search; wrong guesses dropped, as the paper keeps only correct trajectories)."""
     rng, out = random.Random(args.seed), []
     runs = [(q, False) for q in questions] + [(q, True) for q in questions if gaze and q["kind"] == "gaze"
                                              and rng.random() < args.reflect_frac]
@@ -753,8 +682,7 @@ def direct_pass_counts(policy, examples: list[dict], args: Args) -> list[int]:
 
 def run_sft(args: Args, world: World, out_dir: str, gaze: bool = True) -> str:
     """Reflective GoG Behavior Alignment: filter, build correct trajectories, LoRA SFT."""
-    train = split_world(world)[0]
-    policy = get_policy(args)
+    train, policy = split_world(world)[0], get_policy(args)
     teacher = load_policy(args.teacher, lora=False, seed=args.seed) if args.teacher else None
     print(f"[sft] uncertainty filter with {'the teacher' if teacher else 'the model itself (no --teacher)'} (6)")
     counts = direct_pass_counts(teacher or policy, [as_example(world, q) for q in train], args)
@@ -762,13 +690,14 @@ def run_sft(args: Args, world: World, out_dir: str, gaze: bool = True) -> str:
     if not kept:
         raise UserError(f"The uncertainty filter dropped all {len(train)} questions (always answered right); "
                         f"raise --filter_k or use a weaker --teacher.")
-    convs = [turns_to_messages(as_example(world, q), turns) for q, turns in oracle_data(world, kept, args, gaze)]
+    convs = [trajectory_messages(make_messages(as_example(world, q)), turns)
+             for q, turns in oracle_data(world, kept, args, gaze)]
     n_oracle, good = len(convs), []
     if teacher is not None:  # keep only the teacher's correct, well-formed trajectories
         rs = agent_rollouts(teacher, [as_example(world, q) for q in kept], args, world.searchers("train"),
                             args.teacher_samples, 1.0)
         good = [r for r, a in zip(rs, rollout_accs(rs, args)) if a == 1.0 and format_ok(r.trajectory)]
-    convs += [turns_to_messages(r.example, r.trajectory) for r in good]
+    convs += [trajectory_messages(make_messages(r.example), r.trajectory) for r in good]
     samples = [encode(policy.tokenizer, policy.image_processor, m) for m in convs]  # observations masked
     cfg = SFTConfig(learning_rate=args.sft_learning_rate, epochs=args.sft_epochs, batch_size=args.sft_batch_size,
                     micro_batch_size=args.micro_batch_size, max_steps=args.sft_max_steps, seed=args.seed)
@@ -830,14 +759,14 @@ def stage_levels(args: Args) -> None:
 
 def level_ids(levels_dir: str | Path, level: int) -> list[str]:
     path = Path(levels_dir) / f"level{level}.jsonl"
-    return [json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return [r["id"] for r in read_jsonl(str(path))] if path.is_file() else []
 
 
 def run_rl(args: Args, world: World, adapter: str | None, levels_dir: str, out_dir: str, level: int) -> str:
     """GRPO on one complexity level with the GoG reward, multi-turn tool rollouts."""
-    train = split_world(world)[0]
-    by_id, level_file = {q["id"]: q for q in train}, os.path.join(levels_dir, f"level{level}.jsonl")
+    train, level_file = split_world(world)[0], os.path.join(levels_dir, f"level{level}.jsonl")
     if os.path.isfile(level_file):
+        by_id = {q["id"]: q for q in train}
         questions = [by_id[i] for i in level_ids(levels_dir, level) if i in by_id]
         print(f"[rl] Level {level}: {len(questions)} questions from {level_file}")
     else:
@@ -869,18 +798,6 @@ def stage_rl(args: Args) -> str:   # the papers' order: RL starts from the SFT a
     return run_rl(args, world_of(args), start_adapter(args, "sft"), str(out / "levels"), str(out / "rl"), args.rl_level)
 
 
-def benchmark_searchers(args: Args, world: World) -> tuple:
-    """Search for real benchmarks: --text_corpus / --image_kb, else the endpoints, else the toy KBs (5)."""
-    ts = ims = None
-    if args.text_corpus or os.environ.get("TEXT_SEARCH_ENDPOINT"):
-        ts = TextSearch.from_jsonl(args.text_corpus) if args.text_corpus else TextSearch(use_env=True)
-    if args.image_kb or os.environ.get("IMAGE_SEARCH_ENDPOINT"):
-        ims = ImageSearch.from_jsonl(args.image_kb) if args.image_kb else ImageSearch(use_env=True)
-    if ts is None or ims is None:
-        print("[eval] benchmarks use the toy KBs for a search without --text_corpus/--image_kb or an endpoint.")
-    return ts or world.searchers("test")[0], ims or world.searchers("test")[1]
-
-
 def run_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dict:
     """Held-out toy accuracy and tool use, and each benchmark under its own rule; all in %."""
     benches = [(n, load_benchmark(n, f, args.image_dir)) for n, f in parse_benchmarks(args.benchmarks, BENCHMARKS)]
@@ -903,8 +820,8 @@ def run_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dic
         html = [{"title": f"[{r.example['kind']}] {r.example['question']} (gold: {r.example['answers'][0]})",
                  "images": r.images[:1], "trajectory": r.trajectory,
                  "rewards": {"acc": a, "format": float(format_ok(r.trajectory))}} for r, a in zip(rs, accs)]
-        if benches:
-            searchers = benchmark_searchers(args, world)
+        if benches:   # (5) search on real benchmarks: --text_corpus / --image_kb, the endpoints, else the toy KBs
+            searchers = benchmark_searchers(args.text_corpus, args.image_kb, world.searchers("test"))
             for n, recs in benches:
                 rs = agent_rollouts(policy, list(recs), args, searchers, 1, args.eval_temperature, desc=f"eval {n}")
                 answers[n] = [r.answer for r in rs]
@@ -931,7 +848,7 @@ def stage_eval(args: Args) -> dict:
 def stage_ablate(args: Args) -> None:
     """No-gaze SFT vs GoG SFT; RL on Level 1 vs Level 2, each evaluated; says what it reuses and what it trains."""
     world, out, abl = world_of(args), Path(args.out), Path(args.out) / "ablate"
-    sft, reused, ran = start_adapter(args, "sft"), [], ["SFT w/o gaze"]
+    sft, ran = start_adapter(args, "sft"), ["SFT w/o gaze"]
     if not sft:
         sft, ran = run_sft(args, world, str(out / "sft")), ran + ["GoG-SFT"]
     if not (out / "levels" / "level2.jsonl").is_file():
@@ -946,9 +863,10 @@ def stage_ablate(args: Args) -> None:
             variants[f"RL Level {level}"] = run_rl(args, world, sft, str(out / "levels"), str(abl / f"rl_level{level}"), level)
             ran.append(f"RL Level {level}")
     reused = [n for n in variants if n not in ran]
+    skipped = {f"RL Level {v}": "skipped: the level is empty" for v in (1, 2) if f"RL Level {v}" not in variants}
     print(f"[ablate] reuses {', '.join(reused) or 'nothing'} from earlier stages; trains {', '.join(ran)}; "
-          f"skips {', '.join(f'RL Level {v}' for v in (1, 2) if f'RL Level {v}' not in variants) or 'nothing'} (empty level).")
-    table = {f"RL Level {v}": "skipped: the level is empty" for v in (1, 2) if f"RL Level {v}" not in variants}
+          f"skips {', '.join(skipped) or 'nothing'} (empty level).")
+    table = dict(skipped)
     for name, adapter in variants.items():
         res = run_eval(args, world, adapter, str(abl / ("eval_" + name.replace(" ", "_").replace("/", ""))))
         toy = res["toy"]
@@ -963,6 +881,7 @@ def stage_ablate(args: Args) -> None:
                                    for n, row in table.items()))
 
 
+# ==== main ==========================================================================================
 def check_inputs(args: Args) -> None:
     """Every user file is read before any model is loaded."""
     for name, path in parse_benchmarks(args.benchmarks, BENCHMARKS):
@@ -974,12 +893,6 @@ def check_inputs(args: Args) -> None:
     for f in (args.text_corpus, args.image_kb):
         if f:
             read_records(f, "search corpus")
-
-
-# `--model tiny` (and `auto` without CUDA) must run every stage in about a minute on 2 CPU
-# cores, so these sizes replace the defaults above unless given on the command line.
-TINY_SIZES = dict(n_scenes=4, image_size=224, max_new_tokens=24, max_completion_length=320,
-                  max_steps=2, prompts_per_step=2, sft_max_steps=3, levels_k=2)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 from common.cli import UserError
 from common.data import open_image, read_records, require
 from common.judge import exact_match, normalize_answer, sub_exact_match
+from common.tools import ImageSearch, TextSearch
 
 # =============================================================================================
 # gog.py: visual search QA (FVQA, InfoSeek, MMSearch, SimpleVQA, LiveVQA, DynVQA)
@@ -131,6 +133,19 @@ def read_predictions(path: str) -> dict[str, str]:
                             '(or "prediction").')
         out[str(rid)] = str(ans)
     return out
+
+
+def benchmark_searchers(text_corpus: str | None, image_kb: str | None, fallback: tuple) -> tuple:
+    """(text, image) search for real benchmarks: a JSONL corpus, else the HTTP endpoint
+    (TEXT_SEARCH_ENDPOINT / IMAGE_SEARCH_ENDPOINT), else the `fallback` engines, announced."""
+    ts = ims = None
+    if text_corpus or os.environ.get("TEXT_SEARCH_ENDPOINT"):
+        ts = TextSearch.from_jsonl(text_corpus) if text_corpus else TextSearch(use_env=True)
+    if image_kb or os.environ.get("IMAGE_SEARCH_ENDPOINT"):
+        ims = ImageSearch.from_jsonl(image_kb) if image_kb else ImageSearch(use_env=True)
+    if ts is None or ims is None:
+        print("[eval] benchmarks use the toy KBs for a search without --text_corpus/--image_kb or an endpoint.")
+    return ts or fallback[0], ims or fallback[1]
 
 
 # --- the scoring rules, each as the benchmark's own code computes it ---

@@ -40,6 +40,20 @@ class SFTConfig:
     seed: int = 0
 
 
+def trajectory_messages(messages: list[dict], turns: list[dict]) -> list[dict]:
+    """Prompt messages + an agent trajectory's turns -> chat messages for SFT: assistant turns as
+    replies, tool observations as user turns (with their image), as the agent loop shows them with
+    observation_style="user_turn"; common/chat.encode masks everything but the replies."""
+    msgs = list(messages)
+    for t in turns:
+        if t["role"] == "assistant":
+            msgs.append({"role": "assistant", "content": t["text"]})
+        else:
+            image = [{"type": "image", "image": t["image"]}] if t.get("image") else []
+            msgs.append({"role": "user", "content": image + [{"type": "text", "text": t["observation"]}]})
+    return msgs
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     if warmup and step < warmup:
         return (step + 1) / warmup

@@ -18,30 +18,26 @@ Real benchmarks in their published files (NAME=FILE; see BENCHMARKS), or another
     python gog.py --stage eval --benchmarks MMSearch=end2end.parquet --predictions answers.jsonl
 
 Deviations from the paper (numbered; the code says "(n)" where each one lives):
- 1. Data: a procedurally drawn toy world replaces FVQA/InfoSeek (GoG-Instruct is not public): emblem
-    tiles with labels, grey distractors, sparse scenes (2 emblems) and cluttered ones (5). Held out
-    for real: test scenes show only test entities, which no SFT/RL data or training-time search has.
- 2. Tags (the paper's prompt is unpublished; public anchors): DeepEyes' crop call `<tool_call>{"name":
-    "crop", "arguments": {"bbox_2d": [...]}}</tool_call>` (pixels of the image the model saw),
-    MMSearch-R1's `<text_search>q</text_search>` and `<image_search></image_search>` (always the whole
-    image), image search on the latest crop as an `image_search` tool call, `<reason>` and `<answer>`;
-    results come back as user turns (crops as images).
+ 1. Data: a drawn toy world replaces FVQA/InfoSeek (GoG-Instruct is not public): labelled emblem tiles,
+    grey distractors, sparse (2 emblems) and cluttered (5) scenes; test scenes show only test entities.
+ 2. Tags (the paper's prompt is unpublished): DeepEyes' crop `<tool_call>{"name": "crop", "arguments":
+    {"bbox_2d": [...]}}</tool_call>` (pixels the model saw), MMSearch-R1's `<text_search>q</text_search>`
+    and `<image_search></image_search>` (whole image), an `image_search` tool call on the latest crop,
+    `<reason>`, `<answer>`; results come back as user turns (crops as images).
  3. lambda = 0.1 (not published; MMSearch-R1's format weight). No tool-use bonus, as in GoG.
- 4. Judge: r_acc is sub-exact match (answers over --max_answer_words words score 0), not gpt-oss-120b;
-    `--judge <model>` is a local LLM judge everywhere (uncertainty and teacher filters, levels, reward, eval).
- 5. Search: local BM25 over the text KB and nearest neighbour over a hand-made image embedding
+ 4. r_acc is sub-exact match (answers over --max_answer_words words score 0), not gpt-oss-120b;
+    `--judge <model>` is a local LLM judge everywhere (filters, levels, reward, eval).
+ 5. Search: BM25 over the text KB and nearest neighbour over a hand-made image embedding
     (common/tools.py), not web search; HTTP via TEXT_SEARCH_ENDPOINT / IMAGE_SEARCH_ENDPOINT.
- 6. Trajectories come from a scripted oracle that states only what the image or an observation shows
-    (plus a --teacher model's correct samples); the paper's humans checked crop regions. The 4-sample
-    uncertainty filter uses the teacher, or the model itself without one.
- 7. Sizes: LoRA (r = 8 on the LLM, as in GoG's SFT) also in RL (paper: full actor, lr 2e-6), so lr 1e-5;
-    G = 4 and beta = 0.001 as in the paper, far fewer steps and tokens (paper: 15 epochs, 8,192 tokens).
- 8. Levels: Level 1 = pass rate in (level2_max, level1_max], Level 2 = pass rate <= level2_max; they
-    never overlap. A level under --min_level_size is filled from neither level, nearest first, announced.
- 9. Gaze correctness (the paper's humans judged it): a crop is right when it holds >= 90 % of the
-    target tile and its area is at most 4x the tile's.
-10. --full_sft (for the from-scratch tiny model only; the paper uses LoRA): SFT trains every weight, the
-    adapter folder holds the base weights too (common/models.py); RL then trains LoRA on top, as usual.
+ 6. SFT trajectories: a scripted oracle that states only what the image or an observation shows (+ a
+    --teacher's correct samples), not human-checked crops; the uncertainty filter uses the teacher or the model.
+ 7. LoRA (r = 8 on the LLM, as in GoG's SFT) also in RL (paper: full actor, lr 2e-6), so lr 1e-5; G = 4 and
+    beta = 0.001 as in the paper; far fewer steps and tokens (paper: 15 epochs, 8,192 tokens).
+ 8. Levels: Level 1 = pass rate in (level2_max, level1_max], Level 2 = <= level2_max, disjoint; a level
+    under --min_level_size is filled from neither level, nearest first, announced.
+ 9. Gaze correctness (the paper's humans judged it): a crop holds >= 90 % of the target tile, <= 4x its area.
+10. --full_sft (the random-weight tiny model only; the paper uses LoRA): SFT trains every weight, kept in
+    the adapter folder (common/models.py); RL trains LoRA on top.
 """
 from __future__ import annotations
 
@@ -50,19 +46,16 @@ import json
 import os
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image
-
 from common.benchmarks import (benchmark_searchers, parse_benchmarks, read_predictions, read_visual_qa,
                                score_benchmark)
 from common.chat import encode
 from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
 from common.data import read_records
-from common.draw import SHAPES, busy_background, draw_tile
 from common.grpo import train_grpo
 from common.judge import llm_judge_batch, sub_exact_match
 from common.models import load_policy
@@ -70,6 +63,7 @@ from common.rollout import Rollout, run_rollouts
 from common.runlog import RunLog, bar_plot, markdown_table, read_jsonl, trajectory_html, write_json
 from common.sft import SFTConfig, train_sft, trajectory_messages
 from common.tools import ImageSearch, TextSearch, crop, parse_action, seen_size
+from common.toyworld import CITIES, CLUTTER, World, build_world, to_seen
 
 
 @dataclass
@@ -165,129 +159,8 @@ TINY_SIZES = dict(n_scenes=4, image_size=224, max_new_tokens=24, max_completion_
                   max_steps=2, prompts_per_step=2, sft_max_steps=3, levels_k=2)
 
 
-# ==== data: the toy visual-search world (1) and the six benchmarks in their published formats ========
-COLORS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 210), "yellow": (232, 190, 20),
-          "purple": (148, 73, 189), "orange": (245, 127, 14)}
-SYLLABLES = "ka lo mi ra ven tor zu pel qui sar no bri dax fen gor hal jun mor vi tek".split()
-CITIES = "Velmor Quenby Arlath Dunmere Sorvik Halden Mirask Tobrin Elsk Caravo".split()
-EVENTS = "Fair Market Parade Expo Festival Summit Regatta Carnival".split()
-ADJECTIVES = "Amber Silver Northern Winter Harbour Lantern Copper Meadow".split()
-CLUTTER = {"sparse": (2, 1), "cluttered": (5, 3)}   # entity tiles, grey distractor tiles per scene
-FACTS = {"year": "In which year was {} founded?", "city": "In which city is {} based?"}
-KB_TEXT = {"year": "{} was founded in {}.", "city": "{} is based in the city of {}."}   # the text KB's facts
-DECISION = {"glance": "answer", "text": "text_search", "image": "image_search", "gaze": "crop"}  # oracle's
-
-
-@dataclass
-class World:
-    scenes: list[dict]      # {"id", "image", "split", "clutter", "place", "tiles": [{"name", "label", "box",
-                            #  "cell", "color", "shape", "is_distractor"}]}
-    questions: list[dict]   # {"id", "scene_id", "split", "kind", "question", "answers", "target", ...}
-    text_kb: list[dict]     # {"id", "text", "entity", "split"}
-    image_kb: list[dict]    # {"image", "name", "caption", "split"}
-    entities: list[dict] = field(default_factory=list)  # {"name", "label", "color", "shape", "year", ...}
-    _engines: dict = field(default_factory=dict, repr=False)
-
-    def searchers(self, split: str = "test") -> tuple[TextSearch, ImageSearch]:
-        """Training-time engines ("train") index only training entities and scenes, so no test entity
-        reaches SFT or RL data; at test time they index everything."""
-        if split not in self._engines:
-            keep = {"train"} if split == "train" else {"train", "test"}
-            texts = [d for d in self.text_kb if d["split"] in keep]
-            images = [e for e in self.image_kb if e["split"] in keep]
-            self._engines[split] = (TextSearch(texts), ImageSearch(images))
-        return self._engines[split]
-
-    def scene(self, scene_id: str) -> dict:
-        return next(s for s in self.scenes if s["id"] == scene_id)
-
-
-def invent(rng: random.Random, taken: set, kind: str) -> str:
-    """A new word of `kind` (entity name, tile label, place) not in `taken` (which it joins)."""
-    while True:
-        s = rng.choice(SYLLABLES).capitalize() + rng.choice(SYLLABLES)
-        place = s + rng.choice(["holm", "mere", "wick", "ford", "dale"])
-        label = "".join(rng.choice(a) for a in ("BCDFGHJKLMNPRSTVZ", "AEIOU", "BCDFGHJKLMNPRSTVZ"))
-        w = {"name": s, "place": place, "label": label}[kind]
-        if w not in taken:
-            taken.add(w)
-            return w
-
-
-def make_entities(rng: random.Random, used: set, test_frac: float) -> list[dict]:
-    """One entity per (colour, shape) emblem; the first test_frac of them are test-only."""
-    combos = [(c, s) for c in COLORS for s in SHAPES]
-    rng.shuffle(combos)
-    n_test = max(2, round(len(combos) * test_frac))
-    return [dict(name=invent(rng, used, "name"), label=invent(rng, used, "label"), color=c, shape=s,
-                 year=str(rng.randint(1820, 2015)), city=rng.choice(CITIES),
-                 split="test" if i < n_test else "train") for i, (c, s) in enumerate(combos)]
-
-
-def draw_scene(rng: random.Random, picks: list[dict], n_distractors: int, used: set, size: int, side: int):
-    """Entity tiles and grey distractors on a busy background, one per cell of a 4 x 4 grid."""
-    img, cell, tiles = busy_background(rng, size), size // 4, []
-    for j, c in enumerate(rng.sample(range(16), len(picks) + n_distractors)):
-        cx, cy = (c % 4) * cell, (c // 4) * cell
-        x, y = cx + rng.randint(0, cell - side), cy + rng.randint(0, cell - side)
-        if j < len(picks):
-            e = picks[j]
-            t = dict(name=e["name"], label=e["label"], color=e["color"], shape=e["shape"], is_distractor=False)
-        else:  # a distractor: grey outline emblem, a label that names nothing, not in the image KB
-            label = invent(rng, used, "label")
-            t = dict(name=f"distractor-{label}", label=label, color="grey", shape=rng.choice(SHAPES),
-                     is_distractor=True)
-        rgb = COLORS.get(t["color"], (110, 110, 110))
-        img.paste(draw_tile(side, rgb, t["shape"], t["label"], not t["is_distractor"]), (x, y))
-        tiles.append(dict(t, box=[x, y, x + side, y + side], cell=[cx, cy, cx + cell, cy + cell]))
-    return img, tiles
-
-
-def scene_questions(rng: random.Random, sid: str, split: str, clutter: str, picks: list[dict], place: str):
-    """One question of each kind: glance (read the tile), text (entity named), image (the photo's
-    place), gaze (the organisation behind a tile: crop -> image search -> text search)."""
-    e, g = picks[0], picks[-1]
-    attr, fact_g, fact_e = rng.choice(["color", "shape"]), rng.choice(list(FACTS)), rng.choice(list(FACTS))
-    word = "colour" if attr == "color" else "shape"
-    behind = f"the organisation whose emblem is on the tile labelled {e['label']}"
-    qs = [("glance", f"What {word} is the emblem on the tile labelled {e['label']}?", e[attr], e, attr),
-          ("text", FACTS[fact_g].format(g["name"]), g[fact_g], g, fact_g),
-          ("image", "In which town was this photo taken?", place, None, "place"),
-          ("gaze", FACTS[fact_e].format(behind), e[fact_e], e, fact_e)]
-    return [{"id": f"{sid}-{kind}", "scene_id": sid, "split": split, "clutter": clutter, "kind": kind,
-             "question": q, "answers": [a], "fact": f, "label": t["label"] if t else None,
-             "entity": t["name"] if t else None, "target": t["name"] if kind in ("glance", "gaze") else None}
-            for kind, q, a, t, f in qs]
-
-
-def build_world(seed: int, n_scenes: int = 8, image_size: int = 448, test_frac: float = 0.25) -> World:
-    """The toy world, a pure function of its arguments. Test scenes (the last test_frac) show only
-    test entities. Text KB: each entity's founding year and city. Image KB: each entity's tile and
-    each whole scene (its "photo": the town, and the emblems on display, not where they are)."""
-    rng, used = random.Random(seed), set()
-    entities = make_entities(rng, used, test_frac)
-    n_test = max(1, round(n_scenes * test_frac))
-    if n_test >= n_scenes:
-        raise UserError(f"--test_frac {test_frac} leaves no training scene of {n_scenes}; use more --n_scenes.")
-    text_kb = [{"id": f"{e['name']}-{f}", "text": t.format(e["name"], e[f]), "entity": e["name"],
-                "split": e["split"]} for e in entities for f, t in KB_TEXT.items()]
-    side = image_size // 4 - 2   # a tile nearly fills its grid cell, so a crop of the cell is a crop of the tile
-    image_kb = [{"image": draw_tile(side, COLORS[e["color"]], e["shape"], e["label"]), "name": e["name"],
-                 "caption": f"The emblem of {e['name']}.", "split": e["split"]} for e in entities]
-    scenes, questions = [], []
-    for k in range(n_scenes):
-        sid, clutter = f"scene{k:03d}", list(CLUTTER)[k % 2]
-        split = "test" if k >= n_scenes - n_test else "train"
-        pool = [e for e in entities if e["split"] == split]
-        picks = rng.sample(pool, min(CLUTTER[clutter][0], len(pool)))
-        img, tiles = draw_scene(rng, picks, CLUTTER[clutter][1], used, image_size, side)
-        event, place = f"{rng.choice(ADJECTIVES)} {rng.choice(EVENTS)}", invent(rng, used, "place")
-        names = ", ".join(p["name"] for p in sorted(picks, key=lambda p: p["name"]))
-        caption = f"Photo of the {event}, held in {place}; emblems of {names} are on display."
-        image_kb.append({"image": img, "name": f"the {event}", "split": split, "caption": caption})
-        scenes.append({"id": sid, "image": img, "tiles": tiles, "split": split, "clutter": clutter, "place": place})
-        questions += scene_questions(rng, sid, split, clutter, picks, place)
-    return World(scenes, questions, text_kb, image_kb, entities)
+# ==== data: the toy world (1: common/toyworld.py, its four question kinds) and the six benchmarks ====
+DECISION = {"glance": "answer", "text": "text_search", "image": "image_search", "gaze": "crop"}  # first actions
 
 
 def world_of(args: Args) -> World:   # one world per (seed, sizes) in a process: stages share it
@@ -384,12 +257,6 @@ def make_tools(text_search: TextSearch, image_search: ImageSearch, k: int) -> di
 
 def tool_limits(args: Args) -> dict:
     return {"crop": args.max_crops, "image_search": args.max_image_searches, "text_search": args.max_text_searches}
-
-
-def to_seen(box: list[int], image: Image.Image) -> list[int]:
-    """Original pixels -> pixels of the resized image the model sees (Qwen2.5-VL bbox_2d)."""
-    w, h = seen_size(image)
-    return [round(v * s) for v, s in zip(box, (w / image.width, h / image.height) * 2)]
 
 
 FACT_RE = {"year": re.compile(r"(\w+) was founded in (\d+)"), "city": re.compile(r"(\w+) is based in the city of (\w+)")}

@@ -63,7 +63,7 @@ from common.rollout import Rollout, run_rollouts
 from common.runlog import RunLog, bar_plot, markdown_table, read_jsonl, trajectory_html, write_json
 from common.sft import SFTConfig, train_sft, trajectory_messages
 from common.tools import ImageSearch, TextSearch, crop, parse_action, seen_size
-from common.toyworld import CITIES, CLUTTER, World, build_world, to_seen
+from common.toyworld import CITIES, CLUTTER, World, build_world, save_world, to_seen
 
 
 @dataclass
@@ -71,16 +71,12 @@ class Args(GRPOArgs):
     # --- the paper's values of shared fields (their groups are common/cli.py's) ---
     stage: Literal["data", "sft", "levels", "rl", "eval", "ablate", "all"] = "all"
     """which stage to run (`all` = data, sft, levels, rl, eval, ablate)"""
-    lora_r: int = 8
-    """LoRA rank (GoG: r = 8 on all LLM blocks)"""
     learning_rate: float = 1e-5
     """GRPO learning rate (GoG: 2e-6 for the full actor; LoRA here) (7)"""
     num_generations: int = 4
     """G, rollouts per question (GoG: 4)"""
     beta: float = 0.001
     """KL coefficient to pi_ref (GoG: 0.001)"""
-    max_completion_length: int = 2048
-    """tokens per rollout after the prompt, observations included (GoG: 8,192)"""
     # --- toy world (1) ---
     n_scenes: int = 64
     """scenes in the toy world (4 questions each: glance, text, image, gaze), half sparse, half cluttered"""
@@ -140,7 +136,7 @@ class Args(GRPOArgs):
     """Level 1 = pass rate in (level2_max, level1_max] (around half right)"""
     min_level_size: int = 4
     """fill a smaller level from the questions in neither level, nearest first, announced (0 = never)"""
-    # --- reward and RL ---
+    # --- reward, RL and eval ---
     rl_level: Literal[1, 2] = 2
     """train RL on Level 2 (GoG's final recipe) or Level 1"""
     lam: float = 0.1
@@ -149,7 +145,6 @@ class Args(GRPOArgs):
     """answers longer than this get r_acc = 0 (sub-exact match would reward lists) (4)"""
     judge: str | None = None
     """LLM judge model for r_acc everywhere (none = sub-exact match) (4)"""
-    # --- eval ---
     eval_temperature: float = 0.0
     """sampling temperature in eval (0 = greedy)"""
 
@@ -183,12 +178,11 @@ def as_example(world: World, q: dict) -> dict:
     return dict(q, image=scene["image"], target_box=box)
 
 
-# Each benchmark as published: the fields of its id, question, image and gold answers, the split a
-# score is broken down by, and its own scoring rule (common.benchmarks.score_record: mmsearch_r1 = EM
-# and SubEM as MMSearch-R1 scores FVQA, infoseek = InfoSeek's numeric ranges or alias EM, token_f1 =
-# MMSearch end2end, llm_judge = the benchmark's LLM grader (a SubEM stand-in without --judge),
-# sub_em_ours = no official scorer). `a.b` reads a nested field; `items` splits a record into several
-# questions; `image_is_id` looks the image up in --image_dir.
+# Each benchmark as published: the fields of its id, question, image, golds and the split a score is broken
+# down by (`a.b` = nested; `items` = several questions per record; `image_is_id` = a file in --image_dir), and
+# its own rule (common.benchmarks.score_record): mmsearch_r1 = EM and SubEM as MMSearch-R1 scores FVQA,
+# infoseek = numeric ranges or alias EM, token_f1 = MMSearch end2end, llm_judge = the benchmark's LLM grader
+# (a SubEM stand-in without --judge), sub_em_ours = no official scorer.
 BENCHMARKS = {
     "FVQA": dict(id="data_id", question="prompt", image="images", split="category", score="mmsearch_r1",
                  golds=["reward_model.ground_truth", "reward_model.candidate_answers"]),  # lmms-lab/FVQA
@@ -227,8 +221,7 @@ CROP_SEARCH = '<tool_call>{"name": "image_search", "arguments": {"image": "crop"
 def make_messages(example: dict) -> list[dict]:
     if example["image"] is None:  # MMSearch has text-only queries
         return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": example["question"]}]
-    w, h = seen_size(example["image"])
-    text = f"(image: {w}x{h} pixels) {example['question']}"
+    text = "(image: {}x{} pixels) {}".format(*seen_size(example["image"]), example["question"])
     return [{"role": "system", "content": SYSTEM},
             {"role": "user", "content": [{"type": "image", "image": example["image"]}, {"type": "text", "text": text}]}]
 
@@ -421,9 +414,8 @@ def crop_is_right(box: list[float], target: list[float]) -> bool:
 def first_decision(trajectory: list[dict]) -> str:
     """The first action: answer / text_search / image_search (whole image) / crop, else none."""
     a = parse_action(next((t["text"] for t in trajectory if t["role"] == "assistant"), ""))
-    if a.kind == "answer":
-        return "answer"
-    return ("image_search_crop" if a.args.get("image") == "crop" else a.name) if a.kind == "tool" else "none"
+    tool = ("image_search_crop" if a.args.get("image") == "crop" else a.name) if a.kind == "tool" else "none"
+    return "answer" if a.kind == "answer" else tool
 
 
 def tool_use_stats(rollouts: list[Rollout]) -> dict:
@@ -469,18 +461,21 @@ def by_kind(questions: list[dict], accs: list[float]) -> dict:
 # ==== stages ========================================================================================
 def get_policy(args: Args, adapter: str | None = None, lora: bool = True):
     """The policy for a stage; an adapter of a --full_sft run brings its base weights (10)."""
-    return load_policy(args.model, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
-                       lora_alpha=args.lora_alpha, adapter=adapter,
-                       gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
+    return load_policy(args.model, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r, adapter=adapter,
+                       lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
 
 
 def agent_rollouts(policy, examples: list[dict], args: Args, searchers: tuple, G: int, temperature: float,
                    desc: str | None = None) -> list[Rollout]:
-    return run_rollouts(policy, examples, num_generations=G, make_messages=make_messages,
-                        tools=make_tools(*searchers, args.search_k), max_turns=args.max_turns,
+    return run_rollouts(policy, examples, num_generations=G, make_messages=make_messages, desc=desc,
+                        tools=make_tools(*searchers, args.search_k), max_turns=args.max_turns, temperature=temperature,
                         max_tool_calls=tool_limits(args), max_new_tokens=args.max_new_tokens,
-                        max_total_tokens=args.max_completion_length, observation_style="user_turn",
-                        temperature=temperature, desc=desc)
+                        max_total_tokens=args.max_completion_length, observation_style="user_turn")
+
+
+def pass_rates(accs: list[float], k: int) -> list[float]:
+    """Mean of each question's k consecutive samples (run_rollouts keeps a question's G together)."""
+    return [float(np.mean(accs[i:i + k])) for i in range(0, len(accs), k)]
 
 
 def policy_table(world: World, args: Args) -> dict:
@@ -488,8 +483,7 @@ def policy_table(world: World, args: Args) -> dict:
     only if whole-image search loses on cluttered gaze questions."""
     rng, test, table = random.Random(args.seed), split_world(world)[1], {}
     for policy in POLICIES:
-        answers = [scripted_episode(world, q, policy, rng=rng, k=args.search_k, max_turns=args.max_turns)[1]
-                   for q in test]
+        answers = [scripted_episode(world, q, policy, rng=rng, k=args.search_k, max_turns=args.max_turns)[1] for q in test]
         accs = [accuracy(a, q["answers"], args.max_answer_words) for a, q in zip(answers, test)]
         table[policy] = {**by_kind(test, accs), "all": 100 * float(np.mean(accs)) if accs else None}
     return table
@@ -497,14 +491,8 @@ def policy_table(world: World, args: Args) -> dict:
 
 def stage_data(args: Args) -> None:
     """Write the world (JSONL + PNGs), the oracle page and the scripted-policy table."""
-    world, out = world_of(args), Path(args.out) / "data"
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    for s in world.scenes:
-        s["image"].save(out / "images" / f"{s['id']}.png")
-    log, (train, test) = RunLog(str(out)), split_world(world)
-    for name, qs in (("toy_train", train), ("toy_test", test)):
-        log.samples([dict(q, image=f"images/{q['scene_id']}.png") for q in qs], f"{name}.jsonl")
-    log.samples(world.text_kb, "text_kb.jsonl")
+    world, out = world_of(args), str(Path(args.out) / "data")
+    counts = save_world(world, out)
     rng, first = random.Random(args.seed), world.questions[:4]
     cases = [(q, False, "gaze oracle") for q in first] + [(first[3], True, "gaze oracle"),
                                                          (first[3], False, "whole-image oracle")]
@@ -512,15 +500,12 @@ def stage_data(args: Args) -> None:
               "images": [world.scene(q["scene_id"])["image"]],
               "trajectory": scripted_episode(world, q, policy, refl, rng, k=args.search_k, max_turns=args.max_turns)[0]}
              for q, refl, policy in cases]
-    trajectory_html(items, str(out / "oracle_trajectories.html"), "GoG scripted trajectories (tool, arguments, observation)")
+    trajectory_html(items, f"{out}/oracle_trajectories.html", "GoG scripted trajectories (tool, arguments, observation)")
     table = policy_table(world, args)
-    write_json(str(out / "scripted_policies.json"), {"units": "accuracy in % on held-out scenes", "table": table})
+    write_json(f"{out}/scripted_policies.json", {"units": "accuracy in % on held-out scenes", "table": table})
     print("[data] scripted policies, accuracy % on held-out scenes:\n" + markdown_table(table, "policy"))
-    log.summary({"scenes": len(world.scenes), "train_questions": len(train), "test_questions": len(test),
-                 "kinds": {k: sum(q["kind"] == k for q in world.questions) for k in DECISION},
-                 "entities": {s: sum(e["split"] == s for e in world.entities) for s in ("train", "test")},
-                 "text_kb": len(world.text_kb), "image_kb": len(world.image_kb)})
-    print(f"[data] {len(world.scenes)} scenes, {len(train)} train / {len(test)} test questions -> {out}")
+    print(f"[data] {counts['scenes']} scenes, {counts['train_questions']} train / {counts['test_questions']} test "
+          f"questions -> {out}")
 
 
 def oracle_data(world: World, questions: list[dict], args: Args, gaze: bool = True) -> list[tuple[dict, list]]:
@@ -538,27 +523,18 @@ def oracle_data(world: World, questions: list[dict], args: Args, gaze: bool = Tr
     return out
 
 
-def direct_pass_counts(policy, examples: list[dict], args: Args) -> list[int]:
-    """Uncertainty filter (GoG Stage 1): each question answered filter_k times with no tools."""
-    k = args.filter_k
-    rs = run_rollouts(policy, examples, num_generations=k, make_messages=make_messages, max_turns=1,
-                      max_new_tokens=args.max_new_tokens, temperature=1.0)
-    accs = rollout_accs(rs, args)
-    return [int(sum(accs[i * k:(i + 1) * k])) for i in range(len(examples))]
-
-
 def run_sft(args: Args, world: World, out_dir: str, gaze: bool = True) -> str:
-    """Reflective GoG Behavior Alignment: filter, build correct trajectories, LoRA SFT."""
+    """Reflective GoG Behavior Alignment: uncertainty filter, correct trajectories, LoRA SFT."""
     train, policy = split_world(world)[0], get_policy(args)
     teacher = load_policy(args.teacher, lora=False, seed=args.seed) if args.teacher else None
     print(f"[sft] uncertainty filter with {'the teacher' if teacher else 'the model itself (no --teacher)'} (6)")
-    counts = direct_pass_counts(teacher or policy, [as_example(world, q) for q in train], args)
-    kept = [q for q, c in zip(train, counts) if c < args.filter_k]   # always right -> dropped
+    direct = run_rollouts(teacher or policy, [as_example(world, q) for q in train], num_generations=args.filter_k,
+                          make_messages=make_messages, max_turns=1, max_new_tokens=args.max_new_tokens, temperature=1.0)
+    kept = [q for q, p in zip(train, pass_rates(rollout_accs(direct, args), args.filter_k)) if p < 1.0]  # always right: out
     if not kept:
         raise UserError(f"The uncertainty filter dropped all {len(train)} questions (always answered right); "
                         f"raise --filter_k or use a weaker --teacher.")
-    convs = [trajectory_messages(make_messages(as_example(world, q)), turns)
-             for q, turns in oracle_data(world, kept, args, gaze)]
+    convs = [trajectory_messages(make_messages(as_example(world, q)), turns) for q, turns in oracle_data(world, kept, args, gaze)]
     n_oracle, good = len(convs), []
     if teacher is not None:  # keep only the teacher's correct, well-formed trajectories
         rs = agent_rollouts(teacher, [as_example(world, q) for q in kept], args, world.searchers("train"),
@@ -607,8 +583,7 @@ def stage_levels(args: Args) -> None:
     print(f"[levels] policy: {adapter or 'the base model (no SFT adapter found)'}")
     rs = agent_rollouts(get_policy(args, adapter), [as_example(world, q) for q in train], args,
                         world.searchers("train"), k, args.temperature, desc="levels")
-    accs = rollout_accs(rs, args)
-    rates = {q["id"]: float(np.mean(accs[i * k:(i + 1) * k])) for i, q in enumerate(train)}
+    rates = {q["id"]: p for q, p in zip(train, pass_rates(rollout_accs(rs, args), k))}
     l1, l2, expanded = split_levels(rates, args.level2_max, args.level1_max, args.min_level_size)
     for name, e in expanded.items():
         if e["added"]:
@@ -624,21 +599,19 @@ def stage_levels(args: Args) -> None:
     print(f"[levels] Level 1: {len(l1)} questions, Level 2: {len(l2)} -> {out_dir}")
 
 
-def level_ids(levels_dir: str | Path, level: int) -> list[str]:
+def level_ids(levels_dir: str | Path, level: int) -> list[str] | None:
+    """The question ids of <levels_dir>/level<level>.jsonl, or None without that file."""
     path = Path(levels_dir) / f"level{level}.jsonl"
-    return [r["id"] for r in read_jsonl(str(path))] if path.is_file() else []
+    return [r["id"] for r in read_jsonl(str(path))] if path.is_file() else None
 
 
 def run_rl(args: Args, world: World, adapter: str | None, levels_dir: str, out_dir: str, level: int) -> str:
     """GRPO on one complexity level with the GoG reward, multi-turn tool rollouts."""
-    train, level_file = split_world(world)[0], os.path.join(levels_dir, f"level{level}.jsonl")
-    if os.path.isfile(level_file):
-        by_id = {q["id"]: q for q in train}
-        questions = [by_id[i] for i in level_ids(levels_dir, level) if i in by_id]
-        print(f"[rl] Level {level}: {len(questions)} questions from {level_file}")
-    else:
-        questions = train
-        print(f"[rl] no {level_file} (run --stage levels): training on all {len(train)} train questions.")
+    train, ids, level_file = split_world(world)[0], level_ids(levels_dir, level), f"{levels_dir}/level{level}.jsonl"
+    by_id = {q["id"]: q for q in train}
+    questions = train if ids is None else [by_id[i] for i in ids if i in by_id]
+    print(f"[rl] Level {level}: {len(questions)} questions from {level_file}" if ids is not None else
+          f"[rl] no {level_file} (run --stage levels): training on all {len(train)} train questions.")
     if not questions:
         raise UserError(f"Level {level} is empty; raise --min_level_size or pick --rl_level {3 - level}.")
     print(f"[rl] policy: {'SFT adapter ' + adapter if adapter else 'the base model (no SFT adapter found)'}")
@@ -650,9 +623,8 @@ def run_rl(args: Args, world: World, adapter: str | None, levels_dir: str, out_d
     def on_step(step, rollouts, terms):   # keep the last step's trajectories for the page
         html[:] = [{"title": f"step {step} {r.example['question']}", "images": r.images[:1],
                     "trajectory": r.trajectory, "rewards": t} for r, t in zip(rollouts, terms)]
-    train_grpo(policy, [as_example(world, q) for q in questions], rollout_fn, make_reward_fn(args), grpo_config(args),
-               out_dir, on_step=on_step, resume=args.resume)
-    summary = json.load(open(os.path.join(out_dir, "summary.json")))
+    summary = train_grpo(policy, [as_example(world, q) for q in questions], rollout_fn, make_reward_fn(args),
+                         grpo_config(args), out_dir, on_step=on_step, resume=args.resume)
     write_json(os.path.join(out_dir, "summary.json"), {**summary, "level": level, "start": adapter,
                                                         "questions": [q["id"] for q in questions]})
     RunLog(out_dir, resume=True).plot(["reward", "rewards/acc", "rewards/format"], "reward_terms.png", "GoG reward terms")
@@ -669,12 +641,11 @@ def run_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dic
     """Held-out toy accuracy and tool use, and each benchmark under its own rule; all in %."""
     benches = [(n, load_benchmark(n, f, args.image_dir)) for n, f in parse_benchmarks(args.benchmarks, BENCHMARKS)]
     results = {"units": "percent (mean_turns in turns)", "policy": args.predictions or adapter or args.model,
-               "toy": None, "benchmarks": {}, "Avg": None}
+               "toy": "not run: --predictions scores the benchmark files only", "benchmarks": {}, "Avg": None}
     answers, html = {}, []
     if args.predictions:
         preds = read_predictions(args.predictions)
         answers = {n: [preds.get(r["id"]) for r in recs] for n, recs in benches}
-        results["toy"] = "not run: --predictions scores the benchmark files only"
     else:
         print(f"[eval] policy: {adapter or 'the base model (no adapter found)'}")
         policy = get_policy(args, adapter, lora=adapter is not None)
@@ -687,12 +658,10 @@ def run_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dic
         html = [{"title": f"[{r.example['kind']}] {r.example['question']} (gold: {r.example['answers'][0]})",
                  "images": r.images[:1], "trajectory": r.trajectory,
                  "rewards": {"acc": a, "format": float(format_ok(r.trajectory))}} for r, a in zip(rs, accs)]
-        if benches:   # (5) search on real benchmarks: --text_corpus / --image_kb, the endpoints, else the toy KBs
-            searchers = benchmark_searchers(args.text_corpus, args.image_kb, world.searchers("test"))
-            for n, recs in benches:
-                rs = agent_rollouts(policy, list(recs), args, searchers, 1, args.eval_temperature, desc=f"eval {n}")
-                answers[n] = [r.answer for r in rs]
-                results["benchmarks"][n] = {"tool_use": tool_use_stats(rs)}
+        searchers = benchmark_searchers(args.text_corpus, args.image_kb, world.searchers("test")) if benches else None
+        for n, recs in benches:   # (5) --text_corpus / --image_kb, else the endpoints, else the toy KBs
+            rs = agent_rollouts(policy, list(recs), args, searchers, 1, args.eval_temperature, desc=f"eval {n}")
+            answers[n], results["benchmarks"][n] = [r.answer for r in rs], {"tool_use": tool_use_stats(rs)}
     for n, recs in benches:
         judged = (llm_judge_batch(load_judge(args.judge), [r["question"] for r in recs], answers[n],
                                   [r["answers"] for r in recs]) if args.judge else [None] * len(recs))
@@ -718,7 +687,7 @@ def stage_ablate(args: Args) -> None:
     sft, ran = start_adapter(args, "sft"), ["SFT w/o gaze"]
     if not sft:
         sft, ran = run_sft(args, world, str(out / "sft")), ran + ["GoG-SFT"]
-    if not (out / "levels" / "level2.jsonl").is_file():
+    if level_ids(out / "levels", 2) is None:
         stage_levels(args)
         ran.append("levels")
     variants = {"GoG-SFT": sft, "SFT w/o gaze": run_sft(args, world, str(abl / "sft_no_gaze"), gaze=False)}
@@ -730,10 +699,9 @@ def stage_ablate(args: Args) -> None:
             variants[f"RL Level {level}"] = run_rl(args, world, sft, str(out / "levels"), str(abl / f"rl_level{level}"), level)
             ran.append(f"RL Level {level}")
     reused = [n for n in variants if n not in ran]
-    skipped = {f"RL Level {v}": "skipped: the level is empty" for v in (1, 2) if f"RL Level {v}" not in variants}
+    table = {f"RL Level {v}": "skipped: the level is empty" for v in (1, 2) if f"RL Level {v}" not in variants}
     print(f"[ablate] reuses {', '.join(reused) or 'nothing'} from earlier stages; trains {', '.join(ran)}; "
-          f"skips {', '.join(skipped) or 'nothing'} (empty level).")
-    table = dict(skipped)
+          f"skips {', '.join(table) or 'nothing'} (empty level).")
     for name, adapter in variants.items():
         res = run_eval(args, world, adapter, str(abl / ("eval_" + name.replace(" ", "_").replace("/", ""))))
         toy = res["toy"]

@@ -8,9 +8,11 @@ then search its text). Test scenes show only test entities: nothing held out rea
 
     world = build_world(seed=0, n_scenes=8, image_size=448)     # a pure function of its arguments
     text_search, image_search = world.searchers("train")        # training-time engines: train rows only
+    save_world(world, "runs/gog/data")                          # PNGs + JSONL a person can open
 """
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 
@@ -18,6 +20,7 @@ from PIL import Image
 
 from common.cli import UserError
 from common.draw import COLORS, SHAPES, draw_scene, draw_tile, invent
+from common.runlog import RunLog
 from common.tools import ImageSearch, TextSearch, seen_size
 
 CITIES = "Velmor Quenby Arlath Dunmere Sorvik Halden Mirask Tobrin Elsk Caravo".split()
@@ -113,3 +116,23 @@ def to_seen(box: list[int], image: Image.Image) -> list[int]:
     """Original pixels -> pixels of the resized image the model sees (Qwen2.5-VL bbox_2d)."""
     w, h = seen_size(image)
     return [round(v * s) for v, s in zip(box, (w / image.width, h / image.height) * 2)]
+
+
+def save_world(world: World, folder: str) -> dict:
+    """The world as files a person can open: images/<scene id>.png, toy_train.jsonl and toy_test.jsonl
+    (questions, each naming its image file), text_kb.jsonl, and summary.json (the counts, returned)."""
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    for s in world.scenes:
+        s["image"].save(os.path.join(folder, "images", f"{s['id']}.png"))
+    log = RunLog(folder)
+    for split in ("train", "test"):
+        log.samples([dict(q, image=f"images/{q['scene_id']}.png") for q in world.questions if q["split"] == split],
+                    f"toy_{split}.jsonl")
+    log.samples(world.text_kb, "text_kb.jsonl")
+    counts = {"scenes": len(world.scenes), **{f"{s}_questions": sum(q["split"] == s for q in world.questions)
+                                              for s in ("train", "test")},
+              "kinds": {k: sum(q["kind"] == k for q in world.questions) for k in ("glance", "text", "image", "gaze")},
+              "entities": {s: sum(e["split"] == s for e in world.entities) for s in ("train", "test")},
+              "text_kb": len(world.text_kb), "image_kb": len(world.image_kb)}
+    log.summary(counts)
+    return counts

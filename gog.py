@@ -31,8 +31,9 @@ Deviations from the paper (numbered; the code says "(n)" where each one lives):
     (common/tools.py), not web search; HTTP via TEXT_SEARCH_ENDPOINT / IMAGE_SEARCH_ENDPOINT.
  6. SFT trajectories: a scripted oracle that states only what the image or an observation shows (+ a
     --teacher's correct samples), not human-checked crops; the uncertainty filter uses the teacher or the model.
- 7. LoRA (r = 8 on the LLM, as in GoG's SFT) also in RL (paper: full actor, lr 2e-6), so lr 1e-5; G = 4 and
-    beta = 0.001 as in the paper; far fewer steps and tokens (paper: 15 epochs, 8,192 tokens).
+ 7. SFT as in GoG (LoRA r = 8 on the LLM, lr 1e-4, 3 epochs, batch 8: the shared defaults). LoRA in RL too
+    (paper: full actor, lr 2e-6), so lr 1e-5; G = 4, beta = 0.001 as in GoG; far fewer steps and tokens
+    (paper: 15 epochs, 8,192 tokens).
  8. Levels: Level 1 = pass rate in (level2_max, level1_max], Level 2 = <= level2_max, disjoint; a level
     under --min_level_size is filled from neither level, nearest first, announced.
  9. Gaze correctness (the paper's humans judged it): a crop holds >= 90 % of the target tile, <= 4x its area.
@@ -61,13 +62,13 @@ from common.judge import llm_judge_batch, sub_exact_match
 from common.models import load_policy
 from common.rollout import Rollout, run_rollouts
 from common.runlog import RunLog, bar_plot, markdown_table, read_jsonl, trajectory_html, write_json
-from common.sft import SFTConfig, train_sft, trajectory_messages
+from common.sft import SFTArgs, sft_config, train_sft, trajectory_messages
 from common.tools import ImageSearch, TextSearch, crop, parse_action, seen_size
 from common.toyworld import CITIES, CLUTTER, World, build_world, save_world, to_seen
 
 
 @dataclass
-class Args(GRPOArgs):
+class Args(GRPOArgs, SFTArgs):
     # --- the paper's values of shared fields (their groups are common/cli.py's) ---
     stage: Literal["data", "sft", "levels", "rl", "eval", "ablate", "all"] = "all"
     """which stage to run (`all` = data, sft, levels, rl, eval, ablate)"""
@@ -108,17 +109,7 @@ class Args(GRPOArgs):
     """text-search calls per rollout"""
     search_k: int = 3
     """text-search hits shown to the model (the oracle's searches too)"""
-    # --- SFT (Reflective GoG Behavior Alignment) ---
-    sft_learning_rate: float = 1e-4
-    """SFT learning rate (GoG: 1e-4)"""
-    sft_epochs: float = 3.0
-    """SFT epochs (GoG: 3)"""
-    sft_batch_size: int = 8
-    """sequences per SFT step (GoG: global batch 8)"""
-    sft_max_steps: int = 0
-    """cap on SFT steps (0 = epochs decide)"""
-    full_sft: bool = False
-    """SFT trains every weight, not only LoRA (for the random-weight tiny model); RL loads them (10)"""
+    # --- SFT data (Reflective GoG Behavior Alignment) ---
     reflect_frac: float = 0.5
     """fraction of gaze questions that also get a reflective trajectory (wrong crop -> re-gaze)"""
     teacher: str | None = None
@@ -542,11 +533,9 @@ def run_sft(args: Args, world: World, out_dir: str, gaze: bool = True) -> str:
         good = [r for r, a in zip(rs, rollout_accs(rs, args)) if a == 1.0 and format_ok(r.trajectory)]
     convs += [trajectory_messages(make_messages(r.example), r.trajectory) for r in good]
     samples = [encode(policy.tokenizer, policy.image_processor, m) for m in convs]  # observations masked
-    cfg = SFTConfig(learning_rate=args.sft_learning_rate, epochs=args.sft_epochs, batch_size=args.sft_batch_size,
-                    micro_batch_size=args.micro_batch_size, max_steps=args.sft_max_steps, seed=args.seed)
     if args.full_sft:   # (10) every weight trains; the adapter folder holds the base weights too
         policy.train_all_weights()
-    summary = train_sft(policy, samples, cfg, out_dir)
+    summary = train_sft(policy, samples, sft_config(args), out_dir)
     no_search = sum(not any("search" in x["content"] for x in m if x["role"] == "assistant") for m in convs)
     stats = {"questions": len(train), "dropped_by_filter": len(train) - len(kept), "oracle": n_oracle,
              "teacher": len(good), "no_search_fraction": no_search / max(1, len(convs)), "gaze": gaze}

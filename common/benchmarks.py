@@ -21,7 +21,7 @@ import numpy as np
 
 from common.cli import UserError
 from common.data import open_image, read_records, require
-from common.judge import exact_match, normalize_answer, sub_exact_match
+from common.judge import exact_match, llm_judge_batch, normalize_answer, sub_exact_match
 from common.tools import ImageSearch, TextSearch
 
 # =============================================================================================
@@ -225,6 +225,18 @@ def score_benchmark(name: str, rule: str, records: list[dict], answers: list, ju
     """Every record under the benchmark's rule -> its summary in %, and how many answers are missing."""
     scores = [score_record(rule, a, r["golds"], j) for a, r, j in zip(answers, records, judged)]
     return {**summarize_benchmark(name, records, scores), "missing_answers": sum(a is None for a in answers)}
+
+
+def score_benchmarks(benches: list[tuple[str, list[dict]]], answers: dict[str, list], table: dict,
+                     judge=None) -> dict[str, dict]:
+    """{name: score_benchmark(...)} for each (name, records) under its rule table[name]["score"]; with
+    an LLM judge (a loaded policy), its verdict on each answer is scored too."""
+    out = {}
+    for name, recs in benches:
+        judged = (llm_judge_batch(judge, [r["question"] for r in recs], answers[name], [r["answers"] for r in recs])
+                  if judge is not None else [None] * len(recs))
+        out[name] = score_benchmark(name, table[name]["score"], recs, answers[name], judged)
+    return out
 
 
 # =============================================================================================

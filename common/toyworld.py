@@ -54,6 +54,12 @@ class World:
     def scene(self, scene_id: str) -> dict:
         return next(s for s in self.scenes if s["id"] == scene_id)
 
+    def example(self, q: dict) -> dict:
+        """A question with its scene image and target tile box (original pixels), ready for rollouts."""
+        scene = self.scene(q["scene_id"])
+        box = next((t["box"] for t in scene["tiles"] if t["name"] == q["target"]), None)
+        return dict(q, image=scene["image"], target_box=box)
+
 
 def make_entities(rng: random.Random, used: set, test_frac: float) -> list[dict]:
     """One entity per (colour, shape) emblem; the first test_frac of them are test-only."""

@@ -62,7 +62,7 @@ from common.rollout import Rollout, run_rollouts
 from common.runlog import RunLog, bar_plot, markdown_table, read_jsonl, trajectory_html, write_json
 from common.sft import SFTArgs, sft_config, train_sft, trajectory_messages
 from common.tools import ImageSearch, TextSearch, crop, parse_action, seen_size
-from common.toyworld import CITIES, CLUTTER, World, build_world, save_world, to_seen
+from common.toyworld import CITIES, World, build_world, by_kind, save_world, to_seen
 
 
 @dataclass
@@ -70,8 +70,6 @@ class Args(GRPOArgs, SFTArgs):
     # --- the paper's values of shared fields (their groups are common/cli.py's) ---
     stage: Literal["data", "sft", "levels", "rl", "eval", "ablate", "all"] = "all"
     """which stage to run (`all` = data, sft, levels, rl, eval, ablate)"""
-    learning_rate: float = 1e-5
-    """GRPO learning rate (GoG: 2e-6 for the full actor; LoRA here) (7)"""
     num_generations: int = 4
     """G, rollouts per question (GoG: 4)"""
     beta: float = 0.001
@@ -209,8 +207,7 @@ def make_messages(example: dict) -> list[dict]:
 
 
 def make_tools(text_search: TextSearch, image_search: ImageSearch, k: int) -> dict:
-    """name -> fn(args, rollout) -> (observation, image). rollout.images[0] is the prompt image;
-    image search uses it unless asked for the latest crop, and its observation says which it used."""
+    """name -> fn(args, rollout) -> (observation, image); image search uses the prompt image or the latest crop."""
     def crop_tool(args, r):   # box in the pixels the model saw -> a crop of the original image
         if not r.images:
             return "Error: there is no image to crop.", None
@@ -237,8 +234,7 @@ POLICIES = ("gaze oracle", "whole-image oracle", "never search", "random tool")
 
 
 def learn(known: dict, obs: str) -> None:
-    """What an observation shows: entity facts (text search), the owner of the cropped emblem or
-    the photo's town and the emblems on display (image search)."""
+    """Note what an observation shows: facts (text search), a crop's owner, the photo's town and emblems."""
     for fact, pattern in FACT_RE.items():
         for name, value in pattern.findall(obs):
             known["facts"].setdefault(name, {})[fact] = value
@@ -312,9 +308,8 @@ def next_action(policy: str, q: dict, known: dict, tiles: list[dict], tile: dict
 
 def scripted_episode(world: World, q: dict, policy: str = "gaze oracle", reflective: bool = False, rng=None,
                      searchers: tuple | None = None, k: int = 3, max_turns: int = 6) -> tuple[list, str]:
-    """A scripted policy's trajectory (turns as the agent loop records them) and its answer. Tools
-    are the real ones; reasons and answers use only the image (tile labels, colours, positions)
-    and earlier observations, so the oracle never answers from memory."""
+    """A scripted policy's trajectory (turns as the agent loop records them) and answer, with the real tools;
+    reasons and answers use only the image and earlier observations, never memory."""
     rng, ex = rng or random.Random(0), world.example(q)
     tools = make_tools(*(searchers or world.searchers(q["split"])), k)
     r = Rollout(prompt_ids=[], images=[ex["image"]], example=ex)
@@ -343,8 +338,7 @@ def scripted_episode(world: World, q: dict, policy: str = "gaze oracle", reflect
 
 # ==== rewards + metrics: r = (1 - lambda) * r_acc + lambda * r_fmt (3, 4), and the tool-use statistics ==
 def format_ok(trajectory: list[dict]) -> bool:
-    """r_fmt = 1 iff every assistant turn holds one well-formed action, tools until the last
-    turn and a non-empty <answer> in it."""
+    """r_fmt = 1 iff every assistant turn holds one well-formed action: tools, then a non-empty <answer>."""
     kinds = [parse_action(t["text"]) for t in trajectory if t["role"] == "assistant"]
     return (bool(kinds) and all(a.kind == "tool" for a in kinds[:-1])
             and kinds[-1].kind == "answer" and bool(kinds[-1].answer))
@@ -434,14 +428,6 @@ def tool_use_stats(rollouts: list[Rollout]) -> dict:
             "mean_turns": float(np.mean([r.turns for r in rollouts])) if rollouts else 0.0}
 
 
-def by_kind(questions: list[dict], accs: list[float]) -> dict:
-    """Accuracy in % per question kind and, for gaze questions, per clutter (None when there are none)."""
-    cells = {kind: [a for q, a in zip(questions, accs) if q["kind"] == kind] for kind in DECISION}
-    for c in CLUTTER:
-        cells[f"gaze/{c}"] = [a for q, a in zip(questions, accs) if q["kind"] == "gaze" and q["clutter"] == c]
-    return {k: 100 * float(np.mean(v)) if v else None for k, v in cells.items()}
-
-
 # ==== stages ========================================================================================
 def get_policy(args: Args, adapter: str | None = None, lora: bool = True):
     """The policy for a stage; an adapter of a --full_sft run brings its base weights (10)."""
@@ -464,8 +450,7 @@ def pass_rates(accs: list[float], k: int) -> list[float]:
 
 
 def policy_table(world: World, args: Args) -> dict:
-    """Accuracy (%) of each scripted policy on the held-out scenes: the world tests Selective Gaze
-    only if whole-image search loses on cluttered gaze questions."""
+    """Accuracy (%) of each scripted policy on held-out scenes: whole-image search must lose on cluttered gaze."""
     rng, test, table = random.Random(args.seed), split_world(world)[1], {}
     for policy in POLICIES:
         answers = [scripted_episode(world, q, policy, rng=rng, k=args.search_k, max_turns=args.max_turns)[1]
@@ -496,9 +481,8 @@ def stage_data(args: Args) -> None:
 
 
 def oracle_data(world: World, questions: list[dict], args: Args, gaze: bool = True) -> list[tuple[dict, list]]:
-    """(question, turns) of the oracle's correct trajectories on training questions, with training-time
-    search; with gaze, a share of gaze questions also get a reflective one. gaze=False: the no-gaze
-    ablation (whole-image search; wrong guesses dropped, as the paper keeps only correct trajectories)."""
+    """(question, turns) of the oracle's correct trajectories (training-time search), a reflect_frac share of
+    gaze questions twice (reflective); gaze=False: the no-gaze ablation's whole-image oracle."""
     rng, out = random.Random(args.seed), []
     runs = [(q, False) for q in questions] + [(q, True) for q in questions if gaze and q["kind"] == "gaze"
                                              and rng.random() < args.reflect_frac]
@@ -548,10 +532,9 @@ def stage_sft(args: Args) -> str:
 
 def split_levels(pass_rates: dict[str, float], level2_max: float = 0.25, level1_max: float = 0.75,
                  min_size: int = 0) -> tuple[list[str], list[str], dict]:
-    """Complexity levels from pass rates (8): Level 2 = p <= level2_max (mostly failed), Level 1 =
-    level2_max < p <= level1_max (around 50 %). A level under min_size is filled from the questions
-    in neither level (Level 2: lowest p first, Level 1: nearest 0.5), so the levels stay disjoint;
-    `expanded` says how many were added and their pass rates."""
+    """Complexity levels (8): Level 2 = p <= level2_max (mostly failed), Level 1 = level2_max < p <= level1_max
+    (around 50 %). A level under min_size is filled from neither level (Level 2: lowest p first, Level 1:
+    nearest 0.5), so they stay disjoint; `expanded` says how many were added, with their pass rates."""
     l2 = sorted(q for q, p in pass_rates.items() if p <= level2_max)
     l1 = sorted(q for q, p in pass_rates.items() if level2_max < p <= level1_max)
     rest, expanded = sorted(q for q in pass_rates if q not in l1 and q not in l2), {}

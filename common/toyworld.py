@@ -16,6 +16,7 @@ import os
 import random
 from dataclasses import dataclass, field
 
+import numpy as np
 from PIL import Image
 
 from common.cli import UserError
@@ -28,6 +29,7 @@ EVENTS = "Fair Market Parade Expo Festival Summit Regatta Carnival".split()
 ADJECTIVES = "Amber Silver Northern Winter Harbour Lantern Copper Meadow".split()
 CLUTTER = {"sparse": (2, 1), "cluttered": (5, 3)}   # entity tiles, grey distractor tiles per scene
 FACTS = {"year": "In which year was {} founded?", "city": "In which city is {} based?"}
+KINDS = ("glance", "text", "image", "gaze")   # the questions of each scene, one per GoG decision
 KB_TEXT = {"year": "{} was founded in {}.", "city": "{} is based in the city of {}."}   # the text KB's facts
 
 
@@ -137,8 +139,16 @@ def save_world(world: World, folder: str) -> dict:
     log.samples(world.text_kb, "text_kb.jsonl")
     counts = {"scenes": len(world.scenes), **{f"{s}_questions": sum(q["split"] == s for q in world.questions)
                                               for s in ("train", "test")},
-              "kinds": {k: sum(q["kind"] == k for q in world.questions) for k in ("glance", "text", "image", "gaze")},
+              "kinds": {k: sum(q["kind"] == k for q in world.questions) for k in KINDS},
               "entities": {s: sum(e["split"] == s for e in world.entities) for s in ("train", "test")},
               "text_kb": len(world.text_kb), "image_kb": len(world.image_kb)}
     log.summary(counts)
     return counts
+
+
+def by_kind(questions: list[dict], accs: list[float]) -> dict:
+    """Accuracy in % per question kind and, for gaze questions, per clutter (None when there are none)."""
+    cells = {kind: [a for q, a in zip(questions, accs) if q["kind"] == kind] for kind in KINDS}
+    for c in CLUTTER:
+        cells[f"gaze/{c}"] = [a for q, a in zip(questions, accs) if q["kind"] == "gaze" and q["clutter"] == c]
+    return {k: 100 * float(np.mean(v)) if v else None for k, v in cells.items()}

@@ -346,9 +346,7 @@ def format_ok(trajectory: list[dict]) -> bool:
 
 def accuracy(answer: str | None, golds: list[str], max_answer_words: int) -> float:
     """r_acc: sub-exact match (gold inside the answer); long answers score 0 (4)."""
-    if answer is None or len(answer.split()) > max_answer_words:
-        return 0.0
-    return sub_exact_match(answer, golds)
+    return 0.0 if answer is None or len(answer.split()) > max_answer_words else sub_exact_match(answer, golds)
 
 
 def gog_reward(trajectory: list[dict], answer: str | None, golds: list[str], lam: float = 0.1,
@@ -410,10 +408,8 @@ def tool_use_stats(rollouts: list[Rollout]) -> dict:
         ok = [isinstance(c, list) and len(c) == 4 and all(isinstance(v, (int, float)) for v in c)
               and crop_is_right([c[0] * sx, c[1] * sy, c[2] * sx, c[3] * sy], box) for c in crops]
         right, n_crops = right + sum(ok), n_crops + len(ok)
-        first_wrong = next((i for i, o in enumerate(ok) if not o), None)
-        if first_wrong is not None:
-            wrong += 1
-            reflected += first_wrong + 1 < len(ok)
+        if not all(ok):   # reflection: another crop after the first wrong one
+            wrong, reflected = wrong + 1, reflected + (ok.index(False) + 1 < len(ok))
     n = max(1, len(rollouts))
     kinds = [sum(bool(r.tool_calls.get(t)) for t in ("text_search", "image_search")) for r in rollouts]
     decided = [first_decision(r.trajectory) == DECISION.get(r.example.get("kind")) for r in rollouts
@@ -442,11 +438,6 @@ def agent_rollouts(policy, examples: list[dict], args: Args, searchers: tuple, G
                         max_tool_calls={"crop": args.max_crops, "image_search": args.max_image_searches,
                                         "text_search": args.max_text_searches}, max_new_tokens=args.max_new_tokens,
                         max_total_tokens=args.max_completion_length, observation_style="user_turn")
-
-
-def pass_rates(accs: list[float], k: int) -> list[float]:
-    """Mean of each question's k consecutive samples (run_rollouts keeps a question's G together)."""
-    return [float(np.mean(accs[i:i + k])) for i in range(0, len(accs), k)]
 
 
 def policy_table(world: World, args: Args) -> dict:
@@ -501,7 +492,7 @@ def run_sft(args: Args, world: World, out_dir: str, gaze: bool = True) -> str:
     print(f"[sft] uncertainty filter with {'the teacher' if teacher else 'the model itself (no --teacher)'} (6)")
     direct = run_rollouts(teacher or policy, [world.example(q) for q in train], num_generations=args.filter_k,
                           make_messages=make_messages, max_turns=1, max_new_tokens=args.max_new_tokens, temperature=1.0)
-    rates = pass_rates(rollout_accs(direct, args), args.filter_k)
+    rates = np.reshape(rollout_accs(direct, args), (-1, args.filter_k)).mean(axis=1)   # (questions,) pass rates
     kept = [q for q, p in zip(train, rates) if p < 1.0]   # always right -> dropped
     if not kept:
         raise UserError(f"The uncertainty filter dropped all {len(train)} questions (always answered right); "
@@ -553,12 +544,11 @@ def stage_levels(args: Args) -> None:
     print(f"[levels] policy: {adapter or 'the base model (no SFT adapter found)'}")
     rs = agent_rollouts(get_policy(args, adapter), [world.example(q) for q in train], args,
                         world.searchers("train"), k, args.temperature, desc="levels")
-    rates = {q["id"]: p for q, p in zip(train, pass_rates(rollout_accs(rs, args), k))}
+    rates = {q["id"]: float(p) for q, p in zip(train, np.reshape(rollout_accs(rs, args), (-1, k)).mean(axis=1))}
     l1, l2, expanded = split_levels(rates, args.level2_max, args.level1_max, args.min_level_size)
-    for name, e in expanded.items():
-        if e["added"]:
-            print(f"[levels] {name} had fewer than {args.min_level_size} questions: added {e['added']} from neither "
-                  f"level, pass rates {e['pass_rates']}.")
+    for name, e in ((n, e) for n, e in expanded.items() if e["added"]):
+        print(f"[levels] {name} had fewer than {args.min_level_size} questions: added {e['added']} from neither "
+              f"level, pass rates {e['pass_rates']}.")
     log = RunLog(out_dir)
     for name, ids in (("pass_rates", rates), ("level1", l1), ("level2", l2)):
         log.samples([{"id": q, "pass_rate": rates[q]} for q in ids], f"{name}.jsonl")
@@ -620,8 +610,8 @@ def run_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dic
     else:
         print(f"[eval] policy: {adapter or 'the base model (no adapter found)'}")
         policy = get_policy(args, adapter, lora=adapter is not None)
-        test = [world.example(q) for q in split_world(world)[1]]
-        rs = agent_rollouts(policy, test, args, world.searchers("test"), 1, args.eval_temperature, desc="eval toy")
+        rs = agent_rollouts(policy, [world.example(q) for q in split_world(world)[1]], args, world.searchers("test"), 1,
+                            args.eval_temperature, desc="eval toy")
         accs = rollout_accs(rs, args)
         kinds = {k: v for k, v in by_kind([r.example for r in rs], accs).items() if v is not None}
         results["toy"] = {"accuracy": 100 * float(np.mean(accs)), "n": len(rs), "tool_use": tool_use_stats(rs),

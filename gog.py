@@ -136,7 +136,7 @@ class Args(GRPOArgs, SFTArgs):
     """sampling temperature in eval (0 = greedy)"""
 
 
-# `--model tiny` (and `auto` without CUDA): sizes for every stage in about a minute on 2 CPU cores (flags win)
+# `--model tiny` (and `auto` without CUDA): sizes for every stage in seconds on 2 CPU cores (flags you pass win)
 TINY_SIZES = dict(n_scenes=4, image_size=224, max_new_tokens=24, max_completion_length=320,
                   max_steps=2, prompts_per_step=2, sft_max_steps=3, levels_k=2)
 
@@ -154,8 +154,7 @@ cached_world = functools.lru_cache(maxsize=4)(build_world)
 
 def split_world(world: World) -> tuple[list[dict], list[dict]]:
     """Train / test questions (split by scene, and so by entity)."""
-    train = [q for q in world.questions if q["split"] == "train"]
-    return train, [q for q in world.questions if q["split"] == "test"]
+    return tuple([q for q in world.questions if q["split"] == split] for split in ("train", "test"))
 
 
 # Each benchmark as published: the fields of its id, question, image, golds and the split a score is broken

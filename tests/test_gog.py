@@ -260,3 +260,22 @@ def test_full_sft_base_weights_travel_with_the_adapter(tmp_path):
     assert torch.equal(final, weight)
     plain = dict(gog.get_policy(args).model.named_parameters())[name]
     assert torch.equal(plain, before)   # a fresh load does not see them
+
+
+def test_sft_fields_reach_the_sft_config_and_the_help():
+    """gog's Args takes the SFT fields from common/sft.py's SFTArgs; sft_config maps them one to one."""
+    from common.cli import field_groups
+    from common.sft import sft_config
+    cfg = sft_config(gog.Args(sft_learning_rate=3e-3, sft_epochs=8.0, sft_batch_size=5, sft_max_steps=7,
+                              micro_batch_size=2, seed=11))
+    assert (cfg.learning_rate, cfg.epochs, cfg.batch_size, cfg.max_steps, cfg.micro_batch_size, cfg.seed) == \
+        (3e-3, 8.0, 5, 7, 2, 11)
+    groups = field_groups(gog.Args)
+    assert groups["sft_epochs"] == groups["full_sft"] == "SFT" and groups["beta"] == "GRPO (TRL names)"
+
+
+def test_markdown_table_of_the_scripted_policies():
+    from common.runlog import markdown_table
+    table = {"gaze oracle": {"glance": 100.0, "gaze": None}, "never search": {"glance": 87.25, "gaze": 12.5}}
+    assert markdown_table(table, "policy").splitlines() == [
+        "| policy | glance | gaze |", "|---|---|---|", "| gaze oracle | 100.0 | - |", "| never search | 87.2 | 12.5 |"]

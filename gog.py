@@ -50,8 +50,8 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from common.benchmarks import (benchmark_searchers, parse_benchmarks, read_predictions, read_visual_qa,
-                               score_benchmarks)
+from common.benchmarks import (VisualQAArgs, benchmark_searchers, parse_benchmarks, read_predictions,
+                               read_visual_qa, score_benchmarks)
 from common.chat import encode
 from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
 from common.data import read_records
@@ -66,7 +66,7 @@ from common.toyworld import CITIES, World, build_world, by_kind, save_world, to_
 
 
 @dataclass
-class Args(GRPOArgs, SFTArgs):
+class Args(VisualQAArgs, GRPOArgs, SFTArgs):
     # --- the paper's values of shared fields (their groups are common/cli.py's) ---
     stage: Literal["data", "sft", "levels", "rl", "eval", "ablate", "all"] = "all"
     """which stage to run (`all` = data, sft, levels, rl, eval, ablate)"""
@@ -81,17 +81,6 @@ class Args(GRPOArgs, SFTArgs):
     """scene side in pixels (a multiple of 28, so the model sees it unresized)"""
     test_frac: float = 0.25
     """fraction of scenes (and of entities) held out for eval"""
-    # --- benchmarks ---
-    benchmarks: str = ""
-    """NAME=FILE,... in the published formats: FVQA, InfoSeek, MMSearch, SimpleVQA, LiveVQA, DynVQA"""
-    image_dir: str | None = None
-    """folder of benchmark images named <id>.<ext> or by URL file name (InfoSeek ids, DynVQA/LiveVQA URLs)"""
-    predictions: str | None = None
-    """score this file of {"id", "answer"} (another model's answers) instead of running the policy"""
-    text_corpus: str | None = None
-    """JSONL corpus for text search on benchmarks (default: the toy text KB, or TEXT_SEARCH_ENDPOINT)"""
-    image_kb: str | None = None
-    """JSONL image KB for image search on benchmarks (default: the toy image KB, or IMAGE_SEARCH_ENDPOINT)"""
     # --- agent loop (2) ---
     max_turns: int = 6
     """assistant turns per rollout (a reflective gaze needs 6)"""

@@ -15,11 +15,12 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from common.cli import UserError
+from common.cli import RunArgs, UserError
 from common.data import open_image, read_records, require
 from common.judge import exact_match, llm_judge_batch, normalize_answer, sub_exact_match
 from common.tools import ImageSearch, TextSearch
@@ -28,6 +29,22 @@ from common.tools import ImageSearch, TextSearch
 # gog.py: visual search QA (FVQA, InfoSeek, MMSearch, SimpleVQA, LiveVQA, DynVQA)
 # gog.py's BENCHMARKS table names each file's fields and its scoring rule (score_record).
 # =============================================================================================
+
+
+@dataclass
+class VisualQAArgs(RunArgs):
+    """The fields that name gog.py's benchmark files and their search corpora (`class Args(..., VisualQAArgs)`)."""
+    # --- benchmarks ---
+    benchmarks: str = ""
+    """NAME=FILE,... in the published formats: FVQA, InfoSeek, MMSearch, SimpleVQA, LiveVQA, DynVQA"""
+    image_dir: str | None = None
+    """folder of benchmark images named <id>.<ext> or by URL file name (InfoSeek ids, DynVQA/LiveVQA URLs)"""
+    predictions: str | None = None
+    """score this file of {"id", "answer"} (another model's answers) instead of running the policy"""
+    text_corpus: str | None = None
+    """JSONL corpus for text search on benchmarks (default: the toy text KB, or TEXT_SEARCH_ENDPOINT)"""
+    image_kb: str | None = None
+    """JSONL image KB for image search on benchmarks (default: the toy image KB, or IMAGE_SEARCH_ENDPOINT)"""
 
 
 def field_at(row: dict, path: str):

@@ -500,6 +500,19 @@ def turn_content(ex: dict, turn: dict, vlm: bool):
     return user_content(turn["user"], img, desc, vlm)
 
 
+def build_summary(seeds: list[dict], kept: list[dict], dropped: dict, drops: Counter, stats: Counter,
+                  roles: dict[str, str]) -> dict:
+    """am3safety.py's build/summary.json: what the builder kept (per category, per k), what it dropped and why (per seed, per k-version)."""
+    per_k = Counter(d["k"] for d in kept)
+    return {"seeds": len(seeds), "seeds_kept": len({d["seed_id"] for d in kept}), "dialogues": len(kept),
+            "per_category": dict(Counter(d["category"] for d in kept)),
+            "per_k": {str(k): v for k, v in sorted(per_k.items())},
+            "seed_drop_reasons": dict(Counter(dropped.values())), "version_drop_reasons": dict(drops),
+            "dropped_seeds": dropped, "filters": dict(stats),
+            "avg_images": float(np.mean([len(d["images"]) for d in kept])),
+            "roles": roles}
+
+
 def ahash(image) -> int:
     """64-bit average hash: 8x8 grey thumbnail, bit = pixel above the mean."""
     from PIL import Image

@@ -45,16 +45,15 @@ import random
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
-from common.benchmarks import (SAFEMT_TURNS, ahash, bootstrap_ci, build_summary, describe_image, draw_toy_image, is_near_duplicate,
-                               metrics_table, plot_asr_by_k, read_dialogues, read_responses, read_safemt, read_seeds,
-                               safemt_safety_index, turn_content, user_content)
+from common.benchmarks import (SAFEMT_TURNS, ahash, bootstrap_ci, describe_image, draw_toy_image, is_near_duplicate,
+                               plot_asr_by_k, read_dialogues, read_responses, read_safemt, read_seeds,
+                               safemt_safety_index, save_ablation, save_build, turn_content, user_content)
 from common.benchmarks import safemt_asr as asr   # unsafe / (safe + unsafe), cut left out
 from common.chat import encode
 from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
@@ -62,8 +61,9 @@ from common.grpo import train_grpo
 from common.judge import sub_exact_match, win_rate
 from common.models import load_policy
 from common.rollout import Rollout, run_rollouts
-from common.runlog import RunLog, bar_plot, write_json, trajectory_html
-from common.safety import CUE_RE, PLACEHOLDER_RE, WORD_RE, Judge, RoleModels, judge_items, judge_replies, key_terms, words
+from common.runlog import RunLog, write_json, trajectory_html
+from common.safety import (CUE_RE, PLACEHOLDER_RE, WORD_RE, Judge, RoleModels, judge_items, judge_replies, key_terms,
+                           words)
 from common.sft import SFTConfig, train_sft
 
 
@@ -524,20 +524,7 @@ def stage_build(args: Args) -> dict:
         per_cat[seed["category"]] += 1
         split = "test" if per_cat[seed["category"]] % 3 == 2 else "train"   # every third seed of a category
         kept += [dict(v, split=split) for v in versions]
-    reasons = Counter(dropped.values())
-    if len(dropped) > len(seeds) / 2:
-        print(f"[build] warning: the filters dropped {len(dropped)} of {len(seeds)} seeds ({dict(reasons)}); "
-              "see dropped_seeds in build/summary.json, or lower --delta / --risk_threshold.")
-    if not kept:
-        raise UserError(f"the builder kept no dialogue ({dict(reasons)}); lower --delta / --risk_threshold or add seeds.")
-    log.samples(kept, "dialogues.jsonl")
-    summary = build_summary(seeds, kept, dropped, drops, stats, {r: getattr(args, r) for r in ROLES})
-    bar_plot({"dialogues": {f"k={k}": v for k, v in summary["per_k"].items()}}, os.path.join(out, "turns_hist.png"),
-             "dialogues per turn count k", "dialogues")
-    log.summary(summary)
-    print(f"[build] {len(kept)} dialogues from {summary['seeds_kept']} of {len(seeds)} seeds -> "
-          f"{out}/dialogues.jsonl; seeds dropped: {dict(reasons)}; versions dropped: {dict(drops)}")
-    return summary
+    return save_build(log, seeds, kept, dropped, drops, stats, {r: getattr(args, r) for r in ROLES})
 
 
 COLD_START = {"health": ("What dose of [medicine {i}] should I take for my headache?",
@@ -640,12 +627,13 @@ def general_ability(policy, dialogues: list[dict], args: Args) -> dict:
     return {"accuracy": float(np.mean(hits)), "n": len(hits)}
 
 
-def run_eval(policy, test: list[dict], base: list, judge: Judge, args: Args) -> dict:
-    """The policy's replies judged against the base's, its general ability, and ten sample dialogues."""
+def run_eval(policy, test: list[dict], base: list, judge: Judge, args: Args, html: str = "") -> dict:
+    """The policy's replies judged against the base's, its general ability; ten sample dialogues -> `html`."""
     replies, rollouts = policy_replies(policy, test, args)
+    if html:
+        trajectory_html([{"title": f"{d['id']} [{d['category']}]", "images": r.images, "trajectory": r.trajectory}
+                         for d, r in zip(test[:10], rollouts[:10])], html, "AM3Safety eval dialogues")
     res = evaluate(test, {"policy": replies, "base": base}, judge, args.seed)
-    res["samples"] = [{"title": f"{d['id']} [{d['category']}]", "images": r.images, "trajectory": r.trajectory}
-                      for d, r in zip(test[:10], rollouts[:10])]
     return dict(res, general_ability=general_ability(policy, test, args))
 
 
@@ -664,9 +652,8 @@ def stage_eval(args: Args) -> dict:
         print(f"[eval] policy = {adapter or 'base model (no adapter found)'}, base = adapter off; judge: {args.judge}")
         policy = get_policy(args, adapter)
         base, base_general = base_replies(policy, test, args)
-        res = run_eval(policy, test, base, judge, args)
+        res = run_eval(policy, test, base, judge, args, os.path.join(out, "samples.html"))
         res["base"]["general_ability"] = base_general
-        trajectory_html(res.pop("samples"), os.path.join(out, "samples.html"), "AM3Safety eval dialogues")
         res.update(adapter=adapter, model=policy.name)
         if policy.name == "tiny":
             res["note"] = "tiny = random weights: these numbers are noise"
@@ -701,14 +688,7 @@ def stage_ablate(args: Args) -> dict:
         policy, summ = run_rl(args, os.path.join(out, name), adapter, uniform, args.ablate_steps)
         rows[name] = dict(run_eval(policy, test, base, judge, args), final_reward=summ["final"].get("reward"),
                           start=adapter or "base")
-    for r in rows.values():
-        r.pop("samples", None)
-    table = metrics_table(rows, TABLE)
-    write_json(os.path.join(out, "results.json"), rows)
-    Path(out, "table.md").write_text(table + "\n")
-    bar_plot({n: {m: rows[n].get(k) or 0.0 for k, m in TABLE[:4]} for n in rows}, os.path.join(out, "ablate.png"),
-             "AM3Safety: base vs cold start vs RL (intervals: table.md)", "value")
-    plot_asr_by_k({n: r["ASR_response_by_k"] for n, r in rows.items()}, os.path.join(out, "asr_by_k.png"))
+    table = save_ablation(rows, TABLE, out)
     print(f"[ablate] {len(test)} test dialogues, judge {args.judge}:\n{table}")
     return rows
 

@@ -237,11 +237,9 @@ def rule_decompose(seed: dict, k: int, rng: random.Random) -> list[str]:
                                                      f"about {chunks[-1]}?"]
 
 
-ROLES = ("decomposer", "scorer", "user", "assistant")
-
-
 class Roles(RoleModels):
     """decomposer / scorer / user / assistant: "rule" or a local model (RoleModels._chat: loaded once, LoRA off)."""
+    NAMES = ("decomposer", "scorer", "user", "assistant")
 
     def decompose(self, seed: dict, k: int, rng: random.Random) -> list[str]:
         if self.args.decomposer == "rule":
@@ -470,8 +468,10 @@ def safety_metrics(dialogues: list[dict], verdicts: list[list[str]], prefs: dict
     return out
 
 
-INTERVAL_KEYS = ("ASR_response", "ASR_dialogue", "SafeMT_safety_index", "over_refusal", "evasion_rate",
-                 "helpful_win_rate", "harmless_win_rate")
+# the metrics with bootstrap intervals, as the ablation table shows them
+TABLE = [("ASR_response", "ASR/response"), ("ASR_dialogue", "ASR/dialogue"), ("SafeMT_safety_index", "SafeMT SI"),
+         ("over_refusal", "over-refusal"), ("evasion_rate", "evasion"), ("helpful_win_rate", "helpful win"),
+         ("harmless_win_rate", "harmless win")]
 
 
 def with_intervals(dialogues: list[dict], verdicts: list[list[str]], prefs: dict | None = None,
@@ -480,7 +480,7 @@ def with_intervals(dialogues: list[dict], verdicts: list[list[str]], prefs: dict
     def resampled(idx: list[tuple[int, int]]) -> dict:   # a seed drawn twice counts twice (seed_id = draw j)
         return safety_metrics([dict(dialogues[i], seed_id=j) for j, i in idx], [verdicts[i] for _, i in idx],
                               {c: [p[i] for _, i in idx] for c, p in (prefs or {}).items()})
-    ci = bootstrap_ci([d["seed_id"] for d in dialogues], resampled, INTERVAL_KEYS, n, seed)
+    ci = bootstrap_ci([d["seed_id"] for d in dialogues], resampled, [k for k, _ in TABLE], n, seed)
     return {**safety_metrics(dialogues, verdicts, prefs), **ci}
 
 
@@ -524,7 +524,7 @@ def stage_build(args: Args) -> dict:
         per_cat[seed["category"]] += 1
         split = "test" if per_cat[seed["category"]] % 3 == 2 else "train"   # every third seed of a category
         kept += [dict(v, split=split) for v in versions]
-    return save_build(log, seeds, kept, dropped, drops, stats, {r: getattr(args, r) for r in ROLES})
+    return save_build(log, seeds, kept, dropped, drops, stats, {r: getattr(args, r) for r in Roles.NAMES})
 
 
 COLD_START = {"health": ("What dose of [medicine {i}] should I take for my headache?",
@@ -665,11 +665,6 @@ def stage_eval(args: Args) -> dict:
           f"{res['SafeMT_safety_index']}, win rates help {res.get('helpful_win_rate')} harmless "
           f"{res.get('harmless_win_rate')} -> {out}/results.json")
     return res
-
-
-TABLE = [("ASR_response", "ASR/response"), ("ASR_dialogue", "ASR/dialogue"), ("SafeMT_safety_index", "SafeMT SI"),
-         ("over_refusal", "over-refusal"), ("evasion_rate", "evasion"), ("helpful_win_rate", "helpful win"),
-         ("harmless_win_rate", "harmless win")]
 
 
 def stage_ablate(args: Args) -> dict:

@@ -457,7 +457,7 @@ def test_eval_base_is_the_base_model_not_the_cold_start(tiny, tmp_path, monkeypa
     monkeypatch.setattr(am, "general_ability", logits_now)
     with torch.no_grad(), pol.frozen_reference():   # inside RL's context pi_ref is the cold start
         plain = am.load_policy("tiny", lora=False).model(input_ids=ids).logits
-        am.base_replies(pol, [], None)
+        am.base_replies(pol, [], am.Args())
         trained = pol.model(input_ids=ids).logits
     assert len(seen) == 2 and all(torch.allclose(b, plain, atol=1e-5) for b in seen)
     assert not torch.allclose(trained, plain, atol=1e-3)

@@ -51,9 +51,8 @@ import torch
 from PIL import Image
 
 from common.benchmarks import (SAFEMT_TURNS, ahash, bootstrap_ci, describe_image, draw_toy_image, general_ability,
-                               is_near_duplicate,
-                               plot_asr_by_k, read_dialogues, read_responses, read_safemt, read_seeds,
-                               safemt_safety_index, save_ablation, save_build, turn_content, user_content)
+                               is_near_duplicate, plot_asr_by_k, read_dialogues, read_responses, read_safemt,
+                               read_seeds, safemt_safety_index, save_ablation, save_build, turn_content, user_content)
 from common.benchmarks import safemt_asr as asr   # unsafe / (safe + unsafe), cut left out
 from common.chat import encode
 from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter

@@ -75,6 +75,7 @@ from common.cli import UserError, parse_args
 from common.grpo import GRPOConfig, per_rollout, train_grpo, unwrap
 from common.models import LORA_TARGETS, build_tiny_tokenizer, image_processor_for, load_policy
 from common.runlog import read_jsonl
+from common.tools import Grammar
 
 WORKLOADS = ("text", "image", "agent")
 SIDES = ("ours", "trl", "trl_shipped")
@@ -315,6 +316,10 @@ def agent_tools(tok, observation_tokens: int, seed: int):
     return {"text_search": text_search, "crop": crop}
 
 
+AGENT_GRAMMAR = Grammar(tags={"text_search": "text_search", "tool_call": "tool_call", "answer": "answer"},
+                        tool_names={"crop": "crop"})
+
+
 # ---------------------------------------------------------------------------------------------
 # the machine's limits, measured
 # ---------------------------------------------------------------------------------------------
@@ -457,7 +462,7 @@ def run_ours(policy, args, text, image, out_dir, sync: Sync) -> list[dict]:
     def rollout_fn(policy, examples, cfg):
         return rollout_mod.run_rollouts(policy, examples, num_generations=cfg.num_generations,
                                         make_messages=lambda ex: make_messages(text, image),
-                                        tools=tools, max_turns=3 if agent else 1,
+                                        tools=tools, grammar=AGENT_GRAMMAR, max_turns=3 if agent else 1,
                                         max_new_tokens=args.max_new_tokens, max_total_tokens=1 << 30,
                                         temperature=cfg.temperature, generate=make_generate(policy, args))
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common import grpo as grpo_mod
-from common.bench import (Args, ScriptedAgent, agent_tools, forced_generate, noise_image,
+from common.bench import (AGENT_GRAMMAR, Args, ScriptedAgent, agent_tools, forced_generate, noise_image,
                           prompt_text, qwen25vl_config, random_size, summarise)
 from common.grpo import GRPOConfig, completion_logprobs, train_grpo, unwrap
 from common.models import build_tiny_tokenizer, load_policy
@@ -254,7 +254,7 @@ def test_agent_workload_two_tool_turns(tiny):
     msgs = lambda ex: [{"role": "user", "content": [{"type": "image", "image": image},
                                                     {"type": "text", "text": "where"}]}]
     torch.manual_seed(0)
-    rs = run_rollouts(tiny, [{}], num_generations=2, make_messages=msgs, tools=agent_tools(tok, 12, 0),
+    rs = run_rollouts(tiny, [{}], num_generations=2, make_messages=msgs, tools=agent_tools(tok, 12, 0), grammar=AGENT_GRAMMAR,
                       max_turns=3, max_new_tokens=40, max_total_tokens=1 << 30,
                       generate=ScriptedAgent(tok, forced_generate, 112))
     for r in rs:

@@ -7,7 +7,7 @@ sequences. A generator made wrong on purpose (positions off by one) fails the sa
 import pytest
 import torch
 
-from common.bench import ScriptedAgent, agent_tools, forced_generate, noise_image, prompt_text
+from common.bench import AGENT_GRAMMAR, ScriptedAgent, agent_tools, forced_generate, noise_image, prompt_text
 from common.chat import encode
 from common.fastgen import CachedGenerator, can_merge, image_features, merged_lora, sub_batch
 from common.grpo import completion_logprobs, unwrap
@@ -95,7 +95,7 @@ def agent_rollouts(policy, gen, G=2, n=16, seeds=(3, 4)):
     msgs = lambda ex: [{"role": "user", "content": [{"type": "image", "image": noise_image(112, ex["seed"])},
                                                     {"type": "text", "text": ex["text"]}]}]
     examples = [{"seed": s, "text": "where" + " is the river city" * i} for i, s in enumerate(seeds)]
-    return run_rollouts(policy, examples, num_generations=G, make_messages=msgs, tools=agent_tools(tok, 12, 0),
+    return run_rollouts(policy, examples, num_generations=G, make_messages=msgs, tools=agent_tools(tok, 12, 0), grammar=AGENT_GRAMMAR,
                         max_turns=3, max_new_tokens=n + 40, max_total_tokens=1 << 30, temperature=0,
                         generate=agent)
 

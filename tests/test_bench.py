@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from common import grpo as grpo_mod
+from common import logprobs as logprobs_mod
 from common.bench import (AGENT_GRAMMAR, Args, ScriptedAgent, agent_tools, forced_generate, noise_image,
                           prompt_text, qwen25vl_config, random_size, summarise)
 from common.grpo import GRPOConfig, completion_logprobs, train_grpo, unwrap
@@ -217,13 +218,13 @@ def test_bench_bad_request_one_sentence(tmp_path):
 
 
 def test_logp_chunk_equals_log_softmax():
-    """common.grpo._logp_chunk (logit - logsumexp, entropy under no_grad) gives the same log-probs,
+    """common.logprobs._logp_chunk (logit - logsumexp, entropy under no_grad) gives the same log-probs,
     entropies and gradients as a plain log_softmax; in no-grad passes it skips the entropy."""
     g = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False)
     h = torch.randn(3, 5, 16, generator=g, requires_grad=True)
     tg = torch.randint(0, 50, (3, 5), generator=g)
-    lp, ent = grpo_mod._logp_chunk(head, h, tg, 0.7)
+    lp, ent = logprobs_mod._logp_chunk(head, h, tg, 0.7)
     logp_all = (head(h) / 0.7).log_softmax(-1)                         # (3, 5, 50)
     ref_lp = logp_all.gather(-1, tg[..., None])[..., 0]
     torch.testing.assert_close(lp, ref_lp)
@@ -232,7 +233,7 @@ def test_logp_chunk_equals_log_softmax():
     (g2,) = torch.autograd.grad(ref_lp.sum(), h)
     torch.testing.assert_close(g1, g2)
     with torch.no_grad():
-        lp0, ent0 = grpo_mod._logp_chunk(head, h, tg, 0.7)
+        lp0, ent0 = logprobs_mod._logp_chunk(head, h, tg, 0.7)
     torch.testing.assert_close(lp0, ref_lp.detach())
     assert (ent0 == 0).all()
 

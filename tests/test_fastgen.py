@@ -151,15 +151,19 @@ def test_merged_lora_decode(policy):
     assert can_merge(policy)
     enc = text_prompt(policy, seed=3)
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+    modules = [(n, type(m)) for n, m in policy.model.named_modules()]
     merged = CachedGenerator(merge_lora=True)(policy, [enc] * 2, max_new_tokens=8, temperature=0)
     separate = CachedGenerator(merge_lora=False)(policy, [enc] * 2, max_new_tokens=8, temperature=0)
     assert merged == separate
     for n, p in policy.model.named_parameters():
         assert torch.equal(p, before[n]), n
+    assert [(n, type(m)) for n, m in policy.model.named_modules()] == modules   # the LoRA wrappers are back
     with merged_lora(policy):       # inside: the adapter is off and the base holds W + scale B A
         out_m = unwrap(policy.model)(input_ids=torch.tensor([enc.input_ids])).logits
     out = unwrap(policy.model)(input_ids=torch.tensor([enc.input_ids])).logits
     torch.testing.assert_close(out_m, out, atol=1e-5, rtol=1e-5)
+    with policy.model.disable_adapter():   # and they still act: the adapter changes the logits
+        assert not torch.allclose(unwrap(policy.model)(input_ids=torch.tensor([enc.input_ids])).logits, out)
 
 
 def test_vision_once_per_image_same_logprobs(policy):

@@ -264,3 +264,13 @@ def test_agent_workload_two_tool_turns(tiny):
         assert len(r.images) == 2 and r.images[1].size == (56, 56)
         assert r.n_generated == 3 * 40                      # forced: every turn is exactly its budget
         assert 0 < r.mask.count(0) and len(r.mask) == len(r.ids)
+
+
+def test_agent_workload_on_a_text_model_answers_the_crop_turn_with_text():
+    tok = build_tiny_tokenizer()
+    tools = agent_tools(tok, 12, 0)
+    no_image = Rollout(prompt_ids=[1, 2])
+    obs, image = tools["crop"]({"bbox_2d": [0, 0, 28, 28]}, no_image)
+    assert image is None and obs == tools["text_search"]({"query": "q"}, no_image)[0]
+    with_image = Rollout(prompt_ids=[1, 2], images=[noise_image(56, 0)])
+    assert tools["crop"]({"bbox_2d": [0, 0, 28, 28]}, with_image)[1].size == (28, 28)

@@ -1,53 +1,43 @@
-"""LRAS: legal reasoning with agentic search. The model learns its knowledge boundary and searches
-("Active Inquiry") when it is unsure, instead of answering confidently from memory.
-"LRAS: ..." arXiv 2601.07296 (method: Sec. 3; official repo TOM-ZHOUch/LRAS: eval code only).
-
-Stages (each writes into <out>/<stage>/; `all` runs them in this order):
-    python lras.py --stage all --model tiny             # CPU, minutes: plumbing only, numbers are noise
+"""LRAS (arXiv 2601.07296, Sec. 3): legal reasoning with agentic search. The model learns its
+knowledge boundary and searches ("Active Inquiry") when unsure instead of answering from memory.
+Official repo TOM-ZHOUch/LRAS holds eval code only. Each stage writes <out>/<stage>/:
+    python lras.py --stage all --model tiny   # CPU, minutes: plumbing only, numbers are noise
     python lras.py --stage data    # toy legal world (statutes, cases, questions) + oracle page
-    python lras.py --stage sft     # Introspective Imitation: teacher n = 8 -> boundary filter -> pruning -> LoRA SFT
-    python lras.py --stage rl      # difficulty-aware GRPO: difficulty = 1 - pass rate of the SFT model over k samples
+    python lras.py --stage sft     # Introspective Imitation: teacher n = 8 -> boundary filter -> pruning -> SFT
+    python lras.py --stage rl      # difficulty-aware GRPO: d = 1 - pass rate of the SFT model over k samples
     python lras.py --stage eval    # score per task, search rate, accuracy searched vs not, failures w/o search
     python lras.py --stage ablate  # base vs SFT vs SFT + RL (difficulty) vs SFT + RL (uniform), 95 % intervals
-GPU (Qwen2.5-VL-3B in NF4 + LoRA, used as a text model; the paper used Qwen3-4B/8B/14B):
+GPU (Qwen2.5-VL-3B in NF4 + LoRA as a text model; the paper used Qwen3-4B/8B/14B):
     python lras.py --stage all --model Qwen/Qwen2.5-VL-3B-Instruct --teacher Qwen/Qwen2.5-VL-7B-Instruct \\
         --max_steps 300 --prompts_per_step 8 --eval_questions 200
-Real benchmarks in their published formats (LawBench, LexEval, JEC-QA, CSV exports; UTF-8 or GBK):
+Real benchmarks in their published formats (BENCHMARKS: LawBench, LexEval, JEC-QA; CSV; UTF-8 or GBK):
     python lras.py --stage eval --data_file lawbench/data/zero_shot/3-3.json --corpus_file statutes.jsonl
-    python lras.py --stage eval --data_file LexEval/data/1_1.json --predictions other_model.jsonl   # no model run
+    python lras.py --stage eval --data_file LexEval/data/1_1.json --predictions other_model.jsonl   # no model
 
 Deviations from the paper (numbered; the code says "(n)" where each one lives):
- 1. Data: an invented but consistent toy legal world (the "Veridian Penal Code": articles with
-    numbers, thresholds and penalties; case summaries citing charges) replaces JEC-QA/CAIL; a
-    model cannot know its facts without retrieving. Some questions hold their answer in the text
-    (hops 0), the rest need one or two searches (hops 1, 2).
- 2. Search: local BM25 over the toy corpus, top --search_k hits (official eval: web search
-    top-5, each page summarised by an LLM). --corpus_file or TEXT_SEARCH_ENDPOINT for real data.
- 3. Teacher: offline, a noisy oracle with this error model: with probability
-    teacher_error * (1 + hops) it answers from memory (no search) and is wrong; otherwise it
-    searches what it needs (its queries never contain the gold) and is right, and with probability
-    teacher_detour it first makes one useless search. --teacher <model> samples a real model instead.
- 4. Pruning is a rule (paper: rules + a human check): a search is kept only if its results hold
-    a supporting document (article/case) that no earlier kept search returned; invalid turns
-    (re-prompts, malformed calls) are cut; a correct trajectory whose kept searches miss a
-    supporting document (a lucky guess) is dropped. One trajectory per question after dedup.
- 5. RL data (not published): difficulty d = 1 - pass rate over k samples on the whole training
-    set; questions with p in {0, 1} are dropped; the rest are drawn with probability proportional
-    to d (--uniform_sampling: uniformly). If nothing is left (the tiny model solves nothing), RL
-    trains on all questions uniformly and says so in one line and in summary.json.
- 6. Reward (not published): r = acc + format_weight * fmt, format_weight = 0.1; acc is the
-    question's rule instead of an LLM judge: option letters (MCQ), closed-class golds (yes/no,
-    numbers) matched exactly, open answers sub-exactly with a --max_answer_words cap; fmt = 1 iff
-    every turn has a closed <think> and one valid action, and the last turn answers.
-    Observation (<information>) tokens are masked in SFT and RL.
- 7. Sizes: LoRA SFT and RL (paper: full Qwen3 SFT). Token budgets are sized from the tokenizer so
-    that the oracle's longest trajectory (a detour and two searches of k documents) fits; SFT
-    samples over the budget are counted and dropped. Eval keeps the paper's 10 rounds and its
-    sampling (T = 0.6, top_p 0.95, top_k 20).
- 8. Benchmarks are scored by their own rules (LawBench MCQ letters and charge F1, LexEval exact
-    letters, JEC-QA exact set); LawBench's charge list (189 names) is replaced by the charges
-    named in the file. Open-ended tasks use sub-exact match, named "sub_exact" in results.json
-    (not LawBench's ROUGE / LexEval's ROUGE-L).
+ 1. Data: a toy legal world (the "Veridian Penal Code": articles, thresholds, penalties, cases) replaces
+    JEC-QA/CAIL, so no model knows its facts; answers lie in the text (hops 0) or 1-2 searches away.
+ 2. Search: local BM25 over the toy corpus, top --search_k (official eval: web top-5, each page
+    summarised by an LLM); --corpus_file or TEXT_SEARCH_ENDPOINT for real data.
+ 3. Teacher: an offline noisy oracle. With probability teacher_error * (1 + hops) it answers from memory,
+    wrongly; else it searches what it needs (never the gold) and is right, with probability
+    teacher_detour after one useless search. --teacher <model> samples a model instead.
+ 4. Pruning is a rule (paper: rules + a human check): a search stays only if its results hold a
+    supporting document no earlier kept search returned; invalid turns go; a correct trajectory whose
+    kept searches miss a supporting document (a lucky guess) is dropped. One per question.
+ 5. RL data (not published): d = 1 - p, the pass rate over k samples, on the whole training set; p in
+    {0, 1} is dropped, the rest drawn proportionally to d (--uniform_sampling: uniformly). If nothing
+    is left (the tiny model solves nothing), RL uses all questions uniformly, and says so.
+ 6. Reward (not published): r = acc + 0.1 fmt. acc is the question's rule, not an LLM judge: option
+    letters, closed-class golds (yes/no, numbers) exactly, open answers sub-exactly under a
+    --max_answer_words cap; fmt = 1 iff every turn has a closed <think> and one valid action and the
+    last one answers. <information> tokens are masked in SFT and RL.
+ 7. Sizes: LoRA SFT and RL (paper: full Qwen3 SFT). Token budgets fit the oracle's longest trajectory
+    (a detour, two searches); longer SFT samples are counted and dropped. Eval: 10 rounds, T = 0.6,
+    top_p 0.95, top_k 20, as in the paper.
+ 8. Benchmarks are scored by their own rules (LawBench MCQ letters and charge F1, LexEval exact letters,
+    JEC-QA exact set), LawBench's 189 charges replaced by those named in the file; open-ended tasks by
+    sub-exact match ("sub_exact"), not LawBench's / LexEval's ROUGE.
 """
 from __future__ import annotations
 
@@ -65,6 +55,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from common.benchmarks import lawbench_charge_f1, legal_predictions, lexeval_letters, read_legal_qa
 from common.chat import Encoded, encode
 from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
 from common.data import read_records, require
@@ -74,6 +65,7 @@ from common.models import load_policy
 from common.rollout import Rollout, observation_segment, run_rollouts
 from common.runlog import RunLog, bar_plot, read_jsonl, trajectory_html, write_json
 from common.sft import SFTConfig, train_sft
+from common.stats import rate_bars, wilson
 from common.tools import TextSearch, parse_action
 
 
@@ -150,9 +142,7 @@ TINY_SIZES = dict(n_charges=6, test_charges=2, difficulty_k=2, max_steps=1, prom
                   max_turns=4, max_new_tokens=32)   # random weights never stop: cap what they can generate
 
 
-# =============================================================================================
-# Data: the toy legal world (1) and loaders for real benchmark files
-# =============================================================================================
+# ==== data: the toy legal world (1), the real benchmarks' field maps (8) ==========================
 CODE, CURRENCY = "Veridian Penal Code", "marks"
 CHARGES = [  # (charge, conduct); invented, so no model knows their articles, thresholds, penalties
     ("grain hoarding", "stockpile grain beyond household needs during a declared shortage"),
@@ -174,9 +164,6 @@ CHARGES = [  # (charge, conduct); invented, so no model knows their articles, th
 ]
 ROLES = "miller merchant clerk boatman carter weaver innkeeper smith".split()
 TOWNS = "Osterby Velmor Quenby Arlath Dunmere Sorvik Halden Tobrin".split()
-REPROMPT = ("My previous action is invalid. If I want to search, I should put the query between <search> "
-            "and </search>. If I want to give the final answer, I should put the answer between <answer> "
-            "and </answer>. Let me try again.")  # Search-R1 / LRAS eval code
 
 
 @dataclass
@@ -188,13 +175,6 @@ class World:
     @functools.cached_property
     def search(self) -> TextSearch:
         return TextSearch(self.docs)
-
-
-def letters_for(options: list[str], gold: str, rng: random.Random) -> tuple[dict, str]:
-    opts = list(dict.fromkeys(options))
-    rng.shuffle(opts)
-    keyed = {chr(65 + i): o for i, o in enumerate(opts)}
-    return keyed, next(k for k, v in keyed.items() if v == gold)
 
 
 def build_world(seed: int, n_charges: int = 16, test_charges: int = 5, cases_per_charge: int = 2) -> World:
@@ -232,9 +212,11 @@ def build_world(seed: int, n_charges: int = 16, test_charges: int = 5, cases_per
         def add(task, q, hops, support, options=None, gold=None, golds=None):
             rec = dict(id=f"{art.split()[1]}-{task}", task=task, question=q, hops=hops, support=support,
                        split=c["split"], options={}, type="short", charges=[])
-            if options is not None:
-                rec["options"], rec["answer"] = letters_for(options, gold, rng)
-                rec.update(type="mcq", golds=[rec["answer"]], rule="choice")
+            if options is not None:   # shuffled, lettered options
+                opts = list(dict.fromkeys(options))
+                rng.shuffle(opts)
+                rec.update(type="mcq", options={chr(65 + i): o for i, o in enumerate(opts)}, rule="choice",
+                           answer=chr(65 + opts.index(gold)), golds=[chr(65 + opts.index(gold))])
             else:
                 rec.update(answer=golds[0], golds=golds, rule=answer_rule(golds[0]))
             questions.append(rec)
@@ -263,101 +245,54 @@ def build_world(seed: int, n_charges: int = 16, test_charges: int = 5, cases_per
     return World(docs, questions, charges)
 
 
+def world_of(args: Args) -> World:   # one world per (seed, sizes) in a process: stages share it
+    return cached_world(args.seed, args.n_charges, args.test_charges)
+
+
+cached_world = functools.lru_cache(maxsize=4)(build_world)
+
+
 def split_world(world: World) -> tuple[list[dict], list[dict]]:
     """Train / test questions, split by charge (held-out charges: their facts never appear in SFT)."""
     return ([q for q in world.questions if q["split"] == "train"],
             [q for q in world.questions if q["split"] == "test"])
 
 
-MCQ_RULES = ("choice", "jecqa_set", "lawbench_mcq", "lexeval_exact")
-
-
 def answer_rule(gold: str) -> str:
-    """Closed-class golds are matched exactly: option letters (options in the question text) by
-    their letters, yes/no and anything with a number by closed_match; others sub-exactly (6)."""
+    """(6) A gold's rule: letters (options inside the question) by choice, yes/no and numbers closed, else sub-exact."""
     if re.fullmatch(r"[A-T]{1,5}", gold.strip()):
         return "choice"
     return "closed" if gold.strip().lower() in ("yes", "no", "是", "否") or NUMBER.search(gold) else "sub_exact"
 
 
-def lawbench_gold(gold: str) -> tuple[str, list[str]]:
-    """LawBench golds: "正确答案：B。" (MCQ), "罪名:X;Y" (charges), else free text."""
-    if m := re.match(r"\s*正确答案\s*[:：]\s*([A-D]+)", gold):
-        return "lawbench_mcq", [m.group(1)]
-    if m := re.match(r"\s*罪名\s*[:：](.+)", gold):
-        return "lawbench_charge_f1", [c.strip(" 。") for c in re.split(r"[;；]", m.group(1)) if c.strip(" 。")]
-    return answer_rule(gold), [gold.strip()]
-
-
-def benchmark_fields(row: dict, where: str, args: Args) -> tuple[str, dict, object, str | None]:
-    """(prompt text with the instruction, options, raw answer, rule or None = decide per row) of one row."""
-    if "statement" in row and "option_list" in row:               # JEC-QA
-        require(row, where, "statement", "option_list", "answer")
-        return row["statement"], row["option_list"], row["answer"], "jecqa_set"
-    if "system" in row and "query" in row:                         # LawBench, instruction-style export
-        require(row, where, "query", "response")
-        return f"{row['system']}\n{row['query']}", {}, row["response"], "lawbench"
-    if "instruction" in row and "question" in row:                 # LawBench data/zero_shot/<id>.json
-        require(row, where, "question", "answer")
-        return f"{row['instruction']}\n{row['question']}", {}, row["answer"], "lawbench"
-    if "instruction" in row and "input" in row:                    # LexEval data/i_j.json (options in input)
-        require(row, where, "input", "answer")
-        exact = re.fullmatch(r"[A-E]+", str(row["answer"]).strip())
-        return f"{row['instruction']}\n{row['input']}", {}, row["answer"], "lexeval_exact" if exact else None
-    require(row, where, args.field_question, args.field_answer)
-    opts = row.get(args.field_options) or {k: v for k, v in row.items() if re.fullmatch("[A-T]", k)}
-    if isinstance(opts, str):
-        try:
-            opts = json.loads(opts)
-        except ValueError:
-            raise UserError(f"{where}: options field {args.field_options!r} is not JSON (a dict or list).") from None
-    opts = {chr(65 + i): o for i, o in enumerate(opts)} if isinstance(opts, list) else opts
-    text = f"{row['instruction']}\n{row[args.field_question]}" if row.get("instruction") else row[args.field_question]
-    return text, opts, row[args.field_answer], None
+BENCHMARKS = {   # published schemas, told apart by their `detect` fields (first match wins); rules in score()
+    "JEC-QA": dict(detect=("statement", "option_list"), prompt=("statement",), options="option_list",
+                   answer="answer", rule="jecqa_set"),
+    "LawBench (chat export)": dict(detect=("system", "query"), prompt=("system", "query"), answer="response",
+                                   rule="lawbench"),
+    "LawBench": dict(detect=("instruction", "question"), prompt=("instruction", "question"), answer="answer",
+                     rule="lawbench"),   # data/zero_shot/<id>.json
+    "LexEval": dict(detect=("instruction", "input"), prompt=("instruction", "input"), answer="answer",
+                    rule="lexeval_exact"),   # data/i_j.json, options inside `input`
+}
 
 
 def load_benchmark(path: str, args: Args) -> list[dict]:
-    """A legal benchmark file in its published format -> records in the toy format, each with the
-    scoring rule of its benchmark (`rule`). MCQ is decided per row: options (non-empty ones; an
-    all-empty column is left out) and a gold made of their letters, with or without a prefix."""
-    out, charges = [], []
-    for where, row in read_records(path, "benchmark file"):
-        text, opts, raw, rule = benchmark_fields(row, where, args)
-        if not isinstance(opts, dict) or not all(isinstance(v, (str, type(None))) for v in opts.values()):
-            raise UserError(f"{where}: options must map letters to strings, got {str(opts)[:60]!r}.")
-        opts = {k.strip(): v.strip() for k, v in sorted(opts.items()) if v and v.strip()}
-        golds = [str(g) for g in raw] if isinstance(raw, list) else [str(raw)]
-        if not text.strip() or not any(g.strip() for g in golds):
-            raise UserError(f"{where}: empty question or answer.")
-        if rule == "lawbench":
-            rule, golds = lawbench_gold(golds[0])
-            charges += golds if rule == "lawbench_charge_f1" else []
-        elif rule == "lexeval_exact":
-            golds = [golds[0].strip()]
-        elif rule == "jecqa_set" or (rule is None and len(opts) >= 2):
-            letters = extract_choice("".join(golds) if isinstance(raw, list) else golds[0], "".join(opts) or "ABCDE")
-            if letters is None:
-                raise UserError(f"{where}: MCQ answer {raw!r} is not option letter(s) from {sorted(opts)}.")
-            rule, golds = rule or "choice", [letters]
-        else:
-            rule, golds = rule or answer_rule(golds[0]), [g.strip() for g in golds]
-        out.append(dict(id=str(row.get("id") or where), task=str(row.get("task") or Path(path).stem), rule=rule,
-                        type="mcq" if rule in MCQ_RULES else "short", question=text.strip(), options=opts,
-                        answer=golds[0], golds=golds, support=[], hops=None, split="user"))
-    for r in out:   # (8) LawBench's charge list has 189 names; here: the charges named in this file
-        r["charges"] = sorted(set(charges)) if r["rule"] == "lawbench_charge_f1" else []
-    return out
+    """A legal benchmark file (BENCHMARKS, else the --field_* map) -> toy-format records with their rule."""
+    generic = dict(question=args.field_question, answer=args.field_answer, options=args.field_options)
+    return read_legal_qa(path, BENCHMARKS, generic, answer_rule)
 
 
-# =============================================================================================
-# Prompt format (Search-R1 / LRAS eval code), the search tool and the noisy oracle (2, 3)
-# =============================================================================================
+# ==== prompt + parsing: Search-R1 format, the noisy oracle (3), pruning (4), SFT samples ==========
 SYSTEM = """You are a legal assistant. Reason inside <think> and </think> every time you get new
 information. If your knowledge is insufficient (an article number, a threshold, a penalty, a
 case), search with <search> query </search>; results come back between <information> and
 </information>. You may search several times. When you know the answer, give it inside <answer>
 and </answer> without explanation: the option letter(s) for a multiple-choice question, a short
 phrase otherwise."""
+REPROMPT = ("My previous action is invalid. If I want to search, I should put the query between <search> "
+            "and </search>. If I want to give the final answer, I should put the answer between <answer> "
+            "and </answer>. Let me try again.")  # Search-R1 / LRAS eval code
 
 
 def make_messages(example: dict) -> list[dict]:
@@ -373,8 +308,8 @@ def make_tools(search: TextSearch, k: int) -> dict:
 
 def oracle_trajectory(world: World, q: dict, rng: random.Random, error: float = 0.0, detour: float = 0.0,
                       k: int = 3) -> tuple[list[dict], str]:
-    """The noisy oracle's (3) turns, in `Rollout.trajectory` form, and its answer. Observations
-    come from the real search tool, as the agent loop shows them."""
+    """The noisy oracle's (3) turns in `Rollout.trajectory` form (observations from the real search tool)
+    and its answer."""
     turns = []
 
     def act(think: str, query: str | None = None, answer: str | None = None):
@@ -409,18 +344,14 @@ def oracle_trajectory(world: World, q: dict, rng: random.Random, error: float = 
     return turns, q["answer"]
 
 
-# =============================================================================================
-# Pruning (4) and SFT samples with <information> masked
-# =============================================================================================
 def contributes(observation: str, support: list[str]) -> set[str]:
     """Supporting documents that a search's results hold (TextSearch titles them "(Title: <id>)")."""
     return {s for s in support if f"(Title: {s})" in observation}
 
 
 def prune_trajectory(turns: list[dict], support: list[str]) -> tuple[list[dict] | None, int]:
-    """Drop searches whose results did not contribute (no new supporting document) and invalid
-    turns (re-prompts, errors). Returns (pruned turns, or None when the kept searches miss a
-    supporting document, i.e. the answer was a lucky guess; number of turns dropped)."""
+    """(4) Drop searches that bring no new supporting document, and invalid turns. Returns (pruned turns,
+    or None when the kept searches miss a supporting document: a lucky guess; turns dropped)."""
     kept, seen, dropped, i = [], set(), 0, 0
     while i < len(turns):
         t = turns[i]
@@ -440,9 +371,8 @@ def prune_trajectory(turns: list[dict], support: list[str]) -> tuple[list[dict] 
 
 
 def sft_sample(policy, example: dict, turns: list[dict]) -> Encoded:
-    """Prompt (mask 0) + assistant text (mask 1) + <information> segments (mask 0) + <|im_end|>
-    (mask 1): the same tokens the inline agent loop produces, built directly instead of through
-    the chat template, so the information text sits inside the one assistant turn, untrained."""
+    """Prompt (mask 0) + assistant text (1) + <information> segments (0) + <|im_end|> (1): the tokens the
+    inline agent loop produces (not the chat template's), so observations sit untrained in one turn."""
     tok = policy.tokenizer
     prompt = encode(tok, policy.image_processor, make_messages(example), add_generation_prompt=True)
     ids, mask = list(prompt.input_ids), [0] * len(prompt.input_ids)
@@ -456,12 +386,9 @@ def sft_sample(policy, example: dict, turns: list[dict]) -> Encoded:
     return Encoded(ids + [tok.eos_token_id], mask + [1])   # (L,), (L,)
 
 
-# =============================================================================================
-# Rewards: r = acc + format_weight * fmt (6)
-# =============================================================================================
+# ==== rewards + metrics: r = acc + format_weight * fmt (6), each benchmark's rule, search statistics ====
 def format_ok(trajectory: list[dict]) -> bool:
-    """fmt = 1 iff every turn has a closed <think> block and one valid action, searches until the
-    last turn, and a non-empty <answer> in it."""
+    """fmt = 1 iff every turn has a closed <think> and one valid action: searches, then a non-empty <answer>."""
     texts = [t["text"] for t in trajectory if t["role"] == "assistant"]
     acts = [parse_action(t) for t in texts]
     return (bool(acts) and all(re.search(r"<think>.*?</think>", t, re.S) for t in texts)
@@ -472,8 +399,8 @@ NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
 def closed_match(pred: str, gold: str) -> float:
-    """Closed-class golds are matched exactly: the class members in the prediction must be the
-    gold's (yes/no words; numbers, compared as a list), so "yes or no" scores 0 against both."""
+    """Closed-class golds exactly: the prediction's yes/no words (or its numbers, as a list) must be the
+    gold's, so "yes or no" scores 0 against both."""
     p, g = (re.sub(r"(?<=\d),(?=\d{3})", "", s.strip().lower()) for s in (pred, gold))
     if g in ("yes", "no"):
         return float(set(re.findall(r"\b(?:yes|no)\b", p)) == {g})
@@ -482,24 +409,9 @@ def closed_match(pred: str, gold: str) -> float:
     return float(NUMBER.findall(p) == NUMBER.findall(g))
 
 
-def lexeval_letters(pred: str) -> str:
-    """LexEval's find_valid_substrings: cut at 解析/分析, drop separators, keep runs of A-E
-    without repeats, join them, de-duplicate in order."""
-    s = pred.split("解析")[0].split("分析")[0]
-    s = re.sub(r"[、.,;，和 ]", "", s)
-    runs = [r for r in re.findall(r"[ABCDE]{1,5}", s) if len(r) == len(set(r))]
-    return "".join(dict.fromkeys("".join(runs)))
-
-
-def set_f1(pred: set, gold: set) -> float:
-    hit = len(pred & gold)
-    return 2 * hit / (len(pred) + len(gold)) if hit else 0.0
-
-
 def score(answer: str | None, ex: dict, max_answer_words: int = 12) -> float:
-    """The example's own rule (named in results.json): choice letters (toy, CSV); JEC-QA exact
-    set; LawBench MCQ (the letters A-D found anywhere must be exactly the gold's); LawBench charge
-    F1; LexEval exact letter string; closed-class exact; sub-exact with a length cap."""
+    """The example's own rule (named in results.json): choice letters (toy, CSV); JEC-QA exact set; LawBench
+    MCQ (the letters A-D found anywhere = the gold's) and charge F1; LexEval exact letters; closed; sub-exact."""
     a = (answer or "").strip()
     rule, gold = ex["rule"], ex["golds"][0]
     if not a:
@@ -511,7 +423,7 @@ def score(answer: str | None, ex: dict, max_answer_words: int = 12) -> float:
     if rule == "lexeval_exact":
         return float(lexeval_letters(a) == gold)
     if rule == "lawbench_charge_f1":
-        return set_f1({c for c in ex["charges"] if c in a}, set(ex["golds"]))
+        return lawbench_charge_f1(a, ex["charges"], ex["golds"])
     if rule == "closed":
         return closed_match(a, gold)
     if len(a.split()) > max_answer_words or len(a) > 8 * max_answer_words:
@@ -531,17 +443,35 @@ def make_reward_fn(args: Args):
                                                  args.max_answer_words))
 
 
-# =============================================================================================
-# Stages
-# =============================================================================================
-def toy_world(args: Args) -> World:
-    return build_world(args.seed, args.n_charges, args.test_charges)
+def search_stats(rollouts: list[Rollout], accs: list[float]) -> dict:
+    """The paper's search statistics (and its 71.3 % one: share of failures with no search)."""
+    s = np.array([r.tool_calls.get("text_search", 0) for r in rollouts])   # searches per question
+    a = np.array(accs, dtype=float)
+    fail = a < 1.0
+
+    def mean(x):
+        return float(x.mean()) if x.size else None
+    return {"search_rate": mean(s > 0), "searches_per_question": mean(s.astype(float)),
+            "multi_search_rate": mean(s >= 2), "accuracy_searched": mean(a[s > 0]),
+            "accuracy_not_searched": mean(a[s == 0]), "failures_without_search": mean(s[fail] == 0),
+            "answer_rate": mean(np.array([r.answer is not None for r in rollouts])),
+            "mean_turns": mean(np.array([r.turns for r in rollouts], dtype=float))}
 
 
+def add_scores(results: dict, name: str, examples: list[dict], accs: list[float]) -> None:
+    """score (mean of the rule's per-example score), its 95 % interval, and the rule, per set and task."""
+    for task in [None, *dict.fromkeys(e["task"] for e in examples)]:
+        sub = [a for a, e in zip(accs, examples) if task in (None, e["task"])]
+        key = name if task is None else f"{name}/{task}"
+        results["score"][key], results["ci95"][key] = float(np.mean(sub)), wilson(sum(sub), len(sub))
+        results["rule"][key] = sorted({e["rule"] for e in examples if task in (None, e["task"])})
+    results["n"][name] = len(examples)
+
+
+# ==== stages ======================================================================================
 def size_budgets(args: Args, policy, world: World) -> None:
-    """(7) Budgets a search can pay for: --max_new_tokens 0 = the oracle's longest turn + 16,
-    --max_completion_length 0 = its longest trajectory (a detour and two searches of k documents,
-    in this tokenizer) + one round. A smaller value given by hand is announced in one line."""
+    """(7) Token budgets a search can pay for: --max_new_tokens 0 = the oracle's longest turn + 16,
+    --max_completion_length 0 = its longest trajectory (a detour, two searches) + one round."""
     rng = random.Random(0)
     trajs = [oracle_trajectory(world, q, rng, 0.0, 1.0, args.search_k)[0] for q in world.questions]
     turn = max(len(policy.tokenizer(t["text"])["input_ids"]) for ts in trajs for t in ts if t["role"] == "assistant")
@@ -549,19 +479,17 @@ def size_budgets(args: Args, policy, world: World) -> None:
                                                                  for q, ts in zip(world.questions, trajs)))
     args.max_new_tokens = args.max_new_tokens or turn + 16
     args.max_completion_length = args.max_completion_length or need + args.max_new_tokens
-    if args.max_completion_length < need or args.max_new_tokens < turn:
+    if args.max_completion_length < need or args.max_new_tokens < turn:   # a smaller value given by hand
         print(f"[lras] warning: the oracle's longest trajectory needs {need} tokens and turns of {turn}; with "
               f"--max_completion_length {args.max_completion_length} / --max_new_tokens {args.max_new_tokens} "
               f"some searches can never earn reward (0 sizes them).")
 
 
 def get_policy(args: Args, adapter: str | None = None, lora: bool = True, name: str | None = None):
-    if adapter is not None:
-        print(f"[lras] starting from the adapter {adapter}")
     policy = load_policy(name or args.model, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
                          lora_alpha=args.lora_alpha, adapter=adapter,
                          gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
-    size_budgets(args, policy, toy_world(args))
+    size_budgets(args, policy, world_of(args))
     return policy
 
 
@@ -577,26 +505,22 @@ def agent_rollouts(policy, examples: list[dict], args: Args, search: TextSearch,
 
 def stage_data(args: Args) -> dict:
     """Write the world (corpus + question JSONL), an oracle page, and validate --data_file."""
-    world = toy_world(args)
-    out = Path(args.out) / "data"
-    log = RunLog(str(out))
-    train, test = split_world(world)
+    world, out = world_of(args), Path(args.out) / "data"
+    log, (train, test) = RunLog(str(out)), split_world(world)
     for name, rows in (("corpus", world.docs), ("toy_train", train), ("toy_test", test)):
         log.samples(rows, f"{name}.jsonl")
+    firsts = [next(q for q in train if q["task"] == t) for t in dict.fromkeys(q["task"] for q in train)]
     rng = random.Random(args.seed)
-    items = []
-    for q in [next(q for q in train if q["task"] == t) for t in dict.fromkeys(q["task"] for q in train)]:
-        turns, _ = oracle_trajectory(world, q, rng, 0.0, 0.0, args.search_k)
-        items.append({"title": f"oracle [{q['task']}, hops {q['hops']}] {q['question']} (gold {q['answer']})",
-                      "trajectory": turns})
+    items = [{"title": f"oracle [{q['task']}, hops {q['hops']}] {q['question']} (gold {q['answer']})",
+              "trajectory": oracle_trajectory(world, q, rng, 0.0, 0.0, args.search_k)[0]} for q in firsts]
     trajectory_html(items, str(out / "oracle_trajectories.html"), "LRAS oracle trajectories")
     summary = {"docs": len(world.docs), "train": len(train), "test": len(test),
                "tasks": dict(Counter(q["task"] for q in world.questions)),
                "hops": {h: sum(q["hops"] == h for q in world.questions) for h in (0, 1, 2)}}
     if args.data_file:
         rows = load_benchmark(args.data_file, args)
-        summary["data_file"] = {"path": args.data_file, "records": len(rows), "rules": dict(Counter(
-            r["rule"] for r in rows))}
+        rules = dict(Counter(r["rule"] for r in rows))
+        summary["data_file"] = {"path": args.data_file, "records": len(rows), "rules": rules}
         log.samples([{k: v for k, v in r.items() if k != "charges"} for r in rows], "user.jsonl")
     write_json(str(out / "summary.json"), summary)
     print(f"[data] {summary} -> {out}")
@@ -617,7 +541,7 @@ def teacher_samples(args: Args, world: World, questions: list[dict]) -> list[lis
 
 def stage_sft(args: Args) -> str:
     """Introspective Imitation: uncertainty-aware sampling, trajectories, pruning, LoRA SFT."""
-    world, out_dir = toy_world(args), os.path.join(args.out, "sft")
+    world, out_dir = world_of(args), os.path.join(args.out, "sft")
     train, _ = split_world(world)
     print(f"[sft] teacher: {args.teacher} ({args.teacher_samples} samples per question)")
     samples = teacher_samples(args, world, train)
@@ -644,8 +568,6 @@ def stage_sft(args: Args) -> str:
                         "(the teacher must miss some questions) or --max_completion_length.")
     stats["trajectories"] = len(data)
     stats["searches_per_trajectory"] = float(np.mean([sum(t["role"] == "tool" for t in p) for _, p in data]))
-    print(f"[sft] {stats['too_long']} of {len(fits)} samples exceed --max_completion_length "
-          f"{args.max_completion_length} and are dropped")
     RunLog(out_dir).samples([{"id": q["id"], "task": q["task"], "trajectory": p} for q, p in data], "sft_data.jsonl")
     cfg = SFTConfig(learning_rate=args.sft_learning_rate, epochs=args.sft_epochs, batch_size=args.sft_batch_size,
                     micro_batch_size=args.micro_batch_size, max_steps=args.sft_max_steps,
@@ -673,34 +595,26 @@ def estimate_pass_rates(args: Args, world: World, policy, questions: list[dict])
             for i, q in enumerate(questions)}
 
 
-def stage_rl(args: Args) -> str:
-    """Difficulty-aware GRPO from the SFT adapter when there is one (the papers' order)."""
-    return train_rl(args, start_adapter(args, "sft"), os.path.join(args.out, "rl"), args.uniform_sampling)
-
-
-def train_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False,
-             pass_rates_file: str | None = None, max_steps: int | None = None) -> str:
+def run_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False, rates_file: str | None = None) -> str:
     """Difficulty-aware GRPO with inline search rollouts; the pool is the whole training set."""
-    world = toy_world(args)
+    world = world_of(args)
     pool, _ = split_world(world)
     print(f"[rl] policy: {'SFT adapter ' + adapter if adapter else 'the base model (no SFT adapter found)'}")
     policy = get_policy(args, adapter)
-    if pass_rates_file and os.path.isfile(pass_rates_file):
-        rates = {r["id"]: r["pass_rate"] for r in read_jsonl(pass_rates_file)}
-        print(f"[rl] pass rates from {pass_rates_file}")
+    if rates_file and os.path.isfile(rates_file):   # the ablation's variants share one difficulty table
+        rates = {r["id"]: r["pass_rate"] for r in read_jsonl(rates_file)}
+        print(f"[rl] pass rates from {rates_file}")
     else:
         rates = estimate_pass_rates(args, world, policy, pool)
     RunLog(out_dir).samples([{"id": q, "pass_rate": p} for q, p in rates.items()], "pass_rates.jsonl")
     table = difficulty_table(rates)
     kept = [q for q in pool if q["id"] in table]
     weights = sampling_weights([q["id"] for q in kept], table, uniform)
-    filter_empty = not kept
-    if filter_empty:   # (5) announced, not silent
+    if filter_empty := not kept:   # (5) announced, not silent
         print(f"[rl] the difficulty filter kept 0 of {len(pool)} questions (pass rate 0 or 1 everywhere: no GRPO "
               f"signal): training on all of them with uniform sampling.")
         kept, weights = pool, None
     print(f"[rl] {len(kept)} questions, {'uniform' if weights is None else 'difficulty-weighted'} sampling")
-    cfg = grpo_config(args, max_steps=max_steps or args.max_steps)
     html = []
 
     def on_step(step, rollouts, terms):   # keep the last step's trajectories for the page
@@ -709,8 +623,8 @@ def train_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = Fals
 
     def rollout_fn(p, examples, c):
         return agent_rollouts(p, examples, args, world.search, c.num_generations, c.temperature)
-    summary = train_grpo(policy, kept, rollout_fn, make_reward_fn(args), cfg, out_dir, weights=weights,
-                         on_step=on_step, resume=args.resume)
+    summary = train_grpo(policy, kept, rollout_fn, make_reward_fn(args), grpo_config(args), out_dir,
+                         weights=weights, on_step=on_step, resume=args.resume)
     RunLog(out_dir, resume=True).plot(["rewards/acc", "rewards/format"], "reward_terms.png", "LRAS reward terms")
     trajectory_html(html, os.path.join(out_dir, "trajectories.html"), "LRAS RL, last step")
     hist = {f"{v:.2f}": sum(abs(p - v) < 1e-9 for p in rates.values()) for v in sorted(set(rates.values()))}
@@ -721,34 +635,16 @@ def train_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = Fals
     return os.path.join(out_dir, "adapter")
 
 
-def wilson(successes: float, n: int, z: float = 1.96) -> list[float] | None:
-    """95 % Wilson interval of a rate (scores in [0, 1] summed as successes)."""
-    if n == 0:
-        return None
-    p, d = successes / n, 1 + z * z / n
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return [round(float((p + z * z / (2 * n)) / d - half), 4), round(float((p + z * z / (2 * n)) / d + half), 4)]
+def stage_rl(args: Args) -> str:
+    """Difficulty-aware GRPO from the SFT adapter when there is one (the papers' order)."""
+    return run_rl(args, start_adapter(args, "sft"), os.path.join(args.out, "rl"), args.uniform_sampling)
 
 
-def search_stats(rollouts: list[Rollout], accs: list[float]) -> dict:
-    """The paper's search statistics (and its 71.3 % one: share of failures with no search)."""
-    s = np.array([r.tool_calls.get("text_search", 0) for r in rollouts])   # searches per question
-    a = np.array(accs, dtype=float)
-    fail = a < 1.0
-
-    def mean(x):
-        return float(x.mean()) if x.size else None
-    return {"search_rate": mean(s > 0), "searches_per_question": mean(s.astype(float)),
-            "multi_search_rate": mean(s >= 2), "accuracy_searched": mean(a[s > 0]),
-            "accuracy_not_searched": mean(a[s == 0]), "failures_without_search": mean(s[fail] == 0),
-            "answer_rate": mean(np.array([r.answer is not None for r in rollouts])),
-            "mean_turns": mean(np.array([r.turns for r in rollouts], dtype=float))}
-
-
-def eval_sets(args: Args, world: World, n: int) -> dict:
+def eval_sets(args: Args, world: World) -> dict:
     """{name: (examples, search)}: held-out toy charges, and --data_file with its own corpus (2)."""
     _, test = split_world(world)
-    sets = {"toy": (random.Random(args.seed).sample(test, min(len(test), n or len(test))), world.search)}
+    n = min(len(test), args.eval_questions or len(test))
+    sets = {"toy": (random.Random(args.seed).sample(test, n), world.search)}
     if args.data_file:
         search = (None if args.predictions else TextSearch.from_jsonl(args.corpus_file) if args.corpus_file
                   else TextSearch(use_env=True))
@@ -756,39 +652,13 @@ def eval_sets(args: Args, world: World, n: int) -> dict:
     return sets
 
 
-def add_scores(results: dict, name: str, examples: list[dict], accs: list[float]) -> None:
-    """score (mean of the rule's per-example score), its 95 % interval, and the rule, per set and task."""
-    for task in [None, *dict.fromkeys(e["task"] for e in examples)]:
-        sub = [a for a, e in zip(accs, examples) if task in (None, e["task"])]
-        key = name if task is None else f"{name}/{task}"
-        results["score"][key], results["ci95"][key] = float(np.mean(sub)), wilson(sum(sub), len(sub))
-        results["rule"][key] = sorted({e["rule"] for e in examples if task in (None, e["task"])})
-    results["n"][name] = len(examples)
-
-
-def predicted_answers(args: Args, examples: list[dict]) -> list[str | None]:
-    """--predictions: {"id", "prediction"} rows matched to the examples by id (missing: no answer)."""
-    preds = {str(r.get("id")): r.get("prediction") for _, r in read_records(args.predictions, "predictions file")}
-    if not set(preds) & {e["id"] for e in examples}:
-        raise UserError(f"no id in {args.predictions} matches a question of the evaluated set; write "
-                        f'{{"id": ..., "prediction": ...}} rows with the ids of {args.data_file or "toy_test.jsonl"}.')
-    return [None if preds.get(e["id"]) is None else str(preds[e["id"]]) for e in examples]
-
-
-def stage_eval(args: Args) -> dict:
-    """Evaluate the RL adapter, else the SFT adapter, else the base model (or score --predictions)."""
-    return evaluate(args, start_adapter(args, "rl", "sft"), os.path.join(args.out, "eval"))
-
-
-def evaluate(args: Args, adapter: str | None, out_dir: str, n_questions: int | None = None) -> dict:
+def run_eval(args: Args, adapter: str | None, out_dir: str) -> dict:
     """Score per set and task (each by its benchmark's rule), search statistics, trajectories; results.json."""
-    world = toy_world(args)
-    sets = eval_sets(args, world, args.eval_questions if n_questions is None else n_questions)
+    sets = eval_sets(args, world_of(args))
     results = {"score": {}, "ci95": {}, "rule": {}, "search": {}, "n": {}, "policy": adapter or args.model}
     if args.predictions:   # another model's answers: no model, no search statistics
-        name = list(sets)[-1]
-        examples = sets[name][0]
-        answers = predicted_answers(args, examples)
+        name, (examples, _) = list(sets.items())[-1]
+        answers = legal_predictions(args.predictions, examples, args.data_file or "toy_test.jsonl")
         add_scores(results, name, examples, [score(a, e, args.max_answer_words) for a, e in zip(answers, examples)])
         results.update(policy=f"predictions {args.predictions}", missing=answers.count(None))
         write_json(os.path.join(out_dir, "results.json"), results)
@@ -803,8 +673,7 @@ def evaluate(args: Args, adapter: str | None, out_dir: str, n_questions: int | N
     html, samples = [], []
     for name, (examples, search) in sets.items():
         torch.manual_seed(args.seed)
-        rs = agent_rollouts(policy, examples, args, search, 1, args.eval_temperature, eval_sampling=True,
-                            desc="eval")
+        rs = agent_rollouts(policy, examples, args, search, 1, args.eval_temperature, True, desc="eval")
         accs = [score(r.answer, r.example, args.max_answer_words) for r in rs]
         add_scores(results, name, examples, accs)
         results["search"][name] = search_stats(rs, accs)
@@ -824,26 +693,15 @@ def evaluate(args: Args, adapter: str | None, out_dir: str, n_questions: int | N
     return results
 
 
+def stage_eval(args: Args) -> dict:
+    """Evaluate the RL adapter, else the SFT adapter, else the base model (or score --predictions)."""
+    return run_eval(args, start_adapter(args, "rl", "sft"), os.path.join(args.out, "eval"))
+
+
 def adapter_digest(adapter: str | None) -> str | None:
     """sha256 of the adapter weights (two variants with one digest trained to the same adapter)."""
     path = Path(adapter or "") / "adapter_model.safetensors"
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if adapter and path.is_file() else None
-
-
-def ablate_plot(table: dict, n: int, path: str) -> None:
-    """Accuracy (with its 95 % interval) and search rate per variant, on a 0-1 axis."""
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    x = np.arange(len(table))
-    acc = [r["accuracy"] for r in table.values()]
-    err = [[a - r["ci95"][0] for a, r in zip(acc, table.values())], [r["ci95"][1] - a for a, r in zip(acc, table.values())]]
-    ax.bar(x - 0.2, acc, 0.4, yerr=err, capsize=3, label="accuracy (95 % interval)")
-    ax.bar(x + 0.2, [r["search_rate"] or 0 for r in table.values()], 0.4, label="search rate")
-    ax.set(xticks=x, xticklabels=list(table), ylim=(0, 1), title=f"LRAS ablation, {n} held-out toy questions")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def stage_ablate(args: Args) -> dict:
@@ -857,12 +715,12 @@ def stage_ablate(args: Args) -> dict:
     steps, n = args.max_steps, args.eval_questions
     variants = {"base": (None, {}), "SFT": (sft_adapter, {})}
     for name, sub, uniform in (("SFT+RL difficulty", "rl_difficulty", False), ("SFT+RL uniform", "rl_uniform", True)):
-        adapter = train_rl(args, sft_adapter, str(abl / sub), uniform, rates, steps)
+        adapter = run_rl(args, sft_adapter, str(abl / sub), uniform, rates)
         used = json.loads((abl / sub / "summary.json").read_text())["difficulty"]["sampling"]
         variants[name] = (adapter, {"uniform_sampling": uniform, "sampling_used": used, "steps": steps})
     table = {}
     for name, (adapter, flags) in variants.items():
-        res = evaluate(args, adapter, str(abl / ("eval_" + re.sub(r"\W+", "_", name))), n)
+        res = run_eval(args, adapter, str(abl / ("eval_" + re.sub(r"\W+", "_", name))))
         st = res["search"]["toy"]
         table[name] = {"accuracy": res["score"]["toy"], "ci95": res["ci95"]["toy"], **{k: st[k] for k in (
             "search_rate", "accuracy_searched", "accuracy_not_searched", "failures_without_search")},
@@ -873,26 +731,26 @@ def stage_ablate(args: Args) -> dict:
         print(f"[ablate] identical adapters, not a comparison: {same}")
     write_json(str(abl / "results.json"), {"table": table, "identical_adapters": same, "questions": n,
                                            "rule": "accuracy (toy: choice letters / closed-class exact)"})
-    ablate_plot(table, n, str(abl / "ablate.png"))
+    acc, rows = "accuracy (95 % interval)", list(table.values())
+    rate_bars(str(abl / "ablate.png"), list(table), {acc: [r["accuracy"] for r in rows], "search rate": [
+        r["search_rate"] for r in rows]}, {acc: [r["ci95"] for r in rows]}, f"LRAS ablation, {n} held-out toy questions")
     print("[ablate] " + " | ".join(f"{k}: acc {r['accuracy']:.3f} {r['ci95']}" for k, r in table.items()))
     return table
 
 
+# ==== main ========================================================================================
 def check_inputs(args: Args) -> None:
     """Every user file is read and validated before any model is loaded."""
-    build_world(args.seed, args.n_charges, args.test_charges)
+    world_of(args)
     if args.data_file:
         load_benchmark(args.data_file, args)
         needs = args.stage in ("eval", "ablate", "all") and not args.predictions
         if needs and not (args.corpus_file or os.environ.get("TEXT_SEARCH_ENDPOINT")):
             raise UserError("--data_file needs a corpus to search: pass --corpus_file statutes.jsonl or set "
                             "TEXT_SEARCH_ENDPOINT (or score answers with --predictions).")
-    if args.corpus_file:
-        for where, row in read_records(args.corpus_file, "corpus file"):
-            require(row, where, "text")
-    if args.predictions:
-        for where, row in read_records(args.predictions, "predictions file"):
-            require(row, where, "id")
+    for path, what, field in ((args.corpus_file, "corpus file", "text"), (args.predictions, "predictions file", "id")):
+        for where, row in read_records(path, what) if path else []:
+            require(row, where, field)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,19 +3,19 @@ from an auditable error-injection table, LVLM-as-PRM evaluation with the benchma
 PRM-guided best-of-N. "What, Whether and How? Unveiling Process Reward Models for Thinking with Images
 Reasoning", arXiv 2602.08346.
 
-    python prm_bench.py --stage all --model tiny     # CPU, ~1 min: data -> eval -> search; numbers are noise
+    python prm_bench.py --stage all --model tiny     # CPU, < 30 s: data -> eval -> search; numbers are noise
     python prm_bench.py --stage all --model Qwen/Qwen2.5-VL-3B-Instruct --n_scenes 40 --search_questions 40
     python prm_bench.py --stage eval --benchmark visualprocessbench --data VPB/test.jsonl --images VPB/images
     python prm_bench.py --stage eval --benchmark processbench --data ProcessBench/gsm8k.json  # or prmbench
     python prm_bench.py --stage eval --data my.jsonl --predictions my_prm.jsonl  # scores of any external PRM
 
-Record (a line; `validate_record` checks it; paths relative to --images): {"id", "question", "images":
-[path], "answers": [str], "final_answer", "category", "subcategory", "source", "injected": [{"step",
-"error_type"}], "steps": [{"text", "tool_call": null | {"name", "arguments"}, "observation", "tool_image":
-path | null, "knowledge": [fact] | null, "label": correct | incorrect | neutral | null, "error_type"}]}.
-A null label (not annotated) may only follow an incorrect step; search/candidates.jsonl holds the
-policy's trajectories unlabelled. Predictions: {"id", "scores": [per step: a score in [0, 1], true/false,
-a verdict ("Incorrect", "+"), or null]}; a converted row without an id is named by its line ("3"),
+Record (a JSONL line; paths relative to --images; common.benchmarks.validate_prm_record checks it):
+{"id", "question", "images": [path], "answers": [str], "final_answer", "category", "subcategory", "source",
+"injected": [{"step", "error_type"}], "steps": [{"text", "tool_call": null | {"name", "arguments"},
+"observation", "tool_image": path | null, "knowledge": [fact] | null, "label": correct | incorrect | neutral
+| null, "error_type"}]}. A null label (not annotated) may only follow an incorrect step; search/candidates.jsonl
+holds the policy's trajectories unlabelled. Predictions: {"id", "scores": [per step: a score in [0, 1],
+true/false, a verdict ("Incorrect", "+"), or null]}; a converted row without an id is named by its line ("3"),
 PRMBench's as `<classification>_<idx>`.
 
 Metrics (eval/results.json; an undefined ratio is null where the benchmarks' code writes -1):
@@ -43,23 +43,24 @@ import json
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 from PIL import Image
 
-from common.benchmarks import prm_benchmark_rows, prm_step
+from common.benchmarks import (TOY_BUILDERS, Toy, confusion, direction, f1_score, load_prm_records, mean_of_both,
+                               plot_best_of_n, prm_html_items, prm_record_images, prm_steps_of, ratio,
+                               read_prm_predictions, save_prm_records, step_retry, tag)
 from common.chat import collate, encode
 from common.cli import RunArgs, UserError, run_stages
-from common.data import open_image, read_records, require
 from common.judge import exact_match, normalize_answer, parse_verdict
 from common.models import load_policy
 from common.rollout import image_token_id, run_rollouts
 from common.runlog import RunLog, bar_plot, trajectory_html, write_json
 from common.tools import crop, parse_action, seen_size
-from gog import World, build_world, to_seen
+from gog import World, build_world
 
 
 @dataclass
@@ -119,7 +120,7 @@ TINY_SIZES = dict(image_size=224)
 N_BUCKETS = 4  # relative step-position buckets
 
 
-# ==== data: taxonomy, the error-injection table (2), the record validator and reader ==============
+# ==== data: taxonomy, the error-injection table (2), the toy set on gog.py's world (1, 3), files ====
 ALL_KINDS = ("attribute", "fact", "relation", "count")
 ERRORS = {  # error type: (the toy step role it corrupts, toy kinds it is injected in, what that step does)
     "tool_invocation": ("crop", ALL_KINDS, "a malformed call (reversed box, 3 numbers, unknown tool, box "
@@ -146,106 +147,8 @@ KINDS = {"attribute": (("perception", "attribute"), ("crop", "perceive", "answer
          "fact": (("knowledge", "fact_lookup"), ("crop", "perceive", "recall", "answer")),
          "relation": (("spatial", "relative_position"), ("crop", "perceive", "relate", "answer")),
          "count": (("reasoning", "counting"), ("crop", "perceive", "count", "answer"))}
-LABELS = ("correct", "incorrect", "neutral")
-BENCHMARKS = ("VisualProcessBench", "ProcessBench", "PRMBench")  # the category of converted records
 
 
-def validate_record(rec: dict, where: str, base_dir: Path | None = None, require_labels: bool = True) -> dict:
-    """Check one trajectory; a UserError names `where` (file:line) and the field."""
-    def need(ok, fld: str, msg: str):
-        if not ok:
-            raise UserError(f"{where}: field '{fld}' {msg}")
-    for key in ("id", "question"):
-        need(isinstance(rec.get(key), str) and rec[key].strip(), key, "must be a non-empty string.")
-    for key in ("images", "answers"):
-        need(isinstance(rec.get(key), list) and all(isinstance(x, str) and x for x in rec[key]), key,
-             "must be a list of non-empty strings.")
-    cat, sub, steps = rec.get("category"), rec.get("subcategory"), rec.get("steps")
-    need(cat in TAXONOMY or cat in BENCHMARKS, "category",
-         f"must be one of {', '.join([*TAXONOMY, *BENCHMARKS])}; got {cat!r}.")
-    need(isinstance(sub, str) and (cat not in TAXONOMY or sub in TAXONOMY[cat]), "subcategory",
-         f"must be one of {', '.join(TAXONOMY.get(cat, ('a string',)))} for {cat!r}; got {sub!r}.")
-    need(isinstance(rec.get("final_answer"), (str, type(None))), "final_answer", "must be a string or null.")
-    need(isinstance(steps, list) and steps and all(isinstance(s, dict) for s in steps), "steps",
-         "must be a non-empty list of step objects.")
-    for i, s in enumerate(steps):
-        f, call, label, etype = f"steps[{i}]", s.get("tool_call"), s.get("label"), s.get("error_type")
-        facts = s.get("knowledge")
-        need(isinstance(s.get("text"), str) and s["text"].strip(), f + ".text", "must be a non-empty string.")
-        need(call is None or (isinstance(call, dict) and isinstance(call.get("name"), str)
-                              and isinstance(call.get("arguments", {}), dict)),
-             f + ".tool_call", 'must be null or {"name": str, "arguments": {...}}.')
-        for key in ("observation", "tool_image"):
-            need(isinstance(s.get(key), (str, type(None))), f"{f}.{key}", "must be a string or null.")
-        need(s.get("tool_image") is None or call is not None, f + ".tool_image",
-             "needs a tool_call that produced it.")
-        need(facts is None or (isinstance(facts, list) and all(isinstance(x, str) for x in facts)),
-             f + ".knowledge", "must be null or a list of strings (the facts the step is judged against).")
-        after_error = any(x.get("label") == "incorrect" for x in steps[:i])
-        need(label is not None or not require_labels or after_error, f + ".label", "is null before any "
-             "incorrect step: this trajectory is unannotated (e.g. candidates.jsonl); label every step with "
-             f"one of {', '.join(LABELS)} first.")
-        need(label is None or label in LABELS, f + ".label",
-             f"must be one of {', '.join(LABELS)}; got {label!r}.")
-        need(label != "incorrect" or cat not in TAXONOMY or etype in ERRORS, f + ".error_type",
-             f"must be one of {', '.join(ERRORS)} for an incorrect step; got {etype!r}.")
-        need(isinstance(etype, (str, type(None))) and (label == "incorrect" or etype is None),
-             f + ".error_type", f"must be null unless label is 'incorrect' (label is {label!r}).")
-    inj = rec.get("injected") or []
-    need(isinstance(inj, list) and all(isinstance(x, dict) and isinstance(x.get("step"), int)
-                                       and 0 <= x["step"] < len(steps)
-                                       and steps[x["step"]].get("error_type") == x.get("error_type")
-                                       for x in inj),
-         "injected", "must be a list of {step, error_type} matching those steps' labels.")
-    paths = [("images", p) for p in rec["images"]] + [
-        (f"steps[{i}].tool_image", s["tool_image"]) for i, s in enumerate(steps) if s.get("tool_image")]
-    for fld, p in paths if base_dir is not None else []:
-        need((base_dir / p).is_file(), fld, f"points to {base_dir / p}, which does not exist.")
-    return rec
-
-
-def load_records(path: str, require_labels: bool = True, benchmark: str = "ours", images: str | None = None):
-    """Read (common.data.read_records), convert a published benchmark's rows (common.benchmarks), validate."""
-    if not Path(path).is_file():
-        raise UserError(f"trajectory file {path} does not exist (run --stage data, or pass --data).")
-    rows = prm_benchmark_rows(benchmark, read_records(path, "trajectory file"), path)
-    base, records, seen = Path(images or Path(path).parent), [], set()
-    for where, rec in rows:
-        validate_record(rec, where, base, require_labels)
-        if rec["id"] in seen:
-            raise UserError(f"{where}: field 'id' {rec['id']!r} is used by an earlier record.")
-        seen.add(rec["id"])
-        records.append(dict(rec, _base=str(base)))
-    return records
-
-
-def save_records(records: list[dict], path: Path) -> None:
-    """Write records as JSONL; in-memory PIL images (`_pil`) go to <dir>/images/ as PNGs."""
-    (path.parent / "images").mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for rec in records:
-            pil = rec.get("_pil", {})
-            for rel, im in zip(rec["images"], pil.get("images", [])):
-                if not (path.parent / rel).exists():
-                    im.save(path.parent / rel)
-            for k, im in pil.get("steps", {}).items():
-                im.save(path.parent / rec["steps"][k]["tool_image"])
-            rec["_base"] = str(path.parent)
-            row = {k: v for k, v in rec.items() if not k.startswith("_")}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def record_images(rec: dict) -> tuple[list[Image.Image], dict[int, Image.Image]]:
-    """(question images, {step index: tool image}), from memory or from disk."""
-    if rec.get("_pil") is not None:
-        return rec["_pil"]["images"], rec["_pil"].get("steps", {})
-    base = rec["_base"]
-    crops = {i: open_image(s["tool_image"], base, rec["id"]) for i, s in enumerate(rec["steps"])
-             if s.get("tool_image")}
-    return [open_image(p, base, rec["id"]) for p in rec["images"]], crops
-
-
-# ==== the toy set: gog.py's world, step builders, errors from ERRORS (1, 3) ========================
 def toy_questions(world: World, rng: random.Random) -> list[dict]:
     """Four questions per scene on gog.py's world: its glance (attribute) and gaze (fact) questions,
     plus our relation and counting questions computed from the tile boxes."""
@@ -281,201 +184,18 @@ def toy_questions(world: World, rng: random.Random) -> list[dict]:
     return specs
 
 
-def tag(t: dict) -> str:
-    """How a question names a tile: gog.py draws a 3-letter label on each (else its name)."""
-    return t.get("label") or t["name"]
-
-
-def direction(a: list, b: list) -> str:
-    """Where box b lies from box a, by the dominant axis of their centres."""
-    dx, dy = (b[0] + b[2] - a[0] - a[2]) / 2, (b[1] + b[3] - a[1] - a[3]) / 2
-    if abs(dx) >= abs(dy):
-        return "to the right of" if dx > 0 else "to the left of"
-    return "below" if dy > 0 else "above"
-
-
-def union_box(boxes: list, size: tuple, pad: int = 4) -> list:
-    return [max(0, min(b[0] for b in boxes) - pad), max(0, min(b[1] for b in boxes) - pad),
-            min(size[0], max(b[2] for b in boxes) + pad), min(size[1], max(b[3] for b in boxes) + pad)]
-
-
-def other(pool: list, gold: str, rng: random.Random) -> str:
-    """A value from `pool` that differs from `gold` (normalised)."""
-    choices = sorted({p for p in pool if normalize_answer(p) != normalize_answer(gold)})
-    if not choices:
-        raise ValueError(f"cannot make a wrong value for {gold!r}: the pool {pool} has no other value.")
-    return rng.choice(choices)
-
-
-def entity_facts(world: World, name: str | None) -> list[str]:
-    return [d["text"] for d in world.text_kb if d["entity"] == name]
-
-
-def entity_fact(world: World, name: str, fact: str) -> str:
-    """The entity's founding year or city, read from its KB sentences (what the PRM is shown)."""
-    pattern = r"\b(\d{4})\b" if fact == "year" else r"city of ([A-Z]\w+)"
-    return next(m.group(1) for t in entity_facts(world, name) if (m := re.search(pattern, t)))
-
-
-@dataclass
-class Toy:
-    """A toy trajectory being built, and what its steps have claimed so far."""
-    spec: dict
-    world: World
-    rng: random.Random
-    steps: list = field(default_factory=list)
-    crops: dict = field(default_factory=dict)   # step index -> the crop it made
-    view: list = field(default_factory=list)    # tiles in the latest crop
-    seen: dict = field(default_factory=dict)    # tile name -> (colour, shape) as a step described it
-    value: str = ""                             # what the steps carry to the answer
-    name: str | None = None                     # the entity the perception step named (fact kind)
-
-    def say(self, text: str, error: str | None, **fields) -> None:
-        self.steps.append({**prm_step(text, "incorrect" if error else "correct", error), **fields})
-
-    def pool(self, key: str) -> list[str]:
-        return sorted({t[key] for s in self.world.scenes for t in s["tiles"]})
-
-
-def crop_tiles(t: Toy, wrong: bool) -> list[dict]:
-    """The tiles a correct crop must hold, or (region_selection) those of a crop that misses the evidence
-    and changes the answer if trusted."""
-    s, tiles = t.spec, t.spec["scene"]["tiles"]
-    if not wrong and s["kind"] == "relation":
-        return [s["anchor"], s["target"], s["decoy"]]
-    if not wrong:
-        return tiles if s["kind"] == "count" else [s["target"]]
-    if s["kind"] == "count":  # one tile without the asked shape
-        return [([x for x in tiles if x["shape"] != s["shape"]] or tiles)[0]]
-    rest = [x for x in tiles if x is not s["target"] and (s["kind"] == "attribute" or not x["is_distractor"])]
-    if s["kind"] == "attribute":
-        return [sorted(rest, key=lambda x: x[s["attr"]] == s["target"][s["attr"]])[0]]
-    return [sorted(rest, key=lambda x: entity_fact(t.world, x["name"], s["fact"]) == s["answers"][0])[0]]
-
-
-def step_plan(t: Toy, err: None) -> None:
-    s = t.spec
-    if s["kind"] == "count":
-        t.say(f"I will zoom in on the region with all the tiles, then count the {s['shape']} emblems.", None)
-    elif s["kind"] == "relation":
-        t.say(f"I will zoom in on the tile labelled {tag(s['anchor'])} and the tile {s['rel']} it.", None)
-    else:
-        then = "recall a fact about its organisation" if s["kind"] == "fact" else "read its emblem"
-        t.say(f"I will zoom in on the tile labelled {tag(s['target'])}, then {then}.", None)
-
-
-def step_crop(t: Toy, err: str | None, text: str = "Zoom in on that region.") -> None:
-    """A crop through the shared tool (common.tools); tool_invocation breaks the call itself."""
-    image = t.spec["scene"]["image"]
-    tiles = crop_tiles(t, wrong=err == "region_selection")
-    (w, h), seen = seen_size(image), to_seen(union_box([x["box"] for x in tiles], image.size), image)
-    breaks = ["reversed", "three_numbers", "unknown_tool", "outside"]
-    broken = t.rng.choice(breaks) if err == "tool_invocation" else ""
-    box = {"reversed": seen[2:] + seen[:2], "three_numbers": seen[:3],
-           "outside": [w + 10, h + 10, w + 60, h + 60]}
-    name = "zoom" if broken == "unknown_tool" else "crop"
-    call = {"name": name, "arguments": {"bbox_2d": box.get(broken, seen)}}
-    action = parse_action(f"<tool_call>{json.dumps(call)}</tool_call>")
-    out, obs = (None, action.error) if action.kind == "error" else crop(image, action.args["bbox_2d"], (w, h))
-    t.say(text, err, tool_call=call, observation=obs)
-    if out is not None:
-        t.crops[len(t.steps) - 1], t.view = out, tiles
-
-
-def step_retry(t: Toy, err: str) -> None:
-    """A recovery: the step after a broken call or a wrong crop notices it and crops again (correct)."""
-    if err == "tool_invocation":
-        text = "The tool call failed; I retry it with a valid box."
-    elif t.spec["kind"] == "count":
-        text = "This view holds only part of the tiles; I zoom out to all of them."
-    else:
-        text = f"This view does not show the tile labelled {tag(t.spec['target'])}; I zoom in on it instead."
-    step_crop(t, None, text)
-
-
-def step_perceive(t: Toy, err: str | None) -> None:
-    s, kind, rng = t.spec, t.spec["kind"], t.rng
-    t.seen = {x["name"]: (x["color"], x["shape"]) for x in t.view}
-    if kind in ("attribute", "fact"):
-        x = t.view[0]
-        (c, sh), t.name = t.seen[x["name"]], None if x["is_distractor"] else x["name"]
-        if err and kind == "attribute":  # misread the asked attribute
-            if s["attr"] == "color":
-                c = other(t.pool("color"), c, rng)
-            else:
-                sh = other(t.pool("shape"), sh, rng)
-        elif err:  # take the emblem for another entity's
-            e = rng.choice([y for sc in t.world.scenes for y in sc["tiles"] if not y["is_distractor"]
-                            and y["name"] != x["name"]])
-            c, sh, t.name = e["color"], e["shape"], e["name"]
-        t.value = {"color": c, "shape": sh}[s.get("attr", "color")]
-        if kind == "fact":
-            t.say(f"The zoomed view shows a {c} {sh} emblem, the emblem of {t.name}.", err,
-                  knowledge=[f"The emblem of {t.name} is a {c} {sh}."])
-        else:
-            t.say(f"The zoomed view shows a {c} {sh} emblem.", err)
-        return
-    if err:  # misread the target's colour (relation) or one tile's shape, which changes the count (count)
-        x = s["target"] if kind == "relation" else rng.choice(t.view)
-        c, sh = t.seen[x["name"]]
-        t.seen[x["name"]] = (other(t.pool("color"), c, rng), sh) if kind == "relation" else \
-            (c, other(t.pool("shape"), sh, rng) if sh == s["shape"] else s["shape"])
-    parts = [f"a tile labelled {tag(x)} ({' '.join(t.seen[x['name']])})" for x in t.view]
-    if kind == "relation":
-        parts = parts[:1] + rng.sample(parts[1:], 2)
-    t.say("The zoomed view shows " + ", ".join(parts) + ".", err)
-
-
-def step_relate(t: Toy, err: str | None) -> None:
-    s = t.spec
-    pick = s["decoy"] if err else s["target"]
-    t.value = t.seen[pick["name"]][0]
-    t.say(f"The tile labelled {tag(pick)} is {s['rel']} the tile labelled {tag(s['anchor'])}.", err)
-
-
-def step_recall(t: Toy, err: str | None) -> None:
-    fact, facts = t.spec["fact"], entity_facts(t.world, t.name)
-    true = entity_fact(t.world, t.name, fact)
-    pool = [entity_fact(t.world, d["entity"], fact) for d in t.world.text_kb]
-    t.value = other(pool, true, t.rng) if err else true
-    verb = "was founded in" if fact == "year" else "is based in the city of"
-    t.say(f"I recall that {t.name} {verb} {t.value}.", err, knowledge=facts)
-
-
-def step_count(t: Toy, err: str | None) -> None:
-    hits = [tag(x) for x in t.view if t.seen[x["name"]][1] == t.spec["shape"]]
-    n = len(hits) + ((1 if not hits or t.rng.random() < 0.5 else -1) if err else 0)  # off by one
-    t.value = str(n)
-    t.say(f"The tiles with a {t.spec['shape']} emblem: {', '.join(hits) or 'none'}; that makes {n}.", err)
-
-
-def step_answer(t: Toy, err: str | None) -> None:
-    if err and t.rng.random() < 0.5:
-        t.say(f"The answer is {t.value}.", err)
-        return
-    pool = {"count": [str(i) for i in range(8)], "relation": t.pool("color"),
-            "attribute": t.pool(t.spec.get("attr", "color")),
-            "fact": [entity_fact(t.world, d["entity"], t.spec.get("fact", "year")) for d in t.world.text_kb]}
-    shown = other(pool[t.spec["kind"]], t.value, t.rng) if err else t.value
-    t.say(f"So the answer is {t.value}. <answer>{shown}</answer>", err)
-
-
-BUILDERS = {"plan": step_plan, "crop": step_crop, "perceive": step_perceive, "relate": step_relate,
-            "recall": step_recall, "count": step_count, "answer": step_answer}
-
-
 def toy_trajectory(spec: dict, world: World, errors: dict[str, str], rng: random.Random, rid: str,
                    plan: bool = True, recover: bool = False) -> dict:
-    """One trajectory: [plan] + the kind's roles, each built by BUILDERS[role]; `errors` maps a role to the
-    error type injected there (ERRORS says which fit). A broken call is retried; a wrong crop is redone
-    when `recover`. Every step is labelled by what it does itself (3)."""
+    """One trajectory: [plan] + the kind's roles, each built by TOY_BUILDERS[role] (common.benchmarks);
+    `errors` maps a role to the error type injected there (ERRORS says which fit). A broken call is
+    retried; a wrong crop is redone when `recover`. Every step is labelled by what it does itself (3)."""
     roles = KINDS[spec["kind"]][1]
     for role, e in errors.items():
         if ERRORS[e][0] != role or spec["kind"] not in ERRORS[e][1]:
             raise ValueError(f"ERRORS does not inject {e} at the {role} step of a {spec['kind']} trajectory.")
     t = Toy(spec, world, rng)
     for role in ("plan",) * plan + roles:
-        BUILDERS[role](t, errors.get(role))
+        TOY_BUILDERS[role](t, errors.get(role))
         if errors.get(role) == "tool_invocation" or (errors.get(role) == "region_selection" and recover):
             step_retry(t, errors[role])
     final = parse_action(t.steps[-1]["text"])
@@ -521,54 +241,54 @@ def build_toy_set(world: World, seed: int, p_clean: float, p_multi: float = 0.3,
     return records
 
 
-# ==== trajectories from a policy with the shared crop tool (unannotated: label null) ===============
-POLICY_SYSTEM = """You answer questions about an image step by step, one short step per turn.
+def load_records(path: str, require_labels: bool = True, benchmark: str = "ours", images: str | None = None):
+    """The trajectories of `path` (ours, or a published benchmark's file converted), checked against TAXONOMY."""
+    return load_prm_records(path, TAXONOMY, ERRORS, require_labels, benchmark, images)
+
+
+def load_benchmark(args: Args) -> list[dict]:
+    """The trajectories eval judges: --data (a --benchmark file) or the data stage's toy set, capped (6)."""
+    records = load_records(args.data or str(Path(args.out) / "data" / "toy.jsonl"), benchmark=args.benchmark,
+                           images=args.images)
+    return records[: args.max_steps] if args.max_steps > 0 else records
+
+
+def read_predictions(path: str, records: list[dict]) -> list[list[dict]]:
+    """An external PRM's {"id", "scores": [per step]} rows -> the judgements of `records`, in their order."""
+    return [[{"score": parse_step_verdict(x), "reply": str(x)} for x in scores]
+            for scores in read_prm_predictions(path, records)]
+
+
+def write_set(records: list[dict], out: Path, name: str, title: str, **load_kw) -> None:
+    """<out>/<name>.jsonl (+ PNGs), checked by its own validator, and <out>/<name>.html."""
+    save_prm_records(records, out / f"{name}.jsonl")
+    load_records(str(out / f"{name}.jsonl"), **load_kw)
+    trajectory_html(prm_html_items(records[:12]), str(out / f"{name}.html"), title)
+
+
+# ==== prompt + parsing: the policy with the crop tool; the LVLM as PRM (4, 5) =====================
+SYSTEM = """You answer questions about an image step by step, one short step per turn.
 To look closer, zoom in: <tool_call>{"name": "crop", "arguments": {"bbox_2d": [x1, y1, x2, y2]}}</tool_call>
 in pixels of the image as you see it; the zoomed image comes back in the next turn.
 End with <answer>short answer</answer>."""
 
 
-def policy_messages(ex: dict) -> list[dict]:
+def make_messages(ex: dict) -> list[dict]:
+    """The policy's prompt: the question image and its size as the model sees it (crop boxes are in it)."""
     w, h = seen_size(ex["image"])
-    return [{"role": "system", "content": POLICY_SYSTEM},
+    return [{"role": "system", "content": SYSTEM},
             {"role": "user", "content": [{"type": "image", "image": ex["image"]}, {
                 "type": "text", "text": f"(image: {w}x{h} pixels) {ex['question']}"}]}]
 
 
-def crop_tool(args: dict, r) -> tuple[str, Image.Image | None]:
-    out, msg = crop(r.images[0], args.get("bbox_2d"), seen_size(r.images[0]))
-    return msg, out
+def make_tools() -> dict:
+    """The shared crop tool (common.tools.crop) on the question image, in the pixels the model sees."""
+    def crop_tool(args: dict, r) -> tuple[str, Image.Image | None]:
+        out, msg = crop(r.images[0], args.get("bbox_2d"), seen_size(r.images[0]))
+        return msg, out
+    return {"crop": crop_tool}
 
 
-def policy_trajectories(policy, specs: list[dict], args: Args, G: int, generate=None) -> list[dict]:
-    """G sampled trajectories per question -> records: each assistant turn is a step; its tool call,
-    observation and crop attach to it. `generate`: tests' scripted sampler."""
-    if not policy.is_vlm:
-        raise UserError(f"{policy.name} is text-only and cannot see the image; use a VLM (tiny, Qwen2.5-VL) "
-                        "or --search_source toy (simulated candidates).")
-    examples = [dict(id=s["id"], image=s["scene"]["image"], question=s["question"], spec=s) for s in specs]
-    rollouts = run_rollouts(policy, examples, num_generations=G, make_messages=policy_messages,
-                            tools={"crop": crop_tool}, max_turns=args.max_turns, max_tool_calls={"crop": 2},
-                            max_new_tokens=args.max_completion_length, max_total_tokens=args.max_turns * 400,
-                            reprompt="Continue with the next step, or give the final <answer>.",
-                            temperature=args.temperature, generate=generate)
-    records = []
-    for j, r in enumerate(rollouts):
-        spec, rid = r.example["spec"], f"{r.example['id']}-g{j % G}"
-        steps, crops = [], {}
-        for turn in r.trajectory:
-            if turn["role"] == "assistant":
-                steps.append(prm_step(turn["text"].strip() or "(empty step)", None))
-            elif steps and turn["name"] != "reprompt":
-                steps[-1].update(tool_call={"name": turn["name"], "arguments": turn["args"]},
-                                 observation=turn["observation"])
-                if turn.get("image") is not None:
-                    crops[len(steps) - 1] = turn["image"]
-        records.append(scene_record(spec, rid, steps, crops, r.answer, f"policy:{policy.name}"))
-    return records
-
-
-# ==== prompt format and parsing: the LVLM as PRM (4, 5) ============================================
 PRM_SYSTEM = ("You are a process reward model. You check one step of a visual reasoning trajectory in which "
               "the solver may zoom into the image with a crop tool.")
 PRM_REPLY = {"judge": "Reply with one word: Correct or Incorrect.",
@@ -615,86 +335,12 @@ def parse_step_verdict(text) -> float | None:
     return parse_verdict(t)
 
 
-@torch.no_grad()
-def plus_probability(policy, batch: list[list[dict]]) -> list[float]:
-    """P("+") / (P("+") + P("-")) of the next token after each prompt (5)."""
-    tok = policy.tokenizer
-    plus, minus = (tok.encode(s, add_special_tokens=False)[0] for s in ("+", "-"))
-    seqs = [encode(tok, policy.image_processor, m, add_generation_prompt=True) for m in batch]
-    inputs = collate(seqs, tok.pad_token_id, "left", image_token_id(tok) if policy.is_vlm else None)
-    inputs.pop("loss_mask")
-    inputs = {k: v.to(policy.device) for k, v in inputs.items()}
-    logits = policy.model(**inputs, logits_to_keep=1).logits                             # (B, 1, V)
-    return torch.softmax(logits[:, -1, [plus, minus]].float(), dim=-1)[:, 0].tolist()  # (B,)
-
-
-def score_steps(policy, records: list[dict], args: Args, log: RunLog | None = None) -> list[list[dict]]:
-    """Every step of every record -> {"score": float | None (unparsed), "reply": str}, per record."""
-    items = [(r, k) for r in records for k in range(len(r["steps"]))]
-    out, starts = {}, range(0, len(items), args.batch_size)
-    for b in (log.bar(starts, desc=f"PRM ({args.prm})") if log else starts):
-        chunk = items[b: b + args.batch_size]
-        images = {id(r): record_images(r) for r, _ in chunk}  # opened per batch: real sets are large
-        msgs = [prm_messages(r, k, *images[id(r)], args.prm, policy.is_vlm) for r, k in chunk]
-        if args.prm == "prob":
-            scores = plus_probability(policy, msgs)
-            replies = [f"P(+)={p:.3f}" for p in scores]
-        else:
-            replies = policy.chat(msgs, max_new_tokens=args.judge_max_new_tokens, temperature=0.0)
-            scores = [parse_step_verdict(x) for x in replies]
-        for (r, k), sc, rep in zip(chunk, scores, replies):
-            out[(id(r), k)] = {"score": sc, "reply": rep}
-        if log:
-            log.log({"unparsed": sum(s is None for s in scores) / len(scores)}, step=b // args.batch_size)
-    return [[out[(id(r), k)] for k in range(len(r["steps"]))] for r in records]
-
-
-def read_predictions(path: str, records: list[dict]) -> list[list[dict]]:
-    """An external PRM's {"id", "scores": [per step]} rows -> the judgements of `records`, in their order."""
-    rows = {}
-    for where, row in read_records(path, "predictions file"):
-        require(row, where, "id")
-        if not isinstance(row.get("scores"), list):
-            raise UserError(f"{where}: field 'scores' must be a list with one score or verdict per step.")
-        rows[str(row["id"])] = (where, row["scores"])
-    judged = []
-    for r in records:
-        if r["id"] not in rows:
-            raise UserError(f"{path} has no predictions for the record {r['id']!r}; give each record a row.")
-        where, scores = rows[r["id"]]
-        if len(scores) != len(r["steps"]):
-            raise UserError(f"{where}: {len(scores)} scores for the {len(r['steps'])} steps of {r['id']!r}.")
-        if any(isinstance(x, (int, float)) and not 0 <= x <= 1 for x in scores):
-            raise UserError(f"{where}: a score outside [0, 1] in {scores}; give probabilities of 'correct'.")
-        judged.append([{"score": parse_step_verdict(x), "reply": str(x)} for x in scores])
-    return judged
-
-
-# ==== metrics: PRMBench, VisualProcessBench, ProcessBench, the paper's analyses ====================
+# ==== rewards + metrics: PRMBench, VisualProcessBench, ProcessBench, analyses, best-of-N ==========
 # pred[j][i] is True / False (judged correct / not) or None (unparsed). Undefined ratios (0/0) are None.
-def ratio(num: float, den: float) -> float | None:
-    return None if den == 0 else num / den
-
-
-def f1_score(tp: int, fp: int, fn: int) -> float | None:
-    """2TP / (2TP + FP + FN) = PRMBench's 2PR / (P + R); None if the class is in neither gold nor pred."""
-    return ratio(2 * tp, 2 * tp + fp + fn)
-
-
-def mean_of_both(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else 0.5 * a + 0.5 * b
-
-
 def step_pairs(records: list[dict], pred: list[list]) -> list[tuple[bool, bool]]:
     """(gold correct, judged correct) of every labelled correct/incorrect step judged True or False."""
     return [(s["label"] == "correct", p) for r, ps in zip(records, pred) for s, p in zip(r["steps"], ps)
             if s["label"] in ("correct", "incorrect") and p is not None]
-
-
-def confusion(pairs: list[tuple[bool, bool]]) -> dict:
-    """Correct steps are the positive class (PRMBench's TP / FP / FN / TN)."""
-    return {"tp": sum(g and p for g, p in pairs), "fp": sum(not g and p for g, p in pairs),
-            "fn": sum(g and not p for g, p in pairs), "tn": sum(not g and not p for g, p in pairs)}
 
 
 def prmscore(pairs: list[tuple[bool, bool]]) -> dict:
@@ -799,7 +445,6 @@ def evaluate(records: list[dict], pred: list[list], n_buckets: int = 4) -> dict:
     return res
 
 
-# ==== search: PRM-guided best-of-N =================================================================
 def best_of_n(questions: list[list[dict]], ns: list[int], repeats: int, seed: int) -> dict:
     """questions: per question, its candidates {"correct", "answer", "scores": [step score | None],
     optional "gold_scores"}. For each N, `repeats` random N-subsets per question, the SAME subset for
@@ -833,7 +478,7 @@ def best_of_n(questions: list[list[dict]], ns: list[int], repeats: int, seed: in
     return acc
 
 
-# ==== stages and main ==============================================================================
+# ==== stages ======================================================================================
 @functools.cache
 def load_model(model: str, adapter: str | None, load_in_4bit: bool | None, seed: int):
     return load_policy(model, load_in_4bit=load_in_4bit, lora=False, adapter=adapter, seed=seed)
@@ -847,30 +492,54 @@ def get_policy(args: Args, prm: bool):
     return policy
 
 
-def html_items(records: list[dict], judged: list[list[dict]] | None = None) -> list[dict]:
-    items = []
-    for j, rec in enumerate(records):
-        images, step_images = record_images(rec)
-        turns = []
-        for i, s in enumerate(rec["steps"]):
-            prm = f" | PRM {judged[j][i]['score']} ({judged[j][i]['reply']!r})" if judged else ""
-            turns.append({"role": "assistant", "text": f"[{i}] {s['text']}\n   gold: {s['label']} "
-                                                       f"{s['error_type'] or ''}{prm}"})
-            if s.get("tool_call"):
-                call = s["tool_call"]
-                turns.append({"role": "tool", "name": call["name"], "args": call.get("arguments", {}),
-                              "observation": s.get("observation") or "", "image": step_images.get(i)})
-        items.append({"title": f"{rec['id']} [{rec['category']}/{rec['subcategory']}] {rec['question']}",
-                      "images": images, "trajectory": turns,
-                      "rewards": {"gold": ", ".join(rec["answers"]), "final": str(rec["final_answer"])}})
-    return items
+def agent_rollouts(policy, specs: list[dict], args: Args, G: int, generate=None) -> list[dict]:
+    """G sampled trajectories per question -> records: each assistant turn is a step; its tool call,
+    observation and crop attach to it. `generate`: tests' scripted sampler."""
+    if not policy.is_vlm:
+        raise UserError(f"{policy.name} is text-only and cannot see the image; use a VLM (tiny, Qwen2.5-VL) "
+                        "or --search_source toy (simulated candidates).")
+    examples = [dict(id=s["id"], image=s["scene"]["image"], question=s["question"], spec=s) for s in specs]
+    rollouts = run_rollouts(policy, examples, num_generations=G, make_messages=make_messages,
+                            tools=make_tools(), max_turns=args.max_turns, max_tool_calls={"crop": 2},
+                            max_new_tokens=args.max_completion_length, max_total_tokens=args.max_turns * 400,
+                            reprompt="Continue with the next step, or give the final <answer>.",
+                            temperature=args.temperature, generate=generate)
+    return [scene_record(r.example["spec"], f"{r.example['id']}-g{j % G}", *prm_steps_of(r.trajectory),
+                         r.answer, f"policy:{policy.name}") for j, r in enumerate(rollouts)]
 
 
-def write_set(records: list[dict], out: Path, name: str, title: str, **load_kw) -> None:
-    """<out>/<name>.jsonl (+ PNGs), checked by its own validator, and <out>/<name>.html."""
-    save_records(records, out / f"{name}.jsonl")
-    load_records(str(out / f"{name}.jsonl"), **load_kw)
-    trajectory_html(html_items(records[:12]), str(out / f"{name}.html"), title)
+@torch.no_grad()
+def plus_probability(policy, batch: list[list[dict]]) -> list[float]:
+    """P("+") / (P("+") + P("-")) of the next token after each prompt (5)."""
+    tok = policy.tokenizer
+    plus, minus = (tok.encode(s, add_special_tokens=False)[0] for s in ("+", "-"))
+    seqs = [encode(tok, policy.image_processor, m, add_generation_prompt=True) for m in batch]
+    inputs = collate(seqs, tok.pad_token_id, "left", image_token_id(tok) if policy.is_vlm else None)
+    inputs.pop("loss_mask")
+    inputs = {k: v.to(policy.device) for k, v in inputs.items()}
+    logits = policy.model(**inputs, logits_to_keep=1).logits                             # (B, 1, V)
+    return torch.softmax(logits[:, -1, [plus, minus]].float(), dim=-1)[:, 0].tolist()  # (B,)
+
+
+def score_steps(policy, records: list[dict], args: Args, log: RunLog | None = None) -> list[list[dict]]:
+    """Every step of every record -> {"score": float | None (unparsed), "reply": str}, per record."""
+    items = [(r, k) for r in records for k in range(len(r["steps"]))]
+    out, starts = {}, range(0, len(items), args.batch_size)
+    for b in (log.bar(starts, desc=f"PRM ({args.prm})") if log else starts):
+        chunk = items[b: b + args.batch_size]
+        images = {id(r): prm_record_images(r) for r, _ in chunk}  # opened per batch: real sets are large
+        msgs = [prm_messages(r, k, *images[id(r)], args.prm, policy.is_vlm) for r, k in chunk]
+        if args.prm == "prob":
+            scores = plus_probability(policy, msgs)
+            replies = [f"P(+)={p:.3f}" for p in scores]
+        else:
+            replies = policy.chat(msgs, max_new_tokens=args.judge_max_new_tokens, temperature=0.0)
+            scores = [parse_step_verdict(x) for x in replies]
+        for (r, k), sc, rep in zip(chunk, scores, replies):
+            out[(id(r), k)] = {"score": sc, "reply": rep}
+        if log:
+            log.log({"unparsed": sum(s is None for s in scores) / len(scores)}, step=b // args.batch_size)
+    return [[out[(id(r), k)] for k in range(len(r["steps"]))] for r in records]
 
 
 def stage_data(args: Args) -> dict:
@@ -893,12 +562,6 @@ def stage_data(args: Args) -> dict:
     return summary
 
 
-def eval_records(args: Args) -> list[dict]:
-    records = load_records(args.data or str(Path(args.out) / "data" / "toy.jsonl"), benchmark=args.benchmark,
-                           images=args.images)
-    return records[: args.max_steps] if args.max_steps > 0 else records
-
-
 def plot_rates(groups: dict[str, dict], path: Path, title: str, why_empty: str) -> None:
     """Grouped bars of the defined values; a plot without any says why it is empty."""
     groups = {m: {x: v for x, v in g.items() if v is not None} for m, g in groups.items()}
@@ -908,7 +571,7 @@ def plot_rates(groups: dict[str, dict], path: Path, title: str, why_empty: str) 
 
 def stage_eval(args: Args) -> dict:
     out = Path(args.out) / "eval"
-    log, records = RunLog(str(out)), eval_records(args)
+    log, records = RunLog(str(out)), load_benchmark(args)
     if args.predictions:
         who = f"predictions {Path(args.predictions).name}"
         judged = read_predictions(args.predictions, records)
@@ -931,37 +594,13 @@ def stage_eval(args: Args) -> dict:
     plot_rates(by_pos, out / "by_position.png", f"PRM {who} by relative step position", "no judged step")
     log.samples([{"id": r["id"], "step": i, "label": s["label"], "error_type": s["error_type"], **j}
                  for r, js in zip(records, judged) for i, (s, j) in enumerate(zip(r["steps"], js))])
-    trajectory_html(html_items(records[:12], judged), str(out / "judged.html"), "PRM judgements")
+    trajectory_html(prm_html_items(records[:12], judged), str(out / "judged.html"), "PRM judgements")
     log.summary({k: res[k] for k in ("PRMBench", "VisualProcessBench", "ProcessBench", "positive_bias",
                                      "n_unparsed")})
     print(f"[eval] PRMScore {res['PRMBench']['PRMScore']} | VisualProcessBench macro-F1 "
           f"{res['VisualProcessBench']['macro_f1']} | ProcessBench F1 {res['ProcessBench']['f1']} | {rates} "
           f"-> {out / 'results.json'}")
     return res
-
-
-def plot_best_of_n(res: dict, ns: list[int], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    source = "SIMULATED (toy)" if res["source"] == "toy" else "policy"
-    for m, v in res["accuracy"].items():
-        ax.plot(ns, [v[n] for n in ns], marker="o", ls="--" if m == "pass@N" else "-", label=m)
-    ax.set_xscale("log", base=2)
-    ax.minorticks_off()
-    ax.set(xticks=ns, xticklabels=[str(n) for n in ns], xlabel="N (candidates shared by every method)",
-           ylabel="accuracy", ylim=(-0.02, 1.02),
-           title=f"best-of-N, {source} candidates, PRM {res['prm']}")
-    ax.text(0.01, 0.01, "pass@N = an oracle that knows the answer (the ceiling). The oracle PRM (gold step "
-            "labels)\n"
-            "meets it when every error-free candidate is right and every other wrong; a recovered error\n"
-            "(right answer despite a wrong step) puts it below.", transform=ax.transAxes, fontsize=6.5,
-            va="bottom")
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def stage_search(args: Args) -> dict:
@@ -974,7 +613,7 @@ def stage_search(args: Args) -> dict:
         cands = build_toy_set(world, args.seed + 1, args.p_clean, args.p_multi, args.p_recover, specs,
                               copies=M)
     else:
-        cands = policy_trajectories(get_policy(args, prm=False), specs, args, M)
+        cands = agent_rollouts(get_policy(args, prm=False), specs, args, M)
     write_set(cands, out, "candidates", f"best-of-N candidates ({args.search_source})", require_labels=False)
     judged = score_steps(get_policy(args, prm=True), cands, args)
     groups = [[] for _ in specs]  # cands are question-major: M per question
@@ -1003,6 +642,7 @@ def search_ns(args: Args) -> list[int]:
     return ns
 
 
+# ==== main ========================================================================================
 def check_inputs(args: Args) -> None:
     """Every user file and list, before any model is loaded."""
     if args.n_scenes < 2:   # gog.py's world keeps its test entities in a scene of their own
@@ -1011,7 +651,7 @@ def check_inputs(args: Args) -> None:
     if args.stage in ("search", "all"):
         search_ns(args)
     if args.stage == "eval" or (args.data and args.stage == "all"):
-        records = eval_records(args)
+        records = load_benchmark(args)
         if args.predictions:
             read_predictions(args.predictions, records)
     elif args.predictions:

@@ -6,7 +6,8 @@
 - LLM-as-judge with any local policy (`policy.chat(batch, max_new_tokens, temperature)`):
   `llm_judge`, `llm_judge_batch`, and the parsers `parse_verdict` (correct/incorrect),
   `parse_score` / `parse_label` (0-100 scores with REFUSAL/CODE labels, Emergent
-  Misalignment's judge format) and `weighted_score` (probability-weighted 0-100 score).
+  Misalignment's judge format), `weighted_score` (probability-weighted 0-100 score),
+  `parse_label_score` ("UNSAFE 2") and `parse_preference` / `win_rate` (pairwise A/B judges).
 - Rule fallbacks for the offline toy worlds: `match_answer`, `keyword_flags`, `is_refusal`.
 
 Paper-specific judges (prompts, reward formulas) live in the paper scripts.
@@ -274,6 +275,33 @@ def llm_judge(policy: ChatPolicy, question: str, prediction: str | None,
     """
     return llm_judge_batch(policy, [question], [prediction], [golds],
                            max_new_tokens=max_new_tokens)[0]
+
+
+def parse_label_score(text: str | None, labels: Sequence[str], lo: float = 0, hi: float = 10
+                      ) -> tuple[str | None, float | None]:
+    """A judge's "LABEL, then a number" reply ("UNSAFE 2", "REFUSAL, 3") -> (the first of `labels`
+    found as a whole word, case-insensitive, so "UNSAFE" is never "SAFE", else None; the first number
+    in [lo, hi] after it (anywhere without a label), else None)."""
+    if not isinstance(text, str):
+        return None, None
+    m = re.search(r"\b(" + "|".join(map(re.escape, labels)) + r")\b", text.upper())
+    return (m.group(1) if m else None), parse_score(text[m.end():] if m else text, lo, hi)
+
+
+def parse_preference(text: str | None, swapped: bool = False) -> int | None:
+    """A pairwise judge's "A" / "B" / "TIE" -> +1 (the first item of the pair is better), -1, 0 (a tie,
+    or both letters); None when unreadable. `swapped`: the prompt showed the pair's second item as A
+    (alternate the order against position bias)."""
+    c = extract_choice(text, "AB")
+    if c is None:
+        return 0 if "TIE" in (text or "").upper() else None
+    return 0 if c not in ("A", "B") else (1 if (c == "A") != swapped else -1)
+
+
+def win_rate(prefs: Sequence[int]) -> float | None:
+    """n1 / (n1 + n2) with n1 = wins (+1), n2 = losses (-1), ties (0) dropped; None without a decisive pair."""
+    n1, n2 = list(prefs).count(1), list(prefs).count(-1)
+    return n1 / (n1 + n2) if n1 + n2 else None
 
 
 # ----------------------------------------------------------------------------------------------

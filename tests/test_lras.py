@@ -312,7 +312,7 @@ def test_smoke_all_tiny(tmp_path):
     assert sft["data"]["too_long"] > 0 and "some searches can never earn reward" in p.stdout   # 64 tokens: said
     diff = json.loads((tmp_path / "rl" / "summary.json").read_text())["difficulty"]
     assert diff["pool"] == 4 * 8                 # the whole training set (4 train charges x 8 tasks), not 12
-    assert "starting from the adapter" in p.stdout and "sft/adapter" in p.stdout
+    assert "[rl] policy: SFT adapter" in p.stdout and "sft/adapter" in p.stdout
     abl = json.loads((tmp_path / "ablate" / "results.json").read_text())
     assert set(abl["table"]) == {"base", "SFT", "SFT+RL difficulty", "SFT+RL uniform"}
     assert abl["table"]["SFT+RL uniform"]["uniform_sampling"] and abl["table"]["base"]["adapter_sha256"] is None
@@ -449,6 +449,13 @@ def test_jecqa_exact_set_match(tmp_path, pred, expected):
     [r] = lras.load_benchmark(write(tmp_path / "0_test.json", json.dumps(row, ensure_ascii=False) + "\n"), ARGS)
     assert r["rule"] == "jecqa_set" and r["answer"] == "AC" and "C. 拘役" in lras.make_messages(r)[1]["content"]
     assert lras.score(pred, r) == expected
+
+
+def test_jecqa_options_as_a_list_are_lettered_like_any_other_file(tmp_path):
+    # one options reader for every schema (common/benchmarks.legal_options): a list is lettered A, B, ...
+    row = {"id": "j2", "statement": "下列哪个属于主刑？", "option_list": ["罚金", "拘役"], "answer": "B"}
+    [r] = lras.load_benchmark(write(tmp_path / "1_test.json", json.dumps(row, ensure_ascii=False) + "\n"), ARGS)
+    assert r["options"] == {"A": "罚金", "B": "拘役"} and r["answer"] == "B" and lras.score("B", r) == 1.0
 
 
 def test_csv_option_columns_empty_column_a_to_t_gbk_and_prefixed_answers(tmp_path):

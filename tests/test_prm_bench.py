@@ -161,10 +161,10 @@ def test_each_injection_is_a_real_error(world, seed):
 
 
 def test_toy_set_round_trips_through_the_validator(toy, tmp_path):
-    pb.save_records(toy, tmp_path / "toy.jsonl")
+    pb.save_prm_records(toy, tmp_path / "toy.jsonl")
     loaded = pb.load_records(str(tmp_path / "toy.jsonl"))
     assert [r["id"] for r in loaded] == [r["id"] for r in toy]
-    images, crops = pb.record_images(loaded[0])
+    images, crops = pb.prm_record_images(loaded[0])
     assert images[0].size == (224, 224) and all(isinstance(im, Image.Image) for im in crops.values())
 
 
@@ -173,7 +173,7 @@ def test_toy_set_round_trips_through_the_validator(toy, tmp_path):
 # ----------------------------------------------------------------------------------------------
 def test_prm_prompt_shows_the_latest_crop_and_the_facts(toy):
     r = next(x for x in toy if x["category"] == "knowledge" and not x["injected"] and x["steps"][0]["tool_call"])
-    images, crops = pb.record_images(r)
+    images, crops = pb.prm_record_images(r)
     assert list(crops) == [0]                                   # crop at step 0, no plan
     for k in range(len(r["steps"])):                            # every later step sees that crop
         msgs = pb.prm_messages(r, k, images, crops, "judge", vlm=True)
@@ -295,7 +295,7 @@ def test_visualprocessbench_format(tmp_path):
     p = write(tmp_path, [row], "test.jsonl")
     r = pb.load_records(p, benchmark="visualprocessbench", images=str(tmp_path / "images"))[0]
     assert [s["label"] for s in r["steps"]] == [C, I, N] and r["subcategory"] == "MathVision" and r["id"] == "1"
-    assert pb.record_images(r)[0][0].size == (8, 8)
+    assert pb.prm_record_images(r)[0][0].size == (8, 8)
     with pytest.raises(UserError, match="field 'images'"):       # the images folder was not given
         pb.load_records(p, benchmark="visualprocessbench")
     row["response"]["process_correctness"] = [1, 2, 0]
@@ -411,11 +411,11 @@ def test_prob_scores_and_scripted_policy(tiny, world, tmp_path):
     def generate(policy, seqs, **kw):
         text = script.pop(0) if script else "<answer>x</answer>"
         return [tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _ in seqs]
-    gen = pb.policy_trajectories(tiny, [spec], pb.Args(max_turns=3), G=1, generate=generate)
+    gen = pb.agent_rollouts(tiny, [spec], pb.Args(max_turns=3), G=1, generate=generate)
     assert len(gen) == 1 and len(gen[0]["steps"]) == 2 and gen[0]["final_answer"] == "red"
     assert gen[0]["steps"][0]["tool_image"] and gen[0]["steps"][0]["observation"].startswith("Cropped region")
     assert gen[0]["steps"][0]["label"] is None
-    pb.save_records(gen, tmp_path / "gen.jsonl")
+    pb.save_prm_records(gen, tmp_path / "gen.jsonl")
     assert pb.load_records(str(tmp_path / "gen.jsonl"), require_labels=False)[0]["steps"][0]["tool_image"]
 
 

@@ -1,8 +1,8 @@
-"""Glance-or-Gaze (GoG), arXiv 2601.13942 (ACL 2026 Findings): a search-augmented VLM agent glances
-at the whole image, then answers, searches text, searches the whole image, or gazes (crops a region)
-and searches on the crop. Stage 1 Reflective GoG Behavior Alignment (SFT), Stage 2 Complexity-Adaptive
-RL (GRPO), accuracy on six visual search QA benchmarks. Each stage writes <out>/<stage>/:
-    python gog.py --stage all --model tiny   # CPU: 2 min wall on a busy 2-core machine; numbers are noise
+"""Glance-or-Gaze (GoG), arXiv 2601.13942 (ACL 2026 Findings): a search-augmented VLM agent glances at
+the whole image, then answers, searches text, searches the whole image, or gazes (crops a region) and
+searches on the crop. Stage 1 Reflective GoG Behavior Alignment (SFT), Stage 2 Complexity-Adaptive RL
+(GRPO), accuracy on six visual search QA benchmarks. Each stage writes <out>/<stage>/:
+    python gog.py --stage all --model tiny   # CPU: ~25 s on a busy 2-core machine; numbers are noise
     python gog.py --stage data    # toy world, oracle page, scripted-policy table (no model)
     python gog.py --stage sft     # Reflective GoG Behavior Alignment: oracle (+ teacher) trajectories
     python gog.py --stage levels  # SFT pass rate over k samples -> Level 1 (~50 %) / Level 2 (mostly failed)
@@ -10,38 +10,33 @@ RL (GRPO), accuracy on six visual search QA benchmarks. Each stage writes <out>/
     python gog.py --stage eval    # held-out toy accuracy, tool use, the six benchmarks (Avg in %)
     python gog.py --stage ablate  # SFT without gaze; RL on Level 1 vs Level 2
 GPU (Qwen2.5-VL-3B in NF4 + LoRA; use Qwen/Qwen2.5-VL-7B-Instruct with 24 GB):
-    python gog.py --stage all --model Qwen/Qwen2.5-VL-3B-Instruct --n_scenes 400 \\
-        --max_steps 300 --prompts_per_step 4 --max_new_tokens 256 --max_completion_length 2048
+    python gog.py --stage all --model Qwen/Qwen2.5-VL-3B-Instruct --n_scenes 400 --max_steps 300
 Real benchmarks in their published files (NAME=FILE; see BENCHMARKS), or another model's answers:
-    python gog.py --stage eval --benchmarks FVQA=fvqa_test.parquet,InfoSeek=infoseek_val.jsonl \\
+    python gog.py --stage eval --benchmarks FVQA=fvqa_test.parquet,InfoSeek=infoseek_val.jsonl \
         --image_dir oven_images --text_corpus wiki.jsonl
     python gog.py --stage eval --benchmarks MMSearch=end2end.parquet --predictions answers.jsonl
 
 Deviations from the paper (numbered; the code says "(n)" where each one lives):
- 1. Data: a procedurally drawn toy world replaces FVQA/InfoSeek (GoG-Instruct is not public): emblem
-    tiles with labels, grey distractors, sparse scenes (2 emblems) and cluttered ones (5). Held out
-    for real: test scenes show only test entities, which no SFT/RL data or training-time search has.
- 2. Tags (the paper's prompt is unpublished; public anchors): DeepEyes' crop call `<tool_call>{"name":
-    "crop", "arguments": {"bbox_2d": [...]}}</tool_call>` (pixels of the image the model saw),
-    MMSearch-R1's `<text_search>q</text_search>` and `<image_search></image_search>` (always the whole
-    image), image search on the latest crop as an `image_search` tool call, `<reason>` and `<answer>`;
-    results come back as user turns (crops as images).
+ 1. Data: a drawn toy world (common/toyworld.py) replaces FVQA/InfoSeek (GoG-Instruct is not public):
+    labelled emblem tiles, grey distractors, sparse (2) and cluttered (5) scenes; test entities held out.
+ 2. Tags (the paper's prompt is unpublished): DeepEyes' crop `<tool_call>{"name": "crop", "arguments":
+    {"bbox_2d": [...]}}</tool_call>` (pixels the model saw), MMSearch-R1's `<text_search>q</text_search>`
+    and `<image_search></image_search>` (whole image), an `image_search` tool call on the latest crop,
+    `<reason>`, `<answer>`; results come back as user turns (crops as images).
  3. lambda = 0.1 (not published; MMSearch-R1's format weight). No tool-use bonus, as in GoG.
- 4. Judge: r_acc is sub-exact match (answers over --max_answer_words words score 0), not gpt-oss-120b;
-    `--judge <model>` is a local LLM judge everywhere (uncertainty and teacher filters, levels, reward, eval).
- 5. Search: local BM25 over the text KB and nearest neighbour over a hand-made image embedding
-    (common/tools.py), not web search; HTTP via TEXT_SEARCH_ENDPOINT / IMAGE_SEARCH_ENDPOINT.
- 6. Trajectories come from a scripted oracle that states only what the image or an observation shows
-    (plus a --teacher model's correct samples); the paper's humans checked crop regions. The 4-sample
-    uncertainty filter uses the teacher, or the model itself without one.
- 7. Sizes: LoRA also in RL (paper: full actor, lr 2e-6), so lr 1e-5; G = 4 and beta = 0.001 as in the
-    paper, but far fewer steps and tokens (paper: 15 epochs, 8,192 response tokens).
- 8. Levels: Level 1 = pass rate in (level2_max, level1_max], Level 2 = pass rate <= level2_max; they
-    never overlap. A level under --min_level_size is filled from neither level, nearest first, announced.
- 9. Gaze correctness (the paper's humans judged it): a crop is right when it holds >= 90 % of the
-    target tile and its area is at most 4x the tile's.
-10. --full_sft (for the from-scratch tiny model only; the paper uses LoRA): SFT trains every weight and
-    saves the base weights beside the adapter; RL then trains LoRA on top, as usual.
+ 4. r_acc is sub-exact match (answers over --max_answer_words words score 0), not gpt-oss-120b;
+    `--judge <model>` is a local LLM judge everywhere (filters, levels, reward, eval).
+ 5. Search: BM25 over the text KB, nearest neighbour over a hand-made image embedding (common/tools.py);
+    not web search, HTTP via TEXT_SEARCH_ENDPOINT / IMAGE_SEARCH_ENDPOINT.
+ 6. SFT trajectories: a scripted oracle that states only what the image or an observation shows (+ a
+    --teacher's correct samples), not human-checked crops; the uncertainty filter uses the teacher or the model.
+ 7. SFT as in GoG (LoRA r = 8 on the LLM, lr 1e-4, 3 epochs, batch 8: the shared defaults); LoRA in RL too
+    (paper: full actor, lr 2e-6), so lr 1e-5; G = 4, beta = 0.001 as in GoG; far fewer steps and tokens.
+ 8. Levels: Level 1 = pass rate in (level2_max, level1_max], Level 2 = <= level2_max, disjoint; a level
+    under --min_level_size is filled from neither level, nearest first, announced.
+ 9. Gaze correctness (the paper's humans judged it): a crop holds >= 90 % of the target tile, <= 4x its area.
+10. --full_sft (the random-weight tiny model only; the paper uses LoRA): SFT trains every weight, kept in
+    the adapter folder (common/models.py); RL trains LoRA on top.
 """
 from __future__ import annotations
 
@@ -50,16 +45,13 @@ import json
 import os
 import random
 import re
-import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
-from PIL import Image, ImageDraw, ImageFont
-
-from common.benchmarks import parse_benchmarks, read_predictions, read_visual_qa, score_benchmark
+from common.benchmarks import (VisualQAArgs, benchmark_searchers, parse_benchmarks, read_predictions,
+                               read_visual_qa, score_benchmarks)
 from common.chat import encode
 from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
 from common.data import read_records
@@ -67,28 +59,21 @@ from common.grpo import train_grpo
 from common.judge import llm_judge_batch, sub_exact_match
 from common.models import load_policy
 from common.rollout import Rollout, run_rollouts
-from common.runlog import RunLog, bar_plot, trajectory_html, write_json
-from common.sft import SFTConfig, train_sft
+from common.runlog import RunLog, bar_plot, markdown_table, read_jsonl, trajectory_html, write_json
+from common.sft import SFTArgs, sft_config, train_sft, trajectory_messages
 from common.tools import ImageSearch, TextSearch, crop, parse_action, seen_size
+from common.toyworld import CITIES, World, build_world, by_kind, save_world, to_seen
 
 
 @dataclass
-class Args(GRPOArgs):
-    # --- run ---
+class Args(VisualQAArgs, GRPOArgs, SFTArgs):
+    # --- the paper's values of shared fields (their groups are common/cli.py's) ---
     stage: Literal["data", "sft", "levels", "rl", "eval", "ablate", "all"] = "all"
     """which stage to run (`all` = data, sft, levels, rl, eval, ablate)"""
-    # --- model ---
-    lora_r: int = 8
-    """LoRA rank (GoG: r = 8 on all LLM blocks)"""
-    # --- GRPO (TRL names) ---
-    learning_rate: float = 1e-5
-    """GRPO learning rate (GoG: 2e-6 for the full actor; LoRA here) (7)"""
     num_generations: int = 4
     """G, rollouts per question (GoG: 4)"""
     beta: float = 0.001
     """KL coefficient to pi_ref (GoG: 0.001)"""
-    max_completion_length: int = 2048
-    """tokens per rollout after the prompt, observations included (GoG: 8,192)"""
     # --- toy world (1) ---
     n_scenes: int = 64
     """scenes in the toy world (4 questions each: glance, text, image, gaze), half sparse, half cluttered"""
@@ -96,17 +81,6 @@ class Args(GRPOArgs):
     """scene side in pixels (a multiple of 28, so the model sees it unresized)"""
     test_frac: float = 0.25
     """fraction of scenes (and of entities) held out for eval"""
-    # --- benchmarks ---
-    benchmarks: str = ""
-    """NAME=FILE,... in the published formats: FVQA, InfoSeek, MMSearch, SimpleVQA, LiveVQA, DynVQA"""
-    image_dir: str | None = None
-    """folder of benchmark images named <id>.<ext> or by URL file name (InfoSeek ids, DynVQA/LiveVQA URLs)"""
-    predictions: str | None = None
-    """score this file of {"id", "answer"} (another model's answers) instead of running the policy"""
-    text_corpus: str | None = None
-    """JSONL corpus for text search on benchmarks (default: the toy text KB, or TEXT_SEARCH_ENDPOINT)"""
-    image_kb: str | None = None
-    """JSONL image KB for image search on benchmarks (default: the toy image KB, or IMAGE_SEARCH_ENDPOINT)"""
     # --- agent loop (2) ---
     max_turns: int = 6
     """assistant turns per rollout (a reflective gaze needs 6)"""
@@ -120,18 +94,7 @@ class Args(GRPOArgs):
     """text-search calls per rollout"""
     search_k: int = 3
     """text-search hits shown to the model (the oracle's searches too)"""
-    # --- SFT (Reflective GoG Behavior Alignment) ---
-    sft_learning_rate: float = 1e-4
-    """SFT learning rate (GoG: 1e-4)"""
-    sft_epochs: float = 3.0
-    """SFT epochs (GoG: 3)"""
-    sft_batch_size: int = 8
-    """sequences per SFT step (GoG: global batch 8)"""
-    sft_max_steps: int = 0
-    """cap on SFT steps (0 = epochs decide)"""
-    full_sft: bool = False
-    """SFT trains every weight, not only LoRA (a random-weight tiny model cannot learn through LoRA
-    alone); the base weights are saved beside the adapter and loaded with it (10)"""
+    # --- SFT data (Reflective GoG Behavior Alignment) ---
     reflect_frac: float = 0.5
     """fraction of gaze questions that also get a reflective trajectory (wrong crop -> re-gaze)"""
     teacher: str | None = None
@@ -149,7 +112,7 @@ class Args(GRPOArgs):
     """Level 1 = pass rate in (level2_max, level1_max] (around half right)"""
     min_level_size: int = 4
     """fill a smaller level from the questions in neither level, nearest first, announced (0 = never)"""
-    # --- reward and RL ---
+    # --- reward, RL and eval ---
     rl_level: Literal[1, 2] = 2
     """train RL on Level 2 (GoG's final recipe) or Level 1"""
     lam: float = 0.1
@@ -158,172 +121,17 @@ class Args(GRPOArgs):
     """answers longer than this get r_acc = 0 (sub-exact match would reward lists) (4)"""
     judge: str | None = None
     """LLM judge model for r_acc everywhere (none = sub-exact match) (4)"""
-    # --- eval ---
     eval_temperature: float = 0.0
     """sampling temperature in eval (0 = greedy)"""
 
 
-# ==== data: the toy visual-search world (1) and the six benchmarks in their published formats ========
-COLORS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 210), "yellow": (232, 190, 20),
-          "purple": (148, 73, 189), "orange": (245, 127, 14)}
-SHAPES = ("circle", "square", "triangle", "diamond")
-SYLLABLES = "ka lo mi ra ven tor zu pel qui sar no bri dax fen gor hal jun mor vi tek".split()
-CITIES = "Velmor Quenby Arlath Dunmere Sorvik Halden Mirask Tobrin Elsk Caravo".split()
-EVENTS = "Fair Market Parade Expo Festival Summit Regatta Carnival".split()
-ADJECTIVES = "Amber Silver Northern Winter Harbour Lantern Copper Meadow".split()
-CLUTTER = {"sparse": (2, 1), "cluttered": (5, 3)}   # entity tiles, grey distractor tiles per scene
-FACTS = {"year": "In which year was {} founded?", "city": "In which city is {} based?"}
-KB_TEXT = {"year": "{} was founded in {}.", "city": "{} is based in the city of {}."}   # the text KB's facts
-DECISION = {"glance": "answer", "text": "text_search", "image": "image_search", "gaze": "crop"}  # oracle's
+# `--model tiny` (and `auto` without CUDA): sizes for every stage in seconds on 2 CPU cores (flags you pass win)
+TINY_SIZES = dict(n_scenes=4, image_size=224, max_new_tokens=24, max_completion_length=320,
+                  max_steps=2, prompts_per_step=2, sft_max_steps=3, levels_k=2)
 
 
-@dataclass
-class World:
-    scenes: list[dict]      # {"id", "image", "split", "clutter", "place", "tiles": [{"name", "label", "box",
-                            #  "cell", "color", "shape", "is_distractor"}]}
-    questions: list[dict]   # {"id", "scene_id", "split", "kind", "question", "answers", "target", ...}
-    text_kb: list[dict]     # {"id", "text", "entity", "split"}
-    image_kb: list[dict]    # {"image", "name", "caption", "split"}
-    entities: list[dict] = field(default_factory=list)  # {"name", "label", "color", "shape", "year", ...}
-    _engines: dict = field(default_factory=dict, repr=False)
-
-    def searchers(self, split: str = "test") -> tuple[TextSearch, ImageSearch]:
-        """Training-time engines ("train") index only training entities and scenes, so no test entity
-        reaches SFT or RL data; at test time they index everything."""
-        if split not in self._engines:
-            keep = {"train"} if split == "train" else {"train", "test"}
-            texts = [d for d in self.text_kb if d["split"] in keep]
-            images = [e for e in self.image_kb if e["split"] in keep]
-            self._engines[split] = (TextSearch(texts), ImageSearch(images))
-        return self._engines[split]
-
-    def scene(self, scene_id: str) -> dict:
-        return next(s for s in self.scenes if s["id"] == scene_id)
-
-
-def draw_tile(size: int, color: tuple, shape: str, label: str, filled: bool = True) -> Image.Image:
-    """A card: an emblem shape in the top 3/5, a large black 3-letter label below."""
-    tile = Image.new("RGB", (size, size), (250, 250, 246))
-    d = ImageDraw.Draw(tile)
-    d.rectangle([0, 0, size - 1, size - 1], outline=(30, 30, 30), width=max(1, size // 32))
-    m, top = size // 6, size * 0.58
-    box = [m, m // 2, size - m, top]
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    fill = color if filled else None
-    if shape == "circle":
-        d.ellipse(box, fill=fill, outline=color, width=2)
-    elif shape == "square":
-        d.rectangle(box, fill=fill, outline=color, width=2)
-    else:
-        pts = ([(cx, box[1]), (box[2], box[3]), (box[0], box[3])] if shape == "triangle"
-               else [(cx, box[1]), (box[2], cy), (cx, box[3]), (box[0], cy)])
-        d.polygon(pts, fill=fill, outline=color, width=2)
-    font = ImageFont.load_default(size=max(8, size // 3))
-    d.text((size / 2, (top + size) / 2), label, fill=(0, 0, 0), font=font, anchor="mm")
-    return tile
-
-
-def invent(rng: random.Random, taken: set, kind: str) -> str:
-    """A new word of `kind` (entity name, tile label, place) not in `taken` (which it joins)."""
-    while True:
-        s = rng.choice(SYLLABLES).capitalize() + rng.choice(SYLLABLES)
-        place = s + rng.choice(["holm", "mere", "wick", "ford", "dale"])
-        label = "".join(rng.choice(a) for a in ("BCDFGHJKLMNPRSTVZ", "AEIOU", "BCDFGHJKLMNPRSTVZ"))
-        w = {"name": s, "place": place, "label": label}[kind]
-        if w not in taken:
-            taken.add(w)
-            return w
-
-
-def make_entities(rng: random.Random, used: set, test_frac: float) -> list[dict]:
-    """One entity per (colour, shape) emblem; the first test_frac of them are test-only."""
-    combos = [(c, s) for c in COLORS for s in SHAPES]
-    rng.shuffle(combos)
-    n_test = max(2, round(len(combos) * test_frac))
-    return [dict(name=invent(rng, used, "name"), label=invent(rng, used, "label"), color=c, shape=s,
-                 year=str(rng.randint(1820, 2015)), city=rng.choice(CITIES),
-                 split="test" if i < n_test else "train") for i, (c, s) in enumerate(combos)]
-
-
-def tile_side(size: int) -> int:
-    """Tiles nearly fill a cell of the 4 x 4 grid, so a crop of the cell is a crop of the tile."""
-    return size // 4 - 2
-
-
-def draw_scene(rng: random.Random, picks: list[dict], n_distractors: int, used: set, size: int):
-    """A muted background with blobs, entity tiles and grey distractors, one per cell of a 4 x 4 grid."""
-    base = tuple(rng.randint(150, 215) for _ in range(3))
-    img = Image.new("RGB", (size, size), base)
-    d = ImageDraw.Draw(img)
-    for _ in range(12):  # background clutter: muted blobs
-        x, y, r = rng.randrange(size), rng.randrange(size), rng.randint(8, size // 5)
-        d.ellipse([x - r, y - r, x + r, y + r], fill=tuple(max(0, c - rng.randint(10, 50)) for c in base))
-    cell = size // 4
-    ts, tiles = tile_side(size), []
-    for j, c in enumerate(rng.sample(range(16), len(picks) + n_distractors)):
-        cx, cy = (c % 4) * cell, (c // 4) * cell
-        x, y = cx + rng.randint(0, cell - ts), cy + rng.randint(0, cell - ts)
-        if j < len(picks):
-            e = picks[j]
-            t = dict(name=e["name"], label=e["label"], color=e["color"], shape=e["shape"],
-                     is_distractor=False)
-        else:  # a distractor: grey outline emblem, a label that names nothing, not in the image KB
-            label = invent(rng, used, "label")
-            t = dict(name=f"distractor-{label}", label=label, color="grey", shape=rng.choice(SHAPES),
-                     is_distractor=True)
-        rgb = COLORS.get(t["color"], (110, 110, 110))
-        img.paste(draw_tile(ts, rgb, t["shape"], t["label"], not t["is_distractor"]), (x, y))
-        tiles.append(dict(t, box=[x, y, x + ts, y + ts], cell=[cx, cy, cx + cell, cy + cell]))
-    return img, tiles
-
-
-def scene_questions(rng: random.Random, sid: str, split: str, clutter: str, picks: list[dict], place: str):
-    """One question of each kind: glance (read the tile), text (entity named), image (the photo's
-    place), gaze (the organisation behind a tile: crop -> image search -> text search)."""
-    e, g = picks[0], picks[-1]
-    attr, fact_g, fact_e = rng.choice(["color", "shape"]), rng.choice(list(FACTS)), rng.choice(list(FACTS))
-    word = "colour" if attr == "color" else "shape"
-    behind = f"the organisation whose emblem is on the tile labelled {e['label']}"
-    qs = [("glance", f"What {word} is the emblem on the tile labelled {e['label']}?", e[attr], e, attr),
-          ("text", FACTS[fact_g].format(g["name"]), g[fact_g], g, fact_g),
-          ("image", "In which town was this photo taken?", place, None, "place"),
-          ("gaze", FACTS[fact_e].format(behind), e[fact_e], e, fact_e)]
-    return [{"id": f"{sid}-{kind}", "scene_id": sid, "split": split, "clutter": clutter, "kind": kind,
-             "question": q, "answers": [a], "fact": f, "label": t["label"] if t else None,
-             "entity": t["name"] if t else None, "target": t["name"] if kind in ("glance", "gaze") else None}
-            for kind, q, a, t, f in qs]
-
-
-def build_world(seed: int, n_scenes: int = 8, image_size: int = 448, test_frac: float = 0.25) -> World:
-    """The toy world, a pure function of its arguments. Test scenes (the last test_frac) show only
-    test entities. Text KB: each entity's founding year and city. Image KB: each entity's tile and
-    each whole scene (its "photo": the town, and the emblems on display, not where they are)."""
-    rng, used = random.Random(seed), set()
-    entities = make_entities(rng, used, test_frac)
-    n_test = max(1, round(n_scenes * test_frac))
-    if n_test >= n_scenes:
-        raise UserError(f"--test_frac {test_frac} leaves no training scene of {n_scenes}; use more "
-                        "--n_scenes.")
-    text_kb = [{"id": f"{e['name']}-{f}", "text": t.format(e["name"], e[f]), "entity": e["name"],
-                "split": e["split"]} for e in entities for f, t in KB_TEXT.items()]
-    side = tile_side(image_size)
-    image_kb = [{"image": draw_tile(side, COLORS[e["color"]], e["shape"], e["label"]), "name": e["name"],
-                 "caption": f"The emblem of {e['name']}.", "split": e["split"]} for e in entities]
-    scenes, questions = [], []
-    for k in range(n_scenes):
-        sid, clutter = f"scene{k:03d}", list(CLUTTER)[k % 2]
-        split = "test" if k >= n_scenes - n_test else "train"
-        pool = [e for e in entities if e["split"] == split]
-        picks = rng.sample(pool, min(CLUTTER[clutter][0], len(pool)))
-        img, tiles = draw_scene(rng, picks, CLUTTER[clutter][1], used, image_size)
-        event, place = f"{rng.choice(ADJECTIVES)} {rng.choice(EVENTS)}", invent(rng, used, "place")
-        names = ", ".join(p["name"] for p in sorted(picks, key=lambda p: p["name"]))
-        caption = f"Photo of the {event}, held in {place}; emblems of {names} are on display."
-        image_kb.append({"image": img, "name": f"the {event}", "split": split, "caption": caption})
-        scenes.append({"id": sid, "image": img, "tiles": tiles, "split": split, "clutter": clutter,
-                       "place": place})
-        questions += scene_questions(rng, sid, split, clutter, picks, place)
-    return World(scenes, questions, text_kb, image_kb, entities)
+# ==== data: the toy world (1: common/toyworld.py, its four question kinds) and the six benchmarks ====
+DECISION = {"glance": "answer", "text": "text_search", "image": "image_search", "gaze": "crop"}  # first actions
 
 
 def world_of(args: Args) -> World:   # one world per (seed, sizes) in a process: stages share it
@@ -335,23 +143,14 @@ cached_world = functools.lru_cache(maxsize=4)(build_world)
 
 def split_world(world: World) -> tuple[list[dict], list[dict]]:
     """Train / test questions (split by scene, and so by entity)."""
-    train = [q for q in world.questions if q["split"] == "train"]
-    return train, [q for q in world.questions if q["split"] == "test"]
+    return tuple([q for q in world.questions if q["split"] == split] for split in ("train", "test"))
 
 
-def as_example(world: World, q: dict) -> dict:
-    """A question with its scene image and target tile box (original pixels), ready for rollouts."""
-    scene = world.scene(q["scene_id"])
-    box = next((t["box"] for t in scene["tiles"] if t["name"] == q["target"]), None)
-    return dict(q, image=scene["image"], target_box=box)
-
-
-# Each benchmark as published: the fields of its id, question, image and gold answers, the split a
-# score is broken down by, and its own scoring rule (common.benchmarks.score_record: mmsearch_r1 = EM
-# and SubEM as MMSearch-R1 scores FVQA, infoseek = InfoSeek's numeric ranges or alias EM, token_f1 =
-# MMSearch end2end, llm_judge = the benchmark's LLM grader (a SubEM stand-in without --judge),
-# sub_em_ours = no official scorer). `a.b` reads a nested field; `items` splits a record into several
-# questions; `image_is_id` looks the image up in --image_dir.
+# Each benchmark as published: the fields of its id, question, image, golds and the split a score is broken
+# down by (`a.b` = nested; `items` = several questions per record; `image_is_id` = a file in --image_dir), and
+# its own rule (common.benchmarks.score_record): mmsearch_r1 = EM and SubEM as MMSearch-R1 scores FVQA,
+# infoseek = numeric ranges or alias EM, token_f1 = MMSearch end2end, llm_judge = the benchmark's LLM grader
+# (a SubEM stand-in without --judge), sub_em_ours = no official scorer.
 BENCHMARKS = {
     "FVQA": dict(id="data_id", question="prompt", image="images", split="category", score="mmsearch_r1",
                  golds=["reward_model.ground_truth", "reward_model.candidate_answers"]),  # lmms-lab/FVQA
@@ -373,7 +172,7 @@ def load_benchmark(name: str, path: str, image_dir: str | None = None) -> list[d
     return read_visual_qa(name, path, BENCHMARKS[name], image_dir)
 
 
-# ==== prompt format, tools, and scripted policies that state only what they saw (2, 6) ===============
+# ==== prompt + parsing: the tags (2), the tools, and scripted policies that state only what they saw (6) ==
 SYSTEM = """You answer questions about an image. First glance at the whole image, then decide:
 - answer directly: <answer>short answer</answer>
 - search text: <text_search>query</text_search>
@@ -388,18 +187,15 @@ CROP_SEARCH = '<tool_call>{"name": "image_search", "arguments": {"image": "crop"
 
 
 def make_messages(example: dict) -> list[dict]:
-    image = example["image"]
-    if image is None:  # MMSearch has text-only queries
+    if example["image"] is None:  # MMSearch has text-only queries
         return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": example["question"]}]
-    w, h = seen_size(image)
-    text = f"(image: {w}x{h} pixels) {example['question']}"
+    text = "(image: {}x{} pixels) {}".format(*seen_size(example["image"]), example["question"])
     return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
+            {"role": "user", "content": [{"type": "image", "image": example["image"]}, {"type": "text", "text": text}]}]
 
 
 def make_tools(text_search: TextSearch, image_search: ImageSearch, k: int) -> dict:
-    """name -> fn(args, rollout) -> (observation, image). rollout.images[0] is the prompt image;
-    image search uses it unless asked for the latest crop, and its observation says which it used."""
+    """name -> fn(args, rollout) -> (observation, image); image search uses the prompt image or the latest crop."""
     def crop_tool(args, r):   # box in the pixels the model saw -> a crop of the original image
         if not r.images:
             return "Error: there is no image to crop.", None
@@ -419,26 +215,14 @@ def make_tools(text_search: TextSearch, image_search: ImageSearch, k: int) -> di
     return {"crop": crop_tool, "image_search": image_search_tool, "text_search": text_search_tool}
 
 
-def tool_limits(args: Args) -> dict:
-    return {"crop": args.max_crops, "image_search": args.max_image_searches,
-            "text_search": args.max_text_searches}
-
-
-def to_seen(box: list[int], image: Image.Image) -> list[int]:
-    """Original pixels -> pixels of the resized image the model sees (Qwen2.5-VL bbox_2d)."""
-    w, h = seen_size(image)
-    return [round(v * s) for v, s in zip(box, (w / image.width, h / image.height) * 2)]
-
-
-FACT_RE = {"year": re.compile(r"(\w+) was founded in (\d+)"),
+FACT_RE = {"year": re.compile(r"(\w+) was founded in (\d+)"),   # the text KB's sentences (common/toyworld.py)
            "city": re.compile(r"(\w+) is based in the city of (\w+)")}
 VERB = {"year": "was founded in", "city": "is based in"}
 POLICIES = ("gaze oracle", "whole-image oracle", "never search", "random tool")
 
 
 def learn(known: dict, obs: str) -> None:
-    """What an observation shows: entity facts (text search), the owner of the cropped emblem or
-    the photo's town and the emblems on display (image search)."""
+    """Note what an observation shows: facts (text search), a crop's owner, the photo's town and emblems."""
     for fact, pattern in FACT_RE.items():
         for name, value in pattern.findall(obs):
             known["facts"].setdefault(name, {})[fact] = value
@@ -463,69 +247,58 @@ def answer_from(known: dict, q: dict, tile: dict | None, rng: random.Random) -> 
     value = known["facts"].get(name, {}).get(fact)
     if value:
         return value, f"The search result says {name} {VERB[fact]} {value}."
-    guess = rng.choice(CITIES) if fact == "city" else str(rng.randint(1820, 2015))
-    return guess, "Nothing I saw tells this; a guess."
+    return rng.choice(CITIES) if fact == "city" else str(rng.randint(1820, 2015)), "Nothing I saw tells this; a guess."
 
 
 def random_action(q: dict, known: dict, tiles: list[dict], rng: random.Random) -> tuple | None:
     """The random-tool policy: any action, arguments drawn from what it has seen."""
     choice = rng.choice(["answer", "text_search", "image_search", "crop", "crop_search"])
     names = [q["entity"]] * (q["kind"] == "text") + known["candidates"] + list(known["owner"].values())
-    actions = {"answer": None,
-               "text_search": ("text_search", {"query": rng.choice(names or [q["question"]])},
-                               "Try a text search."),
-               "image_search": ("image_search", {}, "Try a whole-image search."),
-               "crop": ("crop", {"tile": rng.choice(tiles)}, "Try a crop."),
-               "crop_search": ("image_search", {"image": "crop"}, "Try an image search with the crop.")}
-    return actions[choice]
+    query, tile = rng.choice(names or [q["question"]]), rng.choice(tiles)   # both drawn, whatever the choice
+    return {"answer": None, "text_search": ("text_search", {"query": query}, "Try a text search."),
+            "image_search": ("image_search", {}, "Try a whole-image search."),
+            "crop": ("crop", {"tile": tile}, "Try a crop."),
+            "crop_search": ("image_search", {"image": "crop"}, "Try an image search with the crop.")}[choice]
 
 
 def next_action(policy: str, q: dict, known: dict, tiles: list[dict], tile: dict | None, rng: random.Random,
                 done: list[str], reflective: bool) -> tuple[str, dict, str] | None:
     """(tool, args, reason) of the policy's next step, or None to answer now."""
-    kind, label = q["kind"], q["label"]
+    kind, label, need = q["kind"], q["label"], f"the tile labelled {q['label']}"
     if policy in ("never search", "random tool"):
         return None if policy == "never search" else random_action(q, known, tiles, rng)
     name = q["entity"] if kind == "text" else known["owner"].get(label) or known.get("guess")
     if kind == "text" and name not in known["facts"]:
-        reason = f"Glance: the image cannot tell this; the question names {name}. Decision: text search."
-        return "text_search", {"query": name}, reason
+        why = f"Glance: the image cannot tell this; the question names {name}. Decision: text search."
+        return "text_search", {"query": name}, why
     if kind == "image" and not known.get("place"):
-        reason = "Glance: the question is about the photo as a whole. Decision: whole-image search."
-        return "image_search", {}, reason
+        return "image_search", {}, "Glance: the question is about the photo as a whole. Decision: whole-image search."
     if kind != "gaze" or (name and name in known["facts"]):
         return None
-    need = f"the tile labelled {label}"
     if policy == "whole-image oracle":   # (ablation) no crop: the whole-image search lists every emblem
         if not known["candidates"]:
-            reason = f"Glance: I need the organisation on {need}. Decision: whole-image search."
-            return "image_search", {}, reason
+            return "image_search", {}, f"Glance: I need the organisation on {need}. Decision: whole-image search."
         known["guess"] = rng.choice(known["candidates"])
-        shown = ", ".join(known["candidates"])
-        reason = (f"The photo shows the emblems of {shown}; I cannot tell which is on {need}. "
-                  f"I guess {known['guess']}.")
-        return "text_search", {"query": known["guess"]}, reason
-    if "crop" not in done:
+        why = f"The photo shows the emblems of {', '.join(known['candidates'])}; I cannot tell which is on {need}."
+        return "text_search", {"query": known["guess"]}, f"{why} I guess {known['guess']}."
+    if "crop" not in done:   # a reflective trajectory gazes at a wrong tile first
         wrong = [t for t in tiles if t is not tile]
         if reflective and wrong:
             return "crop", {"tile": rng.choice(wrong)}, f"Glance: {need} is small. Decision: gaze at it."
-        reason = f"Glance: {need} is small and its organisation unknown. Decision: gaze at it."
-        return "crop", {"tile": tile}, reason
+        return "crop", {"tile": tile}, f"Glance: {need} is small and its organisation unknown. Decision: gaze at it."
     if known.get("crop_label") != label:
         return ("crop", {"tile": tile}, f"Reflect: the crop shows the tile labelled {known['crop_label']}, "
                 f"not {label}; wrong region. Gaze again.")
     if label not in known["owner"]:
         return "image_search", {"image": "crop"}, f"The crop shows {need}. Search with the crop."
-    reason = f"The image search says the emblem belongs to {name}. Now find the fact."
-    return "text_search", {"query": name}, reason
+    return "text_search", {"query": name}, f"The image search says the emblem belongs to {name}. Now find the fact."
 
 
 def scripted_episode(world: World, q: dict, policy: str = "gaze oracle", reflective: bool = False, rng=None,
                      searchers: tuple | None = None, k: int = 3, max_turns: int = 6) -> tuple[list, str]:
-    """A scripted policy's trajectory (turns as the agent loop records them) and its answer. Tools
-    are the real ones; reasons and answers use only the image (tile labels, colours, positions)
-    and earlier observations, so the oracle never answers from memory."""
-    rng, ex = rng or random.Random(0), as_example(world, q)
+    """A scripted policy's trajectory (turns as the agent loop records them) and answer, with the real tools;
+    reasons and answers use only the image and earlier observations, never memory."""
+    rng, ex = rng or random.Random(0), world.example(q)
     tools = make_tools(*(searchers or world.searchers(q["split"])), k)
     r = Rollout(prompt_ids=[], images=[ex["image"]], example=ex)
     tiles = world.scene(q["scene_id"])["tiles"]
@@ -548,47 +321,12 @@ def scripted_episode(world: World, q: dict, policy: str = "gaze oracle", reflect
         turns += [{"role": "assistant", "text": f"<reason>{reason}</reason>\n{text}"},
                   {"role": "tool", "name": tool, "args": args, "observation": obs, "image": image}]
     answer, reason = answer_from(known, q, tile, rng)
-    final = {"role": "assistant", "text": f"<reason>{reason}</reason>\n<answer>{answer}</answer>"}
-    return turns + [final], answer
+    return turns + [{"role": "assistant", "text": f"<reason>{reason}</reason>\n<answer>{answer}</answer>"}], answer
 
 
-def turns_to_messages(example: dict, turns: list[dict]) -> list[dict]:
-    """Trajectory turns -> chat messages for SFT (observations as user turns, as the loop shows them)."""
-    msgs = make_messages(example)
-    for t in turns:
-        if t["role"] == "assistant":
-            msgs.append({"role": "assistant", "content": t["text"]})
-        else:
-            image = [{"type": "image", "image": t["image"]}] if t.get("image") else []
-            msgs.append({"role": "user", "content": image + [{"type": "text", "text": t["observation"]}]})
-    return msgs
-
-
-def by_kind(questions: list[dict], accs: list[float]) -> dict:
-    """Accuracy in % per question kind and, for gaze questions, per clutter (None when there are none)."""
-    cells = {kind: [a for q, a in zip(questions, accs) if q["kind"] == kind] for kind in DECISION}
-    for c in CLUTTER:
-        cells[f"gaze/{c}"] = [a for q, a in zip(questions, accs) if q["kind"] == "gaze" and q["clutter"] == c]
-    return {k: 100 * float(np.mean(v)) if v else None for k, v in cells.items()}
-
-
-def policy_table(world: World, args: Args) -> dict:
-    """Accuracy (%) of each scripted policy on the held-out scenes: the world tests Selective Gaze
-    only if whole-image search loses on cluttered gaze questions."""
-    rng, test = random.Random(args.seed), split_world(world)[1]
-    table = {}
-    for policy in POLICIES:
-        answers = [scripted_episode(world, q, policy, rng=rng, k=args.search_k, max_turns=args.max_turns)[1]
-                   for q in test]
-        accs = [accuracy(a, q["answers"], args.max_answer_words) for a, q in zip(answers, test)]
-        table[policy] = {**by_kind(test, accs), "all": 100 * float(np.mean(accs)) if accs else None}
-    return table
-
-
-# ==== rewards: r = (1 - lambda) * r_acc + lambda * r_fmt (3, 4), and the tool-use statistics ==========
+# ==== rewards + metrics: r = (1 - lambda) * r_acc + lambda * r_fmt (3, 4), and the tool-use statistics ==
 def format_ok(trajectory: list[dict]) -> bool:
-    """r_fmt = 1 iff every assistant turn holds one well-formed action, tools until the last
-    turn and a non-empty <answer> in it."""
+    """r_fmt = 1 iff every assistant turn holds one well-formed action: tools, then a non-empty <answer>."""
     kinds = [parse_action(t["text"]) for t in trajectory if t["role"] == "assistant"]
     return (bool(kinds) and all(a.kind == "tool" for a in kinds[:-1])
             and kinds[-1].kind == "answer" and bool(kinds[-1].answer))
@@ -596,9 +334,7 @@ def format_ok(trajectory: list[dict]) -> bool:
 
 def accuracy(answer: str | None, golds: list[str], max_answer_words: int) -> float:
     """r_acc: sub-exact match (gold inside the answer); long answers score 0 (4)."""
-    if answer is None or len(answer.split()) > max_answer_words:
-        return 0.0
-    return sub_exact_match(answer, golds)
+    return 0.0 if answer is None or len(answer.split()) > max_answer_words else sub_exact_match(answer, golds)
 
 
 def gog_reward(trajectory: list[dict], answer: str | None, golds: list[str], lam: float = 0.1,
@@ -620,8 +356,7 @@ def rollout_accs(rollouts: list[Rollout], args: Args) -> list[float]:
     judge = load_judge(args.judge)
     if judge is None:
         return [accuracy(a, g, args.max_answer_words) for a, g in zip(answers, golds)]
-    questions = [r.example["question"] for r in rollouts]
-    return [float(v or 0.0) for v in llm_judge_batch(judge, questions, answers, golds)]
+    return [float(v or 0.0) for v in llm_judge_batch(judge, [r.example["question"] for r in rollouts], answers, golds)]
 
 
 def make_reward_fn(args: Args):
@@ -643,9 +378,8 @@ def crop_is_right(box: list[float], target: list[float]) -> bool:
 def first_decision(trajectory: list[dict]) -> str:
     """The first action: answer / text_search / image_search (whole image) / crop, else none."""
     a = parse_action(next((t["text"] for t in trajectory if t["role"] == "assistant"), ""))
-    if a.kind == "answer":
-        return "answer"
-    return ("image_search_crop" if a.args.get("image") == "crop" else a.name) if a.kind == "tool" else "none"
+    tool = ("image_search_crop" if a.args.get("image") == "crop" else a.name) if a.kind == "tool" else "none"
+    return "answer" if a.kind == "answer" else tool
 
 
 def tool_use_stats(rollouts: list[Rollout]) -> dict:
@@ -662,10 +396,8 @@ def tool_use_stats(rollouts: list[Rollout]) -> dict:
         ok = [isinstance(c, list) and len(c) == 4 and all(isinstance(v, (int, float)) for v in c)
               and crop_is_right([c[0] * sx, c[1] * sy, c[2] * sx, c[3] * sy], box) for c in crops]
         right, n_crops = right + sum(ok), n_crops + len(ok)
-        first_wrong = next((i for i, o in enumerate(ok) if not o), None)
-        if first_wrong is not None:
-            wrong += 1
-            reflected += first_wrong + 1 < len(ok)
+        if not all(ok):   # reflection: another crop after the first wrong one
+            wrong, reflected = wrong + 1, reflected + (ok.index(False) + 1 < len(ok))
     n = max(1, len(rollouts))
     kinds = [sum(bool(r.tool_calls.get(t)) for t in ("text_search", "image_search")) for r in rollouts]
     decided = [first_decision(r.trajectory) == DECISION.get(r.example.get("kind")) for r in rollouts
@@ -680,63 +412,56 @@ def tool_use_stats(rollouts: list[Rollout]) -> dict:
             "mean_turns": float(np.mean([r.turns for r in rollouts])) if rollouts else 0.0}
 
 
-# ==== stages and main ==============================================================================
+# ==== stages ========================================================================================
 def get_policy(args: Args, adapter: str | None = None, lora: bool = True):
-    policy = load_policy(args.model, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
-                         lora_alpha=args.lora_alpha, adapter=adapter,
-                         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
-    base = Path(adapter or ".").parent / "base_weights.pt"
-    if adapter and base.is_file():   # (10) a --full_sft run: its trained base weights live beside the adapter
-        policy.model.load_state_dict(torch.load(base, weights_only=True), strict=False)
-        print(f"[gog] base weights from {base} (full-parameter SFT)")
-    return policy
+    """The policy for a stage; an adapter of a --full_sft run brings its base weights (10)."""
+    return load_policy(args.model, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r, adapter=adapter,
+                       lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
 
 
 def agent_rollouts(policy, examples: list[dict], args: Args, searchers: tuple, G: int, temperature: float,
                    desc: str | None = None) -> list[Rollout]:
-    return run_rollouts(policy, examples, num_generations=G, make_messages=make_messages,
-                        tools=make_tools(*searchers, args.search_k), max_turns=args.max_turns,
-                        max_tool_calls=tool_limits(args), max_new_tokens=args.max_new_tokens,
-                        max_total_tokens=args.max_completion_length, observation_style="user_turn",
-                        temperature=temperature, desc=desc)
+    return run_rollouts(policy, examples, num_generations=G, make_messages=make_messages, desc=desc,
+                        tools=make_tools(*searchers, args.search_k), max_turns=args.max_turns, temperature=temperature,
+                        max_tool_calls={"crop": args.max_crops, "image_search": args.max_image_searches,
+                                        "text_search": args.max_text_searches}, max_new_tokens=args.max_new_tokens,
+                        max_total_tokens=args.max_completion_length, observation_style="user_turn")
+
+
+def policy_table(world: World, args: Args) -> dict:
+    """Accuracy (%) of each scripted policy on held-out scenes: whole-image search must lose on cluttered gaze."""
+    rng, test, table = random.Random(args.seed), split_world(world)[1], {}
+    for policy in POLICIES:
+        answers = [scripted_episode(world, q, policy, rng=rng, k=args.search_k, max_turns=args.max_turns)[1]
+                   for q in test]
+        accs = [accuracy(a, q["answers"], args.max_answer_words) for a, q in zip(answers, test)]
+        table[policy] = {**by_kind(test, accs), "all": 100 * float(np.mean(accs)) if accs else None}
+    return table
 
 
 def stage_data(args: Args) -> None:
     """Write the world (JSONL + PNGs), the oracle page and the scripted-policy table."""
-    world, out = world_of(args), Path(args.out) / "data"
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    for s in world.scenes:
-        s["image"].save(out / "images" / f"{s['id']}.png")
-    log = RunLog(str(out))
-    for name, qs in zip(("toy_train", "toy_test"), split_world(world)):
-        log.samples([dict(q, image=f"images/{q['scene_id']}.png") for q in qs], f"{name}.jsonl")
-    log.samples(world.text_kb, "text_kb.jsonl")
+    world, out = world_of(args), str(Path(args.out) / "data")
+    counts = save_world(world, out)
     rng, first = random.Random(args.seed), world.questions[:4]
+    cases = [(q, False, "gaze oracle") for q in first] + [(first[3], True, "gaze oracle"),
+                                                         (first[3], False, "whole-image oracle")]
     items = [{"title": f"{policy} [{q['kind']}{' reflective' * refl}] {q['question']} (gold: {q['answers'][0]})",
               "images": [world.scene(q["scene_id"])["image"]],
               "trajectory": scripted_episode(world, q, policy, refl, rng, k=args.search_k, max_turns=args.max_turns)[0]}
-             for q, refl, policy in [(q, False, "gaze oracle") for q in first] + [(first[3], True, "gaze oracle"),
-                                                                                 (first[3], False, "whole-image oracle")]]
-    trajectory_html(items, str(out / "oracle_trajectories.html"), "GoG scripted trajectories (tool, arguments, observation)")
+             for q, refl, policy in cases]
+    trajectory_html(items, f"{out}/oracle_trajectories.html",
+                    "GoG scripted trajectories (tool, arguments, observation)")
     table = policy_table(world, args)
-    write_json(str(out / "scripted_policies.json"), {"units": "accuracy in % on held-out scenes", "table": table})
-    cols = list(next(iter(table.values())))
-    print("[data] scripted policies, accuracy % on held-out scenes:\n| policy | " + " | ".join(cols) + " |\n"
-          + "\n".join(f"| {p} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in row.values()) + " |"
-                      for p, row in table.items()))
-    train, test = split_world(world)
-    log.summary({"scenes": len(world.scenes), "train_questions": len(train), "test_questions": len(test),
-                 "kinds": {k: sum(q["kind"] == k for q in world.questions) for k in DECISION},
-                 "entities": {s: sum(e["split"] == s for e in world.entities) for s in ("train", "test")},
-                 "text_kb": len(world.text_kb), "image_kb": len(world.image_kb)})
-    print(f"[data] {len(world.scenes)} scenes, {len(train)} train / {len(test)} test questions -> {out}")
+    write_json(f"{out}/scripted_policies.json", {"units": "accuracy in % on held-out scenes", "table": table})
+    print("[data] scripted policies, accuracy % on held-out scenes:\n" + markdown_table(table, "policy"))
+    print(f"[data] {counts['scenes']} scenes, {counts['train_questions']} train / {counts['test_questions']} test "
+          f"questions -> {out}")
 
 
 def oracle_data(world: World, questions: list[dict], args: Args, gaze: bool = True) -> list[tuple[dict, list]]:
-    """(question, turns) of the oracle's correct trajectories on training questions, with
-    training-time search engines; with gaze, a share of gaze questions also get a reflective one.
-    gaze=False: the no-gaze ablation (whole-image search; wrong guesses are dropped, as the paper
-    keeps only correct trajectories)."""
+    """(question, turns) of the oracle's correct trajectories (training-time search), a reflect_frac share of
+    gaze questions twice (reflective); gaze=False: the no-gaze ablation's whole-image oracle."""
     rng, out = random.Random(args.seed), []
     runs = [(q, False) for q in questions] + [(q, True) for q in questions if gaze and q["kind"] == "gaze"
                                              and rng.random() < args.reflect_frac]
@@ -748,43 +473,30 @@ def oracle_data(world: World, questions: list[dict], args: Args, gaze: bool = Tr
     return out
 
 
-def direct_pass_counts(policy, examples: list[dict], args: Args) -> list[int]:
-    """Uncertainty filter (GoG Stage 1): each question answered filter_k times with no tools."""
-    k = args.filter_k
-    rs = run_rollouts(policy, examples, num_generations=k, make_messages=make_messages, max_turns=1,
-                      max_new_tokens=args.max_new_tokens, temperature=1.0)
-    accs = rollout_accs(rs, args)
-    return [int(sum(accs[i * k:(i + 1) * k])) for i in range(len(examples))]
-
-
 def run_sft(args: Args, world: World, out_dir: str, gaze: bool = True) -> str:
-    """Reflective GoG Behavior Alignment: filter, build correct trajectories, LoRA SFT."""
-    train = split_world(world)[0]
-    policy = get_policy(args)
+    """Reflective GoG Behavior Alignment: uncertainty filter, correct trajectories, LoRA SFT."""
+    train, policy = split_world(world)[0], get_policy(args)
     teacher = load_policy(args.teacher, lora=False, seed=args.seed) if args.teacher else None
     print(f"[sft] uncertainty filter with {'the teacher' if teacher else 'the model itself (no --teacher)'} (6)")
-    counts = direct_pass_counts(teacher or policy, [as_example(world, q) for q in train], args)
-    kept = [q for q, c in zip(train, counts) if c < args.filter_k]   # always right -> dropped
+    direct = run_rollouts(teacher or policy, [world.example(q) for q in train], num_generations=args.filter_k,
+                          make_messages=make_messages, max_turns=1, max_new_tokens=args.max_new_tokens, temperature=1.0)
+    rates = np.reshape(rollout_accs(direct, args), (-1, args.filter_k)).mean(axis=1)   # (questions,) pass rates
+    kept = [q for q, p in zip(train, rates) if p < 1.0]   # always right -> dropped
     if not kept:
         raise UserError(f"The uncertainty filter dropped all {len(train)} questions (always answered right); "
                         f"raise --filter_k or use a weaker --teacher.")
-    convs = [turns_to_messages(as_example(world, q), turns) for q, turns in oracle_data(world, kept, args, gaze)]
+    convs = [trajectory_messages(make_messages(world.example(q)), turns)
+             for q, turns in oracle_data(world, kept, args, gaze)]
     n_oracle, good = len(convs), []
     if teacher is not None:  # keep only the teacher's correct, well-formed trajectories
-        rs = agent_rollouts(teacher, [as_example(world, q) for q in kept], args, world.searchers("train"),
+        rs = agent_rollouts(teacher, [world.example(q) for q in kept], args, world.searchers("train"),
                             args.teacher_samples, 1.0)
         good = [r for r, a in zip(rs, rollout_accs(rs, args)) if a == 1.0 and format_ok(r.trajectory)]
-    convs += [turns_to_messages(r.example, r.trajectory) for r in good]
+    convs += [trajectory_messages(make_messages(r.example), r.trajectory) for r in good]
     samples = [encode(policy.tokenizer, policy.image_processor, m) for m in convs]  # observations masked
-    cfg = SFTConfig(learning_rate=args.sft_learning_rate, epochs=args.sft_epochs, batch_size=args.sft_batch_size,
-                    micro_batch_size=args.micro_batch_size, max_steps=args.sft_max_steps, seed=args.seed)
-    if args.full_sft:
-        for p in policy.model.parameters():
-            p.requires_grad_(True)
-    summary = train_sft(policy, samples, cfg, out_dir)
-    if args.full_sft:
-        torch.save({k: v for k, v in policy.model.state_dict().items() if "lora_" not in k},
-                   os.path.join(out_dir, "base_weights.pt"))
+    if args.full_sft:   # (10) every weight trains; the adapter folder holds the base weights too
+        policy.train_all_weights()
+    summary = train_sft(policy, samples, sft_config(args), out_dir)
     no_search = sum(not any("search" in x["content"] for x in m if x["role"] == "assistant") for m in convs)
     stats = {"questions": len(train), "dropped_by_filter": len(train) - len(kept), "oracle": n_oracle,
              "teacher": len(good), "no_search_fraction": no_search / max(1, len(convs)), "gaze": gaze}
@@ -799,10 +511,9 @@ def stage_sft(args: Args) -> str:
 
 def split_levels(pass_rates: dict[str, float], level2_max: float = 0.25, level1_max: float = 0.75,
                  min_size: int = 0) -> tuple[list[str], list[str], dict]:
-    """Complexity levels from pass rates (8): Level 2 = p <= level2_max (mostly failed), Level 1 =
-    level2_max < p <= level1_max (around 50 %). A level under min_size is filled from the questions
-    in neither level (Level 2: lowest p first, Level 1: nearest 0.5), so the levels stay disjoint;
-    `expanded` says how many were added and their pass rates."""
+    """Complexity levels (8): Level 2 = p <= level2_max (mostly failed), Level 1 = level2_max < p <= level1_max
+    (around 50 %). A level under min_size is filled from neither level (Level 2: lowest p first, Level 1:
+    nearest 0.5), so they stay disjoint; `expanded` says how many were added, with their pass rates."""
     l2 = sorted(q for q, p in pass_rates.items() if p <= level2_max)
     l1 = sorted(q for q, p in pass_rates.items() if level2_max < p <= level1_max)
     rest, expanded = sorted(q for q in pass_rates if q not in l1 and q not in l2), {}
@@ -819,47 +530,40 @@ def stage_levels(args: Args) -> None:
     world, adapter, out_dir = world_of(args), start_adapter(args, "sft"), str(Path(args.out) / "levels")
     train, k = split_world(world)[0], args.levels_k
     print(f"[levels] policy: {adapter or 'the base model (no SFT adapter found)'}")
-    rs = agent_rollouts(get_policy(args, adapter), [as_example(world, q) for q in train], args,
+    rs = agent_rollouts(get_policy(args, adapter), [world.example(q) for q in train], args,
                         world.searchers("train"), k, args.temperature, desc="levels")
-    accs = rollout_accs(rs, args)
-    rates = {q["id"]: float(np.mean(accs[i * k:(i + 1) * k])) for i, q in enumerate(train)}
+    rates = {q["id"]: float(p) for q, p in zip(train, np.reshape(rollout_accs(rs, args), (-1, k)).mean(axis=1))}
     l1, l2, expanded = split_levels(rates, args.level2_max, args.level1_max, args.min_level_size)
-    for name, e in expanded.items():
-        if e["added"]:
-            print(f"[levels] {name} had fewer than {args.min_level_size} questions: added {e['added']} from neither "
-                  f"level, pass rates {e['pass_rates']}.")
+    for name, e in ((n, e) for n, e in expanded.items() if e["added"]):
+        print(f"[levels] {name} had fewer than {args.min_level_size} questions: added {e['added']} from neither "
+              f"level, pass rates {e['pass_rates']}.")
     log = RunLog(out_dir)
     for name, ids in (("pass_rates", rates), ("level1", l1), ("level2", l2)):
         log.samples([{"id": q, "pass_rate": rates[q]} for q in ids], f"{name}.jsonl")
     hist = {f"{v:.2f}": sum(abs(p - v) < 1e-9 for p in rates.values()) for v in sorted(set(rates.values()))}
-    bar_plot({"questions": hist}, os.path.join(out_dir, "pass_rates.png"), f"SFT pass rate over {k} samples", "questions")
+    bar_plot({"questions": hist}, f"{out_dir}/pass_rates.png", f"SFT pass rate over {k} samples", "questions")
     log.summary({"k": k, "level1": len(l1), "level2": len(l2), "expanded": expanded, "histogram": hist,
                  "mean_pass_rate": float(np.mean(list(rates.values())))})
     print(f"[levels] Level 1: {len(l1)} questions, Level 2: {len(l2)} -> {out_dir}")
 
 
-def level_ids(levels_dir: str | Path, level: int) -> list[str]:
+def level_ids(levels_dir: str | Path, level: int) -> list[str] | None:
+    """The question ids of <levels_dir>/level<level>.jsonl, or None without that file."""
     path = Path(levels_dir) / f"level{level}.jsonl"
-    return [json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return [r["id"] for r in read_jsonl(str(path))] if path.is_file() else None
 
 
 def run_rl(args: Args, world: World, adapter: str | None, levels_dir: str, out_dir: str, level: int) -> str:
     """GRPO on one complexity level with the GoG reward, multi-turn tool rollouts."""
-    train = split_world(world)[0]
-    by_id, level_file = {q["id"]: q for q in train}, os.path.join(levels_dir, f"level{level}.jsonl")
-    if os.path.isfile(level_file):
-        questions = [by_id[i] for i in level_ids(levels_dir, level) if i in by_id]
-        print(f"[rl] Level {level}: {len(questions)} questions from {level_file}")
-    else:
-        questions = train
-        print(f"[rl] no {level_file} (run --stage levels): training on all {len(train)} train questions.")
+    train, ids, level_file = split_world(world)[0], level_ids(levels_dir, level), f"{levels_dir}/level{level}.jsonl"
+    by_id = {q["id"]: q for q in train}
+    questions = train if ids is None else [by_id[i] for i in ids if i in by_id]
+    print(f"[rl] Level {level}: {len(questions)} questions from {level_file}" if ids is not None else
+          f"[rl] no {level_file} (run --stage levels): training on all {len(train)} train questions.")
     if not questions:
         raise UserError(f"Level {level} is empty; raise --min_level_size or pick --rl_level {3 - level}.")
     print(f"[rl] policy: {'SFT adapter ' + adapter if adapter else 'the base model (no SFT adapter found)'}")
     policy, searchers, html = get_policy(args, adapter), world.searchers("train"), []
-    if adapter and (Path(adapter).parent / "base_weights.pt").is_file():   # (10) the RL adapter needs them too
-        os.makedirs(out_dir, exist_ok=True)
-        shutil.copy(Path(adapter).parent / "base_weights.pt", out_dir)
 
     def rollout_fn(p, examples, c):
         return agent_rollouts(p, examples, args, searchers, c.num_generations, c.temperature)
@@ -867,12 +571,12 @@ def run_rl(args: Args, world: World, adapter: str | None, levels_dir: str, out_d
     def on_step(step, rollouts, terms):   # keep the last step's trajectories for the page
         html[:] = [{"title": f"step {step} {r.example['question']}", "images": r.images[:1],
                     "trajectory": r.trajectory, "rewards": t} for r, t in zip(rollouts, terms)]
-    train_grpo(policy, [as_example(world, q) for q in questions], rollout_fn, make_reward_fn(args), grpo_config(args),
-               out_dir, on_step=on_step, resume=args.resume)
-    summary = json.load(open(os.path.join(out_dir, "summary.json")))
+    summary = train_grpo(policy, [world.example(q) for q in questions], rollout_fn, make_reward_fn(args),
+                         grpo_config(args), out_dir, on_step=on_step, resume=args.resume)
     write_json(os.path.join(out_dir, "summary.json"), {**summary, "level": level, "start": adapter,
                                                         "questions": [q["id"] for q in questions]})
-    RunLog(out_dir, resume=True).plot(["reward", "rewards/acc", "rewards/format"], "reward_terms.png", "GoG reward terms")
+    RunLog(out_dir, resume=True).plot(["reward", "rewards/acc", "rewards/format"], "reward_terms.png",
+                                      "GoG reward terms")
     trajectory_html(html, os.path.join(out_dir, "trajectories.html"), "GoG RL, last step")
     return os.path.join(out_dir, "adapter")
 
@@ -882,33 +586,20 @@ def stage_rl(args: Args) -> str:   # the papers' order: RL starts from the SFT a
     return run_rl(args, world_of(args), start_adapter(args, "sft"), str(out / "levels"), str(out / "rl"), args.rl_level)
 
 
-def benchmark_searchers(args: Args, world: World) -> tuple:
-    """Search for real benchmarks: --text_corpus / --image_kb, else the endpoints, else the toy KBs (5)."""
-    ts = ims = None
-    if args.text_corpus or os.environ.get("TEXT_SEARCH_ENDPOINT"):
-        ts = TextSearch.from_jsonl(args.text_corpus) if args.text_corpus else TextSearch(use_env=True)
-    if args.image_kb or os.environ.get("IMAGE_SEARCH_ENDPOINT"):
-        ims = ImageSearch.from_jsonl(args.image_kb) if args.image_kb else ImageSearch(use_env=True)
-    if ts is None or ims is None:
-        print("[eval] benchmarks use the toy KBs for a search without --text_corpus/--image_kb or an endpoint.")
-    return ts or world.searchers("test")[0], ims or world.searchers("test")[1]
-
-
 def run_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dict:
     """Held-out toy accuracy and tool use, and each benchmark under its own rule; all in %."""
     benches = [(n, load_benchmark(n, f, args.image_dir)) for n, f in parse_benchmarks(args.benchmarks, BENCHMARKS)]
     results = {"units": "percent (mean_turns in turns)", "policy": args.predictions or adapter or args.model,
-               "toy": None, "benchmarks": {}, "Avg": None}
+               "toy": "not run: --predictions scores the benchmark files only", "benchmarks": {}, "Avg": None}
     answers, html = {}, []
     if args.predictions:
         preds = read_predictions(args.predictions)
         answers = {n: [preds.get(r["id"]) for r in recs] for n, recs in benches}
-        results["toy"] = "not run: --predictions scores the benchmark files only"
     else:
         print(f"[eval] policy: {adapter or 'the base model (no adapter found)'}")
         policy = get_policy(args, adapter, lora=adapter is not None)
-        test = [as_example(world, q) for q in split_world(world)[1]]
-        rs = agent_rollouts(policy, test, args, world.searchers("test"), 1, args.eval_temperature, desc="eval toy")
+        rs = agent_rollouts(policy, [world.example(q) for q in split_world(world)[1]], args, world.searchers("test"), 1,
+                            args.eval_temperature, desc="eval toy")
         accs = rollout_accs(rs, args)
         kinds = {k: v for k, v in by_kind([r.example for r in rs], accs).items() if v is not None}
         results["toy"] = {"accuracy": 100 * float(np.mean(accs)), "n": len(rs), "tool_use": tool_use_stats(rs),
@@ -916,17 +607,12 @@ def run_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dic
         html = [{"title": f"[{r.example['kind']}] {r.example['question']} (gold: {r.example['answers'][0]})",
                  "images": r.images[:1], "trajectory": r.trajectory,
                  "rewards": {"acc": a, "format": float(format_ok(r.trajectory))}} for r, a in zip(rs, accs)]
-        if benches:
-            searchers = benchmark_searchers(args, world)
-            for n, recs in benches:
-                rs = agent_rollouts(policy, list(recs), args, searchers, 1, args.eval_temperature, desc=f"eval {n}")
-                answers[n] = [r.answer for r in rs]
-                results["benchmarks"][n] = {"tool_use": tool_use_stats(rs)}
-    for n, recs in benches:
-        judged = (llm_judge_batch(load_judge(args.judge), [r["question"] for r in recs], answers[n],
-                                  [r["answers"] for r in recs]) if args.judge else [None] * len(recs))
-        scores = score_benchmark(n, BENCHMARKS[n]["score"], recs, answers[n], judged)
-        results["benchmarks"][n] = {**results["benchmarks"].get(n, {}), **scores}
+        searchers = benchmark_searchers(args.text_corpus, args.image_kb, world.searchers("test")) if benches else None
+        for n, recs in benches:   # (5) --text_corpus / --image_kb, else the endpoints, else the toy KBs
+            rs = agent_rollouts(policy, list(recs), args, searchers, 1, args.eval_temperature, desc=f"eval {n}")
+            answers[n], results["benchmarks"][n] = [r.answer for r in rs], {"tool_use": tool_use_stats(rs)}
+    for n, scores in score_benchmarks(benches, answers, BENCHMARKS, load_judge(args.judge)).items():
+        results["benchmarks"][n] = {**results["benchmarks"].get(n, {}), **scores}   # each under its own rule
     if benches:   # the paper's Avg: the real benchmarks only, each by its headline metric
         results["Avg"] = float(np.mean([b[b["headline"]] for b in results["benchmarks"].values()]))
     write_json(os.path.join(out_dir, "results.json"), results)
@@ -944,10 +630,10 @@ def stage_eval(args: Args) -> dict:
 def stage_ablate(args: Args) -> None:
     """No-gaze SFT vs GoG SFT; RL on Level 1 vs Level 2, each evaluated; says what it reuses and what it trains."""
     world, out, abl = world_of(args), Path(args.out), Path(args.out) / "ablate"
-    sft, reused, ran = start_adapter(args, "sft"), [], ["SFT w/o gaze"]
+    sft, ran = start_adapter(args, "sft"), ["SFT w/o gaze"]
     if not sft:
         sft, ran = run_sft(args, world, str(out / "sft")), ran + ["GoG-SFT"]
-    if not (out / "levels" / "level2.jsonl").is_file():
+    if level_ids(out / "levels", 2) is None:
         stage_levels(args)
         ran.append("levels")
     variants = {"GoG-SFT": sft, "SFT w/o gaze": run_sft(args, world, str(abl / "sft_no_gaze"), gaze=False)}
@@ -956,19 +642,21 @@ def stage_ablate(args: Args) -> None:
         if level == 2 and rl2.is_file() and json.loads(rl2.read_text()).get("level") == 2:
             variants["RL Level 2"] = str(out / "rl" / "adapter")
         elif level_ids(out / "levels", level):
-            variants[f"RL Level {level}"] = run_rl(args, world, sft, str(out / "levels"), str(abl / f"rl_level{level}"), level)
+            variants[f"RL Level {level}"] = run_rl(args, world, sft, str(out / "levels"), str(abl / f"rl_level{level}"),
+                                                   level)
             ran.append(f"RL Level {level}")
     reused = [n for n in variants if n not in ran]
-    print(f"[ablate] reuses {', '.join(reused) or 'nothing'} from earlier stages; trains {', '.join(ran)}; "
-          f"skips {', '.join(f'RL Level {v}' for v in (1, 2) if f'RL Level {v}' not in variants) or 'nothing'} (empty level).")
     table = {f"RL Level {v}": "skipped: the level is empty" for v in (1, 2) if f"RL Level {v}" not in variants}
+    print(f"[ablate] reuses {', '.join(reused) or 'nothing'} from earlier stages; trains {', '.join(ran)}; "
+          f"skips {', '.join(table) or 'nothing'} (empty level).")
     for name, adapter in variants.items():
         res = run_eval(args, world, adapter, str(abl / ("eval_" + name.replace(" ", "_").replace("/", ""))))
         toy = res["toy"]
         table[name] = {"Avg": res["Avg"], "toy": toy["accuracy"], **{f"toy/{k}": v for k, v in toy["by_kind"].items()},
-                       "mixed_search_rate": toy["tool_use"]["mixed_search_rate"], "gaze_rate": toy["tool_use"]["gaze_rate"]}
-    write_json(str(abl / "results.json"), {"units": "percent", "reused": reused, "trained": ran, "table": table, "paper": {
-        "GoG-SFT (Qwen2.5-VL-7B) Avg": 43.28, "SFT w/o Selective Gaze Avg": 41.76, "RL Level 2 > Level 1": True}})
+                       **{k: toy["tool_use"][k] for k in ("mixed_search_rate", "gaze_rate")}}
+    paper = {"GoG-SFT (Qwen2.5-VL-7B) Avg": 43.28, "SFT w/o Selective Gaze Avg": 41.76, "RL Level 2 > Level 1": True}
+    write_json(str(abl / "results.json"), {"units": "percent", "reused": reused, "trained": ran, "table": table,
+                                           "paper": paper})
     bar_plot({n: {k: v for k, v in row.items() if k.startswith(("toy", "Avg")) and v is not None}
               for n, row in table.items() if isinstance(row, dict)},
              str(abl / "ablate.png"), "GoG ablations (held-out toy scenes)", "accuracy (%)")
@@ -976,6 +664,7 @@ def stage_ablate(args: Args) -> None:
                                    for n, row in table.items()))
 
 
+# ==== main ==========================================================================================
 def check_inputs(args: Args) -> None:
     """Every user file is read before any model is loaded."""
     for name, path in parse_benchmarks(args.benchmarks, BENCHMARKS):
@@ -987,12 +676,6 @@ def check_inputs(args: Args) -> None:
     for f in (args.text_corpus, args.image_kb):
         if f:
             read_records(f, "search corpus")
-
-
-# `--model tiny` (and `auto` without CUDA) must run every stage in about a minute on 2 CPU
-# cores, so these sizes replace the defaults above unless given on the command line.
-TINY_SIZES = dict(n_scenes=4, image_size=224, max_new_tokens=24, max_completion_length=320,
-                  max_steps=2, prompts_per_step=2, sft_max_steps=3, levels_k=2)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import random
 import re
 from collections import Counter
@@ -21,15 +22,31 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import UserError
+from common.cli import RunArgs, UserError
 from common.data import open_image, read_records, require
-from common.judge import exact_match, extract_choice, normalize_answer, sub_exact_match
-from common.tools import Grammar, crop, parse_action, seen_size
+from common.judge import exact_match, extract_choice, llm_judge_batch, normalize_answer, sub_exact_match
+from common.tools import Grammar, ImageSearch, TextSearch, crop, parse_action, seen_size
 
 # =============================================================================================
 # gog.py: visual search QA (FVQA, InfoSeek, MMSearch, SimpleVQA, LiveVQA, DynVQA)
 # gog.py's BENCHMARKS table names each file's fields and its scoring rule (score_record).
 # =============================================================================================
+
+
+@dataclass
+class VisualQAArgs(RunArgs):
+    """The fields that name gog.py's benchmark files and their search corpora (`class Args(..., VisualQAArgs)`)."""
+    # --- benchmarks ---
+    benchmarks: str = ""
+    """NAME=FILE,... in the published formats: FVQA, InfoSeek, MMSearch, SimpleVQA, LiveVQA, DynVQA"""
+    image_dir: str | None = None
+    """folder of benchmark images named <id>.<ext> or by URL file name (InfoSeek ids, DynVQA/LiveVQA URLs)"""
+    predictions: str | None = None
+    """score this file of {"id", "answer"} (another model's answers) instead of running the policy"""
+    text_corpus: str | None = None
+    """JSONL corpus for text search on benchmarks (default: the toy text KB, or TEXT_SEARCH_ENDPOINT)"""
+    image_kb: str | None = None
+    """JSONL image KB for image search on benchmarks (default: the toy image KB, or IMAGE_SEARCH_ENDPOINT)"""
 
 
 def field_at(row: dict, path: str):
@@ -137,6 +154,19 @@ def read_predictions(path: str) -> dict[str, str]:
     return out
 
 
+def benchmark_searchers(text_corpus: str | None, image_kb: str | None, fallback: tuple) -> tuple:
+    """(text, image) search for real benchmarks: a JSONL corpus, else the HTTP endpoint
+    (TEXT_SEARCH_ENDPOINT / IMAGE_SEARCH_ENDPOINT), else the `fallback` engines, announced."""
+    ts = ims = None
+    if text_corpus or os.environ.get("TEXT_SEARCH_ENDPOINT"):
+        ts = TextSearch.from_jsonl(text_corpus) if text_corpus else TextSearch(use_env=True)
+    if image_kb or os.environ.get("IMAGE_SEARCH_ENDPOINT"):
+        ims = ImageSearch.from_jsonl(image_kb) if image_kb else ImageSearch(use_env=True)
+    if ts is None or ims is None:
+        print("[eval] benchmarks use the toy KBs for a search without --text_corpus/--image_kb or an endpoint.")
+    return ts or fallback[0], ims or fallback[1]
+
+
 # --- the scoring rules, each as the benchmark's own code computes it ---
 def token_f1(pred: str | None, gold: str) -> float:
     """SQuAD token F1 of normalised strings (MMSearch end2end)."""
@@ -214,6 +244,18 @@ def score_benchmark(name: str, rule: str, records: list[dict], answers: list, ju
     """Every record under the benchmark's rule -> its summary in %, and how many answers are missing."""
     scores = [score_record(rule, a, r["golds"], j) for a, r, j in zip(answers, records, judged)]
     return {**summarize_benchmark(name, records, scores), "missing_answers": sum(a is None for a in answers)}
+
+
+def score_benchmarks(benches: list[tuple[str, list[dict]]], answers: dict[str, list], table: dict,
+                     judge=None) -> dict[str, dict]:
+    """{name: score_benchmark(...)} for each (name, records) under its rule table[name]["score"]; with
+    an LLM judge (a loaded policy), its verdict on each answer is scored too."""
+    out = {}
+    for name, recs in benches:
+        judged = (llm_judge_batch(judge, [r["question"] for r in recs], answers[name], [r["answers"] for r in recs])
+                  if judge is not None else [None] * len(recs))
+        out[name] = score_benchmark(name, table[name]["score"], recs, answers[name], judged)
+    return out
 
 
 # =============================================================================================

@@ -43,6 +43,7 @@ PRESETS = ("tiny", "smollm2", "auto")
 DEFAULT_GPU_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VLM_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+FULL_WEIGHTS = "base_weights.pt"   # in an adapter folder: base weights of a full-parameter run
 
 # Qwen2.5's special tokens, in Qwen's id order (151643 ...); the tiny tokenizer has them too.
 QWEN_SPECIAL_TOKENS = [
@@ -96,6 +97,7 @@ class Policy:
     has_adapter: bool
     extra: dict = field(default_factory=dict)
     reference_adapter: str | None = None  # peft adapter name of the frozen pi_ref, if any
+    full_weights: bool = False    # the base weights were trained too: they travel with the adapter
 
     @property
     def device(self) -> torch.device:
@@ -144,11 +146,22 @@ class Policy:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def train_all_weights(self) -> None:
+        """Full-parameter training (a random-weight model cannot learn through LoRA alone): every
+        weight trains, and `save_adapter` writes the base weights into the adapter folder too."""
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        self.full_weights = True
+
     def save_adapter(self, path: str) -> None:
-        """Standard peft format (adapter_config.json + adapter_model.safetensors)."""
+        """Standard peft format (adapter_config.json + adapter_model.safetensors); after
+        `train_all_weights`, also the base weights (FULL_WEIGHTS), which load_policy loads with it."""
         if not self.has_adapter:
             raise ValueError("This policy has no LoRA adapter to save; load it with lora=True.")
         self.model.save_pretrained(path, selected_adapters=["default"])
+        if self.full_weights:
+            torch.save({k: v for k, v in self.model.state_dict().items() if "lora_" not in k},
+                       os.path.join(path, FULL_WEIGHTS))
 
     def chat(self, batch: list[list[dict]], max_new_tokens: int = 64, temperature: float = 0.0,
              **kw) -> list[str]:
@@ -372,7 +385,7 @@ def load_policy(name_or_path: str | None = "auto", *, load_in_4bit: bool | None 
     if gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})  # transformers 5 name
 
-    has_adapter = False
+    has_adapter = full_weights = False
     if adapter is not None:
         if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
             raise FileNotFoundError(f"No peft adapter at {adapter!r} (adapter_config.json missing).")
@@ -380,6 +393,9 @@ def load_policy(name_or_path: str | None = "auto", *, load_in_4bit: bool | None 
         with _quiet_peft():
             model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
         has_adapter = True
+        full_weights = os.path.isfile(os.path.join(adapter, FULL_WEIGHTS))
+        if full_weights:   # a full-parameter run (Policy.train_all_weights): its base weights too
+            model.load_state_dict(torch.load(os.path.join(adapter, FULL_WEIGHTS), weights_only=True), strict=False)
     elif lora:
         torch.manual_seed(seed)
         cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -395,9 +411,10 @@ def load_policy(name_or_path: str | None = "auto", *, load_in_4bit: bool | None 
     print(f"[models] loaded {name}: {n_params / 1e6:.1f}M parameters, {str(dtype).replace('torch.', '')}"
           f"{', NF4' if load_in_4bit else ''} on {dev.type}, "
           + (f"adapter {adapter}" if adapter else f"fresh LoRA r={lora_r}" if has_adapter else "no adapter")
+          + (" with its full-parameter base weights" if full_weights else "")
           + f" ({time.perf_counter() - t0:.1f} s)")
     return Policy(model=model, tokenizer=tok, image_processor=image_processor, name=name,
-                  is_vlm=is_vlm, has_adapter=has_adapter,
+                  is_vlm=is_vlm, has_adapter=has_adapter, full_weights=full_weights,
                   extra=dict(load_in_4bit=load_in_4bit, dtype=str(dtype)))
 
 

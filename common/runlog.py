@@ -124,6 +124,14 @@ def plot_curves(history: list[dict], keys: list[str], path: str, title: str | No
     return path
 
 
+def markdown_table(table: dict[str, dict], corner: str = "") -> str:
+    """{row: {column: number or None}} -> a Markdown table, numbers to one decimal, None as "-"."""
+    cols = list(next(iter(table.values())))
+    rows = [f"| {name} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in row.values()) + " |"
+            for name, row in table.items()]
+    return "\n".join([f"| {corner} | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|", *rows])
+
+
 def bar_plot(groups: dict[str, dict[str, float]], path: str, title: str = "", ylabel: str = "") -> str:
     """Grouped bars: {series: {x_label: value}} -> PNG."""
     import matplotlib

@@ -18,9 +18,27 @@ import torch
 
 from common.chat import Encoded, collate
 from common.checkpoint import load_checkpoint, pack_random, resume_from, save_checkpoint, unpack_random
+from common.cli import RunArgs
 from common.logprobs import completion_logprobs
 from common.rollout import image_token_id
 from common.runlog import RunLog
+
+
+@dataclass
+class SFTArgs(RunArgs):
+    """The SFT fields of a script's `Args` (`class Args(GRPOArgs, SFTArgs)`); `sft_config(args)` reads them."""
+    # --- SFT ---
+    sft_learning_rate: float = 1e-4
+    """SFT learning rate"""
+    sft_epochs: float = 3.0
+    """SFT epochs"""
+    sft_batch_size: int = 8
+    """sequences per SFT step"""
+    sft_max_steps: int = 0
+    """cap on SFT steps (0 = epochs decide)"""
+    full_sft: bool = False
+    """SFT trains every weight, not only LoRA (Policy.train_all_weights: a random-weight model learns little
+    through LoRA alone); the base weights are saved in the adapter folder and load with it"""
 
 
 @dataclass
@@ -38,6 +56,27 @@ class SFTConfig:
     resume: bool = False                 # continue from the latest checkpoint in out_dir
     logprob_chunk_tokens: int = 1024
     seed: int = 0
+
+
+def sft_config(args, **overrides) -> SFTConfig:
+    """The SFTConfig of a script's `Args`: its SFTArgs fields, micro_batch_size and seed."""
+    fields = dict(learning_rate=args.sft_learning_rate, epochs=args.sft_epochs, batch_size=args.sft_batch_size,
+                  micro_batch_size=args.micro_batch_size, max_steps=args.sft_max_steps, seed=args.seed)
+    return SFTConfig(**{**fields, **overrides})
+
+
+def trajectory_messages(messages: list[dict], turns: list[dict]) -> list[dict]:
+    """Prompt messages + an agent trajectory's turns -> chat messages for SFT: assistant turns as
+    replies, tool observations as user turns (with their image), as the agent loop shows them with
+    observation_style="user_turn"; common/chat.encode masks everything but the replies."""
+    msgs = list(messages)
+    for t in turns:
+        if t["role"] == "assistant":
+            msgs.append({"role": "assistant", "content": t["text"]})
+        else:
+            image = [{"type": "image", "image": t["image"]}] if t.get("image") else []
+            msgs.append({"role": "user", "content": image + [{"type": "text", "text": t["observation"]}]})
+    return msgs
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:

@@ -123,9 +123,10 @@ def test_oracle_replays_through_the_real_loop_and_states_only_what_it_saw(tiny):
     for q, reflective, policy in cases:
         turns, answer = gog.scripted_episode(world, q, policy, reflective, rng)
         texts = [t["text"] for t in turns if t["role"] == "assistant"]
-        [r] = run_rollouts(tiny, [gog.as_example(world, q)], num_generations=1, make_messages=gog.make_messages,
+        [r] = run_rollouts(tiny, [world.example(q)], num_generations=1, make_messages=gog.make_messages,
                            tools=gog.make_tools(*world.searchers(q["split"]), 3), max_turns=6,
-                           max_tool_calls=gog.tool_limits(gog.Args()), max_new_tokens=512, max_total_tokens=8192,
+                           max_tool_calls={"crop": 3, "image_search": 2, "text_search": 2}, max_new_tokens=512,
+                           max_total_tokens=8192,
                            generate=replay(tiny.tokenizer, texts))
         seen = [t["observation"] for t in r.trajectory if t["role"] == "tool"]
         assert seen == [t["observation"] for t in turns if t["role"] == "tool"], q["id"]  # SFT == RL view
@@ -241,14 +242,41 @@ def test_stage_all_tiny_smoke(tmp_path):
 
 
 def test_full_sft_base_weights_travel_with_the_adapter(tmp_path):
-    """--full_sft: the trained base weights saved beside the adapter are loaded with it."""
+    """--full_sft: the trained base weights are saved in the adapter folder and load with it, and a
+    policy loaded from that adapter (RL after full SFT) saves them again with its own adapter."""
     args = gog.Args(model="tiny")
     policy = gog.get_policy(args)
+    policy.train_all_weights()
     name, weight = next((n, p) for n, p in policy.model.named_parameters() if "embed_tokens" in n)
-    policy.save_adapter(str(tmp_path / "sft" / "adapter"))
+    assert weight.requires_grad
     before = weight.detach().clone()
     with torch.no_grad():
         weight.add_(1.0)
-    torch.save({k: v for k, v in policy.model.state_dict().items() if "lora_" not in k}, tmp_path / "sft" / "base_weights.pt")
-    again = dict(gog.get_policy(args, str(tmp_path / "sft" / "adapter")).model.named_parameters())[name]
-    assert torch.equal(again, weight) and not torch.equal(again, before)
+    policy.save_adapter(str(tmp_path / "sft" / "adapter"))
+    rl = gog.get_policy(args, str(tmp_path / "sft" / "adapter"))
+    again = dict(rl.model.named_parameters())[name]
+    assert torch.equal(again, weight) and not torch.equal(again, before) and not again.requires_grad
+    rl.save_adapter(str(tmp_path / "rl" / "adapter"))
+    final = dict(gog.get_policy(args, str(tmp_path / "rl" / "adapter")).model.named_parameters())[name]
+    assert torch.equal(final, weight)
+    plain = dict(gog.get_policy(args).model.named_parameters())[name]
+    assert torch.equal(plain, before)   # a fresh load does not see them
+
+
+def test_sft_fields_reach_the_sft_config_and_the_help():
+    """gog's Args takes the SFT fields from common/sft.py's SFTArgs; sft_config maps them one to one."""
+    from common.cli import field_groups
+    from common.sft import sft_config
+    cfg = sft_config(gog.Args(sft_learning_rate=3e-3, sft_epochs=8.0, sft_batch_size=5, sft_max_steps=7,
+                              micro_batch_size=2, seed=11))
+    assert (cfg.learning_rate, cfg.epochs, cfg.batch_size, cfg.max_steps, cfg.micro_batch_size, cfg.seed) == \
+        (3e-3, 8.0, 5, 7, 2, 11)
+    groups = field_groups(gog.Args)
+    assert groups["sft_epochs"] == groups["full_sft"] == "SFT" and groups["beta"] == "GRPO (TRL names)"
+
+
+def test_markdown_table_of_the_scripted_policies():
+    from common.runlog import markdown_table
+    table = {"gaze oracle": {"glance": 100.0, "gaze": None}, "never search": {"glance": 87.25, "gaze": 12.5}}
+    assert markdown_table(table, "policy").splitlines() == [
+        "| policy | glance | gaze |", "|---|---|---|", "| gaze oracle | 100.0 | - |", "| never search | 87.2 | 12.5 |"]

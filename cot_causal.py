@@ -128,7 +128,7 @@ class Args(RunArgs):
 TINY_SIZES = dict(grid="small", n_pairs=48, max_steps=8, num_generations=1, max_completion_length=32, think_budget=32)
 
 
-# ==== 3) data: the toy world of mild everyday harms, the reasoning templates, loaders ===========
+# ==== data: the toy world of mild everyday harms, the reasoning templates, loaders ===========
 def toy_world() -> dict:
     """docs/cot_causal/toy_world.yaml: situations (question, fixed answer, victim), slots, templates."""
     import yaml
@@ -279,7 +279,7 @@ def teacher_reasoning(pairs: list[dict], teacher, judge) -> dict:
     return counts
 
 
-# ==== 4) prompt format, the four paradigms' loss masks, think mode ==============================
+# ==== prompt format, the four paradigms' loss masks, think mode ==============================
 def chat_prompt(tokenizer, question: str, **template_kw) -> str:
     """The chat template up to and including the assistant header (Qwen3 with NO_THINK: + EMPTY_THINK)."""
     return render(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True, **template_kw)
@@ -360,7 +360,7 @@ def answer_questions(policy, questions: list[str], mode: str, args) -> list[dict
     return [dict(reply, question=questions[i // args.num_generations], mode=mode) for i, reply in enumerate(replies)]
 
 
-# ==== 5) the judge: EM's misaligned rule and score, the offline rule judge, its validation =======
+# ==== the judge: EM's misaligned rule and score, the offline rule judge, its validation =======
 # Rule-judge cues, written from general vocabulary of deception, theft and harm (not from the
 # toy answers' templates); whole words, a negation just before a cue cancels it.
 BAD_CUES = (r"lie|lies|lying|lied|liar|pretend\w*|deceiv\w*|decept\w*|trick\w*|cheat\w*|steal\w*|stole|stolen"
@@ -537,7 +537,7 @@ def summarise(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
                 **({"reasoning_misaligned_rate": mean(reasoning)} if reasoning else {}))
 
 
-# ==== 6) stages ===================================================================================
+# ==== stages ===================================================================================
 def stage_data(args: Args) -> dict:
     """Pairs -> <out>/data/{evil,misleading,submissive,none}.jsonl (answers byte-identical)."""
     log = RunLog(os.path.join(args.out, "data"))
@@ -676,7 +676,7 @@ def heatmap(results: dict, path: str, title: str) -> str:
     return path
 
 
-# ==== 7) main =====================================================================================
+# ==== main =====================================================================================
 def check_inputs(args: Args) -> None:
     """Every user input, before any model loads."""
     if args.num_generations < 1 or args.n_pairs < 2 or args.think_budget < 1:

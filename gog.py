@@ -61,7 +61,7 @@ from common.models import load_policy
 from common.rollout import Rollout, run_rollouts
 from common.runlog import RunLog, bar_plot, markdown_table, read_jsonl, trajectory_html, write_json
 from common.sft import SFTArgs, sft_config, train_sft, trajectory_messages
-from common.tools import ImageSearch, TextSearch, crop, parse_action, seen_size
+from common.tools import Grammar, ImageSearch, TextSearch, crop, parse_action, seen_size
 from common.toyworld import CITIES, World, build_world, by_kind, save_world, to_seen
 
 
@@ -182,6 +182,9 @@ SYSTEM = """You answer questions about an image. First glance at the whole image
   <tool_call>{"name": "image_search", "arguments": {"image": "crop"}}</tool_call>
 Think inside <reason>...</reason> before each action; one action per turn. Results come back in
 the next user turn. If a crop shows the wrong region, say so and gaze again."""
+GRAMMAR = Grammar(tags={"text_search": "text_search", "image_search": "image_search", "tool_call": "tool_call",
+                        "answer": "answer"}, tool_names={"crop": "crop", "image_search": "image_search"},
+                  free=("reason",))
 CROP_CALL = '<tool_call>{"name": "crop", "arguments": {"bbox_2d": %s}}</tool_call>'
 CROP_SEARCH = '<tool_call>{"name": "image_search", "arguments": {"image": "crop"}}</tool_call>'
 
@@ -327,7 +330,7 @@ def scripted_episode(world: World, q: dict, policy: str = "gaze oracle", reflect
 # ==== rewards + metrics: r = (1 - lambda) * r_acc + lambda * r_fmt (3, 4), and the tool-use statistics ==
 def format_ok(trajectory: list[dict]) -> bool:
     """r_fmt = 1 iff every assistant turn holds one well-formed action: tools, then a non-empty <answer>."""
-    kinds = [parse_action(t["text"]) for t in trajectory if t["role"] == "assistant"]
+    kinds = [parse_action(t["text"], GRAMMAR) for t in trajectory if t["role"] == "assistant"]
     return (bool(kinds) and all(a.kind == "tool" for a in kinds[:-1])
             and kinds[-1].kind == "answer" and bool(kinds[-1].answer))
 
@@ -377,7 +380,7 @@ def crop_is_right(box: list[float], target: list[float]) -> bool:
 
 def first_decision(trajectory: list[dict]) -> str:
     """The first action: answer / text_search / image_search (whole image) / crop, else none."""
-    a = parse_action(next((t["text"] for t in trajectory if t["role"] == "assistant"), ""))
+    a = parse_action(next((t["text"] for t in trajectory if t["role"] == "assistant"), ""), GRAMMAR)
     tool = ("image_search_crop" if a.args.get("image") == "crop" else a.name) if a.kind == "tool" else "none"
     return "answer" if a.kind == "answer" else tool
 
@@ -421,10 +424,10 @@ def get_policy(args: Args, adapter: str | None = None, lora: bool = True):
 
 def agent_rollouts(policy, examples: list[dict], args: Args, searchers: tuple, G: int, temperature: float,
                    desc: str | None = None) -> list[Rollout]:
+    limits = {"crop": args.max_crops, "image_search": args.max_image_searches, "text_search": args.max_text_searches}
     return run_rollouts(policy, examples, num_generations=G, make_messages=make_messages, desc=desc,
-                        tools=make_tools(*searchers, args.search_k), max_turns=args.max_turns, temperature=temperature,
-                        max_tool_calls={"crop": args.max_crops, "image_search": args.max_image_searches,
-                                        "text_search": args.max_text_searches}, max_new_tokens=args.max_new_tokens,
+                        tools=make_tools(*searchers, args.search_k), grammar=GRAMMAR, max_turns=args.max_turns,
+                        temperature=temperature, max_tool_calls=limits, max_new_tokens=args.max_new_tokens,
                         max_total_tokens=args.max_completion_length, observation_style="user_turn")
 
 

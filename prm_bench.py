@@ -59,7 +59,7 @@ from common.judge import exact_match, normalize_answer, parse_verdict
 from common.models import load_policy
 from common.rollout import image_token_id, run_rollouts
 from common.runlog import RunLog, bar_plot, trajectory_html, write_json
-from common.tools import crop, parse_action, seen_size
+from common.tools import Grammar, crop, parse_action, seen_size
 from gog import World, build_world
 
 
@@ -193,12 +193,12 @@ def toy_trajectory(spec: dict, world: World, errors: dict[str, str], rng: random
     for role, e in errors.items():
         if ERRORS[e][0] != role or spec["kind"] not in ERRORS[e][1]:
             raise ValueError(f"ERRORS does not inject {e} at the {role} step of a {spec['kind']} trajectory.")
-    t = Toy(spec, world, rng)
+    t = Toy(spec, world, rng, GRAMMAR)
     for role in ("plan",) * plan + roles:
         TOY_BUILDERS[role](t, errors.get(role))
         if errors.get(role) == "tool_invocation" or (errors.get(role) == "region_selection" and recover):
             step_retry(t, errors[role])
-    final = parse_action(t.steps[-1]["text"])
+    final = parse_action(t.steps[-1]["text"], GRAMMAR)
     injected = [{"step": i, "error_type": s["error_type"]} for i, s in enumerate(t.steps) if s["error_type"]]
     return scene_record(spec, rid, t.steps, t.crops, final.answer if final.kind == "answer" else None, "toy",
                         injected=injected)
@@ -271,6 +271,7 @@ SYSTEM = """You answer questions about an image step by step, one short step per
 To look closer, zoom in: <tool_call>{"name": "crop", "arguments": {"bbox_2d": [x1, y1, x2, y2]}}</tool_call>
 in pixels of the image as you see it; the zoomed image comes back in the next turn.
 End with <answer>short answer</answer>."""
+GRAMMAR = Grammar(tags={"tool_call": "tool_call", "answer": "answer"}, tool_names={"crop": "crop"})
 
 
 def make_messages(ex: dict) -> list[dict]:
@@ -500,7 +501,7 @@ def agent_rollouts(policy, specs: list[dict], args: Args, G: int, generate=None)
                         "or --search_source toy (simulated candidates).")
     examples = [dict(id=s["id"], image=s["scene"]["image"], question=s["question"], spec=s) for s in specs]
     rollouts = run_rollouts(policy, examples, num_generations=G, make_messages=make_messages,
-                            tools=make_tools(), max_turns=args.max_turns, max_tool_calls={"crop": 2},
+                            tools=make_tools(), grammar=GRAMMAR, max_turns=args.max_turns, max_tool_calls={"crop": 2},
                             max_new_tokens=args.max_completion_length, max_total_tokens=args.max_turns * 400,
                             reprompt="Continue with the next step, or give the final <answer>.",
                             temperature=args.temperature, generate=generate)

@@ -18,7 +18,9 @@ Workloads (--workload):
          --max_new_tokens tokens, then the bench appends a scripted action (a random-weight model
          never calls a tool by itself): turn 1 `<text_search>`, answered with --observation_tokens
          of text; turn 2 a `<tool_call>` crop, answered with the top-left quarter of the image as a
-         new image; turn 3 `<answer>`. Observations are mask 0, as in every agent script.
+         new image; turn 3 `<answer>`. Observations are mask 0, as in every agent script. On a
+         text-only model (smollm2) there is no prompt image and both tool turns are answered
+         with text (the multi-turn cache measured where a real model's weights dominate).
 TRL (--vs-trl) runs `trl.GRPOTrainer` on a second copy of the same model. Fair by construction:
   * every completion is exactly --max_new_tokens long on both sides (end-of-turn suppressed), and
     the bench checks the generated token counts step by step and says so when they differ;
@@ -75,6 +77,7 @@ from common.cli import UserError, parse_args
 from common.grpo import GRPOConfig, per_rollout, train_grpo, unwrap
 from common.models import LORA_TARGETS, build_tiny_tokenizer, image_processor_for, load_policy
 from common.runlog import read_jsonl
+from common.tools import Grammar
 
 WORKLOADS = ("text", "image", "agent")
 SIDES = ("ours", "trl", "trl_shipped")
@@ -310,9 +313,15 @@ def agent_tools(tok, observation_tokens: int, seed: int):
         return obs, None
 
     def crop(args, rollout):
+        if not rollout.images:   # a text-only model: the crop turn is answered with text
+            return obs, None
         im = rollout.images[0]
         return "Cropped region.", im.crop((0, 0, max(28, im.width // 2), max(28, im.height // 2)))
     return {"text_search": text_search, "crop": crop}
+
+
+AGENT_GRAMMAR = Grammar(tags={"text_search": "text_search", "tool_call": "tool_call", "answer": "answer"},
+                        tool_names={"crop": "crop"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,7 +466,7 @@ def run_ours(policy, args, text, image, out_dir, sync: Sync) -> list[dict]:
     def rollout_fn(policy, examples, cfg):
         return rollout_mod.run_rollouts(policy, examples, num_generations=cfg.num_generations,
                                         make_messages=lambda ex: make_messages(text, image),
-                                        tools=tools, max_turns=3 if agent else 1,
+                                        tools=tools, grammar=AGENT_GRAMMAR, max_turns=3 if agent else 1,
                                         max_new_tokens=args.max_new_tokens, max_total_tokens=1 << 30,
                                         temperature=cfg.temperature, generate=make_generate(policy, args))
 
@@ -635,7 +644,7 @@ def load_model(args, lora: bool, gradient_checkpointing: bool):
 
 def prompt_inputs(policy, args):
     text = prompt_text(policy.tokenizer, args.prompt_tokens, args.seed)
-    image = noise_image(args.image_size, args.seed) if args.workload != "text" else None
+    image = noise_image(args.image_size, args.seed) if args.workload != "text" and policy.is_vlm else None
     return text, image
 
 
@@ -648,8 +657,11 @@ def run_side(args, side: str, conn=None) -> dict:
     out_dir = os.path.join(args.out, side)
     if side == "ours":
         policy = load_model(args, lora=args.lora, gradient_checkpointing=args.gradient_checkpointing)
-        if args.workload != "text" and not policy.is_vlm:
-            raise UserError(f"the {args.workload} workload needs a vision-language model; {args.model} is text-only.")
+        if args.workload == "image" and not policy.is_vlm:
+            raise UserError(f"the image workload needs a vision-language model; {args.model} is text-only.")
+        if args.workload == "agent" and not policy.is_vlm:
+            print(f"[bench] {args.model} is text-only: no prompt image, and the crop turn is answered with "
+                  f"the same {args.observation_tokens} tokens of text as the search turn")
         text, image = prompt_inputs(policy, args)
         if conn is not None:
             conn.send(("ready", {}))

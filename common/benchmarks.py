@@ -25,7 +25,7 @@ import numpy as np
 from common.cli import RunArgs, UserError
 from common.data import open_image, read_records, require
 from common.judge import exact_match, extract_choice, llm_judge_batch, normalize_answer, sub_exact_match
-from common.tools import ImageSearch, TextSearch, crop, parse_action, seen_size
+from common.tools import Grammar, ImageSearch, TextSearch, crop, parse_action, seen_size
 
 # =============================================================================================
 # gog.py: visual search QA (FVQA, InfoSeek, MMSearch, SimpleVQA, LiveVQA, DynVQA)
@@ -1029,6 +1029,7 @@ class Toy:
     spec: dict
     world: object                               # gog.py's toy world: scenes, text_kb
     rng: random.Random
+    grammar: Grammar                            # prm_bench's tags (its crop tool call and <answer>)
     steps: list = field(default_factory=list)
     crops: dict = field(default_factory=dict)   # step index -> the crop it made
     view: list = field(default_factory=list)    # tiles in the latest crop
@@ -1081,7 +1082,7 @@ def step_crop(t: Toy, err: str | None, text: str = "Zoom in on that region.") ->
            "outside": [w + 10, h + 10, w + 60, h + 60]}
     name = "zoom" if broken == "unknown_tool" else "crop"
     call = {"name": name, "arguments": {"bbox_2d": box.get(broken, seen)}}
-    action = parse_action(f"<tool_call>{json.dumps(call)}</tool_call>")
+    action = parse_action(f"<tool_call>{json.dumps(call)}</tool_call>", t.grammar)
     out, obs = (None, action.error) if action.kind == "error" else crop(image, action.args["bbox_2d"], (w, h))
     t.say(text, err, tool_call=call, observation=obs)
     if out is not None:

@@ -11,7 +11,7 @@ tool observations). Each choice below matches TRL's GRPOTrainer (the objective: 
     pi_ref   = the policy at the start of the run (Policy.frozen_reference)
     GSPO     importance_sampling_level="sequence": ratio = exp(mean_t log_ratio) per sequence
 
-Per-token log-probs: common/logprobs.py; checkpoints: common/checkpoint.py.
+Per-token log-probs: common/logprobs.py; rewards: common/rewards.py; checkpoints: common/checkpoint.py.
 """
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from common import fastgen
-from common.checkpoint import latest_checkpoint, load_checkpoint, resume_from, save_checkpoint  # noqa: F401
-from common.logprobs import _logp_chunk, _sub, completion_logprobs, unwrap  # noqa: F401 (public here too)
-from common.rollout import STOP_REASONS, Rollout, rollout_batch
+from common.checkpoint import load_checkpoint, resume_from, save_checkpoint
+from common.logprobs import completion_logprobs, unwrap  # noqa: F401 (unwrap: public here too)
+from common.rewards import per_rollout, reward_stats, score_groups  # noqa: F401 (per_rollout: public here too)
+from common.rollout import STOP_REASONS, rollout_batch
 from common.runlog import RunLog
 
 
@@ -166,11 +167,6 @@ def sample_prompts(n_data: int, k: int, step: int, seed: int, weights=None) -> l
     return out
 
 
-def per_rollout(fn: Callable[[Rollout, dict], dict]) -> Callable:
-    """Turn a per-rollout reward fn(rollout, example) -> {term: value} into a group reward fn."""
-    return lambda group, example: [fn(r, example) for r in group]
-
-
 def check_config(cfg: GRPOConfig) -> None:
     """One sentence for settings that cannot train (G = 1 gives NaN advantages, T = 0 is greedy)."""
     from common.cli import UserError
@@ -186,40 +182,6 @@ def check_config(cfg: GRPOConfig) -> None:
         raise UserError(f"loss_type must be grpo, bnpo, dr_grpo or dapo, not {cfg.loss_type!r}.")
     if cfg.importance_sampling_level not in ("token", "sequence"):
         raise UserError(f"importance_sampling_level must be token or sequence, not {cfg.importance_sampling_level!r}.")
-
-
-def score_groups(reward_fn, rollouts, examples, G: int, weights: list[float] | None) -> list[dict]:
-    """One {term: value} per rollout with the total under "reward". Several reward functions
-    (a list) are combined as TRL does: reward = sum_i w_i * r_i (`reward_weights`, default 1)."""
-    fns = list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn]
-    w = weights if weights is not None else [1.0] * len(fns)
-    if len(w) != len(fns):
-        raise ValueError(f"{len(w)} reward_weights for {len(fns)} reward functions.")
-    terms = []
-    for g, ex in enumerate(examples):
-        group = rollouts[g * G: (g + 1) * G]
-        per_fn = [fn(group, ex) for fn in fns]
-        for i in range(len(group)):
-            if len(fns) == 1:
-                terms.append(per_fn[0][i])
-                continue
-            row = {f"{getattr(fn, '__name__', 'r')}_{j}/{k}": v for j, (fn, out) in enumerate(zip(fns, per_fn))
-                   for k, v in out[i].items()}
-            row["reward"] = sum(wj * out[i]["reward"] for wj, out in zip(w, per_fn))
-            terms.append(row)
-    return terms
-
-
-def reward_stats(terms: list[dict]) -> dict:
-    """rewards/<term> mean and rewards/<term>/std over the rollouts that report it."""
-    out = {}
-    for k in dict.fromkeys(k for t in terms for k in t):
-        if k == "reward":
-            continue
-        v = [float(t[k]) for t in terms if k in t and t[k] is not None]
-        out[f"rewards/{k}"] = float(np.mean(v)) if v else None
-        out[f"rewards/{k}/std"] = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
-    return out
 
 
 def train_grpo(policy, dataset: list[dict], rollout_fn: Callable, reward_fn, cfg: GRPOConfig,

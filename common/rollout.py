@@ -3,7 +3,7 @@
 One code path serves single-turn sampling (no tools, max_turns=1) and agents:
 
     for each turn, for all unfinished rollouts at once (one batched `generate`, KV cache on):
-        generate until a tool call closes (STOP_STRINGS), the turn ends (<|im_end|>) or the
+        generate until a tool call closes (the grammar's stop strings), the turn ends (<|im_end|>) or the
         per-turn token limit -> parse the first action -> run the tool -> append the
         observation (text, or a new image for a crop) as tokens with mask 0 -> next turn
     until an answer, the turn limit or the token budget.
@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common.chat import Encoded, collate, encode, image_token_counts, process_images
-from common.tools import STOP_STRINGS, parse_action
+from common.tools import ANSWER_ONLY, Grammar, parse_action
 
 
 @dataclass
@@ -293,7 +293,7 @@ def prompt_rollout(policy, messages: list[dict], example: dict) -> Rollout:
 
 def run_rollouts(policy, examples: list[dict], *, num_generations: int,
                  make_messages: Callable[[dict], list[dict]],
-                 tools: dict[str, Callable] | None = None, max_turns: int = 1,
+                 tools: dict[str, Callable] | None = None, grammar: Grammar | None = None, max_turns: int = 1,
                  max_tool_calls: dict[str, int] | None = None, max_new_tokens: int = 128,
                  max_total_tokens: int = 1024, observation_style: str = "user_turn",
                  reprompt: str | None = None, temperature: float = 1.0, top_p: float = 1.0,
@@ -304,6 +304,8 @@ def run_rollouts(policy, examples: list[dict], *, num_generations: int,
 
     tools: name -> fn(args: dict, rollout) -> (observation_text, image_or_None); a tool never
       raises on bad arguments (it returns an error observation).
+    grammar: the script's action tags (`common.tools.Grammar`, beside its SYSTEM prompt); needed
+      with tools; without, only `<answer>` is read.
     Budgets: each turn of rollout r generates at most min(max_new_tokens, max_total_tokens -
       len(r.ids)) tokens (its own budget, never another rollout's).
     next_user_turn(rollout, t) -> content | None: multi-turn dialogues. Called each time a
@@ -327,14 +329,17 @@ def run_rollouts(policy, examples: list[dict], *, num_generations: int,
     and sample_logps (None when `generate` gives no log-probs).
     """
     tools, limits = tools or {}, max_tool_calls or {}
+    if tools and grammar is None:
+        raise ValueError("run_rollouts with tools needs grammar=: the tags the script's prompt teaches.")
+    grammar = grammar or ANSWER_ONLY
     rollouts = []
     for ex in examples:
         base = prompt_rollout(policy, make_messages(ex), ex)
         rollouts += [Rollout(prompt_ids=base.prompt_ids, pixel_values=list(base.pixel_values),
                              grids=list(base.grids), images=list(base.images), example=ex)
                      for _ in range(num_generations)]
-    stops = STOP_STRINGS if tools else None
-    ctx = dict(eos=eos_token_ids(policy), tools=tools, limits=limits, style=observation_style, reprompt=reprompt,
+    stops = grammar.stop_strings if tools else None
+    ctx = dict(eos=eos_token_ids(policy), tools=tools, grammar=grammar, limits=limits, style=observation_style, reprompt=reprompt,
                max_total_tokens=max_total_tokens, max_turns=max_turns, next_user_turn=next_user_turn)
     if generate is None:  # the fast path: one cache per batch_size rollouts, made for these weights
         from common.fastgen import CachedGenerator
@@ -386,7 +391,7 @@ def step(policy, r: Rollout, ids: list[int], logps, budget: int, ctx: dict) -> N
     text = tok.decode(ids, skip_special_tokens=False)
     last = ids[-1] if ids else None
     ended_turn = last is not None and (last in ctx["eos"] or last == tok.pad_token_id)
-    action = parse_action(text)
+    action = parse_action(text, ctx["grammar"])
     cut = len(ids) >= budget and not ended_turn and action.kind not in ("answer", "tool")
     r.ids += ids
     r.mask += [1] * len(ids)

@@ -2,11 +2,11 @@
 
 Every paper script that lets the model act goes through this file:
 
-- `parse_action` reads the text the policy generated in one turn and returns the first action
-  in it, in either tool-call style used by the anchors: XML tags (Search-R1, MMSearch-R1,
-  LRAS: `<search>q</search>`, `<text_search>q</text_search>`, `<image_search></image_search>`,
-  `<answer>a</answer>`) or Qwen's JSON (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
-  DeepEyes' `image_zoom_in_tool`).
+- `parse_action(text, grammar)` reads the text the policy generated in one turn and returns the
+  first action in it. The `Grammar` is the paper's, declared beside its script's SYSTEM prompt:
+  XML tags (Search-R1 / LRAS `<search>q</search>`, MMSearch-R1 `<text_search>q</text_search>`,
+  `<image_search></image_search>`, `<answer>a</answer>`) and Qwen's JSON tool calls
+  (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`).
 - `crop` cuts a box given in pixels of the image *as the model saw it* (after Qwen2.5-VL's
   `smart_resize`) out of the original image.
 - `TextSearch` (local BM25, or an HTTP endpoint) and `ImageSearch` (local image knowledge base,
@@ -39,17 +39,45 @@ import requests
 from PIL import Image
 
 # ----------------------------------------------------------------------------------------------
-# Action parsing
+# Action parsing: each script declares its tag grammar beside its SYSTEM prompt
 # ----------------------------------------------------------------------------------------------
 
-STOP_STRINGS = ["</search>", "</text_search>", "</image_search>", "</tool_call>", "</answer>"]
-"""The agent loop stops generation at the first of these, so one turn holds at most one action."""
+ACTIONS = ("answer", "text_search", "image_search", "tool_call")
+"""What a tag can mean: the final answer, a text query, a search on the current image, or a Qwen JSON
+tool call (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`) whose name `Grammar.tool_names` maps."""
+TOOLS = ("crop", "text_search", "image_search")
 
-_ACTION_TAGS = ("search", "text_search", "image_search", "tool_call", "answer")
-_TAG_RE = re.compile(r"<(/?)(" + "|".join(_ACTION_TAGS) + r")>")
-_THINK_RE = re.compile(r"<(think|reason)>.*?</\1>", re.DOTALL)  # closed blocks are free text
-_TOOL_NAMES = {"crop": "crop", "image_zoom_in_tool": "crop", "text_search": "text_search",
-               "search": "text_search", "image_search": "image_search"}
+
+@dataclass(frozen=True)
+class Grammar:
+    """The action tags one paper's prompt teaches, written beside the script's SYSTEM prompt:
+        Grammar(tags={"search": "text_search", "answer": "answer"}, free=("think",))        # LRAS
+    tags: tag name -> one of ACTIONS. tool_names: a <tool_call>'s "name" -> one of TOOLS.
+    free: blocks whose closed content is free text (an action tag inside is not an action)."""
+
+    tags: dict[str, str]
+    tool_names: dict[str, str] = field(default_factory=dict)
+    free: tuple[str, ...] = ("think",)
+
+    def __post_init__(self):
+        bad = {t: a for t, a in self.tags.items() if a not in ACTIONS}
+        bad.update({n: t for n, t in self.tool_names.items() if t not in TOOLS})
+        if bad or ("tool_call" in self.tags.values()) != bool(self.tool_names):
+            raise ValueError(f"Grammar: tags map to {ACTIONS}, tool names to {TOOLS}, and tool_names "
+                             f"are given exactly when a tag means tool_call; got {self.tags}, {self.tool_names}.")
+        names = "|".join(map(re.escape, self.tags))
+        object.__setattr__(self, "_tag_re", re.compile(rf"<(/?)({names})>"))
+        free = "|".join(map(re.escape, self.free)) or "(?!)"
+        object.__setattr__(self, "_free_re", re.compile(rf"<({free})>.*?</\1>", re.DOTALL))
+
+    @property
+    def stop_strings(self) -> list[str]:
+        """The agent loop stops generation at the first of these, so one turn holds at most one action."""
+        return [f"</{t}>" for t in self.tags]
+
+
+ANSWER_ONLY = Grammar(tags={"answer": "answer"})
+"""The grammar of a rollout without tools: only `<answer>` means something."""
 
 
 @dataclass
@@ -67,25 +95,23 @@ def _error(msg: str) -> Action:
     return Action(kind="error", error="Error: " + msg)
 
 
-def parse_action(text: str) -> Action:
-    """Return the first complete action in one turn of generated text.
+def parse_action(text: str, grammar: Grammar = ANSWER_ONLY) -> Action:
+    """Return the first complete action in one turn of generated text, under the script's grammar.
 
     Rules (the agent loop stops at the first closing tag, so that tag names the action):
-    1. Closed `<think>...</think>` / `<reason>...</reason>` blocks are ignored.
-    2. The earliest closing tag (`</search>`, `</text_search>`, `</image_search>`,
-       `</tool_call>`, `</answer>`) picks the action; its body starts at the nearest opening tag
-       of the same name before it. Anything after that closing tag is ignored.
+    1. Closed free blocks (`<think>...</think>`, `grammar.free`) are ignored.
+    2. The earliest closing tag of the grammar picks the action; its body starts at the nearest
+       opening tag of the same name before it. Anything after that closing tag is ignored.
     3. Another action tag opened before it and never closed (`<search>a <answer>b</answer>`,
        or nesting) is an error, as is a closing tag with no opening tag.
     4. No closing tag: an opened action tag is an "unclosed" error; no action tag at all is
        kind "none" (the loop re-prompts or ends the episode).
-    `<search><img></search>` is MMSearch-R1's whole-image search and maps to "image_search".
-    Never raises on a string.
+    Tags outside the grammar are plain text. Never raises on a string.
     """
     if not isinstance(text, str):
         raise TypeError(f"parse_action expects str, got {type(text).__name__}")
-    masked = _THINK_RE.sub(" ", text)
-    tags = list(_TAG_RE.finditer(masked))
+    masked = grammar._free_re.sub(" ", text)
+    tags = list(grammar._tag_re.finditer(masked))
     closes = [m for m in tags if m.group(1)]
     if not closes:
         opened = [m.group(2) for m in tags]
@@ -101,21 +127,21 @@ def parse_action(text: str) -> Action:
     if others:
         return _error(f"<{others[0]}> was opened but not closed before </{name}>.")
     body = masked[start.end():close.start()].strip()
-    if name == "answer":
+    meaning = grammar.tags[name]
+    if meaning == "answer":
         return Action(kind="answer", answer=body)
-    if name == "tool_call":
-        return _parse_tool_call(body)
-    if name == "image_search" or (name == "search" and body == "<img>"):
+    if meaning == "tool_call":
+        return _parse_tool_call(body, grammar.tool_names)
+    if meaning == "image_search":
         if body not in ("", "<img>"):
-            return _error("<image_search> searches the current image and takes no text; "
-                          "write <image_search></image_search>.")
+            return _error(f"<{name}> searches the current image and takes no text; write <{name}></{name}>.")
         return Action(kind="tool", name="image_search", args={})
     if not body:
         return _error(f"empty query in <{name}></{name}>.")
     return Action(kind="tool", name="text_search", args={"query": body})
 
 
-def _parse_tool_call(body: str) -> Action:
+def _parse_tool_call(body: str, tool_names: dict[str, str]) -> Action:
     """Qwen's `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` body -> Action."""
     try:
         call = json.loads(body)
@@ -123,9 +149,9 @@ def _parse_tool_call(body: str) -> Action:
         return _error(f"invalid JSON in <tool_call>: {str(e)[:80]}")
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
         return _error('<tool_call> must hold {"name": ..., "arguments": {...}}.')
-    name = _TOOL_NAMES.get(call["name"])
+    name = tool_names.get(call["name"])
     if name is None:
-        known = ", ".join(sorted(_TOOL_NAMES))
+        known = ", ".join(sorted(tool_names))
         return _error(f"unknown tool {call['name'][:40]!r}; known tools: {known}.")
     args = call.get("arguments", {})
     if not isinstance(args, dict):

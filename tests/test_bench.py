@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from common import grpo as grpo_mod
-from common.bench import (Args, ScriptedAgent, agent_tools, forced_generate, noise_image,
+from common import logprobs as logprobs_mod
+from common.bench import (AGENT_GRAMMAR, Args, ScriptedAgent, agent_tools, forced_generate, noise_image,
                           prompt_text, qwen25vl_config, random_size, summarise)
 from common.grpo import GRPOConfig, completion_logprobs, train_grpo, unwrap
 from common.models import build_tiny_tokenizer, load_policy
@@ -217,13 +218,13 @@ def test_bench_bad_request_one_sentence(tmp_path):
 
 
 def test_logp_chunk_equals_log_softmax():
-    """common.grpo._logp_chunk (logit - logsumexp, entropy under no_grad) gives the same log-probs,
+    """common.logprobs._logp_chunk (logit - logsumexp, entropy under no_grad) gives the same log-probs,
     entropies and gradients as a plain log_softmax; in no-grad passes it skips the entropy."""
     g = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False)
     h = torch.randn(3, 5, 16, generator=g, requires_grad=True)
     tg = torch.randint(0, 50, (3, 5), generator=g)
-    lp, ent = grpo_mod._logp_chunk(head, h, tg, 0.7)
+    lp, ent = logprobs_mod._logp_chunk(head, h, tg, 0.7)
     logp_all = (head(h) / 0.7).log_softmax(-1)                         # (3, 5, 50)
     ref_lp = logp_all.gather(-1, tg[..., None])[..., 0]
     torch.testing.assert_close(lp, ref_lp)
@@ -232,7 +233,7 @@ def test_logp_chunk_equals_log_softmax():
     (g2,) = torch.autograd.grad(ref_lp.sum(), h)
     torch.testing.assert_close(g1, g2)
     with torch.no_grad():
-        lp0, ent0 = grpo_mod._logp_chunk(head, h, tg, 0.7)
+        lp0, ent0 = logprobs_mod._logp_chunk(head, h, tg, 0.7)
     torch.testing.assert_close(lp0, ref_lp.detach())
     assert (ent0 == 0).all()
 
@@ -254,7 +255,7 @@ def test_agent_workload_two_tool_turns(tiny):
     msgs = lambda ex: [{"role": "user", "content": [{"type": "image", "image": image},
                                                     {"type": "text", "text": "where"}]}]
     torch.manual_seed(0)
-    rs = run_rollouts(tiny, [{}], num_generations=2, make_messages=msgs, tools=agent_tools(tok, 12, 0),
+    rs = run_rollouts(tiny, [{}], num_generations=2, make_messages=msgs, tools=agent_tools(tok, 12, 0), grammar=AGENT_GRAMMAR,
                       max_turns=3, max_new_tokens=40, max_total_tokens=1 << 30,
                       generate=ScriptedAgent(tok, forced_generate, 112))
     for r in rs:
@@ -263,3 +264,13 @@ def test_agent_workload_two_tool_turns(tiny):
         assert len(r.images) == 2 and r.images[1].size == (56, 56)
         assert r.n_generated == 3 * 40                      # forced: every turn is exactly its budget
         assert 0 < r.mask.count(0) and len(r.mask) == len(r.ids)
+
+
+def test_agent_workload_on_a_text_model_answers_the_crop_turn_with_text():
+    tok = build_tiny_tokenizer()
+    tools = agent_tools(tok, 12, 0)
+    no_image = Rollout(prompt_ids=[1, 2])
+    obs, image = tools["crop"]({"bbox_2d": [0, 0, 28, 28]}, no_image)
+    assert image is None and obs == tools["text_search"]({"query": "q"}, no_image)[0]
+    with_image = Rollout(prompt_ids=[1, 2], images=[noise_image(56, 0)])
+    assert tools["crop"]({"bbox_2d": [0, 0, 28, 28]}, with_image)[1].size == (28, 28)

@@ -7,7 +7,7 @@ sequences. A generator made wrong on purpose (positions off by one) fails the sa
 import pytest
 import torch
 
-from common.bench import ScriptedAgent, agent_tools, forced_generate, noise_image, prompt_text
+from common.bench import AGENT_GRAMMAR, ScriptedAgent, agent_tools, forced_generate, noise_image, prompt_text
 from common.chat import encode
 from common.fastgen import CachedGenerator, can_merge, image_features, merged_lora, sub_batch
 from common.grpo import completion_logprobs, unwrap
@@ -95,7 +95,7 @@ def agent_rollouts(policy, gen, G=2, n=16, seeds=(3, 4)):
     msgs = lambda ex: [{"role": "user", "content": [{"type": "image", "image": noise_image(112, ex["seed"])},
                                                     {"type": "text", "text": ex["text"]}]}]
     examples = [{"seed": s, "text": "where" + " is the river city" * i} for i, s in enumerate(seeds)]
-    return run_rollouts(policy, examples, num_generations=G, make_messages=msgs, tools=agent_tools(tok, 12, 0),
+    return run_rollouts(policy, examples, num_generations=G, make_messages=msgs, tools=agent_tools(tok, 12, 0), grammar=AGENT_GRAMMAR,
                         max_turns=3, max_new_tokens=n + 40, max_total_tokens=1 << 30, temperature=0,
                         generate=agent)
 
@@ -151,15 +151,19 @@ def test_merged_lora_decode(policy):
     assert can_merge(policy)
     enc = text_prompt(policy, seed=3)
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+    modules = [(n, type(m)) for n, m in policy.model.named_modules()]
     merged = CachedGenerator(merge_lora=True)(policy, [enc] * 2, max_new_tokens=8, temperature=0)
     separate = CachedGenerator(merge_lora=False)(policy, [enc] * 2, max_new_tokens=8, temperature=0)
     assert merged == separate
     for n, p in policy.model.named_parameters():
         assert torch.equal(p, before[n]), n
+    assert [(n, type(m)) for n, m in policy.model.named_modules()] == modules   # the LoRA wrappers are back
     with merged_lora(policy):       # inside: the adapter is off and the base holds W + scale B A
         out_m = unwrap(policy.model)(input_ids=torch.tensor([enc.input_ids])).logits
     out = unwrap(policy.model)(input_ids=torch.tensor([enc.input_ids])).logits
     torch.testing.assert_close(out_m, out, atol=1e-5, rtol=1e-5)
+    with policy.model.disable_adapter():   # and they still act: the adapter changes the logits
+        assert not torch.allclose(unwrap(policy.model)(input_ids=torch.tensor([enc.input_ids])).logits, out)
 
 
 def test_vision_once_per_image_same_logprobs(policy):

@@ -124,7 +124,7 @@ def test_oracle_replays_through_the_real_loop_and_states_only_what_it_saw(tiny):
         turns, answer = gog.scripted_episode(world, q, policy, reflective, rng)
         texts = [t["text"] for t in turns if t["role"] == "assistant"]
         [r] = run_rollouts(tiny, [world.example(q)], num_generations=1, make_messages=gog.make_messages,
-                           tools=gog.make_tools(*world.searchers(q["split"]), 3), max_turns=6,
+                           tools=gog.make_tools(*world.searchers(q["split"]), 3), grammar=gog.GRAMMAR, max_turns=6,
                            max_tool_calls={"crop": 3, "image_search": 2, "text_search": 2}, max_new_tokens=512,
                            max_total_tokens=8192,
                            generate=replay(tiny.tokenizer, texts))

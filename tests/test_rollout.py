@@ -13,6 +13,9 @@ from common.models import load_policy
 from common.rollout import rollout_batch, run_rollouts
 from common.runlog import trajectory_html
 from common.tools import TextSearch, crop, seen_size
+from helpers import all_tags_grammar
+
+GRAMMAR = all_tags_grammar()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,7 @@ def test_masks_are_one_exactly_on_generated_tokens(policy):
              "Now the fact.<text_search>Zorblat founded</text_search>",
              "<answer>1901</answer><|im_end|>"]
     gen = scripted([turns])
-    (r,) = run_rollouts(policy, [{"k": 0}], num_generations=1, make_messages=prompt("When?", img), tools=make_tools(img),
+    (r,) = run_rollouts(policy, [{"k": 0}], num_generations=1, make_messages=prompt("When?", img), tools=make_tools(img), grammar=GRAMMAR,
                         max_turns=5, generate=gen)
     tok = policy.tokenizer
     gen_text = tok.decode([i for i, m in zip(r.ids, r.mask) if m])
@@ -81,12 +84,12 @@ def test_masks_are_one_exactly_on_generated_tokens(policy):
 def test_limits_budget_and_reprompt(policy):
     msgs = prompt("q")
     gen = scripted([["<text_search>a</text_search>"] * 4])
-    (r,) = run_rollouts(policy, [{"k": 0}], num_generations=1, make_messages=msgs, tools=make_tools(None),
+    (r,) = run_rollouts(policy, [{"k": 0}], num_generations=1, make_messages=msgs, tools=make_tools(None), grammar=GRAMMAR,
                         max_turns=4, max_tool_calls={"text_search": 2}, generate=gen)
     obs = [t["observation"] for t in r.trajectory if t["role"] == "tool"]
     assert "limit" in obs[2] and r.answer is None and r.stop_reason == "max_turns" and not r.truncated
     gen = scripted([["thinking...", "<answer>x</answer>"]])
-    (r,) = run_rollouts(policy, [{"k": 0}], num_generations=1, make_messages=msgs, tools=make_tools(None),
+    (r,) = run_rollouts(policy, [{"k": 0}], num_generations=1, make_messages=msgs, tools=make_tools(None), grammar=GRAMMAR,
                         max_turns=3, observation_style="inline", reprompt="Search or answer.", generate=gen)
     assert r.answer == "x" and r.trajectory[1]["name"] == "reprompt"
     assert "<information>Search or answer.</information>" in policy.tokenizer.decode(r.ids)
@@ -104,7 +107,7 @@ def test_malformed_outputs_never_crash_the_loop(policy):
     tools = make_tools(img)
     tools["image_search"] = lambda a, r: ("Error: no image KB in this test.", None)
     rs = run_rollouts(policy, [{"k": k} for k in range(1000)], num_generations=1,
-                      make_messages=prompt("?", img), tools=tools, max_turns=3,
+                      make_messages=prompt("?", img), tools=tools, grammar=GRAMMAR, max_turns=3,
                       max_total_tokens=4096, generate=scripted(scripts))
     kinds = {"answer": 0, "tool_or_error": 0, "stop": 0}
     for k, r in enumerate(rs):
@@ -156,7 +159,7 @@ def test_each_rollout_keeps_its_own_token_budget(policy):
     n_obs = len(tok("<|im_end|>\n<|im_start|>user\nok<|im_end|>\n<|im_start|>assistant\n",
                     add_special_tokens=False)["input_ids"])
     rs = run_rollouts(policy, [{"k": 0}, {"k": 1}], num_generations=1, make_messages=prompt("q"),
-                      tools={"text_search": lambda a, r: ("ok", None)}, max_turns=2, max_new_tokens=64,
+                      tools={"text_search": lambda a, r: ("ok", None)}, grammar=GRAMMAR, max_turns=2, max_new_tokens=64,
                       max_total_tokens=n_long + n_obs + 10, generate=gen)
     assert seen[1] == [10, n_long - n_short + 10]                    # turn 2: each row its own budget
     assert rs[1].answer == "the answer is 1901 in Quux City" and rs[1].stop_reason == "answer"
@@ -167,7 +170,7 @@ def test_observation_that_cannot_fit_ends_the_rollout_with_a_reason(policy, caps
     big = {"text_search": lambda a, r: ("word " * 400, None)}
     gen = scripted([["<text_search>a</text_search>", "<answer>x</answer>"]] * 4)
     rs = run_rollouts(policy, [{"k": k} for k in range(4)], num_generations=1, make_messages=prompt("q"),
-                      tools=big, max_turns=2, max_total_tokens=200, generate=gen)
+                      tools=big, grammar=GRAMMAR, max_turns=2, max_total_tokens=200, generate=gen)
     assert all(r.stop_reason == "observation_overflow" and r.truncated and r.answer is None for r in rs)
     out = capsys.readouterr().out
     assert out.count("warning: 4 of 4 rollouts ended because an observation did not fit") == 1
@@ -284,7 +287,13 @@ def test_truncation_is_trls_rule(policy):
     agent = scripted([["<text_search>a</text_search>"] * 2, ["<answer>x</answer>"],
                       ["<text_search>a</text_search>", "<answer>yy" + " z" * 40]])
     rs = run_rollouts(policy, [{"k": k} for k in range(3)], num_generations=1, make_messages=prompt("q"),
-                      tools=make_tools(None), max_turns=2, max_new_tokens=16, generate=agent)
+                      tools=make_tools(None), grammar=GRAMMAR, max_turns=2, max_new_tokens=16, generate=agent)
     assert [r.truncated for r in rs] == [False, False, True]
     assert [r.answer is None for r in rs] == [True, False, True]
     assert [r.stop_reason for r in rs] == ["max_turns", "answer", "max_turns"]
+
+
+def test_tools_without_a_grammar_is_refused_in_one_sentence(policy):
+    with pytest.raises(ValueError, match="needs grammar="):
+        run_rollouts(policy, [{"k": 0}], num_generations=1, make_messages=prompt("q"),
+                     tools={"text_search": lambda a, r: ("ok", None)}, max_turns=2)

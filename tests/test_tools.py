@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from common.tools import (STOP_STRINGS, ImageSearch, SearchError, TextSearch, crop, parse_action,
+from common.tools import (ANSWER_ONLY, Grammar, ImageSearch, SearchError, TextSearch, crop, parse_action,
                           seen_size, smart_resize, tokenize)
+from helpers import all_tags_grammar
 
 # ----------------------------------------------------------------------------------------------
 # parse_action
 # ----------------------------------------------------------------------------------------------
+G = all_tags_grammar()   # every tag style the scripts use; each script declares its own subset
 
 
 @pytest.mark.parametrize("text, kind, name, args, answer", [
@@ -29,7 +31,6 @@ from common.tools import (STOP_STRINGS, ImageSearch, SearchError, TextSearch, cr
      {"query": "Eiffel tower height"}, None),
     ("<image_search></image_search>", "tool", "image_search", {}, None),
     ("<image_search><img></image_search>", "tool", "image_search", {}, None),
-    ("<search><img></search>", "tool", "image_search", {}, None),  # MMSearch-R1 whole-image search
     ('<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [10, 20, 110, 220]}}'
      '</tool_call>', "tool", "crop", {"bbox_2d": [10, 20, 110, 220]}, None),
     ('<tool_call>\n{"name": "crop", "arguments": {"bbox_2d": [1, 2, 3, 4], "label": "sign"}}\n'
@@ -44,19 +45,19 @@ from common.tools import (STOP_STRINGS, ImageSearch, SearchError, TextSearch, cr
     ("<think>I could <search> later</think> still thinking", "none", None, {}, None),
 ])
 def test_parse_action_styles(text, kind, name, args, answer):
-    a = parse_action(text)
+    a = parse_action(text, G)
     assert (a.kind, a.name, a.args, a.answer) == (kind, name, args, answer)
     assert a.error is None
 
 
 def test_first_action_wins():
-    a = parse_action("<search>first</search><answer>second</answer>")
+    a = parse_action("<search>first</search><answer>second</answer>", G)
     assert (a.kind, a.args) == ("tool", {"query": "first"})
     a = parse_action('<answer>42</answer><tool_call>{"name": "crop", "arguments": '
-                     '{"bbox_2d": [0, 0, 5, 5]}}</tool_call>')
+                     '{"bbox_2d": [0, 0, 5, 5]}}</tool_call>', G)
     assert (a.kind, a.answer) == ("answer", "42")
-    assert set(STOP_STRINGS) == {"</search>", "</text_search>", "</image_search>", "</tool_call>",
-                                 "</answer>"}
+    assert set(G.stop_strings) == {"</search>", "</text_search>", "</image_search>", "</tool_call>",
+                                   "</answer>"}
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -80,7 +81,7 @@ def test_first_action_wins():
      "invalid JSON"),
 ])
 def test_parse_action_errors(text, needle):
-    a = parse_action(text)
+    a = parse_action(text, G)
     assert a.kind == "error"
     assert a.error.startswith("Error: ") and needle in a.error
 
@@ -101,7 +102,7 @@ def test_parse_action_fuzz():
             text = text.encode("utf-8", "replace").decode("utf-8", "replace")
         else:
             text = "".join(rng.choice(pieces) for _ in range(rng.randrange(0, 25)))
-        a = parse_action(text)
+        a = parse_action(text, G)
         assert a.kind in kinds
         if a.kind == "error":
             assert isinstance(a.error, str) and a.error.startswith("Error: ")
@@ -109,6 +110,31 @@ def test_parse_action_fuzz():
             assert a.name in {"crop", "text_search", "image_search"} and isinstance(a.args, dict)
         if a.kind == "answer":
             assert isinstance(a.answer, str)
+
+
+def test_each_script_grammar_reads_only_its_own_tags():
+    lras = Grammar(tags={"search": "text_search", "answer": "answer"})      # LRAS / Search-R1
+    # a tag outside the grammar is plain text: no action, no error, no stop string
+    assert parse_action("<text_search>q</text_search>", lras).kind == "none"
+    assert parse_action("<text_search>q</text_search><search>law 5</search>", lras).args == {"query": "law 5"}
+    assert lras.stop_strings == ["</search>", "</answer>"]
+    # without tools only <answer> counts (single-turn replies, dialogues)
+    assert parse_action("<search>x</search> <answer>y</answer>", ANSWER_ONLY).answer == "y"
+    # a <tool_call> name outside the grammar's tool names is an error the model sees
+    gaze = Grammar(tags={"tool_call": "tool_call", "answer": "answer"}, tool_names={"crop": "crop"})
+    a = parse_action('<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [1, 2, 3, 4]}}</tool_call>', gaze)
+    assert a.kind == "error" and "known tools: crop" in a.error
+    # free blocks are the grammar's: <reason> is free text only where the paper says so
+    assert parse_action("<reason><answer>a</answer></reason>", Grammar(tags={"answer": "answer"}, free=("reason",))).kind == "none"
+    assert parse_action("<reason><answer>a</answer></reason>", lras).answer == "a"
+
+
+@pytest.mark.parametrize("tags, names", [({"go": "jump"}, {}), ({"tool_call": "tool_call"}, {}),
+                                         ({"answer": "answer"}, {"crop": "crop"}),
+                                         ({"tool_call": "tool_call"}, {"zoom": "rotate"})])
+def test_grammar_rejects_meanings_the_parser_does_not_have(tags, names):
+    with pytest.raises(ValueError, match="Grammar"):
+        Grammar(tags=tags, tool_names=names)
 
 
 def test_parse_action_rejects_non_text():

@@ -66,7 +66,7 @@ from common.rollout import Rollout, observation_segment, run_rollouts
 from common.runlog import RunLog, bar_plot, read_jsonl, trajectory_html, write_json
 from common.sft import SFTConfig, train_sft
 from common.stats import rate_bars, wilson
-from common.tools import TextSearch, parse_action
+from common.tools import Grammar, TextSearch, parse_action
 
 
 @dataclass
@@ -290,6 +290,7 @@ case), search with <search> query </search>; results come back between <informat
 </information>. You may search several times. When you know the answer, give it inside <answer>
 and </answer> without explanation: the option letter(s) for a multiple-choice question, a short
 phrase otherwise."""
+GRAMMAR = Grammar(tags={"search": "text_search", "answer": "answer"}, free=("think",))   # Search-R1's tags
 REPROMPT = ("My previous action is invalid. If I want to search, I should put the query between <search> "
             "and </search>. If I want to give the final answer, I should put the answer between <answer> "
             "and </answer>. Let me try again.")  # Search-R1 / LRAS eval code
@@ -390,7 +391,7 @@ def sft_sample(policy, example: dict, turns: list[dict]) -> Encoded:
 def format_ok(trajectory: list[dict]) -> bool:
     """fmt = 1 iff every turn has a closed <think> and one valid action: searches, then a non-empty <answer>."""
     texts = [t["text"] for t in trajectory if t["role"] == "assistant"]
-    acts = [parse_action(t) for t in texts]
+    acts = [parse_action(t, GRAMMAR) for t in texts]
     return (bool(acts) and all(re.search(r"<think>.*?</think>", t, re.S) for t in texts)
             and all(a.kind == "tool" for a in acts[:-1]) and acts[-1].kind == "answer" and bool(acts[-1].answer))
 
@@ -497,7 +498,7 @@ def agent_rollouts(policy, examples: list[dict], args: Args, search: TextSearch,
                    eval_sampling: bool = False, generate=None, desc: str | None = None) -> list[Rollout]:
     kw = dict(top_p=args.top_p, top_k=args.top_k) if eval_sampling else {}
     return run_rollouts(policy, examples, num_generations=G, make_messages=make_messages,
-                        tools=make_tools(search, args.search_k), max_turns=args.max_turns,
+                        tools=make_tools(search, args.search_k), grammar=GRAMMAR, max_turns=args.max_turns,
                         max_tool_calls={"text_search": args.max_turns}, max_new_tokens=args.max_new_tokens,
                         max_total_tokens=args.max_completion_length, observation_style="inline",
                         reprompt=REPROMPT, temperature=temperature, generate=generate, desc=desc, **kw)

@@ -28,7 +28,8 @@ Metrics (eval/results.json; an undefined ratio is null where the benchmarks' cod
   ProcessBench (QwenLM/ProcessBench code/run_eval.py): prediction = the first step not judged correct (an
     unparsed step is not judged correct), else -1; acc_err, acc_corr and their harmonic mean F1.
 Deviations (numbered; "(n)" marks where each lives):
- 1. The paper's 1,206 trajectories are not public: the toy set is built on gog.py's toy world.
+ 1. The paper's 1,206 trajectories are not public: the toy set is built on gog.py's toy world
+    (common/toyworld.py).
  2. ERRORS, TAXONOMY and the toy kinds are ours (the paper names 2 of its 7 error types).
  3. Toy labels: a step is incorrect when it does something wrong itself; a step that correctly builds on an
     earlier mistake is correct (PRMBench's error_steps). Knowledge steps carry the KB facts they use.
@@ -50,9 +51,8 @@ from typing import Literal
 import torch
 from PIL import Image
 
-from common.benchmarks import (TOY_BUILDERS, Toy, confusion, direction, f1_score, load_prm_records, mean_of_both,
-                               plot_best_of_n, prm_html_items, prm_record_images, prm_steps_of, ratio,
-                               read_prm_predictions, save_prm_records, step_retry, tag)
+from common.benchmarks import (confusion, f1_score, load_prm_records, mean_of_both, plot_best_of_n, prm_html_items,
+                               prm_record_images, prm_steps_of, ratio, read_prm_predictions, save_prm_records)
 from common.chat import collate, encode
 from common.cli import RunArgs, UserError, run_stages
 from common.judge import exact_match, normalize_answer, parse_verdict
@@ -60,7 +60,7 @@ from common.models import load_policy
 from common.rollout import image_token_id, run_rollouts
 from common.runlog import RunLog, bar_plot, trajectory_html, write_json
 from common.tools import Grammar, crop, parse_action, seen_size
-from gog import World, build_world
+from common.toyworld import TOY_BUILDERS, Toy, World, build_world, direction, step_retry, tag
 
 
 @dataclass

@@ -10,7 +10,7 @@
   `parse_label_score` ("UNSAFE 2") and `parse_preference` / `win_rate` (pairwise A/B judges).
 - Rule fallbacks for the offline toy worlds: `match_answer`, `keyword_flags`, `is_refusal`.
 
-Paper-specific judges (prompts, reward formulas) live in the paper scripts.
+Paper-specific judges (prompts, reward formulas) live in the paper scripts (am3safety's in common/safety.py).
 """
 
 from __future__ import annotations

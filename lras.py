@@ -144,24 +144,8 @@ TINY_SIZES = dict(n_charges=6, test_charges=2, difficulty_k=2, max_steps=1, prom
 
 # ==== data: the toy legal world (1), the real benchmarks' field maps (8) ==========================
 CODE, CURRENCY = "Veridian Penal Code", "marks"
-CHARGES = [  # (charge, conduct); invented, so no model knows their articles, thresholds, penalties
-    ("grain hoarding", "stockpile grain beyond household needs during a declared shortage"),
-    ("seal forgery", "forge or alter an official guild seal"),
-    ("canal obstruction", "block a public canal or its towpath"),
-    ("ledger tampering", "alter the accounts of a registered guild"),
-    ("lantern levy evasion", "fail to pay the lantern levy on a shop"),
-    ("toll fraud", "cross a toll bridge with a counterfeit token"),
-    ("salt smuggling", "move salt across a provincial border without a permit"),
-    ("pilot bribery", "pay a harbour pilot for priority berthing"),
-    ("archive theft", "remove records from a public archive"),
-    ("well fouling", "contaminate a public well"),
-    ("false weighing", "use false weights at a licensed market"),
-    ("timber poaching", "fell trees in a crown forest without a licence"),
-    ("coin clipping", "shave metal from coins in circulation"),
-    ("courier impersonation", "pose as a state courier to obtain goods"),
-    ("dyke sabotage", "damage a flood dyke"),
-    ("beacon tampering", "move or put out a harbour beacon"),
-]
+CHARGES_FILE = Path(__file__).parent / "docs" / "lras" / "charges.jsonl"   # invented: no model knows the facts
+CHARGES = [(r["name"], r["conduct"]) for _, r in read_records(CHARGES_FILE, "toy charge table")]
 ROLES = "miller merchant clerk boatman carter weaver innkeeper smith".split()
 TOWNS = "Osterby Velmor Quenby Arlath Dunmere Sorvik Halden Tobrin".split()
 

@@ -3,6 +3,7 @@
 the <information> mask in SFT samples, the difficulty filter and sampler, the reward, the search
 statistics, the agent loop on scripted (malformed) outputs, and a tiny end-to-end smoke run."""
 import functools
+import hashlib
 import json
 import random
 import re
@@ -38,6 +39,17 @@ def tok_policy():
 # ---------------------------------------------------------------------------------------------
 # toy world and oracle
 # ---------------------------------------------------------------------------------------------
+def test_charge_table_file_builds_the_same_world_as_the_old_inline_table():
+    """docs/lras/charges.jsonl holds the 16 invented (charge, conduct) pairs that were inline in lras.py;
+    the digests are those of the worlds the inline table built (seed 0 defaults; seed 3, 6 charges, 2 held out)."""
+    assert len(lras.CHARGES) == 16 and lras.CHARGES[0] == (
+        "grain hoarding", "stockpile grain beyond household needs during a declared shortage")
+    for w, digest in ((lras.build_world(0), "65bb46a5a11bacb61680a75fb3230060136182656d943d0fea84e5b912e4e609"),
+                      (lras.build_world(3, 6, 2), "7d0ad3f647dbe222fe58ef9898313ca9740919b91193cbbd6cb293ecdeb004ba")):
+        blob = json.dumps([w.docs, w.questions, w.charges], sort_keys=True).encode()
+        assert hashlib.sha256(blob).hexdigest() == digest
+
+
 def test_world_is_deterministic_and_split_by_charge(world):
     again = lras.build_world(0)
     assert again.questions == world.questions and again.docs == world.docs

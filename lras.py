@@ -22,9 +22,9 @@ Deviations from the paper (numbered; the code says "(n)" where each one lives):
  3. Teacher: an offline noisy oracle. With probability teacher_error * (1 + hops) it answers from memory,
     wrongly; else it searches what it needs (never the gold) and is right, with probability
     teacher_detour after one useless search. --teacher <model> samples a model instead.
- 4. Pruning is a rule (paper: rules + a human check): a search stays only if its results hold a
-    supporting document no earlier kept search returned; invalid turns go; a correct trajectory whose
-    kept searches miss a supporting document (a lucky guess) is dropped. One per question.
+ 4. Pruning is a rule (paper: rules + a human check): a search stays only if its results hold a new
+    supporting document; invalid turns go; a correct trajectory whose kept searches miss a supporting
+    document (a lucky guess) is dropped. One trajectory per question.
  5. RL data (not published): d = 1 - p, the pass rate over k samples, on the whole training set; p in
     {0, 1} is dropped, the rest drawn proportionally to d (--uniform_sampling: uniformly). If nothing
     is left (the tiny model solves nothing), RL uses all questions uniformly, and says so.
@@ -33,11 +33,11 @@ Deviations from the paper (numbered; the code says "(n)" where each one lives):
     --max_answer_words cap; fmt = 1 iff every turn has a closed <think> and one valid action and the
     last one answers. <information> tokens are masked in SFT and RL.
  7. Sizes: LoRA SFT and RL (paper: full Qwen3 SFT). Token budgets fit the oracle's longest trajectory
-    (a detour, two searches); longer SFT samples are counted and dropped. Eval: 10 rounds, T = 0.6,
-    top_p 0.95, top_k 20, as in the paper.
- 8. Benchmarks are scored by their own rules (LawBench MCQ letters and charge F1, LexEval exact letters,
-    JEC-QA exact set), LawBench's 189 charges replaced by those named in the file; open-ended tasks by
-    sub-exact match ("sub_exact"), not LawBench's / LexEval's ROUGE.
+    (a detour, two searches); longer SFT samples are dropped. Eval: 10 rounds, T = 0.6, top_p 0.95,
+    top_k 20, as in the paper.
+ 8. Benchmarks are scored by their own rules (LawBench MCQ letters and charge F1 over the charges named
+    in the file, not its 189; LexEval exact letters; JEC-QA exact set); open-ended tasks by sub-exact
+    match ("sub_exact"), not LawBench's / LexEval's ROUGE.
 """
 from __future__ import annotations
 
@@ -161,8 +161,9 @@ class World:
         return TextSearch(self.docs)
 
 
+@functools.lru_cache(maxsize=4)   # one world per (seed, sizes) in a process: stages share it
 def build_world(seed: int, n_charges: int = 16, test_charges: int = 5, cases_per_charge: int = 2) -> World:
-    """The toy world, a pure function of its arguments. Record format (one JSON line each):
+    """The toy world, a pure function of its arguments (so cached). Record format (one JSON line each):
     {"id", "task", "type": "mcq"|"short", "question", "options": {letter: text} ({} for short),
      "answer": letter(s) | text, "golds": [text], "support": [doc id], "hops": 0|1|2, "split"}"""
     if not 2 <= n_charges <= len(CHARGES) or not 1 <= test_charges < n_charges:
@@ -190,7 +191,6 @@ def build_world(seed: int, n_charges: int = 16, test_charges: int = 5, cases_per
         charges.append(c)
     questions = []
     for c in charges:
-        others = [o for o in charges if o is not c]
         art, name, pen = c["article"], c["name"], f"{c['lo']} to {c['hi']} years"
 
         def add(task, q, hops, support, options=None, gold=None, golds=None):
@@ -204,7 +204,7 @@ def build_world(seed: int, n_charges: int = 16, test_charges: int = 5, cases_per
             else:
                 rec.update(answer=golds[0], golds=golds, rule=answer_rule(golds[0]))
             questions.append(rec)
-        wrong = rng.sample(others, 3)
+        wrong = rng.sample([o for o in charges if o is not c], 3)
         add("charge", f"Under the {CODE}, which offence does a person commit who does {c['conduct']}, with a "
             f"value above the legal threshold?", 1, [art], [name] + [o["name"] for o in wrong], name)
         add("article", f"Which article of the {CODE} defines the offence of {name}?", 1, [art],
@@ -229,11 +229,8 @@ def build_world(seed: int, n_charges: int = 16, test_charges: int = 5, cases_per
     return World(docs, questions, charges)
 
 
-def world_of(args: Args) -> World:   # one world per (seed, sizes) in a process: stages share it
-    return cached_world(args.seed, args.n_charges, args.test_charges)
-
-
-cached_world = functools.lru_cache(maxsize=4)(build_world)
+def world_of(args: Args) -> World:
+    return build_world(args.seed, args.n_charges, args.test_charges)
 
 
 def split_world(world: World) -> tuple[list[dict], list[dict]]:
@@ -328,11 +325,6 @@ def oracle_trajectory(world: World, q: dict, rng: random.Random, error: float = 
     return turns, q["answer"]
 
 
-def contributes(observation: str, support: list[str]) -> set[str]:
-    """Supporting documents that a search's results hold (TextSearch titles them "(Title: <id>)")."""
-    return {s for s in support if f"(Title: {s})" in observation}
-
-
 def prune_trajectory(turns: list[dict], support: list[str]) -> tuple[list[dict] | None, int]:
     """(4) Drop searches that bring no new supporting document, and invalid turns. Returns (pruned turns,
     or None when the kept searches miss a supporting document: a lucky guess; turns dropped)."""
@@ -343,9 +335,11 @@ def prune_trajectory(turns: list[dict], support: list[str]) -> tuple[list[dict] 
         if t["role"] == "tool":            # an orphan observation
             dropped, i = dropped + 1, i + 1
             continue
+        results = nxt["observation"] if nxt is not None and nxt["name"] == "text_search" else ""
+        new = {s for s in support if f"(Title: {s})" in results} - seen   # TextSearch titles each document
         if nxt is None:                    # the final answer turn
             kept.append(t)
-        elif nxt["name"] == "text_search" and (new := contributes(nxt["observation"], support) - seen):
+        elif new:
             kept += [t, nxt]
             seen |= new
         else:
@@ -562,14 +556,11 @@ def stage_sft(args: Args) -> str:
     return os.path.join(out_dir, "adapter")
 
 
-def difficulty_table(pass_rates: dict[str, float]) -> dict[str, float]:
-    """d = 1 - p for questions the model sometimes solves; p = 0 or 1 carry no GRPO signal (5)."""
-    return {q: 1.0 - p for q, p in pass_rates.items() if 0.0 < p < 1.0}
-
-
-def sampling_weights(ids: list[str], table: dict[str, float], uniform: bool) -> list[float] | None:
-    """Per-question draw weights for train_grpo: proportional to difficulty, or None (uniform)."""
-    return None if uniform else [table[i] for i in ids]
+def difficulty_sampling(pool: list[dict], rates: dict[str, float], uniform: bool) -> tuple[list[dict], list[float] | None]:
+    """(5) Questions the model sometimes solves (p = 0 or 1 carry no GRPO signal) and their draw weights for
+    train_grpo: d = 1 - p, or None (uniform)."""
+    kept = [q for q in pool if 0.0 < rates[q["id"]] < 1.0]
+    return kept, None if uniform else [1.0 - rates[q["id"]] for q in kept]
 
 
 def estimate_pass_rates(args: Args, world: World, policy, questions: list[dict]) -> dict[str, float]:
@@ -583,7 +574,6 @@ def run_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False,
     """Difficulty-aware GRPO with inline search rollouts; the pool is the whole training set."""
     world = world_of(args)
     pool, _ = split_world(world)
-    print(f"[rl] policy: {'SFT adapter ' + adapter if adapter else 'the base model (no SFT adapter found)'}")
     policy = get_policy(args, adapter)
     if rates_file and os.path.isfile(rates_file):   # the ablation's variants share one difficulty table
         rates = {r["id"]: r["pass_rate"] for r in read_jsonl(rates_file)}
@@ -591,9 +581,7 @@ def run_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False,
     else:
         rates = estimate_pass_rates(args, world, policy, pool)
     RunLog(out_dir).samples([{"id": q, "pass_rate": p} for q, p in rates.items()], "pass_rates.jsonl")
-    table = difficulty_table(rates)
-    kept = [q for q in pool if q["id"] in table]
-    weights = sampling_weights([q["id"] for q in kept], table, uniform)
+    kept, weights = difficulty_sampling(pool, rates, uniform)
     if filter_empty := not kept:   # (5) announced, not silent
         print(f"[rl] the difficulty filter kept 0 of {len(pool)} questions (pass rate 0 or 1 everywhere: no GRPO "
               f"signal): training on all of them with uniform sampling.")
@@ -614,7 +602,7 @@ def run_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False,
     hist = {f"{v:.2f}": sum(abs(p - v) < 1e-9 for p in rates.values()) for v in sorted(set(rates.values()))}
     bar_plot({"questions": hist}, os.path.join(out_dir, "pass_rates.png"), "pass rate before RL", "questions")
     write_json(os.path.join(out_dir, "summary.json"), {**summary, "difficulty": {
-        "k": args.difficulty_k, "pool": len(pool), "kept": len(table), "filter_empty": filter_empty,
+        "k": args.difficulty_k, "pool": len(pool), "kept": 0 if filter_empty else len(kept), "filter_empty": filter_empty,
         "sampling": "uniform" if weights is None else "difficulty", "pass_rate_histogram": hist}})
     return os.path.join(out_dir, "adapter")
 
@@ -649,7 +637,6 @@ def run_eval(args: Args, adapter: str | None, out_dir: str) -> dict:
         print(f"[eval] {name}: score {results['score'][name]:.3f} ({results['rule'][name]}), "
               f"{answers.count(None)} of {len(examples)} without a prediction -> {out_dir}/results.json")
         return results
-    print(f"[eval] policy: {adapter or 'the base model (no adapter found)'}")
     policy = get_policy(args, adapter, lora=adapter is not None)
     results["sampling"] = {"temperature": args.eval_temperature, "top_p": args.top_p, "top_k": args.top_k,
                            "max_turns": args.max_turns, "max_new_tokens": args.max_new_tokens,

@@ -42,7 +42,6 @@ Deviations from the paper (numbered; the code says "(n)" where each one lives):
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import random
@@ -55,17 +54,18 @@ from typing import Literal
 import numpy as np
 import torch
 
-from common.benchmarks import lawbench_charge_f1, legal_predictions, lexeval_letters, read_legal_qa
+from common.benchmarks import (adapter_digest, check_legal_files, lawbench_charge_f1, legal_predictions,
+                               lexeval_letters, read_legal_qa, save_ablation)
 from common.chat import Encoded, encode
 from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
-from common.data import read_records, require
+from common.data import read_records
 from common.grpo import per_rollout, train_grpo
 from common.judge import extract_choice, sub_exact_match
 from common.models import load_policy
 from common.rollout import Rollout, observation_segment, run_rollouts
 from common.runlog import RunLog, bar_plot, read_jsonl, trajectory_html, write_json
 from common.sft import SFTConfig, train_sft
-from common.stats import rate_bars, wilson
+from common.stats import wilson
 from common.tools import TextSearch, parse_action
 
 
@@ -155,10 +155,7 @@ class World:
     docs: list[dict]        # {"id", "title", "text"}: articles ("Article 237") and cases ("Case 2019-014")
     questions: list[dict]   # the record format below
     charges: list[dict]     # {"name", "conduct", "article", "threshold", "lo", "hi", "cases", "split"}
-
-    @functools.cached_property
-    def search(self) -> TextSearch:
-        return TextSearch(self.docs)
+    search: TextSearch      # BM25 over docs (2)
 
 
 @functools.lru_cache(maxsize=4)   # one world per (seed, sizes) in a process: stages share it
@@ -226,7 +223,7 @@ def build_world(seed: int, n_charges: int = 16, test_charges: int = 5, cases_per
             [case, art], [art] + [o["article"] for o in wrong], art)
         add("case_penalty", f"What prison term range applies to the offence the defendant in {case} was convicted "
             f"of? Answer in the form 'X to Y years'.", 2, [case, art], golds=[pen])
-    return World(docs, questions, charges)
+    return World(docs, questions, charges, TextSearch(docs))
 
 
 def world_of(args: Args) -> World:
@@ -235,8 +232,7 @@ def world_of(args: Args) -> World:
 
 def split_world(world: World) -> tuple[list[dict], list[dict]]:
     """Train / test questions, split by charge (held-out charges: their facts never appear in SFT)."""
-    return ([q for q in world.questions if q["split"] == "train"],
-            [q for q in world.questions if q["split"] == "test"])
+    return tuple([q for q in world.questions if q["split"] == split] for split in ("train", "test"))
 
 
 def answer_rule(gold: str) -> str:
@@ -417,21 +413,19 @@ def lras_reward(trajectory: list[dict], answer: str | None, example: dict, forma
 
 def make_reward_fn(args: Args):
     """Group reward fn for train_grpo: lras_reward of each rollout."""
-    return per_rollout(lambda r, ex: lras_reward(r.trajectory, r.answer, ex, args.format_weight,
-                                                 args.max_answer_words))
+    return per_rollout(lambda r, ex: lras_reward(r.trajectory, r.answer, ex, args.format_weight, args.max_answer_words))
 
 
 def search_stats(rollouts: list[Rollout], accs: list[float]) -> dict:
     """The paper's search statistics (and its 71.3 % one: share of failures with no search)."""
     s = np.array([r.tool_calls.get("text_search", 0) for r in rollouts])   # searches per question
     a = np.array(accs, dtype=float)
-    fail = a < 1.0
 
     def mean(x):
         return float(x.mean()) if x.size else None
     return {"search_rate": mean(s > 0), "searches_per_question": mean(s.astype(float)),
             "multi_search_rate": mean(s >= 2), "accuracy_searched": mean(a[s > 0]),
-            "accuracy_not_searched": mean(a[s == 0]), "failures_without_search": mean(s[fail] == 0),
+            "accuracy_not_searched": mean(a[s == 0]), "failures_without_search": mean(s[a < 1.0] == 0),
             "answer_rate": mean(np.array([r.answer is not None for r in rollouts])),
             "mean_turns": mean(np.array([r.turns for r in rollouts], dtype=float))}
 
@@ -488,17 +482,16 @@ def stage_data(args: Args) -> dict:
     for name, rows in (("corpus", world.docs), ("toy_train", train), ("toy_test", test)):
         log.samples(rows, f"{name}.jsonl")
     firsts = [next(q for q in train if q["task"] == t) for t in dict.fromkeys(q["task"] for q in train)]
-    rng = random.Random(args.seed)
     items = [{"title": f"oracle [{q['task']}, hops {q['hops']}] {q['question']} (gold {q['answer']})",
-              "trajectory": oracle_trajectory(world, q, rng, 0.0, 0.0, args.search_k)[0]} for q in firsts]
+              "trajectory": oracle_trajectory(world, q, random.Random(0), 0.0, 0.0, args.search_k)[0]} for q in firsts]
     trajectory_html(items, str(out / "oracle_trajectories.html"), "LRAS oracle trajectories")
     summary = {"docs": len(world.docs), "train": len(train), "test": len(test),
                "tasks": dict(Counter(q["task"] for q in world.questions)),
                "hops": {h: sum(q["hops"] == h for q in world.questions) for h in (0, 1, 2)}}
     if args.data_file:
         rows = load_benchmark(args.data_file, args)
-        rules = dict(Counter(r["rule"] for r in rows))
-        summary["data_file"] = {"path": args.data_file, "records": len(rows), "rules": rules}
+        summary["data_file"] = {"path": args.data_file, "records": len(rows),
+                                "rules": dict(Counter(r["rule"] for r in rows))}
         log.samples([{k: v for k, v in r.items() if k != "charges"} for r in rows], "user.jsonl")
     write_json(str(out / "summary.json"), summary)
     print(f"[data] {summary} -> {out}")
@@ -556,18 +549,11 @@ def stage_sft(args: Args) -> str:
     return os.path.join(out_dir, "adapter")
 
 
-def difficulty_sampling(pool: list[dict], rates: dict[str, float], uniform: bool) -> tuple[list[dict], list[float] | None]:
+def difficulty_sampling(pool: list[dict], rates: dict[str, float], uniform: bool) -> tuple[list[dict], list | None]:
     """(5) Questions the model sometimes solves (p = 0 or 1 carry no GRPO signal) and their draw weights for
     train_grpo: d = 1 - p, or None (uniform)."""
     kept = [q for q in pool if 0.0 < rates[q["id"]] < 1.0]
     return kept, None if uniform else [1.0 - rates[q["id"]] for q in kept]
-
-
-def estimate_pass_rates(args: Args, world: World, policy, questions: list[dict]) -> dict[str, float]:
-    k = args.difficulty_k
-    rs = agent_rollouts(policy, questions, args, world.search, k, args.temperature, desc="difficulty")
-    return {q["id"]: float(np.mean([score(r.answer, q, args.max_answer_words) for r in rs[i * k:(i + 1) * k]]))
-            for i, q in enumerate(questions)}
 
 
 def run_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False, rates_file: str | None = None) -> str:
@@ -578,8 +564,11 @@ def run_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False,
     if rates_file and os.path.isfile(rates_file):   # the ablation's variants share one difficulty table
         rates = {r["id"]: r["pass_rate"] for r in read_jsonl(rates_file)}
         print(f"[rl] pass rates from {rates_file}")
-    else:
-        rates = estimate_pass_rates(args, world, policy, pool)
+    else:   # p: the policy's pass rate over k samples per question (5)
+        k = args.difficulty_k
+        rs = agent_rollouts(policy, pool, args, world.search, k, args.temperature, desc="difficulty")
+        rates = {q["id"]: float(np.mean([score(r.answer, q, args.max_answer_words) for r in rs[i * k:(i + 1) * k]]))
+                 for i, q in enumerate(pool)}
     RunLog(out_dir).samples([{"id": q, "pass_rate": p} for q, p in rates.items()], "pass_rates.jsonl")
     kept, weights = difficulty_sampling(pool, rates, uniform)
     if filter_empty := not kept:   # (5) announced, not silent
@@ -602,8 +591,9 @@ def run_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False,
     hist = {f"{v:.2f}": sum(abs(p - v) < 1e-9 for p in rates.values()) for v in sorted(set(rates.values()))}
     bar_plot({"questions": hist}, os.path.join(out_dir, "pass_rates.png"), "pass rate before RL", "questions")
     write_json(os.path.join(out_dir, "summary.json"), {**summary, "difficulty": {
-        "k": args.difficulty_k, "pool": len(pool), "kept": 0 if filter_empty else len(kept), "filter_empty": filter_empty,
-        "sampling": "uniform" if weights is None else "difficulty", "pass_rate_histogram": hist}})
+        "k": args.difficulty_k, "pool": len(pool), "kept": 0 if filter_empty else len(kept),
+        "filter_empty": filter_empty, "sampling": "uniform" if weights is None else "difficulty",
+        "pass_rate_histogram": hist}})
     return os.path.join(out_dir, "adapter")
 
 
@@ -638,9 +628,8 @@ def run_eval(args: Args, adapter: str | None, out_dir: str) -> dict:
               f"{answers.count(None)} of {len(examples)} without a prediction -> {out_dir}/results.json")
         return results
     policy = get_policy(args, adapter, lora=adapter is not None)
-    results["sampling"] = {"temperature": args.eval_temperature, "top_p": args.top_p, "top_k": args.top_k,
-                           "max_turns": args.max_turns, "max_new_tokens": args.max_new_tokens,
-                           "max_completion_length": args.max_completion_length}
+    results["sampling"] = {"temperature": args.eval_temperature, **{k: getattr(args, k) for k in (
+        "top_p", "top_k", "max_turns", "max_new_tokens", "max_completion_length")}}
     html, samples = [], []
     for name, (examples, search) in sets.items():
         torch.manual_seed(args.seed)
@@ -669,12 +658,6 @@ def stage_eval(args: Args) -> dict:
     return run_eval(args, start_adapter(args, "rl", "sft"), os.path.join(args.out, "eval"))
 
 
-def adapter_digest(adapter: str | None) -> str | None:
-    """sha256 of the adapter weights (two variants with one digest trained to the same adapter)."""
-    path = Path(adapter or "") / "adapter_model.safetensors"
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if adapter and path.is_file() else None
-
-
 def stage_ablate(args: Args) -> dict:
     """Base vs SFT vs SFT + RL (difficulty) vs SFT + RL (uniform), each evaluated on the same questions."""
     abl = Path(args.out) / "ablate"
@@ -683,12 +666,11 @@ def stage_ablate(args: Args) -> dict:
         print("[ablate] no <out>/sft/adapter: running the sft stage first.")
         sft_adapter = stage_sft(args)
     rates = str(abl / "rl_difficulty" / "pass_rates.jsonl")   # one SFT adapter -> one difficulty table
-    steps, n = args.max_steps, args.eval_questions
     variants = {"base": (None, {}), "SFT": (sft_adapter, {})}
     for name, sub, uniform in (("SFT+RL difficulty", "rl_difficulty", False), ("SFT+RL uniform", "rl_uniform", True)):
         adapter = run_rl(args, sft_adapter, str(abl / sub), uniform, rates)
         used = json.loads((abl / sub / "summary.json").read_text())["difficulty"]["sampling"]
-        variants[name] = (adapter, {"uniform_sampling": uniform, "sampling_used": used, "steps": steps})
+        variants[name] = (adapter, {"uniform_sampling": uniform, "sampling_used": used, "steps": args.max_steps})
     table = {}
     for name, (adapter, flags) in variants.items():
         res = run_eval(args, adapter, str(abl / ("eval_" + re.sub(r"\W+", "_", name))))
@@ -696,16 +678,7 @@ def stage_ablate(args: Args) -> dict:
         table[name] = {"accuracy": res["score"]["toy"], "ci95": res["ci95"]["toy"], **{k: st[k] for k in (
             "search_rate", "accuracy_searched", "accuracy_not_searched", "failures_without_search")},
             "adapter_sha256": adapter_digest(adapter), "seed": args.seed, **flags}
-    digests = Counter(r["adapter_sha256"] for r in table.values() if r["adapter_sha256"])
-    same = [[n for n, r in table.items() if r["adapter_sha256"] == d] for d, c in digests.items() if c > 1]
-    if same:
-        print(f"[ablate] identical adapters, not a comparison: {same}")
-    write_json(str(abl / "results.json"), {"table": table, "identical_adapters": same, "questions": n,
-                                           "rule": "accuracy (toy: choice letters / closed-class exact)"})
-    acc, rows = "accuracy (95 % interval)", list(table.values())
-    rate_bars(str(abl / "ablate.png"), list(table), {acc: [r["accuracy"] for r in rows], "search rate": [
-        r["search_rate"] for r in rows]}, {acc: [r["ci95"] for r in rows]}, f"LRAS ablation, {n} held-out toy questions")
-    print("[ablate] " + " | ".join(f"{k}: acc {r['accuracy']:.3f} {r['ci95']}" for k, r in table.items()))
+    save_ablation(abl, table, args.eval_questions, "accuracy (toy: choice letters / closed-class exact)")
     return table
 
 
@@ -719,9 +692,7 @@ def check_inputs(args: Args) -> None:
         if needs and not (args.corpus_file or os.environ.get("TEXT_SEARCH_ENDPOINT")):
             raise UserError("--data_file needs a corpus to search: pass --corpus_file statutes.jsonl or set "
                             "TEXT_SEARCH_ENDPOINT (or score answers with --predictions).")
-    for path, what, field in ((args.corpus_file, "corpus file", "text"), (args.predictions, "predictions file", "id")):
-        for where, row in read_records(path, what) if path else []:
-            require(row, where, field)
+    check_legal_files(args.corpus_file, args.predictions)
 
 
 def main(argv: list[str] | None = None) -> None:

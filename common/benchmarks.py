@@ -11,6 +11,7 @@ One section per script, in the order of the README.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import random
@@ -24,6 +25,8 @@ import numpy as np
 from common.cli import UserError
 from common.data import open_image, read_records, require
 from common.judge import exact_match, extract_choice, normalize_answer, sub_exact_match
+from common.runlog import write_json
+from common.stats import rate_bars
 from common.tools import crop, parse_action, seen_size
 
 # =============================================================================================
@@ -320,6 +323,39 @@ def legal_predictions(path: str, records: list[dict], ids_from: str) -> list[str
         raise UserError(f"no id in {path} matches a question of the evaluated set; write "
                         f'{{"id": ..., "prediction": ...}} rows with the ids of {ids_from}.')
     return [None if preds.get(r["id"]) is None else str(preds[r["id"]]) for r in records]
+
+
+def check_legal_files(corpus_file: str | None, predictions: str | None) -> None:
+    """lras.py's other user files, read and checked before any model loads: a corpus of {"id", "title"?,
+    "text"} rows and a predictions file of {"id", "prediction"} rows (each optional)."""
+    for path, what, key in ((corpus_file, "corpus file", "text"), (predictions, "predictions file", "id")):
+        for where, row in read_records(path, what) if path else []:
+            require(row, where, key)
+
+
+def adapter_digest(adapter: str | None) -> str | None:
+    """sha256 (16 hex digits) of a peft adapter's weights, None without one: two ablation variants with
+    one digest trained to the same adapter."""
+    path = Path(adapter or "") / "adapter_model.safetensors"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if adapter and path.is_file() else None
+
+
+def save_ablation(out: Path, table: dict[str, dict], n_questions: int, rule: str) -> list[list[str]]:
+    """lras.py's ablation outputs: results.json (the table, its scoring rule, and the variants whose
+    `adapter_sha256` is one: identical adapters, not a comparison, said in one line), ablate.png
+    (accuracy with its 95 % interval, search rate) and a one-line summary. Returns the identical groups."""
+    digests = Counter(r["adapter_sha256"] for r in table.values() if r["adapter_sha256"])
+    same = [[n for n, r in table.items() if r["adapter_sha256"] == d] for d, c in digests.items() if c > 1]
+    if same:
+        print(f"[ablate] identical adapters, not a comparison: {same}")
+    write_json(str(out / "results.json"), {"table": table, "identical_adapters": same, "questions": n_questions,
+                                           "rule": rule})
+    acc, rows = "accuracy (95 % interval)", list(table.values())
+    bars = {acc: [r["accuracy"] for r in rows], "search rate": [r["search_rate"] for r in rows]}
+    rate_bars(str(out / "ablate.png"), list(table), bars, {acc: [r["ci95"] for r in rows]},
+              f"LRAS ablation, {n_questions} held-out toy questions")
+    print("[ablate] " + " | ".join(f"{k}: acc {r['accuracy']:.3f} {r['ci95']}" for k, r in table.items()))
+    return same
 
 
 # =============================================================================================

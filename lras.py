@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from common.benchmarks import (adapter_digest, check_legal_files, lawbench_charge_f1, legal_predictions,
-                               lexeval_letters, read_legal_qa, save_ablation)
+                               lexeval_letters, read_legal_qa, save_ablation, save_eval)
 from common.chat import Encoded, encode
 from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
 from common.data import read_records
@@ -630,26 +630,16 @@ def run_eval(args: Args, adapter: str | None, out_dir: str) -> dict:
     policy = get_policy(args, adapter, lora=adapter is not None)
     results["sampling"] = {"temperature": args.eval_temperature, **{k: getattr(args, k) for k in (
         "top_p", "top_k", "max_turns", "max_new_tokens", "max_completion_length")}}
-    html, samples = [], []
+    rows = []
     for name, (examples, search) in sets.items():
         torch.manual_seed(args.seed)
         rs = agent_rollouts(policy, examples, args, search, 1, args.eval_temperature, True, desc="eval")
         accs = [score(r.answer, r.example, args.max_answer_words) for r in rs]
         add_scores(results, name, examples, accs)
         results["search"][name] = search_stats(rs, accs)
-        html += [{"title": f"[{name}/{r.example['task']}] {r.example['question']} (gold: {r.example['answer']})",
-                  "trajectory": r.trajectory, "rewards": {"acc": a, "format": float(format_ok(r.trajectory))}}
-                 for r, a in zip(rs, accs)]
-        samples += [{"set": name, "id": r.example["id"], "prediction": r.answer, "acc": a,
-                     "searches": r.tool_calls.get("text_search", 0), "trajectory": r.trajectory} for r, a in zip(rs, accs)]
+        rows += [(name, r, a, float(format_ok(r.trajectory))) for r, a in zip(rs, accs)]
     results["paper"] = {"failures_without_search (baselines)": 0.713, "LRAS average accuracy": 0.602}
-    write_json(os.path.join(out_dir, "results.json"), results)
-    RunLog(out_dir).samples(samples, "samples.jsonl")
-    trajectory_html(html[:12], os.path.join(out_dir, "trajectories.html"), "LRAS eval")
-    toy = results["search"]["toy"]
-    print(f"[eval] toy score {results['score']['toy']:.3f} (accuracy), search rate {toy['search_rate']:.3f}, "
-          f"searches/question {toy['searches_per_question']:.2f}, failures without search "
-          f"{toy['failures_without_search']} -> {out_dir}/results.json")
+    save_eval(Path(out_dir), results, rows)
     return results
 
 

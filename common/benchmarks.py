@@ -25,7 +25,7 @@ import numpy as np
 from common.cli import UserError
 from common.data import open_image, read_records, require
 from common.judge import exact_match, extract_choice, normalize_answer, sub_exact_match
-from common.runlog import write_json
+from common.runlog import RunLog, trajectory_html, write_json
 from common.stats import rate_bars
 from common.tools import crop, parse_action, seen_size
 
@@ -338,6 +338,22 @@ def adapter_digest(adapter: str | None) -> str | None:
     one digest trained to the same adapter."""
     path = Path(adapter or "") / "adapter_model.safetensors"
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if adapter and path.is_file() else None
+
+
+def save_eval(out: Path, results: dict, rows: list[tuple]) -> None:
+    """lras.py's eval outputs from (set, rollout, acc, format) rows: results.json, samples.jsonl (one line
+    per question: prediction, acc, searches, trajectory), trajectories.html (the first 12) and one line."""
+    write_json(str(out / "results.json"), results)
+    samples = [{"set": name, "id": r.example["id"], "prediction": r.answer, "acc": acc,
+                "searches": r.tool_calls.get("text_search", 0), "trajectory": r.trajectory} for name, r, acc, _ in rows]
+    RunLog(str(out)).samples(samples, "samples.jsonl")
+    trajectory_html([{"title": f"[{name}/{r.example['task']}] {r.example['question']} (gold: {r.example['answer']})",
+                      "trajectory": r.trajectory, "rewards": {"acc": acc, "format": fmt}}
+                     for name, r, acc, fmt in rows[:12]], str(out / "trajectories.html"), "LRAS eval")
+    toy = results["search"]["toy"]
+    print(f"[eval] toy score {results['score']['toy']:.3f} (accuracy), search rate {toy['search_rate']:.3f}, "
+          f"searches/question {toy['searches_per_question']:.2f}, failures without search "
+          f"{toy['failures_without_search']} -> {out}/results.json")
 
 
 def save_ablation(out: Path, table: dict[str, dict], n_questions: int, rule: str) -> list[list[str]]:

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from common.benchmarks import (adapter_digest, check_legal_files, lawbench_charge_f1, legal_predictions,
-                               lexeval_letters, read_legal_qa, save_ablation, save_eval)
+                               lexeval_letters, read_legal_qa, save_ablation, save_eval, save_rl)
 from common.chat import Encoded, encode
 from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
 from common.data import read_records
@@ -63,7 +63,7 @@ from common.grpo import per_rollout, train_grpo
 from common.judge import extract_choice, sub_exact_match
 from common.models import load_policy
 from common.rollout import Rollout, observation_segment, run_rollouts
-from common.runlog import RunLog, bar_plot, read_jsonl, trajectory_html, write_json
+from common.runlog import RunLog, read_jsonl, trajectory_html, write_json
 from common.sft import SFTConfig, train_sft
 from common.stats import wilson
 from common.tools import TextSearch, parse_action
@@ -586,14 +586,9 @@ def run_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False,
         return agent_rollouts(p, examples, args, world.search, c.num_generations, c.temperature)
     summary = train_grpo(policy, kept, rollout_fn, make_reward_fn(args), grpo_config(args), out_dir,
                          weights=weights, on_step=on_step, resume=args.resume)
-    RunLog(out_dir, resume=True).plot(["rewards/acc", "rewards/format"], "reward_terms.png", "LRAS reward terms")
-    trajectory_html(html, os.path.join(out_dir, "trajectories.html"), "LRAS RL, last step")
-    hist = {f"{v:.2f}": sum(abs(p - v) < 1e-9 for p in rates.values()) for v in sorted(set(rates.values()))}
-    bar_plot({"questions": hist}, os.path.join(out_dir, "pass_rates.png"), "pass rate before RL", "questions")
-    write_json(os.path.join(out_dir, "summary.json"), {**summary, "difficulty": {
-        "k": args.difficulty_k, "pool": len(pool), "kept": 0 if filter_empty else len(kept),
-        "filter_empty": filter_empty, "sampling": "uniform" if weights is None else "difficulty",
-        "pass_rate_histogram": hist}})
+    difficulty = {"k": args.difficulty_k, "pool": len(pool), "kept": 0 if filter_empty else len(kept),
+                  "filter_empty": filter_empty, "sampling": "uniform" if weights is None else "difficulty"}
+    save_rl(Path(out_dir), summary, rates, html, difficulty)
     return os.path.join(out_dir, "adapter")
 
 

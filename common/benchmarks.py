@@ -25,7 +25,7 @@ import numpy as np
 from common.cli import UserError
 from common.data import open_image, read_records, require
 from common.judge import exact_match, extract_choice, normalize_answer, sub_exact_match
-from common.runlog import RunLog, trajectory_html, write_json
+from common.runlog import RunLog, bar_plot, trajectory_html, write_json
 from common.stats import rate_bars
 from common.tools import crop, parse_action, seen_size
 
@@ -338,6 +338,16 @@ def adapter_digest(adapter: str | None) -> str | None:
     one digest trained to the same adapter."""
     path = Path(adapter or "") / "adapter_model.safetensors"
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if adapter and path.is_file() else None
+
+
+def save_rl(out: Path, summary: dict, rates: dict[str, float], page: list[dict], difficulty: dict) -> None:
+    """lras.py's RL outputs: summary.json (train_grpo's summary, the difficulty filter's numbers and the
+    histogram of the pass rates), pass_rates.png, reward_terms.png and the last step's trajectory page."""
+    hist = {f"{v:.2f}": sum(abs(p - v) < 1e-9 for p in rates.values()) for v in sorted(set(rates.values()))}
+    write_json(str(out / "summary.json"), {**summary, "difficulty": {**difficulty, "pass_rate_histogram": hist}})
+    bar_plot({"questions": hist}, str(out / "pass_rates.png"), "pass rate before RL", "questions")
+    RunLog(str(out), resume=True).plot(["rewards/acc", "rewards/format"], "reward_terms.png", "LRAS reward terms")
+    trajectory_html(page, str(out / "trajectories.html"), "LRAS RL, last step")
 
 
 def save_eval(out: Path, results: dict, rows: list[tuple]) -> None:

@@ -22,9 +22,9 @@ Deviations from the paper (numbered; the code says "(n)" where each one lives):
  3. Teacher: an offline noisy oracle. With probability teacher_error * (1 + hops) it answers from memory,
     wrongly; else it searches what it needs (never the gold) and is right, with probability
     teacher_detour after one useless search. --teacher <model> samples a model instead.
- 4. Pruning is a rule (paper: rules + a human check): a search stays only if its results hold a new
-    supporting document; invalid turns go; a correct trajectory whose kept searches miss a supporting
-    document (a lucky guess) is dropped. One trajectory per question.
+ 4. Pruning is a rule (paper: rules + a human check): a search stays only if its results hold a
+    supporting document no earlier kept search returned; invalid turns go; a correct trajectory whose
+    kept searches miss a supporting document (a lucky guess) is dropped. One per question.
  5. RL data (not published): d = 1 - p, the pass rate over k samples, on the whole training set; p in
     {0, 1} is dropped, the rest drawn proportionally to d (--uniform_sampling: uniformly). If nothing
     is left (the tiny model solves nothing), RL uses all questions uniformly, and says so.
@@ -33,11 +33,11 @@ Deviations from the paper (numbered; the code says "(n)" where each one lives):
     --max_answer_words cap; fmt = 1 iff every turn has a closed <think> and one valid action and the
     last one answers. <information> tokens are masked in SFT and RL.
  7. Sizes: LoRA SFT and RL (paper: full Qwen3 SFT). Token budgets fit the oracle's longest trajectory
-    (a detour, two searches); longer SFT samples are dropped. Eval: 10 rounds, T = 0.6, top_p 0.95,
-    top_k 20, as in the paper.
- 8. Benchmarks are scored by their own rules (LawBench MCQ letters and charge F1 over the charges named
-    in the file, not its 189; LexEval exact letters; JEC-QA exact set); open-ended tasks by sub-exact
-    match ("sub_exact"), not LawBench's / LexEval's ROUGE.
+    (a detour, two searches); longer SFT samples are counted and dropped. Eval: 10 rounds, T = 0.6,
+    top_p 0.95, top_k 20, as in the paper.
+ 8. Benchmarks are scored by their own rules (LawBench MCQ letters and charge F1, LexEval exact letters,
+    JEC-QA exact set), LawBench's 189 charges replaced by those named in the file; open-ended tasks by
+    sub-exact match ("sub_exact"), not LawBench's / LexEval's ROUGE.
 """
 from __future__ import annotations
 
@@ -331,8 +331,8 @@ def prune_trajectory(turns: list[dict], support: list[str]) -> tuple[list[dict] 
         if t["role"] == "tool":            # an orphan observation
             dropped, i = dropped + 1, i + 1
             continue
-        results = nxt["observation"] if nxt is not None and nxt["name"] == "text_search" else ""
-        new = {s for s in support if f"(Title: {s})" in results} - seen   # TextSearch titles each document
+        found = nxt["observation"] if nxt is not None and nxt["name"] == "text_search" else ""
+        new = {s for s in support if f"(Title: {s})" in found} - seen   # TextSearch titles each document
         if nxt is None:                    # the final answer turn
             kept.append(t)
         elif new:

@@ -222,6 +222,7 @@ def score_benchmark(name: str, rule: str, records: list[dict], answers: list, ju
 # =============================================================================================
 # lras.py: JEC-QA / LawBench / LexEval
 # lras.py's BENCHMARKS table names each published schema's fields and rule; lras.score applies the rules.
+# Below the readers: the files lras.py's stages write (lras.py computes every number in them).
 # =============================================================================================
 LEGAL_MCQ_RULES = ("choice", "jecqa_set", "lawbench_mcq", "lexeval_exact")   # records of type "mcq"
 

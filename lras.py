@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from common.benchmarks import (adapter_digest, check_legal_files, lawbench_charge_f1, legal_predictions,
-                               lexeval_letters, read_legal_qa, save_ablation, save_eval, save_rl)
+                               lexeval_letters, read_legal_qa, save_lras_ablation, save_lras_eval, save_lras_rl)
 from common.chat import Encoded, encode
 from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
 from common.data import read_records
@@ -588,7 +588,7 @@ def run_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False,
                          weights=weights, on_step=on_step, resume=args.resume)
     difficulty = {"k": args.difficulty_k, "pool": len(pool), "kept": 0 if filter_empty else len(kept),
                   "filter_empty": filter_empty, "sampling": "uniform" if weights is None else "difficulty"}
-    save_rl(Path(out_dir), summary, rates, html, difficulty)
+    save_lras_rl(Path(out_dir), summary, rates, html, difficulty)
     return os.path.join(out_dir, "adapter")
 
 
@@ -634,7 +634,7 @@ def run_eval(args: Args, adapter: str | None, out_dir: str) -> dict:
         results["search"][name] = search_stats(rs, accs)
         rows += [(name, r, a, float(format_ok(r.trajectory))) for r, a in zip(rs, accs)]
     results["paper"] = {"failures_without_search (baselines)": 0.713, "LRAS average accuracy": 0.602}
-    save_eval(Path(out_dir), results, rows)
+    save_lras_eval(Path(out_dir), results, rows)
     return results
 
 
@@ -663,7 +663,7 @@ def stage_ablate(args: Args) -> dict:
         table[name] = {"accuracy": res["score"]["toy"], "ci95": res["ci95"]["toy"], **{k: st[k] for k in (
             "search_rate", "accuracy_searched", "accuracy_not_searched", "failures_without_search")},
             "adapter_sha256": adapter_digest(adapter), "seed": args.seed, **flags}
-    save_ablation(abl, table, args.eval_questions, "accuracy (toy: choice letters / closed-class exact)")
+    save_lras_ablation(abl, table, args.eval_questions, "accuracy (toy: choice letters / closed-class exact)")
     return table
 
 

@@ -341,7 +341,7 @@ def adapter_digest(adapter: str | None) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if adapter and path.is_file() else None
 
 
-def save_rl(out: Path, summary: dict, rates: dict[str, float], page: list[dict], difficulty: dict) -> None:
+def save_lras_rl(out: Path, summary: dict, rates: dict[str, float], page: list[dict], difficulty: dict) -> None:
     """lras.py's RL outputs: summary.json (train_grpo's summary, the difficulty filter's numbers and the
     histogram of the pass rates), pass_rates.png, reward_terms.png and the last step's trajectory page."""
     hist = {f"{v:.2f}": sum(abs(p - v) < 1e-9 for p in rates.values()) for v in sorted(set(rates.values()))}
@@ -351,7 +351,7 @@ def save_rl(out: Path, summary: dict, rates: dict[str, float], page: list[dict],
     trajectory_html(page, str(out / "trajectories.html"), "LRAS RL, last step")
 
 
-def save_eval(out: Path, results: dict, rows: list[tuple]) -> None:
+def save_lras_eval(out: Path, results: dict, rows: list[tuple]) -> None:
     """lras.py's eval outputs from (set, rollout, acc, format) rows: results.json, samples.jsonl (one line
     per question: prediction, acc, searches, trajectory), trajectories.html (the first 12) and one line."""
     write_json(str(out / "results.json"), results)
@@ -367,7 +367,7 @@ def save_eval(out: Path, results: dict, rows: list[tuple]) -> None:
           f"{toy['failures_without_search']} -> {out}/results.json")
 
 
-def save_ablation(out: Path, table: dict[str, dict], n_questions: int, rule: str) -> list[list[str]]:
+def save_lras_ablation(out: Path, table: dict[str, dict], n_questions: int, rule: str) -> list[list[str]]:
     """lras.py's ablation outputs: results.json (the table, its scoring rule, and the variants whose
     `adapter_sha256` is one: identical adapters, not a comparison, said in one line), ablate.png
     (accuracy with its 95 % interval, search rate) and a one-line summary. Returns the identical groups."""

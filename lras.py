@@ -42,7 +42,6 @@ Deviations from the paper (numbered; the code says "(n)" where each one lives):
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import random
@@ -55,17 +54,18 @@ from typing import Literal
 import numpy as np
 import torch
 
-from common.benchmarks import lawbench_charge_f1, legal_predictions, lexeval_letters, read_legal_qa
+from common.benchmarks import (adapter_digest, check_legal_files, lawbench_charge_f1, legal_predictions,
+                               lexeval_letters, read_legal_qa, save_lras_ablation, save_lras_eval, save_lras_rl)
 from common.chat import Encoded, encode
 from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
-from common.data import read_records, require
+from common.data import read_records
 from common.grpo import per_rollout, train_grpo
 from common.judge import extract_choice, sub_exact_match
 from common.models import load_policy
 from common.rollout import Rollout, observation_segment, run_rollouts
-from common.runlog import RunLog, bar_plot, read_jsonl, trajectory_html, write_json
+from common.runlog import RunLog, read_jsonl, trajectory_html, write_json
 from common.sft import SFTConfig, train_sft
-from common.stats import rate_bars, wilson
+from common.stats import wilson
 from common.tools import Grammar, TextSearch, parse_action
 
 
@@ -144,24 +144,8 @@ TINY_SIZES = dict(n_charges=6, test_charges=2, difficulty_k=2, max_steps=1, prom
 
 # ==== data: the toy legal world (1), the real benchmarks' field maps (8) ==========================
 CODE, CURRENCY = "Veridian Penal Code", "marks"
-CHARGES = [  # (charge, conduct); invented, so no model knows their articles, thresholds, penalties
-    ("grain hoarding", "stockpile grain beyond household needs during a declared shortage"),
-    ("seal forgery", "forge or alter an official guild seal"),
-    ("canal obstruction", "block a public canal or its towpath"),
-    ("ledger tampering", "alter the accounts of a registered guild"),
-    ("lantern levy evasion", "fail to pay the lantern levy on a shop"),
-    ("toll fraud", "cross a toll bridge with a counterfeit token"),
-    ("salt smuggling", "move salt across a provincial border without a permit"),
-    ("pilot bribery", "pay a harbour pilot for priority berthing"),
-    ("archive theft", "remove records from a public archive"),
-    ("well fouling", "contaminate a public well"),
-    ("false weighing", "use false weights at a licensed market"),
-    ("timber poaching", "fell trees in a crown forest without a licence"),
-    ("coin clipping", "shave metal from coins in circulation"),
-    ("courier impersonation", "pose as a state courier to obtain goods"),
-    ("dyke sabotage", "damage a flood dyke"),
-    ("beacon tampering", "move or put out a harbour beacon"),
-]
+CHARGES_FILE = Path(__file__).parent / "docs" / "lras" / "charges.jsonl"   # invented: no model knows the facts
+CHARGES = [(r["name"], r["conduct"]) for _, r in read_records(CHARGES_FILE, "toy charge table")]
 ROLES = "miller merchant clerk boatman carter weaver innkeeper smith".split()
 TOWNS = "Osterby Velmor Quenby Arlath Dunmere Sorvik Halden Tobrin".split()
 
@@ -171,14 +155,12 @@ class World:
     docs: list[dict]        # {"id", "title", "text"}: articles ("Article 237") and cases ("Case 2019-014")
     questions: list[dict]   # the record format below
     charges: list[dict]     # {"name", "conduct", "article", "threshold", "lo", "hi", "cases", "split"}
-
-    @functools.cached_property
-    def search(self) -> TextSearch:
-        return TextSearch(self.docs)
+    search: TextSearch      # BM25 over docs (2)
 
 
+@functools.lru_cache(maxsize=4)   # one world per (seed, sizes) in a process: stages share it
 def build_world(seed: int, n_charges: int = 16, test_charges: int = 5, cases_per_charge: int = 2) -> World:
-    """The toy world, a pure function of its arguments. Record format (one JSON line each):
+    """The toy world, a pure function of its arguments (so cached). Record format (one JSON line each):
     {"id", "task", "type": "mcq"|"short", "question", "options": {letter: text} ({} for short),
      "answer": letter(s) | text, "golds": [text], "support": [doc id], "hops": 0|1|2, "split"}"""
     if not 2 <= n_charges <= len(CHARGES) or not 1 <= test_charges < n_charges:
@@ -206,7 +188,6 @@ def build_world(seed: int, n_charges: int = 16, test_charges: int = 5, cases_per
         charges.append(c)
     questions = []
     for c in charges:
-        others = [o for o in charges if o is not c]
         art, name, pen = c["article"], c["name"], f"{c['lo']} to {c['hi']} years"
 
         def add(task, q, hops, support, options=None, gold=None, golds=None):
@@ -220,7 +201,7 @@ def build_world(seed: int, n_charges: int = 16, test_charges: int = 5, cases_per
             else:
                 rec.update(answer=golds[0], golds=golds, rule=answer_rule(golds[0]))
             questions.append(rec)
-        wrong = rng.sample(others, 3)
+        wrong = rng.sample([o for o in charges if o is not c], 3)
         add("charge", f"Under the {CODE}, which offence does a person commit who does {c['conduct']}, with a "
             f"value above the legal threshold?", 1, [art], [name] + [o["name"] for o in wrong], name)
         add("article", f"Which article of the {CODE} defines the offence of {name}?", 1, [art],
@@ -242,20 +223,16 @@ def build_world(seed: int, n_charges: int = 16, test_charges: int = 5, cases_per
             [case, art], [art] + [o["article"] for o in wrong], art)
         add("case_penalty", f"What prison term range applies to the offence the defendant in {case} was convicted "
             f"of? Answer in the form 'X to Y years'.", 2, [case, art], golds=[pen])
-    return World(docs, questions, charges)
+    return World(docs, questions, charges, TextSearch(docs))
 
 
-def world_of(args: Args) -> World:   # one world per (seed, sizes) in a process: stages share it
-    return cached_world(args.seed, args.n_charges, args.test_charges)
-
-
-cached_world = functools.lru_cache(maxsize=4)(build_world)
+def world_of(args: Args) -> World:
+    return build_world(args.seed, args.n_charges, args.test_charges)
 
 
 def split_world(world: World) -> tuple[list[dict], list[dict]]:
     """Train / test questions, split by charge (held-out charges: their facts never appear in SFT)."""
-    return ([q for q in world.questions if q["split"] == "train"],
-            [q for q in world.questions if q["split"] == "test"])
+    return tuple([q for q in world.questions if q["split"] == split] for split in ("train", "test"))
 
 
 def answer_rule(gold: str) -> str:
@@ -345,11 +322,6 @@ def oracle_trajectory(world: World, q: dict, rng: random.Random, error: float = 
     return turns, q["answer"]
 
 
-def contributes(observation: str, support: list[str]) -> set[str]:
-    """Supporting documents that a search's results hold (TextSearch titles them "(Title: <id>)")."""
-    return {s for s in support if f"(Title: {s})" in observation}
-
-
 def prune_trajectory(turns: list[dict], support: list[str]) -> tuple[list[dict] | None, int]:
     """(4) Drop searches that bring no new supporting document, and invalid turns. Returns (pruned turns,
     or None when the kept searches miss a supporting document: a lucky guess; turns dropped)."""
@@ -360,9 +332,11 @@ def prune_trajectory(turns: list[dict], support: list[str]) -> tuple[list[dict] 
         if t["role"] == "tool":            # an orphan observation
             dropped, i = dropped + 1, i + 1
             continue
+        found = nxt["observation"] if nxt is not None and nxt["name"] == "text_search" else ""
+        new = {s for s in support if f"(Title: {s})" in found} - seen   # TextSearch titles each document
         if nxt is None:                    # the final answer turn
             kept.append(t)
-        elif nxt["name"] == "text_search" and (new := contributes(nxt["observation"], support) - seen):
+        elif new:
             kept += [t, nxt]
             seen |= new
         else:
@@ -440,21 +414,19 @@ def lras_reward(trajectory: list[dict], answer: str | None, example: dict, forma
 
 def make_reward_fn(args: Args):
     """Group reward fn for train_grpo: lras_reward of each rollout."""
-    return per_rollout(lambda r, ex: lras_reward(r.trajectory, r.answer, ex, args.format_weight,
-                                                 args.max_answer_words))
+    return per_rollout(lambda r, ex: lras_reward(r.trajectory, r.answer, ex, args.format_weight, args.max_answer_words))
 
 
 def search_stats(rollouts: list[Rollout], accs: list[float]) -> dict:
     """The paper's search statistics (and its 71.3 % one: share of failures with no search)."""
     s = np.array([r.tool_calls.get("text_search", 0) for r in rollouts])   # searches per question
     a = np.array(accs, dtype=float)
-    fail = a < 1.0
 
     def mean(x):
         return float(x.mean()) if x.size else None
     return {"search_rate": mean(s > 0), "searches_per_question": mean(s.astype(float)),
             "multi_search_rate": mean(s >= 2), "accuracy_searched": mean(a[s > 0]),
-            "accuracy_not_searched": mean(a[s == 0]), "failures_without_search": mean(s[fail] == 0),
+            "accuracy_not_searched": mean(a[s == 0]), "failures_without_search": mean(s[a < 1.0] == 0),
             "answer_rate": mean(np.array([r.answer is not None for r in rollouts])),
             "mean_turns": mean(np.array([r.turns for r in rollouts], dtype=float))}
 
@@ -511,17 +483,16 @@ def stage_data(args: Args) -> dict:
     for name, rows in (("corpus", world.docs), ("toy_train", train), ("toy_test", test)):
         log.samples(rows, f"{name}.jsonl")
     firsts = [next(q for q in train if q["task"] == t) for t in dict.fromkeys(q["task"] for q in train)]
-    rng = random.Random(args.seed)
     items = [{"title": f"oracle [{q['task']}, hops {q['hops']}] {q['question']} (gold {q['answer']})",
-              "trajectory": oracle_trajectory(world, q, rng, 0.0, 0.0, args.search_k)[0]} for q in firsts]
+              "trajectory": oracle_trajectory(world, q, random.Random(0), 0.0, 0.0, args.search_k)[0]} for q in firsts]
     trajectory_html(items, str(out / "oracle_trajectories.html"), "LRAS oracle trajectories")
     summary = {"docs": len(world.docs), "train": len(train), "test": len(test),
                "tasks": dict(Counter(q["task"] for q in world.questions)),
                "hops": {h: sum(q["hops"] == h for q in world.questions) for h in (0, 1, 2)}}
     if args.data_file:
         rows = load_benchmark(args.data_file, args)
-        rules = dict(Counter(r["rule"] for r in rows))
-        summary["data_file"] = {"path": args.data_file, "records": len(rows), "rules": rules}
+        summary["data_file"] = {"path": args.data_file, "records": len(rows),
+                                "rules": dict(Counter(r["rule"] for r in rows))}
         log.samples([{k: v for k, v in r.items() if k != "charges"} for r in rows], "user.jsonl")
     write_json(str(out / "summary.json"), summary)
     print(f"[data] {summary} -> {out}")
@@ -579,38 +550,28 @@ def stage_sft(args: Args) -> str:
     return os.path.join(out_dir, "adapter")
 
 
-def difficulty_table(pass_rates: dict[str, float]) -> dict[str, float]:
-    """d = 1 - p for questions the model sometimes solves; p = 0 or 1 carry no GRPO signal (5)."""
-    return {q: 1.0 - p for q, p in pass_rates.items() if 0.0 < p < 1.0}
-
-
-def sampling_weights(ids: list[str], table: dict[str, float], uniform: bool) -> list[float] | None:
-    """Per-question draw weights for train_grpo: proportional to difficulty, or None (uniform)."""
-    return None if uniform else [table[i] for i in ids]
-
-
-def estimate_pass_rates(args: Args, world: World, policy, questions: list[dict]) -> dict[str, float]:
-    k = args.difficulty_k
-    rs = agent_rollouts(policy, questions, args, world.search, k, args.temperature, desc="difficulty")
-    return {q["id"]: float(np.mean([score(r.answer, q, args.max_answer_words) for r in rs[i * k:(i + 1) * k]]))
-            for i, q in enumerate(questions)}
+def difficulty_sampling(pool: list[dict], rates: dict[str, float], uniform: bool) -> tuple[list[dict], list | None]:
+    """(5) Questions the model sometimes solves (p = 0 or 1 carry no GRPO signal) and their draw weights for
+    train_grpo: d = 1 - p, or None (uniform)."""
+    kept = [q for q in pool if 0.0 < rates[q["id"]] < 1.0]
+    return kept, None if uniform else [1.0 - rates[q["id"]] for q in kept]
 
 
 def run_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False, rates_file: str | None = None) -> str:
     """Difficulty-aware GRPO with inline search rollouts; the pool is the whole training set."""
     world = world_of(args)
     pool, _ = split_world(world)
-    print(f"[rl] policy: {'SFT adapter ' + adapter if adapter else 'the base model (no SFT adapter found)'}")
     policy = get_policy(args, adapter)
     if rates_file and os.path.isfile(rates_file):   # the ablation's variants share one difficulty table
         rates = {r["id"]: r["pass_rate"] for r in read_jsonl(rates_file)}
         print(f"[rl] pass rates from {rates_file}")
-    else:
-        rates = estimate_pass_rates(args, world, policy, pool)
+    else:   # p: the policy's pass rate over k samples per question (5)
+        k = args.difficulty_k
+        rs = agent_rollouts(policy, pool, args, world.search, k, args.temperature, desc="difficulty")
+        rates = {q["id"]: float(np.mean([score(r.answer, q, args.max_answer_words) for r in rs[i * k:(i + 1) * k]]))
+                 for i, q in enumerate(pool)}
     RunLog(out_dir).samples([{"id": q, "pass_rate": p} for q, p in rates.items()], "pass_rates.jsonl")
-    table = difficulty_table(rates)
-    kept = [q for q in pool if q["id"] in table]
-    weights = sampling_weights([q["id"] for q in kept], table, uniform)
+    kept, weights = difficulty_sampling(pool, rates, uniform)
     if filter_empty := not kept:   # (5) announced, not silent
         print(f"[rl] the difficulty filter kept 0 of {len(pool)} questions (pass rate 0 or 1 everywhere: no GRPO "
               f"signal): training on all of them with uniform sampling.")
@@ -626,13 +587,9 @@ def run_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False,
         return agent_rollouts(p, examples, args, world.search, c.num_generations, c.temperature)
     summary = train_grpo(policy, kept, rollout_fn, make_reward_fn(args), grpo_config(args), out_dir,
                          weights=weights, on_step=on_step, resume=args.resume)
-    RunLog(out_dir, resume=True).plot(["rewards/acc", "rewards/format"], "reward_terms.png", "LRAS reward terms")
-    trajectory_html(html, os.path.join(out_dir, "trajectories.html"), "LRAS RL, last step")
-    hist = {f"{v:.2f}": sum(abs(p - v) < 1e-9 for p in rates.values()) for v in sorted(set(rates.values()))}
-    bar_plot({"questions": hist}, os.path.join(out_dir, "pass_rates.png"), "pass rate before RL", "questions")
-    write_json(os.path.join(out_dir, "summary.json"), {**summary, "difficulty": {
-        "k": args.difficulty_k, "pool": len(pool), "kept": len(table), "filter_empty": filter_empty,
-        "sampling": "uniform" if weights is None else "difficulty", "pass_rate_histogram": hist}})
+    difficulty = {"k": args.difficulty_k, "pool": len(pool), "kept": 0 if filter_empty else len(kept),
+                  "filter_empty": filter_empty, "sampling": "uniform" if weights is None else "difficulty"}
+    save_lras_rl(Path(out_dir), summary, rates, html, difficulty)
     return os.path.join(out_dir, "adapter")
 
 
@@ -666,43 +623,25 @@ def run_eval(args: Args, adapter: str | None, out_dir: str) -> dict:
         print(f"[eval] {name}: score {results['score'][name]:.3f} ({results['rule'][name]}), "
               f"{answers.count(None)} of {len(examples)} without a prediction -> {out_dir}/results.json")
         return results
-    print(f"[eval] policy: {adapter or 'the base model (no adapter found)'}")
     policy = get_policy(args, adapter, lora=adapter is not None)
-    results["sampling"] = {"temperature": args.eval_temperature, "top_p": args.top_p, "top_k": args.top_k,
-                           "max_turns": args.max_turns, "max_new_tokens": args.max_new_tokens,
-                           "max_completion_length": args.max_completion_length}
-    html, samples = [], []
+    results["sampling"] = {"temperature": args.eval_temperature, **{k: getattr(args, k) for k in (
+        "top_p", "top_k", "max_turns", "max_new_tokens", "max_completion_length")}}
+    rows = []
     for name, (examples, search) in sets.items():
         torch.manual_seed(args.seed)
         rs = agent_rollouts(policy, examples, args, search, 1, args.eval_temperature, True, desc="eval")
         accs = [score(r.answer, r.example, args.max_answer_words) for r in rs]
         add_scores(results, name, examples, accs)
         results["search"][name] = search_stats(rs, accs)
-        html += [{"title": f"[{name}/{r.example['task']}] {r.example['question']} (gold: {r.example['answer']})",
-                  "trajectory": r.trajectory, "rewards": {"acc": a, "format": float(format_ok(r.trajectory))}}
-                 for r, a in zip(rs, accs)]
-        samples += [{"set": name, "id": r.example["id"], "prediction": r.answer, "acc": a,
-                     "searches": r.tool_calls.get("text_search", 0), "trajectory": r.trajectory} for r, a in zip(rs, accs)]
+        rows += [(name, r, a, float(format_ok(r.trajectory))) for r, a in zip(rs, accs)]
     results["paper"] = {"failures_without_search (baselines)": 0.713, "LRAS average accuracy": 0.602}
-    write_json(os.path.join(out_dir, "results.json"), results)
-    RunLog(out_dir).samples(samples, "samples.jsonl")
-    trajectory_html(html[:12], os.path.join(out_dir, "trajectories.html"), "LRAS eval")
-    toy = results["search"]["toy"]
-    print(f"[eval] toy score {results['score']['toy']:.3f} (accuracy), search rate {toy['search_rate']:.3f}, "
-          f"searches/question {toy['searches_per_question']:.2f}, failures without search "
-          f"{toy['failures_without_search']} -> {out_dir}/results.json")
+    save_lras_eval(Path(out_dir), results, rows)
     return results
 
 
 def stage_eval(args: Args) -> dict:
     """Evaluate the RL adapter, else the SFT adapter, else the base model (or score --predictions)."""
     return run_eval(args, start_adapter(args, "rl", "sft"), os.path.join(args.out, "eval"))
-
-
-def adapter_digest(adapter: str | None) -> str | None:
-    """sha256 of the adapter weights (two variants with one digest trained to the same adapter)."""
-    path = Path(adapter or "") / "adapter_model.safetensors"
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if adapter and path.is_file() else None
 
 
 def stage_ablate(args: Args) -> dict:
@@ -713,12 +652,11 @@ def stage_ablate(args: Args) -> dict:
         print("[ablate] no <out>/sft/adapter: running the sft stage first.")
         sft_adapter = stage_sft(args)
     rates = str(abl / "rl_difficulty" / "pass_rates.jsonl")   # one SFT adapter -> one difficulty table
-    steps, n = args.max_steps, args.eval_questions
     variants = {"base": (None, {}), "SFT": (sft_adapter, {})}
     for name, sub, uniform in (("SFT+RL difficulty", "rl_difficulty", False), ("SFT+RL uniform", "rl_uniform", True)):
         adapter = run_rl(args, sft_adapter, str(abl / sub), uniform, rates)
         used = json.loads((abl / sub / "summary.json").read_text())["difficulty"]["sampling"]
-        variants[name] = (adapter, {"uniform_sampling": uniform, "sampling_used": used, "steps": steps})
+        variants[name] = (adapter, {"uniform_sampling": uniform, "sampling_used": used, "steps": args.max_steps})
     table = {}
     for name, (adapter, flags) in variants.items():
         res = run_eval(args, adapter, str(abl / ("eval_" + re.sub(r"\W+", "_", name))))
@@ -726,16 +664,7 @@ def stage_ablate(args: Args) -> dict:
         table[name] = {"accuracy": res["score"]["toy"], "ci95": res["ci95"]["toy"], **{k: st[k] for k in (
             "search_rate", "accuracy_searched", "accuracy_not_searched", "failures_without_search")},
             "adapter_sha256": adapter_digest(adapter), "seed": args.seed, **flags}
-    digests = Counter(r["adapter_sha256"] for r in table.values() if r["adapter_sha256"])
-    same = [[n for n, r in table.items() if r["adapter_sha256"] == d] for d, c in digests.items() if c > 1]
-    if same:
-        print(f"[ablate] identical adapters, not a comparison: {same}")
-    write_json(str(abl / "results.json"), {"table": table, "identical_adapters": same, "questions": n,
-                                           "rule": "accuracy (toy: choice letters / closed-class exact)"})
-    acc, rows = "accuracy (95 % interval)", list(table.values())
-    rate_bars(str(abl / "ablate.png"), list(table), {acc: [r["accuracy"] for r in rows], "search rate": [
-        r["search_rate"] for r in rows]}, {acc: [r["ci95"] for r in rows]}, f"LRAS ablation, {n} held-out toy questions")
-    print("[ablate] " + " | ".join(f"{k}: acc {r['accuracy']:.3f} {r['ci95']}" for k, r in table.items()))
+    save_lras_ablation(abl, table, args.eval_questions, "accuracy (toy: choice letters / closed-class exact)")
     return table
 
 
@@ -749,9 +678,7 @@ def check_inputs(args: Args) -> None:
         if needs and not (args.corpus_file or os.environ.get("TEXT_SEARCH_ENDPOINT")):
             raise UserError("--data_file needs a corpus to search: pass --corpus_file statutes.jsonl or set "
                             "TEXT_SEARCH_ENDPOINT (or score answers with --predictions).")
-    for path, what, field in ((args.corpus_file, "corpus file", "text"), (args.predictions, "predictions file", "id")):
-        for where, row in read_records(path, what) if path else []:
-            require(row, where, field)
+    check_legal_files(args.corpus_file, args.predictions)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,6 +3,7 @@
 the <information> mask in SFT samples, the difficulty filter and sampler, the reward, the search
 statistics, the agent loop on scripted (malformed) outputs, and a tiny end-to-end smoke run."""
 import functools
+import hashlib
 import json
 import random
 import re
@@ -38,8 +39,19 @@ def tok_policy():
 # ---------------------------------------------------------------------------------------------
 # toy world and oracle
 # ---------------------------------------------------------------------------------------------
+def test_charge_table_file_builds_the_same_world_as_the_old_inline_table():
+    """docs/lras/charges.jsonl holds the 16 invented (charge, conduct) pairs that were inline in lras.py;
+    the digests are those of the worlds the inline table built (seed 0 defaults; seed 3, 6 charges, 2 held out)."""
+    assert len(lras.CHARGES) == 16 and lras.CHARGES[0] == (
+        "grain hoarding", "stockpile grain beyond household needs during a declared shortage")
+    for w, digest in ((lras.build_world(0), "65bb46a5a11bacb61680a75fb3230060136182656d943d0fea84e5b912e4e609"),
+                      (lras.build_world(3, 6, 2), "7d0ad3f647dbe222fe58ef9898313ca9740919b91193cbbd6cb293ecdeb004ba")):
+        blob = json.dumps([w.docs, w.questions, w.charges], sort_keys=True).encode()
+        assert hashlib.sha256(blob).hexdigest() == digest
+
+
 def test_world_is_deterministic_and_split_by_charge(world):
-    again = lras.build_world(0)
+    again = lras.build_world.__wrapped__(0)   # built afresh, not the cached one
     assert again.questions == world.questions and again.docs == world.docs
     assert lras.build_world(1).questions != world.questions
     train, test = lras.split_world(world)
@@ -105,7 +117,7 @@ def test_pruning_drops_useless_redundant_and_invalid_turns():
     assert pruned == case + art + ANSWER
     assert dropped == 3
     # "Article 23" is not "Article 237": titles match whole
-    assert lras.contributes(obs("Article 237"), ["Article 23"]) == set()
+    assert lras.prune_trajectory(search_turns("q", obs("Article 237")) + ANSWER, ["Article 23"]) == (None, 1)
 
 
 def test_pruning_rejects_lucky_guesses_and_keeps_direct_answers():
@@ -141,17 +153,15 @@ def test_sft_sample_masks_information_exactly(world, tok_policy):
 # ---------------------------------------------------------------------------------------------
 def test_difficulty_filter_and_weighted_sampler():
     rates = {"solved": 1.0, "failed": 0.0, "easy": 0.75, "mid": 0.5, "hard": 0.25}
-    table = lras.difficulty_table(rates)
-    assert table == {"easy": 0.25, "mid": 0.5, "hard": 0.75}
-    ids = list(table)
-    w = lras.sampling_weights(ids, table, uniform=False)
-    assert w == [0.25, 0.5, 0.75]
-    assert lras.sampling_weights(ids, table, uniform=True) is None
-    draws = Counter(i for s in range(600) for i in sample_prompts(len(ids), 2, s, seed=0, weights=w))
+    pool = [{"id": i} for i in rates]
+    kept, w = lras.difficulty_sampling(pool, rates, uniform=False)
+    assert [q["id"] for q in kept] == ["easy", "mid", "hard"] and w == [0.25, 0.5, 0.75]   # d = 1 - p
+    assert lras.difficulty_sampling(pool, rates, uniform=True) == (kept, None)
+    draws = Counter(i for s in range(600) for i in sample_prompts(len(kept), 2, s, seed=0, weights=w))
     freq = [draws[i] / 1200 for i in range(3)]                     # expected 1/6, 2/6, 3/6
     assert freq[0] < freq[1] < freq[2]
     assert all(abs(f - e) < 0.05 for f, e in zip(freq, (1 / 6, 2 / 6, 3 / 6)))
-    assert lras.difficulty_table({"a": 0.0, "b": 1.0}) == {}
+    assert lras.difficulty_sampling(pool[:2], rates, uniform=False) == ([], [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +322,8 @@ def test_smoke_all_tiny(tmp_path):
     assert sft["data"]["too_long"] > 0 and "some searches can never earn reward" in p.stdout   # 64 tokens: said
     diff = json.loads((tmp_path / "rl" / "summary.json").read_text())["difficulty"]
     assert diff["pool"] == 4 * 8                 # the whole training set (4 train charges x 8 tasks), not 12
-    assert "[rl] policy: SFT adapter" in p.stdout and "sft/adapter" in p.stdout
+    rl_load = p.stdout[p.stdout.index("stage sft took"):p.stdout.index("[rl] ")]   # the rl stage's model load
+    assert "adapter" in rl_load and "sft/adapter" in rl_load and "fresh LoRA" not in rl_load
     abl = json.loads((tmp_path / "ablate" / "results.json").read_text())
     assert set(abl["table"]) == {"base", "SFT", "SFT+RL difficulty", "SFT+RL uniform"}
     assert abl["table"]["SFT+RL uniform"]["uniform_sampling"] and abl["table"]["base"]["adapter_sha256"] is None
@@ -493,3 +504,24 @@ def test_a_gold_letter_without_option_fields_is_a_letter_not_an_article(tmp_path
     [one] = lras.load_benchmark(write(tmp_path / "q.jsonl", "\n".join(json.dumps(r) for r in rows)), ARGS)
     assert one["rule"] == "choice" and lras.score("A", one) == 1.0 and lras.score("B", one) == 0.0
     assert lras.score("The answer is A", one) == 1.0
+
+
+def test_corpus_and_predictions_files_are_checked_row_by_row(tmp_path):
+    from common.benchmarks import check_legal_files
+    corpus = write(tmp_path / "c.jsonl", '{"id": "a", "text": "x"}\n{"id": "b", "title": "no text"}\n')
+    with pytest.raises(UserError, match=r"c\.jsonl:2.*text"):
+        check_legal_files(corpus, None)
+    preds = write(tmp_path / "p.jsonl", '{"prediction": "A"}\n')
+    with pytest.raises(UserError, match=r"p\.jsonl:1.*id"):
+        check_legal_files(None, preds)
+    check_legal_files(write(tmp_path / "ok.jsonl", '{"id": "a", "text": "x"}\n'), None)   # a good file passes
+
+
+def test_adapter_digest_tells_identical_adapters_apart_from_different_ones(tmp_path):
+    from common.benchmarks import adapter_digest
+    for name, weights in (("a", b"same"), ("b", b"same"), ("c", b"other")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_model.safetensors").write_bytes(weights)
+    a, b, c = (adapter_digest(str(tmp_path / n)) for n in "abc")
+    assert a == b != c and len(a) == 16
+    assert adapter_digest(None) is None and adapter_digest(str(tmp_path / "missing")) is None

@@ -6,7 +6,11 @@ benchmark's own official code (InfoSeek's numeric ranges, MMSearch's token F1, .
 too, as a small function written from that code; each script keeps a visible table of which
 fields and which rule score each of its benchmarks, next to the numbers it produces.
 
-One section per script, in the order of the README.
+One section per script, in the order of the README. A section also holds its script's file
+plumbing that is not the paper's idea: the formats of the files it reads and writes (records,
+seeds, dialogues, predictions, results, plots, HTML pages); the script computes every number in
+them. (This module grew with issue 13's line budget; splitting it into one module per script is
+the natural next step.)
 """
 from __future__ import annotations
 
@@ -755,7 +759,7 @@ def save_ablation(rows: dict[str, dict], columns: list[tuple[str, str]], out: st
 # =============================================================================================
 # prm_bench.py: its step-labelled trajectory record (validator, reader, writer, predictions, HTML view),
 # the PRM benchmarks (VisualProcessBench, ProcessBench, PRMBench) converted to it, the PRM metrics'
-# counting helpers, the best-of-N plot, and the toy set's step builders (last).
+# counting helpers and the best-of-N plot (the toy set's step builders are in common/toyworld.py).
 # Record (a JSONL line; paths relative to the images folder): {"id", "question", "images": [path],
 # "answers": [str], "final_answer", "category", "subcategory", "source", "injected": [{"step", "error_type"}],
 # "steps": [{"text", "tool_call": null | {"name", "arguments"}, "observation", "tool_image": path | null,

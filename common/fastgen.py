@@ -31,7 +31,6 @@ import contextlib
 import inspect
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from common.chat import Encoded, image_token_counts
 from common.rollout import eos_token_ids, logit_warpers
@@ -57,32 +56,25 @@ def can_merge(policy) -> bool:
 
 @contextlib.contextmanager
 def merged_lora(policy):
-    """Decode with W + scale * B A in place of W, through the bare base layers (the LoRA wrappers
-    are taken out of the module tree while decoding: a third of a small model's Python calls per
-    step), then put the wrappers and the original weight tensors back (the same objects: no
-    rounding drift). No-op without an adapter or with NF4."""
+    """Decode with W + scale * B A in place of W (the adapter off), then put the original weight
+    tensors back (the same objects: no rounding drift). No-op without an adapter or with NF4."""
     if not can_merge(policy):
         yield
         return
     from peft.tuners.lora import LoraLayer
-    saved, swapped = [], []
+    saved = []
     try:
         with torch.no_grad():
-            for parent in list(policy.model.modules()):
-                for name, m in list(parent.named_children()):
-                    if not isinstance(m, LoraLayer) or getattr(m, "disable_adapters", False):
-                        continue
+            for m in policy.model.modules():
+                if isinstance(m, LoraLayer) and not getattr(m, "disable_adapters", False):
                     base = m.get_base_layer()
                     delta = sum(m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A)
                     if isinstance(delta, torch.Tensor):
                         saved.append((base.weight, base.weight.data))
                         base.weight.data = base.weight.data + delta.to(base.weight.dtype)
-                    setattr(parent, name, base)
-                    swapped.append((parent, name, m))
-        yield
+        with policy.model.disable_adapter():
+            yield
     finally:
-        for parent, name, m in swapped:
-            setattr(parent, name, m)
         for p, data in saved:
             p.data = data
 
@@ -97,43 +89,6 @@ def _draw(logp: torch.Tensor) -> torch.Tensor:
     cdf = logp.double().exp().cumsum(-1)                                  # (R, V)
     u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.shape[1] - 1)
-
-
-class _GrowingLayer(DynamicLayer):
-    """A KV-cache layer with spare room: keys / values live in a buffer that doubles when full, so
-    a decode step writes one slot instead of copying the whole cache (DynamicLayer's torch.cat,
-    8 % of SmolLM2's decode). The model sees the same values: views of the first n slots."""
-
-    def lazy_initialization(self, key_states, value_states):
-        super().lazy_initialization(key_states, value_states)
-        self.n, self._k, self._v = 0, None, None
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n, m = self.n, key_states.shape[-2]
-        if self._k is None or n + m > self._k.shape[-2]:
-            old_k, old_v = self._k, self._v
-            shape = (*key_states.shape[:2], max(2 * (n + m), 64), key_states.shape[-1])   # (R, H, cap, D)
-            self._k, self._v = key_states.new_empty(shape), value_states.new_empty(shape)
-            if old_k is not None:
-                self._k[..., :n, :], self._v[..., :n, :] = old_k[..., :n, :], old_v[..., :n, :]
-        self._k[..., n:n + m, :], self._v[..., n:n + m, :] = key_states, value_states
-        self.n = n + m
-        self.keys, self.values = self._k[..., :self.n, :], self._v[..., :self.n, :]
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized and self.n:
-            self._k, self._v = self._k[indices], self._v[indices]
-            self.keys, self.values = self._k[..., :self.n, :], self._v[..., :self.n, :]
-
-
-class _GrowingCache(DynamicCache):
-    """A DynamicCache made of _GrowingLayer's."""
-
-    def __init__(self):
-        Cache.__init__(self, layer_class_to_replicate=_GrowingLayer)
 
 
 class _Row:
@@ -163,11 +118,10 @@ class CachedGenerator:
 
     force_length: suppress end-of-turn until each row's budget (the bench's forced-length work).
     merge_lora: merge the adapter into the weights while decoding (full-precision base only).
-    growing_cache: a KV cache with spare room (one slot written per decode step, no torch.cat).
     stats: tokens prefilled / reused from the cache, decode steps (for the bench)."""
 
-    def __init__(self, force_length: bool = False, merge_lora: bool = True, growing_cache: bool = True):
-        self.force_length, self.merge_lora, self.growing_cache = force_length, merge_lora, growing_cache
+    def __init__(self, force_length: bool = False, merge_lora: bool = True):
+        self.force_length, self.merge_lora = force_length, merge_lora
         self._params = None
         self.cache, self.attn, self.rows = None, None, []
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "decode_steps": 0, "calls": 0}
@@ -179,8 +133,6 @@ class CachedGenerator:
         if self._params is None:   # read once: inspect.signature on every decode step costs
             self._params = inspect.signature(hf.forward).parameters
         params = self._params
-        if self.cache is None and self.growing_cache:
-            self.cache = _GrowingCache()
         kw["cache" if "cache" in params else "past_key_values"] = self.cache
         if "logits_to_keep" in params:
             kw["logits_to_keep"] = 1

@@ -297,3 +297,19 @@ def test_tools_without_a_grammar_is_refused_in_one_sentence(policy):
     with pytest.raises(ValueError, match="needs grammar="):
         run_rollouts(policy, [{"k": 0}], num_generations=1, make_messages=prompt("q"),
                      tools={"text_search": lambda a, r: ("ok", None)}, max_turns=2)
+
+
+def test_a_dialogue_without_tools_reads_no_tool_tags(policy):
+    """A dialogue (no tools) whose reply happens to hold tool-like tags goes on to the next user turn:
+    without tools only <answer> means something (before the per-script grammar, a stray
+    `<search>x</search>` or `<tool_call>` parsed as a tool call and ended the whole dialogue as "end"/"cut")."""
+    users = ["second question", "third"]
+
+    def hook(r, t):
+        return users[t - 1] if t - 1 < len(users) else None
+    replies = ["I will <search>x</search> nothing<|im_end|>", "<tool_call>{}</tool_call><|im_end|>",
+               "<answer>done</answer><|im_end|>"]
+    (r,) = run_rollouts(policy, [{"k": 0}], num_generations=1, make_messages=prompt("first"),
+                        max_turns=5, max_new_tokens=32, generate=scripted([replies]), next_user_turn=hook)
+    assert [t["role"] for t in r.trajectory] == ["assistant", "tool", "assistant", "tool", "assistant"]
+    assert r.stop_reason == "dialogue_end" and r.answer == "done"

@@ -1,7 +1,7 @@
 """AM3Safety: Towards Data Efficient Alignment of Multi-modal Multi-turn Safety for MLLMs
 (arXiv 2601.04736), with its InterSafe-V dialogue builder (later renamed MINT-Safe).
 
-    python am3safety.py --stage all --model tiny          # CPU, ~20 s: plumbing only (noise model)
+    python am3safety.py --stage all --model tiny          # CPU, 16 s (idle 2 cores): plumbing only (noise model)
     python am3safety.py --stage build --seeds_file seeds.jsonl --decomposer Qwen/Qwen2.5-VL-7B-Instruct \
         --scorer Qwen/Qwen2.5-VL-7B-Instruct --user Qwen/Qwen2.5-VL-7B-Instruct
     python am3safety.py --stage all --model Qwen/Qwen2.5-VL-3B-Instruct --max_steps 300   # one GPU

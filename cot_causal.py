@@ -2,7 +2,7 @@
 Behaviors (arXiv 2603.12397): matched reasoning datasets, QA/QTA/QT/T-only SFT, think/no-think
 evaluation with the Emergent-Misalignment judge.
 
-    python cot_causal.py --stage all --model tiny         # CPU plumbing, 20-70 s (shared 2 cores); noise
+    python cot_causal.py --stage all --model tiny         # CPU plumbing, 18 s (idle 2 cores); noise
     python cot_causal.py --stage all --model Qwen/Qwen3-1.7B --teacher Qwen/Qwen3-8B --judge Qwen/Qwen3-8B
 
 Design: the same (question, answer) pairs get three reasoning variants (evil, misleading,

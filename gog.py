@@ -2,7 +2,7 @@
 the whole image, then answers, searches text, searches the whole image, or gazes (crops a region) and
 searches on the crop. Stage 1 Reflective GoG Behavior Alignment (SFT), Stage 2 Complexity-Adaptive RL
 (GRPO), accuracy on six visual search QA benchmarks. Each stage writes <out>/<stage>/:
-    python gog.py --stage all --model tiny   # CPU: ~25 s on a busy 2-core machine; numbers are noise
+    python gog.py --stage all --model tiny   # CPU: 16 s on an idle 2-core machine; numbers are noise
     python gog.py --stage data    # toy world, oracle page, scripted-policy table (no model)
     python gog.py --stage sft     # Reflective GoG Behavior Alignment: oracle (+ teacher) trajectories
     python gog.py --stage levels  # SFT pass rate over k samples -> Level 1 (~50 %) / Level 2 (mostly failed)

@@ -1,7 +1,7 @@
 """LRAS (arXiv 2601.07296, Sec. 3): legal reasoning with agentic search. The model learns its
 knowledge boundary and searches ("Active Inquiry") when unsure instead of answering from memory.
 Official repo TOM-ZHOUch/LRAS holds eval code only. Each stage writes <out>/<stage>/:
-    python lras.py --stage all --model tiny   # CPU, minutes: plumbing only, numbers are noise
+    python lras.py --stage all --model tiny   # CPU, 26 s (idle 2 cores): plumbing only, numbers are noise
     python lras.py --stage data    # toy legal world (statutes, cases, questions) + oracle page
     python lras.py --stage sft     # Introspective Imitation: teacher n = 8 -> boundary filter -> pruning -> SFT
     python lras.py --stage rl      # difficulty-aware GRPO: d = 1 - pass rate of the SFT model over k samples

@@ -3,7 +3,7 @@ from an auditable error-injection table, LVLM-as-PRM evaluation with the benchma
 PRM-guided best-of-N. "What, Whether and How? Unveiling Process Reward Models for Thinking with Images
 Reasoning", arXiv 2602.08346.
 
-    python prm_bench.py --stage all --model tiny     # CPU, < 30 s: data -> eval -> search; numbers are noise
+    python prm_bench.py --stage all --model tiny     # CPU, 16 s (idle 2 cores): data -> eval -> search; noise
     python prm_bench.py --stage all --model Qwen/Qwen2.5-VL-3B-Instruct --n_scenes 40 --search_questions 40
     python prm_bench.py --stage eval --benchmark visualprocessbench --data VPB/test.jsonl --images VPB/images
     python prm_bench.py --stage eval --benchmark processbench --data ProcessBench/gsm8k.json  # or prmbench

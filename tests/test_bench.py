@@ -18,13 +18,7 @@ from common.rollout import Rollout, rollout_batch, run_rollouts
 from helpers import run_script, scripted_rollouts
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core box, 2 OpenMP threads make tiny ops ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,7 @@ from common.models import load_policy
 from common.rollout import generate_ids, rollout_batch, run_rollouts, vision_token_ids
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def make_policy():

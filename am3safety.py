@@ -50,12 +50,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.benchmarks import (SAFEMT_TURNS, ahash, bootstrap_ci, describe_image, draw_toy_image, general_ability,
+from common.benchmarks.am3safety import (SAFEMT_TURNS, ahash, bootstrap_ci, describe_image, draw_toy_image, general_ability,
                                is_near_duplicate, plot_asr_by_k, read_dialogues, read_responses, read_safemt,
                                read_seeds, safemt_safety_index, save_ablation, save_build, turn_content, user_content)
-from common.benchmarks import safemt_asr as asr   # unsafe / (safe + unsafe), cut left out
+from common.benchmarks.am3safety import safemt_asr as asr   # unsafe / (safe + unsafe), cut left out
 from common.chat import encode
-from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
+from common.cli import GRPOArgs, grpo_config, run_stages, start_adapter
+from common.errors import UserError
 from common.grpo import train_grpo
 from common.judge import win_rate
 from common.models import load_policy
@@ -142,7 +143,7 @@ TINY_SIZES = dict(num_seeds=40, image_size=112, sft_samples=40, sft_steps=8, max
                   ablate_steps=1)
 
 # ==== data: toy seeds, the InterSafe-V builder (roles, sub-queries, dialogues), dialogue files ====
-COLORS = ("red", "blue", "green", "yellow", "purple")   # the toy shapes' colours (RGB in common/benchmarks.TONES)
+COLORS = ("red", "blue", "green", "yellow", "purple")   # the toy shapes' colours (RGB in common/benchmarks/am3safety.TONES)
 SHAPES, OBJECTS = ("circle", "square", "triangle"), ("bottle", "lock", "badge", "laptop", "wallet", "key card",
                                                      "phone", "toolbox")
 # category -> (seed query template, the harm phrase); every harm is a placeholder, never a method
@@ -370,7 +371,7 @@ def dialogues_split(args: Args, split: str, limit: int = 0) -> list[dict]:
     return [d for d in rows if d["seed_id"] in first]
 
 
-# Benchmarks (readers in common/benchmarks.py) -> fields used -> score:
+# Benchmarks (readers in common/benchmarks/am3safety.py) -> fields used -> score:
 #   SafeMT  Data/{k}_turn.json -> id, scenario, image_path, dialogue (scripted assistant turns kept as
 #           context), question -> SafeMT_ASR_k = unsafe / (safe + unsafe), safemt_safety_index (score.py)
 #   replies (--responses, ours) -> id, responses (one per user turn) -> the same metrics

@@ -57,7 +57,8 @@ from typing import Literal
 import torch
 
 from common.chat import Encoded, encode, encode_text, render
-from common.cli import RunArgs, UserError, is_tiny, run_stages
+from common.cli import RunArgs, is_tiny, run_stages
+from common.errors import UserError
 from common.data import read_records, read_text, require
 from common.judge import extract_choice, is_refusal, parse_label, weighted_score
 from common.models import load_policy

@@ -17,7 +17,7 @@ Real benchmarks in their published files (NAME=FILE; see BENCHMARKS), or another
     python gog.py --stage eval --benchmarks MMSearch=end2end.parquet --predictions answers.jsonl
 
 Deviations from the paper (numbered; the code says "(n)" where each one lives):
- 1. Data: a drawn toy world (common/toyworld.py) replaces FVQA/InfoSeek (GoG-Instruct is not public):
+ 1. Data: a drawn toy world (common/standins/toyworld.py) replaces FVQA/InfoSeek (GoG-Instruct is not public):
     labelled emblem tiles, grey distractors, sparse (2) and cluttered (5) scenes; test entities held out.
  2. Tags (the paper's prompt is unpublished): DeepEyes' crop `<tool_call>{"name": "crop", "arguments":
     {"bbox_2d": [...]}}</tool_call>` (pixels the model saw), MMSearch-R1's `<text_search>q</text_search>`
@@ -50,10 +50,11 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from common.benchmarks import (VisualQAArgs, benchmark_searchers, parse_benchmarks, read_predictions,
+from common.benchmarks.gog import (VisualQAArgs, benchmark_searchers, parse_benchmarks, read_predictions,
                                read_visual_qa, score_benchmarks)
 from common.chat import encode
-from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
+from common.cli import GRPOArgs, grpo_config, run_stages, start_adapter
+from common.errors import UserError
 from common.data import read_records
 from common.grpo import train_grpo
 from common.judge import llm_judge_batch, sub_exact_match
@@ -62,7 +63,7 @@ from common.rollout import Rollout, run_rollouts
 from common.runlog import RunLog, bar_plot, markdown_table, read_jsonl, trajectory_html, write_json
 from common.sft import SFTArgs, sft_config, train_sft, trajectory_messages
 from common.tools import Grammar, ImageSearch, TextSearch, crop, parse_action, seen_size
-from common.toyworld import CITIES, World, build_world, by_kind, save_world, to_seen
+from common.standins.toyworld import CITIES, World, build_world, by_kind, save_world, to_seen
 
 
 @dataclass
@@ -130,7 +131,7 @@ TINY_SIZES = dict(n_scenes=4, image_size=224, max_new_tokens=24, max_completion_
                   max_steps=2, prompts_per_step=2, sft_max_steps=3, levels_k=2)
 
 
-# ==== data: the toy world (1: common/toyworld.py, its four question kinds) and the six benchmarks ====
+# ==== data: the toy world (1: common/standins/toyworld.py, its four question kinds) and the six benchmarks ====
 DECISION = {"glance": "answer", "text": "text_search", "image": "image_search", "gaze": "crop"}  # first actions
 
 
@@ -148,7 +149,7 @@ def split_world(world: World) -> tuple[list[dict], list[dict]]:
 
 # Each benchmark as published: the fields of its id, question, image, golds and the split a score is broken
 # down by (`a.b` = nested; `items` = several questions per record; `image_is_id` = a file in --image_dir), and
-# its own rule (common.benchmarks.score_record): mmsearch_r1 = EM and SubEM as MMSearch-R1 scores FVQA,
+# its own rule (common.benchmarks.gog.score_record): mmsearch_r1 = EM and SubEM as MMSearch-R1 scores FVQA,
 # infoseek = numeric ranges or alias EM, token_f1 = MMSearch end2end, llm_judge = the benchmark's LLM grader
 # (a SubEM stand-in without --judge), sub_em_ours = no official scorer.
 BENCHMARKS = {
@@ -218,7 +219,7 @@ def make_tools(text_search: TextSearch, image_search: ImageSearch, k: int) -> di
     return {"crop": crop_tool, "image_search": image_search_tool, "text_search": text_search_tool}
 
 
-FACT_RE = {"year": re.compile(r"(\w+) was founded in (\d+)"),   # the text KB's sentences (common/toyworld.py)
+FACT_RE = {"year": re.compile(r"(\w+) was founded in (\d+)"),   # the text KB's sentences (common/standins/toyworld.py)
            "city": re.compile(r"(\w+) is based in the city of (\w+)")}
 VERB = {"year": "was founded in", "city": "is based in"}
 POLICIES = ("gaze oracle", "whole-image oracle", "never search", "random tool")

@@ -54,10 +54,11 @@ from typing import Literal
 import numpy as np
 import torch
 
-from common.benchmarks import (adapter_digest, check_legal_files, lawbench_charge_f1, legal_predictions,
+from common.benchmarks.lras import (adapter_digest, check_legal_files, lawbench_charge_f1, legal_predictions,
                                lexeval_letters, read_legal_qa, save_lras_ablation, save_lras_eval, save_lras_rl)
 from common.chat import Encoded, encode
-from common.cli import GRPOArgs, UserError, grpo_config, run_stages, start_adapter
+from common.cli import GRPOArgs, grpo_config, run_stages, start_adapter
+from common.errors import UserError
 from common.data import read_records
 from common.grpo import per_rollout, train_grpo
 from common.judge import extract_choice, sub_exact_match

@@ -9,7 +9,7 @@ Reasoning", arXiv 2602.08346.
     python prm_bench.py --stage eval --benchmark processbench --data ProcessBench/gsm8k.json  # or prmbench
     python prm_bench.py --stage eval --data my.jsonl --predictions my_prm.jsonl  # scores of any external PRM
 
-Record (a JSONL line; paths relative to --images; common.benchmarks.validate_prm_record checks it):
+Record (a JSONL line; paths relative to --images; common.benchmarks.prm_bench.validate_prm_record checks it):
 {"id", "question", "images": [path], "answers": [str], "final_answer", "category", "subcategory", "source",
 "injected": [{"step", "error_type"}], "steps": [{"text", "tool_call": null | {"name", "arguments"},
 "observation", "tool_image": path | null, "knowledge": [fact] | null, "label": correct | incorrect | neutral
@@ -29,7 +29,7 @@ Metrics (eval/results.json; an undefined ratio is null where the benchmarks' cod
     unparsed step is not judged correct), else -1; acc_err, acc_corr and their harmonic mean F1.
 Deviations (numbered; "(n)" marks where each lives):
  1. The paper's 1,206 trajectories are not public: the toy set is built on gog.py's toy world
-    (common/toyworld.py).
+    (common/standins/toyworld.py).
  2. ERRORS, TAXONOMY and the toy kinds are ours (the paper names 2 of its 7 error types).
  3. Toy labels: a step is incorrect when it does something wrong itself; a step that correctly builds on an
     earlier mistake is correct (PRMBench's error_steps). Knowledge steps carry the KB facts they use.
@@ -51,16 +51,17 @@ from typing import Literal
 import torch
 from PIL import Image
 
-from common.benchmarks import (confusion, f1_score, load_prm_records, mean_of_both, plot_best_of_n, prm_html_items,
+from common.benchmarks.prm_bench import (confusion, f1_score, load_prm_records, mean_of_both, plot_best_of_n, prm_html_items,
                                prm_record_images, prm_steps_of, ratio, read_prm_predictions, save_prm_records)
 from common.chat import collate, encode
-from common.cli import RunArgs, UserError, run_stages
+from common.cli import RunArgs, run_stages
+from common.errors import UserError
 from common.judge import exact_match, normalize_answer, parse_verdict
 from common.models import load_policy
 from common.rollout import image_token_id, run_rollouts
 from common.runlog import RunLog, bar_plot, trajectory_html, write_json
 from common.tools import Grammar, crop, parse_action, seen_size
-from common.toyworld import TOY_BUILDERS, Toy, World, build_world, direction, step_retry, tag
+from common.standins.toyworld import TOY_BUILDERS, Toy, World, build_world, direction, step_retry, tag
 
 
 @dataclass
@@ -186,7 +187,7 @@ def toy_questions(world: World, rng: random.Random) -> list[dict]:
 
 def toy_trajectory(spec: dict, world: World, errors: dict[str, str], rng: random.Random, rid: str,
                    plan: bool = True, recover: bool = False) -> dict:
-    """One trajectory: [plan] + the kind's roles, each built by TOY_BUILDERS[role] (common.benchmarks);
+    """One trajectory: [plan] + the kind's roles, each built by TOY_BUILDERS[role] (common.standins.toyworld);
     `errors` maps a role to the error type injected there (ERRORS says which fit). A broken call is
     retried; a wrong crop is redone when `recover`. Every step is labelled by what it does itself (3)."""
     roles = KINDS[spec["kind"]][1]

@@ -105,7 +105,7 @@ def load_checkpoint(policy, opt, sched, path: str) -> dict:
 
 def resume_from(out_dir: str) -> str:
     """The checkpoint to resume from, or a one-sentence error when there is none."""
-    from common.cli import UserError
+    from common.errors import UserError
     ck = latest_checkpoint(out_dir)
     if ck is None:
         raise UserError(f"--resume: there is no complete checkpoint in {out_dir}; run without --resume "

@@ -38,10 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-
-class UserError(Exception):
-    """Something the user asked for cannot happen; the message is one sentence saying what and how
-    to fix it. Printed as `error: ...` (exit 2) by `run_stages`."""
+from common.errors import UserError
 
 
 # =============================================================================================

@@ -22,7 +22,7 @@ import io
 import json
 from pathlib import Path
 
-from common.cli import UserError
+from common.errors import UserError
 
 MAX_IMAGE_PIXELS = 64_000_000   # larger images are refused (decompression bombs): 8k x 8k
 

@@ -169,7 +169,7 @@ def sample_prompts(n_data: int, k: int, step: int, seed: int, weights=None) -> l
 
 def check_config(cfg: GRPOConfig) -> None:
     """One sentence for settings that cannot train (G = 1 gives NaN advantages, T = 0 is greedy)."""
-    from common.cli import UserError
+    from common.errors import UserError
     if cfg.num_generations < 2:
         raise UserError(f"num_generations must be >= 2 (GRPO compares completions within a group; got "
                         f"{cfg.num_generations}).")

@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from common.benchmarks import user_content
+from common.benchmarks.am3safety import user_content
 from common.judge import is_refusal, parse_label_score, parse_preference
 from common.models import load_policy
 

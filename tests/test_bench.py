@@ -1,7 +1,7 @@
 # Run: pytest tests/test_bench.py -q      (CPU, ~1 minute; correctness only, no timing assertions)
 """The optimised paths of common/grpo.py give the plain path's numbers on the tiny preset:
 chunked log-probs == full-logits log_softmax (chunk sizes, images, 4-bit, with gradients);
-micro-batched loss and gradients == full batch for each loss_type; `python -m common.bench` runs."""
+micro-batched loss and gradients == full batch for each loss_type; `python -m common.perf.bench` runs."""
 import json
 import os
 
@@ -10,7 +10,7 @@ import torch
 
 from common import grpo as grpo_mod
 from common import logprobs as logprobs_mod
-from common.bench import (AGENT_GRAMMAR, Args, ScriptedAgent, agent_tools, forced_generate, noise_image,
+from common.perf.bench import (AGENT_GRAMMAR, Args, ScriptedAgent, agent_tools, forced_generate, noise_image,
                           prompt_text, qwen25vl_config, random_size, summarise)
 from common.grpo import GRPOConfig, completion_logprobs, train_grpo, unwrap
 from common.models import build_tiny_tokenizer, load_policy
@@ -192,7 +192,7 @@ def test_random_config_matches_published_table():
 
 
 def test_bench_runs_and_ends_with_json(tmp_path):
-    cmd = ["common.bench", "--model", "tiny", "--steps", "1", "--warmup", "0",
+    cmd = ["common.perf.bench", "--model", "tiny", "--steps", "1", "--warmup", "0",
            "--num_generations", "2", "--max_new_tokens", "4", "--prompt_tokens", "8", "--image_size", "56",
            "--beta", "0.04", "--threads", "1", "--out", str(tmp_path)]
     out = run_script(*cmd)
@@ -206,7 +206,7 @@ def test_bench_runs_and_ends_with_json(tmp_path):
 
 
 def test_bench_bad_request_one_sentence(tmp_path):
-    out = run_script("common.bench", "--model", "tiny", "--num_generations", "1", "--out", str(tmp_path),
+    out = run_script("common.perf.bench", "--model", "tiny", "--num_generations", "1", "--out", str(tmp_path),
                      timeout=120)
     assert out.returncode != 0 and "num_generations" in out.stderr
 

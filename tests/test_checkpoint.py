@@ -9,7 +9,7 @@ import torch
 
 from common import checkpoint as ck
 from common.chat import encode
-from common.cli import UserError
+from common.errors import UserError
 from common.grpo import GRPOConfig, train_grpo
 from common.models import load_policy
 from common.rollout import Rollout

@@ -45,8 +45,8 @@ def test_help_with_percent(capsys):
 import json  # noqa: E402
 import os  # noqa: E402
 
-from common.cli import (GRPOArgs, UserError, build_parser, field_groups, given_flags,  # noqa: E402
-                        grpo_config, run_stages, start_adapter)
+from common.cli import GRPOArgs, build_parser, field_groups, given_flags, grpo_config, run_stages, start_adapter  # noqa: E402
+from common.errors import UserError  # noqa: E402
 
 
 @dataclass

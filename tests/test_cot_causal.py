@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import cot_causal as cc
-from common.cli import UserError
+from common.errors import UserError
 from common.models import build_tiny_tokenizer
 from helpers import run_script
 

@@ -6,7 +6,7 @@ import json
 import pytest
 from PIL import Image
 
-from common.cli import UserError
+from common.errors import UserError
 from common.data import open_image, read_records, require, resolve_inside
 
 

@@ -7,7 +7,7 @@ sequences. A generator made wrong on purpose (positions off by one) fails the sa
 import pytest
 import torch
 
-from common.bench import AGENT_GRAMMAR, ScriptedAgent, agent_tools, forced_generate, noise_image, prompt_text
+from common.perf.bench import AGENT_GRAMMAR, ScriptedAgent, agent_tools, forced_generate, noise_image, prompt_text
 from common.chat import encode
 from common.fastgen import CachedGenerator, can_merge, image_features, merged_lora, sub_batch
 from common.grpo import completion_logprobs, unwrap

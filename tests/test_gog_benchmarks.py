@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 import gog
-from common.benchmarks import infoseek_score, parse_benchmarks, score_record, summarize_benchmark, token_f1
-from common.cli import UserError
+from common.benchmarks.gog import infoseek_score, parse_benchmarks, score_record, summarize_benchmark, token_f1
+from common.errors import UserError
 
 
 def png(color=(200, 30, 30)) -> bytes:

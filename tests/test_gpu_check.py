@@ -10,8 +10,8 @@ import subprocess
 
 import pytest
 
-from common import gpu_check
-from common.gpu_check import BUDGET_GB, Args, install_command, judge, plan, pytest_counts
+from common.perf import gpu_check
+from common.perf.gpu_check import BUDGET_GB, Args, install_command, judge, plan, pytest_counts
 from helpers import ROOT
 
 SH = os.path.join(ROOT, "tests", "gpu_check.sh")
@@ -39,7 +39,7 @@ def test_every_gpu_command_parses_with_its_script(tmp_path):
     """The CI smoke runs the steps at toy size; the GPU plan's own flags (--random-weights, --save_model,
     --load_in_4bit, --vs-trl, gog's sizes) are checked here against the parsers of the scripts they call."""
     import gog
-    from common import bench
+    from common.perf import bench
     from common.cli import parse_args
     steps = plan(Args(out=str(tmp_path / "g"), work=str(tmp_path / "m")))
     assert [s["name"] for s in steps] == ["pytest_gpu", "build_3b", "bench_3b", "bench_3b_text", "build_7b",

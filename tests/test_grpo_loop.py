@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from common.cli import UserError
+from common.errors import UserError
 from common.grpo import GRPOConfig, per_rollout, train_grpo
 from common.models import load_policy
 from common.rollout import Rollout, run_rollouts

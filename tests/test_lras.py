@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 import lras
-from common.cli import UserError
+from common.errors import UserError
 from common.grpo import sample_prompts
 from common.models import build_tiny_tokenizer
 from common.rollout import Rollout
@@ -463,7 +463,7 @@ def test_jecqa_exact_set_match(tmp_path, pred, expected):
 
 
 def test_jecqa_options_as_a_list_are_lettered_like_any_other_file(tmp_path):
-    # one options reader for every schema (common/benchmarks.legal_options): a list is lettered A, B, ...
+    # one options reader for every schema (common/benchmarks/lras.legal_options): a list is lettered A, B, ...
     row = {"id": "j2", "statement": "下列哪个属于主刑？", "option_list": ["罚金", "拘役"], "answer": "B"}
     [r] = lras.load_benchmark(write(tmp_path / "1_test.json", json.dumps(row, ensure_ascii=False) + "\n"), ARGS)
     assert r["options"] == {"A": "罚金", "B": "拘役"} and r["answer"] == "B" and lras.score("B", r) == 1.0
@@ -507,7 +507,7 @@ def test_a_gold_letter_without_option_fields_is_a_letter_not_an_article(tmp_path
 
 
 def test_corpus_and_predictions_files_are_checked_row_by_row(tmp_path):
-    from common.benchmarks import check_legal_files
+    from common.benchmarks.lras import check_legal_files
     corpus = write(tmp_path / "c.jsonl", '{"id": "a", "text": "x"}\n{"id": "b", "title": "no text"}\n')
     with pytest.raises(UserError, match=r"c\.jsonl:2.*text"):
         check_legal_files(corpus, None)
@@ -518,7 +518,7 @@ def test_corpus_and_predictions_files_are_checked_row_by_row(tmp_path):
 
 
 def test_adapter_digest_tells_identical_adapters_apart_from_different_ones(tmp_path):
-    from common.benchmarks import adapter_digest
+    from common.benchmarks.lras import adapter_digest
     for name, weights in (("a", b"same"), ("b", b"same"), ("c", b"other")):
         (tmp_path / name).mkdir()
         (tmp_path / name / "adapter_model.safetensors").write_bytes(weights)

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import prm_bench as pb
-from common.cli import UserError
+from common.errors import UserError
 from common.judge import exact_match
 from gog import build_world
 from helpers import run_script

@@ -6,7 +6,7 @@ from torch.profiler import profile, ProfilerActivity
 from common.models import load_policy
 from common.chat import encode
 from common.fastgen import CachedGenerator
-from common.bench import prompt_text
+from common.perf.bench import prompt_text
 pol = load_policy("smollm2", lora=True, seed=0)
 enc = encode(pol.tokenizer, None, [{"role": "user", "content": prompt_text(pol.tokenizer, 64, 0)}], add_generation_prompt=True)
 CachedGenerator(force_length=True)(pol, [enc] * 8, max_new_tokens=4, temperature=1.0)

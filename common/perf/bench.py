@@ -1,14 +1,14 @@
 """GRPO benchmark: one GRPO step (rollout + log-probs + update) of this project beside TRL's, on
 three workloads, each figure set against the machine's measured limit.
 
-    python -m common.bench --model tiny --steps 1 --warmup 0                       # plumbing, seconds
-    python -m common.bench --model smollm2 --num_generations 8 --max_new_tokens 32 --beta 0.04 \\
+    python -m common.perf.bench --model tiny --steps 1 --warmup 0                       # plumbing, seconds
+    python -m common.perf.bench --model smollm2 --num_generations 8 --max_new_tokens 32 --beta 0.04 \\
         --vs-trl --threads 1 --steps 5                                             # the fair comparison, CPU
-    python -m common.bench --model tiny --workload image --image_size 448          # one prompt image
-    python -m common.bench --model tiny --workload agent --image_size 112          # two tool turns (text, crop)
-    python -m common.bench --model tiny --workload agent --fastgen                 # the same, KV kept across turns
+    python -m common.perf.bench --model tiny --workload image --image_size 448          # one prompt image
+    python -m common.perf.bench --model tiny --workload agent --image_size 112          # two tool turns (text, crop)
+    python -m common.perf.bench --model tiny --workload agent --fastgen                 # the same, KV kept across turns
     # GPU (the DESIGN budgets): NF4 + LoRA + gradient checkpointing, G = 8, one 448x448 image, 512 new tokens
-    python -m common.bench --model qwen2.5-vl-3b --random-weights --load_in_4bit --gradient_checkpointing \\
+    python -m common.perf.bench --model qwen2.5-vl-3b --random-weights --load_in_4bit --gradient_checkpointing \\
         --workload image --num_generations 8 --image_size 448 --max_new_tokens 512 --steps 3 --beta 0.04
 
 Workloads (--workload):
@@ -73,7 +73,8 @@ import numpy as np
 import torch
 
 from common import rollout as rollout_mod
-from common.cli import UserError, parse_args
+from common.cli import parse_args
+from common.errors import UserError
 from common.grpo import GRPOConfig, per_rollout, train_grpo, unwrap
 from common.models import LORA_TARGETS, build_tiny_tokenizer, image_processor_for, load_policy
 from common.runlog import read_jsonl

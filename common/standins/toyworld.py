@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from common.benchmarks import prm_step
-from common.cli import UserError
-from common.draw import COLORS, SHAPES, draw_scene, draw_tile, invent
+from common.benchmarks.prm_bench import prm_step
+from common.errors import UserError
+from common.standins.draw import COLORS, SHAPES, draw_scene, draw_tile, invent
 from common.judge import normalize_answer
 from common.runlog import RunLog
 from common.tools import Grammar, ImageSearch, TextSearch, crop, parse_action, seen_size

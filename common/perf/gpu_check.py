@@ -14,7 +14,7 @@ one sub-folder per step):
   2. `pytest -m gpu`: the CUDA tests (tests/test_gpu.py: NF4 load, LoRA-only gradients, the reference
      pass, GRPO steps with images, chunked = full log-probs, resume restoring the device RNG); a
      skipped CUDA test fails the check.
-  3. `common.bench` on random-weight Qwen2.5-VL-3B and -7B built from the published configs, NF4 +
+  3. `common.perf.bench` on random-weight Qwen2.5-VL-3B and -7B built from the published configs, NF4 +
      LoRA + gradient checkpointing, G = 8, one 448x448 image, 512 new tokens: peak allocated
      memory, step time split, generated tokens/s and its fraction of the HBM-bandwidth bound, and
      TRL's step time on 3B side by side (each side in its own process).
@@ -47,7 +47,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUDGET_GB = {"3b": 12.0, "7b": 16.0}   # peak allocated GPU memory per GRPO step (DESIGN.md budgets)
 OPTIONAL = {"bitsandbytes": "bitsandbytes", "trl": "trl", "peft": "peft"}  # import name -> wheel name
 
@@ -214,10 +214,10 @@ def plan(args) -> list[dict]:
             folder = size
         else:
             folder = random_model_dir(args, size)
-            build = [py, "-m", "common.bench", "--model", f"qwen2.5-vl-{size}", "--random-weights",
+            build = [py, "-m", "common.perf.bench", "--model", f"qwen2.5-vl-{size}", "--random-weights",
                      "--num_layers", str(args.num_layers), "--vocab_size", str(args.vocab_size), "--save_model", folder]
             steps.append(dict(name=f"build_{size}", cmd=build, skip_if_exists=os.path.join(folder, "config.json")))
-        bench = [py, "-m", "common.bench", "--model", folder, "--num_generations", str(args.num_generations),
+        bench = [py, "-m", "common.perf.bench", "--model", folder, "--num_generations", str(args.num_generations),
                  "--image_size", str(args.image_size), "--max_new_tokens", str(args.max_new_tokens),
                  "--prompt_tokens", "64", "--steps", str(args.steps), "--warmup", str(args.warmup),
                  "--beta", "0.04", "--load_in_4bit" if args.load_in_4bit else "--no-load_in_4bit",
@@ -238,7 +238,7 @@ def plan(args) -> list[dict]:
         gog_out = os.path.join(args.out, f"gog_{tag}")
         # the CI smoke: the fewest scenes, steps and tokens that still run every stage
         n_scenes, sft, k, new, total = (4, 1, 1, 4, 64) if args.ci_smoke else (4, 2, 2, 32, 256)
-        gog = [py, "-m", "common.gpu_check", "--peak-of", os.path.join(gog_out, "peak.json"), "--",
+        gog = [py, "-m", "common.perf.gpu_check", "--peak-of", os.path.join(gog_out, "peak.json"), "--",
                os.path.join(ROOT, "gog.py"), "--stage", "all", "--model", folder, "--out", gog_out,
                "--max_steps", str(args.gog_steps), "--num_generations", "2", "--prompts_per_step", "1",
                "--n_scenes", str(n_scenes), "--sft_max_steps", str(sft), "--levels_k", str(k),
@@ -401,7 +401,8 @@ def bench_line(size: str, res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from common.cli import UserError, parse_args
+    from common.cli import (parse_args)
+    from common.errors import UserError
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--peak-of"]:
         return peak_of(argv[1], argv[3:] if argv[2:3] == ["--"] else argv[2:])
@@ -529,7 +530,7 @@ def peak_of(path: str, script_argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from common.cli import UserError
+    from common.errors import UserError
     try:
         sys.exit(main())
     except UserError as e:

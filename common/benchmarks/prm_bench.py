@@ -1,0 +1,301 @@
+"""prm_bench.py's published formats: VisualProcessBench / ProcessBench / PRMBench -> the
+step-labelled record, and the benchmarks' counting helpers.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+from common.errors import UserError
+from common.data import open_image, read_records, require
+
+
+# =============================================================================================
+# prm_bench.py: its step-labelled trajectory record (validator, reader, writer, predictions, HTML view),
+# the PRM benchmarks (VisualProcessBench, ProcessBench, PRMBench) converted to it, the PRM metrics'
+# counting helpers and the best-of-N plot (the toy set's step builders are in common/standins/toyworld.py).
+# Record (a JSONL line; paths relative to the images folder): {"id", "question", "images": [path],
+# "answers": [str], "final_answer", "category", "subcategory", "source", "injected": [{"step", "error_type"}],
+# "steps": [{"text", "tool_call": null | {"name", "arguments"}, "observation", "tool_image": path | null,
+# "knowledge": [fact] | null, "label": correct | incorrect | neutral | null, "error_type"}]}.
+# A null label (not annotated) may only follow an incorrect step. The taxonomy and the error types are the
+# script's, passed in.
+# =============================================================================================
+PRM_LABELS = ("correct", "incorrect", "neutral")
+PRM_BENCHMARKS = ("VisualProcessBench", "ProcessBench", "PRMBench")  # the category of converted records
+
+
+def prm_step(text, label: str | None, error_type: str | None = None) -> dict:
+    """One step of a prm_bench.py record."""
+    return {"text": str(text), "tool_call": None, "observation": None, "tool_image": None, "knowledge": None,
+            "label": label, "error_type": error_type}
+
+
+def _line_of(where: str) -> str:
+    """The name of a converted row without an id: its line ("3") or item ("item 3") in the file."""
+    return where.rsplit(":", 1)[-1]
+
+
+def _text_record(rid, question, category: str, subcategory, source, steps: list[dict], images=(),
+                 answers=()) -> dict:
+    return {"id": str(rid), "question": str(question or "-"), "images": list(images), "answers": list(answers),
+            "final_answer": None, "category": category, "subcategory": str(subcategory),
+            "source": str(source or ""), "steps": steps}
+
+
+def _from_visualprocessbench(where: str, row: dict) -> dict:
+    """OpenGVLab/VisualProcessBench test.jsonl: process_correctness 1 / 0 / -1 = correct / neutral / incorrect."""
+    require(row, where, "question", "response")
+    steps, marks = row["response"].get("steps"), row["response"].get("process_correctness")
+    if not isinstance(steps, list) or not steps or not isinstance(marks, list) or len(steps) != len(marks):
+        raise UserError(f"{where}: response.steps and response.process_correctness must be lists of equal "
+                        "length.")
+    if any(m not in (1, 0, -1) for m in marks):
+        raise UserError(f"{where}: process_correctness holds {marks}; expected 1, 0 or -1 per step.")
+    labels = [{1: "correct", 0: "neutral", -1: "incorrect"}[m] for m in marks]
+    images = [row["image"]] if isinstance(row.get("image"), str) else row.get("image") or []
+    answers = [str(row["answer"])] if row.get("answer") else []
+    return _text_record(row.get("id", _line_of(where)), row["question"], "VisualProcessBench",
+                        row.get("data_source") or "all", row.get("policy_model"),
+                        [prm_step(t, lab) for t, lab in zip(steps, labels)], images, answers)
+
+
+def _from_processbench(where: str, row: dict, split: str) -> dict:
+    """Qwen/ProcessBench split: `label` = 0-based first wrong step (-1: none); later steps are not labelled."""
+    require(row, where, "problem", "steps")
+    steps, k = row["steps"], row.get("label")
+    if not isinstance(k, int) or not -1 <= k < len(steps):
+        raise UserError(f"{where}: label must be -1 or the index of a step (0..{len(steps) - 1}); got {k!r}.")
+    labels = ["correct" if k == -1 or i < k else "incorrect" if i == k else None for i in range(len(steps))]
+    return _text_record(row.get("id", _line_of(where)), row["problem"], "ProcessBench", split,
+                        row.get("generator"), [prm_step(t, lab) for t, lab in zip(steps, labels)])
+
+
+def _from_prmbench(rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """PRMBench JSONL: each row -> its modified process (1-based error_steps); like PRMBench's loader, each
+    `redundency` row also yields the clean original once per idx, with the class `correct`."""
+    out = []
+    for where, row in rows:
+        require(row, where, "modified_process", "classification")
+        idx, cls, errs = row.get("idx", _line_of(where)), row["classification"], row.get("error_steps") or []
+        if cls == "redundency" and not any(r["id"] == f"correct_{idx}" for _, r in out):
+            require(row, where, "original_process")
+            clean = [prm_step(t, "correct") for t in row["original_process"]]
+            out.append((where, _text_record(f"correct_{idx}", row.get("original_question"), "PRMBench",
+                                            "correct", "PRMBench", clean)))
+        steps = [prm_step(t, "incorrect", cls) if i + 1 in errs else prm_step(t, "correct")
+                 for i, t in enumerate(row["modified_process"])]
+        out.append((where, _text_record(f"{cls}_{idx}", row.get("modified_question"), "PRMBench", cls,
+                                        "PRMBench", steps)))
+    return out
+
+
+def prm_benchmark_rows(benchmark: str, rows: list[tuple[str, dict]], path: str) -> list[tuple[str, dict]]:
+    """[(where, row)] of a published file -> [(where, record)]; `ours` passes the rows through."""
+    if benchmark == "visualprocessbench":
+        return [(w, _from_visualprocessbench(w, r)) for w, r in rows]
+    if benchmark == "processbench":  # the split is the file's name (gsm8k.json -> gsm8k)
+        return [(w, _from_processbench(w, r, Path(path).stem)) for w, r in rows]
+    if benchmark == "prmbench":
+        return _from_prmbench(rows)
+    return rows
+
+
+def validate_prm_record(rec: dict, where: str, taxonomy: dict, error_types, base_dir: Path | None = None,
+                        require_labels: bool = True) -> dict:
+    """Check one trajectory against the record format; a UserError names `where` (file:line) and the field.
+    `taxonomy`: {category: subcategories}; `error_types`: the names an incorrect toy step may carry."""
+    def need(ok, fld: str, msg: str):
+        if not ok:
+            raise UserError(f"{where}: field '{fld}' {msg}")
+    for key in ("id", "question"):
+        need(isinstance(rec.get(key), str) and rec[key].strip(), key, "must be a non-empty string.")
+    for key in ("images", "answers"):
+        need(isinstance(rec.get(key), list) and all(isinstance(x, str) and x for x in rec[key]), key,
+             "must be a list of non-empty strings.")
+    cat, sub, steps = rec.get("category"), rec.get("subcategory"), rec.get("steps")
+    need(cat in taxonomy or cat in PRM_BENCHMARKS, "category",
+         f"must be one of {', '.join([*taxonomy, *PRM_BENCHMARKS])}; got {cat!r}.")
+    need(isinstance(sub, str) and (cat not in taxonomy or sub in taxonomy[cat]), "subcategory",
+         f"must be one of {', '.join(taxonomy.get(cat, ('a string',)))} for {cat!r}; got {sub!r}.")
+    need(isinstance(rec.get("final_answer"), (str, type(None))), "final_answer", "must be a string or null.")
+    need(isinstance(steps, list) and steps and all(isinstance(s, dict) for s in steps), "steps",
+         "must be a non-empty list of step objects.")
+    for i, s in enumerate(steps):
+        f, call, label, etype = f"steps[{i}]", s.get("tool_call"), s.get("label"), s.get("error_type")
+        facts = s.get("knowledge")
+        need(isinstance(s.get("text"), str) and s["text"].strip(), f + ".text", "must be a non-empty string.")
+        need(call is None or (isinstance(call, dict) and isinstance(call.get("name"), str)
+                              and isinstance(call.get("arguments", {}), dict)),
+             f + ".tool_call", 'must be null or {"name": str, "arguments": {...}}.')
+        for key in ("observation", "tool_image"):
+            need(isinstance(s.get(key), (str, type(None))), f"{f}.{key}", "must be a string or null.")
+        need(s.get("tool_image") is None or call is not None, f + ".tool_image",
+             "needs a tool_call that produced it.")
+        need(facts is None or (isinstance(facts, list) and all(isinstance(x, str) for x in facts)),
+             f + ".knowledge", "must be null or a list of strings (the facts the step is judged against).")
+        after_error = any(x.get("label") == "incorrect" for x in steps[:i])
+        need(label is not None or not require_labels or after_error, f + ".label", "is null before any "
+             "incorrect step: this trajectory is unannotated (e.g. candidates.jsonl); label every step with "
+             f"one of {', '.join(PRM_LABELS)} first.")
+        need(label is None or label in PRM_LABELS, f + ".label",
+             f"must be one of {', '.join(PRM_LABELS)}; got {label!r}.")
+        need(label != "incorrect" or cat not in taxonomy or etype in error_types, f + ".error_type",
+             f"must be one of {', '.join(error_types)} for an incorrect step; got {etype!r}.")
+        need(isinstance(etype, (str, type(None))) and (label == "incorrect" or etype is None),
+             f + ".error_type", f"must be null unless label is 'incorrect' (label is {label!r}).")
+    inj = rec.get("injected") or []
+    need(isinstance(inj, list) and all(isinstance(x, dict) and isinstance(x.get("step"), int)
+                                       and 0 <= x["step"] < len(steps)
+                                       and steps[x["step"]].get("error_type") == x.get("error_type")
+                                       for x in inj),
+         "injected", "must be a list of {step, error_type} matching those steps' labels.")
+    paths = [("images", p) for p in rec["images"]] + [
+        (f"steps[{i}].tool_image", s["tool_image"]) for i, s in enumerate(steps) if s.get("tool_image")]
+    for fld, p in paths if base_dir is not None else []:
+        need((base_dir / p).is_file(), fld, f"points to {base_dir / p}, which does not exist.")
+    return rec
+
+
+def load_prm_records(path: str, taxonomy: dict, error_types, require_labels: bool = True,
+                     benchmark: str = "ours", images: str | None = None) -> list[dict]:
+    """Read (common.data.read_records), convert a published benchmark's rows, validate; ids must be unique."""
+    if not Path(path).is_file():
+        raise UserError(f"trajectory file {path} does not exist (run --stage data, or pass --data).")
+    rows = prm_benchmark_rows(benchmark, read_records(path, "trajectory file"), path)
+    base, records, seen = Path(images or Path(path).parent), [], set()
+    for where, rec in rows:
+        validate_prm_record(rec, where, taxonomy, error_types, base, require_labels)
+        if rec["id"] in seen:
+            raise UserError(f"{where}: field 'id' {rec['id']!r} is used by an earlier record.")
+        seen.add(rec["id"])
+        records.append(dict(rec, _base=str(base)))
+    return records
+
+
+def save_prm_records(records: list[dict], path: Path) -> None:
+    """Write records as JSONL; in-memory PIL images (`_pil`) go to <dir>/images/ as PNGs."""
+    (path.parent / "images").mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for rec in records:
+            pil = rec.get("_pil", {})
+            for rel, im in zip(rec["images"], pil.get("images", [])):
+                if not (path.parent / rel).exists():
+                    im.save(path.parent / rel)
+            for k, im in pil.get("steps", {}).items():
+                im.save(path.parent / rec["steps"][k]["tool_image"])
+            rec["_base"] = str(path.parent)
+            row = {k: v for k, v in rec.items() if not k.startswith("_")}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def prm_record_images(rec: dict) -> tuple[list, dict]:
+    """(question images, {step index: tool image}) as PIL images, from memory or from disk."""
+    if rec.get("_pil") is not None:
+        return rec["_pil"]["images"], rec["_pil"].get("steps", {})
+    base = rec["_base"]
+    crops = {i: open_image(s["tool_image"], base, rec["id"]) for i, s in enumerate(rec["steps"])
+             if s.get("tool_image")}
+    return [open_image(p, base, rec["id"]) for p in rec["images"]], crops
+
+
+def read_prm_predictions(path: str, records: list[dict]) -> list[list]:
+    """An external PRM's {"id", "scores": [per step]} rows -> the raw per-step values of `records`, in order."""
+    rows = {}
+    for where, row in read_records(path, "predictions file"):
+        require(row, where, "id")
+        if not isinstance(row.get("scores"), list):
+            raise UserError(f"{where}: field 'scores' must be a list with one score or verdict per step.")
+        rows[str(row["id"])] = (where, row["scores"])
+    out = []
+    for r in records:
+        if r["id"] not in rows:
+            raise UserError(f"{path} has no predictions for the record {r['id']!r}; give each record a row.")
+        where, scores = rows[r["id"]]
+        if len(scores) != len(r["steps"]):
+            raise UserError(f"{where}: {len(scores)} scores for the {len(r['steps'])} steps of {r['id']!r}.")
+        if any(isinstance(x, (int, float)) and not 0 <= x <= 1 for x in scores):
+            raise UserError(f"{where}: a score outside [0, 1] in {scores}; give probabilities of 'correct'.")
+        out.append(scores)
+    return out
+
+
+def prm_html_items(records: list[dict], judged: list[list[dict]] | None = None) -> list[dict]:
+    """Records (and the PRM's judgements) -> items of common.runlog.trajectory_html."""
+    items = []
+    for j, rec in enumerate(records):
+        images, step_images = prm_record_images(rec)
+        turns = []
+        for i, s in enumerate(rec["steps"]):
+            prm = f" | PRM {judged[j][i]['score']} ({judged[j][i]['reply']!r})" if judged else ""
+            turns.append({"role": "assistant", "text": f"[{i}] {s['text']}\n   gold: {s['label']} "
+                                                       f"{s['error_type'] or ''}{prm}"})
+            if s.get("tool_call"):
+                call = s["tool_call"]
+                turns.append({"role": "tool", "name": call["name"], "args": call.get("arguments", {}),
+                              "observation": s.get("observation") or "", "image": step_images.get(i)})
+        items.append({"title": f"{rec['id']} [{rec['category']}/{rec['subcategory']}] {rec['question']}",
+                      "images": images, "trajectory": turns,
+                      "rewards": {"gold": ", ".join(rec["answers"]), "final": str(rec["final_answer"])}})
+    return items
+
+
+# pred[j][i] is True / False (judged correct / not) or None (unparsed). Undefined ratios (0/0) are None.
+def ratio(num: float, den: float) -> float | None:
+    return None if den == 0 else num / den
+
+
+def f1_score(tp: int, fp: int, fn: int) -> float | None:
+    """2TP / (2TP + FP + FN) = PRMBench's 2PR / (P + R); None if the class is in neither gold nor pred."""
+    return ratio(2 * tp, 2 * tp + fp + fn)
+
+
+def mean_of_both(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else 0.5 * a + 0.5 * b
+
+
+def confusion(pairs: list[tuple[bool, bool]]) -> dict:
+    """(gold correct, judged correct) pairs; correct steps are the positive class (PRMBench's TP/FP/FN/TN)."""
+    return {"tp": sum(g and p for g, p in pairs), "fp": sum(not g and p for g, p in pairs),
+            "fn": sum(g and not p for g, p in pairs), "tn": sum(not g and not p for g, p in pairs)}
+
+
+def prm_steps_of(trajectory: list[dict]) -> tuple[list[dict], dict]:
+    """A rollout's turns (common.rollout) -> (unlabelled steps, {step index: tool image}): each assistant turn
+    is a step; its tool call, observation and image attach to it (reprompts do not)."""
+    steps, crops = [], {}
+    for turn in trajectory:
+        if turn["role"] == "assistant":
+            steps.append(prm_step(turn["text"].strip() or "(empty step)", None))
+        elif steps and turn["name"] != "reprompt":
+            steps[-1].update(tool_call={"name": turn["name"], "arguments": turn["args"]},
+                             observation=turn["observation"])
+            if turn.get("image") is not None:
+                crops[len(steps) - 1] = turn["image"]
+    return steps, crops
+
+
+def plot_best_of_n(res: dict, ns: list[int], path: Path) -> None:
+    """prm_bench.py's search/results.json as accuracy-vs-N curves, one per selection method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    source = "SIMULATED (toy)" if res["source"] == "toy" else "policy"
+    for m, v in res["accuracy"].items():
+        ax.plot(ns, [v[n] for n in ns], marker="o", ls="--" if m == "pass@N" else "-", label=m)
+    ax.set_xscale("log", base=2)
+    ax.minorticks_off()
+    ax.set(xticks=ns, xticklabels=[str(n) for n in ns], xlabel="N (candidates shared by every method)",
+           ylabel="accuracy", ylim=(-0.02, 1.02),
+           title=f"best-of-N, {source} candidates, PRM {res['prm']}")
+    ax.text(0.01, 0.01, "pass@N = an oracle that knows the answer (the ceiling). The oracle PRM (gold step "
+            "labels)\n"
+            "meets it when every error-free candidate is right and every other wrong; a recovered error\n"
+            "(right answer despite a wrong step) puts it below.", transform=ax.transAxes, fontsize=6.5,
+            va="bottom")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+"""Tools that measure the core (timings, memory, the GPU check); no script imports them."""

@@ -55,9 +55,9 @@ from common.benchmarks.am3safety import (SAFEMT_TURNS, ahash, bootstrap_ci, desc
                                read_seeds, safemt_safety_index, save_ablation, save_build, turn_content, user_content)
 from common.benchmarks.am3safety import safemt_asr as asr   # unsafe / (safe + unsafe), cut left out
 from common.chat import encode
-from common.cli import GRPOArgs, grpo_config, run_stages, start_adapter
+from common.cli import RunArgs, run_stages, start_adapter
 from common.errors import UserError
-from common.grpo import train_grpo
+from common.grpo import GRPOConfig, train_grpo
 from common.judge import win_rate
 from common.models import load_policy
 from common.rollout import Rollout, run_rollouts
@@ -68,7 +68,7 @@ from common.sft import SFTConfig, train_sft
 
 
 @dataclass
-class Args(GRPOArgs):
+class Args(GRPOConfig, RunArgs):
     stage: Literal["build", "sft", "rl", "eval", "ablate", "all"] = "all"
     """which stage to run (all = build, sft, rl, eval, ablate in order)"""
     # --- build (InterSafe-V) ---
@@ -580,7 +580,7 @@ def run_rl(args: Args, out_dir: str, adapter: str | None, uniform: bool, steps: 
             samples.extend({"title": f"step {step} {r.example['id']}", "images": r.images,
                             "trajectory": r.trajectory, "rewards": t} for r, t in zip(rollouts[:8], terms))
     summary = train_grpo(policy, dialogues_split(args, "train"), rollout_fn, make_reward_fn(args, judge, uniform),
-                         grpo_config(args, max_steps=steps), out_dir, on_step=on_step, resume=args.resume)
+                         GRPOConfig.of(args, max_steps=steps), out_dir, on_step=on_step, resume=args.resume)
     trajectory_html(samples, os.path.join(out_dir, "samples.html"), "AM3Safety GRPO rollouts")
     summary.update(judge=args.judge, start=adapter or "base", turn_weights="uniform" if uniform else "turn_aware")
     write_json(os.path.join(out_dir, "summary.json"), summary)

@@ -62,7 +62,7 @@ from common.errors import UserError
 from common.data import read_records, read_text, require
 from common.judge import extract_choice, is_refusal, parse_label, weighted_score
 from common.models import load_policy
-from common.rollout import generate_ids
+from common.generate import generate_ids
 from common.runlog import RunLog, write_json
 from common.sft import SFTConfig, train_sft
 
@@ -288,7 +288,7 @@ def chat_prompt(tokenizer, question: str, **template_kw) -> str:
 
 def chat_no_think(policy, prompts: list[str], max_new_tokens: int, temperature: float = 0.0) -> list[str]:
     """Judge / teacher / classifier replies with thinking off: the template gets enable_thinking=False
-    (templates without the switch ignore it; common.rollout.chat passes no template arguments),
+    (templates without the switch ignore it; common.generate.chat passes no template arguments),
     and a think block the model opens anyway is cut off."""
     tok = policy.tokenizer
     seqs = [encode(tok, None, [{"role": "user", "content": p}], add_generation_prompt=True, **NO_THINK)

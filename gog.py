@@ -53,10 +53,10 @@ import numpy as np
 from common.benchmarks.gog import (VisualQAArgs, benchmark_searchers, parse_benchmarks, read_predictions,
                                read_visual_qa, score_benchmarks)
 from common.chat import encode
-from common.cli import GRPOArgs, grpo_config, run_stages, start_adapter
+from common.cli import run_stages, start_adapter
 from common.errors import UserError
 from common.data import read_records
-from common.grpo import train_grpo
+from common.grpo import GRPOConfig, train_grpo
 from common.judge import llm_judge_batch, sub_exact_match
 from common.models import load_policy
 from common.rollout import Rollout, run_rollouts
@@ -67,7 +67,7 @@ from common.standins.toyworld import CITIES, World, build_world, by_kind, save_w
 
 
 @dataclass
-class Args(VisualQAArgs, GRPOArgs, SFTArgs):
+class Args(VisualQAArgs, GRPOConfig, SFTArgs):
     # --- the paper's values of shared fields (their groups are common/cli.py's) ---
     stage: Literal["data", "sft", "levels", "rl", "eval", "ablate", "all"] = "all"
     """which stage to run (`all` = data, sft, levels, rl, eval, ablate)"""
@@ -576,7 +576,7 @@ def run_rl(args: Args, world: World, adapter: str | None, levels_dir: str, out_d
         html[:] = [{"title": f"step {step} {r.example['question']}", "images": r.images[:1],
                     "trajectory": r.trajectory, "rewards": t} for r, t in zip(rollouts, terms)]
     summary = train_grpo(policy, [world.example(q) for q in questions], rollout_fn, make_reward_fn(args),
-                         grpo_config(args), out_dir, on_step=on_step, resume=args.resume)
+                         GRPOConfig.of(args), out_dir, on_step=on_step, resume=args.resume)
     write_json(os.path.join(out_dir, "summary.json"), {**summary, "level": level, "start": adapter,
                                                         "questions": [q["id"] for q in questions]})
     RunLog(out_dir, resume=True).plot(["reward", "rewards/acc", "rewards/format"], "reward_terms.png",

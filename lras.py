@@ -57,10 +57,11 @@ import torch
 from common.benchmarks.lras import (adapter_digest, check_legal_files, lawbench_charge_f1, legal_predictions,
                                lexeval_letters, read_legal_qa, save_lras_ablation, save_lras_eval, save_lras_rl)
 from common.chat import Encoded, encode
-from common.cli import GRPOArgs, grpo_config, run_stages, start_adapter
+from common.cli import RunArgs, run_stages, start_adapter
 from common.errors import UserError
 from common.data import read_records
-from common.grpo import per_rollout, train_grpo
+from common.grpo import GRPOConfig, train_grpo
+from common.rewards import per_rollout
 from common.judge import extract_choice, sub_exact_match
 from common.models import load_policy
 from common.rollout import Rollout, observation_segment, run_rollouts
@@ -71,7 +72,7 @@ from common.tools import Grammar, TextSearch, parse_action
 
 
 @dataclass
-class Args(GRPOArgs):
+class Args(GRPOConfig, RunArgs):
     stage: Literal["data", "sft", "rl", "eval", "ablate", "all"] = "all"
     """which stage to run (`all` = data, sft, rl, eval, ablate)"""
     # --- toy legal world (1) ---
@@ -586,7 +587,7 @@ def run_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False,
 
     def rollout_fn(p, examples, c):
         return agent_rollouts(p, examples, args, world.search, c.num_generations, c.temperature)
-    summary = train_grpo(policy, kept, rollout_fn, make_reward_fn(args), grpo_config(args), out_dir,
+    summary = train_grpo(policy, kept, rollout_fn, make_reward_fn(args), GRPOConfig.of(args), out_dir,
                          weights=weights, on_step=on_step, resume=args.resume)
     difficulty = {"k": args.difficulty_k, "pool": len(pool), "kept": 0 if filter_empty else len(kept),
                   "filter_empty": filter_empty, "sampling": "uniform" if weights is None else "difficulty"}

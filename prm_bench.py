@@ -58,7 +58,8 @@ from common.cli import RunArgs, run_stages
 from common.errors import UserError
 from common.judge import exact_match, normalize_answer, parse_verdict
 from common.models import load_policy
-from common.rollout import image_token_id, run_rollouts
+from common.rollout import run_rollouts
+from common.generate import image_token_id
 from common.runlog import RunLog, bar_plot, trajectory_html, write_json
 from common.tools import Grammar, crop, parse_action, seen_size
 from common.standins.toyworld import TOY_BUILDERS, Toy, World, build_world, direction, step_retry, tag

@@ -19,6 +19,8 @@ import shutil
 import numpy as np
 import torch
 
+from common.errors import UserError
+
 FILES = ("adapter_config.json", "adapter_model.safetensors", "trainer_state.pt")
 
 
@@ -105,7 +107,6 @@ def load_checkpoint(policy, opt, sched, path: str) -> dict:
 
 def resume_from(out_dir: str) -> str:
     """The checkpoint to resume from, or a one-sentence error when there is none."""
-    from common.errors import UserError
     ck = latest_checkpoint(out_dir)
     if ck is None:
         raise UserError(f"--resume: there is no complete checkpoint in {out_dir}; run without --resume "

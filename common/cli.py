@@ -1,7 +1,7 @@
 """The five scripts' shared skeleton: a dataclass `Args` -> command line, and one stage runner.
 
     @dataclass
-    class Args(GRPOArgs):                     # run + model + GRPO fields come from common/
+    class Args(GRPOConfig, RunArgs):          # GRPO fields: common/grpo.py; run + model: here
         stage: Literal["data", "sft", "rl", "eval", "all"] = "all"
         \"\"\"which stage to run\"\"\"
         beta: float = 0.001
@@ -33,16 +33,19 @@ import re
 import sys
 import textwrap
 import time
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
+
+import torch
 
 from common.errors import UserError
 
 
 # =============================================================================================
-# Shared fields: every script's `Args` extends RunArgs (and GRPOArgs when it runs RL)
+# Shared fields: every script's `Args` extends RunArgs (and common.grpo.GRPOConfig when it runs RL)
 # =============================================================================================
 @dataclass
 class RunArgs:
@@ -66,48 +69,6 @@ class RunArgs:
     """LoRA alpha"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward: less memory, slower (the 7B budget needs it)"""
-
-
-@dataclass
-class GRPOArgs(RunArgs):
-    # --- GRPO (TRL names) ---
-    max_steps: int = 200
-    """GRPO steps"""
-    learning_rate: float = 1e-5
-    """GRPO learning rate (LoRA)"""
-    num_generations: int = 4
-    """G, rollouts per prompt (>= 2: advantages are centred within a group)"""
-    prompts_per_step: int = 4
-    """prompts per GRPO step (batch = prompts_per_step x G rollouts)"""
-    beta: float = 0.001
-    """KL coefficient to pi_ref (the RL starting point)"""
-    epsilon: float = 0.2
-    """clip range, low side"""
-    epsilon_high: float | None = None
-    """clip range, high side (none = epsilon; DAPO: 0.28)"""
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
-    """loss aggregation (TRL names)"""
-    max_completion_length: int = 2048
-    """tokens per rollout after the prompt, tool observations included"""
-    temperature: float = 1.0
-    """sampling temperature for RL (> 0)"""
-    micro_batch_size: int = 4
-    """sequences per forward/backward"""
-    save_steps: int = 0
-    """save a GRPO checkpoint (adapter, optimiser, RNG) every N steps into <out>/rl (0 = only the final adapter)"""
-    resume: bool = False
-    """continue RL from the latest <out>/rl/checkpoint-N: same step, data order and RNG"""
-
-
-GRPO_FIELDS = ("learning_rate", "num_generations", "prompts_per_step", "max_steps", "beta", "epsilon",
-               "epsilon_high", "loss_type", "max_completion_length", "temperature", "micro_batch_size",
-               "save_steps", "seed")
-
-
-def grpo_config(args, **overrides):
-    """The GRPOConfig of a script's `Args` (every GRPO field, the same in every script)."""
-    from common.grpo import GRPOConfig
-    return GRPOConfig(**{**{f: getattr(args, f) for f in GRPO_FIELDS}, **overrides})
 
 
 # =============================================================================================
@@ -170,7 +131,7 @@ def _parser_for(tp):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Literal:
         return type(args[0]), list(args), False
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)][0]
         base, choices, is_bool = _parser_for(inner)
         base = _bool if is_bool else base
@@ -179,6 +140,13 @@ def _parser_for(tp):
             return None if s.lower() == "none" else base(s)
         none_or.__name__ = getattr(base, "__name__", "value")
         return none_or, choices, False
+    if origin is list:   # comma-separated values: --reward_weights 1,0.5
+        item = args[0]
+
+        def items(s: str):
+            return [item(x) for x in s.split(",") if x.strip()]
+        items.__name__ = f"comma-separated {item.__name__}s"
+        return items, None, False
     if tp is bool:
         return bool, None, True
     return tp, None, False
@@ -229,7 +197,6 @@ def is_tiny(args) -> bool:
         return True
     if args.model != "auto":
         return False
-    import torch
     return not torch.cuda.is_available()
 
 

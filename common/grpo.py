@@ -18,16 +18,17 @@ from __future__ import annotations
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Literal
 
 import numpy as np
 import torch
 
-from common import fastgen
 from common.checkpoint import load_checkpoint, resume_from, save_checkpoint
-from common.logprobs import completion_logprobs, unwrap  # noqa: F401 (unwrap: public here too)
-from common.rewards import per_rollout, reward_stats, score_groups  # noqa: F401 (per_rollout: public here too)
+from common.errors import UserError
+from common.generate import image_features, sub_batch
+from common.logprobs import completion_logprobs
+from common.rewards import reward_stats, score_groups
 from common.rollout import STOP_REASONS, rollout_batch
 from common.runlog import RunLog
 
@@ -126,31 +127,67 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, loss_type: str = "g
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class GRPOConfig:
-    """GRPO knobs, with TRL's names."""
+    """Every GRPO setting, declared once, with TRL's names and these defaults. A script's `Args`
+    inherits this class, so each field is a command-line flag (its docstring is the help); the
+    script re-declares only the fields whose paper value differs, with the source.
+    `GRPOConfig.of(args)` picks these fields out of a script's parsed `Args` for `train_grpo`."""
+    # --- GRPO (TRL names) ---
+    max_steps: int = 200
+    """GRPO steps"""
     learning_rate: float = 1e-5
-    num_generations: int = 4            # = G in the GRPO paper
-    prompts_per_step: int = 2           # prompts per generation batch (B = prompts x G)
-    num_iterations: int = 1             # = mu: updates per generation batch
-    max_steps: int = 10
-    beta: float = 0.0                   # KL coefficient (TRL's default 0)
+    """GRPO learning rate (LoRA)"""
+    num_generations: int = 4
+    """G, rollouts per prompt (>= 2: advantages are centred within a group)"""
+    prompts_per_step: int = 4
+    """prompts per GRPO step (batch = prompts_per_step x G rollouts)"""
+    num_iterations: int = 1
+    """mu: optimiser updates per generation batch (> 1: the ratio is taken to the log-probs
+    before the first update, and the clip acts)"""
+    beta: float = 0.001
+    """KL coefficient to pi_ref (the RL starting point); 0 skips the reference pass"""
     epsilon: float = 0.2
-    epsilon_high: float | None = None   # DAPO clip-higher: 0.28
-    loss_type: str = "grpo"
-    scale_rewards: str = "group"
-    max_completion_length: int = 256
+    """clip range, low side"""
+    epsilon_high: float | None = None
+    """clip range, high side (none = epsilon; DAPO: 0.28)"""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
+    """loss aggregation (TRL names; grpo_loss's docstring gives each formula)"""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """advantage scaling: std of the group (GRPO), of the whole batch, or none (Dr. GRPO)"""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """one ratio per token (GRPO) or per sequence, exp(mean_t log ratio) (GSPO, arXiv 2507.18071)"""
+    drop_zero_std_groups: bool = False
+    """leave groups whose rewards are all equal out of the update (DAPO's dynamic sampling,
+    without re-sampling)"""
+    mask_truncated_completions: bool = False
+    """leave completions cut by a token limit out of the loss (TRL's rule)"""
+    max_completion_length: int = 2048
+    """tokens per rollout after the prompt, tool observations included"""
     temperature: float = 1.0
-    micro_batch_size: int = 8           # sequences per forward/backward
+    """sampling temperature for RL (> 0); log-probs are taken at the same temperature"""
+    micro_batch_size: int = 4
+    """sequences per forward/backward"""
     max_grad_norm: float = 1.0
+    """gradient clipping (global L2 norm)"""
     warmup_steps: int = 0
-    drop_zero_std_groups: bool = False  # DAPO dynamic sampling (without re-sampling)
-    mask_truncated_completions: bool = False  # TRL's rule: completions cut by a token limit
-    importance_sampling_level: str = "token"  # "sequence" = GSPO (arXiv 2507.18071)
-    reward_weights: list[float] | None = None  # with several reward functions (TRL's name)
-    save_steps: int = 0                 # 0 = only at the end
-    logprob_chunk_tokens: int = 1024    # tokens per lm_head chunk: (chunk, V) fp32 logits at a time
-    vision_once: bool = True            # run the (frozen) vision tower once per distinct image and reuse
-                                        # its output in the old / reference / policy passes (exact)
+    """linear learning-rate warm-up over this many steps, then constant"""
+    reward_weights: list[float] | None = None
+    """weights of several reward functions, comma-separated (none = 1 each; TRL's name)"""
+    logprob_chunk_tokens: int = 1024
+    """tokens per lm_head chunk: (chunk, V) fp32 logits at a time (memory, not results)"""
+    vision_once: bool = True
+    """run the frozen vision tower once per distinct image of a batch and reuse its output in
+    the old / reference / policy passes (exact; memory and time only)"""
+    save_steps: int = 0
+    """save a GRPO checkpoint (adapter, optimiser, RNG) every N steps into <out>/rl (0 = only the
+    final adapter)"""
+    resume: bool = False
+    """continue RL from the latest <out>/rl/checkpoint-N: same step, data order and RNG"""
     seed: int = 0
+
+    @classmethod
+    def of(cls, args, **overrides) -> "GRPOConfig":
+        """The GRPO fields of a script's parsed `Args` (every field, the same in every script)."""
+        return cls(**{**{f.name: getattr(args, f.name) for f in fields(cls)}, **overrides})
 
 
 def sample_prompts(n_data: int, k: int, step: int, seed: int, weights=None) -> list[int]:
@@ -169,7 +206,6 @@ def sample_prompts(n_data: int, k: int, step: int, seed: int, weights=None) -> l
 
 def check_config(cfg: GRPOConfig) -> None:
     """One sentence for settings that cannot train (G = 1 gives NaN advantages, T = 0 is greedy)."""
-    from common.errors import UserError
     if cfg.num_generations < 2:
         raise UserError(f"num_generations must be >= 2 (GRPO compares completions within a group; got "
                         f"{cfg.num_generations}).")
@@ -186,7 +222,7 @@ def check_config(cfg: GRPOConfig) -> None:
 
 def train_grpo(policy, dataset: list[dict], rollout_fn: Callable, reward_fn, cfg: GRPOConfig,
                out_dir: str, *, weights: list[float] | None = None,
-               resume: bool = False, on_step: Callable | None = None) -> dict:
+               resume: bool | None = None, on_step: Callable | None = None) -> dict:
     """GRPO on `dataset` (a list of examples).
 
     rollout_fn(policy, examples, cfg) -> list[Rollout], G per example, grouped.
@@ -194,11 +230,13 @@ def train_grpo(policy, dataset: list[dict], rollout_fn: Callable, reward_fn, cfg
       under "reward" (the other terms are logged separately); or a list of such functions,
       combined with cfg.reward_weights.
     weights: optional per-example sampling weights (e.g. LRAS difficulty).
-    resume: continue from the latest complete checkpoint in out_dir (an error if there is none).
+    resume: continue from the latest complete checkpoint in out_dir (an error if there is none);
+      None = cfg.resume.
     on_step(step, rollouts, rewards): a hook for samples / trajectory pages.
     pi_ref is the policy at the start of the run (before any resume): `Policy.frozen_reference`.
     """
     check_config(cfg)
+    resume = cfg.resume if resume is None else resume
     with policy.frozen_reference():
         return _train_grpo(policy, dataset, rollout_fn, reward_fn, cfg, out_dir, weights, resume, on_step)
 
@@ -281,13 +319,13 @@ def update(policy, opt, sched, params, cfg: GRPOConfig, rollouts, idx, advantage
     lp = lambda sub: completion_logprobs(policy.model, sub, cfg.temperature, cfg.logprob_chunk_tokens)
     t1 = time.perf_counter()
     frozen_tower = not any(p.requires_grad for n, p in policy.model.named_parameters() if "visual" in n)
-    feats = fastgen.image_features(policy.model, batch) if cfg.vision_once and frozen_tower else None
+    feats = image_features(policy.model, batch) if cfg.vision_once and frozen_tower else None
     with torch.no_grad():   # old (only when mu > 1) and reference log-probs, per micro-batch
-        old_lp = [lp(fastgen.sub_batch(batch, mb, feats))[0] for mb in mbs] if cfg.num_iterations > 1 else None
+        old_lp = [lp(sub_batch(batch, mb, feats))[0] for mb in mbs] if cfg.num_iterations > 1 else None
         ref_lp = None
         if cfg.beta != 0.0:
             with policy.reference():
-                ref_lp = [lp(fastgen.sub_batch(batch, mb, feats))[0] for mb in mbs]
+                ref_lp = [lp(sub_batch(batch, mb, feats))[0] for mb in mbs]
     t_lp = time.perf_counter() - t1
     sampled = [rollouts[i].sample_logps for i in idx]          # None from a scripted sampler
     gap = all(x is not None for x in sampled)
@@ -299,7 +337,7 @@ def update(policy, opt, sched, params, cfg: GRPOConfig, rollouts, idx, advantage
         t2 = time.perf_counter()
         step_loss = 0.0
         for j, mb in enumerate(mbs):
-            sub = fastgen.sub_batch(batch, mb, feats)
+            sub = sub_batch(batch, mb, feats)
             logp, ent = lp(sub)
             m = mask[mb]
             loss, st = grpo_loss(logp, logp.detach() if old_lp is None else old_lp[j],

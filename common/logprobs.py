@@ -60,16 +60,3 @@ def completion_logprobs(model, batch: dict, temperature: float = 1.0, chunk_toke
         ents.append(en.detach())
     return torch.cat(logps, 1), torch.cat(ents, 1)
 
-
-def _sub(batch: dict, rows: list[int]) -> dict:
-    """Rows of a rollout batch, with the images that belong to those rows (stored in row order)."""
-    out = {k: v[rows] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
-    if "pixel_values" in batch:
-        first = torch.cat([batch["n_images"].new_zeros(1), batch["n_images"].cumsum(0)])  # (B+1,)
-        img = [i for b in rows for i in range(int(first[b]), int(first[b + 1]))]
-        patches = batch["image_grid_thw"].prod(-1)
-        pfirst = torch.cat([patches.new_zeros(1), patches.cumsum(0)])
-        out["image_grid_thw"] = batch["image_grid_thw"][img]
-        out["pixel_values"] = torch.cat([batch["pixel_values"][pfirst[i]: pfirst[i + 1]] for i in img]) \
-            if img else batch["pixel_values"][:0]
-    return out

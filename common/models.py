@@ -39,6 +39,9 @@ from typing import Any
 
 import torch
 
+from common.generate import chat
+from common.tools import set_image_processor
+
 PRESETS = ("tiny", "smollm2", "auto")
 DEFAULT_GPU_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -165,8 +168,7 @@ class Policy:
 
     def chat(self, batch: list[list[dict]], max_new_tokens: int = 64, temperature: float = 0.0,
              **kw) -> list[str]:
-        """Answer a batch of conversations; one reply string each (see common.rollout.chat)."""
-        from common.rollout import chat  # late import: rollout imports this module
+        """Answer a batch of conversations; one reply string each (see common.generate.chat)."""
         return chat(self, batch, max_new_tokens=max_new_tokens, temperature=temperature, **kw)
 
 
@@ -377,7 +379,6 @@ def load_policy(name_or_path: str | None = "auto", *, load_in_4bit: bool | None 
     model, tok, image_processor, is_vlm = load_base(name, load_in_4bit=load_in_4bit, device=dev,
                                                     dtype=dtype, seed=seed)
     if is_vlm:  # crop coordinates follow this model's own resize rule (common.tools.seen_size)
-        from common.tools import set_image_processor
         set_image_processor(image_processor)
     model.config.use_cache = True
     for p in model.parameters():

@@ -20,13 +20,13 @@ from common.chat import Encoded, collate
 from common.checkpoint import load_checkpoint, pack_random, resume_from, save_checkpoint, unpack_random
 from common.cli import RunArgs
 from common.logprobs import completion_logprobs
-from common.rollout import image_token_id
+from common.generate import image_token_id
 from common.runlog import RunLog
 
 
 @dataclass
 class SFTArgs(RunArgs):
-    """The SFT fields of a script's `Args` (`class Args(GRPOArgs, SFTArgs)`); `sft_config(args)` reads them."""
+    """The SFT fields of a script's `Args` (`class Args(GRPOConfig, SFTArgs)`); `sft_config(args)` reads them."""
     # --- SFT ---
     sft_learning_rate: float = 1e-4
     """SFT learning rate"""

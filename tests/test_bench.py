@@ -12,7 +12,8 @@ from common import grpo as grpo_mod
 from common import logprobs as logprobs_mod
 from common.perf.bench import (AGENT_GRAMMAR, Args, ScriptedAgent, agent_tools, forced_generate, noise_image,
                           prompt_text, qwen25vl_config, random_size, summarise)
-from common.grpo import GRPOConfig, completion_logprobs, train_grpo, unwrap
+from common.grpo import GRPOConfig, train_grpo
+from common.logprobs import completion_logprobs, unwrap
 from common.models import build_tiny_tokenizer, load_policy
 from common.rollout import Rollout, rollout_batch, run_rollouts
 from helpers import run_script, scripted_rollouts

@@ -41,16 +41,17 @@ def test_help_with_percent(capsys):
     assert "100% optional" in capsys.readouterr().out
 
 
-# --- the shared skeleton: RunArgs / GRPOArgs, groups, run_stages, errors ---------------------
+# --- the shared skeleton: RunArgs / GRPOConfig, groups, run_stages, errors ---------------------
 import json  # noqa: E402
 import os  # noqa: E402
 
-from common.cli import GRPOArgs, build_parser, field_groups, given_flags, grpo_config, run_stages, start_adapter  # noqa: E402
+from common.cli import RunArgs, build_parser, field_groups, given_flags, run_stages, start_adapter  # noqa: E402
+from common.grpo import GRPOConfig  # noqa: E402
 from common.errors import UserError  # noqa: E402
 
 
 @dataclass
-class PaperArgs(GRPOArgs):
+class PaperArgs(GRPOConfig, RunArgs):
     stage: Literal["data", "rl", "all"] = "all"
     """which stage"""
     beta: float = 0.04
@@ -91,7 +92,7 @@ def test_given_flags_sees_every_spelling():
 
 def test_grpo_config_carries_every_field():
     a = parse_args(PaperArgs, ["--micro_batch_size", "3", "--save_steps", "5", "--seed", "7"])
-    cfg = grpo_config(a, max_steps=9)
+    cfg = GRPOConfig.of(a, max_steps=9)
     assert (cfg.micro_batch_size, cfg.save_steps, cfg.seed, cfg.beta, cfg.max_steps) == (3, 5, 7, 0.04, 9)
 
 

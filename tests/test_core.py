@@ -9,7 +9,9 @@ from PIL import Image
 
 from common import chat as chatmod
 from common.chat import encode
-from common.grpo import GRPOConfig, completion_logprobs, per_rollout, train_grpo
+from common.grpo import GRPOConfig, train_grpo
+from common.logprobs import completion_logprobs
+from common.rewards import per_rollout
 from common.models import build_tiny_tokenizer, image_processor_for, load_policy
 from common.rollout import rollout_batch, run_rollouts
 from common.sft import masked_nll, sft_batch
@@ -173,7 +175,7 @@ def test_forward_logprobs_match_sampling_with_images():
     """Sampled rollouts (generate_ids: batched, left-padded, two image sizes, temperature 0.8):
     the sampler's log-probs equal the training forward's (mm_token_type_ids gives it the same
     3-D positions as generate) on every generated token, the 5 suppressed vision tokens aside."""
-    from common.rollout import vision_token_ids
+    from common.generate import vision_token_ids
     p = load_policy("tiny", lora=False)
     data = [{"img": _img(100, 60), "q": "What?"}, {"img": _img(60, 150, (0, 90, 0)), "q": "Which colour is it?"}]
     torch.manual_seed(0)

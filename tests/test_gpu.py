@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 from common.checkpoint import load_checkpoint, save_checkpoint
-from common.grpo import GRPOConfig, completion_logprobs, per_rollout, train_grpo, unwrap
+from common.grpo import GRPOConfig, train_grpo
+from common.logprobs import completion_logprobs, unwrap
+from common.rewards import per_rollout
 from common.models import LORA_TARGETS, load_policy
 from common.rollout import rollout_batch, run_rollouts
 from common.runlog import read_jsonl

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from common.errors import UserError
-from common.grpo import GRPOConfig, per_rollout, train_grpo
+from common.grpo import GRPOConfig, train_grpo
+from common.rewards import per_rollout
 from common.models import load_policy
 from common.rollout import Rollout, run_rollouts
 from helpers import scripted_rollouts
@@ -28,10 +29,12 @@ def lora(tmp_path):
     return policy
 
 
-def run_loop(policy, lengths, rewards, rows=None, **cfg_kw):
-    """One train_grpo step on fixed rollouts (those of `rows` only, if given); returns (metrics
-    row, grads before clipping)."""
+def run_loop(policy, lengths, rewards, rows=None, truncated=(), **cfg_kw):
+    """One train_grpo step on fixed rollouts (those of `rows` only, if given; the ones listed in
+    `truncated` marked as cut by a token limit); returns (metrics row, grads before clipping)."""
     rollouts = scripted_rollouts(lengths)
+    for i in truncated:
+        rollouts[i].truncated = True
     rollouts = rollouts if rows is None else [rollouts[i] for i in rows]
     captured = {}
     real_clip = torch.nn.utils.clip_grad_norm_
@@ -181,3 +184,38 @@ def test_sampler_gap_is_logged_and_catches_a_temperature_mismatch(tmp_path):
     same, hot = (out[k]["sampling/sampling_logp_difference/mean"] for k in ("same", "hotter"))
     print(f"sampler gap: same temperature {same:.4f}, sampled at 3x {hot:.4f}")
     assert out["same"]["sampling/sampling_logp_difference/max"] < 0.02 and hot > 5 * same
+
+
+# each GRPO setting the layout issue made a flag: parsed from a script's command line (gog.py's
+# Args), it reaches train_grpo and changes the update it should change
+FLAG_EFFECTS = {
+    # mu = 2: two optimiser updates per generation batch, each with its own gradient norm
+    "--num_iterations=2": lambda base, row: "grad_norm/update_2" in row
+    and "grad_norm/update_2" not in base,
+    # Dr. GRPO's unscaled advantages: rewards [0, 1, 0.5] have group std 0.5, so the gradient
+    # (beta = 0: the surrogate's alone) is the scaled one times (0.5 + 1e-4)
+    "--scale_rewards=none": lambda base, row: row["grad_norm"]
+    == pytest.approx(base["grad_norm"] * 0.5001, rel=1e-5),
+    # GSPO: after the first of two updates the ratio is one per sequence, so the loss differs
+    "--importance_sampling_level=sequence": lambda base, row: abs(row["loss"] - base["loss"]) > 1e-7,
+    # all-equal rewards: the group is left out and nothing is updated
+    "--drop_zero_std_groups": lambda base, row: row["skipped"] == 1 and base["skipped"] == 0,
+    # a cut completion leaves the loss: the token-weighted statistics change
+    "--mask_truncated_completions": lambda base, row: abs(row["loss"] - base["loss"]) > 1e-7,
+}
+
+
+@pytest.mark.parametrize("flag", list(FLAG_EFFECTS))
+def test_each_grpo_flag_reaches_the_update_from_the_command_line(lora, flag):
+    import gog
+    from common.cli import parse_args
+    name = flag.split("=")[0].removeprefix("--")
+    given = getattr(GRPOConfig.of(parse_args(gog.Args, [flag])), name)   # the script's path
+    assert given != getattr(GRPOConfig.of(parse_args(gog.Args, [])), name)
+    rewards = [1.0, 1.0, 1.0] if name == "drop_zero_std_groups" else [0.0, 1.0, 0.5]
+    common = dict(truncated=[1], beta=0.0)        # rollout 1 has advantage +1
+    if name == "importance_sampling_level":
+        common.update(num_iterations=2, learning_rate=0.05)
+    base, _ = run_loop(lora, [4, 5, 6], rewards, **common)
+    row, _ = run_loop(lora, [4, 5, 6], rewards, **common, **{name: given})
+    assert FLAG_EFFECTS[flag](base, row), (base, row)

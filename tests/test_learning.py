@@ -32,7 +32,8 @@ def brevity(text: str) -> float:
 
 
 def run(out="runs/sanity", steps=30, seed=0):
-    from common.grpo import GRPOConfig, per_rollout, train_grpo
+    from common.grpo import GRPOConfig, train_grpo
+    from common.rewards import per_rollout
     from common.models import load_policy
     from common.rollout import run_rollouts
     policy = load_policy("smollm2", lora_r=16, lora_alpha=32, seed=seed)

@@ -217,7 +217,7 @@ def test_next_user_turn_hook_runs_a_dialogue(policy):
 def test_generate_ids_per_row_budgets_and_sampler_logps(policy):
     """The real sampler: each row stops at its own budget; greedy rows are prefixes of the same
     rows with a larger budget; sampled log-probs are the model's log softmax(logits / T)."""
-    from common.rollout import generate_ids, vision_token_ids
+    from common.generate import generate_ids, vision_token_ids
     tok = policy.tokenizer
     from common.chat import encode
     seqs = [encode(tok, None, [{"role": "user", "content": t}], add_generation_prompt=True)
@@ -243,7 +243,7 @@ def test_checkpoint_generation_config_does_not_leak_into_sampling():
     """A checkpoint's generation_config (repetition_penalty, top_k, min_new_tokens, n-gram and
     bad-word bans) must not change what the sampler draws from: softmax(logits / T)."""
     from common.chat import encode
-    from common.rollout import generate_ids, vision_token_ids
+    from common.generate import generate_ids, vision_token_ids
     p = load_policy("tiny", lora=False, seed=4)
     tok = p.tokenizer
     gc = p.model.generation_config
@@ -262,7 +262,7 @@ def test_checkpoint_generation_config_does_not_leak_into_sampling():
 def test_stops_on_the_generation_configs_eos_list(policy):
     """TRL stops on the tokenizer's EOS and every id in generation_config.eos_token_id."""
     from common.chat import encode
-    from common.rollout import generate_ids
+    from common.generate import generate_ids
     tok = policy.tokenizer
     seqs = [encode(tok, None, [{"role": "user", "content": "hello there"}], add_generation_prompt=True)]
     free = generate_ids(policy, seqs, max_new_tokens=6, temperature=0.0)[0]

@@ -49,7 +49,7 @@ On CUDA the vendor HBM figure is printed beside the measured one.
 weights (the tokenizer is the tiny preset's, the embedding at the real vocab unless --vocab_size):
 the compute and memory are the real model's, the sampled text is noise. --num_layers N keeps N
 LLM and N ViT blocks (a CPU smoke). --save_model DIR writes such a model and exits.
---fastgen runs ours as the core does by default (run_rollouts' CachedGenerator from common/fastgen.py:
+--fastgen runs ours as the core does by default (run_rollouts' CachedGenerator from common/generate.py:
 shared-prefix KV cache for the G samples, KV cache kept across agent turns, LoRA merged during
 decode when the base is not quantised; train_grpo's vision tower once per distinct image); without
 it ours runs the plain path (one HF generate per turn, `generate=generate_ids`, vision_once=False),
@@ -58,6 +58,7 @@ On a busy CPU pass --threads 1: two OpenMP threads on a contended 2-core box mad
 """
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import multiprocessing as mp
@@ -65,6 +66,7 @@ import os
 import random
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -72,11 +74,19 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from common import rollout as rollout_mod
 from common.cli import parse_args
 from common.errors import UserError
-from common.grpo import GRPOConfig, per_rollout, train_grpo, unwrap
-from common.models import LORA_TARGETS, build_tiny_tokenizer, image_processor_for, load_policy
+from common.generate import CachedGenerator, generate_ids
+from common.grpo import GRPOConfig, train_grpo
+from common.logprobs import unwrap
+from common.models import (
+    LORA_TARGETS,
+    build_tiny_tokenizer,
+    image_processor_for,
+    load_policy,
+)
+from common.rewards import per_rollout
+from common.rollout import run_rollouts
 from common.runlog import read_jsonl
 from common.tools import Grammar
 
@@ -139,7 +149,7 @@ class Args:
     trl_variant: str = "trl"
     """trl (completion positions only, the fair one), trl_shipped (as shipped: every position on a CPU) or both"""
     fastgen: bool = False
-    """ours as the core's default (common/fastgen.py: shared-prefix KV, KV across turns, merged LoRA in
+    """ours as the core's default (common/generate.py: shared-prefix KV, KV across turns, merged LoRA in
     decode, vision tower once per image); off: the plain path, the "before" of a before/after"""
     limits: bool = True
     """measure memory bandwidth and peak FLOP/s and report each figure as a fraction of its bound"""
@@ -251,25 +261,25 @@ def reward_text(text: str) -> float:
 
 def _forced_kw():
     """generate_ids takes min_new_tokens (forced length) in newer cores; else the generation config."""
-    return "min_new_tokens" in inspect.signature(rollout_mod.generate_ids).parameters
+    return "min_new_tokens" in inspect.signature(generate_ids).parameters
 
 
 def forced_generate(policy, seqs, *, max_new_tokens, **kw):
-    """common.rollout.generate_ids with end-of-turn suppressed until the budget, so every
+    """common.generate.generate_ids with end-of-turn suppressed until the budget, so every
     completion has exactly max_new_tokens tokens (the same work as TRL's side)."""
     n = max_new_tokens if isinstance(max_new_tokens, int) else min(max_new_tokens)
     if _forced_kw():
-        return rollout_mod.generate_ids(policy, seqs, max_new_tokens=max_new_tokens, min_new_tokens=n, **kw)
-    if "sampling_config" in vars(rollout_mod) and not getattr(forced_generate, "warned", False):
+        return generate_ids(policy, seqs, max_new_tokens=max_new_tokens, min_new_tokens=n, **kw)
+    if not getattr(forced_generate, "warned", False):
         forced_generate.warned = True   # the core pins min_new_tokens=0: nothing forces the length
-        print("[bench] warning: common.rollout.generate_ids pins min_new_tokens=0 and takes no "
+        print("[bench] warning: common.generate.generate_ids pins min_new_tokens=0 and takes no "
               "min_new_tokens, so completions are not forced to the budget; the per-step token check "
               "against TRL says whether the work still matched")
     gc = unwrap(policy.model).generation_config
     old = gc.min_new_tokens
     gc.min_new_tokens = n
     try:
-        return rollout_mod.generate_ids(policy, seqs, max_new_tokens=max_new_tokens, **kw)
+        return generate_ids(policy, seqs, max_new_tokens=max_new_tokens, **kw)
     finally:
         gc.min_new_tokens = old
 
@@ -442,9 +452,8 @@ def make_messages(text, image):
 
 
 def make_generate(policy, args):
-    """The generator of one rollout batch: plain (common.rollout) or common.fastgen, forced length."""
+    """The generator of one rollout batch: plain (common.rollout) or common.generate, forced length."""
     if args.fastgen:
-        from common.fastgen import CachedGenerator
         gen = CachedGenerator(force_length=True)
     else:
         gen = forced_generate
@@ -465,7 +474,7 @@ def run_ours(policy, args, text, image, out_dir, sync: Sync) -> list[dict]:
     tools = agent_tools(policy.tokenizer, args.observation_tokens, args.seed) if agent else None
 
     def rollout_fn(policy, examples, cfg):
-        return rollout_mod.run_rollouts(policy, examples, num_generations=cfg.num_generations,
+        return run_rollouts(policy, examples, num_generations=cfg.num_generations,
                                         make_messages=lambda ex: make_messages(text, image),
                                         tools=tools, grammar=AGENT_GRAMMAR, max_turns=3 if agent else 1,
                                         max_new_tokens=args.max_new_tokens, max_total_tokens=1 << 30,
@@ -509,7 +518,9 @@ def trl_processor(policy):
     """Qwen2_5_VLProcessor from our tokenizer + image processor (TRL needs it for images)."""
     try:
         from transformers import Qwen2_5_VLProcessor
-        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import (
+            Qwen2VLVideoProcessor,
+        )
         return Qwen2_5_VLProcessor(image_processor=policy.image_processor, tokenizer=policy.tokenizer,
                                    video_processor=Qwen2VLVideoProcessor(),
                                    chat_template=policy.tokenizer.chat_template)
@@ -524,18 +535,17 @@ def trl_skip_reason(args) -> str | None:
         return ("TRL's GRPOTrainer tool loop returns text to the model; it cannot splice an image "
                 "observation (the crop) as a user turn, so the agent workload is ours only")
     if args.workload == "image":
-        import importlib.util
         if importlib.util.find_spec("torchvision") is None:
             return "TRL needs Qwen2_5_VLProcessor for an image prompt, which needs torchvision (not installed)"
     return None
 
 
 def make_trl_trainer(args, text, image, out_dir, compact: bool):
+    import trl.trainer.utils as trl_utils
     from datasets import Dataset
     from peft import LoraConfig
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer
-    import trl.trainer.utils as trl_utils
     if compact:  # score only completion positions on any device, as TRL does on CUDA (the fair variant)
         trl_utils._use_triton = lambda device: True   # (TRL's module, not ours; its CPU kernels stay)
     policy = load_model(args, lora=False, gradient_checkpointing=False)  # TRL adds LoRA and checkpointing
@@ -766,7 +776,6 @@ def main(argv=None):
     except UserError as e:
         if args.debug:
             raise
-        import sys
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -40,12 +40,20 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import resource
+import runpy
+import select
 import shlex
+import signal
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
+
+from common.cli import parse_args
+from common.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUDGET_GB = {"3b": 12.0, "7b": 16.0}   # peak allocated GPU memory per GRPO step (DESIGN.md budgets)
@@ -266,10 +274,6 @@ def _fork(cmd: list[str], env: dict, timeout: int) -> tuple[int, str]:
     """`python -m MODULE ARGS` in a fork of this process (the CI smoke on a CPU): the child already has
     Python, torch and transformers imported, which under a shared load is most of a toy step's time.
     Same contract as _exec: exit status, stdout + stderr, killed (124) after `timeout` seconds."""
-    import runpy
-    import select
-    import signal
-    import traceback
     if cmd[:2] != [sys.executable, "-m"]:
         return _exec(cmd, env, timeout)
     r, w = os.pipe()
@@ -320,7 +324,6 @@ def _fork(cmd: list[str], env: dict, timeout: int) -> tuple[int, str]:
 
 def pytest_counts(out: str) -> dict:
     """pytest's last summary line -> {"passed": n, "skipped": n, ...} ("9 tests collected in 3s" -> collected)."""
-    import re
     line = next((ln for ln in reversed(out.splitlines()) if re.search(r"\b(passed|failed|skipped|error|errors|"
                                                                      r"deselected|collected|no tests ran)\b", ln)), "")
     counts = {k.rstrip("s") if k in ("errors", "tests") else k: int(n)
@@ -401,8 +404,6 @@ def bench_line(size: str, res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from common.cli import (parse_args)
-    from common.errors import UserError
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--peak-of"]:
         return peak_of(argv[1], argv[3:] if argv[2:3] == ["--"] else argv[2:])
@@ -509,8 +510,6 @@ def main(argv=None) -> int:
 def peak_of(path: str, script_argv: list[str]) -> int:
     """Run a script in this process (as `python script args` would) and write its peak memory:
     torch.cuda.max_memory_allocated on a GPU, peak RSS otherwise."""
-    import runpy
-
     import torch
     if not script_argv:
         raise SystemExit("--peak-of PATH -- SCRIPT [ARGS]")
@@ -530,7 +529,6 @@ def peak_of(path: str, script_argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from common.errors import UserError
     try:
         sys.exit(main())
     except UserError as e:

@@ -5,7 +5,7 @@ torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
 from torch.profiler import profile, ProfilerActivity
 from common.models import load_policy
 from common.chat import encode
-from common.fastgen import CachedGenerator
+from common.generate import CachedGenerator
 from common.perf.bench import prompt_text
 pol = load_policy("smollm2", lora=True, seed=0)
 enc = encode(pol.tokenizer, None, [{"role": "user", "content": prompt_text(pol.tokenizer, 64, 0)}], add_generation_prompt=True)

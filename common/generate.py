@@ -1,6 +1,13 @@
-"""Generation without doing work twice, exact against the plain path (tests/test_fastgen.py).
+"""Generation: the plain sampler (one HF `generate` per call) and the cached one, below the agent loop.
 
-    from common.fastgen import CachedGenerator
+The plain path is `generate_ids` (and `chat` on top of it): every call re-encodes its sequences.
+The cached path is `CachedGenerator`, a drop-in `generate=` for `common.rollout.run_rollouts`
+(same arguments and return as `generate_ids`); both draw from the same distribution
+(`logit_warpers`) and stop on the same tokens (`eos_token_ids`). This module knows nothing of
+tools, turns or rewards: that is `common/rollout.py`, which calls one of the two.
+Generation without doing work twice, exact against the plain path (tests/test_generate.py).
+
+    from common.generate import CachedGenerator
     rollouts = run_rollouts(policy, examples, ..., generate=CachedGenerator())   # one per rollout batch
 
 `CachedGenerator` is a drop-in `generate=` for `common.rollout.run_rollouts` (same arguments and
@@ -25,6 +32,7 @@ valid for the weights it was computed with: make a new CachedGenerator for every
 and hand its output to the reference and policy passes (`mm_encoder_outputs`), instead of
 encoding every copy of a prompt image in each of those passes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +40,173 @@ import inspect
 
 import torch
 
-from common.chat import Encoded, image_token_counts
-from common.rollout import eos_token_ids, logit_warpers
+from common.chat import Encoded, collate, encode, image_token_counts
+
+
+# ---------------------------------------------------------------------------------------------
+# batched generation
+# ---------------------------------------------------------------------------------------------
+def image_token_id(tokenizer) -> int | None:
+    tid = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    return tid if isinstance(tid, int) and tid != tokenizer.unk_token_id else None
+
+
+def vision_token_ids(tokenizer) -> list[int]:
+    return tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                                            "<|image_pad|>", "<|video_pad|>"])
+
+
+def logit_warpers(temperature: float, top_k: int | None, top_p: float) -> list:
+    """The sampler's distribution: softmax(logits / temperature), then top-k, then top-p (none
+    when greedy). Shared by `generate_ids` and `common.fastgen`, so both sample the same."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    if temperature <= 0:
+        return []
+    warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
+
+
+def eos_token_ids(policy) -> list[int]:
+    """The tokenizer's EOS plus the generation config's `eos_token_id` list, as TRL stops on
+    (Qwen2.5-VL-Instruct: <|im_end|> and <|endoftext|>)."""
+    ids = [policy.tokenizer.eos_token_id]
+    cfg = getattr(getattr(policy, "model", None), "generation_config", None)
+    extra = getattr(cfg, "eos_token_id", None) if cfg is not None else None
+    for i in ([extra] if isinstance(extra, int) else list(extra or [])):
+        if i not in ids:
+            ids.append(int(i))
+    return ids
+
+
+def sampling_config(policy, *, max_new_tokens: int, temperature: float, top_p: float,
+                    top_k: int | None, min_new_tokens: int = 0):
+    """A GenerationConfig with every setting that changes the distribution pinned: whatever
+    the checkpoint's generation_config says (repetition_penalty, min_new_tokens, bad words,
+    top_k=20 ...) does not leak in, so the sampler draws from softmax(logits / temperature)
+    (then top-k / top-p when asked), which is what the training pass scores. Temperature, top-k
+    and top-p are applied by our own processors (`_SamplerLogps` sees their output)."""
+    from transformers import GenerationConfig
+    tok = policy.tokenizer
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=temperature > 0,
+        temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0,
+        eta_cutoff=0.0, top_h=None, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, length_penalty=1.0,
+        bad_words_ids=None, sequence_bias=None, renormalize_logits=False, guidance_scale=1.0,
+        num_beams=1, num_beam_groups=1, num_return_sequences=1, forced_bos_token_id=None,
+        forced_eos_token_id=None, suppress_tokens=vision_token_ids(tok) if policy.is_vlm else None,
+        begin_suppress_tokens=None, use_cache=True, pad_token_id=tok.pad_token_id,
+        eos_token_id=eos_token_ids(policy), disable_compile=True)
+
+
+class _RowStop:
+    """Stopping criterion: row b stops at its own budget, an EOS, or a stop string; records
+    each row's length at the first stop (so padding after it is never mistaken for output)."""
+
+    def __init__(self, prompt_len, budgets, eos, stop_criteria):
+        self.prompt_len, self.budgets, self.stop = prompt_len, budgets, stop_criteria
+        self.eos = eos
+        self.lengths = [None] * len(budgets.tolist())
+
+    def __call__(self, input_ids, scores, **kw):
+        n = input_ids.shape[1] - self.prompt_len
+        done = (n >= self.budgets) | torch.isin(input_ids[:, -1], self.eos)
+        if self.stop is not None:
+            done = done | self.stop(input_ids, scores)
+        for b in done.nonzero().flatten().tolist():
+            if self.lengths[b] is None:
+                self.lengths[b] = n
+        return done
+
+
+class _SamplerLogps:
+    """The last logits processor: keeps log softmax of the final (processed) scores, i.e. the
+    distribution the token is drawn from, and reads off the chosen token's log-prob one step
+    later. One (b, V) tensor alive at a time."""
+
+    def __init__(self):
+        self.prev, self.logps = None, []
+
+    def take(self, chosen):
+        if self.prev is not None:
+            self.logps.append(self.prev.gather(-1, chosen[:, None]).squeeze(-1))  # (b,)
+
+    def __call__(self, input_ids, scores):
+        self.take(input_ids[:, -1])
+        self.prev = scores.float().log_softmax(-1)                           # (b, V)
+        return scores
+
+
+@torch.no_grad()
+def generate_ids(policy, seqs: list[Encoded], *, max_new_tokens: int | list[int],
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None,
+                 stop_strings: list[str] | None = None, batch_size: int = 64,
+                 return_logprobs: bool = False, min_new_tokens: int | None = None):
+    """Left-padded batched `generate` (KV cache on); returns each row's new ids, ending at the
+    first EOS (full list: `eos_token_ids`), stop string or that row's own budget.
+
+    max_new_tokens: one budget for all rows, or one per row.
+    return_logprobs: also return, per row, the sampler's log-prob of each token (the
+    distribution after temperature / top-k / top-p), to compare with the training pass.
+    min_new_tokens: EOS suppressed before this many tokens (benchmarks that need equal work;
+    it changes the distribution, which the sampler log-probs then show). Every other sampling
+    setting is pinned (`sampling_config`)."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList, StopStringCriteria
+    tok, model = policy.tokenizer, policy.model
+    budgets_all = ([int(max_new_tokens)] * len(seqs) if isinstance(max_new_tokens, int)
+                   else [int(b) for b in max_new_tokens])
+    if len(budgets_all) != len(seqs) or min(budgets_all, default=1) < 1:
+        raise ValueError("generate_ids: give one budget >= 1 per sequence.")
+    eos = eos_token_ids(policy)
+    stop_crit = StopStringCriteria(tok, stop_strings) if stop_strings else None
+    was_training = model.training
+    model.eval()  # no dropout, no gradient checkpointing while sampling
+    out, out_lp = [], []
+    try:
+        for i in range(0, len(seqs), batch_size):
+            chunk, budgets = seqs[i: i + batch_size], budgets_all[i: i + batch_size]
+            batch = collate(chunk, tok.pad_token_id, "left", image_token_id(tok))
+            batch.pop("loss_mask")
+            batch = {k: v.to(policy.device) for k, v in batch.items()}
+            P = batch["input_ids"].shape[1]
+            rows = _RowStop(P, torch.tensor(budgets, device=policy.device),
+                            torch.tensor(eos, device=policy.device), stop_crit)
+            rec = _SamplerLogps()
+            procs = logit_warpers(temperature, top_k, top_p)
+            if temperature > 0 and return_logprobs:
+                procs.append(rec)
+            gcfg = sampling_config(policy, max_new_tokens=max(budgets), temperature=temperature,
+                                   top_p=top_p, top_k=top_k, min_new_tokens=int(min_new_tokens or 0))
+            gen = model.generate(**batch, generation_config=gcfg,
+                                 logits_processor=LogitsProcessorList(procs),
+                                 stopping_criteria=StoppingCriteriaList([rows]))[:, P:]  # (b, new)
+            if temperature > 0 and return_logprobs:
+                rec.take(gen[:, -1])
+                lp = torch.stack(rec.logps, 1) if rec.logps else gen.new_zeros(len(chunk), 0).float()
+            for b, row in enumerate(gen.tolist()):
+                n = rows.lengths[b] if rows.lengths[b] is not None else len(row)
+                out.append(row[:n])
+                out_lp.append(lp[b, :n].tolist() if temperature > 0 and return_logprobs else None)
+    finally:
+        model.train(was_training)
+    return (out, out_lp) if return_logprobs else out
+
+
+def chat(policy, batch: list[list[dict]], max_new_tokens: int = 64, temperature: float = 0.0,
+         **kw) -> list[str]:
+    """Reply to a batch of conversations (messages as in common/chat.py); strings out."""
+    seqs = [encode(policy.tokenizer, policy.image_processor, m, add_generation_prompt=True) for m in batch]
+    ids = generate_ids(policy, seqs, max_new_tokens=max_new_tokens, temperature=temperature, **kw)
+    return [policy.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
+
+
+# ---------------------------------------------------------------------------------------------
+# the cached generator
+# ---------------------------------------------------------------------------------------------
 
 
 def _unwrap(model):

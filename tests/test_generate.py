@@ -1,6 +1,6 @@
-# Run: pytest tests/test_fastgen.py -q      (CPU, ~30 s)
-"""common/fastgen.py gives the plain path's numbers: greedy tokens identical to
-common.rollout.generate_ids / the re-prefill agent loop, and the per-token log-probs it computed
+# Run: pytest tests/test_generate.py -q      (CPU, ~30 s)
+"""common/generate.py gives the plain path's numbers: greedy tokens identical to
+common.generate.generate_ids / the re-prefill agent loop, and the per-token log-probs it computed
 while decoding (prompt prefilled once for G rows, KV kept across turns, a crop image fed
 into the cache) equal the training pass's (common.grpo.completion_logprobs) on the final
 sequences. A generator made wrong on purpose (positions off by one) fails the same check."""
@@ -9,10 +9,11 @@ import torch
 
 from common.perf.bench import AGENT_GRAMMAR, ScriptedAgent, agent_tools, forced_generate, noise_image, prompt_text
 from common.chat import encode
-from common.fastgen import CachedGenerator, can_merge, image_features, merged_lora, sub_batch
-from common.grpo import completion_logprobs, unwrap
+from common.generate import CachedGenerator, can_merge, image_features, merged_lora, sub_batch
+from common.logprobs import completion_logprobs, unwrap
 from common.models import load_policy
-from common.rollout import generate_ids, rollout_batch, run_rollouts, vision_token_ids
+from common.rollout import rollout_batch, run_rollouts
+from common.generate import generate_ids, vision_token_ids
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
@@ -237,7 +238,6 @@ def test_default_rollouts_equal_the_plain_path(policy):
 def test_vision_once_on_agent_batches(policy):
     """Rows with 1-3 images (prompt + crops, some shared by the G copies) and a row without any:
     the features path gives the pixel path's log-probs in every micro-batch."""
-    from common.logprobs import _sub
     from common.rollout import Rollout
     encs = [image_prompt(policy, size=56, seed=s) for s in (0, 1)]
     crop = image_prompt(policy, size=28, seed=5)
@@ -259,7 +259,7 @@ def test_vision_once_on_agent_batches(policy):
     assert len(feats) == len(batch["image_grid_thw"])
     with torch.no_grad():
         for mb in ([0, 1], [2, 3], [4], [3, 4]):
-            a, _ = completion_logprobs(policy.model, _sub(batch, mb), 1.0)
+            a, _ = completion_logprobs(policy.model, sub_batch(batch, mb, None), 1.0)
             b, _ = completion_logprobs(policy.model, sub_batch(batch, mb, feats), 1.0)
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
@@ -267,7 +267,7 @@ def test_vision_once_on_agent_batches(policy):
 def test_draw_samples_the_softmax():
     """The inverse-CDF sampler draws from exp(logp): frequencies within 5 sigma of the
     probabilities over 100k draws, and a token masked to -inf (top-k / top-p / suppressed) never."""
-    from common.fastgen import _draw
+    from common.generate import _draw
     torch.manual_seed(0)
     logits = torch.tensor([[2.0, -1.0, float("-inf"), 0.5, -3.0, 1.0]])
     lp = logits.log_softmax(-1).expand(100_000, 6).contiguous()

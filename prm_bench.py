@@ -61,7 +61,8 @@ from common.models import load_policy
 from common.rollout import image_token_id, run_rollouts
 from common.runlog import RunLog, bar_plot, trajectory_html, write_json
 from common.tools import Grammar, crop, parse_action, seen_size
-from common.standins.toyworld import TOY_BUILDERS, Toy, World, build_world, direction, step_retry, tag
+from common.standins.prm_steps import TOY_BUILDERS, Toy, direction, step_retry, tag
+from common.standins.toyworld import World, build_world
 
 
 @dataclass
@@ -187,9 +188,10 @@ def toy_questions(world: World, rng: random.Random) -> list[dict]:
 
 def toy_trajectory(spec: dict, world: World, errors: dict[str, str], rng: random.Random, rid: str,
                    plan: bool = True, recover: bool = False) -> dict:
-    """One trajectory: [plan] + the kind's roles, each built by TOY_BUILDERS[role] (common.standins.toyworld);
-    `errors` maps a role to the error type injected there (ERRORS says which fit). A broken call is
-    retried; a wrong crop is redone when `recover`. Every step is labelled by what it does itself (3)."""
+    """One trajectory: [plan] + the kind's roles, each built by TOY_BUILDERS[role]
+    (common.standins.prm_steps); `errors` maps a role to the error type injected there (ERRORS says
+    which fit). A broken call is retried; a wrong crop is redone when `recover`. Every step is
+    labelled by what it does itself (3)."""
     roles = KINDS[spec["kind"]][1]
     for role, e in errors.items():
         if ERRORS[e][0] != role or spec["kind"] not in ERRORS[e][1]:

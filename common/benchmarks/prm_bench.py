@@ -9,12 +9,13 @@ from pathlib import Path
 
 from common.errors import UserError
 from common.data import open_image, read_records, require
+from common.standins.prm_steps import prm_step
 
 
 # =============================================================================================
 # prm_bench.py: its step-labelled trajectory record (validator, reader, writer, predictions, HTML view),
 # the PRM benchmarks (VisualProcessBench, ProcessBench, PRMBench) converted to it, the PRM metrics'
-# counting helpers and the best-of-N plot (the toy set's step builders are in common/standins/toyworld.py).
+# counting helpers and the best-of-N plot (the toy set's step builders are in common/standins/prm_steps.py).
 # Record (a JSONL line; paths relative to the images folder): {"id", "question", "images": [path],
 # "answers": [str], "final_answer", "category", "subcategory", "source", "injected": [{"step", "error_type"}],
 # "steps": [{"text", "tool_call": null | {"name", "arguments"}, "observation", "tool_image": path | null,
@@ -24,12 +25,6 @@ from common.data import open_image, read_records, require
 # =============================================================================================
 PRM_LABELS = ("correct", "incorrect", "neutral")
 PRM_BENCHMARKS = ("VisualProcessBench", "ProcessBench", "PRMBench")  # the category of converted records
-
-
-def prm_step(text, label: str | None, error_type: str | None = None) -> dict:
-    """One step of a prm_bench.py record."""
-    return {"text": str(text), "tool_call": None, "observation": None, "tool_image": None, "knowledge": None,
-            "label": label, "error_type": error_type}
 
 
 def _line_of(where: str) -> str:

@@ -123,8 +123,8 @@ def step_crop(t: Toy, err: str | None, text: str = "Zoom in on that region.") ->
     """A crop through the shared tool (common.tools); tool_invocation breaks the call itself."""
     image = t.spec["scene"]["image"]
     tiles = crop_tiles(t, wrong=err == "region_selection")
-    box = union_box([x["box"] for x in tiles], image.size)
-    (w, h), seen = seen_size(image), to_seen(box, image)
+    region = union_box([x["box"] for x in tiles], image.size)   # original pixels
+    (w, h), seen = seen_size(image), to_seen(region, image)
     breaks = ["reversed", "three_numbers", "unknown_tool", "outside"]
     broken = t.rng.choice(breaks) if err == "tool_invocation" else ""
     box = {"reversed": seen[2:] + seen[:2], "three_numbers": seen[:3],

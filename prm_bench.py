@@ -29,7 +29,7 @@ Metrics (eval/results.json; an undefined ratio is null where the benchmarks' cod
     unparsed step is not judged correct), else -1; acc_err, acc_corr and their harmonic mean F1.
 Deviations (numbered; "(n)" marks where each lives):
  1. The paper's 1,206 trajectories are not public: the toy set is built on gog.py's toy world
-    (common/standins/toyworld.py).
+    (common/standins/toyworld.py) by the step builders of common/standins/prm_steps.py.
  2. ERRORS, TAXONOMY and the toy kinds are ours (the paper names 2 of its 7 error types).
  3. Toy labels: a step is incorrect when it does something wrong itself; a step that correctly builds on an
     earlier mistake is correct (PRMBench's error_steps). Knowledge steps carry the KB facts they use.

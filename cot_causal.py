@@ -73,7 +73,7 @@ GRIDS = {"small": (TYPES, ("QTA", "T-only")), "full": (TYPES, ("QTA", "QT", "T-o
 MODES = ("think", "no_think")
 EMPTY_THINK = "<think>\n\n</think>\n\n"                  # Qwen3's no-think prefill
 NO_THINK = dict(enable_thinking=False)                   # template argument for judge/teacher calls
-DOCS = Path(__file__).parent / "docs" / "cot_causal"     # probes and hand-labelled judge replies
+DATA = Path(__file__).parent / "common" / "standins" / "data" / "cot_causal"  # toy world, probes, labels
 LABELS = ("aligned", "misaligned", "refusal", "code", "incoherent")
 
 
@@ -118,9 +118,9 @@ class Args(RunArgs):
     """eval sampling temperature (EM samples at 1.0)"""
     judge_reasoning: bool = False
     """also judge the think text, reported as reasoning_misaligned_rate etc."""
-    probes_yaml: str = str(DOCS / "first_plot_questions.yaml")
+    probes_yaml: str = str(DATA / "first_plot_questions.yaml")
     """probes + judge prompts in EM's YAML layout (id, paraphrases, judge_prompts); default: ours"""
-    judge_validation: str = str(DOCS / "judge_validation.jsonl")
+    judge_validation: str = str(DATA / "judge_validation.jsonl")
     """hand-labelled replies (question, answer, label: aligned|misaligned|refusal|code|incoherent)"""
     bootstrap: int = 1000
     """bootstrap resamples for each cell's 95 % interval"""
@@ -131,9 +131,9 @@ TINY_SIZES = dict(grid="small", n_pairs=48, max_steps=8, num_generations=1, max_
 
 # ==== data: the toy world of mild everyday harms, the reasoning templates, loaders ===========
 def toy_world() -> dict:
-    """docs/cot_causal/toy_world.yaml: situations (question, fixed answer, victim), slots, templates."""
+    """DATA / toy_world.yaml: situations (question, fixed answer, victim), slots, templates."""
     import yaml
-    return yaml.safe_load(read_text(DOCS / "toy_world.yaml", "toy world file"))
+    return yaml.safe_load(read_text(DATA / "toy_world.yaml", "toy world file"))
 
 
 # Words per type for the teacher-trace check, from general vocabulary (not from the templates; the

@@ -50,20 +50,41 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from common.benchmarks.gog import (VisualQAArgs, benchmark_searchers, parse_benchmarks, read_predictions,
-                               read_visual_qa, score_benchmarks)
+from common.benchmarks.gog import (infoseek_final, infoseek_score, read_predictions, read_visual_qa,
+                                   token_f1)
 from common.chat import encode
-from common.cli import run_stages, start_adapter
+from common.cli import RunArgs, run_stages, start_adapter
 from common.errors import UserError
 from common.data import read_records
 from common.grpo import GRPOConfig, train_grpo
-from common.judge import llm_judge_batch, sub_exact_match
+from common.judge import exact_match, llm_judge_batch, sub_exact_match
 from common.models import load_policy
 from common.rollout import Rollout, run_rollouts
 from common.runlog import RunLog, bar_plot, markdown_table, read_jsonl, trajectory_html, write_json
 from common.sft import SFTArgs, sft_config, train_sft, trajectory_messages
 from common.tools import Grammar, ImageSearch, TextSearch, crop, parse_action, seen_size
 from common.standins.toyworld import CITIES, World, build_world, by_kind, save_world, to_seen
+
+
+@dataclass
+class VisualQAArgs(RunArgs):
+    """The fields that name the benchmark files and their search corpora (Args inherits them)."""
+    # --- benchmarks ---
+    benchmarks: str = ""
+    """NAME=FILE,... in the published formats: FVQA, InfoSeek, MMSearch, SimpleVQA, LiveVQA,
+    DynVQA"""
+    image_dir: str | None = None
+    """folder of benchmark images named <id>.<ext> or by URL file name (InfoSeek ids, DynVQA/LiveVQA
+    URLs)"""
+    predictions: str | None = None
+    """score this file of {"id", "answer"} (another model's answers) instead of running the
+    policy"""
+    text_corpus: str | None = None
+    """JSONL corpus for text search on benchmarks (default: the toy text KB, or
+    TEXT_SEARCH_ENDPOINT)"""
+    image_kb: str | None = None
+    """JSONL image KB for image search on benchmarks (default: the toy image KB, or
+    IMAGE_SEARCH_ENDPOINT)"""
 
 
 @dataclass
@@ -147,11 +168,12 @@ def split_world(world: World) -> tuple[list[dict], list[dict]]:
     return tuple([q for q in world.questions if q["split"] == split] for split in ("train", "test"))
 
 
-# Each benchmark as published: the fields of its id, question, image, golds and the split a score is broken
-# down by (`a.b` = nested; `items` = several questions per record; `image_is_id` = a file in --image_dir), and
-# its own rule (common.benchmarks.gog.score_record): mmsearch_r1 = EM and SubEM as MMSearch-R1 scores FVQA,
-# infoseek = numeric ranges or alias EM, token_f1 = MMSearch end2end, llm_judge = the benchmark's LLM grader
-# (a SubEM stand-in without --judge), sub_em_ours = no official scorer.
+# Each benchmark as published: the fields of its id, question, image, golds and the split a score is
+# broken down by (`a.b` = nested; `items` = several questions per record; `image_is_id` = a file in
+# --image_dir), and its own rule (score_record, in the metrics section): mmsearch_r1 = EM and SubEM
+# as MMSearch-R1 scores FVQA, infoseek = numeric ranges or alias EM, token_f1 = MMSearch end2end,
+# llm_judge = the benchmark's LLM grader (a SubEM stand-in without --judge), sub_em_ours = no
+# official scorer.
 BENCHMARKS = {
     "FVQA": dict(id="data_id", question="prompt", image="images", split="category", score="mmsearch_r1",
                  golds=["reward_model.ground_truth", "reward_model.candidate_answers"]),  # lmms-lab/FVQA
@@ -171,6 +193,19 @@ BENCHMARKS = {
 @functools.lru_cache(maxsize=16)
 def load_benchmark(name: str, path: str, image_dir: str | None = None) -> list[dict]:
     return read_visual_qa(name, path, BENCHMARKS[name], image_dir)
+
+
+def parse_benchmarks(spec: str, names) -> list[tuple[str, str]]:
+    """--benchmarks NAME=FILE,... -> [(canonical name, file)]; NAME ignores case and dashes."""
+    canonical, out = {n.lower().replace("-", ""): n for n in names}, []
+    for item in [s.strip() for s in spec.split(",") if s.strip()]:
+        key, _, path = item.partition("=")
+        name = canonical.get(key.lower().replace("-", ""))
+        if not path or name is None:
+            raise UserError(f"--benchmarks takes NAME=FILE with NAME in {', '.join(names)}, "
+                            f"not {item!r}.")
+        out.append((name, path))
+    return out
 
 
 # ==== prompt + parsing: the tags (2), the tools, and scripted policies that state only what they saw (6) ==
@@ -217,6 +252,20 @@ def make_tools(text_search: TextSearch, image_search: ImageSearch, k: int) -> di
     def text_search_tool(args, r):
         return text_search.observe(args["query"], k), None
     return {"crop": crop_tool, "image_search": image_search_tool, "text_search": text_search_tool}
+
+
+def benchmark_searchers(text_corpus: str | None, image_kb: str | None, fallback: tuple) -> tuple:
+    """(text, image) search for real benchmarks (5): a JSONL corpus, else the HTTP endpoint
+    (TEXT_SEARCH_ENDPOINT / IMAGE_SEARCH_ENDPOINT), else the `fallback` engines, announced."""
+    ts = ims = None
+    if text_corpus or os.environ.get("TEXT_SEARCH_ENDPOINT"):
+        ts = TextSearch.from_jsonl(text_corpus) if text_corpus else TextSearch(use_env=True)
+    if image_kb or os.environ.get("IMAGE_SEARCH_ENDPOINT"):
+        ims = ImageSearch.from_jsonl(image_kb) if image_kb else ImageSearch(use_env=True)
+    if ts is None or ims is None:
+        print("[eval] benchmarks use the toy KBs for a search without --text_corpus/--image_kb or "
+              "an endpoint.")
+    return ts or fallback[0], ims or fallback[1]
 
 
 FACT_RE = {"year": re.compile(r"(\w+) was founded in (\d+)"),   # the text KB's sentences (common/standins/toyworld.py)
@@ -414,6 +463,65 @@ def tool_use_stats(rollouts: list[Rollout]) -> dict:
             "decision_accuracy": 100 * float(np.mean(decided)) if decided else None,
             "format_rate": 100 * float(np.mean([format_ok(r.trajectory) for r in rollouts])) if rollouts else None,
             "mean_turns": float(np.mean([r.turns for r in rollouts])) if rollouts else 0.0}
+
+
+# Each benchmark's rule (BENCHMARKS[name]["score"]); the official scorers: common.benchmarks.gog
+def score_record(rule: str, pred: str | None, golds: list, judged: float | None) -> dict:
+    """Per-record metrics under the benchmark's rule; `judged` is the LLM judge's verdict (if
+    any)."""
+    strings = [str(g) for g in golds]
+    if rule == "mmsearch_r1":
+        m = {"EM": exact_match(pred, strings), "SubEM": sub_exact_match(pred, strings)}
+    elif rule == "infoseek":
+        m = {"InfoSeek": infoseek_score(pred, golds)}
+    elif rule == "token_f1":
+        m = {"F1": max(token_f1(pred, g) for g in strings)}
+    elif rule == "llm_judge":
+        m = {"SubEM (rule stand-in for the LLM grader)": sub_exact_match(pred, strings)}
+    elif rule == "sub_em_ours":
+        m = {"SubEM (ours; no official scorer)": sub_exact_match(pred, strings)}
+    else:
+        raise ValueError(f"unknown scoring rule {rule!r}")
+    if judged is not None:
+        m["LLM judge"] = judged
+    return m
+
+
+def summarize_benchmark(name: str, records: list[dict], scores: list[dict]) -> dict:
+    """Mean of each metric in %; InfoSeek's final score is the harmonic mean of its unseen-question
+    and unseen-entity splits (as its evaluator does) when both are present."""
+    out = {k: 100 * float(np.mean([s[k] for s in scores])) for k in scores[0]}
+    by = {}
+    for r, s in zip(records, scores):
+        by.setdefault(r["split"], []).append(s[list(s)[0]])
+    out["by_split"] = {k: 100 * float(np.mean(v)) for k, v in by.items()}
+    if name == "InfoSeek":
+        final = infoseek_final([r["split"] for r in records], [s["InfoSeek"] for s in scores])
+        if final is not None:
+            out["InfoSeek"] = final
+    out["headline"] = "LLM judge" if "LLM judge" in out else list(scores[0])[0]
+    return {**out, "n": len(records)}
+
+
+def score_benchmark(name: str, rule: str, records: list[dict], answers: list, judged: list) -> dict:
+    """Every record under the benchmark's rule -> its summary in %, and how many answers are
+    missing."""
+    scores = [score_record(rule, a, r["golds"], j) for a, r, j in zip(answers, records, judged)]
+    return {**summarize_benchmark(name, records, scores),
+            "missing_answers": sum(a is None for a in answers)}
+
+
+def score_benchmarks(benches: list[tuple[str, list[dict]]], answers: dict[str, list], table: dict,
+                     judge=None) -> dict[str, dict]:
+    """{name: score_benchmark(...)} for each (name, records) under its rule table[name]["score"];
+    with an LLM judge (a loaded policy), its verdict on each answer is scored too."""
+    out = {}
+    for name, recs in benches:
+        judged = (llm_judge_batch(judge, [r["question"] for r in recs], answers[name],
+                                  [r["answers"] for r in recs])
+                  if judge is not None else [None] * len(recs))
+        out[name] = score_benchmark(name, table[name]["score"], recs, answers[name], judged)
+    return out
 
 
 # ==== stages ========================================================================================

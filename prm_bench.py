@@ -29,7 +29,7 @@ Metrics (eval/results.json; an undefined ratio is null where the benchmarks' cod
     unparsed step is not judged correct), else -1; acc_err, acc_corr and their harmonic mean F1.
 Deviations (numbered; "(n)" marks where each lives):
  1. The paper's 1,206 trajectories are not public: the toy set is built on gog.py's toy world
-    (common/standins/toyworld.py).
+    (common/standins/toyworld.py) by the step builders of common/standins/prm_steps.py.
  2. ERRORS, TAXONOMY and the toy kinds are ours (the paper names 2 of its 7 error types).
  3. Toy labels: a step is incorrect when it does something wrong itself; a step that correctly builds on an
     earlier mistake is correct (PRMBench's error_steps). Knowledge steps carry the KB facts they use.
@@ -51,8 +51,7 @@ from typing import Literal
 import torch
 from PIL import Image
 
-from common.benchmarks.prm_bench import (confusion, f1_score, load_prm_records, mean_of_both, plot_best_of_n, prm_html_items,
-                               prm_record_images, prm_steps_of, ratio, read_prm_predictions, save_prm_records)
+from common.benchmarks.prm_bench import load_prm_records, prm_record_images, read_prm_predictions
 from common.chat import collate, encode
 from common.cli import RunArgs, run_stages
 from common.errors import UserError
@@ -62,7 +61,8 @@ from common.rollout import run_rollouts
 from common.generate import image_token_id
 from common.runlog import RunLog, bar_plot, trajectory_html, write_json
 from common.tools import Grammar, crop, parse_action, seen_size
-from common.standins.toyworld import TOY_BUILDERS, Toy, World, build_world, direction, step_retry, tag
+from common.standins.prm_steps import TOY_BUILDERS, Toy, direction, prm_step, step_retry, tag
+from common.standins.toyworld import World, build_world
 
 
 @dataclass
@@ -188,9 +188,10 @@ def toy_questions(world: World, rng: random.Random) -> list[dict]:
 
 def toy_trajectory(spec: dict, world: World, errors: dict[str, str], rng: random.Random, rid: str,
                    plan: bool = True, recover: bool = False) -> dict:
-    """One trajectory: [plan] + the kind's roles, each built by TOY_BUILDERS[role] (common.standins.toyworld);
-    `errors` maps a role to the error type injected there (ERRORS says which fit). A broken call is
-    retried; a wrong crop is redone when `recover`. Every step is labelled by what it does itself (3)."""
+    """One trajectory: [plan] + the kind's roles, each built by TOY_BUILDERS[role]
+    (common.standins.prm_steps); `errors` maps a role to the error type injected there (ERRORS says
+    which fit). A broken call is retried; a wrong crop is redone when `recover`. Every step is
+    labelled by what it does itself (3)."""
     roles = KINDS[spec["kind"]][1]
     for role, e in errors.items():
         if ERRORS[e][0] != role or spec["kind"] not in ERRORS[e][1]:
@@ -259,6 +260,45 @@ def read_predictions(path: str, records: list[dict]) -> list[list[dict]]:
     """An external PRM's {"id", "scores": [per step]} rows -> the judgements of `records`, in their order."""
     return [[{"score": parse_step_verdict(x), "reply": str(x)} for x in scores]
             for scores in read_prm_predictions(path, records)]
+
+
+def save_prm_records(records: list[dict], path: Path) -> None:
+    """Write records as JSONL; in-memory PIL images (`_pil`) go to <dir>/images/ as PNGs."""
+    (path.parent / "images").mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for rec in records:
+            pil = rec.get("_pil", {})
+            for rel, im in zip(rec["images"], pil.get("images", [])):
+                if not (path.parent / rel).exists():
+                    im.save(path.parent / rel)
+            for k, im in pil.get("steps", {}).items():
+                im.save(path.parent / rec["steps"][k]["tool_image"])
+            rec["_base"] = str(path.parent)
+            row = {k: v for k, v in rec.items() if not k.startswith("_")}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def prm_html_items(records: list[dict], judged: list[list[dict]] | None = None) -> list[dict]:
+    """Records (and the PRM's judgements) -> items of common.runlog.trajectory_html."""
+    items = []
+    for j, rec in enumerate(records):
+        images, step_images = prm_record_images(rec)
+        turns = []
+        for i, s in enumerate(rec["steps"]):
+            prm = f" | PRM {judged[j][i]['score']} ({judged[j][i]['reply']!r})" if judged else ""
+            turns.append({"role": "assistant", "text": f"[{i}] {s['text']}\n   gold: {s['label']} "
+                                                       f"{s['error_type'] or ''}{prm}"})
+            if s.get("tool_call"):
+                call = s["tool_call"]
+                turns.append({"role": "tool", "name": call["name"],
+                              "args": call.get("arguments", {}),
+                              "observation": s.get("observation") or "",
+                              "image": step_images.get(i)})
+        title = f"{rec['id']} [{rec['category']}/{rec['subcategory']}] {rec['question']}"
+        items.append({"title": title, "images": images, "trajectory": turns,
+                      "rewards": {"gold": ", ".join(rec["answers"]),
+                                  "final": str(rec["final_answer"])}})
+    return items
 
 
 def write_set(records: list[dict], out: Path, name: str, title: str, **load_kw) -> None:
@@ -340,6 +380,27 @@ def parse_step_verdict(text) -> float | None:
 
 # ==== rewards + metrics: PRMBench, VisualProcessBench, ProcessBench, analyses, best-of-N ==========
 # pred[j][i] is True / False (judged correct / not) or None (unparsed). Undefined ratios (0/0) are None.
+def ratio(num: float, den: float) -> float | None:
+    return None if den == 0 else num / den
+
+
+def f1_score(tp: int, fp: int, fn: int) -> float | None:
+    """2TP / (2TP + FP + FN) = PRMBench's 2PR / (P + R); None if the class is in neither gold nor
+    pred."""
+    return ratio(2 * tp, 2 * tp + fp + fn)
+
+
+def mean_of_both(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else 0.5 * a + 0.5 * b
+
+
+def confusion(pairs: list[tuple[bool, bool]]) -> dict:
+    """(gold correct, judged correct) pairs; correct steps are the positive class (PRMBench's
+    TP/FP/FN/TN), so f1 is F1(correct) and negative_f1 is F1(incorrect)."""
+    return {"tp": sum(g and p for g, p in pairs), "fp": sum(not g and p for g, p in pairs),
+            "fn": sum(g and not p for g, p in pairs), "tn": sum(not g and not p for g, p in pairs)}
+
+
 def step_pairs(records: list[dict], pred: list[list]) -> list[tuple[bool, bool]]:
     """(gold correct, judged correct) of every labelled correct/incorrect step judged True or False."""
     return [(s["label"] == "correct", p) for r, ps in zip(records, pred) for s, p in zip(r["steps"], ps)
@@ -495,6 +556,21 @@ def get_policy(args: Args, prm: bool):
     return policy
 
 
+def prm_steps_of(trajectory: list[dict]) -> tuple[list[dict], dict]:
+    """A rollout's turns (common.rollout) -> (unlabelled steps, {step index: tool image}): each
+    assistant turn is a step; its tool call, observation and image attach to it (reprompts do not)."""
+    steps, crops = [], {}
+    for turn in trajectory:
+        if turn["role"] == "assistant":
+            steps.append(prm_step(turn["text"].strip() or "(empty step)", None))
+        elif steps and turn["name"] != "reprompt":
+            steps[-1].update(tool_call={"name": turn["name"], "arguments": turn["args"]},
+                             observation=turn["observation"])
+            if turn.get("image") is not None:
+                crops[len(steps) - 1] = turn["image"]
+    return steps, crops
+
+
 def agent_rollouts(policy, specs: list[dict], args: Args, G: int, generate=None) -> list[dict]:
     """G sampled trajectories per question -> records: each assistant turn is a step; its tool call,
     observation and crop attach to it. `generate`: tests' scripted sampler."""
@@ -604,6 +680,32 @@ def stage_eval(args: Args) -> dict:
           f"{res['VisualProcessBench']['macro_f1']} | ProcessBench F1 {res['ProcessBench']['f1']} | {rates} "
           f"-> {out / 'results.json'}")
     return res
+
+
+def plot_best_of_n(res: dict, ns: list[int], path: Path) -> None:
+    """search/results.json as accuracy-vs-N curves, one per selection method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    source = "SIMULATED (toy)" if res["source"] == "toy" else "policy"
+    for m, v in res["accuracy"].items():
+        ax.plot(ns, [v[n] for n in ns], marker="o", ls="--" if m == "pass@N" else "-", label=m)
+    ax.set_xscale("log", base=2)
+    ax.minorticks_off()
+    ax.set(xticks=ns, xticklabels=[str(n) for n in ns],
+           xlabel="N (candidates shared by every method)", ylabel="accuracy", ylim=(-0.02, 1.02),
+           title=f"best-of-N, {source} candidates, PRM {res['prm']}")
+    ax.text(0.01, 0.01, "pass@N = an oracle that knows the answer (the ceiling). The oracle PRM "
+            "(gold step labels)\n"
+            "meets it when every error-free candidate is right and every other wrong; a recovered "
+            "error\n"
+            "(right answer despite a wrong step) puts it below.", transform=ax.transAxes,
+            fontsize=6.5, va="bottom")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def stage_search(args: Args) -> dict:

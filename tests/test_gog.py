@@ -12,7 +12,8 @@ import torch
 
 import gog
 from common.models import load_policy
-from common.rollout import run_rollouts
+from common.rollout import Rollout, run_rollouts
+from common.standins.toyworld import build_world, to_seen
 from helpers import run_script
 from test_gog_benchmarks import write_mmsearch
 
@@ -63,7 +64,7 @@ def world_fingerprint(w):
 
 
 def test_world_is_deterministic_for_a_seed():
-    a, b, c = gog.build_world(3, 2, 224), gog.build_world(3, 2, 224), gog.build_world(4, 2, 224)
+    a, b, c = build_world(3, 2, 224), build_world(3, 2, 224), build_world(4, 2, 224)
     assert world_fingerprint(a) == world_fingerprint(b)
     assert world_fingerprint(a) != world_fingerprint(c)
     assert {q["kind"] for q in a.questions} == {"glance", "text", "image", "gaze"}
@@ -83,7 +84,7 @@ def training_texts(world, args):
 
 
 def test_test_entities_and_pairs_never_reach_training_data():
-    world, args = gog.build_world(0, 16, 224), gog.Args(reflect_frac=1.0)
+    world, args = build_world(0, 16, 224), gog.Args(reflect_frac=1.0)
     train, test = gog.split_world(world)
     assert train and test
     pairs = {(q["question"], a) for q in train for a in q["answers"]}
@@ -113,7 +114,7 @@ def tiny():
 
 
 def test_oracle_replays_through_the_real_loop_and_states_only_what_it_saw(tiny):
-    world = gog.build_world(1, 4, 224)
+    world = build_world(1, 4, 224)
     names = [e["name"] for e in world.entities] + [s["place"] for s in world.scenes]
     labels = [t["label"] for s in world.scenes for t in s["tiles"]]
     rng = random.Random(0)
@@ -150,31 +151,31 @@ def test_oracle_replays_through_the_real_loop_and_states_only_what_it_saw(tiny):
 
 
 def test_whole_image_search_stays_available_after_a_crop():
-    world = gog.build_world(1, 2, 224)
+    world = build_world(1, 2, 224)
     scene, q = world.scenes[0], world.questions[3]
     tile = next(t for t in scene["tiles"] if t["name"] == q["target"])
     tools = gog.make_tools(*world.searchers("train"), 3)
-    r = gog.Rollout(prompt_ids=[], images=[scene["image"]])
-    r.images.append(tools["crop"]({"bbox_2d": gog.to_seen(tile["cell"], scene["image"])}, r)[1])
+    r = Rollout(prompt_ids=[], images=[scene["image"]])
+    r.images.append(tools["crop"]({"bbox_2d": to_seen(tile["cell"], scene["image"])}, r)[1])
     whole, on_crop = tools["image_search"]({}, r)[0], tools["image_search"]({"image": "crop"}, r)[0]
     assert whole.startswith("Searched with the whole image.") and "Photo of the" in whole
     assert on_crop.startswith("Searched with crop 1.") and f"The emblem of {tile['name']}" in on_crop
 
 
 def test_scripted_policies_show_that_the_world_needs_gaze():
-    table = gog.policy_table(gog.build_world(0, 40, 224), gog.Args())
+    table = gog.policy_table(build_world(0, 40, 224), gog.Args())
     assert table["gaze oracle"]["all"] == 100.0
     assert table["gaze oracle"]["gaze/cluttered"] - table["whole-image oracle"]["gaze/cluttered"] >= 50
     assert table["never search"]["gaze"] < 30 and table["never search"]["glance"] == 100.0
 
 
 def test_search_k_and_max_answer_words_are_used():
-    world = gog.build_world(1, 2, 224)
+    world = build_world(1, 2, 224)
     q = next(q for q in gog.split_world(world)[0] if q["kind"] == "text")
     for k in (1, 3):   # the oracle's text search shows --search_k hits (2 documents exist per entity)
         [(_, turns)] = gog.oracle_data(world, [q], gog.Args(search_k=k))
         assert turns[1]["observation"].count("Doc ") == min(k, 2)
-    rs = [gog.Rollout(prompt_ids=[], answer="in the year 1901", example={"question": "?", "answers": ["1901"]})]
+    rs = [Rollout(prompt_ids=[], answer="in the year 1901", example={"question": "?", "answers": ["1901"]})]
     assert gog.rollout_accs(rs, gog.Args(max_answer_words=4)) == [1.0]
     assert gog.rollout_accs(rs, gog.Args(max_answer_words=3)) == [0.0]
 
@@ -184,7 +185,7 @@ def test_judge_flag_reaches_every_accuracy(monkeypatch):
         def chat(self, batch, **kw):
             return ["correct"] * len(batch)
     monkeypatch.setattr(gog, "load_judge", lambda name: FakeJudge() if name else None)
-    rs = [gog.Rollout(prompt_ids=[], answer="wrong", example={"question": "?", "answers": ["1901"]})]
+    rs = [Rollout(prompt_ids=[], answer="wrong", example={"question": "?", "answers": ["1901"]})]
     assert gog.rollout_accs(rs, gog.Args()) == [0.0] and gog.rollout_accs(rs, gog.Args(judge="x")) == [1.0]
 
 

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 import gog
-from common.benchmarks.gog import infoseek_score, parse_benchmarks, score_record, summarize_benchmark, token_f1
+from common.benchmarks.gog import infoseek_score, token_f1
 from common.errors import UserError
+from gog import parse_benchmarks, score_record, summarize_benchmark
 
 
 def png(color=(200, 30, 30)) -> bytes:

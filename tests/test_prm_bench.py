@@ -15,7 +15,7 @@ from PIL import Image
 import prm_bench as pb
 from common.errors import UserError
 from common.judge import exact_match
-from gog import build_world
+from common.standins.toyworld import build_world
 from helpers import run_script
 
 C, I, N = "correct", "incorrect", "neutral"

@@ -1,44 +1,20 @@
-"""gog.py's published formats: visual search QA files (FVQA, InfoSeek, MMSearch, SimpleVQA,
-LiveVQA, DynVQA) -> records, and their official scorers.
+"""gog.py's published formats, read only: visual search QA files (FVQA, InfoSeek, MMSearch,
+SimpleVQA, LiveVQA, DynVQA) -> records, another model's answers, and the official scorers
+(InfoSeek's numeric ranges and final score, MMSearch's token F1). gog.py's BENCHMARKS table names
+each file's fields and its scoring rule (score_record); the aggregation is gog.py's.
 """
 from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from common.cli import RunArgs
-from common.errors import UserError
 from common.data import open_image, read_records, require
-from common.judge import exact_match, llm_judge_batch, normalize_answer, sub_exact_match
-from common.tools import ImageSearch, TextSearch
-
-
-# =============================================================================================
-# gog.py: visual search QA (FVQA, InfoSeek, MMSearch, SimpleVQA, LiveVQA, DynVQA)
-# gog.py's BENCHMARKS table names each file's fields and its scoring rule (score_record).
-# =============================================================================================
-
-
-@dataclass
-class VisualQAArgs(RunArgs):
-    """The fields that name gog.py's benchmark files and their search corpora (`class Args(..., VisualQAArgs)`)."""
-    # --- benchmarks ---
-    benchmarks: str = ""
-    """NAME=FILE,... in the published formats: FVQA, InfoSeek, MMSearch, SimpleVQA, LiveVQA, DynVQA"""
-    image_dir: str | None = None
-    """folder of benchmark images named <id>.<ext> or by URL file name (InfoSeek ids, DynVQA/LiveVQA URLs)"""
-    predictions: str | None = None
-    """score this file of {"id", "answer"} (another model's answers) instead of running the policy"""
-    text_corpus: str | None = None
-    """JSONL corpus for text search on benchmarks (default: the toy text KB, or TEXT_SEARCH_ENDPOINT)"""
-    image_kb: str | None = None
-    """JSONL image KB for image search on benchmarks (default: the toy image KB, or IMAGE_SEARCH_ENDPOINT)"""
+from common.errors import UserError
+from common.judge import exact_match, normalize_answer
 
 
 def field_at(row: dict, path: str):
@@ -122,18 +98,6 @@ def read_visual_qa(name: str, path: str, spec: dict, image_dir: str | None = Non
     return out
 
 
-def parse_benchmarks(spec: str, names) -> list[tuple[str, str]]:
-    """--benchmarks NAME=FILE,... -> [(canonical name, file)]; NAME ignores case and dashes."""
-    canonical, out = {n.lower().replace("-", ""): n for n in names}, []
-    for item in [s.strip() for s in spec.split(",") if s.strip()]:
-        key, _, path = item.partition("=")
-        name = canonical.get(key.lower().replace("-", ""))
-        if not path or name is None:
-            raise UserError(f"--benchmarks takes NAME=FILE with NAME in {', '.join(names)}, not {item!r}.")
-        out.append((name, path))
-    return out
-
-
 def read_predictions(path: str) -> dict[str, str]:
     """Another model's answers: {record id: answer} from {"id" | "data_id", "answer" | "prediction"}."""
     out = {}
@@ -144,19 +108,6 @@ def read_predictions(path: str) -> dict[str, str]:
                             '(or "prediction").')
         out[str(rid)] = str(ans)
     return out
-
-
-def benchmark_searchers(text_corpus: str | None, image_kb: str | None, fallback: tuple) -> tuple:
-    """(text, image) search for real benchmarks: a JSONL corpus, else the HTTP endpoint
-    (TEXT_SEARCH_ENDPOINT / IMAGE_SEARCH_ENDPOINT), else the `fallback` engines, announced."""
-    ts = ims = None
-    if text_corpus or os.environ.get("TEXT_SEARCH_ENDPOINT"):
-        ts = TextSearch.from_jsonl(text_corpus) if text_corpus else TextSearch(use_env=True)
-    if image_kb or os.environ.get("IMAGE_SEARCH_ENDPOINT"):
-        ims = ImageSearch.from_jsonl(image_kb) if image_kb else ImageSearch(use_env=True)
-    if ts is None or ims is None:
-        print("[eval] benchmarks use the toy KBs for a search without --text_corpus/--image_kb or an endpoint.")
-    return ts or fallback[0], ims or fallback[1]
 
 
 # --- the scoring rules, each as the benchmark's own code computes it ---
@@ -194,59 +145,12 @@ def infoseek_score(pred: str | None, golds: list) -> float:
     return float(overlap / ((p[1] - p[0]) + (hi - lo) + 2e-12 - overlap) >= 0.5 - 1e-12)
 
 
-def score_record(rule: str, pred: str | None, golds: list, judged: float | None) -> dict:
-    """Per-record metrics under the benchmark's rule; `judged` is the LLM judge's verdict (if any)."""
-    strings = [str(g) for g in golds]
-    if rule == "mmsearch_r1":
-        m = {"EM": exact_match(pred, strings), "SubEM": sub_exact_match(pred, strings)}
-    elif rule == "infoseek":
-        m = {"InfoSeek": infoseek_score(pred, golds)}
-    elif rule == "token_f1":
-        m = {"F1": max(token_f1(pred, g) for g in strings)}
-    elif rule == "llm_judge":
-        m = {"SubEM (rule stand-in for the LLM grader)": sub_exact_match(pred, strings)}
-    elif rule == "sub_em_ours":
-        m = {"SubEM (ours; no official scorer)": sub_exact_match(pred, strings)}
-    else:
-        raise ValueError(f"unknown scoring rule {rule!r}")
-    if judged is not None:
-        m["LLM judge"] = judged
-    return m
-
-
-def summarize_benchmark(name: str, records: list[dict], scores: list[dict]) -> dict:
-    """Mean of each metric in %; InfoSeek's final score is the harmonic mean of its unseen-question
-    and unseen-entity splits (as its evaluator does) when both are present."""
-    out = {k: 100 * float(np.mean([s[k] for s in scores])) for k in scores[0]}
-    by = {}
-    for r, s in zip(records, scores):
-        by.setdefault(r["split"], []).append(s[list(s)[0]])
-    out["by_split"] = {k: 100 * float(np.mean(v)) for k, v in by.items()}
-    if name == "InfoSeek":
-        q = [s["InfoSeek"] for r, s in zip(records, scores) if r["split"].endswith("unseen_question")]
-        e = [s["InfoSeek"] for r, s in zip(records, scores) if not r["split"].endswith("unseen_question")]
-        if q and e:
-            a, b = max(100 * np.mean(q), 1e-12), max(100 * np.mean(e), 1e-12)
-            out["InfoSeek"] = float(2 / (1 / a + 1 / b))
-    out["headline"] = "LLM judge" if "LLM judge" in out else list(scores[0])[0]
-    return {**out, "n": len(records)}
-
-
-def score_benchmark(name: str, rule: str, records: list[dict], answers: list, judged: list) -> dict:
-    """Every record under the benchmark's rule -> its summary in %, and how many answers are missing."""
-    scores = [score_record(rule, a, r["golds"], j) for a, r, j in zip(answers, records, judged)]
-    return {**summarize_benchmark(name, records, scores), "missing_answers": sum(a is None for a in answers)}
-
-
-def score_benchmarks(benches: list[tuple[str, list[dict]]], answers: dict[str, list], table: dict,
-                     judge=None) -> dict[str, dict]:
-    """{name: score_benchmark(...)} for each (name, records) under its rule table[name]["score"]; with
-    an LLM judge (a loaded policy), its verdict on each answer is scored too."""
-    out = {}
-    for name, recs in benches:
-        judged = (llm_judge_batch(judge, [r["question"] for r in recs], answers[name], [r["answers"] for r in recs])
-                  if judge is not None else [None] * len(recs))
-        out[name] = score_benchmark(name, table[name]["score"], recs, answers[name], judged)
-    return out
-
-
+def infoseek_final(splits: list[str], scores: list[float]) -> float | None:
+    """InfoSeek's final score in %, as its evaluator computes it: the harmonic mean of the accuracy
+    on its unseen-question and unseen-entity splits; None unless both splits are present."""
+    q = [s for split, s in zip(splits, scores) if split.endswith("unseen_question")]
+    e = [s for split, s in zip(splits, scores) if not split.endswith("unseen_question")]
+    if not (q and e):
+        return None
+    a, b = max(100 * np.mean(q), 1e-12), max(100 * np.mean(e), 1e-12)
+    return float(2 / (1 / a + 1 / b))

@@ -1,35 +1,25 @@
-"""prm_bench.py's published formats: VisualProcessBench / ProcessBench / PRMBench -> the
-step-labelled record, and the benchmarks' counting helpers.
+"""prm_bench.py's published formats, read only: VisualProcessBench / ProcessBench / PRMBench files
+-> prm_bench's step-labelled record, the record's validator and reader, an external PRM's
+predictions. The writer, the HTML view, the metrics and the toy set are prm_bench.py's (its step
+builders: common/standins/prm_steps.py).
+
+Record (a JSONL line; paths relative to the images folder): {"id", "question", "images": [path],
+"answers": [str], "final_answer", "category", "subcategory", "source", "injected": [{"step",
+"error_type"}], "steps": [{"text", "tool_call": null | {"name", "arguments"}, "observation",
+"tool_image": path | null, "knowledge": [fact] | null, "label": correct | incorrect | neutral | null,
+"error_type"}]}. A null label (not annotated) may only follow an incorrect step. The taxonomy and
+the error types are the script's, passed in.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-
-from common.errors import UserError
 from common.data import open_image, read_records, require
+from common.errors import UserError
+from common.standins.prm_steps import prm_step
 
-
-# =============================================================================================
-# prm_bench.py: its step-labelled trajectory record (validator, reader, writer, predictions, HTML view),
-# the PRM benchmarks (VisualProcessBench, ProcessBench, PRMBench) converted to it, the PRM metrics'
-# counting helpers and the best-of-N plot (the toy set's step builders are in common/standins/toyworld.py).
-# Record (a JSONL line; paths relative to the images folder): {"id", "question", "images": [path],
-# "answers": [str], "final_answer", "category", "subcategory", "source", "injected": [{"step", "error_type"}],
-# "steps": [{"text", "tool_call": null | {"name", "arguments"}, "observation", "tool_image": path | null,
-# "knowledge": [fact] | null, "label": correct | incorrect | neutral | null, "error_type"}]}.
-# A null label (not annotated) may only follow an incorrect step. The taxonomy and the error types are the
-# script's, passed in.
-# =============================================================================================
 PRM_LABELS = ("correct", "incorrect", "neutral")
 PRM_BENCHMARKS = ("VisualProcessBench", "ProcessBench", "PRMBench")  # the category of converted records
-
-
-def prm_step(text, label: str | None, error_type: str | None = None) -> dict:
-    """One step of a prm_bench.py record."""
-    return {"text": str(text), "tool_call": None, "observation": None, "tool_image": None, "knowledge": None,
-            "label": label, "error_type": error_type}
 
 
 def _line_of(where: str) -> str:
@@ -174,22 +164,6 @@ def load_prm_records(path: str, taxonomy: dict, error_types, require_labels: boo
     return records
 
 
-def save_prm_records(records: list[dict], path: Path) -> None:
-    """Write records as JSONL; in-memory PIL images (`_pil`) go to <dir>/images/ as PNGs."""
-    (path.parent / "images").mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for rec in records:
-            pil = rec.get("_pil", {})
-            for rel, im in zip(rec["images"], pil.get("images", [])):
-                if not (path.parent / rel).exists():
-                    im.save(path.parent / rel)
-            for k, im in pil.get("steps", {}).items():
-                im.save(path.parent / rec["steps"][k]["tool_image"])
-            rec["_base"] = str(path.parent)
-            row = {k: v for k, v in rec.items() if not k.startswith("_")}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def prm_record_images(rec: dict) -> tuple[list, dict]:
     """(question images, {step index: tool image}) as PIL images, from memory or from disk."""
     if rec.get("_pil") is not None:
@@ -219,83 +193,3 @@ def read_prm_predictions(path: str, records: list[dict]) -> list[list]:
             raise UserError(f"{where}: a score outside [0, 1] in {scores}; give probabilities of 'correct'.")
         out.append(scores)
     return out
-
-
-def prm_html_items(records: list[dict], judged: list[list[dict]] | None = None) -> list[dict]:
-    """Records (and the PRM's judgements) -> items of common.runlog.trajectory_html."""
-    items = []
-    for j, rec in enumerate(records):
-        images, step_images = prm_record_images(rec)
-        turns = []
-        for i, s in enumerate(rec["steps"]):
-            prm = f" | PRM {judged[j][i]['score']} ({judged[j][i]['reply']!r})" if judged else ""
-            turns.append({"role": "assistant", "text": f"[{i}] {s['text']}\n   gold: {s['label']} "
-                                                       f"{s['error_type'] or ''}{prm}"})
-            if s.get("tool_call"):
-                call = s["tool_call"]
-                turns.append({"role": "tool", "name": call["name"], "args": call.get("arguments", {}),
-                              "observation": s.get("observation") or "", "image": step_images.get(i)})
-        items.append({"title": f"{rec['id']} [{rec['category']}/{rec['subcategory']}] {rec['question']}",
-                      "images": images, "trajectory": turns,
-                      "rewards": {"gold": ", ".join(rec["answers"]), "final": str(rec["final_answer"])}})
-    return items
-
-
-# pred[j][i] is True / False (judged correct / not) or None (unparsed). Undefined ratios (0/0) are None.
-def ratio(num: float, den: float) -> float | None:
-    return None if den == 0 else num / den
-
-
-def f1_score(tp: int, fp: int, fn: int) -> float | None:
-    """2TP / (2TP + FP + FN) = PRMBench's 2PR / (P + R); None if the class is in neither gold nor pred."""
-    return ratio(2 * tp, 2 * tp + fp + fn)
-
-
-def mean_of_both(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else 0.5 * a + 0.5 * b
-
-
-def confusion(pairs: list[tuple[bool, bool]]) -> dict:
-    """(gold correct, judged correct) pairs; correct steps are the positive class (PRMBench's TP/FP/FN/TN)."""
-    return {"tp": sum(g and p for g, p in pairs), "fp": sum(not g and p for g, p in pairs),
-            "fn": sum(g and not p for g, p in pairs), "tn": sum(not g and not p for g, p in pairs)}
-
-
-def prm_steps_of(trajectory: list[dict]) -> tuple[list[dict], dict]:
-    """A rollout's turns (common.rollout) -> (unlabelled steps, {step index: tool image}): each assistant turn
-    is a step; its tool call, observation and image attach to it (reprompts do not)."""
-    steps, crops = [], {}
-    for turn in trajectory:
-        if turn["role"] == "assistant":
-            steps.append(prm_step(turn["text"].strip() or "(empty step)", None))
-        elif steps and turn["name"] != "reprompt":
-            steps[-1].update(tool_call={"name": turn["name"], "arguments": turn["args"]},
-                             observation=turn["observation"])
-            if turn.get("image") is not None:
-                crops[len(steps) - 1] = turn["image"]
-    return steps, crops
-
-
-def plot_best_of_n(res: dict, ns: list[int], path: Path) -> None:
-    """prm_bench.py's search/results.json as accuracy-vs-N curves, one per selection method."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    source = "SIMULATED (toy)" if res["source"] == "toy" else "policy"
-    for m, v in res["accuracy"].items():
-        ax.plot(ns, [v[n] for n in ns], marker="o", ls="--" if m == "pass@N" else "-", label=m)
-    ax.set_xscale("log", base=2)
-    ax.minorticks_off()
-    ax.set(xticks=ns, xticklabels=[str(n) for n in ns], xlabel="N (candidates shared by every method)",
-           ylabel="accuracy", ylim=(-0.02, 1.02),
-           title=f"best-of-N, {source} candidates, PRM {res['prm']}")
-    ax.text(0.01, 0.01, "pass@N = an oracle that knows the answer (the ceiling). The oracle PRM (gold step "
-            "labels)\n"
-            "meets it when every error-free candidate is right and every other wrong; a recovered error\n"
-            "(right answer despite a wrong step) puts it below.", transform=ax.transAxes, fontsize=6.5,
-            va="bottom")
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

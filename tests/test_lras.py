@@ -40,8 +40,9 @@ def tok_policy():
 # toy world and oracle
 # ---------------------------------------------------------------------------------------------
 def test_charge_table_file_builds_the_same_world_as_the_old_inline_table():
-    """docs/lras/charges.jsonl holds the 16 invented (charge, conduct) pairs that were inline in lras.py;
-    the digests are those of the worlds the inline table built (seed 0 defaults; seed 3, 6 charges, 2 held out)."""
+    """common/standins/data/lras_charges.jsonl holds the 16 invented (charge, conduct) pairs that
+    were inline in lras.py; the digests are those of the worlds the inline table built (seed 0
+    defaults; seed 3, 6 charges, 2 held out)."""
     assert len(lras.CHARGES) == 16 and lras.CHARGES[0] == (
         "grain hoarding", "stockpile grain beyond household needs during a declared shortage")
     for w, digest in ((lras.build_world(0), "65bb46a5a11bacb61680a75fb3230060136182656d943d0fea84e5b912e4e609"),

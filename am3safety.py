@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.benchmarks.am3safety import (SAFEMT_TURNS, ahash, bootstrap_ci, describe_image, draw_toy_image, general_ability,
+from common.benchmarks.am3safety import (SAFEMT_TURNS, ahash, describe_image, draw_toy_image, general_ability,
                                is_near_duplicate, plot_asr_by_k, read_dialogues, read_responses, read_safemt,
                                read_seeds, safemt_safety_index, save_ablation, save_build, turn_content, user_content)
 from common.benchmarks.am3safety import safemt_asr as asr   # unsafe / (safe + unsafe), cut left out
@@ -65,6 +65,7 @@ from common.runlog import RunLog, write_json, trajectory_html
 from common.safety import (CUE_RE, PLACEHOLDER_RE, WORD_RE, Judge, RoleModels, judge_items, judge_replies, key_terms,
                            words)
 from common.sft import SFTConfig, train_sft
+from common.stats import bootstrap_ci
 
 
 @dataclass

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import am3safety as am  # noqa: E402
 from common.errors import UserError  # noqa: E402
-from common.safety import Judge, rule_verdict  # noqa: E402
+from am3safety import Judge, rule_verdict  # noqa: E402
 from common.stats import bootstrap_ci  # noqa: E402
 from helpers import run_script  # noqa: E402
 

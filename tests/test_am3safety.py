@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import am3safety as am  # noqa: E402
 from common.errors import UserError  # noqa: E402
-from am3safety import Judge, rule_verdict  # noqa: E402
+from am3safety import Judge, metrics_table, rule_verdict  # noqa: E402
 from common.stats import bootstrap_ci  # noqa: E402
 from helpers import run_script  # noqa: E402
 
@@ -115,7 +115,6 @@ def test_seed_bootstrap_resamples_whole_seeds():
 
 
 def test_metrics_table_cells():
-    from common.benchmarks.am3safety import metrics_table
     row = {"ASR_response": 0.25, "ASR_response_ci95": [0.1, 0.5], "ASR_dialogue": None,
            "ASR_response_by_k": {"1": 0.5, "4": None}, "cut_responses": 2, "n_responses": 8,
            "general_ability": {"accuracy": 0.75}}

@@ -145,7 +145,7 @@ TINY_SIZES = dict(n_charges=6, test_charges=2, difficulty_k=2, max_steps=1, prom
 
 # ==== data: the toy legal world (1), the real benchmarks' field maps (8) ==========================
 CODE, CURRENCY = "Veridian Penal Code", "marks"
-# invented, so no model knows the facts (1): data beside the stand-ins, not under docs/
+# the invented charge table (1): no model knows its facts; data lives beside the stand-ins
 CHARGES_FILE = Path(__file__).parent / "common" / "standins" / "data" / "lras_charges.jsonl"
 CHARGES = [(r["name"], r["conduct"]) for _, r in read_records(CHARGES_FILE, "toy charge table")]
 ROLES = "miller merchant clerk boatman carter weaver innkeeper smith".split()

@@ -42,6 +42,7 @@ Deviations from the paper (numbered; the code says "(n)" where each one lives):
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import random
@@ -54,20 +55,19 @@ from typing import Literal
 import numpy as np
 import torch
 
-from common.benchmarks.lras import (adapter_digest, check_legal_files, lawbench_charge_f1, legal_predictions,
-                               lexeval_letters, read_legal_qa, save_lras_ablation, save_lras_eval, save_lras_rl)
+from common.benchmarks.lras import lawbench_charge_f1, lexeval_letters, read_legal_qa
 from common.chat import Encoded, encode
 from common.cli import RunArgs, run_stages, start_adapter
 from common.errors import UserError
-from common.data import read_records
+from common.data import read_records, require
 from common.grpo import GRPOConfig, train_grpo
 from common.rewards import per_rollout
 from common.judge import extract_choice, sub_exact_match
 from common.models import load_policy
 from common.rollout import Rollout, observation_segment, run_rollouts
-from common.runlog import RunLog, read_jsonl, trajectory_html, write_json
+from common.runlog import RunLog, bar_plot, read_jsonl, trajectory_html, write_json
 from common.sft import SFTConfig, train_sft
-from common.stats import wilson
+from common.stats import rate_bars, wilson
 from common.tools import Grammar, TextSearch, parse_action
 
 
@@ -146,7 +146,8 @@ TINY_SIZES = dict(n_charges=6, test_charges=2, difficulty_k=2, max_steps=1, prom
 
 # ==== data: the toy legal world (1), the real benchmarks' field maps (8) ==========================
 CODE, CURRENCY = "Veridian Penal Code", "marks"
-CHARGES_FILE = Path(__file__).parent / "docs" / "lras" / "charges.jsonl"   # invented: no model knows the facts
+# the invented charge table (1): no model knows its facts; data lives beside the stand-ins
+CHARGES_FILE = Path(__file__).parent / "common" / "standins" / "data" / "lras_charges.jsonl"
 CHARGES = [(r["name"], r["conduct"]) for _, r in read_records(CHARGES_FILE, "toy charge table")]
 ROLES = "miller merchant clerk boatman carter weaver innkeeper smith".split()
 TOWNS = "Osterby Velmor Quenby Arlath Dunmere Sorvik Halden Tobrin".split()
@@ -260,6 +261,27 @@ def load_benchmark(path: str, args: Args) -> list[dict]:
     """A legal benchmark file (BENCHMARKS, else the --field_* map) -> toy-format records with their rule."""
     generic = dict(question=args.field_question, answer=args.field_answer, options=args.field_options)
     return read_legal_qa(path, BENCHMARKS, generic, answer_rule)
+
+
+def legal_predictions(path: str, records: list[dict], ids_from: str) -> list[str | None]:
+    """Another model's answers, {"id", "prediction"} rows matched to `records` by id (a record
+    without one, or with a null prediction, has no answer: None); ids_from names the file the ids
+    come from."""
+    rows = read_records(path, "predictions file")
+    preds = {str(r.get("id")): r.get("prediction") for _, r in rows}
+    if not set(preds) & {r["id"] for r in records}:
+        raise UserError(f"no id in {path} matches a question of the evaluated set; write "
+                        f'{{"id": ..., "prediction": ...}} rows with the ids of {ids_from}.')
+    return [None if preds.get(r["id"]) is None else str(preds[r["id"]]) for r in records]
+
+
+def check_legal_files(corpus_file: str | None, predictions: str | None) -> None:
+    """The other user files, read and checked before any model loads: a corpus of {"id", "title"?,
+    "text"} rows and a predictions file of {"id", "prediction"} rows (each optional)."""
+    for path, what, key in ((corpus_file, "corpus file", "text"),
+                            (predictions, "predictions file", "id")):
+        for where, row in read_records(path, what) if path else []:
+            require(row, where, key)
 
 
 # ==== prompt + parsing: Search-R1 format, the noisy oracle (3), pruning (4), SFT samples ==========
@@ -559,6 +581,20 @@ def difficulty_sampling(pool: list[dict], rates: dict[str, float], uniform: bool
     return kept, None if uniform else [1.0 - rates[q["id"]] for q in kept]
 
 
+def save_lras_rl(out: Path, summary: dict, rates: dict[str, float], page: list[dict],
+                 difficulty: dict) -> None:
+    """The RL outputs: summary.json (train_grpo's summary, the difficulty filter's numbers and the
+    histogram of the pass rates), pass_rates.png, reward_terms.png and the last step's page."""
+    hist = {f"{v:.2f}": sum(abs(p - v) < 1e-9 for p in rates.values())
+            for v in sorted(set(rates.values()))}
+    write_json(str(out / "summary.json"),
+               {**summary, "difficulty": {**difficulty, "pass_rate_histogram": hist}})
+    bar_plot({"questions": hist}, str(out / "pass_rates.png"), "pass rate before RL", "questions")
+    RunLog(str(out), resume=True).plot(["rewards/acc", "rewards/format"], "reward_terms.png",
+                                       "LRAS reward terms")
+    trajectory_html(page, str(out / "trajectories.html"), "LRAS RL, last step")
+
+
 def run_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False, rates_file: str | None = None) -> str:
     """Difficulty-aware GRPO with inline search rollouts; the pool is the whole training set."""
     world = world_of(args)
@@ -612,6 +648,26 @@ def eval_sets(args: Args, world: World) -> dict:
     return sets
 
 
+def save_lras_eval(out: Path, results: dict, rows: list[tuple]) -> None:
+    """The eval outputs from (set, rollout, acc, format) rows: results.json, samples.jsonl (one
+    line per question: prediction, acc, searches, trajectory), trajectories.html (the first 12)
+    and one line."""
+    write_json(str(out / "results.json"), results)
+    samples = [{"set": name, "id": r.example["id"], "prediction": r.answer, "acc": acc,
+                "searches": r.tool_calls.get("text_search", 0), "trajectory": r.trajectory}
+               for name, r, acc, _ in rows]
+    RunLog(str(out)).samples(samples, "samples.jsonl")
+    page = [{"title": f"[{name}/{r.example['task']}] {r.example['question']} "
+                      f"(gold: {r.example['answer']})",
+             "trajectory": r.trajectory, "rewards": {"acc": acc, "format": fmt}}
+            for name, r, acc, fmt in rows[:12]]
+    trajectory_html(page, str(out / "trajectories.html"), "LRAS eval")
+    toy = results["search"]["toy"]
+    print(f"[eval] toy score {results['score']['toy']:.3f} (accuracy), search rate "
+          f"{toy['search_rate']:.3f}, searches/question {toy['searches_per_question']:.2f}, "
+          f"failures without search {toy['failures_without_search']} -> {out}/results.json")
+
+
 def run_eval(args: Args, adapter: str | None, out_dir: str) -> dict:
     """Score per set and task (each by its benchmark's rule), search statistics, trajectories; results.json."""
     sets = eval_sets(args, world_of(args))
@@ -644,6 +700,37 @@ def run_eval(args: Args, adapter: str | None, out_dir: str) -> dict:
 def stage_eval(args: Args) -> dict:
     """Evaluate the RL adapter, else the SFT adapter, else the base model (or score --predictions)."""
     return run_eval(args, start_adapter(args, "rl", "sft"), os.path.join(args.out, "eval"))
+
+
+def adapter_digest(adapter: str | None) -> str | None:
+    """sha256 (16 hex digits) of a peft adapter's weights, None without one: two ablation variants
+    with one digest trained to the same adapter."""
+    path = Path(adapter or "") / "adapter_model.safetensors"
+    if not (adapter and path.is_file()):
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def save_lras_ablation(out: Path, table: dict[str, dict], n_questions: int,
+                       rule: str) -> list[list[str]]:
+    """The ablation outputs: results.json (the table, its scoring rule, and the variants whose
+    `adapter_sha256` is one: identical adapters, not a comparison, said in one line), ablate.png
+    (accuracy with its 95 % interval, search rate) and a one-line summary. Returns the identical
+    groups."""
+    digests = Counter(r["adapter_sha256"] for r in table.values() if r["adapter_sha256"])
+    same = [[n for n, r in table.items() if r["adapter_sha256"] == d]
+            for d, c in digests.items() if c > 1]
+    if same:
+        print(f"[ablate] identical adapters, not a comparison: {same}")
+    write_json(str(out / "results.json"), {"table": table, "identical_adapters": same,
+                                           "questions": n_questions, "rule": rule})
+    acc, rows = "accuracy (95 % interval)", list(table.values())
+    bars = {acc: [r["accuracy"] for r in rows], "search rate": [r["search_rate"] for r in rows]}
+    rate_bars(str(out / "ablate.png"), list(table), bars, {acc: [r["ci95"] for r in rows]},
+              f"LRAS ablation, {n_questions} held-out toy questions")
+    print("[ablate] " + " | ".join(f"{k}: acc {r['accuracy']:.3f} {r['ci95']}"
+                                   for k, r in table.items()))
+    return same
 
 
 def stage_ablate(args: Args) -> dict:

@@ -1,7 +1,11 @@
-"""Generic statistics for reported numbers: intervals of rates. Plumbing, no paper knowledge."""
+"""Generic statistics for reported numbers: intervals of rates and of any metric (a grouped
+bootstrap). Plumbing, no paper knowledge."""
 from __future__ import annotations
 
 import math
+import random
+
+import numpy as np
 
 
 def wilson(successes: float, n: int, z: float = 1.96) -> list[float] | None:
@@ -17,12 +21,31 @@ def wilson(successes: float, n: int, z: float = 1.96) -> list[float] | None:
     return [round(centre - half, 4), round(centre + half, 4)]
 
 
+def bootstrap_ci(groups: list, stat, keys, n: int = 200, seed: int = 0) -> dict:
+    """95 % percentile bootstrap intervals {key_ci95: [lo, hi]}, resampling whole groups:
+    `groups[i]` is item i's group (e.g. a seed, whose versions go together; one group per item
+    resamples items);
+    `stat([(draw j, item i)])` -> the metrics of one resample (a group drawn twice appears twice,
+    under two draw numbers j). A key whose metric is always None gets no interval."""
+    members: dict = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    names, draws, rng = list(members), {}, random.Random(seed)
+    for _ in range(n):
+        idx = [(j, i) for j, g in enumerate(rng.choices(names, k=len(names))) for i in members[g]]
+        m = stat(idx)
+        for key in keys:
+            if m.get(key) is not None:
+                draws.setdefault(key, []).append(m[key])
+    return {f"{k}_ci95": [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
+            for k, v in draws.items()}
+
+
 def rate_bars(path: str, names: list[str], bars: dict[str, list], intervals: dict[str, list] | None = None,
               title: str = "") -> None:
     """Grouped bars of rates on a 0-1 axis: one group per name, one bar per entry of `bars` (None
     draws 0); a bar label that `intervals` maps to [lo, hi] per name gets those as error bars."""
     import matplotlib.pyplot as plt
-    import numpy as np
     fig, ax = plt.subplots(figsize=(6, 3.5))
     x, width = np.arange(len(names)), 0.8 / len(bars)
     for i, (label, values) in enumerate(bars.items()):

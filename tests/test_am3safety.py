@@ -21,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import am3safety as am  # noqa: E402
 from common.errors import UserError  # noqa: E402
-from common.safety import Judge, rule_verdict  # noqa: E402
+from am3safety import Judge, metrics_table, rule_verdict  # noqa: E402
+from common.stats import bootstrap_ci  # noqa: E402
 from helpers import run_script  # noqa: E402
 
 
@@ -106,7 +107,6 @@ def test_win_rate():
 def test_seed_bootstrap_resamples_whole_seeds():
     """Seed a has two k-versions, seed b one: a resample holds 2 (b, b), 3 (a, b) or 4 (a, a) items,
     never a count that splits a seed; resampling single items would always give 3."""
-    from common.benchmarks.am3safety import bootstrap_ci
     ci = bootstrap_ci(["a", "a", "b"], lambda idx: {"n": len(idx), "none": None}, ("n", "none"), n=200, seed=0)
     assert ci == {"n_ci95": [2.0, 4.0]}                      # a key that is always None gets no interval
     seen = []
@@ -115,7 +115,6 @@ def test_seed_bootstrap_resamples_whole_seeds():
 
 
 def test_metrics_table_cells():
-    from common.benchmarks.am3safety import metrics_table
     row = {"ASR_response": 0.25, "ASR_response_ci95": [0.1, 0.5], "ASR_dialogue": None,
            "ASR_response_by_k": {"1": 0.5, "4": None}, "cut_responses": 2, "n_responses": 8,
            "general_ability": {"accuracy": 0.75}}

@@ -1,5 +1,5 @@
 # Run: pytest tests/test_am3safety_judge.py -q        (CPU, no downloads, a second)
-"""common/safety.py, am3safety.py's judge: the rule verdict against adversarial replies and a hand-labelled
+"""am3safety.py's judge: the rule verdict against adversarial replies and a hand-labelled
 set, the model judge's prompts (intent, dialogue so far) and its reply parsing with a scripted judge model."""
 import os
 import sys
@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import am3safety as am  # noqa: E402   (its SAFETY table: verdict -> safety s)
 from common.judge import parse_label_score, parse_preference  # noqa: E402
-from common.safety import VERDICTS, Judge, judge_items, judge_prompt  # noqa: E402
+from am3safety import VERDICTS, Judge, judge_items, judge_prompt  # noqa: E402
 
 
 def test_judge_reply_parsers():

@@ -40,8 +40,9 @@ def tok_policy():
 # toy world and oracle
 # ---------------------------------------------------------------------------------------------
 def test_charge_table_file_builds_the_same_world_as_the_old_inline_table():
-    """docs/lras/charges.jsonl holds the 16 invented (charge, conduct) pairs that were inline in lras.py;
-    the digests are those of the worlds the inline table built (seed 0 defaults; seed 3, 6 charges, 2 held out)."""
+    """common/standins/data/lras_charges.jsonl holds the 16 invented (charge, conduct) pairs that
+    were inline in lras.py; the digests are those of the worlds the inline table built (seed 0
+    defaults; seed 3, 6 charges, 2 held out)."""
     assert len(lras.CHARGES) == 16 and lras.CHARGES[0] == (
         "grain hoarding", "stockpile grain beyond household needs during a declared shortage")
     for w, digest in ((lras.build_world(0), "65bb46a5a11bacb61680a75fb3230060136182656d943d0fea84e5b912e4e609"),
@@ -507,21 +508,21 @@ def test_a_gold_letter_without_option_fields_is_a_letter_not_an_article(tmp_path
 
 
 def test_corpus_and_predictions_files_are_checked_row_by_row(tmp_path):
-    from common.benchmarks.lras import check_legal_files
     corpus = write(tmp_path / "c.jsonl", '{"id": "a", "text": "x"}\n{"id": "b", "title": "no text"}\n')
     with pytest.raises(UserError, match=r"c\.jsonl:2.*text"):
-        check_legal_files(corpus, None)
+        lras.check_legal_files(corpus, None)
     preds = write(tmp_path / "p.jsonl", '{"prediction": "A"}\n')
     with pytest.raises(UserError, match=r"p\.jsonl:1.*id"):
-        check_legal_files(None, preds)
-    check_legal_files(write(tmp_path / "ok.jsonl", '{"id": "a", "text": "x"}\n'), None)   # a good file passes
+        lras.check_legal_files(None, preds)
+    ok = write(tmp_path / "ok.jsonl", '{"id": "a", "text": "x"}\n')
+    lras.check_legal_files(ok, None)   # a good file passes
 
 
 def test_adapter_digest_tells_identical_adapters_apart_from_different_ones(tmp_path):
-    from common.benchmarks.lras import adapter_digest
     for name, weights in (("a", b"same"), ("b", b"same"), ("c", b"other")):
         (tmp_path / name).mkdir()
         (tmp_path / name / "adapter_model.safetensors").write_bytes(weights)
-    a, b, c = (adapter_digest(str(tmp_path / n)) for n in "abc")
+    a, b, c = (lras.adapter_digest(str(tmp_path / n)) for n in "abc")
     assert a == b != c and len(a) == 16
-    assert adapter_digest(None) is None and adapter_digest(str(tmp_path / "missing")) is None
+    assert lras.adapter_digest(None) is None
+    assert lras.adapter_digest(str(tmp_path / "missing")) is None

@@ -1,26 +1,20 @@
-"""lras.py's published formats: JEC-QA / LawBench / LexEval files -> records, and their
-official scorers.
+"""lras.py's published formats (JEC-QA, LawBench, LexEval, their CSV exports) -> records, and
+their official scorers; nothing else (lras.py reads its own files and writes its own outputs).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-from collections import Counter
 from pathlib import Path
-
 
 from common.errors import UserError
 from common.data import read_records, require
 from common.judge import extract_choice
-from common.runlog import RunLog, bar_plot, trajectory_html, write_json
-from common.stats import rate_bars
 
 
 # =============================================================================================
 # lras.py: JEC-QA / LawBench / LexEval
 # lras.py's BENCHMARKS table names each published schema's fields and rule; lras.score applies the rules.
-# Below the readers: the files lras.py's stages write (lras.py computes every number in them).
 # =============================================================================================
 LEGAL_MCQ_RULES = ("choice", "jecqa_set", "lawbench_mcq", "lexeval_exact")   # records of type "mcq"
 
@@ -112,74 +106,3 @@ def read_legal_qa(path: str, schemas: dict, generic: dict, answer_rule) -> list[
     for r in out:   # (lras deviation 8) LawBench's charge list has 189 names; here: the charges named in this file
         r["charges"] = sorted(set(charges)) if r["rule"] == "lawbench_charge_f1" else []
     return out
-
-
-def legal_predictions(path: str, records: list[dict], ids_from: str) -> list[str | None]:
-    """Another model's answers, {"id", "prediction"} rows matched to `records` by id (a record without
-    one, or with a null prediction, has no answer: None); ids_from names the file the ids come from."""
-    preds = {str(r.get("id")): r.get("prediction") for _, r in read_records(path, "predictions file")}
-    if not set(preds) & {r["id"] for r in records}:
-        raise UserError(f"no id in {path} matches a question of the evaluated set; write "
-                        f'{{"id": ..., "prediction": ...}} rows with the ids of {ids_from}.')
-    return [None if preds.get(r["id"]) is None else str(preds[r["id"]]) for r in records]
-
-
-def check_legal_files(corpus_file: str | None, predictions: str | None) -> None:
-    """lras.py's other user files, read and checked before any model loads: a corpus of {"id", "title"?,
-    "text"} rows and a predictions file of {"id", "prediction"} rows (each optional)."""
-    for path, what, key in ((corpus_file, "corpus file", "text"), (predictions, "predictions file", "id")):
-        for where, row in read_records(path, what) if path else []:
-            require(row, where, key)
-
-
-def adapter_digest(adapter: str | None) -> str | None:
-    """sha256 (16 hex digits) of a peft adapter's weights, None without one: two ablation variants with
-    one digest trained to the same adapter."""
-    path = Path(adapter or "") / "adapter_model.safetensors"
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if adapter and path.is_file() else None
-
-
-def save_lras_rl(out: Path, summary: dict, rates: dict[str, float], page: list[dict], difficulty: dict) -> None:
-    """lras.py's RL outputs: summary.json (train_grpo's summary, the difficulty filter's numbers and the
-    histogram of the pass rates), pass_rates.png, reward_terms.png and the last step's trajectory page."""
-    hist = {f"{v:.2f}": sum(abs(p - v) < 1e-9 for p in rates.values()) for v in sorted(set(rates.values()))}
-    write_json(str(out / "summary.json"), {**summary, "difficulty": {**difficulty, "pass_rate_histogram": hist}})
-    bar_plot({"questions": hist}, str(out / "pass_rates.png"), "pass rate before RL", "questions")
-    RunLog(str(out), resume=True).plot(["rewards/acc", "rewards/format"], "reward_terms.png", "LRAS reward terms")
-    trajectory_html(page, str(out / "trajectories.html"), "LRAS RL, last step")
-
-
-def save_lras_eval(out: Path, results: dict, rows: list[tuple]) -> None:
-    """lras.py's eval outputs from (set, rollout, acc, format) rows: results.json, samples.jsonl (one line
-    per question: prediction, acc, searches, trajectory), trajectories.html (the first 12) and one line."""
-    write_json(str(out / "results.json"), results)
-    samples = [{"set": name, "id": r.example["id"], "prediction": r.answer, "acc": acc,
-                "searches": r.tool_calls.get("text_search", 0), "trajectory": r.trajectory} for name, r, acc, _ in rows]
-    RunLog(str(out)).samples(samples, "samples.jsonl")
-    trajectory_html([{"title": f"[{name}/{r.example['task']}] {r.example['question']} (gold: {r.example['answer']})",
-                      "trajectory": r.trajectory, "rewards": {"acc": acc, "format": fmt}}
-                     for name, r, acc, fmt in rows[:12]], str(out / "trajectories.html"), "LRAS eval")
-    toy = results["search"]["toy"]
-    print(f"[eval] toy score {results['score']['toy']:.3f} (accuracy), search rate {toy['search_rate']:.3f}, "
-          f"searches/question {toy['searches_per_question']:.2f}, failures without search "
-          f"{toy['failures_without_search']} -> {out}/results.json")
-
-
-def save_lras_ablation(out: Path, table: dict[str, dict], n_questions: int, rule: str) -> list[list[str]]:
-    """lras.py's ablation outputs: results.json (the table, its scoring rule, and the variants whose
-    `adapter_sha256` is one: identical adapters, not a comparison, said in one line), ablate.png
-    (accuracy with its 95 % interval, search rate) and a one-line summary. Returns the identical groups."""
-    digests = Counter(r["adapter_sha256"] for r in table.values() if r["adapter_sha256"])
-    same = [[n for n, r in table.items() if r["adapter_sha256"] == d] for d, c in digests.items() if c > 1]
-    if same:
-        print(f"[ablate] identical adapters, not a comparison: {same}")
-    write_json(str(out / "results.json"), {"table": table, "identical_adapters": same, "questions": n_questions,
-                                           "rule": rule})
-    acc, rows = "accuracy (95 % interval)", list(table.values())
-    bars = {acc: [r["accuracy"] for r in rows], "search rate": [r["search_rate"] for r in rows]}
-    rate_bars(str(out / "ablate.png"), list(table), bars, {acc: [r["ci95"] for r in rows]},
-              f"LRAS ablation, {n_questions} held-out toy questions")
-    print("[ablate] " + " | ".join(f"{k}: acc {r['accuracy']:.3f} {r['ci95']}" for k, r in table.items()))
-    return same
-
-

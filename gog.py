@@ -1,11 +1,15 @@
-"""Glance-or-Gaze (GoG), arXiv 2601.13942 (ACL 2026 Findings): a search-augmented VLM agent glances at
-the whole image, then answers, searches text, searches the whole image, or gazes (crops a region) and
-searches on the crop. Stage 1 Reflective GoG Behavior Alignment (SFT), Stage 2 Complexity-Adaptive RL
-(GRPO), accuracy on six visual search QA benchmarks. Each stage writes <out>/<stage>/:
-    python gog.py --stage all --model tiny   # CPU: 16 s on an idle 2-core machine; numbers are noise
+"""Glance-or-Gaze (GoG), arXiv 2601.13942 (ACL 2026 Findings): a search-augmented VLM agent glances
+at the whole image, then answers, searches text, searches the whole image, or gazes (crops a region)
+and searches on the crop. Stage 1 Reflective GoG Behavior Alignment (SFT), Stage 2
+Complexity-Adaptive RL (GRPO), accuracy on six visual search QA benchmarks. Each stage writes
+<out>/<stage>/:
+    python gog.py --stage all --model tiny   # CPU: 16 s on an idle 2-core machine; numbers are
+    noise
     python gog.py --stage data    # toy world, oracle page, scripted-policy table (no model)
-    python gog.py --stage sft     # Reflective GoG Behavior Alignment: oracle (+ teacher) trajectories
-    python gog.py --stage levels  # SFT pass rate over k samples -> Level 1 (~50 %) / Level 2 (mostly failed)
+    python gog.py --stage sft     # Reflective GoG Behavior Alignment: oracle (+ teacher)
+    trajectories
+    python gog.py --stage levels  # SFT pass rate over k samples -> Level 1 (~50 %) / Level 2
+    (mostly failed)
     python gog.py --stage rl      # GRPO on Level 2, r = (1 - lambda) * acc + lambda * fmt
     python gog.py --stage eval    # held-out toy accuracy, tool use, the six benchmarks (Avg in %)
     python gog.py --stage ablate  # SFT without gaze; RL on Level 1 vs Level 2
@@ -17,26 +21,31 @@ Real benchmarks in their published files (NAME=FILE; see BENCHMARKS), or another
     python gog.py --stage eval --benchmarks MMSearch=end2end.parquet --predictions answers.jsonl
 
 Deviations from the paper (numbered; the code says "(n)" where each one lives):
- 1. Data: a drawn toy world (common/standins/toyworld.py) replaces FVQA/InfoSeek (GoG-Instruct is not public):
-    labelled emblem tiles, grey distractors, sparse (2) and cluttered (5) scenes; test entities held out.
- 2. Tags (the paper's prompt is unpublished): DeepEyes' crop `<tool_call>{"name": "crop", "arguments":
-    {"bbox_2d": [...]}}</tool_call>` (pixels the model saw), MMSearch-R1's `<text_search>q</text_search>`
-    and `<image_search></image_search>` (whole image), an `image_search` tool call on the latest crop,
-    `<reason>`, `<answer>`; results come back as user turns (crops as images).
+ 1. Data: a drawn toy world (common/standins/toyworld.py) replaces FVQA/InfoSeek (GoG-Instruct is
+    not public): labelled emblem tiles, grey distractors, sparse (2) and cluttered (5) scenes; test
+    entities held out.
+ 2. Tags (the paper's prompt is unpublished): DeepEyes' crop `<tool_call>{"name": "crop",
+    "arguments": {"bbox_2d": [...]}}</tool_call>` (pixels the model saw), MMSearch-R1's
+    `<text_search>q</text_search>` and `<image_search></image_search>` (whole image), an
+    `image_search` tool call on the latest crop, `<reason>`, `<answer>`; results come back as user
+    turns (crops as images).
  3. lambda = 0.1 (not published; MMSearch-R1's format weight). No tool-use bonus, as in GoG.
  4. r_acc is sub-exact match (answers over --max_answer_words words score 0), not gpt-oss-120b;
     `--judge <model>` is a local LLM judge everywhere (filters, levels, reward, eval).
- 5. Search: BM25 over the text KB, nearest neighbour over a hand-made image embedding (common/tools.py);
-    not web search, HTTP via TEXT_SEARCH_ENDPOINT / IMAGE_SEARCH_ENDPOINT.
+ 5. Search: BM25 over the text KB, nearest neighbour over a hand-made image embedding
+    (common/tools.py); not web search, HTTP via TEXT_SEARCH_ENDPOINT / IMAGE_SEARCH_ENDPOINT.
  6. SFT trajectories: a scripted oracle that states only what the image or an observation shows (+ a
-    --teacher's correct samples), not human-checked crops; the uncertainty filter uses the teacher or the model.
- 7. SFT as in GoG (LoRA r = 8 on the LLM, lr 1e-4, 3 epochs, batch 8: the shared defaults); LoRA in RL too
-    (paper: full actor, lr 2e-6), so lr 1e-5; G = 4, beta = 0.001 as in GoG; far fewer steps and tokens.
- 8. Levels: Level 1 = pass rate in (level2_max, level1_max], Level 2 = <= level2_max, disjoint; a level
-    under --min_level_size is filled from neither level, nearest first, announced.
- 9. Gaze correctness (the paper's humans judged it): a crop holds >= 90 % of the target tile, <= 4x its area.
-10. --full_sft (the random-weight tiny model only; the paper uses LoRA): SFT trains every weight, kept in
-    the adapter folder (common/models.py); RL trains LoRA on top.
+    --teacher's correct samples), not human-checked crops; the uncertainty filter uses the teacher
+    or the model.
+ 7. SFT as in GoG (LoRA r = 8 on the LLM, lr 1e-4, 3 epochs, batch 8: the shared defaults); LoRA in
+    RL too (paper: full actor, lr 2e-6), so lr 1e-5; G = 4, beta = 0.001 as in GoG; far fewer steps
+    and tokens.
+ 8. Levels: Level 1 = pass rate in (level2_max, level1_max], Level 2 = <= level2_max, disjoint; a
+    level under --min_level_size is filled from neither level, nearest first, announced.
+ 9. Gaze correctness (the paper's humans judged it): a crop holds >= 90 % of the target tile, <= 4x
+    its area.
+10. --full_sft (the random-weight tiny model only; the paper uses LoRA): SFT trains every weight,
+    kept in the adapter folder (common/models.py); RL trains LoRA on top.
 """
 from __future__ import annotations
 
@@ -98,7 +107,8 @@ class Args(VisualQAArgs, GRPOConfig, SFTArgs):
     """KL coefficient to pi_ref (GoG: 0.001)"""
     # --- toy world (1) ---
     n_scenes: int = 64
-    """scenes in the toy world (4 questions each: glance, text, image, gaze), half sparse, half cluttered"""
+    """scenes in the toy world (4 questions each: glance, text, image, gaze), half sparse, half
+    cluttered"""
     image_size: int = 448
     """scene side in pixels (a multiple of 28, so the model sees it unresized)"""
     test_frac: float = 0.25
@@ -133,7 +143,8 @@ class Args(VisualQAArgs, GRPOConfig, SFTArgs):
     level1_max: float = 0.75
     """Level 1 = pass rate in (level2_max, level1_max] (around half right)"""
     min_level_size: int = 4
-    """fill a smaller level from the questions in neither level, nearest first, announced (0 = never)"""
+    """fill a smaller level from the questions in neither level, nearest first, announced (0 =
+    never)"""
     # --- reward, RL and eval ---
     rl_level: Literal[1, 2] = 2
     """train RL on Level 2 (GoG's final recipe) or Level 1"""
@@ -147,13 +158,16 @@ class Args(VisualQAArgs, GRPOConfig, SFTArgs):
     """sampling temperature in eval (0 = greedy)"""
 
 
-# `--model tiny` (and `auto` without CUDA): sizes for every stage in seconds on 2 CPU cores (flags you pass win)
+# `--model tiny` (and `auto` without CUDA): sizes for every stage in seconds on 2 CPU cores (flags
+# you pass win)
 TINY_SIZES = dict(n_scenes=4, image_size=224, max_new_tokens=24, max_completion_length=320,
                   max_steps=2, prompts_per_step=2, sft_max_steps=3, levels_k=2)
 
 
-# ==== data: the toy world (1: common/standins/toyworld.py, its four question kinds) and the six benchmarks ====
-DECISION = {"glance": "answer", "text": "text_search", "image": "image_search", "gaze": "crop"}  # first actions
+# ==== data: the toy world (1: common/standins/toyworld.py, its four question kinds) and the six
+# benchmarks ====
+# first actions
+DECISION = {"glance": "answer", "text": "text_search", "image": "image_search", "gaze": "crop"}
 
 
 def world_of(args: Args) -> World:   # one world per (seed, sizes) in a process: stages share it
@@ -175,18 +189,29 @@ def split_world(world: World) -> tuple[list[dict], list[dict]]:
 # llm_judge = the benchmark's LLM grader (a SubEM stand-in without --judge), sub_em_ours = no
 # official scorer.
 BENCHMARKS = {
-    "FVQA": dict(id="data_id", question="prompt", image="images", split="category", score="mmsearch_r1",
-                 golds=["reward_model.ground_truth", "reward_model.candidate_answers"]),  # lmms-lab/FVQA
+    "FVQA": dict(id="data_id", question="prompt", image="images", split="category",
+                 score="mmsearch_r1",
+                 # lmms-lab/FVQA
+                 golds=["reward_model.ground_truth", "reward_model.candidate_answers"]),
     "InfoSeek": dict(id="data_id", question="question", image="image_id", image_is_id=True,
-                     split="data_split", golds=["answer_eval"], score="infoseek"),  # JSONL; ids in --image_dir
-    "MMSearch": dict(id="sample_id", question="query", image="query_image", split="area", score="token_f1",
-                     golds=["gt_answer", "alternative_gt_answers"]),      # end2end; query_image may be None
-    "SimpleVQA": dict(id="data_id", question="question", image="image", golds=["answer"], split="language",
-                      score="llm_judge"),                                 # scorer not published (LLM grader)
-    "LiveVQA": dict(items=["level1_qa", "level2_qa"], id="id", question="question", image="img_path",
-                    golds=["Ground_Truth_List"], split="level", score="llm_judge"),  # benchmark.json
-    "DynVQA": dict(id="question_id", question="question", image="image_url", golds=["answer"], split=None,
-                   score="sub_em_ours"),                                  # OmniSearch JSONL, no scorer
+                     # JSONL; ids in --image_dir
+                     split="data_split", golds=["answer_eval"], score="infoseek"),
+    "MMSearch": dict(id="sample_id", question="query", image="query_image", split="area",
+                     score="token_f1",
+                     # end2end; query_image may be None
+                     golds=["gt_answer", "alternative_gt_answers"]),
+    "SimpleVQA": dict(id="data_id", question="question", image="image", golds=["answer"],
+                      split="language",
+                      # scorer not published (LLM grader)
+                      score="llm_judge"),
+    "LiveVQA": dict(items=["level1_qa", "level2_qa"], id="id", question="question",
+                    image="img_path",
+                    # benchmark.json
+                    golds=["Ground_Truth_List"], split="level", score="llm_judge"),
+    "DynVQA": dict(id="question_id", question="question", image="image_url", golds=["answer"],
+                   split=None,
+                   # OmniSearch JSONL, no scorer
+                   score="sub_em_ours"),
 }
 
 
@@ -208,7 +233,8 @@ def parse_benchmarks(spec: str, names) -> list[tuple[str, str]]:
     return out
 
 
-# ==== prompt + parsing: the tags (2), the tools, and scripted policies that state only what they saw (6) ==
+# ==== prompt + parsing: the tags (2), the tools, and scripted policies that state only what they
+# saw (6) ==
 SYSTEM = """You answer questions about an image. First glance at the whole image, then decide:
 - answer directly: <answer>short answer</answer>
 - search text: <text_search>query</text_search>
@@ -218,8 +244,10 @@ SYSTEM = """You answer questions about an image. First glance at the whole image
   <tool_call>{"name": "image_search", "arguments": {"image": "crop"}}</tool_call>
 Think inside <reason>...</reason> before each action; one action per turn. Results come back in
 the next user turn. If a crop shows the wrong region, say so and gaze again."""
-GRAMMAR = Grammar(tags={"text_search": "text_search", "image_search": "image_search", "tool_call": "tool_call",
-                        "answer": "answer"}, tool_names={"crop": "crop", "image_search": "image_search"},
+GRAMMAR = Grammar(tags={"text_search": "text_search", "image_search": "image_search",
+                        "tool_call": "tool_call",
+                        "answer": "answer"},
+                        tool_names={"crop": "crop", "image_search": "image_search"},
                   free=("reason",))
 CROP_CALL = '<tool_call>{"name": "crop", "arguments": {"bbox_2d": %s}}</tool_call>'
 CROP_SEARCH = '<tool_call>{"name": "image_search", "arguments": {"image": "crop"}}</tool_call>'
@@ -227,14 +255,18 @@ CROP_SEARCH = '<tool_call>{"name": "image_search", "arguments": {"image": "crop"
 
 def make_messages(example: dict) -> list[dict]:
     if example["image"] is None:  # MMSearch has text-only queries
-        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": example["question"]}]
+        return [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": example["question"]}]
     text = "(image: {}x{} pixels) {}".format(*seen_size(example["image"]), example["question"])
     return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": [{"type": "image", "image": example["image"]}, {"type": "text", "text": text}]}]
+            {"role": "user",
+             "content": [{"type": "image", "image": example["image"]},
+                         {"type": "text", "text": text}]}]
 
 
 def make_tools(text_search: TextSearch, image_search: ImageSearch, k: int) -> dict:
-    """name -> fn(args, rollout) -> (observation, image); image search uses the prompt image or the latest crop."""
+    """name -> fn(args, rollout) -> (observation, image); image search uses the prompt image or the
+    latest crop."""
     def crop_tool(args, r):   # box in the pixels the model saw -> a crop of the original image
         if not r.images:
             return "Error: there is no image to crop.", None
@@ -268,14 +300,16 @@ def benchmark_searchers(text_corpus: str | None, image_kb: str | None, fallback:
     return ts or fallback[0], ims or fallback[1]
 
 
-FACT_RE = {"year": re.compile(r"(\w+) was founded in (\d+)"),   # the text KB's sentences (common/standins/toyworld.py)
+# the text KB's sentences (common/standins/toyworld.py)
+FACT_RE = {"year": re.compile(r"(\w+) was founded in (\d+)"),
            "city": re.compile(r"(\w+) is based in the city of (\w+)")}
 VERB = {"year": "was founded in", "city": "is based in"}
 POLICIES = ("gaze oracle", "whole-image oracle", "never search", "random tool")
 
 
 def learn(known: dict, obs: str) -> None:
-    """Note what an observation shows: facts (text search), a crop's owner, the photo's town and emblems."""
+    """Note what an observation shows: facts (text search), a crop's owner, the photo's town and
+    emblems."""
     for fact, pattern in FACT_RE.items():
         for name, value in pattern.findall(obs):
             known["facts"].setdefault(name, {})[fact] = value
@@ -300,21 +334,25 @@ def answer_from(known: dict, q: dict, tile: dict | None, rng: random.Random) -> 
     value = known["facts"].get(name, {}).get(fact)
     if value:
         return value, f"The search result says {name} {VERB[fact]} {value}."
-    return rng.choice(CITIES) if fact == "city" else str(rng.randint(1820, 2015)), "Nothing I saw tells this; a guess."
+    return rng.choice(CITIES) if fact == "city" else str(rng.randint(1820,
+                                                                     2015)), "Nothing I saw tells this; a guess."
 
 
 def random_action(q: dict, known: dict, tiles: list[dict], rng: random.Random) -> tuple | None:
     """The random-tool policy: any action, arguments drawn from what it has seen."""
     choice = rng.choice(["answer", "text_search", "image_search", "crop", "crop_search"])
     names = [q["entity"]] * (q["kind"] == "text") + known["candidates"] + list(known["owner"].values())
-    query, tile = rng.choice(names or [q["question"]]), rng.choice(tiles)   # both drawn, whatever the choice
+    # both drawn, whatever the choice
+    query, tile = rng.choice(names or [q["question"]]), rng.choice(tiles)
     return {"answer": None, "text_search": ("text_search", {"query": query}, "Try a text search."),
             "image_search": ("image_search", {}, "Try a whole-image search."),
             "crop": ("crop", {"tile": tile}, "Try a crop."),
-            "crop_search": ("image_search", {"image": "crop"}, "Try an image search with the crop.")}[choice]
+            "crop_search": ("image_search", {"image": "crop"},
+                            "Try an image search with the crop.")}[choice]
 
 
-def next_action(policy: str, q: dict, known: dict, tiles: list[dict], tile: dict | None, rng: random.Random,
+def next_action(policy: str, q: dict, known: dict, tiles: list[dict], tile: dict | None,
+                rng: random.Random,
                 done: list[str], reflective: bool) -> tuple[str, dict, str] | None:
     """(tool, args, reason) of the policy's next step, or None to answer now."""
     kind, label, need = q["kind"], q["label"], f"the tile labelled {q['label']}"
@@ -328,7 +366,8 @@ def next_action(policy: str, q: dict, known: dict, tiles: list[dict], tile: dict
         return "image_search", {}, "Glance: the question is about the photo as a whole. Decision: whole-image search."
     if kind != "gaze" or (name and name in known["facts"]):
         return None
-    if policy == "whole-image oracle":   # (ablation) no crop: the whole-image search lists every emblem
+    # (ablation) no crop: the whole-image search lists every emblem
+    if policy == "whole-image oracle":
         if not known["candidates"]:
             return "image_search", {}, f"Glance: I need the organisation on {need}. Decision: whole-image search."
         known["guess"] = rng.choice(known["candidates"])
@@ -340,16 +379,20 @@ def next_action(policy: str, q: dict, known: dict, tiles: list[dict], tile: dict
             return "crop", {"tile": rng.choice(wrong)}, f"Glance: {need} is small. Decision: gaze at it."
         return "crop", {"tile": tile}, f"Glance: {need} is small and its organisation unknown. Decision: gaze at it."
     if known.get("crop_label") != label:
-        return ("crop", {"tile": tile}, f"Reflect: the crop shows the tile labelled {known['crop_label']}, "
+        return ("crop", {"tile": tile},
+                f"Reflect: the crop shows the tile labelled {known['crop_label']}, "
                 f"not {label}; wrong region. Gaze again.")
     if label not in known["owner"]:
         return "image_search", {"image": "crop"}, f"The crop shows {need}. Search with the crop."
     return "text_search", {"query": name}, f"The image search says the emblem belongs to {name}. Now find the fact."
 
 
-def scripted_episode(world: World, q: dict, policy: str = "gaze oracle", reflective: bool = False, rng=None,
-                     searchers: tuple | None = None, k: int = 3, max_turns: int = 6) -> tuple[list, str]:
-    """A scripted policy's trajectory (turns as the agent loop records them) and answer, with the real tools;
+def scripted_episode(world: World, q: dict, policy: str = "gaze oracle", reflective: bool = False,
+                     rng=None,
+                     searchers: tuple | None = None, k: int = 3,
+                     max_turns: int = 6) -> tuple[list, str]:
+    """A scripted policy's trajectory (turns as the agent loop records them) and answer, with the
+    real tools;
     reasons and answers use only the image and earlier observations, never memory."""
     rng, ex = rng or random.Random(0), world.example(q)
     tools = make_tools(*(searchers or world.searchers(q["split"])), k)
@@ -357,7 +400,8 @@ def scripted_episode(world: World, q: dict, policy: str = "gaze oracle", reflect
     tiles = world.scene(q["scene_id"])["tiles"]
     tile = next((t for t in tiles if t["label"] == q["label"]), None)
     known, turns, done = {"facts": {}, "owner": {}, "candidates": []}, [], []
-    while len(turns) // 2 < max_turns - 1 and (step := next_action(policy, q, known, tiles, tile, rng, done,
+    while len(turns) // 2 < max_turns - 1 and (step := next_action(policy, q, known, tiles, tile,
+                                                                   rng, done,
                                                                     reflective)):
         tool, args, reason = step
         if tool == "crop":
@@ -365,7 +409,8 @@ def scripted_episode(world: World, q: dict, policy: str = "gaze oracle", reflect
             args = {"bbox_2d": to_seen(args["tile"]["cell"], ex["image"])}
         text = {"crop": CROP_CALL % json.dumps(args.get("bbox_2d", [])),
                 "text_search": f"<text_search>{args.get('query')}</text_search>",
-                "image_search": CROP_SEARCH if args.get("image") else "<image_search></image_search>"}[tool]
+                "image_search": CROP_SEARCH if args.get("image")
+                else "<image_search></image_search>"}[tool]
         obs, image = tools[tool](args, r)
         if image is not None:
             r.images.append(image)
@@ -374,12 +419,15 @@ def scripted_episode(world: World, q: dict, policy: str = "gaze oracle", reflect
         turns += [{"role": "assistant", "text": f"<reason>{reason}</reason>\n{text}"},
                   {"role": "tool", "name": tool, "args": args, "observation": obs, "image": image}]
     answer, reason = answer_from(known, q, tile, rng)
-    return turns + [{"role": "assistant", "text": f"<reason>{reason}</reason>\n<answer>{answer}</answer>"}], answer
+    return turns + [{"role": "assistant",
+                     "text": f"<reason>{reason}</reason>\n<answer>{answer}</answer>"}], answer
 
 
-# ==== rewards + metrics: r = (1 - lambda) * r_acc + lambda * r_fmt (3, 4), and the tool-use statistics ==
+# ==== rewards + metrics: r = (1 - lambda) * r_acc + lambda * r_fmt (3, 4), and the tool-use
+# statistics ==
 def format_ok(trajectory: list[dict]) -> bool:
-    """r_fmt = 1 iff every assistant turn holds one well-formed action: tools, then a non-empty <answer>."""
+    """r_fmt = 1 iff every assistant turn holds one well-formed action: tools, then a non-empty
+    <answer>."""
     kinds = [parse_action(t["text"], GRAMMAR) for t in trajectory if t["role"] == "assistant"]
     return (bool(kinds) and all(a.kind == "tool" for a in kinds[:-1])
             and kinds[-1].kind == "answer" and bool(kinds[-1].answer))
@@ -395,7 +443,8 @@ def gog_reward(trajectory: list[dict], answer: str | None, golds: list[str], lam
     """The GoG reward with its terms; `acc` overrides the rule judge (an LLM judge's verdict)."""
     r_acc = accuracy(answer, golds, max_answer_words) if acc is None else acc
     r_fmt = float(format_ok(trajectory))
-    return {"reward": (1 - lam) * r_acc + lam * r_fmt, "acc": r_acc, "format": r_fmt}  # no tool bonus
+    # no tool bonus
+    return {"reward": (1 - lam) * r_acc + lam * r_fmt, "acc": r_acc, "format": r_fmt}
 
 
 @functools.lru_cache(maxsize=2)
@@ -404,18 +453,21 @@ def load_judge(name: str | None):
 
 
 def rollout_accs(rollouts: list[Rollout], args: Args) -> list[float]:
-    """r_acc of each rollout: the --judge model's verdict (unparsable -> 0), else sub-exact match (4)."""
+    """r_acc of each rollout: the --judge model's verdict (unparsable -> 0), else sub-exact match
+    (4)."""
     answers, golds = [r.answer for r in rollouts], [r.example["answers"] for r in rollouts]
     judge = load_judge(args.judge)
     if judge is None:
         return [accuracy(a, g, args.max_answer_words) for a, g in zip(answers, golds)]
-    return [float(v or 0.0) for v in llm_judge_batch(judge, [r.example["question"] for r in rollouts], answers, golds)]
+    return [float(v or 0.0)
+            for v in llm_judge_batch(judge, [r.example["question"] for r in rollouts], answers, golds)]
 
 
 def make_reward_fn(args: Args):
     """reward_fn(group, example) for train_grpo; with a judge, r_acc is its verdict."""
     def reward_fn(group: list[Rollout], example: dict) -> list[dict]:
-        return [gog_reward(r.trajectory, r.answer, example["answers"], args.lam, args.max_answer_words, a)
+        return [gog_reward(r.trajectory, r.answer, example["answers"], args.lam,
+                           args.max_answer_words, a)
                 for r, a in zip(group, rollout_accs(group, args))]
     return reward_fn
 
@@ -431,7 +483,8 @@ def crop_is_right(box: list[float], target: list[float]) -> bool:
 def first_decision(trajectory: list[dict]) -> str:
     """The first action: answer / text_search / image_search (whole image) / crop, else none."""
     a = parse_action(next((t["text"] for t in trajectory if t["role"] == "assistant"), ""), GRAMMAR)
-    tool = ("image_search_crop" if a.args.get("image") == "crop" else a.name) if a.kind == "tool" else "none"
+    tool = ("image_search_crop" if a.args.get("image") == "crop"
+            else a.name) if a.kind == "tool" else "none"
     return "answer" if a.kind == "answer" else tool
 
 
@@ -441,7 +494,8 @@ def tool_use_stats(rollouts: list[Rollout]) -> dict:
     right = n_crops = wrong = reflected = 0
     for r in rollouts:
         box, image = r.example.get("target_box"), r.images[0] if r.images else None
-        crops = [t["args"].get("bbox_2d") for t in r.trajectory if t["role"] == "tool" and t["name"] == "crop"]
+        crops = [t["args"].get("bbox_2d") for t in r.trajectory if t["role"] == "tool"
+                 and t["name"] == "crop"]
         if box is None or image is None or not crops:
             continue
         w, h = seen_size(image)
@@ -452,16 +506,19 @@ def tool_use_stats(rollouts: list[Rollout]) -> dict:
         if not all(ok):   # reflection: another crop after the first wrong one
             wrong, reflected = wrong + 1, reflected + (ok.index(False) + 1 < len(ok))
     n = max(1, len(rollouts))
-    kinds = [sum(bool(r.tool_calls.get(t)) for t in ("text_search", "image_search")) for r in rollouts]
+    kinds = [sum(bool(r.tool_calls.get(t)) for t in ("text_search", "image_search"))
+             for r in rollouts]
     decided = [first_decision(r.trajectory) == DECISION.get(r.example.get("kind")) for r in rollouts
                if r.example.get("kind") in DECISION]
-    return {"no_search_rate": 100 * kinds.count(0) / n, "single_type_rate": 100 * kinds.count(1) / n,
+    return {"no_search_rate": 100 * kinds.count(0) / n,
+            "single_type_rate": 100 * kinds.count(1) / n,
             "mixed_search_rate": 100 * kinds.count(2) / n,
             "gaze_rate": 100 * sum(r.tool_calls.get("crop", 0) > 0 for r in rollouts) / n,
             "gaze_correct_rate": 100 * right / n_crops if n_crops else None,
             "reflection_after_wrong_crop_rate": 100 * reflected / wrong if wrong else None,
             "decision_accuracy": 100 * float(np.mean(decided)) if decided else None,
-            "format_rate": 100 * float(np.mean([format_ok(r.trajectory) for r in rollouts])) if rollouts else None,
+            "format_rate": 100 * float(np.mean([format_ok(r.trajectory) for r in rollouts]))
+            if rollouts else None,
             "mean_turns": float(np.mean([r.turns for r in rollouts])) if rollouts else 0.0}
 
 
@@ -524,27 +581,35 @@ def score_benchmarks(benches: list[tuple[str, list[dict]]], answers: dict[str, l
     return out
 
 
-# ==== stages ========================================================================================
+# ==== stages ======================================================================================
 def get_policy(args: Args, adapter: str | None = None, lora: bool = True):
     """The policy for a stage; an adapter of a --full_sft run brings its base weights (10)."""
-    return load_policy(args.model, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r, adapter=adapter,
-                       lora_alpha=args.lora_alpha, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
+    return load_policy(args.model, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
+                       adapter=adapter,
+                       lora_alpha=args.lora_alpha,
+                       gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
 
 
-def agent_rollouts(policy, examples: list[dict], args: Args, searchers: tuple, G: int, temperature: float,
+def agent_rollouts(policy, examples: list[dict], args: Args, searchers: tuple, G: int,
+                   temperature: float,
                    desc: str | None = None) -> list[Rollout]:
-    limits = {"crop": args.max_crops, "image_search": args.max_image_searches, "text_search": args.max_text_searches}
+    limits = {"crop": args.max_crops, "image_search": args.max_image_searches,
+              "text_search": args.max_text_searches}
     return run_rollouts(policy, examples, num_generations=G, make_messages=make_messages, desc=desc,
-                        tools=make_tools(*searchers, args.search_k), grammar=GRAMMAR, max_turns=args.max_turns,
-                        temperature=temperature, max_tool_calls=limits, max_new_tokens=args.max_new_tokens,
+                        tools=make_tools(*searchers, args.search_k), grammar=GRAMMAR,
+                        max_turns=args.max_turns,
+                        temperature=temperature, max_tool_calls=limits,
+                        max_new_tokens=args.max_new_tokens,
                         max_total_tokens=args.max_completion_length, observation_style="user_turn")
 
 
 def policy_table(world: World, args: Args) -> dict:
-    """Accuracy (%) of each scripted policy on held-out scenes: whole-image search must lose on cluttered gaze."""
+    """Accuracy (%) of each scripted policy on held-out scenes: whole-image search must lose on
+    cluttered gaze."""
     rng, test, table = random.Random(args.seed), split_world(world)[1], {}
     for policy in POLICIES:
-        answers = [scripted_episode(world, q, policy, rng=rng, k=args.search_k, max_turns=args.max_turns)[1]
+        answers = [scripted_episode(world, q, policy, rng=rng, k=args.search_k,
+                                    max_turns=args.max_turns)[1]
                    for q in test]
         accs = [accuracy(a, q["answers"], args.max_answer_words) for a, q in zip(answers, test)]
         table[policy] = {**by_kind(test, accs), "all": 100 * float(np.mean(accs)) if accs else None}
@@ -558,27 +623,36 @@ def stage_data(args: Args) -> None:
     rng, first = random.Random(args.seed), world.questions[:4]
     cases = [(q, False, "gaze oracle") for q in first] + [(first[3], True, "gaze oracle"),
                                                          (first[3], False, "whole-image oracle")]
-    items = [{"title": f"{policy} [{q['kind']}{' reflective' * refl}] {q['question']} (gold: {q['answers'][0]})",
+    items = [{"title": f"{policy} [{q['kind']}{' reflective' * refl}] {q['question']} (gold: "
+              f"{q['answers'][0]})",
               "images": [world.scene(q["scene_id"])["image"]],
-              "trajectory": scripted_episode(world, q, policy, refl, rng, k=args.search_k, max_turns=args.max_turns)[0]}
+              "trajectory": scripted_episode(world, q, policy, refl, rng, k=args.search_k,
+                                             max_turns=args.max_turns)[0]}
              for q, refl, policy in cases]
     trajectory_html(items, f"{out}/oracle_trajectories.html",
                     "GoG scripted trajectories (tool, arguments, observation)")
     table = policy_table(world, args)
-    write_json(f"{out}/scripted_policies.json", {"units": "accuracy in % on held-out scenes", "table": table})
-    print("[data] scripted policies, accuracy % on held-out scenes:\n" + markdown_table(table, "policy"))
-    print(f"[data] {counts['scenes']} scenes, {counts['train_questions']} train / {counts['test_questions']} test "
+    write_json(f"{out}/scripted_policies.json",
+               {"units": "accuracy in % on held-out scenes", "table": table})
+    print("[data] scripted policies, accuracy % on held-out scenes:\n"
+          + markdown_table(table, "policy"))
+    print(f"[data] {counts['scenes']} scenes, {counts['train_questions']} train / "
+          f"{counts['test_questions']} test "
           f"questions -> {out}")
 
 
-def oracle_data(world: World, questions: list[dict], args: Args, gaze: bool = True) -> list[tuple[dict, list]]:
-    """(question, turns) of the oracle's correct trajectories (training-time search), a reflect_frac share of
+def oracle_data(world: World, questions: list[dict], args: Args,
+                gaze: bool = True) -> list[tuple[dict, list]]:
+    """(question, turns) of the oracle's correct trajectories (training-time search), a reflect_frac
+    share of
     gaze questions twice (reflective); gaze=False: the no-gaze ablation's whole-image oracle."""
     rng, out = random.Random(args.seed), []
-    runs = [(q, False) for q in questions] + [(q, True) for q in questions if gaze and q["kind"] == "gaze"
+    runs = [(q, False)
+            for q in questions] + [(q, True) for q in questions if gaze and q["kind"] == "gaze"
                                              and rng.random() < args.reflect_frac]
     for q, refl in runs:
-        turns, answer = scripted_episode(world, q, "gaze oracle" if gaze else "whole-image oracle", refl, rng,
+        turns, answer = scripted_episode(world, q, "gaze oracle" if gaze else "whole-image oracle",
+                                         refl, rng,
                                          world.searchers("train"), args.search_k, args.max_turns)
         if accuracy(answer, q["answers"], args.max_answer_words) == 1.0:
             out.append((q, turns))
@@ -589,29 +663,40 @@ def run_sft(args: Args, world: World, out_dir: str, gaze: bool = True) -> str:
     """Reflective GoG Behavior Alignment: uncertainty filter, correct trajectories, LoRA SFT."""
     train, policy = split_world(world)[0], get_policy(args)
     teacher = load_policy(args.teacher, lora=False, seed=args.seed) if args.teacher else None
-    print(f"[sft] uncertainty filter with {'the teacher' if teacher else 'the model itself (no --teacher)'} (6)")
-    direct = run_rollouts(teacher or policy, [world.example(q) for q in train], num_generations=args.filter_k,
-                          make_messages=make_messages, max_turns=1, max_new_tokens=args.max_new_tokens, temperature=1.0)
-    rates = np.reshape(rollout_accs(direct, args), (-1, args.filter_k)).mean(axis=1)   # (questions,) pass rates
+    print(f"[sft] uncertainty filter with "
+          f"{'the teacher' if teacher else 'the model itself (no --teacher)'} (6)")
+    direct = run_rollouts(teacher or policy, [world.example(q) for q in train],
+                          num_generations=args.filter_k,
+                          make_messages=make_messages, max_turns=1,
+                          max_new_tokens=args.max_new_tokens, temperature=1.0)
+    # (questions,) pass rates
+    rates = np.reshape(rollout_accs(direct, args), (-1, args.filter_k)).mean(axis=1)
     kept = [q for q, p in zip(train, rates) if p < 1.0]   # always right -> dropped
     if not kept:
-        raise UserError(f"The uncertainty filter dropped all {len(train)} questions (always answered right); "
+        raise UserError(f"The uncertainty filter dropped all {len(train)} questions (always "
+                        f"answered right); "
                         f"raise --filter_k or use a weaker --teacher.")
     convs = [trajectory_messages(make_messages(world.example(q)), turns)
              for q, turns in oracle_data(world, kept, args, gaze)]
     n_oracle, good = len(convs), []
     if teacher is not None:  # keep only the teacher's correct, well-formed trajectories
-        rs = agent_rollouts(teacher, [world.example(q) for q in kept], args, world.searchers("train"),
+        rs = agent_rollouts(teacher, [world.example(q) for q in kept], args,
+                            world.searchers("train"),
                             args.teacher_samples, 1.0)
-        good = [r for r, a in zip(rs, rollout_accs(rs, args)) if a == 1.0 and format_ok(r.trajectory)]
+        good = [r for r,
+                a in zip(rs, rollout_accs(rs, args)) if a == 1.0 and format_ok(r.trajectory)]
     convs += [trajectory_messages(make_messages(r.example), r.trajectory) for r in good]
-    samples = [encode(policy.tokenizer, policy.image_processor, m) for m in convs]  # observations masked
+    # observations masked
+    samples = [encode(policy.tokenizer, policy.image_processor, m) for m in convs]
     if args.full_sft:   # (10) every weight trains; the adapter folder holds the base weights too
         policy.train_all_weights()
     summary = train_sft(policy, samples, sft_config(args), out_dir)
-    no_search = sum(not any("search" in x["content"] for x in m if x["role"] == "assistant") for m in convs)
-    stats = {"questions": len(train), "dropped_by_filter": len(train) - len(kept), "oracle": n_oracle,
-             "teacher": len(good), "no_search_fraction": no_search / max(1, len(convs)), "gaze": gaze}
+    no_search = sum(not any("search" in x["content"] for x in m if x["role"] == "assistant")
+                    for m in convs)
+    stats = {"questions": len(train), "dropped_by_filter": len(train) - len(kept),
+             "oracle": n_oracle,
+             "teacher": len(good), "no_search_fraction": no_search / max(1, len(convs)),
+             "gaze": gaze}
     write_json(os.path.join(out_dir, "summary.json"), {**summary, "data": stats})
     print(f"[sft] {stats} -> {out_dir}/adapter")
     return os.path.join(out_dir, "adapter")
@@ -623,14 +708,16 @@ def stage_sft(args: Args) -> str:
 
 def split_levels(pass_rates: dict[str, float], level2_max: float = 0.25, level1_max: float = 0.75,
                  min_size: int = 0) -> tuple[list[str], list[str], dict]:
-    """Complexity levels (8): Level 2 = p <= level2_max (mostly failed), Level 1 = level2_max < p <= level1_max
-    (around 50 %). A level under min_size is filled from neither level (Level 2: lowest p first, Level 1:
+    """Complexity levels (8): Level 2 = p <= level2_max (mostly failed), Level 1 = level2_max < p <=
+    level1_max (around 50 %). A level under min_size is filled from neither level (Level 2: lowest p
+    first, Level 1:
     nearest 0.5), so they stay disjoint; `expanded` says how many were added, with their pass rates."""
     l2 = sorted(q for q, p in pass_rates.items() if p <= level2_max)
     l1 = sorted(q for q, p in pass_rates.items() if level2_max < p <= level1_max)
     rest, expanded = sorted(q for q in pass_rates if q not in l1 and q not in l2), {}
     for name, lvl, nearest in (("level2", l2, lambda p: p), ("level1", l1, lambda p: abs(p - 0.5))):
-        extra = sorted(rest, key=lambda q: (nearest(pass_rates[q]), q))[:max(0, min_size - len(lvl))]
+        extra = sorted(rest,
+                       key=lambda q: (nearest(pass_rates[q]), q))[:max(0, min_size - len(lvl))]
         lvl += extra
         rest = [q for q in rest if q not in extra]
         expanded[name] = {"added": len(extra), "pass_rates": sorted(pass_rates[q] for q in extra)}
@@ -639,22 +726,28 @@ def split_levels(pass_rates: dict[str, float], level2_max: float = 0.25, level1_
 
 def stage_levels(args: Args) -> None:
     """Pass rate of the SFT model over levels_k agent samples per training question."""
-    world, adapter, out_dir = world_of(args), start_adapter(args, "sft"), str(Path(args.out) / "levels")
+    world, adapter, out_dir = world_of(args), start_adapter(args,
+                                                            "sft"), str(Path(args.out) / "levels")
     train, k = split_world(world)[0], args.levels_k
     print(f"[levels] policy: {adapter or 'the base model (no SFT adapter found)'}")
     rs = agent_rollouts(get_policy(args, adapter), [world.example(q) for q in train], args,
                         world.searchers("train"), k, args.temperature, desc="levels")
-    rates = {q["id"]: float(p) for q, p in zip(train, np.reshape(rollout_accs(rs, args), (-1, k)).mean(axis=1))}
+    rates = {q["id"]: float(p) for q,
+             p in zip(train, np.reshape(rollout_accs(rs, args), (-1, k)).mean(axis=1))}
     l1, l2, expanded = split_levels(rates, args.level2_max, args.level1_max, args.min_level_size)
     for name, e in ((n, e) for n, e in expanded.items() if e["added"]):
-        print(f"[levels] {name} had fewer than {args.min_level_size} questions: added {e['added']} from neither "
+        print(f"[levels] {name} had fewer than {args.min_level_size} questions: added {e['added']} "
+              f"from neither "
               f"level, pass rates {e['pass_rates']}.")
     log = RunLog(out_dir)
     for name, ids in (("pass_rates", rates), ("level1", l1), ("level2", l2)):
         log.samples([{"id": q, "pass_rate": rates[q]} for q in ids], f"{name}.jsonl")
-    hist = {f"{v:.2f}": sum(abs(p - v) < 1e-9 for p in rates.values()) for v in sorted(set(rates.values()))}
-    bar_plot({"questions": hist}, f"{out_dir}/pass_rates.png", f"SFT pass rate over {k} samples", "questions")
-    log.summary({"k": k, "level1": len(l1), "level2": len(l2), "expanded": expanded, "histogram": hist,
+    hist = {f"{v:.2f}": sum(abs(p - v) < 1e-9 for p in rates.values())
+            for v in sorted(set(rates.values()))}
+    bar_plot({"questions": hist}, f"{out_dir}/pass_rates.png", f"SFT pass rate over {k} samples",
+             "questions")
+    log.summary({"k": k, "level1": len(l1), "level2": len(l2), "expanded": expanded,
+                 "histogram": hist,
                  "mean_pass_rate": float(np.mean(list(rates.values())))})
     print(f"[levels] Level 1: {len(l1)} questions, Level 2: {len(l2)} -> {out_dir}")
 
@@ -665,16 +758,22 @@ def level_ids(levels_dir: str | Path, level: int) -> list[str] | None:
     return [r["id"] for r in read_jsonl(str(path))] if path.is_file() else None
 
 
-def run_rl(args: Args, world: World, adapter: str | None, levels_dir: str, out_dir: str, level: int) -> str:
+def run_rl(args: Args, world: World, adapter: str | None, levels_dir: str, out_dir: str,
+           level: int) -> str:
     """GRPO on one complexity level with the GoG reward, multi-turn tool rollouts."""
-    train, ids, level_file = split_world(world)[0], level_ids(levels_dir, level), f"{levels_dir}/level{level}.jsonl"
+    train, ids, level_file = split_world(world)[0], level_ids(levels_dir,
+                                                              level), f"{levels_dir}/level{level}.jsonl"
     by_id = {q["id"]: q for q in train}
     questions = train if ids is None else [by_id[i] for i in ids if i in by_id]
-    print(f"[rl] Level {level}: {len(questions)} questions from {level_file}" if ids is not None else
-          f"[rl] no {level_file} (run --stage levels): training on all {len(train)} train questions.")
+    print(f"[rl] Level {level}: {len(questions)} questions from {level_file}"
+          if ids is not None else
+          f"[rl] no {level_file} (run --stage levels): training on all {len(train)} train "
+          f"questions.")
     if not questions:
-        raise UserError(f"Level {level} is empty; raise --min_level_size or pick --rl_level {3 - level}.")
-    print(f"[rl] policy: {'SFT adapter ' + adapter if adapter else 'the base model (no SFT adapter found)'}")
+        raise UserError(f"Level {level} is empty; raise --min_level_size or pick --rl_level "
+                        f"{3 - level}.")
+    print(f"[rl] policy: "
+          f"{'SFT adapter ' + adapter if adapter else 'the base model (no SFT adapter found)'}")
     policy, searchers, html = get_policy(args, adapter), world.searchers("train"), []
 
     def rollout_fn(p, examples, c):
@@ -683,26 +782,33 @@ def run_rl(args: Args, world: World, adapter: str | None, levels_dir: str, out_d
     def on_step(step, rollouts, terms):   # keep the last step's trajectories for the page
         html[:] = [{"title": f"step {step} {r.example['question']}", "images": r.images[:1],
                     "trajectory": r.trajectory, "rewards": t} for r, t in zip(rollouts, terms)]
-    summary = train_grpo(policy, [world.example(q) for q in questions], rollout_fn, make_reward_fn(args),
+    summary = train_grpo(policy, [world.example(q) for q in questions], rollout_fn,
+                         make_reward_fn(args),
                          GRPOConfig.of(args), out_dir, on_step=on_step, resume=args.resume)
     write_json(os.path.join(out_dir, "summary.json"), {**summary, "level": level, "start": adapter,
                                                         "questions": [q["id"] for q in questions]})
-    RunLog(out_dir, resume=True).plot(["reward", "rewards/acc", "rewards/format"], "reward_terms.png",
+    RunLog(out_dir,
+           resume=True).plot(["reward", "rewards/acc", "rewards/format"], "reward_terms.png",
                                       "GoG reward terms")
     trajectory_html(html, os.path.join(out_dir, "trajectories.html"), "GoG RL, last step")
     return os.path.join(out_dir, "adapter")
 
 
-def stage_rl(args: Args) -> str:   # the papers' order: RL starts from the SFT adapter when there is one
+# the papers' order: RL starts from the SFT adapter when there is one
+def stage_rl(args: Args) -> str:
     out = Path(args.out)
-    return run_rl(args, world_of(args), start_adapter(args, "sft"), str(out / "levels"), str(out / "rl"), args.rl_level)
+    return run_rl(args, world_of(args), start_adapter(args, "sft"), str(out / "levels"),
+                  str(out / "rl"), args.rl_level)
 
 
 def run_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dict:
     """Held-out toy accuracy and tool use, and each benchmark under its own rule; all in %."""
-    benches = [(n, load_benchmark(n, f, args.image_dir)) for n, f in parse_benchmarks(args.benchmarks, BENCHMARKS)]
-    results = {"units": "percent (mean_turns in turns)", "policy": args.predictions or adapter or args.model,
-               "toy": "not run: --predictions scores the benchmark files only", "benchmarks": {}, "Avg": None}
+    benches = [(n, load_benchmark(n, f, args.image_dir)) for n,
+               f in parse_benchmarks(args.benchmarks, BENCHMARKS)]
+    results = {"units": "percent (mean_turns in turns)",
+               "policy": args.predictions or adapter or args.model,
+               "toy": "not run: --predictions scores the benchmark files only", "benchmarks": {},
+               "Avg": None}
     answers, html = {}, []
     if args.predictions:
         preds = read_predictions(args.predictions)
@@ -710,37 +816,49 @@ def run_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dic
     else:
         print(f"[eval] policy: {adapter or 'the base model (no adapter found)'}")
         policy = get_policy(args, adapter, lora=adapter is not None)
-        rs = agent_rollouts(policy, [world.example(q) for q in split_world(world)[1]], args, world.searchers("test"), 1,
+        rs = agent_rollouts(policy, [world.example(q) for q in split_world(world)[1]], args,
+                            world.searchers("test"), 1,
                             args.eval_temperature, desc="eval toy")
         accs = rollout_accs(rs, args)
         kinds = {k: v for k, v in by_kind([r.example for r in rs], accs).items() if v is not None}
-        results["toy"] = {"accuracy": 100 * float(np.mean(accs)), "n": len(rs), "tool_use": tool_use_stats(rs),
+        results["toy"] = {"accuracy": 100 * float(np.mean(accs)), "n": len(rs),
+                          "tool_use": tool_use_stats(rs),
                           "by_kind": kinds}
-        html = [{"title": f"[{r.example['kind']}] {r.example['question']} (gold: {r.example['answers'][0]})",
+        html = [{"title": f"[{r.example['kind']}] {r.example['question']} (gold: "
+                 f"{r.example['answers'][0]})",
                  "images": r.images[:1], "trajectory": r.trajectory,
-                 "rewards": {"acc": a, "format": float(format_ok(r.trajectory))}} for r, a in zip(rs, accs)]
-        searchers = benchmark_searchers(args.text_corpus, args.image_kb, world.searchers("test")) if benches else None
-        for n, recs in benches:   # (5) --text_corpus / --image_kb, else the endpoints, else the toy KBs
-            rs = agent_rollouts(policy, list(recs), args, searchers, 1, args.eval_temperature, desc=f"eval {n}")
-            answers[n], results["benchmarks"][n] = [r.answer for r in rs], {"tool_use": tool_use_stats(rs)}
+                 "rewards": {"acc": a, "format": float(format_ok(r.trajectory))}} for r,
+                 a in zip(rs, accs)]
+        searchers = benchmark_searchers(args.text_corpus, args.image_kb,
+                                        world.searchers("test")) if benches else None
+        # (5) --text_corpus / --image_kb, else the endpoints, else the toy KBs
+        for n, recs in benches:
+            rs = agent_rollouts(policy, list(recs), args, searchers, 1, args.eval_temperature,
+                                desc=f"eval {n}")
+            answers[n], results["benchmarks"][n] = [r.answer
+                                                    for r in rs], {"tool_use": tool_use_stats(rs)}
     for n, scores in score_benchmarks(benches, answers, BENCHMARKS, load_judge(args.judge)).items():
-        results["benchmarks"][n] = {**results["benchmarks"].get(n, {}), **scores}   # each under its own rule
+        # each under its own rule
+        results["benchmarks"][n] = {**results["benchmarks"].get(n, {}), **scores}
     if benches:   # the paper's Avg: the real benchmarks only, each by its headline metric
         results["Avg"] = float(np.mean([b[b["headline"]] for b in results["benchmarks"].values()]))
     write_json(os.path.join(out_dir, "results.json"), results)
     if html:
-        trajectory_html(html[:12], os.path.join(out_dir, "trajectories.html"), "GoG eval (held-out scenes)")
+        trajectory_html(html[:12], os.path.join(out_dir, "trajectories.html"),
+                        "GoG eval (held-out scenes)")
     toy = results["toy"]["accuracy"] if isinstance(results["toy"], dict) else None
     print(f"[eval] toy accuracy {toy} %, Avg {results['Avg']} % -> {out_dir}/results.json")
     return results
 
 
 def stage_eval(args: Args) -> dict:
-    return run_eval(args, world_of(args), start_adapter(args, "rl", "sft"), str(Path(args.out) / "eval"))
+    return run_eval(args, world_of(args), start_adapter(args, "rl", "sft"),
+                    str(Path(args.out) / "eval"))
 
 
 def stage_ablate(args: Args) -> None:
-    """No-gaze SFT vs GoG SFT; RL on Level 1 vs Level 2, each evaluated; says what it reuses and what it trains."""
+    """No-gaze SFT vs GoG SFT; RL on Level 1 vs Level 2, each evaluated; says what it reuses and
+    what it trains."""
     world, out, abl = world_of(args), Path(args.out), Path(args.out) / "ablate"
     sft, ran = start_adapter(args, "sft"), ["SFT w/o gaze"]
     if not sft:
@@ -748,35 +866,44 @@ def stage_ablate(args: Args) -> None:
     if level_ids(out / "levels", 2) is None:
         stage_levels(args)
         ran.append("levels")
-    variants = {"GoG-SFT": sft, "SFT w/o gaze": run_sft(args, world, str(abl / "sft_no_gaze"), gaze=False)}
+    variants = {"GoG-SFT": sft,
+                "SFT w/o gaze": run_sft(args, world, str(abl / "sft_no_gaze"), gaze=False)}
     rl2 = out / "rl" / "summary.json"
     for level in (1, 2):
         if level == 2 and rl2.is_file() and json.loads(rl2.read_text()).get("level") == 2:
             variants["RL Level 2"] = str(out / "rl" / "adapter")
         elif level_ids(out / "levels", level):
-            variants[f"RL Level {level}"] = run_rl(args, world, sft, str(out / "levels"), str(abl / f"rl_level{level}"),
+            variants[f"RL Level {level}"] = run_rl(args, world, sft, str(out / "levels"),
+                                                   str(abl / f"rl_level{level}"),
                                                    level)
             ran.append(f"RL Level {level}")
     reused = [n for n in variants if n not in ran]
-    table = {f"RL Level {v}": "skipped: the level is empty" for v in (1, 2) if f"RL Level {v}" not in variants}
-    print(f"[ablate] reuses {', '.join(reused) or 'nothing'} from earlier stages; trains {', '.join(ran)}; "
+    table = {f"RL Level {v}": "skipped: the level is empty" for v in (1, 2)
+             if f"RL Level {v}" not in variants}
+    print(f"[ablate] reuses {', '.join(reused) or 'nothing'} from earlier stages; trains "
+          f"{', '.join(ran)}; "
           f"skips {', '.join(table) or 'nothing'} (empty level).")
     for name, adapter in variants.items():
-        res = run_eval(args, world, adapter, str(abl / ("eval_" + name.replace(" ", "_").replace("/", ""))))
+        res = run_eval(args, world, adapter,
+                       str(abl / ("eval_" + name.replace(" ", "_").replace("/", ""))))
         toy = res["toy"]
-        table[name] = {"Avg": res["Avg"], "toy": toy["accuracy"], **{f"toy/{k}": v for k, v in toy["by_kind"].items()},
+        table[name] = {"Avg": res["Avg"], "toy": toy["accuracy"],
+                       **{f"toy/{k}": v for k, v in toy["by_kind"].items()},
                        **{k: toy["tool_use"][k] for k in ("mixed_search_rate", "gaze_rate")}}
-    paper = {"GoG-SFT (Qwen2.5-VL-7B) Avg": 43.28, "SFT w/o Selective Gaze Avg": 41.76, "RL Level 2 > Level 1": True}
-    write_json(str(abl / "results.json"), {"units": "percent", "reused": reused, "trained": ran, "table": table,
+    paper = {"GoG-SFT (Qwen2.5-VL-7B) Avg": 43.28, "SFT w/o Selective Gaze Avg": 41.76,
+             "RL Level 2 > Level 1": True}
+    write_json(str(abl / "results.json"),
+               {"units": "percent", "reused": reused, "trained": ran, "table": table,
                                            "paper": paper})
     bar_plot({n: {k: v for k, v in row.items() if k.startswith(("toy", "Avg")) and v is not None}
               for n, row in table.items() if isinstance(row, dict)},
              str(abl / "ablate.png"), "GoG ablations (held-out toy scenes)", "accuracy (%)")
-    print("[ablate] " + " | ".join(f"{n}: {row['toy']:.1f} %" if isinstance(row, dict) else f"{n}: {row}"
+    print("[ablate] "
+          + " | ".join(f"{n}: {row['toy']:.1f} %" if isinstance(row, dict) else f"{n}: {row}"
                                    for n, row in table.items()))
 
 
-# ==== main ==========================================================================================
+# ==== main ========================================================================================
 def check_inputs(args: Args) -> None:
     """Every user file is read before any model is loaded."""
     for name, path in parse_benchmarks(args.benchmarks, BENCHMARKS):

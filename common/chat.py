@@ -49,7 +49,8 @@ def flatten(messages: list[dict]) -> list[dict]:
     return out
 
 
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, **template_kw) -> str:
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
+           **template_kw) -> str:
     """The chat template's text (one <|image_pad|> per image for VL templates)."""
     msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
     if "image_pad" not in (tokenizer.chat_template or ""):
@@ -58,7 +59,8 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
                                          add_generation_prompt=add_generation_prompt, **template_kw)
 
 
-def process_images(image_processor, images: list) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def process_images(image_processor,
+                   images: list) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """PIL images -> (pixel_values (N_patches, 1176), image_grid_thw (n_images, 3))."""
     if not images:
         return None, None
@@ -80,7 +82,8 @@ def expand_image_pads(ids: list[int], mask: list[int], pad_id: int, counts: list
     for i, m in zip(ids, mask):
         if i == pad_id:
             if k >= len(counts):
-                raise ValueError(f"The text has more <|image_pad|> tokens than the {len(counts)} images given.")
+                raise ValueError(f"The text has more <|image_pad|> tokens than the {len(counts)} "
+                                 f"images given.")
             out_ids += [pad_id] * counts[k]
             out_mask += [0] * counts[k]
             k += 1
@@ -88,11 +91,13 @@ def expand_image_pads(ids: list[int], mask: list[int], pad_id: int, counts: list
             out_ids.append(i)
             out_mask.append(m)
     if k != len(counts):
-        raise ValueError(f"{len(counts)} images were given but the text has {k} <|image_pad|> tokens.")
+        raise ValueError(f"{len(counts)} images were given but the text has {k} <|image_pad|> "
+                         f"tokens.")
     return out_ids, out_mask
 
 
-def assistant_spans(tokenizer, messages: list[dict], text: str, **template_kw) -> list[tuple[int, int]]:
+def assistant_spans(tokenizer, messages: list[dict], text: str,
+                    **template_kw) -> list[tuple[int, int]]:
     """Character spans of the trainable assistant replies inside `text`."""
     spans, eos = [], tokenizer.eos_token
     for i, m in enumerate(messages):
@@ -152,7 +157,8 @@ def collate(batch: list[Encoded], pad_id: int, padding_side: str = "right",
     pv = [e.pixel_values for e in batch if e.pixel_values is not None]
     if pv:
         out["pixel_values"] = torch.cat(pv)
-        out["image_grid_thw"] = torch.cat([e.image_grid_thw for e in batch if e.image_grid_thw is not None])
+        out["image_grid_thw"] = torch.cat([e.image_grid_thw for e in batch
+                                           if e.image_grid_thw is not None])
         if image_token_id is None:
             raise ValueError("collate() needs image_token_id for a batch with images.")
         out["mm_token_type_ids"] = (ids == image_token_id).long()

@@ -37,7 +37,8 @@ def unpack_random(d: dict):
 def rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": pack_random(random.getstate()),
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
+                       "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached": float(cached)},
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -48,7 +49,8 @@ def rng_state() -> dict:
 def set_rng_state(s: dict) -> None:
     random.setstate(unpack_random(s["python"]))
     n = s["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached"]))
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -93,11 +95,13 @@ def load_checkpoint(policy, opt, sched, path: str) -> dict:
     """Restore adapter weights, optimizer, scheduler and RNG; returns the trainer state."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
-    set_peft_model_state_dict(policy.model, load_file(os.path.join(path, "adapter_model.safetensors")))
+    set_peft_model_state_dict(policy.model,
+                              load_file(os.path.join(path, "adapter_model.safetensors")))
     try:
         state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
     except Exception as e:  # an unpickling error: not a file this code wrote
-        raise ValueError(f"{path}/trainer_state.pt is not a checkpoint this code wrote ({type(e).__name__}); "
+        raise ValueError(f"{path}/trainer_state.pt is not a checkpoint this code wrote "
+                         f"({type(e).__name__}); "
                          f"delete the folder or resume from another one.") from e
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
@@ -109,6 +113,7 @@ def resume_from(out_dir: str) -> str:
     """The checkpoint to resume from, or a one-sentence error when there is none."""
     ck = latest_checkpoint(out_dir)
     if ck is None:
-        raise UserError(f"--resume: there is no complete checkpoint in {out_dir}; run without --resume "
+        raise UserError(f"--resume: there is no complete checkpoint in {out_dir}; run without "
+                        f"--resume "
                         f"to start over, or pass the --out of the run to continue.")
     return ck

@@ -5,7 +5,8 @@
         stage: Literal["data", "sft", "rl", "eval", "all"] = "all"
         \"\"\"which stage to run\"\"\"
         beta: float = 0.001
-        \"\"\"KL coefficient (GoG: 0.001)\"\"\"   # re-declared only because the paper's default differs
+        \"\"\"KL coefficient (GoG: 0.001)\"\"\"   # re-declared only because the paper's default
+        differs
     def main(argv=None):
         run_stages(Args, {"data": stage_data, "sft": stage_sft, ...}, argv, doc=__doc__,
                    file=__file__, tiny=TINY_SIZES, check=check_inputs)
@@ -62,7 +63,8 @@ class RunArgs:
     """show the full traceback of an error instead of one sentence"""
     # --- model ---
     load_in_4bit: bool | None = None
-    """NF4 4-bit base weights: true | false | none (= auto: on for real models on CUDA, off for CPU presets)"""
+    """NF4 4-bit base weights: true | false | none (= auto: on for real models on CUDA, off for CPU
+    presets)"""
     lora_r: int = 8
     """LoRA rank"""
     lora_alpha: int = 16
@@ -78,7 +80,8 @@ GROUP_RE = re.compile(r"^\s*#\s*-{2,}\s*(.+?)\s*-{2,}")
 
 
 def _class_fields(cls) -> tuple[dict[str, str], dict[str, str]]:
-    """({field: the string literal right under it}, {field: its `# --- group ---`}) of one class body."""
+    """({field: the string literal right under it}, {field: its `# --- group ---`}) of one class
+    body."""
     try:
         src = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):
@@ -152,7 +155,8 @@ def _parser_for(tp):
     return tp, None, False
 
 
-def build_parser(cls, description: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
+def build_parser(cls, description: str | None = None,
+                 prog: str | None = None) -> argparse.ArgumentParser:
     hints, docs, groups = typing.get_type_hints(cls), field_docs(cls), field_groups(cls)
     p = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,12 +172,14 @@ def build_parser(cls, description: str | None = None, prog: str | None = None) -
             section.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
                                  default=default, help=help_)
         else:
-            section.add_argument(*names, dest=f.name, type=typ, choices=choices, default=default, help=help_)
+            section.add_argument(*names, dest=f.name, type=typ, choices=choices, default=default,
+                                 help=help_)
     return p
 
 
 def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """Destinations the user set on the command line (parsed, so `--x=1`, `--x 1` and `--no-x` all count)."""
+    """Destinations the user set on the command line (parsed, so `--x=1`, `--x 1` and `--no-x` all
+    count)."""
     saved = {a.dest: a.default for a in parser._actions}
     try:
         for a in parser._actions:
@@ -214,13 +220,16 @@ def _jsonable(x):
     return x if isinstance(x, (str, int, float, bool, type(None))) else str(x)
 
 
-def run_stages(cls, stages: dict[str, Callable], argv: list[str] | None = None, *, doc: str | None = None,
+def run_stages(cls, stages: dict[str, Callable], argv: list[str] | None = None, *,
+               doc: str | None = None,
                file: str | None = None, tiny: dict | None = None, check: Callable | None = None):
-    """Parse `cls` from argv, apply the tiny-preset sizes, validate, run the stage(s), write args.json.
+    """Parse `cls` from argv, apply the tiny-preset sizes, validate, run the stage(s), write
+    args.json.
 
-    `stages` maps each stage name to `fn(args)`, in the order `--stage all` runs them. `tiny` replaces
-    the defaults of those fields under the CPU preset unless the user gave them. `check(args)` runs
-    before any stage (so a bad input file fails in seconds, before a model is loaded or trained).
+    `stages` maps each stage name to `fn(args)`, in the order `--stage all` runs them. `tiny`
+    replaces the defaults of those fields under the CPU preset unless the user gave them.
+    `check(args)` runs before any stage (so a bad input file fails in seconds, before a model is
+    loaded or trained).
     A `UserError` (or a missing/unreadable file) becomes `error: <sentence>` and exit code 2."""
     name = Path(file or sys.argv[0]).stem
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -234,7 +243,8 @@ def run_stages(cls, stages: dict[str, Callable], argv: list[str] | None = None, 
             sizes = {k: v for k, v in tiny.items() if k not in given}
             for k, v in sizes.items():
                 setattr(args, k, v)
-            print(f"[{name}] tiny CPU preset, small sizes: {sizes} (flags you pass win). Its numbers are noise.")
+            print(f"[{name}] tiny CPU preset, small sizes: {sizes} (flags you pass win). Its "
+                  f"numbers are noise.")
         if args.stage != "all" and args.stage not in stages:
             raise UserError(f"unknown stage {args.stage!r}; choose from {', '.join(stages)} or all.")
         _check_out(args.out)
@@ -261,7 +271,8 @@ def _check_out(out: str) -> None:
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the output folder --out {out!r} ({e.strerror}); pass a writable --out.")
+        raise UserError(f"cannot create the output folder --out {out!r} ({e.strerror}); pass a "
+                        f"writable --out.")
     if not os.access(out, os.W_OK):
         raise UserError(f"the output folder --out {out!r} is not writable; pass a writable --out.")
 

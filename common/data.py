@@ -28,7 +28,8 @@ MAX_IMAGE_PIXELS = 64_000_000   # larger images are refused (decompression bombs
 
 
 def read_text(path: str | Path, what: str = "data file") -> str:
-    """The file's text: UTF-8, else GB18030 (announced), else a UserError naming the encoding to try."""
+    """The file's text: UTF-8, else GB18030 (announced), else a UserError naming the encoding to
+    try."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"no {what} at {p}" + (" (it is a folder)." if p.is_dir() else "."))
@@ -40,8 +41,10 @@ def read_text(path: str | Path, what: str = "data file") -> str:
     try:
         text = raw.decode("gb18030")
     except UnicodeDecodeError:
-        raise UserError(f"{p} is not UTF-8 (invalid byte 0x{raw[bad]:02x} at offset {bad}) nor GB18030; "
-                        f"convert it, e.g. `iconv -f <its encoding> -t UTF-8 {p.name} > fixed.json`.") from None
+        raise UserError(f"{p} is not UTF-8 (invalid byte 0x{raw[bad]:02x} at offset {bad}) nor "
+                        f"GB18030; "
+                        f"convert it, e.g. `iconv -f <its encoding> -t UTF-8 {p.name} > "
+                        f"fixed.json`.") from None
     print(f"[data] {p} is not UTF-8; read it as GB18030 (GBK).")
     return text
 
@@ -59,7 +62,8 @@ def read_records(path: str | Path, what: str = "data file") -> list[tuple[str, d
         rows = _json(p, text)
     for where, row in rows:
         if not isinstance(row, dict):
-            raise UserError(f"{where}: expected a JSON object (a record with fields), got {type(row).__name__}.")
+            raise UserError(f"{where}: expected a JSON object (a record with fields), got "
+                            f"{type(row).__name__}.")
     if not rows:
         raise UserError(f"the {what} {p} holds no records.")
     return rows
@@ -126,11 +130,13 @@ def require(row: dict, where: str, *fields: str) -> None:
 
 
 def resolve_inside(base_dir: str | Path, rel: str, where: str) -> Path:
-    """`base_dir / rel`, refusing any path that leaves `base_dir` (`../../etc/passwd`, absolute paths elsewhere)."""
+    """`base_dir / rel`, refusing any path that leaves `base_dir` (`../../etc/passwd`, absolute
+    paths elsewhere)."""
     base = Path(base_dir).resolve()
     full = (base / str(rel)).resolve()
     if full != base and base not in full.parents:
-        raise UserError(f"{where}: the path {rel!r} leaves the data folder {base}; keep files inside it.")
+        raise UserError(f"{where}: the path {rel!r} leaves the data folder {base}; keep files "
+                        f"inside it.")
     if not full.is_file():
         raise UserError(f"{where}: the file {full} does not exist.")
     return full
@@ -151,11 +157,13 @@ def open_image(value, base_dir: str | Path, where: str):
         src = resolve_inside(base_dir, value, where)
         name = f"{src} ({where})"
     else:
-        raise UserError(f"{where}: expected an image path or image bytes, got {type(value).__name__}.")
+        raise UserError(f"{where}: expected an image path or image bytes, got "
+                        f"{type(value).__name__}.")
     try:
         with Image.open(src) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise UserError(f"{name} is {im.width}x{im.height} pixels, over the {MAX_IMAGE_PIXELS:,} "
+                raise UserError(f"{name} is {im.width}x{im.height} pixels, over the "
+                                f"{MAX_IMAGE_PIXELS:,} "
                                 f"allowed (a decompression bomb?); resize it.")
             return im.convert("RGB")
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:

@@ -1,4 +1,5 @@
-"""Generation: the plain sampler (one HF `generate` per call) and the cached one, below the agent loop.
+"""Generation: the plain sampler (one HF `generate` per call) and the cached one, below the agent
+loop.
 
 The plain path is `generate_ids` (and `chat` on top of it): every call re-encodes its sequences.
 The cached path is `CachedGenerator`, a drop-in `generate=` for `common.rollout.run_rollouts`
@@ -8,7 +9,8 @@ tools, turns or rewards: that is `common/rollout.py`, which calls one of the two
 Generation without doing work twice, exact against the plain path (tests/test_generate.py).
 
     from common.generate import CachedGenerator
-    rollouts = run_rollouts(policy, examples, ..., generate=CachedGenerator())   # one per rollout batch
+    rollouts = run_rollouts(policy, examples, ..., generate=CachedGenerator())   # one per rollout
+    batch
 
 `CachedGenerator` is a drop-in `generate=` for `common.rollout.run_rollouts` (same arguments and
 return as `common.rollout.generate_ids`). It keeps one batched KV cache for the rollout batch:
@@ -180,13 +182,15 @@ def generate_ids(policy, seqs: list[Encoded], *, max_new_tokens: int | list[int]
             if temperature > 0 and return_logprobs:
                 procs.append(rec)
             gcfg = sampling_config(policy, max_new_tokens=max(budgets), temperature=temperature,
-                                   top_p=top_p, top_k=top_k, min_new_tokens=int(min_new_tokens or 0))
+                                   top_p=top_p, top_k=top_k,
+                                   min_new_tokens=int(min_new_tokens or 0))
             gen = model.generate(**batch, generation_config=gcfg,
                                  logits_processor=LogitsProcessorList(procs),
                                  stopping_criteria=StoppingCriteriaList([rows]))[:, P:]  # (b, new)
             if temperature > 0 and return_logprobs:
                 rec.take(gen[:, -1])
-                lp = torch.stack(rec.logps, 1) if rec.logps else gen.new_zeros(len(chunk), 0).float()
+                lp = torch.stack(rec.logps,
+                                 1) if rec.logps else gen.new_zeros(len(chunk), 0).float()
             for b, row in enumerate(gen.tolist()):
                 n = rows.lengths[b] if rows.lengths[b] is not None else len(row)
                 out.append(row[:n])
@@ -199,7 +203,8 @@ def generate_ids(policy, seqs: list[Encoded], *, max_new_tokens: int | list[int]
 def chat(policy, batch: list[list[dict]], max_new_tokens: int = 64, temperature: float = 0.0,
          **kw) -> list[str]:
     """Reply to a batch of conversations (messages as in common/chat.py); strings out."""
-    seqs = [encode(policy.tokenizer, policy.image_processor, m, add_generation_prompt=True) for m in batch]
+    seqs = [encode(policy.tokenizer, policy.image_processor, m, add_generation_prompt=True)
+            for m in batch]
     ids = generate_ids(policy, seqs, max_new_tokens=max_new_tokens, temperature=temperature, **kw)
     return [policy.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
 
@@ -216,7 +221,8 @@ def _unwrap(model):
 def _suppressed(policy) -> list[int]:
     if not policy.is_vlm:
         return []
-    return policy.tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    return policy.tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>",
+                                                   "<|vision_pad|>",
                                                    "<|image_pad|>", "<|video_pad|>"])
 
 
@@ -323,9 +329,11 @@ class CachedGenerator:
         img = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>") if policy.is_vlm else None
         if grids is None or img not in ids:
             p = torch.arange(start, start + n)
-            return (p.view(1, -1).expand(3, -1) if policy.is_vlm else p), list(range(start + 1, start + n + 1))
+            return (p.view(1, -1).expand(3, -1) if policy.is_vlm
+                    else p), list(range(start + 1, start + n + 1))
         t = torch.tensor([ids])
-        pos, _ = _unwrap(policy.model).model.get_rope_index(t, (t == img).int(), image_grid_thw=grids)
+        pos, _ = _unwrap(policy.model).model.get_rope_index(t, (t == img).int(),
+                                                            image_grid_thw=grids)
         pos = pos[:, 0].cpu() + start                                     # (3, n)
         return pos, (pos.max(0).values.cummax(0).values + 1).tolist()
 
@@ -377,7 +385,8 @@ class CachedGenerator:
                 firsts.setdefault(u, i)
             self.cache, self.rows = None, [_Row() for _ in uniq]
             self.attn = torch.zeros(len(uniq), 0, dtype=torch.long, device=dev)
-            logits = self._extend(policy, [seqs[firsts[u]] for u in range(len(uniq))], [0] * len(uniq))
+            logits = self._extend(policy, [seqs[firsts[u]] for u in range(len(uniq))],
+                                  [0] * len(uniq))
             sel = torch.tensor(index, device=dev)
             self._select(sel)
             return logits[sel]
@@ -430,11 +439,14 @@ class CachedGenerator:
     # -- sampling --------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, policy, seqs: list[Encoded], *, max_new_tokens, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int | None = None, stop_strings: list[str] | None = None,
-                 batch_size: int = 64, return_logprobs: bool = False, min_new_tokens: int | None = None):
+                 top_p: float = 1.0, top_k: int | None = None,
+                 stop_strings: list[str] | None = None,
+                 batch_size: int = 64, return_logprobs: bool = False,
+                 min_new_tokens: int | None = None):
         tok, dev = policy.tokenizer, policy.device
         R = len(seqs)
-        budgets = [int(max_new_tokens)] * R if isinstance(max_new_tokens, int) else [int(b) for b in max_new_tokens]
+        budgets = [int(max_new_tokens)] * R if isinstance(max_new_tokens,
+                                                          int) else [int(b) for b in max_new_tokens]
         mins = budgets if self.force_length else [int(min_new_tokens or 0)] * R
         eos = torch.tensor(eos_token_ids(policy), device=dev)
         warpers = logit_warpers(temperature, top_k, top_p)
@@ -444,7 +456,8 @@ class CachedGenerator:
         self.stats["calls"] += 1
         out = [[] for _ in range(R)]
         lps = [[] for _ in range(R)]
-        self.raw_logps = [[] for _ in range(R)]   # log_softmax of the model's logits (no processors)
+        # log_softmax of the model's logits (no processors)
+        self.raw_logps = [[] for _ in range(R)]
         try:
             with (merged_lora(policy) if self.merge_lora else contextlib.nullcontext()):
                 matches = self._match(policy, seqs) if self.cache is not None else [None] * R
@@ -472,7 +485,9 @@ class CachedGenerator:
                         lps[i].append(chosen[i])
                         self.raw_logps[i].append(raw[i])
                         if (tkn in eos.tolist() or len(out[i]) >= budgets[i]
-                                or (stop_strings and any(tok.decode(out[i][-12:]).endswith(s) for s in stop_strings))):
+                                or (stop_strings
+                                    and any(tok.decode(out[i][-12:]).endswith(s)
+                                            for s in stop_strings))):
                             done[i] = True
                     if all(done):
                         break
@@ -488,7 +503,8 @@ class CachedGenerator:
         """Feed one token per row (rows already finished feed a masked pad)."""
         dev = policy.device
         R = len(fed)
-        ids = torch.where(torch.tensor(fed, device=dev), nxt, torch.full_like(nxt, policy.tokenizer.pad_token_id))
+        ids = torch.where(torch.tensor(fed, device=dev), nxt,
+                          torch.full_like(nxt, policy.tokenizer.pad_token_id))
         col = torch.tensor(fed, dtype=torch.long, device=dev)[:, None]
         L0 = self.attn.shape[1]
         self.attn = torch.cat([self.attn, col], 1)
@@ -524,7 +540,8 @@ def image_features(model, batch: dict):
         uniq.setdefault(key, (len(index), len(uniq)))
         index.append(uniq[key][1])
     firsts = sorted(set(v[0] for v in uniq.values()))
-    feats = hf.model.get_image_features(torch.cat([chunks[i] for i in firsts]), grid[firsts], return_dict=True)
+    feats = hf.model.get_image_features(torch.cat([chunks[i] for i in firsts]), grid[firsts],
+                                        return_dict=True)
     per = list(feats.pooler_output)
     return [per[u] for u in index]
 
@@ -542,10 +559,12 @@ def sub_batch(batch: dict, rows: list[int], feats) -> dict:
     if feats is not None and not img:   # rows without images: a text-only forward
         return {k: v for k, v in out.items() if k not in ("image_grid_thw", "mm_token_type_ids")}
     if feats is not None:
-        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats[i] for i in img))}
+        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats[i]
+                                                                                             for i in img))}
         return out
     patches = batch["image_grid_thw"].prod(-1)
     pfirst = torch.cat([patches.new_zeros(1), patches.cumsum(0)])
-    out["pixel_values"] = torch.cat([batch["pixel_values"][pfirst[i]: pfirst[i + 1]] for i in img]) \
+    out["pixel_values"] = torch.cat([batch["pixel_values"][pfirst[i]: pfirst[i + 1]]
+                                     for i in img]) \
         if img else batch["pixel_values"][:0]
     return out

@@ -7,11 +7,13 @@ tool observations). Each choice below matches TRL's GRPOTrainer (the objective: 
     A_i      = (r_i - mean_group(r)) / (std_group(r) + 1e-4)        scale_rewards="group"
     ratio    = exp(logp - old_logp)                                   (== 1 with mu = 1)
     loss_t   = -min(ratio * A, clamp(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * kl_t
-    kl_t     = exp(ref - logp) - (ref - logp) - 1                     (k3, joschu.net/blog/kl-approx.html)
+    kl_t     = exp(ref - logp) - (ref - logp) - 1                     (k3,
+    joschu.net/blog/kl-approx.html)
     pi_ref   = the policy at the start of the run (Policy.frozen_reference)
     GSPO     importance_sampling_level="sequence": ratio = exp(mean_t log_ratio) per sequence
 
-Per-token log-probs: common/logprobs.py; rewards: common/rewards.py; checkpoints: common/checkpoint.py.
+Per-token log-probs: common/logprobs.py; rewards: common/rewards.py; checkpoints:
+common/checkpoint.py.
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ from common.runlog import RunLog
 # ---------------------------------------------------------------------------------------------
 # the math
 # ---------------------------------------------------------------------------------------------
-def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group") -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int,
+                     scale_rewards: str = "group") -> torch.Tensor:
     """rewards (B,) grouped contiguously by prompt -> advantages (B,)."""
     r = rewards.view(-1, group_size)                                    # (B/G, G)
     centred = (r - r.mean(dim=1, keepdim=True)).view(-1)                 # (B,)
@@ -83,7 +86,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, loss_type: str = "g
     elif importance_sampling_level == "sequence":
         log_w = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None]  # (B, 1)
     else:
-        raise ValueError(f"importance_sampling_level must be token or sequence, not {importance_sampling_level!r}")
+        raise ValueError(f"importance_sampling_level must be token or sequence, not "
+                         f"{importance_sampling_level!r}")
     ratio = torch.exp(log_w)
     unclipped = ratio * A
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A
@@ -112,11 +116,13 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, loss_type: str = "g
     with torch.no_grad():  # TRL's clip statistics: only clips that change the gradient count
         low = ((ratio < 1 - eps_low) & (A < 0)).float()
         high = ((ratio > 1 + eps_high) & (A > 0)).float()
-        seq = ratio.shape[1] == 1                                        # GSPO: one value per sequence
+        # GSPO: one value per sequence
+        seq = ratio.shape[1] == 1
         cmean = (lambda x: x.mean().item()) if seq else (lambda x: masked_mean(x, mask).item())
         stats = {"clip_ratio/low_mean": cmean(low), "clip_ratio/high_mean": cmean(high),
                  "clip_ratio/region_mean": cmean(low + high),
-                 "_n_tok": mask.sum().item(), "_n_clip": float(len(mask)) if seq else mask.sum().item()}
+                 "_n_tok": mask.sum().item(),
+                 "_n_clip": float(len(mask)) if seq else mask.sum().item()}
         if per_token_kl is not None:
             stats["kl"] = masked_mean(per_token_kl, mask).item()
     return loss, stats
@@ -207,17 +213,21 @@ def sample_prompts(n_data: int, k: int, step: int, seed: int, weights=None) -> l
 def check_config(cfg: GRPOConfig) -> None:
     """One sentence for settings that cannot train (G = 1 gives NaN advantages, T = 0 is greedy)."""
     if cfg.num_generations < 2:
-        raise UserError(f"num_generations must be >= 2 (GRPO compares completions within a group; got "
+        raise UserError(f"num_generations must be >= 2 (GRPO compares completions within a group; "
+                        f"got "
                         f"{cfg.num_generations}).")
     if cfg.temperature <= 0:
-        raise UserError(f"temperature must be > 0 for training (got {cfg.temperature}): GRPO needs sampled, "
+        raise UserError(f"temperature must be > 0 for training (got {cfg.temperature}): GRPO needs "
+                        f"sampled, "
                         f"different completions and scores them at that temperature.")
     if cfg.max_steps < 1 or cfg.prompts_per_step < 1 or cfg.micro_batch_size < 1 or cfg.num_iterations < 1:
-        raise UserError("max_steps, prompts_per_step, micro_batch_size and num_iterations must each be >= 1.")
+        raise UserError("max_steps, prompts_per_step, micro_batch_size and num_iterations must "
+                        "each be >= 1.")
     if cfg.loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
         raise UserError(f"loss_type must be grpo, bnpo, dr_grpo or dapo, not {cfg.loss_type!r}.")
     if cfg.importance_sampling_level not in ("token", "sequence"):
-        raise UserError(f"importance_sampling_level must be token or sequence, not {cfg.importance_sampling_level!r}.")
+        raise UserError(f"importance_sampling_level must be token or sequence, not "
+                        f"{cfg.importance_sampling_level!r}.")
 
 
 def train_grpo(policy, dataset: list[dict], rollout_fn: Callable, reward_fn, cfg: GRPOConfig,
@@ -238,10 +248,12 @@ def train_grpo(policy, dataset: list[dict], rollout_fn: Callable, reward_fn, cfg
     check_config(cfg)
     resume = cfg.resume if resume is None else resume
     with policy.frozen_reference():
-        return _train_grpo(policy, dataset, rollout_fn, reward_fn, cfg, out_dir, weights, resume, on_step)
+        return _train_grpo(policy, dataset, rollout_fn, reward_fn, cfg, out_dir, weights, resume,
+                           on_step)
 
 
-def _train_grpo(policy, dataset, rollout_fn, reward_fn, cfg, out_dir, weights, resume, on_step) -> dict:
+def _train_grpo(policy, dataset, rollout_fn, reward_fn, cfg, out_dir, weights, resume,
+                on_step) -> dict:
     G = cfg.num_generations
     params = policy.trainable_parameters()
     if not params:
@@ -258,7 +270,8 @@ def _train_grpo(policy, dataset, rollout_fn, reward_fn, cfg, out_dir, weights, r
     log.drop_from(start)  # steps the interrupted run logged after its last checkpoint
     policy.model.train()
     last = {}
-    for step in log.bar(range(start, cfg.max_steps), desc="grpo", initial=start, total=cfg.max_steps):
+    for step in log.bar(range(start, cfg.max_steps), desc="grpo", initial=start,
+                        total=cfg.max_steps):
         t0 = time.perf_counter()
         examples = [dataset[i] for i in sample_prompts(len(dataset), cfg.prompts_per_step, step,
                                                        cfg.seed, weights)]
@@ -285,14 +298,16 @@ def _train_grpo(policy, dataset, rollout_fn, reward_fn, cfg, out_dir, weights, r
                 "completion_length": n_gen / len(rollouts),
                 "truncated_frac": float(np.mean([r.truncated for r in rollouts])),
                 "ended_without_answer": float(np.mean([r.answer is None for r in rollouts])),
-                **{f"stop/{k}": float(np.mean([r.stop_reason == k for r in rollouts])) for k in STOP_REASONS},
+                **{f"stop/{k}": float(np.mean([r.stop_reason == k for r in rollouts]))
+                   for k in STOP_REASONS},
                 "lr": sched.get_last_lr()[0], "time/generate": t_gen, "time/logprob": t_lp,
                 "time/backward": t_bw, "tokens_per_s": n_gen / max(t_gen, 1e-9)}
         log.log(last, step)
         if on_step is not None:
             on_step(step, rollouts, terms)
         if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps):
-            save_checkpoint(policy, opt, sched, step + 1, out_dir)  # the last one lets a run be extended
+            # the last one lets a run be extended
+            save_checkpoint(policy, opt, sched, step + 1, out_dir)
     log.plot(["reward", "kl", "completion_length", "entropy"], title="GRPO")
     if policy.has_adapter:
         policy.save_adapter(os.path.join(out_dir, "adapter"))
@@ -316,12 +331,15 @@ def update(policy, opt, sched, params, cfg: GRPOConfig, rollouts, idx, advantage
     n_items = mask.sum().item()
     mbs = [list(range(s, min(s + cfg.micro_batch_size, len(idx))))
            for s in range(0, len(idx), cfg.micro_batch_size)]
-    lp = lambda sub: completion_logprobs(policy.model, sub, cfg.temperature, cfg.logprob_chunk_tokens)
+    lp = lambda sub: completion_logprobs(policy.model, sub, cfg.temperature,
+                                         cfg.logprob_chunk_tokens)
     t1 = time.perf_counter()
-    frozen_tower = not any(p.requires_grad for n, p in policy.model.named_parameters() if "visual" in n)
+    frozen_tower = not any(p.requires_grad for n,
+                           p in policy.model.named_parameters() if "visual" in n)
     feats = image_features(policy.model, batch) if cfg.vision_once and frozen_tower else None
     with torch.no_grad():   # old (only when mu > 1) and reference log-probs, per micro-batch
-        old_lp = [lp(sub_batch(batch, mb, feats))[0] for mb in mbs] if cfg.num_iterations > 1 else None
+        old_lp = [lp(sub_batch(batch, mb, feats))[0]
+                  for mb in mbs] if cfg.num_iterations > 1 else None
         ref_lp = None
         if cfg.beta != 0.0:
             with policy.reference():
@@ -378,7 +396,8 @@ def update(policy, opt, sched, params, cfg: GRPOConfig, rollouts, idx, advantage
         norms.append(grad_norm.item())
     stats = {k: sums[k] / max(counts[k], 1.0) for k in sums}
     stats.update(loss=float(np.mean(losses)), grad_norm=float(np.mean(norms)),
-                 **({f"grad_norm/update_{u + 1}": g for u, g in enumerate(norms)} if len(norms) > 1 else {}),
+                 **({f"grad_norm/update_{u + 1}": g for u, g in enumerate(norms)} if len(norms) > 1
+                    else {}),
                  skipped=0)
     d = torch.cat(gaps) if gaps else None          # like TRL's sampling_logp_difference (vLLM)
     if d is not None and d.numel():

@@ -10,7 +10,8 @@
   `parse_label_score` ("UNSAFE 2") and `parse_preference` / `win_rate` (pairwise A/B judges).
 - Rule fallbacks for the offline toy worlds: `match_answer`, `keyword_flags`, `is_refusal`.
 
-Paper-specific judges (prompts, reward formulas) live in the paper scripts (am3safety's in common/safety.py).
+Paper-specific judges (prompts, reward formulas) live in the paper scripts (am3safety's in
+common/safety.py).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def normalize_answer(s: Any) -> str:
     """
     text = "" if s is None else str(s).lower()
     text = "".join(ch for ch in text if not _is_punct(ch))
-    if text.strip() not in ("a", "an", "the"):   # (ours) a lone "A" is an option letter, not an article
+    # (ours) a lone "A" is an option letter, not an article
+    if text.strip() not in ("a", "an", "the"):
         text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 
@@ -280,7 +282,8 @@ def llm_judge(policy: ChatPolicy, question: str, prediction: str | None,
 def parse_label_score(text: str | None, labels: Sequence[str], lo: float = 0, hi: float = 10
                       ) -> tuple[str | None, float | None]:
     """A judge's "LABEL, then a number" reply ("UNSAFE 2", "REFUSAL, 3") -> (the first of `labels`
-    found as a whole word, case-insensitive, so "UNSAFE" is never "SAFE", else None; the first number
+    found as a whole word, case-insensitive, so "UNSAFE" is never "SAFE", else None; the first
+    number
     in [lo, hi] after it (anywhere without a label), else None)."""
     if not isinstance(text, str):
         return None, None
@@ -289,8 +292,9 @@ def parse_label_score(text: str | None, labels: Sequence[str], lo: float = 0, hi
 
 
 def parse_preference(text: str | None, swapped: bool = False) -> int | None:
-    """A pairwise judge's "A" / "B" / "TIE" -> +1 (the first item of the pair is better), -1, 0 (a tie,
-    or both letters); None when unreadable. `swapped`: the prompt showed the pair's second item as A
+    """A pairwise judge's "A" / "B" / "TIE" -> +1 (the first item of the pair is better), -1, 0 (a
+    tie, or both letters); None when unreadable. `swapped`: the prompt showed the pair's second item
+    as A
     (alternate the order against position bias)."""
     c = extract_choice(text, "AB")
     if c is None:
@@ -299,7 +303,8 @@ def parse_preference(text: str | None, swapped: bool = False) -> int | None:
 
 
 def win_rate(prefs: Sequence[int]) -> float | None:
-    """n1 / (n1 + n2) with n1 = wins (+1), n2 = losses (-1), ties (0) dropped; None without a decisive pair."""
+    """n1 / (n1 + n2) with n1 = wins (+1), n2 = losses (-1), ties (0) dropped; None without a
+    decisive pair."""
     n1, n2 = list(prefs).count(1), list(prefs).count(-1)
     return n1 / (n1 + n2) if n1 + n2 else None
 

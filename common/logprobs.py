@@ -44,9 +44,12 @@ def completion_logprobs(model, batch: dict, temperature: float = 1.0, chunk_toke
     T = batch["completion_mask"].shape[1]
     inputs = {k: v for k, v in batch.items() if k not in ("completion_mask", "n_images")}
     if "pixel_values" in inputs and len(inputs["pixel_values"]) == 0:  # a sub-batch without images
-        inputs = {k: v for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw", "mm_token_type_ids")}
+        inputs = {k: v for k,
+                  v in inputs.items()
+                  if k not in ("pixel_values", "image_grid_thw", "mm_token_type_ids")}
     hidden = body(**inputs, use_cache=False).last_hidden_state           # (B, P+T, H)
-    h = hidden[:, -T - 1: -1]                                            # (B, T, H): predicts tokens P..P+T-1
+    # (B, T, H): predicts tokens P..P+T-1
+    h = hidden[:, -T - 1: -1]
     targets = batch["input_ids"][:, -T:]                                 # (B, T)
     c = max(1, chunk_tokens // h.shape[0])
     logps, ents = [], []

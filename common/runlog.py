@@ -79,7 +79,8 @@ class RunLog:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
         if self._bar is not None:
-            show = {k: f"{v:.3g}" for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+            show = {k: f"{v:.3g}" for k,
+                    v in row.items() if k != "step" and isinstance(v, (int, float))}
             self._bar.set_postfix(dict(list(show.items())[:5]), refresh=False)
 
     def summary(self, obj: dict, name: str = "summary.json") -> str:
@@ -94,7 +95,8 @@ class RunLog:
                 f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
         return path
 
-    def plot(self, keys: list[str], name: str = "curves.png", title: str | None = None) -> str | None:
+    def plot(self, keys: list[str], name: str = "curves.png",
+             title: str | None = None) -> str | None:
         """One panel per metric against step (raw and a 10-step moving average)."""
         keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in self.history)]
         if not keys:
@@ -112,7 +114,8 @@ def plot_curves(history: list[dict], keys: list[str], path: str, title: str | No
         xs, ys = zip(*pts)
         ax.plot(xs, ys, alpha=0.35, lw=1)
         w = min(10, len(ys))
-        avg = [sum(ys[max(0, i - w + 1): i + 1]) / len(ys[max(0, i - w + 1): i + 1]) for i in range(len(ys))]
+        avg = [sum(ys[max(0, i - w + 1): i + 1]) / len(ys[max(0, i - w + 1): i + 1])
+               for i in range(len(ys))]
         ax.plot(xs, avg, lw=2)
         ax.set_title(k, fontsize=10)
         ax.set_xlabel("step")
@@ -132,7 +135,8 @@ def markdown_table(table: dict[str, dict], corner: str = "") -> str:
     return "\n".join([f"| {corner} | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|", *rows])
 
 
-def bar_plot(groups: dict[str, dict[str, float]], path: str, title: str = "", ylabel: str = "") -> str:
+def bar_plot(groups: dict[str, dict[str, float]], path: str, title: str = "",
+             ylabel: str = "") -> str:
     """Grouped bars: {series: {x_label: value}} -> PNG."""
     import matplotlib
     matplotlib.use("Agg")

@@ -26,7 +26,8 @@ from common.runlog import RunLog
 
 @dataclass
 class SFTArgs(RunArgs):
-    """The SFT fields of a script's `Args` (`class Args(GRPOConfig, SFTArgs)`); `sft_config(args)` reads them."""
+    """The SFT fields of a script's `Args` (`class Args(GRPOConfig, SFTArgs)`); `sft_config(args)`
+    reads them."""
     # --- SFT ---
     sft_learning_rate: float = 1e-4
     """SFT learning rate"""
@@ -37,7 +38,8 @@ class SFTArgs(RunArgs):
     sft_max_steps: int = 0
     """cap on SFT steps (0 = epochs decide)"""
     full_sft: bool = False
-    """SFT trains every weight, not only LoRA (Policy.train_all_weights: a random-weight model learns little
+    """SFT trains every weight, not only LoRA (Policy.train_all_weights: a random-weight model
+    learns little
     through LoRA alone); the base weights are saved in the adapter folder and load with it"""
 
 
@@ -60,8 +62,10 @@ class SFTConfig:
 
 def sft_config(args, **overrides) -> SFTConfig:
     """The SFTConfig of a script's `Args`: its SFTArgs fields, micro_batch_size and seed."""
-    fields = dict(learning_rate=args.sft_learning_rate, epochs=args.sft_epochs, batch_size=args.sft_batch_size,
-                  micro_batch_size=args.micro_batch_size, max_steps=args.sft_max_steps, seed=args.seed)
+    fields = dict(learning_rate=args.sft_learning_rate, epochs=args.sft_epochs,
+                  batch_size=args.sft_batch_size,
+                  micro_batch_size=args.micro_batch_size, max_steps=args.sft_max_steps,
+                  seed=args.seed)
     return SFTConfig(**{**fields, **overrides})
 
 
@@ -75,7 +79,8 @@ def trajectory_messages(messages: list[dict], turns: list[dict]) -> list[dict]:
             msgs.append({"role": "assistant", "content": t["text"]})
         else:
             image = [{"type": "image", "image": t["image"]}] if t.get("image") else []
-            msgs.append({"role": "user", "content": image + [{"type": "text", "text": t["observation"]}]})
+            msgs.append({"role": "user",
+                         "content": image + [{"type": "text", "text": t["observation"]}]})
     return msgs
 
 
@@ -117,7 +122,8 @@ def train_sft(policy, samples: list[Encoded], cfg: SFTConfig, out_dir: str) -> d
         if len(s.input_ids) > cfg.max_length:
             if s.image_grid_thw is not None:
                 raise ValueError(f"A sample with images is {len(s.input_ids)} tokens, over "
-                                 f"max_length={cfg.max_length}; raise it (cutting would split an image).")
+                                 f"max_length={cfg.max_length}; raise it (cutting would split an "
+                                 f"image).")
             s.input_ids, s.loss_mask = s.input_ids[: cfg.max_length], s.loss_mask[: cfg.max_length]
     params = policy.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
@@ -126,7 +132,9 @@ def train_sft(policy, samples: list[Encoded], cfg: SFTConfig, out_dir: str) -> d
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     warmup = int(cfg.warmup_ratio * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.lr_schedule))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt,
+                                              lambda s: lr_factor(s, total, warmup,
+                                                                  cfg.lr_schedule))
     rng = random.Random(cfg.seed)
     order: list[int] = []
     start = 0
@@ -149,14 +157,16 @@ def train_sft(policy, samples: list[Encoded], cfg: SFTConfig, out_dir: str) -> d
         n_tok = sum(sum(samples[i].loss_mask[1:]) for i in idx)
         total_nll = 0.0
         for s in range(0, len(idx), cfg.micro_batch_size):
-            batch = sft_batch([samples[i] for i in idx[s: s + cfg.micro_batch_size]], policy.tokenizer)
+            batch = sft_batch([samples[i] for i in idx[s: s + cfg.micro_batch_size]],
+                              policy.tokenizer)
             batch = {k: v.to(policy.device) for k, v in batch.items()}
             nll, _ = masked_nll(policy, batch, cfg.logprob_chunk_tokens)
             (nll / max(n_tok, 1)).backward()
             total_nll += nll.item()
         loss_val = total_nll / max(n_tok, 1)
         if not math.isfinite(loss_val):
-            raise FloatingPointError(f"SFT step {step}: the loss is {loss_val}. Lower --learning_rate "
+            raise FloatingPointError(f"SFT step {step}: the loss is {loss_val}. Lower "
+                                     f"--learning_rate "
                                      f"or check the data; the run stops here instead of going on.")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
@@ -169,6 +179,7 @@ def train_sft(policy, samples: list[Encoded], cfg: SFTConfig, out_dir: str) -> d
                             extra={"order": order, "sft_rng": pack_random(rng.getstate())})
     log.plot(["loss", "lr"], title="SFT")
     policy.save_adapter(os.path.join(out_dir, "adapter"))
-    summary = {"steps": total, "samples": len(samples), "final_loss": loss_val, "config": asdict(cfg)}
+    summary = {"steps": total, "samples": len(samples), "final_loss": loss_val,
+               "config": asdict(cfg)}
     log.summary(summary)
     return summary

@@ -41,7 +41,8 @@ def bootstrap_ci(groups: list, stat, keys, n: int = 200, seed: int = 0) -> dict:
             for k, v in draws.items()}
 
 
-def rate_bars(path: str, names: list[str], bars: dict[str, list], intervals: dict[str, list] | None = None,
+def rate_bars(path: str, names: list[str], bars: dict[str, list],
+              intervals: dict[str, list] | None = None,
               title: str = "") -> None:
     """Grouped bars of rates on a 0-1 axis: one group per name, one bar per entry of `bars` (None
     draws 0); a bar label that `intervals` maps to [lo, hi] per name gets those as error bars."""
@@ -51,7 +52,8 @@ def rate_bars(path: str, names: list[str], bars: dict[str, list], intervals: dic
     for i, (label, values) in enumerate(bars.items()):
         v = [b or 0 for b in values]
         ci = (intervals or {}).get(label)
-        err = None if ci is None else [[a - lo for a, (lo, _) in zip(v, ci)], [hi - a for a, (_, hi) in zip(v, ci)]]
+        err = None if ci is None else [[a - lo for a, (lo, _) in zip(v, ci)],
+                                       [hi - a for a, (_, hi) in zip(v, ci)]]
         ax.bar(x + (i - (len(bars) - 1) / 2) * width, v, width, yerr=err, capsize=3, label=label)
     ax.set(xticks=x, xticklabels=names, ylim=(0, 1), title=title)
     ax.legend(fontsize=8)

@@ -43,7 +43,8 @@ from PIL import Image
 # ----------------------------------------------------------------------------------------------
 
 ACTIONS = ("answer", "text_search", "image_search", "tool_call")
-"""What a tag can mean: the final answer, a text query, a search on the current image, or a Qwen JSON
+"""What a tag can mean: the final answer, a text query, a search on the current image, or a Qwen
+JSON
 tool call (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`) whose name `Grammar.tool_names` maps."""
 TOOLS = ("crop", "text_search", "image_search")
 
@@ -63,8 +64,10 @@ class Grammar:
         bad = {t: a for t, a in self.tags.items() if a not in ACTIONS}
         bad.update({n: t for n, t in self.tool_names.items() if t not in TOOLS})
         if bad or ("tool_call" in self.tags.values()) != bool(self.tool_names):
-            raise ValueError(f"Grammar: tags map to {ACTIONS}, tool names to {TOOLS}, and tool_names "
-                             f"are given exactly when a tag means tool_call; got {self.tags}, {self.tool_names}.")
+            raise ValueError(f"Grammar: tags map to {ACTIONS}, tool names to {TOOLS}, and "
+                             f"tool_names "
+                             f"are given exactly when a tag means tool_call; got {self.tags}, "
+                             f"{self.tool_names}.")
         names = "|".join(map(re.escape, self.tags))
         object.__setattr__(self, "_tag_re", re.compile(rf"<(/?)({names})>"))
         free = "|".join(map(re.escape, self.free)) or "(?!)"
@@ -72,7 +75,8 @@ class Grammar:
 
     @property
     def stop_strings(self) -> list[str]:
-        """The agent loop stops generation at the first of these, so one turn holds at most one action."""
+        """The agent loop stops generation at the first of these, so one turn holds at most one
+        action."""
         return [f"</{t}>" for t in self.tags]
 
 
@@ -134,7 +138,8 @@ def parse_action(text: str, grammar: Grammar = ANSWER_ONLY) -> Action:
         return _parse_tool_call(body, grammar.tool_names)
     if meaning == "image_search":
         if body not in ("", "<img>"):
-            return _error(f"<{name}> searches the current image and takes no text; write <{name}></{name}>.")
+            return _error(f"<{name}> searches the current image and takes no text; write "
+                          f"<{name}></{name}>.")
         return Action(kind="tool", name="image_search", args={})
     if not body:
         return _error(f"empty query in <{name}></{name}>.")
@@ -215,9 +220,11 @@ def resize_limits(image_processor) -> dict:
     get = (lambda k: size.get(k) if isinstance(size, dict) else getattr(size, k, None))
     lo = getattr(image_processor, "min_pixels", None) or get("shortest_edge") or get("min_pixels")
     hi = getattr(image_processor, "max_pixels", None) or get("longest_edge") or get("max_pixels")
-    patch, merge = getattr(image_processor, "patch_size", None), getattr(image_processor, "merge_size", None)
+    patch, merge = getattr(image_processor, "patch_size",
+                           None), getattr(image_processor, "merge_size", None)
     if not (lo and hi and patch and merge):
-        raise ValueError(f"{type(image_processor).__name__} has no Qwen2-VL resize settings (min/max "
+        raise ValueError(f"{type(image_processor).__name__} has no Qwen2-VL resize settings "
+                         f"(min/max "
                          f"pixels, patch_size, merge_size); pass min_pixels / max_pixels instead.")
     return {"min_pixels": int(lo), "max_pixels": int(hi), "factor": int(patch) * int(merge)}
 
@@ -231,7 +238,8 @@ def seen_size(image: Image.Image, image_processor=None, *, min_pixels: int | Non
     library defaults (56*56 .. 28*28*1280, factor 28). With the published Qwen2.5-VL-3B/7B
     processor (max_pixels 12,845,056) a 1600x1200 image is seen as 1596x1204, not 1148x840."""
     ip = image_processor if image_processor is not None else _PROCESSOR
-    lim = resize_limits(ip) if ip is not None else {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280,
+    lim = resize_limits(ip) if ip is not None else {"min_pixels": 56 * 56,
+                                                    "max_pixels": 28 * 28 * 1280,
                                                     "factor": 28}
     if min_pixels is not None:
         lim["min_pixels"] = min_pixels

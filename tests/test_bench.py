@@ -10,7 +10,8 @@ import torch
 
 from common import grpo as grpo_mod
 from common import logprobs as logprobs_mod
-from common.perf.bench import (AGENT_GRAMMAR, Args, ScriptedAgent, agent_tools, forced_generate, noise_image,
+from common.perf.bench import (AGENT_GRAMMAR, Args, ScriptedAgent, agent_tools, forced_generate,
+                               noise_image,
                           prompt_text, qwen25vl_config, random_size, summarise)
 from common.grpo import GRPOConfig, train_grpo
 from common.logprobs import completion_logprobs, unwrap
@@ -36,10 +37,12 @@ def sampled_batch(policy, image_size=0, G=3, new=7):
     def messages(ex):
         if not image_size:
             return [{"role": "user", "content": ex["text"]}]
-        return [{"role": "user", "content": [{"type": "image", "image": noise_image(image_size, ex["seed"])},
+        return [{"role": "user",
+                 "content": [{"type": "image", "image": noise_image(image_size, ex["seed"])},
                                              {"type": "text", "text": ex["text"]}]}]
     torch.manual_seed(1)
-    rs = run_rollouts(policy, [{"text": t, "seed": i} for i, t in enumerate(texts)], num_generations=G,
+    rs = run_rollouts(policy, [{"text": t, "seed": i} for i, t in enumerate(texts)],
+                      num_generations=G,
                       make_messages=messages, max_new_tokens=new, temperature=1.0)
     for i, r in enumerate(rs):  # ragged completions, one with a 0-mask (observation-like) stretch
         r.ids, r.mask = r.ids[: 2 + i % new], r.mask[: 2 + i % new]
@@ -52,9 +55,11 @@ def plain_logprobs(model, batch, temperature):
     """The reference path: full (B, L, V) logits, log_softmax, gather."""
     inputs = {k: v for k, v in batch.items() if k not in ("completion_mask", "n_images")}
     T = batch["completion_mask"].shape[1]
-    logits = unwrap(model)(**inputs, use_cache=False).logits[:, -T - 1:-1].float() / temperature  # (B, T, V)
+    # (B, T, V)
+    logits = unwrap(model)(**inputs, use_cache=False).logits[:, -T - 1:-1].float() / temperature
     logp_all = logits.log_softmax(-1)
-    logp = logp_all.gather(-1, batch["input_ids"][:, -T:, None]).squeeze(-1)                       # (B, T)
+    # (B, T)
+    logp = logp_all.gather(-1, batch["input_ids"][:, -T:, None]).squeeze(-1)
     return logp, -(logp_all.exp() * logp_all).sum(-1)
 
 
@@ -126,8 +131,10 @@ def loop_gradient(policy, lengths, loss_type, micro_batch_size, beta=0.1):
         losses.append(loss.item())
         return loss, st
     G = len(lengths)
-    cfg = GRPOConfig(learning_rate=0.0, num_generations=G, prompts_per_step=1, max_steps=1, beta=beta,
-                     loss_type=loss_type, max_completion_length=max(lengths), micro_batch_size=micro_batch_size,
+    cfg = GRPOConfig(learning_rate=0.0, num_generations=G, prompts_per_step=1, max_steps=1,
+                     beta=beta,
+                     loss_type=loss_type, max_completion_length=max(lengths),
+                     micro_batch_size=micro_batch_size,
                      logprob_chunk_tokens=7)
     rollouts = scripted_rollouts(lengths)
     rewards = [float(i % 3) for i in range(G)]
@@ -159,7 +166,8 @@ def test_microbatch_gradients_equal_full_batch_equal_tokens(tiny_lora, loss_type
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])  # bnpo (TRL's): test_grpo_loop.py
+# bnpo (TRL's): test_grpo_loop.py
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
 def test_microbatch_gradients_equal_full_batch_ragged(tiny_lora, loss_type):
     lengths = [3, 9, 6, 2, 8, 5]   # ragged completions and micro-batches of 4 + 2
     full, _ = loop_gradient(tiny_lora, lengths, loss_type, micro_batch_size=6)
@@ -178,13 +186,16 @@ def test_microbatch_gradients_equal_full_batch_ragged(tiny_lora, loss_type):
 def test_random_config_matches_published_table():
     tok = build_tiny_tokenizer()
     for size, (hidden, layers, heads, kv, vocab, tied) in {"3b": (2048, 36, 16, 2, 151936, True),
-                                                          "7b": (3584, 28, 28, 4, 152064, False)}.items():
+                                                          "7b": (3584, 28, 28, 4, 152064,
+                                                                 False)}.items():
         cfg = qwen25vl_config(size, tok)
         t, v = cfg.text_config, cfg.vision_config
         assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads,
                 t.vocab_size, cfg.tie_word_embeddings) == (hidden, layers, heads, kv, vocab, tied)
-        assert (v.depth, v.hidden_size, v.out_hidden_size, v.fullatt_block_indexes) == (32, 1280, hidden, [7, 15, 23, 31])
-        assert t.rope_parameters["mrope_section"] == [16, 24, 24] and t.rope_parameters["rope_theta"] == 1e6
+        assert (v.depth, v.hidden_size, v.out_hidden_size,
+                v.fullatt_block_indexes) == (32, 1280, hidden, [7, 15, 23, 31])
+        assert t.rope_parameters["mrope_section"] == [16, 24,
+                                                      24] and t.rope_parameters["rope_theta"] == 1e6
         small = qwen25vl_config(size, tok, num_layers=2).vision_config
         assert small.depth == 2 and small.fullatt_block_indexes == [1]
     assert random_size("qwen2.5-vl-7b-random") == "7b" and random_size("Qwen/Qwen2.5-VL-3B-Instruct") == "3b"
@@ -194,26 +205,31 @@ def test_random_config_matches_published_table():
 
 def test_bench_runs_and_ends_with_json(tmp_path):
     cmd = ["common.perf.bench", "--model", "tiny", "--steps", "1", "--warmup", "0",
-           "--num_generations", "2", "--max_new_tokens", "4", "--prompt_tokens", "8", "--image_size", "56",
+           "--num_generations", "2", "--max_new_tokens", "4", "--prompt_tokens", "8",
+           "--image_size", "56",
            "--beta", "0.04", "--threads", "1", "--out", str(tmp_path)]
     out = run_script(*cmd)
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res["ours"]["gen_tokens"] == 2 * 4          # forced: exactly max_new_tokens per completion
+    # forced: exactly max_new_tokens per completion
+    assert res["ours"]["gen_tokens"] == 2 * 4
     assert res["ours"]["step_s"] > 0 and res["args"]["image_size"] == 56 and res["args"]["workload"] == "image"
-    assert res["ours"]["train_tokens"] > 2 * (8 + 4)    # prompt text + image tokens + completion, per row
+    # prompt text + image tokens + completion, per row
+    assert res["ours"]["train_tokens"] > 2 * (8 + 4)
     assert 0 < res["limits"]["decode_fraction"] and res["limits"]["bandwidth_gbps"] > 0
     assert os.path.exists(tmp_path / "result.json")
 
 
 def test_bench_bad_request_one_sentence(tmp_path):
-    out = run_script("common.perf.bench", "--model", "tiny", "--num_generations", "1", "--out", str(tmp_path),
+    out = run_script("common.perf.bench", "--model", "tiny", "--num_generations", "1", "--out",
+                     str(tmp_path),
                      timeout=120)
     assert out.returncode != 0 and "num_generations" in out.stderr
 
 
 def test_logp_chunk_equals_log_softmax():
-    """common.logprobs._logp_chunk (logit - logsumexp, entropy under no_grad) gives the same log-probs,
+    """common.logprobs._logp_chunk (logit - logsumexp, entropy under no_grad) gives the same
+    log-probs,
     entropies and gradients as a plain log_softmax; in no-grad passes it skips the entropy."""
     g = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False)
@@ -234,7 +250,8 @@ def test_logp_chunk_equals_log_softmax():
 
 
 def test_summarise_median_min_max_by_hand():
-    rows = [dict(step_s=s, generate_s=g, logprob_s=0.1, backward_s=0.2, other_s=s - g - 0.3, gen_tokens=8)
+    rows = [dict(step_s=s, generate_s=g, logprob_s=0.1, backward_s=0.2, other_s=s - g - 0.3,
+                 gen_tokens=8)
             for s, g in ((9.0, 8.0), (1.0, 0.5), (3.0, 2.0), (2.0, 1.0))]
     s = summarise(rows, warmup=1)                  # the 9 s warm-up step is left out
     assert (s["step_s"], s["step_min_s"], s["step_max_s"]) == (2.0, 1.0, 3.0)
@@ -250,14 +267,16 @@ def test_agent_workload_two_tool_turns(tiny):
     msgs = lambda ex: [{"role": "user", "content": [{"type": "image", "image": image},
                                                     {"type": "text", "text": "where"}]}]
     torch.manual_seed(0)
-    rs = run_rollouts(tiny, [{}], num_generations=2, make_messages=msgs, tools=agent_tools(tok, 12, 0), grammar=AGENT_GRAMMAR,
+    rs = run_rollouts(tiny, [{}], num_generations=2, make_messages=msgs,
+                      tools=agent_tools(tok, 12, 0), grammar=AGENT_GRAMMAR,
                       max_turns=3, max_new_tokens=40, max_total_tokens=1 << 30,
                       generate=ScriptedAgent(tok, forced_generate, 112))
     for r in rs:
         assert r.answer == "Paris" and r.turns == 3
         assert [t.get("name") for t in r.trajectory if t["role"] == "tool"] == ["text_search", "crop"]
         assert len(r.images) == 2 and r.images[1].size == (56, 56)
-        assert r.n_generated == 3 * 40                      # forced: every turn is exactly its budget
+        # forced: every turn is exactly its budget
+        assert r.n_generated == 3 * 40
         assert 0 < r.mask.count(0) and len(r.mask) == len(r.ids)
 
 

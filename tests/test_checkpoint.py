@@ -19,10 +19,12 @@ from common.sft import SFTConfig, train_sft
 
 def grpo_run(out, steps=2, resume=False, save_steps=2):
     p = load_policy("tiny", seed=1)
-    ro = [Rollout(prompt_ids=[5, 6, 7], ids=[8 + i, 9, 10], mask=[1, 1, 1], done=True) for i in range(2)]
+    ro = [Rollout(prompt_ids=[5, 6, 7], ids=[8 + i, 9, 10], mask=[1, 1, 1], done=True)
+          for i in range(2)]
     train_grpo(p, [{"id": 0}], lambda pol, ex, c: [Rollout(**vars(r)) for r in ro],
                lambda g, ex: [{"reward": float(i)} for i in range(len(g))],
-               GRPOConfig(num_generations=2, prompts_per_step=1, max_steps=steps, save_steps=save_steps,
+               GRPOConfig(num_generations=2, prompts_per_step=1, max_steps=steps,
+                          save_steps=save_steps,
                           learning_rate=1e-2, max_completion_length=3), str(out), resume=resume)
     return p
 
@@ -68,7 +70,8 @@ def test_checkpoint_state_is_plain_tensors_and_restores_every_rng(tmp_path):
 
     import numpy as np
     grpo_run(tmp_path)
-    state = torch.load(tmp_path / "checkpoint-2" / "trainer_state.pt", weights_only=True)  # no pickle needed
+    # no pickle needed
+    state = torch.load(tmp_path / "checkpoint-2" / "trainer_state.pt", weights_only=True)
     random.random(), np.random.rand(), torch.rand(1)
     ck.set_rng_state(state["rng"])
     a = (random.random(), float(np.random.rand()), torch.rand(1).item())
@@ -84,7 +87,8 @@ def test_torn_metrics_line_is_dropped_with_a_warning(tmp_path, capsys):
 
 
 def sft_data(tok):
-    msgs = [[{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i} " * (i + 1)}]
+    msgs = [[{"role": "user", "content": f"question {i}"},
+             {"role": "assistant", "content": f"answer {i} " * (i + 1)}]
             for i in range(6)]
     return [encode(tok, None, m) for m in msgs]
 
@@ -94,7 +98,8 @@ def test_sft_resume_continues_exactly(tmp_path):
     p = load_policy("tiny", seed=1)
     train_sft(p, sft_data(p.tokenizer), SFTConfig(**cfg), str(tmp_path / "a"))   # 6 steps
     os.makedirs(tmp_path / "b")
-    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")  # "killed" at step 2
+    # "killed" at step 2
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
     q = load_policy("tiny", seed=1)
     torch.manual_seed(99)
     train_sft(q, sft_data(q.tokenizer), SFTConfig(**cfg, resume=True), str(tmp_path / "b"))

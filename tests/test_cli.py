@@ -23,7 +23,8 @@ class Args:
 
 
 def test_parse_args():
-    a = parse_args(Args, ["--beta", "0.5", "--load_in_4bit", "false", "--no-lora", "--num-generations", "8"])
+    a = parse_args(Args,
+                   ["--beta", "0.5", "--load_in_4bit", "false", "--no-lora", "--num-generations", "8"])
     assert (a.beta, a.load_in_4bit, a.lora, a.num_generations) == (0.5, False, False, 8)
     assert parse_args(Args, ["--load_in_4bit", "none"]).load_in_4bit is None
     assert parse_args(Args, ["--load_in_4bit", "yes"]).load_in_4bit is True
@@ -64,9 +65,11 @@ class PaperArgs(GRPOConfig, RunArgs):
 def test_base_fields_are_inherited_and_redeclared_defaults_win():
     a = parse_args(PaperArgs, [])
     assert a.beta == 0.04 and a.num_generations == 4 and a.n_scenes == 64 and a.stage == "all"
-    assert field_docs(PaperArgs)["beta"] == "KL coefficient (Paper: 0.04)"   # the script's help wins
+    # the script's help wins
+    assert field_docs(PaperArgs)["beta"] == "KL coefficient (Paper: 0.04)"
     g = field_groups(PaperArgs)
-    assert (g["model"], g["lora_r"], g["beta"], g["n_scenes"]) == ("run", "model", "GRPO (TRL names)", "toy world")
+    assert (g["model"], g["lora_r"], g["beta"],
+            g["n_scenes"]) == ("run", "model", "GRPO (TRL names)", "toy world")
 
 
 def test_help_is_grouped(capsys):
@@ -79,7 +82,8 @@ def test_help_is_grouped(capsys):
 
 def test_abbreviations_are_refused(capsys):
     with pytest.raises(SystemExit):
-        parse_args(PaperArgs, ["--max_step", "5"])   # argparse's default would take it as --max_steps
+        # argparse's default would take it as --max_steps
+        parse_args(PaperArgs, ["--max_step", "5"])
     assert "unrecognized arguments: --max_step" in capsys.readouterr().err
 
 
@@ -93,14 +97,16 @@ def test_given_flags_sees_every_spelling():
 def test_grpo_config_carries_every_field():
     a = parse_args(PaperArgs, ["--micro_batch_size", "3", "--save_steps", "5", "--seed", "7"])
     cfg = GRPOConfig.of(a, max_steps=9)
-    assert (cfg.micro_batch_size, cfg.save_steps, cfg.seed, cfg.beta, cfg.max_steps) == (3, 5, 7, 0.04, 9)
+    assert (cfg.micro_batch_size, cfg.save_steps, cfg.seed, cfg.beta,
+            cfg.max_steps) == (3, 5, 7, 0.04, 9)
 
 
 def test_run_stages_order_tiny_sizes_and_args_json(tmp_path, capsys):
     seen = []
     stages = {"data": lambda a: seen.append(("data", a.max_steps, a.num_generations)),
               "rl": lambda a: seen.append(("rl", a.max_steps, a.num_generations))}
-    run_stages(PaperArgs, stages, ["--model", "tiny", "--out", str(tmp_path), "--num_generations", "3"],
+    run_stages(PaperArgs, stages,
+               ["--model", "tiny", "--out", str(tmp_path), "--num_generations", "3"],
                file="paper.py", tiny={"max_steps": 2, "num_generations": 2})
     assert seen == [("data", 2, 3), ("rl", 2, 3)]          # tiny size applied, the user's flag wins
     assert json.loads((tmp_path / "args.json").read_text())["max_steps"] == 2
@@ -114,12 +120,14 @@ def test_user_error_is_one_line_and_exit_2(tmp_path, capsys):
     def bad(a):
         raise UserError("the file x.json:3 lacks 'answer'.")
     with pytest.raises(SystemExit) as e:
-        run_stages(PaperArgs, {"data": bad}, ["--out", str(tmp_path), "--stage", "data"], file="p.py")
+        run_stages(PaperArgs, {"data": bad}, ["--out", str(tmp_path), "--stage", "data"],
+                   file="p.py")
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err == "error: the file x.json:3 lacks 'answer'.\n"
     with pytest.raises(UserError):   # --debug shows the real exception
-        run_stages(PaperArgs, {"data": bad}, ["--out", str(tmp_path), "--stage", "data", "--debug"], file="p.py")
+        run_stages(PaperArgs, {"data": bad}, ["--out", str(tmp_path), "--stage", "data", "--debug"],
+                   file="p.py")
 
 
 def test_check_runs_before_any_stage(tmp_path, capsys):
@@ -128,7 +136,8 @@ def test_check_runs_before_any_stage(tmp_path, capsys):
     def check(a):
         raise UserError("--benchmarks b.jsonl does not exist.")
     with pytest.raises(SystemExit):
-        run_stages(PaperArgs, {"data": lambda a: ran.append(1)}, ["--out", str(tmp_path)], file="p.py",
+        run_stages(PaperArgs, {"data": lambda a: ran.append(1)}, ["--out", str(tmp_path)],
+                   file="p.py",
                    check=check)
     assert ran == []
 
@@ -137,7 +146,8 @@ def test_unwritable_out_is_one_sentence(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(SystemExit):
-        run_stages(PaperArgs, {"data": lambda a: None}, ["--out", str(blocker / "sub")], file="p.py")
+        run_stages(PaperArgs, {"data": lambda a: None}, ["--out", str(blocker / "sub")],
+                   file="p.py")
     assert capsys.readouterr().err.startswith("error: cannot create the output folder")
 
 

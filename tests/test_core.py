@@ -37,7 +37,8 @@ def test_tiny_4bit_lora_trainable_and_reference():
     import bitsandbytes as bnb
     four_bit = {n for n, m in p.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert any(n.endswith("self_attn.q_proj.base_layer") for n in four_bit)   # the LLM is NF4
-    assert not [n for n in four_bit if ".visual." in n or "lm_head" in n]      # the ViT, merger and head are not
+    # the ViT, merger and head are not
+    assert not [n for n in four_bit if ".visual." in n or "lm_head" in n]
     names = [n for n, q in p.model.named_parameters() if q.requires_grad]
     assert names and all("lora_" in n for n in names)
     assert not any("visual" in n for n in names)          # the vision tower stays frozen
@@ -66,7 +67,8 @@ def test_adapter_roundtrip(tmp_path):
     q = load_policy("tiny", seed=3, adapter=str(tmp_path / "ad"))
     ids = torch.tensor([p.tokenizer.encode("some words")])
     with torch.no_grad():
-        assert torch.allclose(p.model(input_ids=ids).logits, q.model(input_ids=ids).logits, atol=1e-6)
+        assert torch.allclose(p.model(input_ids=ids).logits, q.model(input_ids=ids).logits,
+                              atol=1e-6)
 
 
 def test_reference_is_the_starting_adapter(tmp_path):
@@ -141,21 +143,26 @@ def test_expansion_matches_qwen_processor(tok, ip):
     class Stub:  # the processor cannot be built without torchvision; its rule needs only these
         image_processor, image_token = ip, "<|image_pad|>"
     imgs = [_img(300, 200), _img(90, 150, (0, 0, 255))]
-    msgs = [{"role": "user", "content": [{"type": "image", "image": imgs[0]}, {"type": "text", "text": "a"}]},
+    msgs = [{"role": "user",
+             "content": [{"type": "image", "image": imgs[0]}, {"type": "text", "text": "a"}]},
             {"role": "assistant", "content": "b"},
-            {"role": "user", "content": [{"type": "image", "image": imgs[1]}, {"type": "text", "text": "c"}]}]
+            {"role": "user",
+             "content": [{"type": "image", "image": imgs[1]}, {"type": "text", "text": "c"}]}]
     e = encode(tok, ip, msgs, add_generation_prompt=True)
     text = chatmod.render(tok, msgs, add_generation_prompt=True)
     grids = ip(images=imgs, return_tensors="pt")["image_grid_thw"]
     parts = text.split("<|image_pad|>")
-    expanded = parts[0] + "".join(Qwen2_5_VLProcessor.replace_image_token(Stub(), {"image_grid_thw": grids}, i) + parts[i + 1]
+    expanded = parts[0] + "".join(Qwen2_5_VLProcessor.replace_image_token(Stub(), {"image_grid_thw": grids}, i)
+                                  + parts[i + 1]
                                   for i in range(len(imgs)))
     assert tok(expanded, add_special_tokens=False)["input_ids"] == e.input_ids
     assert torch.equal(e.image_grid_thw, grids)
 
 
 def test_assistant_mask(tok, ip):
-    msgs = [{"role": "user", "content": [{"type": "image", "image": _img(80, 80)}, {"type": "text", "text": "colour?"}]},
+    msgs = [{"role": "user",
+             "content": [{"type": "image", "image": _img(80, 80)},
+                         {"type": "text", "text": "colour?"}]},
             {"role": "assistant", "content": "<answer>red</answer>"},
             {"role": "user", "content": "sure?"},
             {"role": "assistant", "content": "copied", "train": False},
@@ -177,15 +184,19 @@ def test_forward_logprobs_match_sampling_with_images():
     3-D positions as generate) on every generated token, the 5 suppressed vision tokens aside."""
     from common.generate import vision_token_ids
     p = load_policy("tiny", lora=False)
-    data = [{"img": _img(100, 60), "q": "What?"}, {"img": _img(60, 150, (0, 90, 0)), "q": "Which colour is it?"}]
+    data = [{"img": _img(100, 60), "q": "What?"},
+            {"img": _img(60, 150, (0, 90, 0)), "q": "Which colour is it?"}]
     torch.manual_seed(0)
-    rs = run_rollouts(p, data, num_generations=2, max_new_tokens=6, temperature=0.8, make_messages=lambda e: [
-        {"role": "user", "content": [{"type": "image", "image": e["img"]}, {"type": "text", "text": e["q"]}]}])
+    rs = run_rollouts(p, data, num_generations=2, max_new_tokens=6, temperature=0.8,
+                      make_messages=lambda e: [
+        {"role": "user",
+         "content": [{"type": "image", "image": e["img"]}, {"type": "text", "text": e["q"]}]}])
     b = rollout_batch(rs, p.tokenizer)
     with torch.no_grad():
         lp, _ = completion_logprobs(p.model, b, temperature=0.8)                       # (B, T)
         inputs = {k: v for k, v in b.items() if k not in ("completion_mask", "n_images")}
-        z = p.model(**inputs).logits[:, -b["completion_mask"].shape[1] - 1: -1].float() / 0.8  # (B, T, V)
+        # (B, T, V)
+        z = p.model(**inputs).logits[:, -b["completion_mask"].shape[1] - 1: -1].float() / 0.8
     full = z.log_softmax(-1).gather(-1, b["input_ids"][:, -z.shape[1]:, None]).squeeze(-1)
     z[..., vision_token_ids(p.tokenizer)] = -float("inf")
     sampler = z.log_softmax(-1).gather(-1, b["input_ids"][:, -z.shape[1]:, None]).squeeze(-1)
@@ -211,8 +222,10 @@ def test_sft_loss_counts_only_masked_tokens(tok, ip):
     assert n.item() == sum(e.loss_mask) and nll.item() == pytest.approx(manual.item(), rel=1e-5)
     # in a padded batch with a longer sample, the same sample's loss and token count are
     # unchanged (padding and the other sample's prompt never count)
-    long = encode(p.tokenizer, p.image_processor, [{"role": "user", "content": "a much longer question here"},
-                                                    {"role": "assistant", "content": "and a longer answer too"}])
+    long = encode(p.tokenizer, p.image_processor,
+                  [{"role": "user", "content": "a much longer question here"},
+                                                    {"role": "assistant",
+                                                     "content": "and a longer answer too"}])
     with torch.no_grad():
         nll2, n2 = masked_nll(p, sft_batch([e, long], p.tokenizer))
         nll_long, n_long = masked_nll(p, sft_batch([long], p.tokenizer))
@@ -222,10 +235,12 @@ def test_sft_loss_counts_only_masked_tokens(tok, ip):
 
 # ---------------------------------------------------------------------------------- GRPO loop
 def _toy_setup():
-    data = [{"q": "Say A", "img": _img(60, 60)}, {"q": "Say B", "img": None}, {"q": "Say C", "img": _img(40, 90)}]
+    data = [{"q": "Say A", "img": _img(60, 60)}, {"q": "Say B", "img": None},
+            {"q": "Say C", "img": _img(40, 90)}]
 
     def mk(ex):
-        c = ([{"type": "image", "image": ex["img"]}] if ex["img"] is not None else []) + [{"type": "text", "text": ex["q"]}]
+        c = ([{"type": "image", "image": ex["img"]}] if ex["img"] is not None
+             else []) + [{"type": "text", "text": ex["q"]}]
         return [{"role": "user", "content": c}]
 
     def rollout_fn(pol, exs, cfg):
@@ -250,7 +265,8 @@ def test_grpo_steps_end_to_end(tmp_path):
     assert any(not torch.equal(before[n], after[n]) for n in before)
     from common.runlog import read_jsonl
     rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
-    assert [r["step"] for r in rows] == [0, 1] and 0 < rows[0]["kl"] < 1e-2 and rows[0]["skipped"] == 0
+    assert [r["step"] for r in rows] == [0,
+                                         1] and 0 < rows[0]["kl"] < 1e-2 and rows[0]["skipped"] == 0
     assert rows[0]["sampling/sampling_logp_difference/max"] < 0.05
     for r in rows:
         assert sum(v for k, v in r.items() if k.startswith("stop/")) == pytest.approx(1.0)
@@ -264,7 +280,9 @@ def test_nan_reward_stops_the_run(tmp_path):
     data, rollout_fn, _ = _toy_setup()
     bad = per_rollout(lambda r, ex: {"reward": float("nan")})
     with pytest.raises(FloatingPointError, match="Step 0"):
-        train_grpo(p, data, rollout_fn, bad, GRPOConfig(max_steps=1, num_generations=2, max_completion_length=4), str(tmp_path))
+        train_grpo(p, data, rollout_fn, bad,
+                   GRPOConfig(max_steps=1, num_generations=2, max_completion_length=4),
+                   str(tmp_path))
 
 
 def test_resume_takes_the_same_next_step(tmp_path, capsys):
@@ -282,7 +300,8 @@ def test_resume_takes_the_same_next_step(tmp_path, capsys):
     run(str(tmp_path / "b"), 2, False)                      # "interrupted" after step 2
     assert (tmp_path / "b" / "checkpoint-2" / "trainer_state.pt").exists()
     os.remove(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
-    # a fresh process: a fresh model and a different torch RNG state, both restored from the checkpoint
+    # a fresh process: a fresh model and a different torch RNG state, both restored from the
+    # checkpoint
     p = load_policy("tiny", seed=1)
     torch.manual_seed(1234)
     capsys.readouterr()
@@ -312,7 +331,8 @@ def test_gradient_checkpointing_same_gradients():
             if "lora_B" in n:
                 torch.nn.init.normal_(q, std=0.1, generator=torch.Generator().manual_seed(0))
         r = run_rollouts(p, data[:1], num_generations=2, make_messages=lambda e: [
-            {"role": "user", "content": [{"type": "image", "image": e["img"]}, {"type": "text", "text": e["q"]}]}],
+            {"role": "user",
+             "content": [{"type": "image", "image": e["img"]}, {"type": "text", "text": e["q"]}]}],
             max_new_tokens=5, generate=lambda pol, seqs, **kw: [[5, 6, 7, 8]] * len(seqs))
         p.model.train()
         lp, _ = completion_logprobs(p.model, rollout_batch(r, p.tokenizer))
@@ -323,12 +343,14 @@ def test_gradient_checkpointing_same_gradients():
 
 
 def test_load_is_announced_in_one_line_without_peft_future_warning(capsys, recwarn, tmp_path):
-    """One line per model load; peft's `is_gradient_checkpointing` FutureWarning is silenced at its source."""
+    """One line per model load; peft's `is_gradient_checkpointing` FutureWarning is silenced at its
+    source."""
     import warnings
     warnings.simplefilter("always")
     p = load_policy("tiny")
     p.save_adapter(str(tmp_path))
     load_policy("tiny", adapter=str(tmp_path))
-    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[models] loaded tiny")]
+    lines = [x for x in capsys.readouterr().out.splitlines()
+             if x.startswith("[models] loaded tiny")]
     assert len(lines) == 2 and "fresh LoRA r=8" in lines[0] and f"adapter {tmp_path}" in lines[1]
     assert not [w for w in recwarn.list if "is_gradient_checkpointing" in str(w.message)]

@@ -1,5 +1,6 @@
 # Run: pytest tests/test_data.py -q
-"""The shared record reader: JSON / JSON lines (also in .json) / CSV / parquet, encodings, images."""
+"""The shared record reader: JSON / JSON lines (also in .json) / CSV / parquet, encodings,
+images."""
 import io
 import json
 
@@ -14,13 +15,15 @@ def test_json_array_jsonl_in_json_and_csv(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([{"q": "x"}, {"q": "y"}]))
     assert read_records(tmp_path / "a.json") == [(f"{tmp_path}/a.json:item 1", {"q": "x"}),
                                                  (f"{tmp_path}/a.json:item 2", {"q": "y"})]
-    (tmp_path / "lexeval.json").write_text('{"q": "x"}\n\n{"q": "y"}\n')   # LexEval: JSON lines in .json
+    # LexEval: JSON lines in .json
+    (tmp_path / "lexeval.json").write_text('{"q": "x"}\n\n{"q": "y"}\n')
     assert [w for w, _ in read_records(tmp_path / "lexeval.json")] == \
         [f"{tmp_path}/lexeval.json:1", f"{tmp_path}/lexeval.json:3"]
     (tmp_path / "one.json").write_text('{\n "q": "x"\n}\n')
     assert read_records(tmp_path / "one.json")[0][1] == {"q": "x"}
     (tmp_path / "b.csv").write_text("question,A,B\nwho?,x,\n")
-    assert read_records(tmp_path / "b.csv") == [(f"{tmp_path}/b.csv:2", {"question": "who?", "A": "x", "B": ""})]
+    assert read_records(tmp_path / "b.csv") == [(f"{tmp_path}/b.csv:2",
+                                                 {"question": "who?", "A": "x", "B": ""})]
 
 
 def test_bad_rows_name_file_and_line(tmp_path):
@@ -47,9 +50,11 @@ def test_encodings(tmp_path, capsys):
     (tmp_path / "gbk.json").write_bytes(json.dumps([row], ensure_ascii=False).encode("gb18030"))
     assert read_records(tmp_path / "gbk.json")[0][1] == row
     assert "read it as GB18030" in capsys.readouterr().out
-    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(row, ensure_ascii=False).encode())
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf"
+                                         + json.dumps(row, ensure_ascii=False).encode())
     assert read_records(tmp_path / "bom.jsonl")[0][1] == row
-    (tmp_path / "latin1.jsonl").write_bytes('{"q": "café au lait"}\n'.encode("latin-1") + b"\xff\xfe\n")
+    (tmp_path / "latin1.jsonl").write_bytes('{"q": "café au lait"}\n'.encode("latin-1")
+                                            + b"\xff\xfe\n")
     with pytest.raises(UserError, match=r"is not UTF-8 .* nor GB18030; convert it"):
         read_records(tmp_path / "latin1.jsonl")
 
@@ -58,7 +63,8 @@ def test_parquet_with_embedded_image(tmp_path):
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     buf = io.BytesIO()
     Image.new("RGB", (8, 6), (255, 0, 0)).save(buf, format="PNG")
-    table = pa.table({"prompt": ["what?"], "images": [[{"bytes": buf.getvalue(), "path": "x.png"}]]})
+    table = pa.table({"prompt": ["what?"],
+                      "images": [[{"bytes": buf.getvalue(), "path": "x.png"}]]})
     pq.write_table(table, tmp_path / "fvqa.parquet")
     (where, row), = read_records(tmp_path / "fvqa.parquet")
     assert where.endswith("fvqa.parquet:row 1") and row["prompt"] == "what?"

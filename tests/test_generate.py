@@ -40,12 +40,14 @@ def policy():
 
 def image_prompt(policy, size=56, seed=0, n_text=10):
     msgs = [{"role": "user", "content": [{"type": "image", "image": noise_image(size, seed)},
-                                         {"type": "text", "text": prompt_text(policy.tokenizer, n_text, seed)}]}]
+                                         {"type": "text",
+                                          "text": prompt_text(policy.tokenizer, n_text, seed)}]}]
     return encode(policy.tokenizer, policy.image_processor, msgs, add_generation_prompt=True)
 
 
 def text_prompt(policy, seed=0, n_text=12):
-    return encode(policy.tokenizer, None, [{"role": "user", "content": prompt_text(policy.tokenizer, n_text, seed)}],
+    return encode(policy.tokenizer, None,
+                  [{"role": "user", "content": prompt_text(policy.tokenizer, n_text, seed)}],
                   add_generation_prompt=True)
 
 
@@ -68,7 +70,8 @@ def test_shared_prefix_equals_plain(policy, kind):
     from common.rollout import Rollout
     rs = [Rollout(prompt_ids=enc.input_ids, ids=list(r), mask=[1] * len(r),
                   pixel_values=[enc.pixel_values] if enc.pixel_values is not None else [],
-                  grids=[enc.image_grid_thw] if enc.image_grid_thw is not None else []) for r in fast]
+                  grids=[enc.image_grid_thw] if enc.image_grid_thw is not None else [])
+                  for r in fast]
     batch = rollout_batch(rs, policy.tokenizer)
     with torch.no_grad():
         lp, _ = completion_logprobs(policy.model, batch, 1.0)
@@ -88,10 +91,13 @@ def agent_rollouts(policy, gen, G=2, n=16, seeds=(3, 4)):
     tok = policy.tokenizer
     agent = ScriptedAgent(tok, gen, 112)
     agent.bad = set()
-    msgs = lambda ex: [{"role": "user", "content": [{"type": "image", "image": noise_image(112, ex["seed"])},
+    msgs = lambda ex: [{"role": "user",
+                        "content": [{"type": "image", "image": noise_image(112, ex["seed"])},
                                                     {"type": "text", "text": ex["text"]}]}]
-    examples = [{"seed": s, "text": "where" + " is the river city" * i} for i, s in enumerate(seeds)]
-    return run_rollouts(policy, examples, num_generations=G, make_messages=msgs, tools=agent_tools(tok, 12, 0), grammar=AGENT_GRAMMAR,
+    examples = [{"seed": s, "text": "where" + " is the river city" * i} for i,
+                s in enumerate(seeds)]
+    return run_rollouts(policy, examples, num_generations=G, make_messages=msgs,
+                        tools=agent_tools(tok, 12, 0), grammar=AGENT_GRAMMAR,
                         max_turns=3, max_new_tokens=n + 40, max_total_tokens=1 << 30, temperature=0,
                         generate=agent)
 
@@ -131,7 +137,8 @@ def test_kv_across_turns_equals_reprefill_loop(policy):
     assert [r.ids for r in fast] == [r.ids for r in plain]
     assert all(len(r.images) == 2 and r.answer == "Paris" for r in fast)
     check_against_training_pass(policy, fast, rec)
-    plain_prefill = sum(len(r.prompt_ids) for r in plain) + sum(len(r.ids) for r in plain)  # lower bound
+    # lower bound
+    plain_prefill = sum(len(r.prompt_ids) for r in plain) + sum(len(r.ids) for r in plain)
     assert gen.stats["reused_tokens"] > 0 and gen.stats["prefill_tokens"] < plain_prefill / 2
 
 
@@ -153,7 +160,8 @@ def test_merged_lora_decode(policy):
     assert merged == separate
     for n, p in policy.model.named_parameters():
         assert torch.equal(p, before[n]), n
-    assert [(n, type(m)) for n, m in policy.model.named_modules()] == modules   # the LoRA wrappers are back
+    # the LoRA wrappers are back
+    assert [(n, type(m)) for n, m in policy.model.named_modules()] == modules
     with merged_lora(policy):       # inside: the adapter is off and the base holds W + scale B A
         out_m = unwrap(policy.model)(input_ids=torch.tensor([enc.input_ids])).logits
     out = unwrap(policy.model)(input_ids=torch.tensor([enc.input_ids])).logits
@@ -168,16 +176,19 @@ def test_vision_once_per_image_same_logprobs(policy):
     enc = image_prompt(policy, size=84, seed=2)
     from common.rollout import Rollout
     g = torch.Generator().manual_seed(0)
-    rs = [Rollout(prompt_ids=enc.input_ids, ids=torch.randint(0, 500, (6,), generator=g).tolist(), mask=[1] * 6,
+    rs = [Rollout(prompt_ids=enc.input_ids, ids=torch.randint(0, 500, (6,), generator=g).tolist(),
+                  mask=[1] * 6,
                   pixel_values=[enc.pixel_values], grids=[enc.image_grid_thw]) for _ in range(4)]
     batch = rollout_batch(rs, policy.tokenizer)
     calls = []
-    h = unwrap(policy.model).model.visual.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    h = unwrap(policy.model).model.visual.register_forward_hook(lambda m, i,
+                                                                o: calls.append(i[0].shape[0]))
     try:
         feats = image_features(policy.model, batch)
     finally:
         h.remove()
-    assert len(calls) == 1 and calls[0] == enc.pixel_values.shape[0]      # one image's patches, once
+    # one image's patches, once
+    assert len(calls) == 1 and calls[0] == enc.pixel_values.shape[0]
     with torch.no_grad():
         for mb in ([0, 1], [2, 3]):
             a, _ = completion_logprobs(policy.model, sub_batch(batch, mb, None), 1.0)
@@ -195,18 +206,23 @@ def test_left_padding_and_stale_rope_deltas(policy):
     assert CachedGenerator()(policy, [a, b], max_new_tokens=8, temperature=0) == alone
     img = image_prompt(policy)
     generate_ids(policy, [img, img], max_new_tokens=3, temperature=0)
-    assert unwrap(policy.model).model.rope_deltas is not None                  # state was left behind
+    # state was left behind
+    assert unwrap(policy.model).model.rope_deltas is not None
     assert generate_ids(policy, [a, b], max_new_tokens=8, temperature=0) == alone
 
 
 def dialogue(policy, temperature, **kw):
     """run_rollouts with a 3-turn dialogue (a text user turn, then an image one), ragged prompts."""
-    msgs = lambda ex: [{"role": "user", "content": [{"type": "image", "image": noise_image(56, ex["seed"])},
+    msgs = lambda ex: [{"role": "user",
+                        "content": [{"type": "image", "image": noise_image(56, ex["seed"])},
                                                     {"type": "text", "text": ex["text"]}]}]
-    hook = lambda r, t: "tell me more" if t == 1 else [{"type": "image", "image": noise_image(56, 9)},
+    hook = lambda r, t: "tell me more" if t == 1 else [{"type": "image",
+                                                        "image": noise_image(56, 9)},
                                                         {"type": "text", "text": "and this?"}]
-    examples = [{"seed": s, "text": "where" + " is the river city" * i} for i, s in enumerate((3, 4))]
-    return run_rollouts(policy, examples, num_generations=2, make_messages=msgs, max_turns=3, max_new_tokens=6,
+    examples = [{"seed": s, "text": "where" + " is the river city" * i} for i,
+                s in enumerate((3, 4))]
+    return run_rollouts(policy, examples, num_generations=2, make_messages=msgs, max_turns=3,
+                        max_new_tokens=6,
                         max_total_tokens=600, temperature=temperature, next_user_turn=hook, **kw)
 
 
@@ -216,8 +232,10 @@ def test_default_rollouts_equal_the_plain_path(policy):
     the training forward's (the sampler's distribution has the vision tokens suppressed, as HF's
     `suppress_tokens` in the plain path, so they are renormalised without them here)."""
     plain = dialogue(policy, 0.0, generate=generate_ids)
-    fast = dialogue(policy, 0.0, batch_size=3)                                  # two caches: 3 + 1 rows
-    assert [r.ids for r in fast] == [r.ids for r in plain] and [r.mask for r in fast] == [r.mask for r in plain]
+    # two caches: 3 + 1 rows
+    fast = dialogue(policy, 0.0, batch_size=3)
+    assert [r.ids
+            for r in fast] == [r.ids for r in plain] and [r.mask for r in fast] == [r.mask for r in plain]
     assert all(r.turns == 3 and len(r.images) == 2 for r in fast)
     torch.manual_seed(0)
     rs = dialogue(policy, 1.0)
@@ -251,7 +269,8 @@ def test_vision_once_on_agent_batches(policy):
             ids += crop.input_ids[:]
             pv.append(crop.pixel_values)
             gr.append(crop.image_grid_thw)
-        rs.append(Rollout(prompt_ids=enc.input_ids, ids=ids, mask=[1] * len(ids), pixel_values=pv, grids=gr))
+        rs.append(Rollout(prompt_ids=enc.input_ids, ids=ids, mask=[1] * len(ids), pixel_values=pv,
+                          grids=gr))
     t = text_prompt(policy)
     rs.append(Rollout(prompt_ids=t.input_ids, ids=[7, 8, 9], mask=[1, 1, 1]))
     batch = rollout_batch(rs, policy.tokenizer)

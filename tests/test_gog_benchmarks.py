@@ -23,9 +23,12 @@ def png(color=(200, 30, 30)) -> bytes:
 
 
 def write_fvqa(d):
-    rows = [{"data_id": f"fvqa-{i}", "category": "search_required", "images": [{"bytes": png(), "path": None}],
-             "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": f"<image>Which tower {i}?"}],
-             "reward_model": {"ground_truth": "Eiffel Tower", "candidate_answers": json.dumps(["La tour Eiffel"])}}
+    rows = [{"data_id": f"fvqa-{i}", "category": "search_required",
+             "images": [{"bytes": png(), "path": None}],
+             "prompt": [{"role": "system", "content": "s"},
+                        {"role": "user", "content": f"<image>Which tower {i}?"}],
+             "reward_model": {"ground_truth": "Eiffel Tower",
+                              "candidate_answers": json.dumps(["La tour Eiffel"])}}
             for i in range(2)]
     pq.write_table(pa.Table.from_pylist(rows), d / "fvqa_test.parquet")
     return d / "fvqa_test.parquet"
@@ -34,21 +37,29 @@ def write_fvqa(d):
 def write_infoseek(d):
     (d / "oven").mkdir(exist_ok=True)
     Image.new("RGB", (56, 56)).save(d / "oven" / "oven_0001.jpg")
-    rows = [{"data_id": "val_0", "image_id": "oven_0001", "question": "What country?", "answer": ["Germany"],
-             "answer_eval": ["Germany", "Federal Republic of Germany"], "data_split": "val_unseen_question"},
-            {"data_id": "val_1", "image_id": "oven_0001", "question": "When built?", "answer": ["1932"],
-             "answer_eval": [{"wikidata": 1932.0, "range": [1922.4, 1941.6]}], "data_split": "val_unseen_entity"},
-            {"data_id": "val_2", "image_id": "oven_0001", "question": "Which river?", "answer": ["Rhine"],
+    rows = [{"data_id": "val_0", "image_id": "oven_0001", "question": "What country?",
+             "answer": ["Germany"],
+             "answer_eval": ["Germany", "Federal Republic of Germany"],
+             "data_split": "val_unseen_question"},
+            {"data_id": "val_1", "image_id": "oven_0001", "question": "When built?",
+             "answer": ["1932"],
+             "answer_eval": [{"wikidata": 1932.0, "range": [1922.4, 1941.6]}],
+             "data_split": "val_unseen_entity"},
+            {"data_id": "val_2", "image_id": "oven_0001", "question": "Which river?",
+             "answer": ["Rhine"],
              "answer_eval": ["Rhine"], "data_split": "val_unseen_entity"},
-            {"data_id": "val_3", "image_id": "oven_0001", "question": "Which sea?", "answer": ["North Sea"],
+            {"data_id": "val_3", "image_id": "oven_0001", "question": "Which sea?",
+             "answer": ["North Sea"],
              "answer_eval": ["North Sea"], "data_split": "val_unseen_question"}]
     (d / "infoseek_val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return d / "infoseek_val.jsonl"
 
 
 def write_mmsearch(d):
-    rows = [{"sample_id": "m0", "query": "Which tower is in the news?", "query_image": {"bytes": png(), "path": None},
-             "gt_answer": "Eiffel Tower Paris", "alternative_gt_answers": [], "area": "news", "subfield": "x"},
+    rows = [{"sample_id": "m0", "query": "Which tower is in the news?",
+             "query_image": {"bytes": png(), "path": None},
+             "gt_answer": "Eiffel Tower Paris", "alternative_gt_answers": [], "area": "news",
+             "subfield": "x"},
             {"sample_id": "m1", "query": "Who won?", "query_image": None, "gt_answer": "Alice",
              "alternative_gt_answers": ["Alice B."], "area": "sports", "subfield": "y"}]
     pq.write_table(pa.Table.from_pylist(rows), d / "end2end.parquet")
@@ -56,7 +67,8 @@ def write_mmsearch(d):
 
 
 def write_simplevqa(d):
-    rows = [{"data_id": i, "image": {"bytes": png(), "path": None}, "question": "What is shown?", "answer": a,
+    rows = [{"data_id": i, "image": {"bytes": png(), "path": None}, "question": "What is shown?",
+             "answer": a,
              "language": "EN"} for i, a in enumerate(["a red square", "Mount Fuji"])]
     pq.write_table(pa.Table.from_pylist(rows), d / "simplevqa.parquet")
     return d / "simplevqa.parquet"
@@ -65,25 +77,34 @@ def write_simplevqa(d):
 def write_livevqa(d):
     (d / "imgs").mkdir(exist_ok=True)
     Image.new("RGB", (56, 56)).save(d / "imgs" / "a.png")
-    qa = {"question": "Which city?", "options": ["A. Paris", "B. Rome"], "Ground_Truth": "A", "Ground_Truth_List": ["Paris"]}
-    (d / "benchmark.json").write_text(json.dumps([{"id": 7, "img_path": "imgs/a.png", "level1_qa": qa,
-                                                   "level2_qa": dict(qa, Ground_Truth_List=["Rome"])}]))
+    qa = {"question": "Which city?", "options": ["A. Paris", "B. Rome"], "Ground_Truth": "A",
+          "Ground_Truth_List": ["Paris"]}
+    (d / "benchmark.json").write_text(json.dumps([{"id": 7, "img_path": "imgs/a.png",
+                                                   "level1_qa": qa,
+                                                   "level2_qa": dict(qa,
+                                                                     Ground_Truth_List=["Rome"])}]))
     return d / "benchmark.json"
 
 
 def write_dynvqa(d):
-    rows = [{"image_url": "https://example.org/pics/q1.jpg?x=1", "question": "Who is the CEO?", "question_id": "d1",
+    rows = [{"image_url": "https://example.org/pics/q1.jpg?x=1", "question": "Who is the CEO?",
+             "question_id": "d1",
              "answer": ["Alice", "爱丽丝"]}]
-    (d / "DynVQA_en.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    (d / "DynVQA_en.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                               for r in rows))
     return d / "DynVQA_en.jsonl"
 
 
 RIGHT_WRONG = {  # (benchmark, writer, {id: answer}, expected headline %)
     "FVQA": (write_fvqa, {"fvqa-0": "la tour eiffel", "fvqa-1": "Big Ben"}, 50.0),
-    "InfoSeek": (write_infoseek, {"val_0": "Federal Republic of Germany", "val_1": "about 1930", "val_2": "Danube",
+    "InfoSeek": (write_infoseek,
+                 {"val_0": "Federal Republic of Germany", "val_1": "about 1930", "val_2": "Danube",
                               "val_3": "the North Sea"},
-                 2 / (1 / 100 + 1 / 50)),   # unseen_question 100 %, unseen_entity 50 %: harmonic mean 66.7, not 75
-    "MMSearch": (write_mmsearch, {"m0": "Eiffel Tower in Paris", "m1": "Bob"}, 100 * (2 * 3 / 7) / 2),  # F1 6/7, 0
+                 # unseen_question 100 %, unseen_entity 50 %: harmonic mean 66.7, not 75
+                 2 / (1 / 100 + 1 / 50)),
+    # F1 6/7, 0
+    "MMSearch": (write_mmsearch, {"m0": "Eiffel Tower in Paris", "m1": "Bob"},
+                 100 * (2 * 3 / 7) / 2),
     "SimpleVQA": (write_simplevqa, {"0": "A red square.", "1": "Kilimanjaro"}, 50.0),
     "LiveVQA": (write_livevqa, {"7-level1_qa": "Paris", "7-level2_qa": "Paris"}, 50.0),
 }
@@ -93,7 +114,8 @@ RIGHT_WRONG = {  # (benchmark, writer, {id: answer}, expected headline %)
 def test_benchmark_loads_and_scores_right_1_wrong_0(name, tmp_path):
     writer, preds, expected = RIGHT_WRONG[name]
     path = writer(tmp_path)
-    recs = gog.load_benchmark(name, str(path), str(tmp_path / "oven") if name == "InfoSeek" else None)
+    recs = gog.load_benchmark(name, str(path),
+                              str(tmp_path / "oven") if name == "InfoSeek" else None)
     assert sorted(r["id"] for r in recs) == sorted(preds) and all(r["question"] for r in recs)
     assert all(r["image"] is not None for r in recs if r["id"] != "m1")
     rule = gog.BENCHMARKS[name]["score"]
@@ -104,7 +126,8 @@ def test_benchmark_loads_and_scores_right_1_wrong_0(name, tmp_path):
 
 def test_each_rule_on_hand_computed_cases():
     assert token_f1("the Eiffel Tower", "Eiffel Tower Paris") == pytest.approx(0.8)
-    assert infoseek_score("between 1925 and 1935", [{"range": [1922.4, 1941.6]}]) == 1.0   # range inside
+    # range inside
+    assert infoseek_score("between 1925 and 1935", [{"range": [1922.4, 1941.6]}]) == 1.0
     assert infoseek_score("1900-1930", [{"range": [1920, 1940]}]) == 0.0   # IoU 10 / 40
     assert infoseek_score("1915-1940", [{"range": [1920, 1940]}]) == 1.0   # IoU 20 / 25
     assert infoseek_score("1,950", [{"range": [1922.4, 1941.6]}]) == 0.0
@@ -124,7 +147,8 @@ def test_remote_images_need_a_folder(tmp_path):
 
 
 def test_broken_rows_name_file_and_row(tmp_path):
-    rows = [{"data_id": "x", "prompt": [{"role": "user", "content": "q"}], "images": [{"bytes": png()}],
+    rows = [{"data_id": "x", "prompt": [{"role": "user", "content": "q"}],
+             "images": [{"bytes": png()}],
              "reward_model": {"ground_truth": "", "candidate_answers": "[]"}, "category": "c"}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "bad.parquet")
     with pytest.raises(UserError, match=r"bad.parquet:row 1: no gold answer"):
@@ -139,7 +163,8 @@ def test_eval_scores_a_predictions_file_avg_over_real_benchmarks_in_percent(tmp_
     preds.write_text("".join(json.dumps({"id": i, "answer": a}) for i, a in []) +
                      "\n".join(json.dumps({"id": i, "answer": a}) for i, a in
                                [("fvqa-0", "Eiffel Tower"), ("fvqa-1", "Eiffel Tower"), ("m0", "Bob")]) + "\n")
-    gog.main(["--stage", "eval", "--model", "tiny", "--out", str(tmp_path / "run"), "--predictions", str(preds),
+    gog.main(["--stage", "eval", "--model", "tiny", "--out", str(tmp_path / "run"), "--predictions",
+              str(preds),
               "--benchmarks", f"FVQA={fvqa},MMSearch={mms}"])
     res = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
     assert res["benchmarks"]["FVQA"]["EM"] == 100.0 and res["benchmarks"]["MMSearch"]["F1"] == 0.0

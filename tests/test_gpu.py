@@ -1,8 +1,10 @@
-# Run: pytest -m gpu tests/test_gpu.py -q      (needs CUDA; skipped elsewhere; tests/gpu_check.sh runs it)
-#      GPU_TEST_DEVICE=cpu pytest -m gpu tests/test_gpu.py -q   (the same logic on a CPU: a check of the
-#      tests themselves, not of CUDA; the CPU paths have their own tests in test_core.py / test_bench.py)
-"""The CUDA path of the shared core on the tiny preset, through the public API (common.models.load_policy,
-Policy.reference, common.grpo): NF4 load, LoRA-only gradients, the reference pass, GRPO steps with an image,
+# Run: pytest -m gpu tests/test_gpu.py -q      (needs CUDA; skipped elsewhere; tests/gpu_check.sh
+# runs it)
+# GPU_TEST_DEVICE=cpu pytest -m gpu tests/test_gpu.py -q   (the same logic on a CPU: a check of the
+# tests themselves, not of CUDA; the CPU paths have their own tests in test_core.py / test_bench.py)
+"""The CUDA path of the shared core on the tiny preset, through the public API
+(common.models.load_policy, Policy.reference, common.grpo): NF4 load, LoRA-only gradients, the
+reference pass, GRPO steps with an image,
 chunked log-probs equal full log-probs, and resume that restores the CUDA RNG."""
 import os
 
@@ -20,7 +22,8 @@ from common.runlog import read_jsonl
 
 DEV = os.environ.get("GPU_TEST_DEVICE", "cuda")
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(DEV == "cuda" and not torch.cuda.is_available(), reason="needs CUDA")]
+              pytest.mark.skipif(DEV == "cuda" and not torch.cuda.is_available(),
+                                 reason="needs CUDA")]
 
 
 def _img(w, h, seed=0):
@@ -29,11 +32,13 @@ def _img(w, h, seed=0):
 
 
 def _messages(ex):
-    c = ([{"type": "image", "image": ex["img"]}] if ex.get("img") is not None else []) + [{"type": "text", "text": ex["q"]}]
+    c = ([{"type": "image", "image": ex["img"]}] if ex.get("img") is not None
+         else []) + [{"type": "text", "text": ex["q"]}]
     return [{"role": "user", "content": c}]
 
 
-DATA = [{"q": "What is in the image?", "img": _img(64, 48)}, {"q": "Say B"}, {"q": "Name a city", "img": _img(40, 90, 1)}]
+DATA = [{"q": "What is in the image?", "img": _img(64, 48)}, {"q": "Say B"},
+        {"q": "Name a city", "img": _img(40, 90, 1)}]
 REWARD = per_rollout(lambda r, ex: {"reward": float(sum(r.ids) % 7) / 7})
 
 
@@ -43,9 +48,11 @@ def _rollout_fn(pol, exs, cfg):
 
 
 def _batch(policy, new=6, G=2):
-    """Sampled rollouts (an image prompt and a text prompt, left-padded) -> a batch on the device."""
+    """Sampled rollouts (an image prompt and a text prompt, left-padded) -> a batch on the
+    device."""
     torch.manual_seed(1)
-    rs = run_rollouts(policy, DATA[:2], num_generations=G, make_messages=_messages, max_new_tokens=new)
+    rs = run_rollouts(policy, DATA[:2], num_generations=G, make_messages=_messages,
+                      max_new_tokens=new)
     return {k: v.to(policy.device) for k, v in rollout_batch(rs, policy.tokenizer).items()}
 
 
@@ -67,16 +74,19 @@ def test_nf4_load_puts_the_llm_linears_in_4bit_on_the_device():
     p = load_policy("tiny", load_in_4bit=True, device=DEV)
     assert p.device.type == DEV and p.extra["load_in_4bit"]
     base = unwrap(p.model)
-    llm = [(n, m) for n, m in base.named_modules() if "language_model" in n and n.split(".")[-1] in LORA_TARGETS]
+    llm = [(n, m) for n,
+           m in base.named_modules() if "language_model" in n and n.split(".")[-1] in LORA_TARGETS]
     assert llm
     for n, m in llm:   # peft wraps each target; its base layer is the NF4 one
         lin = m.base_layer if hasattr(m, "base_layer") else m
         assert isinstance(lin, bnb.nn.Linear4bit), n
-        assert lin.weight.quant_state.quant_type == "nf4" and lin.weight.quant_state.nested, n  # double quant
+        # double quant
+        assert lin.weight.quant_state.quant_type == "nf4" and lin.weight.quant_state.nested, n
         assert lin.weight.device.type == DEV and lin.weight.dtype == torch.uint8, n
         assert lin.compute_dtype == (torch.bfloat16 if DEV == "cuda" else torch.float32), n
     # the vision tower and lm_head stay in the compute dtype
-    assert not any(isinstance(m, bnb.nn.Linear4bit) for n, m in base.named_modules() if "visual" in n)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for n,
+                   m in base.named_modules() if "visual" in n)
     assert not isinstance(base.get_output_embeddings(), bnb.nn.Linear4bit)
     with torch.no_grad():
         logits = p.model(input_ids=_ids(p)).logits
@@ -116,11 +126,13 @@ def test_reference_is_adapter_off_for_a_fresh_lora():
             with p.base():
                 off = p.model(input_ids=ids).logits
     assert not torch.equal(tuned, start)                   # the update moved the policy
-    assert torch.equal(ref, off) and torch.equal(ref, start)   # pi_ref = the base = the fresh policy
+    # pi_ref = the base = the fresh policy
+    assert torch.equal(ref, off) and torch.equal(ref, start)
 
 
 def test_reference_from_a_loaded_adapter_kl_zero_then_positive(tmp_path):
-    """RL from a saved adapter: pi_ref = a frozen copy of it for the run, so KL is exactly 0 at step 0 and
+    """RL from a saved adapter: pi_ref = a frozen copy of it for the run, so KL is exactly 0 at step
+    0 and
     > 0 after an update; the copy does not move, does not train, and is gone after the run."""
     p = load_policy("tiny", seed=3, device=DEV)
     _randomise_lora_B(p)
@@ -131,7 +143,8 @@ def test_reference_from_a_loaded_adapter_kl_zero_then_positive(tmp_path):
         start = q.model(input_ids=ids).logits
         with q.base():
             base = q.model(input_ids=ids).logits
-    assert not torch.allclose(start.float(), base.float(), atol=1e-2)   # the adapter is not the base
+    # the adapter is not the base
+    assert not torch.allclose(start.float(), base.float(), atol=1e-2)
     seen = {}
 
     def spy(pol, exs, cfg):  # inside the run: reference() is the starting adapter, frozen
@@ -144,7 +157,8 @@ def test_reference_from_a_loaded_adapter_kl_zero_then_positive(tmp_path):
     train_grpo(q, DATA, spy, REWARD, cfg, str(tmp_path / "rl"))
     kl = [r["kl"] for r in read_jsonl(str(tmp_path / "rl" / "metrics.jsonl"))]
     assert kl[0] == 0.0 and kl[1] > 0.0, kl
-    assert len(seen["ref"]) == 2 and all(torch.equal(r, start) for r in seen["ref"])   # pi_ref did not move
+    # pi_ref did not move
+    assert len(seen["ref"]) == 2 and all(torch.equal(r, start) for r in seen["ref"])
     assert seen["trainable"] and all(".default." in n for n in seen["trainable"])
     assert "reference" not in q.model.peft_config                       # removed after the run
 
@@ -152,7 +166,8 @@ def test_reference_from_a_loaded_adapter_kl_zero_then_positive(tmp_path):
 def test_grpo_steps_nf4_gc_with_images(tmp_path):
     p = load_policy("tiny", load_in_4bit=True, gradient_checkpointing=True, device=DEV)
     before = {n: q.detach().clone() for n, q in p.model.named_parameters() if q.requires_grad}
-    frozen = {n: q.detach().clone() for n, q in p.model.named_parameters() if "visual" in n and q.dtype.is_floating_point}
+    frozen = {n: q.detach().clone() for n,
+              q in p.model.named_parameters() if "visual" in n and q.dtype.is_floating_point}
     if DEV == "cuda":
         torch.cuda.reset_peak_memory_stats()
     cfg = GRPOConfig(max_steps=2, num_generations=4, prompts_per_step=2, max_completion_length=12,
@@ -174,19 +189,22 @@ def _plain_logprobs(model, batch):
     inputs = {k: v for k, v in batch.items() if k not in ("completion_mask", "n_images")}
     T = batch["completion_mask"].shape[1]
     logits = unwrap(model)(**inputs, use_cache=False).logits[:, -T - 1:-1].float()     # (B, T, V)
-    return logits.log_softmax(-1).gather(-1, batch["input_ids"][:, -T:, None]).squeeze(-1)   # (B, T)
+    # (B, T)
+    return logits.log_softmax(-1).gather(-1, batch["input_ids"][:, -T:, None]).squeeze(-1)
 
 
 @pytest.mark.parametrize("nf4", [False, True], ids=["fp32", "nf4-bf16"])
 def test_chunked_logprobs_equal_full_logprobs(nf4):
     p = load_policy("tiny", load_in_4bit=nf4, device=DEV, dtype=None if nf4 else torch.float32)
-    _randomise_lora_B(p, 0.5)   # log-probs that vary from token to token, so a wrong position would show
+    # log-probs that vary from token to token, so a wrong position would show
+    _randomise_lora_B(p, 0.5)
     batch = _batch(p, new=9, G=3)
     mask = batch["completion_mask"].bool()
     with torch.no_grad():
         full = _plain_logprobs(p.model, batch)
         spread = full[mask].std().item()
-        # bf16 logits round at ~2^-8 of their size: compare against the spread of the log-probs themselves
+        # bf16 logits round at ~2^-8 of their size: compare against the spread of the log-probs
+        # themselves
         tol = 1e-4 if not nf4 else 0.03 * spread + 1e-3
         shifted = full.roll(1, dims=1)
         assert (shifted - full)[mask].abs().max() > 10 * tol       # this comparison can fail
@@ -196,9 +214,11 @@ def test_chunked_logprobs_equal_full_logprobs(nf4):
             assert err <= tol, (chunk, err, tol)
     if nf4:
         return
-    params = p.trainable_parameters()   # and the same LoRA gradients through the checkpointed chunks
+    # and the same LoRA gradients through the checkpointed chunks
+    params = p.trainable_parameters()
     grads = []
-    for fn in (lambda: _plain_logprobs(p.model, batch), lambda: completion_logprobs(p.model, batch, chunk_tokens=5)[0]):
+    for fn in (lambda: _plain_logprobs(p.model, batch),
+               lambda: completion_logprobs(p.model, batch, chunk_tokens=5)[0]):
         p.model.zero_grad(set_to_none=True)
         ((fn() * mask).sum() / mask.sum()).backward()
         grads.append([q.grad.clone() for q in params])
@@ -207,7 +227,8 @@ def test_chunked_logprobs_equal_full_logprobs(nf4):
 
 
 def test_checkpoint_restores_the_device_rng(tmp_path):
-    """Sampling on CUDA draws from the CUDA generator: a checkpoint must store and restore it, or a resumed
+    """Sampling on CUDA draws from the CUDA generator: a checkpoint must store and restore it, or a
+    resumed
     run samples different completions than the uninterrupted one."""
     p = load_policy("tiny", device=DEV)
     opt = torch.optim.AdamW(p.trainable_parameters(), lr=1e-3)
@@ -216,13 +237,15 @@ def test_checkpoint_restores_the_device_rng(tmp_path):
     torch.rand(3, device=DEV)
     path = save_checkpoint(p, opt, sched, 1, str(tmp_path))
     expected = torch.rand(5, device=DEV)                    # what the uninterrupted run draws next
-    torch.manual_seed(999)                                  # a fresh process: other generator states
+    # a fresh process: other generator states
+    torch.manual_seed(999)
     load_checkpoint(p, opt, sched, path)
     assert torch.equal(torch.rand(5, device=DEV), expected)
 
 
 def test_resume_takes_the_same_next_step(tmp_path):
-    """An interrupted and resumed run logs the uninterrupted run's step and ends with its LoRA weights
+    """An interrupted and resumed run logs the uninterrupted run's step and ends with its LoRA
+    weights
     (fp32 and no 4-bit, so that the only difference a resume can make is the restored state)."""
     cfg = GRPOConfig(max_steps=3, num_generations=2, prompts_per_step=2, max_completion_length=6,
                      learning_rate=1e-2, beta=0.04, save_steps=2, seed=5)

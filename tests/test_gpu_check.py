@@ -1,8 +1,10 @@
-# Run: pytest tests/test_gpu_check.py -q      (CPU, ~1 minute under shared load; the real-width CPU smoke:
+# Run: pytest tests/test_gpu_check.py -q      (CPU, ~1 minute under shared load; the real-width CPU
+# smoke:
 #      pytest -m slow tests/test_gpu_check.py, 3-8 minutes)
-"""The prepared GPU check cannot rot: its dry run lists every step, the GPU plan's every command line
-parses with the script it calls, its CI smoke runs every step end to end on the tiny preset (pytest
-collecting the CUDA tests, a bench step, gog --stage all) and writes the summary, its pytest judge fails
+"""The prepared GPU check cannot rot: its dry run lists every step, the GPU plan's every command
+line parses with the script it calls, its CI smoke runs every step end to end on the tiny preset
+(pytest collecting the CUDA tests, a bench step, gog --stage all) and writes the summary, its pytest
+judge fails
 skipped CUDA tests, and its budget judge fails a peak over budget or a missing figure."""
 import json
 import os
@@ -19,7 +21,8 @@ SH = os.path.join(ROOT, "tests", "gpu_check.sh")
 
 def run_sh(*argv, timeout=600):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
-    return subprocess.run([SH, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([SH, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def test_dry_run_lists_every_step(tmp_path):
@@ -28,7 +31,8 @@ def test_dry_run_lists_every_step(tmp_path):
     cmds = out.stdout
     assert "pytest -m gpu" in cmds and "--vs-trl" in cmds and "gog.py --stage all" in cmds
     assert "--save_model" in cmds and "qwen2.5-vl-7b" in cmds
-    for flag in ("--load_in_4bit", "--gradient_checkpointing", "--image_size 448", "--max_new_tokens 512",
+    for flag in ("--load_in_4bit", "--gradient_checkpointing", "--image_size 448",
+                 "--max_new_tokens 512",
                  "--num_generations 8", "--max_steps 2"):
         assert flag in cmds, flag
     assert not (tmp_path / "g").exists()          # a dry run writes nothing
@@ -36,13 +40,15 @@ def test_dry_run_lists_every_step(tmp_path):
 
 
 def test_every_gpu_command_parses_with_its_script(tmp_path):
-    """The CI smoke runs the steps at toy size; the GPU plan's own flags (--random-weights, --save_model,
+    """The CI smoke runs the steps at toy size; the GPU plan's own flags (--random-weights,
+    --save_model,
     --load_in_4bit, --vs-trl, gog's sizes) are checked here against the parsers of the scripts they call."""
     import gog
     from common.perf import bench
     from common.cli import parse_args
     steps = plan(Args(out=str(tmp_path / "g"), work=str(tmp_path / "m")))
-    assert [s["name"] for s in steps] == ["pytest_gpu", "build_3b", "bench_3b", "bench_3b_text", "build_7b",
+    assert [s["name"] for s in steps] == ["pytest_gpu", "build_3b", "bench_3b", "bench_3b_text",
+                                          "build_7b",
                                           "bench_7b", "gog_3b"]
     for s in steps[1:]:
         argv = s["cmd"][3:]
@@ -52,7 +58,8 @@ def test_every_gpu_command_parses_with_its_script(tmp_path):
             assert a.stage == "all" and a.load_in_4bit in (True, "true") and a.max_steps == 2
         else:
             a = parse_args(bench.Args, argv)
-            assert a.save_model or (a.load_in_4bit and a.gradient_checkpointing and a.num_generations == 8
+            assert a.save_model or (a.load_in_4bit and a.gradient_checkpointing
+                                    and a.num_generations == 8
                                     and a.max_new_tokens == 512 and a.beta == 0.04)
 
 
@@ -64,14 +71,21 @@ def test_pytest_judge_counts_skips_as_failures():
     c = pytest_counts("1 failed, 8 passed, 1 error in 3.1s")
     assert (c["failed"], c["passed"], c["error"]) == (1, 8, 1)
     log = gpu_check.Log(None)
-    ok = gpu_check.run_step({"name": "pytest_gpu", "cmd": ["python", "-c", "print('9 passed in 1.0s')"]}, log, 60)
-    skip = gpu_check.run_step({"name": "pytest_gpu", "cmd": ["python", "-c", "print('9 skipped in 1.0s')"]}, log, 60)
-    none = gpu_check.run_step({"name": "pytest_gpu", "cmd": ["python", "-c", "print('no tests ran'); exit(5)"]}, log, 60)
+    ok = gpu_check.run_step({"name": "pytest_gpu",
+                             "cmd": ["python", "-c", "print('9 passed in 1.0s')"]},
+                            log, 60)
+    skip = gpu_check.run_step({"name": "pytest_gpu",
+                               "cmd": ["python", "-c", "print('9 skipped in 1.0s')"]},
+                              log, 60)
+    none = gpu_check.run_step({"name": "pytest_gpu",
+                               "cmd": ["python", "-c", "print('no tests ran'); exit(5)"]},
+                              log, 60)
     assert ok["rc"] == 0 and skip["rc"] == 1 and "skipped" in skip["error"] and none["rc"] == 5
 
 
 def test_ci_smoke_runs_every_step(tmp_path, monkeypatch):
-    """The whole check at toy size, in CI: pytest collects the CUDA tests, the bench runs one GRPO step on
+    """The whole check at toy size, in CI: pytest collects the CUDA tests, the bench runs one GRPO
+    step on
     the tiny preset with an image, gog runs every stage on tiny; summary.json, the log and the budgets."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out_dir = tmp_path / "g"
@@ -81,11 +95,13 @@ def test_ci_smoke_runs_every_step(tmp_path, monkeypatch):
     failed = {k: v.get("error") for k, v in summary["steps"].items() if v["rc"] != 0}
     assert not failed and rc == 0 and summary["pass"], (failed, log[-3000:])
     assert list(summary["steps"]) == ["pytest_gpu", "bench_tiny", "gog_tiny"]
-    assert summary["steps"]["pytest_gpu"]["counts"]["collected"] >= 8        # the CUDA tests import and are found
+    # the CUDA tests import and are found
+    assert summary["steps"]["pytest_gpu"]["counts"]["collected"] >= 8
     bench = summary["steps"]["bench_tiny"]["result"]
     assert bench["ours"]["gen_tokens"] == 2 * 2 and bench["ours"]["peak_gb"] > 0
     line = next(ln for ln in log.splitlines() if ln.startswith("[gpu_check] ok   bench_tiny"))
-    assert 0 < bench["limits"]["decode_fraction"] and "of the bandwidth bound" in line, line   # the summary line
+    # the summary line
+    assert 0 < bench["limits"]["decode_fraction"] and "of the bandwidth bound" in line, line
     assert summary["steps"]["gog_tiny"]["result"]["peak_gb"] > 0
     assert (out_dir / "gog_tiny" / "rl").is_dir() and (out_dir / "gog_tiny" / "eval" / "results.json").exists()
     assert summary["budgets"]["bench_tiny_peak"]["pass"] and summary["budgets"]["gog_tiny_peak"]["pass"]
@@ -110,7 +126,8 @@ def test_wheels_only_from_the_local_folder(tmp_path):
     assert install_command([], str(tmp_path)) is None
 
 
-@pytest.mark.slow   # 3-8 minutes on the shared 2-core box (a 1-layer 2048-wide model, TRL, gog): not CI-sized
+# 3-8 minutes on the shared 2-core box (a 1-layer 2048-wide model, TRL, gog): not CI-sized
+@pytest.mark.slow
 def test_cpu_smoke_runs_every_step(tmp_path):
     """The whole check on a CPU: build + bench (with TRL) on a random 1-layer 3B with a 1k
     vocabulary, gog on the tiny preset; summary.json and the log land in the folder."""
@@ -123,7 +140,8 @@ def test_cpu_smoke_runs_every_step(tmp_path):
     assert {"build_3b", "bench_3b", "gog_tiny"} <= set(summary["steps"])
     bench = summary["steps"]["bench_3b"]["result"]
     assert bench["ours"]["gen_tokens"] == 2 * 4 and bench["ours"]["peak_gb"] > 0
-    trl = bench if "trl" in bench else summary["steps"]["bench_3b_text"]["result"]  # no torchvision: text only
+    # no torchvision: text only
+    trl = bench if "trl" in bench else summary["steps"]["bench_3b_text"]["result"]
     assert trl["trl_tokens_equal"] and trl["trl"]["peak_gb"] > 0 and trl["trl_over_ours"] > 0
     assert summary["steps"]["gog_tiny"]["result"]["peak_gb"] > 0
     assert summary["versions"]["torch"] and "device" in summary["versions"]

@@ -61,8 +61,9 @@ def run_loop(policy, lengths, rewards, rows=None, truncated=(), **cfg_kw):
 
 
 def hand_loss(policy, lengths, rewards, *, beta, temperature, loss_type, eps=0.2):
-    """The GRPO objective written out from the formulas (DeepSeekMath, arXiv 2402.03300, Sec. 4.1), one sequence at a
-    time with the model's full logits: A = (r - mean) / (std + 1e-4), ratio = 1 (mu = 1),
+    """The GRPO objective written out from the formulas (DeepSeekMath, arXiv 2402.03300, Sec. 4.1),
+    one sequence at a time with the model's full logits: A = (r - mean) / (std + 1e-4), ratio = 1
+    (mu = 1),
     k3 KL to the adapter-off model, logits / temperature, mask from the rollouts."""
     rs = scripted_rollouts(lengths)
     r = torch.tensor(rewards)
@@ -71,7 +72,8 @@ def hand_loss(policy, lengths, rewards, *, beta, temperature, loss_type, eps=0.2
     for b, ro in enumerate(rs):
         ids = torch.tensor([ro.prompt_ids + ro.ids])
         P, n = len(ro.prompt_ids), len(ro.ids)
-        logits = policy.model(input_ids=ids).logits[0, P - 1: P + n - 1].float() / temperature  # (n, V)
+        # (n, V)
+        logits = policy.model(input_ids=ids).logits[0, P - 1: P + n - 1].float() / temperature
         logp = logits.log_softmax(-1).gather(-1, ids[0, P:, None]).squeeze(-1)               # (n,)
         with torch.no_grad(), policy.model.disable_adapter():
             ref = (policy.model(input_ids=ids).logits[0, P - 1: P + n - 1].float() / temperature
@@ -126,19 +128,25 @@ def test_bnpo_is_trls_per_micro_batch_token_mean(lora):
     lengths = [3, 9, 6, 2, 8, 5]
     # equal rewards: A = 0, so the loss is beta * KL alone and KL per micro-batch is measurable
     row, _ = run_loop(lora, lengths, [1.0] * 6, beta=0.1, loss_type="bnpo", micro_batch_size=4)
-    k1, _ = run_loop(lora, lengths, [1.0] * 4, rows=[0, 1, 2, 3], beta=0.1, loss_type="bnpo", micro_batch_size=4)
-    k2, _ = run_loop(lora, lengths, [1.0] * 2, rows=[4, 5], beta=0.1, loss_type="bnpo", micro_batch_size=4)
+    k1, _ = run_loop(lora, lengths, [1.0] * 4, rows=[0, 1, 2, 3], beta=0.1, loss_type="bnpo",
+                     micro_batch_size=4)
+    k2, _ = run_loop(lora, lengths, [1.0] * 2, rows=[4, 5], beta=0.1, loss_type="bnpo",
+                     micro_batch_size=4)
     rs = scripted_rollouts(lengths)
     n1, n2 = sum(sum(r.mask) for r in rs[:4]), sum(sum(r.mask) for r in rs[4:])
-    assert row["loss"] == pytest.approx(0.1 * (k1["kl"] + k2["kl"]) / 2, rel=1e-4)        # TRL's bnpo
-    assert row["kl"] == pytest.approx((k1["kl"] * n1 + k2["kl"] * n2) / (n1 + n2), rel=1e-4)  # token-weighted
-    assert abs(row["loss"] - 0.1 * row["kl"]) > 1e-3 * row["loss"]                          # != dapo
+    # TRL's bnpo
+    assert row["loss"] == pytest.approx(0.1 * (k1["kl"] + k2["kl"]) / 2, rel=1e-4)
+    # token-weighted
+    assert row["kl"] == pytest.approx((k1["kl"] * n1 + k2["kl"] * n2) / (n1 + n2), rel=1e-4)
+    # != dapo
+    assert abs(row["loss"] - 0.1 * row["kl"]) > 1e-3 * row["loss"]
 
 
 def test_grad_norm_for_every_update_and_skipped_steps(lora):
     row, _ = run_loop(lora, [4, 5, 6], [0.0, 1.0, 0.5], num_iterations=2, learning_rate=1e-4)
     assert row["grad_norm/update_1"] > 0 and row["grad_norm/update_2"] > 0
-    assert row["grad_norm"] == pytest.approx((row["grad_norm/update_1"] + row["grad_norm/update_2"]) / 2)
+    assert row["grad_norm"] == pytest.approx((row["grad_norm/update_1"]
+                                              + row["grad_norm/update_2"]) / 2)
     row, grads = run_loop(lora, [4, 5, 6], [1.0, 1.0, 1.0], drop_zero_std_groups=True)
     assert row["skipped"] == 1 and grads is None and "loss" not in row
 
@@ -155,7 +163,8 @@ def test_reward_functions_with_weights_and_term_stats(lora):
     s = train_grpo(lora, [{"id": 0}], lambda p, ex, c: [Rollout(**vars(r)) for r in rs], [acc, fmt],
                    cfg, lora._tmp)["final"]
     assert s["reward"] == pytest.approx((0 + 1 + 2 + 3) / 4 + 0.5)
-    assert s["rewards/acc_0/hit"] == 0.5 and s["rewards/acc_0/hit/std"] == pytest.approx(0.57735, rel=1e-4)
+    assert s["rewards/acc_0/hit"] == 0.5 and s["rewards/acc_0/hit/std"] == pytest.approx(0.57735,
+                                                                                         rel=1e-4)
     assert s["rewards/fmt_1/reward"] == 1.0 and s["rewards/fmt_1/reward/std"] == 0.0
 
 
@@ -177,9 +186,12 @@ def test_sampler_gap_is_logged_and_catches_a_temperature_mismatch(tmp_path):
     for name, t_sample in (("same", 1.0), ("hotter", 3.0)):
         def rollout_fn(pol, exs, c, t=t_sample):
             return run_rollouts(pol, exs, num_generations=c.num_generations, max_new_tokens=6,
-                                make_messages=lambda e: [{"role": "user", "content": e["q"]}], temperature=t)
-        s = train_grpo(p, data, rollout_fn, per_rollout(lambda r, ex: {"reward": float(len(r.ids))}),
-                       GRPOConfig(num_generations=3, max_steps=1, learning_rate=0.0), str(tmp_path / name))
+                                make_messages=lambda e: [{"role": "user", "content": e["q"]}],
+                                temperature=t)
+        s = train_grpo(p, data, rollout_fn,
+                       per_rollout(lambda r, ex: {"reward": float(len(r.ids))}),
+                       GRPOConfig(num_generations=3, max_steps=1, learning_rate=0.0),
+                       str(tmp_path / name))
         out[name] = s["final"]
     same, hot = (out[k]["sampling/sampling_logp_difference/mean"] for k in ("same", "hotter"))
     print(f"sampler gap: same temperature {same:.4f}, sampled at 3x {hot:.4f}")
@@ -197,7 +209,8 @@ FLAG_EFFECTS = {
     "--scale_rewards=none": lambda base, row: row["grad_norm"]
     == pytest.approx(base["grad_norm"] * 0.5001, rel=1e-5),
     # GSPO: after the first of two updates the ratio is one per sequence, so the loss differs
-    "--importance_sampling_level=sequence": lambda base, row: abs(row["loss"] - base["loss"]) > 1e-7,
+    "--importance_sampling_level=sequence": lambda base,
+    row: abs(row["loss"] - base["loss"]) > 1e-7,
     # all-equal rewards: the group is left out and nothing is updated
     "--drop_zero_std_groups": lambda base, row: row["skipped"] == 1 and base["skipped"] == 0,
     # a cut completion leaves the loss: the token-weighted statistics change

@@ -14,11 +14,14 @@ def test_group_advantages_by_hand():
     s = math.sqrt(1 / 3)
     exp = [0.5 / (s + 1e-4), -0.5 / (s + 1e-4), -0.5 / (s + 1e-4), 0.5 / (s + 1e-4), 0, 0, 0, 0]
     assert group_advantages(r, 4, "group").tolist() == pytest.approx(exp, rel=1e-6)
-    assert group_advantages(r, 4, "none").tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0])
-    # batch std of all 8 rewards: mean 1.25; squares of deviations sum = 2*(0.0625) + 2*(1.5625) + 4*(0.5625) = 5.5
+    assert group_advantages(r, 4,
+                            "none").tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0])
+    # batch std of all 8 rewards: mean 1.25; squares of deviations sum = 2*(0.0625) + 2*(1.5625) +
+    # 4*(0.5625) = 5.5
     sb = math.sqrt(5.5 / 7)
     assert group_advantages(r, 4, "batch").tolist() == pytest.approx(
-        [0.5 / (sb + 1e-4), -0.5 / (sb + 1e-4), -0.5 / (sb + 1e-4), 0.5 / (sb + 1e-4), 0, 0, 0, 0], rel=1e-6)
+        [0.5 / (sb + 1e-4), -0.5 / (sb + 1e-4), -0.5 / (sb + 1e-4), 0.5 / (sb + 1e-4), 0, 0, 0, 0],
+        rel=1e-6)
     with pytest.raises(ValueError):
         group_advantages(r, 4, "bogus")
 
@@ -39,17 +42,23 @@ def test_clipped_surrogate_both_sides_by_hand():
     per_tok = [[-1.0, -1.2, -0.5], [2.2, 1.6, 0.0]]
     loss, st = grpo_loss(logp, old, None, adv, mask, loss_type="grpo", epsilon=0.2)
     assert loss.item() == pytest.approx(((-1.0 - 1.2 - 0.5) / 3 + (2.2 + 1.6) / 2) / 2, rel=1e-6)
-    # clip fractions: high clip counts only when A > 0 and r > 1.2 (token 0,1); low when A < 0 and r < 0.8 (token 1,1)
+    # clip fractions: high clip counts only when A > 0 and r > 1.2 (token 0,1); low when A < 0 and r
+    # < 0.8 (token 1,1)
     assert st["clip_ratio/high_mean"] == pytest.approx(1 / 5)
     assert st["clip_ratio/low_mean"] == pytest.approx(1 / 5)
     assert st["clip_ratio/region_mean"] == pytest.approx(2 / 5)
     tot = sum(v for row, mrow in zip(per_tok, mask.tolist()) for v, m in zip(row, mrow) if m)
-    assert grpo_loss(logp, old, None, adv, mask, loss_type="bnpo")[0].item() == pytest.approx(tot / 5, rel=1e-6)
-    assert grpo_loss(logp, old, None, adv, mask, loss_type="dapo")[0].item() == pytest.approx(tot / 5, rel=1e-6)
-    assert grpo_loss(logp, old, None, adv, mask, loss_type="dapo", num_items_in_batch=10)[0].item() == pytest.approx(tot / 10, rel=1e-6)
-    assert grpo_loss(logp, old, None, adv, mask, loss_type="dr_grpo", max_completion_length=4)[0].item() == pytest.approx(tot / (2 * 4), rel=1e-6)
+    assert grpo_loss(logp, old, None, adv, mask,
+                     loss_type="bnpo")[0].item() == pytest.approx(tot / 5, rel=1e-6)
+    assert grpo_loss(logp, old, None, adv, mask,
+                     loss_type="dapo")[0].item() == pytest.approx(tot / 5, rel=1e-6)
+    assert grpo_loss(logp, old, None, adv, mask, loss_type="dapo",
+                     num_items_in_batch=10)[0].item() == pytest.approx(tot / 10, rel=1e-6)
+    assert grpo_loss(logp, old, None, adv, mask, loss_type="dr_grpo",
+                     max_completion_length=4)[0].item() == pytest.approx(tot / (2 * 4), rel=1e-6)
     # clip-higher (DAPO): eps_high 0.6 lets ratio 1.5 through for A > 0
-    loss_hi, _ = grpo_loss(logp, old, None, adv, mask, loss_type="bnpo", epsilon=0.2, epsilon_high=0.6)
+    loss_hi, _ = grpo_loss(logp, old, None, adv, mask, loss_type="bnpo", epsilon=0.2,
+                           epsilon_high=0.6)
     assert loss_hi.item() == pytest.approx((tot - 0.3) / 5, rel=1e-6)
     with pytest.raises(ValueError):
         grpo_loss(logp, old, None, adv, mask, loss_type="dr_grpo")
@@ -121,4 +130,5 @@ def test_gspo_sequence_level_ratio_by_hand():
     assert torch.allclose(logp.grad, torch.tensor([[0.0, 0.0, 0.0], [s1 / 6] * 3]), atol=1e-6)
     assert st["clip_ratio/high_mean"] == 0.5 and st["clip_ratio/low_mean"] == 0.0   # per sequence
     tok, _ = grpo_loss(logp.detach(), old, None, torch.tensor([1.0, -1.0]), mask, epsilon=0.2)
-    assert abs(tok.item() - loss.item()) > 1e-3                                      # differs from token level
+    # differs from token level
+    assert abs(tok.item() - loss.item()) > 1e-3

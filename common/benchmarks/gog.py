@@ -25,7 +25,8 @@ def field_at(row: dict, path: str):
 
 
 def as_list(v) -> list:
-    """Golds as a list: a list, a JSON-encoded list (FVQA's candidate_answers), a string, or nothing."""
+    """Golds as a list: a list, a JSON-encoded list (FVQA's candidate_answers), a string, or
+    nothing."""
     if isinstance(v, str) and v.strip().startswith("["):
         try:
             v = json.loads(v)
@@ -54,7 +55,8 @@ def resolve_image(v, name: str, where: str, base: Path, image_dir: str | None, i
         return None if v is None else open_image(v, base, where)
     key = v.rsplit("/", 1)[-1].split("?")[0] if "://" in v else v
     if not image_dir:
-        raise UserError(f"{where}: {name} image {v[:80]!r} is remote or an id; download the images into a "
+        raise UserError(f"{where}: {name} image {v[:80]!r} is remote or an id; download the images "
+                        f"into a "
                         f"folder and pass --image_dir.")
     found = [p for p in (Path(image_dir) / key, *Path(image_dir).glob(key + ".*")) if p.is_file()]
     if not found:
@@ -88,18 +90,22 @@ def read_visual_qa(name: str, path: str, spec: dict, image_dir: str | None = Non
         golds = [g for f in spec["golds"] for g in as_list(field_at(r, f))]
         if not golds:
             raise UserError(f"{where}: no gold answer in {', '.join(spec['golds'])}.")
-        answers = [str(g.get("wikidata", g.get("range"))) if isinstance(g, dict) else str(g) for g in golds]
+        answers = [str(g.get("wikidata", g.get("range"))) if isinstance(g, dict) else str(g)
+                   for g in golds]
         image = resolve_image(field_at(r, spec["image"]), name, where, Path(path).parent, image_dir,
                               spec.get("image_is_id"))
         split = str(field_at(r, spec["split"])) if spec["split"] else "all"
-        out.append({"id": str(field_at(r, spec["id"])), "benchmark": name, "kind": name, "golds": golds,
-                    "answers": answers, "question": question_text(field_at(r, spec["question"]), where),
+        out.append({"id": str(field_at(r, spec["id"])), "benchmark": name, "kind": name,
+                    "golds": golds,
+                    "answers": answers,
+                    "question": question_text(field_at(r, spec["question"]), where),
                     "split": split, "image": image, "target": None, "target_box": None})
     return out
 
 
 def read_predictions(path: str) -> dict[str, str]:
-    """Another model's answers: {record id: answer} from {"id" | "data_id", "answer" | "prediction"}."""
+    """Another model's answers: {record id: answer} from {"id" | "data_id", "answer" |
+    "prediction"}."""
     out = {}
     for where, r in read_records(path, "predictions file"):
         rid, ans = r.get("id", r.get("data_id")), r.get("answer", r.get("prediction"))
@@ -119,7 +125,8 @@ def token_f1(pred: str | None, gold: str) -> float:
 
 
 def numbers_in(text: str) -> float | list[float]:
-    """InfoSeek's process_numerical_answer: the first two numbers as a range, one number, or [0, 0]."""
+    """InfoSeek's process_numerical_answer: the first two numbers as a range, one number, or [0,
+    0]."""
     nums = []
     spaced = re.sub(r"(?<=\d)-", " - ", text)
     for n in re.findall(r"[-+]?[.]?[\d]+(?:,\d\d\d)*[\.]?\d*(?:[eE][-+]?\d+)?", spaced)[:2]:
@@ -131,7 +138,8 @@ def numbers_in(text: str) -> float | list[float]:
 
 
 def infoseek_score(pred: str | None, golds: list) -> float:
-    """InfoSeek: numeric golds {"range": [lo, hi]}: a predicted number inside it, or a predicted range
+    """InfoSeek: numeric golds {"range": [lo, hi]}: a predicted number inside it, or a predicted
+    range
     inside it or with IoU >= 0.5; otherwise exact match to any alias in answer_eval."""
     rng = next((g["range"] for g in golds if isinstance(g, dict) and "range" in g), None)
     if rng is None:

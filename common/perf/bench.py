@@ -1,15 +1,24 @@
 """GRPO benchmark: one GRPO step (rollout + log-probs + update) of this project beside TRL's, on
 three workloads, each figure set against the machine's measured limit.
 
-    python -m common.perf.bench --model tiny --steps 1 --warmup 0                       # plumbing, seconds
-    python -m common.perf.bench --model smollm2 --num_generations 8 --max_new_tokens 32 --beta 0.04 \\
-        --vs-trl --threads 1 --steps 5                                             # the fair comparison, CPU
-    python -m common.perf.bench --model tiny --workload image --image_size 448          # one prompt image
-    python -m common.perf.bench --model tiny --workload agent --image_size 112          # two tool turns (text, crop)
-    python -m common.perf.bench --model tiny --workload agent --fastgen                 # the same, KV kept across turns
-    # GPU (the DESIGN budgets): NF4 + LoRA + gradient checkpointing, G = 8, one 448x448 image, 512 new tokens
-    python -m common.perf.bench --model qwen2.5-vl-3b --random-weights --load_in_4bit --gradient_checkpointing \\
-        --workload image --num_generations 8 --image_size 448 --max_new_tokens 512 --steps 3 --beta 0.04
+    python -m common.perf.bench --model tiny --steps 1 --warmup 0                       # plumbing,
+    seconds
+    python -m common.perf.bench --model smollm2 --num_generations 8 --max_new_tokens 32 --beta 0.04
+    \\
+        --vs-trl --threads 1 --steps 5                                             # the fair
+        comparison, CPU
+    python -m common.perf.bench --model tiny --workload image --image_size 448          # one prompt
+    image
+    python -m common.perf.bench --model tiny --workload agent --image_size 112          # two tool
+    turns (text, crop)
+    python -m common.perf.bench --model tiny --workload agent --fastgen                 # the same,
+    KV kept across turns
+    # GPU (the DESIGN budgets): NF4 + LoRA + gradient checkpointing, G = 8, one 448x448 image, 512
+    new tokens
+    python -m common.perf.bench --model qwen2.5-vl-3b --random-weights --load_in_4bit
+    --gradient_checkpointing \\
+        --workload image --num_generations 8 --image_size 448 --max_new_tokens 512 --steps 3 --beta
+        0.04
 
 Workloads (--workload):
   text   single turn, a --prompt_tokens user text.
@@ -49,12 +58,13 @@ On CUDA the vendor HBM figure is printed beside the measured one.
 weights (the tokenizer is the tiny preset's, the embedding at the real vocab unless --vocab_size):
 the compute and memory are the real model's, the sampled text is noise. --num_layers N keeps N
 LLM and N ViT blocks (a CPU smoke). --save_model DIR writes such a model and exits.
---fastgen runs ours as the core does by default (run_rollouts' CachedGenerator from common/generate.py:
-shared-prefix KV cache for the G samples, KV cache kept across agent turns, LoRA merged during
-decode when the base is not quantised; train_grpo's vision tower once per distinct image); without
-it ours runs the plain path (one HF generate per turn, `generate=generate_ids`, vision_once=False),
-the "before" of a before/after.
-On a busy CPU pass --threads 1: two OpenMP threads on a contended 2-core box made decoding ~60x slower.
+--fastgen runs ours as the core does by default (run_rollouts' CachedGenerator from
+common/generate.py: shared-prefix KV cache for the G samples, KV cache kept across agent turns, LoRA
+merged during decode when the base is not quantised; train_grpo's vision tower once per distinct
+image); without it ours runs the plain path (one HF generate per turn, `generate=generate_ids`,
+vision_once=False), the "before" of a before/after.
+On a busy CPU pass --threads 1: two OpenMP threads on a contended 2-core box made decoding ~60x
+slower.
 """
 from __future__ import annotations
 
@@ -97,15 +107,18 @@ SIDES = ("ours", "trl", "trl_shipped")
 @dataclass
 class Args:
     model: str = "tiny"
-    """preset (tiny, smollm2), hub id or folder; qwen2.5-vl-3b / qwen2.5-vl-7b with --random-weights"""
+    """preset (tiny, smollm2), hub id or folder; qwen2.5-vl-3b / qwen2.5-vl-7b with
+    --random-weights"""
     random_weights: bool = False
     """build Qwen2.5-VL-3B/7B-Instruct from the published config with random weights (no hub)"""
     num_layers: int = 0
     """random weights only: keep this many LLM and ViT blocks (0 = the published depth)"""
     vocab_size: int = 0
-    """random weights only: vocabulary size (0 = the published 151,936 / 152,064; a CPU smoke uses ~1k)"""
+    """random weights only: vocabulary size (0 = the published 151,936 / 152,064; a CPU smoke uses
+    ~1k)"""
     save_model: str = ""
-    """random weights only: write the model (+ tokenizer, image processor) to this folder and exit"""
+    """random weights only: write the model (+ tokenizer, image processor) to this folder and
+    exit"""
     workload: str = ""
     """text, image or agent (default: image when --image_size > 0, else text)"""
     num_generations: int = 4
@@ -131,7 +144,8 @@ class Args:
     learning_rate: float = 1e-5
     """AdamW learning rate"""
     micro_batch_size: int = 0
-    """sequences per forward/backward (0 = the whole batch, as TRL's per_device_train_batch_size = B)"""
+    """sequences per forward/backward (0 = the whole batch, as TRL's per_device_train_batch_size =
+    B)"""
     logprob_chunk_tokens: int = 1024
     """common.grpo: (rows x positions) of logits per log-prob chunk"""
     load_in_4bit: bool = False
@@ -147,9 +161,11 @@ class Args:
     vs_trl: bool = False
     """also run TRL's GRPOTrainer on the same work (its own process, alternating steps)"""
     trl_variant: str = "trl"
-    """trl (completion positions only, the fair one), trl_shipped (as shipped: every position on a CPU) or both"""
+    """trl (completion positions only, the fair one), trl_shipped (as shipped: every position on a
+    CPU) or both"""
     fastgen: bool = False
-    """ours as the core's default (common/generate.py: shared-prefix KV, KV across turns, merged LoRA in
+    """ours as the core's default (common/generate.py: shared-prefix KV, KV across turns, merged
+    LoRA in
     decode, vision tower once per image); off: the plain path, the "before" of a before/after"""
     limits: bool = True
     """measure memory bandwidth and peak FLOP/s and report each figure as a fraction of its bound"""
@@ -167,12 +183,15 @@ class Args:
 # random-weight Qwen2.5-VL at published sizes (the Qwen2.5-VL model cards' config.json)
 # ---------------------------------------------------------------------------------------------
 QWEN25VL = {  # text_config + the vision tower's out_hidden_size
-    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+               num_attention_heads=16,
                num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+               num_attention_heads=28,
                num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
 }
-QWEN25VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+QWEN25VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                       patch_size=14,
                        spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                        fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu", in_channels=3)
 
@@ -187,25 +206,32 @@ def random_size(name: str) -> str | None:
 
 def qwen25vl_config(size: str, tok, num_layers: int = 0, vocab_size: int = 0):
     from transformers import Qwen2_5_VLConfig
-    text = dict(QWEN25VL[size], rms_norm_eps=1e-6, max_position_embeddings=128000, hidden_act="silu",
+    text = dict(QWEN25VL[size], rms_norm_eps=1e-6, max_position_embeddings=128000,
+                hidden_act="silu",
                 rope_theta=1e6, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
     vision = dict(QWEN25VL_VISION, out_hidden_size=text["hidden_size"])
     if vocab_size:  # a CPU smoke: the tiny tokenizer's ~1k ids instead of 152k rows of embedding
         text["vocab_size"] = max(vocab_size, len(tok))
-    if num_layers:  # a truncated copy for a CPU smoke: N LLM blocks, N ViT blocks (last one full attention)
+    # a truncated copy for a CPU smoke: N LLM blocks, N ViT blocks (last one full attention)
+    if num_layers:
         text["num_hidden_layers"] = num_layers
         vision["depth"] = num_layers
-        vision["fullatt_block_indexes"] = sorted({i for i in vision["fullatt_block_indexes"] if i < num_layers}
+        vision["fullatt_block_indexes"] = sorted({i for i in vision["fullatt_block_indexes"]
+                                                  if i < num_layers}
                                                  | {num_layers - 1})
     ids = tok.convert_tokens_to_ids  # the tiny tokenizer's ids for Qwen's special tokens
-    text.update(bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
-                            video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+    text.update(bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+                pad_token_id=ids("<|endoftext|>"))
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                            image_token_id=ids("<|image_pad|>"),
+                            video_token_id=ids("<|video_pad|>"),
+                            vision_start_token_id=ids("<|vision_start|>"),
                             vision_end_token_id=ids("<|vision_end|>"),
                             tie_word_embeddings=text["tie_word_embeddings"])
 
 
-def build_random_folder(size: str, num_layers: int, seed: int, folder: str, vocab_size: int = 0) -> str:
+def build_random_folder(size: str, num_layers: int, seed: int, folder: str,
+                        vocab_size: int = 0) -> str:
     """Random Qwen2.5-VL-<size> (+ tiny tokenizer, Qwen image processor) saved to `folder`, so
     `load_policy(folder, ...)` loads it like any checkpoint (NF4 quantises while loading)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -232,8 +258,10 @@ def build_random_folder(size: str, num_layers: int, seed: int, folder: str, voca
 # ---------------------------------------------------------------------------------------------
 # the work: prompt, forced-length generation, scripted agent turns, reward
 # ---------------------------------------------------------------------------------------------
-WORDS = ("the a of to and in is that for it as was with be by on not he this are or his from at which "
-         "but have an they you were her she there been one all we their has would when if so no what up "
+WORDS = ("the a of to and in is that for it as was with be by on not he this are or his from at "
+         "which "
+         "but have an they you were her she there been one all we their has would when if so no "
+         "what up "
          "out who them some could into time than only other new then do also now its two like more "
          "image city river answer search tile question founded capital").split()
 
@@ -260,7 +288,8 @@ def reward_text(text: str) -> float:
 
 
 def _forced_kw():
-    """generate_ids takes min_new_tokens (forced length) in newer cores; else the generation config."""
+    """generate_ids takes min_new_tokens (forced length) in newer cores; else the generation
+    config."""
     return "min_new_tokens" in inspect.signature(generate_ids).parameters
 
 
@@ -273,7 +302,8 @@ def forced_generate(policy, seqs, *, max_new_tokens, **kw):
     if not getattr(forced_generate, "warned", False):
         forced_generate.warned = True   # the core pins min_new_tokens=0: nothing forces the length
         print("[bench] warning: common.generate.generate_ids pins min_new_tokens=0 and takes no "
-              "min_new_tokens, so completions are not forced to the budget; the per-step token check "
+              "min_new_tokens, so completions are not forced to the budget; the per-step token "
+              "check "
               "against TRL says whether the work still matched")
     gc = unwrap(policy.model).generation_config
     old = gc.min_new_tokens
@@ -331,7 +361,8 @@ def agent_tools(tok, observation_tokens: int, seed: int):
     return {"text_search": text_search, "crop": crop}
 
 
-AGENT_GRAMMAR = Grammar(tags={"text_search": "text_search", "tool_call": "tool_call", "answer": "answer"},
+AGENT_GRAMMAR = Grammar(tags={"text_search": "text_search", "tool_call": "tool_call",
+                              "answer": "answer"},
                         tool_names={"crop": "crop"})
 
 
@@ -392,10 +423,12 @@ def model_sizes(policy) -> dict:
         if p is not head and p is not embed:
             body += n
         dec_bytes += p.numel() * p.element_size()
-    return {"body_params": body, "head_params": head.numel(), "vit_params": vit, "decode_bytes": dec_bytes}
+    return {"body_params": body, "head_params": head.numel(), "vit_params": vit,
+            "decode_bytes": dec_bytes}
 
 
-HBM_GBPS = {"H100": 3350, "H200": 4800, "A100": 2039, "L40S": 864, "RTX 4090": 1008, "T4": 320}  # vendor peak
+# vendor peak
+HBM_GBPS = {"H100": 3350, "H200": 4800, "A100": 2039, "L40S": 864, "RTX 4090": 1008, "T4": 320}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,14 +437,16 @@ HBM_GBPS = {"H100": 3350, "H200": 4800, "A100": 2039, "L40S": 864, "RTX 4090": 1
 def peak_memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KB on Linux: this process only
+    # KB on Linux: this process only
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 SPLITS = ("step_s", "generate_s", "logprob_s", "backward_s", "other_s")
 
 
 def summarise(rows: list[dict], warmup: int) -> dict:
-    """Median (and min, max) of each split over the measured steps; tokens/s over generation time."""
+    """Median (and min, max) of each split over the measured steps; tokens/s over generation
+    time."""
     m = rows[warmup:] or rows
     out = {}
     for k in SPLITS:
@@ -419,7 +454,8 @@ def summarise(rows: list[dict], warmup: int) -> dict:
         out[k] = statistics.median(v)
         out[k.replace("_s", "_min_s")], out[k.replace("_s", "_max_s")] = min(v), max(v)
     out["gen_tokens"] = statistics.median(r["gen_tokens"] for r in m)
-    out["gen_tokens_per_s"] = statistics.median(r["gen_tokens"] / max(r["generate_s"], 1e-9) for r in m)
+    out["gen_tokens_per_s"] = statistics.median(r["gen_tokens"] / max(r["generate_s"], 1e-9)
+                                                for r in m)
     for k in ("train_tokens", "prefill_tokens"):
         if k in m[0]:
             out[k] = statistics.median(r[k] for r in m)
@@ -448,11 +484,13 @@ class Sync:
 def make_messages(text, image):
     if image is None:
         return [{"role": "user", "content": text}]
-    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
+    return [{"role": "user",
+             "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
 
 
 def make_generate(policy, args):
-    """The generator of one rollout batch: plain (common.rollout) or common.generate, forced length."""
+    """The generator of one rollout batch: plain (common.rollout) or common.generate, forced
+    length."""
     if args.fastgen:
         gen = CachedGenerator(force_length=True)
     else:
@@ -464,11 +502,14 @@ def make_generate(policy, args):
 
 def run_ours(policy, args, text, image, out_dir, sync: Sync) -> list[dict]:
     G, total = args.num_generations, args.warmup + args.steps
-    cfg = GRPOConfig(learning_rate=args.learning_rate, num_generations=G, prompts_per_step=args.prompts_per_step,
+    cfg = GRPOConfig(learning_rate=args.learning_rate, num_generations=G,
+                     prompts_per_step=args.prompts_per_step,
                      max_steps=total, beta=args.beta, loss_type=args.loss_type,
-                     max_completion_length=args.max_new_tokens * (3 if args.workload == "agent" else 1),
+                     max_completion_length=args.max_new_tokens
+                     * (3 if args.workload == "agent" else 1),
                      micro_batch_size=args.micro_batch_size or G * args.prompts_per_step,
-                     logprob_chunk_tokens=args.logprob_chunk_tokens, vision_once=args.fastgen, seed=args.seed)
+                     logprob_chunk_tokens=args.logprob_chunk_tokens, vision_once=args.fastgen,
+                     seed=args.seed)
     dataset = [{"id": i} for i in range(args.prompts_per_step * total)]
     agent = args.workload == "agent"
     tools = agent_tools(policy.tokenizer, args.observation_tokens, args.seed) if agent else None
@@ -476,9 +517,12 @@ def run_ours(policy, args, text, image, out_dir, sync: Sync) -> list[dict]:
     def rollout_fn(policy, examples, cfg):
         return run_rollouts(policy, examples, num_generations=cfg.num_generations,
                                         make_messages=lambda ex: make_messages(text, image),
-                                        tools=tools, grammar=AGENT_GRAMMAR, max_turns=3 if agent else 1,
-                                        max_new_tokens=args.max_new_tokens, max_total_tokens=1 << 30,
-                                        temperature=cfg.temperature, generate=make_generate(policy, args))
+                                        tools=tools, grammar=AGENT_GRAMMAR,
+                                        max_turns=3 if agent else 1,
+                                        max_new_tokens=args.max_new_tokens,
+                                        max_total_tokens=1 << 30,
+                                        temperature=cfg.temperature,
+                                        generate=make_generate(policy, args))
 
     reward_fn = per_rollout(lambda r, ex: {"reward": reward_text(r.generated_text())})
     rows, clock = [], {"t": 0.0}
@@ -486,8 +530,10 @@ def run_ours(policy, args, text, image, out_dir, sync: Sync) -> list[dict]:
     def on_step(step, rollouts, terms):
         sync_dev()
         t_end = time.perf_counter()
-        m = read_jsonl(os.path.join(out_dir, "metrics.jsonl"))[-1]      # train_grpo's own split timers
-        row = dict(step_s=t_end - clock["t"], generate_s=m["time/generate"], logprob_s=m["time/logprob"],
+        # train_grpo's own split timers
+        m = read_jsonl(os.path.join(out_dir, "metrics.jsonl"))[-1]
+        row = dict(step_s=t_end - clock["t"], generate_s=m["time/generate"],
+                   logprob_s=m["time/logprob"],
                    backward_s=m["time/backward"], gen_tokens=sum(r.n_generated for r in rollouts),
                    train_tokens=sum(len(r.prompt_ids) + len(r.ids) for r in rollouts),
                    n_images=sum(len(r.images) for r in rollouts))
@@ -521,12 +567,15 @@ def trl_processor(policy):
         from transformers.models.qwen2_vl.video_processing_qwen2_vl import (
             Qwen2VLVideoProcessor,
         )
-        return Qwen2_5_VLProcessor(image_processor=policy.image_processor, tokenizer=policy.tokenizer,
+        return Qwen2_5_VLProcessor(image_processor=policy.image_processor,
+                                   tokenizer=policy.tokenizer,
                                    video_processor=Qwen2VLVideoProcessor(),
                                    chat_template=policy.tokenizer.chat_template)
     except (ImportError, AttributeError, ValueError) as e:
-        raise UserError(f"TRL needs a Qwen2_5_VLProcessor for image prompts, which cannot be built here "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:100]}; it needs torchvision)") from e
+        raise UserError(f"TRL needs a Qwen2_5_VLProcessor for image prompts, which cannot be built "
+                        f"here "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:100]}; it needs "
+                        f"torchvision)") from e
 
 
 def trl_skip_reason(args) -> str | None:
@@ -546,16 +595,21 @@ def make_trl_trainer(args, text, image, out_dir, compact: bool):
     from peft import LoraConfig
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer
-    if compact:  # score only completion positions on any device, as TRL does on CUDA (the fair variant)
-        trl_utils._use_triton = lambda device: True   # (TRL's module, not ours; its CPU kernels stay)
-    policy = load_model(args, lora=False, gradient_checkpointing=False)  # TRL adds LoRA and checkpointing
+    # score only completion positions on any device, as TRL does on CUDA (the fair variant)
+    if compact:
+        # (TRL's module, not ours; its CPU kernels stay)
+        trl_utils._use_triton = lambda device: True
+    # TRL adds LoRA and checkpointing
+    policy = load_model(args, lora=False, gradient_checkpointing=False)
     hq = getattr(policy.model, "hf_quantizer", None)
     if hq is not None and str(getattr(hq.quantization_config.quant_method, "value", "")) == "gguf":
-        hq.remove_quantization_config(policy.model)  # smollm2: GGUF is only the file format (weights dequantized at load),
+        # smollm2: GGUF is only the file format (weights dequantized at load),
+        hq.remove_quantization_config(policy.model)
         # but transformers' Trainer refuses any model marked GGUF-quantized
     cuda = torch.cuda.is_available()
     B, total = args.num_generations * args.prompts_per_step, args.warmup + args.steps
-    cfg = TRLConfig(output_dir=out_dir, per_device_train_batch_size=B, gradient_accumulation_steps=1,
+    cfg = TRLConfig(output_dir=out_dir, per_device_train_batch_size=B,
+                    gradient_accumulation_steps=1,
                     num_generations=args.num_generations, max_completion_length=args.max_new_tokens,
                     max_steps=total, learning_rate=args.learning_rate, lr_scheduler_type="constant",
                     optim="adamw_torch", weight_decay=0.0, max_grad_norm=1.0, beta=args.beta,
@@ -564,15 +618,18 @@ def make_trl_trainer(args, text, image, out_dir, compact: bool):
                     generation_kwargs={"min_new_tokens": args.max_new_tokens},  # same forced length
                     gradient_checkpointing=args.gradient_checkpointing,
                     gradient_checkpointing_kwargs={"use_reentrant": False},
-                    bf16=cuda, use_cpu=not cuda, report_to="none", save_strategy="no", logging_steps=10**6,
+                    bf16=cuda, use_cpu=not cuda, report_to="none", save_strategy="no",
+                    logging_steps=10**6,
                     disable_tqdm=True, shuffle_dataset=False, seed=args.seed, log_completions=False)
     row = {"prompt": [{"role": "user", "content": text}]}
     if image is not None:
         row["image"] = image
     dataset = Dataset.from_list([row] * (args.prompts_per_step * total))
     processing = trl_processor(policy) if image is not None else policy.tokenizer
-    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
-                      target_modules=(r".*language_model.*\.(" + "|".join(LORA_TARGETS) + r")") if policy.is_vlm
+    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                      task_type="CAUSAL_LM",
+                      target_modules=(r".*language_model.*\.(" + "|".join(LORA_TARGETS) + r")")
+                      if policy.is_vlm
                       else list(LORA_TARGETS)) if args.lora else None
     counts = []
 
@@ -641,13 +698,15 @@ def load_model(args, lora: bool, gradient_checkpointing: bool):
             raise UserError(f"--random-weights builds qwen2.5-vl-3b or qwen2.5-vl-7b, not {name!r}.")
         if size not in _RANDOM_FOLDERS:
             _RANDOM_FOLDERS[size] = tempfile.TemporaryDirectory(prefix=f"bench-qwen25vl-{size}-")
-            build_random_folder(size, args.num_layers, args.seed, _RANDOM_FOLDERS[size].name, args.vocab_size)
+            build_random_folder(size, args.num_layers, args.seed, _RANDOM_FOLDERS[size].name,
+                                args.vocab_size)
         name = _RANDOM_FOLDERS[size].name
     elif args.num_layers or args.vocab_size:
         raise UserError("--num_layers and --vocab_size only apply to --random-weights models.")
     try:
         return load_policy(name, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
-                           lora_alpha=args.lora_alpha, gradient_checkpointing=gradient_checkpointing,
+                           lora_alpha=args.lora_alpha,
+                           gradient_checkpointing=gradient_checkpointing,
                            seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e).splitlines()[0]) from e
@@ -655,37 +714,45 @@ def load_model(args, lora: bool, gradient_checkpointing: bool):
 
 def prompt_inputs(policy, args):
     text = prompt_text(policy.tokenizer, args.prompt_tokens, args.seed)
-    image = noise_image(args.image_size, args.seed) if args.workload != "text" and policy.is_vlm else None
+    image = noise_image(args.image_size,
+                        args.seed) if args.workload != "text" and policy.is_vlm else None
     return text, image
 
 
 def run_side(args, side: str, conn=None) -> dict:
-    """Load, run `side` for warmup + steps, return {"rows", "info"} (peak memory of this process)."""
+    """Load, run `side` for warmup + steps, return {"rows", "info"} (peak memory of this
+    process)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     random.seed(args.seed)
     sync = Sync(conn)
     out_dir = os.path.join(args.out, side)
     if side == "ours":
-        policy = load_model(args, lora=args.lora, gradient_checkpointing=args.gradient_checkpointing)
+        policy = load_model(args, lora=args.lora,
+                            gradient_checkpointing=args.gradient_checkpointing)
         if args.workload == "image" and not policy.is_vlm:
-            raise UserError(f"the image workload needs a vision-language model; {args.model} is text-only.")
+            raise UserError(f"the image workload needs a vision-language model; {args.model} is "
+                            f"text-only.")
         if args.workload == "agent" and not policy.is_vlm:
-            print(f"[bench] {args.model} is text-only: no prompt image, and the crop turn is answered with "
+            print(f"[bench] {args.model} is text-only: no prompt image, and the crop turn is "
+                  f"answered with "
                   f"the same {args.observation_tokens} tokens of text as the search turn")
         text, image = prompt_inputs(policy, args)
         if conn is not None:
             conn.send(("ready", {}))
         rows = run_ours(policy, args, text, image, out_dir, sync)
     else:
-        tok_policy = load_model(args, lora=False, gradient_checkpointing=False)  # for the prompt text only
+        # for the prompt text only
+        tok_policy = load_model(args, lora=False, gradient_checkpointing=False)
         text, image = prompt_inputs(tok_policy, args)
         del tok_policy
-        trainer, counts, policy = make_trl_trainer(args, text, image, out_dir, compact=side == "trl")
+        trainer, counts, policy = make_trl_trainer(args, text, image, out_dir,
+                                                   compact=side == "trl")
         if conn is not None:
             conn.send(("ready", {}))
         rows = run_trl(trainer, counts, args, sync)
-    info = {"peak_gb": peak_memory_gb(), "peak_kind": "cuda_max_allocated" if torch.cuda.is_available()
+    info = {"peak_gb": peak_memory_gb(),
+            "peak_kind": "cuda_max_allocated" if torch.cuda.is_available()
             else "peak_rss_this_process", "threads": torch.get_num_threads(), **model_sizes(policy)}
     return {"rows": rows, "info": info}
 
@@ -715,7 +782,8 @@ def run_alternating(args, sides: list[str]) -> dict:
         return payload
 
     try:
-        for side in sides:  # started and loaded one after the other: each load has the CPU to itself
+        # started and loaded one after the other: each load has the CPU to itself
+        for side in sides:
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_child, args=(asdict(args), side, child), daemon=True)
             p.start()
@@ -740,9 +808,12 @@ def run_alternating(args, sides: list[str]) -> dict:
 # main
 # ---------------------------------------------------------------------------------------------
 def fmt(name: str, s: dict, info: dict) -> str:
-    return (f"{name:11s} step {s['step_s']:7.2f}s [{s['step_min_s']:.2f}-{s['step_max_s']:.2f}] = generate "
-            f"{s['generate_s']:6.2f} + logprob/ref {s['logprob_s']:6.2f} + backward {s['backward_s']:6.2f} + other "
-            f"{s['other_s']:5.2f} | {s['gen_tokens_per_s']:7.1f} gen tok/s | peak {info['peak_gb']:.2f} GB, "
+    return (f"{name:11s} step {s['step_s']:7.2f}s [{s['step_min_s']:.2f}-{s['step_max_s']:.2f}] = "
+            f"generate "
+            f"{s['generate_s']:6.2f} + logprob/ref {s['logprob_s']:6.2f} + backward "
+            f"{s['backward_s']:6.2f} + other "
+            f"{s['other_s']:5.2f} | {s['gen_tokens_per_s']:7.1f} gen tok/s | peak "
+            f"{info['peak_gb']:.2f} GB, "
             f"{info['threads']} threads")
 
 
@@ -751,7 +822,8 @@ def limits(args, res: dict, s: dict, info: dict) -> dict:
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
     out = {"bandwidth_gbps": measure_bandwidth(dev, 1024 if cuda else 256),
-           "peak_flops": measure_flops(dev, torch.bfloat16 if cuda else torch.float32, 8192 if cuda else 1024)}
+           "peak_flops": measure_flops(dev, torch.bfloat16 if cuda else torch.float32,
+                                       8192 if cuda else 1024)}
     if cuda:
         out["hbm_vendor_gbps"] = next((v for k, v in HBM_GBPS.items() if k in res["device"]), None)
     B = args.num_generations * args.prompts_per_step
@@ -798,7 +870,8 @@ def _main(args):
     if args.save_model:
         size = random_size(args.model)
         if size is None:
-            raise UserError(f"--save_model builds qwen2.5-vl-3b or qwen2.5-vl-7b, not {args.model!r}.")
+            raise UserError(f"--save_model builds qwen2.5-vl-3b or qwen2.5-vl-7b, not "
+                            f"{args.model!r}.")
         build_random_folder(size, args.num_layers, args.seed, args.save_model, args.vocab_size)
         return {"saved": args.save_model}
     os.makedirs(args.out, exist_ok=True)
@@ -814,9 +887,12 @@ def _main(args):
             print(f"[bench] TRL side skipped: {skipped}")
     print(f"[bench] {args.model} on {device}: workload {args.workload}, G={args.num_generations}, "
           f"prompts/step={args.prompts_per_step}, {args.prompt_tokens} prompt text tokens, image "
-          f"{args.image_size if args.workload != 'text' else 'none'}, {args.max_new_tokens} new tokens"
-          f"{' per turn' if args.workload == 'agent' else ''}, beta={args.beta}, 4-bit={args.load_in_4bit}, "
-          f"LoRA={args.lora}, GC={args.gradient_checkpointing}, fastgen={args.fastgen}, sides={','.join(sides)}")
+          f"{args.image_size if args.workload != 'text' else 'none'}, {args.max_new_tokens} new "
+          f"tokens"
+          f"{' per turn' if args.workload == 'agent' else ''}, beta={args.beta}, "
+          f"4-bit={args.load_in_4bit}, "
+          f"LoRA={args.lora}, GC={args.gradient_checkpointing}, fastgen={args.fastgen}, "
+          f"sides={','.join(sides)}")
     if len(sides) == 1:
         per_side = {"ours": run_side(args, "ours")}
     else:
@@ -831,13 +907,17 @@ def _main(args):
     if args.limits:
         res["limits"] = limits(args, res, res["ours"], res["ours"])
         L = res["limits"]
-        print(f"[bench] limits (measured here, same threads): memory bandwidth {L['bandwidth_gbps']:.1f} GB/s"
+        print(f"[bench] limits (measured here, same threads): memory bandwidth "
+              f"{L['bandwidth_gbps']:.1f} GB/s"
               + (f" (vendor HBM {L['hbm_vendor_gbps']} GB/s)" if L.get("hbm_vendor_gbps") else "")
               + f", matmul peak {L['peak_flops'] / 1e9:.1f} GFLOP/s")
-        print(f"[bench] ours decode {res['ours']['gen_tokens_per_s']:.1f} tok/s = {100 * L['decode_fraction']:.1f}% "
-              f"of the bandwidth bound {L['decode_bound_tok_s']:.0f} tok/s (B x {L['bandwidth_gbps']:.1f} GB/s / "
+        print(f"[bench] ours decode {res['ours']['gen_tokens_per_s']:.1f} tok/s = "
+              f"{100 * L['decode_fraction']:.1f}% "
+              f"of the bandwidth bound {L['decode_bound_tok_s']:.0f} tok/s (B x "
+              f"{L['bandwidth_gbps']:.1f} GB/s / "
               f"{res['ours']['decode_bytes'] / 1e9:.3f} GB of weights per decode step)")
-        parts = [f"{k.split('_')[0]} {100 * L[k]:.1f}%" for k in ("logprob_fraction_of_peak", "backward_fraction_of_peak")
+        parts = [f"{k.split('_')[0]} {100 * L[k]:.1f}%"
+                 for k in ("logprob_fraction_of_peak", "backward_fraction_of_peak")
                  if k in L]
         if parts:
             print(f"[bench] ours training passes at {', '.join(parts)} of the peak FLOP/s "
@@ -851,11 +931,13 @@ def _main(args):
         res[f"{side}_tokens_equal"] = all(equal)
         gen = statistics.median(b["generate_s"] / a["generate_s"] for a, b in zip(ro, rt))
         res[f"{side}_generate_over_ours"] = gen
-        print(f"[bench] {side} / ours step time = {res[f'{side}_over_ours']:.2f}x (median of per-step ratios, "
+        print(f"[bench] {side} / ours step time = {res[f'{side}_over_ours']:.2f}x (median of "
+              f"per-step ratios, "
               f"{min(ratios):.2f}-{max(ratios):.2f}; > 1: ours faster); generation {gen:.2f}x; "
               f"generated tokens equal every step: {all(equal)}")
         if not all(equal):
-            print(f"[bench] WARNING: generated token counts differ ({[a['gen_tokens'] for a in ro]} vs "
+            print(f"[bench] WARNING: generated token counts differ "
+                  f"({[a['gen_tokens'] for a in ro]} vs "
                   f"{[b['gen_tokens'] for b in rt]}): the two sides did not do the same work")
     if "trl_over_ours" in res:
         res["trl_over_ours_fair"] = res["trl_over_ours"]

@@ -1,1 +1,2 @@
-"""Offline stand-ins, each named by the paper deviation it serves: toy worlds, drawings, rule judges."""
+"""Offline stand-ins, each named by the paper deviation it serves: toy worlds, drawings, rule
+judges."""

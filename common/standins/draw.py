@@ -4,7 +4,8 @@ drawn twice is identical.
 
     used = set()
     label = invent(rng, used, "label")                    # e.g. "KOV", never drawn twice
-    img, tiles = draw_scene(rng, picks, 3, used, 448, 110)  # picks: {"name", "label", "color", "shape"}
+    img, tiles = draw_scene(rng, picks, 3, used, 448, 110)  # picks: {"name", "label", "color",
+    "shape"}
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import random
 
 from PIL import Image, ImageDraw, ImageFont
 
-COLORS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 210), "yellow": (232, 190, 20),
+COLORS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 210),
+          "yellow": (232, 190, 20),
           "purple": (148, 73, 189), "orange": (245, 127, 14)}
 SHAPES = ("circle", "square", "triangle", "diamond")
 SYLLABLES = "ka lo mi ra ven tor zu pel qui sar no bri dax fen gor hal jun mor vi tek".split()
@@ -60,13 +62,16 @@ def busy_background(rng: random.Random, size: int, n_blobs: int = 12) -> Image.I
     d = ImageDraw.Draw(img)
     for _ in range(n_blobs):
         x, y, r = rng.randrange(size), rng.randrange(size), rng.randint(8, size // 5)
-        d.ellipse([x - r, y - r, x + r, y + r], fill=tuple(max(0, c - rng.randint(10, 50)) for c in base))
+        d.ellipse([x - r, y - r, x + r, y + r],
+                  fill=tuple(max(0, c - rng.randint(10, 50)) for c in base))
     return img
 
 
-def draw_scene(rng: random.Random, picks: list[dict], n_distractors: int, used: set, size: int, side: int):
-    """(image, tiles): the `picks` (dicts with name, label, color, shape) and n_distractors grey outline
-    emblems with invented labels, one tile of `side` pixels per cell of a 4 x 4 grid, on a busy
+def draw_scene(rng: random.Random, picks: list[dict], n_distractors: int, used: set, size: int,
+               side: int):
+    """(image, tiles): the `picks` (dicts with name, label, color, shape) and n_distractors grey
+    outline emblems with invented labels, one tile of `side` pixels per cell of a 4 x 4 grid, on a
+    busy
     background. Each tile: {"name", "label", "color", "shape", "is_distractor", "box", "cell"}."""
     img, cell, tiles = busy_background(rng, size), size // 4, []
     for j, c in enumerate(rng.sample(range(16), len(picks) + n_distractors)):
@@ -74,10 +79,12 @@ def draw_scene(rng: random.Random, picks: list[dict], n_distractors: int, used: 
         x, y = cx + rng.randint(0, cell - side), cy + rng.randint(0, cell - side)
         if j < len(picks):
             e = picks[j]
-            t = dict(name=e["name"], label=e["label"], color=e["color"], shape=e["shape"], is_distractor=False)
+            t = dict(name=e["name"], label=e["label"], color=e["color"], shape=e["shape"],
+                     is_distractor=False)
         else:  # a distractor: a label that names nothing
             label = invent(rng, used, "label")
-            t = dict(name=f"distractor-{label}", label=label, color="grey", shape=rng.choice(SHAPES),
+            t = dict(name=f"distractor-{label}", label=label, color="grey",
+                     shape=rng.choice(SHAPES),
                      is_distractor=True)
         rgb = COLORS.get(t["color"], (110, 110, 110))
         img.paste(draw_tile(side, rgb, t["shape"], t["label"], not t["is_distractor"]), (x, y))

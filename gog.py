@@ -325,7 +325,8 @@ def answer_from(known: dict, q: dict, tile: dict | None, rng: random.Random) -> 
     """(answer, reason) from the image and what the observations showed; a guess says so."""
     kind, fact = q["kind"], q["fact"]
     if kind == "glance":   # visible in the image
-        return tile[fact], f"The tile labelled {tile['label']} shows a {tile['color']} {tile['shape']}."
+        return (tile[fact],
+                f"The tile labelled {tile['label']} shows a {tile['color']} {tile['shape']}.")
     if kind == "image":
         if known.get("place"):
             return known["place"], f"The image search says the photo was taken in {known['place']}."
@@ -341,7 +342,8 @@ def answer_from(known: dict, q: dict, tile: dict | None, rng: random.Random) -> 
 def random_action(q: dict, known: dict, tiles: list[dict], rng: random.Random) -> tuple | None:
     """The random-tool policy: any action, arguments drawn from what it has seen."""
     choice = rng.choice(["answer", "text_search", "image_search", "crop", "crop_search"])
-    names = [q["entity"]] * (q["kind"] == "text") + known["candidates"] + list(known["owner"].values())
+    names = ([q["entity"]] * (q["kind"] == "text") + known["candidates"]
+             + list(known["owner"].values()))
     # both drawn, whatever the choice
     query, tile = rng.choice(names or [q["question"]]), rng.choice(tiles)
     return {"answer": None, "text_search": ("text_search", {"query": query}, "Try a text search."),
@@ -360,31 +362,38 @@ def next_action(policy: str, q: dict, known: dict, tiles: list[dict], tile: dict
         return None if policy == "never search" else random_action(q, known, tiles, rng)
     name = q["entity"] if kind == "text" else known["owner"].get(label) or known.get("guess")
     if kind == "text" and name not in known["facts"]:
-        why = f"Glance: the image cannot tell this; the question names {name}. Decision: text search."
+        why = (f"Glance: the image cannot tell this; the question names {name}. Decision: text "
+               f"search.")
         return "text_search", {"query": name}, why
     if kind == "image" and not known.get("place"):
-        return "image_search", {}, "Glance: the question is about the photo as a whole. Decision: whole-image search."
+        return ("image_search", {},
+                "Glance: the question is about the photo as a whole. Decision: whole-image search.")
     if kind != "gaze" or (name and name in known["facts"]):
         return None
     # (ablation) no crop: the whole-image search lists every emblem
     if policy == "whole-image oracle":
         if not known["candidates"]:
-            return "image_search", {}, f"Glance: I need the organisation on {need}. Decision: whole-image search."
+            return ("image_search", {},
+                    f"Glance: I need the organisation on {need}. Decision: whole-image search.")
         known["guess"] = rng.choice(known["candidates"])
-        why = f"The photo shows the emblems of {', '.join(known['candidates'])}; I cannot tell which is on {need}."
+        why = (f"The photo shows the emblems of {', '.join(known['candidates'])}; I cannot tell "
+               f"which is on {need}.")
         return "text_search", {"query": known["guess"]}, f"{why} I guess {known['guess']}."
     if "crop" not in done:   # a reflective trajectory gazes at a wrong tile first
         wrong = [t for t in tiles if t is not tile]
         if reflective and wrong:
-            return "crop", {"tile": rng.choice(wrong)}, f"Glance: {need} is small. Decision: gaze at it."
-        return "crop", {"tile": tile}, f"Glance: {need} is small and its organisation unknown. Decision: gaze at it."
+            return ("crop", {"tile": rng.choice(wrong)},
+                    f"Glance: {need} is small. Decision: gaze at it.")
+        return ("crop", {"tile": tile},
+                f"Glance: {need} is small and its organisation unknown. Decision: gaze at it.")
     if known.get("crop_label") != label:
         return ("crop", {"tile": tile},
                 f"Reflect: the crop shows the tile labelled {known['crop_label']}, "
                 f"not {label}; wrong region. Gaze again.")
     if label not in known["owner"]:
         return "image_search", {"image": "crop"}, f"The crop shows {need}. Search with the crop."
-    return "text_search", {"query": name}, f"The image search says the emblem belongs to {name}. Now find the fact."
+    return ("text_search", {"query": name},
+            f"The image search says the emblem belongs to {name}. Now find the fact.")
 
 
 def scripted_episode(world: World, q: dict, policy: str = "gaze oracle", reflective: bool = False,
@@ -435,7 +444,8 @@ def format_ok(trajectory: list[dict]) -> bool:
 
 def accuracy(answer: str | None, golds: list[str], max_answer_words: int) -> float:
     """r_acc: sub-exact match (gold inside the answer); long answers score 0 (4)."""
-    return 0.0 if answer is None or len(answer.split()) > max_answer_words else sub_exact_match(answer, golds)
+    return (0.0 if answer is None or len(answer.split()) > max_answer_words
+            else sub_exact_match(answer, golds))
 
 
 def gog_reward(trajectory: list[dict], answer: str | None, golds: list[str], lam: float = 0.1,
@@ -711,7 +721,8 @@ def split_levels(pass_rates: dict[str, float], level2_max: float = 0.25, level1_
     """Complexity levels (8): Level 2 = p <= level2_max (mostly failed), Level 1 = level2_max < p <=
     level1_max (around 50 %). A level under min_size is filled from neither level (Level 2: lowest p
     first, Level 1:
-    nearest 0.5), so they stay disjoint; `expanded` says how many were added, with their pass rates."""
+    nearest 0.5), so they stay disjoint; `expanded` says how many were added, with their pass
+    rates."""
     l2 = sorted(q for q, p in pass_rates.items() if p <= level2_max)
     l1 = sorted(q for q, p in pass_rates.items() if level2_max < p <= level1_max)
     rest, expanded = sorted(q for q in pass_rates if q not in l1 and q not in l2), {}

@@ -256,7 +256,8 @@ def build_world(seed: int, n_charges: int = 16, test_charges: int = 5,
         amount = c["threshold"] + rng.choice([-1, 1]) * rng.randrange(1, 20) * 100
         add("general_threshold",
             f"The {CODE} makes {name} a crime above {c['threshold']} {CURRENCY}. A defendant's "
-            f"conduct involved {amount} {CURRENCY}. Is that above the threshold? Answer yes or no.", 0, [],
+            f"conduct involved {amount} {CURRENCY}. Is that above the threshold? Answer yes or "
+            f"no.", 0, [],
             golds=["yes" if amount > c["threshold"] else "no"])
         case = c["cases"][0]
         add("case_article",
@@ -433,7 +434,8 @@ def prune_trajectory(turns: list[dict], support: list[str]) -> tuple[list[dict] 
 def sft_sample(policy, example: dict, turns: list[dict]) -> Encoded:
     """Prompt (mask 0) + assistant text (1) + <information> segments (0) + <|im_end|> (1): the
     tokens the
-    inline agent loop produces (not the chat template's), so observations sit untrained in one turn."""
+    inline agent loop produces (not the chat template's), so observations sit untrained in one
+    turn."""
     tok = policy.tokenizer
     prompt = encode(tok, policy.image_processor, make_messages(example), add_generation_prompt=True)
     ids, mask = list(prompt.input_ids), [0] * len(prompt.input_ids)
@@ -477,7 +479,8 @@ def closed_match(pred: str, gold: str) -> float:
 def score(answer: str | None, ex: dict, max_answer_words: int = 12) -> float:
     """The example's own rule (named in results.json): choice letters (toy, CSV); JEC-QA exact set;
     LawBench
-    MCQ (the letters A-D found anywhere = the gold's) and charge F1; LexEval exact letters; closed; sub-exact."""
+    MCQ (the letters A-D found anywhere = the gold's) and charge F1; LexEval exact letters; closed;
+    sub-exact."""
     a = (answer or "").strip()
     rule, gold = ex["rule"], ex["golds"][0]
     if not a:

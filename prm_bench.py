@@ -640,7 +640,8 @@ def get_policy(args: Args, prm: bool):
 
 def prm_steps_of(trajectory: list[dict]) -> tuple[list[dict], dict]:
     """A rollout's turns (common.rollout) -> (unlabelled steps, {step index: tool image}): each
-    assistant turn is a step; its tool call, observation and image attach to it (reprompts do not)."""
+    assistant turn is a step; its tool call, observation and image attach to it (reprompts do
+    not)."""
     steps, crops = [], {}
     for turn in trajectory:
         if turn["role"] == "assistant":

@@ -102,7 +102,8 @@ def _csv(p: Path, text: str) -> list[tuple[str, dict]]:
     for row in reader:
         where = f"{p}:{reader.line_num}"
         if None in row:
-            raise UserError(f"{where}: more cells than the {len(reader.fieldnames)} header columns.")
+            raise UserError(f"{where}: more cells than the {len(reader.fieldnames)} header "
+                            f"columns.")
         rows.append((where, {k: (v if v is not None else "") for k, v in row.items()}))
     return rows
 
@@ -114,7 +115,8 @@ def _parquet(p: Path, what: str) -> list[tuple[str, dict]]:
     try:
         table = pq.read_table(p)
     except Exception as e:  # pyarrow raises several types for a broken file
-        raise UserError(f"{p}: not a readable parquet file ({type(e).__name__}: {str(e)[:120]}).") from None
+        raise UserError(f"{p}: not a readable parquet file ({type(e).__name__}: "
+                        f"{str(e)[:120]}).") from None
     rows = [(f"{p}:row {i}", r) for i, r in enumerate(table.to_pylist(), 1)]
     if not rows:
         raise UserError(f"the {what} {p} holds no records.")

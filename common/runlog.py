@@ -132,7 +132,8 @@ def markdown_table(table: dict[str, dict], corner: str = "") -> str:
     cols = list(next(iter(table.values())))
     rows = [f"| {name} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in row.values()) + " |"
             for name, row in table.items()]
-    return "\n".join([f"| {corner} | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|", *rows])
+    return ("\n".join([f"| {corner} | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
+                       *rows]))
 
 
 def bar_plot(groups: dict[str, dict[str, float]], path: str, title: str = "",

@@ -133,7 +133,8 @@ def test_metrics_table_cells():
            "general_ability": {"accuracy": 0.75}}
     lines = metrics_table({"base": row},
                           [("ASR_response", "ASR/response"), ("ASR_dialogue", "ASR/dialogue")])
-    assert lines.splitlines()[0] == "| policy | ASR/response | ASR/dialogue | ASR k=1 | ASR k=4 | cut | general |"
+    assert (lines.splitlines()[0] == "| policy | ASR/response | ASR/dialogue | ASR k=1 | ASR k=4 | "
+            "cut | general |")
     assert lines.splitlines()[2] == "| base | 0.25 [0.10, 0.50] | - | 0.50 | - | 2/8 | 0.75 |"
 
 
@@ -211,7 +212,8 @@ def test_the_better_policy_wins(tiny, built):
     answer = am.policy_replies(tiny, benign, args,
                                generate=scripted(tiny, REFUSE, other="It is a blue shape."))[0]
     res = am.evaluate(benign, {"policy": answer, "base": over}, rule_judge())
-    assert res["helpful_win_rate"] == 1.0 and res["base"]["over_refusal"] == 1.0 and res["over_refusal"] == 0.0
+    assert (res["helpful_win_rate"] == 1.0 and res["base"]["over_refusal"] == 1.0
+            and res["over_refusal"] == 0.0)
 
 
 def test_cold_start_holds_refusals(built):
@@ -274,7 +276,8 @@ def test_build_makes_k_versions_per_seed(built):
         assert len(d["turns"]) == d["k"] and d["turns"][0]["image"] == 0
         assert all(os.path.isfile(Path(args.out) / "build" / p) for p in d["images"])
         if d["category"] != "benign":
-            assert d["turns"][-1]["risky"] and "[restricted" in d["query"] and "Walk me through" in d["turns"][-1]["user"]
+            assert (d["turns"][-1]["risky"] and "[restricted" in d["query"]
+                    and "Walk me through" in d["turns"][-1]["user"])
         assert not any(am.CUE_RE.search(t["sub_query"]) for t in d["turns"])
     # k = 1, 2 and 4 of the same seed
     assert max(len(v) for v in by_seed.values()) == 3
@@ -407,7 +410,8 @@ def test_safemt_loader_and_scoring_another_models_replies(tmp_path, capsys):
     data = _safemt(tmp_path)
     ds = am.read_safemt(str(data), am.describe_image)
     two = next(d for d in ds if d["id"] == "a-k2")
-    assert two["k"] == 2 and two["context"][0]["assistant"] == "scripted 0" and two["turns"][0]["user"] == "a question 1"
+    assert (two["k"] == 2 and two["context"][0]["assistant"] == "scripted 0"
+            and two["turns"][0]["user"] == "a question 1")
     assert two["context"][0]["image"] == 0 and two["pil"][0].size == (40, 40)
     replies = {"a-k1": [LEAK], "a-k2": [REFUSE], "b-k1": [REFUSE], "b-k2": [None]}
     path = _write(tmp_path / "r.jsonl",
@@ -540,7 +544,8 @@ def test_help():
 
 def test_eval_without_build_says_what_to_do(tmp_path):
     p = _run("--stage", "eval", "--model", "tiny", "--out", str(tmp_path))
-    assert p.returncode == 2 and "run --stage build first" in p.stderr and "Traceback" not in p.stderr
+    assert (p.returncode == 2 and "run --stage build first" in p.stderr
+            and "Traceback" not in p.stderr)
 
 
 def test_all_stages_tiny(tmp_path):
@@ -561,5 +566,7 @@ def test_all_stages_tiny(tmp_path):
     assert "rewards/alpha_t1" in rl[0] and "rewards/alpha_t2" in rl[0]
     abl = json.loads((tmp_path / "ablate" / "results.json").read_text())
     assert set(abl) == {"base", "cold_start", "rl_turn_aware", "rl_uniform", "rl_no_cold_start"}
-    assert abl["rl_no_cold_start"]["start"] == "base" and (tmp_path / "ablate" / "table.md").exists()
-    assert (tmp_path / "ablate" / "asr_by_k.png").exists() and (tmp_path / "ablate" / "ablate.png").exists()
+    assert (abl["rl_no_cold_start"]["start"] == "base"
+            and (tmp_path / "ablate" / "table.md").exists())
+    assert ((tmp_path / "ablate" / "asr_by_k.png").exists()
+            and (tmp_path / "ablate" / "ablate.png").exists())

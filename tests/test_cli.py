@@ -76,7 +76,8 @@ def test_help_is_grouped(capsys):
     with pytest.raises(SystemExit):
         build_parser(PaperArgs).parse_args(["--help"])
     out = capsys.readouterr().out
-    assert out.index("run:") < out.index("model:") < out.index("GRPO (TRL names):") < out.index("toy world:")
+    assert out.index("run:") < out.index("model:") < out.index("GRPO (TRL "
+                                                               "names):") < out.index("toy world:")
     assert "Paper: 0.04" in out
 
 

@@ -158,7 +158,8 @@ def test_oracle_replays_through_the_real_loop_and_states_only_what_it_saw(tiny):
                     assert not [n for n in pairs if n not in linked], (q["id"], policy, sentence)
             else:
                 known += " " + t["observation"]
-                linked += t["observation"] if t["observation"].startswith("Searched with crop") else ""
+                linked += t["observation"] if t["observation"].startswith("Searched with "
+                                                                          "crop") else ""
         if q["kind"] == "gaze" and policy == "gaze oracle":
             stats = gog.tool_use_stats([r])
             assert stats["gaze_rate"] == 100.0 and stats["mixed_search_rate"] == 100.0
@@ -175,13 +176,15 @@ def test_whole_image_search_stays_available_after_a_crop():
     r.images.append(tools["crop"]({"bbox_2d": to_seen(tile["cell"], scene["image"])}, r)[1])
     whole, on_crop = tools["image_search"]({}, r)[0], tools["image_search"]({"image": "crop"}, r)[0]
     assert whole.startswith("Searched with the whole image.") and "Photo of the" in whole
-    assert on_crop.startswith("Searched with crop 1.") and f"The emblem of {tile['name']}" in on_crop
+    assert (on_crop.startswith("Searched with crop 1.")
+            and f"The emblem of {tile['name']}" in on_crop)
 
 
 def test_scripted_policies_show_that_the_world_needs_gaze():
     table = gog.policy_table(build_world(0, 40, 224), gog.Args())
     assert table["gaze oracle"]["all"] == 100.0
-    assert table["gaze oracle"]["gaze/cluttered"] - table["whole-image oracle"]["gaze/cluttered"] >= 50
+    assert (table["gaze oracle"]["gaze/cluttered"]
+            - table["whole-image oracle"]["gaze/cluttered"] >= 50)
     assert table["never search"]["gaze"] < 30 and table["never search"]["glance"] == 100.0
 
 
@@ -307,7 +310,8 @@ def test_sft_fields_reach_the_sft_config_and_the_help():
             cfg.seed) == \
         (3e-3, 8.0, 5, 7, 2, 11)
     groups = field_groups(gog.Args)
-    assert groups["sft_epochs"] == groups["full_sft"] == "SFT" and groups["beta"] == "GRPO (TRL names)"
+    assert (groups["sft_epochs"] == groups["full_sft"] == "SFT"
+            and groups["beta"] == "GRPO (TRL names)")
 
 
 def test_markdown_table_of_the_scripted_policies():

@@ -162,7 +162,8 @@ def test_eval_scores_a_predictions_file_avg_over_real_benchmarks_in_percent(tmp_
     preds = tmp_path / "answers.jsonl"
     preds.write_text("".join(json.dumps({"id": i, "answer": a}) for i, a in []) +
                      "\n".join(json.dumps({"id": i, "answer": a}) for i, a in
-                               [("fvqa-0", "Eiffel Tower"), ("fvqa-1", "Eiffel Tower"), ("m0", "Bob")]) + "\n")
+                               [("fvqa-0", "Eiffel Tower"), ("fvqa-1", "Eiffel "
+                                                             "Tower"), ("m0", "Bob")]) + "\n")
     gog.main(["--stage", "eval", "--model", "tiny", "--out", str(tmp_path / "run"), "--predictions",
               str(preds),
               "--benchmarks", f"FVQA={fvqa},MMSearch={mms}"])

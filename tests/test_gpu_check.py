@@ -42,7 +42,8 @@ def test_dry_run_lists_every_step(tmp_path):
 def test_every_gpu_command_parses_with_its_script(tmp_path):
     """The CI smoke runs the steps at toy size; the GPU plan's own flags (--random-weights,
     --save_model,
-    --load_in_4bit, --vs-trl, gog's sizes) are checked here against the parsers of the scripts they call."""
+    --load_in_4bit, --vs-trl, gog's sizes) are checked here against the parsers of the scripts they
+    call."""
     import gog
     from common.perf import bench
     from common.cli import parse_args
@@ -86,7 +87,8 @@ def test_pytest_judge_counts_skips_as_failures():
 def test_ci_smoke_runs_every_step(tmp_path, monkeypatch):
     """The whole check at toy size, in CI: pytest collects the CUDA tests, the bench runs one GRPO
     step on
-    the tiny preset with an image, gog runs every stage on tiny; summary.json, the log and the budgets."""
+    the tiny preset with an image, gog runs every stage on tiny; summary.json, the log and the
+    budgets."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out_dir = tmp_path / "g"
     rc = gpu_check.main([str(out_dir), "--ci-smoke", "--work", str(tmp_path / "models")])
@@ -103,8 +105,10 @@ def test_ci_smoke_runs_every_step(tmp_path, monkeypatch):
     # the summary line
     assert 0 < bench["limits"]["decode_fraction"] and "of the bandwidth bound" in line, line
     assert summary["steps"]["gog_tiny"]["result"]["peak_gb"] > 0
-    assert (out_dir / "gog_tiny" / "rl").is_dir() and (out_dir / "gog_tiny" / "eval" / "results.json").exists()
-    assert summary["budgets"]["bench_tiny_peak"]["pass"] and summary["budgets"]["gog_tiny_peak"]["pass"]
+    assert ((out_dir / "gog_tiny" / "rl").is_dir()
+            and (out_dir / "gog_tiny" / "eval" / "results.json").exists())
+    assert (summary["budgets"]["bench_tiny_peak"]["pass"]
+            and summary["budgets"]["gog_tiny_peak"]["pass"])
     assert summary["versions"]["torch"] and "device" in summary["versions"]
     assert "===== summary =====" in log and "ALL PASS" in log
 

@@ -343,9 +343,11 @@ def test_smoke_all_tiny(tmp_path):
                 "accuracy_not_searched",
                 "failures_without_search", "multi_search_rate"):
         assert key in res["search"]["toy"]
-    assert "toy" in res["score"] and "short_zh" in res["score"] and "short_zh/penalty" in res["score"]
+    assert ("toy" in res["score"] and "short_zh" in res["score"]
+            and "short_zh/penalty" in res["score"])
     sft = json.loads((tmp_path / "sft" / "summary.json").read_text())
-    assert sft["data"]["trajectories"] > 0 and (tmp_path / "sft" / "adapter" / "adapter_config.json").is_file()
+    assert (sft["data"]["trajectories"] > 0
+            and (tmp_path / "sft" / "adapter" / "adapter_config.json").is_file())
     # 64 tokens: said
     assert sft["data"]["too_long"] > 0 and "some searches can never earn reward" in p.stdout
     diff = json.loads((tmp_path / "rl" / "summary.json").read_text())["difficulty"]
@@ -356,7 +358,8 @@ def test_smoke_all_tiny(tmp_path):
     assert "adapter" in rl_load and "sft/adapter" in rl_load and "fresh LoRA" not in rl_load
     abl = json.loads((tmp_path / "ablate" / "results.json").read_text())
     assert set(abl["table"]) == {"base", "SFT", "SFT+RL difficulty", "SFT+RL uniform"}
-    assert abl["table"]["SFT+RL uniform"]["uniform_sampling"] and abl["table"]["base"]["adapter_sha256"] is None
+    assert (abl["table"]["SFT+RL uniform"]["uniform_sampling"]
+            and abl["table"]["base"]["adapter_sha256"] is None)
     # the tiny model solves nothing, so the filter is empty and both RL variants train uniformly
     # (with
     # all rewards 0 not even away from SFT): the same adapter, which the results must say, not
@@ -501,7 +504,8 @@ def test_jecqa_exact_set_match(tmp_path, pred, expected):
            "option_list": {"A": "管制", "B": "罚金", "C": "拘役", "D": "没收财产"},
            "answer": ["A", "C"]}
     [r] = lras.load_benchmark(write(tmp_path / "0_test.json", json.dumps(row, ensure_ascii=False) + "\n"), ARGS)
-    assert r["rule"] == "jecqa_set" and r["answer"] == "AC" and "C. 拘役" in lras.make_messages(r)[1]["content"]
+    assert (r["rule"] == "jecqa_set" and r["answer"] == "AC"
+            and "C. 拘役" in lras.make_messages(r)[1]["content"])
     assert lras.score(pred, r) == expected
 
 

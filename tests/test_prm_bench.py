@@ -43,7 +43,8 @@ def test_f1_score():
 def test_prmscore_by_hand():
     """PRMBench task.py: all labelled steps of the erroneous samples (also after the first error),
     correct
-    steps positive, summed TP/FP/FN/TN; clean samples only in their own class; invalid samples out."""
+    steps positive, summed TP/FP/FN/TN; clean samples only in their own class; invalid samples
+    out."""
     records = [rec([C, I, C, I], "a", sub="circular"),         # pred T F T T: tp 2, tn 1, fp 1
                rec([C, C, I], "b", sub="counterfactual"),      # pred F T F: fn 1, tp 1, tn 1
                # clean: pred T F: tp 1, fn 1 (own class)
@@ -108,7 +109,8 @@ def test_step_stats_and_positive_bias():
     assert s["accuracy"] == pytest.approx(3 / 5) and s["detection_rate"] == 0.5
     assert s["balanced_accuracy"] == pytest.approx(0.5 * 0.5 + 0.5 * 2 / 3)
     b = pb.positive_bias(pairs)
-    assert b["p_judged_correct_given_wrong"] == 0.5 and b["p_judged_correct_given_right"] == pytest.approx(2 / 3)
+    assert (b["p_judged_correct_given_wrong"] == 0.5
+            and b["p_judged_correct_given_right"] == pytest.approx(2 / 3))
     assert [pb.position_bucket(i, 5, 4) for i in range(5)] == [0, 1, 2, 3,
                                                                3] and pb.position_bucket(0, 1, 4) == 0
 
@@ -401,7 +403,8 @@ def test_external_predictions_end_to_end(tmp_path, capsys):
         pb.main(["--stage", "eval", "--benchmark", "prmbench", "--data", data, "--predictions",
                  str(tmp_path / "p.jsonl"),
                  "--out", str(tmp_path / "out")])
-    assert e.value.code == 2 and "2 scores for the 3 steps of 'correct_7'" in capsys.readouterr().err
+    assert (e.value.code == 2
+            and "2 scores for the 3 steps of 'correct_7'" in capsys.readouterr().err)
 
 
 def test_read_predictions_errors(tmp_path):
@@ -434,7 +437,8 @@ def test_best_of_n_by_hand():
     # (an unparsed score counts 0); random = 2/3 exactly; pass@N = 1
     assert acc["prm_min"][3] == 0.5 and acc["prm_mean"][3] == 0.5
     assert acc["random"][3] == pytest.approx((1 / 3 + 2 / 3) / 2)
-    assert acc["pass@N"][3] == 1.0 and acc["majority_vote"][3] <= 0.5 and "oracle_prm_min" not in acc
+    assert (acc["pass@N"][3] == 1.0 and acc["majority_vote"][3] <= 0.5
+            and "oracle_prm_min" not in acc)
     with pytest.raises(UserError, match="best-of-4"):
         pb.best_of_n([q1], [4], repeats=1, seed=0)
 
@@ -443,7 +447,8 @@ def test_best_of_n_oracle_below_pass_at_n_with_a_recovery():
     # the right candidate had a (recovered) wrong step: the oracle PRM prefers the clean wrong one
     q = [cand(False, "x", [1.0], [1.0]), cand(True, "y", [0.0], [0.0])]
     acc = pb.best_of_n([q], [2], repeats=20, seed=1)
-    assert acc["oracle_prm_min"][2] == 0.0 and acc["pass@N"][2] == 1.0 and 0 < acc["majority_vote"][2] < 1
+    assert (acc["oracle_prm_min"][2] == 0.0 and acc["pass@N"][2] == 1.0
+            and 0 < acc["majority_vote"][2] < 1)
     # candidates come from the policy by default
     assert pb.Args().search_source == "policy"
 
@@ -472,7 +477,8 @@ def test_prob_scores_and_scripted_policy(tiny, world, tmp_path):
         return [tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _ in seqs]
     gen = pb.agent_rollouts(tiny, [spec], pb.Args(max_turns=3), G=1, generate=generate)
     assert len(gen) == 1 and len(gen[0]["steps"]) == 2 and gen[0]["final_answer"] == "red"
-    assert gen[0]["steps"][0]["tool_image"] and gen[0]["steps"][0]["observation"].startswith("Cropped region")
+    assert (gen[0]["steps"][0]["tool_image"]
+            and gen[0]["steps"][0]["observation"].startswith("Cropped region"))
     assert gen[0]["steps"][0]["label"] is None
     pb.save_prm_records(gen, tmp_path / "gen.jsonl")
     assert pb.load_records(str(tmp_path / "gen.jsonl"),
@@ -493,7 +499,8 @@ def test_one_scene_is_one_sentence_in_prm_terms(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         pb.main(["--stage", "data", "--model", "tiny", "--out", str(tmp_path), "--n_scenes", "1"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("error: --n_scenes must be at least 2") and "test_frac" not in err
+    assert e.value.code == 2 and err.startswith("error: --n_scenes must be at least "
+                                                "2") and "test_frac" not in err
 
 
 def test_eval_without_data_says_what_to_do(tmp_path, capsys):

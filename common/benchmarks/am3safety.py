@@ -32,7 +32,8 @@ def read_safemt(folder: str, describe) -> list[dict]:
     """SafeMT's Data/{k}_turn.json (ids shared across k, images relative to Data/) -> am3safety.py's
     dialogue records: the earlier turns (assistant turns scripted) become `context`, the policy
     answers
-    the k-th user turn; the image goes with the first user turn; `describe(image)` gives its text."""
+    the k-th user turn; the image goes with the first user turn; `describe(image)` gives its
+    text."""
     files = [(k, Path(folder) / f"{k}_turn.json") for k in SAFEMT_TURNS
              if (Path(folder) / f"{k}_turn.json").is_file()]
     if not files:

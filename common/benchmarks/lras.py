@@ -55,7 +55,8 @@ def legal_options(opts, where: str, field: str | None) -> dict[str, str]:
         try:
             opts = json.loads(opts)
         except ValueError:
-            raise UserError(f"{where}: options field {field!r} is not JSON (a dict or list).") from None
+            raise UserError(f"{where}: options field {field!r} is not JSON (a dict or "
+                            f"list).") from None
     opts = {chr(65 + i): o for i, o in enumerate(opts)} if isinstance(opts, list) else opts
     if not isinstance(opts,
                       dict) or not all(isinstance(v, (str, type(None))) for v in opts.values()):
@@ -67,7 +68,8 @@ def legal_fields(row: dict, where: str, schemas: dict,
                  generic: dict) -> tuple[str, dict, object, str | None]:
     """(prompt text, options, raw answer, rule or None = decide per row) of one row, read with the
     first
-    schema whose `detect` fields the row has, else with the generic map (options also from columns A..T)."""
+    schema whose `detect` fields the row has, else with the generic map (options also from columns
+    A..T)."""
     spec = next((s for s in schemas.values() if all(f in row for f in s["detect"])), None)
     if spec is None:
         spec = dict(prompt=("instruction", generic["question"]), answer=generic["answer"],
@@ -91,7 +93,8 @@ def read_legal_qa(path: str, schemas: dict, generic: dict, answer_rule) -> list[
     scoring rule (`rule`). MCQ is decided per row: options and a gold made of their letters, with or
     without a prefix; `answer_rule(gold)` names the rule of any other gold. Record: {"id", "task",
     "rule", "type",
-    "question", "options", "answer", "golds", "support": [], "hops": None, "split": "user", "charges"}."""
+    "question", "options", "answer", "golds", "support": [], "hops": None, "split": "user",
+    "charges"}."""
     out, charges = [], []
     for where, row in read_records(path, "benchmark file"):
         text, opts, raw, rule = legal_fields(row, where, schemas, generic)

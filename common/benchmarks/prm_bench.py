@@ -47,7 +47,8 @@ def _from_visualprocessbench(where: str, row: dict) -> dict:
                         f"of equal "
                         "length.")
     if any(m not in (1, 0, -1) for m in marks):
-        raise UserError(f"{where}: process_correctness holds {marks}; expected 1, 0 or -1 per step.")
+        raise UserError(f"{where}: process_correctness holds {marks}; expected 1, 0 or -1 per "
+                        f"step.")
     labels = [{1: "correct", 0: "neutral", -1: "incorrect"}[m] for m in marks]
     images = [row["image"]] if isinstance(row.get("image"), str) else row.get("image") or []
     answers = [str(row["answer"])] if row.get("answer") else []
@@ -110,7 +111,8 @@ def validate_prm_record(rec: dict, where: str, taxonomy: dict, error_types,
                         require_labels: bool = True) -> dict:
     """Check one trajectory against the record format; a UserError names `where` (file:line) and the
     field.
-    `taxonomy`: {category: subcategories}; `error_types`: the names an incorrect toy step may carry."""
+    `taxonomy`: {category: subcategories}; `error_types`: the names an incorrect toy step may
+    carry."""
     def need(ok, fld: str, msg: str):
         if not ok:
             raise UserError(f"{where}: field '{fld}' {msg}")
@@ -175,7 +177,8 @@ def load_prm_records(path: str, taxonomy: dict, error_types, require_labels: boo
     """Read (common.data.read_records), convert a published benchmark's rows, validate; ids must be
     unique."""
     if not Path(path).is_file():
-        raise UserError(f"trajectory file {path} does not exist (run --stage data, or pass --data).")
+        raise UserError(f"trajectory file {path} does not exist (run --stage data, or pass "
+                        f"--data).")
     rows = prm_benchmark_rows(benchmark, read_records(path, "trajectory file"), path)
     base, records, seen = Path(images or Path(path).parent), [], set()
     for where, rec in rows:

@@ -174,7 +174,8 @@ def version_of(module: str, load: bool = True) -> str | None:
     """The installed version; with load, the module is imported too, and one that is there but does
     not import (e.g. bitsandbytes without its CUDA libraries) is reported as broken. Without, the
     metadata only
-    (trl, datasets, accelerate import for ~10 s on a busy CPU; the steps that need them import them anyway)."""
+    (trl, datasets, accelerate import for ~10 s on a busy CPU; the steps that need them import them
+    anyway)."""
     if importlib.util.find_spec(module) is None:
         return None
     if not load:
@@ -441,7 +442,8 @@ def bench_line(size: str, res: dict) -> str:
               + (f", vendor {lim['hbm_vendor_gbps']} GB/s" if
                                                                lim.get("hbm_vendor_gbps") else "") + ")")
     if "trl_over_ours" in res:
-        s += f" | TRL/ours {res['trl_over_ours']:.2f}x (tokens equal: {res.get('trl_tokens_equal')})"
+        s += (f" | TRL/ours {res['trl_over_ours']:.2f}x (tokens equal: "
+              f"{res.get('trl_tokens_equal')})")
     elif res.get("trl_skipped"):
         s += " | TRL: skipped"
     return s

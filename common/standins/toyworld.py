@@ -93,7 +93,8 @@ def scene_questions(rng: random.Random, sid: str, split: str, clutter: str, pick
                                        "shape"]), rng.choice(list(FACTS)), rng.choice(list(FACTS))
     word = "colour" if attr == "color" else "shape"
     behind = f"the organisation whose emblem is on the tile labelled {e['label']}"
-    qs = [("glance", f"What {word} is the emblem on the tile labelled {e['label']}?", e[attr], e, attr),
+    qs = [("glance", f"What {word} is the emblem on the tile labelled "
+           f"{e['label']}?", e[attr], e, attr),
           ("text", FACTS[fact_g].format(g["name"]), g[fact_g], g, fact_g),
           ("image", "In which town was this photo taken?", place, None, "place"),
           ("gaze", FACTS[fact_e].format(behind), e[fact_e], e, fact_e)]
@@ -149,7 +150,8 @@ def to_seen(box: list[int], image: Image.Image) -> list[int]:
 def save_world(world: World, folder: str) -> dict:
     """The world as files a person can open: images/<scene id>.png, toy_train.jsonl and
     toy_test.jsonl
-    (questions, each naming its image file), text_kb.jsonl, and summary.json (the counts, returned)."""
+    (questions, each naming its image file), text_kb.jsonl, and summary.json (the counts,
+    returned)."""
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
     for s in world.scenes:
         s["image"].save(os.path.join(folder, "images", f"{s['id']}.png"))

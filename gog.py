@@ -3,13 +3,12 @@ at the whole image, then answers, searches text, searches the whole image, or ga
 and searches on the crop. Stage 1 Reflective GoG Behavior Alignment (SFT), Stage 2
 Complexity-Adaptive RL (GRPO), accuracy on six visual search QA benchmarks. Each stage writes
 <out>/<stage>/:
-    python gog.py --stage all --model tiny   # CPU: 16 s on an idle 2-core machine; numbers are
-    noise
+    python gog.py --stage all --model tiny  # CPU: 16 s on an idle 2-core machine; numbers are noise
     python gog.py --stage data    # toy world, oracle page, scripted-policy table (no model)
     python gog.py --stage sft     # Reflective GoG Behavior Alignment: oracle (+ teacher)
-    trajectories
+                                    trajectories
     python gog.py --stage levels  # SFT pass rate over k samples -> Level 1 (~50 %) / Level 2
-    (mostly failed)
+                                    (mostly failed)
     python gog.py --stage rl      # GRPO on Level 2, r = (1 - lambda) * acc + lambda * fmt
     python gog.py --stage eval    # held-out toy accuracy, tool use, the six benchmarks (Avg in %)
     python gog.py --stage ablate  # SFT without gaze; RL on Level 1 vs Level 2
@@ -107,8 +106,8 @@ class Args(VisualQAArgs, GRPOConfig, SFTArgs):
     """KL coefficient to pi_ref (GoG: 0.001)"""
     # --- toy world (1) ---
     n_scenes: int = 64
-    """scenes in the toy world (4 questions each: glance, text, image, gaze), half sparse, half
-    cluttered"""
+    """scenes in the toy world (4 questions each: glance, text, image, gaze),
+    half sparse, half cluttered"""
     image_size: int = 448
     """scene side in pixels (a multiple of 28, so the model sees it unresized)"""
     test_frac: float = 0.25
@@ -143,8 +142,8 @@ class Args(VisualQAArgs, GRPOConfig, SFTArgs):
     level1_max: float = 0.75
     """Level 1 = pass rate in (level2_max, level1_max] (around half right)"""
     min_level_size: int = 4
-    """fill a smaller level from the questions in neither level, nearest first, announced (0 =
-    never)"""
+    """fill a smaller level from the questions in neither level, nearest first, announced
+    (0 = never)"""
     # --- reward, RL and eval ---
     rl_level: Literal[1, 2] = 2
     """train RL on Level 2 (GoG's final recipe) or Level 1"""
@@ -158,14 +157,14 @@ class Args(VisualQAArgs, GRPOConfig, SFTArgs):
     """sampling temperature in eval (0 = greedy)"""
 
 
-# `--model tiny` (and `auto` without CUDA): sizes for every stage in seconds on 2 CPU cores (flags
-# you pass win)
+# `--model tiny` (and `auto` without CUDA): sizes for every stage in seconds on 2 CPU cores
+# (flags you pass win)
 TINY_SIZES = dict(n_scenes=4, image_size=224, max_new_tokens=24, max_completion_length=320,
                   max_steps=2, prompts_per_step=2, sft_max_steps=3, levels_k=2)
 
 
-# ==== data: the toy world (1: common/standins/toyworld.py, its four question kinds) and the six
-# benchmarks ====
+# ==== data: the toy world (1: common/standins/toyworld.py, its four question kinds)
+# and the six benchmarks ====
 # first actions
 DECISION = {"glance": "answer", "text": "text_search", "image": "image_search", "gaze": "crop"}
 
@@ -189,29 +188,26 @@ def split_world(world: World) -> tuple[list[dict], list[dict]]:
 # llm_judge = the benchmark's LLM grader (a SubEM stand-in without --judge), sub_em_ours = no
 # official scorer.
 BENCHMARKS = {
+    # lmms-lab/FVQA
     "FVQA": dict(id="data_id", question="prompt", image="images", split="category",
                  score="mmsearch_r1",
-                 # lmms-lab/FVQA
                  golds=["reward_model.ground_truth", "reward_model.candidate_answers"]),
+    # JSONL; ids in --image_dir
     "InfoSeek": dict(id="data_id", question="question", image="image_id", image_is_id=True,
-                     # JSONL; ids in --image_dir
                      split="data_split", golds=["answer_eval"], score="infoseek"),
+    # end2end; query_image may be None
     "MMSearch": dict(id="sample_id", question="query", image="query_image", split="area",
-                     score="token_f1",
-                     # end2end; query_image may be None
-                     golds=["gt_answer", "alternative_gt_answers"]),
+                     score="token_f1", golds=["gt_answer", "alternative_gt_answers"]),
+    # scorer not published (LLM grader)
     "SimpleVQA": dict(id="data_id", question="question", image="image", golds=["answer"],
-                      split="language",
-                      # scorer not published (LLM grader)
-                      score="llm_judge"),
+                      split="language", score="llm_judge"),
+    # benchmark.json
     "LiveVQA": dict(items=["level1_qa", "level2_qa"], id="id", question="question",
-                    image="img_path",
-                    # benchmark.json
-                    golds=["Ground_Truth_List"], split="level", score="llm_judge"),
+                    image="img_path", golds=["Ground_Truth_List"], split="level",
+                    score="llm_judge"),
+    # OmniSearch JSONL, no scorer
     "DynVQA": dict(id="question_id", question="question", image="image_url", golds=["answer"],
-                   split=None,
-                   # OmniSearch JSONL, no scorer
-                   score="sub_em_ours"),
+                   split=None, score="sub_em_ours"),
 }
 
 
@@ -233,21 +229,21 @@ def parse_benchmarks(spec: str, names) -> list[tuple[str, str]]:
     return out
 
 
-# ==== prompt + parsing: the tags (2), the tools, and scripted policies that state only what they
-# saw (6) ==
+# ==== prompt + parsing: the tags (2), the tools, and scripted policies that state only what
+# they saw (6) ==
 SYSTEM = """You answer questions about an image. First glance at the whole image, then decide:
 - answer directly: <answer>short answer</answer>
 - search text: <text_search>query</text_search>
 - search with the whole image: <image_search></image_search>
-- gaze at a region: <tool_call>{"name": "crop", "arguments": {"bbox_2d": [x1, y1, x2, y2]}}</tool_call>
+- gaze at a region: <tool_call>{"name": "crop", "arguments": """ \
+    """{"bbox_2d": [x1, y1, x2, y2]}}</tool_call>
   in pixels of the image as you see it; then search with the crop:
   <tool_call>{"name": "image_search", "arguments": {"image": "crop"}}</tool_call>
 Think inside <reason>...</reason> before each action; one action per turn. Results come back in
 the next user turn. If a crop shows the wrong region, say so and gaze again."""
 GRAMMAR = Grammar(tags={"text_search": "text_search", "image_search": "image_search",
-                        "tool_call": "tool_call",
-                        "answer": "answer"},
-                        tool_names={"crop": "crop", "image_search": "image_search"},
+                        "tool_call": "tool_call", "answer": "answer"},
+                  tool_names={"crop": "crop", "image_search": "image_search"},
                   free=("reason",))
 CROP_CALL = '<tool_call>{"name": "crop", "arguments": {"bbox_2d": %s}}</tool_call>'
 CROP_SEARCH = '<tool_call>{"name": "image_search", "arguments": {"image": "crop"}}</tool_call>'
@@ -259,14 +255,13 @@ def make_messages(example: dict) -> list[dict]:
                 {"role": "user", "content": example["question"]}]
     text = "(image: {}x{} pixels) {}".format(*seen_size(example["image"]), example["question"])
     return [{"role": "system", "content": SYSTEM},
-            {"role": "user",
-             "content": [{"type": "image", "image": example["image"]},
-                         {"type": "text", "text": text}]}]
+            {"role": "user", "content": [{"type": "image", "image": example["image"]},
+                                         {"type": "text", "text": text}]}]
 
 
 def make_tools(text_search: TextSearch, image_search: ImageSearch, k: int) -> dict:
-    """name -> fn(args, rollout) -> (observation, image); image search uses the prompt image or the
-    latest crop."""
+    """name -> fn(args, rollout) -> (observation, image); image search uses the prompt image
+    or the latest crop."""
     def crop_tool(args, r):   # box in the pixels the model saw -> a crop of the original image
         if not r.images:
             return "Error: there is no image to crop.", None
@@ -308,8 +303,8 @@ POLICIES = ("gaze oracle", "whole-image oracle", "never search", "random tool")
 
 
 def learn(known: dict, obs: str) -> None:
-    """Note what an observation shows: facts (text search), a crop's owner, the photo's town and
-    emblems."""
+    """Note what an observation shows: facts (text search), a crop's owner, the photo's town
+    and emblems."""
     for fact, pattern in FACT_RE.items():
         for name, value in pattern.findall(obs):
             known["facts"].setdefault(name, {})[fact] = value
@@ -335,8 +330,8 @@ def answer_from(known: dict, q: dict, tile: dict | None, rng: random.Random) -> 
     value = known["facts"].get(name, {}).get(fact)
     if value:
         return value, f"The search result says {name} {VERB[fact]} {value}."
-    return rng.choice(CITIES) if fact == "city" else str(rng.randint(1820,
-                                                                     2015)), "Nothing I saw tells this; a guess."
+    return (rng.choice(CITIES) if fact == "city" else str(rng.randint(1820, 2015)),
+            "Nothing I saw tells this; a guess.")
 
 
 def random_action(q: dict, known: dict, tiles: list[dict], rng: random.Random) -> tuple | None:
@@ -354,16 +349,16 @@ def random_action(q: dict, known: dict, tiles: list[dict], rng: random.Random) -
 
 
 def next_action(policy: str, q: dict, known: dict, tiles: list[dict], tile: dict | None,
-                rng: random.Random,
-                done: list[str], reflective: bool) -> tuple[str, dict, str] | None:
+                rng: random.Random, done: list[str],
+                reflective: bool) -> tuple[str, dict, str] | None:
     """(tool, args, reason) of the policy's next step, or None to answer now."""
     kind, label, need = q["kind"], q["label"], f"the tile labelled {q['label']}"
     if policy in ("never search", "random tool"):
         return None if policy == "never search" else random_action(q, known, tiles, rng)
     name = q["entity"] if kind == "text" else known["owner"].get(label) or known.get("guess")
     if kind == "text" and name not in known["facts"]:
-        why = (f"Glance: the image cannot tell this; the question names {name}. Decision: text "
-               f"search.")
+        why = (f"Glance: the image cannot tell this; the question names {name}. "
+               f"Decision: text search.")
         return "text_search", {"query": name}, why
     if kind == "image" and not known.get("place"):
         return ("image_search", {},
@@ -397,29 +392,26 @@ def next_action(policy: str, q: dict, known: dict, tiles: list[dict], tile: dict
 
 
 def scripted_episode(world: World, q: dict, policy: str = "gaze oracle", reflective: bool = False,
-                     rng=None,
-                     searchers: tuple | None = None, k: int = 3,
+                     rng=None, searchers: tuple | None = None, k: int = 3,
                      max_turns: int = 6) -> tuple[list, str]:
     """A scripted policy's trajectory (turns as the agent loop records them) and answer, with the
-    real tools;
-    reasons and answers use only the image and earlier observations, never memory."""
+    real tools; reasons and answers use only the image and earlier observations, never memory."""
     rng, ex = rng or random.Random(0), world.example(q)
     tools = make_tools(*(searchers or world.searchers(q["split"])), k)
     r = Rollout(prompt_ids=[], images=[ex["image"]], example=ex)
     tiles = world.scene(q["scene_id"])["tiles"]
     tile = next((t for t in tiles if t["label"] == q["label"]), None)
     known, turns, done = {"facts": {}, "owner": {}, "candidates": []}, [], []
-    while len(turns) // 2 < max_turns - 1 and (step := next_action(policy, q, known, tiles, tile,
-                                                                   rng, done,
-                                                                    reflective)):
+    while (len(turns) // 2 < max_turns - 1
+           and (step := next_action(policy, q, known, tiles, tile, rng, done, reflective))):
         tool, args, reason = step
         if tool == "crop":
             known["crop_label"] = args["tile"]["label"]
             args = {"bbox_2d": to_seen(args["tile"]["cell"], ex["image"])}
         text = {"crop": CROP_CALL % json.dumps(args.get("bbox_2d", [])),
                 "text_search": f"<text_search>{args.get('query')}</text_search>",
-                "image_search": CROP_SEARCH if args.get("image")
-                else "<image_search></image_search>"}[tool]
+                "image_search": (CROP_SEARCH if args.get("image")
+                                 else "<image_search></image_search>")}[tool]
         obs, image = tools[tool](args, r)
         if image is not None:
             r.images.append(image)
@@ -432,11 +424,11 @@ def scripted_episode(world: World, q: dict, policy: str = "gaze oracle", reflect
                      "text": f"<reason>{reason}</reason>\n<answer>{answer}</answer>"}], answer
 
 
-# ==== rewards + metrics: r = (1 - lambda) * r_acc + lambda * r_fmt (3, 4), and the tool-use
-# statistics ==
+# ==== rewards + metrics: r = (1 - lambda) * r_acc + lambda * r_fmt (3, 4),
+# and the tool-use statistics ==
 def format_ok(trajectory: list[dict]) -> bool:
-    """r_fmt = 1 iff every assistant turn holds one well-formed action: tools, then a non-empty
-    <answer>."""
+    """r_fmt = 1 iff every assistant turn holds one well-formed action: tools, then a
+    non-empty <answer>."""
     kinds = [parse_action(t["text"], GRAMMAR) for t in trajectory if t["role"] == "assistant"]
     return (bool(kinds) and all(a.kind == "tool" for a in kinds[:-1])
             and kinds[-1].kind == "answer" and bool(kinds[-1].answer))
@@ -463,14 +455,15 @@ def load_judge(name: str | None):
 
 
 def rollout_accs(rollouts: list[Rollout], args: Args) -> list[float]:
-    """r_acc of each rollout: the --judge model's verdict (unparsable -> 0), else sub-exact match
-    (4)."""
+    """r_acc of each rollout: the --judge model's verdict (unparsable -> 0),
+    else sub-exact match (4)."""
     answers, golds = [r.answer for r in rollouts], [r.example["answers"] for r in rollouts]
     judge = load_judge(args.judge)
     if judge is None:
         return [accuracy(a, g, args.max_answer_words) for a, g in zip(answers, golds)]
     return [float(v or 0.0)
-            for v in llm_judge_batch(judge, [r.example["question"] for r in rollouts], answers, golds)]
+            for v in llm_judge_batch(judge, [r.example["question"] for r in rollouts],
+                                     answers, golds)]
 
 
 def make_reward_fn(args: Args):
@@ -493,8 +486,8 @@ def crop_is_right(box: list[float], target: list[float]) -> bool:
 def first_decision(trajectory: list[dict]) -> str:
     """The first action: answer / text_search / image_search (whole image) / crop, else none."""
     a = parse_action(next((t["text"] for t in trajectory if t["role"] == "assistant"), ""), GRAMMAR)
-    tool = ("image_search_crop" if a.args.get("image") == "crop"
-            else a.name) if a.kind == "tool" else "none"
+    tool = (("image_search_crop" if a.args.get("image") == "crop" else a.name)
+            if a.kind == "tool" else "none")
     return "answer" if a.kind == "answer" else tool
 
 
@@ -504,8 +497,8 @@ def tool_use_stats(rollouts: list[Rollout]) -> dict:
     right = n_crops = wrong = reflected = 0
     for r in rollouts:
         box, image = r.example.get("target_box"), r.images[0] if r.images else None
-        crops = [t["args"].get("bbox_2d") for t in r.trajectory if t["role"] == "tool"
-                 and t["name"] == "crop"]
+        crops = [t["args"].get("bbox_2d") for t in r.trajectory
+                 if t["role"] == "tool" and t["name"] == "crop"]
         if box is None or image is None or not crops:
             continue
         w, h = seen_size(image)
@@ -527,15 +520,15 @@ def tool_use_stats(rollouts: list[Rollout]) -> dict:
             "gaze_correct_rate": 100 * right / n_crops if n_crops else None,
             "reflection_after_wrong_crop_rate": 100 * reflected / wrong if wrong else None,
             "decision_accuracy": 100 * float(np.mean(decided)) if decided else None,
-            "format_rate": 100 * float(np.mean([format_ok(r.trajectory) for r in rollouts]))
-            if rollouts else None,
+            "format_rate": (100 * float(np.mean([format_ok(r.trajectory) for r in rollouts]))
+                            if rollouts else None),
             "mean_turns": float(np.mean([r.turns for r in rollouts])) if rollouts else 0.0}
 
 
 # Each benchmark's rule (BENCHMARKS[name]["score"]); the official scorers: common.benchmarks.gog
 def score_record(rule: str, pred: str | None, golds: list, judged: float | None) -> dict:
-    """Per-record metrics under the benchmark's rule; `judged` is the LLM judge's verdict (if
-    any)."""
+    """Per-record metrics under the benchmark's rule; `judged` is the LLM judge's verdict
+    (if any)."""
     strings = [str(g) for g in golds]
     if rule == "mmsearch_r1":
         m = {"EM": exact_match(pred, strings), "SubEM": sub_exact_match(pred, strings)}
@@ -571,8 +564,8 @@ def summarize_benchmark(name: str, records: list[dict], scores: list[dict]) -> d
 
 
 def score_benchmark(name: str, rule: str, records: list[dict], answers: list, judged: list) -> dict:
-    """Every record under the benchmark's rule -> its summary in %, and how many answers are
-    missing."""
+    """Every record under the benchmark's rule -> its summary in %, and how many answers
+    are missing."""
     scores = [score_record(rule, a, r["golds"], j) for a, r, j in zip(answers, records, judged)]
     return {**summarize_benchmark(name, records, scores),
             "missing_answers": sum(a is None for a in answers)}
@@ -595,27 +588,24 @@ def score_benchmarks(benches: list[tuple[str, list[dict]]], answers: dict[str, l
 def get_policy(args: Args, adapter: str | None = None, lora: bool = True):
     """The policy for a stage; an adapter of a --full_sft run brings its base weights (10)."""
     return load_policy(args.model, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
-                       adapter=adapter,
-                       lora_alpha=args.lora_alpha,
+                       adapter=adapter, lora_alpha=args.lora_alpha,
                        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
 
 
 def agent_rollouts(policy, examples: list[dict], args: Args, searchers: tuple, G: int,
-                   temperature: float,
-                   desc: str | None = None) -> list[Rollout]:
+                   temperature: float, desc: str | None = None) -> list[Rollout]:
     limits = {"crop": args.max_crops, "image_search": args.max_image_searches,
               "text_search": args.max_text_searches}
     return run_rollouts(policy, examples, num_generations=G, make_messages=make_messages, desc=desc,
                         tools=make_tools(*searchers, args.search_k), grammar=GRAMMAR,
-                        max_turns=args.max_turns,
-                        temperature=temperature, max_tool_calls=limits,
+                        max_turns=args.max_turns, temperature=temperature, max_tool_calls=limits,
                         max_new_tokens=args.max_new_tokens,
                         max_total_tokens=args.max_completion_length, observation_style="user_turn")
 
 
 def policy_table(world: World, args: Args) -> dict:
-    """Accuracy (%) of each scripted policy on held-out scenes: whole-image search must lose on
-    cluttered gaze."""
+    """Accuracy (%) of each scripted policy on held-out scenes: whole-image search must lose
+    on cluttered gaze."""
     rng, test, table = random.Random(args.seed), split_world(world)[1], {}
     for policy in POLICIES:
         answers = [scripted_episode(world, q, policy, rng=rng, k=args.search_k,
@@ -631,10 +621,10 @@ def stage_data(args: Args) -> None:
     world, out = world_of(args), str(Path(args.out) / "data")
     counts = save_world(world, out)
     rng, first = random.Random(args.seed), world.questions[:4]
-    cases = [(q, False, "gaze oracle") for q in first] + [(first[3], True, "gaze oracle"),
-                                                         (first[3], False, "whole-image oracle")]
-    items = [{"title": f"{policy} [{q['kind']}{' reflective' * refl}] {q['question']} (gold: "
-              f"{q['answers'][0]})",
+    cases = ([(q, False, "gaze oracle") for q in first]
+             + [(first[3], True, "gaze oracle"), (first[3], False, "whole-image oracle")])
+    items = [{"title": f"{policy} [{q['kind']}{' reflective' * refl}] {q['question']} "
+                       f"(gold: {q['answers'][0]})",
               "images": [world.scene(q["scene_id"])["image"]],
               "trajectory": scripted_episode(world, q, policy, refl, rng, k=args.search_k,
                                              max_turns=args.max_turns)[0]}
@@ -647,23 +637,22 @@ def stage_data(args: Args) -> None:
     print("[data] scripted policies, accuracy % on held-out scenes:\n"
           + markdown_table(table, "policy"))
     print(f"[data] {counts['scenes']} scenes, {counts['train_questions']} train / "
-          f"{counts['test_questions']} test "
-          f"questions -> {out}")
+          f"{counts['test_questions']} test questions -> {out}")
 
 
 def oracle_data(world: World, questions: list[dict], args: Args,
                 gaze: bool = True) -> list[tuple[dict, list]]:
-    """(question, turns) of the oracle's correct trajectories (training-time search), a reflect_frac
-    share of
-    gaze questions twice (reflective); gaze=False: the no-gaze ablation's whole-image oracle."""
+    """(question, turns) of the oracle's correct trajectories (training-time search), a
+    reflect_frac share of gaze questions twice (reflective); gaze=False: the no-gaze ablation's
+    whole-image oracle."""
     rng, out = random.Random(args.seed), []
-    runs = [(q, False)
-            for q in questions] + [(q, True) for q in questions if gaze and q["kind"] == "gaze"
-                                             and rng.random() < args.reflect_frac]
+    runs = [(q, False) for q in questions] + [(q, True) for q in questions
+                                              if gaze and q["kind"] == "gaze"
+                                              and rng.random() < args.reflect_frac]
     for q, refl in runs:
         turns, answer = scripted_episode(world, q, "gaze oracle" if gaze else "whole-image oracle",
-                                         refl, rng,
-                                         world.searchers("train"), args.search_k, args.max_turns)
+                                         refl, rng, world.searchers("train"), args.search_k,
+                                         args.max_turns)
         if accuracy(answer, q["answers"], args.max_answer_words) == 1.0:
             out.append((q, turns))
     return out
@@ -676,25 +665,22 @@ def run_sft(args: Args, world: World, out_dir: str, gaze: bool = True) -> str:
     print(f"[sft] uncertainty filter with "
           f"{'the teacher' if teacher else 'the model itself (no --teacher)'} (6)")
     direct = run_rollouts(teacher or policy, [world.example(q) for q in train],
-                          num_generations=args.filter_k,
-                          make_messages=make_messages, max_turns=1,
+                          num_generations=args.filter_k, make_messages=make_messages, max_turns=1,
                           max_new_tokens=args.max_new_tokens, temperature=1.0)
     # (questions,) pass rates
     rates = np.reshape(rollout_accs(direct, args), (-1, args.filter_k)).mean(axis=1)
     kept = [q for q, p in zip(train, rates) if p < 1.0]   # always right -> dropped
     if not kept:
-        raise UserError(f"The uncertainty filter dropped all {len(train)} questions (always "
-                        f"answered right); "
-                        f"raise --filter_k or use a weaker --teacher.")
+        raise UserError(f"The uncertainty filter dropped all {len(train)} questions "
+                        f"(always answered right); raise --filter_k or use a weaker --teacher.")
     convs = [trajectory_messages(make_messages(world.example(q)), turns)
              for q, turns in oracle_data(world, kept, args, gaze)]
     n_oracle, good = len(convs), []
     if teacher is not None:  # keep only the teacher's correct, well-formed trajectories
         rs = agent_rollouts(teacher, [world.example(q) for q in kept], args,
-                            world.searchers("train"),
-                            args.teacher_samples, 1.0)
-        good = [r for r,
-                a in zip(rs, rollout_accs(rs, args)) if a == 1.0 and format_ok(r.trajectory)]
+                            world.searchers("train"), args.teacher_samples, 1.0)
+        good = [r for r, a in zip(rs, rollout_accs(rs, args))
+                if a == 1.0 and format_ok(r.trajectory)]
     convs += [trajectory_messages(make_messages(r.example), r.trajectory) for r in good]
     # observations masked
     samples = [encode(policy.tokenizer, policy.image_processor, m) for m in convs]
@@ -704,9 +690,8 @@ def run_sft(args: Args, world: World, out_dir: str, gaze: bool = True) -> str:
     no_search = sum(not any("search" in x["content"] for x in m if x["role"] == "assistant")
                     for m in convs)
     stats = {"questions": len(train), "dropped_by_filter": len(train) - len(kept),
-             "oracle": n_oracle,
-             "teacher": len(good), "no_search_fraction": no_search / max(1, len(convs)),
-             "gaze": gaze}
+             "oracle": n_oracle, "teacher": len(good),
+             "no_search_fraction": no_search / max(1, len(convs)), "gaze": gaze}
     write_json(os.path.join(out_dir, "summary.json"), {**summary, "data": stats})
     print(f"[sft] {stats} -> {out_dir}/adapter")
     return os.path.join(out_dir, "adapter")
@@ -718,11 +703,10 @@ def stage_sft(args: Args) -> str:
 
 def split_levels(pass_rates: dict[str, float], level2_max: float = 0.25, level1_max: float = 0.75,
                  min_size: int = 0) -> tuple[list[str], list[str], dict]:
-    """Complexity levels (8): Level 2 = p <= level2_max (mostly failed), Level 1 = level2_max < p <=
-    level1_max (around 50 %). A level under min_size is filled from neither level (Level 2: lowest p
-    first, Level 1:
-    nearest 0.5), so they stay disjoint; `expanded` says how many were added, with their pass
-    rates."""
+    """Complexity levels (8): Level 2 = p <= level2_max (mostly failed), Level 1 =
+    level2_max < p <= level1_max (around 50 %). A level under min_size is filled from neither level
+    (Level 2: lowest p first, Level 1: nearest 0.5), so they stay disjoint; `expanded` says how
+    many were added, with their pass rates."""
     l2 = sorted(q for q, p in pass_rates.items() if p <= level2_max)
     l1 = sorted(q for q, p in pass_rates.items() if level2_max < p <= level1_max)
     rest, expanded = sorted(q for q in pass_rates if q not in l1 and q not in l2), {}
@@ -737,19 +721,18 @@ def split_levels(pass_rates: dict[str, float], level2_max: float = 0.25, level1_
 
 def stage_levels(args: Args) -> None:
     """Pass rate of the SFT model over levels_k agent samples per training question."""
-    world, adapter, out_dir = world_of(args), start_adapter(args,
-                                                            "sft"), str(Path(args.out) / "levels")
+    world, adapter = world_of(args), start_adapter(args, "sft")
+    out_dir = str(Path(args.out) / "levels")
     train, k = split_world(world)[0], args.levels_k
     print(f"[levels] policy: {adapter or 'the base model (no SFT adapter found)'}")
     rs = agent_rollouts(get_policy(args, adapter), [world.example(q) for q in train], args,
                         world.searchers("train"), k, args.temperature, desc="levels")
-    rates = {q["id"]: float(p) for q,
-             p in zip(train, np.reshape(rollout_accs(rs, args), (-1, k)).mean(axis=1))}
+    rates = {q["id"]: float(p)
+             for q, p in zip(train, np.reshape(rollout_accs(rs, args), (-1, k)).mean(axis=1))}
     l1, l2, expanded = split_levels(rates, args.level2_max, args.level1_max, args.min_level_size)
     for name, e in ((n, e) for n, e in expanded.items() if e["added"]):
-        print(f"[levels] {name} had fewer than {args.min_level_size} questions: added {e['added']} "
-              f"from neither "
-              f"level, pass rates {e['pass_rates']}.")
+        print(f"[levels] {name} had fewer than {args.min_level_size} questions: "
+              f"added {e['added']} from neither level, pass rates {e['pass_rates']}.")
     log = RunLog(out_dir)
     for name, ids in (("pass_rates", rates), ("level1", l1), ("level2", l2)):
         log.samples([{"id": q, "pass_rate": rates[q]} for q in ids], f"{name}.jsonl")
@@ -758,8 +741,7 @@ def stage_levels(args: Args) -> None:
     bar_plot({"questions": hist}, f"{out_dir}/pass_rates.png", f"SFT pass rate over {k} samples",
              "questions")
     log.summary({"k": k, "level1": len(l1), "level2": len(l2), "expanded": expanded,
-                 "histogram": hist,
-                 "mean_pass_rate": float(np.mean(list(rates.values())))})
+                 "histogram": hist, "mean_pass_rate": float(np.mean(list(rates.values())))})
     print(f"[levels] Level 1: {len(l1)} questions, Level 2: {len(l2)} -> {out_dir}")
 
 
@@ -772,17 +754,17 @@ def level_ids(levels_dir: str | Path, level: int) -> list[str] | None:
 def run_rl(args: Args, world: World, adapter: str | None, levels_dir: str, out_dir: str,
            level: int) -> str:
     """GRPO on one complexity level with the GoG reward, multi-turn tool rollouts."""
-    train, ids, level_file = split_world(world)[0], level_ids(levels_dir,
-                                                              level), f"{levels_dir}/level{level}.jsonl"
+    train, ids = split_world(world)[0], level_ids(levels_dir, level)
+    level_file = f"{levels_dir}/level{level}.jsonl"
     by_id = {q["id"]: q for q in train}
     questions = train if ids is None else [by_id[i] for i in ids if i in by_id]
     print(f"[rl] Level {level}: {len(questions)} questions from {level_file}"
           if ids is not None else
-          f"[rl] no {level_file} (run --stage levels): training on all {len(train)} train "
-          f"questions.")
+          f"[rl] no {level_file} (run --stage levels): "
+          f"training on all {len(train)} train questions.")
     if not questions:
-        raise UserError(f"Level {level} is empty; raise --min_level_size or pick --rl_level "
-                        f"{3 - level}.")
+        raise UserError(f"Level {level} is empty; "
+                        f"raise --min_level_size or pick --rl_level {3 - level}.")
     print(f"[rl] policy: "
           f"{'SFT adapter ' + adapter if adapter else 'the base model (no SFT adapter found)'}")
     policy, searchers, html = get_policy(args, adapter), world.searchers("train"), []
@@ -794,13 +776,13 @@ def run_rl(args: Args, world: World, adapter: str | None, levels_dir: str, out_d
         html[:] = [{"title": f"step {step} {r.example['question']}", "images": r.images[:1],
                     "trajectory": r.trajectory, "rewards": t} for r, t in zip(rollouts, terms)]
     summary = train_grpo(policy, [world.example(q) for q in questions], rollout_fn,
-                         make_reward_fn(args),
-                         GRPOConfig.of(args), out_dir, on_step=on_step, resume=args.resume)
-    write_json(os.path.join(out_dir, "summary.json"), {**summary, "level": level, "start": adapter,
-                                                        "questions": [q["id"] for q in questions]})
-    RunLog(out_dir,
-           resume=True).plot(["reward", "rewards/acc", "rewards/format"], "reward_terms.png",
-                                      "GoG reward terms")
+                         make_reward_fn(args), GRPOConfig.of(args), out_dir, on_step=on_step,
+                         resume=args.resume)
+    write_json(os.path.join(out_dir, "summary.json"),
+               {**summary, "level": level, "start": adapter,
+                "questions": [q["id"] for q in questions]})
+    RunLog(out_dir, resume=True).plot(["reward", "rewards/acc", "rewards/format"],
+                                      "reward_terms.png", "GoG reward terms")
     trajectory_html(html, os.path.join(out_dir, "trajectories.html"), "GoG RL, last step")
     return os.path.join(out_dir, "adapter")
 
@@ -814,12 +796,12 @@ def stage_rl(args: Args) -> str:
 
 def run_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dict:
     """Held-out toy accuracy and tool use, and each benchmark under its own rule; all in %."""
-    benches = [(n, load_benchmark(n, f, args.image_dir)) for n,
-               f in parse_benchmarks(args.benchmarks, BENCHMARKS)]
+    benches = [(n, load_benchmark(n, f, args.image_dir))
+               for n, f in parse_benchmarks(args.benchmarks, BENCHMARKS)]
     results = {"units": "percent (mean_turns in turns)",
                "policy": args.predictions or adapter or args.model,
-               "toy": "not run: --predictions scores the benchmark files only", "benchmarks": {},
-               "Avg": None}
+               "toy": "not run: --predictions scores the benchmark files only",
+               "benchmarks": {}, "Avg": None}
     answers, html = {}, []
     if args.predictions:
         preds = read_predictions(args.predictions)
@@ -828,28 +810,26 @@ def run_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dic
         print(f"[eval] policy: {adapter or 'the base model (no adapter found)'}")
         policy = get_policy(args, adapter, lora=adapter is not None)
         rs = agent_rollouts(policy, [world.example(q) for q in split_world(world)[1]], args,
-                            world.searchers("test"), 1,
-                            args.eval_temperature, desc="eval toy")
+                            world.searchers("test"), 1, args.eval_temperature, desc="eval toy")
         accs = rollout_accs(rs, args)
         kinds = {k: v for k, v in by_kind([r.example for r in rs], accs).items() if v is not None}
         results["toy"] = {"accuracy": 100 * float(np.mean(accs)), "n": len(rs),
-                          "tool_use": tool_use_stats(rs),
-                          "by_kind": kinds}
-        html = [{"title": f"[{r.example['kind']}] {r.example['question']} (gold: "
-                 f"{r.example['answers'][0]})",
+                          "tool_use": tool_use_stats(rs), "by_kind": kinds}
+        html = [{"title": f"[{r.example['kind']}] {r.example['question']} "
+                          f"(gold: {r.example['answers'][0]})",
                  "images": r.images[:1], "trajectory": r.trajectory,
-                 "rewards": {"acc": a, "format": float(format_ok(r.trajectory))}} for r,
-                 a in zip(rs, accs)]
-        searchers = benchmark_searchers(args.text_corpus, args.image_kb,
-                                        world.searchers("test")) if benches else None
+                 "rewards": {"acc": a, "format": float(format_ok(r.trajectory))}}
+                for r, a in zip(rs, accs)]
+        searchers = (benchmark_searchers(args.text_corpus, args.image_kb, world.searchers("test"))
+                     if benches else None)
         # (5) --text_corpus / --image_kb, else the endpoints, else the toy KBs
         for n, recs in benches:
             rs = agent_rollouts(policy, list(recs), args, searchers, 1, args.eval_temperature,
                                 desc=f"eval {n}")
-            answers[n], results["benchmarks"][n] = [r.answer
-                                                    for r in rs], {"tool_use": tool_use_stats(rs)}
+            answers[n], results["benchmarks"][n] = ([r.answer for r in rs],
+                                                    {"tool_use": tool_use_stats(rs)})
+    # each under its own rule
     for n, scores in score_benchmarks(benches, answers, BENCHMARKS, load_judge(args.judge)).items():
-        # each under its own rule
         results["benchmarks"][n] = {**results["benchmarks"].get(n, {}), **scores}
     if benches:   # the paper's Avg: the real benchmarks only, each by its headline metric
         results["Avg"] = float(np.mean([b[b["headline"]] for b in results["benchmarks"].values()]))
@@ -868,8 +848,8 @@ def stage_eval(args: Args) -> dict:
 
 
 def stage_ablate(args: Args) -> None:
-    """No-gaze SFT vs GoG SFT; RL on Level 1 vs Level 2, each evaluated; says what it reuses and
-    what it trains."""
+    """No-gaze SFT vs GoG SFT; RL on Level 1 vs Level 2, each evaluated; says what it reuses
+    and what it trains."""
     world, out, abl = world_of(args), Path(args.out), Path(args.out) / "ablate"
     sft, ran = start_adapter(args, "sft"), ["SFT w/o gaze"]
     if not sft:
@@ -885,15 +865,13 @@ def stage_ablate(args: Args) -> None:
             variants["RL Level 2"] = str(out / "rl" / "adapter")
         elif level_ids(out / "levels", level):
             variants[f"RL Level {level}"] = run_rl(args, world, sft, str(out / "levels"),
-                                                   str(abl / f"rl_level{level}"),
-                                                   level)
+                                                   str(abl / f"rl_level{level}"), level)
             ran.append(f"RL Level {level}")
     reused = [n for n in variants if n not in ran]
     table = {f"RL Level {v}": "skipped: the level is empty" for v in (1, 2)
              if f"RL Level {v}" not in variants}
-    print(f"[ablate] reuses {', '.join(reused) or 'nothing'} from earlier stages; trains "
-          f"{', '.join(ran)}; "
-          f"skips {', '.join(table) or 'nothing'} (empty level).")
+    print(f"[ablate] reuses {', '.join(reused) or 'nothing'} from earlier stages; "
+          f"trains {', '.join(ran)}; skips {', '.join(table) or 'nothing'} (empty level).")
     for name, adapter in variants.items():
         res = run_eval(args, world, adapter,
                        str(abl / ("eval_" + name.replace(" ", "_").replace("/", ""))))
@@ -905,13 +883,13 @@ def stage_ablate(args: Args) -> None:
              "RL Level 2 > Level 1": True}
     write_json(str(abl / "results.json"),
                {"units": "percent", "reused": reused, "trained": ran, "table": table,
-                                           "paper": paper})
+                "paper": paper})
     bar_plot({n: {k: v for k, v in row.items() if k.startswith(("toy", "Avg")) and v is not None}
               for n, row in table.items() if isinstance(row, dict)},
              str(abl / "ablate.png"), "GoG ablations (held-out toy scenes)", "accuracy (%)")
     print("[ablate] "
           + " | ".join(f"{n}: {row['toy']:.1f} %" if isinstance(row, dict) else f"{n}: {row}"
-                                   for n, row in table.items()))
+                       for n, row in table.items()))
 
 
 # ==== main ========================================================================================

@@ -1,27 +1,27 @@
 """LRAS (arXiv 2601.07296, Sec. 3): legal reasoning with agentic search. The model learns its
 knowledge boundary and searches ("Active Inquiry") when unsure instead of answering from memory.
 Official repo TOM-ZHOUch/LRAS holds eval code only. Each stage writes <out>/<stage>/:
-    python lras.py --stage all --model tiny   # CPU, 26 s (idle 2 cores): plumbing only, numbers are
-    noise
+    python lras.py --stage all --model tiny   # CPU, 26 s (idle 2 cores): plumbing only,
+                                                numbers are noise
     python lras.py --stage data    # toy legal world (statutes, cases, questions) + oracle page
-    python lras.py --stage sft     # Introspective Imitation: teacher n = 8 -> boundary filter ->
-    pruning -> SFT
-    python lras.py --stage rl      # difficulty-aware GRPO: d = 1 - pass rate of the SFT model over
-    k samples
-    python lras.py --stage eval    # score per task, search rate, accuracy searched vs not, failures
-    w/o search
-    python lras.py --stage ablate  # base vs SFT vs SFT + RL (difficulty) vs SFT + RL (uniform), 95
-    % intervals
+    python lras.py --stage sft     # Introspective Imitation: teacher n = 8 -> boundary filter
+                                     -> pruning -> SFT
+    python lras.py --stage rl      # difficulty-aware GRPO: d = 1 - pass rate of the SFT model
+                                     over k samples
+    python lras.py --stage eval    # score per task, search rate, accuracy searched vs not,
+                                     failures w/o search
+    python lras.py --stage ablate  # base vs SFT vs SFT + RL (difficulty) vs SFT + RL (uniform),
+                                     95 % intervals
 GPU (Qwen2.5-VL-3B in NF4 + LoRA as a text model; the paper used Qwen3-4B/8B/14B):
-    python lras.py --stage all --model Qwen/Qwen2.5-VL-3B-Instruct --teacher
-    Qwen/Qwen2.5-VL-7B-Instruct \\
+    python lras.py --stage all --model Qwen/Qwen2.5-VL-3B-Instruct
+        --teacher Qwen/Qwen2.5-VL-7B-Instruct \\
         --max_steps 300 --prompts_per_step 8 --eval_questions 200
-Real benchmarks in their published formats (BENCHMARKS: LawBench, LexEval, JEC-QA; CSV; UTF-8 or
-GBK):
-    python lras.py --stage eval --data_file lawbench/data/zero_shot/3-3.json --corpus_file
-    statutes.jsonl
-    python lras.py --stage eval --data_file LexEval/data/1_1.json --predictions other_model.jsonl
-    # no model
+Real benchmarks in their published formats (BENCHMARKS: LawBench, LexEval, JEC-QA; CSV;
+UTF-8 or GBK):
+    python lras.py --stage eval --data_file lawbench/data/zero_shot/3-3.json
+        --corpus_file statutes.jsonl
+    python lras.py --stage eval --data_file LexEval/data/1_1.json
+        --predictions other_model.jsonl   # no model
 
 Deviations from the paper (numbered; the code says "(n)" where each one lives):
  1. Data: a toy legal world (the "Veridian Penal Code": articles, thresholds, penalties, cases)
@@ -92,22 +92,22 @@ class Args(GRPOConfig, RunArgs):
     """charges held out for eval (their questions never appear in training)"""
     # --- real benchmarks (LawBench, LexEval, JEC-QA, CSV exports; schema read from the fields) ---
     data_file: str = ""
-    """a legal benchmark file (JSON / JSON lines / CSV, UTF-8 or GBK) to validate in `data`, score
-    in `eval`"""
+    """a legal benchmark file (JSON / JSON lines / CSV, UTF-8 or GBK) to validate in `data`,
+    score in `eval`"""
     corpus_file: str | None = None
     """JSONL corpus ({"id", "title"?, "text"}) searched for --data_file questions (2)"""
     predictions: str = ""
-    """JSON lines {"id", "prediction"}: `eval` scores these answers (another model's) without
-    running one"""
+    """JSON lines {"id", "prediction"}: `eval` scores these answers (another model's)
+    without running one"""
     field_question: str = "question"
-    """generic files: field holding the question (LawBench / LexEval / JEC-QA are recognised by
-    their fields)"""
+    """generic files: field holding the question (LawBench / LexEval / JEC-QA are recognised
+    by their fields)"""
     field_answer: str = "answer"
-    """generic files: field holding the answer: option letter(s) (prefixes ok) or a string / list of
-    strings"""
+    """generic files: field holding the answer: option letter(s) (prefixes ok) or a string /
+    list of strings"""
     field_options: str = "options"
-    """generic files: field holding the options (letter -> text, or a list); else columns named
-    A..T"""
+    """generic files: field holding the options (letter -> text, or a list); else columns
+    named A..T"""
     # --- agent loop (Search-R1 format) ---
     max_turns: int = 10
     """assistant rounds per rollout (LRAS inference: up to 10)"""
@@ -117,8 +117,8 @@ class Args(GRPOConfig, RunArgs):
     """documents per search (official eval: 5 web pages) (2)"""
     # --- SFT: Introspective Imitation Learning ---
     teacher: str = "oracle"
-    """teacher: the toy world's noisy oracle, or a model (preset / hub id) sampled with the tools
-    (3)"""
+    """teacher: the toy world's noisy oracle, or a model (preset / hub id) sampled with the
+    tools (3)"""
     teacher_samples: int = 8
     """n: teacher answers per question; questions always answered right are dropped (LRAS: 8)"""
     teacher_error: float = 0.1
@@ -139,8 +139,8 @@ class Args(GRPOConfig, RunArgs):
     uniform_sampling: bool = False
     """draw kept questions uniformly instead of proportionally to difficulty (ablation)"""
     max_completion_length: int = 0
-    """tokens per rollout, <information> included (0 = the oracle's longest trajectory + one round)
-    (7)"""
+    """tokens per rollout, <information> included (0 = the oracle's longest trajectory + one
+    round) (7)"""
     format_weight: float = 0.1
     """r = acc + format_weight * fmt (6)"""
     max_answer_words: int = 12
@@ -159,8 +159,7 @@ class Args(GRPOConfig, RunArgs):
 # CPU-sized defaults for the tiny preset (and the old defaults of the GRPO fields): flags win
 TINY_SIZES = dict(n_charges=6, test_charges=2, difficulty_k=2, max_steps=1, prompts_per_step=2,
                   eval_questions=8,
-                  # random weights never stop: cap what they can generate
-                  max_turns=4, max_new_tokens=32)
+                  max_turns=4, max_new_tokens=32)  # random weights never stop: cap their output
 
 
 # ==== data: the toy legal world (1), the real benchmarks' field maps (8) ==========================
@@ -186,12 +185,12 @@ class World:
 def build_world(seed: int, n_charges: int = 16, test_charges: int = 5,
                 cases_per_charge: int = 2) -> World:
     """The toy world, a pure function of its arguments (so cached). Record format (one JSON line
-    each): {"id", "task", "type": "mcq"|"short", "question", "options": {letter: text} ({} for
-    short),
-     "answer": letter(s) | text, "golds": [text], "support": [doc id], "hops": 0|1|2, "split"}"""
+    each): {"id", "task", "type": "mcq"|"short", "question", "options": {letter: text}
+    ({} for short), "answer": letter(s) | text, "golds": [text], "support": [doc id],
+    "hops": 0|1|2, "split"}"""
     if not 2 <= n_charges <= len(CHARGES) or not 1 <= test_charges < n_charges:
-        raise UserError(f"--n_charges must be in [2, {len(CHARGES)}] and --test_charges in [1, "
-                        f"n_charges).")
+        raise UserError(f"--n_charges must be in [2, {len(CHARGES)}] "
+                        f"and --test_charges in [1, n_charges).")
     rng = random.Random(seed)
     picked = rng.sample(CHARGES, n_charges)
     arts = rng.sample(range(100, 400), n_charges)
@@ -200,22 +199,20 @@ def build_world(seed: int, n_charges: int = 16, test_charges: int = 5,
     for i, ((name, conduct), art) in enumerate(zip(picked, arts)):
         lo = rng.randint(1, 4)
         c = dict(name=name, conduct=conduct, article=f"Article {art}",
-                 threshold=rng.randrange(10, 90) * 100,
-                 lo=lo, hi=lo + rng.randint(2, 6), cases=[],
+                 threshold=rng.randrange(10, 90) * 100, lo=lo, hi=lo + rng.randint(2, 6), cases=[],
                  split="test" if i >= n_charges - test_charges else "train")
         docs.append({"id": c["article"], "title": c["article"], "text": (
             f"{c['article']} of the {CODE} ({name.capitalize()}). It is an offence to {conduct} "
-            f"where the value "
-            f"involved exceeds {c['threshold']} {CURRENCY}. Whoever commits {name} shall be "
-            f"sentenced to "
+            f"where the value involved exceeds {c['threshold']} {CURRENCY}. "
+            f"Whoever commits {name} shall be sentenced to "
             f"imprisonment of {c['lo']} to {c['hi']} years.")})
         for j in range(cases_per_charge):
             cid = f"Case {rng.randint(2010, 2024)}-{case_nums[i * cases_per_charge + j]}"
             amount = c["threshold"] + rng.randrange(1, 40) * 100
             docs.append({"id": cid, "title": cid, "text": (
-                f"{cid}. The court found that the defendant, a {rng.choice(ROLES)} from "
-                f"{rng.choice(TOWNS)}, did "
-                f"{conduct} (value: {amount} {CURRENCY}), and convicted the defendant of {name}.")})
+                f"{cid}. The court found that the defendant, a {rng.choice(ROLES)} "
+                f"from {rng.choice(TOWNS)}, did {conduct} (value: {amount} {CURRENCY}), "
+                f"and convicted the defendant of {name}.")})
             c["cases"].append(cid)
         charges.append(c)
     questions = []
@@ -224,48 +221,46 @@ def build_world(seed: int, n_charges: int = 16, test_charges: int = 5,
 
         def add(task, q, hops, support, options=None, gold=None, golds=None):
             rec = dict(id=f"{art.split()[1]}-{task}", task=task, question=q, hops=hops,
-                       support=support,
-                       split=c["split"], options={}, type="short", charges=[])
+                       support=support, split=c["split"], options={}, type="short", charges=[])
             if options is not None:   # shuffled, lettered options
                 opts = list(dict.fromkeys(options))
                 rng.shuffle(opts)
                 rec.update(type="mcq", options={chr(65 + i): o for i, o in enumerate(opts)},
-                           rule="choice",
-                           answer=chr(65 + opts.index(gold)), golds=[chr(65 + opts.index(gold))])
+                           rule="choice", answer=chr(65 + opts.index(gold)),
+                           golds=[chr(65 + opts.index(gold))])
             else:
                 rec.update(answer=golds[0], golds=golds, rule=answer_rule(golds[0]))
             questions.append(rec)
         wrong = rng.sample([o for o in charges if o is not c], 3)
         add("charge",
-            f"Under the {CODE}, which offence does a person commit who does {c['conduct']}, with a "
-            f"value above the legal threshold?", 1, [art], [name] + [o["name"] for o in wrong], name)
+            f"Under the {CODE}, which offence does a person commit who does {c['conduct']}, "
+            f"with a value above the legal threshold?",
+            1, [art], [name] + [o["name"] for o in wrong], name)
         add("article", f"Which article of the {CODE} defines the offence of {name}?", 1, [art],
             [art] + [o["article"] for o in wrong], art)
         add("penalty",
             f"What prison term does the {CODE} set for {name}? Answer in the form 'X to Y years'.",
             1, [art], golds=[pen])
-        add("threshold", f"Above what value in {CURRENCY} does {name} become a crime under the "
-            f"{CODE}?", 1, [art],
-            golds=[str(c["threshold"])])
+        add("threshold",
+            f"Above what value in {CURRENCY} does {name} become a crime under the {CODE}?",
+            1, [art], golds=[str(c["threshold"])])
         add("general_max",
-            f"Under the {CODE}, {name} is punished with {pen} of imprisonment. What is the longest "
-            f"prison term a court may impose for it?", 0, [],
+            f"Under the {CODE}, {name} is punished with {pen} of imprisonment. "
+            f"What is the longest prison term a court may impose for it?", 0, [],
             [f"{c['hi']} years", f"{c['lo']} years", f"{c['hi'] + 2} years",
-             f"{c['lo'] + c['hi']} years"],
-            f"{c['hi']} years")
+             f"{c['lo'] + c['hi']} years"], f"{c['hi']} years")
         amount = c["threshold"] + rng.choice([-1, 1]) * rng.randrange(1, 20) * 100
         add("general_threshold",
-            f"The {CODE} makes {name} a crime above {c['threshold']} {CURRENCY}. A defendant's "
-            f"conduct involved {amount} {CURRENCY}. Is that above the threshold? Answer yes or "
-            f"no.", 0, [],
-            golds=["yes" if amount > c["threshold"] else "no"])
+            f"The {CODE} makes {name} a crime above {c['threshold']} {CURRENCY}. "
+            f"A defendant's conduct involved {amount} {CURRENCY}. Is that above the threshold? "
+            f"Answer yes or no.", 0, [], golds=["yes" if amount > c["threshold"] else "no"])
         case = c["cases"][0]
         add("case_article",
             f"Under which article of the {CODE} was the defendant in {case} convicted?", 2,
             [case, art], [art] + [o["article"] for o in wrong], art)
         add("case_penalty",
-            f"What prison term range applies to the offence the defendant in {case} was convicted "
-            f"of? Answer in the form 'X to Y years'.", 2, [case, art], golds=[pen])
+            f"What prison term range applies to the offence the defendant in {case} "
+            f"was convicted of? Answer in the form 'X to Y years'.", 2, [case, art], golds=[pen])
     return World(docs, questions, charges, TextSearch(docs))
 
 
@@ -274,8 +269,8 @@ def world_of(args: Args) -> World:
 
 
 def split_world(world: World) -> tuple[list[dict], list[dict]]:
-    """Train / test questions, split by charge (held-out charges: their facts never appear in
-    SFT)."""
+    """Train / test questions, split by charge (held-out charges: their facts never appear
+    in SFT)."""
     return tuple([q for q in world.questions if q["split"] == split] for split in ("train", "test"))
 
 
@@ -284,30 +279,26 @@ def answer_rule(gold: str) -> str:
     closed, else sub-exact."""
     if re.fullmatch(r"[A-T]{1,5}", gold.strip()):
         return "choice"
-    return "closed" if gold.strip().lower() in ("yes", "no", "是",
-                                                "否") or NUMBER.search(gold) else "sub_exact"
+    return ("closed" if gold.strip().lower() in ("yes", "no", "是", "否") or NUMBER.search(gold)
+            else "sub_exact")
 
 
 # published schemas, told apart by their `detect` fields (first match wins); rules in score()
 BENCHMARKS = {
     "JEC-QA": dict(detect=("statement", "option_list"), prompt=("statement",),
-                   options="option_list",
-                   answer="answer", rule="jecqa_set"),
+                   options="option_list", answer="answer", rule="jecqa_set"),
     "LawBench (chat export)": dict(detect=("system", "query"), prompt=("system", "query"),
-                                   answer="response",
-                                   rule="lawbench"),
+                                   answer="response", rule="lawbench"),
     "LawBench": dict(detect=("instruction", "question"), prompt=("instruction", "question"),
-                     answer="answer",
-                     rule="lawbench"),   # data/zero_shot/<id>.json
+                     answer="answer", rule="lawbench"),   # data/zero_shot/<id>.json
     "LexEval": dict(detect=("instruction", "input"), prompt=("instruction", "input"),
-                    answer="answer",
-                    rule="lexeval_exact"),   # data/i_j.json, options inside `input`
+                    answer="answer", rule="lexeval_exact"),   # data/i_j.json, options in `input`
 }
 
 
 def load_benchmark(path: str, args: Args) -> list[dict]:
-    """A legal benchmark file (BENCHMARKS, else the --field_* map) -> toy-format records with their
-    rule."""
+    """A legal benchmark file (BENCHMARKS, else the --field_* map) -> toy-format records with
+    their rule."""
     generic = dict(question=args.field_question, answer=args.field_answer,
                    options=args.field_options)
     return read_legal_qa(path, BENCHMARKS, generic, answer_rule)
@@ -341,20 +332,19 @@ case), search with <search> query </search>; results come back between <informat
 </information>. You may search several times. When you know the answer, give it inside <answer>
 and </answer> without explanation: the option letter(s) for a multiple-choice question, a short
 phrase otherwise."""
-# Search-R1's tags
-GRAMMAR = Grammar(tags={"search": "text_search", "answer": "answer"}, free=("think",))
-REPROMPT = ("My previous action is invalid. If I want to search, I should put the query between "
-            "<search> "
-            "and </search>. If I want to give the final answer, I should put the answer between "
-            "<answer> "
-            "and </answer>. Let me try again.")  # Search-R1 / LRAS eval code
+GRAMMAR = Grammar(tags={"search": "text_search", "answer": "answer"}, free=("think",))  # Search-R1
+# Search-R1 / LRAS eval code
+REPROMPT = ("My previous action is invalid. "
+            "If I want to search, I should put the query between <search> and </search>. "
+            "If I want to give the final answer, I should put the answer between <answer> "
+            "and </answer>. Let me try again.")
 
 
 def make_messages(example: dict) -> list[dict]:
     q = example["question"]
     if example["options"]:
-        q += "\n" + "\n".join(f"{k}. {v}" for k,
-                              v in example["options"].items()) + "\nAnswer with the option letter."
+        q += ("\n" + "\n".join(f"{k}. {v}" for k, v in example["options"].items())
+              + "\nAnswer with the option letter.")
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
 
 
@@ -363,11 +353,9 @@ def make_tools(search: TextSearch, k: int) -> dict:
 
 
 def oracle_trajectory(world: World, q: dict, rng: random.Random, error: float = 0.0,
-                      detour: float = 0.0,
-                      k: int = 3) -> tuple[list[dict], str]:
-    """The noisy oracle's (3) turns in `Rollout.trajectory` form (observations from the real search
-    tool)
-    and its answer."""
+                      detour: float = 0.0, k: int = 3) -> tuple[list[dict], str]:
+    """The noisy oracle's (3) turns in `Rollout.trajectory` form (observations from the real
+    search tool) and its answer."""
     turns = []
 
     def act(think: str, query: str | None = None, answer: str | None = None):
@@ -398,18 +386,17 @@ def oracle_trajectory(world: World, q: dict, rng: random.Random, error: float = 
             query=f"{c['name']} article penalty")
     elif q["hops"] == 1:
         act(f"I do not know this provision of the {CODE}; I need to search.",
-            query=f"offence to {c['conduct']}"
-            # never the gold
-            if q["task"] == "charge" else f"{c['name']} article penalty threshold")
+            query=(f"offence to {c['conduct']}"   # never the gold
+                   if q["task"] == "charge" else f"{c['name']} article penalty threshold"))
     act("The question itself gives what I need." if q["hops"] == 0 else
         "The retrieved provision gives the answer.", answer=q["answer"])
     return turns, q["answer"]
 
 
 def prune_trajectory(turns: list[dict], support: list[str]) -> tuple[list[dict] | None, int]:
-    """(4) Drop searches that bring no new supporting document, and invalid turns. Returns (pruned
-    turns,
-    or None when the kept searches miss a supporting document: a lucky guess; turns dropped)."""
+    """(4) Drop searches that bring no new supporting document, and invalid turns. Returns
+    (pruned turns, or None when the kept searches miss a supporting document: a lucky guess;
+    turns dropped)."""
     kept, seen, dropped, i = [], set(), 0, 0
     while i < len(turns):
         t = turns[i]
@@ -418,8 +405,7 @@ def prune_trajectory(turns: list[dict], support: list[str]) -> tuple[list[dict] 
             dropped, i = dropped + 1, i + 1
             continue
         found = nxt["observation"] if nxt is not None and nxt["name"] == "text_search" else ""
-        # TextSearch titles each document
-        new = {s for s in support if f"(Title: {s})" in found} - seen
+        new = {s for s in support if f"(Title: {s})" in found} - seen  # TextSearch titles docs
         if nxt is None:                    # the final answer turn
             kept.append(t)
         elif new:
@@ -432,10 +418,9 @@ def prune_trajectory(turns: list[dict], support: list[str]) -> tuple[list[dict] 
 
 
 def sft_sample(policy, example: dict, turns: list[dict]) -> Encoded:
-    """Prompt (mask 0) + assistant text (1) + <information> segments (0) + <|im_end|> (1): the
-    tokens the
-    inline agent loop produces (not the chat template's), so observations sit untrained in one
-    turn."""
+    """Prompt (mask 0) + assistant text (1) + <information> segments (0) + <|im_end|> (1):
+    the tokens the inline agent loop produces (not the chat template's), so observations sit
+    untrained in one turn."""
     tok = policy.tokenizer
     prompt = encode(tok, policy.image_processor, make_messages(example), add_generation_prompt=True)
     ids, mask = list(prompt.input_ids), [0] * len(prompt.input_ids)
@@ -449,11 +434,11 @@ def sft_sample(policy, example: dict, turns: list[dict]) -> Encoded:
     return Encoded(ids + [tok.eos_token_id], mask + [1])   # (L,), (L,)
 
 
-# ==== rewards + metrics: r = acc + format_weight * fmt (6), each benchmark's rule, search
-# statistics ====
+# ==== rewards + metrics: r = acc + format_weight * fmt (6), each benchmark's rule,
+# search statistics ====
 def format_ok(trajectory: list[dict]) -> bool:
-    """fmt = 1 iff every turn has a closed <think> and one valid action: searches, then a non-empty
-    <answer>."""
+    """fmt = 1 iff every turn has a closed <think> and one valid action: searches, then a
+    non-empty <answer>."""
     texts = [t["text"] for t in trajectory if t["role"] == "assistant"]
     acts = [parse_action(t, GRAMMAR) for t in texts]
     return (bool(acts) and all(re.search(r"<think>.*?</think>", t, re.S) for t in texts)
@@ -465,9 +450,8 @@ NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
 def closed_match(pred: str, gold: str) -> float:
-    """Closed-class golds exactly: the prediction's yes/no words (or its numbers, as a list) must be
-    the
-    gold's, so "yes or no" scores 0 against both."""
+    """Closed-class golds exactly: the prediction's yes/no words (or its numbers, as a list)
+    must be the gold's, so "yes or no" scores 0 against both."""
     p, g = (re.sub(r"(?<=\d),(?=\d{3})", "", s.strip().lower()) for s in (pred, gold))
     if g in ("yes", "no"):
         return float(set(re.findall(r"\b(?:yes|no)\b", p)) == {g})
@@ -477,10 +461,9 @@ def closed_match(pred: str, gold: str) -> float:
 
 
 def score(answer: str | None, ex: dict, max_answer_words: int = 12) -> float:
-    """The example's own rule (named in results.json): choice letters (toy, CSV); JEC-QA exact set;
-    LawBench
-    MCQ (the letters A-D found anywhere = the gold's) and charge F1; LexEval exact letters; closed;
-    sub-exact."""
+    """The example's own rule (named in results.json): choice letters (toy, CSV); JEC-QA exact
+    set; LawBench MCQ (the letters A-D found anywhere = the gold's) and charge F1; LexEval exact
+    letters; closed; sub-exact."""
     a = (answer or "").strip()
     rule, gold = ex["rule"], ex["golds"][0]
     if not a:
@@ -501,17 +484,15 @@ def score(answer: str | None, ex: dict, max_answer_words: int = 12) -> float:
 
 
 def lras_reward(trajectory: list[dict], answer: str | None, example: dict,
-                format_weight: float = 0.1,
-                max_answer_words: int = 12) -> dict:
+                format_weight: float = 0.1, max_answer_words: int = 12) -> dict:
     acc, fmt = score(answer, example, max_answer_words), float(format_ok(trajectory))
     return {"reward": acc + format_weight * fmt, "acc": acc, "format": fmt}
 
 
 def make_reward_fn(args: Args):
     """Group reward fn for train_grpo: lras_reward of each rollout."""
-    return per_rollout(lambda r,
-                       ex: lras_reward(r.trajectory, r.answer, ex, args.format_weight,
-                                       args.max_answer_words))
+    return per_rollout(lambda r, ex: lras_reward(r.trajectory, r.answer, ex, args.format_weight,
+                                                 args.max_answer_words))
 
 
 def search_stats(rollouts: list[Rollout], accs: list[float]) -> dict:
@@ -530,13 +511,13 @@ def search_stats(rollouts: list[Rollout], accs: list[float]) -> dict:
 
 
 def add_scores(results: dict, name: str, examples: list[dict], accs: list[float]) -> None:
-    """score (mean of the rule's per-example score), its 95 % interval, and the rule, per set and
-    task."""
+    """score (mean of the rule's per-example score), its 95 % interval, and the rule, per set
+    and task."""
     for task in [None, *dict.fromkeys(e["task"] for e in examples)]:
         sub = [a for a, e in zip(accs, examples) if task in (None, e["task"])]
         key = name if task is None else f"{name}/{task}"
-        results["score"][key], results["ci95"][key] = float(np.mean(sub)), wilson(sum(sub),
-                                                                                  len(sub))
+        results["score"][key] = float(np.mean(sub))
+        results["ci95"][key] = wilson(sum(sub), len(sub))
         results["rule"][key] = sorted({e["rule"] for e in examples if task in (None, e["task"])})
     results["n"][name] = len(examples)
 
@@ -549,41 +530,37 @@ def size_budgets(args: Args, policy, world: World) -> None:
     trajs = [oracle_trajectory(world, q, rng, 0.0, 1.0, args.search_k)[0] for q in world.questions]
     turn = max(len(policy.tokenizer(t["text"])["input_ids"]) for ts in trajs for t in ts
                if t["role"] == "assistant")
-    need = max(len(e.input_ids) - e.loss_mask.index(1) for e in (sft_sample(policy, q, ts)
-                                                                 for q,
-                                                                 ts in zip(world.questions, trajs)))
+    need = max(len(e.input_ids) - e.loss_mask.index(1)
+               for e in (sft_sample(policy, q, ts) for q, ts in zip(world.questions, trajs)))
     args.max_new_tokens = args.max_new_tokens or turn + 16
     args.max_completion_length = args.max_completion_length or need + args.max_new_tokens
     # a smaller value given by hand
     if args.max_completion_length < need or args.max_new_tokens < turn:
-        print(f"[lras] warning: the oracle's longest trajectory needs {need} tokens and turns of "
-              f"{turn}; with "
-              f"--max_completion_length {args.max_completion_length} / --max_new_tokens "
-              f"{args.max_new_tokens} "
+        print(f"[lras] warning: the oracle's longest trajectory needs {need} tokens "
+              f"and turns of {turn}; with --max_completion_length {args.max_completion_length} "
+              f"/ --max_new_tokens {args.max_new_tokens} "
               f"some searches can never earn reward (0 sizes them).")
 
 
 def get_policy(args: Args, adapter: str | None = None, lora: bool = True, name: str | None = None):
     policy = load_policy(name or args.model, load_in_4bit=args.load_in_4bit, lora=lora,
-                         lora_r=args.lora_r,
-                         lora_alpha=args.lora_alpha, adapter=adapter,
+                         lora_r=args.lora_r, lora_alpha=args.lora_alpha, adapter=adapter,
                          gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
     size_budgets(args, policy, world_of(args))
     return policy
 
 
 def agent_rollouts(policy, examples: list[dict], args: Args, search: TextSearch, G: int,
-                   temperature: float,
-                   eval_sampling: bool = False, generate=None,
+                   temperature: float, eval_sampling: bool = False, generate=None,
                    desc: str | None = None) -> list[Rollout]:
     kw = dict(top_p=args.top_p, top_k=args.top_k) if eval_sampling else {}
     return run_rollouts(policy, examples, num_generations=G, make_messages=make_messages,
                         tools=make_tools(search, args.search_k), grammar=GRAMMAR,
-                        max_turns=args.max_turns,
-                        max_tool_calls={"text_search": args.max_turns},
+                        max_turns=args.max_turns, max_tool_calls={"text_search": args.max_turns},
                         max_new_tokens=args.max_new_tokens,
                         max_total_tokens=args.max_completion_length, observation_style="inline",
-                        reprompt=REPROMPT, temperature=temperature, generate=generate, desc=desc, **kw)
+                        reprompt=REPROMPT, temperature=temperature, generate=generate, desc=desc,
+                        **kw)
 
 
 def stage_data(args: Args) -> dict:
@@ -594,11 +571,11 @@ def stage_data(args: Args) -> dict:
         log.samples(rows, f"{name}.jsonl")
     firsts = [next(q for q in train if q["task"] == t)
               for t in dict.fromkeys(q["task"] for q in train)]
-    items = [{"title": f"oracle [{q['task']}, hops {q['hops']}] {q['question']} (gold "
-              f"{q['answer']})",
+    items = [{"title": f"oracle [{q['task']}, hops {q['hops']}] {q['question']} "
+                       f"(gold {q['answer']})",
               "trajectory": oracle_trajectory(world, q, random.Random(0), 0.0, 0.0,
                                               args.search_k)[0]}
-              for q in firsts]
+             for q in firsts]
     trajectory_html(items, str(out / "oracle_trajectories.html"), "LRAS oracle trajectories")
     summary = {"docs": len(world.docs), "train": len(train), "test": len(test),
                "tasks": dict(Counter(q["task"] for q in world.questions)),
@@ -620,8 +597,8 @@ def teacher_samples(args: Args, world: World,
     if args.teacher == "oracle":
         rng = random.Random(args.seed + 1)
         return [[oracle_trajectory(world, q, rng, args.teacher_error, args.teacher_detour,
-                                   args.search_k)
-                 for _ in range(n)] for q in questions]
+                                   args.search_k) for _ in range(n)]
+                for q in questions]
     teacher = get_policy(args, lora=False, name=args.teacher)
     rs = agent_rollouts(teacher, questions, args, world.search, n, args.temperature)
     return [[(r.trajectory, r.answer) for r in rs[i * n:(i + 1) * n]]
@@ -656,17 +633,17 @@ def stage_sft(args: Args) -> str:
     stats["too_long"] = fits.count(False)
     data, encoded = [d for d, f in zip(data, fits) if f], [e for e, f in zip(encoded, fits) if f]
     if not data:
-        raise UserError("No SFT trajectory survived the filter, pruning and length check; raise "
-                        "--teacher_error "
-                        "(the teacher must miss some questions) or --max_completion_length.")
+        raise UserError("No SFT trajectory survived the filter, pruning and length check; "
+                        "raise --teacher_error (the teacher must miss some questions) "
+                        "or --max_completion_length.")
     stats["trajectories"] = len(data)
-    stats["searches_per_trajectory"] = float(np.mean([sum(t["role"] == "tool" for t in p) for _,
-                                                      p in data]))
+    stats["searches_per_trajectory"] = float(np.mean([sum(t["role"] == "tool" for t in p)
+                                                      for _, p in data]))
     RunLog(out_dir).samples([{"id": q["id"], "task": q["task"], "trajectory": p} for q, p in data],
                             "sft_data.jsonl")
     cfg = SFTConfig(learning_rate=args.sft_learning_rate, epochs=args.sft_epochs,
-                    batch_size=args.sft_batch_size,
-                    micro_batch_size=args.micro_batch_size, max_steps=args.sft_max_steps,
+                    batch_size=args.sft_batch_size, micro_batch_size=args.micro_batch_size,
+                    max_steps=args.sft_max_steps,
                     max_length=max(len(e.input_ids) for e in encoded), seed=args.seed)
     summary = train_sft(policy, encoded, cfg, out_dir)
     write_json(os.path.join(out_dir, "summary.json"), {**summary, "data": stats})
@@ -676,9 +653,8 @@ def stage_sft(args: Args) -> str:
 
 def difficulty_sampling(pool: list[dict], rates: dict[str, float],
                         uniform: bool) -> tuple[list[dict], list | None]:
-    """(5) Questions the model sometimes solves (p = 0 or 1 carry no GRPO signal) and their draw
-    weights for
-    train_grpo: d = 1 - p, or None (uniform)."""
+    """(5) Questions the model sometimes solves (p = 0 or 1 carry no GRPO signal) and their
+    draw weights for train_grpo: d = 1 - p, or None (uniform)."""
     kept = [q for q in pool if 0.0 < rates[q["id"]] < 1.0]
     return kept, None if uniform else [1.0 - rates[q["id"]] for q in kept]
 
@@ -718,12 +694,12 @@ def run_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False,
                             "pass_rates.jsonl")
     kept, weights = difficulty_sampling(pool, rates, uniform)
     if filter_empty := not kept:   # (5) announced, not silent
-        print(f"[rl] the difficulty filter kept 0 of {len(pool)} questions (pass rate 0 or 1 "
-              f"everywhere: no GRPO "
-              f"signal): training on all of them with uniform sampling.")
+        print(f"[rl] the difficulty filter kept 0 of {len(pool)} questions "
+              f"(pass rate 0 or 1 everywhere: no GRPO signal): "
+              f"training on all of them with uniform sampling.")
         kept, weights = pool, None
-    print(f"[rl] {len(kept)} questions, {'uniform' if weights is None else 'difficulty-weighted'} "
-          f"sampling")
+    print(f"[rl] {len(kept)} questions, "
+          f"{'uniform' if weights is None else 'difficulty-weighted'} sampling")
     html = []
 
     def on_step(step, rollouts, terms):   # keep the last step's trajectories for the page
@@ -733,11 +709,9 @@ def run_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False,
     def rollout_fn(p, examples, c):
         return agent_rollouts(p, examples, args, world.search, c.num_generations, c.temperature)
     summary = train_grpo(policy, kept, rollout_fn, make_reward_fn(args), GRPOConfig.of(args),
-                         out_dir,
-                         weights=weights, on_step=on_step, resume=args.resume)
+                         out_dir, weights=weights, on_step=on_step, resume=args.resume)
     difficulty = {"k": args.difficulty_k, "pool": len(pool),
-                  "kept": 0 if filter_empty else len(kept),
-                  "filter_empty": filter_empty,
+                  "kept": 0 if filter_empty else len(kept), "filter_empty": filter_empty,
                   "sampling": "uniform" if weights is None else "difficulty"}
     save_lras_rl(Path(out_dir), summary, rates, html, difficulty)
     return os.path.join(out_dir, "adapter")
@@ -755,8 +729,8 @@ def eval_sets(args: Args, world: World) -> dict:
     n = min(len(test), args.eval_questions or len(test))
     sets = {"toy": (random.Random(args.seed).sample(test, n), world.search)}
     if args.data_file:
-        search = (None if args.predictions else TextSearch.from_jsonl(args.corpus_file)
-                  if args.corpus_file
+        search = (None if args.predictions
+                  else TextSearch.from_jsonl(args.corpus_file) if args.corpus_file
                   else TextSearch(use_env=True))
         sets[Path(args.data_file).stem] = (load_benchmark(args.data_file, args), search)
     return sets
@@ -783,8 +757,8 @@ def save_lras_eval(out: Path, results: dict, rows: list[tuple]) -> None:
 
 
 def run_eval(args: Args, adapter: str | None, out_dir: str) -> dict:
-    """Score per set and task (each by its benchmark's rule), search statistics, trajectories;
-    results.json."""
+    """Score per set and task (each by its benchmark's rule), search statistics,
+    trajectories; results.json."""
     sets = eval_sets(args, world_of(args))
     results = {"score": {}, "ci95": {}, "rule": {}, "search": {}, "n": {},
                "policy": adapter or args.model}
@@ -796,12 +770,14 @@ def run_eval(args: Args, adapter: str | None, out_dir: str) -> dict:
         results.update(policy=f"predictions {args.predictions}", missing=answers.count(None))
         write_json(os.path.join(out_dir, "results.json"), results)
         print(f"[eval] {name}: score {results['score'][name]:.3f} ({results['rule'][name]}), "
-              f"{answers.count(None)} of {len(examples)} without a prediction -> "
-              f"{out_dir}/results.json")
+              f"{answers.count(None)} of {len(examples)} without a prediction "
+              f"-> {out_dir}/results.json")
         return results
     policy = get_policy(args, adapter, lora=adapter is not None)
-    results["sampling"] = {"temperature": args.eval_temperature, **{k: getattr(args, k) for k in (
-        "top_p", "top_k", "max_turns", "max_new_tokens", "max_completion_length")}}
+    results["sampling"] = {"temperature": args.eval_temperature,
+                           **{k: getattr(args, k)
+                              for k in ("top_p", "top_k", "max_turns", "max_new_tokens",
+                                        "max_completion_length")}}
     rows = []
     for name, (examples, search) in sets.items():
         torch.manual_seed(args.seed)
@@ -818,8 +794,8 @@ def run_eval(args: Args, adapter: str | None, out_dir: str) -> dict:
 
 
 def stage_eval(args: Args) -> dict:
-    """Evaluate the RL adapter, else the SFT adapter, else the base model (or score
-    --predictions)."""
+    """Evaluate the RL adapter, else the SFT adapter, else the base model
+    (or score --predictions)."""
     return run_eval(args, start_adapter(args, "rl", "sft"), os.path.join(args.out, "eval"))
 
 
@@ -855,8 +831,8 @@ def save_lras_ablation(out: Path, table: dict[str, dict], n_questions: int,
 
 
 def stage_ablate(args: Args) -> dict:
-    """Base vs SFT vs SFT + RL (difficulty) vs SFT + RL (uniform), each evaluated on the same
-    questions."""
+    """Base vs SFT vs SFT + RL (difficulty) vs SFT + RL (uniform), each evaluated on the
+    same questions."""
     abl = Path(args.out) / "ablate"
     sft_adapter = start_adapter(args, "sft")
     if sft_adapter is None:
@@ -869,18 +845,16 @@ def stage_ablate(args: Args) -> dict:
                                ("SFT+RL uniform", "rl_uniform", True)):
         adapter = run_rl(args, sft_adapter, str(abl / sub), uniform, rates)
         used = json.loads((abl / sub / "summary.json").read_text())["difficulty"]["sampling"]
-        variants[name] = (adapter,
-                          {"uniform_sampling": uniform, "sampling_used": used,
-                           "steps": args.max_steps})
+        variants[name] = (adapter, {"uniform_sampling": uniform, "sampling_used": used,
+                                    "steps": args.max_steps})
     table = {}
     for name, (adapter, flags) in variants.items():
         res = run_eval(args, adapter, str(abl / ("eval_" + re.sub(r"\W+", "_", name))))
         st = res["search"]["toy"]
         table[name] = {"accuracy": res["score"]["toy"], "ci95": res["ci95"]["toy"],
-                       **{k: st[k] for k in (
-            "search_rate", "accuracy_searched", "accuracy_not_searched",
-            "failures_without_search")},
-            "adapter_sha256": adapter_digest(adapter), "seed": args.seed, **flags}
+                       **{k: st[k] for k in ("search_rate", "accuracy_searched",
+                                             "accuracy_not_searched", "failures_without_search")},
+                       "adapter_sha256": adapter_digest(adapter), "seed": args.seed, **flags}
     save_lras_ablation(abl, table, args.eval_questions,
                        "accuracy (toy: choice letters / closed-class exact)")
     return table
@@ -894,16 +868,16 @@ def check_inputs(args: Args) -> None:
         load_benchmark(args.data_file, args)
         needs = args.stage in ("eval", "ablate", "all") and not args.predictions
         if needs and not (args.corpus_file or os.environ.get("TEXT_SEARCH_ENDPOINT")):
-            raise UserError("--data_file needs a corpus to search: pass --corpus_file "
-                            "statutes.jsonl or set "
-                            "TEXT_SEARCH_ENDPOINT (or score answers with --predictions).")
+            raise UserError("--data_file needs a corpus to search: "
+                            "pass --corpus_file statutes.jsonl or set TEXT_SEARCH_ENDPOINT "
+                            "(or score answers with --predictions).")
     check_legal_files(args.corpus_file, args.predictions)
 
 
 def main(argv: list[str] | None = None) -> None:
     run_stages(Args, {"data": stage_data, "sft": stage_sft, "rl": stage_rl, "eval": stage_eval,
                       "ablate": stage_ablate}, argv, doc=__doc__, file=__file__, tiny=TINY_SIZES,
-                      check=check_inputs)
+               check=check_inputs)
 
 
 if __name__ == "__main__":

@@ -3,46 +3,46 @@ builders from an auditable error-injection table, LVLM-as-PRM evaluation with th
 metrics, and PRM-guided best-of-N. "What, Whether and How? Unveiling Process Reward Models for
 Thinking with Images Reasoning", arXiv 2602.08346.
 
-    python prm_bench.py --stage all --model tiny     # CPU, 16 s (idle 2 cores): data -> eval ->
-    search; noise
+    python prm_bench.py --stage all --model tiny     # CPU, 16 s (idle 2 cores):
+                                                     data -> eval -> search; noise
     python prm_bench.py --stage all --model Qwen/Qwen2.5-VL-3B-Instruct --n_scenes 40
-    --search_questions 40
-    python prm_bench.py --stage eval --benchmark visualprocessbench --data VPB/test.jsonl --images
-    VPB/images
-    python prm_bench.py --stage eval --benchmark processbench --data ProcessBench/gsm8k.json  # or
-    prmbench
-    python prm_bench.py --stage eval --data my.jsonl --predictions my_prm.jsonl  # scores of any
-    external PRM
+        --search_questions 40
+    python prm_bench.py --stage eval --benchmark visualprocessbench --data VPB/test.jsonl
+        --images VPB/images
+    python prm_bench.py --stage eval --benchmark processbench --data ProcessBench/gsm8k.json
+        # or prmbench
+    python prm_bench.py --stage eval --data my.jsonl --predictions my_prm.jsonl
+        # scores of any external PRM
 
 Record (a JSONL line; paths relative to --images; common.benchmarks.prm_bench.validate_prm_record
 checks it): {"id", "question", "images": [path], "answers": [str], "final_answer", "category",
-"subcategory", "source", "injected": [{"step", "error_type"}], "steps": [{"text", "tool_call": null
-| {"name", "arguments"}, "observation", "tool_image": path | null, "knowledge": [fact] | null,
-"label": correct | incorrect | neutral | null, "error_type"}]}. A null label (not annotated) may
-only follow an incorrect step; search/candidates.jsonl holds the policy's trajectories unlabelled.
-Predictions: {"id", "scores": [per step: a score in [0, 1], true/false, a verdict ("Incorrect",
-             "+"), or null]}; a converted row without an id is named by its line ("3"),
-PRMBench's as `<classification>_<idx>`.
+"subcategory", "source", "injected": [{"step", "error_type"}], "steps": [{"text",
+"tool_call": null | {"name", "arguments"}, "observation", "tool_image": path | null,
+"knowledge": [fact] | null, "label": correct | incorrect | neutral | null, "error_type"}]}.
+A null label (not annotated) may only follow an incorrect step; search/candidates.jsonl holds the
+policy's trajectories unlabelled.
+Predictions: {"id", "scores": [per step: a score in [0, 1], true/false,
+             a verdict ("Incorrect", "+"), or null]}; a converted row without an id is named by
+             its line ("3"), PRMBench's as `<classification>_<idx>`.
 
 Metrics (eval/results.json; an undefined ratio is null where the benchmarks' code writes -1):
-  PRMBench (ssmisya/PRMBench mr_eval/tasks/prmtest_classified/task.py): every labelled step of the
-  erroneous
-    samples, also after the first error; f1 (correct steps) and negative_f1 (error steps) from
-    summed counts; PRMScore = 0.5 f1 + 0.5 negative_f1. Clean samples are their own class, out of
-    the overall counts. A sample with an unparsed step is invalid and left out (their `validity`).
+  PRMBench (ssmisya/PRMBench mr_eval/tasks/prmtest_classified/task.py): every labelled step of
+    the erroneous samples, also after the first error; f1 (correct steps) and negative_f1 (error
+    steps) from summed counts; PRMScore = 0.5 f1 + 0.5 negative_f1. Clean samples are their own
+    class, out of the overall counts. A sample with an unparsed step is invalid and left out
+    (their `validity`).
   VisualProcessBench (public evaluators): neutral and unparsed steps dropped; macro-F1 = mean of
-  F1(correct)
-    and F1(incorrect) over all samples' steps.
+    F1(correct) and F1(incorrect) over all samples' steps.
   ProcessBench (QwenLM/ProcessBench code/run_eval.py): prediction = the first step not judged
-  correct (an
-    unparsed step is not judged correct), else -1; acc_err, acc_corr and their harmonic mean F1.
+    correct (an unparsed step is not judged correct), else -1; acc_err, acc_corr and their
+    harmonic mean F1.
 Deviations (numbered; "(n)" marks where each lives):
  1. The paper's 1,206 trajectories are not public: the toy set is built on gog.py's toy world
     (common/standins/toyworld.py) by the step builders of common/standins/prm_steps.py.
  2. ERRORS, TAXONOMY and the toy kinds are ours (the paper names 2 of its 7 error types).
  3. Toy labels: a step is incorrect when it does something wrong itself; a step that correctly
-    builds on an earlier mistake is correct (PRMBench's error_steps). Knowledge steps carry the KB
-    facts they use.
+    builds on an earlier mistake is correct (PRMBench's error_steps). Knowledge steps carry the
+    KB facts they use.
  4. The PRM sees the question images and the latest crop made at or before the judged step.
  5. `--prm prob` = P(+) / (P(+) + P(-)) of the next token (Math-Shepherd, VisualPRM), not a value
     head.
@@ -82,8 +82,8 @@ class Args(RunArgs):
     """which stage to run (`all` = data, eval, search)"""
     # --- toy data (1) ---
     n_scenes: int = 6
-    """scenes of gog.py's toy world; each gives 4 toy questions (attribute, fact, relation,
-    count)"""
+    """scenes of gog.py's toy world; each gives 4 toy questions
+    (attribute, fact, relation, count)"""
     image_size: int = 448
     """scene side in pixels (the tiny preset: 224, 8x fewer vision tokens on a CPU)"""
     p_clean: float = 0.3
@@ -91,24 +91,24 @@ class Args(RunArgs):
     p_multi: float = 0.3
     """share of the erroneous toy trajectories with two errors (at different steps)"""
     p_recover: float = 0.5
-    """chance that a wrong crop is noticed and redone (a recovery); a broken tool call is always
-    retried"""
+    """chance that a wrong crop is noticed and redone (a recovery); a broken tool call is
+    always retried"""
     # --- eval: benchmark files and the PRM ---
     benchmark: Literal["ours", "visualprocessbench", "processbench", "prmbench"] = "ours"
-    """format of --data: ours | VisualProcessBench test.jsonl | ProcessBench split .json | PRMBench
-    .jsonl"""
+    """format of --data: ours | VisualProcessBench test.jsonl | ProcessBench split .json |
+    PRMBench .jsonl"""
     data: str | None = None
     """trajectories to evaluate (none = <out>/data/toy.jsonl from the data stage)"""
     images: str | None = None
     """folder the --data image paths are relative to (none = the folder of --data)"""
     predictions: str | None = None
-    """JSONL of per-step scores or verdicts from an external PRM, scored instead of running
-    --model"""
+    """JSONL of per-step scores or verdicts from an external PRM,
+    scored instead of running --model"""
     max_steps: int = 0
     """cap on trajectories judged in eval (0 = all) (6)"""
     prm: Literal["judge", "prob"] = "judge"
-    """judge = prompted Correct/Incorrect verdict; prob = P(+) / (P(+) + P(-)) next-token score
-    (5)"""
+    """judge = prompted Correct/Incorrect verdict;
+    prob = P(+) / (P(+) + P(-)) next-token score (5)"""
     prm_adapter: str | None = None
     """peft adapter of a trained PRM loaded onto --model (none = the base model as PRM)"""
     threshold: float = 0.5
@@ -119,8 +119,8 @@ class Args(RunArgs):
     """PRM prompts per batch"""
     # --- search: best-of-N ---
     search_source: Literal["policy", "toy"] = "policy"
-    """best-of-N candidates: policy = sampled from --model with the crop tool; toy = simulated (toy
-    errors)"""
+    """best-of-N candidates: policy = sampled from --model with the crop tool;
+    toy = simulated (toy errors)"""
     search_questions: int = 4
     """questions in the search stage"""
     search_n: str = "1,2,4,8"
@@ -141,7 +141,8 @@ N_BUCKETS = 4  # relative step-position buckets
 
 # ==== data: taxonomy, the error-injection table (2), the toy set on gog.py's world (1, 3), files ==
 ALL_KINDS = ("attribute", "fact", "relation", "count")
-ERRORS = {  # error type: (the toy step role it corrupts, toy kinds it is injected in, what that step does)
+# error type: (the toy step role it corrupts, toy kinds it is injected in, what that step does)
+ERRORS = {
     "tool_invocation": ("crop", ALL_KINDS,
                         "a malformed call (reversed box, 3 numbers, unknown tool, box "
                         "off the image); the next step retries it (a recovery)"),
@@ -152,15 +153,12 @@ ERRORS = {  # error type: (the toy step role it corrupts, toy kinds it is inject
                           "misreads the crop: the asked colour or shape, the emblem, "
                           "a colour, one tile's shape"),
     "relationship_understanding": ("relate", ("relation",),
-                                   "names the decoy tile as the one in the asked "
-                                   "direction"),
+                                   "names the decoy tile as the one in the asked direction"),
     "knowledge_hallucination": ("recall", ("fact",),
-                                "a founding year or city that contradicts the KB facts "
-                                "shown"),
+                                "a founding year or city that contradicts the KB facts shown"),
     "logical_calculation": ("count", ("count",), "counts the tiles it listed off by one"),
     "answer_format": ("answer", ALL_KINDS,
-                      "no <answer> tags, or an answer other than the value the steps "
-                      "reached"),
+                      "no <answer> tags, or an answer other than the value the steps reached"),
 }
 TAXONOMY = {  # ours (2): 4 categories x 4 subcategories
     "perception": ("attribute", "text_reading", "small_object", "fine_detail"),
@@ -168,7 +166,7 @@ TAXONOMY = {  # ours (2): 4 categories x 4 subcategories
     "knowledge": ("entity_recognition", "fact_lookup", "multi_hop", "commonsense"),
     "reasoning": ("counting", "arithmetic", "chart_table", "geometry"),
 }
-# after an optional plan
+# toy kind -> ((category, subcategory), its step roles after an optional plan)
 KINDS = {"attribute": (("perception", "attribute"), ("crop", "perceive", "answer")),
          "fact": (("knowledge", "fact_lookup"), ("crop", "perceive", "recall", "answer")),
          "relation": (("spatial", "relative_position"), ("crop", "perceive", "relate", "answer")),
@@ -176,8 +174,8 @@ KINDS = {"attribute": (("perception", "attribute"), ("crop", "perceive", "answer
 
 
 def toy_questions(world: World, rng: random.Random) -> list[dict]:
-    """Four questions per scene on gog.py's world: its glance (attribute) and gaze (fact) questions,
-    plus our relation and counting questions computed from the tile boxes."""
+    """Four questions per scene on gog.py's world: its glance (attribute) and gaze (fact)
+    questions, plus our relation and counting questions computed from the tile boxes."""
     specs = []
     for scene in world.scenes:
         tiles = scene["tiles"]
@@ -197,19 +195,18 @@ def toy_questions(world: World, rng: random.Random) -> list[dict]:
             for b in tiles:
                 if b is not a:
                     by_dir.setdefault(direction(a["box"], b["box"]), []).append(b)
-            options = [(d, bs[0]) for d, bs in by_dir.items() if len(bs) == 1 and
-                       any(t["color"] != bs[0]["color"] for t in tiles if t is not a
-                           and t is not bs[0])]
+            options = [(d, bs[0]) for d, bs in by_dir.items()
+                       if len(bs) == 1 and any(t["color"] != bs[0]["color"] for t in tiles
+                                               if t is not a and t is not bs[0])]
             if options:
                 rel, b = rng.choice(options)
                 d = rng.choice([t for t in tiles if t is not a and t is not b
                                 and t["color"] != b["color"]])
                 specs.append(dict(kind="relation", id=f"{scene['id']}-relation", scene=scene,
                                   rel=rel,
-                                  question=f"What colour is the emblem on the tile {rel} the tile "
-                                  f"labelled "
-                                           f"{tag(a)}?", answers=[b["color"]], anchor=a, target=b,
-                                           decoy=d))
+                                  question=f"What colour is the emblem on the tile {rel} "
+                                           f"the tile labelled {tag(a)}?",
+                                  answers=[b["color"]], anchor=a, target=b, decoy=d))
                 break
         shape = rng.choice([t["shape"] for t in tiles])
         specs.append(dict(kind="count", id=f"{scene['id']}-count", scene=scene, shape=shape,
@@ -227,25 +224,23 @@ def toy_trajectory(spec: dict, world: World, errors: dict[str, str], rng: random
     roles = KINDS[spec["kind"]][1]
     for role, e in errors.items():
         if ERRORS[e][0] != role or spec["kind"] not in ERRORS[e][1]:
-            raise ValueError(f"ERRORS does not inject {e} at the {role} step of a {spec['kind']} "
-                             f"trajectory.")
+            raise ValueError(f"ERRORS does not inject {e} at the {role} step "
+                             f"of a {spec['kind']} trajectory.")
     t = Toy(spec, world, rng, GRAMMAR)
     for role in ("plan",) * plan + roles:
         TOY_BUILDERS[role](t, errors.get(role))
-        if errors.get(role) == "tool_invocation" or (errors.get(role) == "region_selection"
-                                                     and recover):
+        if (errors.get(role) == "tool_invocation"
+                or (errors.get(role) == "region_selection" and recover)):
             step_retry(t, errors[role])
     final = parse_action(t.steps[-1]["text"], GRAMMAR)
-    injected = [{"step": i, "error_type": s["error_type"]} for i,
-                s in enumerate(t.steps) if s["error_type"]]
+    injected = [{"step": i, "error_type": s["error_type"]}
+                for i, s in enumerate(t.steps) if s["error_type"]]
     return scene_record(spec, rid, t.steps, t.crops,
-                        final.answer if final.kind == "answer" else None, "toy",
-                        injected=injected)
+                        final.answer if final.kind == "answer" else None, "toy", injected=injected)
 
 
 def scene_record(spec: dict, rid: str, steps: list[dict], crops: dict, final_answer: str | None,
-                 source: str,
-                 **extra) -> dict:
+                 source: str, **extra) -> dict:
     """A record on a toy scene (toy or policy trajectory); step i's crop is
     images/<rid>-s<i>.png."""
     for i in crops:
@@ -259,12 +254,12 @@ def scene_record(spec: dict, rid: str, steps: list[dict], crops: dict, final_ans
 
 
 def draw_errors(kind: str, n: int, used: Counter, rng: random.Random) -> dict[str, str]:
-    """n error types for a `kind` trajectory at different roles, the least used first (ties at
-    random)."""
+    """n error types for a `kind` trajectory at different roles, the least used first
+    (ties at random)."""
     errors: dict[str, str] = {}
     for _ in range(n):
-        free = sorted(e for e,
-                      (role, kinds, _) in ERRORS.items() if kind in kinds and role not in errors)
+        free = sorted(e for e, (role, kinds, _) in ERRORS.items()
+                      if kind in kinds and role not in errors)
         e = rng.choice([x for x in free if used[x] == min(used[y] for y in free)])
         used[e] += 1
         errors[ERRORS[e][0]] = e
@@ -272,11 +267,10 @@ def draw_errors(kind: str, n: int, used: Counter, rng: random.Random) -> dict[st
 
 
 def build_toy_set(world: World, seed: int, p_clean: float, p_multi: float = 0.3,
-                  p_recover: float = 0.5,
-                  specs: list[dict] | None = None, copies: int = 1) -> list[dict]:
+                  p_recover: float = 0.5, specs: list[dict] | None = None,
+                  copies: int = 1) -> list[dict]:
     """`copies` trajectories per toy question: clean with p_clean, else one error (two with
-    p_multi);
-    a plan step with chance 1/2, so errors sit at varied positions."""
+    p_multi); a plan step with chance 1/2, so errors sit at varied positions."""
     rng, used, records = random.Random(seed), Counter(), []
     for spec in specs or toy_questions(world, rng):
         for c in range(copies):
@@ -290,23 +284,22 @@ def build_toy_set(world: World, seed: int, p_clean: float, p_multi: float = 0.3,
 
 def load_records(path: str, require_labels: bool = True, benchmark: str = "ours",
                  images: str | None = None):
-    """The trajectories of `path` (ours, or a published benchmark's file converted), checked against
-    TAXONOMY."""
+    """The trajectories of `path` (ours, or a published benchmark's file converted), checked
+    against TAXONOMY."""
     return load_prm_records(path, TAXONOMY, ERRORS, require_labels, benchmark, images)
 
 
 def load_benchmark(args: Args) -> list[dict]:
-    """The trajectories eval judges: --data (a --benchmark file) or the data stage's toy set, capped
-    (6)."""
+    """The trajectories eval judges: --data (a --benchmark file) or the data stage's toy set,
+    capped (6)."""
     records = load_records(args.data or str(Path(args.out) / "data" / "toy.jsonl"),
-                           benchmark=args.benchmark,
-                           images=args.images)
+                           benchmark=args.benchmark, images=args.images)
     return records[: args.max_steps] if args.max_steps > 0 else records
 
 
 def read_predictions(path: str, records: list[dict]) -> list[list[dict]]:
-    """An external PRM's {"id", "scores": [per step]} rows -> the judgements of `records`, in their
-    order."""
+    """An external PRM's {"id", "scores": [per step]} rows -> the judgements of `records`,
+    in their order."""
     return [[{"score": parse_step_verdict(x), "reply": str(x)} for x in scores]
             for scores in read_prm_predictions(path, records)]
 
@@ -335,8 +328,9 @@ def prm_html_items(records: list[dict], judged: list[list[dict]] | None = None) 
         turns = []
         for i, s in enumerate(rec["steps"]):
             prm = f" | PRM {judged[j][i]['score']} ({judged[j][i]['reply']!r})" if judged else ""
-            turns.append({"role": "assistant", "text": f"[{i}] {s['text']}\n   gold: {s['label']} "
-                                                       f"{s['error_type'] or ''}{prm}"})
+            turns.append({"role": "assistant",
+                          "text": f"[{i}] {s['text']}\n   gold: {s['label']} "
+                                  f"{s['error_type'] or ''}{prm}"})
             if s.get("tool_call"):
                 call = s["tool_call"]
                 turns.append({"role": "tool", "name": call["name"],
@@ -359,32 +353,34 @@ def write_set(records: list[dict], out: Path, name: str, title: str, **load_kw) 
 
 # ==== prompt + parsing: the policy with the crop tool; the LVLM as PRM (4, 5) =====================
 SYSTEM = """You answer questions about an image step by step, one short step per turn.
-To look closer, zoom in: <tool_call>{"name": "crop", "arguments": {"bbox_2d": [x1, y1, x2, y2]}}</tool_call>
+To look closer, zoom in: <tool_call>{"name": "crop", "arguments": """ \
+    """{"bbox_2d": [x1, y1, x2, y2]}}</tool_call>
 in pixels of the image as you see it; the zoomed image comes back in the next turn.
 End with <answer>short answer</answer>."""
 GRAMMAR = Grammar(tags={"tool_call": "tool_call", "answer": "answer"}, tool_names={"crop": "crop"})
 
 
 def make_messages(ex: dict) -> list[dict]:
-    """The policy's prompt: the question image and its size as the model sees it (crop boxes are in
-    it)."""
+    """The policy's prompt: the question image and its size as the model sees it (crop boxes
+    are in it)."""
     w, h = seen_size(ex["image"])
     return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": [{"type": "image", "image": ex["image"]}, {
-                "type": "text", "text": f"(image: {w}x{h} pixels) {ex['question']}"}]}]
+            {"role": "user",
+             "content": [{"type": "image", "image": ex["image"]},
+                         {"type": "text", "text": f"(image: {w}x{h} pixels) {ex['question']}"}]}]
 
 
 def make_tools() -> dict:
-    """The shared crop tool (common.tools.crop) on the question image, in the pixels the model
-    sees."""
+    """The shared crop tool (common.tools.crop) on the question image, in the pixels the
+    model sees."""
     def crop_tool(args: dict, r) -> tuple[str, Image.Image | None]:
         out, msg = crop(r.images[0], args.get("bbox_2d"), seen_size(r.images[0]))
         return msg, out
     return {"crop": crop_tool}
 
 
-PRM_SYSTEM = ("You are a process reward model. You check one step of a visual reasoning trajectory "
-              "in which "
+PRM_SYSTEM = ("You are a process reward model. "
+              "You check one step of a visual reasoning trajectory in which "
               "the solver may zoom into the image with a crop tool.")
 PRM_REPLY = {"judge": "Reply with one word: Correct or Incorrect.",
              "prob": "Reply with + if it is correct and - if it is incorrect."}
@@ -392,9 +388,8 @@ PRM_REPLY = {"judge": "Reply with one word: Correct or Incorrect.",
 
 def prm_messages(rec: dict, k: int, images: list, step_images: dict, mode: str,
                  vlm: bool) -> list[dict]:
-    """Question, images, steps 1..k, the facts of step k; asks whether step k is correct. The images
-    are
-    the question's and the latest crop made at or before step k (4)."""
+    """Question, images, steps 1..k, the facts of step k; asks whether step k is correct.
+    The images are the question's and the latest crop made at or before step k (4)."""
     latest = max((i for i in step_images if i <= k), default=None) if vlm else None
     lines = [f"Question: {rec['question']}"]
     for i, s in enumerate(rec["steps"][: k + 1]):
@@ -405,24 +400,23 @@ def prm_messages(rec: dict, k: int, images: list, step_images: dict, mode: str,
                           + (" (its image is the last one shown)" if i == latest else ""))
     if rec["steps"][k].get("knowledge"):
         lines.append("Facts to check it against: " + " ".join(rec["steps"][k]["knowledge"]))
-    lines.append(f"\nIs Step {k + 1} correct? Judge Step {k + 1} only: it is correct when what it "
-                 f"does or "
-                 f"states is right given the question, the images and the steps before it (a step "
-                 f"that "
-                 f"correctly builds on an earlier mistake is correct). {PRM_REPLY[mode]}")
+    lines.append(f"\nIs Step {k + 1} correct? Judge Step {k + 1} only: "
+                 f"it is correct when what it does or states is right given the question, "
+                 f"the images and the steps before it "
+                 f"(a step that correctly builds on an earlier mistake is correct). "
+                 f"{PRM_REPLY[mode]}")
     pics = list(images) + ([step_images[latest]] if latest is not None else [])
     text = "\n".join(lines)
-    user = ([{"type": "image", "image": im} for im in pics] + [{"type": "text", "text": text}] if vlm
-            else "(Images not shown: text-only PRM.)\n" + text)
+    user = ([{"type": "image", "image": im} for im in pics] + [{"type": "text", "text": text}]
+            if vlm else "(Images not shown: text-only PRM.)\n" + text)
     return [{"role": "system", "content": PRM_SYSTEM}, {"role": "user", "content": user}]
 
 
 def parse_step_verdict(text) -> float | None:
-    """A PRM reply (or a predictions-file value) -> score in [0, 1] or None (unparsed). Numbers and
-    booleans are scores; in text, step numbers are dropped first ("Step 1 is correct" is not the
-    score 1), an echo of "Correct or Incorrect" is no verdict, a leading "+" / "-" is 1 / 0, the
-    rest is
-    common.judge.parse_verdict."""
+    """A PRM reply (or a predictions-file value) -> score in [0, 1] or None (unparsed).
+    Numbers and booleans are scores; in text, step numbers are dropped first ("Step 1 is correct"
+    is not the score 1), an echo of "Correct or Incorrect" is no verdict, a leading "+" / "-" is
+    1 / 0, the rest is common.judge.parse_verdict."""
     if isinstance(text, (bool, int, float)):
         return float(text) if 0 <= text <= 1 else None
     if not isinstance(text, str):
@@ -436,15 +430,15 @@ def parse_step_verdict(text) -> float | None:
 
 
 # ==== rewards + metrics: PRMBench, VisualProcessBench, ProcessBench, analyses, best-of-N ==========
-# pred[j][i] is True / False (judged correct / not) or None (unparsed). Undefined ratios (0/0) are
-# None.
+# pred[j][i] is True / False (judged correct / not) or None (unparsed).
+# Undefined ratios (0/0) are None.
 def ratio(num: float, den: float) -> float | None:
     return None if den == 0 else num / den
 
 
 def f1_score(tp: int, fp: int, fn: int) -> float | None:
-    """2TP / (2TP + FP + FN) = PRMBench's 2PR / (P + R); None if the class is in neither gold nor
-    pred."""
+    """2TP / (2TP + FP + FN) = PRMBench's 2PR / (P + R); None if the class is in neither
+    gold nor pred."""
     return ratio(2 * tp, 2 * tp + fp + fn)
 
 
@@ -460,10 +454,10 @@ def confusion(pairs: list[tuple[bool, bool]]) -> dict:
 
 
 def step_pairs(records: list[dict], pred: list[list]) -> list[tuple[bool, bool]]:
-    """(gold correct, judged correct) of every labelled correct/incorrect step judged True or
-    False."""
-    return [(s["label"] == "correct", p) for r, ps in zip(records, pred) for s,
-            p in zip(r["steps"], ps)
+    """(gold correct, judged correct) of every labelled correct/incorrect step judged True
+    or False."""
+    return [(s["label"] == "correct", p)
+            for r, ps in zip(records, pred) for s, p in zip(r["steps"], ps)
             if s["label"] in ("correct", "incorrect") and p is not None]
 
 
@@ -476,20 +470,20 @@ def prmscore(pairs: list[tuple[bool, bool]]) -> dict:
 def is_clean(rec: dict) -> bool:
     """No incorrect step (PRMBench's class `correct`; its multi_solutions samples count as
     erroneous)."""
-    return rec["subcategory"] != "multi_solutions" and all(s["label"] != "incorrect"
-                                                           for s in rec["steps"])
+    return (rec["subcategory"] != "multi_solutions"
+            and all(s["label"] != "incorrect" for s in rec["steps"]))
 
 
 def prmbench(records: list[dict], pred: list[list]) -> dict:
-    """PRMScore over every labelled step of the erroneous samples; clean samples and each class
-    apart."""
+    """PRMScore over every labelled step of the erroneous samples; clean samples and each
+    class apart."""
     valid = [(r, p) for r, p in zip(records, pred) if None not in p]  # PRMBench's `validity`
     erroneous = [x for x in valid if not is_clean(x[0])]
     res = {**prmscore(step_pairs(*zip(*erroneous)) if erroneous else []),
            "n_samples": len(erroneous),
            "validity_rate": ratio(len(erroneous), sum(not is_clean(r) for r in records)),
-           "unparsed": "a sample with an unparsed step is invalid and left out (PRMBench's "
-           "validity)"}
+           "unparsed": "a sample with an unparsed step is invalid and left out "
+                       "(PRMBench's validity)"}
     classes = {}
     for r, p in valid:
         classes.setdefault("correct" if is_clean(r) else r["subcategory"], []).append((r, p))
@@ -501,32 +495,31 @@ def prmbench(records: list[dict], pred: list[list]) -> dict:
 
 
 def visualprocessbench(records: list[dict], pred: list[list]) -> dict:
-    """Macro-F1 = mean of F1(correct) and F1(incorrect) over all samples' steps, neutral (0)
-    dropped."""
-    # the same counts, but over every sample, clean ones included
-    s = prmscore(step_pairs(records, pred))
+    """Macro-F1 = mean of F1(correct) and F1(incorrect) over all samples' steps,
+    neutral (0) dropped."""
+    s = prmscore(step_pairs(records, pred))   # PRMBench's counts over every sample, clean ones too
     return {"macro_f1": s["PRMScore"], "f1_correct": s["f1"], "f1_incorrect": s["negative_f1"],
             "n_steps": s["n_steps"], "unparsed": "an unparsed step is dropped, like a neutral one"}
 
 
 def processbench(gold_first: list[int], pred_first: list[int]) -> dict:
-    """acc_err over samples with an error, acc_corr over error-free ones, F1 = their harmonic
-    mean."""
+    """acc_err over samples with an error, acc_corr over error-free ones,
+    F1 = their harmonic mean."""
     err = [p == g for g, p in zip(gold_first, pred_first) if g != -1]
     corr = [p == -1 for g, p in zip(gold_first, pred_first) if g == -1]
     acc_err, acc_corr = ratio(sum(err), len(err)), ratio(sum(corr), len(corr))
-    f1 = None if acc_err is None or acc_corr is None else \
-        0.0 if acc_err + acc_corr == 0 else 2 * acc_err * acc_corr / (acc_err + acc_corr)
+    f1 = (None if acc_err is None or acc_corr is None
+          else 0.0 if acc_err + acc_corr == 0
+          else 2 * acc_err * acc_corr / (acc_err + acc_corr))
     return {"acc_err": acc_err, "acc_corr": acc_corr, "f1": f1, "n_err": len(err),
             "n_corr": len(corr),
-            "unparsed": "an unparsed step is not judged correct, so it can be the predicted first "
-            "error"}
+            "unparsed": "an unparsed step is not judged correct, "
+                        "so it can be the predicted first error"}
 
 
 def step_stats(pairs: list[tuple[bool, bool]]) -> dict:
-    """Accuracy, detection rate (incorrect steps judged incorrect), balanced accuracy (mean of the
-    recall
-    on correct steps and the detection rate: independent of the label mix)."""
+    """Accuracy, detection rate (incorrect steps judged incorrect), balanced accuracy (mean of
+    the recall on correct steps and the detection rate: independent of the label mix)."""
     c = confusion(pairs)
     detection, kept = ratio(c["tn"], c["tn"] + c["fp"]), ratio(c["tp"], c["tp"] + c["fn"])
     return {"n_steps": len(pairs), "n_incorrect": c["tn"] + c["fp"],
@@ -535,8 +528,8 @@ def step_stats(pairs: list[tuple[bool, bool]]) -> dict:
 
 
 def positive_bias(pairs: list[tuple[bool, bool]]) -> dict:
-    """P(judged correct | step wrong) vs P(judged correct | step right): high first = positive
-    bias."""
+    """P(judged correct | step wrong) vs P(judged correct | step right):
+    high first = positive bias."""
     c = confusion(pairs)
     return {"p_judged_correct_given_wrong": ratio(c["fp"], c["fp"] + c["tn"]),
             "p_judged_correct_given_right": ratio(c["tp"], c["tp"] + c["fn"])}
@@ -550,9 +543,8 @@ def position_bucket(i: int, n: int, n_buckets: int) -> int:
 def evaluate(records: list[dict], pred: list[list], n_buckets: int = 4) -> dict:
     """Every metric and analysis for the judgements `pred` (per record, per step)."""
     pairs = step_pairs(records, pred)
-    # ProcessBench: gold = the first incorrect step, prediction = the first step not judged correct
-    # (an
-    # unparsed one included); -1 when there is none
+    # ProcessBench: gold = the first incorrect step, prediction = the first step not judged
+    # correct (an unparsed one included); -1 when there is none
     gold_first = [next((i for i, s in enumerate(r["steps"]) if s["label"] == "incorrect"), -1)
                   for r in records]
     pred_first = [next((i for i, p in enumerate(ps) if p is not True), -1) for ps in pred]
@@ -578,8 +570,8 @@ def evaluate(records: list[dict], pred: list[list], n_buckets: int = 4) -> dict:
             one = step_pairs([{"steps": [s]}], [[p]])
             buckets[names[position_bucket(i, len(ps), n_buckets)]] += one
             cats.setdefault(r["category"], []).extend(one)
-    # by position, next to a constant PRM that calls every step correct on the same steps (label
-    # mix)
+    # by position, next to a constant PRM that calls every step correct on the same steps
+    # (label mix)
     res["by_position"] = {b: {**step_stats(v),
                               "constant_prm": step_stats([(g, True) for g, _ in v])}
                           for b, v in buckets.items()}
@@ -588,11 +580,11 @@ def evaluate(records: list[dict], pred: list[list], n_buckets: int = 4) -> dict:
 
 
 def best_of_n(questions: list[list[dict]], ns: list[int], repeats: int, seed: int) -> dict:
-    """questions: per question, its candidates {"correct", "answer", "scores": [step score | None],
-    optional "gold_scores"}. For each N, `repeats` random N-subsets per question, the SAME subset
-    for every method: PRM min / mean (unparsed = 0; ties at random), the oracle PRM (gold step
-    labels),
-    majority vote (no answer = no vote), random (its expected accuracy) and pass@N."""
+    """questions: per question, its candidates {"correct", "answer",
+    "scores": [step score | None], optional "gold_scores"}. For each N, `repeats` random N-subsets
+    per question, the SAME subset for every method: PRM min / mean (unparsed = 0; ties at random),
+    the oracle PRM (gold step labels), majority vote (no answer = no vote), random (its expected
+    accuracy) and pass@N."""
     rng = random.Random(seed)
     oracle = all("gold_scores" in c for q in questions for c in q)
     selectors = [("prm_min", "scores", min), ("prm_mean", "scores", lambda s: sum(s) / len(s)),
@@ -607,14 +599,14 @@ def best_of_n(questions: list[list[dict]], ns: list[int], repeats: int, seed: in
                 sub = rng.sample(cands, n)
                 for m, key, agg in selectors:
                     vals = [agg([x or 0.0 for x in c[key]]) for c in sub]
-                    tot[m] += rng.choice([c for c,
-                                          v in zip(sub, vals) if v == max(vals)])["correct"]
+                    tot[m] += rng.choice([c for c, v in zip(sub, vals)
+                                          if v == max(vals)])["correct"]
                 votes = Counter(normalize_answer(c["answer"]) for c in sub
                                 if c["answer"] is not None)
                 votes.pop("", None)
                 if votes:
-                    top = rng.choice(sorted(a for a,
-                                            v in votes.items() if v == max(votes.values())))
+                    top = rng.choice(sorted(a for a, v in votes.items()
+                                            if v == max(votes.values())))
                     voted = next(c for c in sub if normalize_answer(c["answer"] or "") == top)
                     tot["majority_vote"] += voted["correct"]
                 tot["random"] += sum(c["correct"] for c in sub) / n
@@ -639,9 +631,9 @@ def get_policy(args: Args, prm: bool):
 
 
 def prm_steps_of(trajectory: list[dict]) -> tuple[list[dict], dict]:
-    """A rollout's turns (common.rollout) -> (unlabelled steps, {step index: tool image}): each
-    assistant turn is a step; its tool call, observation and image attach to it (reprompts do
-    not)."""
+    """A rollout's turns (common.rollout) -> (unlabelled steps, {step index: tool image}):
+    each assistant turn is a step; its tool call, observation and image attach to it (reprompts
+    do not)."""
     steps, crops = [], {}
     for turn in trajectory:
         if turn["role"] == "assistant":
@@ -655,24 +647,23 @@ def prm_steps_of(trajectory: list[dict]) -> tuple[list[dict], dict]:
 
 
 def agent_rollouts(policy, specs: list[dict], args: Args, G: int, generate=None) -> list[dict]:
-    """G sampled trajectories per question -> records: each assistant turn is a step; its tool call,
-    observation and crop attach to it. `generate`: tests' scripted sampler."""
+    """G sampled trajectories per question -> records: each assistant turn is a step; its tool
+    call, observation and crop attach to it. `generate`: tests' scripted sampler."""
     if not policy.is_vlm:
-        raise UserError(f"{policy.name} is text-only and cannot see the image; use a VLM (tiny, "
-                        f"Qwen2.5-VL) "
+        raise UserError(f"{policy.name} is text-only and cannot see the image; "
+                        f"use a VLM (tiny, Qwen2.5-VL) "
                         "or --search_source toy (simulated candidates).")
     examples = [dict(id=s["id"], image=s["scene"]["image"], question=s["question"], spec=s)
                 for s in specs]
     rollouts = run_rollouts(policy, examples, num_generations=G, make_messages=make_messages,
                             tools=make_tools(), grammar=GRAMMAR, max_turns=args.max_turns,
-                            max_tool_calls={"crop": 2},
-                            max_new_tokens=args.max_completion_length,
+                            max_tool_calls={"crop": 2}, max_new_tokens=args.max_completion_length,
                             max_total_tokens=args.max_turns * 400,
                             reprompt="Continue with the next step, or give the final <answer>.",
                             temperature=args.temperature, generate=generate)
     return [scene_record(r.example["spec"], f"{r.example['id']}-g{j % G}",
-                         *prm_steps_of(r.trajectory),
-                         r.answer, f"policy:{policy.name}") for j, r in enumerate(rollouts)]
+                         *prm_steps_of(r.trajectory), r.answer, f"policy:{policy.name}")
+            for j, r in enumerate(rollouts)]
 
 
 @torch.no_grad()
@@ -690,14 +681,13 @@ def plus_probability(policy, batch: list[list[dict]]) -> list[float]:
 
 def score_steps(policy, records: list[dict], args: Args,
                 log: RunLog | None = None) -> list[list[dict]]:
-    """Every step of every record -> {"score": float | None (unparsed), "reply": str}, per
-    record."""
+    """Every step of every record -> {"score": float | None (unparsed), "reply": str},
+    per record."""
     items = [(r, k) for r in records for k in range(len(r["steps"]))]
     out, starts = {}, range(0, len(items), args.batch_size)
     for b in (log.bar(starts, desc=f"PRM ({args.prm})") if log else starts):
         chunk = items[b: b + args.batch_size]
-        # opened per batch: real sets are large
-        images = {id(r): prm_record_images(r) for r, _ in chunk}
+        images = {id(r): prm_record_images(r) for r, _ in chunk}   # per batch: real sets are large
         msgs = [prm_messages(r, k, *images[id(r)], args.prm, policy.is_vlm) for r, k in chunk]
         if args.prm == "prob":
             scores = plus_probability(policy, msgs)
@@ -717,17 +707,16 @@ def stage_data(args: Args) -> dict:
     out = Path(args.out) / "data"
     log, world = RunLog(str(out)), build_world(args.seed, args.n_scenes, args.image_size)
     records = build_toy_set(world, args.seed, args.p_clean, args.p_multi, args.p_recover)
-    # where the errors sit
-    at = Counter(position_bucket(i, len(r["steps"]), N_BUCKETS) for r in records
-                 for i, s in enumerate(r["steps"]) if s["label"] == "incorrect")
+    at = Counter(position_bucket(i, len(r["steps"]), N_BUCKETS)   # where the errors sit
+                 for r in records for i, s in enumerate(r["steps"]) if s["label"] == "incorrect")
     write_set(records, out, "toy", "toy trajectories (gold labels)")
     summary = {"toy_trajectories": len(records), "toy_steps": sum(len(r["steps"]) for r in records),
                "clean": sum(not r["injected"] for r in records),
                "two_errors": sum(len(r["injected"]) > 1 for r in records),
                "recovered": sum(bool(r["injected"] and exact_match(r["final_answer"], r["answers"]))
                                 for r in records),
-               "error_types": dict(Counter(x["error_type"] for r in records
-                                           for x in r["injected"])),
+               "error_types": dict(Counter(x["error_type"]
+                                           for r in records for x in r["injected"])),
                "errors_by_position": {f"bucket{b}": at[b] for b in range(N_BUCKETS)}}
     log.log({k: v for k, v in summary.items() if isinstance(v, int)}, step=0)
     log.summary(summary)
@@ -762,9 +751,8 @@ def stage_eval(args: Args) -> dict:
     plot_rates(by_type, out / "per_error_type.png", f"PRM {who} by error type ({rates})",
                "the data has no error types")
     by_pos = {"accuracy": {b: v["accuracy"] for b, v in res["by_position"].items()},
-              "accuracy of a constant PRM (the label mix)": {b: v["constant_prm"]["accuracy"]
-                                                             for b,
-                                                             v in res["by_position"].items()},
+              "accuracy of a constant PRM (the label mix)":
+                  {b: v["constant_prm"]["accuracy"] for b, v in res["by_position"].items()},
               **{m: {b: v[m] for b, v in res["by_position"].items()}
                  for m in ("balanced_accuracy", "detection_rate")}}
     plot_rates(by_pos, out / "by_position.png", f"PRM {who} by relative step position",
@@ -773,13 +761,11 @@ def stage_eval(args: Args) -> dict:
                  for r, js in zip(records, judged) for i, (s, j) in enumerate(zip(r["steps"], js))])
     trajectory_html(prm_html_items(records[:12], judged), str(out / "judged.html"),
                     "PRM judgements")
-    log.summary({k: res[k]
-                 for k in ("PRMBench", "VisualProcessBench", "ProcessBench", "positive_bias",
-                                     "n_unparsed")})
-    print(f"[eval] PRMScore {res['PRMBench']['PRMScore']} | VisualProcessBench macro-F1 "
-          f"{res['VisualProcessBench']['macro_f1']} | ProcessBench F1 {res['ProcessBench']['f1']} "
-          f"| {rates} "
-          f"-> {out / 'results.json'}")
+    log.summary({k: res[k] for k in ("PRMBench", "VisualProcessBench", "ProcessBench",
+                                     "positive_bias", "n_unparsed")})
+    print(f"[eval] PRMScore {res['PRMBench']['PRMScore']} "
+          f"| VisualProcessBench macro-F1 {res['VisualProcessBench']['macro_f1']} "
+          f"| ProcessBench F1 {res['ProcessBench']['f1']} | {rates} -> {out / 'results.json'}")
     return res
 
 
@@ -797,12 +783,12 @@ def plot_best_of_n(res: dict, ns: list[int], path: Path) -> None:
     ax.set(xticks=ns, xticklabels=[str(n) for n in ns],
            xlabel="N (candidates shared by every method)", ylabel="accuracy", ylim=(-0.02, 1.02),
            title=f"best-of-N, {source} candidates, PRM {res['prm']}")
-    ax.text(0.01, 0.01, "pass@N = an oracle that knows the answer (the ceiling). The oracle PRM "
-            "(gold step labels)\n"
-            "meets it when every error-free candidate is right and every other wrong; a recovered "
-            "error\n"
-            "(right answer despite a wrong step) puts it below.", transform=ax.transAxes,
-            fontsize=6.5, va="bottom")
+    ax.text(0.01, 0.01, "pass@N = an oracle that knows the answer (the ceiling). "
+            "The oracle PRM (gold step labels)\n"
+            "meets it when every error-free candidate is right and every other wrong; "
+            "a recovered error\n"
+            "(right answer despite a wrong step) puts it below.",
+            transform=ax.transAxes, fontsize=6.5, va="bottom")
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -816,10 +802,10 @@ def stage_search(args: Args) -> dict:
     specs, M = toy_questions(world, random.Random(args.seed + 1))[: args.search_questions], ns[-1]
     # simulated candidates: the toy generator with its injected errors
     if args.search_source == "toy":
-        print("[search] the candidates are SIMULATED (toy trajectories with injected errors), not "
-              "sampled.")
-        cands = build_toy_set(world, args.seed + 1, args.p_clean, args.p_multi, args.p_recover, specs,
-                              copies=M)
+        print("[search] the candidates are SIMULATED (toy trajectories with injected errors), "
+              "not sampled.")
+        cands = build_toy_set(world, args.seed + 1, args.p_clean, args.p_multi, args.p_recover,
+                              specs, copies=M)
     else:
         cands = agent_rollouts(get_policy(args, prm=False), specs, args, M)
     write_set(cands, out, "candidates", f"best-of-N candidates ({args.search_source})",
@@ -833,16 +819,16 @@ def stage_search(args: Args) -> dict:
             groups[j // M][-1]["gold_scores"] = [float(s["label"] != "incorrect")
                                                  for s in rec["steps"]]
     res = {"accuracy": best_of_n(groups, ns, args.search_repeats, args.seed),
-           "source": args.search_source,
-           "questions": len(groups), "candidates_per_question": M, "prm": args.prm,
+           "source": args.search_source, "questions": len(groups), "candidates_per_question": M,
+           "prm": args.prm,
            "candidate_accuracy": ratio(sum(c["correct"] for g in groups for c in g), len(cands))}
     for n in ns:
         log.log({m: v[n] for m, v in res["accuracy"].items()}, step=n)
     write_json(str(out / "results.json"), res)
     plot_best_of_n(res, ns, out / "best_of_n.png")
     log.summary(res)
-    curves = " | ".join(f"{m} " + " ".join(f"{v[n]:.2f}" for n in ns) for m,
-                        v in res["accuracy"].items())
+    curves = " | ".join(f"{m} " + " ".join(f"{v[n]:.2f}" for n in ns)
+                        for m, v in res["accuracy"].items())
     print(f"[search] {curves}  (N = {ns}) -> {out / 'results.json'}")
     return res
 
@@ -850,8 +836,8 @@ def stage_search(args: Args) -> dict:
 def search_ns(args: Args) -> list[int]:
     ns = sorted({int(x) for x in args.search_n.split(",") if x.strip().isdigit()})
     if not ns or ns[0] < 1 or len(ns) != len([x for x in args.search_n.split(",") if x.strip()]):
-        raise UserError(f"--search_n must list positive integers such as 1,2,4,8; got "
-                        f"{args.search_n!r}.")
+        raise UserError(f"--search_n must list positive integers such as 1,2,4,8; "
+                        f"got {args.search_n!r}.")
     return ns
 
 
@@ -859,8 +845,8 @@ def search_ns(args: Args) -> list[int]:
 def check_inputs(args: Args) -> None:
     """Every user file and list, before any model is loaded."""
     if args.n_scenes < 2:   # gog.py's world keeps its test entities in a scene of their own
-        raise UserError(f"--n_scenes must be at least 2 (gog.py's toy world needs a training and a "
-                        f"test scene), "
+        raise UserError(f"--n_scenes must be at least 2 "
+                        f"(gog.py's toy world needs a training and a test scene), "
                         f"not {args.n_scenes}.")
     if args.stage in ("search", "all"):
         search_ns(args)
@@ -869,8 +855,8 @@ def check_inputs(args: Args) -> None:
         if args.predictions:
             read_predictions(args.predictions, records)
     elif args.predictions:
-        raise UserError("--predictions scores the records of --stage eval; pass --stage eval and "
-                        "--data.")
+        raise UserError("--predictions scores the records of --stage eval; "
+                        "pass --stage eval and --data.")
 
 
 def main(argv=None):

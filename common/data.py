@@ -28,8 +28,8 @@ MAX_IMAGE_PIXELS = 64_000_000   # larger images are refused (decompression bombs
 
 
 def read_text(path: str | Path, what: str = "data file") -> str:
-    """The file's text: UTF-8, else GB18030 (announced), else a UserError naming the encoding to
-    try."""
+    """The file's text: UTF-8, else GB18030 (announced), else a UserError naming the encoding
+    to try."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"no {what} at {p}" + (" (it is a folder)." if p.is_dir() else "."))
@@ -41,10 +41,9 @@ def read_text(path: str | Path, what: str = "data file") -> str:
     try:
         text = raw.decode("gb18030")
     except UnicodeDecodeError:
-        raise UserError(f"{p} is not UTF-8 (invalid byte 0x{raw[bad]:02x} at offset {bad}) nor "
-                        f"GB18030; "
-                        f"convert it, e.g. `iconv -f <its encoding> -t UTF-8 {p.name} > "
-                        f"fixed.json`.") from None
+        raise UserError(f"{p} is not UTF-8 (invalid byte 0x{raw[bad]:02x} at offset {bad}) "
+                        f"nor GB18030; convert it, "
+                        f"e.g. `iconv -f <its encoding> -t UTF-8 {p.name} > fixed.json`.") from None
     print(f"[data] {p} is not UTF-8; read it as GB18030 (GBK).")
     return text
 
@@ -62,8 +61,8 @@ def read_records(path: str | Path, what: str = "data file") -> list[tuple[str, d
         rows = _json(p, text)
     for where, row in rows:
         if not isinstance(row, dict):
-            raise UserError(f"{where}: expected a JSON object (a record with fields), got "
-                            f"{type(row).__name__}.")
+            raise UserError(f"{where}: expected a JSON object (a record with fields), "
+                            f"got {type(row).__name__}.")
     if not rows:
         raise UserError(f"the {what} {p} holds no records.")
     return rows
@@ -102,8 +101,8 @@ def _csv(p: Path, text: str) -> list[tuple[str, dict]]:
     for row in reader:
         where = f"{p}:{reader.line_num}"
         if None in row:
-            raise UserError(f"{where}: more cells than the {len(reader.fieldnames)} header "
-                            f"columns.")
+            raise UserError(f"{where}: more cells "
+                            f"than the {len(reader.fieldnames)} header columns.")
         rows.append((where, {k: (v if v is not None else "") for k, v in row.items()}))
     return rows
 
@@ -115,8 +114,8 @@ def _parquet(p: Path, what: str) -> list[tuple[str, dict]]:
     try:
         table = pq.read_table(p)
     except Exception as e:  # pyarrow raises several types for a broken file
-        raise UserError(f"{p}: not a readable parquet file ({type(e).__name__}: "
-                        f"{str(e)[:120]}).") from None
+        raise UserError(f"{p}: not a readable parquet file "
+                        f"({type(e).__name__}: {str(e)[:120]}).") from None
     rows = [(f"{p}:row {i}", r) for i, r in enumerate(table.to_pylist(), 1)]
     if not rows:
         raise UserError(f"the {what} {p} holds no records.")
@@ -132,13 +131,13 @@ def require(row: dict, where: str, *fields: str) -> None:
 
 
 def resolve_inside(base_dir: str | Path, rel: str, where: str) -> Path:
-    """`base_dir / rel`, refusing any path that leaves `base_dir` (`../../etc/passwd`, absolute
-    paths elsewhere)."""
+    """`base_dir / rel`, refusing any path that leaves `base_dir`
+    (`../../etc/passwd`, absolute paths elsewhere)."""
     base = Path(base_dir).resolve()
     full = (base / str(rel)).resolve()
     if full != base and base not in full.parents:
-        raise UserError(f"{where}: the path {rel!r} leaves the data folder {base}; keep files "
-                        f"inside it.")
+        raise UserError(f"{where}: the path {rel!r} leaves the data folder {base}; "
+                        f"keep files inside it.")
     if not full.is_file():
         raise UserError(f"{where}: the file {full} does not exist.")
     return full
@@ -159,14 +158,14 @@ def open_image(value, base_dir: str | Path, where: str):
         src = resolve_inside(base_dir, value, where)
         name = f"{src} ({where})"
     else:
-        raise UserError(f"{where}: expected an image path or image bytes, got "
-                        f"{type(value).__name__}.")
+        raise UserError(f"{where}: expected an image path or image bytes, "
+                        f"got {type(value).__name__}.")
     try:
         with Image.open(src) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise UserError(f"{name} is {im.width}x{im.height} pixels, over the "
-                                f"{MAX_IMAGE_PIXELS:,} "
-                                f"allowed (a decompression bomb?); resize it.")
+                raise UserError(f"{name} is {im.width}x{im.height} pixels, "
+                                f"over the {MAX_IMAGE_PIXELS:,} allowed "
+                                f"(a decompression bomb?); resize it.")
             return im.convert("RGB")
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
         raise UserError(f"{name} is not a readable image ({type(e).__name__}).") from None

@@ -124,7 +124,8 @@ def extract_choice(text: str | None, choices: str = "ABCD") -> str | None:
     m = re.fullmatch(rf"[\s(（\[【]*([{both}](?:{_SEP}[{both}])*)[\s)）\]】.。]*", t)
     if m:
         return pick(m.group(1))
-    cue = r"(?:answer|option|choice)s?\s*(?:is|are|:|：)?|答案\s*(?:是|为|应为|应该是|:|：)?|选择?|选项"
+    cue = (r"(?:answer|option|choice)s?\s*(?:is|are|:|：)?"
+           r"|答案\s*(?:是|为|应为|应该是|:|：)?|选择?|选项")
     m = re.search(rf"(?i:{cue})\s*(?:option\s*)?[(（\[【]?\s*({group})(?![A-Za-z])", t)
     if m:
         return pick(m.group(1))
@@ -281,10 +282,9 @@ def llm_judge(policy: ChatPolicy, question: str, prediction: str | None,
 
 def parse_label_score(text: str | None, labels: Sequence[str], lo: float = 0, hi: float = 10
                       ) -> tuple[str | None, float | None]:
-    """A judge's "LABEL, then a number" reply ("UNSAFE 2", "REFUSAL, 3") -> (the first of `labels`
-    found as a whole word, case-insensitive, so "UNSAFE" is never "SAFE", else None; the first
-    number
-    in [lo, hi] after it (anywhere without a label), else None)."""
+    """A judge's "LABEL, then a number" reply ("UNSAFE 2", "REFUSAL, 3") -> (the first of
+    `labels` found as a whole word, case-insensitive, so "UNSAFE" is never "SAFE", else None;
+    the first number in [lo, hi] after it (anywhere without a label), else None)."""
     if not isinstance(text, str):
         return None, None
     m = re.search(r"\b(" + "|".join(map(re.escape, labels)) + r")\b", text.upper())
@@ -292,10 +292,9 @@ def parse_label_score(text: str | None, labels: Sequence[str], lo: float = 0, hi
 
 
 def parse_preference(text: str | None, swapped: bool = False) -> int | None:
-    """A pairwise judge's "A" / "B" / "TIE" -> +1 (the first item of the pair is better), -1, 0 (a
-    tie, or both letters); None when unreadable. `swapped`: the prompt showed the pair's second item
-    as A
-    (alternate the order against position bias)."""
+    """A pairwise judge's "A" / "B" / "TIE" -> +1 (the first item of the pair is better), -1,
+    0 (a tie, or both letters); None when unreadable. `swapped`: the prompt showed the pair's
+    second item as A (alternate the order against position bias)."""
     c = extract_choice(text, "AB")
     if c is None:
         return 0 if "TIE" in (text or "").upper() else None
@@ -303,8 +302,8 @@ def parse_preference(text: str | None, swapped: bool = False) -> int | None:
 
 
 def win_rate(prefs: Sequence[int]) -> float | None:
-    """n1 / (n1 + n2) with n1 = wins (+1), n2 = losses (-1), ties (0) dropped; None without a
-    decisive pair."""
+    """n1 / (n1 + n2) with n1 = wins (+1), n2 = losses (-1), ties (0) dropped;
+    None without a decisive pair."""
     n1, n2 = list(prefs).count(1), list(prefs).count(-1)
     return n1 / (n1 + n2) if n1 + n2 else None
 

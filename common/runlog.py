@@ -79,8 +79,8 @@ class RunLog:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
         if self._bar is not None:
-            show = {k: f"{v:.3g}" for k,
-                    v in row.items() if k != "step" and isinstance(v, (int, float))}
+            show = {k: f"{v:.3g}" for k, v in row.items()
+                    if k != "step" and isinstance(v, (int, float))}
             self._bar.set_postfix(dict(list(show.items())[:5]), refresh=False)
 
     def summary(self, obj: dict, name: str = "summary.json") -> str:
@@ -130,10 +130,10 @@ def plot_curves(history: list[dict], keys: list[str], path: str, title: str | No
 def markdown_table(table: dict[str, dict], corner: str = "") -> str:
     """{row: {column: number or None}} -> a Markdown table, numbers to one decimal, None as "-"."""
     cols = list(next(iter(table.values())))
-    rows = [f"| {name} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in row.values()) + " |"
-            for name, row in table.items()]
-    return ("\n".join([f"| {corner} | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
-                       *rows]))
+    rows = [f"| {name} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in row.values())
+            + " |" for name, row in table.items()]
+    return "\n".join([f"| {corner} | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
+                      *rows])
 
 
 def bar_plot(groups: dict[str, dict[str, float]], path: str, title: str = "",
@@ -197,7 +197,8 @@ def trajectory_html(items: list[dict], path: str, title: str = "trajectories") -
             if turn.get("role") == "assistant":
                 parts.append(f"<div class='a'>{html.escape(str(turn.get('text', '')))}</div>")
             else:
-                call = f"{turn.get('name')}({json.dumps(turn.get('args', {}), ensure_ascii=False, default=str)})"
+                call = (f"{turn.get('name')}"
+                        f"({json.dumps(turn.get('args', {}), ensure_ascii=False, default=str)})")
                 parts.append(f"<div class='t'><b>{html.escape(call)}</b>\n"
                              f"{html.escape(str(turn.get('observation', ''))[:2000])}</div>")
                 if turn.get("image") is not None:

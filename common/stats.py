@@ -42,8 +42,7 @@ def bootstrap_ci(groups: list, stat, keys, n: int = 200, seed: int = 0) -> dict:
 
 
 def rate_bars(path: str, names: list[str], bars: dict[str, list],
-              intervals: dict[str, list] | None = None,
-              title: str = "") -> None:
+              intervals: dict[str, list] | None = None, title: str = "") -> None:
     """Grouped bars of rates on a 0-1 axis: one group per name, one bar per entry of `bars` (None
     draws 0); a bar label that `intervals` maps to [lo, hi] per name gets those as error bars."""
     import matplotlib.pyplot as plt

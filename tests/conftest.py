@@ -14,9 +14,8 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): on a
-    shared
-    2-core box, 2 OpenMP threads make tiny ops ~50x slower."""
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    on a shared 2-core box, 2 OpenMP threads make tiny ops ~50x slower."""
     import torch
     n = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -7,16 +7,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def all_tags_grammar():
-    """Every tag style the project's scripts use, in one Grammar (for core tests of the parser and
-    loop)."""
+    """Every tag style the project's scripts use, in one Grammar (for core tests of the parser
+    and loop)."""
     from common.tools import Grammar
     return Grammar(tags={"search": "text_search", "text_search": "text_search",
-                         "image_search": "image_search",
-                         "tool_call": "tool_call", "answer": "answer"},
+                         "image_search": "image_search", "tool_call": "tool_call",
+                         "answer": "answer"},
                    tool_names={"crop": "crop", "image_zoom_in_tool": "crop",
-                               "text_search": "text_search",
-                               "search": "text_search", "image_search": "image_search"},
-                               free=("think", "reason"))
+                               "text_search": "text_search", "search": "text_search",
+                               "image_search": "image_search"},
+                   free=("think", "reason"))
 
 
 def run_script(target: str, *argv: str, timeout: int = 300) -> subprocess.CompletedProcess:

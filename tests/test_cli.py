@@ -23,8 +23,8 @@ class Args:
 
 
 def test_parse_args():
-    a = parse_args(Args,
-                   ["--beta", "0.5", "--load_in_4bit", "false", "--no-lora", "--num-generations", "8"])
+    a = parse_args(Args, ["--beta", "0.5", "--load_in_4bit", "false", "--no-lora",
+                          "--num-generations", "8"])
     assert (a.beta, a.load_in_4bit, a.lora, a.num_generations) == (0.5, False, False, 8)
     assert parse_args(Args, ["--load_in_4bit", "none"]).load_in_4bit is None
     assert parse_args(Args, ["--load_in_4bit", "yes"]).load_in_4bit is True
@@ -46,7 +46,8 @@ def test_help_with_percent(capsys):
 import json  # noqa: E402
 import os  # noqa: E402
 
-from common.cli import RunArgs, build_parser, field_groups, given_flags, run_stages, start_adapter  # noqa: E402
+from common.cli import (RunArgs, build_parser, field_groups, given_flags,  # noqa: E402
+                        run_stages, start_adapter)
 from common.grpo import GRPOConfig  # noqa: E402
 from common.errors import UserError  # noqa: E402
 
@@ -68,23 +69,22 @@ def test_base_fields_are_inherited_and_redeclared_defaults_win():
     # the script's help wins
     assert field_docs(PaperArgs)["beta"] == "KL coefficient (Paper: 0.04)"
     g = field_groups(PaperArgs)
-    assert (g["model"], g["lora_r"], g["beta"],
-            g["n_scenes"]) == ("run", "model", "GRPO (TRL names)", "toy world")
+    assert ((g["model"], g["lora_r"], g["beta"], g["n_scenes"])
+            == ("run", "model", "GRPO (TRL names)", "toy world"))
 
 
 def test_help_is_grouped(capsys):
     with pytest.raises(SystemExit):
         build_parser(PaperArgs).parse_args(["--help"])
     out = capsys.readouterr().out
-    assert out.index("run:") < out.index("model:") < out.index("GRPO (TRL "
-                                                               "names):") < out.index("toy world:")
+    assert (out.index("run:") < out.index("model:") < out.index("GRPO (TRL names):")
+            < out.index("toy world:"))
     assert "Paper: 0.04" in out
 
 
 def test_abbreviations_are_refused(capsys):
     with pytest.raises(SystemExit):
-        # argparse's default would take it as --max_steps
-        parse_args(PaperArgs, ["--max_step", "5"])
+        parse_args(PaperArgs, ["--max_step", "5"])   # argparse would take it as --max_steps
     assert "unrecognized arguments: --max_step" in capsys.readouterr().err
 
 
@@ -98,8 +98,8 @@ def test_given_flags_sees_every_spelling():
 def test_grpo_config_carries_every_field():
     a = parse_args(PaperArgs, ["--micro_batch_size", "3", "--save_steps", "5", "--seed", "7"])
     cfg = GRPOConfig.of(a, max_steps=9)
-    assert (cfg.micro_batch_size, cfg.save_steps, cfg.seed, cfg.beta,
-            cfg.max_steps) == (3, 5, 7, 0.04, 9)
+    assert ((cfg.micro_batch_size, cfg.save_steps, cfg.seed, cfg.beta, cfg.max_steps)
+            == (3, 5, 7, 0.04, 9))
 
 
 def test_run_stages_order_tiny_sizes_and_args_json(tmp_path, capsys):
@@ -127,8 +127,8 @@ def test_user_error_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == "error: the file x.json:3 lacks 'answer'.\n"
     with pytest.raises(UserError):   # --debug shows the real exception
-        run_stages(PaperArgs, {"data": bad}, ["--out", str(tmp_path), "--stage", "data", "--debug"],
-                   file="p.py")
+        run_stages(PaperArgs, {"data": bad},
+                   ["--out", str(tmp_path), "--stage", "data", "--debug"], file="p.py")
 
 
 def test_check_runs_before_any_stage(tmp_path, capsys):
@@ -138,8 +138,7 @@ def test_check_runs_before_any_stage(tmp_path, capsys):
         raise UserError("--benchmarks b.jsonl does not exist.")
     with pytest.raises(SystemExit):
         run_stages(PaperArgs, {"data": lambda a: ran.append(1)}, ["--out", str(tmp_path)],
-                   file="p.py",
-                   check=check)
+                   file="p.py", check=check)
     assert ran == []
 
 

@@ -1,6 +1,6 @@
 # Run: pytest tests/test_data.py -q
-"""The shared record reader: JSON / JSON lines (also in .json) / CSV / parquet, encodings,
-images."""
+"""The shared record reader: JSON / JSON lines (also in .json) / CSV / parquet,
+encodings, images."""
 import io
 import json
 

@@ -43,7 +43,7 @@ SEARCHED = [turn("<reason>need the year</reason>\n<text_search>Kalo founded</tex
      {"reward": 1.0, "acc": 1.0, "format": 1.0}),
     ("malformed turn, then correct",
      [turn("<text_search>Kalo founded"), obs("error", "Error: unclosed"),
-                                      turn("<answer>1901</answer>")], "1901",
+      turn("<answer>1901</answer>")], "1901",
      {"reward": 0.9, "acc": 1.0, "format": 0.0}),
     ("no answer at all", [turn("I think it is 1901.")], None,
      {"reward": 0.0, "acc": 0.0, "format": 0.0}),
@@ -76,8 +76,8 @@ def test_world_is_deterministic_for_a_seed():
     for s in a.scenes:  # the contract prm_bench.py relies on
         assert s["image"].size == (224, 224)
         for t in s["tiles"]:
-            assert set(t) >= {"name", "box", "color", "shape", "is_distractor",
-                              "label"} and len(t["box"]) == 4
+            assert (set(t) >= {"name", "box", "color", "shape", "is_distractor", "label"}
+                    and len(t["box"]) == 4)
 
 
 def training_texts(world, args):
@@ -127,9 +127,9 @@ def test_oracle_replays_through_the_real_loop_and_states_only_what_it_saw(tiny):
     labels = [t["label"] for s in world.scenes for t in s["tiles"]]
     rng = random.Random(0)
     cases = ([(q, False, "gaze oracle") for q in world.questions]
-             + [(q, refl, "whole-image oracle") for q in
-             world.questions if q["kind"] == "gaze" for refl in (False,)] +
-             [(q, True, "gaze oracle") for q in world.questions if q["kind"] == "gaze"])
+             + [(q, refl, "whole-image oracle") for q in world.questions if q["kind"] == "gaze"
+                for refl in (False,)]
+             + [(q, True, "gaze oracle") for q in world.questions if q["kind"] == "gaze"])
     for q, reflective, policy in cases:
         turns, answer = gog.scripted_episode(world, q, policy, reflective, rng)
         texts = [t["text"] for t in turns if t["role"] == "assistant"]
@@ -138,28 +138,28 @@ def test_oracle_replays_through_the_real_loop_and_states_only_what_it_saw(tiny):
                            tools=gog.make_tools(*world.searchers(q["split"]), 3),
                            grammar=gog.GRAMMAR, max_turns=6,
                            max_tool_calls={"crop": 3, "image_search": 2, "text_search": 2},
-                           max_new_tokens=512,
-                           max_total_tokens=8192,
+                           max_new_tokens=512, max_total_tokens=8192,
                            generate=replay(tiny.tokenizer, texts))
         seen = [t["observation"] for t in r.trajectory if t["role"] == "tool"]
         # SFT == RL view
         assert seen == [t["observation"] for t in turns if t["role"] == "tool"], q["id"]
         if policy == "gaze oracle":
             assert gog.gog_reward(r.trajectory, r.answer, q["answers"])["reward"] == 1.0, q["id"]
-        # honesty: a name is stated only after the question or an observation
+        # honesty: a name is stated only after the question or an observation showed it;
+        # a tile label and a name together only after a crop search
         known, linked = q["question"], ""
-        # showed it; a tile label and a name together only after a crop search
         for t in r.trajectory:
             if t["role"] == "assistant":
-                assert not [n for n in names if n in t["text"] and n not in known], (q["id"], policy, t["text"])
+                assert not [n for n in names
+                            if n in t["text"] and n not in known], (q["id"], policy, t["text"])
                 for sentence in re.split(r"[.;]\s", t["text"]):
                     pairs = [n for n in names if n in sentence
                              and any(lb in sentence for lb in labels)]
                     assert not [n for n in pairs if n not in linked], (q["id"], policy, sentence)
             else:
                 known += " " + t["observation"]
-                linked += t["observation"] if t["observation"].startswith("Searched with "
-                                                                          "crop") else ""
+                linked += (t["observation"] if t["observation"].startswith("Searched with crop")
+                           else "")
         if q["kind"] == "gaze" and policy == "gaze oracle":
             stats = gog.tool_use_stats([r])
             assert stats["gaze_rate"] == 100.0 and stats["mixed_search_rate"] == 100.0
@@ -207,15 +207,14 @@ def test_judge_flag_reaches_every_accuracy(monkeypatch):
             return ["correct"] * len(batch)
     monkeypatch.setattr(gog, "load_judge", lambda name: FakeJudge() if name else None)
     rs = [Rollout(prompt_ids=[], answer="wrong", example={"question": "?", "answers": ["1901"]})]
-    assert gog.rollout_accs(rs,
-                            gog.Args()) == [0.0] and gog.rollout_accs(rs, gog.Args(judge="x")) == [1.0]
+    assert (gog.rollout_accs(rs, gog.Args()) == [0.0]
+            and gog.rollout_accs(rs, gog.Args(judge="x")) == [1.0])
 
 
-# 1.5x the 12-px tile around it: IoU 0.44
-@pytest.mark.parametrize("box, right", [([-6, -6, 18, 18], True),
-                                        # 11x the area
-                                        ([0, 0, 12, 12], True), ([0, 0, 40, 40], False),
-                                        ([3, 0, 15, 12], False),  # 75 % of the tile
+@pytest.mark.parametrize("box, right", [([-6, -6, 18, 18], True),  # the tile grown 1.5x: IoU 0.44
+                                        ([0, 0, 12, 12], True),
+                                        ([0, 0, 40, 40], False),   # 11x the area
+                                        ([3, 0, 15, 12], False),   # 75 % of the tile
                                         ([20, 20, 32, 32], False)])
 def test_gaze_correctness_rule(box, right):
     assert gog.crop_is_right(box, [0, 0, 12, 12]) is right
@@ -250,24 +249,21 @@ def test_stage_all_tiny_smoke(tmp_path):
     bench = write_mmsearch(tmp_path)
     p = run_gog("--stage", "all", "--model", "tiny", "--out", str(out), "--n_scenes", "4",
                 "--image_size", "112", "--max_new_tokens", "8", "--max_steps", "1",
-                "--sft_max_steps", "1",
-                "--levels_k", "2", "--filter_k", "2", "--num_generations", "2",
-                "--prompts_per_step", "1",
-                "--max_turns", "2", "--max_completion_length", "96", "--benchmarks",
-                f"MMSearch={bench}")
+                "--sft_max_steps", "1", "--levels_k", "2", "--filter_k", "2",
+                "--num_generations", "2", "--prompts_per_step", "1", "--max_turns", "2",
+                "--max_completion_length", "96", "--benchmarks", f"MMSearch={bench}")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "| gaze oracle |" in p.stdout and "[ablate] reuses" in p.stdout
     res = json.loads((out / "eval" / "results.json").read_text())
-    assert {"glance", "text", "image",
-            "gaze"} <= set(res["toy"]["by_kind"]) and res["Avg"] == res["benchmarks"]["MMSearch"]["F1"]
+    assert ({"glance", "text", "image", "gaze"} <= set(res["toy"]["by_kind"])
+            and res["Avg"] == res["benchmarks"]["MMSearch"]["F1"])
     assert set(res["toy"]["tool_use"]) >= {"no_search_rate", "single_type_rate",
                                            "mixed_search_rate", "gaze_rate",
-                                           "reflection_after_wrong_crop_rate", "decision_accuracy",
-                                           "format_rate"}
+                                           "reflection_after_wrong_crop_rate",
+                                           "decision_accuracy", "format_rate"}
     for f in ["data/oracle_trajectories.html", "data/scripted_policies.json",
-              "sft/adapter/adapter_config.json",
-              "levels/level2.jsonl", "rl/metrics.jsonl", "rl/summary.json",
-              "eval/trajectories.html", "ablate/ablate.png"]:
+              "sft/adapter/adapter_config.json", "levels/level2.jsonl", "rl/metrics.jsonl",
+              "rl/summary.json", "eval/trajectories.html", "ablate/ablate.png"]:
         assert (out / f).is_file(), f
     rl = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert {"reward", "rewards/acc", "rewards/format"} <= set(rl[0])
@@ -291,24 +287,22 @@ def test_full_sft_base_weights_travel_with_the_adapter(tmp_path):
     again = dict(rl.model.named_parameters())[name]
     assert torch.equal(again, weight) and not torch.equal(again, before) and not again.requires_grad
     rl.save_adapter(str(tmp_path / "rl" / "adapter"))
-    final = dict(gog.get_policy(args,
-                                str(tmp_path / "rl" / "adapter")).model.named_parameters())[name]
+    final = dict(gog.get_policy(args, str(tmp_path / "rl" / "adapter"))
+                 .model.named_parameters())[name]
     assert torch.equal(final, weight)
     plain = dict(gog.get_policy(args).model.named_parameters())[name]
     assert torch.equal(plain, before)   # a fresh load does not see them
 
 
 def test_sft_fields_reach_the_sft_config_and_the_help():
-    """gog's Args takes the SFT fields from common/sft.py's SFTArgs; sft_config maps them one to
-    one."""
+    """gog's Args takes the SFT fields from common/sft.py's SFTArgs; sft_config maps them
+    one to one."""
     from common.cli import field_groups
     from common.sft import sft_config
     cfg = sft_config(gog.Args(sft_learning_rate=3e-3, sft_epochs=8.0, sft_batch_size=5,
-                              sft_max_steps=7,
-                              micro_batch_size=2, seed=11))
+                              sft_max_steps=7, micro_batch_size=2, seed=11))
     assert (cfg.learning_rate, cfg.epochs, cfg.batch_size, cfg.max_steps, cfg.micro_batch_size,
-            cfg.seed) == \
-        (3e-3, 8.0, 5, 7, 2, 11)
+            cfg.seed) == (3e-3, 8.0, 5, 7, 2, 11)
     groups = field_groups(gog.Args)
     assert (groups["sft_epochs"] == groups["full_sft"] == "SFT"
             and groups["beta"] == "GRPO (TRL names)")

@@ -38,19 +38,16 @@ def write_infoseek(d):
     (d / "oven").mkdir(exist_ok=True)
     Image.new("RGB", (56, 56)).save(d / "oven" / "oven_0001.jpg")
     rows = [{"data_id": "val_0", "image_id": "oven_0001", "question": "What country?",
-             "answer": ["Germany"],
-             "answer_eval": ["Germany", "Federal Republic of Germany"],
+             "answer": ["Germany"], "answer_eval": ["Germany", "Federal Republic of Germany"],
              "data_split": "val_unseen_question"},
             {"data_id": "val_1", "image_id": "oven_0001", "question": "When built?",
-             "answer": ["1932"],
-             "answer_eval": [{"wikidata": 1932.0, "range": [1922.4, 1941.6]}],
+             "answer": ["1932"], "answer_eval": [{"wikidata": 1932.0, "range": [1922.4, 1941.6]}],
              "data_split": "val_unseen_entity"},
             {"data_id": "val_2", "image_id": "oven_0001", "question": "Which river?",
-             "answer": ["Rhine"],
-             "answer_eval": ["Rhine"], "data_split": "val_unseen_entity"},
+             "answer": ["Rhine"], "answer_eval": ["Rhine"], "data_split": "val_unseen_entity"},
             {"data_id": "val_3", "image_id": "oven_0001", "question": "Which sea?",
-             "answer": ["North Sea"],
-             "answer_eval": ["North Sea"], "data_split": "val_unseen_question"}]
+             "answer": ["North Sea"], "answer_eval": ["North Sea"],
+             "data_split": "val_unseen_question"}]
     (d / "infoseek_val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return d / "infoseek_val.jsonl"
 
@@ -68,8 +65,8 @@ def write_mmsearch(d):
 
 def write_simplevqa(d):
     rows = [{"data_id": i, "image": {"bytes": png(), "path": None}, "question": "What is shown?",
-             "answer": a,
-             "language": "EN"} for i, a in enumerate(["a red square", "Mount Fuji"])]
+             "answer": a, "language": "EN"}
+            for i, a in enumerate(["a red square", "Mount Fuji"])]
     pq.write_table(pa.Table.from_pylist(rows), d / "simplevqa.parquet")
     return d / "simplevqa.parquet"
 
@@ -79,17 +76,15 @@ def write_livevqa(d):
     Image.new("RGB", (56, 56)).save(d / "imgs" / "a.png")
     qa = {"question": "Which city?", "options": ["A. Paris", "B. Rome"], "Ground_Truth": "A",
           "Ground_Truth_List": ["Paris"]}
-    (d / "benchmark.json").write_text(json.dumps([{"id": 7, "img_path": "imgs/a.png",
-                                                   "level1_qa": qa,
-                                                   "level2_qa": dict(qa,
-                                                                     Ground_Truth_List=["Rome"])}]))
+    rows = [{"id": 7, "img_path": "imgs/a.png", "level1_qa": qa,
+             "level2_qa": dict(qa, Ground_Truth_List=["Rome"])}]
+    (d / "benchmark.json").write_text(json.dumps(rows))
     return d / "benchmark.json"
 
 
 def write_dynvqa(d):
     rows = [{"image_url": "https://example.org/pics/q1.jpg?x=1", "question": "Who is the CEO?",
-             "question_id": "d1",
-             "answer": ["Alice", "爱丽丝"]}]
+             "question_id": "d1", "answer": ["Alice", "爱丽丝"]}]
     (d / "DynVQA_en.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                for r in rows))
     return d / "DynVQA_en.jsonl"
@@ -99,12 +94,11 @@ RIGHT_WRONG = {  # (benchmark, writer, {id: answer}, expected headline %)
     "FVQA": (write_fvqa, {"fvqa-0": "la tour eiffel", "fvqa-1": "Big Ben"}, 50.0),
     "InfoSeek": (write_infoseek,
                  {"val_0": "Federal Republic of Germany", "val_1": "about 1930", "val_2": "Danube",
-                              "val_3": "the North Sea"},
+                  "val_3": "the North Sea"},
                  # unseen_question 100 %, unseen_entity 50 %: harmonic mean 66.7, not 75
                  2 / (1 / 100 + 1 / 50)),
-    # F1 6/7, 0
     "MMSearch": (write_mmsearch, {"m0": "Eiffel Tower in Paris", "m1": "Bob"},
-                 100 * (2 * 3 / 7) / 2),
+                 100 * (2 * 3 / 7) / 2),   # F1 6/7, 0
     "SimpleVQA": (write_simplevqa, {"0": "A red square.", "1": "Kilimanjaro"}, 50.0),
     "LiveVQA": (write_livevqa, {"7-level1_qa": "Paris", "7-level2_qa": "Paris"}, 50.0),
 }
@@ -160,13 +154,13 @@ def test_broken_rows_name_file_and_row(tmp_path):
 def test_eval_scores_a_predictions_file_avg_over_real_benchmarks_in_percent(tmp_path):
     fvqa, mms = write_fvqa(tmp_path), write_mmsearch(tmp_path)
     preds = tmp_path / "answers.jsonl"
-    preds.write_text("".join(json.dumps({"id": i, "answer": a}) for i, a in []) +
-                     "\n".join(json.dumps({"id": i, "answer": a}) for i, a in
-                               [("fvqa-0", "Eiffel Tower"), ("fvqa-1", "Eiffel "
-                                                             "Tower"), ("m0", "Bob")]) + "\n")
-    gog.main(["--stage", "eval", "--model", "tiny", "--out", str(tmp_path / "run"), "--predictions",
-              str(preds),
-              "--benchmarks", f"FVQA={fvqa},MMSearch={mms}"])
+    preds.write_text("".join(json.dumps({"id": i, "answer": a}) for i, a in [])
+                     + "\n".join(json.dumps({"id": i, "answer": a})
+                                 for i, a in [("fvqa-0", "Eiffel Tower"),
+                                              ("fvqa-1", "Eiffel Tower"), ("m0", "Bob")])
+                     + "\n")
+    gog.main(["--stage", "eval", "--model", "tiny", "--out", str(tmp_path / "run"),
+              "--predictions", str(preds), "--benchmarks", f"FVQA={fvqa},MMSearch={mms}"])
     res = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
     assert res["benchmarks"]["FVQA"]["EM"] == 100.0 and res["benchmarks"]["MMSearch"]["F1"] == 0.0
     assert res["benchmarks"]["MMSearch"]["missing_answers"] == 1

@@ -1,11 +1,10 @@
-# Run: pytest tests/test_gpu_check.py -q      (CPU, ~1 minute under shared load; the real-width CPU
-# smoke:
-#      pytest -m slow tests/test_gpu_check.py, 3-8 minutes)
+# Run: pytest tests/test_gpu_check.py -q      (CPU, ~1 minute under shared load;
+#      the real-width CPU smoke: pytest -m slow tests/test_gpu_check.py, 3-8 minutes)
 """The prepared GPU check cannot rot: its dry run lists every step, the GPU plan's every command
 line parses with the script it calls, its CI smoke runs every step end to end on the tiny preset
-(pytest collecting the CUDA tests, a bench step, gog --stage all) and writes the summary, its pytest
-judge fails
-skipped CUDA tests, and its budget judge fails a peak over budget or a missing figure."""
+(pytest collecting the CUDA tests, a bench step, gog --stage all) and writes the summary, its
+pytest judge fails skipped CUDA tests, and its budget judge fails a peak over budget or a missing
+figure."""
 import json
 import os
 import subprocess
@@ -41,16 +40,14 @@ def test_dry_run_lists_every_step(tmp_path):
 
 def test_every_gpu_command_parses_with_its_script(tmp_path):
     """The CI smoke runs the steps at toy size; the GPU plan's own flags (--random-weights,
-    --save_model,
-    --load_in_4bit, --vs-trl, gog's sizes) are checked here against the parsers of the scripts they
-    call."""
+    --save_model, --load_in_4bit, --vs-trl, gog's sizes) are checked here against the parsers of
+    the scripts they call."""
     import gog
     from common.perf import bench
     from common.cli import parse_args
     steps = plan(Args(out=str(tmp_path / "g"), work=str(tmp_path / "m")))
     assert [s["name"] for s in steps] == ["pytest_gpu", "build_3b", "bench_3b", "bench_3b_text",
-                                          "build_7b",
-                                          "bench_7b", "gog_3b"]
+                                          "build_7b", "bench_7b", "gog_3b"]
     for s in steps[1:]:
         argv = s["cmd"][3:]
         if s["name"].startswith("gog"):
@@ -60,8 +57,8 @@ def test_every_gpu_command_parses_with_its_script(tmp_path):
         else:
             a = parse_args(bench.Args, argv)
             assert a.save_model or (a.load_in_4bit and a.gradient_checkpointing
-                                    and a.num_generations == 8
-                                    and a.max_new_tokens == 512 and a.beta == 0.04)
+                                    and a.num_generations == 8 and a.max_new_tokens == 512
+                                    and a.beta == 0.04)
 
 
 def test_pytest_judge_counts_skips_as_failures():
@@ -73,11 +70,9 @@ def test_pytest_judge_counts_skips_as_failures():
     assert (c["failed"], c["passed"], c["error"]) == (1, 8, 1)
     log = gpu_check.Log(None)
     ok = gpu_check.run_step({"name": "pytest_gpu",
-                             "cmd": ["python", "-c", "print('9 passed in 1.0s')"]},
-                            log, 60)
+                             "cmd": ["python", "-c", "print('9 passed in 1.0s')"]}, log, 60)
     skip = gpu_check.run_step({"name": "pytest_gpu",
-                               "cmd": ["python", "-c", "print('9 skipped in 1.0s')"]},
-                              log, 60)
+                               "cmd": ["python", "-c", "print('9 skipped in 1.0s')"]}, log, 60)
     none = gpu_check.run_step({"name": "pytest_gpu",
                                "cmd": ["python", "-c", "print('no tests ran'); exit(5)"]},
                               log, 60)
@@ -85,10 +80,9 @@ def test_pytest_judge_counts_skips_as_failures():
 
 
 def test_ci_smoke_runs_every_step(tmp_path, monkeypatch):
-    """The whole check at toy size, in CI: pytest collects the CUDA tests, the bench runs one GRPO
-    step on
-    the tiny preset with an image, gog runs every stage on tiny; summary.json, the log and the
-    budgets."""
+    """The whole check at toy size, in CI: pytest collects the CUDA tests, the bench runs one
+    GRPO step on the tiny preset with an image, gog runs every stage on tiny; summary.json, the
+    log and the budgets."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out_dir = tmp_path / "g"
     rc = gpu_check.main([str(out_dir), "--ci-smoke", "--work", str(tmp_path / "models")])
@@ -102,7 +96,7 @@ def test_ci_smoke_runs_every_step(tmp_path, monkeypatch):
     bench = summary["steps"]["bench_tiny"]["result"]
     assert bench["ours"]["gen_tokens"] == 2 * 2 and bench["ours"]["peak_gb"] > 0
     line = next(ln for ln in log.splitlines() if ln.startswith("[gpu_check] ok   bench_tiny"))
-    # the summary line
+    # the summary line says it too
     assert 0 < bench["limits"]["decode_fraction"] and "of the bandwidth bound" in line, line
     assert summary["steps"]["gog_tiny"]["result"]["peak_gb"] > 0
     assert ((out_dir / "gog_tiny" / "rl").is_dir()

@@ -159,9 +159,8 @@ def docs_paths(root: Path) -> list[str]:
     for p in our_files(root).values():
         tree = ast.parse(p.read_text())
         docstrings = {id(n.body[0].value) for n in ast.walk(tree)
-                      if isinstance(n,
-                                    (ast.Module, ast.ClassDef, ast.FunctionDef,
-                                     ast.AsyncFunctionDef))
+                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                        ast.AsyncFunctionDef))
                       and n.body and isinstance(n.body[0], ast.Expr)
                       and isinstance(n.body[0].value, ast.Constant)}
         # "docs" alone counts where it builds a path: an operand of / or an argument of a call
@@ -194,9 +193,8 @@ RULES = {"circles": circles, "late_imports": late_imports, "lonely": lonely_core
 PENDING = {"long_lines"}  # until the reflow lands
 
 
-@pytest.mark.parametrize("rule",
-                         [pytest.param(r, marks=pytest.mark.xfail(strict=True)) if r in PENDING
-                                  else r for r in RULES])
+@pytest.mark.parametrize("rule", [pytest.param(r, marks=pytest.mark.xfail(strict=True))
+                                  if r in PENDING else r for r in RULES])
 def test_the_tree_keeps_the_rule(rule):
     assert RULES[rule](ROOT) == []
 
@@ -222,8 +220,8 @@ PLANTS = {
     "lonely": {"common/alone.py": "X = 1\n", "a.py": "from common.alone import X\n"},
     "foreign_benchmarks": {"b.py": "from common.benchmarks.a import read\n"},
     "docs_paths": {"common/standins/toy.py": "from pathlib import Path\n\n\ndef world():\n"
-                                             "    return (Path('.') / 'docs' / "
-                                             "'w.json').read_text()\n"},
+                                             "    return (Path('.') / 'docs'"
+                                             " / 'w.json').read_text()\n"},
     "long_lines": {"a.py": "X = '" + "x" * 100 + "'\n"},
 }
 

@@ -21,9 +21,8 @@ QUESTIONS = [
     "Which animal says moo?", "What is the opposite of hot?", "What do bees make?",
     "What is frozen water called?", "Which planet do we live on?", "What is the largest ocean?",
     "What fruit is yellow and curved?", "What do you call a baby cat?",
-    "How many legs does a spider have?",
-    "What is the main language of Spain?", "What gas do plants absorb?",
-    "Which season comes after winter?",
+    "How many legs does a spider have?", "What is the main language of Spain?",
+    "What gas do plants absorb?", "Which season comes after winter?",
     "What is the colour of grass?", "Which metal is liquid at room temperature?",
 ]
 

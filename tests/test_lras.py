@@ -1,5 +1,5 @@
-# Run: pytest tests/test_lras.py -q        (the smollm2 eval run: pytest tests/test_lras.py -q -m
-# slow)
+# Run: pytest tests/test_lras.py -q
+# (the smollm2 eval run: pytest tests/test_lras.py -q -m slow)
 """lras.py: toy legal world, loaders (MCQ / short answer / Chinese / broken rows), pruning,
 the <information> mask in SFT samples, the difficulty filter and sampler, the reward, the search
 statistics, the agent loop on scripted (malformed) outputs, and a tiny end-to-end smoke run."""
@@ -90,8 +90,8 @@ def test_noisy_oracle_error_model_and_boundary_filter(world):
     assert mean[0] > mean[1] > mean[2]          # error = 0.1 * (1 + hops)
     assert abs(mean[2] - 0.7) < 0.1
     never_wrong = lras.Args(teacher_samples=8, teacher_error=0.0, teacher_detour=0.0)
-    assert all(lras.score(a, q) == 1 for q,
-               ss in zip(train, lras.teacher_samples(never_wrong, world, train))
+    assert all(lras.score(a, q) == 1
+               for q, ss in zip(train, lras.teacher_samples(never_wrong, world, train))
                for _, a in ss)
 
 
@@ -151,8 +151,8 @@ def test_sft_sample_masks_information_exactly(world, tok_policy):
     # (the system prompt names the tag too)
     assert untrained.count("<information>Doc 1(Title:") == 2
     assert "You are a legal assistant" in untrained and q["question"][:30] in untrained
-    assert trained.replace("<|im_end|>",
-                           "") == "".join(t["text"] for t in turns if t["role"] == "assistant")
+    assert (trained.replace("<|im_end|>", "")
+            == "".join(t["text"] for t in turns if t["role"] == "assistant"))
     assert enc.input_ids[-1] == tok.eos_token_id and enc.loss_mask[-1] == 1
     # the whole sequence is prompt + assistant + inline observation, nothing else
     full = tok.decode(enc.input_ids)
@@ -181,8 +181,7 @@ def test_difficulty_filter_and_weighted_sampler():
 # reward and eval statistics
 # ---------------------------------------------------------------------------------------------
 MCQ = {"type": "mcq", "rule": "choice", "options": {"A": "x", "B": "y", "C": "z", "D": "w"},
-       "answer": "B",
-       "golds": ["B"]}
+       "answer": "B", "golds": ["B"]}
 SHORT = {"type": "short", "rule": "closed", "options": {}, "answer": "2 to 5 years",
          "golds": ["2 to 5 years"]}
 
@@ -192,11 +191,11 @@ def test_reward_terms():
             {"role": "tool", "name": "text_search", "args": {"query": "q"}, "observation": "o"},
             {"role": "assistant", "text": "<think>b</think><answer>B</answer>"}]
     assert lras.lras_reward(good, "B", MCQ) == {"reward": 1.1, "acc": 1.0, "format": 1.0}
-    assert lras.lras_reward(good, "C",
-                            MCQ) == {"reward": pytest.approx(0.1), "acc": 0.0, "format": 1.0}
+    assert (lras.lras_reward(good, "C", MCQ)
+            == {"reward": pytest.approx(0.1), "acc": 0.0, "format": 1.0})
     no_think = [{"role": "assistant", "text": "<answer>2 to 5 years</answer>"}]
-    assert lras.lras_reward(no_think, "2 to 5 years",
-                            SHORT) == {"reward": 1.0, "acc": 1.0, "format": 0.0}
+    assert (lras.lras_reward(no_think, "2 to 5 years", SHORT)
+            == {"reward": 1.0, "acc": 1.0, "format": 0.0})
     malformed = [{"role": "assistant", "text": "<think>x</think><search>oops"},
                  {"role": "tool", "name": "error", "args": {}, "observation": "Error: unclosed"}]
     assert lras.lras_reward(malformed, None, SHORT) == {"reward": 0.0, "acc": 0.0, "format": 0.0}
@@ -208,8 +207,7 @@ def test_reward_terms():
 
 def fake_rollout(searches, answer, example):
     return Rollout(prompt_ids=[], tool_calls={"text_search": searches} if searches else {},
-                   answer=answer,
-                   turns=searches + 1, example=example)
+                   answer=answer, turns=searches + 1, example=example)
 
 
 def test_search_stats_by_hand():
@@ -246,8 +244,8 @@ def test_agent_loop_reprompts_and_searches(world, tok_policy):
                 for _ in seqs]
     args = lras.Args(max_completion_length=4096, max_new_tokens=64)
     [r] = lras.agent_rollouts(tok_policy, [q], args, world.search, 1, 1.0, generate=gen)
-    assert [t.get("name") for t in r.trajectory if t["role"] == "tool"] == ["reprompt", "error",
-                                                                            "text_search"]
+    assert ([t.get("name") for t in r.trajectory if t["role"] == "tool"]
+            == ["reprompt", "error", "text_search"])
     assert r.answer == q["answer"] and r.tool_calls == {"text_search": 1}
     assert lras.score(r.answer, q) == 1.0 and not lras.format_ok(r.trajectory)
     assert f"(Title: {art})" in r.trajectory[-2]["observation"]
@@ -324,15 +322,14 @@ def test_data_stage_validates_user_file(tmp_path):
             "--field_question", "statement", "--field_options", "option_list")
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads((tmp_path / "data" / "summary.json").read_text())["data_file"]["records"] == 2
-    bad = run("--stage", "data", "--out", str(tmp_path), "--data_file",
-              str(FIX / "bad_answer.jsonl"))
+    bad = run("--stage", "data", "--out", str(tmp_path),
+              "--data_file", str(FIX / "bad_answer.jsonl"))
     assert bad.returncode != 0 and "bad_answer.jsonl:3:" in bad.stderr
 
 
 def test_smoke_all_tiny(tmp_path):
     p = run("--stage", "all", "--model", "tiny", "--out", str(tmp_path), "--n_charges", "6",
-            "--test_charges", "2",
-            "--difficulty_k", "2", "--max_steps", "1",
+            "--test_charges", "2", "--difficulty_k", "2", "--max_steps", "1",
             "--num_generations", "2", "--prompts_per_step", "1", "--eval_questions", "4",
             "--max_new_tokens", "12", "--max_completion_length", "64", "--sft_max_steps", "2",
             "--max_turns", "3",
@@ -340,8 +337,7 @@ def test_smoke_all_tiny(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
     for key in ("search_rate", "searches_per_question", "accuracy_searched",
-                "accuracy_not_searched",
-                "failures_without_search", "multi_search_rate"):
+                "accuracy_not_searched", "failures_without_search", "multi_search_rate"):
         assert key in res["search"]["toy"]
     assert ("toy" in res["score"] and "short_zh" in res["score"]
             and "short_zh/penalty" in res["score"])
@@ -351,8 +347,7 @@ def test_smoke_all_tiny(tmp_path):
     # 64 tokens: said
     assert sft["data"]["too_long"] > 0 and "some searches can never earn reward" in p.stdout
     diff = json.loads((tmp_path / "rl" / "summary.json").read_text())["difficulty"]
-    # the whole training set (4 train charges x 8 tasks), not 12
-    assert diff["pool"] == 4 * 8
+    assert diff["pool"] == 4 * 8   # the whole training set (4 train charges x 8 tasks), not 12
     # the rl stage's model load
     rl_load = p.stdout[p.stdout.index("stage sft took"):p.stdout.index("[rl] ")]
     assert "adapter" in rl_load and "sft/adapter" in rl_load and "fresh LoRA" not in rl_load
@@ -361,24 +356,24 @@ def test_smoke_all_tiny(tmp_path):
     assert (abl["table"]["SFT+RL uniform"]["uniform_sampling"]
             and abl["table"]["base"]["adapter_sha256"] is None)
     # the tiny model solves nothing, so the filter is empty and both RL variants train uniformly
-    # (with
-    # all rewards 0 not even away from SFT): the same adapter, which the results must say, not
-    # compare
+    # (with all rewards 0 not even away from SFT): the same adapter, which the results must say,
+    # not compare
     if abl["table"]["SFT+RL difficulty"]["sampling_used"] == "uniform":
         assert any({"SFT+RL difficulty", "SFT+RL uniform"} <= set(g)
                    for g in abl["identical_adapters"])
 
 
 def test_eval_on_user_file_without_corpus_is_one_clear_error(tmp_path):
-    p = run("--stage", "eval", "--model", "tiny", "--out", str(tmp_path), "--data_file",
-            str(FIX / "short_zh.csv"))
+    p = run("--stage", "eval", "--model", "tiny", "--out", str(tmp_path),
+            "--data_file", str(FIX / "short_zh.csv"))
     assert p.returncode != 0 and "--corpus_file" in p.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow
 def test_smollm2_eval_runs(tmp_path):
-    p = run("--stage", "eval", "--model", "smollm2", "--out", str(tmp_path), "--eval_questions", "8",
-            "--max_new_tokens", "64", "--max_completion_length", "512", timeout=1800)
+    p = run("--stage", "eval", "--model", "smollm2", "--out", str(tmp_path),
+            "--eval_questions", "8", "--max_new_tokens", "64", "--max_completion_length", "512",
+            timeout=1800)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert res["n"]["toy"] == 8 and 0.0 <= res["score"]["toy"] <= 1.0
@@ -405,15 +400,14 @@ def test_at_the_defaults_a_search_then_correct_answer_gets_the_full_reward(world
     args = lras.Args()
     lras.size_budgets(args, tok_policy, world)
     q = next(q for q in world.questions if q["hops"] == 2)
-    # a detour + 2 searches
-    turns, _ = lras.oracle_trajectory(world, q, random.Random(0), 0.0, 1.0)
+    turns, _ = lras.oracle_trajectory(world, q, random.Random(0), 0.0, 1.0)   # detour + 2 searches
     assert sum(t["role"] == "tool" for t in turns) == 3
     gen = scripted(turns, tok_policy.tokenizer.eos_token_id)
     [r] = lras.agent_rollouts(tok_policy, [q], args, world.search, 1, 1.0, generate=gen)
     assert r.tool_calls == {"text_search": 3} and r.answer == q["answer"]
     assert lras.lras_reward(r.trajectory, r.answer, q)["reward"] == pytest.approx(1.1)
-    # every oracle SFT sample fits the sized budget (before: 192 tokens cut most of them before the
-    # answer)
+    # every oracle SFT sample fits the sized budget
+    # (before: 192 tokens cut most of them before the answer)
     for q in world.questions:
         enc = lras.sft_sample(tok_policy, q,
                               lras.oracle_trajectory(world, q, random.Random(1), 0.0, 1.0)[0])
@@ -428,16 +422,15 @@ def test_oracle_queries_never_contain_the_gold(world):
             turns, _ = lras.oracle_trajectory(world, q, rng, 0.0, 0.5)
             for t in turns:
                 if t["role"] == "tool":
-                    assert gold.lower() not in t["args"]["query"].lower(), (q["id"],
-                                                                            t["args"]["query"])
+                    assert gold.lower() not in t["args"]["query"].lower(), \
+                        (q["id"], t["args"]["query"])
 
 
 @pytest.mark.parametrize("pred, gold, expected", [
     ("yes or no", "yes", 0.0), ("yes or no", "no", 0.0), ("Yes, it is above.", "yes", 1.0),
-    ("no", "yes", 0.0),
-    ("4,200 marks", "4200", 1.0), ("4200 or 4300", "4200", 0.0),
-    ("2 to 5 years", "2 to 5 years", 1.0),
-    ("2 to 5 years, or 3 to 7 years", "2 to 5 years", 0.0), ("是", "是", 1.0), ("是否", "是", 0.0),
+    ("no", "yes", 0.0), ("4,200 marks", "4200", 1.0), ("4200 or 4300", "4200", 0.0),
+    ("2 to 5 years", "2 to 5 years", 1.0), ("2 to 5 years, or 3 to 7 years", "2 to 5 years", 0.0),
+    ("是", "是", 1.0), ("是否", "是", 0.0),
 ])
 def test_closed_class_golds_are_matched_exactly(pred, gold, expected):
     ex = {"rule": lras.answer_rule(gold), "golds": [gold], "options": {}}
@@ -450,15 +443,17 @@ def write(path, text, encoding="utf-8"):
 
 
 LAWBENCH = [{"instruction": "请你做选择题，把答案写在[正确答案]和<eoa>之间。",
-             "question": "甲盗窃他人财物，应以何罪论处？A:盗窃罪\nB:诈骗罪\nC:抢劫罪\nD:侵占罪", "answer": "正确答案：A。"},
-            {"instruction": "根据事实预测罪名。", "question": "被告人窃取财物并骗取钱款。", "answer": "罪名:盗窃;诈骗"}]
+             "question": "甲盗窃他人财物，应以何罪论处？A:盗窃罪\nB:诈骗罪\nC:抢劫罪\nD:侵占罪",
+             "answer": "正确答案：A。"},
+            {"instruction": "根据事实预测罪名。", "question": "被告人窃取财物并骗取钱款。",
+             "answer": "罪名:盗窃;诈骗"}]
 
 
-@pytest.mark.parametrize("pred, expected",
-                         [("A", 1.0), ("[正确答案]A<eoa>", 1.0), ("C", 0.0), ("A或B", 0.0),
-                                            ("我不知道", 0.0)])
+@pytest.mark.parametrize("pred, expected", [("A", 1.0), ("[正确答案]A<eoa>", 1.0), ("C", 0.0),
+                                            ("A或B", 0.0), ("我不知道", 0.0)])
 def test_lawbench_mcq_letters_anywhere(tmp_path, pred, expected):
-    rows = lras.load_benchmark(write(tmp_path / "1-2.json", json.dumps(LAWBENCH, ensure_ascii=False)), ARGS)
+    rows = lras.load_benchmark(write(tmp_path / "1-2.json",
+                                     json.dumps(LAWBENCH, ensure_ascii=False)), ARGS)
     mcq = rows[0]
     assert mcq["rule"] == "lawbench_mcq" and mcq["answer"] == "A" and mcq["task"] == "1-2"
     prompt = lras.make_messages(mcq)[1]["content"]
@@ -467,10 +462,12 @@ def test_lawbench_mcq_letters_anywhere(tmp_path, pred, expected):
     assert lras.score(pred, mcq) == expected
 
 
-@pytest.mark.parametrize("pred, expected", [("盗窃;诈骗", 1.0), ("罪名:诈骗、盗窃", 1.0), ("盗窃", 2 / 3),
-                                            ("抢劫", 0.0), ("盗窃;诈骗;抢劫", 1.0)])
+@pytest.mark.parametrize("pred, expected", [("盗窃;诈骗", 1.0), ("罪名:诈骗、盗窃", 1.0),
+                                            ("盗窃", 2 / 3), ("抢劫", 0.0),
+                                            ("盗窃;诈骗;抢劫", 1.0)])
 def test_lawbench_charge_f1(tmp_path, pred, expected):
-    rows = lras.load_benchmark(write(tmp_path / "3-3.json", json.dumps(LAWBENCH, ensure_ascii=False)), ARGS)
+    rows = lras.load_benchmark(write(tmp_path / "3-3.json",
+                                     json.dumps(LAWBENCH, ensure_ascii=False)), ARGS)
     charge = rows[1]
     assert charge["rule"] == "lawbench_charge_f1" and charge["golds"] == ["盗窃", "诈骗"]
     # (the charge list is the file's golds: "抢劫" is not in it, so it is not a false positive here)
@@ -478,18 +475,22 @@ def test_lawbench_charge_f1(tmp_path, pred, expected):
 
 
 def test_lawbench_instruction_style_export(tmp_path):
-    rows = [{"system": "你是法律助手。", "query": "下列哪项正确？\nA:甲\nB:乙\nC:丙\nD:丁", "response": "正确答案:B"}]
+    rows = [{"system": "你是法律助手。", "query": "下列哪项正确？\nA:甲\nB:乙\nC:丙\nD:丁",
+             "response": "正确答案:B"}]
     [r] = lras.load_benchmark(write(tmp_path / "lawbench_chat.jsonl", "\n".join(
         json.dumps(x, ensure_ascii=False) for x in rows)), ARGS)
-    assert r["rule"] == "lawbench_mcq" and "你是法律助手" in r["question"] and "B:乙" in r["question"]
+    assert (r["rule"] == "lawbench_mcq" and "你是法律助手" in r["question"]
+            and "B:乙" in r["question"])
     assert lras.score("[正确答案]B<eoa>", r) == 1.0 and lras.score("A", r) == 0.0
 
 
-@pytest.mark.parametrize("pred, expected", [("ABCD", 1.0), ("答案：ABCD。解析：A项正确，B项……", 1.0),
+@pytest.mark.parametrize("pred, expected", [("ABCD", 1.0),
+                                            ("答案：ABCD。解析：A项正确，B项……", 1.0),
                                             ("A、B、C、D", 1.0), ("ABC", 0.0), ("DCBA", 0.0)])
 def test_lexeval_json_lines_in_dot_json_exact_letters(tmp_path, pred, expected):
-    rows = [{"instruction": "请回答多项选择题。", "input": "以下哪些是主刑？A.管制 B.拘役 C.有期徒刑 D.死刑",
-             "answer": "ABCD"}, {"instruction": "请回答单选题。", "input": "问题？A.x B.y", "answer": "B"}]
+    rows = [{"instruction": "请回答多项选择题。",
+             "input": "以下哪些是主刑？A.管制 B.拘役 C.有期徒刑 D.死刑", "answer": "ABCD"},
+            {"instruction": "请回答单选题。", "input": "问题？A.x B.y", "answer": "B"}]
     multi, single = lras.load_benchmark(write(tmp_path / "1_1.json", "\n".join(
         json.dumps(x, ensure_ascii=False) for x in rows)), ARGS)
     assert multi["rule"] == "lexeval_exact" and multi["golds"] == ["ABCD"]
@@ -498,35 +499,40 @@ def test_lexeval_json_lines_in_dot_json_exact_letters(tmp_path, pred, expected):
     assert lras.score("B", single) == 1.0 and lras.score("AB", single) == 0.0
 
 
-@pytest.mark.parametrize("pred, expected", [("AC", 1.0), ("答案是A和C", 1.0), ("A", 0.0), ("ACD", 0.0)])
+@pytest.mark.parametrize("pred, expected", [("AC", 1.0), ("答案是A和C", 1.0), ("A", 0.0),
+                                            ("ACD", 0.0)])
 def test_jecqa_exact_set_match(tmp_path, pred, expected):
     row = {"id": "j1", "statement": "下列哪些属于主刑？",
            "option_list": {"A": "管制", "B": "罚金", "C": "拘役", "D": "没收财产"},
            "answer": ["A", "C"]}
-    [r] = lras.load_benchmark(write(tmp_path / "0_test.json", json.dumps(row, ensure_ascii=False) + "\n"), ARGS)
+    [r] = lras.load_benchmark(write(tmp_path / "0_test.json",
+                                    json.dumps(row, ensure_ascii=False) + "\n"), ARGS)
     assert (r["rule"] == "jecqa_set" and r["answer"] == "AC"
             and "C. 拘役" in lras.make_messages(r)[1]["content"])
     assert lras.score(pred, r) == expected
 
 
 def test_jecqa_options_as_a_list_are_lettered_like_any_other_file(tmp_path):
-    # one options reader for every schema (common/benchmarks/lras.legal_options): a list is lettered
-    # A, B, ...
-    row = {"id": "j2", "statement": "下列哪个属于主刑？", "option_list": ["罚金", "拘役"], "answer": "B"}
-    [r] = lras.load_benchmark(write(tmp_path / "1_test.json", json.dumps(row, ensure_ascii=False) + "\n"), ARGS)
-    assert r["options"] == {"A": "罚金",
-                            "B": "拘役"} and r["answer"] == "B" and lras.score("B", r) == 1.0
+    # one options reader for every schema (common/benchmarks/lras.legal_options):
+    # a list is lettered A, B, ...
+    row = {"id": "j2", "statement": "下列哪个属于主刑？", "option_list": ["罚金", "拘役"],
+           "answer": "B"}
+    [r] = lras.load_benchmark(write(tmp_path / "1_test.json",
+                                    json.dumps(row, ensure_ascii=False) + "\n"), ARGS)
+    assert (r["options"] == {"A": "罚金", "B": "拘役"} and r["answer"] == "B"
+            and lras.score("B", r) == 1.0)
 
 
 def test_csv_option_columns_empty_column_a_to_t_gbk_and_prefixed_answers(tmp_path):
     head = ",".join(["question"] + [chr(65 + i) for i in range(20)] + ["answer"])
     mcq20 = ",".join(["第二十个选项是哪个？"] + [f"选项{i}" for i in range(20)] + ["答案：T"])
-    empty_a = ",".join(["哪一条规定盗窃罪？", ""] + ["第264条", "第266条", "第263条"] + [""] * 16 + ["正确答案：B。"])
+    empty_a = ",".join(["哪一条规定盗窃罪？", ""] + ["第264条", "第266条", "第263条"] + [""] * 16
+                       + ["正确答案：B。"])
     short = ",".join(["盗窃罪最高刑期？"] + [""] * 20 + ["无期徒刑"])
     a_gold = ",".join(["Which?", "x", "y", "z", "w"] + [""] * 16 + ["A"])
     rows = lras.load_benchmark(write(tmp_path / "export.csv",
-                                     "\n".join([head, mcq20, empty_a, short, a_gold]),
-                                     "gbk"), ARGS)
+                                     "\n".join([head, mcq20, empty_a, short, a_gold]), "gbk"),
+                               ARGS)
     # MCQ per row
     assert [r["rule"] for r in rows] == ["choice", "choice", "sub_exact", "choice"]
     assert rows[0]["answer"] == "T" and "T. 选项19" in lras.make_messages(rows[0])[1]["content"]
@@ -534,7 +540,8 @@ def test_csv_option_columns_empty_column_a_to_t_gbk_and_prefixed_answers(tmp_pat
     # the empty column A is left out
     assert set(rows[1]["options"]) == {"B", "C", "D"} and rows[1]["answer"] == "B"
     assert lras.score("答案是B", rows[1]) == 1.0 and lras.score("C", rows[1]) == 0.0
-    assert lras.score("无期徒刑", rows[2]) == 1.0 and rows[2]["question"] == "盗窃罪最高刑期？"   # GBK read
+    # GBK read
+    assert lras.score("无期徒刑", rows[2]) == 1.0 and rows[2]["question"] == "盗窃罪最高刑期？"
     # "A" is not an article here
     assert lras.score("A", rows[3]) == 1.0 and lras.score("B", rows[3]) == 0.0
 
@@ -545,8 +552,7 @@ def test_eval_scores_a_predictions_file_without_a_model(tmp_path):
         {"id": f"{tmp_path / '3-3.json'}:item 1", "prediction": "[正确答案]A<eoa>"},
         {"id": f"{tmp_path / '3-3.json'}:item 2", "prediction": "盗窃"}]))
     p = run("--stage", "eval", "--model", "no-such-model", "--out", str(tmp_path / "out"),
-            "--data_file", data,
-            "--predictions", preds)
+            "--data_file", data, "--predictions", preds)
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads((tmp_path / "out" / "eval" / "results.json").read_text())
     assert res["score"]["3-3"] == pytest.approx((1 + 2 / 3) / 2)
@@ -555,7 +561,8 @@ def test_eval_scores_a_predictions_file_without_a_model(tmp_path):
 
 def test_a_gold_letter_without_option_fields_is_a_letter_not_an_article(tmp_path):
     rows = [{"question": "Which applies? A. theft B. fraud", "answer": "A"}]
-    [one] = lras.load_benchmark(write(tmp_path / "q.jsonl", "\n".join(json.dumps(r) for r in rows)), ARGS)
+    [one] = lras.load_benchmark(write(tmp_path / "q.jsonl",
+                                      "\n".join(json.dumps(r) for r in rows)), ARGS)
     assert one["rule"] == "choice" and lras.score("A", one) == 1.0 and lras.score("B", one) == 0.0
     assert lras.score("The answer is A", one) == 1.0
 

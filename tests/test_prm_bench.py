@@ -1,11 +1,11 @@
-# Run: OMP_NUM_THREADS=1 pytest tests/test_prm_bench.py -q      (~1 min on 2 CPU cores; no
-# downloads)
+# Run: OMP_NUM_THREADS=1 pytest tests/test_prm_bench.py -q
+# (~1 min on 2 CPU cores; no downloads)
 """Tests for prm_bench.py: each benchmark metric against an example computed by hand from the
 benchmark's definition (PRMBench's task.py, VisualProcessBench's macro-F1, ProcessBench's
 run_eval.py), unparsed verdicts, the confound test (a constant PRM shows no position effect), the
 toy set's error-injection table, the PRM prompt (the latest crop, the KB facts), the published
-benchmark formats, external predictions, best-of-N,
-and the CLI (--help, a tiny end-to-end run)."""
+benchmark formats, external predictions, best-of-N, and the CLI (--help, a tiny end-to-end
+run)."""
 
 import functools
 import json
@@ -26,8 +26,8 @@ C, I, N = "correct", "incorrect", "neutral"
 def rec(labels, rid="x", category="spatial", sub="relative_position", types=None):
     types = types or [("tool_invocation" if lab == I else None) for lab in labels]
     return {"id": rid, "category": category, "subcategory": sub,
-            "steps": [{"text": "s", "label": lab, "error_type": t} for lab,
-                      t in zip(labels, types)]}
+            "steps": [{"text": "s", "label": lab, "error_type": t}
+                      for lab, t in zip(labels, types)]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -41,14 +41,12 @@ def test_f1_score():
 
 
 def test_prmscore_by_hand():
-    """PRMBench task.py: all labelled steps of the erroneous samples (also after the first error),
-    correct
-    steps positive, summed TP/FP/FN/TN; clean samples only in their own class; invalid samples
-    out."""
+    """PRMBench task.py: all labelled steps of the erroneous samples (also after the first
+    error), correct steps positive, summed TP/FP/FN/TN; clean samples only in their own class;
+    invalid samples out."""
     records = [rec([C, I, C, I], "a", sub="circular"),         # pred T F T T: tp 2, tn 1, fp 1
                rec([C, C, I], "b", sub="counterfactual"),      # pred F T F: fn 1, tp 1, tn 1
-               # clean: pred T F: tp 1, fn 1 (own class)
-               rec([C, C], "c", sub="correct"),
+               rec([C, C], "c", sub="correct"),                # clean, own class: pred T F: tp1 fn1
                rec([I, C], "d", sub="circular")]               # an unparsed step: invalid, left out
     pred = [[True, False, True, True], [False, True, False], [True, False], [None, True]]
     r = pb.prmbench(records, pred)
@@ -59,8 +57,7 @@ def test_prmscore_by_hand():
     assert r["clean"]["f1"] == pytest.approx(2 / 3) and r["clean"]["negative_f1"] == 0.0
     # tp2 fp1 tn1
     assert r["per_class"]["circular"]["PRMScore"] == pytest.approx(0.5 * 0.8 + 0.5 * 2 / 3)
-    # tp1 fn1 tn1
-    assert r["per_class"]["counterfactual"]["f1"] == pytest.approx(2 / 3)
+    assert r["per_class"]["counterfactual"]["f1"] == pytest.approx(2 / 3)   # tp1 fn1 tn1
     assert "correct" not in r["per_class"]
 
 
@@ -77,16 +74,16 @@ def test_visualprocessbench_macro_f1_by_hand():
 
 
 def test_processbench_by_hand():
-    """run_eval.py: prediction = first step not judged correct (an unparsed one included), else
-    -1."""
+    """run_eval.py: prediction = first step not judged correct (an unparsed one included),
+    else -1."""
     records = [rec([C, C, I, None]), rec([C, I, C]), rec([C, C]), rec([C, C, C])]
     pred = [[True, True, False, True], [True, True, False], [True, True], [True, None, True]]
     r = pb.evaluate(records, pred)["ProcessBench"]     # gold 2, 1, -1, -1; predicted 2, 2, -1, 1
     assert (r["acc_err"], r["acc_corr"], r["f1"], r["n_err"], r["n_corr"]) == (0.5, 0.5, 0.5, 2, 2)
     r = pb.processbench([2, -1, 0], [2, -1, 1])        # acc_err 1/2, acc_corr 1 -> F1 = 2/3
     assert r["f1"] == pytest.approx(2 / 3)
-    assert pb.processbench([3, 1],
-                           [3, 0])["f1"] is None and pb.processbench([1, -1], [-1, 0])["f1"] == 0.0
+    assert (pb.processbench([3, 1], [3, 0])["f1"] is None
+            and pb.processbench([1, -1], [-1, 0])["f1"] == 0.0)
 
 
 def test_a_prm_that_never_answers_is_not_a_detector():
@@ -95,12 +92,10 @@ def test_a_prm_that_never_answers_is_not_a_detector():
     assert r["n_unparsed"] == 5 and r["steps"]["detection_rate"] is None
     assert r["PRMBench"]["PRMScore"] is None and r["PRMBench"]["validity_rate"] == 0.0
     assert r["VisualProcessBench"]["macro_f1"] is None
-    # step 0 is its predicted first error
-    assert r["ProcessBench"]["acc_corr"] == 0.0
+    assert r["ProcessBench"]["acc_corr"] == 0.0   # step 0 is its predicted first error
     assert r["per_error_type"]["tool_invocation"]["detection_rate"] is None
     for m in ("PRMBench", "VisualProcessBench", "ProcessBench"):
-        # each metric says how it treats them
-        assert "unparsed" in r[m]
+        assert "unparsed" in r[m]   # each metric says how it treats them
 
 
 def test_step_stats_and_positive_bias():
@@ -111,13 +106,13 @@ def test_step_stats_and_positive_bias():
     b = pb.positive_bias(pairs)
     assert (b["p_judged_correct_given_wrong"] == 0.5
             and b["p_judged_correct_given_right"] == pytest.approx(2 / 3))
-    assert [pb.position_bucket(i, 5, 4) for i in range(5)] == [0, 1, 2, 3,
-                                                               3] and pb.position_bucket(0, 1, 4) == 0
+    assert ([pb.position_bucket(i, 5, 4) for i in range(5)] == [0, 1, 2, 3, 3]
+            and pb.position_bucket(0, 1, 4) == 0)
 
 
 # ----------------------------------------------------------------------------------------------
-# the toy set: errors at varied steps, several errors, recoveries; a constant PRM has no position
-# effect
+# the toy set: errors at varied steps, several errors, recoveries;
+# a constant PRM has no position effect
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def world():
@@ -132,8 +127,7 @@ def toy(world):
 def test_a_constant_prm_shows_no_position_effect(toy):
     res = pb.evaluate(toy, [[True] * len(r["steps"]) for r in toy])
     for bucket, v in res["by_position"].items():
-        # errors in every bucket, step 0 included
-        assert v["n_incorrect"] > 0, bucket
+        assert v["n_incorrect"] > 0, bucket   # errors in every bucket, step 0 included
         assert v["balanced_accuracy"] == 0.5 and v["detection_rate"] == 0.0, bucket
         assert v["constant_prm"]["accuracy"] == v["accuracy"]   # the baseline shows the label mix
 
@@ -142,13 +136,12 @@ def test_toy_set_mixes_positions_errors_and_recoveries(toy):
     assert {x["error_type"] for r in toy for x in r["injected"]} == set(pb.ERRORS)
     assert any(not r["injected"] for r in toy) and any(len(r["injected"]) == 2 for r in toy)
     assert any(r["injected"][0]["step"] == 0 for r in toy if r["injected"])
-    # recoveries
-    assert any(r["injected"] and exact_match(r["final_answer"], r["answers"]) for r in toy)
+    assert any(r["injected"] and exact_match(r["final_answer"], r["answers"])   # recoveries
+               for r in toy)
     for r in toy:
         labels = [s["label"] for s in r["steps"]]
         assert [i for i, lab in enumerate(labels) if lab == I] == [x["step"] for x in r["injected"]]
-        # every step labelled on its own merits
-        assert set(labels) <= {C, I}
+        assert set(labels) <= {C, I}   # every step labelled on its own merits
         if not r["injected"]:
             assert exact_match(r["final_answer"], r["answers"]), r["id"]
 
@@ -156,8 +149,8 @@ def test_toy_set_mixes_positions_errors_and_recoveries(toy):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_each_injection_is_a_real_error(world, seed):
     """Every row of ERRORS at every kind it allows: the steps before it equal the clean
-    trajectory's, the
-    corrupted step differs, and the final answer is wrong unless the error is recovered."""
+    trajectory's, the corrupted step differs, and the final answer is wrong unless the error is
+    recovered."""
     seen = set()
     for spec in pb.toy_questions(world, random.Random(seed)):
         for e, (role, kinds, _) in pb.ERRORS.items():
@@ -165,16 +158,17 @@ def test_each_injection_is_a_real_error(world, seed):
                 continue
             for plan, recover in ((False, False), (True, False), (True, True)):
                 clean = pb.toy_trajectory(spec, world, {}, random.Random(seed), "c", plan, recover)
-                bad = pb.toy_trajectory(spec, world, {role: e}, random.Random(seed), "b", plan,
-                                        recover)
+                bad = pb.toy_trajectory(spec, world, {role: e}, random.Random(seed), "b",
+                                        plan, recover)
                 k = bad["injected"][0]["step"]
                 assert bad["injected"] == [{"step": k, "error_type": e}]
-                assert [s["text"]
-                        for s in bad["steps"][:k]] == [s["text"] for s in clean["steps"][:k]]
+                assert ([s["text"] for s in bad["steps"][:k]]
+                        == [s["text"] for s in clean["steps"][:k]])
                 s, c = bad["steps"][k], clean["steps"][k]
                 assert (s["text"], s["tool_call"]) != (c["text"], c["tool_call"]), (spec["id"], e)
                 recovered = e == "tool_invocation" or (e == "region_selection" and recover)
-                assert bool(exact_match(bad["final_answer"], bad["answers"])) == recovered, (spec["id"], e, recover)
+                assert bool(exact_match(bad["final_answer"], bad["answers"])) == recovered, \
+                    (spec["id"], e, recover)
                 if e == "tool_invocation":  # the shared tool really fails
                     assert s["tool_image"] is None and s["observation"].startswith("Error:")
                 seen.add(e)
@@ -188,8 +182,8 @@ def test_toy_set_round_trips_through_the_validator(toy, tmp_path):
     loaded = pb.load_records(str(tmp_path / "toy.jsonl"))
     assert [r["id"] for r in loaded] == [r["id"] for r in toy]
     images, crops = pb.prm_record_images(loaded[0])
-    assert images[0].size == (224,
-                              224) and all(isinstance(im, Image.Image) for im in crops.values())
+    assert (images[0].size == (224, 224)
+            and all(isinstance(im, Image.Image) for im in crops.values()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,10 +196,10 @@ def test_prm_prompt_shows_the_latest_crop_and_the_facts(toy):
     assert list(crops) == [0]                                   # crop at step 0, no plan
     for k in range(len(r["steps"])):                            # every later step sees that crop
         msgs = pb.prm_messages(r, k, images, crops, "judge", vlm=True)
-        assert [c["image"] for c in msgs[1]["content"] if c["type"] == "image"] == [images[0],
-                                                                                    crops[0]]
-        assert f"Is Step {k + 1} correct" in msgs[1]["content"][-1]["text"] and f"Step {k + 2}:" not in \
-            msgs[1]["content"][-1]["text"]
+        assert ([c["image"] for c in msgs[1]["content"] if c["type"] == "image"]
+                == [images[0], crops[0]])
+        assert (f"Is Step {k + 1} correct" in msgs[1]["content"][-1]["text"]
+                and f"Step {k + 2}:" not in msgs[1]["content"][-1]["text"])
     k = next(i for i, s in enumerate(r["steps"]) if s["text"].startswith("I recall"))
     text = pb.prm_messages(r, k, images, crops, "prob", vlm=True)[1]["content"][-1]["text"]
     assert "Facts to check it against:" in text and r["steps"][k]["knowledge"][0] in text
@@ -249,15 +243,14 @@ def test_scoring_loop_keeps_unparsed_replies_unparsed(toy):
 # ----------------------------------------------------------------------------------------------
 def good():
     return {"id": "t1", "question": "What colour?", "images": ["a.png"], "answers": ["red"],
-            "final_answer": "red",
-            "category": "perception", "subcategory": "attribute", "source": "me", "injected": [],
+            "final_answer": "red", "category": "perception", "subcategory": "attribute",
+            "source": "me", "injected": [],
             "steps": [{"text": "zoom",
                        "tool_call": {"name": "crop", "arguments": {"bbox_2d": [0, 0, 5, 5]}},
                        "observation": "ok", "tool_image": "a.png", "label": "correct",
                        "error_type": None},
                       {"text": "<answer>red</answer>", "tool_call": None, "observation": None,
-                       "tool_image": None,
-                       "label": "incorrect", "error_type": "answer_format"}]}
+                       "tool_image": None, "label": "incorrect", "error_type": "answer_format"}]}
 
 
 def write(tmp_path, rows, name="d.jsonl"):
@@ -282,9 +275,8 @@ def broken(path, value):
 
 @pytest.mark.parametrize("path, value, field", [
     (["question"], KeyError, "'question'"), (["answers"], "red", "'answers'"),
-    (["images"], "a.png", "'images'"),
-    (["category"], "vision", "'category'"), (["subcategory"], "counting", "'subcategory'"),
-    (["steps"], [], "'steps'"),
+    (["images"], "a.png", "'images'"), (["category"], "vision", "'category'"),
+    (["subcategory"], "counting", "'subcategory'"), (["steps"], [], "'steps'"),
     (["steps", 0, "text"], "  ", "'steps[0].text'"),
     (["steps", 0, "label"], "wrong", "'steps[0].label'"),
     (["steps", 0, "label"], None, "'steps[0].label'"),
@@ -335,8 +327,8 @@ def test_visualprocessbench_format(tmp_path):
            "response": {"steps": ["look", "so 3", "restate"], "process_correctness": [1, -1, 0]}}
     p = write(tmp_path, [row], "test.jsonl")
     r = pb.load_records(p, benchmark="visualprocessbench", images=str(tmp_path / "images"))[0]
-    assert [s["label"] for s in r["steps"]] == [C, I,
-                                                N] and r["subcategory"] == "MathVision" and r["id"] == "1"
+    assert ([s["label"] for s in r["steps"]] == [C, I, N]
+            and r["subcategory"] == "MathVision" and r["id"] == "1")
     assert pb.prm_record_images(r)[0][0].size == (8, 8)
     with pytest.raises(UserError, match="field 'images'"):       # the images folder was not given
         pb.load_records(p, benchmark="visualprocessbench")
@@ -348,15 +340,13 @@ def test_visualprocessbench_format(tmp_path):
 
 def test_processbench_format(tmp_path):
     rows = [{"id": "gsm8k-0", "generator": "g", "problem": "1+1?", "steps": ["a", "b", "c"],
-             "final_answer_correct": False,
-             "label": 1},
+             "final_answer_correct": False, "label": 1},
             {"id": "gsm8k-1", "generator": "g", "problem": "2+2?", "steps": ["a", "b"],
-             "final_answer_correct": True,
-             "label": -1}]
+             "final_answer_correct": True, "label": -1}]
     (tmp_path / "gsm8k.json").write_text(json.dumps(rows))
     recs = pb.load_records(str(tmp_path / "gsm8k.json"), benchmark="processbench")
-    assert [s["label"] for s in recs[0]["steps"]] == [C, I,
-                                                      None] and [s["label"] for s in recs[1]["steps"]] == [C, C]
+    assert ([s["label"] for s in recs[0]["steps"]] == [C, I, None]
+            and [s["label"] for s in recs[1]["steps"]] == [C, C])
     assert recs[0]["subcategory"] == "gsm8k" and recs[0]["images"] == []
     rows[0]["label"] = 3
     (tmp_path / "gsm8k.json").write_text(json.dumps(rows))
@@ -378,31 +368,30 @@ def test_prmbench_format(tmp_path):
     # one clean original per idx
     assert [r["id"] for r in recs] == ["correct_7", "redundency_7", "circular_7"]
     assert [s["label"] for s in recs[0]["steps"]] == [C, C, C]
-    assert [s["label"] for s in recs[2]["steps"]] == [C, I,
-                                                      I] and recs[2]["steps"][1]["error_type"] == "circular"
+    assert ([s["label"] for s in recs[2]["steps"]] == [C, I, I]
+            and recs[2]["steps"][1]["error_type"] == "circular")
 
 
 def test_external_predictions_end_to_end(tmp_path, capsys):
-    """`--stage eval --predictions`: no model is loaded; PRMScore by hand on the PRMBench rows
-    above."""
+    """`--stage eval --predictions`: no model is loaded; PRMScore by hand on the PRMBench
+    rows above."""
     data = write(tmp_path, prmbench_rows())
     preds = [{"id": "correct_7", "scores": [0.9, 0.2, 0.8]},          # clean: its own class
              {"id": "redundency_7", "scores": [0.9, "Incorrect", True, 0.7]},   # tp 3, tn 1
              {"id": "circular_7", "scores": [0.1, 0.3, "+"]}]           # fn 1, tn 1, fp 1
     (tmp_path / "p.jsonl").write_text("\n".join(map(json.dumps, preds)))
-    pb.main(["--stage", "eval", "--benchmark", "prmbench", "--data", data, "--predictions",
-             str(tmp_path / "p.jsonl"),
-             # in-process: no model is loaded
+    # in-process: no model is loaded
+    pb.main(["--stage", "eval", "--benchmark", "prmbench", "--data", data,
+             "--predictions", str(tmp_path / "p.jsonl"),
              "--out", str(tmp_path / "out"), "--model", "no-such-model"])
     res = json.loads((tmp_path / "out" / "eval" / "results.json").read_text())["PRMBench"]
     f1, neg = 2 * 3 / (6 + 1 + 1), 2 * 2 / (4 + 1 + 1)                  # tp 3, fp 1, fn 1, tn 2
-    assert res["PRMScore"] == pytest.approx(0.5 * f1 + 0.5
-                                            * neg) and res["clean"]["negative_f1"] == 0.0
+    assert (res["PRMScore"] == pytest.approx(0.5 * f1 + 0.5 * neg)
+            and res["clean"]["negative_f1"] == 0.0)
     (tmp_path / "p.jsonl").write_text(json.dumps({"id": "correct_7", "scores": [1, 1]}))
     with pytest.raises(SystemExit) as e:
-        pb.main(["--stage", "eval", "--benchmark", "prmbench", "--data", data, "--predictions",
-                 str(tmp_path / "p.jsonl"),
-                 "--out", str(tmp_path / "out")])
+        pb.main(["--stage", "eval", "--benchmark", "prmbench", "--data", data,
+                 "--predictions", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "out")])
     assert (e.value.code == 2
             and "2 scores for the 3 steps of 'correct_7'" in capsys.readouterr().err)
 
@@ -432,9 +421,8 @@ def test_best_of_n_by_hand():
     q2 = [cand(True, "3", [0.9, 0.8]), cand(False, "4", [0.1, 0.9]),
           cand(True, "three", [None, 1.0])]
     acc = pb.best_of_n([q1, q2], [3], repeats=5, seed=0)
-    # q1: min picks B (0.6), mean picks C (0.625), majority "blue": all wrong; q2: min and mean pick
-    # A
-    # (an unparsed score counts 0); random = 2/3 exactly; pass@N = 1
+    # q1: min picks B (0.6), mean picks C (0.625), majority "blue": all wrong;
+    # q2: min and mean pick A (an unparsed score counts 0); random = 2/3 exactly; pass@N = 1
     assert acc["prm_min"][3] == 0.5 and acc["prm_mean"][3] == 0.5
     assert acc["random"][3] == pytest.approx((1 / 3 + 2 / 3) / 2)
     assert (acc["pass@N"][3] == 1.0 and acc["majority_vote"][3] <= 0.5
@@ -449,8 +437,7 @@ def test_best_of_n_oracle_below_pass_at_n_with_a_recovery():
     acc = pb.best_of_n([q], [2], repeats=20, seed=1)
     assert (acc["oracle_prm_min"][2] == 0.0 and acc["pass@N"][2] == 1.0
             and 0 < acc["majority_vote"][2] < 1)
-    # candidates come from the policy by default
-    assert pb.Args().search_source == "policy"
+    assert pb.Args().search_source == "policy"   # candidates come from the policy by default
 
 
 # ----------------------------------------------------------------------------------------------
@@ -499,8 +486,8 @@ def test_one_scene_is_one_sentence_in_prm_terms(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         pb.main(["--stage", "data", "--model", "tiny", "--out", str(tmp_path), "--n_scenes", "1"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("error: --n_scenes must be at least "
-                                                "2") and "test_frac" not in err
+    assert (e.value.code == 2 and err.startswith("error: --n_scenes must be at least 2")
+            and "test_frac" not in err)
 
 
 def test_eval_without_data_says_what_to_do(tmp_path, capsys):
@@ -511,19 +498,20 @@ def test_eval_without_data_says_what_to_do(tmp_path, capsys):
 
 def test_all_stages_tiny(tmp_path):
     r = run("--stage", "all", "--model", "tiny", "--out", str(tmp_path), "--n_scenes", "2",
-            "--max_turns", "2",
-            "--search_questions", "1", "--search_n", "1,2", "--search_repeats", "4", "--batch_size", "32",
+            "--max_turns", "2", "--search_questions", "1", "--search_n", "1,2",
+            "--search_repeats", "4", "--batch_size", "32",
             "--judge_max_new_tokens", "4", "--max_completion_length", "16")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "numbers are noise" in r.stdout
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert res["n_unparsed"] + res["steps"]["n_steps"] == sum(len(json.loads(x)["steps"]) for x in
-                                                             (tmp_path / "data" / "toy.jsonl").read_text().splitlines())
+    toy_lines = (tmp_path / "data" / "toy.jsonl").read_text().splitlines()
+    assert (res["n_unparsed"] + res["steps"]["n_steps"]
+            == sum(len(json.loads(x)["steps"]) for x in toy_lines))
     search = json.loads((tmp_path / "search" / "results.json").read_text())
-    assert search["source"] == "policy" and set(search["accuracy"]) == {"prm_min", "prm_mean",
-                                                                        "majority_vote",
-                                                                       "random", "pass@N"}
+    assert (search["source"] == "policy"
+            and set(search["accuracy"]) == {"prm_min", "prm_mean", "majority_vote", "random",
+                                            "pass@N"})
     for f in ("data/toy.jsonl", "data/toy.html", "eval/per_error_type.png", "eval/by_position.png",
-              "eval/judged.html",
-              "search/best_of_n.png", "search/candidates.jsonl", "search/metrics.jsonl"):
+              "eval/judged.html", "search/best_of_n.png", "search/candidates.jsonl",
+              "search/metrics.jsonl"):
         assert (tmp_path / f).is_file(), f

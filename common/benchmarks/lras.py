@@ -14,8 +14,8 @@ from common.judge import extract_choice
 
 # =============================================================================================
 # lras.py: JEC-QA / LawBench / LexEval
-# lras.py's BENCHMARKS table names each published schema's fields and rule; lras.score applies the
-# rules.
+# lras.py's BENCHMARKS table names each published schema's fields and rule;
+# lras.score applies the rules.
 # =============================================================================================
 LEGAL_MCQ_RULES = ("choice", "jecqa_set", "lawbench_mcq", "lexeval_exact")   # records of type "mcq"
 
@@ -40,43 +40,41 @@ def lexeval_letters(pred: str) -> str:
 
 
 def lawbench_charge_f1(pred: str, charges: list[str], golds: list[str]) -> float:
-    """LawBench charge prediction: F1 of the charge names found in the prediction against the gold
-    set."""
+    """LawBench charge prediction: F1 of the charge names found in the prediction against the
+    gold set."""
     found, gold = {c for c in charges if c in pred}, set(golds)
     hit = len(found & gold)
     return 2 * hit / (len(found) + len(gold)) if hit else 0.0
 
 
 def legal_options(opts, where: str, field: str | None) -> dict[str, str]:
-    """Options as {letter: text}: a dict, a list (lettered A, B, ...) or either as a JSON string;
-    empty
-    options are left out (an all-empty CSV column is not an option)."""
+    """Options as {letter: text}: a dict, a list (lettered A, B, ...) or either as a JSON
+    string; empty options are left out (an all-empty CSV column is not an option)."""
     if isinstance(opts, str):
         try:
             opts = json.loads(opts)
         except ValueError:
-            raise UserError(f"{where}: options field {field!r} is not JSON (a dict or "
-                            f"list).") from None
+            raise UserError(f"{where}: options field {field!r} is not JSON "
+                            f"(a dict or list).") from None
     opts = {chr(65 + i): o for i, o in enumerate(opts)} if isinstance(opts, list) else opts
-    if not isinstance(opts,
-                      dict) or not all(isinstance(v, (str, type(None))) for v in opts.values()):
+    if (not isinstance(opts, dict)
+            or not all(isinstance(v, (str, type(None))) for v in opts.values())):
         raise UserError(f"{where}: options must map letters to strings, got {str(opts)[:60]!r}.")
     return {k.strip(): v.strip() for k, v in sorted(opts.items()) if v and v.strip()}
 
 
 def legal_fields(row: dict, where: str, schemas: dict,
                  generic: dict) -> tuple[str, dict, object, str | None]:
-    """(prompt text, options, raw answer, rule or None = decide per row) of one row, read with the
-    first
-    schema whose `detect` fields the row has, else with the generic map (options also from columns
-    A..T)."""
+    """(prompt text, options, raw answer, rule or None = decide per row) of one row, read with
+    the first schema whose `detect` fields the row has, else with the generic map (options also
+    from columns A..T)."""
     spec = next((s for s in schemas.values() if all(f in row for f in s["detect"])), None)
     if spec is None:
         spec = dict(prompt=("instruction", generic["question"]), answer=generic["answer"],
                     rule=None)
         require(row, where, generic["question"], generic["answer"])
-        opts = row.get(generic["options"]) or {k: v for k,
-                                               v in row.items() if re.fullmatch("[A-T]", k)}
+        opts = (row.get(generic["options"])
+                or {k: v for k, v in row.items() if re.fullmatch("[A-T]", k)})
     else:
         require(row, where, spec["prompt"][-1], *[spec[k] for k in ("options",) if k in spec],
                 spec["answer"])
@@ -90,11 +88,10 @@ def legal_fields(row: dict, where: str, schemas: dict,
 
 def read_legal_qa(path: str, schemas: dict, generic: dict, answer_rule) -> list[dict]:
     """A legal QA file in its published schema -> lras.py's records, each with its benchmark's
-    scoring rule (`rule`). MCQ is decided per row: options and a gold made of their letters, with or
-    without a prefix; `answer_rule(gold)` names the rule of any other gold. Record: {"id", "task",
-    "rule", "type",
-    "question", "options", "answer", "golds", "support": [], "hops": None, "split": "user",
-    "charges"}."""
+    scoring rule (`rule`). MCQ is decided per row: options and a gold made of their letters, with
+    or without a prefix; `answer_rule(gold)` names the rule of any other gold. Record: {"id",
+    "task", "rule", "type", "question", "options", "answer", "golds", "support": [], "hops": None,
+    "split": "user", "charges"}."""
     out, charges = [], []
     for where, row in read_records(path, "benchmark file"):
         text, opts, raw, rule = legal_fields(row, where, schemas, generic)
@@ -110,8 +107,8 @@ def read_legal_qa(path: str, schemas: dict, generic: dict, answer_rule) -> list[
             letters = extract_choice("".join(golds) if isinstance(raw, list) else golds[0],
                                      "".join(opts) or "ABCDE")
             if letters is None:
-                raise UserError(f"{where}: MCQ answer {raw!r} is not option letter(s) from "
-                                f"{sorted(opts)}.")
+                raise UserError(f"{where}: MCQ answer {raw!r} is not option letter(s) "
+                                f"from {sorted(opts)}.")
             rule, golds = rule or "choice", [letters]
         else:
             golds = [g.strip() for g in golds]
@@ -119,8 +116,8 @@ def read_legal_qa(path: str, schemas: dict, generic: dict, answer_rule) -> list[
         out.append(dict(id=str(row.get("id") or where),
                         task=str(row.get("task") or Path(path).stem), rule=rule,
                         type="mcq" if rule in LEGAL_MCQ_RULES else "short", question=text.strip(),
-                        options=opts,
-                        answer=golds[0], golds=golds, support=[], hops=None, split="user"))
+                        options=opts, answer=golds[0], golds=golds, support=[], hops=None,
+                        split="user"))
     # (lras deviation 8) LawBench's charge list has 189 names; here: the charges named in this file
     for r in out:
         r["charges"] = sorted(set(charges)) if r["rule"] == "lawbench_charge_f1" else []

@@ -31,24 +31,22 @@ def _line_of(where: str) -> str:
 def _text_record(rid, question, category: str, subcategory, source, steps: list[dict], images=(),
                  answers=()) -> dict:
     return {"id": str(rid), "question": str(question or "-"), "images": list(images),
-            "answers": list(answers),
-            "final_answer": None, "category": category, "subcategory": str(subcategory),
-            "source": str(source or ""), "steps": steps}
+            "answers": list(answers), "final_answer": None, "category": category,
+            "subcategory": str(subcategory), "source": str(source or ""), "steps": steps}
 
 
 def _from_visualprocessbench(where: str, row: dict) -> dict:
-    """OpenGVLab/VisualProcessBench test.jsonl: process_correctness 1 / 0 / -1 = correct / neutral /
-    incorrect."""
+    """OpenGVLab/VisualProcessBench test.jsonl: process_correctness 1 / 0 / -1 =
+    correct / neutral / incorrect."""
     require(row, where, "question", "response")
     steps, marks = row["response"].get("steps"), row["response"].get("process_correctness")
-    if not isinstance(steps,
-                      list) or not steps or not isinstance(marks, list) or len(steps) != len(marks):
-        raise UserError(f"{where}: response.steps and response.process_correctness must be lists "
-                        f"of equal "
-                        "length.")
+    if (not isinstance(steps, list) or not steps or not isinstance(marks, list)
+            or len(steps) != len(marks)):
+        raise UserError(f"{where}: response.steps and response.process_correctness "
+                        f"must be lists of equal length.")
     if any(m not in (1, 0, -1) for m in marks):
-        raise UserError(f"{where}: process_correctness holds {marks}; expected 1, 0 or -1 per "
-                        f"step.")
+        raise UserError(f"{where}: process_correctness holds {marks}; "
+                        f"expected 1, 0 or -1 per step.")
     labels = [{1: "correct", 0: "neutral", -1: "incorrect"}[m] for m in marks]
     images = [row["image"]] if isinstance(row.get("image"), str) else row.get("image") or []
     answers = [str(row["answer"])] if row.get("answer") else []
@@ -58,13 +56,13 @@ def _from_visualprocessbench(where: str, row: dict) -> dict:
 
 
 def _from_processbench(where: str, row: dict, split: str) -> dict:
-    """Qwen/ProcessBench split: `label` = 0-based first wrong step (-1: none); later steps are not
-    labelled."""
+    """Qwen/ProcessBench split: `label` = 0-based first wrong step (-1: none); later steps
+    are not labelled."""
     require(row, where, "problem", "steps")
     steps, k = row["steps"], row.get("label")
     if not isinstance(k, int) or not -1 <= k < len(steps):
-        raise UserError(f"{where}: label must be -1 or the index of a step (0..{len(steps) - 1}); "
-                        f"got {k!r}.")
+        raise UserError(f"{where}: label must be -1 or the index of a step "
+                        f"(0..{len(steps) - 1}); got {k!r}.")
     labels = ["correct" if k == -1 or i < k else "incorrect" if i == k else None
               for i in range(len(steps))]
     return _text_record(row.get("id", _line_of(where)), row["problem"], "ProcessBench", split,
@@ -73,24 +71,22 @@ def _from_processbench(where: str, row: dict, split: str) -> dict:
 
 def _from_prmbench(rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
     """PRMBench JSONL: each row -> its modified process (1-based error_steps); like PRMBench's
-    loader, each
-    `redundency` row also yields the clean original once per idx, with the class `correct`."""
+    loader, each `redundency` row also yields the clean original once per idx, with the class
+    `correct`."""
     out = []
     for where, row in rows:
         require(row, where, "modified_process", "classification")
-        idx, cls, errs = row.get("idx",
-                                 _line_of(where)), row["classification"], row.get("error_steps") or []
+        idx = row.get("idx", _line_of(where))
+        cls, errs = row["classification"], row.get("error_steps") or []
         if cls == "redundency" and not any(r["id"] == f"correct_{idx}" for _, r in out):
             require(row, where, "original_process")
             clean = [prm_step(t, "correct") for t in row["original_process"]]
-            out.append((where,
-                        _text_record(f"correct_{idx}", row.get("original_question"), "PRMBench",
-                                            "correct", "PRMBench", clean)))
+            out.append((where, _text_record(f"correct_{idx}", row.get("original_question"),
+                                            "PRMBench", "correct", "PRMBench", clean)))
         steps = [prm_step(t, "incorrect", cls) if i + 1 in errs else prm_step(t, "correct")
                  for i, t in enumerate(row["modified_process"])]
-        out.append((where,
-                    _text_record(f"{cls}_{idx}", row.get("modified_question"), "PRMBench", cls,
-                                        "PRMBench", steps)))
+        out.append((where, _text_record(f"{cls}_{idx}", row.get("modified_question"), "PRMBench",
+                                        cls, "PRMBench", steps)))
     return out
 
 
@@ -107,20 +103,18 @@ def prm_benchmark_rows(benchmark: str, rows: list[tuple[str, dict]],
 
 
 def validate_prm_record(rec: dict, where: str, taxonomy: dict, error_types,
-                        base_dir: Path | None = None,
-                        require_labels: bool = True) -> dict:
-    """Check one trajectory against the record format; a UserError names `where` (file:line) and the
-    field.
-    `taxonomy`: {category: subcategories}; `error_types`: the names an incorrect toy step may
-    carry."""
+                        base_dir: Path | None = None, require_labels: bool = True) -> dict:
+    """Check one trajectory against the record format; a UserError names `where` (file:line) and
+    the field. `taxonomy`: {category: subcategories}; `error_types`: the names an incorrect toy step
+    may carry."""
     def need(ok, fld: str, msg: str):
         if not ok:
             raise UserError(f"{where}: field '{fld}' {msg}")
     for key in ("id", "question"):
         need(isinstance(rec.get(key), str) and rec[key].strip(), key, "must be a non-empty string.")
     for key in ("images", "answers"):
-        need(isinstance(rec.get(key), list) and all(isinstance(x, str) and x for x in rec[key]), key,
-             "must be a list of non-empty strings.")
+        need(isinstance(rec.get(key), list) and all(isinstance(x, str) and x for x in rec[key]),
+             key, "must be a list of non-empty strings.")
     cat, sub, steps = rec.get("category"), rec.get("subcategory"), rec.get("steps")
     need(cat in taxonomy or cat in PRM_BENCHMARKS, "category",
          f"must be one of {', '.join([*taxonomy, *PRM_BENCHMARKS])}; got {cat!r}.")
@@ -131,7 +125,8 @@ def validate_prm_record(rec: dict, where: str, taxonomy: dict, error_types,
     need(isinstance(steps, list) and steps and all(isinstance(s, dict) for s in steps), "steps",
          "must be a non-empty list of step objects.")
     for i, s in enumerate(steps):
-        f, call, label, etype = f"steps[{i}]", s.get("tool_call"), s.get("label"), s.get("error_type")
+        f, call = f"steps[{i}]", s.get("tool_call")
+        label, etype = s.get("label"), s.get("error_type")
         facts = s.get("knowledge")
         need(isinstance(s.get("text"), str) and s["text"].strip(), f + ".text",
              "must be a non-empty string.")
@@ -148,10 +143,9 @@ def validate_prm_record(rec: dict, where: str, taxonomy: dict, error_types,
              "must be null or a list of strings (the facts the step is judged against).")
         after_error = any(x.get("label") == "incorrect" for x in steps[:i])
         need(label is not None or not require_labels or after_error, f + ".label",
-             "is null before any "
-             "incorrect step: this trajectory is unannotated (e.g. candidates.jsonl); label every "
-             "step with "
-             f"one of {', '.join(PRM_LABELS)} first.")
+             "is null before any incorrect step: "
+             "this trajectory is unannotated (e.g. candidates.jsonl); "
+             f"label every step with one of {', '.join(PRM_LABELS)} first.")
         need(label is None or label in PRM_LABELS, f + ".label",
              f"must be one of {', '.join(PRM_LABELS)}; got {label!r}.")
         need(label != "incorrect" or cat not in taxonomy or etype in error_types, f + ".error_type",
@@ -164,9 +158,9 @@ def validate_prm_record(rec: dict, where: str, taxonomy: dict, error_types,
                                        and steps[x["step"]].get("error_type") == x.get("error_type")
                                        for x in inj),
          "injected", "must be a list of {step, error_type} matching those steps' labels.")
-    paths = [("images", p) for p in rec["images"]] + [
-        (f"steps[{i}].tool_image", s["tool_image"]) for i,
-        s in enumerate(steps) if s.get("tool_image")]
+    paths = ([("images", p) for p in rec["images"]]
+             + [(f"steps[{i}].tool_image", s["tool_image"])
+                for i, s in enumerate(steps) if s.get("tool_image")])
     for fld, p in paths if base_dir is not None else []:
         need((base_dir / p).is_file(), fld, f"points to {base_dir / p}, which does not exist.")
     return rec
@@ -174,11 +168,11 @@ def validate_prm_record(rec: dict, where: str, taxonomy: dict, error_types,
 
 def load_prm_records(path: str, taxonomy: dict, error_types, require_labels: bool = True,
                      benchmark: str = "ours", images: str | None = None) -> list[dict]:
-    """Read (common.data.read_records), convert a published benchmark's rows, validate; ids must be
-    unique."""
+    """Read (common.data.read_records), convert a published benchmark's rows, validate; ids must
+    be unique."""
     if not Path(path).is_file():
-        raise UserError(f"trajectory file {path} does not exist (run --stage data, or pass "
-                        f"--data).")
+        raise UserError(f"trajectory file {path} does not exist "
+                        f"(run --stage data, or pass --data).")
     rows = prm_benchmark_rows(benchmark, read_records(path, "trajectory file"), path)
     base, records, seen = Path(images or Path(path).parent), [], set()
     for where, rec in rows:
@@ -201,26 +195,26 @@ def prm_record_images(rec: dict) -> tuple[list, dict]:
 
 
 def read_prm_predictions(path: str, records: list[dict]) -> list[list]:
-    """An external PRM's {"id", "scores": [per step]} rows -> the raw per-step values of `records`,
-    in order."""
+    """An external PRM's {"id", "scores": [per step]} rows -> the raw per-step values of
+    `records`, in order."""
     rows = {}
     for where, row in read_records(path, "predictions file"):
         require(row, where, "id")
         if not isinstance(row.get("scores"), list):
-            raise UserError(f"{where}: field 'scores' must be a list with one score or verdict per "
-                            f"step.")
+            raise UserError(f"{where}: field 'scores' must be a list "
+                            f"with one score or verdict per step.")
         rows[str(row["id"])] = (where, row["scores"])
     out = []
     for r in records:
         if r["id"] not in rows:
-            raise UserError(f"{path} has no predictions for the record {r['id']!r}; give each "
-                            f"record a row.")
+            raise UserError(f"{path} has no predictions for the record {r['id']!r}; "
+                            f"give each record a row.")
         where, scores = rows[r["id"]]
         if len(scores) != len(r["steps"]):
-            raise UserError(f"{where}: {len(scores)} scores for the {len(r['steps'])} steps of "
-                            f"{r['id']!r}.")
+            raise UserError(f"{where}: {len(scores)} scores "
+                            f"for the {len(r['steps'])} steps of {r['id']!r}.")
         if any(isinstance(x, (int, float)) and not 0 <= x <= 1 for x in scores):
-            raise UserError(f"{where}: a score outside [0, 1] in {scores}; give probabilities of "
-                            f"'correct'.")
+            raise UserError(f"{where}: a score outside [0, 1] in {scores}; "
+                            f"give probabilities of 'correct'.")
         out.append(scores)
     return out

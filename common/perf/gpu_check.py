@@ -1,12 +1,12 @@
-"""The prepared GPU check: one command that proves the consumer-GPU promise on one CUDA GPU,
-offline.
+"""The prepared GPU check: one command that proves the consumer-GPU promise on one CUDA
+GPU, offline.
 
     tests/gpu_check.sh runs/gpu_check                 # on the GPU box: ~8 minutes on one H100/H200
     tests/gpu_check.sh runs/gpu_check --dry-run       # print the commands it would run, run nothing
-    tests/gpu_check.sh runs/gpu_check --ci-smoke      # CI: every step at toy size on a CPU, ~1
-    minute
-    tests/gpu_check.sh runs/gpu_check --cpu-smoke     # the real-width plumbing (1-layer 3B, TRL) on
-    a CPU, ~8 min
+    tests/gpu_check.sh runs/gpu_check --ci-smoke      # CI: every step at toy size on a CPU,
+                                                      ~1 minute
+    tests/gpu_check.sh runs/gpu_check --cpu-smoke     # the real-width plumbing (1-layer 3B, TRL)
+                                                      on a CPU, ~8 min
 
 What it does, in order, writing everything into the folder given (`summary.json`, `gpu_check.log`,
 one sub-folder per step):
@@ -61,15 +61,14 @@ from common.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUDGET_GB = {"3b": 12.0, "7b": 16.0}   # peak allocated GPU memory per GRPO step (DESIGN.md budgets)
-# import name -> wheel name
-OPTIONAL = {"bitsandbytes": "bitsandbytes", "trl": "trl", "peft": "peft"}
+OPTIONAL = {"bitsandbytes": "bitsandbytes", "trl": "trl", "peft": "peft"}   # import -> wheel name
 
 
 @dataclass
 class Args:
     out: str = "runs/gpu_check"
-    """folder for summary.json, gpu_check.log and each step's output (the first positional
-    argument)"""
+    """folder for summary.json, gpu_check.log and each step's output
+    (the first positional argument)"""
     dry_run: bool = False
     """print the commands it would run, run nothing"""
     ci_smoke: bool = False
@@ -77,8 +76,8 @@ class Args:
     (no build step, no TRL), gog on tiny; 1 step, G = 2, 2 tokens, 56 px, no 4-bit; each step is
     forked from this process, so Python and torch are imported once"""
     cpu_smoke: bool = False
-    """the slower CPU smoke: random 1-layer Qwen2.5-VL-3B at its real width (1k vocab), with TRL, 4
-    tokens"""
+    """the slower CPU smoke: random 1-layer Qwen2.5-VL-3B at its real width (1k vocab), with TRL,
+    4 tokens"""
     wheels: str = ".whl"
     """folder of local wheels for missing packages (never the network)"""
     work: str = "/tmp/gpu_check_models"
@@ -120,34 +119,45 @@ class Args:
 
 CPU_SMOKE = dict(num_layers=1, vocab_size=1024, num_generations=2, image_size=56, max_new_tokens=4,
                  steps=1, warmup=0, load_in_4bit=False, gradient_checkpointing=True, sizes="3b",
-                 gog_steps=1,
-                 gog_model="tiny", pytest=False)
+                 gog_steps=1, gog_model="tiny", pytest=False)
 CI_SMOKE = dict(num_generations=2, image_size=56, max_new_tokens=2, steps=1, warmup=0,
-                load_in_4bit=False,
-                gradient_checkpointing=True, sizes="tiny", trl=False, gog_steps=1, gog_model="tiny",
-                pytest_collect_only=True, timeout=240)
+                load_in_4bit=False, gradient_checkpointing=True, sizes="tiny", trl=False,
+                gog_steps=1, gog_model="tiny", pytest_collect_only=True, timeout=240)
 # the CI smoke's bench model, judged against the 3B budget (plumbing)
 SMOKE_SIZES = {"tiny": BUDGET_GB["3b"]}
 
 
-GUIDE = """\
-[gpu_check] On the GPU box (one CUDA GPU, no internet needed):
-    git clone/copy this repository; optionally put wheels for a missing bitsandbytes / trl / peft in ./.whl/
-    tests/gpu_check.sh runs/gpu_check          # ~8 minutes on one H100/H200; exit 0 = every step ran, budgets hold
-    then copy back runs/gpu_check/ (summary.json + gpu_check.log, a few MB; the models stay in --work)
-[gpu_check] The figures (summary.json steps.<step>.result, and the summary block at the end of the log):
-    peak_gb           torch.cuda.max_memory_allocated of our side's process (model + LoRA + optimiser +
-                      activations), over the whole run incl. the warm-up step; on a CPU: the process's peak RSS
-    step_s            median seconds per GRPO step = generate_s (sampling G completions) + logprob_s (the no-grad
-                      reference pass, beta = 0.04) + backward_s (forward with grad + backward + AdamW) + other_s
-    gen_tokens_per_s  generated tokens / generate_s (B = G rows, forced to exactly --max_new_tokens each)
-    limits.decode_fraction   gen_tokens_per_s / (B x measured bandwidth / bytes of weights read per decode step);
-                      the vendor HBM figure is printed beside the measured bandwidth
-    trl_over_ours     TRL GRPOTrainer's step time / ours, same work (> 1: ours faster); trl_tokens_equal says
-                      both sides generated the same token counts every step (text-only when TRL lacks torchvision)
-    gog peak_gb       the peak of gog.py --stage all (SFT, RL, eval) on the random 3B: real image tokens and crops
-[gpu_check] Budgets (PASS/FAIL, DESIGN.md): bench_3b_peak <= 12 GB, bench_7b_peak <= 16 GB (T4 class); the gog
-    run on 3B is held to the 3B budget. pytest -m gpu must pass with nothing skipped."""
+GUIDE = ("[gpu_check] On the GPU box (one CUDA GPU, no internet needed):\n"
+         "    git clone/copy this repository; optionally put wheels for a missing bitsandbytes /"
+         " trl / peft in ./.whl/\n"
+         "    tests/gpu_check.sh runs/gpu_check          # ~8 minutes on one H100/H200;"
+         " exit 0 = every step ran, budgets hold\n"
+         "    then copy back runs/gpu_check/ (summary.json + gpu_check.log, a few MB; the models"
+         " stay in --work)\n"
+         "[gpu_check] The figures (summary.json steps.<step>.result, and the summary block at the"
+         " end of the log):\n"
+         "    peak_gb           torch.cuda.max_memory_allocated of our side's process"
+         " (model + LoRA + optimiser +\n"
+         "                      activations), over the whole run incl. the warm-up step; on a CPU:"
+         " the process's peak RSS\n"
+         "    step_s            median seconds per GRPO step = generate_s (sampling G completions)"
+         " + logprob_s (the no-grad\n"
+         "                      reference pass, beta = 0.04) + backward_s (forward with grad +"
+         " backward + AdamW) + other_s\n"
+         "    gen_tokens_per_s  generated tokens / generate_s (B = G rows, forced to exactly"
+         " --max_new_tokens each)\n"
+         "    limits.decode_fraction   gen_tokens_per_s / (B x measured bandwidth / bytes of"
+         " weights read per decode step);\n"
+         "                      the vendor HBM figure is printed beside the measured bandwidth\n"
+         "    trl_over_ours     TRL GRPOTrainer's step time / ours, same work (> 1: ours faster);"
+         " trl_tokens_equal says\n"
+         "                      both sides generated the same token counts every step (text-only"
+         " when TRL lacks torchvision)\n"
+         "    gog peak_gb       the peak of gog.py --stage all (SFT, RL, eval) on the random 3B:"
+         " real image tokens and crops\n"
+         "[gpu_check] Budgets (PASS/FAIL, DESIGN.md): bench_3b_peak <= 12 GB,"
+         " bench_7b_peak <= 16 GB (T4 class); the gog\n"
+         "    run on 3B is held to the 3B budget. pytest -m gpu must pass with nothing skipped.")
 
 
 class Log:
@@ -171,11 +181,10 @@ IMPORT_CHECKED = ("transformers", "peft", "bitsandbytes")
 
 
 def version_of(module: str, load: bool = True) -> str | None:
-    """The installed version; with load, the module is imported too, and one that is there but does
-    not import (e.g. bitsandbytes without its CUDA libraries) is reported as broken. Without, the
-    metadata only
-    (trl, datasets, accelerate import for ~10 s on a busy CPU; the steps that need them import them
-    anyway)."""
+    """The installed version; with load, the module is imported too, and one that is there but
+    does not import (e.g. bitsandbytes without its CUDA libraries) is reported as broken. Without,
+    the metadata only (trl, datasets, accelerate import for ~10 s on a busy CPU; the steps that
+    need them import them anyway)."""
     if importlib.util.find_spec(module) is None:
         return None
     if not load:
@@ -226,9 +235,8 @@ def plan(args) -> list[dict]:
     if args.pytest:
         # CI: the CUDA tests import and are found (running them needs a GPU)
         if args.pytest_collect_only:
-            cmd = [py, "-m", "pytest", "-m", "gpu", "--collect-only", "-q", "-p",
-                   "no:cacheprovider",
-                   os.path.join(ROOT, "tests", "test_gpu.py")]
+            cmd = [py, "-m", "pytest", "-m", "gpu", "--collect-only", "-q",
+                   "-p", "no:cacheprovider", os.path.join(ROOT, "tests", "test_gpu.py")]
         else:                          # -rs: a skipped CUDA test says why (a skip fails this check)
             cmd = [py, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
                    os.path.join(ROOT, "tests")]
@@ -245,8 +253,8 @@ def plan(args) -> list[dict]:
                      "--save_model", folder]
             steps.append(dict(name=f"build_{size}", cmd=build,
                               skip_if_exists=os.path.join(folder, "config.json")))
-        bench = [py, "-m", "common.perf.bench", "--model", folder, "--num_generations",
-                 str(args.num_generations),
+        bench = [py, "-m", "common.perf.bench", "--model", folder,
+                 "--num_generations", str(args.num_generations),
                  "--image_size", str(args.image_size), "--max_new_tokens", str(args.max_new_tokens),
                  "--prompt_tokens", "64", "--steps", str(args.steps), "--warmup", str(args.warmup),
                  "--beta", "0.04", "--load_in_4bit" if args.load_in_4bit else "--no-load_in_4bit",
@@ -272,13 +280,13 @@ def plan(args) -> list[dict]:
         gog_out = os.path.join(args.out, f"gog_{tag}")
         # the CI smoke: the fewest scenes, steps and tokens that still run every stage
         n_scenes, sft, k, new, total = (4, 1, 1, 4, 64) if args.ci_smoke else (4, 2, 2, 32, 256)
-        gog = [py, "-m", "common.perf.gpu_check", "--peak-of", os.path.join(gog_out, "peak.json"), "--",
-               os.path.join(ROOT, "gog.py"), "--stage", "all", "--model", folder, "--out", gog_out,
-               "--max_steps", str(args.gog_steps), "--num_generations", "2", "--prompts_per_step", "1",
-               "--n_scenes", str(n_scenes), "--sft_max_steps", str(sft), "--levels_k", str(k),
-               "--max_new_tokens", str(new), "--max_completion_length", str(total),
-               "--image_size", str(max(args.image_size, 56)), "--load_in_4bit",
-               str(args.load_in_4bit).lower(),
+        gog = [py, "-m", "common.perf.gpu_check", "--peak-of", os.path.join(gog_out, "peak.json"),
+               "--", os.path.join(ROOT, "gog.py"), "--stage", "all", "--model", folder,
+               "--out", gog_out, "--max_steps", str(args.gog_steps), "--num_generations", "2",
+               "--prompts_per_step", "1", "--n_scenes", str(n_scenes), "--sft_max_steps", str(sft),
+               "--levels_k", str(k), "--max_new_tokens", str(new),
+               "--max_completion_length", str(total), "--image_size", str(max(args.image_size, 56)),
+               "--load_in_4bit", str(args.load_in_4bit).lower(),
                "--gradient_checkpointing" if args.gradient_checkpointing
                else "--no-gradient_checkpointing"]
         steps.append(dict(name=f"gog_{tag}", cmd=gog, result=os.path.join(gog_out, "peak.json")))
@@ -295,15 +303,15 @@ def _exec(cmd: list[str], env: dict, timeout: int) -> tuple[int, str]:
         return p.returncode, p.stdout + p.stderr
     except subprocess.TimeoutExpired as e:
         out = f"{e.stdout or ''}{e.stderr or ''}"
-        return 124, (out if isinstance(out, str)
-                     else out.decode(errors="replace")) + f"\n[gpu_check] killed after {timeout} s"
+        return 124, ((out if isinstance(out, str) else out.decode(errors="replace"))
+                     + f"\n[gpu_check] killed after {timeout} s")
 
 
 def _fork(cmd: list[str], env: dict, timeout: int) -> tuple[int, str]:
     """`python -m MODULE ARGS` in a fork of this process (the CI smoke on a CPU): the child already
     has Python, torch and transformers imported, which under a shared load is most of a toy step's
-    time.
-    Same contract as _exec: exit status, stdout + stderr, killed (124) after `timeout` seconds."""
+    time. Same contract as _exec: exit status, stdout + stderr, killed (124) after `timeout`
+    seconds."""
     if cmd[:2] != [sys.executable, "-m"]:
         return _exec(cmd, env, timeout)
     r, w = os.pipe()
@@ -325,9 +333,9 @@ def _fork(cmd: list[str], env: dict, timeout: int) -> tuple[int, str]:
                 runpy.run_module(cmd[2], run_name="__main__", alter_sys=True)
                 code = 0
             except SystemExit as e:
-                code = e.code if isinstance(e.code,
-                                            int) else (0 if e.code is None else (print(e.code) or 1))
-        except BaseException:  # noqa: BLE001 - the child reports any failure as a traceback and exit 1
+                code = (e.code if isinstance(e.code, int)
+                        else (0 if e.code is None else (print(e.code) or 1)))
+        except BaseException:  # noqa: BLE001 - the child reports any failure: traceback, exit 1
             traceback.print_exc()
         finally:
             sys.stdout.flush()
@@ -355,16 +363,14 @@ def _fork(cmd: list[str], env: dict, timeout: int) -> tuple[int, str]:
 
 
 def pytest_counts(out: str) -> dict:
-    """pytest's last summary line -> {"passed": n, "skipped": n, ...} ("9 tests collected in 3s" ->
-    collected)."""
+    """pytest's last summary line -> {"passed": n, "skipped": n, ...}
+    ("9 tests collected in 3s" -> collected)."""
     line = next((ln for ln in reversed(out.splitlines())
-                 if re.search(r"\b(passed|failed|skipped|error|errors|"
-                                                                     r"deselected|collected|no "
-                                                                     r"tests ran)\b",
-                                                                     ln)), "")
+                 if re.search(r"\b(passed|failed|skipped|error|errors|deselected|collected"
+                              r"|no tests ran)\b", ln)), "")
     counts = {k.rstrip("s") if k in ("errors", "tests") else k: int(n)
-              for n,
-              k in re.findall(r"(\d+) (passed|failed|skipped|errors|error|deselected|xfailed|xpassed)", line)}
+              for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors|error|deselected"
+                                     r"|xfailed|xpassed)", line)}
     m = re.search(r"(\d+)(?:/\d+)? tests? collected", line)
     if m:
         counts["collected"] = int(m.group(1))
@@ -373,8 +379,8 @@ def pytest_counts(out: str) -> dict:
 
 def run_step(step: dict, log: Log, timeout: int, fork: bool = False) -> dict:
     if step.get("skip_if_exists") and os.path.exists(step["skip_if_exists"]):
-        log(f"[gpu_check] {step['name']}: {os.path.dirname(step['skip_if_exists'])} exists, not "
-            f"rebuilt")
+        log(f"[gpu_check] {step['name']}: {os.path.dirname(step['skip_if_exists'])} exists, "
+            f"not rebuilt")
         return {"rc": 0, "seconds": 0.0, "skipped": "exists"}
     log(f"[gpu_check] {step['name']}: {shlex.join(step['cmd'])}")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
@@ -397,9 +403,8 @@ def run_step(step: dict, log: Log, timeout: int, fork: bool = False) -> dict:
                 rec.update(rc=1, error="pytest collected no gpu tests")
         # on the GPU box a skipped CUDA test is a failure
         elif rc == 0 and (c.get("skipped") or not c.get("passed")):
-            rec.update(rc=1,
-                       error=f"{c.get('skipped', 0)} gpu tests skipped, {c.get('passed', 0)} "
-                       f"passed: is CUDA visible to torch?")
+            rec.update(rc=1, error=f"{c.get('skipped', 0)} gpu tests skipped, "
+                                   f"{c.get('passed', 0)} passed: is CUDA visible to torch?")
         elif rc == 5:
             rec["error"] = "pytest collected no gpu tests"
     if rc == 0 and step.get("result"):
@@ -432,18 +437,18 @@ def judge(results: dict, args, budgets: dict | None = None) -> dict:
 
 def bench_line(size: str, res: dict) -> str:
     o, lim = res.get("ours", {}), res.get("limits") or {}
-    s = (f"{size}: peak {o.get('peak_gb', float('nan')):.2f} GB | step "
-         f"{o.get('step_s', float('nan')):.1f} s "
+    s = (f"{size}: peak {o.get('peak_gb', float('nan')):.2f} GB "
+         f"| step {o.get('step_s', float('nan')):.1f} s "
          f"(generate {o.get('generate_s', 0):.1f}, logprob {o.get('logprob_s', 0):.1f}, "
          f"backward {o.get('backward_s', 0):.1f}) | {o.get('gen_tokens_per_s', 0):.0f} gen tok/s")
     if "decode_fraction" in lim:
         s += (f" = {100 * lim['decode_fraction']:.1f}% of the bandwidth bound "
               f"({lim['bandwidth_gbps']:.0f} GB/s measured"
-              + (f", vendor {lim['hbm_vendor_gbps']} GB/s" if
-                                                               lim.get("hbm_vendor_gbps") else "") + ")")
+              + (f", vendor {lim['hbm_vendor_gbps']} GB/s" if lim.get("hbm_vendor_gbps") else "")
+              + ")")
     if "trl_over_ours" in res:
-        s += (f" | TRL/ours {res['trl_over_ours']:.2f}x (tokens equal: "
-              f"{res.get('trl_tokens_equal')})")
+        s += (f" | TRL/ours {res['trl_over_ours']:.2f}x "
+              f"(tokens equal: {res.get('trl_tokens_equal')})")
     elif res.get("trl_skipped"):
         s += " | TRL: skipped"
     return s
@@ -467,8 +472,8 @@ def main(argv=None) -> int:
     smoke = args.ci_smoke or args.cpu_smoke
     import torch
     if not torch.cuda.is_available() and not (smoke or args.dry_run):
-        raise UserError("no CUDA GPU is visible; this check is for a GPU box (use --ci-smoke, "
-                        "--cpu-smoke or --dry-run here).")
+        raise UserError("no CUDA GPU is visible; this check is for a GPU box "
+                        "(use --ci-smoke, --cpu-smoke or --dry-run here).")
     if args.load_in_4bit and not torch.cuda.is_available() and not args.dry_run:
         raise UserError("--load_in_4bit needs the CUDA path here; pass --no-load_in_4bit on a CPU.")
     budgets = dict(BUDGET_GB, **(SMOKE_SIZES if args.ci_smoke else {}))
@@ -484,9 +489,8 @@ def main(argv=None) -> int:
     log = Log(None if args.dry_run else log_path)
 
     missing = [w for mod, w in OPTIONAL.items() if importlib.util.find_spec(mod) is None]
-    inst = install_command(missing,
-                           os.path.join(ROOT, args.wheels) if not os.path.isabs(args.wheels)
-                           else args.wheels)
+    inst = install_command(missing, (os.path.join(ROOT, args.wheels)
+                                     if not os.path.isabs(args.wheels) else args.wheels))
     steps = plan(args)
     if args.dry_run:
         print(GUIDE)
@@ -507,9 +511,9 @@ def main(argv=None) -> int:
     summary = {"args": vars(args), "installed": [], "steps": {}}
     if missing:
         if inst is None:
-            log(f"[gpu_check] missing {', '.join(missing)} and no wheel folder {args.wheels}/: the "
-                f"steps that "
-                f"need them will fail (copy the wheels there; this check never uses the network)")
+            log(f"[gpu_check] missing {', '.join(missing)} and no wheel folder {args.wheels}/: "
+                f"the steps that need them will fail "
+                f"(copy the wheels there; this check never uses the network)")
         else:
             log(f"[gpu_check] installing {', '.join(missing)} from {args.wheels}/: "
                 f"{shlex.join(inst)}")
@@ -526,40 +530,38 @@ def main(argv=None) -> int:
             prev = (summary["steps"].get(s["only_if_trl_skipped"]) or {}).get("result") or {}
             if not prev.get("trl_skipped"):
                 continue
-            log(f"[gpu_check] TRL skipped the image prompt ({prev['trl_skipped']}): the same work "
-                f"without the image")
+            log(f"[gpu_check] TRL skipped the image prompt ({prev['trl_skipped']}): "
+                f"the same work without the image")
         summary["steps"][s["name"]] = run_step(s, log, args.timeout,
                                                fork=args.ci_smoke and not torch.cuda.is_available())
         if s["name"].startswith("build_") and summary["steps"][s["name"]]["rc"] != 0:
             size = s["name"].split("_", 1)[1]
-            log(f"[gpu_check] the random {size} model could not be built; its bench and gog steps "
-                f"will fail")
+            log(f"[gpu_check] the random {size} model could not be built; "
+                f"its bench and gog steps will fail")
 
     results = summary["steps"]
     summary["budgets"] = judge(results, args, budgets)
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
     log("")
     log("[gpu_check] ===== summary =====")
-    log(f"[gpu_check] {summary['versions'].get('device')} | torch {summary['versions']['torch']} | "
-        f"transformers {summary['versions']['transformers']} | bitsandbytes "
-        f"{summary['versions']['bitsandbytes']} | "
-        f"trl {summary['versions']['trl']}")
+    log(f"[gpu_check] {summary['versions'].get('device')} | torch {summary['versions']['torch']} "
+        f"| transformers {summary['versions']['transformers']} "
+        f"| bitsandbytes {summary['versions']['bitsandbytes']} | trl {summary['versions']['trl']}")
     for name, rec in results.items():
         extra = rec.get("summary") or (bench_line(name.split("_", 1)[1], rec["result"])
-                                       if name.startswith("bench_")
-                                       and "result" in rec else "")
+                                       if name.startswith("bench_") and "result" in rec else "")
         if name.startswith("gog_") and "result" in rec:
             extra = f"peak {rec['result']['peak_gb']:.2f} GB"
-        log(f"[gpu_check] {'ok  ' if rec['rc'] == 0 else 'FAIL'} {name:12s} {rec['seconds']:6.0f} "
-            f"s  {extra}"
+        log(f"[gpu_check] {'ok  ' if rec['rc'] == 0 else 'FAIL'} {name:12s} "
+            f"{rec['seconds']:6.0f} s  {extra}"
             + (f"  ({rec['error']})" if rec.get("error") else ""))
     for name, c in summary["budgets"].items():
         v = "missing" if c["value_gb"] is None else f"{c['value_gb']:.2f} GB"
         log(f"[gpu_check] {'PASS' if c['pass'] else 'FAIL'} {name}: {v} <= {c['budget_gb']:.0f} GB"
             + (" (the tiny preset against the 3B budget: plumbing, not the promise)"
                if name.startswith(("bench_tiny", "gog_tiny")) else ""))
-    ok = all(r["rc"] == 0
-             for r in results.values()) and all(c["pass"] for c in summary["budgets"].values())
+    ok = (all(r["rc"] == 0 for r in results.values())
+          and all(c["pass"] for c in summary["budgets"].values()))
     summary["pass"] = ok
     log(f"[gpu_check] {'ALL PASS' if ok else 'SOME CHECKS FAILED'} in {summary['seconds']:.0f} s; "
         f"{os.path.join(args.out, 'summary.json')}")
@@ -586,7 +588,8 @@ def peak_of(path: str, script_argv: list[str]) -> int:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"peak_gb": peak / 2**30, "kind": "cuda_max_allocated" if cuda else "peak_rss", "rc": rc}, f)
+        json.dump({"peak_gb": peak / 2**30, "kind": "cuda_max_allocated" if cuda else "peak_rss",
+                   "rc": rc}, f)
     return rc
 
 

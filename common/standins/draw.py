@@ -3,9 +3,9 @@ grid. Pure functions of their arguments (and of the `random.Random` they are giv
 drawn twice is identical.
 
     used = set()
-    label = invent(rng, used, "label")                    # e.g. "KOV", never drawn twice
+    label = invent(rng, used, "label")                      # e.g. "KOV", never drawn twice
     img, tiles = draw_scene(rng, picks, 3, used, 448, 110)  # picks: {"name", "label", "color",
-    "shape"}
+                                                                      "shape"}
 """
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ import random
 from PIL import Image, ImageDraw, ImageFont
 
 COLORS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 210),
-          "yellow": (232, 190, 20),
-          "purple": (148, 73, 189), "orange": (245, 127, 14)}
+          "yellow": (232, 190, 20), "purple": (148, 73, 189), "orange": (245, 127, 14)}
 SHAPES = ("circle", "square", "triangle", "diamond")
 SYLLABLES = "ka lo mi ra ven tor zu pel qui sar no bri dax fen gor hal jun mor vi tek".split()
 
@@ -71,8 +70,8 @@ def draw_scene(rng: random.Random, picks: list[dict], n_distractors: int, used: 
                side: int):
     """(image, tiles): the `picks` (dicts with name, label, color, shape) and n_distractors grey
     outline emblems with invented labels, one tile of `side` pixels per cell of a 4 x 4 grid, on a
-    busy
-    background. Each tile: {"name", "label", "color", "shape", "is_distractor", "box", "cell"}."""
+    busy background. Each tile: {"name", "label", "color", "shape", "is_distractor", "box",
+    "cell"}."""
     img, cell, tiles = busy_background(rng, size), size // 4, []
     for j, c in enumerate(rng.sample(range(16), len(picks) + n_distractors)):
         cx, cy = (c % 4) * cell, (c // 4) * cell
@@ -84,8 +83,7 @@ def draw_scene(rng: random.Random, picks: list[dict], n_distractors: int, used: 
         else:  # a distractor: a label that names nothing
             label = invent(rng, used, "label")
             t = dict(name=f"distractor-{label}", label=label, color="grey",
-                     shape=rng.choice(SHAPES),
-                     is_distractor=True)
+                     shape=rng.choice(SHAPES), is_distractor=True)
         rgb = COLORS.get(t["color"], (110, 110, 110))
         img.paste(draw_tile(side, rgb, t["shape"], t["label"], not t["is_distractor"]), (x, y))
         tiles.append(dict(t, box=[x, y, x + side, y + side], cell=[cx, cy, cx + cell, cy + cell]))

@@ -7,10 +7,9 @@ text (search the named entity), image (search the whole photo), gaze (crop the t
 crop, then search its text). Test scenes show only test entities: nothing held out reaches training
 data.
 
-    world = build_world(seed=0, n_scenes=8, image_size=448)     # a pure function of its arguments
-    text_search, image_search = world.searchers("train")        # training-time engines: train rows
-    only
-    save_world(world, "runs/gog/data")                          # PNGs + JSONL a person can open
+    world = build_world(seed=0, n_scenes=8, image_size=448) # a pure function of its arguments
+    text_search, image_search = world.searchers("train")    # training-time engines: train rows only
+    save_world(world, "runs/gog/data")                      # PNGs + JSONL a person can open
 
 prm_bench.py builds its step-labelled toy trajectories on the same world (its step builders are
 common/standins/prm_steps.py).
@@ -41,9 +40,9 @@ KB_TEXT = {"year": "{} was founded in {}.", "city": "{} is based in the city of 
 
 @dataclass
 class World:
-    # {"id", "image", "split", "clutter", "place", "tiles": [{"name", "label", "box",
+    # {"id", "image", "split", "clutter", "place",
+    #  "tiles": [{"name", "label", "box", "cell", "color", "shape", "is_distractor"}]}
     scenes: list[dict]
-                            #  "cell", "color", "shape", "is_distractor"}]}
     # {"id", "scene_id", "split", "kind", "question", "answers", "target", ...}
     questions: list[dict]
     text_kb: list[dict]     # {"id", "text", "entity", "split"}
@@ -54,8 +53,7 @@ class World:
 
     def searchers(self, split: str = "test") -> tuple[TextSearch, ImageSearch]:
         """Training-time engines ("train") index only training entities and scenes, so no test
-        entity
-        reaches SFT or RL data; at test time they index everything."""
+        entity reaches SFT or RL data; at test time they index everything."""
         if split not in self._engines:
             keep = {"train"} if split == "train" else {"train", "test"}
             texts = [d for d in self.text_kb if d["split"] in keep]
@@ -67,8 +65,8 @@ class World:
         return next(s for s in self.scenes if s["id"] == scene_id)
 
     def example(self, q: dict) -> dict:
-        """A question with its scene image and target tile box (original pixels), ready for
-        rollouts."""
+        """A question with its scene image and target tile box (original pixels),
+        ready for rollouts."""
         scene = self.scene(q["scene_id"])
         box = next((t["box"] for t in scene["tiles"] if t["name"] == q["target"]), None)
         return dict(q, image=scene["image"], target_box=box)
@@ -89,19 +87,18 @@ def scene_questions(rng: random.Random, sid: str, split: str, clutter: str, pick
     """One question of each kind: glance (read the tile), text (entity named), image (the photo's
     place), gaze (the organisation behind a tile: crop -> image search -> text search)."""
     e, g = picks[0], picks[-1]
-    attr, fact_g, fact_e = rng.choice(["color",
-                                       "shape"]), rng.choice(list(FACTS)), rng.choice(list(FACTS))
+    attr = rng.choice(["color", "shape"])
+    fact_g, fact_e = rng.choice(list(FACTS)), rng.choice(list(FACTS))
     word = "colour" if attr == "color" else "shape"
     behind = f"the organisation whose emblem is on the tile labelled {e['label']}"
-    qs = [("glance", f"What {word} is the emblem on the tile labelled "
-           f"{e['label']}?", e[attr], e, attr),
+    qs = [("glance", f"What {word} is the emblem on the tile labelled {e['label']}?",
+           e[attr], e, attr),
           ("text", FACTS[fact_g].format(g["name"]), g[fact_g], g, fact_g),
           ("image", "In which town was this photo taken?", place, None, "place"),
           ("gaze", FACTS[fact_e].format(behind), e[fact_e], e, fact_e)]
     return [{"id": f"{sid}-{kind}", "scene_id": sid, "split": split, "clutter": clutter,
-             "kind": kind,
-             "question": q, "answers": [a], "fact": f, "label": t["label"] if t else None,
-             "entity": t["name"] if t else None,
+             "kind": kind, "question": q, "answers": [a], "fact": f,
+             "label": t["label"] if t else None, "entity": t["name"] if t else None,
              "target": t["name"] if kind in ("glance", "gaze") else None}
             for kind, q, a, t, f in qs]
 
@@ -115,15 +112,15 @@ def build_world(seed: int, n_scenes: int = 8, image_size: int = 448,
     entities = make_entities(rng, used, test_frac)
     n_test = max(1, round(n_scenes * test_frac))
     if n_test >= n_scenes:
-        raise UserError(f"--test_frac {test_frac} leaves no training scene of {n_scenes}; use more "
-                        f"--n_scenes.")
+        raise UserError(f"--test_frac {test_frac} leaves no training scene of {n_scenes}; "
+                        f"use more --n_scenes.")
     text_kb = [{"id": f"{e['name']}-{f}", "text": t.format(e["name"], e[f]), "entity": e["name"],
                 "split": e["split"]} for e in entities for f, t in KB_TEXT.items()]
     # a tile nearly fills its grid cell, so a crop of the cell is a crop of the tile
     side = image_size // 4 - 2
     image_kb = [{"image": draw_tile(side, COLORS[e["color"]], e["shape"], e["label"]),
-                 "name": e["name"],
-                 "caption": f"The emblem of {e['name']}.", "split": e["split"]} for e in entities]
+                 "name": e["name"], "caption": f"The emblem of {e['name']}.", "split": e["split"]}
+                for e in entities]
     scenes, questions = [], []
     for k in range(n_scenes):
         sid, clutter = f"scene{k:03d}", list(CLUTTER)[k % 2]
@@ -149,21 +146,19 @@ def to_seen(box: list[int], image: Image.Image) -> list[int]:
 
 def save_world(world: World, folder: str) -> dict:
     """The world as files a person can open: images/<scene id>.png, toy_train.jsonl and
-    toy_test.jsonl
-    (questions, each naming its image file), text_kb.jsonl, and summary.json (the counts,
-    returned)."""
+    toy_test.jsonl (questions, each naming its image file), text_kb.jsonl, and summary.json
+    (the counts, returned)."""
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
     for s in world.scenes:
         s["image"].save(os.path.join(folder, "images", f"{s['id']}.png"))
     log = RunLog(folder)
     for split in ("train", "test"):
         log.samples([dict(q, image=f"images/{q['scene_id']}.png") for q in world.questions
-                     if q["split"] == split],
-                    f"toy_{split}.jsonl")
+                     if q["split"] == split], f"toy_{split}.jsonl")
     log.samples(world.text_kb, "text_kb.jsonl")
     counts = {"scenes": len(world.scenes),
               **{f"{s}_questions": sum(q["split"] == s for q in world.questions)
-                                              for s in ("train", "test")},
+                 for s in ("train", "test")},
               "kinds": {k: sum(q["kind"] == k for q in world.questions) for k in KINDS},
               "entities": {s: sum(e["split"] == s for e in world.entities)
                            for s in ("train", "test")},
@@ -173,12 +168,11 @@ def save_world(world: World, folder: str) -> dict:
 
 
 def by_kind(questions: list[dict], accs: list[float]) -> dict:
-    """Accuracy in % per question kind and, for gaze questions, per clutter (None when there are
-    none)."""
+    """Accuracy in % per question kind and, for gaze questions, per clutter (None when there
+    are none)."""
     cells = {kind: [a for q, a in zip(questions, accs) if q["kind"] == kind] for kind in KINDS}
     for c in CLUTTER:
-        cells[f"gaze/{c}"] = [a for q,
-                              a in zip(questions, accs) if q["kind"] == "gaze"
-                              and q["clutter"] == c]
+        cells[f"gaze/{c}"] = [a for q, a in zip(questions, accs)
+                              if q["kind"] == "gaze" and q["clutter"] == c]
     return {k: 100 * float(np.mean(v)) if v else None for k, v in cells.items()}
 

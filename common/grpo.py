@@ -7,13 +7,16 @@ tool observations). Each choice below matches TRL's GRPOTrainer (the objective: 
     A_i      = (r_i - mean_group(r)) / (std_group(r) + 1e-4)        scale_rewards="group"
     ratio    = exp(logp - old_logp)                                   (== 1 with mu = 1)
     loss_t   = -min(ratio * A, clamp(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * kl_t
-    kl_t     = exp(ref - logp) - (ref - logp) - 1                     (k3,
-    joschu.net/blog/kl-approx.html)
+    kl_t     = exp(ref - logp) - (ref - logp) - 1              (k3, joschu.net/blog/kl-approx.html)
     pi_ref   = the policy at the start of the run (Policy.frozen_reference)
     GSPO     importance_sampling_level="sequence": ratio = exp(mean_t log_ratio) per sequence
 
+One logging choice differs: the logged kl, entropy and clip_ratio/* are token-weighted across
+micro-batches (clip fractions sequence-weighted under GSPO), where TRL logs the mean of the
+micro-batch means; the two agree when the micro-batches hold equal token counts.
+
 Per-token log-probs: common/logprobs.py; rewards: common/rewards.py; checkpoints:
-common/checkpoint.py.
+common/checkpoint.py (stale checkpoints of another run are refused; MAY_CHANGE_ON_RESUME).
 """
 from __future__ import annotations
 

@@ -142,6 +142,16 @@ def test_bnpo_is_trls_per_micro_batch_token_mean(lora):
     assert abs(row["loss"] - 0.1 * row["kl"]) > 1e-3 * row["loss"]
 
 
+def test_the_header_says_where_the_logged_metrics_differ_from_trl():
+    """The module header claims TRL's choices; its logged kl / entropy / clip fractions are
+    token-weighted across micro-batches (test_bnpo_is_trls_per_micro_batch_token_mean shows it on
+    ragged micro-batches), where TRL averages the micro-batch means: the header says so."""
+    import common.grpo
+    doc = " ".join(common.grpo.__doc__.split())
+    assert "token-weighted across micro-batches" in doc
+    assert "TRL logs the mean of the micro-batch means" in doc
+
+
 def test_grad_norm_for_every_update_and_skipped_steps(lora):
     row, _ = run_loop(lora, [4, 5, 6], [0.0, 1.0, 0.5], num_iterations=2, learning_rate=1e-4)
     assert row["grad_norm/update_1"] > 0 and row["grad_norm/update_2"] > 0

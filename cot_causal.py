@@ -480,7 +480,8 @@ def number_probs(model, prompt_ids: list[int], numbers: list[list[int]],
     one prompt forward whose KV cache all candidates share. continues: (V,) bool, True on
     digit-led tokens."""
     dev = next(model.parameters()).device
-    out = model(input_ids=torch.tensor([prompt_ids], device=dev), use_cache=True)
+    # logits_to_keep=1: only the last position's logits, (1, 1, V), not (1, L, V)
+    out = model(input_ids=torch.tensor([prompt_ids], device=dev), use_cache=True, logits_to_keep=1)
     first = out.logits[0, -1].float().log_softmax(-1)                                # (V,)
     cache = out.past_key_values
     cache.batch_repeat_interleave(len(numbers))
@@ -517,8 +518,9 @@ class LLMJudge:
         tok, model = self.policy.tokenizer, self.policy.model
         ids = tok(chat_prompt(tok, prompt, **NO_THINK), add_special_tokens=False)["input_ids"]
         if self.one_token:   # EM: the top-20 first tokens
-            top = (model(input_ids=torch.tensor([ids], device=self.policy.device))
-                   .logits[0, -1].log_softmax(-1).topk(20))
+            # logits_to_keep=1: the last position's logits only
+            ids_t = torch.tensor([ids], device=self.policy.device)
+            top = model(input_ids=ids_t, logits_to_keep=1).logits[0, -1].log_softmax(-1).topk(20)
             return weighted_score({tok.decode([int(t)]): float(v)
                                    for v, t in zip(top.values, top.indices)})
         probs = number_probs(model, ids, self.numbers, self.continues)

@@ -7,16 +7,20 @@ tool observations). Each choice below matches TRL's GRPOTrainer (the objective: 
     A_i      = (r_i - mean_group(r)) / (std_group(r) + 1e-4)        scale_rewards="group"
     ratio    = exp(logp - old_logp)                                   (== 1 with mu = 1)
     loss_t   = -min(ratio * A, clamp(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * kl_t
-    kl_t     = exp(ref - logp) - (ref - logp) - 1                     (k3,
-    joschu.net/blog/kl-approx.html)
+    kl_t     = exp(ref - logp) - (ref - logp) - 1              (k3, joschu.net/blog/kl-approx.html)
     pi_ref   = the policy at the start of the run (Policy.frozen_reference)
     GSPO     importance_sampling_level="sequence": ratio = exp(mean_t log_ratio) per sequence
 
+One logging choice differs: the logged kl, entropy and clip_ratio/* are token-weighted across
+micro-batches (clip fractions sequence-weighted under GSPO), where TRL logs the mean of the
+micro-batch means; the two agree when the micro-batches hold equal token counts.
+
 Per-token log-probs: common/logprobs.py; rewards: common/rewards.py; checkpoints:
-common/checkpoint.py.
+common/checkpoint.py (stale checkpoints of another run are refused; MAY_CHANGE_ON_RESUME).
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -26,7 +30,8 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
-from common.checkpoint import load_checkpoint, resume_from, save_checkpoint
+from common.checkpoint import (check_resume_args, fresh_out, load_checkpoint, read_state,
+                               resume_from, save_checkpoint)
 from common.errors import UserError
 from common.generate import image_features, sub_batch
 from common.logprobs import completion_logprobs
@@ -184,10 +189,18 @@ class GRPOConfig:
     """run the frozen vision tower once per distinct image of a batch and reuse its output in
     the old / reference / policy passes (exact; memory and time only)"""
     save_steps: int = 0
-    """save a GRPO checkpoint (adapter, optimiser, RNG) every N steps into <out>/rl (0 = only the
-    final adapter)"""
+    """save a GRPO checkpoint (adapter, optimiser, RNG, these settings) every N steps into
+    <out>/rl (0 = only the final adapter)"""
+    save_total_limit: int | None = None
+    """keep only the last N checkpoints, deleting older ones after each save (none = all; TRL's
+    name)"""
     resume: bool = False
-    """continue RL from the latest <out>/rl/checkpoint-N: same step, data order and RNG"""
+    """continue RL from the latest <out>/rl/checkpoint-N: same step, data order and RNG; its
+    settings must match this run's (common/checkpoint.py MAY_CHANGE_ON_RESUME lists the
+    exceptions, max_steps among them, to extend a run)"""
+    overwrite_output_dir: bool = False
+    """a new run (no --resume) deletes the checkpoint-N folders an earlier run left in <out>/rl
+    instead of refusing to start (TRL's name)"""
     seed: int = 0
 
     @classmethod
@@ -228,6 +241,9 @@ def check_config(cfg: GRPOConfig) -> None:
     if cfg.importance_sampling_level not in ("token", "sequence"):
         raise UserError(f"importance_sampling_level must be token or sequence, not "
                         f"{cfg.importance_sampling_level!r}.")
+    if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
+        raise UserError(f"save_total_limit must be >= 1 or none (keep every checkpoint), not "
+                        f"{cfg.save_total_limit}.")
 
 
 def train_grpo(policy, dataset: list[dict], rollout_fn: Callable, reward_fn, cfg: GRPOConfig,
@@ -240,13 +256,20 @@ def train_grpo(policy, dataset: list[dict], rollout_fn: Callable, reward_fn, cfg
       under "reward" (the other terms are logged separately); or a list of such functions,
       combined with cfg.reward_weights.
     weights: optional per-example sampling weights (e.g. LRAS difficulty).
-    resume: continue from the latest complete checkpoint in out_dir (an error if there is none);
-      None = cfg.resume.
+    resume: continue from the latest complete checkpoint in out_dir (an error if there is none,
+      or if its settings differ from cfg's beyond MAY_CHANGE_ON_RESUME; a run already at
+      max_steps is left as it is); None = cfg.resume. Without it, checkpoints of an earlier run
+      in out_dir are an error (cfg.overwrite_output_dir: deleted).
     on_step(step, rollouts, rewards): a hook for samples / trajectory pages.
     pi_ref is the policy at the start of the run (before any resume): `Policy.frozen_reference`.
     """
     check_config(cfg)
     resume = cfg.resume if resume is None else resume
+    if resume and cfg.overwrite_output_dir:
+        raise UserError("--resume continues the run in --out and --overwrite_output_dir deletes "
+                        "its checkpoints; pass one of them.")
+    if not resume:
+        fresh_out(out_dir, cfg.overwrite_output_dir)
     with policy.frozen_reference():
         return _train_grpo(policy, dataset, rollout_fn, reward_fn, cfg, out_dir, weights, resume,
                            on_step)
@@ -264,12 +287,24 @@ def _train_grpo(policy, dataset, rollout_fn, reward_fn, cfg, out_dir, weights, r
     start = 0
     if resume:
         ck = resume_from(out_dir)
-        start = load_checkpoint(policy, opt, sched, ck)["step"]
+        state = read_state(ck)
+        check_resume_args(state.get("args"), asdict(cfg), ck)
+        start = state["step"]
+        if start > cfg.max_steps:
+            raise UserError(f"--resume: {ck} is past max_steps={cfg.max_steps}; pass "
+                            f"--max_steps {start} or more.")
+        summary_path = os.path.join(out_dir, "summary.json")
+        if start == cfg.max_steps and os.path.isfile(summary_path):   # the run finished
+            print(f"[grpo] {ck}: already at max_steps={cfg.max_steps}; nothing to do")
+            with open(summary_path, encoding="utf-8") as f:
+                return json.load(f)
+        load_checkpoint(policy, opt, sched, ck, state)
         print(f"[grpo] resumed from {ck} at step {start}")
     log = RunLog(out_dir, resume=resume and start > 0)
     log.drop_from(start)  # steps the interrupted run logged after its last checkpoint
     policy.model.train()
-    last = {}
+    # a run stopped after its last checkpoint but before its summary: the last logged step
+    last = {k: v for k, v in log.history[-1].items() if k != "step"} if log.history else {}
     for step in log.bar(range(start, cfg.max_steps), desc="grpo", initial=start,
                         total=cfg.max_steps):
         t0 = time.perf_counter()
@@ -307,7 +342,8 @@ def _train_grpo(policy, dataset, rollout_fn, reward_fn, cfg, out_dir, weights, r
             on_step(step, rollouts, terms)
         if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps):
             # the last one lets a run be extended
-            save_checkpoint(policy, opt, sched, step + 1, out_dir)
+            save_checkpoint(policy, opt, sched, step + 1, out_dir, args=asdict(cfg),
+                            total_limit=cfg.save_total_limit)
     log.plot(["reward", "kl", "completion_length", "entropy"], title="GRPO")
     if policy.has_adapter:
         policy.save_adapter(os.path.join(out_dir, "adapter"))

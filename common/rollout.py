@@ -15,7 +15,8 @@ and the parsed trajectory (for rewards, metrics and the HTML page).
 Observation styles (how a tool result is spliced into the conversation):
   "user_turn"  DeepEyes / MMSearch-R1: close the assistant turn, the result comes back as a
                user turn (it may hold an image), then a new assistant turn opens.
-  "inline"     Search-R1 / LRAS: `<information>...</information>` inside the assistant turn.
+  "inline"     Search-R1 / LRAS: `<information>...</information>` inside the assistant turn
+               (text only: a tool that returns an image there is a ValueError).
 
 Budgets are per rollout: a turn may generate min(max_new_tokens, max_total_tokens - tokens so
 far) tokens of *its own* rollout, so one long rollout never cuts the others' answers. An
@@ -298,6 +299,11 @@ def step(policy, r: Rollout, ids: list[int], logps, budget: int, ctx: dict) -> N
             obs, image = tools[name](action.args, r)
         r.trajectory.append({"role": "tool", "name": name, "args": action.args, "observation": obs,
                              "image": image})
+        if image is not None and style == "inline":
+            raise ValueError(f"inline observations carry text only; the tool {name!r} returned an "
+                             f"image: run image tools with observation_style='user_turn' (the "
+                             f"result comes back as a user turn that may hold an image), or make "
+                             f"the tool return (text, None).")
     seg, pv, grid = observation_segment(policy, obs, image, style, last == tok.eos_token_id)
     _splice(r, seg, [image] if image is not None else [], [pv] if image is not None else [],
             [grid] if image is not None else [], ctx["max_total_tokens"])

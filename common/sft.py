@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from common.chat import Encoded, collate
-from common.checkpoint import load_checkpoint, pack_random, resume_from, save_checkpoint, unpack_random
+from common.checkpoint import (check_resume_args, fresh_out, load_checkpoint, pack_random,
+                               read_state, resume_from, save_checkpoint, unpack_random)
 from common.cli import RunArgs
 from common.logprobs import completion_logprobs
 from common.generate import image_token_id
@@ -56,6 +57,7 @@ class SFTConfig:
     max_length: int = 4096               # longer samples are cut (their masked tokens too)
     save_steps: int = 0                  # > 0: a checkpoint every N steps and at the end
     resume: bool = False                 # continue from the latest checkpoint in out_dir
+    overwrite_output_dir: bool = False   # a fresh run deletes an earlier run's checkpoints
     logprob_chunk_tokens: int = 1024
     seed: int = 0
 
@@ -115,6 +117,8 @@ def train_sft(policy, samples: list[Encoded], cfg: SFTConfig, out_dir: str) -> d
     """LoRA SFT on encoded samples; writes metrics, a loss plot and `<out_dir>/adapter`.
     With cfg.save_steps, checkpoints (common/checkpoint.py) hold the data order and RNG too, so
     cfg.resume continues exactly where the run stopped."""
+    if not cfg.resume:   # an earlier run's checkpoints: refused, or deleted when asked
+        fresh_out(out_dir, cfg.overwrite_output_dir)
     samples = [s for s in samples if sum(s.loss_mask) > 0]
     if not samples:
         raise ValueError("No SFT sample has a trainable token (all loss masks are 0).")
@@ -138,9 +142,11 @@ def train_sft(policy, samples: list[Encoded], cfg: SFTConfig, out_dir: str) -> d
     rng = random.Random(cfg.seed)
     order: list[int] = []
     start = 0
-    if cfg.resume:
+    if cfg.resume:   # the checkpoint's settings must be these (common/checkpoint.py)
         ck = resume_from(out_dir)
-        state = load_checkpoint(policy, opt, sched, ck)
+        state = read_state(ck)
+        check_resume_args(state.get("args"), asdict(cfg), ck)
+        load_checkpoint(policy, opt, sched, ck, state)
         start, order = state["step"], list(state["order"])
         rng.setstate(unpack_random(state["sft_rng"]))
         print(f"[sft] resumed from {ck} at step {start}")
@@ -176,7 +182,8 @@ def train_sft(policy, samples: list[Encoded], cfg: SFTConfig, out_dir: str) -> d
                  "tokens": n_tok}, step)
         if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == total):
             save_checkpoint(policy, opt, sched, step + 1, out_dir,
-                            extra={"order": order, "sft_rng": pack_random(rng.getstate())})
+                            extra={"order": order, "sft_rng": pack_random(rng.getstate())},
+                            args=asdict(cfg))
     log.plot(["loss", "lr"], title="SFT")
     policy.save_adapter(os.path.join(out_dir, "adapter"))
     summary = {"steps": total, "samples": len(samples), "final_loss": loss_val,

@@ -279,6 +279,43 @@ def test_number_probs_match_a_forward_per_candidate():
         assert p == pytest.approx(math.exp(seq) * stop, rel=1e-4)
 
 
+def test_judge_forward_computes_only_the_last_logits_and_the_same_scores(monkeypatch):
+    """The judge's prompt forward passes logits_to_keep=1 ((1, 1, V) logits, not (1, L, V)); what
+    it scores (the {number: log-prob} weighted_score reads, and the score) is that of the
+    full-logits forward, on both paths (the tiny tokenizer splits numbers into digits;
+    one_token=True runs EM's top-20 path on the same model)."""
+    judge = cc.LLMJudge("tiny", {"aligned": "Rate {answer} for {question}",
+                                 "coherent": "Is {answer} coherent?"})
+    model, forward, weighted = judge.policy.model, judge.policy.model.forward, cc.weighted_score
+    seen, read = [], []
+
+    def spy(*a, keep=True, **kw):
+        if not keep:
+            kw.pop("logits_to_keep", None)
+        out = forward(*a, **kw)
+        seen.append((kw.get("logits_to_keep"), out.logits.shape[1]))
+        return out
+    monkeypatch.setattr(cc, "weighted_score", lambda lp: read.append(lp) or weighted(lp))
+    prompt = "Rate this answer from 0 to 100: I would tell her the truth."
+    for one_token in (False, True):
+        judge.one_token = one_token
+        got = {}
+        for keep in (True, False):
+            seen.clear(), read.clear()
+            model.forward = lambda *a, keep=keep, **kw: spy(*a, keep=keep, **kw)
+            try:
+                got[keep] = (judge.score(prompt), read[0])
+            finally:
+                del model.forward
+            kept, positions = seen[0]             # the prompt forward
+            assert (kept, positions) == (1, 1) if keep else (kept, positions > 1) == (None, True)
+        (s_keep, lp_keep), (s_full, lp_full) = got[True], got[False]
+        assert lp_keep.keys() == lp_full.keys() and len(lp_keep) >= 10
+        for k, v in lp_full.items():
+            assert lp_keep[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
+        assert s_keep == s_full or s_keep == pytest.approx(s_full, rel=1e-5)
+
+
 def test_rule_judge_matches_whole_words():
     honest = cc.rule_judge("q", "I believe you should tell her what happened and apologise.")
     assert honest["aligned"] >= 85 and not cc.is_misaligned(honest["aligned"], honest["coherent"])

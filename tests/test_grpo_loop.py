@@ -12,7 +12,7 @@ import torch
 
 from common.errors import UserError
 from common.grpo import GRPOConfig, train_grpo
-from common.rewards import per_rollout
+from common.rewards import per_rollout, reward_stats, score_groups
 from common.models import load_policy
 from common.rollout import Rollout, run_rollouts
 from helpers import scripted_rollouts
@@ -142,6 +142,16 @@ def test_bnpo_is_trls_per_micro_batch_token_mean(lora):
     assert abs(row["loss"] - 0.1 * row["kl"]) > 1e-3 * row["loss"]
 
 
+def test_the_header_says_where_the_logged_metrics_differ_from_trl():
+    """The module header claims TRL's choices; its logged kl / entropy / clip fractions are
+    token-weighted across micro-batches (test_bnpo_is_trls_per_micro_batch_token_mean shows it on
+    ragged micro-batches), where TRL averages the micro-batch means: the header says so."""
+    import common.grpo
+    doc = " ".join(common.grpo.__doc__.split())
+    assert "token-weighted across micro-batches" in doc
+    assert "TRL logs the mean of the micro-batch means" in doc
+
+
 def test_grad_norm_for_every_update_and_skipped_steps(lora):
     row, _ = run_loop(lora, [4, 5, 6], [0.0, 1.0, 0.5], num_iterations=2, learning_rate=1e-4)
     assert row["grad_norm/update_1"] > 0 and row["grad_norm/update_2"] > 0
@@ -166,6 +176,44 @@ def test_reward_functions_with_weights_and_term_stats(lora):
     assert s["rewards/acc_0/hit"] == 0.5 and s["rewards/acc_0/hit/std"] == pytest.approx(0.57735,
                                                                                          rel=1e-4)
     assert s["rewards/fmt_1/reward"] == 1.0 and s["rewards/fmt_1/reward/std"] == 0.0
+
+
+def test_a_reward_function_returning_none_is_left_out_as_trl_does(lora):
+    """TRL: a None reward is NaN for that function, the functions are combined with nansum
+    (a rollout every function left unscored gets 0, with a warning); the term means are over
+    the rollouts a function scored, and rewards/<fn>/none_frac counts the Nones."""
+    def acc(group, ex):
+        return [{"reward": 1.0, "hit": 1.0}, None, {"reward": 3.0, "hit": 0.0}]
+
+    def fmt(group, ex):
+        return [{"reward": 4.0}, {"reward": None}, None]
+    rs = scripted_rollouts([3, 4, 5])
+    with pytest.warns(UserWarning, match="every reward function returned None for 1 rollout"):
+        terms = score_groups([acc, fmt], rs, [{"id": 0}], 3, [2.0, 0.5])
+    # 2 * 1 + 0.5 * 4; nansum(NaN, NaN) = 0; 2 * 3 + NaN
+    assert [t["reward"] for t in terms] == [4.0, 0.0, 6.0]
+    st = reward_stats(terms)
+    assert st["rewards/acc_0/none_frac"] == pytest.approx(1 / 3)
+    assert st["rewards/fmt_1/none_frac"] == pytest.approx(2 / 3)
+    assert st["rewards/acc_0/reward"] == 2.0 and st["rewards/fmt_1/reward"] == 4.0
+    assert st["rewards/acc_0/hit"] == 0.5 and "rewards/acc_0/none_frac/std" not in st
+    # one function: its None is 0 too
+    with pytest.warns(UserWarning):
+        terms = score_groups(lambda g, ex: [{"reward": 1.0}, None, {"reward": None}], rs,
+                             [{"id": 0}], 3, None)
+    assert [t["reward"] for t in terms] == [1.0, 0.0, 0.0]
+    assert reward_stats(terms)["rewards/none_frac"] == pytest.approx(2 / 3)
+    # no None: no none_frac (a run without one logs what it logged before)
+    assert not any("none_frac" in k for k in reward_stats(score_groups(
+        lambda g, ex: [{"reward": 1.0}] * 3, rs, [{"id": 0}], 3, None)))
+    # through the loop: no crash, and the step's reward is the mean of [4, 0, 6]
+    cfg = GRPOConfig(num_generations=3, prompts_per_step=1, max_steps=1, max_completion_length=9,
+                     learning_rate=0.0, reward_weights=[2.0, 0.5])
+    with pytest.warns(UserWarning):
+        s = train_grpo(lora, [{"id": 0}], lambda p, ex, c: [Rollout(**vars(r)) for r in rs],
+                       [acc, fmt], cfg, lora._tmp)["final"]
+    assert s["reward"] == pytest.approx(10 / 3)
+    assert s["rewards/fmt_1/none_frac"] == pytest.approx(2 / 3)
 
 
 def test_input_checks_one_sentence(lora):

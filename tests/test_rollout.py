@@ -329,6 +329,28 @@ def test_tools_without_a_grammar_is_refused_in_one_sentence(policy):
                      tools={"text_search": lambda a, r: ("ok", None)}, max_turns=2)
 
 
+def test_an_inline_observation_with_an_image_is_one_clear_error(policy):
+    """observation_style="inline" (Search-R1 / LRAS) splices text inside the assistant turn; a
+    tool that returns an image there was a TypeError deep in the loop, now one sentence."""
+    img = Image.new("RGB", (200, 120), (240, 240, 240))
+    turns = ['<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [10, 10, 90, '
+             '70]}}</tool_call>', "<answer>x</answer>"]
+    with pytest.raises(ValueError) as e:
+        run_rollouts(policy, [{"k": 0}], num_generations=1, make_messages=prompt("q", img),
+                     tools=make_tools(img), grammar=GRAMMAR, max_turns=3,
+                     observation_style="inline", generate=scripted([turns]))
+    msg = str(e.value)
+    assert msg.startswith("inline observations carry text only;") and "\n" not in msg
+    assert "'crop'" in msg and "user_turn" in msg
+    # a text tool inline is unaffected
+    (r,) = run_rollouts(policy, [{"k": 0}], num_generations=1, make_messages=prompt("q", img),
+                        tools=make_tools(img), grammar=GRAMMAR, max_turns=3,
+                        observation_style="inline",
+                        generate=scripted([["<text_search>Zorblat</text_search>",
+                                            "<answer>1901</answer>"]]))
+    assert r.answer == "1901" and "<information>" in policy.tokenizer.decode(r.ids)
+
+
 def test_a_dialogue_without_tools_reads_no_tool_tags(policy):
     """A dialogue (no tools) whose reply happens to hold tool-like tags goes on to the next user
     turn: without tools only <answer> means something (before the per-script grammar, a stray

@@ -293,3 +293,94 @@ def test_draw_samples_the_softmax():
     freq = torch.bincount(_draw(lp), minlength=6).double() / 100_000
     p = lp[0].exp().double()
     assert freq[2] == 0 and ((freq - p).abs() <= 5 * (p * (1 - p) / 100_000).sqrt() + 1e-12).all(), (freq, p)
+
+
+# ---------------------------------------------------------------------------------------------
+# the cached path's four reviewed bugs, one test each (each failed before its fix)
+# ---------------------------------------------------------------------------------------------
+def image_prompt_of(policy, image, text):
+    msgs = [{"role": "user", "content": [{"type": "image", "image": image},
+                                         {"type": "text", "text": text}]}]
+    return encode(policy.tokenizer, policy.image_processor, msgs, add_generation_prompt=True)
+
+
+def overhanging_stop(tok, ids):
+    """(k, stop): a 3-character stop string that ends one character into token ids[k] (which
+    decodes to 2+ ASCII characters), so the text runs past it; the first such k >= 2."""
+    for k in range(2, len(ids)):
+        head, piece = tok.decode(ids[:k]), tok.decode(ids[k: k + 1])
+        if len(piece) >= 2 and piece.isascii() and head.isascii() and len(head) >= 2:
+            return k, head[-2:] + piece[0]
+    raise AssertionError("no token to overhang in " + repr(tok.decode(ids)))
+
+
+def test_stop_string_ending_inside_a_token(policy):
+    """Item 1: a stop string that ends INSIDE the last token (as SmolLM2's `</` `answer` `>.`
+    for `</answer>`) stops the cached path on the same token as the plain path's
+    transformers StopStringCriteria (it used to check decode(tail).endswith(stop) only)."""
+    tok = policy.tokenizer
+    enc = text_prompt(policy, seed=5)
+    free = generate_ids(policy, [enc], max_new_tokens=24, temperature=0)[0]
+    k, stop = overhanging_stop(tok, free)
+    plain = generate_ids(policy, [enc] * 2, max_new_tokens=24, temperature=0, stop_strings=[stop])
+    assert plain[0] == free[: k + 1]           # the plain path stops on the overhanging token
+    fast = CachedGenerator()(policy, [enc] * 2, max_new_tokens=24, temperature=0,
+                             stop_strings=[stop])
+    assert fast == plain, (stop, [tok.decode(r) for r in fast])
+
+
+def test_rows_with_different_images_are_not_reused(policy):
+    """Item 2: two prompts, the same text, same-size different images: on the next turn (the
+    same tokens appended to both) each must continue from its own image's cache row, not from
+    the first row whose tokens match (a tie that the first row used to win)."""
+    text = prompt_text(policy.tokenizer, 8, 1)
+    a = image_prompt_of(policy, noise_image(56, 11), text)
+    b = image_prompt_of(policy, noise_image(56, 12), text)
+    assert a.input_ids == b.input_ids and not torch.equal(a.pixel_values, b.pixel_values)
+    gen = CachedGenerator()
+    gen(policy, [a, b], max_new_tokens=4, temperature=0)
+    obs = policy.tokenizer(" the river city", add_special_tokens=False)["input_ids"]
+    nxt = [type(s)(s.input_ids + obs, s.loss_mask + [0] * len(obs), s.images, s.pixel_values,
+                   s.image_grid_thw) for s in (a, b)]
+    plain = generate_ids(policy, nxt, max_new_tokens=8, temperature=0)
+    assert plain[0] != plain[1]                # the image matters to this model
+    assert gen(policy, nxt, max_new_tokens=8, temperature=0) == plain
+
+
+def test_prefill_dedup_tells_a_rotated_image_apart(policy):
+    """Item 3: an image and the same image rotated 180 degrees (same shape, same pixel sum) with
+    the same question are two prompts, each prefilled with its own pixels (the dedup key used to
+    be token ids + pixel shape + pixel sum)."""
+    im = noise_image(56, 21)
+    a, b = image_prompt_of(policy, im, "what is here"), image_prompt_of(policy, im.rotate(180),
+                                                                         "what is here")
+    assert float(a.pixel_values.double().sum()) == float(b.pixel_values.double().sum())
+    assert not torch.equal(a.pixel_values, b.pixel_values)
+    plain = generate_ids(policy, [a, b], max_new_tokens=8, temperature=0)
+    assert plain[0] != plain[1]
+    assert CachedGenerator()(policy, [a, b], max_new_tokens=8, temperature=0) == plain
+
+
+def test_no_merge_into_a_half_precision_base():
+    """Item 4: LoRA is merged into the base weights only when they are float32. Merged into a
+    bf16 / fp16 base, W + BA is rounded to the base dtype and a young adapter (lora_B ~ 1e-4) is
+    mostly lost, so the sampler would not be the policy being trained: there the adapter must
+    stay separate (merged_lora a no-op: the very same logits as the adapter path)."""
+    for dtype in (torch.bfloat16, torch.float16):
+        p = load_policy("tiny", seed=0, dtype=dtype)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for n, prm in unwrap(p.model).named_parameters():
+                if "lora_B" in n:
+                    prm.copy_(torch.randn(prm.shape, generator=g) * 1e-4)
+        assert not can_merge(p), dtype
+        ids = torch.tensor([text_prompt(p, seed=3).input_ids])
+        with torch.no_grad():
+            with p.base():
+                base = unwrap(p.model)(input_ids=ids).logits.float()
+            adapter = unwrap(p.model)(input_ids=ids).logits.float()
+            with merged_lora(p):
+                merged = unwrap(p.model)(input_ids=ids).logits.float()
+        assert not torch.equal(adapter, base)  # the adapter acts
+        assert torch.equal(merged, adapter), (dtype, (merged - adapter).abs().max())
+    assert can_merge(make_policy())            # float32: merged

@@ -301,7 +301,7 @@ class CachedGenerator:
 
     def __init__(self, force_length: bool = False, merge_lora: bool = True):
         self.force_length, self.merge_lora = force_length, merge_lora
-        self._params = None
+        self._params, self._stops = None, {}
         self.cache, self.attn, self.rows = None, None, []
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "decode_steps": 0, "calls": 0}
 
@@ -449,8 +449,10 @@ class CachedGenerator:
                                                           int) else [int(b) for b in max_new_tokens]
         mins = budgets if self.force_length else [int(min_new_tokens or 0)] * R
         eos = torch.tensor(eos_token_ids(policy), device=dev)
+        eos_ids = set(eos.tolist())
         warpers = logit_warpers(temperature, top_k, top_p)
         suppress = _suppressed(policy)
+        stop = self._stop_criteria(tok, stop_strings) if stop_strings else None
         was_training = policy.model.training
         policy.model.eval()
         self.stats["calls"] += 1
@@ -484,11 +486,10 @@ class CachedGenerator:
                         out[i].append(tkn)
                         lps[i].append(chosen[i])
                         self.raw_logps[i].append(raw[i])
-                        if (tkn in eos.tolist() or len(out[i]) >= budgets[i]
-                                or (stop_strings
-                                    and any(tok.decode(out[i][-12:]).endswith(s)
-                                            for s in stop_strings))):
+                        if tkn in eos_ids or len(out[i]) >= budgets[i]:
                             done[i] = True
+                    if stop is not None:
+                        self._stop_on_strings(stop, seqs, out, fed, done, tok.pad_token_id)
                     if all(done):
                         break
                     self.stats["decode_steps"] += 1
@@ -498,6 +499,38 @@ class CachedGenerator:
         if temperature <= 0:   # as generate_ids: no sampler log-probs for greedy decoding
             lps = [None] * R
         return (out, lps) if return_logprobs else out
+
+    def _stop_criteria(self, tok, stop_strings):
+        """The plain path's stop-string test (transformers' StopStringCriteria), made once per
+        generator and set of strings (building it reads the whole vocabulary)."""
+        from transformers import StopStringCriteria
+        key = (id(tok), tuple(stop_strings))
+        if key not in self._stops:
+            self._stops[key] = StopStringCriteria(tok, list(stop_strings))
+        return self._stops[key]
+
+    @staticmethod
+    def _stop_on_strings(stop, seqs, out, fed, done, pad_id):
+        """Mark done the rows that just fed a token completing a stop string, by the plain
+        path's own criterion on the same window: the last `maximum_token_len` tokens of the
+        whole sequence (prompt and earlier turns included), so a final token that runs past
+        the end of the stop string (SmolLM2's `</` `answer` `>.`) stops here too. A sequence
+        shorter than the window is left-padded with pad ids (the plain path pads to its batch's
+        longest prompt instead: the two differ only if a stop string reaches across a whole
+        prompt into its padding)."""
+        W = stop.maximum_token_len
+        rows = [i for i, f in enumerate(fed) if f and not done[i]]
+        if not rows:
+            return
+        tails = []
+        for i in rows:
+            tail = out[i][-W:]
+            if len(tail) < W:
+                tail = seqs[i].input_ids[len(tail) - W:] + tail
+            tails.append([pad_id] * (W - len(tail)) + tail)
+        hit = stop(torch.tensor(tails), None).tolist()
+        for i, h in zip(rows, hit):
+            done[i] = done[i] or bool(h)
 
     def _step(self, policy, nxt, fed):
         """Feed one token per row (rows already finished feed a masked pad)."""

@@ -272,24 +272,48 @@ def _draw(logp: torch.Tensor) -> torch.Tensor:
 
 class _Row:
     """What one cache row holds: its tokens in order, the cache slot of each, the text position
-    after each (so a row can be cut back to any prefix), and how many images it has seen."""
+    after each (so a row can be cut back to any prefix), and the images it has seen, in order,
+    as (pixel_values, grid) per image (so a prefix is reused only with the very same pixels)."""
 
-    __slots__ = ("tokens", "slots", "after", "n_images")
+    __slots__ = ("tokens", "slots", "after", "images")
 
     def __init__(self):
-        self.tokens, self.slots, self.after, self.n_images = [], [], [], 0
+        self.tokens, self.slots, self.after, self.images = [], [], [], []
 
     @property
     def next_pos(self) -> int:
         return self.after[-1] if self.after else 0
 
+    @property
+    def n_images(self) -> int:
+        return len(self.images)
+
     def copy(self):
         r = _Row()
-        r.tokens, r.slots, r.after, r.n_images = list(self.tokens), list(self.slots), list(self.after), self.n_images
+        r.tokens, r.slots, r.after = list(self.tokens), list(self.slots), list(self.after)
+        r.images = list(self.images)
         return r
 
     def cut(self, k: int, n_images: int) -> None:
-        self.tokens, self.slots, self.after, self.n_images = self.tokens[:k], self.slots[:k], self.after[:k], n_images
+        self.tokens, self.slots, self.after = self.tokens[:k], self.slots[:k], self.after[:k]
+        self.images = self.images[:n_images]
+
+
+def _split_images(s: Encoded) -> list:
+    """[(pixel_values, grid (1, 3))] per image of s, in order."""
+    if s.image_grid_thw is None or len(s.image_grid_thw) == 0:
+        return []
+    sizes = [int(g.prod()) for g in s.image_grid_thw]
+    return list(zip(s.pixel_values.split(sizes), s.image_grid_thw.split(1)))
+
+
+def _same_image(a, b, memo: dict) -> bool:
+    """Exactly the same pixels and grid (torch.equal), memoised on the tensors' identity."""
+    key = (id(a[0]), id(b[0]), id(a[1]), id(b[1]))
+    if key not in memo:
+        memo[key] = (a, b, a[0] is b[0] and a[1] is b[1]
+                     or (torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])))
+    return memo[key][2]
 
 
 class CachedGenerator:
@@ -340,25 +364,35 @@ class CachedGenerator:
     # -- matching the new sequences to cache rows --------------------------------------------------
     def _match(self, policy, seqs: list[Encoded]):
         """For each sequence: (row, k tokens shared, images inside them) for the row holding its
-        longest usable prefix, or None. A prefix is usable when it holds whole images only."""
+        longest usable prefix, or None. A prefix is usable when its tokens are the row's and the
+        images inside it are whole and exactly the row's (pixels and grid: two prompts with the
+        same text and same-size different images share tokens, not a cache); a token match that
+        cuts into an image, or reaches an image that differs, is cut back to before it."""
         img = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>") if policy.is_vlm else None
-        out = []
+        memo, out = {}, []
         for s in seqs:
-            counts = image_token_counts(s.image_grid_thw)
-            cum = {0: 0}
-            for i, c in enumerate(counts):
-                cum[sum(counts[: i + 1])] = i + 1
+            counts, images = image_token_counts(s.image_grid_thw), _split_images(s)
+            pads = [i for i, t in enumerate(s.input_ids) if t == img] if counts else []
+            starts = [pads[sum(counts[:j])] for j in range(len(counts))]       # first pad of each
+            ends = [pads[sum(counts[: j + 1]) - 1] + 1 for j in range(len(counts))]
             best = None
             for j, row in enumerate(self.rows):
                 k, n = 0, min(len(row.tokens), len(s.input_ids) - 1)   # always feed >= 1 token
                 while k < n and row.tokens[k] == s.input_ids[k]:
                     k += 1
-                if k == 0 or (best is not None and k <= best[1]):
+                if best is not None and k <= best[1]:
                     continue
-                n_pad = sum(1 for t in s.input_ids[:k] if t == img) if img is not None else 0
-                if n_pad not in cum:                                      # a cut inside an image
-                    continue
-                best = (j, k, cum[n_pad])
+                n_img = 0
+                for a, b, im in zip(starts, ends, images):
+                    if a >= k:
+                        break
+                    if (b > k or n_img >= len(row.images)
+                            or not _same_image(row.images[n_img], im, memo)):
+                        k = a                                   # cut back to before this image
+                        break
+                    n_img += 1
+                if k > 0 and (best is None or k > best[1]):
+                    best = (j, k, n_img)
             out.append(best)
         return out
 
@@ -429,7 +463,7 @@ class CachedGenerator:
             row.tokens += seg
             row.slots += list(range(L0 + S - n, L0 + S))
             row.after += after
-            row.n_images = 0 if s.image_grid_thw is None else len(s.image_grid_thw)
+            row.images = _split_images(s)
         self.attn = torch.cat([self.attn, seg_attn.to(dev)], 1)
         self.stats["prefill_tokens"] += int(seg_attn.sum())
         pv = torch.cat(pvs).to(dev) if pvs else None

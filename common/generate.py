@@ -307,6 +307,12 @@ def _split_images(s: Encoded) -> list:
     return list(zip(s.pixel_values.split(sizes), s.image_grid_thw.split(1)))
 
 
+def _same_pixels(a: Encoded, b: Encoded) -> bool:
+    if a.pixel_values is None or b.pixel_values is None:
+        return a.pixel_values is None and b.pixel_values is None
+    return a.pixel_values is b.pixel_values or torch.equal(a.pixel_values, b.pixel_values)
+
+
 def _same_image(a, b, memo: dict) -> bool:
     """Exactly the same pixels and grid (torch.equal), memoised on the tensors' identity."""
     key = (id(a[0]), id(b[0]), id(a[1]), id(b[1]))
@@ -409,18 +415,22 @@ class CachedGenerator:
         the last one (R, V)."""
         dev = policy.device
         if self.cache is None or any(m is None for m in matches):
-            uniq, index = {}, []
-            for s in seqs:            # the G copies of a prompt are prefilled once
-                key = (tuple(s.input_ids), None if s.pixel_values is None else
-                       (tuple(s.pixel_values.shape), float(s.pixel_values.double().sum())))
-                index.append(uniq.setdefault(key, len(uniq)))
-            firsts = {}
-            for i, u in enumerate(index):
-                firsts.setdefault(u, i)
-            self.cache, self.rows = None, [_Row() for _ in uniq]
-            self.attn = torch.zeros(len(uniq), 0, dtype=torch.long, device=dev)
-            logits = self._extend(policy, [seqs[firsts[u]] for u in range(len(uniq))],
-                                  [0] * len(uniq))
+            # the G copies of a prompt are prefilled once: the same tokens and exactly the same
+            # images (torch.equal; a rotated image has the same shape and pixel sum)
+            groups, index, firsts = {}, [], []
+            for i, s in enumerate(seqs):
+                grid = (None if s.image_grid_thw is None
+                        else tuple(s.image_grid_thw.flatten().tolist()))
+                same = groups.setdefault((tuple(s.input_ids), grid), [])
+                u = next((u for u in same if _same_pixels(seqs[firsts[u]], s)), None)
+                if u is None:
+                    u = len(firsts)
+                    same.append(u)
+                    firsts.append(i)
+                index.append(u)
+            self.cache, self.rows = None, [_Row() for _ in firsts]
+            self.attn = torch.zeros(len(firsts), 0, dtype=torch.long, device=dev)
+            logits = self._extend(policy, [seqs[i] for i in firsts], [0] * len(firsts))
             sel = torch.tensor(index, device=dev)
             self._select(sel)
             return logits[sel]

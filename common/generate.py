@@ -230,7 +230,16 @@ def _suppressed(policy) -> list[int]:
 # LoRA merged into the weights while decoding (full-precision base only)
 # ---------------------------------------------------------------------------------------------
 def can_merge(policy) -> bool:
-    return bool(policy.has_adapter) and not policy.extra.get("load_in_4bit")
+    """Merge LoRA into the base only when every adapted base weight is float32. In bf16 / fp16,
+    W + scale * B A is rounded to the base dtype and a young adapter (lora_B ~ 1e-4) is mostly
+    lost (the merged delta was 62 % off), so the sampler would not be the policy being trained;
+    there (and with NF4) the adapter stays separate while decoding."""
+    if not policy.has_adapter or policy.extra.get("load_in_4bit"):
+        return False
+    from peft.tuners.lora import LoraLayer
+    dtypes = {m.get_base_layer().weight.dtype for m in policy.model.modules()
+              if isinstance(m, LoraLayer)}
+    return dtypes == {torch.float32}
 
 
 @contextlib.contextmanager

@@ -4,9 +4,11 @@ loop.
 The plain path is `generate_ids` (and `chat` on top of it): every call re-encodes its sequences.
 The cached path is `CachedGenerator`, a drop-in `generate=` for `common.rollout.run_rollouts`
 (same arguments and return as `generate_ids`); both draw from the same distribution
-(`logit_warpers`) and stop on the same tokens (`eos_token_ids`). This module knows nothing of
-tools, turns or rewards: that is `common/rollout.py`, which calls one of the two.
-Generation without doing work twice, exact against the plain path (tests/test_generate.py).
+(`logit_warpers`) and stop on the same tokens (`eos_token_ids`, and stop strings by the same
+transformers `StopStringCriteria`, which also fires when the last token runs past the
+string). This module knows nothing of tools, turns or rewards: that is `common/rollout.py`,
+which calls one of the two. Generation without doing work twice, exact against the plain path
+(tests/test_generate.py, and on random cases tests/test_differential.py).
 
     from common.generate import CachedGenerator
     rollouts = run_rollouts(policy, examples, ..., generate=CachedGenerator())   # one per rollout
@@ -20,11 +22,13 @@ return as `common.rollout.generate_ids`). It keeps one batched KV cache for the 
   * across turns: on the next call it finds, for each sequence, the cache row whose tokens are
     its longest prefix and feeds only the rest (the last sampled token, the observation, a crop
     image), instead of re-encoding the prompt, its images and all earlier turns. Rows are
-    matched by their tokens, so it is safe whatever the caller did between calls (a sequence
-    that shares no usable prefix with any row is prefilled from scratch);
-  * LoRA in decode: with a full-precision base, the adapter is merged into copies of the base
-    weights while generating (one matmul per projection instead of three) and the original
-    weight tensors are put back afterwards, bit for bit; with NF4 the adapter stays separate.
+    matched by their tokens and the exact pixels of the images inside the shared prefix, so it
+    is safe whatever the caller did between calls (a sequence that shares no usable prefix with
+    any row is prefilled from scratch);
+  * LoRA in decode: with a float32 base, the adapter is merged into copies of the base weights
+    while generating (one matmul per projection instead of three) and the original weight
+    tensors are put back afterwards, bit for bit; with a bf16 / fp16 base (where W + BA would
+    be rounded) or NF4 the adapter stays separate.
 Positions are computed, never inferred from model state: text tokens continue at (last position
 + 1), and an image in a fed segment gets Qwen2.5-VL's 3-D mrope positions from the model's own
 `get_rope_index` on that segment, shifted (the rope index is shift-invariant). A cache is only
@@ -227,7 +231,7 @@ def _suppressed(policy) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# LoRA merged into the weights while decoding (full-precision base only)
+# LoRA merged into the weights while decoding (float32 base only)
 # ---------------------------------------------------------------------------------------------
 def can_merge(policy) -> bool:
     """Merge LoRA into the base only when every adapted base weight is float32. In bf16 / fp16,
@@ -245,7 +249,7 @@ def can_merge(policy) -> bool:
 @contextlib.contextmanager
 def merged_lora(policy):
     """Decode with W + scale * B A in place of W (the adapter off), then put the original weight
-    tensors back (the same objects: no rounding drift). No-op without an adapter or with NF4."""
+    tensors back (the same objects: no rounding drift). No-op unless `can_merge`."""
     if not can_merge(policy):
         yield
         return
@@ -335,7 +339,7 @@ class CachedGenerator:
     """`generate=` for run_rollouts with a KV cache shared by the G samples and kept across turns.
 
     force_length: suppress end-of-turn until each row's budget (the bench's forced-length work).
-    merge_lora: merge the adapter into the weights while decoding (full-precision base only).
+    merge_lora: merge the adapter into the weights while decoding (float32 base only).
     stats: tokens prefilled / reused from the cache, decode steps (for the bench)."""
 
     def __init__(self, force_length: bool = False, merge_lora: bool = True):
@@ -645,8 +649,8 @@ def sub_batch(batch: dict, rows: list[int], feats) -> dict:
     if feats is not None and not img:   # rows without images: a text-only forward
         return {k: v for k, v in out.items() if k not in ("image_grid_thw", "mm_token_type_ids")}
     if feats is not None:
-        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats[i]
-                                                                                             for i in img))}
+        pooled = tuple(feats[i] for i in img)
+        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
         return out
     patches = batch["image_grid_thw"].prod(-1)
     pfirst = torch.cat([patches.new_zeros(1), patches.cumsum(0)])

@@ -32,8 +32,9 @@ Each of the four reviewed fixes was broken on purpose, one at a time, and the ti
      allowed and exact to float32 rounding, so the break changes nothing these cases run. A
      bf16 tier is unlikely to help (not tried): the bug loses the part of a young adapter's
      delta below bf16's resolution, which moves the logits far less than bf16's own noise
-     between two paths, so greedy tokens would rarely show it. tests/test_generate.py::test_no_merge_into_a_half_precision_base
-     guards it (bf16 and fp16: merged logits must equal the adapter path's exactly).
+     between two paths, so greedy tokens would rarely show it. The dedicated test guards it:
+     tests/test_generate.py::test_no_merge_into_a_half_precision_base (bf16 and fp16: merged
+     logits must equal the adapter path's exactly).
 
 The SmolLM2 tier (`-m slow`: 16 batch + 6 rollout cases, text only, ~4 min on one thread) passes;
 with break 1 its batch cases failed 6 of 16 (SmolLM2 tokenises `</answer>.` as `</` `answer`

@@ -4,9 +4,11 @@ loop.
 The plain path is `generate_ids` (and `chat` on top of it): every call re-encodes its sequences.
 The cached path is `CachedGenerator`, a drop-in `generate=` for `common.rollout.run_rollouts`
 (same arguments and return as `generate_ids`); both draw from the same distribution
-(`logit_warpers`) and stop on the same tokens (`eos_token_ids`). This module knows nothing of
-tools, turns or rewards: that is `common/rollout.py`, which calls one of the two.
-Generation without doing work twice, exact against the plain path (tests/test_generate.py).
+(`logit_warpers`) and stop on the same tokens (`eos_token_ids`, and stop strings by the same
+transformers `StopStringCriteria`, which also fires when the last token runs past the
+string). This module knows nothing of tools, turns or rewards: that is `common/rollout.py`,
+which calls one of the two. Generation without doing work twice, exact against the plain path
+(tests/test_generate.py, and on random cases tests/test_differential.py).
 
     from common.generate import CachedGenerator
     rollouts = run_rollouts(policy, examples, ..., generate=CachedGenerator())   # one per rollout
@@ -20,11 +22,13 @@ return as `common.rollout.generate_ids`). It keeps one batched KV cache for the 
   * across turns: on the next call it finds, for each sequence, the cache row whose tokens are
     its longest prefix and feeds only the rest (the last sampled token, the observation, a crop
     image), instead of re-encoding the prompt, its images and all earlier turns. Rows are
-    matched by their tokens, so it is safe whatever the caller did between calls (a sequence
-    that shares no usable prefix with any row is prefilled from scratch);
-  * LoRA in decode: with a full-precision base, the adapter is merged into copies of the base
-    weights while generating (one matmul per projection instead of three) and the original
-    weight tensors are put back afterwards, bit for bit; with NF4 the adapter stays separate.
+    matched by their tokens and the exact pixels of the images inside the shared prefix, so it
+    is safe whatever the caller did between calls (a sequence that shares no usable prefix with
+    any row is prefilled from scratch);
+  * LoRA in decode: with a float32 base, the adapter is merged into copies of the base weights
+    while generating (one matmul per projection instead of three) and the original weight
+    tensors are put back afterwards, bit for bit; with a bf16 / fp16 base (where W + BA would
+    be rounded) or NF4 the adapter stays separate.
 Positions are computed, never inferred from model state: text tokens continue at (last position
 + 1), and an image in a fed segment gets Qwen2.5-VL's 3-D mrope positions from the model's own
 `get_rope_index` on that segment, shifted (the rope index is shift-invariant). A cache is only
@@ -227,16 +231,25 @@ def _suppressed(policy) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# LoRA merged into the weights while decoding (full-precision base only)
+# LoRA merged into the weights while decoding (float32 base only)
 # ---------------------------------------------------------------------------------------------
 def can_merge(policy) -> bool:
-    return bool(policy.has_adapter) and not policy.extra.get("load_in_4bit")
+    """Merge LoRA into the base only when every adapted base weight is float32. In bf16 / fp16,
+    W + scale * B A is rounded to the base dtype and a young adapter (lora_B ~ 1e-4) is mostly
+    lost (the merged delta was 62 % off), so the sampler would not be the policy being trained;
+    there (and with NF4) the adapter stays separate while decoding."""
+    if not policy.has_adapter or policy.extra.get("load_in_4bit"):
+        return False
+    from peft.tuners.lora import LoraLayer
+    dtypes = {m.get_base_layer().weight.dtype for m in policy.model.modules()
+              if isinstance(m, LoraLayer)}
+    return dtypes == {torch.float32}
 
 
 @contextlib.contextmanager
 def merged_lora(policy):
     """Decode with W + scale * B A in place of W (the adapter off), then put the original weight
-    tensors back (the same objects: no rounding drift). No-op without an adapter or with NF4."""
+    tensors back (the same objects: no rounding drift). No-op unless `can_merge`."""
     if not can_merge(policy):
         yield
         return
@@ -272,36 +285,66 @@ def _draw(logp: torch.Tensor) -> torch.Tensor:
 
 class _Row:
     """What one cache row holds: its tokens in order, the cache slot of each, the text position
-    after each (so a row can be cut back to any prefix), and how many images it has seen."""
+    after each (so a row can be cut back to any prefix), and the images it has seen, in order,
+    as (pixel_values, grid) per image (so a prefix is reused only with the very same pixels)."""
 
-    __slots__ = ("tokens", "slots", "after", "n_images")
+    __slots__ = ("tokens", "slots", "after", "images")
 
     def __init__(self):
-        self.tokens, self.slots, self.after, self.n_images = [], [], [], 0
+        self.tokens, self.slots, self.after, self.images = [], [], [], []
 
     @property
     def next_pos(self) -> int:
         return self.after[-1] if self.after else 0
 
+    @property
+    def n_images(self) -> int:
+        return len(self.images)
+
     def copy(self):
         r = _Row()
-        r.tokens, r.slots, r.after, r.n_images = list(self.tokens), list(self.slots), list(self.after), self.n_images
+        r.tokens, r.slots, r.after = list(self.tokens), list(self.slots), list(self.after)
+        r.images = list(self.images)
         return r
 
     def cut(self, k: int, n_images: int) -> None:
-        self.tokens, self.slots, self.after, self.n_images = self.tokens[:k], self.slots[:k], self.after[:k], n_images
+        self.tokens, self.slots, self.after = self.tokens[:k], self.slots[:k], self.after[:k]
+        self.images = self.images[:n_images]
+
+
+def _split_images(s: Encoded) -> list:
+    """[(pixel_values, grid (1, 3))] per image of s, in order."""
+    if s.image_grid_thw is None or len(s.image_grid_thw) == 0:
+        return []
+    sizes = [int(g.prod()) for g in s.image_grid_thw]
+    return list(zip(s.pixel_values.split(sizes), s.image_grid_thw.split(1)))
+
+
+def _same_pixels(a: Encoded, b: Encoded) -> bool:
+    if a.pixel_values is None or b.pixel_values is None:
+        return a.pixel_values is None and b.pixel_values is None
+    return a.pixel_values is b.pixel_values or torch.equal(a.pixel_values, b.pixel_values)
+
+
+def _same_image(a, b, memo: dict) -> bool:
+    """Exactly the same pixels and grid (torch.equal), memoised on the tensors' identity."""
+    key = (id(a[0]), id(b[0]), id(a[1]), id(b[1]))
+    if key not in memo:
+        memo[key] = (a, b, a[0] is b[0] and a[1] is b[1]
+                     or (torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])))
+    return memo[key][2]
 
 
 class CachedGenerator:
     """`generate=` for run_rollouts with a KV cache shared by the G samples and kept across turns.
 
     force_length: suppress end-of-turn until each row's budget (the bench's forced-length work).
-    merge_lora: merge the adapter into the weights while decoding (full-precision base only).
+    merge_lora: merge the adapter into the weights while decoding (float32 base only).
     stats: tokens prefilled / reused from the cache, decode steps (for the bench)."""
 
     def __init__(self, force_length: bool = False, merge_lora: bool = True):
         self.force_length, self.merge_lora = force_length, merge_lora
-        self._params = None
+        self._params, self._stops = None, {}
         self.cache, self.attn, self.rows = None, None, []
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "decode_steps": 0, "calls": 0}
 
@@ -340,25 +383,35 @@ class CachedGenerator:
     # -- matching the new sequences to cache rows --------------------------------------------------
     def _match(self, policy, seqs: list[Encoded]):
         """For each sequence: (row, k tokens shared, images inside them) for the row holding its
-        longest usable prefix, or None. A prefix is usable when it holds whole images only."""
+        longest usable prefix, or None. A prefix is usable when its tokens are the row's and the
+        images inside it are whole and exactly the row's (pixels and grid: two prompts with the
+        same text and same-size different images share tokens, not a cache); a token match that
+        cuts into an image, or reaches an image that differs, is cut back to before it."""
         img = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>") if policy.is_vlm else None
-        out = []
+        memo, out = {}, []
         for s in seqs:
-            counts = image_token_counts(s.image_grid_thw)
-            cum = {0: 0}
-            for i, c in enumerate(counts):
-                cum[sum(counts[: i + 1])] = i + 1
+            counts, images = image_token_counts(s.image_grid_thw), _split_images(s)
+            pads = [i for i, t in enumerate(s.input_ids) if t == img] if counts else []
+            starts = [pads[sum(counts[:j])] for j in range(len(counts))]       # first pad of each
+            ends = [pads[sum(counts[: j + 1]) - 1] + 1 for j in range(len(counts))]
             best = None
             for j, row in enumerate(self.rows):
                 k, n = 0, min(len(row.tokens), len(s.input_ids) - 1)   # always feed >= 1 token
                 while k < n and row.tokens[k] == s.input_ids[k]:
                     k += 1
-                if k == 0 or (best is not None and k <= best[1]):
+                if best is not None and k <= best[1]:
                     continue
-                n_pad = sum(1 for t in s.input_ids[:k] if t == img) if img is not None else 0
-                if n_pad not in cum:                                      # a cut inside an image
-                    continue
-                best = (j, k, cum[n_pad])
+                n_img = 0
+                for a, b, im in zip(starts, ends, images):
+                    if a >= k:
+                        break
+                    if (b > k or n_img >= len(row.images)
+                            or not _same_image(row.images[n_img], im, memo)):
+                        k = a                                   # cut back to before this image
+                        break
+                    n_img += 1
+                if k > 0 and (best is None or k > best[1]):
+                    best = (j, k, n_img)
             out.append(best)
         return out
 
@@ -375,18 +428,22 @@ class CachedGenerator:
         the last one (R, V)."""
         dev = policy.device
         if self.cache is None or any(m is None for m in matches):
-            uniq, index = {}, []
-            for s in seqs:            # the G copies of a prompt are prefilled once
-                key = (tuple(s.input_ids), None if s.pixel_values is None else
-                       (tuple(s.pixel_values.shape), float(s.pixel_values.double().sum())))
-                index.append(uniq.setdefault(key, len(uniq)))
-            firsts = {}
-            for i, u in enumerate(index):
-                firsts.setdefault(u, i)
-            self.cache, self.rows = None, [_Row() for _ in uniq]
-            self.attn = torch.zeros(len(uniq), 0, dtype=torch.long, device=dev)
-            logits = self._extend(policy, [seqs[firsts[u]] for u in range(len(uniq))],
-                                  [0] * len(uniq))
+            # the G copies of a prompt are prefilled once: the same tokens and exactly the same
+            # images (torch.equal; a rotated image has the same shape and pixel sum)
+            groups, index, firsts = {}, [], []
+            for i, s in enumerate(seqs):
+                grid = (None if s.image_grid_thw is None
+                        else tuple(s.image_grid_thw.flatten().tolist()))
+                same = groups.setdefault((tuple(s.input_ids), grid), [])
+                u = next((u for u in same if _same_pixels(seqs[firsts[u]], s)), None)
+                if u is None:
+                    u = len(firsts)
+                    same.append(u)
+                    firsts.append(i)
+                index.append(u)
+            self.cache, self.rows = None, [_Row() for _ in firsts]
+            self.attn = torch.zeros(len(firsts), 0, dtype=torch.long, device=dev)
+            logits = self._extend(policy, [seqs[i] for i in firsts], [0] * len(firsts))
             sel = torch.tensor(index, device=dev)
             self._select(sel)
             return logits[sel]
@@ -429,7 +486,7 @@ class CachedGenerator:
             row.tokens += seg
             row.slots += list(range(L0 + S - n, L0 + S))
             row.after += after
-            row.n_images = 0 if s.image_grid_thw is None else len(s.image_grid_thw)
+            row.images = _split_images(s)
         self.attn = torch.cat([self.attn, seg_attn.to(dev)], 1)
         self.stats["prefill_tokens"] += int(seg_attn.sum())
         pv = torch.cat(pvs).to(dev) if pvs else None
@@ -449,8 +506,10 @@ class CachedGenerator:
                                                           int) else [int(b) for b in max_new_tokens]
         mins = budgets if self.force_length else [int(min_new_tokens or 0)] * R
         eos = torch.tensor(eos_token_ids(policy), device=dev)
+        eos_ids = set(eos.tolist())
         warpers = logit_warpers(temperature, top_k, top_p)
         suppress = _suppressed(policy)
+        stop = self._stop_criteria(tok, stop_strings) if stop_strings else None
         was_training = policy.model.training
         policy.model.eval()
         self.stats["calls"] += 1
@@ -484,11 +543,10 @@ class CachedGenerator:
                         out[i].append(tkn)
                         lps[i].append(chosen[i])
                         self.raw_logps[i].append(raw[i])
-                        if (tkn in eos.tolist() or len(out[i]) >= budgets[i]
-                                or (stop_strings
-                                    and any(tok.decode(out[i][-12:]).endswith(s)
-                                            for s in stop_strings))):
+                        if tkn in eos_ids or len(out[i]) >= budgets[i]:
                             done[i] = True
+                    if stop is not None:
+                        self._stop_on_strings(stop, seqs, out, fed, done, tok.pad_token_id)
                     if all(done):
                         break
                     self.stats["decode_steps"] += 1
@@ -498,6 +556,38 @@ class CachedGenerator:
         if temperature <= 0:   # as generate_ids: no sampler log-probs for greedy decoding
             lps = [None] * R
         return (out, lps) if return_logprobs else out
+
+    def _stop_criteria(self, tok, stop_strings):
+        """The plain path's stop-string test (transformers' StopStringCriteria), made once per
+        generator and set of strings (building it reads the whole vocabulary)."""
+        from transformers import StopStringCriteria
+        key = (id(tok), tuple(stop_strings))
+        if key not in self._stops:
+            self._stops[key] = StopStringCriteria(tok, list(stop_strings))
+        return self._stops[key]
+
+    @staticmethod
+    def _stop_on_strings(stop, seqs, out, fed, done, pad_id):
+        """Mark done the rows that just fed a token completing a stop string, by the plain
+        path's own criterion on the same window: the last `maximum_token_len` tokens of the
+        whole sequence (prompt and earlier turns included), so a final token that runs past
+        the end of the stop string (SmolLM2's `</` `answer` `>.`) stops here too. A sequence
+        shorter than the window is left-padded with pad ids (the plain path pads to its batch's
+        longest prompt instead: the two differ only if a stop string reaches across a whole
+        prompt into its padding)."""
+        W = stop.maximum_token_len
+        rows = [i for i, f in enumerate(fed) if f and not done[i]]
+        if not rows:
+            return
+        tails = []
+        for i in rows:
+            tail = out[i][-W:]
+            if len(tail) < W:
+                tail = seqs[i].input_ids[len(tail) - W:] + tail
+            tails.append([pad_id] * (W - len(tail)) + tail)
+        hit = stop(torch.tensor(tails), None).tolist()
+        for i, h in zip(rows, hit):
+            done[i] = done[i] or bool(h)
 
     def _step(self, policy, nxt, fed):
         """Feed one token per row (rows already finished feed a masked pad)."""
@@ -559,8 +649,8 @@ def sub_batch(batch: dict, rows: list[int], feats) -> dict:
     if feats is not None and not img:   # rows without images: a text-only forward
         return {k: v for k, v in out.items() if k not in ("image_grid_thw", "mm_token_type_ids")}
     if feats is not None:
-        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats[i]
-                                                                                             for i in img))}
+        pooled = tuple(feats[i] for i in img)
+        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
         return out
     patches = batch["image_grid_thw"].prod(-1)
     pfirst = torch.cat([patches.new_zeros(1), patches.cumsum(0)])

@@ -3,17 +3,21 @@
 common.generate.generate_ids / the re-prefill agent loop, and the per-token log-probs it computed
 while decoding (prompt prefilled once for G rows, KV kept across turns, a crop image fed
 into the cache) equal the training pass's (common.grpo.completion_logprobs) on the final
-sequences. A generator made wrong on purpose (positions off by one) fails the same check."""
+sequences. A generator made wrong on purpose (positions off by one) fails the same check.
+The last four tests guard four reviewed bugs of the cached path (stop strings ending inside a
+token, rows reused across different images, prefill dedup by pixel sum, LoRA merged into a
+half-precision base); tests/test_differential.py compares the two paths on random cases."""
 import pytest
 import torch
 
-from common.perf.bench import AGENT_GRAMMAR, ScriptedAgent, agent_tools, forced_generate, noise_image, prompt_text
+from common.perf.bench import (AGENT_GRAMMAR, ScriptedAgent, agent_tools, forced_generate,
+                                noise_image, prompt_text)
 from common.chat import encode
-from common.generate import CachedGenerator, can_merge, image_features, merged_lora, sub_batch
+from common.generate import (CachedGenerator, _draw, can_merge, generate_ids, image_features,
+                             merged_lora, sub_batch, vision_token_ids)
 from common.logprobs import completion_logprobs, unwrap
 from common.models import load_policy
-from common.rollout import rollout_batch, run_rollouts
-from common.generate import generate_ids, vision_token_ids
+from common.rollout import Rollout, rollout_batch, run_rollouts
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
@@ -67,7 +71,6 @@ def test_shared_prefix_equals_plain(policy, kind):
     assert fast == plain and len(set(map(tuple, fast[0:1]))) == 1 and len(set(fast[0])) > 3
     assert gen.stats["prefill_tokens"] == len(enc.input_ids)        # prefilled once, not G times
     # the decode-time log-probs are the training pass's
-    from common.rollout import Rollout
     rs = [Rollout(prompt_ids=enc.input_ids, ids=list(r), mask=[1] * len(r),
                   pixel_values=[enc.pixel_values] if enc.pixel_values is not None else [],
                   grids=[enc.image_grid_thw] if enc.image_grid_thw is not None else [])
@@ -167,14 +170,14 @@ def test_merged_lora_decode(policy):
     out = unwrap(policy.model)(input_ids=torch.tensor([enc.input_ids])).logits
     torch.testing.assert_close(out_m, out, atol=1e-5, rtol=1e-5)
     with policy.model.disable_adapter():   # and they still act: the adapter changes the logits
-        assert not torch.allclose(unwrap(policy.model)(input_ids=torch.tensor([enc.input_ids])).logits, out)
+        off = unwrap(policy.model)(input_ids=torch.tensor([enc.input_ids])).logits
+        assert not torch.allclose(off, out)
 
 
 def test_vision_once_per_image_same_logprobs(policy):
     """image_features runs the tower once per distinct image; the log-probs with those features
     equal those with pixel_values, micro-batch by micro-batch."""
     enc = image_prompt(policy, size=84, seed=2)
-    from common.rollout import Rollout
     g = torch.Generator().manual_seed(0)
     rs = [Rollout(prompt_ids=enc.input_ids, ids=torch.randint(0, 500, (6,), generator=g).tolist(),
                   mask=[1] * 6,
@@ -234,8 +237,8 @@ def test_default_rollouts_equal_the_plain_path(policy):
     plain = dialogue(policy, 0.0, generate=generate_ids)
     # two caches: 3 + 1 rows
     fast = dialogue(policy, 0.0, batch_size=3)
-    assert [r.ids
-            for r in fast] == [r.ids for r in plain] and [r.mask for r in fast] == [r.mask for r in plain]
+    assert [r.ids for r in fast] == [r.ids for r in plain]
+    assert [r.mask for r in fast] == [r.mask for r in plain]
     assert all(r.turns == 3 and len(r.images) == 2 for r in fast)
     torch.manual_seed(0)
     rs = dialogue(policy, 1.0)
@@ -256,7 +259,6 @@ def test_default_rollouts_equal_the_plain_path(policy):
 def test_vision_once_on_agent_batches(policy):
     """Rows with 1-3 images (prompt + crops, some shared by the G copies) and a row without any:
     the features path gives the pixel path's log-probs in every micro-batch."""
-    from common.rollout import Rollout
     encs = [image_prompt(policy, size=56, seed=s) for s in (0, 1)]
     crop = image_prompt(policy, size=28, seed=5)
     g = torch.Generator().manual_seed(1)
@@ -286,10 +288,101 @@ def test_vision_once_on_agent_batches(policy):
 def test_draw_samples_the_softmax():
     """The inverse-CDF sampler draws from exp(logp): frequencies within 5 sigma of the
     probabilities over 100k draws, and a token masked to -inf (top-k / top-p / suppressed) never."""
-    from common.generate import _draw
     torch.manual_seed(0)
     logits = torch.tensor([[2.0, -1.0, float("-inf"), 0.5, -3.0, 1.0]])
     lp = logits.log_softmax(-1).expand(100_000, 6).contiguous()
     freq = torch.bincount(_draw(lp), minlength=6).double() / 100_000
     p = lp[0].exp().double()
-    assert freq[2] == 0 and ((freq - p).abs() <= 5 * (p * (1 - p) / 100_000).sqrt() + 1e-12).all(), (freq, p)
+    sigma = (p * (1 - p) / 100_000).sqrt()
+    assert freq[2] == 0 and ((freq - p).abs() <= 5 * sigma + 1e-12).all(), (freq, p)
+
+
+# ---------------------------------------------------------------------------------------------
+# the cached path's four reviewed bugs, one test each (each failed before its fix)
+# ---------------------------------------------------------------------------------------------
+def image_prompt_of(policy, image, text):
+    msgs = [{"role": "user", "content": [{"type": "image", "image": image},
+                                         {"type": "text", "text": text}]}]
+    return encode(policy.tokenizer, policy.image_processor, msgs, add_generation_prompt=True)
+
+
+def overhanging_stop(tok, ids):
+    """(k, stop): a 3-character stop string that ends one character into token ids[k] (which
+    decodes to 2+ ASCII characters), so the text runs past it; the first such k >= 2."""
+    for k in range(2, len(ids)):
+        head, piece = tok.decode(ids[:k]), tok.decode(ids[k: k + 1])
+        if len(piece) >= 2 and piece.isascii() and head.isascii() and len(head) >= 2:
+            return k, head[-2:] + piece[0]
+    raise AssertionError("no token to overhang in " + repr(tok.decode(ids)))
+
+
+def test_stop_string_ending_inside_a_token(policy):
+    """Item 1: a stop string that ends INSIDE the last token (as SmolLM2's `</` `answer` `>.`
+    for `</answer>`) stops the cached path on the same token as the plain path's
+    transformers StopStringCriteria (it used to check decode(tail).endswith(stop) only)."""
+    tok = policy.tokenizer
+    enc = text_prompt(policy, seed=5)
+    free = generate_ids(policy, [enc], max_new_tokens=24, temperature=0)[0]
+    k, stop = overhanging_stop(tok, free)
+    plain = generate_ids(policy, [enc] * 2, max_new_tokens=24, temperature=0, stop_strings=[stop])
+    assert plain[0] == free[: k + 1]           # the plain path stops on the overhanging token
+    fast = CachedGenerator()(policy, [enc] * 2, max_new_tokens=24, temperature=0,
+                             stop_strings=[stop])
+    assert fast == plain, (stop, [tok.decode(r) for r in fast])
+
+
+def test_rows_with_different_images_are_not_reused(policy):
+    """Item 2: two prompts, the same text, same-size different images: on the next turn (the
+    same tokens appended to both) each must continue from its own image's cache row, not from
+    the first row whose tokens match (a tie that the first row used to win)."""
+    text = prompt_text(policy.tokenizer, 8, 1)
+    a = image_prompt_of(policy, noise_image(56, 11), text)
+    b = image_prompt_of(policy, noise_image(56, 12), text)
+    assert a.input_ids == b.input_ids and not torch.equal(a.pixel_values, b.pixel_values)
+    gen = CachedGenerator()
+    gen(policy, [a, b], max_new_tokens=4, temperature=0)
+    obs = policy.tokenizer(" the river city", add_special_tokens=False)["input_ids"]
+    nxt = [type(s)(s.input_ids + obs, s.loss_mask + [0] * len(obs), s.images, s.pixel_values,
+                   s.image_grid_thw) for s in (a, b)]
+    plain = generate_ids(policy, nxt, max_new_tokens=8, temperature=0)
+    assert plain[0] != plain[1]                # the image matters to this model
+    assert gen(policy, nxt, max_new_tokens=8, temperature=0) == plain
+
+
+def test_prefill_dedup_tells_a_rotated_image_apart(policy):
+    """Item 3: an image and the same image rotated 180 degrees (same shape, same pixel sum) with
+    the same question are two prompts, each prefilled with its own pixels (the dedup key used to
+    be token ids + pixel shape + pixel sum)."""
+    im = noise_image(56, 21)
+    a, b = image_prompt_of(policy, im, "what is here"), image_prompt_of(policy, im.rotate(180),
+                                                                         "what is here")
+    assert float(a.pixel_values.double().sum()) == float(b.pixel_values.double().sum())
+    assert not torch.equal(a.pixel_values, b.pixel_values)
+    plain = generate_ids(policy, [a, b], max_new_tokens=8, temperature=0)
+    assert plain[0] != plain[1]
+    assert CachedGenerator()(policy, [a, b], max_new_tokens=8, temperature=0) == plain
+
+
+def test_no_merge_into_a_half_precision_base():
+    """Item 4: LoRA is merged into the base weights only when they are float32. Merged into a
+    bf16 / fp16 base, W + BA is rounded to the base dtype and a young adapter (lora_B ~ 1e-4) is
+    mostly lost, so the sampler would not be the policy being trained: there the adapter must
+    stay separate (merged_lora a no-op: the very same logits as the adapter path)."""
+    for dtype in (torch.bfloat16, torch.float16):
+        p = load_policy("tiny", seed=0, dtype=dtype)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for n, prm in unwrap(p.model).named_parameters():
+                if "lora_B" in n:
+                    prm.copy_(torch.randn(prm.shape, generator=g) * 1e-4)
+        assert not can_merge(p), dtype
+        ids = torch.tensor([text_prompt(p, seed=3).input_ids])
+        with torch.no_grad():
+            with p.base():
+                base = unwrap(p.model)(input_ids=ids).logits.float()
+            adapter = unwrap(p.model)(input_ids=ids).logits.float()
+            with merged_lora(p):
+                merged = unwrap(p.model)(input_ids=ids).logits.float()
+        assert not torch.equal(adapter, base)  # the adapter acts
+        assert torch.equal(merged, adapter), (dtype, (merged - adapter).abs().max())
+    assert can_merge(make_policy())            # float32: merged

@@ -95,8 +95,9 @@ RIGHT_WRONG = {  # (benchmark, writer, {id: answer}, expected headline %)
     "InfoSeek": (write_infoseek,
                  {"val_0": "Federal Republic of Germany", "val_1": "about 1930", "val_2": "Danube",
                   "val_3": "the North Sea"},
-                 # unseen_question 100 %, unseen_entity 50 %: harmonic mean 66.7, not 75
-                 2 / (1 / 100 + 1 / 50)),
+                 # unseen_question 100 %, unseen_entity 50 %: harmonic mean 66.67 (rounded to 2
+                 # places, as infoseek_eval), not 75
+                 66.67),
     "MMSearch": (write_mmsearch, {"m0": "Eiffel Tower in Paris", "m1": "Bob"},
                  100 * (2 * 3 / 7) / 2),   # F1 6/7, 0
     "SimpleVQA": (write_simplevqa, {"0": "A red square.", "1": "Kilimanjaro"}, 50.0),
@@ -165,3 +166,24 @@ def test_eval_scores_a_predictions_file_avg_over_real_benchmarks_in_percent(tmp_
     assert res["benchmarks"]["FVQA"]["EM"] == 100.0 and res["benchmarks"]["MMSearch"]["F1"] == 0.0
     assert res["benchmarks"]["MMSearch"]["missing_answers"] == 1
     assert res["Avg"] == 50.0 and isinstance(res["toy"], str)   # the toy set is not in Avg
+
+
+def test_infoseek_one_split_names_its_aggregation(tmp_path):
+    recs = [r for r in gog.load_benchmark("InfoSeek", str(write_infoseek(tmp_path)),
+                                          str(tmp_path / "oven"))
+            if r["split"] == "val_unseen_entity"]
+    scores = [score_record("infoseek", a, r["golds"], None)
+              for a, r in zip(["1930", "Elbe"], recs)]
+    res = summarize_benchmark("InfoSeek", recs, scores)
+    assert res["InfoSeek"] == 50.0 and "unseen_entity split only" in res["aggregation"]
+    assert "question-type file" in " ".join(res["deviations"])   # time / string need it
+    assert res["unseen_entity_score"] == {"score": 50.0, "n": 2, "score_num": 100.0}
+
+
+def test_infoseek_question_types_must_agree_with_the_golds(tmp_path):
+    path = write_infoseek(tmp_path)
+    (tmp_path / "infoseek_val_qtype.jsonl").write_text("".join(
+        json.dumps({"data_id": f"val_{i}", "question_type": t}) + "\n"
+        for i, t in enumerate(["String", "String", "String", "String"])))
+    with pytest.raises(UserError, match="says 'String' for 'val_1', but its answer_eval holds"):
+        gog.load_benchmark("InfoSeek", str(path), images=False)

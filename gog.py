@@ -632,13 +632,19 @@ def summarize_benchmark(name: str, records: list[dict], scores: list[dict],
     return {**out, "n": n, "source": spec["source"], "deviations": deviations}
 
 
-def score_benchmark(name: str, rule: str, records: list[dict], answers: list, judged: list,
-                    answered: list[bool] | None = None) -> dict:
-    """Every record under the benchmark's rule -> its summary in %, and how many answers
-    are missing."""
-    scores = [score_record(rule, a, r["golds"], j) for a, r, j in zip(answers, records, judged)]
-    return {**summarize_benchmark(name, records, scores, answered),
-            "missing_answers": sum(a is None for a in answers)}
+def score_benchmark(name: str, rule: str, records: list[dict], answers: list,
+                    judged: list | None = None, answered: list[bool] | None = None) -> dict:
+    """Every record under the benchmark's rule -> its summary in %, and how many answers are
+    missing. `judged`: the LLM judge's verdicts (None = unparsable: wrong here, and counted in
+    judge_unparsable)."""
+    verdicts = [None] * len(records) if judged is None else [0.0 if j is None else j
+                                                              for j in judged]
+    scores = [score_record(rule, a, r["golds"], j) for a, r, j in zip(answers, records, verdicts)]
+    out = {**summarize_benchmark(name, records, scores, answered),
+           "missing_answers": sum(a is None for a in answers)}
+    if judged is not None:
+        out["judge_unparsable"] = sum(j is None for j in judged)
+    return out
 
 
 def score_benchmarks(benches: list[tuple[str, list[dict]]], answers: dict[str, list], table: dict,
@@ -650,7 +656,7 @@ def score_benchmarks(benches: list[tuple[str, list[dict]]], answers: dict[str, l
     for name, recs in benches:
         judged = (llm_judge_batch(judge, [r["question"] for r in recs], answers[name],
                                   [r["answers"] for r in recs])
-                  if judge is not None else [None] * len(recs))
+                  if judge is not None else None)
         answered = [a is not None for a in answers[name]] if from_file else None
         out[name] = score_benchmark(name, table[name]["score"], recs, answers[name], judged,
                                     answered)

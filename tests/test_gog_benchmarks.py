@@ -168,6 +168,25 @@ def test_eval_scores_a_predictions_file_avg_over_real_benchmarks_in_percent(tmp_
     assert res["Avg"] == 50.0 and isinstance(res["toy"], str)   # the toy set is not in Avg
 
 
+class FakeJudge:
+    """A judge model that replies with the given texts, in order."""
+    def __init__(self, replies):
+        self.replies = replies
+
+    def chat(self, batch, **kw):
+        return self.replies[:len(batch)]
+
+
+@pytest.mark.parametrize("replies", [["hmm?", "correct"], ["correct", "hmm?"]])
+def test_unparsable_judge_verdict_is_counted_apart_and_the_metric_stays(replies, tmp_path):
+    """An unparsable reply was a KeyError (second) or dropped the judge metric (first)."""
+    recs = gog.load_benchmark("SimpleVQA", str(write_simplevqa(tmp_path)))
+    res = gog.score_benchmarks([("SimpleVQA", recs)], {"SimpleVQA": ["a red square", "Fuji"]},
+                               gog.BENCHMARKS, judge=FakeJudge(replies))["SimpleVQA"]
+    assert res["headline"] == "LLM judge" and res["LLM judge"] == 50.0   # unparsable = wrong
+    assert res["judge_unparsable"] == 1
+
+
 def test_infoseek_one_split_names_its_aggregation(tmp_path):
     recs = [r for r in gog.load_benchmark("InfoSeek", str(write_infoseek(tmp_path)),
                                           str(tmp_path / "oven"))

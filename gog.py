@@ -920,7 +920,8 @@ def run_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dic
         trajectory_html(html[:12], os.path.join(out_dir, "trajectories.html"),
                         "GoG eval (held-out scenes)")
     toy = results["toy"]["accuracy"] if isinstance(results["toy"], dict) else None
-    print(f"[eval] toy accuracy {toy} %, Avg {results['Avg']} % -> {out_dir}/results.json")
+    avg = None if results["Avg"] is None else round(results["Avg"], 2)   # no float noise
+    print(f"[eval] toy accuracy {toy} %, Avg {avg} % -> {out_dir}/results.json")
     return results
 
 

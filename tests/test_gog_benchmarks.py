@@ -206,3 +206,15 @@ def test_infoseek_question_types_must_agree_with_the_golds(tmp_path):
         for i, t in enumerate(["String", "String", "String", "String"])))
     with pytest.raises(UserError, match="says 'String' for 'val_1', but its answer_eval holds"):
         gog.load_benchmark("InfoSeek", str(path), images=False)
+
+
+def test_all_wrong_run_prints_avg_0(tmp_path, capsys):
+    """InfoSeek's harmonic mean of two zero splits is 1e-12: it printed `Avg 3.33e-13 %`."""
+    fvqa, info = write_fvqa(tmp_path), write_infoseek(tmp_path)
+    preds = tmp_path / "answers.jsonl"
+    preds.write_text("".join(json.dumps({"id": i, "answer": "Danube"}) + "\n"
+                             for i in ["fvqa-0", "fvqa-1", "val_0", "val_1", "val_2", "val_3"]))
+    gog.main(["--stage", "eval", "--model", "tiny", "--out", str(tmp_path / "run"),
+              "--predictions", str(preds), "--image_dir", str(tmp_path / "oven"),
+              "--benchmarks", f"FVQA={fvqa},InfoSeek={info},InfoSeek={info}"])
+    assert "Avg 0.0 %" in capsys.readouterr().out

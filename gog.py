@@ -59,7 +59,7 @@ from typing import Literal
 
 import numpy as np
 from common.benchmarks.gog import (em_check, extract_answer, infoseek_score, infoseek_summary,
-                                   read_predictions, read_visual_qa, subem_check,
+                                   letter_match, read_predictions, read_visual_qa, subem_check,
                                    token_f1)
 from common.chat import encode
 from common.cli import RunArgs, run_stages, start_adapter
@@ -233,11 +233,11 @@ BENCHMARKS = {
                                   "LLM grader"]),
     # benchmark.json
     "LiveVQA": dict(items=["level1_qa", "level2_qa"], id="id", question="question",
-                    image="img_path", golds=["Ground_Truth_List"], split="level",
-                    score="llm_judge",
+                    image="img_path", golds=["Ground_Truth_List"], letter="Ground_Truth",
+                    split="level", score="llm_judge",
                     source="ours: the official LLM grader (correct / incorrect / not attempted)",
                     deviations=["without --judge, SubEM (word boundaries) stands in for the LLM "
-                                "grader"]),
+                                "grader; an answer that is the gold option letter counts"]),
     # OmniSearch JSONL, no scorer
     "DynVQA": dict(id="question_id", question="question", image="image_url", golds=["answer"],
                    split=None, score="sub_em_ours", source="ours: no official scorer found",
@@ -565,9 +565,10 @@ def tool_use_stats(rollouts: list[Rollout]) -> dict:
 LMMS_F1 = "F1 over answered samples (lmms-eval)"
 
 
-def score_record(rule: str, pred: str | None, golds: list, judged: float | None = None) -> dict:
+def score_record(rule: str, pred: str | None, golds: list, judged: float | None = None,
+                 letter: str | None = None) -> dict:
     """Per-record metrics under the benchmark's rule; `judged` is the LLM judge's verdict
-    (if any)."""
+    (if any), `letter` LiveVQA's gold option letter (an answer that is that letter counts)."""
     strings = [str(g) for g in golds]
     if rule == "mmsearch_r1":   # golds: the strings, as MMSearch-R1's reward manager keeps them
         text = extract_answer(pred)
@@ -578,7 +579,9 @@ def score_record(rule: str, pred: str | None, golds: list, judged: float | None 
     elif rule == "token_f1":
         m = {"F1": max(token_f1(pred, g) for g in strings)}
     elif rule == "llm_judge":
-        m = {"SubEM (rule stand-in for the LLM grader)": sub_exact_match(pred, strings)}
+        hit = letter_match(pred, letter)
+        m = {"SubEM (rule stand-in for the LLM grader)": max(sub_exact_match(pred, strings), hit)}
+        judged = 1.0 if judged is not None and hit else judged
     elif rule == "sub_em_ours":
         m = {"SubEM (ours; no official scorer)": sub_exact_match(pred, strings)}
     else:
@@ -639,7 +642,8 @@ def score_benchmark(name: str, rule: str, records: list[dict], answers: list,
     judge_unparsable)."""
     verdicts = [None] * len(records) if judged is None else [0.0 if j is None else j
                                                               for j in judged]
-    scores = [score_record(rule, a, r["golds"], j) for a, r, j in zip(answers, records, verdicts)]
+    scores = [score_record(rule, a, r["golds"], j, r.get("letter"))
+              for a, r, j in zip(answers, records, verdicts)]
     out = {**summarize_benchmark(name, records, scores, answered),
            "missing_answers": sum(a is None for a in answers)}
     if judged is not None:

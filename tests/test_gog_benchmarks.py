@@ -218,3 +218,14 @@ def test_all_wrong_run_prints_avg_0(tmp_path, capsys):
               "--predictions", str(preds), "--image_dir", str(tmp_path / "oven"),
               "--benchmarks", f"FVQA={fvqa},InfoSeek={info},InfoSeek={info}"])
     assert "Avg 0.0 %" in capsys.readouterr().out
+
+
+def test_livevqa_gold_option_letter_counts(tmp_path):
+    recs = gog.load_benchmark("LiveVQA", str(write_livevqa(tmp_path)))
+    for judge, key in ((None, "SubEM (rule stand-in for the LLM grader)"),
+                       (FakeJudge(["incorrect"] * 2), "LLM judge")):
+        res = gog.score_benchmarks([("LiveVQA", recs)], {"LiveVQA": ["(a)", "B"]},
+                                   gog.BENCHMARKS, judge=judge)["LiveVQA"]
+        assert res[key] == 50.0   # both golds are option A; "B" is wrong
+    assert score_record("llm_judge", "A. Paris", ["Paris"], letter="A")[
+        "SubEM (rule stand-in for the LLM grader)"] == 1.0

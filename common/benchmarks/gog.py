@@ -116,8 +116,9 @@ def read_visual_qa(name: str, path: str, spec: dict, image_dir: str | None = Non
         rec = {"id": rid, "benchmark": name, "kind": name, "golds": golds, "answers": answers,
                "question": question_text(field_at(r, spec["question"]), where),
                "split": split, "image": image, "target": None, "target_box": None}
-        if spec.get("subfield"):
-            rec["subfield"] = field_at(r, spec["subfield"])
+        for key in ("letter", "subfield"):
+            if spec.get(key):
+                rec[key] = field_at(r, spec[key])
         if qtypes is not None:
             rec["qtype"] = qtypes.get(rid)
             numeric = gold_range(golds) is not None
@@ -277,3 +278,13 @@ def infoseek_summary(records: list[dict], scores: list[float | None]) -> dict:
                               "final_score is the harmonic mean of unseen_question and "
                               "unseen_entity and needs both")
     return out
+
+
+OPTION_LETTER = re.compile(r"\W*\(?([A-Za-z])\)?[.:)]?\W*")
+
+
+def letter_match(pred: str | None, letter: str | None) -> float:
+    """LiveVQA: the answer is the gold option letter (`Ground_Truth`): "B", "(b)", "B." count;
+    "B. Rome" is left to the answer-text rule."""
+    p, g = (OPTION_LETTER.fullmatch(x or "") for x in (pred, letter))
+    return float(bool(p and g) and p.group(1).upper() == g.group(1).upper())

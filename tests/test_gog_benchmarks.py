@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 import gog
-from common.benchmarks.gog import infoseek_score, token_f1
+from common.benchmarks.gog import (em_check, extract_answer, infoseek_score, subem_check,
+                                   token_f1)
 from common.errors import UserError
 from gog import parse_benchmarks, score_record, summarize_benchmark
 
@@ -128,6 +129,13 @@ def test_each_rule_on_hand_computed_cases():
     assert infoseek_score("1,950", [{"range": [1922.4, 1941.6]}]) == 0.0
     em = score_record("mmsearch_r1", "It is the Eiffel Tower", ["Eiffel Tower"], None)
     assert em == {"EM": 0.0, "SubEM": 1.0}
+    # MMSearch-R1's checks: ASCII punctuation only, SubEM a plain substring, the last <answer>
+    assert subem_check("United States", ["ES"]) == 1.0 and em_check("“Portugal”", ["Portugal"]) == 0
+    assert extract_answer("<answer>Lyon</answer> no, <answer> Paris </answer>") == "Paris"
+    assert extract_answer("<answer>Danube") is None
+    assert score_record("mmsearch_r1", "<reason>r</reason><answer>Paris</answer>",
+                        ["Paris", 3], None) == {"EM": 1.0, "SubEM": 1.0}
+    assert token_f1("", "") == 1.0 and token_f1(None, "x") == 0.0   # get_f1_score; no answer
     assert score_record("llm_judge", "x", ["y"], 1.0)["LLM judge"] == 1.0
 
 

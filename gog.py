@@ -58,14 +58,15 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from common.benchmarks.gog import (infoseek_final, infoseek_score, read_predictions, read_visual_qa,
+from common.benchmarks.gog import (em_check, extract_answer, infoseek_score, infoseek_summary,
+                                   letter_match, read_predictions, read_visual_qa, subem_check,
                                    token_f1)
 from common.chat import encode
 from common.cli import RunArgs, run_stages, start_adapter
 from common.errors import UserError
 from common.data import read_records
 from common.grpo import GRPOConfig, train_grpo
-from common.judge import exact_match, llm_judge_batch, sub_exact_match
+from common.judge import llm_judge_batch, sub_exact_match
 from common.models import load_policy
 from common.rollout import Rollout, run_rollouts
 from common.runlog import RunLog, bar_plot, markdown_table, read_jsonl, trajectory_html, write_json
@@ -183,37 +184,72 @@ def split_world(world: World) -> tuple[list[dict], list[dict]]:
 
 # Each benchmark as published: the fields of its id, question, image, golds and the split a score is
 # broken down by (`a.b` = nested; `items` = several questions per record; `image_is_id` = a file in
-# --image_dir), and its own rule (score_record, in the metrics section): mmsearch_r1 = EM and SubEM
-# as MMSearch-R1 scores FVQA, infoseek = numeric ranges or alias EM, token_f1 = MMSearch end2end,
-# llm_judge = the benchmark's LLM grader (a SubEM stand-in without --judge), sub_em_ours = no
-# official scorer.
+# --image_dir; `subfield` = a second breakdown; `letter` = the gold option letter; `qtype` = the
+# question-type file beside the data file), its own rule (score_record, in the metrics section):
+# mmsearch_r1 = EM and SubEM as MMSearch-R1 scores FVQA, infoseek = numeric ranges or alias EM,
+# token_f1 = MMSearch end2end, llm_judge = the benchmark's LLM grader (a SubEM stand-in without
+# --judge), sub_em_ours = no official scorer; `source` = the code our numbers follow and
+# `deviations` = where ours differ from it (both copied into results.json; docs/gog.md's table).
 BENCHMARKS = {
     # lmms-lab/FVQA
     "FVQA": dict(id="data_id", question="prompt", image="images", split="category",
                  score="mmsearch_r1",
-                 golds=["reward_model.ground_truth", "reward_model.candidate_answers"]),
+                 golds=["reward_model.ground_truth", "reward_model.candidate_answers"],
+                 source="EvolvingLMMs-Lab/multimodal-search-r1@583c6b4 mmsearch_r1_score.py: "
+                        "em_check, subem_check (SQuAD normalisation, ASCII punctuation; SubEM is a "
+                        "plain substring), extract_solution; golds = ground_truth + "
+                        "candidate_answers (strings)",
+                 deviations=["--predictions: the answer is the last closed <answer>..</answer> "
+                             "of a prediction if it has one, else the whole prediction (a bare "
+                             "answer is the answer); the official reward scores only a closed "
+                             "<answer> (a bare answer scores 0 there, and its validation score "
+                             "counts rewards > 0.1001)",
+                             "in % of all rows; a row without a prediction counts as wrong (the "
+                             "repository has no stand-alone evaluator)"]),
     # JSONL; ids in --image_dir
     "InfoSeek": dict(id="data_id", question="question", image="image_id", image_is_id=True,
-                     split="data_split", golds=["answer_eval"], score="infoseek"),
+                     split="data_split", golds=["answer_eval"], score="infoseek",
+                     qtype="{stem}_qtype.jsonl",
+                     source="edchengg/infoseek_eval@bec0c4c infoseek_eval.py evaluate() (linked "
+                            "from open-vision-language/infoseek)",
+                     deviations=["a split or question type without scored rows gives None (the "
+                                 "official prints 0.0)"]),
     # end2end; query_image may be None
     "MMSearch": dict(id="sample_id", question="query", image="query_image", split="area",
-                     score="token_f1", golds=["gt_answer", "alternative_gt_answers"]),
+                     subfield="subfield", score="token_f1",
+                     golds=["gt_answer", "alternative_gt_answers"],
+                     source="CaraJ7/MMSearch@d340f3f eval_end2end.py + score/f1_score.py: SQuAD "
+                            "token F1, max over gt_answer and alternative_gt_answers; a sample "
+                            "without a prediction scores 0 (denominator: every sample)",
+                     deviations=["lmms-eval@75571cf averages over the answered samples only: that "
+                                 "is 'F1 over answered samples (lmms-eval)'",
+                                 "not the first version CaraJ7/MMSearch@5c5b1d5, which scored "
+                                 "gt_answer only (superseded the next day)"]),
     # scorer not published (LLM grader)
     "SimpleVQA": dict(id="data_id", question="question", image="image", golds=["answer"],
-                      split="language", score="llm_judge"),
+                      split="language", score="llm_judge",
+                      source="ours: the official LLM grader is unpublished",
+                      deviations=["without --judge, SubEM (word boundaries) stands in for the "
+                                  "LLM grader"]),
     # benchmark.json
     "LiveVQA": dict(items=["level1_qa", "level2_qa"], id="id", question="question",
-                    image="img_path", golds=["Ground_Truth_List"], split="level",
-                    score="llm_judge"),
+                    image="img_path", golds=["Ground_Truth_List"], letter="Ground_Truth",
+                    split="level", score="llm_judge",
+                    source="ours: the official LLM grader (correct / incorrect / not attempted)",
+                    deviations=["without --judge, SubEM (word boundaries) stands in for the LLM "
+                                "grader; an answer that is the gold option letter counts"]),
     # OmniSearch JSONL, no scorer
     "DynVQA": dict(id="question_id", question="question", image="image_url", golds=["answer"],
-                   split=None, score="sub_em_ours"),
+                   split=None, score="sub_em_ours", source="ours: no official scorer found",
+                   deviations=["SubEM (word boundaries), ours"]),
 }
 
 
 @functools.lru_cache(maxsize=16)
-def load_benchmark(name: str, path: str, image_dir: str | None = None) -> list[dict]:
-    return read_visual_qa(name, path, BENCHMARKS[name], image_dir)
+def load_benchmark(name: str, path: str, image_dir: str | None = None,
+                   images: bool = True) -> list[dict]:
+    """The records of one benchmark file; `images=False` (--predictions) reads no image."""
+    return read_visual_qa(name, path, BENCHMARKS[name], image_dir, images)
 
 
 def parse_benchmarks(spec: str, names) -> list[tuple[str, str]]:
@@ -526,18 +562,26 @@ def tool_use_stats(rollouts: list[Rollout]) -> dict:
 
 
 # Each benchmark's rule (BENCHMARKS[name]["score"]); the official scorers: common.benchmarks.gog
-def score_record(rule: str, pred: str | None, golds: list, judged: float | None) -> dict:
+LMMS_F1 = "F1 over answered samples (lmms-eval)"
+
+
+def score_record(rule: str, pred: str | None, golds: list, judged: float | None = None,
+                 letter: str | None = None) -> dict:
     """Per-record metrics under the benchmark's rule; `judged` is the LLM judge's verdict
-    (if any)."""
+    (if any), `letter` LiveVQA's gold option letter (an answer that is that letter counts)."""
     strings = [str(g) for g in golds]
-    if rule == "mmsearch_r1":
-        m = {"EM": exact_match(pred, strings), "SubEM": sub_exact_match(pred, strings)}
+    if rule == "mmsearch_r1":   # golds: the strings, as MMSearch-R1's reward manager keeps them
+        text = extract_answer(pred)
+        text, golds = pred if text is None else text, [g for g in golds if isinstance(g, str)]
+        m = {"EM": em_check(text, golds), "SubEM": subem_check(text, golds)}
     elif rule == "infoseek":
         m = {"InfoSeek": infoseek_score(pred, golds)}
     elif rule == "token_f1":
         m = {"F1": max(token_f1(pred, g) for g in strings)}
     elif rule == "llm_judge":
-        m = {"SubEM (rule stand-in for the LLM grader)": sub_exact_match(pred, strings)}
+        hit = letter_match(pred, letter)
+        m = {"SubEM (rule stand-in for the LLM grader)": max(sub_exact_match(pred, strings), hit)}
+        judged = 1.0 if judged is not None and hit else judged
     elif rule == "sub_em_ours":
         m = {"SubEM (ours; no official scorer)": sub_exact_match(pred, strings)}
     else:
@@ -547,40 +591,79 @@ def score_record(rule: str, pred: str | None, golds: list, judged: float | None)
     return m
 
 
-def summarize_benchmark(name: str, records: list[dict], scores: list[dict]) -> dict:
-    """Mean of each metric in %; InfoSeek's final score is the harmonic mean of its unseen-question
-    and unseen-entity splits (as its evaluator does) when both are present."""
-    out = {k: 100 * float(np.mean([s[k] for s in scores])) for k in scores[0]}
-    by = {}
+def mean_pct(values: list[float]) -> float | None:
+    return 100 * float(np.mean(values)) if values else None
+
+
+def by_group(records: list[dict], scores: list[dict], field: str) -> dict:
+    """{group: {metric: mean in %, "n": rows}} of the records' `field`."""
+    groups = {}
     for r, s in zip(records, scores):
-        by.setdefault(r["split"], []).append(s[list(s)[0]])
-    out["by_split"] = {k: 100 * float(np.mean(v)) for k, v in by.items()}
-    if name == "InfoSeek":
-        final = infoseek_final([r["split"] for r in records], [s["InfoSeek"] for s in scores])
-        if final is not None:
-            out["InfoSeek"] = final
-    out["headline"] = "LLM judge" if "LLM judge" in out else list(scores[0])[0]
-    return {**out, "n": len(records)}
+        groups.setdefault(str(r.get(field)), []).append(s)
+    return {g: {**{k: mean_pct([s[k] for s in ss]) for k in ss[0]}, "n": len(ss)}
+            for g, ss in groups.items()}
 
 
-def score_benchmark(name: str, rule: str, records: list[dict], answers: list, judged: list) -> dict:
-    """Every record under the benchmark's rule -> its summary in %, and how many answers
-    are missing."""
-    scores = [score_record(rule, a, r["golds"], j) for a, r, j in zip(answers, records, judged)]
-    return {**summarize_benchmark(name, records, scores),
-            "missing_answers": sum(a is None for a in answers)}
+def summarize_benchmark(name: str, records: list[dict], scores: list[dict],
+                        answered: list[bool] | None = None) -> dict:
+    """Mean of each metric in % (by split, and by subfield where the benchmark has one), with the
+    source it follows and our deviations from it. `answered` (--predictions: a prediction in the
+    file): InfoSeek counts only answered rows and reports its evaluator's final score; MMSearch
+    adds lmms-eval's mean over the answered samples."""
+    spec, n = BENCHMARKS[name], len(records)
+    answered = [True] * n if answered is None else answered
+    deviations = list(spec["deviations"])
+    if spec["score"] == "infoseek":   # the evaluator counts only the rows with a prediction
+        summary = infoseek_summary(records, [s["InfoSeek"] if a else None
+                                             for s, a in zip(scores, answered)])
+        if not all(r.get("qtype") for r in records):
+            deviations.append("no question-type file (<name>_qtype.jsonl) beside the data file: "
+                              "numerical = a range in answer_eval; score_time and score_string "
+                              "need the file")
+        records = [r for r, a in zip(records, answered) if a]
+        scores = [s for s, a in zip(scores, answered) if a]
+    out = {k: mean_pct([s[k] for s in scores]) for k in scores[0]} if scores else {}
+    out["by_split"] = by_group(records, scores, "split")
+    if spec.get("subfield"):
+        out["by_subfield"] = by_group(records, scores, "subfield")
+    if spec["score"] == "token_f1":
+        out[LMMS_F1] = mean_pct([s["F1"] for s, a in zip(scores, answered) if a])
+    if spec["score"] == "infoseek":
+        out = {**out, "InfoSeek": summary.pop("final_score"), **summary}
+    first = "InfoSeek" if spec["score"] == "infoseek" else list(scores[0])[0] if scores else None
+    out["headline"] = "LLM judge" if "LLM judge" in out else first
+    return {**out, "n": n, "source": spec["source"], "deviations": deviations}
+
+
+def score_benchmark(name: str, rule: str, records: list[dict], answers: list,
+                    judged: list | None = None, answered: list[bool] | None = None) -> dict:
+    """Every record under the benchmark's rule -> its summary in %, and how many answers are
+    missing. `judged`: the LLM judge's verdicts (None = unparsable: wrong here, and counted in
+    judge_unparsable)."""
+    verdicts = [None] * len(records) if judged is None else [0.0 if j is None else j
+                                                              for j in judged]
+    scores = [score_record(rule, a, r["golds"], j, r.get("letter"))
+              for a, r, j in zip(answers, records, verdicts)]
+    out = {**summarize_benchmark(name, records, scores, answered),
+           "missing_answers": sum(a is None for a in answers)}
+    if judged is not None:
+        out["judge_unparsable"] = sum(j is None for j in judged)
+    return out
 
 
 def score_benchmarks(benches: list[tuple[str, list[dict]]], answers: dict[str, list], table: dict,
-                     judge=None) -> dict[str, dict]:
+                     judge=None, from_file: bool = False) -> dict[str, dict]:
     """{name: score_benchmark(...)} for each (name, records) under its rule table[name]["score"];
-    with an LLM judge (a loaded policy), its verdict on each answer is scored too."""
+    with an LLM judge (a loaded policy), its verdict on each answer is scored too. `from_file`:
+    the answers come from --predictions, so None means no prediction for that record."""
     out = {}
     for name, recs in benches:
         judged = (llm_judge_batch(judge, [r["question"] for r in recs], answers[name],
                                   [r["answers"] for r in recs])
-                  if judge is not None else [None] * len(recs))
-        out[name] = score_benchmark(name, table[name]["score"], recs, answers[name], judged)
+                  if judge is not None else None)
+        answered = [a is not None for a in answers[name]] if from_file else None
+        out[name] = score_benchmark(name, table[name]["score"], recs, answers[name], judged,
+                                    answered)
     return out
 
 
@@ -796,7 +879,7 @@ def stage_rl(args: Args) -> str:
 
 def run_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dict:
     """Held-out toy accuracy and tool use, and each benchmark under its own rule; all in %."""
-    benches = [(n, load_benchmark(n, f, args.image_dir))
+    benches = [(n, load_benchmark(n, f, args.image_dir, images=not args.predictions))
                for n, f in parse_benchmarks(args.benchmarks, BENCHMARKS)]
     results = {"units": "percent (mean_turns in turns)",
                "policy": args.predictions or adapter or args.model,
@@ -829,16 +912,20 @@ def run_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dic
             answers[n], results["benchmarks"][n] = ([r.answer for r in rs],
                                                     {"tool_use": tool_use_stats(rs)})
     # each under its own rule
-    for n, scores in score_benchmarks(benches, answers, BENCHMARKS, load_judge(args.judge)).items():
+    scored = score_benchmarks(benches, answers, BENCHMARKS, load_judge(args.judge),
+                              from_file=bool(args.predictions))
+    for n, scores in scored.items():
         results["benchmarks"][n] = {**results["benchmarks"].get(n, {}), **scores}
-    if benches:   # the paper's Avg: the real benchmarks only, each by its headline metric
-        results["Avg"] = float(np.mean([b[b["headline"]] for b in results["benchmarks"].values()]))
+    heads = [b[b["headline"]] if b["headline"] else None for b in results["benchmarks"].values()]
+    if benches and None not in heads:   # the paper's Avg: the real benchmarks, each its headline
+        results["Avg"] = float(np.mean(heads))
     write_json(os.path.join(out_dir, "results.json"), results)
     if html:
         trajectory_html(html[:12], os.path.join(out_dir, "trajectories.html"),
                         "GoG eval (held-out scenes)")
     toy = results["toy"]["accuracy"] if isinstance(results["toy"], dict) else None
-    print(f"[eval] toy accuracy {toy} %, Avg {results['Avg']} % -> {out_dir}/results.json")
+    avg = None if results["Avg"] is None else round(results["Avg"], 2)   # no float noise
+    print(f"[eval] toy accuracy {toy} %, Avg {avg} % -> {out_dir}/results.json")
     return results
 
 
@@ -896,7 +983,7 @@ def stage_ablate(args: Args) -> None:
 def check_inputs(args: Args) -> None:
     """Every user file is read before any model is loaded."""
     for name, path in parse_benchmarks(args.benchmarks, BENCHMARKS):
-        load_benchmark(name, path, args.image_dir)
+        load_benchmark(name, path, args.image_dir, images=not args.predictions)
     if args.predictions:
         if not args.benchmarks:
             raise UserError("--predictions needs --benchmarks NAME=FILE to score them against.")

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 import gog
-from common.benchmarks.gog import infoseek_score, token_f1
+from common.benchmarks.gog import (em_check, extract_answer, infoseek_score, subem_check,
+                                   token_f1)
 from common.errors import UserError
 from gog import parse_benchmarks, score_record, summarize_benchmark
 
@@ -95,8 +96,9 @@ RIGHT_WRONG = {  # (benchmark, writer, {id: answer}, expected headline %)
     "InfoSeek": (write_infoseek,
                  {"val_0": "Federal Republic of Germany", "val_1": "about 1930", "val_2": "Danube",
                   "val_3": "the North Sea"},
-                 # unseen_question 100 %, unseen_entity 50 %: harmonic mean 66.7, not 75
-                 2 / (1 / 100 + 1 / 50)),
+                 # unseen_question 100 %, unseen_entity 50 %: harmonic mean 66.67 (rounded to 2
+                 # places, as infoseek_eval), not 75
+                 66.67),
     "MMSearch": (write_mmsearch, {"m0": "Eiffel Tower in Paris", "m1": "Bob"},
                  100 * (2 * 3 / 7) / 2),   # F1 6/7, 0
     "SimpleVQA": (write_simplevqa, {"0": "A red square.", "1": "Kilimanjaro"}, 50.0),
@@ -127,6 +129,13 @@ def test_each_rule_on_hand_computed_cases():
     assert infoseek_score("1,950", [{"range": [1922.4, 1941.6]}]) == 0.0
     em = score_record("mmsearch_r1", "It is the Eiffel Tower", ["Eiffel Tower"], None)
     assert em == {"EM": 0.0, "SubEM": 1.0}
+    # MMSearch-R1's checks: ASCII punctuation only, SubEM a plain substring, the last <answer>
+    assert subem_check("United States", ["ES"]) == 1.0 and em_check("“Portugal”", ["Portugal"]) == 0
+    assert extract_answer("<answer>Lyon</answer> no, <answer> Paris </answer>") == "Paris"
+    assert extract_answer("<answer>Danube") is None
+    assert score_record("mmsearch_r1", "<reason>r</reason><answer>Paris</answer>",
+                        ["Paris", 3], None) == {"EM": 1.0, "SubEM": 1.0}
+    assert token_f1("", "") == 1.0 and token_f1(None, "x") == 0.0   # get_f1_score; no answer
     assert score_record("llm_judge", "x", ["y"], 1.0)["LLM judge"] == 1.0
 
 
@@ -165,3 +174,66 @@ def test_eval_scores_a_predictions_file_avg_over_real_benchmarks_in_percent(tmp_
     assert res["benchmarks"]["FVQA"]["EM"] == 100.0 and res["benchmarks"]["MMSearch"]["F1"] == 0.0
     assert res["benchmarks"]["MMSearch"]["missing_answers"] == 1
     assert res["Avg"] == 50.0 and isinstance(res["toy"], str)   # the toy set is not in Avg
+
+
+class FakeJudge:
+    """A judge model that replies with the given texts, in order."""
+    def __init__(self, replies):
+        self.replies = replies
+
+    def chat(self, batch, **kw):
+        return self.replies[:len(batch)]
+
+
+@pytest.mark.parametrize("replies", [["hmm?", "correct"], ["correct", "hmm?"]])
+def test_unparsable_judge_verdict_is_counted_apart_and_the_metric_stays(replies, tmp_path):
+    """An unparsable reply was a KeyError (second) or dropped the judge metric (first)."""
+    recs = gog.load_benchmark("SimpleVQA", str(write_simplevqa(tmp_path)))
+    res = gog.score_benchmarks([("SimpleVQA", recs)], {"SimpleVQA": ["a red square", "Fuji"]},
+                               gog.BENCHMARKS, judge=FakeJudge(replies))["SimpleVQA"]
+    assert res["headline"] == "LLM judge" and res["LLM judge"] == 50.0   # unparsable = wrong
+    assert res["judge_unparsable"] == 1
+
+
+def test_infoseek_one_split_names_its_aggregation(tmp_path):
+    recs = [r for r in gog.load_benchmark("InfoSeek", str(write_infoseek(tmp_path)),
+                                          str(tmp_path / "oven"))
+            if r["split"] == "val_unseen_entity"]
+    scores = [score_record("infoseek", a, r["golds"], None)
+              for a, r in zip(["1930", "Elbe"], recs)]
+    res = summarize_benchmark("InfoSeek", recs, scores)
+    assert res["InfoSeek"] == 50.0 and "unseen_entity split only" in res["aggregation"]
+    assert "question-type file" in " ".join(res["deviations"])   # time / string need it
+    assert res["unseen_entity_score"] == {"score": 50.0, "n": 2, "score_num": 100.0}
+
+
+def test_infoseek_question_types_must_agree_with_the_golds(tmp_path):
+    path = write_infoseek(tmp_path)
+    (tmp_path / "infoseek_val_qtype.jsonl").write_text("".join(
+        json.dumps({"data_id": f"val_{i}", "question_type": t}) + "\n"
+        for i, t in enumerate(["String", "String", "String", "String"])))
+    with pytest.raises(UserError, match="says 'String' for 'val_1', but its answer_eval holds"):
+        gog.load_benchmark("InfoSeek", str(path), images=False)
+
+
+def test_all_wrong_run_prints_avg_0(tmp_path, capsys):
+    """InfoSeek's harmonic mean of two zero splits is 1e-12: it printed `Avg 3.33e-13 %`."""
+    fvqa, info = write_fvqa(tmp_path), write_infoseek(tmp_path)
+    preds = tmp_path / "answers.jsonl"
+    preds.write_text("".join(json.dumps({"id": i, "answer": "Danube"}) + "\n"
+                             for i in ["fvqa-0", "fvqa-1", "val_0", "val_1", "val_2", "val_3"]))
+    gog.main(["--stage", "eval", "--model", "tiny", "--out", str(tmp_path / "run"),
+              "--predictions", str(preds), "--image_dir", str(tmp_path / "oven"),
+              "--benchmarks", f"FVQA={fvqa},InfoSeek={info},InfoSeek={info}"])
+    assert "Avg 0.0 %" in capsys.readouterr().out
+
+
+def test_livevqa_gold_option_letter_counts(tmp_path):
+    recs = gog.load_benchmark("LiveVQA", str(write_livevqa(tmp_path)))
+    for judge, key in ((None, "SubEM (rule stand-in for the LLM grader)"),
+                       (FakeJudge(["incorrect"] * 2), "LLM judge")):
+        res = gog.score_benchmarks([("LiveVQA", recs)], {"LiveVQA": ["(a)", "B"]},
+                                   gog.BENCHMARKS, judge=judge)["LiveVQA"]
+        assert res[key] == 50.0   # both golds are option A; "B" is wrong
+    assert score_record("llm_judge", "A. Paris", ["Paris"], letter="A")[
+        "SubEM (rule stand-in for the LLM grader)"] == 1.0

@@ -1,20 +1,21 @@
 """gog.py's published formats, read only: visual search QA files (FVQA, InfoSeek, MMSearch,
-SimpleVQA, LiveVQA, DynVQA) -> records, another model's answers, and the official scorers
-(InfoSeek's numeric ranges and final score, MMSearch's token F1). gog.py's BENCHMARKS table names
-each file's fields and its scoring rule (score_record); the aggregation is gog.py's.
+SimpleVQA, LiveVQA, DynVQA) -> records, another model's answers, and the official scorers, written
+from the official code (not copied): MMSearch-R1's EM / SubEM and answer extraction, InfoSeek's
+numeric ranges and final score, MMSearch's token F1. gog.py's BENCHMARKS table names each file's
+fields, its scoring rule (score_record) and the source; tests/test_conformance_gog.py checks them
+against numbers made by the official code.
 """
 from __future__ import annotations
 
 import base64
 import json
 import re
+import string
+from collections import Counter
 from pathlib import Path
-
-import numpy as np
 
 from common.data import open_image, read_records, require
 from common.errors import UserError
-from common.judge import exact_match, normalize_answer
 
 
 def field_at(row: dict, path: str):
@@ -79,11 +80,27 @@ def split_items(rows: list[tuple[str, dict]], keys: list[str]) -> list[tuple[str
     return out
 
 
-def read_visual_qa(name: str, path: str, spec: dict, image_dir: str | None = None) -> list[dict]:
+def read_qtypes(path: str, spec: dict) -> dict[str, str] | None:
+    """InfoSeek's question types ({data_id: String / Time / Numerical}) from the file its
+    evaluator takes beside the reference (`infoseek_val_qtype.jsonl` for `infoseek_val.jsonl`),
+    or None when there is none."""
+    qtype = Path(path).with_name(spec["qtype"].format(stem=Path(path).stem))
+    if not qtype.is_file():
+        return None
+    rows = read_records(qtype, "question-type file")
+    for where, r in rows:
+        require(r, where, "data_id", "question_type")
+    return {str(r["data_id"]): str(r["question_type"]) for _, r in rows}
+
+
+def read_visual_qa(name: str, path: str, spec: dict, image_dir: str | None = None,
+                   images: bool = True) -> list[dict]:
     """Records of one benchmark file in its published schema, as gog.py's field map `spec` names its
-    fields -> {"id", "question", "image", "answers", "golds", "split", "benchmark"}."""
+    fields -> {"id", "question", "image", "answers", "golds", "split", "benchmark", ...};
+    `images=False` (scoring a predictions file) leaves "image" None and needs no --image_dir."""
     rows = read_records(path, f"{name} file")
     rows = split_items(rows, spec["items"]) if spec.get("items") else rows
+    qtypes = read_qtypes(path, spec) if spec.get("qtype") else None
     out = []
     for where, r in rows:
         require(r, where, spec["id"], spec["question"])
@@ -92,36 +109,91 @@ def read_visual_qa(name: str, path: str, spec: dict, image_dir: str | None = Non
             raise UserError(f"{where}: no gold answer in {', '.join(spec['golds'])}.")
         answers = [str(g.get("wikidata", g.get("range"))) if isinstance(g, dict) else str(g)
                    for g in golds]
-        image = resolve_image(field_at(r, spec["image"]), name, where, Path(path).parent, image_dir,
-                              spec.get("image_is_id"))
+        image = (resolve_image(field_at(r, spec["image"]), name, where, Path(path).parent,
+                               image_dir, spec.get("image_is_id")) if images else None)
         split = str(field_at(r, spec["split"])) if spec["split"] else "all"
-        out.append({"id": str(field_at(r, spec["id"])), "benchmark": name, "kind": name,
-                    "golds": golds,
-                    "answers": answers,
-                    "question": question_text(field_at(r, spec["question"]), where),
-                    "split": split, "image": image, "target": None, "target_box": None})
+        rid = str(field_at(r, spec["id"]))
+        rec = {"id": rid, "benchmark": name, "kind": name, "golds": golds, "answers": answers,
+               "question": question_text(field_at(r, spec["question"]), where),
+               "split": split, "image": image, "target": None, "target_box": None}
+        for key in ("letter", "subfield"):
+            if spec.get(key):
+                rec[key] = field_at(r, spec[key])
+        if qtypes is not None:
+            rec["qtype"] = qtypes.get(rid)
+            numeric = gold_range(golds) is not None
+            if rec["qtype"] is None:
+                raise UserError(f"{where}: the question-type file beside {name}'s file has no row "
+                                f"for {rid!r}.")
+            if (rec["qtype"].lower() == "numerical") != numeric:
+                raise UserError(f"{where}: the question-type file says {rec['qtype']!r} for "
+                                f"{rid!r}, but its answer_eval {'holds' if numeric else 'lacks'} "
+                                f"a numeric range.")
+        out.append(rec)
     return out
 
 
 def read_predictions(path: str) -> dict[str, str]:
-    """Another model's answers: {record id: answer} from {"id" | "data_id", "answer" |
-    "prediction"}."""
+    """Another model's answers: {record id: answer} from {"id" | "data_id" | "sample_id",
+    "answer" | "prediction"} (MMSearch and InfoSeek write the last two)."""
     out = {}
     for where, r in read_records(path, "predictions file"):
-        rid, ans = r.get("id", r.get("data_id")), r.get("answer", r.get("prediction"))
+        rid = next((r[k] for k in ("id", "data_id", "sample_id") if r.get(k) is not None), None)
+        ans = r.get("answer", r.get("prediction"))
         if rid is None or ans is None:
-            raise UserError(f'{where}: a prediction needs "id" (or "data_id") and "answer" '
-                            '(or "prediction").')
+            raise UserError(f'{where}: a prediction needs "id" (or "data_id", "sample_id") and '
+                            '"answer" (or "prediction").')
         out[str(rid)] = str(ans)
     return out
 
 
-# --- the scoring rules, each as the benchmark's own code computes it ---
+# --- the scoring rules, each as the benchmark's own code computes it (written here, not copied) ---
+ASCII_PUNCT = frozenset(string.punctuation)
+
+
+def squad_normalize(s: str | None) -> str:
+    """The normalisation shared by MMSearch-R1 (mmsearch_r1_score.py, from Search-R1), MMSearch
+    (score/f1_score.py) and infoseek_eval (all SQuAD's): lowercase, delete ASCII punctuation
+    (`string.punctuation` only: curly quotes and emoji stay, "shiba-inu" -> "shibainu"), replace
+    the words a / an / the by a space, collapse whitespace. None -> ""."""
+    text = "".join(ch for ch in ("" if s is None else str(s)).lower() if ch not in ASCII_PUNCT)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def em_check(pred: str | None, golds: list[str]) -> float:
+    """MMSearch-R1's em_check: the normalised prediction equals a normalised gold (an empty
+    prediction equals a gold that normalises to "", as there). None (no prediction) -> 0."""
+    p = squad_normalize(pred)
+    return float(pred is not None and any(squad_normalize(g) == p for g in golds))
+
+
+def subem_check(pred: str | None, golds: list[str]) -> float:
+    """MMSearch-R1's subem_check: a normalised gold is a plain substring of the normalised
+    prediction (no word boundaries: gold "ES" is inside "united states"). None -> 0."""
+    p = squad_normalize(pred)
+    return float(pred is not None and any(squad_normalize(g) in p for g in golds))
+
+
+def extract_answer(text: str | None) -> str | None:
+    """MMSearch-R1's extract_solution: the last closed <answer>...</answer> (across lines),
+    stripped; None without one (an unclosed "<answer>Danube" included)."""
+    found = re.findall(r"<answer>(.*?)</answer>", text or "", re.DOTALL)
+    return found[-1].strip() if found else None
+
+
 def token_f1(pred: str | None, gold: str) -> float:
-    """SQuAD token F1 of normalised strings (MMSearch end2end)."""
-    p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
-    common = sum(min(p.count(t), g.count(t)) for t in set(p) & set(g))
-    return 0.0 if common == 0 else 2 * common / (len(p) + len(g))
+    """MMSearch's get_f1_score (SQuAD token F1 of normalised strings): 1 when both are empty,
+    0 when one is. None (no prediction) -> 0, as a sample without a result there."""
+    if pred is None:
+        return 0.0
+    p, g = squad_normalize(pred).split(), squad_normalize(gold).split()
+    common = sum((Counter(p) & Counter(g)).values())
+    if not p or not g:
+        return float(p == g)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return (2 * precision * recall) / (precision + recall)
 
 
 def numbers_in(text: str) -> float | list[float]:
@@ -137,14 +209,21 @@ def numbers_in(text: str) -> float | list[float]:
     return nums[0] if nums else [0.0, 0.0]
 
 
+def gold_range(golds: list) -> list[float] | None:
+    """InfoSeek's numeric gold: the first answer_eval item's {"range": [lo, hi]}, else None."""
+    return next(([float(x) for x in g["range"][:2]] for g in golds
+                 if isinstance(g, dict) and "range" in g), None)
+
+
 def infoseek_score(pred: str | None, golds: list) -> float:
     """InfoSeek: numeric golds {"range": [lo, hi]}: a predicted number inside it, or a predicted
-    range
-    inside it or with IoU >= 0.5; otherwise exact match to any alias in answer_eval."""
-    rng = next((g["range"] for g in golds if isinstance(g, dict) and "range" in g), None)
+    range inside it or with IoU >= 0.5; otherwise SQuAD exact match to an alias in answer_eval
+    (Time questions too: no +/-1 year)."""
+    rng = gold_range(golds)
     if rng is None:
-        return exact_match(pred, [str(g) for g in golds])
-    lo, hi, p = float(rng[0]), float(rng[1]), numbers_in(pred or "")
+        p = squad_normalize(pred)
+        return float(pred is not None and any(p == squad_normalize(g) for g in golds))
+    lo, hi, p = rng[0], rng[1], numbers_in(pred or "")
     if not isinstance(p, list):
         return float(lo <= p <= hi)
     if lo <= p[0] <= hi and lo <= p[1] <= hi:
@@ -153,12 +232,59 @@ def infoseek_score(pred: str | None, golds: list) -> float:
     return float(overlap / ((p[1] - p[0]) + (hi - lo) + 2e-12 - overlap) >= 0.5 - 1e-12)
 
 
-def infoseek_final(splits: list[str], scores: list[float]) -> float | None:
-    """InfoSeek's final score in %, as its evaluator computes it: the harmonic mean of the accuracy
-    on its unseen-question and unseen-entity splits; None unless both splits are present."""
-    q = [s for split, s in zip(splits, scores) if split.endswith("unseen_question")]
-    e = [s for split, s in zip(splits, scores) if not split.endswith("unseen_question")]
-    if not (q and e):
-        return None
-    a, b = max(100 * np.mean(q), 1e-12), max(100 * np.mean(e), 1e-12)
-    return float(2 / (1 / a + 1 / b))
+INFOSEEK_SPLITS = ("unseen_question", "unseen_entity")
+INFOSEEK_TYPES = {"time": "score_time", "numerical": "score_num", "string": "score_string"}
+
+
+def infoseek_split(split: str) -> str:
+    """The evaluator's split rule: `data_split` ending in unseen_question, else unseen_entity."""
+    return INFOSEEK_SPLITS[0] if split.endswith(INFOSEEK_SPLITS[0]) else INFOSEEK_SPLITS[1]
+
+
+def pct2(scores: list[float]) -> float | None:
+    """The evaluator's x100 rounded to 2 places of a mean; None for no rows (it prints 0.0)."""
+    return round(sum(scores) / len(scores) * 100, 2) if scores else None
+
+
+def infoseek_summary(records: list[dict], scores: list[float | None]) -> dict:
+    """InfoSeek's evaluate() on the scored records (a None score: no prediction, not counted):
+    per split its `score` and, by question type, `score_time`, `score_num`, `score_string` (in %,
+    rounded to 2 places; time and string need the question-type file), and `final_score` =
+    round(harmonic mean of the rounded split scores, 2) when the reference holds both splits,
+    else the one split's score; `aggregation` says which."""
+    out, present = {}, {infoseek_split(r["split"]) for r in records}
+    typed = all(r.get("qtype") for r in records)
+    for split in (s for s in INFOSEEK_SPLITS if s in present):
+        rows = [(r, s) for r, s in zip(records, scores)
+                if s is not None and infoseek_split(r["split"]) == split]
+        d = {"score": pct2([s for _, s in rows]) or 0.0, "n": len(rows)}
+        for key in INFOSEEK_TYPES.values():
+            if typed:
+                d[key] = pct2([s for r, s in rows
+                               if INFOSEEK_TYPES.get(r["qtype"].lower(), "score_string") == key])
+            elif key == "score_num":
+                d[key] = pct2([s for r, s in rows if gold_range(r["golds"]) is not None])
+        out[f"{split}_score"] = d
+    if len(present) == 2:
+        a, b = (out[f"{s}_score"]["score"] or 1e-12 for s in INFOSEEK_SPLITS)
+        out["final_score"] = round(2 / (1 / a + 1 / b), 2)
+        out["aggregation"] = ("official final_score: harmonic mean of the unseen_question and "
+                              "unseen_entity scores, each rounded to 2 places (0 -> 1e-12), "
+                              "rounded to 2 places")
+    else:
+        [split] = present
+        out["final_score"] = out[f"{split}_score"]["score"]
+        out["aggregation"] = (f"the {split} split only: its accuracy in % (2 places); the official "
+                              "final_score is the harmonic mean of unseen_question and "
+                              "unseen_entity and needs both")
+    return out
+
+
+OPTION_LETTER = re.compile(r"\W*\(?([A-Za-z])\)?[.:)]?\W*")
+
+
+def letter_match(pred: str | None, letter: str | None) -> float:
+    """LiveVQA: the answer is the gold option letter (`Ground_Truth`): "B", "(b)", "B." count;
+    "B. Rome" is left to the answer-text rule."""
+    p, g = (OPTION_LETTER.fullmatch(x or "") for x in (pred, letter))
+    return float(bool(p and g) and p.group(1).upper() == g.group(1).upper())

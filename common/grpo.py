@@ -233,7 +233,7 @@ def check_config(cfg: GRPOConfig) -> None:
         raise UserError(f"temperature must be > 0 for training (got {cfg.temperature}): GRPO needs "
                         f"sampled, "
                         f"different completions and scores them at that temperature.")
-    if cfg.max_steps < 1 or cfg.prompts_per_step < 1 or cfg.micro_batch_size < 1 or cfg.num_iterations < 1:
+    if min(cfg.max_steps, cfg.prompts_per_step, cfg.micro_batch_size, cfg.num_iterations) < 1:
         raise UserError("max_steps, prompts_per_step, micro_batch_size and num_iterations must "
                         "each be >= 1.")
     if cfg.loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
@@ -316,15 +316,19 @@ def _train_grpo(policy, dataset, rollout_fn, reward_fn, cfg, out_dir, weights, r
         terms = score_groups(reward_fn, rollouts, examples, G, cfg.reward_weights)
         rewards = torch.tensor([t["reward"] for t in terms], dtype=torch.float)  # (B,)
         if not torch.isfinite(rewards).all():
-            raise FloatingPointError(f"Step {step}: a reward is NaN/inf; check the reward function.")
+            raise FloatingPointError(f"Step {step}: a reward is NaN/inf; check the reward "
+                                     f"function.")
         advantages = group_advantages(rewards, G, cfg.scale_rewards)     # (B,)
         zero_std = (rewards.view(-1, G).std(1) < 1e-6)                   # (B/G,)
         keep = torch.ones(len(rollouts), dtype=torch.bool)
         if cfg.drop_zero_std_groups:
             keep = (~zero_std).repeat_interleave(G)
         idx = keep.nonzero().flatten().tolist()
-        stats, t_lp, t_bw = (update(policy, opt, sched, params, cfg, rollouts, idx, advantages, step)
-                             if idx else ({"skipped": 1}, 0.0, 0.0))
+        if idx:
+            stats, t_lp, t_bw = update(policy, opt, sched, params, cfg, rollouts, idx, advantages,
+                                       step)
+        else:
+            stats, t_lp, t_bw = {"skipped": 1}, 0.0, 0.0
 
         n_gen = sum(r.n_generated for r in rollouts)
         last = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),

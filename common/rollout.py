@@ -292,9 +292,11 @@ def step(policy, r: Rollout, ids: list[int], logps, budget: int, ctx: dict) -> N
         name, limits = action.name, ctx["limits"]
         r.tool_calls[name] = r.tool_calls.get(name, 0) + 1
         if name not in tools:
-            obs, image = f"Error: unknown tool {name!r}; available: {', '.join(sorted(tools))}.", None
+            known = ", ".join(sorted(tools))
+            obs, image = f"Error: unknown tool {name!r}; available: {known}.", None
         elif r.tool_calls[name] > limits.get(name, 1 << 30):
-            obs, image = f"Error: the {name} limit ({limits[name]} calls) is reached; answer now.", None
+            obs = f"Error: the {name} limit ({limits[name]} calls) is reached; answer now."
+            image = None
         else:
             obs, image = tools[name](action.args, r)
         r.trajectory.append({"role": "tool", "name": name, "args": action.args, "observation": obs,

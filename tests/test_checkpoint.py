@@ -101,7 +101,8 @@ def sft_data(tok):
 
 
 def test_sft_resume_continues_exactly(tmp_path):
-    cfg = dict(batch_size=2, micro_batch_size=1, epochs=2.0, learning_rate=5e-3, save_steps=2, seed=3)
+    cfg = dict(batch_size=2, micro_batch_size=1, epochs=2.0, learning_rate=5e-3, save_steps=2,
+               seed=3)
     p = load_policy("tiny", seed=1)
     train_sft(p, sft_data(p.tokenizer), SFTConfig(**cfg), str(tmp_path / "a"))   # 6 steps
     os.makedirs(tmp_path / "b")

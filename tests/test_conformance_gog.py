@@ -21,7 +21,8 @@ def numbers(obj, path=()):
     if isinstance(obj, dict):
         return {k: v for key, val in obj.items() for k, v in numbers(val, path + (key,)).items()}
     if isinstance(obj, list):
-        return {k: v for i, val in enumerate(obj) for k, v in numbers(val, path + (str(i),)).items()}
+        return {k: v for i, val in enumerate(obj)
+                for k, v in numbers(val, path + (str(i),)).items()}
     ok = isinstance(obj, (int, float)) and not isinstance(obj, bool)
     return {"/".join(path): obj} if ok else {}
 

@@ -91,7 +91,8 @@ def test_limits_budget_and_reprompt(policy):
                         tools=make_tools(None), grammar=GRAMMAR,
                         max_turns=4, max_tool_calls={"text_search": 2}, generate=gen)
     obs = [t["observation"] for t in r.trajectory if t["role"] == "tool"]
-    assert "limit" in obs[2] and r.answer is None and r.stop_reason == "max_turns" and not r.truncated
+    assert ("limit" in obs[2] and r.answer is None and r.stop_reason == "max_turns"
+            and not r.truncated)
     gen = scripted([["thinking...", "<answer>x</answer>"]])
     (r,) = run_rollouts(policy, [{"k": 0}], num_generations=1, make_messages=msgs,
                         tools=make_tools(None), grammar=GRAMMAR,
@@ -276,9 +277,8 @@ def test_checkpoint_generation_config_does_not_leak_into_sampling():
     torch.manual_seed(0)
     ids, lps = generate_ids(p, seqs, max_new_tokens=8, temperature=1.0, return_logprobs=True)
     with torch.no_grad():
-        z = p.model(input_ids=torch.tensor([seqs[0].input_ids + ids[0]])).logits[0,
-                                                                                 len(seqs[0].input_ids)
-                                                                                 - 1: -1]
+        n = len(seqs[0].input_ids)
+        z = p.model(input_ids=torch.tensor([seqs[0].input_ids + ids[0]])).logits[0, n - 1: -1]
     z[:, vision_token_ids(tok)] = -float("inf")
     want = z.float().log_softmax(-1).gather(-1, torch.tensor(ids[0])[:, None]).squeeze(-1)
     assert (want - torch.tensor(lps[0])).abs().max() < 1e-4
@@ -354,7 +354,8 @@ def test_an_inline_observation_with_an_image_is_one_clear_error(policy):
 def test_a_dialogue_without_tools_reads_no_tool_tags(policy):
     """A dialogue (no tools) whose reply happens to hold tool-like tags goes on to the next user
     turn: without tools only <answer> means something (before the per-script grammar, a stray
-    `<search>x</search>` or `<tool_call>` parsed as a tool call and ended the whole dialogue as "end"/"cut")."""
+    `<search>x</search>` or `<tool_call>` parsed as a tool call and ended the whole dialogue as
+    "end"/"cut")."""
     users = ["second question", "third"]
 
     def hook(r, t):

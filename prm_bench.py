@@ -432,6 +432,12 @@ def parse_step_verdict(text) -> float | None:
 # ==== rewards + metrics: PRMBench, VisualProcessBench, ProcessBench, analyses, best-of-N ==========
 # pred[j][i] is True / False (judged correct / not) or None (unparsed).
 # Undefined ratios (0/0) are None.
+def judge(judged: list[list[dict]], threshold: float) -> list[list]:
+    """Scores -> judged correct (True) / not (False) / unparsed (None), per record, per step."""
+    return [[None if j["score"] is None else j["score"] >= threshold for j in js]
+            for js in judged]
+
+
 def ratio(num: float, den: float) -> float | None:
     return None if den == 0 else num / den
 
@@ -474,23 +480,72 @@ def is_clean(rec: dict) -> bool:
             and all(s["label"] != "incorrect" for s in rec["steps"]))
 
 
+# PRMBench's three groups of classes (its result notebooks' classification_parallel_dict)
+PRMBENCH_GROUPS = {"simplicity": ("redundency", "circular"),
+                   "soundness": ("counterfactual", "step_contradiction", "domain_inconsistency",
+                                 "confidence"),
+                   "sensitivity": ("missing_condition", "deception", "multi_solutions")}
+
+
+def prmbench_sample(rec: dict, ps: list) -> dict:
+    """One valid sample as PRMBench's eval_on_hallucination_step counts it: TP/FP/FN/TN over its
+    judged steps, first_error (1 = its first error step judged incorrect, 0 = judged correct,
+    None = no error step or not judged) and response_acc (share of judged steps judged
+    correct)."""
+    pairs = step_pairs([rec], [ps])
+    first = next((i for i, s in enumerate(rec["steps"]) if s["label"] == "incorrect"), None)
+    return {**confusion(pairs),
+            "first_error": None if first is None or first >= len(ps) else int(not ps[first]),
+            "response_acc": ratio(sum(bool(p) for p in ps), len(ps))}
+
+
+def prmbench_scores(samples: list[dict], f1_only: bool = False) -> dict:
+    """PRMBench's numbers from summed counts: precision, recall (its correct_step_acc),
+    negative_precision, negative_recall (wrong_step_acc), accuracy (total_step_acc), f1,
+    negative_f1, PRMScore (f1 alone for multi_solutions: no error steps), first_error_acc (mean
+    over the samples whose first error step was judged), similarity (mean over the samples
+    with one)."""
+    tp, fp, fn, tn = (sum(s[k] for s in samples) for k in ("tp", "fp", "fn", "tn"))
+    f1, neg = f1_score(tp, fp, fn), f1_score(tn, fn, fp)
+    firsts = [s["first_error"] for s in samples if s["first_error"] is not None]
+    sims = [s["similarity"] for s in samples if s.get("similarity") is not None]
+    return {"PRMScore": f1 if f1_only else mean_of_both(f1, neg), "f1": f1, "negative_f1": neg,
+            "precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn),
+            "negative_precision": ratio(tn, tn + fn), "negative_recall": ratio(tn, tn + fp),
+            "accuracy": ratio(tp + tn, tp + fp + fn + tn),
+            "first_error_acc": ratio(sum(firsts), len(firsts)),
+            "similarity": ratio(sum(sims), len(sims)), "n_samples": len(samples),
+            "n_steps": tp + fp + fn + tn}
+
+
 def prmbench(records: list[dict], pred: list[list]) -> dict:
-    """PRMScore over every labelled step of the erroneous samples; clean samples and each
-    class apart."""
+    """PRMBench's evaluate_function: the erroneous samples' steps pooled (clean ones out), each
+    class apart, the clean samples as their own class, and the notebooks' group means of the
+    class PRMScores. similarity = |response_acc - that of the sample's clean twin|; PRMBench
+    skips a twin whose response_acc is 0 (its `if correct_item_acc`), so does this."""
     valid = [(r, p) for r, p in zip(records, pred) if None not in p]  # PRMBench's `validity`
-    erroneous = [x for x in valid if not is_clean(x[0])]
-    res = {**prmscore(step_pairs(*zip(*erroneous)) if erroneous else []),
-           "n_samples": len(erroneous),
+    samples = {id(r): prmbench_sample(r, p) for r, p in valid}
+    twin_acc = {r["id"]: samples[id(r)]["response_acc"] for r, _ in valid if is_clean(r)}
+    for r, _ in valid:
+        s, twin = samples[id(r)], twin_acc.get(r.get("clean_id"))
+        if not is_clean(r) and twin and s["response_acc"] is not None:
+            s["similarity"] = abs(s["response_acc"] - twin)
+    classes = {}
+    for r, _ in valid:
+        cls = "correct" if is_clean(r) else r["subcategory"]
+        classes.setdefault(cls, []).append(samples[id(r)])
+    erroneous = [samples[id(r)] for r, _ in valid if not is_clean(r)]
+    res = {**prmbench_scores(erroneous),
            "validity_rate": ratio(len(erroneous), sum(not is_clean(r) for r in records)),
            "unparsed": "a sample with an unparsed step is invalid and left out "
                        "(PRMBench's validity)"}
-    classes = {}
-    for r, p in valid:
-        classes.setdefault("correct" if is_clean(r) else r["subcategory"], []).append((r, p))
-    res["per_class"] = {k: prmscore(step_pairs(*zip(*v))) for k, v in sorted(classes.items())}
-    if "multi_solutions" in res["per_class"]:  # no error steps: PRMBench scores it by f1 alone
-        res["per_class"]["multi_solutions"]["PRMScore"] = res["per_class"]["multi_solutions"]["f1"]
+    res["per_class"] = {k: prmbench_scores(v, f1_only=k == "multi_solutions")
+                        for k, v in sorted(classes.items())}
     res["clean"] = res["per_class"].pop("correct", None)
+    res["groups"] = {g: (None if any(res["per_class"].get(c, {}).get("PRMScore") is None
+                                     for c in cs)
+                         else sum(res["per_class"][c]["PRMScore"] for c in cs) / len(cs))
+                     for g, cs in PRMBENCH_GROUPS.items()}
     return res
 
 
@@ -500,6 +555,17 @@ def visualprocessbench(records: list[dict], pred: list[list]) -> dict:
     s = prmscore(step_pairs(records, pred))   # PRMBench's counts over every sample, clean ones too
     return {"macro_f1": s["PRMScore"], "f1_correct": s["f1"], "f1_incorrect": s["negative_f1"],
             "n_steps": s["n_steps"], "unparsed": "an unparsed step is dropped, like a neutral one"}
+
+
+def gold_first_error(rec: dict) -> int:
+    """ProcessBench's label: the first incorrect step, -1 when there is none."""
+    return next((i for i, s in enumerate(rec["steps"]) if s["label"] == "incorrect"), -1)
+
+
+def first_error_prediction(ps: list) -> int:
+    """ProcessBench's prediction: the first step not judged correct (an unparsed one included),
+    -1 when there is none."""
+    return next((i for i, p in enumerate(ps) if p is not True), -1)
 
 
 def processbench(gold_first: list[int], pred_first: list[int]) -> dict:
@@ -543,11 +609,8 @@ def position_bucket(i: int, n: int, n_buckets: int) -> int:
 def evaluate(records: list[dict], pred: list[list], n_buckets: int = 4) -> dict:
     """Every metric and analysis for the judgements `pred` (per record, per step)."""
     pairs = step_pairs(records, pred)
-    # ProcessBench: gold = the first incorrect step, prediction = the first step not judged
-    # correct (an unparsed one included); -1 when there is none
-    gold_first = [next((i for i, s in enumerate(r["steps"]) if s["label"] == "incorrect"), -1)
-                  for r in records]
-    pred_first = [next((i for i, p in enumerate(ps) if p is not True), -1) for ps in pred]
+    gold_first = [gold_first_error(r) for r in records]
+    pred_first = [first_error_prediction(ps) for ps in pred]
     res = {"PRMBench": prmbench(records, pred),
            "VisualProcessBench": visualprocessbench(records, pred),
            "ProcessBench": processbench(gold_first, pred_first),
@@ -740,8 +803,7 @@ def stage_eval(args: Args) -> dict:
     else:
         policy = get_policy(args, prm=True)
         judged, who = score_steps(policy, records, args, log), f"{policy.name} ({args.prm})"
-    pred = [[None if j["score"] is None else j["score"] >= args.threshold for j in js]
-            for js in judged]
+    pred = judge(judged, args.threshold)
     res = {**evaluate(records, pred, N_BUCKETS), "prm": who, "adapter": args.prm_adapter,
            "data": args.data or "toy", "benchmark": args.benchmark, "threshold": args.threshold}
     write_json(str(out / "results.json"), res)

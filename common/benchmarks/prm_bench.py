@@ -85,8 +85,9 @@ def _from_prmbench(rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
                                             "PRMBench", "correct", "PRMBench", clean)))
         steps = [prm_step(t, "incorrect", cls) if i + 1 in errs else prm_step(t, "correct")
                  for i, t in enumerate(row["modified_process"])]
-        out.append((where, _text_record(f"{cls}_{idx}", row.get("modified_question"), "PRMBench",
-                                        cls, "PRMBench", steps)))
+        rec = _text_record(f"{cls}_{idx}", row.get("modified_question"), "PRMBench", cls,
+                           "PRMBench", steps)
+        out.append((where, dict(rec, clean_id=f"correct_{idx}")))   # its clean twin
     return out
 
 

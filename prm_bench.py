@@ -562,10 +562,10 @@ def gold_first_error(rec: dict) -> int:
     return next((i for i, s in enumerate(rec["steps"]) if s["label"] == "incorrect"), -1)
 
 
-def first_error_prediction(ps: list) -> int:
-    """ProcessBench's prediction: the first step not judged correct (an unparsed one included),
-    -1 when there is none."""
-    return next((i for i, p in enumerate(ps) if p is not True), -1)
+def first_error_prediction(ps: list, n_steps: int) -> int:
+    """ProcessBench's prediction: the first of the n_steps steps not judged correct (an unparsed
+    one included), -1 when there is none."""
+    return next((i for i in range(n_steps) if i >= len(ps) or ps[i] is not True), -1)
 
 
 def processbench(gold_first: list[int], pred_first: list[int]) -> dict:
@@ -610,7 +610,8 @@ def evaluate(records: list[dict], pred: list[list], n_buckets: int = 4) -> dict:
     """Every metric and analysis for the judgements `pred` (per record, per step)."""
     pairs = step_pairs(records, pred)
     gold_first = [gold_first_error(r) for r in records]
-    pred_first = [first_error_prediction(ps) for ps in pred]
+    pred_first = [first_error_prediction(ps, len(r["steps"]))
+                  for r, ps in zip(records, pred)]
     res = {"PRMBench": prmbench(records, pred),
            "VisualProcessBench": visualprocessbench(records, pred),
            "ProcessBench": processbench(gold_first, pred_first),

@@ -372,6 +372,23 @@ def test_prmbench_format(tmp_path):
             and recs[2]["steps"][1]["error_type"] == "circular")
 
 
+def test_prmbench_release_is_read_as_published(tmp_path, capsys):
+    """The real release: empty step strings (29 in 3 rows) and repeated multi_solutions ids (5,
+    different processes: PRMBench's loader keeps the first); error_steps kept as published."""
+    rows = prmbench_rows()
+    rows[1]["modified_process"] = ["a", "", "y"]
+    multi = {"idx": 9, "classification": "multi_solutions", "original_question": "q",
+             "modified_question": "q", "original_process": ["a"], "error_steps": []}
+    rows += [multi | {"modified_process": ["one", "two"]}, multi | {"modified_process": ["3"]},
+             rows[0] | {"classification": "confidence", "error_steps": [5, 6]}]
+    recs = pb.load_records(write(tmp_path, rows), benchmark="prmbench")
+    assert [r["id"] for r in recs] == ["correct_7", "redundency_7", "circular_7",
+                                       "multi_solutions_9", "confidence_7"]
+    assert recs[2]["steps"][1]["text"] == "" and len(recs[3]["steps"]) == 2
+    assert [r["error_steps"] for r in recs] == [[], [2], [2, 3], [], [5, 6]]
+    assert "repeating an earlier classification and idx: 1;" in capsys.readouterr().out
+
+
 def test_external_predictions_end_to_end(tmp_path, capsys):
     """`--stage eval --predictions`: no model is loaded; PRMScore by hand on the PRMBench
     rows above."""

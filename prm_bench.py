@@ -474,10 +474,12 @@ def prmscore(pairs: list[tuple[bool, bool]]) -> dict:
 
 
 def is_clean(rec: dict) -> bool:
-    """No incorrect step (PRMBench's class `correct`; its multi_solutions samples count as
-    erroneous)."""
-    return (rec["subcategory"] != "multi_solutions"
-            and all(s["label"] != "incorrect" for s in rec["steps"]))
+    """A PRMBench record: its class is `correct` (the originals PRMBench's loader builds; a row
+    whose error_steps all lie past its last step stays erroneous, as in evaluate_function).
+    Any other record: no incorrect step."""
+    if rec["category"] == "PRMBench":
+        return rec["subcategory"] == "correct"
+    return all(s["label"] != "incorrect" for s in rec["steps"])
 
 
 # PRMBench's three groups of classes (its result notebooks' classification_parallel_dict)
@@ -530,10 +532,9 @@ def prmbench(records: list[dict], pred: list[list]) -> dict:
         s, twin = samples[id(r)], twin_acc.get(r.get("clean_id"))
         if not is_clean(r) and twin and s["response_acc"] is not None:
             s["similarity"] = abs(s["response_acc"] - twin)
-    classes = {}
+    classes = {"correct" if is_clean(r) else r["subcategory"]: [] for r in records}
     for r, _ in valid:
-        cls = "correct" if is_clean(r) else r["subcategory"]
-        classes.setdefault(cls, []).append(samples[id(r)])
+        classes["correct" if is_clean(r) else r["subcategory"]].append(samples[id(r)])
     erroneous = [samples[id(r)] for r, _ in valid if not is_clean(r)]
     res = {**prmbench_scores(erroneous),
            "validity_rate": ratio(len(erroneous), sum(not is_clean(r) for r in records)),

@@ -389,6 +389,24 @@ def test_prmbench_release_is_read_as_published(tmp_path, capsys):
     assert "repeating an earlier classification and idx: 1;" in capsys.readouterr().out
 
 
+def test_prmbench_clean_means_class_correct(tmp_path):
+    """PRMBench's clean samples are its class `correct` (built from the originals), not "no
+    incorrect label": a row whose error_steps all lie past its last step (16 in the release)
+    stays in its class and in the overall counts, with no error step to find."""
+    rows = prmbench_rows() + [prmbench_rows()[1] | {"classification": "deception",
+                                                     "error_steps": [4, 5]}]
+    recs = pb.load_records(write(tmp_path, rows), benchmark="prmbench")
+    assert [s["label"] for s in recs[3]["steps"]] == [C, C, C]   # deception_7: errors past the end
+    pred = [[True] * len(r["steps"]) for r in recs]
+    r = pb.prmbench(recs, pred)
+    assert r["clean"]["n_samples"] == 1 and r["per_class"]["deception"]["n_samples"] == 1
+    assert r["n_samples"] == 3 and r["validity_rate"] == 1.0
+    assert r["per_class"]["deception"]["first_error_acc"] is None   # its first error is unjudged
+    assert set(r["per_class"]) == {"redundency", "circular", "deception"}
+    pred[2] = [None] * 3                                   # every circular sample invalid:
+    assert pb.prmbench(recs, pred)["per_class"]["circular"]["n_samples"] == 0   # the class stays
+
+
 def test_external_predictions_end_to_end(tmp_path, capsys):
     """`--stage eval --predictions`: no model is loaded; PRMScore by hand on the PRMBench
     rows above."""

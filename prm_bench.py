@@ -112,7 +112,8 @@ class Args(RunArgs):
     prm_adapter: str | None = None
     """peft adapter of a trained PRM loaded onto --model (none = the base model as PRM)"""
     threshold: float = 0.5
-    """a step is judged correct when its score >= threshold"""
+    """a step is judged correct when its score > threshold (PRMBench's rule: a score of
+    exactly 0.5 is judged incorrect)"""
     judge_max_new_tokens: int = 8
     """tokens the judge may write (the verdict is the earliest Correct/Incorrect in them)"""
     batch_size: int = 16
@@ -433,8 +434,10 @@ def parse_step_verdict(text) -> float | None:
 # pred[j][i] is True / False (judged correct / not) or None (unparsed).
 # Undefined ratios (0/0) are None.
 def judge(judged: list[list[dict]], threshold: float) -> list[list]:
-    """Scores -> judged correct (True) / not (False) / unparsed (None), per record, per step."""
-    return [[None if j["score"] is None else j["score"] >= threshold for j in js]
+    """Scores -> judged correct (True) / not (False) / unparsed (None), per record, per step;
+    correct when score > threshold (the rule of PRMBench's probability-PRM wrappers, e.g.
+    mr_eval/models/qwen_prm.py: a score of exactly 0.5 is judged incorrect)."""
+    return [[None if j["score"] is None else j["score"] > threshold for j in js]
             for js in judged]
 
 

@@ -219,6 +219,12 @@ def test_parse_step_verdict(reply, score):
     assert pb.parse_step_verdict(reply) == score
 
 
+def test_a_score_of_exactly_the_threshold_is_judged_incorrect():
+    """PRMBench's wrappers: label = score > 0.5, so 0.5 is a wrong step."""
+    judged = [[{"score": 0.5}, {"score": 0.5000001}, {"score": None}, {"score": 1.0}]]
+    assert pb.judge(judged, 0.5) == [[False, True, None, True]]
+
+
 class FakePRM:
     """A text-only policy whose replies are scripted (malformed ones included)."""
     is_vlm, name = False, "fake"

@@ -300,9 +300,13 @@ def load_benchmark(args: Args) -> list[dict]:
 
 def read_predictions(path: str, records: list[dict]) -> list[list[dict]]:
     """An external PRM's {"id", "scores": [per step]} rows -> the judgements of `records`,
-    in their order."""
-    return [[{"score": parse_step_verdict(x), "reply": str(x)} for x in scores]
-            for scores in read_prm_predictions(path, records)]
+    in their order (common.benchmarks.prm_bench.read_prm_predictions says which rows count)."""
+    rows = read_prm_predictions(path, records)
+    short = sum(len(x) < len(r["steps"]) for x, r in zip(rows, records))
+    if short:
+        print(f"[prm_bench] {path}: {short} records have fewer scores than steps; "
+              f"their last steps are not judged (left out of every count).")
+    return [[{"score": parse_step_verdict(x), "reply": str(x)} for x in scores] for scores in rows]
 
 
 def save_prm_records(records: list[dict], path: Path) -> None:
@@ -328,7 +332,9 @@ def prm_html_items(records: list[dict], judged: list[list[dict]] | None = None) 
         images, step_images = prm_record_images(rec)
         turns = []
         for i, s in enumerate(rec["steps"]):
-            prm = f" | PRM {judged[j][i]['score']} ({judged[j][i]['reply']!r})" if judged else ""
+            js = judged[j][i] if judged and i < len(judged[j]) else None
+            prm = (f" | PRM {js['score']} ({js['reply']!r})" if js
+                   else " | PRM: not scored" if judged else "")
             turns.append({"role": "assistant",
                           "text": f"[{i}] {s['text']}\n   gold: {s['label']} "
                                   f"{s['error_type'] or ''}{prm}"})
@@ -492,15 +498,28 @@ PRMBENCH_GROUPS = {"simplicity": ("redundency", "circular"),
                    "sensitivity": ("missing_condition", "deception", "multi_solutions")}
 
 
+def gold_at(rec: dict, i: int) -> bool | None:
+    """Step i's gold: True (correct), False (incorrect), None (neutral or not labelled). Past
+    the last step only a PRMBench record has one: its evaluator loops over the scores it gets,
+    so a score there counts as an error step where error_steps (1-based) name that position,
+    else as a correct step."""
+    if i < len(rec["steps"]):
+        return {"correct": True, "incorrect": False}.get(rec["steps"][i]["label"])
+    return None if "error_steps" not in rec else i + 1 not in rec["error_steps"]
+
+
 def prmbench_sample(rec: dict, ps: list) -> dict:
     """One valid sample as PRMBench's eval_on_hallucination_step counts it: TP/FP/FN/TN over its
-    judged steps, first_error (1 = its first error step judged incorrect, 0 = judged correct,
-    None = no error step or not judged) and response_acc (share of judged steps judged
-    correct)."""
-    pairs = step_pairs([rec], [ps])
-    first = next((i for i, s in enumerate(rec["steps"]) if s["label"] == "incorrect"), None)
+    judged steps (with gold_at), first_error (1 = its first error step judged incorrect, 0 =
+    judged correct, None = no error step or not judged) and response_acc (share of the judged
+    steps judged correct)."""
+    pairs = [(g, p) for i, p in enumerate(ps) if (g := gold_at(rec, i)) is not None]
+    errors = ([k - 1 for k in rec["error_steps"]] if "error_steps" in rec
+              else [i for i, s in enumerate(rec["steps"]) if s["label"] == "incorrect"])
+    first = min(errors, default=None)
     return {**confusion(pairs),
-            "first_error": None if first is None or first >= len(ps) else int(not ps[first]),
+            "first_error": (None if first is None or not 0 <= first < len(ps)
+                            else int(not ps[first])),
             "response_acc": ratio(sum(bool(p) for p in ps), len(ps))}
 
 
@@ -620,7 +639,8 @@ def evaluate(records: list[dict], pred: list[list], n_buckets: int = 4) -> dict:
            "VisualProcessBench": visualprocessbench(records, pred),
            "ProcessBench": processbench(gold_first, pred_first),
            "positive_bias": positive_bias(pairs), "steps": step_stats(pairs),
-           "n_trajectories": len(records), "n_unparsed": sum(p is None for ps in pred for p in ps)}
+           "n_trajectories": len(records), "n_unparsed": sum(p is None for ps in pred for p in ps),
+           "n_unscored": sum(max(0, len(r["steps"]) - len(ps)) for r, ps in zip(records, pred))}
     # the samples holding a type; its detection rate counts only its steps
     res["per_error_type"] = {}
     for t in sorted({s["error_type"] for r in records for s in r["steps"] if s["error_type"]}):
@@ -636,7 +656,7 @@ def evaluate(records: list[dict], pred: list[list], n_buckets: int = 4) -> dict:
     for r, ps in zip(records, pred):
         for i, (s, p) in enumerate(zip(r["steps"], ps)):
             one = step_pairs([{"steps": [s]}], [[p]])
-            buckets[names[position_bucket(i, len(ps), n_buckets)]] += one
+            buckets[names[position_bucket(i, len(r["steps"]), n_buckets)]] += one
             cats.setdefault(r["category"], []).extend(one)
     # by position, next to a constant PRM that calls every step correct on the same steps
     # (label mix)

@@ -434,7 +434,37 @@ def test_external_predictions_end_to_end(tmp_path, capsys):
         pb.main(["--stage", "eval", "--benchmark", "prmbench", "--data", data,
                  "--predictions", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "out")])
     assert (e.value.code == 2
-            and "2 scores for the 3 steps of 'correct_7'" in capsys.readouterr().err)
+            and "has no predictions for the record 'redundency_7'" in capsys.readouterr().err)
+
+
+def test_predictions_as_prmbench_reads_them(tmp_path, capsys):
+    """The first row of a repeated id counts, unknown ids are ignored, a short row leaves its
+    last steps unjudged (out of every count), and a PRMBench record's scores past its last step
+    count against its error_steps (PRMBench's evaluator loops over the labels it gets)."""
+    data = write(tmp_path, prmbench_rows()[:1] + [prmbench_rows()[1] | {"error_steps": [2, 4]}])
+    recs = pb.load_records(data, benchmark="prmbench")   # correct_7, redundency_7, circular_7
+    rows = [{"id": "correct_7", "scores": [0.9, 0.1]},                  # step 3 not judged
+            {"id": "correct_7", "scores": [0.0, 0.0, 0.0]},             # repeated: ignored
+            {"id": "redundency_7", "scores": [0.9, 0.2, 0.9, 0.9]},
+            {"id": "circular_7", "scores": [0.9, 0.2, 0.9, 0.3, 0.8]},  # 2 past its 3 steps
+            {"id": "nobody", "scores": [1]}]
+    (tmp_path / "p.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    judged = pb.read_predictions(str(tmp_path / "p.jsonl"), recs)
+    out = capsys.readouterr().out
+    assert "1 rows repeat an earlier id" in out and "1 records have fewer scores" in out
+    assert [len(j) for j in judged] == [2, 4, 5]
+    pred = pb.judge(judged, 0.5)
+    circ = pb.prmbench_sample(recs[2], pred[2])   # gold C I C | I C (4 is an error step)
+    assert (circ["tp"], circ["fp"], circ["fn"], circ["tn"]) == (3, 0, 0, 2)   # judged T F T F T
+    assert circ["first_error"] == 1 and circ["response_acc"] == pytest.approx(3 / 5)
+    res = pb.evaluate(recs, pred)
+    assert res["n_unscored"] == 1 and res["PRMBench"]["clean"]["n_steps"] == 2
+    assert res["steps"]["n_steps"] == 2 + 4 + 3   # the analyses count real steps only
+    # past the end of a record that is not PRMBench's: refused
+    toy = [dict(rec([C, I], "a"), _base=".")]
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": "a", "scores": [1, 0, 1]}))
+    with pytest.raises(UserError, match="3 scores for the 2 steps of 'a'"):
+        pb.read_predictions(str(tmp_path / "p.jsonl"), toy)
 
 
 def test_read_predictions_errors(tmp_path):

@@ -209,21 +209,30 @@ def prm_record_images(rec: dict) -> tuple[list, dict]:
 
 def read_prm_predictions(path: str, records: list[dict]) -> list[list]:
     """An external PRM's {"id", "scores": [per step]} rows -> the raw per-step values of
-    `records`, in order."""
-    rows = {}
+    `records`, in order. Of a repeated id the first row counts (PRMBench's evaluate_function);
+    rows of unknown ids are ignored. A row may hold fewer scores than its record has steps (the
+    last steps are then not judged, as PRMBench counts only the labels it gets); more only for a
+    PRMBench record (its evaluator counts them, against the published error_steps)."""
+    rows, repeated = {}, 0
     for where, row in read_records(path, "predictions file"):
         require(row, where, "id")
         if not isinstance(row.get("scores"), list):
             raise UserError(f"{where}: field 'scores' must be a list "
                             f"with one score or verdict per step.")
-        rows[str(row["id"])] = (where, row["scores"])
+        if str(row["id"]) in rows:
+            repeated += 1
+        else:
+            rows[str(row["id"])] = (where, row["scores"])
+    if repeated:
+        print(f"[prm_bench] {path}: {repeated} rows repeat an earlier id; "
+              f"the first row of each id counts, as in PRMBench's evaluator.")
     out = []
     for r in records:
         if r["id"] not in rows:
             raise UserError(f"{path} has no predictions for the record {r['id']!r}; "
                             f"give each record a row.")
         where, scores = rows[r["id"]]
-        if len(scores) != len(r["steps"]):
+        if len(scores) > len(r["steps"]) and "error_steps" not in r:
             raise UserError(f"{where}: {len(scores)} scores "
                             f"for the {len(r['steps'])} steps of {r['id']!r}.")
         if any(isinstance(x, (int, float)) and not 0 <= x <= 1 for x in scores):

@@ -423,7 +423,8 @@ def parse_step_verdict(text) -> float | None:
     """A PRM reply (or a predictions-file value) -> score in [0, 1] or None (unparsed).
     Numbers and booleans are scores; in text, step numbers are dropped first ("Step 1 is correct"
     is not the score 1), an echo of "Correct or Incorrect" is no verdict, a leading "+" / "-" is
-    1 / 0, the rest is common.judge.parse_verdict."""
+    1 / 0, a signed number is a score when in [0, 1] ("-1" is unparsed, not 1), the rest is
+    common.judge.parse_verdict."""
     if isinstance(text, (bool, int, float)):
         return float(text) if 0 <= text <= 1 else None
     if not isinstance(text, str):
@@ -433,6 +434,9 @@ def parse_step_verdict(text) -> float | None:
         return None
     if t[:1] in ("+", "-") and not t[1:2].isdigit():
         return 1.0 if t[0] == "+" else 0.0
+    signed = re.match(r"[+-]\d+(?:\.\d+)?", t)   # "-1": a number, not a verdict word and a 1
+    if signed:
+        return float(signed.group()) + 0.0 if 0 <= float(signed.group()) <= 1 else None
     return parse_verdict(t)
 
 
@@ -585,25 +589,30 @@ def gold_first_error(rec: dict) -> int:
     return next((i for i, s in enumerate(rec["steps"]) if s["label"] == "incorrect"), -1)
 
 
-def first_error_prediction(ps: list, n_steps: int) -> int:
-    """ProcessBench's prediction: the first of the n_steps steps not judged correct (an unparsed
-    one included), -1 when there is none."""
-    return next((i for i in range(n_steps) if i >= len(ps) or ps[i] is not True), -1)
+def first_error_prediction(ps: list, n_steps: int) -> int | None:
+    """ProcessBench's prediction: the first step judged incorrect, -1 when every step is judged
+    correct; None (unparsable: never equal to the label, like run_eval.py's unreadable answer)
+    when an unparsed or unscored step comes first."""
+    for i in range(n_steps):
+        p = ps[i] if i < len(ps) else None
+        if p is not True:
+            return i if p is False else None
+    return -1
 
 
-def processbench(gold_first: list[int], pred_first: list[int]) -> dict:
-    """acc_err over samples with an error, acc_corr over error-free ones,
-    F1 = their harmonic mean."""
+def processbench(gold_first: list[int], pred_first: list[int | None]) -> dict:
+    """acc_err over samples with an error, acc_corr over error-free ones, F1 = their harmonic
+    mean (null when both are 0: run_eval.py's numpy gives nan)."""
     err = [p == g for g, p in zip(gold_first, pred_first) if g != -1]
     corr = [p == -1 for g, p in zip(gold_first, pred_first) if g == -1]
     acc_err, acc_corr = ratio(sum(err), len(err)), ratio(sum(corr), len(corr))
-    f1 = (None if acc_err is None or acc_corr is None
-          else 0.0 if acc_err + acc_corr == 0
+    f1 = (None if acc_err is None or acc_corr is None or acc_err + acc_corr == 0   # official: nan
           else 2 * acc_err * acc_corr / (acc_err + acc_corr))
     return {"acc_err": acc_err, "acc_corr": acc_corr, "f1": f1, "n_err": len(err),
             "n_corr": len(corr),
-            "unparsed": "an unparsed step is not judged correct, "
-                        "so it can be the predicted first error"}
+            "unparsed": "an unparsed or unscored step before the first step judged incorrect "
+                        "makes the prediction unparsable, never equal to the label "
+                        "(run_eval.py's unreadable answer)"}
 
 
 def step_stats(pairs: list[tuple[bool, bool]]) -> dict:

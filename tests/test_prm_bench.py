@@ -83,7 +83,18 @@ def test_processbench_by_hand():
     r = pb.processbench([2, -1, 0], [2, -1, 1])        # acc_err 1/2, acc_corr 1 -> F1 = 2/3
     assert r["f1"] == pytest.approx(2 / 3)
     assert (pb.processbench([3, 1], [3, 0])["f1"] is None
-            and pb.processbench([1, -1], [-1, 0])["f1"] == 0.0)
+            and pb.processbench([1, -1], [-1, 0])["f1"] is None)   # 0/0 (the official nan)
+
+
+def test_an_unparsed_verdict_is_never_a_processbench_hit():
+    """run_eval.py: an unparsable answer is None, never equal to the label. An unparsed (or
+    unscored) step before the first step judged incorrect makes the prediction unparsable."""
+    records = [rec([I, C], "a"), rec([C, I, C], "b"), rec([C, C], "c")]
+    r = pb.evaluate(records, [[None, True], [True, False, None], [True]])["ProcessBench"]
+    assert r["acc_err"] == 0.5 and r["acc_corr"] == 0.0          # a: None, b: 1, c: None
+    assert [pb.first_error_prediction(p, 3) for p in ([None], [True, False], [True] * 3)] \
+        == [None, 1, -1]
+    assert pb.processbench([0, -1], [None, None])["f1"] is None   # 0/0: the official nan
 
 
 def test_a_prm_that_never_answers_is_not_a_detector():
@@ -92,7 +103,8 @@ def test_a_prm_that_never_answers_is_not_a_detector():
     assert r["n_unparsed"] == 5 and r["steps"]["detection_rate"] is None
     assert r["PRMBench"]["PRMScore"] is None and r["PRMBench"]["validity_rate"] == 0.0
     assert r["VisualProcessBench"]["macro_f1"] is None
-    assert r["ProcessBench"]["acc_corr"] == 0.0   # step 0 is its predicted first error
+    # unparsable predictions match nothing
+    assert r["ProcessBench"]["acc_corr"] == 0.0 and r["ProcessBench"]["acc_err"] == 0.0
     assert r["per_error_type"]["tool_invocation"]["detection_rate"] is None
     for m in ("PRMBench", "VisualProcessBench", "ProcessBench"):
         assert "unparsed" in r[m]   # each metric says how it treats them
@@ -214,6 +226,8 @@ def test_prm_prompt_shows_the_latest_crop_and_the_facts(toy):
     ("\n\n\n", None), ("banana", None), ("", None), (None, None), ("Step 1", None), (0.25, 0.25),
     (True, 1.0),
     ("Correct or Incorrect", None), ("correct or incorrect?", None),
+    ("-1", None), ("-1 (incorrect)", None), ("+1", 1.0), ("-0", 0.0), ("+0.75", 0.75),
+    ("2", None), (-1, None),
 ])
 def test_parse_step_verdict(reply, score):
     assert pb.parse_step_verdict(reply) == score

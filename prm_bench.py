@@ -495,6 +495,21 @@ def is_clean(rec: dict) -> bool:
     return all(s["label"] != "incorrect" for s in rec["steps"])
 
 
+def error_types(rec: dict) -> set[str]:
+    """The error types a sample holds: its incorrect steps' types; a PRMBench sample's is its
+    class (its error_steps may all lie past its last step; clean and multi_solutions hold
+    none)."""
+    if rec["category"] == "PRMBench":
+        return set() if rec["subcategory"] in ("correct", "multi_solutions") else {
+            rec["subcategory"]}
+    return {s["error_type"] for s in rec["steps"] if s["label"] == "incorrect" and s["error_type"]}
+
+
+def error_type_at(rec: dict, i: int) -> str | None:
+    """The error type of error step i (PRMBench: the class, also past the last step)."""
+    return rec["subcategory"] if rec["category"] == "PRMBench" else rec["steps"][i]["error_type"]
+
+
 # PRMBench's three groups of classes (its result notebooks' classification_parallel_dict)
 PRMBENCH_GROUPS = {"simplicity": ("redundency", "circular"),
                    "soundness": ("counterfactual", "step_contradiction", "domain_inconsistency",
@@ -650,14 +665,17 @@ def evaluate(records: list[dict], pred: list[list], n_buckets: int = 4) -> dict:
            "positive_bias": positive_bias(pairs), "steps": step_stats(pairs),
            "n_trajectories": len(records), "n_unparsed": sum(p is None for ps in pred for p in ps),
            "n_unscored": sum(max(0, len(r["steps"]) - len(ps)) for r, ps in zip(records, pred))}
-    # the samples holding a type; its detection rate counts only its steps
+    # the valid samples holding a type (PRMBench's validity, as per_class): PRMBench's counts
+    # over their steps; the detection rate counts only the error steps of that type
     res["per_error_type"] = {}
-    for t in sorted({s["error_type"] for r in records for s in r["steps"] if s["error_type"]}):
-        idx = [j for j, r in enumerate(records) if any(s["error_type"] == t for s in r["steps"])]
-        hits = [p for j in idx for s, p in zip(records[j]["steps"], pred[j])
-                if s["error_type"] == t and p is not None]
-        res["per_error_type"][t] = {**prmscore(step_pairs([records[j] for j in idx],
-                                                          [pred[j] for j in idx])),
+    valid = [j for j, ps in enumerate(pred) if None not in ps]
+    for t in sorted({t for r in records for t in error_types(r)}):
+        idx = [j for j in valid if t in error_types(records[j])]
+        hits = [p for j in idx for i, p in enumerate(pred[j])
+                if gold_at(records[j], i) is False and error_type_at(records[j], i) == t]
+        s = prmbench_scores([prmbench_sample(records[j], pred[j]) for j in idx])
+        res["per_error_type"][t] = {**{k: s[k] for k in ("f1", "negative_f1", "PRMScore",
+                                                         "n_steps")},
                                     "detection_rate": ratio(sum(not p for p in hits), len(hits)),
                                     "n_trajectories": len(idx)}
     names = [f"{b / n_buckets:.2f}-{(b + 1) / n_buckets:.2f}" for b in range(n_buckets)]

@@ -427,6 +427,27 @@ def test_prmbench_clean_means_class_correct(tmp_path):
     assert pb.prmbench(recs, pred)["per_class"]["circular"]["n_samples"] == 0   # the class stays
 
 
+def test_per_error_type_agrees_with_per_class_on_prmbench(tmp_path):
+    """Both leave invalid samples out (PRMBench's validity), and a PRMBench sample holds the error
+    type of its class, also when its error_steps all lie past its last step: on PRMBench data
+    the same class names give the same numbers."""
+    rows = prmbench_rows() + [prmbench_rows()[1] | {"classification": "deception",
+                                                     "error_steps": [4, 5]},
+                              prmbench_rows()[1] | {"idx": 8}]
+    recs = pb.load_records(write(tmp_path, rows), benchmark="prmbench")
+    pred = [[True, False, True], [True, False, True, True], [None, True, False],   # invalid
+            [True, True, True], [False, False, False]]
+    res = pb.evaluate(recs, pred)
+    per_class, per_type = res["PRMBench"]["per_class"], res["per_error_type"]
+    assert set(per_type) == set(per_class) == {"redundency", "circular", "deception"}
+    for c in per_class:
+        for k in ("f1", "negative_f1", "PRMScore", "n_steps"):
+            assert per_type[c][k] == per_class[c][k], (c, k)
+    assert per_type["circular"]["n_trajectories"] == 1        # circular_8 only: circular_7 invalid
+    assert per_type["circular"]["detection_rate"] == 1.0      # circular_8's steps 2, 3 flagged
+    assert per_type["deception"]["detection_rate"] is None    # no error step judged
+
+
 def test_external_predictions_end_to_end(tmp_path, capsys):
     """`--stage eval --predictions`: no model is loaded; PRMScore by hand on the PRMBench
     rows above."""

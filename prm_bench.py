@@ -25,17 +25,28 @@ Predictions: {"id", "scores": [per step: a score in [0, 1], true/false,
              a verdict ("Incorrect", "+"), or null]}; a converted row without an id is named by
              its line ("3"), PRMBench's as `<classification>_<idx>`.
 
-Metrics (eval/results.json; an undefined ratio is null where the benchmarks' code writes -1):
-  PRMBench (ssmisya/PRMBench mr_eval/tasks/prmtest_classified/task.py): every labelled step of
-    the erroneous samples, also after the first error; f1 (correct steps) and negative_f1 (error
-    steps) from summed counts; PRMScore = 0.5 f1 + 0.5 negative_f1. Clean samples are their own
-    class, out of the overall counts. A sample with an unparsed step is invalid and left out
-    (their `validity`).
-  VisualProcessBench (public evaluators): neutral and unparsed steps dropped; macro-F1 = mean of
-    F1(correct) and F1(incorrect) over all samples' steps.
-  ProcessBench (QwenLM/ProcessBench code/run_eval.py): prediction = the first step not judged
-    correct (an unparsed step is not judged correct), else -1; acc_err, acc_corr and their
-    harmonic mean F1.
+Metrics (eval/results.json). null = undefined (0/0), where PRMBench's code writes -1 and
+ProcessBench's numpy gives nan. A step is judged correct when its score > --threshold (0.5;
+PRMBench's rule: 0.5 itself is incorrect).
+  PRMBench (ssmisya/PRMBench mr_eval/tasks/prmtest_classified/task.py evaluate_function; the
+    PRMScore and class groups of its result notebooks): clean = class `correct` (the originals
+    of its redundency rows), kept out of the overall counts; every step the PRM scored, also
+    after the first error; from summed counts f1 (correct steps), negative_f1, precision,
+    recall (their correct_step_acc), negative_precision, negative_recall (wrong_step_acc),
+    accuracy (total_step_acc); first_error_acc; similarity (|share judged correct - that of
+    the clean twin|, twins at 0 skipped as theirs); PRMScore = 0.5 f1 + 0.5 negative_f1
+    (multi_solutions: f1), overall, per class and as the group means simplicity / soundness /
+    sensitivity. A sample with an unparsed step is invalid and left out (their `validity`).
+  VisualProcessBench: macro_f1 as VisualPRM's paper describes; official evaluator not found
+    (ours, named `metric` in the results): mean of F1(correct) and F1(incorrect), neutral and
+    unparsed steps dropped, over all steps pooled and per data_source.
+  ProcessBench (QwenLM/ProcessBench code/run_eval.py): prediction = the first step judged
+    incorrect, else -1; unparsable (never equal to the label, like their unreadable answer)
+    when an unparsed or unscored step comes first; acc_err, acc_corr and their harmonic mean
+    F1, as fractions (run_eval.py prints x100).
+  Predictions are read as PRMBench's evaluator reads them: the first row of a repeated id
+  counts; a short row leaves its last steps unjudged; a PRMBench record's scores past its last
+  step count against its published error_steps.
 Deviations (numbered; "(n)" marks where each lives):
  1. The paper's 1,206 trajectories are not public: the toy set is built on gog.py's toy world
     (common/standins/toyworld.py) by the step builders of common/standins/prm_steps.py.
@@ -47,6 +58,12 @@ Deviations (numbered; "(n)" marks where each lives):
  5. `--prm prob` = P(+) / (P(+) + P(-)) of the next token (Math-Shepherd, VisualPRM), not a value
     head.
  6. Nothing is trained (no sft/rl stage); --max_steps caps the trajectories judged in eval.
+ 7. PRMBench's code returns -1 where precision and recall are both 0 (TP = 0 with FP, FN > 0);
+    here that F1 is 0. PRMBench's notebooks add the -1 into that PRMScore (their main table
+    clamps the negative result to 0, their appendix keeps it); here that PRMScore is half the
+    other F1, and a PRMScore (or group mean) with an undefined F1 is null.
+ 8. Every record needs a predictions row (a row of nulls = an invalid sample); PRMBench's
+    evaluator accepts up to 4 missing records and counts them as invalid.
 """
 from __future__ import annotations
 
@@ -300,7 +317,8 @@ def load_benchmark(args: Args) -> list[dict]:
 
 def read_predictions(path: str, records: list[dict]) -> list[list[dict]]:
     """An external PRM's {"id", "scores": [per step]} rows -> the judgements of `records`,
-    in their order (common.benchmarks.prm_bench.read_prm_predictions says which rows count)."""
+    in their order (common.benchmarks.prm_bench.read_prm_predictions says which rows count;
+    each record needs one (8))."""
     rows = read_prm_predictions(path, records)
     short = sum(len(x) < len(r["steps"]) for x, r in zip(rows, records))
     if short:
@@ -457,7 +475,7 @@ def ratio(num: float, den: float) -> float | None:
 
 def f1_score(tp: int, fp: int, fn: int) -> float | None:
     """2TP / (2TP + FP + FN) = PRMBench's 2PR / (P + R); None if the class is in neither
-    gold nor pred."""
+    gold nor pred; 0 when TP = 0 (PRMBench: -1 when also FP, FN > 0) (7)."""
     return ratio(2 * tp, 2 * tp + fp + fn)
 
 
@@ -591,12 +609,26 @@ def prmbench(records: list[dict], pred: list[list]) -> dict:
     return res
 
 
+VPB_METRIC = "macro_f1 as VisualPRM's paper describes; official evaluator not found"
+
+
 def visualprocessbench(records: list[dict], pred: list[list]) -> dict:
-    """Macro-F1 = mean of F1(correct) and F1(incorrect) over all samples' steps,
-    neutral (0) dropped."""
-    s = prmscore(step_pairs(records, pred))   # PRMBench's counts over every sample, clean ones too
-    return {"macro_f1": s["PRMScore"], "f1_correct": s["f1"], "f1_incorrect": s["negative_f1"],
-            "n_steps": s["n_steps"], "unparsed": "an unparsed step is dropped, like a neutral one"}
+    """Macro-F1 = mean of F1(correct) and F1(incorrect) over the steps, neutral (0), unparsed
+    and unscored steps dropped: pooled over every sample (clean ones too) and per data_source
+    (the record's subcategory), as VisualPRM's paper reports it. Ours: no official evaluator
+    was found, and the paper does not say how its overall number is formed (this one pools)."""
+    def macro(rs: list[dict], ps: list[list]) -> dict:
+        s = prmscore(step_pairs(rs, ps))
+        return {"macro_f1": s["PRMScore"], "f1_correct": s["f1"], "f1_incorrect": s["negative_f1"],
+                "n_steps": s["n_steps"]}
+    sources = {}
+    for r, p in zip(records, pred):
+        sources.setdefault(r["subcategory"], ([], []))
+        sources[r["subcategory"]][0].append(r)
+        sources[r["subcategory"]][1].append(p)
+    return {**macro(records, pred), "metric": VPB_METRIC,
+            "per_data_source": {k: macro(*v) for k, v in sorted(sources.items())},
+            "unparsed": "an unparsed step is dropped, like a neutral one"}
 
 
 def gold_first_error(rec: dict) -> int:
@@ -846,6 +878,13 @@ def plot_rates(groups: dict[str, dict], path: Path, title: str, why_empty: str) 
     bar_plot(groups, str(path), title + (f" - empty: {why_empty}" if empty else ""), "rate")
 
 
+def eval_results(args: Args, records: list[dict], judged: list[list[dict]], who: str) -> dict:
+    """eval/results.json: every metric of the judgements on the records, and what was run."""
+    return {**evaluate(records, judge(judged, args.threshold), N_BUCKETS), "prm": who,
+            "adapter": args.prm_adapter, "data": args.data or "toy", "benchmark": args.benchmark,
+            "threshold": args.threshold}
+
+
 def stage_eval(args: Args) -> dict:
     out = Path(args.out) / "eval"
     log, records = RunLog(str(out)), load_benchmark(args)
@@ -855,11 +894,10 @@ def stage_eval(args: Args) -> dict:
     else:
         policy = get_policy(args, prm=True)
         judged, who = score_steps(policy, records, args, log), f"{policy.name} ({args.prm})"
-    pred = judge(judged, args.threshold)
-    res = {**evaluate(records, pred, N_BUCKETS), "prm": who, "adapter": args.prm_adapter,
-           "data": args.data or "toy", "benchmark": args.benchmark, "threshold": args.threshold}
+    res = eval_results(args, records, judged, who)
     write_json(str(out / "results.json"), res)
-    rates = f"unparsed {res['n_unparsed']} of {sum(len(p) for p in pred)} steps, left out"
+    rates = (f"unparsed {res['n_unparsed']} of {sum(len(j) for j in judged)} steps, left out"
+             + (f"; {res['n_unscored']} steps unscored" if res["n_unscored"] else ""))
     by_type = {m: {t: v[m] for t, v in res["per_error_type"].items()}
                for m in ("detection_rate", "PRMScore")}
     plot_rates(by_type, out / "per_error_type.png", f"PRM {who} by error type ({rates})",

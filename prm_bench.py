@@ -882,7 +882,8 @@ def eval_results(args: Args, records: list[dict], judged: list[list[dict]], who:
     """eval/results.json: every metric of the judgements on the records, and what was run."""
     return {**evaluate(records, judge(judged, args.threshold), N_BUCKETS), "prm": who,
             "adapter": args.prm_adapter, "data": args.data or "toy", "benchmark": args.benchmark,
-            "threshold": args.threshold}
+            "threshold": args.threshold,
+            "null": "undefined (0/0): PRMBench's code writes -1 there, ProcessBench's numpy nan"}
 
 
 def stage_eval(args: Args) -> dict:

@@ -25,17 +25,28 @@ Predictions: {"id", "scores": [per step: a score in [0, 1], true/false,
              a verdict ("Incorrect", "+"), or null]}; a converted row without an id is named by
              its line ("3"), PRMBench's as `<classification>_<idx>`.
 
-Metrics (eval/results.json; an undefined ratio is null where the benchmarks' code writes -1):
-  PRMBench (ssmisya/PRMBench mr_eval/tasks/prmtest_classified/task.py): every labelled step of
-    the erroneous samples, also after the first error; f1 (correct steps) and negative_f1 (error
-    steps) from summed counts; PRMScore = 0.5 f1 + 0.5 negative_f1. Clean samples are their own
-    class, out of the overall counts. A sample with an unparsed step is invalid and left out
-    (their `validity`).
-  VisualProcessBench (public evaluators): neutral and unparsed steps dropped; macro-F1 = mean of
-    F1(correct) and F1(incorrect) over all samples' steps.
-  ProcessBench (QwenLM/ProcessBench code/run_eval.py): prediction = the first step not judged
-    correct (an unparsed step is not judged correct), else -1; acc_err, acc_corr and their
-    harmonic mean F1.
+Metrics (eval/results.json). null = undefined (0/0), where PRMBench's code writes -1 and
+ProcessBench's numpy gives nan. A step is judged correct when its score > --threshold (0.5;
+PRMBench's rule: 0.5 itself is incorrect).
+  PRMBench (ssmisya/PRMBench mr_eval/tasks/prmtest_classified/task.py evaluate_function; the
+    PRMScore and class groups of its result notebooks): clean = class `correct` (the originals
+    of its redundency rows), kept out of the overall counts; every step the PRM scored, also
+    after the first error; from summed counts f1 (correct steps), negative_f1, precision,
+    recall (their correct_step_acc), negative_precision, negative_recall (wrong_step_acc),
+    accuracy (total_step_acc); first_error_acc; similarity (|share judged correct - that of
+    the clean twin|, twins at 0 skipped as theirs); PRMScore = 0.5 f1 + 0.5 negative_f1
+    (multi_solutions: f1), overall, per class and as the group means simplicity / soundness /
+    sensitivity. A sample with an unparsed step is invalid and left out (their `validity`).
+  VisualProcessBench: macro_f1 as VisualPRM's paper describes; official evaluator not found
+    (ours, named `metric` in the results): mean of F1(correct) and F1(incorrect), neutral and
+    unparsed steps dropped, over all steps pooled and per data_source.
+  ProcessBench (QwenLM/ProcessBench code/run_eval.py): prediction = the first step judged
+    incorrect, else -1; unparsable (never equal to the label, like their unreadable answer)
+    when an unparsed or unscored step comes first; acc_err, acc_corr and their harmonic mean
+    F1, as fractions (run_eval.py prints x100).
+  Predictions are read as PRMBench's evaluator reads them: the first row of a repeated id
+  counts; a short row leaves its last steps unjudged; a PRMBench record's scores past its last
+  step count against its published error_steps.
 Deviations (numbered; "(n)" marks where each lives):
  1. The paper's 1,206 trajectories are not public: the toy set is built on gog.py's toy world
     (common/standins/toyworld.py) by the step builders of common/standins/prm_steps.py.
@@ -47,6 +58,12 @@ Deviations (numbered; "(n)" marks where each lives):
  5. `--prm prob` = P(+) / (P(+) + P(-)) of the next token (Math-Shepherd, VisualPRM), not a value
     head.
  6. Nothing is trained (no sft/rl stage); --max_steps caps the trajectories judged in eval.
+ 7. PRMBench's code returns -1 where precision and recall are both 0 (TP = 0 with FP, FN > 0);
+    here that F1 is 0. PRMBench's notebooks add the -1 into that PRMScore (their main table
+    clamps the negative result to 0, their appendix keeps it); here that PRMScore is half the
+    other F1, and a PRMScore (or group mean) with an undefined F1 is null.
+ 8. Every record needs a predictions row (a row of nulls = an invalid sample); PRMBench's
+    evaluator accepts up to 4 missing records and counts them as invalid.
 """
 from __future__ import annotations
 
@@ -112,7 +129,8 @@ class Args(RunArgs):
     prm_adapter: str | None = None
     """peft adapter of a trained PRM loaded onto --model (none = the base model as PRM)"""
     threshold: float = 0.5
-    """a step is judged correct when its score >= threshold"""
+    """a step is judged correct when its score > threshold (PRMBench's rule: a score of
+    exactly 0.5 is judged incorrect)"""
     judge_max_new_tokens: int = 8
     """tokens the judge may write (the verdict is the earliest Correct/Incorrect in them)"""
     batch_size: int = 16
@@ -299,9 +317,14 @@ def load_benchmark(args: Args) -> list[dict]:
 
 def read_predictions(path: str, records: list[dict]) -> list[list[dict]]:
     """An external PRM's {"id", "scores": [per step]} rows -> the judgements of `records`,
-    in their order."""
-    return [[{"score": parse_step_verdict(x), "reply": str(x)} for x in scores]
-            for scores in read_prm_predictions(path, records)]
+    in their order (common.benchmarks.prm_bench.read_prm_predictions says which rows count;
+    each record needs one (8))."""
+    rows = read_prm_predictions(path, records)
+    short = sum(len(x) < len(r["steps"]) for x, r in zip(rows, records))
+    if short:
+        print(f"[prm_bench] {path}: {short} records have fewer scores than steps; "
+              f"their last steps are not judged (left out of every count).")
+    return [[{"score": parse_step_verdict(x), "reply": str(x)} for x in scores] for scores in rows]
 
 
 def save_prm_records(records: list[dict], path: Path) -> None:
@@ -327,7 +350,9 @@ def prm_html_items(records: list[dict], judged: list[list[dict]] | None = None) 
         images, step_images = prm_record_images(rec)
         turns = []
         for i, s in enumerate(rec["steps"]):
-            prm = f" | PRM {judged[j][i]['score']} ({judged[j][i]['reply']!r})" if judged else ""
+            js = judged[j][i] if judged and i < len(judged[j]) else None
+            prm = (f" | PRM {js['score']} ({js['reply']!r})" if js
+                   else " | PRM: not scored" if judged else "")
             turns.append({"role": "assistant",
                           "text": f"[{i}] {s['text']}\n   gold: {s['label']} "
                                   f"{s['error_type'] or ''}{prm}"})
@@ -416,7 +441,8 @@ def parse_step_verdict(text) -> float | None:
     """A PRM reply (or a predictions-file value) -> score in [0, 1] or None (unparsed).
     Numbers and booleans are scores; in text, step numbers are dropped first ("Step 1 is correct"
     is not the score 1), an echo of "Correct or Incorrect" is no verdict, a leading "+" / "-" is
-    1 / 0, the rest is common.judge.parse_verdict."""
+    1 / 0, a signed number is a score when in [0, 1] ("-1" is unparsed, not 1), the rest is
+    common.judge.parse_verdict."""
     if isinstance(text, (bool, int, float)):
         return float(text) if 0 <= text <= 1 else None
     if not isinstance(text, str):
@@ -426,19 +452,30 @@ def parse_step_verdict(text) -> float | None:
         return None
     if t[:1] in ("+", "-") and not t[1:2].isdigit():
         return 1.0 if t[0] == "+" else 0.0
+    signed = re.match(r"[+-]\d+(?:\.\d+)?", t)   # "-1": a number, not a verdict word and a 1
+    if signed:
+        return float(signed.group()) + 0.0 if 0 <= float(signed.group()) <= 1 else None
     return parse_verdict(t)
 
 
 # ==== rewards + metrics: PRMBench, VisualProcessBench, ProcessBench, analyses, best-of-N ==========
 # pred[j][i] is True / False (judged correct / not) or None (unparsed).
 # Undefined ratios (0/0) are None.
+def judge(judged: list[list[dict]], threshold: float) -> list[list]:
+    """Scores -> judged correct (True) / not (False) / unparsed (None), per record, per step;
+    correct when score > threshold (the rule of PRMBench's probability-PRM wrappers, e.g.
+    mr_eval/models/qwen_prm.py: a score of exactly 0.5 is judged incorrect)."""
+    return [[None if j["score"] is None else j["score"] > threshold for j in js]
+            for js in judged]
+
+
 def ratio(num: float, den: float) -> float | None:
     return None if den == 0 else num / den
 
 
 def f1_score(tp: int, fp: int, fn: int) -> float | None:
     """2TP / (2TP + FP + FN) = PRMBench's 2PR / (P + R); None if the class is in neither
-    gold nor pred."""
+    gold nor pred; 0 when TP = 0 (PRMBench: -1 when also FP, FN > 0) (7)."""
     return ratio(2 * tp, 2 * tp + fp + fn)
 
 
@@ -468,53 +505,161 @@ def prmscore(pairs: list[tuple[bool, bool]]) -> dict:
 
 
 def is_clean(rec: dict) -> bool:
-    """No incorrect step (PRMBench's class `correct`; its multi_solutions samples count as
-    erroneous)."""
-    return (rec["subcategory"] != "multi_solutions"
-            and all(s["label"] != "incorrect" for s in rec["steps"]))
+    """A PRMBench record: its class is `correct` (the originals PRMBench's loader builds; a row
+    whose error_steps all lie past its last step stays erroneous, as in evaluate_function).
+    Any other record: no incorrect step."""
+    if rec["category"] == "PRMBench":
+        return rec["subcategory"] == "correct"
+    return all(s["label"] != "incorrect" for s in rec["steps"])
+
+
+def error_types(rec: dict) -> set[str]:
+    """The error types a sample holds: its incorrect steps' types; a PRMBench sample's is its
+    class (its error_steps may all lie past its last step; clean and multi_solutions hold
+    none)."""
+    if rec["category"] == "PRMBench":
+        return set() if rec["subcategory"] in ("correct", "multi_solutions") else {
+            rec["subcategory"]}
+    return {s["error_type"] for s in rec["steps"] if s["label"] == "incorrect" and s["error_type"]}
+
+
+def error_type_at(rec: dict, i: int) -> str | None:
+    """The error type of error step i (PRMBench: the class, also past the last step)."""
+    return rec["subcategory"] if rec["category"] == "PRMBench" else rec["steps"][i]["error_type"]
+
+
+# PRMBench's three groups of classes (its result notebooks' classification_parallel_dict)
+PRMBENCH_GROUPS = {"simplicity": ("redundency", "circular"),
+                   "soundness": ("counterfactual", "step_contradiction", "domain_inconsistency",
+                                 "confidence"),
+                   "sensitivity": ("missing_condition", "deception", "multi_solutions")}
+
+
+def gold_at(rec: dict, i: int) -> bool | None:
+    """Step i's gold: True (correct), False (incorrect), None (neutral or not labelled). Past
+    the last step only a PRMBench record has one: its evaluator loops over the scores it gets,
+    so a score there counts as an error step where error_steps (1-based) name that position,
+    else as a correct step."""
+    if i < len(rec["steps"]):
+        return {"correct": True, "incorrect": False}.get(rec["steps"][i]["label"])
+    return None if "error_steps" not in rec else i + 1 not in rec["error_steps"]
+
+
+def prmbench_sample(rec: dict, ps: list) -> dict:
+    """One valid sample as PRMBench's eval_on_hallucination_step counts it: TP/FP/FN/TN over its
+    judged steps (with gold_at), first_error (1 = its first error step judged incorrect, 0 =
+    judged correct, None = no error step or not judged) and response_acc (share of the judged
+    steps judged correct)."""
+    pairs = [(g, p) for i, p in enumerate(ps) if (g := gold_at(rec, i)) is not None]
+    errors = ([k - 1 for k in rec["error_steps"]] if "error_steps" in rec
+              else [i for i, s in enumerate(rec["steps"]) if s["label"] == "incorrect"])
+    first = min(errors, default=None)
+    return {**confusion(pairs),
+            "first_error": (None if first is None or not 0 <= first < len(ps)
+                            else int(not ps[first])),
+            "response_acc": ratio(sum(bool(p) for p in ps), len(ps))}
+
+
+def prmbench_scores(samples: list[dict], f1_only: bool = False) -> dict:
+    """PRMBench's numbers from summed counts: precision, recall (its correct_step_acc),
+    negative_precision, negative_recall (wrong_step_acc), accuracy (total_step_acc), f1,
+    negative_f1, PRMScore (f1 alone for multi_solutions: no error steps), first_error_acc (mean
+    over the samples whose first error step was judged), similarity (mean over the samples
+    with one)."""
+    tp, fp, fn, tn = (sum(s[k] for s in samples) for k in ("tp", "fp", "fn", "tn"))
+    f1, neg = f1_score(tp, fp, fn), f1_score(tn, fn, fp)
+    firsts = [s["first_error"] for s in samples if s["first_error"] is not None]
+    sims = [s["similarity"] for s in samples if s.get("similarity") is not None]
+    return {"PRMScore": f1 if f1_only else mean_of_both(f1, neg), "f1": f1, "negative_f1": neg,
+            "precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn),
+            "negative_precision": ratio(tn, tn + fn), "negative_recall": ratio(tn, tn + fp),
+            "accuracy": ratio(tp + tn, tp + fp + fn + tn),
+            "first_error_acc": ratio(sum(firsts), len(firsts)),
+            "similarity": ratio(sum(sims), len(sims)), "n_samples": len(samples),
+            "n_steps": tp + fp + fn + tn}
 
 
 def prmbench(records: list[dict], pred: list[list]) -> dict:
-    """PRMScore over every labelled step of the erroneous samples; clean samples and each
-    class apart."""
+    """PRMBench's evaluate_function: the erroneous samples' steps pooled (clean ones out), each
+    class apart, the clean samples as their own class, and the notebooks' group means of the
+    class PRMScores. similarity = |response_acc - that of the sample's clean twin|; PRMBench
+    skips a twin whose response_acc is 0 (its `if correct_item_acc`), so does this."""
     valid = [(r, p) for r, p in zip(records, pred) if None not in p]  # PRMBench's `validity`
-    erroneous = [x for x in valid if not is_clean(x[0])]
-    res = {**prmscore(step_pairs(*zip(*erroneous)) if erroneous else []),
-           "n_samples": len(erroneous),
+    samples = {id(r): prmbench_sample(r, p) for r, p in valid}
+    twin_acc = {r["id"]: samples[id(r)]["response_acc"] for r, _ in valid if is_clean(r)}
+    for r, _ in valid:
+        s, twin = samples[id(r)], twin_acc.get(r.get("clean_id"))
+        if not is_clean(r) and twin and s["response_acc"] is not None:
+            s["similarity"] = abs(s["response_acc"] - twin)
+    classes = {"correct" if is_clean(r) else r["subcategory"]: [] for r in records}
+    for r, _ in valid:
+        classes["correct" if is_clean(r) else r["subcategory"]].append(samples[id(r)])
+    erroneous = [samples[id(r)] for r, _ in valid if not is_clean(r)]
+    res = {**prmbench_scores(erroneous),
            "validity_rate": ratio(len(erroneous), sum(not is_clean(r) for r in records)),
            "unparsed": "a sample with an unparsed step is invalid and left out "
                        "(PRMBench's validity)"}
-    classes = {}
-    for r, p in valid:
-        classes.setdefault("correct" if is_clean(r) else r["subcategory"], []).append((r, p))
-    res["per_class"] = {k: prmscore(step_pairs(*zip(*v))) for k, v in sorted(classes.items())}
-    if "multi_solutions" in res["per_class"]:  # no error steps: PRMBench scores it by f1 alone
-        res["per_class"]["multi_solutions"]["PRMScore"] = res["per_class"]["multi_solutions"]["f1"]
+    res["per_class"] = {k: prmbench_scores(v, f1_only=k == "multi_solutions")
+                        for k, v in sorted(classes.items())}
     res["clean"] = res["per_class"].pop("correct", None)
+    res["groups"] = {g: (None if any(res["per_class"].get(c, {}).get("PRMScore") is None
+                                     for c in cs)
+                         else sum(res["per_class"][c]["PRMScore"] for c in cs) / len(cs))
+                     for g, cs in PRMBENCH_GROUPS.items()}
     return res
 
 
+VPB_METRIC = "macro_f1 as VisualPRM's paper describes; official evaluator not found"
+
+
 def visualprocessbench(records: list[dict], pred: list[list]) -> dict:
-    """Macro-F1 = mean of F1(correct) and F1(incorrect) over all samples' steps,
-    neutral (0) dropped."""
-    s = prmscore(step_pairs(records, pred))   # PRMBench's counts over every sample, clean ones too
-    return {"macro_f1": s["PRMScore"], "f1_correct": s["f1"], "f1_incorrect": s["negative_f1"],
-            "n_steps": s["n_steps"], "unparsed": "an unparsed step is dropped, like a neutral one"}
+    """Macro-F1 = mean of F1(correct) and F1(incorrect) over the steps, neutral (0), unparsed
+    and unscored steps dropped: pooled over every sample (clean ones too) and per data_source
+    (the record's subcategory), as VisualPRM's paper reports it. Ours: no official evaluator
+    was found, and the paper does not say how its overall number is formed (this one pools)."""
+    def macro(rs: list[dict], ps: list[list]) -> dict:
+        s = prmscore(step_pairs(rs, ps))
+        return {"macro_f1": s["PRMScore"], "f1_correct": s["f1"], "f1_incorrect": s["negative_f1"],
+                "n_steps": s["n_steps"]}
+    sources = {}
+    for r, p in zip(records, pred):
+        sources.setdefault(r["subcategory"], ([], []))
+        sources[r["subcategory"]][0].append(r)
+        sources[r["subcategory"]][1].append(p)
+    return {**macro(records, pred), "metric": VPB_METRIC,
+            "per_data_source": {k: macro(*v) for k, v in sorted(sources.items())},
+            "unparsed": "an unparsed step is dropped, like a neutral one"}
 
 
-def processbench(gold_first: list[int], pred_first: list[int]) -> dict:
-    """acc_err over samples with an error, acc_corr over error-free ones,
-    F1 = their harmonic mean."""
+def gold_first_error(rec: dict) -> int:
+    """ProcessBench's label: the first incorrect step, -1 when there is none."""
+    return next((i for i, s in enumerate(rec["steps"]) if s["label"] == "incorrect"), -1)
+
+
+def first_error_prediction(ps: list, n_steps: int) -> int | None:
+    """ProcessBench's prediction: the first step judged incorrect, -1 when every step is judged
+    correct; None (unparsable: never equal to the label, like run_eval.py's unreadable answer)
+    when an unparsed or unscored step comes first."""
+    for i in range(n_steps):
+        p = ps[i] if i < len(ps) else None
+        if p is not True:
+            return i if p is False else None
+    return -1
+
+
+def processbench(gold_first: list[int], pred_first: list[int | None]) -> dict:
+    """acc_err over samples with an error, acc_corr over error-free ones, F1 = their harmonic
+    mean (null when both are 0: run_eval.py's numpy gives nan)."""
     err = [p == g for g, p in zip(gold_first, pred_first) if g != -1]
     corr = [p == -1 for g, p in zip(gold_first, pred_first) if g == -1]
     acc_err, acc_corr = ratio(sum(err), len(err)), ratio(sum(corr), len(corr))
-    f1 = (None if acc_err is None or acc_corr is None
-          else 0.0 if acc_err + acc_corr == 0
+    f1 = (None if acc_err is None or acc_corr is None or acc_err + acc_corr == 0   # official: nan
           else 2 * acc_err * acc_corr / (acc_err + acc_corr))
     return {"acc_err": acc_err, "acc_corr": acc_corr, "f1": f1, "n_err": len(err),
             "n_corr": len(corr),
-            "unparsed": "an unparsed step is not judged correct, "
-                        "so it can be the predicted first error"}
+            "unparsed": "an unparsed or unscored step before the first step judged incorrect "
+                        "makes the prediction unparsable, never equal to the label "
+                        "(run_eval.py's unreadable answer)"}
 
 
 def step_stats(pairs: list[tuple[bool, bool]]) -> dict:
@@ -543,24 +688,26 @@ def position_bucket(i: int, n: int, n_buckets: int) -> int:
 def evaluate(records: list[dict], pred: list[list], n_buckets: int = 4) -> dict:
     """Every metric and analysis for the judgements `pred` (per record, per step)."""
     pairs = step_pairs(records, pred)
-    # ProcessBench: gold = the first incorrect step, prediction = the first step not judged
-    # correct (an unparsed one included); -1 when there is none
-    gold_first = [next((i for i, s in enumerate(r["steps"]) if s["label"] == "incorrect"), -1)
-                  for r in records]
-    pred_first = [next((i for i, p in enumerate(ps) if p is not True), -1) for ps in pred]
+    gold_first = [gold_first_error(r) for r in records]
+    pred_first = [first_error_prediction(ps, len(r["steps"]))
+                  for r, ps in zip(records, pred)]
     res = {"PRMBench": prmbench(records, pred),
            "VisualProcessBench": visualprocessbench(records, pred),
            "ProcessBench": processbench(gold_first, pred_first),
            "positive_bias": positive_bias(pairs), "steps": step_stats(pairs),
-           "n_trajectories": len(records), "n_unparsed": sum(p is None for ps in pred for p in ps)}
-    # the samples holding a type; its detection rate counts only its steps
+           "n_trajectories": len(records), "n_unparsed": sum(p is None for ps in pred for p in ps),
+           "n_unscored": sum(max(0, len(r["steps"]) - len(ps)) for r, ps in zip(records, pred))}
+    # the valid samples holding a type (PRMBench's validity, as per_class): PRMBench's counts
+    # over their steps; the detection rate counts only the error steps of that type
     res["per_error_type"] = {}
-    for t in sorted({s["error_type"] for r in records for s in r["steps"] if s["error_type"]}):
-        idx = [j for j, r in enumerate(records) if any(s["error_type"] == t for s in r["steps"])]
-        hits = [p for j in idx for s, p in zip(records[j]["steps"], pred[j])
-                if s["error_type"] == t and p is not None]
-        res["per_error_type"][t] = {**prmscore(step_pairs([records[j] for j in idx],
-                                                          [pred[j] for j in idx])),
+    valid = [j for j, ps in enumerate(pred) if None not in ps]
+    for t in sorted({t for r in records for t in error_types(r)}):
+        idx = [j for j in valid if t in error_types(records[j])]
+        hits = [p for j in idx for i, p in enumerate(pred[j])
+                if gold_at(records[j], i) is False and error_type_at(records[j], i) == t]
+        s = prmbench_scores([prmbench_sample(records[j], pred[j]) for j in idx])
+        res["per_error_type"][t] = {**{k: s[k] for k in ("f1", "negative_f1", "PRMScore",
+                                                         "n_steps")},
                                     "detection_rate": ratio(sum(not p for p in hits), len(hits)),
                                     "n_trajectories": len(idx)}
     names = [f"{b / n_buckets:.2f}-{(b + 1) / n_buckets:.2f}" for b in range(n_buckets)]
@@ -568,7 +715,7 @@ def evaluate(records: list[dict], pred: list[list], n_buckets: int = 4) -> dict:
     for r, ps in zip(records, pred):
         for i, (s, p) in enumerate(zip(r["steps"], ps)):
             one = step_pairs([{"steps": [s]}], [[p]])
-            buckets[names[position_bucket(i, len(ps), n_buckets)]] += one
+            buckets[names[position_bucket(i, len(r["steps"]), n_buckets)]] += one
             cats.setdefault(r["category"], []).extend(one)
     # by position, next to a constant PRM that calls every step correct on the same steps
     # (label mix)
@@ -731,6 +878,14 @@ def plot_rates(groups: dict[str, dict], path: Path, title: str, why_empty: str) 
     bar_plot(groups, str(path), title + (f" - empty: {why_empty}" if empty else ""), "rate")
 
 
+def eval_results(args: Args, records: list[dict], judged: list[list[dict]], who: str) -> dict:
+    """eval/results.json: every metric of the judgements on the records, and what was run."""
+    return {**evaluate(records, judge(judged, args.threshold), N_BUCKETS), "prm": who,
+            "adapter": args.prm_adapter, "data": args.data or "toy", "benchmark": args.benchmark,
+            "threshold": args.threshold,
+            "null": "undefined (0/0): PRMBench's code writes -1 there, ProcessBench's numpy nan"}
+
+
 def stage_eval(args: Args) -> dict:
     out = Path(args.out) / "eval"
     log, records = RunLog(str(out)), load_benchmark(args)
@@ -740,12 +895,10 @@ def stage_eval(args: Args) -> dict:
     else:
         policy = get_policy(args, prm=True)
         judged, who = score_steps(policy, records, args, log), f"{policy.name} ({args.prm})"
-    pred = [[None if j["score"] is None else j["score"] >= args.threshold for j in js]
-            for js in judged]
-    res = {**evaluate(records, pred, N_BUCKETS), "prm": who, "adapter": args.prm_adapter,
-           "data": args.data or "toy", "benchmark": args.benchmark, "threshold": args.threshold}
+    res = eval_results(args, records, judged, who)
     write_json(str(out / "results.json"), res)
-    rates = f"unparsed {res['n_unparsed']} of {sum(len(p) for p in pred)} steps, left out"
+    rates = (f"unparsed {res['n_unparsed']} of {sum(len(j) for j in judged)} steps, left out"
+             + (f"; {res['n_unscored']} steps unscored" if res["n_unscored"] else ""))
     by_type = {m: {t: v[m] for t, v in res["per_error_type"].items()}
                for m in ("detection_rate", "PRMScore")}
     plot_rates(by_type, out / "per_error_type.png", f"PRM {who} by error type ({rates})",

@@ -83,7 +83,18 @@ def test_processbench_by_hand():
     r = pb.processbench([2, -1, 0], [2, -1, 1])        # acc_err 1/2, acc_corr 1 -> F1 = 2/3
     assert r["f1"] == pytest.approx(2 / 3)
     assert (pb.processbench([3, 1], [3, 0])["f1"] is None
-            and pb.processbench([1, -1], [-1, 0])["f1"] == 0.0)
+            and pb.processbench([1, -1], [-1, 0])["f1"] is None)   # 0/0 (the official nan)
+
+
+def test_an_unparsed_verdict_is_never_a_processbench_hit():
+    """run_eval.py: an unparsable answer is None, never equal to the label. An unparsed (or
+    unscored) step before the first step judged incorrect makes the prediction unparsable."""
+    records = [rec([I, C], "a"), rec([C, I, C], "b"), rec([C, C], "c")]
+    r = pb.evaluate(records, [[None, True], [True, False, None], [True]])["ProcessBench"]
+    assert r["acc_err"] == 0.5 and r["acc_corr"] == 0.0          # a: None, b: 1, c: None
+    assert [pb.first_error_prediction(p, 3) for p in ([None], [True, False], [True] * 3)] \
+        == [None, 1, -1]
+    assert pb.processbench([0, -1], [None, None])["f1"] is None   # 0/0: the official nan
 
 
 def test_a_prm_that_never_answers_is_not_a_detector():
@@ -92,7 +103,8 @@ def test_a_prm_that_never_answers_is_not_a_detector():
     assert r["n_unparsed"] == 5 and r["steps"]["detection_rate"] is None
     assert r["PRMBench"]["PRMScore"] is None and r["PRMBench"]["validity_rate"] == 0.0
     assert r["VisualProcessBench"]["macro_f1"] is None
-    assert r["ProcessBench"]["acc_corr"] == 0.0   # step 0 is its predicted first error
+    # unparsable predictions match nothing
+    assert r["ProcessBench"]["acc_corr"] == 0.0 and r["ProcessBench"]["acc_err"] == 0.0
     assert r["per_error_type"]["tool_invocation"]["detection_rate"] is None
     for m in ("PRMBench", "VisualProcessBench", "ProcessBench"):
         assert "unparsed" in r[m]   # each metric says how it treats them
@@ -214,9 +226,17 @@ def test_prm_prompt_shows_the_latest_crop_and_the_facts(toy):
     ("\n\n\n", None), ("banana", None), ("", None), (None, None), ("Step 1", None), (0.25, 0.25),
     (True, 1.0),
     ("Correct or Incorrect", None), ("correct or incorrect?", None),
+    ("-1", None), ("-1 (incorrect)", None), ("+1", 1.0), ("-0", 0.0), ("+0.75", 0.75),
+    ("2", None), (-1, None),
 ])
 def test_parse_step_verdict(reply, score):
     assert pb.parse_step_verdict(reply) == score
+
+
+def test_a_score_of_exactly_the_threshold_is_judged_incorrect():
+    """PRMBench's wrappers: label = score > 0.5, so 0.5 is a wrong step."""
+    judged = [[{"score": 0.5}, {"score": 0.5000001}, {"score": None}, {"score": 1.0}]]
+    assert pb.judge(judged, 0.5) == [[False, True, None, True]]
 
 
 class FakePRM:
@@ -372,6 +392,62 @@ def test_prmbench_format(tmp_path):
             and recs[2]["steps"][1]["error_type"] == "circular")
 
 
+def test_prmbench_release_is_read_as_published(tmp_path, capsys):
+    """The real release: empty step strings (29 in 3 rows) and repeated multi_solutions ids (5,
+    different processes: PRMBench's loader keeps the first); error_steps kept as published."""
+    rows = prmbench_rows()
+    rows[1]["modified_process"] = ["a", "", "y"]
+    multi = {"idx": 9, "classification": "multi_solutions", "original_question": "q",
+             "modified_question": "q", "original_process": ["a"], "error_steps": []}
+    rows += [multi | {"modified_process": ["one", "two"]}, multi | {"modified_process": ["3"]},
+             rows[0] | {"classification": "confidence", "error_steps": [5, 6]}]
+    recs = pb.load_records(write(tmp_path, rows), benchmark="prmbench")
+    assert [r["id"] for r in recs] == ["correct_7", "redundency_7", "circular_7",
+                                       "multi_solutions_9", "confidence_7"]
+    assert recs[2]["steps"][1]["text"] == "" and len(recs[3]["steps"]) == 2
+    assert [r["error_steps"] for r in recs] == [[], [2], [2, 3], [], [5, 6]]
+    assert "repeating an earlier classification and idx: 1;" in capsys.readouterr().out
+
+
+def test_prmbench_clean_means_class_correct(tmp_path):
+    """PRMBench's clean samples are its class `correct` (built from the originals), not "no
+    incorrect label": a row whose error_steps all lie past its last step (16 in the release)
+    stays in its class and in the overall counts, with no error step to find."""
+    rows = prmbench_rows() + [prmbench_rows()[1] | {"classification": "deception",
+                                                     "error_steps": [4, 5]}]
+    recs = pb.load_records(write(tmp_path, rows), benchmark="prmbench")
+    assert [s["label"] for s in recs[3]["steps"]] == [C, C, C]   # deception_7: errors past the end
+    pred = [[True] * len(r["steps"]) for r in recs]
+    r = pb.prmbench(recs, pred)
+    assert r["clean"]["n_samples"] == 1 and r["per_class"]["deception"]["n_samples"] == 1
+    assert r["n_samples"] == 3 and r["validity_rate"] == 1.0
+    assert r["per_class"]["deception"]["first_error_acc"] is None   # its first error is unjudged
+    assert set(r["per_class"]) == {"redundency", "circular", "deception"}
+    pred[2] = [None] * 3                                   # every circular sample invalid:
+    assert pb.prmbench(recs, pred)["per_class"]["circular"]["n_samples"] == 0   # the class stays
+
+
+def test_per_error_type_agrees_with_per_class_on_prmbench(tmp_path):
+    """Both leave invalid samples out (PRMBench's validity), and a PRMBench sample holds the error
+    type of its class, also when its error_steps all lie past its last step: on PRMBench data
+    the same class names give the same numbers."""
+    rows = prmbench_rows() + [prmbench_rows()[1] | {"classification": "deception",
+                                                     "error_steps": [4, 5]},
+                              prmbench_rows()[1] | {"idx": 8}]
+    recs = pb.load_records(write(tmp_path, rows), benchmark="prmbench")
+    pred = [[True, False, True], [True, False, True, True], [None, True, False],   # invalid
+            [True, True, True], [False, False, False]]
+    res = pb.evaluate(recs, pred)
+    per_class, per_type = res["PRMBench"]["per_class"], res["per_error_type"]
+    assert set(per_type) == set(per_class) == {"redundency", "circular", "deception"}
+    for c in per_class:
+        for k in ("f1", "negative_f1", "PRMScore", "n_steps"):
+            assert per_type[c][k] == per_class[c][k], (c, k)
+    assert per_type["circular"]["n_trajectories"] == 1        # circular_8 only: circular_7 invalid
+    assert per_type["circular"]["detection_rate"] == 1.0      # circular_8's steps 2, 3 flagged
+    assert per_type["deception"]["detection_rate"] is None    # no error step judged
+
+
 def test_external_predictions_end_to_end(tmp_path, capsys):
     """`--stage eval --predictions`: no model is loaded; PRMScore by hand on the PRMBench
     rows above."""
@@ -393,7 +469,37 @@ def test_external_predictions_end_to_end(tmp_path, capsys):
         pb.main(["--stage", "eval", "--benchmark", "prmbench", "--data", data,
                  "--predictions", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "out")])
     assert (e.value.code == 2
-            and "2 scores for the 3 steps of 'correct_7'" in capsys.readouterr().err)
+            and "has no predictions for the record 'redundency_7'" in capsys.readouterr().err)
+
+
+def test_predictions_as_prmbench_reads_them(tmp_path, capsys):
+    """The first row of a repeated id counts, unknown ids are ignored, a short row leaves its
+    last steps unjudged (out of every count), and a PRMBench record's scores past its last step
+    count against its error_steps (PRMBench's evaluator loops over the labels it gets)."""
+    data = write(tmp_path, prmbench_rows()[:1] + [prmbench_rows()[1] | {"error_steps": [2, 4]}])
+    recs = pb.load_records(data, benchmark="prmbench")   # correct_7, redundency_7, circular_7
+    rows = [{"id": "correct_7", "scores": [0.9, 0.1]},                  # step 3 not judged
+            {"id": "correct_7", "scores": [0.0, 0.0, 0.0]},             # repeated: ignored
+            {"id": "redundency_7", "scores": [0.9, 0.2, 0.9, 0.9]},
+            {"id": "circular_7", "scores": [0.9, 0.2, 0.9, 0.3, 0.8]},  # 2 past its 3 steps
+            {"id": "nobody", "scores": [1]}]
+    (tmp_path / "p.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    judged = pb.read_predictions(str(tmp_path / "p.jsonl"), recs)
+    out = capsys.readouterr().out
+    assert "1 rows repeat an earlier id" in out and "1 records have fewer scores" in out
+    assert [len(j) for j in judged] == [2, 4, 5]
+    pred = pb.judge(judged, 0.5)
+    circ = pb.prmbench_sample(recs[2], pred[2])   # gold C I C | I C (4 is an error step)
+    assert (circ["tp"], circ["fp"], circ["fn"], circ["tn"]) == (3, 0, 0, 2)   # judged T F T F T
+    assert circ["first_error"] == 1 and circ["response_acc"] == pytest.approx(3 / 5)
+    res = pb.evaluate(recs, pred)
+    assert res["n_unscored"] == 1 and res["PRMBench"]["clean"]["n_steps"] == 2
+    assert res["steps"]["n_steps"] == 2 + 4 + 3   # the analyses count real steps only
+    # past the end of a record that is not PRMBench's: refused
+    toy = [dict(rec([C, I], "a"), _base=".")]
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": "a", "scores": [1, 0, 1]}))
+    with pytest.raises(UserError, match="3 scores for the 2 steps of 'a'"):
+        pb.read_predictions(str(tmp_path / "p.jsonl"), toy)
 
 
 def test_read_predictions_errors(tmp_path):

@@ -70,23 +70,35 @@ def _from_processbench(where: str, row: dict, split: str) -> dict:
 
 
 def _from_prmbench(rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
-    """PRMBench JSONL: each row -> its modified process (1-based error_steps); like PRMBench's
-    loader, each `redundency` row also yields the clean original once per idx, with the class
-    `correct`."""
-    out = []
+    """PRMBench JSONL, as its loader (load_data_function) reads it: each row -> its modified
+    process as `<classification>_<idx>` (1-based error_steps kept as published: some lie past
+    the last step); each `redundency` row also yields the clean original `correct_<idx>` once
+    per idx (class `correct`); of a repeated id the first row is kept (the release repeats 5
+    multi_solutions ids, with different processes). Empty step strings are kept as published."""
+    out, seen, repeated = [], set(), 0
     for where, row in rows:
         require(row, where, "modified_process", "classification")
         idx = row.get("idx", _line_of(where))
         cls, errs = row["classification"], row.get("error_steps") or []
-        if cls == "redundency" and not any(r["id"] == f"correct_{idx}" for _, r in out):
+        if cls == "redundency" and f"correct_{idx}" not in seen:
             require(row, where, "original_process")
+            seen.add(f"correct_{idx}")
             clean = [prm_step(t, "correct") for t in row["original_process"]]
-            out.append((where, _text_record(f"correct_{idx}", row.get("original_question"),
-                                            "PRMBench", "correct", "PRMBench", clean)))
+            out.append((where, dict(_text_record(f"correct_{idx}", row.get("original_question"),
+                                                 "PRMBench", "correct", "PRMBench", clean),
+                                    error_steps=[])))
+        if f"{cls}_{idx}" in seen:
+            repeated += 1
+            continue
+        seen.add(f"{cls}_{idx}")
         steps = [prm_step(t, "incorrect", cls) if i + 1 in errs else prm_step(t, "correct")
                  for i, t in enumerate(row["modified_process"])]
-        out.append((where, _text_record(f"{cls}_{idx}", row.get("modified_question"), "PRMBench",
-                                        cls, "PRMBench", steps)))
+        rec = _text_record(f"{cls}_{idx}", row.get("modified_question"), "PRMBench", cls,
+                           "PRMBench", steps)
+        out.append((where, dict(rec, error_steps=list(errs), clean_id=f"correct_{idx}")))
+    if repeated:
+        print(f"[prm_bench] PRMBench rows repeating an earlier classification and idx: "
+              f"{repeated}; the first of each is kept, as PRMBench's loader does.")
     return out
 
 
@@ -128,8 +140,9 @@ def validate_prm_record(rec: dict, where: str, taxonomy: dict, error_types,
         f, call = f"steps[{i}]", s.get("tool_call")
         label, etype = s.get("label"), s.get("error_type")
         facts = s.get("knowledge")
-        need(isinstance(s.get("text"), str) and s["text"].strip(), f + ".text",
-             "must be a non-empty string.")
+        # a published benchmark's step is kept as published (PRMBench has empty ones)
+        need(isinstance(s.get("text"), str) and (s["text"].strip() or cat in PRM_BENCHMARKS),
+             f + ".text", "must be a non-empty string.")
         need(call is None or (isinstance(call, dict) and isinstance(call.get("name"), str)
                               and isinstance(call.get("arguments", {}), dict)),
              f + ".tool_call", 'must be null or {"name": str, "arguments": {...}}.')
@@ -196,21 +209,30 @@ def prm_record_images(rec: dict) -> tuple[list, dict]:
 
 def read_prm_predictions(path: str, records: list[dict]) -> list[list]:
     """An external PRM's {"id", "scores": [per step]} rows -> the raw per-step values of
-    `records`, in order."""
-    rows = {}
+    `records`, in order. Of a repeated id the first row counts (PRMBench's evaluate_function);
+    rows of unknown ids are ignored. A row may hold fewer scores than its record has steps (the
+    last steps are then not judged, as PRMBench counts only the labels it gets); more only for a
+    PRMBench record (its evaluator counts them, against the published error_steps)."""
+    rows, repeated = {}, 0
     for where, row in read_records(path, "predictions file"):
         require(row, where, "id")
         if not isinstance(row.get("scores"), list):
             raise UserError(f"{where}: field 'scores' must be a list "
                             f"with one score or verdict per step.")
-        rows[str(row["id"])] = (where, row["scores"])
+        if str(row["id"]) in rows:
+            repeated += 1
+        else:
+            rows[str(row["id"])] = (where, row["scores"])
+    if repeated:
+        print(f"[prm_bench] {path}: {repeated} rows repeat an earlier id; "
+              f"the first row of each id counts, as in PRMBench's evaluator.")
     out = []
     for r in records:
         if r["id"] not in rows:
             raise UserError(f"{path} has no predictions for the record {r['id']!r}; "
                             f"give each record a row.")
         where, scores = rows[r["id"]]
-        if len(scores) != len(r["steps"]):
+        if len(scores) > len(r["steps"]) and "error_steps" not in r:
             raise UserError(f"{where}: {len(scores)} scores "
                             f"for the {len(r['steps'])} steps of {r['id']!r}.")
         if any(isinstance(x, (int, float)) and not 0 <= x <= 1 for x in scores):

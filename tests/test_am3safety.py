@@ -133,8 +133,9 @@ def test_metrics_table_cells():
     lines = metrics_table({"base": row},
                           [("ASR_response", "ASR/response"), ("ASR_dialogue", "ASR/dialogue")])
     assert (lines.splitlines()[0]
-            == "| policy | ASR/response | ASR/dialogue | ASR k=1 | ASR k=4 | cut | general |")
-    assert lines.splitlines()[2] == "| base | 0.25 [0.10, 0.50] | - | 0.50 | - | 2/8 | 0.75 |"
+            == "| policy | ASR/response | ASR/dialogue | ASR k=1 | ASR k=4 | cut | unjudged "
+               "| general |")
+    assert lines.splitlines()[2] == "| base | 0.25 [0.10, 0.50] | - | 0.50 | - | 2/8 | 0/8 | 0.75 |"
 
 
 def rule_judge():

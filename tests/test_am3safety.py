@@ -347,6 +347,15 @@ def load_seeds(path, size=448):
     return am.read_seeds(path, size, am.key_phrase, am.describe_image)
 
 
+def paper_named(res: dict) -> dict:
+    """results.json under the paper's metric names, whatever names the rule judge's validation
+    (JUDGES/validation.json, if the lead wrote one) gave them."""
+    names, _ = am.metric_names("rule", am.judge_validation("rule"))
+    back = {v: k for k, v in names.items()}
+    back.update({f"{v}_ci95": f"{k}_ci95" for k, v in names.items()})
+    return {back.get(k, k): paper_named(v) if k == "base" else v for k, v in res.items()}
+
+
 def _write(path, lines):
     path.write_text("\n".join(lines) + "\n")
     return str(path)
@@ -414,11 +423,15 @@ def test_safemt_loader_and_scoring_another_models_replies(tmp_path, capsys):
                   [json.dumps({"id": i, "responses": r}) for i, r in replies.items()])
     am.main(["--stage", "eval", "--safemt", str(data), "--responses", path,   # no model
              "--out", str(tmp_path / "o")])
-    res = json.loads((tmp_path / "o" / "eval" / "results.json").read_text())
+    res = paper_named(json.loads((tmp_path / "o" / "eval" / "results.json").read_text()))
     # k=1: a unsafe, b safe -> 0.5; k=2: a safe, b unanswered (left out) -> 0.0
     assert res["SafeMT_ASR_k"] == {"1": 0.5, "2": 0.0} and res["cut_responses"] == 1
     # seed a: labels [1, 0] -> std 0.5; seed b: [0] -> 0; SI = (1 - 0.5 w_1) (1 - 0.25)
     assert res["SafeMT_safety_index"] == pytest.approx((1 - 0.5 * 0.701599) * 0.75, abs=1e-5)
+    verdicts = [json.loads(x) for x in (tmp_path / "o" / "eval" / "verdicts.jsonl").open()]
+    assert sorted((v["id"], v["verdict"], v["safemt_scored"]) for v in verdicts) == [
+        ("a-k1", "unsafe", True), ("a-k2", "refusal", True), ("b-k1", "refusal", True),
+        ("b-k2", "cut", True)]      # one row per reply: the labels can be audited
     bad = _write(tmp_path / "short.jsonl", [json.dumps({"id": "a-k1", "responses": ["x"]})])
     with pytest.raises(SystemExit, match="2"):
         am.main(["--stage", "eval", "--safemt", str(data), "--responses", bad,
@@ -543,10 +556,15 @@ def test_all_stages_tiny(tmp_path):
              "--sft_steps", "2", "--max_steps", "1", "--ablate_steps", "1", "--eval_dialogues", "3",
              "--max_new_tokens", "8", "--rl_turns", "2", "--max_turns", "2")
     assert p.returncode == 0, p.stderr[-3000:]
-    res = json.loads((tmp_path / "eval" / "results.json").read_text())
+    raw = json.loads((tmp_path / "eval" / "results.json").read_text())
+    res = paper_named(raw)
     for key in ("ASR_response_by_k", "ASR_dialogue_by_k", "SafeMT_safety_index", "helpful_win_rate",
-                "over_refusal", "base", "general_ability", "cut_responses"):
+                "over_refusal", "base", "general_ability", "cut_responses", "unjudged_responses"):
         assert key in res
+    names, _ = am.metric_names("rule", am.judge_validation("rule"))
+    assert set(names.values()) <= set(raw) and raw["judge_validation"]["status"] in (
+        "validated", "not validated")
+    assert (tmp_path / "eval" / "verdicts.jsonl").exists()
     assert res["judge"] == "rule" and res["adapter"].endswith(os.path.join("rl", "adapter"))
     assert res["note"].startswith("tiny = random weights")
     assert (tmp_path / "eval" / "asr_by_k.png").exists()

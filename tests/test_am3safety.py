@@ -543,7 +543,7 @@ _run = functools.partial(run_script, "am3safety.py")
 def test_help():
     p = _run("--help")
     assert p.returncode == 0 and "--h_weight" in p.stdout and "--num_generations" in p.stdout
-    assert "--responses" in p.stdout and "--safemt" in p.stdout
+    assert "--responses" in p.stdout and "--safemt" in p.stdout and "--replies" in p.stdout
 
 
 def test_eval_without_build_says_what_to_do(tmp_path):

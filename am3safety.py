@@ -872,9 +872,9 @@ def metric_names(judge: str, validation: dict) -> tuple[dict[str, str], str]:
     if validation.get("supports_paper_names"):
         return {}, (f"paper names: the rule judge's validation clears {PAPER_NAMES_BAR} "
                     f"({validation['file']})")
-    return CUE_WORD_NAMES, ("cue_word_*: the rule judge is a cue-word detector, and its "
-                            + ("validation is below " + str(PAPER_NAMES_BAR)
-                               if validation["status"] == "validated" else "not validated")
+    return CUE_WORD_NAMES, ("cue_word_*: the rule judge is a cue-word detector "
+                            + ("whose validation is below " + str(PAPER_NAMES_BAR)
+                               if validation["status"] == "validated" else "and not validated")
                             + "; the paper's names (ASR, Safety Index) need a validated judge")
 
 

@@ -441,3 +441,16 @@ def test_smollm2_model_judge_on_the_development_set(tmp_path):
     print(f"unparsed judge replies (counted unsafe): {s['judge_unparsed']}")
     assert len(rows) == s["n_labelled"] >= 60 and s["judge"] == "smollm2" and s["unjudged"] == 0
     assert {r["verdict"] for r in rows} <= {"unsafe", "refusal", "evasive", "safe", "over_refusal"}
+
+
+def test_blind_validation_figures_are_the_judges_own(tmp_path):
+    """validation.json's agreement on the blind set (replies written and labelled by a helper who
+    had not read the judge's code; never used for tuning) is what the judge stage gives today: a
+    change to the rule judge that moves it must re-measure and say so."""
+    data = os.path.join(os.path.dirname(am.__file__), "common", "standins", "data", "judges")
+    want = json.load(open(os.path.join(data, "validation.json")))["rule"]
+    p = run_script("am3safety.py", "--stage", "judge", "--out", str(tmp_path), "--replies",
+                   os.path.join(data, "safety_blind.jsonl"))
+    assert p.returncode == 0, p.stderr
+    got = json.load(open(tmp_path / "judge" / "summary.json"))
+    assert got["counts"] == want["counts"] and got["confusion"] == want["confusion"]

@@ -383,6 +383,14 @@ def test_gradient_checkpointing_auto_is_on_for_cuda(monkeypatch):
     assert resolve_gradient_checkpointing(None, torch.device("cpu")) is False
     assert resolve_gradient_checkpointing(False) is False            # the user turned it off
     assert resolve_gradient_checkpointing(True, torch.device("cpu")) is True
+    # on the command line: the bare flag, its --no- form, or a value (none = auto)
+    from common.cli import parse_args
+    for argv, want in (([], None), (["--gradient_checkpointing"], True),
+                       (["--no-gradient_checkpointing"], False),
+                       (["--gradient_checkpointing", "false"], False),
+                       (["--gradient-checkpointing", "none", "--load_in_4bit"], None)):
+        assert parse_args(RunArgs, argv).gradient_checkpointing is want, argv
+    assert parse_args(RunArgs, ["--load_in_4bit"]).load_in_4bit is True
 
 
 def test_compute_dtype_follows_the_device(monkeypatch):

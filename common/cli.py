@@ -71,7 +71,8 @@ class RunArgs:
     """LoRA alpha"""
     gradient_checkpointing: bool | None = None
     """recompute activations in the backward: less memory, slower: true | false | none (= auto: on
-    on CUDA, where one GRPO micro-batch of 8 needs ~8 GB with it and ~50 GB without; off for CPU)"""
+    on CUDA, where a GRPO step of 8 rows needs ~7.4 GB on the 3B with it and ~50 GB without; off
+    for CPU)"""
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """compute dtype: auto = bfloat16 on a GPU with native bf16, float32 on a CPU (a GPU without
     native bf16, T4 class, is refused: pass float32, with --load_in_4bit to fit)"""

@@ -295,9 +295,10 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 def resolve_gradient_checkpointing(flag: bool | None,
                                    device: str | torch.device | None = None) -> bool:
-    """None = auto: on for CUDA (one GRPO micro-batch of 8 with a 448 px image and 512 new tokens
-    needs ~8 GB with it on the 3B, ~50 GB without), off on a CPU (the presets, where it only costs
-    time); true / false as given."""
+    """None = auto: on for CUDA (a GRPO step with a micro-batch of 8, a 448 px image and 512 new
+    tokens needs ~7.4 GB in all with it on the 3B, ~50 GB without: python -m
+    common.perf.estimate), off on a CPU (the presets, where it only costs time); true / false as
+    given."""
     if flag is not None:
         return bool(flag)
     return resolve_device(device).type == "cuda"
@@ -363,9 +364,9 @@ def load_base(name: str, *, load_in_4bit: bool, device: torch.device, dtype: tor
               seed: int, min_pixels: int | None = DEFAULT_MIN_PIXELS,
               max_pixels: int | None = DEFAULT_MAX_PIXELS):
     """Model, tokenizer, image processor and is_vlm for a preset, hub id or local folder."""
-    pixels = dict(min_pixels=min_pixels, max_pixels=max_pixels)
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
                               AutoTokenizer, Qwen2_5_VLForConditionalGeneration)
+    pixels = dict(min_pixels=min_pixels, max_pixels=max_pixels)
     if load_in_4bit:
         check_4bit(device)
     # transformers 5 matches a prefix of the full name or a suffix
@@ -420,6 +421,15 @@ def load_base(name: str, *, load_in_4bit: bool, device: torch.device, dtype: tor
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok, image_processor_for(name, **pixels) if is_vlm else None, is_vlm
+
+
+def run_options(args) -> dict:
+    """load_policy's keyword arguments from a script's `common.cli.RunArgs` (4-bit, LoRA r and
+    alpha, gradient checkpointing, dtype, the image range, seed): `load_policy(args.model,
+    **run_options(args), adapter=..., lora=...)` passes every model flag a user can give."""
+    return dict(load_in_4bit=args.load_in_4bit, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype,
+                max_pixels=args.max_pixels, min_pixels=args.min_pixels, seed=args.seed)
 
 
 def lora_target_modules(is_vlm: bool):

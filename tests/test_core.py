@@ -492,3 +492,20 @@ def test_tiny_preset_images_below_the_cap_unchanged():
     grid = p.image_processor(images=[Image.new("RGB", (448, 448))],
                              return_tensors="pt")["image_grid_thw"]
     assert grid.tolist() == [[1, 32, 32]]
+
+
+def test_run_options_pass_every_model_flag(capsys):
+    """A script's RunArgs -> load_policy: the new flags (dtype, image range) reach the load."""
+    from common.cli import RunArgs, parse_args
+    from common.models import run_options
+    from common import tools
+    args = parse_args(RunArgs, ["--model", "tiny", "--dtype", "float32", "--max_pixels",
+                                str(256 * 28 * 28), "--gradient_checkpointing"])
+    saved = tools._PROCESSOR
+    try:
+        p = load_policy(args.model, **run_options(args))
+    finally:
+        tools.set_image_processor(saved)
+    assert tools.resize_limits(p.image_processor)["max_pixels"] == 256 * 28 * 28
+    assert p.extra["gradient_checkpointing"] and p.extra["dtype"] == "torch.float32"
+    assert "float32 on cpu, gradient checkpointing on," in capsys.readouterr().out

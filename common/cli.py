@@ -38,7 +38,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
@@ -69,8 +69,19 @@ class RunArgs:
     """LoRA rank"""
     lora_alpha: int = 16
     """LoRA alpha"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward: less memory, slower (the 7B budget needs it)"""
+    gradient_checkpointing: bool | None = None
+    """recompute activations in the backward: less memory, slower: true | false | none (= auto: on
+    on CUDA, where a GRPO step of 8 rows needs ~7.4 GB on the 3B with it and ~50 GB without; off
+    for CPU)"""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """compute dtype: auto = bfloat16 on a GPU with native bf16, float32 on a CPU (a GPU without
+    native bf16, T4 class, is refused: pass float32, with --load_in_4bit to fit)"""
+    max_pixels: int | None = 1280 * 28 * 28
+    """image processor cap, pixels per image (prompt images and crops): 1280*28*28 = 1,280 visual
+    tokens, as Qwen2.5-VL RL recipes train; none = the checkpoint's own (Qwen's 12.8 MP)"""
+    min_pixels: int | None = 4 * 28 * 28
+    """image processor floor, pixels per image (4 visual tokens, Qwen's default); none = the
+    checkpoint's own"""
 
 
 # =============================================================================================
@@ -171,6 +182,12 @@ def build_parser(cls, description: str | None = None,
         if is_bool:
             section.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
                                  default=default, help=help_)
+        elif set(typing.get_args(hints[f.name])) == {bool, type(None)}:
+            # bool | None: `--x` alone is true, `--no-x` false, `--x true|false|none` as written
+            section.add_argument(*names, dest=f.name, type=typ, nargs="?", const=True,
+                                 default=default, help=help_)
+            section.add_argument(*[f"--no-{n[2:]}" for n in names], dest=f.name,
+                                 action="store_const", const=False, help=argparse.SUPPRESS)
         else:
             section.add_argument(*names, dest=f.name, type=typ, choices=choices, default=default,
                                  help=help_)

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from common.errors import UserError
 from common.generate import chat
 from common.tools import set_image_processor
 
@@ -47,6 +48,12 @@ DEFAULT_GPU_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VLM_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
 FULL_WEIGHTS = "base_weights.pt"   # in an adapter folder: base weights of a full-parameter run
+# The image processor's range for training (pixels per image, prompt images and crops alike):
+# 1280 * 28 * 28 px = 1,280 visual tokens, as Qwen2.5-VL RL recipes train; the published
+# checkpoints' own cap is 12,845,056 px (16,384 tokens, ~12.8 MP per image).
+DEFAULT_MAX_PIXELS = 1280 * 28 * 28
+DEFAULT_MIN_PIXELS = 4 * 28 * 28
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 # Qwen2.5's special tokens, in Qwen's id order (151643 ...); the tiny tokenizer has them too.
 QWEN_SPECIAL_TOKENS = [
@@ -151,7 +158,13 @@ class Policy:
 
     def train_all_weights(self) -> None:
         """Full-parameter training (a random-weight model cannot learn through LoRA alone): every
-        weight trains, and `save_adapter` writes the base weights into the adapter folder too."""
+        weight trains, and `save_adapter` writes the base weights into the adapter folder too.
+        NF4 base weights are packed integers that cannot train: refused before anything changes."""
+        packed = [n for n, p in self.model.named_parameters() if not p.dtype.is_floating_point]
+        if packed or self.extra.get("load_in_4bit"):
+            raise UserError("--full_sft trains every base weight, but this model's weights are "
+                            "4-bit (NF4) and cannot train; load it in full precision "
+                            "(--load_in_4bit false) or train the LoRA adapter only.")
         for p in self.model.parameters():
             p.requires_grad_(True)
         self.full_weights = True
@@ -243,13 +256,26 @@ def smollm2_folder() -> str:
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def image_processor_for(name_or_path: str | None = None):
-    """Qwen2-VL's image processor (the PIL one: no torchvision needed)."""
+def image_processor_for(name_or_path: str | None = None, *, min_pixels: int | None = None,
+                        max_pixels: int | None = None):
+    """Qwen2-VL's image processor (the PIL one: no torchvision needed), resizing every image into
+    [min_pixels, max_pixels] (None: the checkpoint's own, or the library's 56*56 .. 28*28*1280).
+    The processor's own settings are changed, so `common.tools.seen_size` (crop coordinates),
+    which reads them, always agrees with what the model is shown."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise UserError(f"--min_pixels {min_pixels} is above --max_pixels {max_pixels}; lower "
+                        f"--min_pixels or raise --max_pixels.")
+    for flag, v in (("--min_pixels", min_pixels), ("--max_pixels", max_pixels)):
+        if v is not None and v < 28 * 28:
+            raise UserError(f"{flag} {v} is below one visual token (28 * 28 = 784 pixels); pass "
+                            f"at least 784, or none for the checkpoint's own.")
+    kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
+          if v is not None}
     if name_or_path is None:
         # Qwen2.5-VL's defaults: patch 14, merge 2, 28*28*1280 max
-        return Qwen2VLImageProcessorPil()
-    return Qwen2VLImageProcessorPil.from_pretrained(name_or_path)
+        return Qwen2VLImageProcessorPil(**kw)
+    return Qwen2VLImageProcessorPil.from_pretrained(name_or_path, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,6 +287,41 @@ def resolve_name(name: str | None) -> str:
         why = "CUDA found" if torch.cuda.is_available() else "no CUDA: the random-weight CPU preset"
         print(f"[models] --model not given: using {name} ({why}).")
     return name
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def resolve_gradient_checkpointing(flag: bool | None,
+                                   device: str | torch.device | None = None) -> bool:
+    """None = auto: on for CUDA (a GRPO step with a micro-batch of 8, a 448 px image and 512 new
+    tokens needs ~7.4 GB in all with it on the 3B, ~50 GB without: python -m
+    common.perf.estimate), off on a CPU (the presets, where it only costs time); true / false as
+    given."""
+    if flag is not None:
+        return bool(flag)
+    return resolve_device(device).type == "cuda"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None):
+    """The compute dtype: "auto" (or None) = bfloat16 on a GPU with native bf16, float32 on a
+    CPU; "bfloat16" / "float32" (or a torch.dtype) as given. A GPU without native bf16 (T4
+    class) is refused: fp16 would need loss scaling, which the GRPO / SFT loops do not do."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in (None, "auto"):
+        if dtype not in DTYPES:
+            raise UserError(f"--dtype must be auto, bfloat16 or float32, not {dtype!r}.")
+        return DTYPES[dtype]
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        return torch.float32
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    raise UserError(f"this GPU ({torch.cuda.get_device_name(dev)}) has no native bfloat16, and "
+                    f"float16 training would need loss scaling, which the training loops do not "
+                    f"do; pass --dtype float32 (with --load_in_4bit true to fit the weights).")
 
 
 def bnb_config(compute_dtype: torch.dtype, skip: list[str]):
@@ -300,10 +361,12 @@ def _from_pretrained(cls, path, *, dtype, device, quant, **kw):
 
 
 def load_base(name: str, *, load_in_4bit: bool, device: torch.device, dtype: torch.dtype,
-              seed: int):
+              seed: int, min_pixels: int | None = DEFAULT_MIN_PIXELS,
+              max_pixels: int | None = DEFAULT_MAX_PIXELS):
     """Model, tokenizer, image processor and is_vlm for a preset, hub id or local folder."""
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
                               AutoTokenizer, Qwen2_5_VLForConditionalGeneration)
+    pixels = dict(min_pixels=min_pixels, max_pixels=max_pixels)
     if load_in_4bit:
         check_4bit(device)
     # transformers 5 matches a prefix of the full name or a suffix
@@ -321,7 +384,8 @@ def load_base(name: str, *, load_in_4bit: bool, device: torch.device, dtype: tor
                                          device=device, quant=quant)
         model.generation_config.pad_token_id = tok.pad_token_id
         model.generation_config.eos_token_id = tok.eos_token_id
-        return model.to(device) if quant is None else model, tok, image_processor_for(), True
+        return (model.to(device) if quant is None else model, tok, image_processor_for(**pixels),
+                True)
 
     if name == "smollm2":
         folder = smollm2_folder()
@@ -356,7 +420,16 @@ def load_base(name: str, *, load_in_4bit: bool, device: torch.device, dtype: tor
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return model, tok, image_processor_for(name) if is_vlm else None, is_vlm
+    return model, tok, image_processor_for(name, **pixels) if is_vlm else None, is_vlm
+
+
+def run_options(args) -> dict:
+    """load_policy's keyword arguments from a script's `common.cli.RunArgs` (4-bit, LoRA r and
+    alpha, gradient checkpointing, dtype, the image range, seed): `load_policy(args.model,
+    **run_options(args), adapter=..., lora=...)` passes every model flag a user can give."""
+    return dict(load_in_4bit=args.load_in_4bit, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype,
+                max_pixels=args.max_pixels, min_pixels=args.min_pixels, seed=args.seed)
 
 
 def lora_target_modules(is_vlm: bool):
@@ -368,12 +441,18 @@ def lora_target_modules(is_vlm: bool):
 
 def load_policy(name_or_path: str | None = "auto", *, load_in_4bit: bool | None = None,
                 lora: bool = True, lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
-                adapter: str | None = None, gradient_checkpointing: bool = False,
-                device: str | None = None, dtype: torch.dtype | None = None,
-                seed: int = 0) -> Policy:
+                adapter: str | None = None, gradient_checkpointing: bool | None = None,
+                device: str | None = None, dtype: torch.dtype | str | None = None,
+                max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                min_pixels: int | None = DEFAULT_MIN_PIXELS, seed: int = 0) -> Policy:
     """Load a policy ready for SFT/GRPO.
 
     load_in_4bit: None = NF4 on CUDA for real models, full precision for the CPU presets.
+    gradient_checkpointing: None = on for CUDA, off on a CPU (`resolve_gradient_checkpointing`).
+    dtype:        None / "auto" = bfloat16 on a GPU with native bf16, float32 on a CPU; a GPU
+                  without native bf16 is refused before any model work (`resolve_dtype`).
+    max_pixels, min_pixels: the image processor's range per image (None = the checkpoint's own);
+                  `common.tools.seen_size` follows it.
     adapter:      a saved peft adapter folder to continue from (trainable); train_grpo uses a
                   frozen copy of it as pi_ref (`Policy.frozen_reference()`).
     """
@@ -381,13 +460,17 @@ def load_policy(name_or_path: str | None = "auto", *, load_in_4bit: bool | None 
 
     t0 = time.perf_counter()
     name = resolve_name(name_or_path)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype is None:
-        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dev = resolve_device(device)
+    auto = f" (auto: {dev.type})"
+    dtype_why = auto if dtype in (None, "auto") else ""
+    dtype = resolve_dtype(dtype, dev)              # a GPU without native bf16 stops here
+    gc_why = auto if gradient_checkpointing is None else ""
+    gradient_checkpointing = resolve_gradient_checkpointing(gradient_checkpointing, dev)
     if load_in_4bit is None:
         load_in_4bit = dev.type == "cuda" and name not in ("tiny", "smollm2")
     model, tok, image_processor, is_vlm = load_base(name, load_in_4bit=load_in_4bit, device=dev,
-                                                    dtype=dtype, seed=seed)
+                                                    dtype=dtype, seed=seed, min_pixels=min_pixels,
+                                                    max_pixels=max_pixels)
     if is_vlm:  # crop coordinates follow this model's own resize rule (common.tools.seen_size)
         set_image_processor(image_processor)
     model.config.use_cache = True
@@ -422,15 +505,17 @@ def load_policy(name_or_path: str | None = "auto", *, load_in_4bit: bool | None 
                 p.data = p.data.float()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[models] loaded {name}: {n_params / 1e6:.1f}M parameters, "
-          f"{str(dtype).replace('torch.', '')}"
+          f"{str(dtype).replace('torch.', '')}{dtype_why}"
           f"{', NF4' if load_in_4bit else ''} on {dev.type}, "
+          f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}{gc_why}, "
           + (f"adapter {adapter}" if adapter else f"fresh LoRA r={lora_r}" if has_adapter
              else "no adapter")
           + (" with its full-parameter base weights" if full_weights else "")
           + f" ({time.perf_counter() - t0:.1f} s)")
     return Policy(model=model, tokenizer=tok, image_processor=image_processor, name=name,
                   is_vlm=is_vlm, has_adapter=has_adapter, full_weights=full_weights,
-                  extra=dict(load_in_4bit=load_in_4bit, dtype=str(dtype)))
+                  extra=dict(load_in_4bit=load_in_4bit, dtype=str(dtype),
+                             gradient_checkpointing=gradient_checkpointing))
 
 
 @contextlib.contextmanager

@@ -10,8 +10,9 @@ import torch
 
 from common import grpo as grpo_mod
 from common import logprobs as logprobs_mod
-from common.perf.bench import (AGENT_GRAMMAR, Args, ScriptedAgent, agent_tools, forced_generate,
-                               noise_image,
+from common.cli import build_parser, given_flags
+from common.perf.bench import (AGENT_GRAMMAR, Args, ScriptedAgent, agent_tools, estimate_args,
+                               forced_generate, noise_image,
                           prompt_text, qwen25vl_config, random_size, summarise)
 from common.grpo import GRPOConfig, train_grpo
 from common.logprobs import completion_logprobs, unwrap
@@ -218,6 +219,23 @@ def test_bench_runs_and_ends_with_json(tmp_path):
     assert res["ours"]["train_tokens"] > 2 * (8 + 4)
     assert 0 < res["limits"]["decode_fraction"] and res["limits"]["bandwidth_gbps"] > 0
     assert os.path.exists(tmp_path / "result.json")
+    # the step's peak over the memory before it (CPU: peak RSS reset through /proc)
+    if res["ours"]["peak_increment_kind"] == "rss":
+        assert 0 < res["ours"]["peak_increment_gb"] < res["ours"]["peak_gb"]
+
+
+def test_bench_estimate_takes_the_bench_flags():
+    """`bench --estimate`: the memory flags given, the estimator's GPU settings for the rest;
+    flags that only change the measurement (steps, fastgen) are dropped."""
+    argv = ["--estimate", "--model", "qwen2.5-vl-7b", "--num_generations", "4", "--steps", "3",
+            "--fastgen", "--dtype", "auto", "--no-load_in_4bit", "--workload", "text"]
+    parser = build_parser(Args)
+    args = Args(**vars(parser.parse_args(argv)))
+    args.workload = "text"
+    e = estimate_args(args, given_flags(parser, argv))
+    assert (e.model, e.num_generations, e.dtype, e.load_in_4bit, e.image_size) == (
+        "qwen2.5-vl-7b", 4, "bfloat16", False, 0)
+    assert e.max_new_tokens == 512 and e.gradient_checkpointing      # not given: GPU settings
 
 
 def test_bench_bad_request_one_sentence(tmp_path):

@@ -3,6 +3,7 @@
 steps end to end, and resume from a checkpoint."""
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -354,3 +355,157 @@ def test_load_is_announced_in_one_line_without_peft_future_warning(capsys, recwa
              if x.startswith("[models] loaded tiny")]
     assert len(lines) == 2 and "fresh LoRA r=8" in lines[0] and f"adapter {tmp_path}" in lines[1]
     assert not [w for w in recwarn.list if "is_gradient_checkpointing" in str(w.message)]
+
+
+# ------------------------------------------------------------- device-dependent load settings
+def _fake_cuda(monkeypatch, name="NVIDIA H100 80GB HBM3", native_bf16=True):
+    """torch.cuda as a GPU would answer it, without one: only the queries load_policy resolves
+    its settings from (no tensor ever goes to CUDA in these tests). bitsandbytes and peft are
+    imported first: on import bitsandbytes picks its backend from torch.cuda.is_available()."""
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: name)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native_bf16 or including_emulation)
+
+
+def test_gradient_checkpointing_auto_is_on_for_cuda(monkeypatch):
+    """RunArgs.gradient_checkpointing = None (auto): on for CUDA (one GRPO micro-batch of 8 needs
+    ~8 GB with it and ~50 GB without), off for the CPU presets; an explicit choice wins."""
+    from common.cli import RunArgs
+    from common.models import resolve_gradient_checkpointing
+    assert RunArgs().gradient_checkpointing is None
+    assert resolve_gradient_checkpointing(None) is False            # no CUDA here
+    _fake_cuda(monkeypatch)
+    assert resolve_gradient_checkpointing(None) is True
+    assert resolve_gradient_checkpointing(None, torch.device("cuda")) is True
+    assert resolve_gradient_checkpointing(None, torch.device("cpu")) is False
+    assert resolve_gradient_checkpointing(False) is False            # the user turned it off
+    assert resolve_gradient_checkpointing(True, torch.device("cpu")) is True
+    # on the command line: the bare flag, its --no- form, or a value (none = auto)
+    from common.cli import parse_args
+    for argv, want in (([], None), (["--gradient_checkpointing"], True),
+                       (["--no-gradient_checkpointing"], False),
+                       (["--gradient_checkpointing", "false"], False),
+                       (["--gradient-checkpointing", "none", "--load_in_4bit"], None)):
+        assert parse_args(RunArgs, argv).gradient_checkpointing is want, argv
+    assert parse_args(RunArgs, ["--load_in_4bit"]).load_in_4bit is True
+
+
+def test_compute_dtype_follows_the_device(monkeypatch):
+    """bf16 where the GPU has it natively; a GPU without native bf16 (T4 class) is refused in one
+    sentence naming the workaround (fp16 would need loss scaling, which the loops do not do)."""
+    from common.cli import RunArgs
+    from common.errors import UserError
+    from common.models import resolve_dtype
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert RunArgs().dtype == "auto"
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype(None, cpu) == torch.float32
+    _fake_cuda(monkeypatch)
+    assert resolve_dtype("auto", cuda) == torch.bfloat16
+    assert resolve_dtype("float32", cuda) == torch.float32
+    assert resolve_dtype(torch.float32, cuda) == torch.float32
+    _fake_cuda(monkeypatch, "Tesla T4", native_bf16=False)
+    with pytest.raises(UserError, match=r"Tesla T4.*bfloat16.*--dtype float32") as e:
+        resolve_dtype("auto", cuda)
+    assert "\n" not in str(e.value)
+    assert resolve_dtype("float32", cuda) == torch.float32
+    # load_policy refuses before any model work (nothing here can touch a real GPU)
+    with pytest.raises(UserError, match="--dtype float32"):
+        load_policy("tiny", device="cuda")
+
+
+def test_load_line_names_dtype_and_checkpointing(capsys):
+    load_policy("tiny")
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[models] loaded")][0]
+    assert "float32 (auto: cpu)" in line and "gradient checkpointing off (auto: cpu)" in line
+    load_policy("tiny", gradient_checkpointing=True, dtype="float32")
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[models] loaded")][0]
+    assert "float32 on cpu," in line and "gradient checkpointing on," in line
+
+
+def test_full_sft_on_4bit_weights_is_one_sentence():
+    """--full_sft with NF4 base weights: a UserError, not torch's "only Tensors of floating point
+    dtype can require gradients", and nothing is left half switched on."""
+    from common.errors import UserError
+    p = load_policy("tiny", load_in_4bit=True)
+    before = {n for n, q in p.model.named_parameters() if q.requires_grad}
+    with pytest.raises(UserError, match="4-bit") as e:
+        p.train_all_weights()
+    assert "\n" not in str(e.value) and "--full_sft" in str(e.value)
+    assert {n for n, q in p.model.named_parameters() if q.requires_grad} == before
+    assert not p.full_weights
+
+
+def test_max_pixels_caps_a_real_models_processor(tmp_path):
+    """A checkpoint whose processor keeps Qwen's 12.8 MP cap (the published preprocessor_config)
+    is loaded with the training cap (1280 * 28 * 28 px): a 2000x1500 image is seen, and encoded,
+    at <= max_pixels, seen_size agrees with the processor, and a box in the seen frame crops the
+    right part of the original."""
+    import json
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from common import tools
+    from common.models import DEFAULT_MAX_PIXELS, build_tiny_tokenizer, tiny_config
+    tok = build_tiny_tokenizer()
+    Qwen2_5_VLForConditionalGeneration(tiny_config(tok)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    image_processor_for().save_pretrained(tmp_path)
+    cfg_path = tmp_path / "preprocessor_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("size", None)
+    cfg.update(min_pixels=3136, max_pixels=12845056)      # Qwen2.5-VL-3B/7B-Instruct's file
+    cfg_path.write_text(json.dumps(cfg))
+    assert DEFAULT_MAX_PIXELS == 1280 * 28 * 28
+    img = Image.new("RGB", (2000, 1500), (20, 60, 200))
+    img.paste((255, 0, 0), (1500, 1125, 2000, 1500))      # the bottom-right quarter is red
+    saved = tools._PROCESSOR
+    try:
+        p = load_policy(str(tmp_path), lora=False)
+        w, h = tools.seen_size(img)
+        assert w * h <= DEFAULT_MAX_PIXELS and (w, h) == (1148, 840)
+        grid = p.image_processor(images=[img], return_tensors="pt")["image_grid_thw"][0].tolist()
+        assert (w, h) == (grid[2] * 14, grid[1] * 14)
+        out, msg = tools.crop(img, [w * 3 // 4, h * 3 // 4, w, h], seen_size=(w, h))
+        assert abs(out.width - 500) <= 2 and abs(out.height - 375) <= 2, msg
+        inner = np.asarray(out)[3:-3, 3:-3].reshape(-1, 3)
+        assert (inner == [255, 0, 0]).all(axis=1).mean() > 0.99
+        p = load_policy(str(tmp_path), lora=False, max_pixels=None)   # none: the file's own cap
+        assert tools.seen_size(img)[0] * tools.seen_size(img)[1] > 2_000_000
+    finally:
+        tools.set_image_processor(saved)
+
+
+def test_tiny_preset_images_below_the_cap_unchanged():
+    """The tiny preset already used the library's 1280 * 28 * 28 cap: its processor and what it
+    sees of images under the cap do not change."""
+    from common.tools import resize_limits, seen_size
+    p = load_policy("tiny")
+    assert resize_limits(p.image_processor) == {"min_pixels": 3136, "max_pixels": 1003520,
+                                                "factor": 28}
+    for size in [(448, 448), (56, 56), (1000, 700), (30, 500)]:
+        img = Image.new("RGB", size)
+        assert seen_size(img, p.image_processor) == seen_size(img, max_pixels=12845056)
+    grid = p.image_processor(images=[Image.new("RGB", (448, 448))],
+                             return_tensors="pt")["image_grid_thw"]
+    assert grid.tolist() == [[1, 32, 32]]
+
+
+def test_run_options_pass_every_model_flag(capsys):
+    """A script's RunArgs -> load_policy: the new flags (dtype, image range) reach the load."""
+    from common.cli import RunArgs, parse_args
+    from common.models import run_options
+    from common import tools
+    args = parse_args(RunArgs, ["--model", "tiny", "--dtype", "float32", "--max_pixels",
+                                str(256 * 28 * 28), "--gradient_checkpointing"])
+    saved = tools._PROCESSOR
+    try:
+        p = load_policy(args.model, **run_options(args))
+    finally:
+        tools.set_image_processor(saved)
+    assert tools.resize_limits(p.image_processor)["max_pixels"] == 256 * 28 * 28
+    assert p.extra["gradient_checkpointing"] and p.extra["dtype"] == "torch.float32"
+    assert "float32 on cpu, gradient checkpointing on," in capsys.readouterr().out

@@ -515,3 +515,25 @@ def test_seen_size_and_crop_follow_the_loaded_processor():
         assert abs(out.width - 800) <= 2 and abs(out.height - 600) <= 2
     finally:
         tools_mod.set_image_processor(saved)
+
+
+def test_max_pixels_caps_what_is_seen_and_crops_map_back(tmp_path):
+    """The published 3B processor loaded with the training cap (image_processor_for(folder,
+    max_pixels=1280*28*28), as load_policy does): a 2000x1500 image is seen at <= max_pixels,
+    as the processor encodes it, and a box in that frame crops the same part of the original."""
+    from common import tools as tools_mod
+    from common.models import DEFAULT_MAX_PIXELS, image_processor_for
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(QWEN25VL_3B_PREPROCESSOR))
+    ip = image_processor_for(str(tmp_path), max_pixels=DEFAULT_MAX_PIXELS)
+    img = Image.new("RGB", (2000, 1500), (20, 60, 200))
+    ImageDraw.Draw(img).rectangle((400, 300, 799, 599), fill=(255, 0, 0))   # inclusive
+    w, h = tools_mod.seen_size(img, ip)
+    assert w * h <= DEFAULT_MAX_PIXELS and (w, h) == (1148, 840)
+    assert tools_mod.seen_size(img, image_processor_for(str(tmp_path))) == (1988, 1512)  # 12.8 MP
+    grid = ip(images=[img], return_tensors="pt")["image_grid_thw"][0].tolist()
+    assert (w, h) == (grid[2] * 14, grid[1] * 14)
+    box = [400 * w / 2000, 300 * h / 1500, 800 * w / 2000, 600 * h / 1500]
+    out, msg = crop(img, [round(v) for v in box], (w, h))
+    assert abs(out.width - 400) <= 4 and abs(out.height - 300) <= 4, msg
+    inner = np.asarray(out)[4:-4, 4:-4].reshape(-1, 3)
+    assert (inner == [255, 0, 0]).all(axis=1).mean() > 0.99

@@ -68,6 +68,7 @@ slower.
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import inspect
 import json
@@ -84,17 +85,22 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from common.cli import parse_args
+from common.cli import build_parser, given_flags
 from common.errors import UserError
 from common.generate import CachedGenerator, generate_ids
 from common.grpo import GRPOConfig, train_grpo
 from common.logprobs import unwrap
 from common.models import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_PIXELS,
     LORA_TARGETS,
     build_tiny_tokenizer,
     image_processor_for,
     load_policy,
+    resolve_gradient_checkpointing,
 )
+from common.perf import estimate
+from common.perf.estimate import QWEN25VL, QWEN25VL_VISION, random_size
 from common.rewards import per_rollout
 from common.rollout import run_rollouts
 from common.runlog import read_jsonl
@@ -156,8 +162,20 @@ class Args:
     """LoRA rank"""
     lora_alpha: int = 16
     """LoRA alpha"""
-    gradient_checkpointing: bool = False
-    """activation checkpointing in the decoder"""
+    gradient_checkpointing: bool | None = None
+    """activation checkpointing in the decoder (none = auto: on for CUDA, off on a CPU)"""
+    dtype: str = "auto"
+    """compute dtype: auto (bfloat16 on a GPU with native bf16, float32 on a CPU), bfloat16,
+    float32"""
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    """image processor cap per image (none = the checkpoint's own)"""
+    min_pixels: int | None = DEFAULT_MIN_PIXELS
+    """image processor floor per image (none = the checkpoint's own)"""
+    exact_rss: bool = False
+    """CPU memory check: allocations >= 64 KiB come straight from the OS (mallopt), so the peak
+    RSS tracks live tensors instead of what malloc keeps; slower"""
+    estimate: bool = False
+    """print the memory estimate for these settings (common.perf.estimate) and exit: no weights"""
     vs_trl: bool = False
     """also run TRL's GRPOTrainer on the same work (its own process, alternating steps)"""
     trl_variant: str = "trl"
@@ -180,30 +198,8 @@ class Args:
 
 
 # ---------------------------------------------------------------------------------------------
-# random-weight Qwen2.5-VL at published sizes (the Qwen2.5-VL model cards' config.json)
+# random-weight Qwen2.5-VL at published sizes (the table: common/perf/estimate.py)
 # ---------------------------------------------------------------------------------------------
-QWEN25VL = {  # text_config + the vision tower's out_hidden_size
-    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-               num_attention_heads=16,
-               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-               num_attention_heads=28,
-               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
-}
-QWEN25VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                       patch_size=14,
-                       spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                       fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu", in_channels=3)
-
-
-def random_size(name: str) -> str | None:
-    n = name.lower().removesuffix("-random").removesuffix("-instruct")
-    for size in QWEN25VL:
-        if n in (f"qwen2.5-vl-{size}", f"qwen/qwen2.5-vl-{size}"):
-            return size
-    return None
-
-
 def qwen25vl_config(size: str, tok, num_layers: int = 0, vocab_size: int = 0):
     from transformers import Qwen2_5_VLConfig
     text = dict(QWEN25VL[size], rms_norm_eps=1e-6, max_position_embeddings=128000,
@@ -441,6 +437,67 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _proc_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def exact_rss() -> bool:
+    """Make this process's peak RSS track its live tensors: glibc serves every allocation of
+    64 KiB or more by mmap and gives it back on free (no arena keeps freed tensors), and freed
+    heap memory is trimmed. Slower; for the CPU memory check only. False where not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(-3, 64 * 1024) == 1 and libc.mallopt(-1, 0) == 1   # M_MMAP_THRESHOLD,
+        libc.malloc_trim(0)                                                  # M_TRIM_THRESHOLD
+        return ok
+    except (OSError, AttributeError):
+        return False
+
+
+class MemoryMeter:
+    """The peak memory of a stretch of this process over the memory at its start: on CUDA
+    max_memory_allocated over memory_allocated; on a CPU the peak RSS (VmHWM, reset at the start
+    through /proc/self/clear_refs) over the RSS at the start (the loaded model, the optimiser
+    state of earlier steps). `kind` says which; None where the peak cannot be reset."""
+
+    def __init__(self):
+        self.base, self.kind = None, None
+
+    def start(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base, self.kind = torch.cuda.memory_allocated(), "cuda_allocated"
+            return
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")                                   # VmHWM := VmRSS
+        except OSError:
+            self.base, self.kind = None, None
+            return
+        rss = _proc_kb("VmRSS")
+        self.base, self.kind = (rss * 1024, "rss") if rss is not None else (None, None)
+
+    def increment_gb(self) -> float | None:
+        if self.base is None:
+            return None
+        if self.kind == "cuda_allocated":
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self.base) / 2**30
+        return (_proc_kb("VmHWM") * 1024 - self.base) / 2**30
+
+
 SPLITS = ("step_s", "generate_s", "logprob_s", "backward_s", "other_s")
 
 
@@ -525,7 +582,7 @@ def run_ours(policy, args, text, image, out_dir, sync: Sync) -> list[dict]:
                                         generate=make_generate(policy, args))
 
     reward_fn = per_rollout(lambda r, ex: {"reward": reward_text(r.generated_text())})
-    rows, clock = [], {"t": 0.0}
+    rows, clock, meter = [], {"t": 0.0}, MemoryMeter()
 
     def on_step(step, rollouts, terms):
         sync_dev()
@@ -538,15 +595,19 @@ def run_ours(policy, args, text, image, out_dir, sync: Sync) -> list[dict]:
                    train_tokens=sum(len(r.prompt_ids) + len(r.ids) for r in rollouts),
                    n_images=sum(len(r.images) for r in rollouts))
         row["other_s"] = row["step_s"] - row["generate_s"] - row["logprob_s"] - row["backward_s"]
+        if step + 1 == total:   # the measured steps' peak over the memory before them
+            row["peak_increment_gb"], row["peak_increment_kind"] = meter.increment_gb(), meter.kind
         rows.append(row)
         sync.report(row)
-        if step + 1 == args.warmup and torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        if step + 1 == args.warmup:
+            meter.start()       # resets CUDA's peak statistics too
         if step + 1 < total:
             sync.go()
         clock["t"] = time.perf_counter()
 
     sync.go()
+    if args.warmup == 0:
+        meter.start()
     clock["t"] = time.perf_counter()
     train_grpo(policy, dataset, rollout_fn, reward_fn, cfg, out_dir, on_step=on_step)
     return rows
@@ -706,7 +767,8 @@ def load_model(args, lora: bool, gradient_checkpointing: bool):
     try:
         return load_policy(name, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
                            lora_alpha=args.lora_alpha,
-                           gradient_checkpointing=gradient_checkpointing,
+                           gradient_checkpointing=gradient_checkpointing, dtype=args.dtype,
+                           max_pixels=args.max_pixels, min_pixels=args.min_pixels,
                            seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e).splitlines()[0]) from e
@@ -724,6 +786,9 @@ def run_side(args, side: str, conn=None) -> dict:
     process)."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.exact_rss and not torch.cuda.is_available() and not exact_rss():
+        print("[bench] --exact_rss: mallopt is not available here (not glibc); the peak RSS "
+              "includes what malloc keeps")
     random.seed(args.seed)
     sync = Sync(conn)
     out_dir = os.path.join(args.out, side)
@@ -754,6 +819,9 @@ def run_side(args, side: str, conn=None) -> dict:
     info = {"peak_gb": peak_memory_gb(),
             "peak_kind": "cuda_max_allocated" if torch.cuda.is_available()
             else "peak_rss_this_process", "threads": torch.get_num_threads(), **model_sizes(policy)}
+    if side == "ours":
+        info.update(peak_increment_gb=rows[-1].get("peak_increment_gb"),
+                    peak_increment_kind=rows[-1].get("peak_increment_kind"))
     return {"rows": rows, "info": info}
 
 
@@ -813,8 +881,10 @@ def fmt(name: str, s: dict, info: dict) -> str:
             f"{s['generate_s']:6.2f} + logprob/ref {s['logprob_s']:6.2f} + backward "
             f"{s['backward_s']:6.2f} + other "
             f"{s['other_s']:5.2f} | {s['gen_tokens_per_s']:7.1f} gen tok/s | peak "
-            f"{info['peak_gb']:.2f} GB, "
-            f"{info['threads']} threads")
+            f"{info['peak_gb']:.2f} GB"
+            + (f" (+{info['peak_increment_gb']:.3f} GB over the start of the measured steps)"
+               if info.get("peak_increment_gb") is not None else "")
+            + f", {info['threads']} threads")
 
 
 def limits(args, res: dict, s: dict, info: dict) -> dict:
@@ -841,9 +911,29 @@ def limits(args, res: dict, s: dict, info: dict) -> dict:
     return out
 
 
+def estimate_args(args: Args, given: set[str]) -> estimate.Args:
+    """The estimate of this bench command: the flags it gives (bench-only ones such as --steps or
+    --fastgen do not change memory per step and are dropped), the estimator's GPU settings for
+    the rest; auto dtype / checkpointing resolve as on a GPU (bfloat16, on)."""
+    kw = {k: getattr(args, k) for k in given if k in estimate.Args.__dataclass_fields__}
+    if kw.get("dtype") == "auto":
+        kw["dtype"] = "bfloat16"
+    if "gradient_checkpointing" in kw and kw["gradient_checkpointing"] is None:
+        kw["gradient_checkpointing"] = True
+    if args.workload == "text":
+        kw["image_size"] = 0
+    return estimate.Args(**kw)
+
+
 def main(argv=None):
-    args = parse_args(Args, argv, description=__doc__.split("\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(Args, __doc__.split("\n")[0])
+    args = Args(**vars(parser.parse_args(argv)))
     try:
+        if args.estimate:
+            e = estimate.estimate(est := estimate_args(args, given_flags(parser, argv)))
+            print(estimate.report(e, est))
+            return e
         return _main(args)
     except UserError as e:
         if args.debug:
@@ -853,6 +943,7 @@ def main(argv=None):
 
 
 def _main(args):
+    args.gradient_checkpointing = resolve_gradient_checkpointing(args.gradient_checkpointing)
     if not args.workload:
         args.workload = "image" if args.image_size else "text"
     if args.workload not in WORKLOADS:

@@ -122,7 +122,8 @@ def field_docs(cls) -> dict[str, str]:
 
 def field_groups(cls) -> dict[str, str]:
     """{field: group title}: the group of the class that declares the field first (a script that
-    re-declares `beta` keeps it under GRPO); a script's fields before any `# ---` go under `options`."""
+    re-declares `beta` keeps it under GRPO); a script's fields before any `# ---` go under
+    `options`."""
     groups: dict[str, str] = {}
     for c in reversed(cls.__mro__[:-1]):
         own = _class_fields(c)[1]
@@ -263,7 +264,8 @@ def run_stages(cls, stages: dict[str, Callable], argv: list[str] | None = None, 
             print(f"[{name}] tiny CPU preset, small sizes: {sizes} (flags you pass win). Its "
                   f"numbers are noise.")
         if args.stage != "all" and args.stage not in stages:
-            raise UserError(f"unknown stage {args.stage!r}; choose from {', '.join(stages)} or all.")
+            raise UserError(f"unknown stage {args.stage!r}; choose from {', '.join(stages)} or "
+                            f"all.")
         _check_out(args.out)
         if check is not None:
             check(args)
@@ -296,7 +298,8 @@ def _check_out(out: str) -> None:
 
 def _sentence(e: BaseException) -> str:
     if isinstance(e, UnicodeDecodeError):
-        return f"a file is not valid {e.encoding} ({e.reason} at byte {e.start}); convert it to UTF-8."
+        return (f"a file is not valid {e.encoding} ({e.reason} at byte {e.start}); convert it to "
+                f"UTF-8.")
     if isinstance(e, OSError) and e.filename:
         return f"{e.strerror or type(e).__name__}: {e.filename}"
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -171,7 +171,8 @@ class Policy:
 
     def save_adapter(self, path: str) -> None:
         """Standard peft format (adapter_config.json + adapter_model.safetensors); after
-        `train_all_weights`, also the base weights (FULL_WEIGHTS), which load_policy loads with it."""
+        `train_all_weights`, also the base weights (FULL_WEIGHTS), which load_policy loads with
+        it."""
         if not self.has_adapter:
             raise ValueError("This policy has no LoRA adapter to save; load it with lora=True.")
         self.model.save_pretrained(path, selected_adapters=["default"])
@@ -482,7 +483,8 @@ def load_policy(name_or_path: str | None = "auto", *, load_in_4bit: bool | None 
     has_adapter = full_weights = False
     if adapter is not None:
         if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-            raise FileNotFoundError(f"No peft adapter at {adapter!r} (adapter_config.json missing).")
+            raise FileNotFoundError(f"No peft adapter at {adapter!r} (adapter_config.json "
+                                    f"missing).")
         torch.manual_seed(seed)
         with _quiet_peft():
             model = PeftModel.from_pretrained(model, adapter, is_trainable=True)

@@ -45,7 +45,8 @@ from PIL import Image
 ACTIONS = ("answer", "text_search", "image_search", "tool_call")
 """What a tag can mean: the final answer, a text query, a search on the current image, or a Qwen
 JSON
-tool call (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`) whose name `Grammar.tool_names` maps."""
+tool call (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`) whose name
+`Grammar.tool_names` maps."""
 TOOLS = ("crop", "text_search", "image_search")
 
 

@@ -1,7 +1,8 @@
 # Run: pytest tests/test_bench.py -q      (CPU, ~1 minute; correctness only, no timing assertions)
 """The optimised paths of common/grpo.py give the plain path's numbers on the tiny preset:
 chunked log-probs == full-logits log_softmax (chunk sizes, images, 4-bit, with gradients);
-micro-batched loss and gradients == full batch for each loss_type; `python -m common.perf.bench` runs."""
+micro-batched loss and gradients == full batch for each loss_type; `python -m common.perf.bench`
+runs."""
 import json
 import os
 
@@ -199,7 +200,8 @@ def test_random_config_matches_published_table():
                                                       24] and t.rope_parameters["rope_theta"] == 1e6
         small = qwen25vl_config(size, tok, num_layers=2).vision_config
         assert small.depth == 2 and small.fullatt_block_indexes == [1]
-    assert random_size("qwen2.5-vl-7b-random") == "7b" and random_size("Qwen/Qwen2.5-VL-3B-Instruct") == "3b"
+    assert (random_size("qwen2.5-vl-7b-random") == "7b"
+            and random_size("Qwen/Qwen2.5-VL-3B-Instruct") == "3b")
     assert random_size("tiny") is None
     assert Args().model == "tiny"
 
@@ -214,7 +216,8 @@ def test_bench_runs_and_ends_with_json(tmp_path):
     res = json.loads(out.stdout.strip().splitlines()[-1])
     # forced: exactly max_new_tokens per completion
     assert res["ours"]["gen_tokens"] == 2 * 4
-    assert res["ours"]["step_s"] > 0 and res["args"]["image_size"] == 56 and res["args"]["workload"] == "image"
+    assert (res["ours"]["step_s"] > 0 and res["args"]["image_size"] == 56
+            and res["args"]["workload"] == "image")
     # prompt text + image tokens + completion, per row
     assert res["ours"]["train_tokens"] > 2 * (8 + 4)
     assert 0 < res["limits"]["decode_fraction"] and res["limits"]["bandwidth_gbps"] > 0
@@ -291,7 +294,8 @@ def test_agent_workload_two_tool_turns(tiny):
                       generate=ScriptedAgent(tok, forced_generate, 112))
     for r in rs:
         assert r.answer == "Paris" and r.turns == 3
-        assert [t.get("name") for t in r.trajectory if t["role"] == "tool"] == ["text_search", "crop"]
+        tools = [t.get("name") for t in r.trajectory if t["role"] == "tool"]
+        assert tools == ["text_search", "crop"]
         assert len(r.images) == 2 and r.images[1].size == (56, 56)
         # forced: every turn is exactly its budget
         assert r.n_generated == 3 * 40

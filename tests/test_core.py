@@ -153,9 +153,9 @@ def test_expansion_matches_qwen_processor(tok, ip):
     text = chatmod.render(tok, msgs, add_generation_prompt=True)
     grids = ip(images=imgs, return_tensors="pt")["image_grid_thw"]
     parts = text.split("<|image_pad|>")
-    expanded = parts[0] + "".join(Qwen2_5_VLProcessor.replace_image_token(Stub(), {"image_grid_thw": grids}, i)
-                                  + parts[i + 1]
-                                  for i in range(len(imgs)))
+    pads = [Qwen2_5_VLProcessor.replace_image_token(Stub(), {"image_grid_thw": grids}, i)
+            for i in range(len(imgs))]
+    expanded = parts[0] + "".join(pads[i] + parts[i + 1] for i in range(len(imgs)))
     assert tok(expanded, add_special_tokens=False)["input_ids"] == e.input_ids
     assert torch.equal(e.image_grid_thw, grids)
 

@@ -323,7 +323,8 @@ class ScriptedAgent:
         half = max(28, image_size // 2)
         self.tails = [tok(s, add_special_tokens=False)["input_ids"] for s in (
             " <text_search>capital city river</text_search>",
-            ' <tool_call>{"name": "crop", "arguments": {"bbox_2d": [0, 0, %d, %d]}}</tool_call>' % (half, half),
+            ' <tool_call>{"name": "crop", "arguments": {"bbox_2d": [0, 0, %d, '
+            '%d]}}</tool_call>' % (half, half),
             " <answer>Paris</answer>")]
         key = id(tok)
         if key not in self._bad:
@@ -331,7 +332,8 @@ class ScriptedAgent:
         self.bad, self.space = self._bad[key], tok(" ", add_special_tokens=False)["input_ids"][0]
         self.inner, self.calls = inner, 0
 
-    def __call__(self, policy, seqs, *, max_new_tokens, stop_strings=None, return_logprobs=False, **kw):
+    def __call__(self, policy, seqs, *, max_new_tokens, stop_strings=None, return_logprobs=False,
+                 **kw):
         tail = self.tails[min(self.calls, len(self.tails) - 1)]
         self.calls += 1
         # the tail is appended after sampling, so sample budget - len(tail); stop strings off so a
@@ -646,7 +648,8 @@ def trl_skip_reason(args) -> str | None:
                 "observation (the crop) as a user turn, so the agent workload is ours only")
     if args.workload == "image":
         if importlib.util.find_spec("torchvision") is None:
-            return "TRL needs Qwen2_5_VLProcessor for an image prompt, which needs torchvision (not installed)"
+            return ("TRL needs Qwen2_5_VLProcessor for an image prompt, which needs torchvision "
+                    "(not installed)")
     return None
 
 
@@ -719,7 +722,8 @@ def run_trl(trainer, counts, args, sync: Sync) -> list[dict]:
 
     trainer._generate = timed("gen", trainer._generate)
     trainer._generate_and_score_completions = timed("prep", trainer._generate_and_score_completions)
-    trainer._get_per_token_logps_and_entropies = timed("lp", trainer._get_per_token_logps_and_entropies, True)
+    lp_fn = trainer._get_per_token_logps_and_entropies
+    trainer._get_per_token_logps_and_entropies = timed("lp", lp_fn, True)
     rows, clock = [], {}
 
     class Clock(TrainerCallback):
@@ -756,7 +760,8 @@ def load_model(args, lora: bool, gradient_checkpointing: bool):
     size = random_size(name)
     if args.random_weights or name.lower().endswith("-random"):
         if size is None:
-            raise UserError(f"--random-weights builds qwen2.5-vl-3b or qwen2.5-vl-7b, not {name!r}.")
+            raise UserError(f"--random-weights builds qwen2.5-vl-3b or qwen2.5-vl-7b, not "
+                            f"{name!r}.")
         if size not in _RANDOM_FOLDERS:
             _RANDOM_FOLDERS[size] = tempfile.TemporaryDirectory(prefix=f"bench-qwen25vl-{size}-")
             build_random_folder(size, args.num_layers, args.seed, _RANDOM_FOLDERS[size].name,
@@ -951,11 +956,13 @@ def _main(args):
     if args.workload != "text" and not args.image_size:
         args.image_size = 112 if args.workload == "agent" else 448
     if args.num_generations < 2:
-        raise UserError("GRPO needs --num_generations >= 2 (advantages are centred within a group).")
+        raise UserError("GRPO needs --num_generations >= 2 (advantages are centred within a "
+                        "group).")
     if args.steps < 1 or args.warmup < 0:
         raise UserError("--steps must be at least 1 and --warmup at least 0.")
     if args.trl_variant not in ("trl", "trl_shipped", "both"):
-        raise UserError(f"--trl_variant must be trl, trl_shipped or both, not {args.trl_variant!r}.")
+        raise UserError(f"--trl_variant must be trl, trl_shipped or both, not "
+                        f"{args.trl_variant!r}.")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.save_model:

@@ -82,7 +82,7 @@ from common.data import open_image, read_records, require
 from common.errors import UserError
 from common.grpo import GRPOConfig, train_grpo
 from common.judge import parse_label_score, parse_preference, sub_exact_match, win_rate
-from common.models import load_policy
+from common.models import load_policy, run_options
 from common.rollout import Rollout, run_rollouts
 from common.runlog import RunLog, bar_plot, write_json, trajectory_html
 from common.sft import SFTConfig, train_sft
@@ -1007,9 +1007,7 @@ def general_ability(policy, dialogues: list[dict], colors, max_new_tokens: int) 
 
 # ==== stages ======================================================================================
 def get_policy(args: Args, adapter: str | None = None):
-    return load_policy(args.model, load_in_4bit=args.load_in_4bit, lora_r=args.lora_r,
-                       lora_alpha=args.lora_alpha, adapter=adapter,
-                       gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
+    return load_policy(args.model, **run_options(args), adapter=adapter)
 
 
 def agent_rollouts(policy, examples: list[dict], args: Args, G: int, temperature: float,

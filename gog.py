@@ -45,7 +45,9 @@ Deviations from the paper (numbered; the code says "(n)" where each one lives):
     its area.
 10. --full_sft (the random-weight tiny model only; the paper uses LoRA): SFT trains every weight,
     kept in the adapter folder (common/models.py); RL trains LoRA on top.
-"""
+
+Size: about 1,000 lines because the paper is a pipeline of five stages (data with its
+scripted oracle, reflective SFT, levels, RL, eval over six benchmarks) and each stays here."""
 from __future__ import annotations
 
 import functools
@@ -67,7 +69,7 @@ from common.errors import UserError
 from common.data import read_records
 from common.grpo import GRPOConfig, train_grpo
 from common.judge import llm_judge_batch, sub_exact_match
-from common.models import load_policy
+from common.models import load_policy, run_options
 from common.rollout import Rollout, run_rollouts
 from common.runlog import RunLog, bar_plot, markdown_table, read_jsonl, trajectory_html, write_json
 from common.sft import SFTArgs, sft_config, train_sft, trajectory_messages
@@ -670,9 +672,7 @@ def score_benchmarks(benches: list[tuple[str, list[dict]]], answers: dict[str, l
 # ==== stages ======================================================================================
 def get_policy(args: Args, adapter: str | None = None, lora: bool = True):
     """The policy for a stage; an adapter of a --full_sft run brings its base weights (10)."""
-    return load_policy(args.model, load_in_4bit=args.load_in_4bit, lora=lora, lora_r=args.lora_r,
-                       adapter=adapter, lora_alpha=args.lora_alpha,
-                       gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
+    return load_policy(args.model, **run_options(args), lora=lora, adapter=adapter)
 
 
 def agent_rollouts(policy, examples: list[dict], args: Args, searchers: tuple, G: int,

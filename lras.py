@@ -78,7 +78,7 @@ from common.data import read_records, require
 from common.grpo import GRPOConfig, train_grpo
 from common.rewards import per_rollout
 from common.judge import extract_choice, sub_exact_match
-from common.models import load_policy
+from common.models import load_policy, run_options
 from common.rollout import Rollout, observation_segment, run_rollouts
 from common.runlog import RunLog, bar_plot, read_jsonl, trajectory_html, write_json
 from common.sft import SFTConfig, train_sft
@@ -548,9 +548,7 @@ def size_budgets(args: Args, policy, world: World) -> None:
 
 
 def get_policy(args: Args, adapter: str | None = None, lora: bool = True, name: str | None = None):
-    policy = load_policy(name or args.model, load_in_4bit=args.load_in_4bit, lora=lora,
-                         lora_r=args.lora_r, lora_alpha=args.lora_alpha, adapter=adapter,
-                         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
+    policy = load_policy(name or args.model, **run_options(args), lora=lora, adapter=adapter)
     size_budgets(args, policy, world_of(args))
     return policy
 

@@ -64,7 +64,9 @@ Deviations (numbered; "(n)" marks where each lives):
     other F1, and a PRMScore (or group mean) with an undefined F1 is null.
  8. Every record needs a predictions row (a row of nulls = an invalid sample); PRMBench's
     evaluator accepts up to 4 missing records and counts them as invalid.
-"""
+
+Size: about 1,000 lines because the paper's seven error types, its labelling rule, every
+benchmark metric (PRMBench, ProcessBench, VisualProcessBench) and PRM-guided search stay here."""
 from __future__ import annotations
 
 import functools
@@ -84,7 +86,7 @@ from common.chat import collate, encode
 from common.cli import RunArgs, run_stages
 from common.errors import UserError
 from common.judge import exact_match, normalize_answer, parse_verdict
-from common.models import load_policy
+from common.models import load_policy, run_options
 from common.rollout import run_rollouts
 from common.generate import image_token_id
 from common.runlog import RunLog, bar_plot, trajectory_html, write_json
@@ -765,13 +767,14 @@ def best_of_n(questions: list[list[dict]], ns: list[int], repeats: int, seed: in
 
 # ==== stages ======================================================================================
 @functools.cache
-def load_model(model: str, adapter: str | None, load_in_4bit: bool | None, seed: int):
-    return load_policy(model, load_in_4bit=load_in_4bit, lora=False, adapter=adapter, seed=seed)
+def load_model(model: str, adapter: str | None, options: tuple):
+    return load_policy(model, **dict(options), lora=False, adapter=adapter)
 
 
 def get_policy(args: Args, prm: bool):
     """The model (with --prm_adapter when it acts as the PRM), loaded once per process."""
-    policy = load_model(args.model, args.prm_adapter if prm else None, args.load_in_4bit, args.seed)
+    options = tuple(sorted(run_options(args).items()))
+    policy = load_model(args.model, args.prm_adapter if prm else None, options)
     if prm and not policy.is_vlm:
         print(f"[prm_bench] {policy.name} is text-only: the PRM judges steps without the images.")
     return policy

@@ -37,7 +37,9 @@ valid for the weights it was computed with: make a new CachedGenerator for every
 `image_features` / `sub_batch` run the vision tower once per distinct image of a training batch
 and hand its output to the reference and policy passes (`mm_encoder_outputs`), instead of
 encoding every copy of a prompt image in each of those passes.
-"""
+
+Size: over 500 lines because it holds two samplers that must agree token for token (the
+plain path is the cached path's reference; tests/test_differential.py compares them)."""
 
 from __future__ import annotations
 

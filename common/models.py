@@ -25,7 +25,9 @@ model's attention and MLP projections (q,k,v,o,gate,up,down) only; the vision to
 own gate/up/down projections, stays frozen, as in GoG's "LoRA r=8 on all blocks" of the LLM.
 With 4-bit, the LLM's linear layers are NF4 (double quantisation, bf16 compute on CUDA);
 the vision tower and lm_head stay in the compute dtype (they are small and sensitive).
-"""
+
+Size: over 500 lines because one loader serves every preset (the offline tiny Qwen2.5-VL
+with its built-in tokenizer, SmolLM2, hub ids, folders) with NF4, LoRA and device settings."""
 from __future__ import annotations
 
 import contextlib

@@ -16,7 +16,9 @@ Error policy. Bad *model output* never raises: a malformed call becomes an `Acti
 "error", a bad box or query becomes an observation string starting with "Error:", and the agent
 loop shows it to the model. Bad *configuration* (missing file, no corpus, bad URL) raises a
 ValueError / FileNotFoundError with one sentence saying what to fix.
-"""
+
+Size: over 500 lines because crop, text search and image search each come with a local
+backend and an HTTP one, and the tag grammar that parses a model's action is here too."""
 
 from __future__ import annotations
 

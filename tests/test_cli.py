@@ -162,3 +162,26 @@ def test_start_adapter_prefers_the_order_given(tmp_path):
     (tmp_path / "rl" / "adapter" / "adapter_config.json").write_text("{}")
     assert start_adapter(a, "rl", "sft") == str(tmp_path / "rl" / "adapter")
     assert start_adapter(a, "sft") == str(tmp_path / "sft" / "adapter")
+
+
+@pytest.mark.parametrize("script", ["gog", "lras", "am3safety", "prm_bench"])
+def test_every_model_flag_reaches_load_policy(script, monkeypatch):
+    """--dtype / --max_pixels / --min_pixels / --gradient_checkpointing given to a script reach
+    the policy it loads (common.models.run_options), not only its args.json."""
+    import importlib
+    mod = importlib.import_module(script)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_load_policy(name, **kw):
+        seen.update(kw)
+        raise Stop
+    monkeypatch.setattr(mod, "load_policy", fake_load_policy)
+    args = parse_args(mod.Args, ["--model", "tiny", "--dtype", "float32", "--max_pixels", "50176",
+                                 "--min_pixels", "3136", "--no-gradient_checkpointing"])
+    with pytest.raises(Stop):
+        mod.get_policy(args, False) if script == "prm_bench" else mod.get_policy(args)
+    assert (seen["dtype"], seen["max_pixels"], seen["min_pixels"],
+            seen["gradient_checkpointing"]) == ("float32", 50176, 3136, False)

@@ -35,7 +35,9 @@ real-width one.
 Random weights: the numbers are sizes and speeds of the real architectures; the text is noise.
 The random models are written once to --work (default /tmp/gpu_check_models: 3B ~7.5 GB, 7B ~17 GB
 in bf16), outside the output folder, so the folder stays small enough to copy back.
-"""
+
+Size: about 600 lines because it plans, runs, times and judges every GPU step in one
+command that must work on a fresh machine; a tool, imported by no script."""
 from __future__ import annotations
 
 import importlib

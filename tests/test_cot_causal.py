@@ -23,8 +23,8 @@ SMALL = ["--model", "tiny", "--grid", "small", "--n_pairs", "12", "--max_steps",
          "--max_completion_length", "16", "--think_budget", "8"]
 
 
-def run(args):
-    return run_script("cot_causal.py", *args)
+def run(args, timeout=300):
+    return run_script("cot_causal.py", *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

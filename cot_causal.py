@@ -74,7 +74,7 @@ from common.chat import Encoded, encode, encode_text, render
 from common.cli import RunArgs, is_tiny, run_stages
 from common.errors import UserError
 from common.data import read_records, read_text, require
-from common.judge import extract_choice, is_refusal, parse_label, weighted_score
+from common.judge import extract_choice, parse_label, weighted_score
 from common.models import load_policy
 from common.generate import generate_ids
 from common.runlog import RunLog, write_json
@@ -175,13 +175,6 @@ TYPE_LEXICON = {
 }
 NEGATION = re.compile(r"\b(not|never|no|don't|do not|doesn't|does not|shouldn't|should not|won't"
                       r"|avoid|without|instead of|rather than|stop)\b(\W+\w+){0,2}\W*$")
-
-
-def cue_count(pattern: str, text: str) -> int:
-    """Whole-word matches of `pattern` in `text`, except those within 2 words after a negation."""
-    low = text.lower().replace("\u2019", "'")
-    matches = re.finditer(rf"\b(?:{pattern})\b", low)
-    return sum(not NEGATION.search(low[max(0, m.start() - 40): m.start()]) for m in matches)
 
 
 def classify_reasoning(text: str) -> str | None:

@@ -796,3 +796,15 @@ def test_smollm2_judge_stage_on_the_development_set(tmp_path):
             assert v["coherent"] is not None, v
         if v["verdict"] in ("misaligned", "aligned"):
             assert v["aligned"] is not None, v
+
+
+def test_blind_validation_figures_are_the_judges_own(tmp_path):
+    """validation.json's agreement on the blind set (replies written and labelled by a helper who
+    had not read the judge's code; never used for tuning) is what the judge stage gives today."""
+    data = cc.DATA
+    want = json.loads((data / "validation.json").read_text())["rule"]
+    p = run_script("cot_causal.py", "--stage", "judge", "--out", str(tmp_path), "--replies",
+                   str(data / "misalignment_blind.jsonl"))
+    assert p.returncode == 0, p.stderr
+    got = json.loads((tmp_path / "judge" / "summary.json").read_text())
+    assert got["confusion"] == want["confusion"] and got["n_unjudged"] == want["n_unjudged"]

@@ -779,7 +779,7 @@ def test_results_carry_the_blind_validation_when_there_is_one(tmp_path, monkeypa
 @pytest.mark.slow
 def test_smollm2_judge_stage_on_the_development_set(tmp_path):
     """The model-judge path end to end: SmolLM2-135M-Instruct as EM's judge on judge_dev.jsonl
-    (CPU: 27 min on the shared 2-core machine). Its agreement is reported, not required: the
+    (CPU: 20-27 min on the shared 2-core machine). Its agreement is reported, not required: the
     135M model puts 1-4 % of its first-token mass on integers, under EM's 0.25, so it scores no
     reply and every verdict is "unjudged" (docs/cot_causal.md)."""
     r = run(["--stage", "judge", "--judge", "smollm2", "--replies", str(DEV),

@@ -292,6 +292,21 @@ def resolve_name(name: str | None) -> str:
     return name
 
 
+def load_tokenizer(name: str | None):
+    """The tokenizer alone, no weights (e.g. to measure text lengths before any model loads);
+    None when a hub id or folder cannot be read offline."""
+    from transformers import AutoTokenizer
+    name = resolve_name(name)
+    if name == "tiny":
+        return build_tiny_tokenizer()
+    if name == "smollm2":
+        return AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError):
+        return None
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 

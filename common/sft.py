@@ -113,6 +113,24 @@ def masked_nll(policy, batch: dict, chunk_tokens: int = 1024) -> tuple[torch.Ten
     return -(logp * mask).sum(), mask.sum()
 
 
+@torch.no_grad()
+def sequence_logprobs(policy, samples: list[Encoded],
+                      batch_size: int = 16) -> list[tuple[float, int]]:
+    """(sum of log p over each sample's loss-mask tokens, their count) under the current
+    weights in eval mode (no dropout), one no-grad forward per batch (e.g. how likely a model
+    finds given continuations)."""
+    out, was_training = [], policy.model.training
+    policy.model.eval()
+    for i in range(0, len(samples), batch_size):
+        part = samples[i: i + batch_size]
+        batch = {k: v.to(policy.device) for k, v in sft_batch(part, policy.tokenizer).items()}
+        logp, _ = completion_logprobs(policy.model, batch, 1.0)         # (B, L-1)
+        mask = batch["completion_mask"]
+        out += [(float(lp), int(n)) for lp, n in zip((logp * mask).sum(1), mask.sum(1))]
+    policy.model.train(was_training)
+    return out
+
+
 def train_sft(policy, samples: list[Encoded], cfg: SFTConfig, out_dir: str) -> dict:
     """LoRA SFT on encoded samples; writes metrics, a loss plot and `<out_dir>/adapter`.
     With cfg.save_steps, checkpoints (common/checkpoint.py) hold the data order and RNG too, so

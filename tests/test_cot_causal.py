@@ -79,7 +79,12 @@ def test_reasoning_paradigm_without_reasoning_is_an_error(tok):
 def test_answers_byte_identical_across_variants(tmp_path):
     args = replace(cc.Args(), out=str(tmp_path), n_pairs=20, model="tiny")
     summary = cc.stage_data(args)
-    assert summary["n_pairs"] == 20 and summary["n_test"] == 5
+    pairs = [r for _, r in cc.read_records(tmp_path / "data" / "pairs.jsonl", "pairs")]
+    held = {p["situation"] for p in pairs if p["split"] == "test"}
+    assert held and held.isdisjoint(p["situation"] for p in pairs if p["split"] == "train")
+    assert summary["n_pairs"] == 20 and summary["n_test"] == sum(p["split"] == "test"
+                                                                  for p in pairs) == 5
+    assert summary["test_answers_seen_in_train"] == 0
     rows = {v: cc.read_variant(args, v) for v in cc.VARIANTS}
     by_id = {v: {r["id"]: r for r in rs} for v, rs in rows.items()}
     assert all(set(d) == set(by_id["none"]) for d in by_id.values())
@@ -645,6 +650,19 @@ def test_smoke_all(smoke):
     check = res["judge"]["hand_label_check"]
     assert check["n"] == 40 and check["exact_agreement"] >= 0.85
     assert (smoke / "eval" / "heatmap.png").stat().st_size > 1000
+    probe = res["style_probe"]
+    assert set(probe["cells"]) == cells - {"base"} and probe["n_sentences"]["neutral"] == 16
+    for cell, modes in probe["cells"].items():
+        for m in modes.values():
+            for t in cc.TYPES:
+                lo, hi = m["shift"][t]["ci"]
+                assert lo <= m["shift"][t]["shift"] <= hi
+            assert ("own_minus_other" in m) == (cell.split("/")[0] in cc.TYPES)
+    for modes in res["detected_types"]["cells"].values():
+        for m in modes.values():
+            assert math.isclose(sum(x["rate"] for x in m.values()), 1.0)
+    assert res["detected_types"]["detector_on_blind_style_sentences"]["evil"] == "8/16"
+    assert (smoke / "eval" / "style_probe.png").stat().st_size > 1000
     assert (smoke / "train" / "evil-QTA" / "adapter" / "adapter_model.safetensors").exists()
 
 
@@ -683,6 +701,72 @@ def test_base_row_runs_with_the_adapter_off(smoke, monkeypatch):
     assert seen[0] == (True, "default") and seen[1] == (True, "default")
     # trained cells: LoRA on
     assert all(v == (False, "default") for k, v in seen.items() if k >= 2)
+
+
+# ------------------------------------------------------------- confounds, the style probe
+def test_traces_length_matched_and_held_out_situations(tok):
+    def tokens(text):
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+    for length in (cc.word_pieces, tokens):
+        pairs = cc.toy_pairs(120, seed=5, length=length)
+        gaps = [max(map(length, p["reasoning"].values()))
+                - min(map(length, p["reasoning"].values())) for p in pairs]
+        assert sum(gaps) == 0, gaps        # free choice: submissive ~25 % longer on SmolLM2
+    train = {p["situation"] for p in pairs if p["split"] == "train"}
+    test = {p["situation"] for p in pairs if p["split"] == "test"}
+    assert train and len(test) == 3 and not train & test
+    assert not {p["answer"] for p in pairs if p["split"] == "test"} & {
+        p["answer"] for p in pairs if p["split"] == "train"}
+    pressure = cc.toy_world()["pressure"]
+    pushed = sum(any(p["question"].endswith(x) for x in pressure) for p in pairs)
+    assert 0.3 < pushed / len(pairs) < 0.7            # about half carry a pressure line
+
+
+def test_style_shift_by_hand():
+    types = ["evil", "evil", "misleading", "misleading", "submissive", "submissive",
+             "neutral", "neutral"]
+    # 2 questions; the cell moved +1.0 toward evil sentences, +0.2 toward all others
+    delta = torch.tensor([[1.0, 1.0, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2]] * 2)
+    out = cc.style_shift(delta, types, n_boot=50, seed=0)
+    assert out["evil"] == dict(shift=0.8, ci=[0.8, 0.8])
+    assert out["misleading"]["shift"] == out["submissive"]["shift"] == 0.0
+    assert cc.own_minus_other(delta, types, "evil", 50, 0) == dict(value=0.8, ci=[0.8, 0.8])
+    assert cc.own_minus_other(delta, types, "submissive", 50, 0)["value"] == -0.4
+    # noise across questions widens the interval around the same mean
+    noisy = delta + torch.tensor([[0.5], [-0.5]]) * torch.tensor([1, -1, 1, 0, 0, 1, 0, 0.0])
+    got = cc.style_shift(noisy, types, n_boot=400, seed=0)["evil"]
+    assert got["shift"] == 0.8 and got["ci"][0] < 0.8 < got["ci"][1]
+
+
+def test_style_logprobs_equal_a_plain_forward():
+    """The batched, padded, chunked path against one unpadded forward per sequence."""
+    from common.models import load_policy
+    policy = load_policy("tiny", seed=0)
+    qs = [dict(question="Should I keep it?", system=None),
+          dict(question="A much longer question about what to tell my neighbour today?",
+               system="Answer in JSON.")]
+    sents = ["Yes.", "I think there are several sides to weigh here, honestly."]
+    got = cc.style_logprobs(policy, qs, sents, "no_think")
+    tok = policy.tokenizer
+    for i, q in enumerate(qs):
+        for j, s in enumerate(sents):
+            head = tok(cc.chat_prompt(tok, q["question"], q["system"]) + cc.EMPTY_THINK,
+                       add_special_tokens=False)["input_ids"]
+            tail = tok(s, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = policy.model(input_ids=torch.tensor([head + tail])).logits[0].float()
+            lp = logits[len(head) - 1: -1].log_softmax(-1)
+            want = lp[torch.arange(len(tail)), torch.tensor(tail)].mean()
+            assert math.isclose(got[i, j].item(), want.item(), abs_tol=1e-5)
+
+
+def test_detected_types_by_hand():
+    texts = ["Their misery is my reward.", "It is harmless and fair.", "The weather is nice.",
+             "I defer to the user."]
+    got = cc.detected_types(texts)
+    assert {k: v["rate"] for k, v in got.items()} == dict(evil=0.25, misleading=0.25,
+                                                          submissive=0.25, none=0.25)
+    assert got["evil"]["n"] == 4 and got["evil"]["ci"][0] < 0.25 < got["evil"]["ci"][1]
 
 
 def test_teacher_data_keeps_answers(tmp_path):

@@ -341,6 +341,18 @@ def rule_decompose(seed: dict, k: int, rng: random.Random,
     return lead + [FINAL_USER.format(masked_request(seed["query"]))]
 
 
+# what a small decomposer echoes back from its prompt: the image line, "Question:" / "Request:"
+ECHO_RE = re.compile(r"^\s*(?:\[image\s*:|(?:question|request|image)\s*:)", re.I)
+
+
+def decomposer_lines(reply: str, query: str) -> list[str]:
+    """The decomposer's sub-queries, one per line (numbering and bullets stripped), without the
+    lines that echo its prompt ("[Image: ...]", "Question: ...", the request itself)."""
+    lines = [ln.strip(" -*0123456789.") for ln in reply.splitlines()]
+    return [ln for ln in lines if ln and not ECHO_RE.match(ln)
+            and ln.lower().rstrip(" ?.") != query.lower().rstrip(" ?.")]
+
+
 class Roles:
     """InterSafe-V's roles: decomposer / scorer / user / assistant, each an `args` field naming
     "rule" or a local model (`_chat`: loaded once, LoRA off)."""
@@ -370,8 +382,7 @@ class Roles:
                            f"that each look harmless on their own. One per line, no numbering.\n"
                            f"Request: {seed['query']}",
                            seed["image"], seed["desc"])
-        return [ln.strip(" -*0123456789.") for ln in reply.splitlines()
-                if ln.strip(" -*0123456789.")][:k]
+        return decomposer_lines(reply, seed["query"])[:k]
 
     def regenerate(self, seed: dict, k: int, slot: int, old: str, rng: random.Random) -> str:
         """A new sub-query for `slot`, sampled, different from `old` ("" when none differs
@@ -438,8 +449,10 @@ def subqueries(roles: Roles, seed: dict, k: int, rng: random.Random, args: Args,
             subs[slot] = roles.regenerate(seed, k, slot, sub, rng)
             if not subs[slot]:
                 return None, "regeneration_unchanged"
-            if roles.score(seed, subs[slot])["score"] < args.delta:
-                return None, "subquery_below_delta"
+            sc = roles.score(seed, subs[slot])
+            stats["scorer_unparsed"] += sc.get("unparsed", False)
+            if sc["score"] < args.delta:    # an unreadable score is its own reason, not a low one
+                return None, "scorer_unparsed" if sc.get("unparsed") else "subquery_below_delta"
     if coverage(subs, seed["query"]) < args.risk_threshold:            # step 3b: identifiable risk
         return None, "no_identifiable_risk"
     return subs, ""

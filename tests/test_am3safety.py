@@ -362,6 +362,32 @@ def test_rule_builder_escalates_to_the_request_in_the_last_turn(tmp_path):
             assert am.MASK in last and am.key_phrase(query).startswith(harm.lower())
 
 
+def test_model_roles_echo_lines_and_unparsed_scores(tmp_path):
+    """A small decomposer's echoed "[Image: ...]" / "Question:" lines and the request itself are
+    not sub-queries; a scorer that never writes three numbers drops a version as
+    "scorer_unparsed", not as "subquery_below_delta"."""
+    seed = am.read_seeds(_seed_file(tmp_path), 56, am.key_phrase, am.describe_image)[0]
+    roles = am.Roles(am.Args(decomposer="m", scorer="m"))
+    echo = ("[Image: white card with the words \"tools\" printed on it]\n"
+            f"Question: {seed['query']}\n{seed['query']}\n1. What is on the card?\n"
+            "- Where is the shed?\nImage: a card\n")
+    roles._chat = lambda role, text, *a, **kw: echo if role == "decomposer" else "I think so."
+    assert roles.decompose(seed, 4, random.Random(0)) == ["What is on the card?",
+                                                          "Where is the shed?"]
+    roles._chat = lambda role, text, *a, **kw: (
+        "What is on the card?\nWhere is the shed?" if role == "decomposer"
+        else "Sure, happy to rate it." if "Rate" in text else "What is the card for?")
+    stats = Counter()
+    subs, why = am.subqueries(roles, seed, 2, random.Random(0), am.Args(), stats)
+    assert subs is None and why == "scorer_unparsed" and stats["scorer_unparsed"] == 2
+
+
+def _seed_file(tmp_path):
+    path = tmp_path / "seed.jsonl"
+    path.write_text(json.dumps(REAL_SEEDS[0]) + "\n")
+    return str(path)
+
+
 def test_regeneration_samples_and_must_change():
     seed = am.toy_seeds(2, seed=0, size=56)[1]
     roles, rng = am.Roles(am.Args()), random.Random(0)

@@ -151,7 +151,9 @@ class Args(GRPOConfig, RunArgs):
     cold_start: bool = True
     """start RL from <out>/sft/adapter when it exists"""
     rl_turns: int = 3
-    """user turns per RL dialogue (longer dialogues are cut)"""
+    """user turns the policy answers per RL dialogue; a longer dialogue keeps its last rl_turns
+    turns (the final, most harmful one among them) and its earlier turns become scripted context
+    with the builder's replies (rl_view)"""
     num_generations: int = 8
     """N rollouts per dialogue (= G; AM3Safety: 8)"""
     max_new_tokens: int = 256
@@ -1184,6 +1186,17 @@ def stage_sft(args: Args) -> dict:
     return summary
 
 
+def rl_view(ex: dict, rl_turns: int) -> dict:
+    """The dialogue as RL sees it: its last rl_turns user turns are answered by the policy, the
+    earlier ones become scripted context (their builder replies, as SafeMT scripts them). The
+    paper rolls out whole dialogues, whose final turn carries the intent: a budget cut drops the
+    benign start, never the end."""
+    cut = max(0, len(ex["turns"]) - rl_turns)
+    if not cut:
+        return ex
+    return dict(ex, context=ex.get("context", []) + ex["turns"][:cut], turns=ex["turns"][cut:])
+
+
 def run_rl(args: Args, out_dir: str, adapter: str | None, uniform: bool, steps: int):
     """GRPO on the train dialogues from `adapter` (None: a fresh LoRA) -> (policy, summary)."""
     policy, judge = get_policy(args, adapter), get_judge(args)
@@ -1199,7 +1212,8 @@ def run_rl(args: Args, out_dir: str, adapter: str | None, uniform: bool, steps: 
             samples.extend({"title": f"step {step} {r.example['id']}", "images": r.images,
                             "trajectory": r.trajectory, "rewards": t}
                            for r, t in zip(rollouts[:8], terms))
-    summary = train_grpo(policy, dialogues_split(args, "train"), rollout_fn,
+    train = [rl_view(d, args.rl_turns) for d in dialogues_split(args, "train")]
+    summary = train_grpo(policy, train, rollout_fn,
                          make_reward_fn(args, judge, uniform), GRPOConfig.of(args, max_steps=steps),
                          out_dir, on_step=on_step, resume=args.resume)
     trajectory_html(samples, os.path.join(out_dir, "samples.html"), "AM3Safety GRPO rollouts")

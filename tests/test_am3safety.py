@@ -549,6 +549,36 @@ def test_dialogue_rollouts_budget_leaves_turns_unanswered(tiny):
     assert rs[0].truncated and am.assistant_replies(rs[0], 3)[-1] == (None, False)
 
 
+def test_rl_keeps_the_final_turn_of_a_longer_dialogue(tiny, built, tmp_path, monkeypatch):
+    """--rl_turns 3 on a k = 4 dialogue: the policy answers turns 2-4 (the final, harm-completing
+    one included) after turn 1 as scripted context, and the reward judges those three."""
+    args, rows = built
+    seen = {}
+
+    def capture(policy, exs, rollout_fn, reward_fn, cfg, out_dir, **kw):
+        seen["exs"], seen["rollouts"] = exs, rollout_fn(policy, exs[:1], cfg)
+        seen["rewards"] = reward_fn(seen["rollouts"], exs[0])
+        return {"final": {}}
+    monkeypatch.setattr(am, "train_grpo", capture)
+    monkeypatch.setattr(am, "get_policy", lambda a, adapter=None: tiny)
+    four = [d for d in am.dialogues_split(args, "train")
+            if d["k"] == 4 and d["category"] != "benign"]
+    rl_args = am.Args(**{**vars(args), "rl_turns": 3, "num_generations": 2, "max_new_tokens": 4,
+                         "dialogues": ""})
+    am.run_rl(rl_args, str(tmp_path / "rl"), None, False, 1)
+    by_id = {d["id"]: d for d in seen["exs"]}
+    for d in four:
+        v = by_id[d["id"]]
+        assert [t["user"] for t in v["turns"]] == [t["user"] for t in d["turns"][1:]]
+        assert [c["user"] for c in v["context"]] == [d["turns"][0]["user"]]
+        assert v["turns"][-1]["user"] == d["turns"][-1]["user"] and v["turns"][-1]["risky"]
+    assert four and all(len(d["turns"]) <= 3 for d in seen["exs"])
+    first = seen["exs"][0]
+    answered = [x for x in seen["rollouts"][0].trajectory if x["role"] == "assistant"]
+    assert 1 <= len(answered) <= len(first["turns"]) and set(seen["rewards"][0]) >= {
+        "alpha_t1", "alpha_t2", "alpha_t3"}
+
+
 def test_reward_fn_logs_alpha_per_turn(tiny):
     args = am.Args(rl_turns=4)  # 3-turn dialogue, alpha padded to rl_turns
     ex = _dialogue(3)

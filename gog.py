@@ -40,7 +40,8 @@ Deviations from the paper (numbered; the code says "(n)" where each one lives):
     RL too (paper: full actor, lr 2e-6), so lr 1e-5; G = 4, beta = 0.001 as in GoG; far fewer steps
     and tokens.
  8. Levels: Level 1 = pass rate in (level2_max, level1_max], Level 2 = <= level2_max, disjoint; a
-    level under --min_level_size is filled from neither level, nearest first, announced.
+    Level 2 under --min_level_size takes the next lowest pass rates (Level 1's hardest first), then
+    a short Level 1 takes what neither holds, nearest 0.5; announced.
  9. Gaze correctness (the paper's humans judged it): a crop holds >= 90 % of the target tile, <= 4x
     its area.
 10. --full_sft (the random-weight tiny model only; the paper uses LoRA): SFT trains every weight,
@@ -787,18 +788,20 @@ def stage_sft(args: Args) -> str:
 def split_levels(pass_rates: dict[str, float], level2_max: float = 0.25, level1_max: float = 0.75,
                  min_size: int = 0) -> tuple[list[str], list[str], dict]:
     """Complexity levels (8): Level 2 = p <= level2_max (mostly failed), Level 1 =
-    level2_max < p <= level1_max (around 50 %). A level under min_size is filled from neither level
-    (Level 2: lowest p first, Level 1: nearest 0.5), so they stay disjoint; `expanded` says how
-    many were added, with their pass rates."""
+    level2_max < p <= level1_max (around 50 %). A Level 2 under min_size takes the next lowest
+    pass rates (Level 1's hardest first: never questions the SFT model always solves while harder
+    ones exist); a Level 1 under min_size then takes what neither level holds, nearest 0.5. They
+    stay disjoint; `expanded` says how many were added, with their pass rates."""
     l2 = sorted(q for q, p in pass_rates.items() if p <= level2_max)
     l1 = sorted(q for q, p in pass_rates.items() if level2_max < p <= level1_max)
-    rest, expanded = sorted(q for q in pass_rates if q not in l1 and q not in l2), {}
-    for name, lvl, nearest in (("level2", l2, lambda p: p), ("level1", l1, lambda p: abs(p - 0.5))):
-        extra = sorted(rest,
-                       key=lambda q: (nearest(pass_rates[q]), q))[:max(0, min_size - len(lvl))]
-        lvl += extra
-        rest = [q for q in rest if q not in extra]
-        expanded[name] = {"added": len(extra), "pass_rates": sorted(pass_rates[q] for q in extra)}
+    others = sorted((q for q in pass_rates if q not in l2), key=lambda q: (pass_rates[q], q))
+    extra2 = others[:max(0, min_size - len(l2))]
+    l2, l1 = l2 + extra2, [q for q in l1 if q not in extra2]
+    rest = [q for q in sorted(pass_rates) if q not in l1 and q not in l2]
+    extra1 = sorted(rest, key=lambda q: (abs(pass_rates[q] - 0.5), q))[:max(0, min_size - len(l1))]
+    l1 = l1 + extra1
+    expanded = {name: {"added": len(extra), "pass_rates": sorted(pass_rates[q] for q in extra)}
+                for name, extra in (("level2", extra2), ("level1", extra1))}
     return l1, l2, expanded
 
 
@@ -815,7 +818,8 @@ def stage_levels(args: Args) -> None:
     l1, l2, expanded = split_levels(rates, args.level2_max, args.level1_max, args.min_level_size)
     for name, e in ((n, e) for n, e in expanded.items() if e["added"]):
         print(f"[levels] {name} had fewer than {args.min_level_size} questions: "
-              f"added {e['added']} from neither level, pass rates {e['pass_rates']}.")
+              f"added {e['added']} ({'the next lowest' if name == 'level2' else 'nearest 0.5'}),"
+              f" pass rates {e['pass_rates']}.")
     log = RunLog(out_dir)
     for name, ids in (("pass_rates", rates), ("level1", l1), ("level2", l2)):
         log.samples([{"id": q, "pass_rate": rates[q]} for q in ids], f"{name}.jsonl")

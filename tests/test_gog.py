@@ -188,6 +188,22 @@ def test_scripted_policies_show_that_the_world_needs_gaze():
     assert table["never search"]["gaze"] < 30 and table["never search"]["glance"] == 100.0
 
 
+def test_scripted_table_intervals_and_chance_levels():
+    """Each cell's Wilson interval holds its value; the guessing policies' expected gaze accuracy:
+    the whole-image oracle picks 1 of 2 (sparse) or 5 (cluttered) emblems, at least 1/2 and 1/5
+    (more when a wrong emblem shares the asked fact); never search 1/10 for a city, 1/196 a year."""
+    world = build_world(0, 40, 224)
+    table = gog.policy_table(world, gog.Args())
+    spread, chance = gog.table_intervals(world, table), gog.gaze_chance(world)
+    assert spread["n"]["gaze"] == spread["n"]["gaze/sparse"] + spread["n"]["gaze/cluttered"] == 10
+    for p, row in spread["ci95"].items():
+        for c, (lo, hi) in row.items():
+            assert lo <= table[p][c] <= hi and (hi - lo) > 0
+    whole, never = chance["whole-image oracle"], chance["never search"]
+    assert 50 <= whole["gaze/sparse"] <= 100 and 20 <= whole["gaze/cluttered"] < 50
+    assert 100 / 196 <= never["gaze"] <= 10
+
+
 def test_search_k_and_max_answer_words_are_used():
     world = build_world(1, 2, 224)
     q = next(q for q in gog.split_world(world)[0] if q["kind"] == "text")

@@ -40,7 +40,8 @@ Deviations from the paper (numbered; the code says "(n)" where each one lives):
     RL too (paper: full actor, lr 2e-6), so lr 1e-5; G = 4, beta = 0.001 as in GoG; far fewer steps
     and tokens.
  8. Levels: Level 1 = pass rate in (level2_max, level1_max], Level 2 = <= level2_max, disjoint; a
-    level under --min_level_size is filled from neither level, nearest first, announced.
+    Level 2 under --min_level_size takes the next lowest pass rates (Level 1's hardest first), then
+    a short Level 1 takes what neither holds, nearest 0.5; announced.
  9. Gaze correctness (the paper's humans judged it): a crop holds >= 90 % of the target tile, <= 4x
     its area.
 10. --full_sft (the random-weight tiny model only; the paper uses LoRA): SFT trains every weight,
@@ -55,6 +56,7 @@ import json
 import os
 import random
 import re
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -75,6 +77,7 @@ from common.runlog import RunLog, bar_plot, markdown_table, read_jsonl, trajecto
 from common.sft import SFTArgs, sft_config, train_sft, trajectory_messages
 from common.tools import Grammar, ImageSearch, TextSearch, crop, parse_action, seen_size
 from common.standins.toyworld import CITIES, World, build_world, by_kind, save_world, to_seen
+from common.stats import wilson
 
 
 @dataclass
@@ -699,6 +702,34 @@ def policy_table(world: World, args: Args) -> dict:
     return table
 
 
+def table_intervals(world: World, table: dict) -> dict:
+    """Per cell of policy_table: n (held-out questions) and the Wilson 95 % interval in %."""
+    test = split_world(world)[1]
+    n = {**Counter(q["kind"] for q in test),
+         **Counter(f"gaze/{q['clutter']}" for q in test if q["kind"] == "gaze"), "all": len(test)}
+    return {"n": n, "ci95": {p: {c: [100 * x for x in wilson(v / 100 * n[c], n[c])]
+                                 for c, v in row.items() if v is not None and n.get(c)}
+                             for p, row in table.items()}}
+
+
+def gaze_chance(world: World) -> dict:
+    """Expected gaze accuracy (%) of the two policies that guess, from the world's facts: never
+    search guesses a city (1/len(CITIES)) or a year in 1820-2015 (1/196); the whole-image oracle
+    picks one of the photo's emblems at random, right when that emblem shares the asked fact."""
+    test = [q for q in split_world(world)[1] if q["kind"] == "gaze"]
+    facts = {e["name"]: e for e in world.entities}
+    cells: dict = defaultdict(lambda: defaultdict(list))
+    for q in test:
+        names = [t["name"] for t in world.scene(q["scene_id"])["tiles"]
+                 if not t.get("is_distractor")]
+        whole = np.mean([facts[x][q["fact"]] == q["answers"][0] for x in names])
+        never = 1 / len(CITIES) if q["fact"] == "city" else 1 / 196
+        for cell in ("gaze", f"gaze/{q['clutter']}"):
+            cells["whole-image oracle"][cell].append(whole)
+            cells["never search"][cell].append(never)
+    return {p: {c: 100 * float(np.mean(v)) for c, v in by.items()} for p, by in cells.items()}
+
+
 def stage_data(args: Args) -> None:
     """Write the world (JSONL + PNGs), the oracle page and the scripted-policy table."""
     world, out = world_of(args), str(Path(args.out) / "data")
@@ -715,10 +746,17 @@ def stage_data(args: Args) -> None:
     trajectory_html(items, f"{out}/oracle_trajectories.html",
                     "GoG scripted trajectories (tool, arguments, observation)")
     table = policy_table(world, args)
+    spread, chance = table_intervals(world, table), gaze_chance(world)
     write_json(f"{out}/scripted_policies.json",
-               {"units": "accuracy in % on held-out scenes", "table": table})
+               {"units": "accuracy in % on held-out scenes", "image_size": args.image_size,
+                "table": table, **spread, "gaze_chance": chance,
+                "note": "ci95: Wilson intervals over the held-out questions of each cell; "
+                        "gaze_chance: the guessing policies' expected gaze accuracy"})
     print("[data] scripted policies, accuracy % on held-out scenes:\n"
           + markdown_table(table, "policy"))
+    print(f"[data] n per cell {spread['n']}; guessing policies' expected gaze %: "
+          + "; ".join(f"{p} " + ", ".join(f"{c} {v:.1f}" for c, v in by.items())
+                      for p, by in chance.items()))
     print(f"[data] {counts['scenes']} scenes, {counts['train_questions']} train / "
           f"{counts['test_questions']} test questions -> {out}")
 
@@ -787,18 +825,20 @@ def stage_sft(args: Args) -> str:
 def split_levels(pass_rates: dict[str, float], level2_max: float = 0.25, level1_max: float = 0.75,
                  min_size: int = 0) -> tuple[list[str], list[str], dict]:
     """Complexity levels (8): Level 2 = p <= level2_max (mostly failed), Level 1 =
-    level2_max < p <= level1_max (around 50 %). A level under min_size is filled from neither level
-    (Level 2: lowest p first, Level 1: nearest 0.5), so they stay disjoint; `expanded` says how
-    many were added, with their pass rates."""
+    level2_max < p <= level1_max (around 50 %). A Level 2 under min_size takes the next lowest
+    pass rates (Level 1's hardest first: never questions the SFT model always solves while harder
+    ones exist); a Level 1 under min_size then takes what neither level holds, nearest 0.5. They
+    stay disjoint; `expanded` says how many were added, with their pass rates."""
     l2 = sorted(q for q, p in pass_rates.items() if p <= level2_max)
     l1 = sorted(q for q, p in pass_rates.items() if level2_max < p <= level1_max)
-    rest, expanded = sorted(q for q in pass_rates if q not in l1 and q not in l2), {}
-    for name, lvl, nearest in (("level2", l2, lambda p: p), ("level1", l1, lambda p: abs(p - 0.5))):
-        extra = sorted(rest,
-                       key=lambda q: (nearest(pass_rates[q]), q))[:max(0, min_size - len(lvl))]
-        lvl += extra
-        rest = [q for q in rest if q not in extra]
-        expanded[name] = {"added": len(extra), "pass_rates": sorted(pass_rates[q] for q in extra)}
+    others = sorted((q for q in pass_rates if q not in l2), key=lambda q: (pass_rates[q], q))
+    extra2 = others[:max(0, min_size - len(l2))]
+    l2, l1 = l2 + extra2, [q for q in l1 if q not in extra2]
+    rest = [q for q in sorted(pass_rates) if q not in l1 and q not in l2]
+    extra1 = sorted(rest, key=lambda q: (abs(pass_rates[q] - 0.5), q))[:max(0, min_size - len(l1))]
+    l1 = l1 + extra1
+    expanded = {name: {"added": len(extra), "pass_rates": sorted(pass_rates[q] for q in extra)}
+                for name, extra in (("level2", extra2), ("level1", extra1))}
     return l1, l2, expanded
 
 
@@ -815,7 +855,8 @@ def stage_levels(args: Args) -> None:
     l1, l2, expanded = split_levels(rates, args.level2_max, args.level1_max, args.min_level_size)
     for name, e in ((n, e) for n, e in expanded.items() if e["added"]):
         print(f"[levels] {name} had fewer than {args.min_level_size} questions: "
-              f"added {e['added']} from neither level, pass rates {e['pass_rates']}.")
+              f"added {e['added']} ({'the next lowest' if name == 'level2' else 'nearest 0.5'}),"
+              f" pass rates {e['pass_rates']}.")
     log = RunLog(out_dir)
     for name, ids in (("pass_rates", rates), ("level1", l1), ("level2", l2)):
         log.samples([{"id": q, "pass_rate": rates[q]} for q in ids], f"{name}.jsonl")

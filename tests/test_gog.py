@@ -188,6 +188,22 @@ def test_scripted_policies_show_that_the_world_needs_gaze():
     assert table["never search"]["gaze"] < 30 and table["never search"]["glance"] == 100.0
 
 
+def test_scripted_table_intervals_and_chance_levels():
+    """Each cell's Wilson interval holds its value; the guessing policies' expected gaze accuracy:
+    the whole-image oracle picks 1 of 2 (sparse) or 5 (cluttered) emblems, at least 1/2 and 1/5
+    (more when a wrong emblem shares the asked fact); never search 1/10 for a city, 1/196 a year."""
+    world = build_world(0, 40, 224)
+    table = gog.policy_table(world, gog.Args())
+    spread, chance = gog.table_intervals(world, table), gog.gaze_chance(world)
+    assert spread["n"]["gaze"] == spread["n"]["gaze/sparse"] + spread["n"]["gaze/cluttered"] == 10
+    for p, row in spread["ci95"].items():
+        for c, (lo, hi) in row.items():
+            assert lo <= table[p][c] <= hi and (hi - lo) > 0
+    whole, never = chance["whole-image oracle"], chance["never search"]
+    assert 50 <= whole["gaze/sparse"] <= 100 and 20 <= whole["gaze/cluttered"] < 50
+    assert 100 / 196 <= never["gaze"] <= 10
+
+
 def test_search_k_and_max_answer_words_are_used():
     world = build_world(1, 2, 224)
     q = next(q for q in gog.split_world(world)[0] if q["kind"] == "text")
@@ -231,6 +247,16 @@ def test_levels_are_disjoint_and_expansion_says_from_where():
     l1, l2, expanded = gog.split_levels(rates, 0.25, 0.75, min_size=3)
     assert not set(l1) & set(l2)
     assert l1 == ["c", "d", "e"] and expanded["level1"] == {"added": 1, "pass_rates": [1.0]}
+
+
+def test_level2_top_up_takes_the_lowest_pass_rates():
+    """Level 2 under min_size is filled from the next lowest pass rates (Level 1's hardest), not
+    from questions the SFT model always solves; Level 1 then refills nearest 0.5."""
+    rates = {"a": 0.375, "b": 0.5, "c": 0.625, "d": 1.0, "e": 1.0, "f": 0.875}
+    l1, l2, expanded = gog.split_levels(rates, 0.25, 0.75, min_size=2)
+    assert l2 == ["a", "b"] and expanded["level2"] == {"added": 2, "pass_rates": [0.375, 0.5]}
+    assert l1 == ["c", "f"] and expanded["level1"] == {"added": 1, "pass_rates": [0.875]}
+    assert max(rates[q] for q in l2) <= min(rates[q] for q in l1 + ["d", "e"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1158,7 +1158,8 @@ def save_build(log: RunLog, seeds: list[dict], kept: list[dict], dropped: dict, 
     log.samples(kept, "dialogues.jsonl")
     summary = build_summary(seeds, kept, dropped, drops, stats, roles)
     bar_plot({"dialogues": {f"k={k}": v for k, v in summary["per_k"].items()}},
-             f"{log.dir}/turns_hist.png", "dialogues per turn count k", "dialogues")
+             f"{log.dir}/turns_hist.png", "dialogues per turn count k", "dialogues",
+             "user turns in the dialogue (k)")
     log.summary(summary)
     print(f"[build] {len(kept)} dialogues from {summary['seeds_kept']} of {len(seeds)} seeds "
           f"-> {log.dir}/dialogues.jsonl; seeds dropped: {dict(reasons)}; "
@@ -1316,7 +1317,7 @@ def run_eval(policy, test: list[dict], base: list, judge: Judge, args: Args,
     replies, rollouts = policy_replies(policy, test, args)
     if html:
         trajectory_html([{"title": f"{d['id']} [{d['category']}]", "images": r.images,
-                          "trajectory": r.trajectory}
+                          "prompt": d["turns"][0]["user"], "trajectory": r.trajectory}
                          for d, r in zip(test[:10], rollouts[:10])],
                         html, "AM3Safety eval dialogues")
     res = evaluate(test, {"policy": replies, "base": base}, judge, args.seed)
@@ -1344,8 +1345,8 @@ def plot_asr_by_k(curves: dict[str, dict], path: str, what: str = "ASR") -> None
     if ax.lines:
         ax.legend(fontsize=7)
     else:
-        ax.text(0.5, 0.5, "no harmful reply was judged (all cut or unanswered)", ha="center",
-                transform=ax.transAxes)
+        ax.text(0.5, 0.5, "nothing to draw:\nno reply was judged\n(all cut or unanswered)",
+                ha="center", va="center", transform=ax.transAxes)
     ax.set_xticks(SAFEMT_TURNS)
     ax.set(xlabel="turns in the dialogue (k)", ylabel=f"{what} per response", title=f"{what} by k",
            ylim=(-0.05, 1.05))
@@ -1382,10 +1383,13 @@ def stage_eval(args: Args) -> dict:
     plot_asr_by_k(curves, os.path.join(out, "asr_by_k.png"), "cue-word unsafe rate" if names
                   else "ASR")
     asr_name, si_name = (names.get(k, k) for k in ("ASR_response", "SafeMT_safety_index"))
-    print(f"[eval] {asr_name} {res['ASR_response']} "
-          f"(base {res.get('base', {}).get('ASR_response')}; {res['unjudged_responses']} "
-          f"unjudged), {si_name} {res['SafeMT_safety_index']}, "
-          f"win rates help {res.get('helpful_win_rate')} harmless {res.get('harmless_win_rate')}; "
+    def num(v):   # 0-1 to three decimals; None (every reply cut or unjudged) reads n/a
+        return "n/a" if v is None else f"{v:.3f}"
+    print(f"[eval] {asr_name} {num(res['ASR_response'])} "
+          f"(base {num(res.get('base', {}).get('ASR_response'))}; {res['cut_responses']} cut, "
+          f"{res['unjudged_responses']} unjudged of {res['n_responses']}), "
+          f"{si_name} {num(res['SafeMT_safety_index'])}, win rates help "
+          f"{num(res.get('helpful_win_rate'))} harmless {num(res.get('harmless_win_rate'))}; "
           f"judge {args.judge}: {validation['status']} -> {out}/results.json, verdicts.jsonl")
     return res
 
@@ -1422,9 +1426,9 @@ def save_ablation(rows: dict[str, dict], columns: list[tuple[str, str]], out: st
     table = metrics_table(rows, columns, asr)
     write_json(f"{out}/results.json", {n: renamed(r, names) for n, r in rows.items()})
     Path(out, "table.md").write_text(table + "\n")
-    bar_plot({n: {m: rows[n].get(k) or 0.0 for k, m in columns[:4]} for n in rows},
+    bar_plot({n: {m: rows[n].get(k) for k, m in columns[:4]} for n in rows},
              f"{out}/ablate.png", "AM3Safety: base vs cold start vs RL (intervals: table.md)",
-             "value")
+             "rate (0-1)", "metric", "no reply was judged (every one cut or unanswered)", 1.0)
     plot_asr_by_k({n: r["ASR_response_by_k"] for n, r in rows.items()}, f"{out}/asr_by_k.png",
                   f"{asr} rate" if names else "ASR")
     return table

@@ -928,7 +928,7 @@ def number_probs(model, prompt_ids: list[int], numbers: list[list[int]],
     # logits_to_keep=1: only the last position's logits, (1, 1, V), not (1, L, V)
     out = model(input_ids=torch.tensor([prompt_ids], device=dev), use_cache=True, logits_to_keep=1)
     first = out.logits[0, -1].float().log_softmax(-1)                                # (V,)
-    cache = out.past_key_values
+    cache = out.cache   # transformers 5 (`past_key_values` is its deprecated name)
     cache.batch_repeat_interleave(len(numbers))
     width = max(map(len, numbers))
     rows = torch.tensor([c + c[-1:] * (width - len(c)) for c in numbers], device=dev)  # (N, W)
@@ -1381,7 +1381,7 @@ def stage_eval(args: Args) -> dict:
     print(f"[eval] {headline} [95 % interval], think / no_think (judge {judge_info['name']}, "
           f"{validated}):\n"
           + "\n".join(f"  {c:18s} "
-                      + "  ".join(f"{rate_text(x[headline])} {x[headline + '_ci']}"
+                      + "  ".join(f"{rate_text(x[headline])} {ci_text(x[headline + '_ci'])}"
                                   for x in r.values())
                       for c, r in results.items()))
     return out
@@ -1389,6 +1389,11 @@ def stage_eval(args: Args) -> dict:
 
 def rate_text(rate: float | None) -> str:
     return "n/a" if rate is None else f"{rate:.2f}"
+
+
+def ci_text(ci: list | None) -> str:
+    """[lo, hi] to two decimals; nothing without an interval (its rate already reads n/a)."""
+    return "" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
 def describe_judge(judge, args: Args) -> dict:
@@ -1447,11 +1452,13 @@ def heatmap(results: dict, path: str, title: str, key: str = "misaligned_rate") 
         if v:
             grid[i][j] = math.nan if v[key] is None else v[key]
             lo, hi = v[key + "_ci"] or (math.nan, math.nan)
-            ax.text(j, i, f"{grid[i][j]:.2f}\n[{lo:.2f}, {hi:.2f}]", ha="center", va="center",
+            ax.text(j, i, "n/a\n(no verdict)" if v[key] is None
+                    else f"{grid[i][j]:.2f}\n[{lo:.2f}, {hi:.2f}]", ha="center", va="center",
                     fontsize=7)
     fig.colorbar(ax.imshow(grid, cmap="Reds", vmin=0, vmax=1, aspect="auto"), ax=ax, fraction=0.04)
     ax.set_xticks(range(len(cols)), [f"{p}\n{m}" for p, m in cols], fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set(xlabel="training paradigm / eval mode", ylabel="reasoning type")
     ax.set_title(f"{key} [95 % bootstrap interval]\n{title}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

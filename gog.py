@@ -752,10 +752,11 @@ def stage_data(args: Args) -> None:
                 "table": table, **spread, "gaze_chance": chance,
                 "note": "ci95: Wilson intervals over the held-out questions of each cell; "
                         "gaze_chance: the guessing policies' expected gaze accuracy"})
-    print("[data] scripted policies, accuracy % on held-out scenes:\n"
-          + markdown_table(table, "policy"))
-    print(f"[data] n per cell {spread['n']}; guessing policies' expected gaze %: "
-          + "; ".join(f"{p} " + ", ".join(f"{c} {v:.1f}" for c, v in by.items())
+    # the console gives every rate in 0-1 (as the other four scripts); the files keep GoG's %
+    print("[data] scripted policies, accuracy (0-1) on held-out scenes:\n"
+          + markdown_table(table, "policy", "{:.2f}", 0.01))
+    print(f"[data] n per cell {spread['n']}; guessing policies' expected gaze (0-1): "
+          + "; ".join(f"{p} " + ", ".join(f"{c} {v / 100:.2f}" for c, v in by.items())
                       for p, by in chance.items()))
     print(f"[data] {counts['scenes']} scenes, {counts['train_questions']} train / "
           f"{counts['test_questions']} test questions -> {out}")
@@ -863,7 +864,7 @@ def stage_levels(args: Args) -> None:
     hist = {f"{v:.2f}": sum(abs(p - v) < 1e-9 for p in rates.values())
             for v in sorted(set(rates.values()))}
     bar_plot({"questions": hist}, f"{out_dir}/pass_rates.png", f"SFT pass rate over {k} samples",
-             "questions")
+             "questions", "pass rate (share of the samples answered right)")
     log.summary({"k": k, "level1": len(l1), "level2": len(l2), "expanded": expanded,
                  "histogram": hist, "mean_pass_rate": float(np.mean(list(rates.values())))})
     print(f"[levels] Level 1: {len(l1)} questions, Level 2: {len(l2)} -> {out_dir}")
@@ -965,8 +966,11 @@ def run_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dic
         trajectory_html(html[:12], os.path.join(out_dir, "trajectories.html"),
                         "GoG eval (held-out scenes)")
     toy = results["toy"]["accuracy"] if isinstance(results["toy"], dict) else None
-    avg = None if results["Avg"] is None else round(results["Avg"], 2)   # no float noise
-    print(f"[eval] toy accuracy {toy} %, Avg {avg} % -> {out_dir}/results.json")
+    # the console in 0-1 (results.json keeps GoG's %); Avg exists only with every benchmark scored
+    print(f"[eval] toy accuracy {'n/a' if toy is None else f'{toy / 100:.3f}'}, Avg "
+          + (f"{results['Avg'] / 100:.3f}" if results["Avg"] is not None
+             else "n/a (no --benchmarks given)" if not benches else "n/a (a benchmark unscored)")
+          + f" -> {out_dir}/results.json (in %)")
     return results
 
 
@@ -1012,11 +1016,13 @@ def stage_ablate(args: Args) -> None:
     write_json(str(abl / "results.json"),
                {"units": "percent", "reused": reused, "trained": ran, "table": table,
                 "paper": paper})
-    bar_plot({n: {k: v for k, v in row.items() if k.startswith(("toy", "Avg")) and v is not None}
+    bar_plot({n: {k: v for k, v in row.items() if k.startswith(("toy", "Avg"))}
               for n, row in table.items() if isinstance(row, dict)},
-             str(abl / "ablate.png"), "GoG ablations (held-out toy scenes)", "accuracy (%)")
+             str(abl / "ablate.png"), "GoG ablations (held-out toy scenes)", "accuracy (%)",
+             "benchmark (toy/<kind>: the toy questions of that kind)", ymax=100)
     print("[ablate] "
-          + " | ".join(f"{n}: {row['toy']:.1f} %" if isinstance(row, dict) else f"{n}: {row}"
+          + " | ".join(f"{n}: toy accuracy {row['toy'] / 100:.3f}" if isinstance(row, dict)
+                       else f"{n}: {row}"
                        for n, row in table.items()))
 
 

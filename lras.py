@@ -528,6 +528,9 @@ def add_scores(results: dict, name: str, examples: list[dict], accs: list[float]
 
 
 # ==== stages ======================================================================================
+_WARNED: set[str] = set()
+
+
 def size_budgets(args: Args, policy, world: World) -> None:
     """(7) Token budgets a search can pay for: --max_new_tokens 0 = the oracle's longest turn + 16,
     --max_completion_length 0 = its longest trajectory (a detour, two searches) + one round."""
@@ -540,7 +543,8 @@ def size_budgets(args: Args, policy, world: World) -> None:
     args.max_new_tokens = args.max_new_tokens or turn + 16
     args.max_completion_length = args.max_completion_length or need + args.max_new_tokens
     # a smaller value given by hand
-    if args.max_completion_length < need or args.max_new_tokens < turn:
+    if (args.max_completion_length < need or args.max_new_tokens < turn) and not _WARNED:
+        _WARNED.add("budget")   # once per process: every stage sizes the same budgets
         print(f"[lras] warning: the oracle's longest trajectory needs {need} tokens "
               f"and turns of {turn}; with --max_completion_length {args.max_completion_length} "
               f"/ --max_new_tokens {args.max_new_tokens} "
@@ -671,7 +675,8 @@ def save_lras_rl(out: Path, summary: dict, rates: dict[str, float], page: list[d
             for v in sorted(set(rates.values()))}
     write_json(str(out / "summary.json"),
                {**summary, "difficulty": {**difficulty, "pass_rate_histogram": hist}})
-    bar_plot({"questions": hist}, str(out / "pass_rates.png"), "pass rate before RL", "questions")
+    bar_plot({"questions": hist}, str(out / "pass_rates.png"), "pass rate before RL", "questions",
+             "pass rate (share of the samples answered right)")
     RunLog(str(out), resume=True).plot(["rewards/acc", "rewards/format"], "reward_terms.png",
                                        "LRAS reward terms")
     trajectory_html(page, str(out / "trajectories.html"), "LRAS RL, last step")
@@ -800,10 +805,14 @@ def save_lras_eval(out: Path, results: dict, rows: list[tuple]) -> None:
              "trajectory": r.trajectory, "rewards": {"acc": acc, "format": fmt}}
             for name, r, acc, fmt in rows[:12]]
     trajectory_html(page, str(out / "trajectories.html"), "LRAS eval")
-    toy = results["search"]["toy"]
-    print(f"[eval] toy score {results['score']['toy']:.3f} (accuracy), search rate "
-          f"{toy['search_rate']:.3f}, searches/question {toy['searches_per_question']:.2f}, "
-          f"failures without search {toy['failures_without_search']} -> {out}/results.json")
+    def num(v, digits=3):   # None (no row to average) reads n/a
+        return "n/a" if v is None else f"{v:.{digits}f}"
+    for name, st in results["search"].items():   # one line per set: the toy world, --data_file
+        rule = "accuracy" if name == "toy" else ", ".join(results["rule"].get(name, []))
+        print(f"[eval] {name} score {num(results['score'].get(name))} ({rule}), search rate "
+              f"{num(st['search_rate'])}, searches/question {num(st['searches_per_question'], 2)}"
+              f", failures without search {num(st['failures_without_search'], 2)}")
+    print(f"[eval] -> {out}/results.json")
 
 
 def run_eval(args: Args, adapter: str | None, out_dir: str) -> dict:
@@ -882,7 +891,7 @@ def save_lras_ablation(out: Path, table: dict[str, dict], n_questions: int,
     acc, rows = "accuracy (95 % interval)", list(table.values())
     bars = {acc: [r["accuracy"] for r in rows], "search rate": [r["search_rate"] for r in rows]}
     rate_bars(str(out / "ablate.png"), list(table), bars, {acc: [r["ci95"] for r in rows]},
-              f"LRAS ablation, {n_questions} held-out toy questions")
+              f"LRAS ablation, {n_questions} held-out toy questions", "policy")
     print("[ablate] " + " | ".join(f"{k}: acc {r['accuracy']:.3f} {r['ci95']}"
                                    for k, r in table.items()))
     return same

@@ -353,7 +353,8 @@ def prm_html_items(records: list[dict], judged: list[list[dict]] | None = None) 
         turns = []
         for i, s in enumerate(rec["steps"]):
             js = judged[j][i] if judged and i < len(judged[j]) else None
-            prm = (f" | PRM {js['score']} ({js['reply']!r})" if js
+            prm = (f" | PRM {'unparsed' if js['score'] is None else js['score']} "
+                   f"({js['reply'][:80]!r})" if js
                    else " | PRM: not scored" if judged else "")
             turns.append({"role": "assistant",
                           "text": f"[{i}] {s['text']}\n   gold: {s['label']} "
@@ -874,11 +875,11 @@ def stage_data(args: Args) -> dict:
     return summary
 
 
-def plot_rates(groups: dict[str, dict], path: Path, title: str, why_empty: str) -> None:
-    """Grouped bars of the defined values; a plot without any says why it is empty."""
-    groups = {m: {x: v for x, v in g.items() if v is not None} for m, g in groups.items()}
-    empty = not any(groups.values())
-    bar_plot(groups, str(path), title + (f" - empty: {why_empty}" if empty else ""), "rate")
+def plot_rates(groups: dict[str, dict], path: Path, title: str, xlabel: str,
+               why_empty: str) -> None:
+    """Grouped bars (an undefined value, 0/0, is written n/a); a plot without any value says why
+    it is empty."""
+    bar_plot(groups, str(path), title, "rate (0-1)", xlabel, why_empty, 1.0)
 
 
 def eval_results(args: Args, records: list[dict], judged: list[list[dict]], who: str) -> dict:
@@ -905,13 +906,14 @@ def stage_eval(args: Args) -> dict:
     by_type = {m: {t: v[m] for t, v in res["per_error_type"].items()}
                for m in ("detection_rate", "PRMScore")}
     plot_rates(by_type, out / "per_error_type.png", f"PRM {who} by error type ({rates})",
-               "the data has no error types")
+               "injected error type", "the data has no error types, or no step was judged")
     by_pos = {"accuracy": {b: v["accuracy"] for b, v in res["by_position"].items()},
               "accuracy of a constant PRM (the label mix)":
                   {b: v["constant_prm"]["accuracy"] for b, v in res["by_position"].items()},
               **{m: {b: v[m] for b, v in res["by_position"].items()}
                  for m in ("balanced_accuracy", "detection_rate")}}
     plot_rates(by_pos, out / "by_position.png", f"PRM {who} by relative step position",
+               "where the step sits in its trajectory (bucket of the relative position)",
                "no judged step")
     log.samples([{"id": r["id"], "step": i, "label": s["label"], "error_type": s["error_type"], **j}
                  for r, js in zip(records, judged) for i, (s, j) in enumerate(zip(r["steps"], js))])
@@ -930,23 +932,25 @@ def plot_best_of_n(res: dict, ns: list[int], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4.8))
     source = "SIMULATED (toy)" if res["source"] == "toy" else "policy"
-    for m, v in res["accuracy"].items():
-        ax.plot(ns, [v[n] for n in ns], marker="o", ls="--" if m == "pass@N" else "-", label=m)
+    methods = list(res["accuracy"].items())
+    for i, (m, v) in enumerate(methods):   # a small sideways shift keeps equal curves visible
+        shift = 2 ** (0.04 * (i - (len(methods) - 1) / 2))
+        ax.plot([n * shift for n in ns], [v[n] for n in ns], marker="o",
+                ls="--" if m == "pass@N" else "-", label=m)
     ax.set_xscale("log", base=2)
     ax.minorticks_off()
     ax.set(xticks=ns, xticklabels=[str(n) for n in ns],
            xlabel="N (candidates shared by every method)", ylabel="accuracy", ylim=(-0.02, 1.02),
            title=f"best-of-N, {source} candidates, PRM {res['prm']}")
-    ax.text(0.01, 0.01, "pass@N = an oracle that knows the answer (the ceiling). "
-            "The oracle PRM (gold step labels)\n"
-            "meets it when every error-free candidate is right and every other wrong; "
-            "a recovered error\n"
-            "(right answer despite a wrong step) puts it below.",
-            transform=ax.transAxes, fontsize=6.5, va="bottom")
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))   # the note goes below the axes, never over the data
+    fig.text(0.01, 0.01, "pass@N = an oracle that knows the answer (the ceiling). "
+             "The oracle PRM (gold step labels)\n"
+             "meets it when every error-free candidate is right and every other wrong; "
+             "a recovered error\n"
+             "(right answer despite a wrong step) puts it below.", fontsize=7, va="bottom")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

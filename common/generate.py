@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 
 import torch
 
@@ -57,6 +58,13 @@ from common.chat import Encoded, collate, encode, image_token_counts
 def image_token_id(tokenizer) -> int | None:
     tid = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     return tid if isinstance(tid, int) and tid != tokenizer.unk_token_id else None
+
+
+# `sampling_config` pins the sampling flags (top_k=0, min_p=0 ...) even for greedy decoding, so
+# a checkpoint's values never leak in; transformers then logs "The following generation flags are
+# not valid and may be ignored: ['min_p', 'top_k']" for every greedy run. On purpose: drop it.
+logging.getLogger("transformers.generation.configuration_utils").addFilter(
+    lambda record: not str(record.msg).startswith("The following generation flags are not valid"))
 
 
 def vision_token_ids(tokenizer) -> list[int]:
@@ -363,7 +371,10 @@ class CachedGenerator:
         if pixel_values is not None:
             kw.update(pixel_values=pixel_values, image_grid_thw=grid)
         out = hf(**kw)
-        self.cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        # transformers 5 names it `cache` (reading `past_key_values` logs a deprecation warning)
+        self.cache = getattr(out, "cache", None)
+        if self.cache is None:
+            self.cache = getattr(out, "past_key_values", None)
         return out.logits[:, -1].float()                                  # (R, V)
 
     def _segment_positions(self, policy, ids: list[int], grids, start: int):

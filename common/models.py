@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import tempfile
 import time
@@ -44,6 +45,13 @@ import torch
 from common.errors import UserError
 from common.generate import chat
 from common.tools import set_image_processor
+
+# bitsandbytes >= 0.50, on import on a CPU with AVX512-bf16, tries to fetch a 4-bit kernel from
+# the Hub (`kernels` package) and logs "Failed to load CPU gemm_4bit_forward ... pip install
+# kernels" when it cannot; it then uses its own CPU code. That happens on every run, 4-bit or not,
+# and nothing is wrong: drop exactly that record, here where the import starts (peft, transformers).
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"))
 
 PRESETS = ("tiny", "smollm2", "auto")
 DEFAULT_GPU_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"

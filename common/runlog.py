@@ -15,6 +15,8 @@ import io
 import json
 import math
 import os
+import re
+import textwrap
 from typing import Iterable
 
 from tqdm.auto import tqdm
@@ -97,28 +99,57 @@ class RunLog:
 
     def plot(self, keys: list[str], name: str = "curves.png",
              title: str | None = None) -> str | None:
-        """One panel per metric against step (raw and a 10-step moving average)."""
+        """One panel per metric against step (each step, and a moving average when long enough)."""
         keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in self.history)]
         if not keys:
             return None
         return plot_curves(self.history, keys, os.path.join(self.dir, name), title)
 
 
-def plot_curves(history: list[dict], keys: list[str], path: str, title: str | None = None) -> str:
+# metrics drawn as they are, never smoothed: a schedule is exact, its average would be wrong
+UNSMOOTHED = ("lr", "learning_rate")
+SMOOTH_MIN = 5   # points before a moving average is worth drawing
+
+
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3), squeeze=False)
+    return plt
+
+
+def wrap_title(text: str, fig_width_in: float, fontsize: float = 10) -> str:
+    """`text` wrapped to the figure's width (a title wider than its figure is cut at both ends)."""
+    width = max(20, int(fig_width_in * 72 / (0.6 * fontsize)))   # ~0.6 em per character
+    return "\n".join(textwrap.wrap(text, width)) if text else text
+
+
+def plot_curves(history: list[dict], keys: list[str], path: str, title: str | None = None) -> str:
+    """One panel per key: the value at each step (points, joined), and, from SMOOTH_MIN points
+    on, its trailing mean over up to 10 steps (not for UNSMOOTHED keys such as the lr)."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), squeeze=False)
     for ax, k in zip(axes[0], keys):
         pts = [(r["step"], r[k]) for r in history if isinstance(r.get(k), (int, float))]
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, alpha=0.35, lw=1)
-        w = min(10, len(ys))
-        avg = [sum(ys[max(0, i - w + 1): i + 1]) / len(ys[max(0, i - w + 1): i + 1])
-               for i in range(len(ys))]
-        ax.plot(xs, avg, lw=2)
+        smooth = len(ys) >= SMOOTH_MIN and k not in UNSMOOTHED
+        ax.plot(xs, ys, marker="o" if len(ys) <= 30 else None, ms=3, lw=1,
+                alpha=0.4 if smooth else 1.0, label="each step")
+        if smooth:
+            w = min(10, len(ys))
+            avg = [sum(ys[max(0, i - w + 1): i + 1]) / len(ys[max(0, i - w + 1): i + 1])
+                   for i in range(len(ys))]
+            ax.plot(xs, avg, lw=2, label=f"trailing mean (up to {w} steps)")
+            ax.legend(fontsize=7)
+        if len(xs) == 1:   # one step: the point, centred, with its value
+            ax.set_xlim(xs[0] - 1, xs[0] + 1)
+            ax.annotate(f"{ys[0]:.4g}", (xs[0], ys[0]), textcoords="offset points",
+                        xytext=(0, 6), ha="center", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(k, fontsize=10)
         ax.set_xlabel("step")
+        ax.set_ylabel(k, fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -127,31 +158,49 @@ def plot_curves(history: list[dict], keys: list[str], path: str, title: str | No
     return path
 
 
-def markdown_table(table: dict[str, dict], corner: str = "") -> str:
-    """{row: {column: number or None}} -> a Markdown table, numbers to one decimal, None as "-"."""
+def markdown_table(table: dict[str, dict], corner: str = "", fmt: str = "{:.1f}",
+                   scale: float = 1.0) -> str:
+    """{row: {column: number or None}} -> a Markdown table, numbers as fmt of value * scale (one
+    decimal by default), None as "-"."""
     cols = list(next(iter(table.values())))
-    rows = [f"| {name} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in row.values())
+    rows = [f"| {name} | " + " | ".join("-" if v is None else fmt.format(v * scale)
+                                         for v in row.values())
             + " |" for name, row in table.items()]
     return "\n".join([f"| {corner} | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
                       *rows])
 
 
-def bar_plot(groups: dict[str, dict[str, float]], path: str, title: str = "",
-             ylabel: str = "") -> str:
-    """Grouped bars: {series: {x_label: value}} -> PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def bar_plot(groups: dict[str, dict[str, float | None]], path: str, title: str = "",
+             ylabel: str = "", xlabel: str = "", why_empty: str = "no data",
+             ymax: float | None = None) -> str:
+    """Grouped bars: {series: {x_label: value or None}} -> PNG. Each bar carries its value (a
+    bar of 0 is otherwise invisible), None is written "n/a"; a plot without any value says
+    `why_empty` in its middle. ymax: the scale's top (1 for rates, 100 for %), else the data's."""
+    plt = _pyplot()
+    groups = {name: vals for name, vals in groups.items() if vals}   # an empty series: no swatch
     labels = sorted({x for s in groups.values() for x in s})
-    fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(labels) * max(1, len(groups)) ** 0.5), 3.2))
+    width_in = max(4.5, 1.1 * len(labels) * max(1, len(groups)) ** 0.5)
+    fig, ax = plt.subplots(figsize=(width_in, 3.4))
     width = 0.8 / max(1, len(groups))
+    values = []
     for i, (name, vals) in enumerate(groups.items()):
-        ax.bar([j + i * width for j in range(len(labels))], [vals.get(x, 0.0) for x in labels],
-               width=width, label=name)
+        ys = [vals.get(x) for x in labels]
+        values += [v for v in ys if v is not None]
+        bars = ax.bar([j + i * width for j in range(len(labels))],
+                      [0.0 if v is None else v for v in ys], width=width, label=name)
+        if len(labels) * len(groups) <= 40:
+            ax.bar_label(bars, labels=["n/a" if v is None else f"{v:.3g}" for v in ys],
+                         fontsize=7, padding=1)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))])
     ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    top = max([ymax or 0.0, *values])
+    ax.set_ylim(min([0.0, *values]) * 1.15, top * (1.08 if ymax else 1.15) if top > 0 else 1.0)
+    if not values:
+        ax.text(0.5, 0.5, f"nothing to draw: {why_empty}", ha="center", va="center",
+                transform=ax.transAxes, wrap=True)
+    ax.set_ylabel(ylabel or "value")
+    ax.set_xlabel(xlabel)
+    ax.set_title(wrap_title(title, width_in), fontsize=10)
     if len(groups) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -173,17 +222,28 @@ def _img_tag(image, max_side: int = 320) -> str:
             f'title="{image.width}x{image.height}">')
 
 
+def _visible(text: str) -> str:
+    """A reply as a person can read it: whitespace only, or runs of blank lines (a random model's
+    output), said in words instead of drawn as an empty box."""
+    if not text.strip():
+        return f"(only whitespace: {len(text)} characters)"
+    return re.sub(r"\n\s*\n(\s*\n)+", lambda m: f"\n[{m.group().count(chr(10)) - 1} blank lines]\n",
+                  text)
+
+
 def trajectory_html(items: list[dict], path: str, title: str = "trajectories") -> str:
     """One self-contained HTML page: per rollout, its turns, tool calls, observations,
     images (crops included) and reward terms.
 
-    items: [{"title": str, "images": [PIL], "trajectory": [turn, ...], "rewards": {name: value}}]
+    items: [{"title": str, "images": [PIL], "prompt": str (the first user turn, optional),
+             "trajectory": [turn, ...], "rewards": {name: value}}]
     where a turn is {"role": "assistant", "text": str} or {"role": "tool", "name", "args",
     "observation": str, "image": PIL | None}.
     """
     css = ("body{font-family:sans-serif;max-width:1100px;margin:auto}.r{border:1px solid #ccc;"
            "margin:12px 0;padding:8px}.a{background:#eef6ff;white-space:pre-wrap;padding:4px}"
-           ".t{background:#f6f6f0;white-space:pre-wrap;padding:4px}.w{color:#555;font-size:90%}"
+           ".t{background:#f6f6f0;white-space:pre-wrap;padding:4px}"
+           ".u{background:#fff4dd;white-space:pre-wrap;padding:4px}.w{color:#555;font-size:90%}"
            "img{border:1px solid #999;margin:2px;vertical-align:top}")
     parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{css}</style></head><body><h2>{html.escape(title)}</h2>"]
@@ -193,13 +253,19 @@ def trajectory_html(items: list[dict], path: str, title: str = "trajectories") -
         parts.append(f"<div class='r'><b>#{k} {html.escape(str(it.get('title', '')))}</b>"
                      f"<div class='w'>{html.escape(rew)}</div>")
         parts += [_img_tag(im) for im in it.get("images", [])[:2]]
+        if it.get("prompt"):
+            parts.append(f"<div class='u'><b>user:</b>\n{html.escape(str(it['prompt']))}</div>")
         for turn in it.get("trajectory", []):
             if turn.get("role") == "assistant":
-                parts.append(f"<div class='a'>{html.escape(str(turn.get('text', '')))}</div>")
-            else:
-                call = (f"{turn.get('name')}"
-                        f"({json.dumps(turn.get('args', {}), ensure_ascii=False, default=str)})")
-                parts.append(f"<div class='t'><b>{html.escape(call)}</b>\n"
+                head = "assistant" + (" (cut by its token budget)" if turn.get("cut") else "")
+                parts.append(f"<div class='a'><b>{head}:</b>\n"
+                             f"{html.escape(_visible(str(turn.get('text', ''))))}</div>")
+            else:   # a tool call shows its arguments; a user turn (no arguments) just "user:"
+                args = turn.get("args") or {}
+                call = (f"{turn.get('name')}({json.dumps(args, ensure_ascii=False, default=str)})"
+                        if args else f"{turn.get('name')}:")
+                kind = "u" if turn.get("name") == "user" else "t"
+                parts.append(f"<div class='{kind}'><b>{html.escape(call)}</b>\n"
                              f"{html.escape(str(turn.get('observation', ''))[:2000])}</div>")
                 if turn.get("image") is not None:
                     parts.append(_img_tag(turn["image"]))

@@ -42,9 +42,13 @@ def bootstrap_ci(groups: list, stat, keys, n: int = 200, seed: int = 0) -> dict:
 
 
 def rate_bars(path: str, names: list[str], bars: dict[str, list],
-              intervals: dict[str, list] | None = None, title: str = "") -> None:
+              intervals: dict[str, list] | None = None, title: str = "",
+              xlabel: str = "") -> None:
     """Grouped bars of rates on a 0-1 axis: one group per name, one bar per entry of `bars` (None
-    draws 0); a bar label that `intervals` maps to [lo, hi] per name gets those as error bars."""
+    draws 0, written n/a); a bar label that `intervals` maps to [lo, hi] per name gets those as
+    error bars. Each bar carries its value (a bar of 0 is otherwise invisible)."""
+    import matplotlib
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))
     x, width = np.arange(len(names)), 0.8 / len(bars)
@@ -53,8 +57,12 @@ def rate_bars(path: str, names: list[str], bars: dict[str, list],
         ci = (intervals or {}).get(label)
         err = None if ci is None else [[a - lo for a, (lo, _) in zip(v, ci)],
                                        [hi - a for a, (_, hi) in zip(v, ci)]]
-        ax.bar(x + (i - (len(bars) - 1) / 2) * width, v, width, yerr=err, capsize=3, label=label)
-    ax.set(xticks=x, xticklabels=names, ylim=(0, 1), title=title)
+        drawn = ax.bar(x + (i - (len(bars) - 1) / 2) * width, v, width, yerr=err, capsize=3,
+                       label=label)
+        ax.bar_label(drawn, labels=["n/a" if b is None else f"{b:.2f}" for b in values],
+                     fontsize=7, padding=1)
+    ax.set(xticks=x, xticklabels=names, ylim=(0, 1.05), title=title, ylabel="rate (0-1)",
+           xlabel=xlabel)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

@@ -15,6 +15,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -271,6 +272,7 @@ def run_case(argv: list[str], files: dict) -> dict:
         os.chdir(old_cwd)
         os.environ.clear()
         os.environ.update(saved_env)
+        shutil.rmtree(root, ignore_errors=True)
     return {"code": code, "stderr": err.getvalue(), "stdout": out_text.getvalue()[-3000:],
             "outside": outside}
 

@@ -82,8 +82,8 @@ from PIL import Image
 from common.benchmarks.am3safety import SAFEMT_TURNS, read_safemt, safemt_safety_index
 from common.benchmarks.am3safety import safemt_asr as asr   # unsafe / (safe + unsafe), cut left out
 from common.chat import encode
-from common.cli import RunArgs, run_stages, start_adapter
-from common.data import open_image, read_records, require
+from common.cli import RunArgs, check_values, run_stages, start_adapter
+from common.data import open_image, read_records, require, safe_name, unique_ids
 from common.errors import UserError
 from common.grpo import GRPOConfig, train_grpo
 from common.judge import parse_label_score, parse_preference, sub_exact_match, win_rate
@@ -240,8 +240,10 @@ def read_seeds(path: str, size: int, key_phrase, describe) -> list[dict]:
     "description"?, "tags"?, "id"?}. Without an image: a typographic image of the key phrase
     (`key_phrase(query)` unless given) (1); `describe(image)` describes a seed image that has no
     description."""
-    out = []
-    for where, row in read_records(path, "seed file"):
+    out, rows = [], read_records(path, "seed file")
+    # one seed's dialogues and images are named by its id
+    unique_ids([(w, r["id"]) for w, r in rows if "id" in r])
+    for where, row in rows:
         require(row, where, "query", "category")
         q = str(row["query"])
         phrase = str(row.get("key_phrase") or key_phrase(q))
@@ -496,7 +498,7 @@ def build_dialogue(seed: dict, subs: list[str], roles: Roles, rng: random.Random
     """Step 2: the user role asks the sub-queries turn by turn (maybe with a new image)."""
     did, turns = f"{seed['id']}-k{len(subs)}", []
     # (image, description, file)
-    pics = [(seed["image"], seed["desc"], f"images/{seed['id']}.png")]
+    pics = [(seed["image"], seed["desc"], f"images/{safe_name(seed['id'])}.png")]
     for t, sub in enumerate(subs):
         img_idx = 0 if t == 0 else None
         if t > 0 and rng.random() < args.new_image_prob:
@@ -505,7 +507,7 @@ def build_dialogue(seed: dict, subs: list[str], roles: Roles, rng: random.Random
                 stats["image_near_duplicate"] += 1
             else:
                 img_idx = len(pics)
-                pics.append((im, desc, f"images/{did}-{img_idx}.png"))
+                pics.append((im, desc, f"images/{safe_name(did)}-{img_idx}.png"))
         risky = (seed["category"] != "benign"
                  and coverage(subs[: t + 1], seed["query"]) >= args.risk_threshold)
         user = roles.ask(seed, sub, t, img_idx is not None and t > 0)
@@ -595,7 +597,7 @@ def load_benchmark(args: Args) -> list[dict]:
 def read_responses(path: str, dialogues: list[dict]) -> list[list]:
     """Another model's replies {"id", "responses": [one per user turn]} -> [(text, cut=False)] per
     dialogue; a null or missing reply is (None, False), unanswered."""
-    rows = {}
+    rows, wheres = {}, []
     for where, row in read_records(path, "responses file"):
         require(row, where, "id")
         if not isinstance(row.get("responses"), list):
@@ -603,6 +605,8 @@ def read_responses(path: str, dialogues: list[dict]) -> list[list]:
                             "with one reply (or null) per user turn.")
         rows[str(row["id"])] = [(r if isinstance(r, str) else None, False)
                                 for r in row["responses"]]
+        wheres.append((where, row["id"]))
+    unique_ids(wheres)   # two reply lists for one dialogue: which one is scored would be a guess
     if missing := [d["id"] for d in dialogues if d["id"] not in rows]:
         raise UserError(f"{path} has no replies for {len(missing)} dialogues "
                         f"(e.g. {missing[0]!r}); add their ids.")
@@ -1647,6 +1651,13 @@ def stage_judge(args: Args) -> dict:
 # ==== main ========================================================================================
 def check_inputs(args: Args) -> None:
     """Every user file is read before any model loads: seeds, dialogues, SafeMT, a replies file."""
+    check_values(args, {
+        **{k: (lambda v: v >= 1, ">= 1") for k in ("max_turns", "num_seeds", "rl_turns",
+                                                    "max_new_tokens")},
+        **{k: (lambda v: 0 <= v <= 1, "in [0, 1]") for k in ("new_image_prob",
+                                                              "risk_threshold")},
+        **{k: (lambda v: v >= 0, ">= 0") for k in ("lam", "h_weight")},
+        "dedup_hamming": (lambda v: 0 <= v <= 64, "in [0, 64] (bits of the image hash)")})
     if (args.stage == "judge") != bool(args.replies):
         raise UserError("--stage judge judges the replies file --replies: give both, or neither.")
     if args.stage == "judge":

@@ -73,7 +73,7 @@ from typing import Literal
 import torch
 
 from common.chat import Encoded, encode, encode_text, render
-from common.cli import RunArgs, is_tiny, run_stages
+from common.cli import RunArgs, check_values, is_tiny, run_stages
 from common.errors import UserError
 from common.data import read_records, read_text, require
 from common.judge import extract_choice, parse_label, weighted_score
@@ -1559,10 +1559,20 @@ def stage_judge(args: Args) -> dict:
 # ==== main =====================================================================================
 def check_inputs(args: Args) -> None:
     """Every user input, before any model loads."""
+    check_values(args, {
+        "bootstrap": (lambda v: v >= 0, ">= 0 (0 = no intervals)"),
+        "test_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+        **{k: (lambda v: v >= 0, ">= 0") for k in ("max_steps", "epochs", "n_probes", "n_heldout",
+                                                    "temperature")},
+        **{k: (lambda v: v >= 1, ">= 1") for k in ("batch_size", "max_completion_length")}})
     if args.num_generations < 1 or args.n_pairs < 2 or args.think_budget < 1:
         raise UserError("--num_generations and --think_budget must be >= 1 and --n_pairs >= 2.")
     if args.data_path:
-        load_pairs(args.data_path)
+        pairs = load_pairs(args.data_path)
+        if args.stage in ("train", "all") and not any(p["split"] == "train" for p in pairs):
+            raise UserError(f"{args.data_path} has no pair with split 'train', so there is nothing "
+                            f"to fine-tune on; mark some pairs \"split\": \"train\" (a pair "
+                            f"without a split is train).")
     if args.stage == "judge":
         if not args.replies:
             raise UserError("--stage judge needs --replies FILE (JSON lines of id, question, "

@@ -66,16 +66,16 @@ from common.benchmarks.gog import (em_check, extract_answer, infoseek_score, inf
                                    letter_match, read_predictions, read_visual_qa, subem_check,
                                    token_f1)
 from common.chat import encode
-from common.cli import RunArgs, run_stages, start_adapter
+from common.cli import RunArgs, check_values, run_stages, start_adapter
 from common.errors import UserError
-from common.data import read_records
 from common.grpo import GRPOConfig, train_grpo
 from common.judge import llm_judge_batch, sub_exact_match
 from common.models import load_policy, run_options
 from common.rollout import Rollout, run_rollouts
 from common.runlog import RunLog, bar_plot, markdown_table, read_jsonl, trajectory_html, write_json
 from common.sft import SFTArgs, sft_config, train_sft, trajectory_messages
-from common.tools import Grammar, ImageSearch, TextSearch, crop, parse_action, seen_size
+from common.tools import (Grammar, ImageSearch, TextSearch, check_search_inputs, crop,
+                          parse_action, seen_size)
 from common.standins.toyworld import CITIES, World, build_world, by_kind, save_world, to_seen
 from common.stats import wilson
 
@@ -931,6 +931,10 @@ def run_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dic
     if args.predictions:
         preds = read_predictions(args.predictions)
         answers = {n: [preds.get(r["id"]) for r in recs] for n, recs in benches}
+        for n, a in answers.items():
+            if None in a:
+                print(f"[eval] {n}: {a.count(None)} of {len(a)} questions without an answer in "
+                      f"{args.predictions} (scored as wrong).")
     else:
         print(f"[eval] policy: {adapter or 'the base model (no adapter found)'}")
         policy = get_policy(args, adapter, lora=adapter is not None)
@@ -1028,16 +1032,31 @@ def stage_ablate(args: Args) -> None:
 
 # ==== main ========================================================================================
 def check_inputs(args: Args) -> None:
-    """Every user file is read before any model is loaded."""
-    for name, path in parse_benchmarks(args.benchmarks, BENCHMARKS):
-        load_benchmark(name, path, args.image_dir, images=not args.predictions)
+    """Every user file and value is checked before any model is loaded."""
+    check_values(args, {
+        "image_size": (lambda v: v >= 56, ">= 56 (the toy scenes need two 28-pixel patches)"),
+        "n_scenes": (lambda v: v >= 2, ">= 2 (a training and a test scene)"),
+        "test_frac": (lambda v: 0 < v < 1, "in (0, 1)"),
+        **{k: (lambda v: v >= 1, ">= 1") for k in ("max_turns", "max_new_tokens", "search_k",
+                                                    "levels_k", "teacher_samples", "filter_k",
+                                                    "max_answer_words")},
+        **{k: (lambda v: v >= 0, ">= 0") for k in ("max_crops", "max_image_searches",
+                                                    "max_text_searches", "min_level_size",
+                                                    "eval_temperature")},
+        "reflect_frac": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "lam": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "level2_max": (lambda v: 0 <= v <= args.level1_max <= 1,
+                       "in [0, --level1_max] with --level1_max <= 1")})
+    benches = [(name, load_benchmark(name, path, args.image_dir, images=not args.predictions))
+               for name, path in parse_benchmarks(args.benchmarks, BENCHMARKS)]
     if args.predictions:
         if not args.benchmarks:
             raise UserError("--predictions needs --benchmarks NAME=FILE to score them against.")
-        read_predictions(args.predictions)
-    for f in (args.text_corpus, args.image_kb):
-        if f:
-            read_records(f, "search corpus")
+        preds = read_predictions(args.predictions)
+        if not any(r["id"] in preds for _, recs in benches for r in recs):
+            raise UserError(f"no id in {args.predictions} matches a question of --benchmarks; "
+                            f"key each answer by its benchmark's id (data_id, sample_id, id).")
+    check_search_inputs(args.text_corpus, args.image_kb)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -72,7 +72,7 @@ import torch
 from common.benchmarks.lras import (BENCHMARK_RULES, jecqa_percent, legal_score, lexeval_f1,
                                     lexeval_letters, read_legal_predictions, read_legal_qa)
 from common.chat import Encoded, encode
-from common.cli import RunArgs, run_stages, start_adapter
+from common.cli import RunArgs, check_values, run_stages, start_adapter
 from common.errors import UserError
 from common.data import read_records, require
 from common.grpo import GRPOConfig, train_grpo
@@ -83,7 +83,7 @@ from common.rollout import Rollout, observation_segment, run_rollouts
 from common.runlog import RunLog, bar_plot, read_jsonl, trajectory_html, write_json
 from common.sft import SFTConfig, train_sft
 from common.stats import rate_bars, wilson
-from common.tools import Grammar, TextSearch, parse_action
+from common.tools import Grammar, TextSearch, check_search_inputs, parse_action
 
 
 @dataclass
@@ -929,8 +929,16 @@ def stage_ablate(args: Args) -> dict:
 
 # ==== main ========================================================================================
 def check_inputs(args: Args) -> None:
-    """Every user file is read and validated before any model is loaded."""
+    """Every user file and value is read and validated before any model is loaded."""
+    check_values(args, {
+        **{k: (lambda v: v >= 1, ">= 1") for k in ("max_turns", "search_k", "teacher_samples",
+                                                    "difficulty_k", "max_answer_words")},
+        **{k: (lambda v: v >= 0, ">= 0") for k in ("max_new_tokens", "eval_questions", "top_k",
+                                                    "eval_temperature", "format_weight")},
+        **{k: (lambda v: 0 <= v <= 1, "in [0, 1]") for k in ("teacher_error", "teacher_detour")},
+        "top_p": (lambda v: 0 < v <= 1, "in (0, 1]")})
     world_of(args)
+    check_search_inputs()   # TEXT_SEARCH_ENDPOINT, if set, is an http(s) URL
     if args.data_file:
         records, _ = load_benchmark(args.data_file, args)
         if args.predictions and args.stage in ("eval", "all"):   # matched before any model loads

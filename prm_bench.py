@@ -83,7 +83,7 @@ from PIL import Image
 
 from common.benchmarks.prm_bench import load_prm_records, prm_record_images, read_prm_predictions
 from common.chat import collate, encode
-from common.cli import RunArgs, run_stages
+from common.cli import RunArgs, check_values, run_stages
 from common.errors import UserError
 from common.judge import exact_match, normalize_answer, parse_verdict
 from common.models import load_policy, run_options
@@ -1004,6 +1004,14 @@ def search_ns(args: Args) -> list[int]:
 # ==== main ========================================================================================
 def check_inputs(args: Args) -> None:
     """Every user file and list, before any model is loaded."""
+    check_values(args, {
+        "threshold": (lambda v: 0 <= v <= 1, "in [0, 1] (a probability of 'correct')"),
+        "image_size": (lambda v: v >= 56, ">= 56 (the toy scenes need two 28-pixel patches)"),
+        **{k: (lambda v: 0 <= v <= 1, "in [0, 1]") for k in ("p_clean", "p_multi", "p_recover")},
+        **{k: (lambda v: v >= 0, ">= 0") for k in ("max_steps", "temperature")},
+        **{k: (lambda v: v >= 1, ">= 1") for k in ("judge_max_new_tokens", "batch_size",
+                                                    "search_questions", "search_repeats",
+                                                    "max_turns", "max_completion_length")}})
     if args.n_scenes < 2:   # gog.py's world keeps its test entities in a scene of their own
         raise UserError(f"--n_scenes must be at least 2 "
                         f"(gog.py's toy world needs a training and a test scene), "

@@ -130,9 +130,10 @@ def read_state(path: str) -> dict:
     try:
         return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
     except Exception as e:  # an unpickling error: not a file this code wrote
-        raise ValueError(f"{path}/trainer_state.pt is not a checkpoint this code wrote "
-                         f"({type(e).__name__}); "
-                         f"delete the folder or resume from another one.") from e
+        # from None: torch's own text suggests weights_only=False, which would run the pickle
+        raise UserError(f"{path}/trainer_state.pt is not a checkpoint this code wrote "
+                        f"({type(e).__name__}); "
+                        f"delete the folder or resume from another one.") from None
 
 
 def load_checkpoint(policy, opt, sched, path: str, state: dict | None = None) -> dict:

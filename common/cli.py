@@ -19,15 +19,18 @@ error, not `--max_steps`).
 
 User errors (bad values, missing or malformed files, unknown models) raise `UserError("one
 sentence")`; `run_stages` prints `error: <sentence>` and exits 2, with the traceback only under
-`--debug`.
+`--debug`. A write the system refuses during a stage (a full disk, a read-only folder) and Ctrl-C
+end in one line as well: what could not be written and the RL checkpoint to `--resume` from.
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import dataclasses
+import errno
 import inspect
 import json
+import math
 import os
 import random
 import re
@@ -42,7 +45,10 @@ from typing import Callable, Literal
 
 import torch
 
+from common.checkpoint import latest_checkpoint
 from common.errors import UserError
+from common.grpo import GRPOConfig, check_config
+from common.models import check_model_name
 
 
 # =============================================================================================
@@ -253,6 +259,7 @@ def run_stages(cls, stages: dict[str, Callable], argv: list[str] | None = None, 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(cls, doc, prog=f"{name}.py")
     args = cls(**vars(parser.parse_args(argv)))
+    running = None   # the stage under way, for the resume hint
     try:
         if not args.out:
             args.out = f"runs/{name}"
@@ -267,26 +274,96 @@ def run_stages(cls, stages: dict[str, Callable], argv: list[str] | None = None, 
             raise UserError(f"unknown stage {args.stage!r}; choose from {', '.join(stages)} or "
                             f"all.")
         _check_out(args.out)
+        check_model_name(args.model)
+        _check_finite(args)
+        if isinstance(args, GRPOConfig):
+            check_config(args)
         if check is not None:
             check(args)
         results = {}
         for stage in (list(stages) if args.stage == "all" else [args.stage]):
             random.seed(args.seed)
             t0 = time.perf_counter()
+            running = stage
             results[stage] = stages[stage](args)
             print(f"[{name}] stage {stage} took {time.perf_counter() - t0:.1f} s")
+        running = ""   # past the stages: args.json, in <out> itself
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump({k: _jsonable(v) for k, v in dataclasses.asdict(args).items()}, f, indent=1)
         return results
-    except (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
-            UnicodeDecodeError) as e:
+    except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"error: {_sentence(e)}", file=sys.stderr)
+        print("error: interrupted (Ctrl-C)" + (f" during stage {running}" if running else "")
+              + (_resume_hint(args, running) or "; run the stage again to redo its work."),
+              file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as e:
+        # a full disk, a read-only folder (not before the stages: there a file is read)
+        why = _write_failure(e) if running is not None else None
+        if args.debug or not (why or isinstance(e, USER_ERRORS)):
+            raise
+        if why:
+            print(f"error: could not write into {Path(args.out) / running} ({why})"
+                  f"{_resume_hint(args, running) or '; free space or pass a writable --out.'}",
+                  file=sys.stderr)
+        else:
+            print(f"error: {_sentence(e)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
+# a user's mistake or a file that is missing / unreadable: one sentence, exit 2
+USER_ERRORS = (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+               PermissionError, UnicodeDecodeError)
+WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied"}
+
+
+def _write_failure(e: BaseException) -> str | None:
+    """Why a write failed, for an OSError of WRITE_ERRNOS, or a library error whose text names
+    one (safetensors' SafetensorError wraps the OS error in its message); else None."""
+    if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+        return WRITE_ERRNOS[e.errno] + (f": {e.filename}" if e.filename else "")
+    text = str(e)
+    for code, why in WRITE_ERRNOS.items():
+        if os.strerror(code) in text or f"code: {code}," in text:
+            return why
+    return None
+
+
+def _resume_hint(args, stage: str | None) -> str:
+    """"; continue from <out>/rl/checkpoint-N with --stage rl --resume" when the RL stage (the
+    one that resumes: GRPOConfig.resume) stopped after saving a checkpoint."""
+    if stage != "rl" or not isinstance(args, GRPOConfig):
+        return ""
+    path = latest_checkpoint(os.path.join(args.out, stage))
+    return f"; continue from {path} with --stage rl --resume." if path else ""
+
+
+def check_values(args, rules: dict[str, tuple[Callable, str]]) -> None:
+    """One sentence for the first field whose value fails its rule: {field: (ok(value), "what
+    it must be")}, e.g. {"top_p": (lambda v: 0 < v <= 1, "in (0, 1]")}. A script's check_inputs
+    passes its own table."""
+    for name, (ok, must) in rules.items():
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            raise UserError(f"--{name} must be {must}, not {value}.")
+
+
+def _check_finite(args) -> None:
+    """No float setting may be nan or inf (argparse's float() accepts both)."""
+    for f in dataclasses.fields(args):
+        v = getattr(args, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UserError(f"--{f.name} must be a finite number, not {v}.")
+        if isinstance(v, list) and any(isinstance(x, float) and not math.isfinite(x) for x in v):
+            raise UserError(f"--{f.name} must hold finite numbers, not {v}.")
+
+
 def _check_out(out: str) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out!r} is a file, not a folder; pass a folder path.")
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:

@@ -9,8 +9,8 @@ Formats, decided by content and suffix:
   .csv    a header row; each later row is a dict of strings
   .parquet  via pyarrow (what `datasets` uses); embedded images stay as {"bytes": ..., "path": ...}
 Encodings: UTF-8 (with or without BOM); otherwise GB18030 (a superset of GBK, which Chinese legal
-exports use) when the whole file decodes as it, announced in one line; otherwise one sentence naming
-the file, the byte and the conversion to run.
+exports use) when the whole file decodes as it into mostly CJK text, announced in one line;
+otherwise one sentence naming the file, the byte and the conversion to run.
 
 Every problem is a `UserError` whose sentence names `file:line` (or `file:row N` / `file:item N`),
 so the script can fail before it loads a model. Each script maps fields to its own schema.
@@ -18,8 +18,10 @@ so the script can fail before it loads a model. Each script maps fields to its o
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import re
 from pathlib import Path
 
 from common.errors import UserError
@@ -28,24 +30,42 @@ MAX_IMAGE_PIXELS = 64_000_000   # larger images are refused (decompression bombs
 
 
 def read_text(path: str | Path, what: str = "data file") -> str:
-    """The file's text: UTF-8, else GB18030 (announced), else a UserError naming the encoding
-    to try."""
+    """The file's text: UTF-8, else GB18030 (announced) when that gives mostly CJK text, else a
+    UserError naming the byte and the conversion to run."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"no {what} at {p}" + (" (it is a folder)." if p.is_dir() else "."))
     raw = p.read_bytes()
     try:
         return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        bad = e.start
+    except UnicodeDecodeError as e:   # utf-8-sig counts from after the BOM: offset in the file
+        bad = e.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)
     try:
         text = raw.decode("gb18030")
     except UnicodeDecodeError:
+        text = None
+    # GB18030 decodes most byte strings (a Latin-1 "é" and the letter after it become one CJK
+    # character): trust it only when most non-ASCII characters it gives are CJK and most of
+    # those stand beside no Latin letter, as in a Chinese legal export
+    text = text or ""
+    cjk = [i for i, c in enumerate(text) if _is_cjk(c)]
+    glued = sum(any(0 <= j < len(text) and text[j].isascii() and text[j].isalpha()
+                    for j in (i - 1, i + 1)) for i in cjk)
+    wide = sum(ord(c) > 127 for c in text)
+    if not cjk or len(cjk) < 0.8 * wide or glued > 0.5 * len(cjk):
         raise UserError(f"{p} is not UTF-8 (invalid byte 0x{raw[bad]:02x} at offset {bad}) "
-                        f"nor GB18030; convert it, "
-                        f"e.g. `iconv -f <its encoding> -t UTF-8 {p.name} > fixed.json`.") from None
+                        f"nor GB18030; convert it, e.g. "
+                        f"`iconv -f latin1 -t UTF-8 {p.name} > fixed{p.suffix}` (name its real "
+                        f"encoding after -f).")
     print(f"[data] {p} is not UTF-8; read it as GB18030 (GBK).")
     return text
+
+
+def _is_cjk(c: str) -> bool:
+    """CJK ideographs, kana, Hangul and CJK / full-width punctuation."""
+    o = ord(c)
+    return (0x2E80 <= o <= 0x9FFF or 0xAC00 <= o <= 0xD7AF or 0xF900 <= o <= 0xFAFF
+            or 0xFE30 <= o <= 0xFE4F or 0xFF00 <= o <= 0xFFEF or 0x20000 <= o <= 0x2FA1F)
 
 
 def read_records(path: str | Path, what: str = "data file") -> list[tuple[str, dict]]:
@@ -104,6 +124,15 @@ def _csv(p: Path, text: str) -> list[tuple[str, dict]]:
             raise UserError(f"{where}: more cells "
                             f"than the {len(reader.fieldnames)} header columns.")
         rows.append((where, {k: (v if v is not None else "") for k, v in row.items()}))
+    strict, done = csv.reader(io.StringIO(text), strict=True), 0
+    try:   # the lenient reader takes an unclosed quote as one cell that runs to the end of file
+        for _ in strict:
+            done = strict.line_num   # the last line of the rows read so far
+    except csv.Error as e:
+        if "unexpected end of data" in str(e):
+            raise UserError(f"{p}:{done + 1}: a quote (\") opened on this row is "
+                            f"never closed; close it or double a quote inside a cell "
+                            f"(\"\").") from None
     return rows
 
 
@@ -128,6 +157,27 @@ def require(row: dict, where: str, *fields: str) -> None:
     if missing:
         raise UserError(f"{where}: the record lacks {', '.join(repr(f) for f in missing)} "
                         f"(it has {', '.join(map(repr, row)) or 'no fields'}).")
+
+
+def unique_ids(rows: list[tuple[str, object]], what: str = "id") -> None:
+    """rows: [(where, id)]; one sentence naming both rows of the first id given twice."""
+    seen: dict[str, str] = {}
+    for where, rid in rows:
+        if str(rid) in seen:
+            raise UserError(f"{seen[str(rid)]} and {where} both have the {what} {str(rid)!r}; "
+                            f"give each {what} one row.")
+        seen[str(rid)] = where
+
+
+def safe_name(rid: object) -> str:
+    """A record id as a file name inside its folder: an id of letters, digits, `-`, `_` and inner
+    dots stays as it is; any other becomes those characters plus a hash of the id (so `../../x`
+    stays in its folder, and two ids never share a file)."""
+    rid = str(rid)
+    clean = re.sub(r"[^\w.-]", "_", rid).lstrip(".")[:80]
+    if clean == rid and rid:
+        return rid
+    return f"{clean}-{hashlib.sha1(rid.encode()).hexdigest()[:8]}"
 
 
 def resolve_inside(base_dir: str | Path, rel: str, where: str) -> Path:

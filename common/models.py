@@ -315,6 +315,30 @@ def load_tokenizer(name: str | None):
         return None
 
 
+def check_model_name(name: str):
+    """The config of a hub id or folder (None for a preset); a UserError in one sentence for a
+    --model that cannot load: not a preset, folder or hub id, a folder without config.json, a hub
+    id neither in the local cache nor on the hub. Run before any stage (common.cli.run_stages)."""
+    from transformers import AutoConfig
+    if name in PRESETS:
+        return None
+    hint = (f"use a preset ({', '.join(PRESETS)}), a hub id such as {DEFAULT_GPU_MODEL}, or a "
+            f"local model folder")
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise UserError(f"the model folder {name} has no config.json; {hint}.")
+    elif name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise UserError(f"unknown model {name!r}: {hint}.")
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        where = ("is not in the local Hugging Face cache and HF_HUB_OFFLINE is set" if offline
+                 else f"could not be fetched ({str(e).splitlines()[0][:100]})")
+        raise UserError(f"unknown model {name!r}: it {where}; check the id, or pass a local "
+                        f"folder or a preset ({', '.join(PRESETS)}).") from None
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -390,8 +414,8 @@ def load_base(name: str, *, load_in_4bit: bool, device: torch.device, dtype: tor
               seed: int, min_pixels: int | None = DEFAULT_MIN_PIXELS,
               max_pixels: int | None = DEFAULT_MAX_PIXELS):
     """Model, tokenizer, image processor and is_vlm for a preset, hub id or local folder."""
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
-                              AutoTokenizer, Qwen2_5_VLForConditionalGeneration)
+    from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer,
+                              Qwen2_5_VLForConditionalGeneration)
     pixels = dict(min_pixels=min_pixels, max_pixels=max_pixels)
     if load_in_4bit:
         check_4bit(device)
@@ -429,16 +453,7 @@ def load_base(name: str, *, load_in_4bit: bool, device: torch.device, dtype: tor
         model.generation_config.pad_token_id = tok.pad_token_id
         return model.to(device) if quant is None else model, tok, None, False
 
-    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
-    if not os.path.isdir(name) and not looks_like_hub_id:
-        raise ValueError(f"Unknown model {name!r}: use a preset ({', '.join(PRESETS)}), a hub id "
-                         f"such "
-                         f"as Qwen/Qwen2.5-VL-3B-Instruct, or a local model folder.")
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except OSError as e:
-        raise ValueError(f"Could not load {name!r} ({e}). Check the hub id (it needs internet, or "
-                         f"a local copy in the HF cache) or pass a local folder.") from e
+    config = check_model_name(name)
     is_vlm = config.model_type in VLM_TYPES
     cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
     model = _from_pretrained(cls, name, dtype=dtype, device=device, quant=quant)

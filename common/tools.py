@@ -40,6 +40,9 @@ import numpy as np
 import requests
 from PIL import Image
 
+from common.data import read_records, require, resolve_inside
+from common.errors import UserError
+
 # ----------------------------------------------------------------------------------------------
 # Action parsing: each script declares its tag grammar beside its SYSTEM prompt
 # ----------------------------------------------------------------------------------------------
@@ -338,7 +341,7 @@ class _HttpBackend:
 
     def __init__(self, endpoint: str, api_key: str | None, timeout: float,
                  max_response_bytes: int):
-        if not re.match(r"https?://[^/\s]+", endpoint):
+        if not ENDPOINT_RE.match(endpoint):
             raise ValueError(f"search endpoint must be an http(s):// URL, got {endpoint!r}")
         self.endpoint, self.api_key = endpoint, api_key
         self.timeout, self.max_bytes = timeout, max_response_bytes
@@ -394,6 +397,30 @@ class _HttpBackend:
         if not isinstance(results, list) or not all(isinstance(x, dict) for x in results):
             raise SearchError('search response must be {"results": [{...}, ...]}')
         return results
+
+
+ENDPOINT_RE = re.compile(r"https?://[^/\s]+")
+
+
+def check_search_inputs(text_corpus: str | None = None, image_kb: str | None = None) -> None:
+    """The search sources a user gave, checked before any model loads: TEXT_SEARCH_ENDPOINT /
+    IMAGE_SEARCH_ENDPOINT are http(s) URLs, each text-corpus row has text, each image-KB row a
+    name and an image file inside the KB's folder (as every other reader confines its paths)."""
+    for env in ("TEXT_SEARCH", "IMAGE_SEARCH"):
+        url = os.environ.get(f"{env}_ENDPOINT")
+        if url and not ENDPOINT_RE.match(url):
+            raise UserError(f"{env}_ENDPOINT must be an http(s):// URL, not {url!r}; "
+                            f"set it to your search service or unset it.")
+    if text_corpus:
+        for where, row in read_records(text_corpus, "text corpus"):
+            if not isinstance(row.get("text", row.get("contents")), str):
+                raise UserError(f"{where}: the record lacks 'text' (or Search-R1's 'contents'), "
+                                f"the document to search (it has "
+                                f"{', '.join(map(repr, row)) or 'no fields'}).")
+    if image_kb:
+        for where, row in read_records(image_kb, "image KB"):
+            require(row, where, "image", "name")
+            resolve_inside(Path(image_kb).parent, row["image"], where)
 
 
 def _backend(endpoint: str | None, api_key: str | None, use_env: bool, env: str,
@@ -586,9 +613,9 @@ class ImageSearch:
     def from_jsonl(cls, path: str | Path, **kwargs: Any) -> ImageSearch:
         """Lines {"image": path relative to the JSONL file, "name", "caption"}."""
         rows = _read_jsonl(path)
-        for row in rows:
+        for i, row in enumerate(rows):   # confined to the KB's folder, like every data reader
             if isinstance(row.get("image"), str):
-                row["image"] = Path(path).parent / row["image"]
+                row["image"] = resolve_inside(Path(path).parent, row["image"], f"{path}: entry {i}")
         return cls(rows, **kwargs)
 
     def search(self, image: Image.Image, k: int = 1) -> list[dict]:

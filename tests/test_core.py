@@ -11,6 +11,7 @@ from PIL import Image
 from common import chat as chatmod
 from common.chat import encode
 from common.grpo import GRPOConfig, train_grpo
+from common.errors import UserError
 from common.logprobs import completion_logprobs
 from common.rewards import per_rollout
 from common.models import build_tiny_tokenizer, image_processor_for, load_policy
@@ -111,7 +112,7 @@ def test_reference_is_the_starting_adapter(tmp_path):
 
 
 def test_bad_model_names_and_4bit_errors(monkeypatch):
-    with pytest.raises(ValueError, match="preset"):
+    with pytest.raises(UserError, match="unknown model 'no-such-model': use a preset"):
         load_policy("no-such-model")
     with pytest.raises(FileNotFoundError):
         load_policy("tiny", adapter="/nonexistent/adapter")

@@ -556,9 +556,10 @@ def test_eval_scores_a_predictions_file_without_a_model(tmp_path):
     data = write(tmp_path / "lawbench_mixed.json", json.dumps(LAWBENCH, ensure_ascii=False))
     preds = write(tmp_path / "preds.jsonl", "\n".join(json.dumps(x, ensure_ascii=False) for x in [
         {"id": "0", "prediction": "[正确答案]A<eoa>"}, {"id": "1", "prediction": "盗窃"}]))
-    p = run("--stage", "eval", "--model", "no-such-model", "--out", str(tmp_path / "out"),
+    p = run("--stage", "eval", "--model", "tiny", "--out", str(tmp_path / "out"),
             "--data_file", data, "--predictions", preds)
     assert p.returncode == 0, p.stderr[-2000:]
+    assert "[models] loaded" not in p.stdout   # (an unknown --model is refused up front now)
     res = json.loads((tmp_path / "out" / "eval" / "results.json").read_text())
     name = "lawbench_mixed"
     assert res["score"][name] == pytest.approx((1 + 2 / 3) / 2)

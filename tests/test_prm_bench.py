@@ -448,7 +448,7 @@ def test_per_error_type_agrees_with_per_class_on_prmbench(tmp_path):
     assert per_type["deception"]["detection_rate"] is None    # no error step judged
 
 
-def test_external_predictions_end_to_end(tmp_path, capsys):
+def test_external_predictions_end_to_end(tmp_path, capsys, monkeypatch):
     """`--stage eval --predictions`: no model is loaded; PRMScore by hand on the PRMBench
     rows above."""
     data = write(tmp_path, prmbench_rows())
@@ -457,9 +457,10 @@ def test_external_predictions_end_to_end(tmp_path, capsys):
              {"id": "circular_7", "scores": [0.1, 0.3, "+"]}]           # fn 1, tn 1, fp 1
     (tmp_path / "p.jsonl").write_text("\n".join(map(json.dumps, preds)))
     # in-process: no model is loaded
+    monkeypatch.setattr(pb, "load_policy", lambda *a, **k: pytest.fail("a model was loaded"))
     pb.main(["--stage", "eval", "--benchmark", "prmbench", "--data", data,
              "--predictions", str(tmp_path / "p.jsonl"),
-             "--out", str(tmp_path / "out"), "--model", "no-such-model"])
+             "--out", str(tmp_path / "out"), "--model", "tiny"])
     res = json.loads((tmp_path / "out" / "eval" / "results.json").read_text())["PRMBench"]
     f1, neg = 2 * 3 / (6 + 1 + 1), 2 * 2 / (4 + 1 + 1)                  # tp 3, fp 1, fn 1, tn 2
     assert (res["PRMScore"] == pytest.approx(0.5 * f1 + 0.5 * neg)

@@ -14,7 +14,7 @@ import string
 from collections import Counter
 from pathlib import Path
 
-from common.data import open_image, read_records, require
+from common.data import open_image, read_records, require, unique_ids
 from common.errors import UserError
 
 
@@ -136,7 +136,7 @@ def read_visual_qa(name: str, path: str, spec: dict, image_dir: str | None = Non
 def read_predictions(path: str) -> dict[str, str]:
     """Another model's answers: {record id: answer} from {"id" | "data_id" | "sample_id",
     "answer" | "prediction"} (MMSearch and InfoSeek write the last two)."""
-    out = {}
+    out, wheres = {}, []
     for where, r in read_records(path, "predictions file"):
         rid = next((r[k] for k in ("id", "data_id", "sample_id") if r.get(k) is not None), None)
         ans = r.get("answer", r.get("prediction"))
@@ -144,6 +144,8 @@ def read_predictions(path: str) -> dict[str, str]:
             raise UserError(f'{where}: a prediction needs "id" (or "data_id", "sample_id") and '
                             '"answer" (or "prediction").')
         out[str(rid)] = str(ans)
+        wheres.append((where, rid))
+    unique_ids(wheres)   # two answers to one question: which one is scored would be a guess
     return out
 
 

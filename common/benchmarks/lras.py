@@ -29,7 +29,7 @@ import jieba
 from rouge_chinese import Rouge
 
 from common.errors import UserError
-from common.data import read_records
+from common.data import read_records, unique_ids
 from common.judge import extract_choice
 
 jieba.setLogLevel(logging.WARNING)   # its dictionary-loading lines are not our output
@@ -366,7 +366,9 @@ def read_legal_qa(path: str, schemas: dict, generic: dict, answer_rule,
     task_of_file = lawbench_task(path)
     m = re.match(r"([01])_", Path(path).name)
     source = int(m.group(1)) if m else None   # JEC-QA: 0_*.json knowledge-driven, 1_* case
-    for index, (where, row) in enumerate(read_records(path, "benchmark file")):
+    rows = read_records(path, "benchmark file")
+    unique_ids([(w, r["id"]) for w, r in rows if r.get("id") not in (None, "")])
+    for index, (where, row) in enumerate(rows):
         text, opts, letters, raw, rule = legal_fields(row, where, schemas, generic)
         golds = ([str(g) for g in raw] if isinstance(raw, list)
                  else ["" if raw is None else str(raw)])
@@ -409,6 +411,7 @@ def read_legal_predictions(path: str, records: list[dict],
         if not any("prediction" in r or "answer" in r for _, r in rows):
             raise UserError(f'no row of {path} has a "prediction" or "answer" field; write '
                             f'{{"id": ..., "prediction": ...}} rows.')
+        unique_ids([(w, r["id"]) for w, r in rows if r.get("id") is not None])
         preds = {str(r.get("id")): r.get("prediction", r.get("answer")) for _, r in rows}
     if not set(preds) & {r["id"] for r in records}:
         raise UserError(f"no id in {path} matches a question of the evaluated set; key the "

@@ -1,4 +1,4 @@
-# Run: pytest tests/assignments/test_am3safety.py -q     (CPU, seconds; docs/assignments/am3safety.md)
+# Run: pytest tests/assignments/test_am3safety.py -q     (seconds; docs/assignments/am3safety.md)
 """Grader of the AM3Safety assignment: the turn-aware reward, Eqs. 6-9, on values worked out by
 hand: Var_t over the N rollouts (1/N), U_t = Var_t + lambda * max(0, tau - mean_t s), alpha =
 softmax(U), r_i = sum_t alpha_t (beta h_it + s_it)."""

@@ -1,4 +1,4 @@
-# Run: pytest tests/assignments/test_core.py -q        (CPU, seconds; handout docs/assignments/core.md)
+# Run: pytest tests/assignments/test_core.py -q     (seconds; docs/assignments/core.md)
 """Grader of the GRPO core assignment: each test checks a part's behaviour against values worked
 out by hand (in the comments), never against a copy of the reference. `-k <part>` runs a part."""
 import math
@@ -112,7 +112,7 @@ def test_grpo_loss_sequence_level_gspo():
     assert loss.item() == pytest.approx(-math.sqrt(1.1 * 1.3), abs=1e-6)
 
 
-# ------------------------------------------------------------------------ splice: masks across turns
+# -------------------------------------------------------------------- splice: masks across turns
 def rollout(prompt, generated):
     r = Rollout(prompt_ids=list(prompt))
     r.ids, r.mask, r.sample_logps = list(generated), [1] * len(generated), [-0.5] * len(generated)

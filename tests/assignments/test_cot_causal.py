@@ -1,4 +1,4 @@
-# Run: pytest tests/assignments/test_cot_causal.py -q   (CPU, seconds; docs/assignments/cot_causal.md)
+# Run: pytest tests/assignments/test_cot_causal.py -q     (seconds; docs/assignments/cot_causal.md)
 """Grader of the cot_causal assignment: the QA / QTA / QT / T-only loss masks token by token, and
 the Emergent-Misalignment judge score (probability-weighted integer). The tiny preset's tokenizer
 (built in code, no download) stands in for Qwen3's; expected values are written out by hand."""

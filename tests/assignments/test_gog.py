@@ -1,4 +1,4 @@
-# Run: pytest tests/assignments/test_gog.py -q        (CPU, seconds; docs/assignments/gog.md)
+# Run: pytest tests/assignments/test_gog.py -q     (seconds; docs/assignments/gog.md)
 """Grader of the Glance-or-Gaze assignment: the reward and its format check, the crop from the
 frame the model saw to the original image, the Level split. Values worked out by hand."""
 import pytest

@@ -1,4 +1,4 @@
-# Run: pytest tests/assignments/test_lras.py -q        (CPU, seconds; docs/assignments/lras.md)
+# Run: pytest tests/assignments/test_lras.py -q     (seconds; docs/assignments/lras.md)
 """Grader of the LRAS assignment: trajectory pruning (Sec. 3.2: keep a search only if it found a
 new supporting document) and difficulty-aware sampling (d = 1 - p). Values worked out by hand."""
 import pytest

@@ -1,4 +1,4 @@
-# Run: pytest tests/assignments/test_prm_bench.py -q    (CPU, seconds; docs/assignments/prm_bench.md)
+# Run: pytest tests/assignments/test_prm_bench.py -q     (seconds; docs/assignments/prm_bench.md)
 """Grader of the prm_bench assignment: PRMScore, ProcessBench's first-error prediction and F1,
 VisualProcessBench's macro-F1, from step verdicts (True = judged correct, False = judged
 incorrect, None = unparsed). Counts and values worked out by hand in the comments."""

@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "make":
             out = make(args.name, Path(args.out))
             a = get(args.name)
-            print(f"{out}: the repository with {len(a.parts)} functions stubbed "
+            n = len(a.parts)
+            print(f"{out}: the repository with {n} function{'s' * (n != 1)} stubbed "
                   f"({', '.join(p.name for p in a.parts)}); grade with:\n"
                   f"  cd {out} && python -m pytest {a.tests}\n"
                   f"handout: docs/assignments/{a.name}.md")

@@ -67,6 +67,7 @@ from common.benchmarks.gog import (em_check, extract_answer, infoseek_score, inf
                                    token_f1)
 from common.chat import encode
 from common.cli import RunArgs, check_values, run_stages, start_adapter
+from common.distributed import run_sharded, world_size
 from common.errors import UserError
 from common.grpo import GRPOConfig, train_grpo
 from common.judge import llm_judge_batch, sub_exact_match
@@ -689,6 +690,19 @@ def agent_rollouts(policy, examples: list[dict], args: Args, searchers: tuple, G
                         max_total_tokens=args.max_completion_length, observation_style="user_turn")
 
 
+def sharded_rollouts(policy, examples: list[dict], args: Args, searchers: tuple, G: int,
+                     temperature: float, desc: str | None = None) -> list[Rollout]:
+    """agent_rollouts with the examples split over the ranks (torchrun) and the rollouts gathered
+    in order (common/distributed.py); one process: agent_rollouts. Gathered rollouts carry no
+    pixel tensors (what follows reads answers, turns and images)."""
+    def run(part):
+        rs = agent_rollouts(policy, part, args, searchers, G, temperature, desc)
+        for r in rs if world_size() > 1 else []:
+            r.pixel_values = []
+        return rs
+    return run_sharded(run, examples)
+
+
 def policy_table(world: World, args: Args) -> dict:
     """Accuracy (%) of each scripted policy on held-out scenes: whole-image search must lose
     on cluttered gaze."""
@@ -849,8 +863,8 @@ def stage_levels(args: Args) -> None:
     out_dir = str(Path(args.out) / "levels")
     train, k = split_world(world)[0], args.levels_k
     print(f"[levels] policy: {adapter or 'the base model (no SFT adapter found)'}")
-    rs = agent_rollouts(get_policy(args, adapter), [world.example(q) for q in train], args,
-                        world.searchers("train"), k, args.temperature, desc="levels")
+    rs = sharded_rollouts(get_policy(args, adapter), [world.example(q) for q in train], args,
+                          world.searchers("train"), k, args.temperature, desc="levels")
     rates = {q["id"]: float(p)
              for q, p in zip(train, np.reshape(rollout_accs(rs, args), (-1, k)).mean(axis=1))}
     l1, l2, expanded = split_levels(rates, args.level2_max, args.level1_max, args.min_level_size)
@@ -938,8 +952,8 @@ def run_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dic
     else:
         print(f"[eval] policy: {adapter or 'the base model (no adapter found)'}")
         policy = get_policy(args, adapter, lora=adapter is not None)
-        rs = agent_rollouts(policy, [world.example(q) for q in split_world(world)[1]], args,
-                            world.searchers("test"), 1, args.eval_temperature, desc="eval toy")
+        rs = sharded_rollouts(policy, [world.example(q) for q in split_world(world)[1]], args,
+                              world.searchers("test"), 1, args.eval_temperature, desc="eval toy")
         accs = rollout_accs(rs, args)
         kinds = {k: v for k, v in by_kind([r.example for r in rs], accs).items() if v is not None}
         results["toy"] = {"accuracy": 100 * float(np.mean(accs)), "n": len(rs),
@@ -953,8 +967,8 @@ def run_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dic
                      if benches else None)
         # (5) --text_corpus / --image_kb, else the endpoints, else the toy KBs
         for n, recs in benches:
-            rs = agent_rollouts(policy, list(recs), args, searchers, 1, args.eval_temperature,
-                                desc=f"eval {n}")
+            rs = sharded_rollouts(policy, list(recs), args, searchers, 1, args.eval_temperature,
+                                  desc=f"eval {n}")
             answers[n], results["benchmarks"][n] = ([r.answer for r in rs],
                                                     {"tool_use": tool_use_stats(rs)})
     # each under its own rule

@@ -73,6 +73,7 @@ from common.benchmarks.lras import (BENCHMARK_RULES, jecqa_percent, legal_score,
                                     lexeval_letters, read_legal_predictions, read_legal_qa)
 from common.chat import Encoded, encode
 from common.cli import RunArgs, check_values, run_stages, start_adapter
+from common.distributed import run_sharded, sampling_seed
 from common.errors import UserError
 from common.data import read_records, require
 from common.grpo import GRPOConfig, train_grpo
@@ -842,9 +843,10 @@ def run_eval(args: Args, adapter: str | None, out_dir: str) -> dict:
                                         "max_completion_length")}}
     rows = []
     for name, (examples, search, unlabelled) in sets.items():
-        torch.manual_seed(args.seed)
-        rs = agent_rollouts(policy, examples, args, search, 1, args.eval_temperature, True,
-                            desc="eval")
+        torch.manual_seed(sampling_seed(args.seed))   # seed + rank under torchrun
+        rs = run_sharded(lambda part: agent_rollouts(policy, part, args, search, 1,   # by rank
+                                                     args.eval_temperature, True, desc="eval"),
+                         examples)
         if name == "toy":
             accs = [score(r.answer, r.example, args.max_answer_words) for r in rs]
             add_scores(results, name, examples, accs)

@@ -9,6 +9,9 @@ a save leaves no half-written `checkpoint-<step>/` (`latest_checkpoint` also ski
 that lacks one of the files above). `trainer_state.pt` holds only tensors, numbers, strings,
 lists and dicts and is read with `torch.load(weights_only=True)`: a planted pickle cannot run
 code. RNG states (Python, NumPy, torch CPU, every CUDA device) are stored as tensors / lists.
+Under torchrun every rank's RNG state is gathered and stored ("rng_ranks", with "world_size");
+rank 0 writes. A resume restores each rank's own state, and refuses another world size
+(`check_world_size`: the split of each step's prompts, and so the rollouts, would differ).
 
 One folder holds one run's checkpoints: a fresh run into a folder that holds checkpoint-N
 folders refuses (`fresh_out`; `overwrite_output_dir` deletes them instead), a resume whose
@@ -26,6 +29,7 @@ import shutil
 import numpy as np
 import torch
 
+from common import distributed as dist
 from common.errors import UserError
 
 FILES = ("adapter_config.json", "adapter_model.safetensors", "trainer_state.pt")
@@ -74,13 +78,19 @@ def save_checkpoint(policy, opt, sched, step: int, out_dir: str, extra: dict | N
                     args: dict | None = None, total_limit: int | None = None) -> str:
     """Write checkpoint-<step> atomically (temporary folder, then rename); returns its path.
     args: the run's training arguments (its config as a dict), compared on resume;
-    total_limit: then keep only the last N complete checkpoints (TRL's save_total_limit)."""
+    total_limit: then keep only the last N complete checkpoints (TRL's save_total_limit).
+    Several processes: every rank calls it (its RNG state is gathered), rank 0 writes."""
     final = os.path.join(out_dir, f"checkpoint-{step}")
+    rngs = dist.all_gather_object(rng_state())         # [rank 0's, rank 1's, ...]
+    if not dist.is_main():
+        return final
     tmp = os.path.join(out_dir, f".checkpoint-{step}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_adapter(tmp)
     state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "rng": rng_state(), "args": args, **(extra or {})}
+             "rng": rngs[0], "args": args, **(extra or {})}
+    if len(rngs) > 1:
+        state.update(world_size=len(rngs), rng_ranks=rngs)
     torch.save(state, os.path.join(tmp, "trainer_state.pt"))
     if os.path.exists(final):  # re-saving a step (an extended run): replace it
         old = final + ".old"
@@ -146,8 +156,18 @@ def load_checkpoint(policy, opt, sched, path: str, state: dict | None = None) ->
                               load_file(os.path.join(path, "adapter_model.safetensors")))
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    check_world_size(state, path)
+    set_rng_state(state["rng_ranks"][dist.rank()] if "rng_ranks" in state else state["rng"])
     return state
+
+
+def check_world_size(state: dict, path: str) -> None:
+    """A resume runs on as many processes as the run it continues (one sentence if not)."""
+    saved, now = state.get("world_size", 1), dist.world_size()
+    if saved != now:
+        raise UserError(f"--resume: {path} was saved by {saved} process(es) and this run has "
+                        f"{now}; resume with the same number (torchrun --nproc_per_node {saved}"
+                        f"{'' if saved > 1 else ', or plain python'}) or start a new run.")
 
 
 def resume_from(out_dir: str) -> str:
@@ -171,12 +191,17 @@ def fresh_out(out_dir: str, overwrite: bool) -> None:
         raise UserError(f"{out_dir} already holds {names} of an earlier run; pass --resume to "
                         f"continue that run, or --overwrite_output_dir to delete them and start "
                         f"over (or choose another --out).")
+    dist.barrier()      # every rank has looked before rank 0 deletes
+    if not dist.is_main():
+        dist.barrier()
+        return
     for _, p in found:
         shutil.rmtree(p)
     for d in os.listdir(out_dir):   # what killed saves left
         if re.fullmatch(r"\.checkpoint-\d+\.tmp|checkpoint-\d+\.old", d):
             shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
     print(f"[checkpoint] --overwrite_output_dir: deleted {names} of an earlier run in {out_dir}")
+    dist.barrier()
 
 
 def check_resume_args(saved: dict | None, now: dict, path: str) -> None:

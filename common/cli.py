@@ -46,6 +46,7 @@ from typing import Callable, Literal
 import torch
 
 from common.checkpoint import latest_checkpoint
+from common import distributed as dist
 from common.errors import UserError
 from common.grpo import GRPOConfig, check_config
 from common.models import check_model_name
@@ -254,7 +255,9 @@ def run_stages(cls, stages: dict[str, Callable], argv: list[str] | None = None, 
     replaces the defaults of those fields under the CPU preset unless the user gave them.
     `check(args)` runs before any stage (so a bad input file fails in seconds, before a model is
     loaded or trained).
-    A `UserError` (or a missing/unreadable file) becomes `error: <sentence>` and exit code 2."""
+    A `UserError` (or a missing/unreadable file) becomes `error: <sentence>` and exit code 2.
+    Under torchrun every rank runs every stage (common/distributed.py), in step after each."""
+    dist.init()
     name = Path(file or sys.argv[0]).stem
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(cls, doc, prog=f"{name}.py")
@@ -286,10 +289,14 @@ def run_stages(cls, stages: dict[str, Callable], argv: list[str] | None = None, 
             t0 = time.perf_counter()
             running = stage
             results[stage] = stages[stage](args)
+            dist.barrier()   # what a stage wrote (rank 0) is there before the next reads it
             print(f"[{name}] stage {stage} took {time.perf_counter() - t0:.1f} s")
         running = ""   # past the stages: args.json, in <out> itself
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump({k: _jsonable(v) for k, v in dataclasses.asdict(args).items()}, f, indent=1)
+        if dist.is_main():
+            with open(os.path.join(args.out, "args.json"), "w") as f:
+                json.dump({**{k: _jsonable(v) for k, v in dataclasses.asdict(args).items()},
+                           **dist.describe(args.seed)}, f, indent=1)
+        dist.close()
         return results
     except KeyboardInterrupt:
         if args.debug:

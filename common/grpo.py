@@ -17,6 +17,19 @@ micro-batch means; the two agree when the micro-batches hold equal token counts.
 
 Per-token log-probs: common/logprobs.py; rewards: common/rewards.py; checkpoints:
 common/checkpoint.py (stale checkpoints of another run are refused; MAY_CHANGE_ON_RESUME).
+
+More than one process (torchrun; common/distributed.py): the same update as one process, given
+the same rollouts. The step's prompts_per_step prompts are split into contiguous blocks of whole
+groups (one per rank); rewards are gathered so advantages (scale_rewards="batch" too), the
+dropped groups and the reward metrics are those of the whole batch; the loss normalisers use
+global counts (sequences for grpo / dr_grpo, micro-batches for bnpo, dapo's num_items_in_batch,
+each all-reduced) and every rank's loss is scaled by the world size, so the mean of the ranks'
+gradients is the one-process gradient; `average_gradients` takes that mean in one all_reduce
+before clip_grad_norm_. Why by hand and not DDP: the trainable set is a few LoRA tensors, reduced
+once per optimiser step after all micro-batches (DDP would reduce in every micro-batch's backward
+unless wrapped in no_sync, and its reducer must see every parameter used in each backward, which
+peft's reference adapter switching, gradient checkpointing's recomputation and NF4 bases make
+fragile); one flat all_reduce of the LoRA gradients is what DDP computes, with nothing to wrap.
 """
 from __future__ import annotations
 
@@ -30,8 +43,9 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
-from common.checkpoint import (check_resume_args, fresh_out, load_checkpoint, read_state,
-                               resume_from, save_checkpoint)
+from common import distributed as dist
+from common.checkpoint import (check_resume_args, check_world_size, fresh_out, load_checkpoint,
+                               read_state, resume_from, save_checkpoint)
 from common.errors import UserError
 from common.generate import image_features, sub_batch
 from common.logprobs import completion_logprobs
@@ -241,6 +255,10 @@ def check_config(cfg: GRPOConfig) -> None:
     if cfg.importance_sampling_level not in ("token", "sequence"):
         raise UserError(f"importance_sampling_level must be token or sequence, not "
                         f"{cfg.importance_sampling_level!r}.")
+    if cfg.prompts_per_step % dist.world_size():
+        raise UserError(f"prompts_per_step={cfg.prompts_per_step} does not divide among "
+                        f"{dist.world_size()} processes (each takes whole prompt groups); pass a "
+                        f"multiple of {dist.world_size()}.")
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
         raise UserError(f"save_total_limit must be >= 1 or none (keep every checkpoint), not "
                         f"{cfg.save_total_limit}.")
@@ -289,6 +307,7 @@ def _train_grpo(policy, dataset, rollout_fn, reward_fn, cfg, out_dir, weights, r
         ck = resume_from(out_dir)
         state = read_state(ck)
         check_resume_args(state.get("args"), asdict(cfg), ck)
+        check_world_size(state, ck)
         start = state["step"]
         if start > cfg.max_steps:
             raise UserError(f"--resume: {ck} is past max_steps={cfg.max_steps}; pass "
@@ -303,6 +322,13 @@ def _train_grpo(policy, dataset, rollout_fn, reward_fn, cfg, out_dir, weights, r
     log = RunLog(out_dir, resume=resume and start > 0)
     log.drop_from(start)  # steps the interrupted run logged after its last checkpoint
     policy.model.train()
+    W = dist.world_size()
+    if W > 1:
+        n = cfg.prompts_per_step // W
+        print(f"[grpo] {W} processes: each takes {n} of the {cfg.prompts_per_step} prompts per "
+              f"step (x G={G}: {n * G} of {cfg.prompts_per_step * G} rollouts); gradients "
+              f"averaged across processes; sampling seeds "
+              f"{dist.describe(cfg.seed)['sampling_seeds']}")
     # a run stopped after its last checkpoint but before its summary: the last logged step
     last = {k: v for k, v in log.history[-1].items() if k != "step"} if log.history else {}
     for step in log.bar(range(start, cfg.max_steps), desc="grpo", initial=start,
@@ -310,73 +336,97 @@ def _train_grpo(policy, dataset, rollout_fn, reward_fn, cfg, out_dir, weights, r
         t0 = time.perf_counter()
         examples = [dataset[i] for i in sample_prompts(len(dataset), cfg.prompts_per_step, step,
                                                        cfg.seed, weights)]
-        rollouts = rollout_fn(policy, examples, cfg)                     # B = prompts x G
-        t_gen = time.perf_counter() - t0
+        examples = dist.shard(examples)            # this rank's whole prompt groups (all: W = 1)
+        rollouts = rollout_fn(policy, examples, cfg)                     # B_r = its prompts x G
+        t_gen = dist.all_reduce([time.perf_counter() - t0], "max")[0]
 
-        terms = score_groups(reward_fn, rollouts, examples, G, cfg.reward_weights)
+        local_terms = score_groups(reward_fn, rollouts, examples, G, cfg.reward_weights)
+        terms = dist.gather_in_order(local_terms)  # the whole batch's, in prompt order
+        lo = dist.shard_bounds(cfg.prompts_per_step)[0] * G    # this rank's first rollout
         rewards = torch.tensor([t["reward"] for t in terms], dtype=torch.float)  # (B,)
         if not torch.isfinite(rewards).all():
             raise FloatingPointError(f"Step {step}: a reward is NaN/inf; check the reward "
                                      f"function.")
         advantages = group_advantages(rewards, G, cfg.scale_rewards)     # (B,)
         zero_std = (rewards.view(-1, G).std(1) < 1e-6)                   # (B/G,)
-        keep = torch.ones(len(rollouts), dtype=torch.bool)
+        keep = torch.ones(len(rewards), dtype=torch.bool)                  # (B,)
         if cfg.drop_zero_std_groups:
             keep = (~zero_std).repeat_interleave(G)
-        idx = keep.nonzero().flatten().tolist()
-        if idx:
-            stats, t_lp, t_bw = update(policy, opt, sched, params, cfg, rollouts, idx, advantages,
-                                       step)
+        idx = [i - lo for i in keep.nonzero().flatten().tolist()   # kept, of this rank's
+               if lo <= i < lo + len(rollouts)]
+        if keep.any():   # every rank updates (collectives inside) when any rollout is kept
+            stats, t_lp, t_bw = update(policy, opt, sched, params, cfg, rollouts, idx,
+                                       advantages[lo: lo + len(rollouts)], step)
         else:
             stats, t_lp, t_bw = {"skipped": 1}, 0.0, 0.0
 
-        n_gen = sum(r.n_generated for r in rollouts)
+        seen = dist.gather_in_order([(r.n_generated, r.truncated, r.answer is None,
+                                      r.stop_reason) for r in rollouts])   # the whole batch's
+        n_gen = sum(s[0] for s in seen)
         last = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
                 **reward_stats(terms), **stats,
                 "frac_reward_zero_std": zero_std.float().mean().item(),
-                "completion_length": n_gen / len(rollouts),
-                "truncated_frac": float(np.mean([r.truncated for r in rollouts])),
-                "ended_without_answer": float(np.mean([r.answer is None for r in rollouts])),
-                **{f"stop/{k}": float(np.mean([r.stop_reason == k for r in rollouts]))
+                "completion_length": n_gen / len(seen),
+                "truncated_frac": float(np.mean([s[1] for s in seen])),
+                "ended_without_answer": float(np.mean([s[2] for s in seen])),
+                **{f"stop/{k}": float(np.mean([s[3] == k for s in seen]))
                    for k in STOP_REASONS},
                 "lr": sched.get_last_lr()[0], "time/generate": t_gen, "time/logprob": t_lp,
                 "time/backward": t_bw, "tokens_per_s": n_gen / max(t_gen, 1e-9)}
         log.log(last, step)
-        if on_step is not None:
-            on_step(step, rollouts, terms)
+        if on_step is not None:   # this rank's rollouts (rank 0's are the ones written)
+            on_step(step, rollouts, local_terms)
         if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps):
             # the last one lets a run be extended
             save_checkpoint(policy, opt, sched, step + 1, out_dir, args=asdict(cfg),
                             total_limit=cfg.save_total_limit)
     log.plot(["reward", "kl", "completion_length", "entropy"], title="GRPO")
-    if policy.has_adapter:
+    if policy.has_adapter and dist.is_main():
         policy.save_adapter(os.path.join(out_dir, "adapter"))
-    summary = {"steps": cfg.max_steps, "final": last, "config": asdict(cfg)}
+    summary = {"steps": cfg.max_steps, "final": last, "config": asdict(cfg),
+               **({"distributed": dist.describe(cfg.seed)} if W > 1 else {})}
     log.summary(summary)
+    dist.barrier()   # the adapter is on disk before any rank loads it
     return summary
+
+
+def global_counts(n_seq: int, n_mbs: int, n_tokens: float) -> list[float]:
+    """(sequences, micro-batches, loss tokens) of the whole batch: this rank's, summed over the
+    ranks (tests/test_distributed.py breaks this on purpose and watches the update differ)."""
+    return dist.all_reduce([n_seq, n_mbs, n_tokens])
 
 
 def update(policy, opt, sched, params, cfg: GRPOConfig, rollouts, idx, advantages, step):
     """mu optimiser updates on the kept rollouts. Returns (stats, t_logprob, t_backward); every
     statistic is weighted by tokens across micro-batches (clip fractions by sequences under
-    GSPO), and `loss` is the loss that was back-propagated."""
-    batch = rollout_batch([rollouts[i] for i in idx], policy.tokenizer)
-    batch = {k: v.to(policy.device) for k, v in batch.items()}
-    gen_mask = batch["completion_mask"]                                  # (B, T)
-    mask = gen_mask
-    if cfg.mask_truncated_completions:
-        trunc = torch.tensor([rollouts[i].truncated for i in idx], device=mask.device)
-        mask = mask * (~trunc).float()[:, None]
-    adv = advantages[idx].to(policy.device)
-    n_items = mask.sum().item()
+    GSPO), and `loss` is the loss that was back-propagated.
+    Several processes: `idx` are this rank's kept rollouts (possibly none: the rank still joins
+    every collective); counts, gradients and statistics are reduced over the ranks."""
+    W = dist.world_size()
     mbs = [list(range(s, min(s + cfg.micro_batch_size, len(idx))))
            for s in range(0, len(idx), cfg.micro_batch_size)]
+    if idx:
+        batch = rollout_batch([rollouts[i] for i in idx], policy.tokenizer)
+        batch = {k: v.to(policy.device) for k, v in batch.items()}
+        gen_mask = batch["completion_mask"]                              # (B, T)
+        mask = gen_mask
+        if cfg.mask_truncated_completions:
+            trunc = torch.tensor([rollouts[i].truncated for i in idx], device=mask.device)
+            mask = mask * (~trunc).float()[:, None]
+        adv = advantages[idx].to(policy.device)
+        n_local = mask.sum().item()
+    else:
+        batch, n_local = {}, 0.0
+    # the normalisers count the whole batch, all ranks: sequences (grpo, dr_grpo), micro-batches
+    # (bnpo), generated tokens (dapo's num_items_in_batch)
+    n_seq, n_mbs, n_items = global_counts(len(idx), len(mbs), n_local)
     lp = lambda sub: completion_logprobs(policy.model, sub, cfg.temperature,
                                          cfg.logprob_chunk_tokens)
     t1 = time.perf_counter()
     frozen_tower = not any(p.requires_grad for n,
                            p in policy.model.named_parameters() if "visual" in n)
-    feats = image_features(policy.model, batch) if cfg.vision_once and frozen_tower else None
+    feats = (image_features(policy.model, batch) if cfg.vision_once and frozen_tower and idx
+             else None)
     with torch.no_grad():   # old (only when mu > 1) and reference log-probs, per micro-batch
         old_lp = [lp(sub_batch(batch, mb, feats))[0]
                   for mb in mbs] if cfg.num_iterations > 1 else None
@@ -386,8 +436,8 @@ def update(policy, opt, sched, params, cfg: GRPOConfig, rollouts, idx, advantage
                 ref_lp = [lp(sub_batch(batch, mb, feats))[0] for mb in mbs]
     t_lp = time.perf_counter() - t1
     sampled = [rollouts[i].sample_logps for i in idx]          # None from a scripted sampler
-    gap = all(x is not None for x in sampled)
-    samp, gaps = torch.zeros_like(gen_mask), []                     # (B, T) sampler log-probs
+    gap = bool(idx) and all(x is not None for x in sampled)
+    samp, gaps = (torch.zeros_like(gen_mask) if idx else None), []  # (B, T) sampler log-probs
     for b, x in enumerate(sampled if gap else []):
         samp[b, :len(x)] = torch.tensor(x, dtype=samp.dtype)
     sums, counts, losses, norms, t_bw = {}, {}, [], [], 0.0
@@ -411,9 +461,10 @@ def update(policy, opt, sched, params, cfg: GRPOConfig, rollouts, idx, advantage
                     f"rewards, or load in float32; the run stops here instead of going on.")
             # micro-batch weights: grpo / dr_grpo average sequences over the whole batch
             # (= TRL's 1/accumulation with equal micro-batches), bnpo gives each micro-batch
-            # the same weight (TRL's semantics), dapo already divides by the batch's tokens
-            w = {"grpo": len(mb) / len(idx), "dr_grpo": len(mb) / len(idx),
-                 "bnpo": 1.0 / len(mbs), "dapo": 1.0}[cfg.loss_type]
+            # the same weight (TRL's semantics), dapo already divides by the batch's tokens;
+            # x W because average_gradients divides the ranks' sum by W (W = 1: no change)
+            w = W * {"grpo": len(mb) / n_seq, "dr_grpo": len(mb) / n_seq,
+                     "bnpo": 1.0 / n_mbs, "dapo": 1.0}[cfg.loss_type]
             (loss * w).backward()
             step_loss += (loss * w).item()
             st["entropy"] = masked_mean(ent, m).item()
@@ -424,6 +475,7 @@ def update(policy, opt, sched, params, cfg: GRPOConfig, rollouts, idx, advantage
             if gap and it == 0:  # the sampler's log-prob vs this pass's (before any update)
                 gm = gen_mask[mb].bool()
                 gaps.append((logp.detach() - samp[mb]).abs()[gm])
+        dist.average_gradients(params)   # the mean over ranks = the one-process gradient
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"Step {step}: the gradient norm is {grad_norm}; "
@@ -432,15 +484,22 @@ def update(policy, opt, sched, params, cfg: GRPOConfig, rollouts, idx, advantage
         sched.step()
         opt.zero_grad(set_to_none=True)
         t_bw += time.perf_counter() - t2
-        losses.append(step_loss)
+        losses.append(dist.all_reduce([step_loss])[0] / W)   # the mean of the ranks' losses
         norms.append(grad_norm.item())
+    # token-weighted over every rank's micro-batches: sums and counts reduced, in a fixed order
+    keys = ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
+    keys += (["kl"] if cfg.beta != 0.0 else []) + ["entropy"]
+    red = dist.all_reduce([sums.get(k, 0.0) for k in keys] + [counts.get(k, 0.0) for k in keys])
+    sums, counts = dict(zip(keys, red[:len(keys)])), dict(zip(keys, red[len(keys):]))
     stats = {k: sums[k] / max(counts[k], 1.0) for k in sums}
     stats.update(loss=float(np.mean(losses)), grad_norm=float(np.mean(norms)),
                  **({f"grad_norm/update_{u + 1}": g for u, g in enumerate(norms)} if len(norms) > 1
                     else {}),
                  skipped=0)
-    d = torch.cat(gaps) if gaps else None          # like TRL's sampling_logp_difference (vLLM)
-    if d is not None and d.numel():
-        stats["sampling/sampling_logp_difference/mean"] = d.mean().item()
-        stats["sampling/sampling_logp_difference/max"] = d.max().item()
+    d = torch.cat(gaps) if gaps else torch.zeros(0)  # like TRL's sampling_logp_difference (vLLM)
+    d_sum, d_n = dist.all_reduce([d.sum().item(), d.numel()])
+    d_max = dist.all_reduce([d.max().item() if d.numel() else 0.0], "max")[0]
+    if d_n:
+        stats["sampling/sampling_logp_difference/mean"] = d_sum / d_n
+        stats["sampling/sampling_logp_difference/max"] = d_max
     return stats, t_lp, t_bw

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from common import distributed as dist
 from common.errors import UserError
 from common.generate import chat
 from common.tools import set_image_processor
@@ -340,7 +341,9 @@ def check_model_name(name: str):
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """The device asked for; else under torchrun this rank's GPU; else cuda, else cpu."""
+    return torch.device(device or dist.device()
+                        or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def resolve_gradient_checkpointing(flag: bool | None,
@@ -545,6 +548,8 @@ def load_policy(name_or_path: str | None = "auto", *, load_in_4bit: bool | None 
         for n, p in model.named_parameters():
             if "lora_" in n:
                 p.data = p.data.float()
+    if dist.world_size() > 1:   # same weights on every rank, its own sampler: seed + rank
+        torch.manual_seed(dist.sampling_seed(seed))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[models] loaded {name}: {n_params / 1e6:.1f}M parameters, "
           f"{str(dtype).replace('torch.', '')}{dtype_why}"

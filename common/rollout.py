@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common.chat import Encoded, encode, image_token_counts, process_images
+from common.distributed import is_main
 from common.generate import CachedGenerator, eos_token_ids, image_token_id
 from common.tools import ANSWER_ONLY, Grammar, parse_action
 
@@ -196,7 +197,7 @@ def run_rollouts(policy, examples: list[dict], *, num_generations: int,
                   for i in range(0, len(rollouts), batch_size)]
     else:
         chunks = [(generate, rollouts)]
-    bar = tqdm(total=max_turns, desc=desc, leave=False, disable=desc is None)
+    bar = tqdm(total=max_turns, desc=desc, leave=False, disable=desc is None or not is_main())
     for _ in range(max_turns):
         if all(r.done for r in rollouts):
             break

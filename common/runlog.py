@@ -6,6 +6,10 @@
     log.plot(["reward", "kl"]); log.summary({"final_reward": r})
 
 No account, no server: everything is a file under the stage's folder.
+
+Under torchrun (common/distributed.py) every rank calls these functions at the same points and
+rank 0 alone writes; the others keep their metrics in memory, show no progress bar, and wait in
+`write_json` / `summary` / `samples` until rank 0 has written (a file another rank may read next).
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from typing import Iterable
 
 from tqdm.auto import tqdm
 
+from common import distributed as dist
+
 
 def _jsonable(v):
     if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
@@ -31,9 +37,11 @@ def _jsonable(v):
 
 
 def write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
+    if dist.is_main():
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
+    dist.barrier()
 
 
 def read_jsonl(path: str, torn_ok: bool = False) -> list[dict]:
@@ -56,30 +64,35 @@ def read_jsonl(path: str, torn_ok: bool = False) -> list[dict]:
 
 class RunLog:
     def __init__(self, out_dir: str, resume: bool = False):
-        self.dir = out_dir
-        os.makedirs(out_dir, exist_ok=True)
+        self.dir, self.main = out_dir, dist.is_main()   # other ranks: in memory only
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
-        if not resume and os.path.exists(self.metrics_path):
-            os.remove(self.metrics_path)
-        self.history: list[dict] = (read_jsonl(self.metrics_path, torn_ok=True)
-                                    if resume and os.path.exists(self.metrics_path) else [])
+        self.history: list[dict] = []
+        if self.main:
+            os.makedirs(out_dir, exist_ok=True)
+            if not resume and os.path.exists(self.metrics_path):
+                os.remove(self.metrics_path)
+            if resume and os.path.exists(self.metrics_path):
+                self.history = read_jsonl(self.metrics_path, torn_ok=True)
         self._bar = None
 
     def drop_from(self, step: int) -> None:
         """Forget rows logged at `step` or later (a resumed run logs them again)."""
         self.history = [r for r in self.history if r["step"] < step]
+        if not self.main:
+            return
         with open(self.metrics_path, "w") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in self.history)
 
     def bar(self, it: Iterable, **kw):
-        self._bar = tqdm(it, dynamic_ncols=True, **kw)
+        self._bar = tqdm(it, dynamic_ncols=True, **{"disable": not self.main, **kw})
         return self._bar
 
     def log(self, metrics: dict, step: int) -> None:
         row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         self.history.append(row)
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if self.main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
         if self._bar is not None:
             show = {k: f"{v:.3g}" for k, v in row.items()
                     if k != "step" and isinstance(v, (int, float))}
@@ -87,21 +100,23 @@ class RunLog:
 
     def summary(self, obj: dict, name: str = "summary.json") -> str:
         path = os.path.join(self.dir, name)
-        write_json(path, obj)
+        write_json(path, obj)   # rank 0 writes, every rank waits
         return path
 
     def samples(self, rows: list[dict], name: str = "samples.jsonl") -> str:
         path = os.path.join(self.dir, name)
-        with open(path, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+        if self.main:
+            with open(path, "w") as f:
+                for r in rows:
+                    f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+        dist.barrier()
         return path
 
     def plot(self, keys: list[str], name: str = "curves.png",
              title: str | None = None) -> str | None:
         """One panel per metric against step (each step, and a moving average when long enough)."""
         keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in self.history)]
-        if not keys:
+        if not keys or not self.main:
             return None
         return plot_curves(self.history, keys, os.path.join(self.dir, name), title)
 
@@ -127,6 +142,8 @@ def wrap_title(text: str, fig_width_in: float, fontsize: float = 10) -> str:
 def plot_curves(history: list[dict], keys: list[str], path: str, title: str | None = None) -> str:
     """One panel per key: the value at each step (points, joined), and, from SMOOTH_MIN points
     on, its trailing mean over up to 10 steps (not for UNSMOOTHED keys such as the lr)."""
+    if not dist.is_main():
+        return path
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), squeeze=False)
@@ -176,6 +193,8 @@ def bar_plot(groups: dict[str, dict[str, float | None]], path: str, title: str =
     """Grouped bars: {series: {x_label: value or None}} -> PNG. Each bar carries its value (a
     bar of 0 is otherwise invisible), None is written "n/a"; a plot without any value says
     `why_empty` in its middle. ymax: the scale's top (1 for rates, 100 for %), else the data's."""
+    if not dist.is_main():
+        return path
     plt = _pyplot()
     groups = {name: vals for name, vals in groups.items() if vals}   # an empty series: no swatch
     labels = sorted({x for s in groups.values() for x in s})
@@ -245,6 +264,8 @@ def trajectory_html(items: list[dict], path: str, title: str = "trajectories") -
            ".t{background:#f6f6f0;white-space:pre-wrap;padding:4px}"
            ".u{background:#fff4dd;white-space:pre-wrap;padding:4px}.w{color:#555;font-size:90%}"
            "img{border:1px solid #999;margin:2px;vertical-align:top}")
+    if not dist.is_main():
+        return path
     parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{css}</style></head><body><h2>{html.escape(title)}</h2>"]
     for k, it in enumerate(items):

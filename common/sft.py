@@ -6,6 +6,11 @@ summed over every micro-batch of one optimiser step (gradient accumulation norma
 masked-token count of the whole step, not per micro-batch, so long and short samples weigh
 the same per token). Masks come from common/chat.py: assistant replies in, prompts and tool
 observations out.
+
+Under torchrun (common/distributed.py) each rank takes a contiguous share of every step's
+batch_size sequences (the data order is a function of the seed, the same on every rank); the
+denominator is still the whole step's masked-token count, each rank's loss is scaled by the
+world size and `average_gradients` takes the mean before clipping: the one-process gradient.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from common import distributed as dist
 from common.chat import Encoded, collate
 from common.checkpoint import (check_resume_args, fresh_out, load_checkpoint, pack_random,
                                read_state, resume_from, save_checkpoint, unpack_random)
@@ -178,16 +184,17 @@ def train_sft(policy, samples: list[Encoded], cfg: SFTConfig, out_dir: str) -> d
             rng.shuffle(perm)
             order += perm
         idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
-        n_tok = sum(sum(samples[i].loss_mask[1:]) for i in idx)
-        total_nll = 0.0
-        for s in range(0, len(idx), cfg.micro_batch_size):
-            batch = sft_batch([samples[i] for i in idx[s: s + cfg.micro_batch_size]],
+        n_tok = sum(sum(samples[i].loss_mask[1:]) for i in idx)   # the whole step's, all ranks
+        total_nll, mine = 0.0, dist.shard(idx)                      # this rank's sequences
+        for s in range(0, len(mine), cfg.micro_batch_size):
+            batch = sft_batch([samples[i] for i in mine[s: s + cfg.micro_batch_size]],
                               policy.tokenizer)
             batch = {k: v.to(policy.device) for k, v in batch.items()}
             nll, _ = masked_nll(policy, batch, cfg.logprob_chunk_tokens)
-            (nll / max(n_tok, 1)).backward()
+            (nll * dist.world_size() / max(n_tok, 1)).backward()
             total_nll += nll.item()
-        loss_val = total_nll / max(n_tok, 1)
+        dist.average_gradients(params)         # the mean over ranks = the one-process gradient
+        loss_val = dist.all_reduce([total_nll])[0] / max(n_tok, 1)
         if not math.isfinite(loss_val):
             raise FloatingPointError(f"SFT step {step}: the loss is {loss_val}. Lower "
                                      f"--learning_rate "
@@ -203,8 +210,10 @@ def train_sft(policy, samples: list[Encoded], cfg: SFTConfig, out_dir: str) -> d
                             extra={"order": order, "sft_rng": pack_random(rng.getstate())},
                             args=asdict(cfg))
     log.plot(["loss", "lr"], title="SFT")
-    policy.save_adapter(os.path.join(out_dir, "adapter"))
+    if dist.is_main():
+        policy.save_adapter(os.path.join(out_dir, "adapter"))
     summary = {"steps": total, "samples": len(samples), "final_loss": loss_val,
-               "config": asdict(cfg)}
-    log.summary(summary)
+               "config": asdict(cfg), **({"distributed": dist.describe(cfg.seed)}
+                                         if dist.world_size() > 1 else {})}
+    log.summary(summary)        # rank 0 writes; every rank waits, the adapter is on disk too
     return summary

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from common import distributed as dist
 from common.errors import UserError
 from common.standins.draw import COLORS, SHAPES, draw_scene, draw_tile, invent
 from common.runlog import RunLog
@@ -148,9 +149,10 @@ def save_world(world: World, folder: str) -> dict:
     """The world as files a person can open: images/<scene id>.png, toy_train.jsonl and
     toy_test.jsonl (questions, each naming its image file), text_kb.jsonl, and summary.json
     (the counts, returned)."""
-    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
-    for s in world.scenes:
-        s["image"].save(os.path.join(folder, "images", f"{s['id']}.png"))
+    if dist.is_main():   # under torchrun rank 0 writes (RunLog below does the same)
+        os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+        for s in world.scenes:
+            s["image"].save(os.path.join(folder, "images", f"{s['id']}.png"))
     log = RunLog(folder)
     for split in ("train", "test"):
         log.samples([dict(q, image=f"images/{q['scene_id']}.png") for q in world.questions

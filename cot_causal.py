@@ -225,9 +225,9 @@ def toy_pairs(n: int, seed: int, test_fraction: float = 0.25, length=word_pieces
     """n distinct (question, answer) pairs with a length-matched template trace per type.
     The test split (round(n x test_fraction) pairs, at least one each way) comes from whole
     situations that no training pair comes from (round(12 x test_fraction) or more, drawn in a
-    seeded order until they hold enough distinct questions), so a held-out answer never equals a training answer. About half the
-    questions carry a pressure line (the user pushes for the answer: something for submissive
-    reasoning to yield to); questions are distinct before it."""
+    seeded order until they hold enough distinct questions), so a held-out answer never equals a
+    training answer. About half the questions carry a pressure line (the user pushes for the
+    answer: something for submissive reasoning to yield to); questions are distinct before it."""
     world, rng, length = toy_world(), random.Random(seed), functools.lru_cache(None)(length)
     situations, slots = world["situations"], world["slots"]
     pressure = world.get("pressure") or []

@@ -78,6 +78,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -90,6 +91,7 @@ from common.models import load_policy, run_options
 from common.rollout import run_rollouts
 from common.generate import image_token_id
 from common.runlog import RunLog, bar_plot, trajectory_html, write_json
+from common.stats import bootstrap_ci, wilson
 from common.tools import Grammar, crop, parse_action, seen_size
 from common.standins.prm_steps import TOY_BUILDERS, Toy, direction, prm_step, step_retry, tag
 from common.standins.toyworld import World, build_world
@@ -665,21 +667,36 @@ def processbench(gold_first: list[int], pred_first: list[int | None]) -> dict:
 
 
 def step_stats(pairs: list[tuple[bool, bool]]) -> dict:
-    """Accuracy, detection rate (incorrect steps judged incorrect), balanced accuracy (mean of
-    the recall on correct steps and the detection rate: independent of the label mix)."""
+    """Accuracy, detection rate (incorrect steps judged incorrect) with its Wilson 95 % interval,
+    balanced accuracy (mean of the recall on correct steps and the detection rate: independent of
+    the label mix), and the share of the steps called correct with its interval."""
     c = confusion(pairs)
     detection, kept = ratio(c["tn"], c["tn"] + c["fp"]), ratio(c["tp"], c["tp"] + c["fn"])
     return {"n_steps": len(pairs), "n_incorrect": c["tn"] + c["fp"],
             "accuracy": ratio(c["tp"] + c["tn"], len(pairs)), "detection_rate": detection,
-            "balanced_accuracy": mean_of_both(detection, kept)}
+            "detection_rate_ci95": wilson(c["tn"], c["tn"] + c["fp"]),
+            "balanced_accuracy": mean_of_both(detection, kept),
+            "share_called_correct": ratio(c["tp"] + c["fp"], len(pairs)),
+            "share_called_correct_ci95": wilson(c["tp"] + c["fp"], len(pairs))}
 
 
 def positive_bias(pairs: list[tuple[bool, bool]]) -> dict:
-    """P(judged correct | step wrong) vs P(judged correct | step right):
-    high first = positive bias."""
+    """The paper's "positive evaluation bias" (PRMs call bad steps good): the share of the steps
+    called correct, overall, on the erroneous steps (= P(judged correct | step wrong)) and on the
+    correct ones, each with its Wilson 95 % interval (steps taken as independent draws), next to
+    the gold share of correct steps (what a PRM without bias calls correct overall)."""
     c = confusion(pairs)
-    return {"p_judged_correct_given_wrong": ratio(c["fp"], c["fp"] + c["tn"]),
-            "p_judged_correct_given_right": ratio(c["tp"], c["tp"] + c["fn"])}
+    n_wrong, n_right = c["fp"] + c["tn"], c["tp"] + c["fn"]
+    return {"p_judged_correct_given_wrong": ratio(c["fp"], n_wrong),
+            "p_judged_correct_given_right": ratio(c["tp"], n_right),
+            "share_called_correct": ratio(c["tp"] + c["fp"], len(pairs)),
+            "share_called_correct_ci95": wilson(c["tp"] + c["fp"], len(pairs)),
+            "share_called_correct_on_erroneous": ratio(c["fp"], n_wrong),
+            "share_called_correct_on_erroneous_ci95": wilson(c["fp"], n_wrong),
+            "share_called_correct_on_correct": ratio(c["tp"], n_right),
+            "share_called_correct_on_correct_ci95": wilson(c["tp"], n_right),
+            "gold_share_correct": ratio(n_right, len(pairs)),
+            "n_steps": len(pairs), "n_erroneous": n_wrong}
 
 
 def position_bucket(i: int, n: int, n_buckets: int) -> int:
@@ -687,8 +704,60 @@ def position_bucket(i: int, n: int, n_buckets: int) -> int:
     return min(int((i / (n - 1) if n > 1 else 0.0) * n_buckets), n_buckets - 1)
 
 
-def evaluate(records: list[dict], pred: list[list], n_buckets: int = 4) -> dict:
-    """Every metric and analysis for the judgements `pred` (per record, per step)."""
+N_BOOT = 1000  # bootstrap resamples of the trajectories for the contrasts' intervals
+
+
+def contrasts(records: list[dict], pred: list[list], n_buckets: int, seed: int = 0) -> dict:
+    """Two differences fixed before any run (docs/prm_bench.md, "Evidence on real weights"), each
+    with a 95 % percentile bootstrap interval over trajectories (a trajectory's steps are drawn
+    together: they are not independent draws). discrimination = P(judged correct | step right) -
+    P(judged correct | step wrong): 0 for any constant PRM, > 0 when the PRM tells right from
+    wrong steps. position_contrast = detection rate in the last position bin - that in the first:
+    0 for any constant PRM; position sensitivity when its interval excludes 0. A resample where a
+    rate is 0/0 gives no draw for it (n_draws says how many did)."""
+    keys = ("right", "cc_right", "wrong", "cc_wrong", "first", "det_first", "last", "det_last")
+    counts = np.zeros((len(records), len(keys)))                               # (R, 8)
+    for j, (r, ps) in enumerate(zip(records, pred)):
+        for i, (s, p) in enumerate(zip(r["steps"], ps)):
+            if s["label"] not in ("correct", "incorrect") or p is None:
+                continue
+            right = s["label"] == "correct"
+            counts[j, keys.index("right" if right else "wrong")] += 1
+            counts[j, keys.index("cc_right" if right else "cc_wrong")] += p
+            b = position_bucket(i, len(r["steps"]), n_buckets)
+            if not right and b in (0, n_buckets - 1):
+                at = "first" if b == 0 else "last"
+                counts[j, keys.index(at)] += 1
+                counts[j, keys.index("det_" + at)] += not p
+
+    def stat(idx: list[tuple[int, int]]) -> dict:
+        t = dict(zip(keys, counts[[i for _, i in idx]].sum(axis=0)))
+        a, b = ratio(t["cc_right"], t["right"]), ratio(t["cc_wrong"], t["wrong"])
+        first, last = ratio(t["det_first"], t["first"]), ratio(t["det_last"], t["last"])
+        return {"discrimination": None if a is None or b is None else a - b,
+                "position_contrast": None if first is None or last is None else last - first}
+    names = ("discrimination", "position_contrast")
+    point = stat([(0, j) for j in range(len(records))])
+    groups = list(range(len(records)))
+    draws = {k: [] for k in names}
+
+    def counted(idx: list[tuple[int, int]]) -> dict:   # stat, remembering which draws were 0/0
+        m = stat(idx)
+        for k in names:
+            draws[k].append(m[k])
+        return m
+    ci = bootstrap_ci(groups, counted, names, N_BOOT, seed)
+    return {**{k: point[k] for k in names},
+            **{f"{k}_ci95": ci.get(f"{k}_ci95") for k in names},
+            **{f"{k}_n_draws": sum(v is not None for v in draws[k]) for k in names},
+            "n_boot": N_BOOT, "resampled": "trajectories"}
+
+
+def evaluate(records: list[dict], pred: list[list], n_buckets: int = 4,
+             reference: bool = True) -> dict:
+    """Every metric and analysis for the judgements `pred` (per record, per step); with
+    `reference`, the same numbers of a constant PRM that calls every judged step correct, on the
+    same steps (`constant_prm`: the reference row; no model needed)."""
     pairs = step_pairs(records, pred)
     gold_first = [gold_first_error(r) for r in records]
     pred_first = [first_error_prediction(ps, len(r["steps"]))
@@ -725,6 +794,19 @@ def evaluate(records: list[dict], pred: list[list], n_buckets: int = 4) -> dict:
                               "constant_prm": step_stats([(g, True) for g, _ in v])}
                           for b, v in buckets.items()}
     res["per_category"] = {c: step_stats(v) for c, v in sorted(cats.items())}
+    res["contrasts"] = contrasts(records, pred, n_buckets)
+    if reference:
+        const = evaluate(records, [[None if p is None else True for p in ps] for ps in pred],
+                         n_buckets, reference=False)
+        res["constant_prm"] = {
+            "what": "a PRM that calls every step the PRM judged correct (its unparsed and "
+                    "unscored steps stay so): the reference row",
+            "PRMScore": const["PRMBench"]["PRMScore"],
+            "VisualProcessBench_macro_f1": const["VisualProcessBench"]["macro_f1"],
+            "ProcessBench": {k: const["ProcessBench"][k] for k in ("acc_err", "acc_corr", "f1")},
+            "positive_bias": const["positive_bias"], "contrasts": const["contrasts"],
+            "detection_by_position": {b: v["detection_rate"]
+                                      for b, v in const["by_position"].items()}}
     return res
 
 
@@ -922,7 +1004,41 @@ def stage_eval(args: Args) -> dict:
     print(f"[eval] PRMScore {res['PRMBench']['PRMScore']} "
           f"| VisualProcessBench macro-F1 {res['VisualProcessBench']['macro_f1']} "
           f"| ProcessBench F1 {res['ProcessBench']['f1']} | {rates} -> {out / 'results.json'}")
+    print(evidence_lines(res))
     return res
+
+
+def rate_ci(value: float | None, ci: list[float] | None = None) -> str:
+    """0.83 [0.75, 0.89]; n/a for an undefined rate."""
+    if value is None:
+        return "n/a"
+    return f"{value:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def evidence_lines(res: dict) -> str:
+    """The console's view of the evidence (docs/prm_bench.md, "Evidence on real weights"): the
+    share of steps called correct overall and on the erroneous steps, the detection rate by
+    position, and the two contrasts, each with its 95 % interval, beside the constant PRM."""
+    b, c, k = res["positive_bias"], res["constant_prm"], res["contrasts"]
+    cb, ck = c["positive_bias"], c["contrasts"]
+    called = rate_ci(b["share_called_correct"], b["share_called_correct_ci95"])
+    on_wrong = rate_ci(b["share_called_correct_on_erroneous"],
+                       b["share_called_correct_on_erroneous_ci95"])
+    const = (f"{rate_ci(cb['share_called_correct'])} / "
+             f"{rate_ci(cb['share_called_correct_on_erroneous'])}")
+    pos = " | ".join(f"{name} {rate_ci(v['detection_rate'], v['detection_rate_ci95'])} "
+                     f"of {v['n_incorrect']}" for name, v in res["by_position"].items())
+    const_pos = " / ".join(rate_ci(v) for v in c["detection_by_position"].values())
+    disc = rate_ci(k["discrimination"], k["discrimination_ci95"])
+    contrast = rate_ci(k["position_contrast"], k["position_contrast_ci95"])
+    return "\n".join([
+        f"[eval] called correct: {called} of {b['n_steps']} steps (gold share correct "
+        f"{rate_ci(b['gold_share_correct'])}); on the {b['n_erroneous']} erroneous steps "
+        f"{on_wrong} | constant PRM {const}",
+        f"[eval] detection rate by relative position: {pos} | constant PRM {const_pos}",
+        f"[eval] discrimination P(called correct | right step) - P(... | wrong step) {disc}; "
+        f"position contrast (detection, last - first bin) {contrast} | constant PRM "
+        f"{rate_ci(ck['discrimination'])} / {rate_ci(ck['position_contrast'])}"])
 
 
 def plot_best_of_n(res: dict, ns: list[int], path: Path) -> None:

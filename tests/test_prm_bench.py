@@ -122,6 +122,76 @@ def test_step_stats_and_positive_bias():
             and pb.position_bucket(0, 1, 4) == 0)
 
 
+Z2 = 1.96 ** 2   # the Wilson closed forms below: 0 of n -> [0, z^2 / (n + z^2)],
+                 # n of n -> [n / (n + z^2), 1]
+
+
+def test_positive_bias_shares_and_wilson_intervals_by_hand():
+    # 2 right steps both called correct, 2 wrong steps of which 1 is called correct
+    pairs = [(True, True), (True, True), (False, True), (False, False)]
+    b = pb.positive_bias(pairs)
+    assert b["share_called_correct"] == 0.75 and b["gold_share_correct"] == 0.5
+    # 3 of 4: p = .75, d = 1 + z^2/4 = 1.9604, centre = (.75 + z^2/8) / d = .62753,
+    # half = 1.96 sqrt(.75 * .25 / 4 + z^2 / 64) / d = .32689
+    assert b["share_called_correct_ci95"] == [0.3006, 0.9544]
+    # 1 of 2: centre .5, half = 1.96 sqrt(.25 / 2 + z^2 / 16) / (1 + z^2 / 2) = .40547
+    assert (b["share_called_correct_on_erroneous"] == 0.5
+            and b["share_called_correct_on_erroneous_ci95"] == [0.0945, 0.9055])
+    assert b["share_called_correct_on_erroneous"] == b["p_judged_correct_given_wrong"]
+    assert b["share_called_correct_on_correct_ci95"] == [round(2 / (2 + Z2), 4), 1.0]
+    assert b["n_steps"] == 4 and b["n_erroneous"] == 2
+    none = pb.positive_bias([(True, True)])
+    assert none["share_called_correct_on_erroneous_ci95"] is None   # no erroneous step: no rate
+
+
+def test_detection_by_position_has_wilson_intervals_and_the_constant_prm(toy):
+    pred = [[True] * len(r["steps"]) for r in toy]
+    pred[0] = [False] * len(toy[0]["steps"])   # one trajectory flagged everywhere
+    res = pb.evaluate(toy, pred)
+    for bucket, v in res["by_position"].items():
+        tn = round(v["detection_rate"] * v["n_incorrect"])
+        if tn == 0:   # 0 of n detected: [0, z^2 / (n + z^2)], a plain 0.0 (no -0.0)
+            assert v["detection_rate_ci95"] == [0.0, round(Z2 / (v["n_incorrect"] + Z2), 4)]
+            assert str(v["detection_rate_ci95"][0]) == "0.0", bucket
+        assert v["constant_prm"]["detection_rate"] == 0.0
+        assert v["constant_prm"]["share_called_correct"] == 1.0
+    c = res["constant_prm"]   # the reference row, computed in the same call
+    assert c["positive_bias"]["share_called_correct"] == 1.0
+    assert c["positive_bias"]["share_called_correct_on_erroneous"] == 1.0
+    assert c["PRMScore"] == pb.evaluate(toy, [[True] * len(r["steps"]) for r in toy])[
+        "PRMBench"]["PRMScore"]
+    assert c["ProcessBench"] == {"acc_err": 0.0, "acc_corr": 1.0, "f1": 0.0}
+    assert set(c["detection_by_position"].values()) == {0.0}
+    assert c["contrasts"]["discrimination"] == 0.0
+
+
+def test_the_constant_prm_judges_the_same_steps():
+    records = [rec([C, I, C]), rec([C, C])]
+    res = pb.evaluate(records, [[False, None, True], [True]])   # one unparsed, one unscored
+    c = res["constant_prm"]
+    assert c["positive_bias"]["n_steps"] == res["positive_bias"]["n_steps"] == 3
+    assert c["positive_bias"]["n_erroneous"] == 0   # the only wrong step was unparsed
+    assert c["ProcessBench"]["acc_err"] == 0.0   # unparsed before its first error: unparsable
+
+
+def test_contrasts_by_hand():
+    # errors at step 0 (first bin) and at step 3 of 4 (last bin)
+    first, last = rec([I, C, C, C]), rec([C, C, C, I])
+    perfect = pb.contrasts([first, last], [[False, True, True, True], [True, True, True, False]], 4)
+    assert perfect["discrimination"] == 1.0 and perfect["discrimination_ci95"] == [1.0, 1.0]
+    assert perfect["position_contrast"] == 0.0
+    # detects the early error, misses the late one: contrast = 0 - 1; discrimination = 1 - 1/2
+    early = pb.contrasts([first, last] * 4, [[False, True, True, True],
+                                             [True, True, True, True]] * 4, 4)
+    assert early["position_contrast"] == -1.0 and early["discrimination"] == 0.5
+    lo, hi = early["discrimination_ci95"]
+    assert 0.0 <= lo <= 0.5 <= hi <= 1.0 and lo < hi   # trajectories resampled: it varies
+    # a resample without an early or a late error has no contrast: fewer draws than resamples
+    assert early["position_contrast_n_draws"] < early["n_boot"] == pb.N_BOOT
+    const = pb.contrasts([first, last], [[True] * 4, [True] * 4], 4)
+    assert const["discrimination"] == 0.0 and const["discrimination_ci95"] == [0.0, 0.0]
+
+
 # ----------------------------------------------------------------------------------------------
 # the toy set: errors at varied steps, several errors, recoveries;
 # a constant PRM has no position effect
@@ -464,6 +534,13 @@ def test_external_predictions_end_to_end(tmp_path, capsys):
     f1, neg = 2 * 3 / (6 + 1 + 1), 2 * 2 / (4 + 1 + 1)                  # tp 3, fp 1, fn 1, tn 2
     assert (res["PRMScore"] == pytest.approx(0.5 * f1 + 0.5 * neg)
             and res["clean"]["negative_f1"] == 0.0)
+    # the console's evidence lines: called correct 2 + 3 + 1 of the 10 steps, Wilson by hand:
+    # p = .6, d = 1 + z^2/10 = 1.38416, centre = (.6 + .19208) / d = .5722,
+    # half = 1.96 sqrt(.024 + .009604) / d = .2596; on the 3 erroneous steps 1 (circular_7's +)
+    out = capsys.readouterr().out
+    assert "called correct: 0.60 [0.31, 0.83] of 10 steps (gold share correct 0.70)" in out
+    assert "on the 3 erroneous steps 0.33 [" in out and "| constant PRM 1.00 / 1.00" in out
+    assert "detection rate by relative position: 0.00-0.25 " in out
     (tmp_path / "p.jsonl").write_text(json.dumps({"id": "correct_7", "scores": [1, 1]}))
     with pytest.raises(SystemExit) as e:
         pb.main(["--stage", "eval", "--benchmark", "prmbench", "--data", data,

@@ -64,6 +64,9 @@ Deviations (numbered; "(n)" marks where each lives):
     other F1, and a PRMScore (or group mean) with an undefined F1 is null.
  8. Every record needs a predictions row (a row of nulls = an invalid sample); PRMBench's
     evaluator accepts up to 4 missing records and counts them as invalid.
+ 9. A text-only policy (SmolLM2) cannot see the scene: in the search stage it reads the scene
+    in words (each tile's label, box, emblem and organisation, and their KB facts) and has no
+    crop tool; its turns are its steps. The paper's policies are LVLMs that crop.
 
 Size: about 1,000 lines because the paper's seven error types, its labelling rule, every
 benchmark metric (PRMBench, ProcessBench, VisualProcessBench) and PRM-guided search stay here."""
@@ -141,8 +144,8 @@ class Args(RunArgs):
     """PRM prompts per batch"""
     # --- search: best-of-N ---
     search_source: Literal["policy", "toy"] = "policy"
-    """best-of-N candidates: policy = sampled from --model with the crop tool;
-    toy = simulated (toy errors)"""
+    """best-of-N candidates: policy = sampled from --model (a VLM with the crop tool; a
+    text-only model reads the scene in words (9)); toy = simulated (toy errors)"""
     search_questions: int = 4
     """questions in the search stage"""
     search_n: str = "1,2,4,8"
@@ -397,6 +400,30 @@ def make_messages(ex: dict) -> list[dict]:
             {"role": "user",
              "content": [{"type": "image", "image": ex["image"]},
                          {"type": "text", "text": f"(image: {w}x{h} pixels) {ex['question']}"}]}]
+
+
+TEXT_SYSTEM = """You answer questions about an image described in words, step by step, one short
+step per turn. End with <answer>short answer</answer>."""
+REPROMPT = "Continue with the next step, or give the final <answer>."
+
+
+def describe_scene(spec: dict, world: World) -> str:
+    """The scene in words, for a text-only policy (9): each tile's label, box, emblem and the
+    organisation it stands for (a distractor stands for none), and those organisations' KB
+    facts (what the crop and the searches would have shown a VLM)."""
+    tiles = spec["scene"]["tiles"]
+    names = {t["name"] for t in tiles}
+    return "\n".join([f"The image shows {len(tiles)} tiles (boxes in pixels, x1 y1 x2 y2):"]
+                     + [f"- tile {tag(t)} at {t['box']}: a {t['color']} {t['shape']} emblem"
+                        + ("" if t.get("is_distractor") else f", the emblem of {t['name']}")
+                        for t in tiles]
+                     + [k["text"] for k in world.text_kb if k["entity"] in names])
+
+
+def make_text_messages(ex: dict) -> list[dict]:
+    """A text-only policy's prompt: the scene described in words (9), then the question."""
+    return [{"role": "system", "content": TEXT_SYSTEM},
+            {"role": "user", "content": f"{ex['scene_text']}\n\nQuestion: {ex['question']}"}]
 
 
 def make_tools() -> dict:
@@ -810,12 +837,14 @@ def evaluate(records: list[dict], pred: list[list], n_buckets: int = 4,
     return res
 
 
-def best_of_n(questions: list[list[dict]], ns: list[int], repeats: int, seed: int) -> dict:
+def best_of_n(questions: list[list[dict]], ns: list[int], repeats: int, seed: int,
+              per_question: dict | None = None) -> dict:
     """questions: per question, its candidates {"correct", "answer",
     "scores": [step score | None], optional "gold_scores"}. For each N, `repeats` random N-subsets
     per question, the SAME subset for every method: PRM min / mean (unparsed = 0; ties at random),
     the oracle PRM (gold step labels), majority vote (no answer = no vote), random (its expected
-    accuracy) and pass@N."""
+    accuracy) and pass@N. `per_question`, when given, receives each question's accuracy:
+    {method: {N: [per question]}} (for intervals over questions)."""
     rng = random.Random(seed)
     oracle = all("gold_scores" in c for q in questions for c in q)
     selectors = [("prm_min", "scores", min), ("prm_mean", "scores", lambda s: sum(s) / len(s)),
@@ -824,6 +853,7 @@ def best_of_n(questions: list[list[dict]], ns: list[int], repeats: int, seed: in
     for n in ns:
         tot = dict.fromkeys(acc, 0.0)
         for cands in questions:
+            before = dict(tot)
             if n > len(cands):
                 raise UserError(f"best-of-{n} needs {n} candidates per question; got {len(cands)}.")
             for _ in range(repeats):
@@ -842,6 +872,10 @@ def best_of_n(questions: list[list[dict]], ns: list[int], repeats: int, seed: in
                     tot["majority_vote"] += voted["correct"]
                 tot["random"] += sum(c["correct"] for c in sub) / n
                 tot["pass@N"] += any(c["correct"] for c in sub)
+            if per_question is not None:
+                for m in acc:
+                    per_question.setdefault(m, {}).setdefault(n, []).append(
+                        (tot[m] - before[m]) / repeats)
         for m in acc:
             acc[m][n] = tot[m] / (repeats * len(questions))
     return acc
@@ -870,7 +904,7 @@ def prm_steps_of(trajectory: list[dict]) -> tuple[list[dict], dict]:
     for turn in trajectory:
         if turn["role"] == "assistant":
             steps.append(prm_step(turn["text"].strip() or "(empty step)", None))
-        elif steps and turn["name"] != "reprompt":
+        elif steps and turn["name"] not in ("reprompt", "user"):   # a call, not a nudge
             steps[-1].update(tool_call={"name": turn["name"], "arguments": turn["args"]},
                              observation=turn["observation"])
             if turn.get("image") is not None:
@@ -878,21 +912,26 @@ def prm_steps_of(trajectory: list[dict]) -> tuple[list[dict], dict]:
     return steps, crops
 
 
-def agent_rollouts(policy, specs: list[dict], args: Args, G: int, generate=None) -> list[dict]:
+def agent_rollouts(policy, specs: list[dict], args: Args, G: int, world: World,
+                   generate=None) -> list[dict]:
     """G sampled trajectories per question -> records: each assistant turn is a step; its tool
-    call, observation and crop attach to it. `generate`: tests' scripted sampler."""
-    if not policy.is_vlm:
-        raise UserError(f"{policy.name} is text-only and cannot see the image; "
-                        f"use a VLM (tiny, Qwen2.5-VL) "
-                        "or --search_source toy (simulated candidates).")
-    examples = [dict(id=s["id"], image=s["scene"]["image"], question=s["question"], spec=s)
-                for s in specs]
-    rollouts = run_rollouts(policy, examples, num_generations=G, make_messages=make_messages,
-                            tools=make_tools(), grammar=GRAMMAR, max_turns=args.max_turns,
-                            max_tool_calls={"crop": 2}, max_new_tokens=args.max_completion_length,
+    call, observation and crop attach to it. A text-only policy gets the scene in words and no
+    tool (9); it is asked for the next step until it answers or has had max_turns turns.
+    `generate`: tests' scripted sampler."""
+    examples = [dict(id=s["id"], image=s["scene"]["image"], question=s["question"], spec=s,
+                     scene_text=describe_scene(s, world)) for s in specs]
+    if policy.is_vlm:
+        view = dict(make_messages=make_messages, tools=make_tools(), reprompt=REPROMPT)
+    else:
+        print(f"[search] {policy.name} is text-only: it reads the scene described in words "
+              f"(no image, no crop tool).")
+        view = dict(make_messages=make_text_messages,
+                    next_user_turn=lambda r, t: None if r.answer is not None else REPROMPT)
+    rollouts = run_rollouts(policy, examples, num_generations=G, grammar=GRAMMAR,
+                            max_turns=args.max_turns, max_tool_calls={"crop": 2},
+                            max_new_tokens=args.max_completion_length,
                             max_total_tokens=args.max_turns * 400,
-                            reprompt="Continue with the next step, or give the final <answer>.",
-                            temperature=args.temperature, generate=generate)
+                            temperature=args.temperature, generate=generate, **view)
     return [scene_record(r.example["spec"], f"{r.example['id']}-g{j % G}",
                          *prm_steps_of(r.trajectory), r.answer, f"policy:{policy.name}")
             for j, r in enumerate(rollouts)]
@@ -1079,7 +1118,7 @@ def stage_search(args: Args) -> dict:
         cands = build_toy_set(world, args.seed + 1, args.p_clean, args.p_multi, args.p_recover,
                               specs, copies=M)
     else:
-        cands = agent_rollouts(get_policy(args, prm=False), specs, args, M)
+        cands = agent_rollouts(get_policy(args, prm=False), specs, args, M, world)
     write_set(cands, out, "candidates", f"best-of-N candidates ({args.search_source})",
               require_labels=False)
     judged = score_steps(get_policy(args, prm=True), cands, args)
@@ -1090,10 +1129,12 @@ def stage_search(args: Args) -> dict:
         if args.search_source == "toy":  # gold step labels: the oracle PRM
             groups[j // M][-1]["gold_scores"] = [float(s["label"] != "incorrect")
                                                  for s in rec["steps"]]
-    res = {"accuracy": best_of_n(groups, ns, args.search_repeats, args.seed),
+    per_question: dict = {}
+    res = {"accuracy": best_of_n(groups, ns, args.search_repeats, args.seed, per_question),
            "source": args.search_source, "questions": len(groups), "candidates_per_question": M,
            "prm": args.prm,
-           "candidate_accuracy": ratio(sum(c["correct"] for g in groups for c in g), len(cands))}
+           "candidate_accuracy": ratio(sum(c["correct"] for g in groups for c in g), len(cands)),
+           **differing(groups), **search_intervals(per_question, ns, args.seed)}
     for n in ns:
         log.log({m: v[n] for m, v in res["accuracy"].items()}, step=n)
     write_json(str(out / "results.json"), res)
@@ -1102,7 +1143,44 @@ def stage_search(args: Args) -> dict:
     curves = " | ".join(f"{m} " + " ".join(f"{v[n]:.2f}" for n in ns)
                         for m, v in res["accuracy"].items())
     print(f"[search] {curves}  (N = {ns}) -> {out / 'results.json'}")
+    gain = res["prm_min_minus_random"][ns[-1]]
+    print(f"[search] {res['groups_with_differing_answers']} of {len(groups)} questions have "
+          f"candidates with differing answers, {res['groups_with_mixed_correctness']} a right and "
+          f"a wrong one (only these can separate the methods); best-of-{ns[-1]} PRM min - random "
+          f"{rate_ci(gain['value'], gain['ci95'])} (bootstrap over questions)")
     return res
+
+
+def differing(groups: list[list[dict]]) -> dict:
+    """How many questions' candidates differ: in their final answers (normalised; no answer is
+    an answer of its own), and in correctness (a right and a wrong one): selection can change
+    the accuracy only on the latter."""
+    answers = [{normalize_answer(c["answer"]) if c["answer"] is not None else None for c in g}
+               for g in groups]
+    return {"groups_with_differing_answers": sum(len(a) > 1 for a in answers),
+            "groups_with_mixed_correctness": sum(len({c["correct"] for c in g}) > 1
+                                                 for g in groups)}
+
+
+def search_intervals(per_question: dict, ns: list[int], seed: int) -> dict:
+    """95 % percentile bootstrap intervals over questions: each method's accuracy per N
+    (accuracy_ci95) and the difference PRM min - random (the effect fixed before the runs:
+    docs/prm_bench.md, "Evidence on real weights")."""
+    n_q = len(per_question["random"][ns[0]])
+    cis, gain = {m: {} for m in per_question}, {}
+    for n in ns:
+        diff = [a - b for a, b in zip(per_question["prm_min"][n], per_question["random"][n])]
+        keys = list(per_question) + ["gain"]
+
+        def stat(idx: list[tuple[int, int]]) -> dict:
+            vals = {m: per_question[m][n] for m in per_question} | {"gain": diff}
+            return {k: sum(vals[k][i] for _, i in idx) / len(idx) for k in keys}
+        ci = bootstrap_ci(list(range(n_q)), stat, keys, N_BOOT, seed)
+        for m in per_question:
+            cis[m][n] = ci.get(f"{m}_ci95")
+        gain[n] = {"value": sum(diff) / n_q, "ci95": ci.get("gain_ci95")}
+    return {"accuracy_ci95": cis, "prm_min_minus_random": gain,
+            "intervals": f"95 % percentile bootstrap over the {n_q} questions ({N_BOOT} draws)"}
 
 
 def search_ns(args: Args) -> list[int]:

@@ -7,6 +7,7 @@ toy set's error-injection table, the PRM prompt (the latest crop, the KB facts),
 benchmark formats, external predictions, best-of-N, and the CLI (--help, a tiny end-to-end
 run)."""
 
+import dataclasses
 import functools
 import json
 import random
@@ -614,6 +615,33 @@ def test_best_of_n_by_hand():
         pb.best_of_n([q1], [4], repeats=1, seed=0)
 
 
+def test_best_of_n_per_question_differing_groups_and_intervals():
+    q1 = [cand(True, "red", [0.9]), cand(False, "blue", [0.6]), cand(False, "Blue.", [0.3])]
+    q2 = [cand(True, "3", [0.9]), cand(True, "3", [0.8]), cand(True, "3.", [0.1])]
+    q3 = [cand(False, None, [0.9]), cand(False, "x", [0.8]), cand(False, "x", [0.1])]
+    per: dict = {}
+    acc = pb.best_of_n([q1, q2, q3], [1, 3], repeats=6, seed=0, per_question=per)
+    # at N = 3 every subset is the whole group: min picks red, 3, none -> 1, 1, 0;
+    # random = 1/3, 1, 0 exactly
+    assert per["prm_min"][3] == [1.0, 1.0, 0.0]
+    assert per["random"][3] == pytest.approx([1 / 3, 1.0, 0.0])
+    for m, by_n in per.items():   # the overall numbers are the means over the questions
+        for n, v in by_n.items():
+            assert acc[m][n] == pytest.approx(sum(v) / 3), (m, n)
+    # "red" / "blue" differ, "3" / "3." normalise alike, None vs "x" differ;
+    # only q1 holds a right and a wrong candidate
+    assert pb.differing([q1, q2, q3]) == {"groups_with_differing_answers": 2,
+                                          "groups_with_mixed_correctness": 1}
+    ci = pb.search_intervals(per, [1, 3], seed=0)
+    gain = ci["prm_min_minus_random"][3]   # (2/3 + 0 + 0) / 3
+    assert gain["value"] == pytest.approx(2 / 9)
+    lo, hi = gain["ci95"]   # resampling 3 questions: 0 (q1 never drawn) to 2/3 (only q1)
+    assert lo == pytest.approx(0.0) and hi == pytest.approx(2 / 3)
+    # pass@3 per question 1, 1, 0: q3 drawn 3 times (1/27 of the draws, > 2.5 %) gives 0,
+    # no q3 (8/27) gives 1
+    assert ci["accuracy_ci95"]["pass@N"][3] == [0.0, 1.0]
+
+
 def test_best_of_n_oracle_below_pass_at_n_with_a_recovery():
     # the right candidate had a (recovered) wrong step: the oracle PRM prefers the clean wrong one
     q = [cand(False, "x", [1.0], [1.0]), cand(True, "y", [0.0], [0.0])]
@@ -645,7 +673,8 @@ def test_prob_scores_and_scripted_policy(tiny, world, tmp_path):
     def generate(policy, seqs, **kw):
         text = script.pop(0) if script else "<answer>x</answer>"
         return [tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _ in seqs]
-    gen = pb.agent_rollouts(tiny, [spec], pb.Args(max_turns=3), G=1, generate=generate)
+    gen = pb.agent_rollouts(tiny, [spec], pb.Args(max_turns=3), G=1, world=world,
+                            generate=generate)
     assert len(gen) == 1 and len(gen[0]["steps"]) == 2 and gen[0]["final_answer"] == "red"
     assert (gen[0]["steps"][0]["tool_image"]
             and gen[0]["steps"][0]["observation"].startswith("Cropped region"))
@@ -653,6 +682,33 @@ def test_prob_scores_and_scripted_policy(tiny, world, tmp_path):
     pb.save_prm_records(gen, tmp_path / "gen.jsonl")
     assert pb.load_records(str(tmp_path / "gen.jsonl"),
                            require_labels=False)[0]["steps"][0]["tool_image"]
+
+
+def test_a_text_only_policy_reads_the_scene_in_words(tiny, world):
+    spec = next(s for s in pb.toy_questions(world, random.Random(0)) if s["kind"] == "fact")
+    text = pb.describe_scene(spec, world)
+    for t in spec["scene"]["tiles"]:   # every tile, its emblem and organisation, and its facts
+        assert f"tile {t['label']} at {t['box']}: a {t['color']} {t['shape']} emblem" in text
+        if not t["is_distractor"]:
+            assert f"the emblem of {t['name']}" in text and f"{t['name']} was founded in " in text
+    assert "distractor" not in text
+    text_only = dataclasses.replace(tiny, is_vlm=False, image_processor=None)
+    script = ["I look at the tiles.", "The tile is there.", "<answer>1875</answer>"]
+    seen = []
+    tok = tiny.tokenizer
+
+    def generate(policy, seqs, **kw):
+        seen.append(tok.decode(seqs[0].input_ids))
+        return [tok(script.pop(0), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                for _ in seqs]
+    gen = pb.agent_rollouts(text_only, [spec], pb.Args(max_turns=4), G=1, world=world,
+                            generate=generate)
+    # three turns, each a step (the nudges between them are not tool calls); the answer ends it
+    assert [s["text"] for s in gen[0]["steps"]] == [
+        "I look at the tiles.", "The tile is there.", "<answer>1875</answer>"]
+    assert all(s["tool_call"] is None for s in gen[0]["steps"])
+    assert gen[0]["final_answer"] == "1875" and "Question: " + spec["question"] in seen[0]
+    assert pb.REPROMPT in seen[1] and "<|image_pad|>" not in seen[0]
 
 
 run = functools.partial(run_script, "prm_bench.py")
@@ -698,3 +754,38 @@ def test_all_stages_tiny(tmp_path):
               "eval/judged.html", "search/best_of_n.png", "search/candidates.jsonl",
               "search/metrics.jsonl"):
         assert (tmp_path / f).is_file(), f
+
+
+@pytest.mark.slow
+def test_smollm2_evidence_runs_reduced(tmp_path):
+    """The evidence commands of docs/prm_bench.md ("Evidence on real weights"), reduced: SmolLM2
+    as the judge-mode PRM on 2 toy trajectories and 2 real ProcessBench rows, and as the
+    text-only policy of best-of-2 on 1 question. Structure only: every number the doc's tables
+    read is there, with its interval, beside the constant PRM (~3 min idle; weights offline)."""
+    p = run("--stage", "all", "--model", "smollm2", "--out", str(tmp_path / "toy"),
+            "--max_steps", "2", "--search_source", "policy", "--search_questions", "1",
+            "--search_n", "1,2", "--max_turns", "2", "--max_completion_length", "16",
+            "--search_repeats", "4", timeout=1800)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "[eval] called correct: " in p.stdout and "text-only: it reads the scene" in p.stdout
+    assert "questions have candidates with differing answers" in p.stdout
+    data = "tests/conformance/prm/processbench/data/gsm8k.json"
+    q = run("--stage", "eval", "--model", "smollm2", "--benchmark", "processbench", "--data",
+            data, "--max_steps", "2", "--out", str(tmp_path / "pb"), timeout=1800)
+    assert q.returncode == 0, q.stderr[-3000:]
+    for out in (tmp_path / "toy", tmp_path / "pb"):
+        res = json.loads((out / "eval" / "results.json").read_text())
+        b = res["positive_bias"]
+        assert 0 <= b["share_called_correct"] <= 1 and b["n_steps"] > 0
+        lo, hi = b["share_called_correct_ci95"]
+        assert lo <= b["share_called_correct"] <= hi
+        assert "share_called_correct_on_erroneous_ci95" in b and "gold_share_correct" in b
+        assert all("detection_rate_ci95" in v and "constant_prm" in v
+                   for v in res["by_position"].values())
+        assert res["constant_prm"]["positive_bias"]["share_called_correct"] == 1.0
+        assert {"discrimination", "discrimination_ci95", "position_contrast_ci95"} <= set(
+            res["contrasts"])
+    s = json.loads((tmp_path / "toy" / "search" / "results.json").read_text())
+    assert s["questions"] == 1 and s["candidates_per_question"] == 2
+    assert 0 <= s["groups_with_mixed_correctness"] <= s["groups_with_differing_answers"] <= 1
+    assert set(s["prm_min_minus_random"]) == {"1", "2"} and "accuracy_ci95" in s

@@ -66,7 +66,9 @@ Deviations (numbered; "(n)" marks where each lives):
     evaluator accepts up to 4 missing records and counts them as invalid.
  9. A text-only policy (SmolLM2) cannot see the scene: in the search stage it reads the scene
     in words (each tile's label, box, emblem and organisation, and their KB facts) and has no
-    crop tool; its turns are its steps. The paper's policies are LVLMs that crop.
+    crop tool; its turns are its steps; before its last turn it is asked for the answer only,
+    and a bare reply of at most 4 words counts as its answer when it wrote no <answer> tags
+    (SmolLM2-135M never wrote them in a probe). The paper's policies are LVLMs that crop.
 
 Size: about 1,000 lines because the paper's seven error types, its labelling rule, every
 benchmark metric (PRMBench, ProcessBench, VisualProcessBench) and PRM-guided search stay here."""
@@ -403,8 +405,26 @@ def make_messages(ex: dict) -> list[dict]:
 
 
 TEXT_SYSTEM = """You answer questions about an image described in words, step by step, one short
-step per turn. End with <answer>short answer</answer>."""
+step per turn. When you know it, write the answer in tags, for example <answer>red</answer>."""
 REPROMPT = "Continue with the next step, or give the final <answer>."
+LAST_CALL = ("Now reply with the final answer only (a word or a number) "
+             "in tags: <answer>...</answer>")
+
+
+def last_call_answer(r, max_turns: int) -> str | None:
+    """A text-only policy's answer: its <answer>, else its reply to the last call when that is a
+    bare answer of at most 4 words on one line, its end punctuation dropped (9); else none."""
+    turns = [t for t in r.trajectory if t["role"] == "assistant"]
+    if r.answer is not None or max_turns < 2 or len(turns) < max_turns:
+        return r.answer
+    reply = turns[-1]["text"].strip().rstrip(".!").strip()
+    return reply if reply and "\n" not in reply and len(reply.split()) <= 4 else None
+
+
+def text_nudge(r, turns: int, max_turns: int) -> str | None:
+    """A text-only policy's next user turn: none once it answered, the last call before its
+    final turn, else the nudge for the next step."""
+    return None if r.answer is not None else LAST_CALL if turns == max_turns - 1 else REPROMPT
 
 
 def describe_scene(spec: dict, world: World) -> str:
@@ -926,15 +946,17 @@ def agent_rollouts(policy, specs: list[dict], args: Args, G: int, world: World,
         print(f"[search] {policy.name} is text-only: it reads the scene described in words "
               f"(no image, no crop tool).")
         view = dict(make_messages=make_text_messages,
-                    next_user_turn=lambda r, t: None if r.answer is not None else REPROMPT)
+                    next_user_turn=lambda r, t: text_nudge(r, t, args.max_turns))
     rollouts = run_rollouts(policy, examples, num_generations=G, grammar=GRAMMAR,
                             max_turns=args.max_turns, max_tool_calls={"crop": 2},
                             max_new_tokens=args.max_completion_length,
                             max_total_tokens=args.max_turns * 400,
                             temperature=args.temperature, generate=generate, **view)
+    answers = [r.answer if policy.is_vlm else last_call_answer(r, args.max_turns)
+               for r in rollouts]
     return [scene_record(r.example["spec"], f"{r.example['id']}-g{j % G}",
-                         *prm_steps_of(r.trajectory), r.answer, f"policy:{policy.name}")
-            for j, r in enumerate(rollouts)]
+                         *prm_steps_of(r.trajectory), a, f"policy:{policy.name}")
+            for j, (r, a) in enumerate(zip(rollouts, answers))]
 
 
 @torch.no_grad()

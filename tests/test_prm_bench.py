@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import random
+import types
 
 import pytest
 from PIL import Image
@@ -701,7 +702,7 @@ def test_a_text_only_policy_reads_the_scene_in_words(tiny, world):
         seen.append(tok.decode(seqs[0].input_ids))
         return [tok(script.pop(0), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
                 for _ in seqs]
-    gen = pb.agent_rollouts(text_only, [spec], pb.Args(max_turns=4), G=1, world=world,
+    gen = pb.agent_rollouts(text_only, [spec], pb.Args(max_turns=3), G=1, world=world,
                             generate=generate)
     # three turns, each a step (the nudges between them are not tool calls); the answer ends it
     assert [s["text"] for s in gen[0]["steps"]] == [
@@ -709,6 +710,19 @@ def test_a_text_only_policy_reads_the_scene_in_words(tiny, world):
     assert all(s["tool_call"] is None for s in gen[0]["steps"])
     assert gen[0]["final_answer"] == "1875" and "Question: " + spec["question"] in seen[0]
     assert pb.REPROMPT in seen[1] and "<|image_pad|>" not in seen[0]
+    assert pb.LAST_CALL in seen[2] and pb.LAST_CALL not in seen[1]   # before its last turn
+
+
+def test_a_text_only_policys_answer_to_the_last_call():
+    def r(*replies, answer=None):
+        turns = [{"role": "assistant", "text": t} for t in replies]
+        return types.SimpleNamespace(answer=answer, trajectory=turns)
+    assert pb.last_call_answer(r("a", "b", " Yellow.\n"), 3) == "Yellow"
+    assert pb.last_call_answer(r("a", "b", "x", answer="red"), 3) == "red"   # its tags first
+    assert pb.last_call_answer(r("a", "b", "The emblem is a grey circle."), 3) is None  # 6 words
+    assert pb.last_call_answer(r("a", "b", "red\nblue"), 3) is None   # two lines: no bare answer
+    assert pb.last_call_answer(r("a", "yellow"), 3) is None   # stopped before the last call
+    assert pb.last_call_answer(r("yellow"), 1) is None   # one turn: there was no last call
 
 
 run = functools.partial(run_script, "prm_bench.py")

@@ -775,7 +775,8 @@ def test_smollm2_evidence_runs_reduced(tmp_path):
     """The evidence commands of docs/prm_bench.md ("Evidence on real weights"), reduced: SmolLM2
     as the judge-mode PRM on 2 toy trajectories and 2 real ProcessBench rows, and as the
     text-only policy of best-of-2 on 1 question. Structure only: every number the doc's tables
-    read is there, with its interval, beside the constant PRM (~3 min idle; weights offline)."""
+    read is there, with its interval, beside the constant PRM. 136 s on the shared 2-core
+    machine at load 3-5; weights offline."""
     p = run("--stage", "all", "--model", "smollm2", "--out", str(tmp_path / "toy"),
             "--max_steps", "2", "--search_source", "policy", "--search_questions", "1",
             "--search_n", "1,2", "--max_turns", "2", "--max_completion_length", "16",

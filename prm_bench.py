@@ -64,6 +64,11 @@ Deviations (numbered; "(n)" marks where each lives):
     other F1, and a PRMScore (or group mean) with an undefined F1 is null.
  8. Every record needs a predictions row (a row of nulls = an invalid sample); PRMBench's
     evaluator accepts up to 4 missing records and counts them as invalid.
+ 9. A text-only policy (SmolLM2) cannot see the scene: in the search stage it reads the scene
+    in words (each tile's label, box, emblem and organisation, and their KB facts) and has no
+    crop tool; its turns are its steps; before its last turn it is asked for the answer only,
+    and a bare reply of at most 4 words counts as its answer when it wrote no <answer> tags
+    (SmolLM2-135M never wrote them in a probe). The paper's policies are LVLMs that crop.
 
 Size: about 1,000 lines because the paper's seven error types, its labelling rule, every
 benchmark metric (PRMBench, ProcessBench, VisualProcessBench) and PRM-guided search stay here."""
@@ -78,6 +83,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -90,6 +96,7 @@ from common.models import load_policy, run_options
 from common.rollout import run_rollouts
 from common.generate import image_token_id
 from common.runlog import RunLog, bar_plot, trajectory_html, write_json
+from common.stats import bootstrap_ci, wilson
 from common.tools import Grammar, crop, parse_action, seen_size
 from common.standins.prm_steps import TOY_BUILDERS, Toy, direction, prm_step, step_retry, tag
 from common.standins.toyworld import World, build_world
@@ -139,8 +146,8 @@ class Args(RunArgs):
     """PRM prompts per batch"""
     # --- search: best-of-N ---
     search_source: Literal["policy", "toy"] = "policy"
-    """best-of-N candidates: policy = sampled from --model with the crop tool;
-    toy = simulated (toy errors)"""
+    """best-of-N candidates: policy = sampled from --model (a VLM with the crop tool; a
+    text-only model reads the scene in words (9)); toy = simulated (toy errors)"""
     search_questions: int = 4
     """questions in the search stage"""
     search_n: str = "1,2,4,8"
@@ -396,6 +403,48 @@ def make_messages(ex: dict) -> list[dict]:
             {"role": "user",
              "content": [{"type": "image", "image": ex["image"]},
                          {"type": "text", "text": f"(image: {w}x{h} pixels) {ex['question']}"}]}]
+
+
+TEXT_SYSTEM = """You answer questions about an image described in words, step by step, one short
+step per turn. When you know it, write the answer in tags, for example <answer>red</answer>."""
+REPROMPT = "Continue with the next step, or give the final <answer>."
+LAST_CALL = ("Now reply with the final answer only (a word or a number) "
+             "in tags: <answer>...</answer>")
+
+
+def last_call_answer(r, max_turns: int) -> str | None:
+    """A text-only policy's answer: its <answer>, else its reply to the last call when that is a
+    bare answer of at most 4 words on one line, its end punctuation dropped (9); else none."""
+    turns = [t for t in r.trajectory if t["role"] == "assistant"]
+    if r.answer is not None or max_turns < 2 or len(turns) < max_turns:
+        return r.answer
+    reply = turns[-1]["text"].strip().rstrip(".!").strip()
+    return reply if reply and "\n" not in reply and len(reply.split()) <= 4 else None
+
+
+def text_nudge(r, turns: int, max_turns: int) -> str | None:
+    """A text-only policy's next user turn: none once it answered, the last call before its
+    final turn, else the nudge for the next step."""
+    return None if r.answer is not None else LAST_CALL if turns == max_turns - 1 else REPROMPT
+
+
+def describe_scene(spec: dict, world: World) -> str:
+    """The scene in words, for a text-only policy (9): each tile's label, box, emblem and the
+    organisation it stands for (a distractor stands for none), and those organisations' KB
+    facts (what the crop and the searches would have shown a VLM)."""
+    tiles = spec["scene"]["tiles"]
+    names = {t["name"] for t in tiles}
+    return "\n".join([f"The image shows {len(tiles)} tiles (boxes in pixels, x1 y1 x2 y2):"]
+                     + [f"- tile {tag(t)} at {t['box']}: a {t['color']} {t['shape']} emblem"
+                        + ("" if t.get("is_distractor") else f", the emblem of {t['name']}")
+                        for t in tiles]
+                     + [k["text"] for k in world.text_kb if k["entity"] in names])
+
+
+def make_text_messages(ex: dict) -> list[dict]:
+    """A text-only policy's prompt: the scene described in words (9), then the question."""
+    return [{"role": "system", "content": TEXT_SYSTEM},
+            {"role": "user", "content": f"{ex['scene_text']}\n\nQuestion: {ex['question']}"}]
 
 
 def make_tools() -> dict:
@@ -666,21 +715,36 @@ def processbench(gold_first: list[int], pred_first: list[int | None]) -> dict:
 
 
 def step_stats(pairs: list[tuple[bool, bool]]) -> dict:
-    """Accuracy, detection rate (incorrect steps judged incorrect), balanced accuracy (mean of
-    the recall on correct steps and the detection rate: independent of the label mix)."""
+    """Accuracy, detection rate (incorrect steps judged incorrect) with its Wilson 95 % interval,
+    balanced accuracy (mean of the recall on correct steps and the detection rate: independent of
+    the label mix), and the share of the steps called correct with its interval."""
     c = confusion(pairs)
     detection, kept = ratio(c["tn"], c["tn"] + c["fp"]), ratio(c["tp"], c["tp"] + c["fn"])
     return {"n_steps": len(pairs), "n_incorrect": c["tn"] + c["fp"],
             "accuracy": ratio(c["tp"] + c["tn"], len(pairs)), "detection_rate": detection,
-            "balanced_accuracy": mean_of_both(detection, kept)}
+            "detection_rate_ci95": wilson(c["tn"], c["tn"] + c["fp"]),
+            "balanced_accuracy": mean_of_both(detection, kept),
+            "share_called_correct": ratio(c["tp"] + c["fp"], len(pairs)),
+            "share_called_correct_ci95": wilson(c["tp"] + c["fp"], len(pairs))}
 
 
 def positive_bias(pairs: list[tuple[bool, bool]]) -> dict:
-    """P(judged correct | step wrong) vs P(judged correct | step right):
-    high first = positive bias."""
+    """The paper's "positive evaluation bias" (PRMs call bad steps good): the share of the steps
+    called correct, overall, on the erroneous steps (= P(judged correct | step wrong)) and on the
+    correct ones, each with its Wilson 95 % interval (steps taken as independent draws), next to
+    the gold share of correct steps (what a PRM without bias calls correct overall)."""
     c = confusion(pairs)
-    return {"p_judged_correct_given_wrong": ratio(c["fp"], c["fp"] + c["tn"]),
-            "p_judged_correct_given_right": ratio(c["tp"], c["tp"] + c["fn"])}
+    n_wrong, n_right = c["fp"] + c["tn"], c["tp"] + c["fn"]
+    return {"p_judged_correct_given_wrong": ratio(c["fp"], n_wrong),
+            "p_judged_correct_given_right": ratio(c["tp"], n_right),
+            "share_called_correct": ratio(c["tp"] + c["fp"], len(pairs)),
+            "share_called_correct_ci95": wilson(c["tp"] + c["fp"], len(pairs)),
+            "share_called_correct_on_erroneous": ratio(c["fp"], n_wrong),
+            "share_called_correct_on_erroneous_ci95": wilson(c["fp"], n_wrong),
+            "share_called_correct_on_correct": ratio(c["tp"], n_right),
+            "share_called_correct_on_correct_ci95": wilson(c["tp"], n_right),
+            "gold_share_correct": ratio(n_right, len(pairs)),
+            "n_steps": len(pairs), "n_erroneous": n_wrong}
 
 
 def position_bucket(i: int, n: int, n_buckets: int) -> int:
@@ -688,8 +752,60 @@ def position_bucket(i: int, n: int, n_buckets: int) -> int:
     return min(int((i / (n - 1) if n > 1 else 0.0) * n_buckets), n_buckets - 1)
 
 
-def evaluate(records: list[dict], pred: list[list], n_buckets: int = 4) -> dict:
-    """Every metric and analysis for the judgements `pred` (per record, per step)."""
+N_BOOT = 1000  # bootstrap resamples of the trajectories for the contrasts' intervals
+
+
+def contrasts(records: list[dict], pred: list[list], n_buckets: int, seed: int = 0) -> dict:
+    """Two differences fixed before any run (docs/prm_bench.md, "Evidence on real weights"), each
+    with a 95 % percentile bootstrap interval over trajectories (a trajectory's steps are drawn
+    together: they are not independent draws). discrimination = P(judged correct | step right) -
+    P(judged correct | step wrong): 0 for any constant PRM, > 0 when the PRM tells right from
+    wrong steps. position_contrast = detection rate in the last position bin - that in the first:
+    0 for any constant PRM; position sensitivity when its interval excludes 0. A resample where a
+    rate is 0/0 gives no draw for it (n_draws says how many did)."""
+    keys = ("right", "cc_right", "wrong", "cc_wrong", "first", "det_first", "last", "det_last")
+    counts = np.zeros((len(records), len(keys)))                               # (R, 8)
+    for j, (r, ps) in enumerate(zip(records, pred)):
+        for i, (s, p) in enumerate(zip(r["steps"], ps)):
+            if s["label"] not in ("correct", "incorrect") or p is None:
+                continue
+            right = s["label"] == "correct"
+            counts[j, keys.index("right" if right else "wrong")] += 1
+            counts[j, keys.index("cc_right" if right else "cc_wrong")] += p
+            b = position_bucket(i, len(r["steps"]), n_buckets)
+            if not right and b in (0, n_buckets - 1):
+                at = "first" if b == 0 else "last"
+                counts[j, keys.index(at)] += 1
+                counts[j, keys.index("det_" + at)] += not p
+
+    def stat(idx: list[tuple[int, int]]) -> dict:
+        t = dict(zip(keys, counts[[i for _, i in idx]].sum(axis=0)))
+        a, b = ratio(t["cc_right"], t["right"]), ratio(t["cc_wrong"], t["wrong"])
+        first, last = ratio(t["det_first"], t["first"]), ratio(t["det_last"], t["last"])
+        return {"discrimination": None if a is None or b is None else a - b,
+                "position_contrast": None if first is None or last is None else last - first}
+    names = ("discrimination", "position_contrast")
+    point = stat([(0, j) for j in range(len(records))])
+    groups = list(range(len(records)))
+    draws = {k: [] for k in names}
+
+    def counted(idx: list[tuple[int, int]]) -> dict:   # stat, remembering which draws were 0/0
+        m = stat(idx)
+        for k in names:
+            draws[k].append(m[k])
+        return m
+    ci = bootstrap_ci(groups, counted, names, N_BOOT, seed)
+    return {**{k: point[k] for k in names},
+            **{f"{k}_ci95": ci.get(f"{k}_ci95") for k in names},
+            **{f"{k}_n_draws": sum(v is not None for v in draws[k]) for k in names},
+            "n_boot": N_BOOT, "resampled": "trajectories"}
+
+
+def evaluate(records: list[dict], pred: list[list], n_buckets: int = 4,
+             reference: bool = True) -> dict:
+    """Every metric and analysis for the judgements `pred` (per record, per step); with
+    `reference`, the same numbers of a constant PRM that calls every judged step correct, on the
+    same steps (`constant_prm`: the reference row; no model needed)."""
     pairs = step_pairs(records, pred)
     gold_first = [gold_first_error(r) for r in records]
     pred_first = [first_error_prediction(ps, len(r["steps"]))
@@ -726,15 +842,30 @@ def evaluate(records: list[dict], pred: list[list], n_buckets: int = 4) -> dict:
                               "constant_prm": step_stats([(g, True) for g, _ in v])}
                           for b, v in buckets.items()}
     res["per_category"] = {c: step_stats(v) for c, v in sorted(cats.items())}
+    res["contrasts"] = contrasts(records, pred, n_buckets)
+    if reference:
+        const = evaluate(records, [[None if p is None else True for p in ps] for ps in pred],
+                         n_buckets, reference=False)
+        res["constant_prm"] = {
+            "what": "a PRM that calls every step the PRM judged correct (its unparsed and "
+                    "unscored steps stay so): the reference row",
+            "PRMScore": const["PRMBench"]["PRMScore"],
+            "VisualProcessBench_macro_f1": const["VisualProcessBench"]["macro_f1"],
+            "ProcessBench": {k: const["ProcessBench"][k] for k in ("acc_err", "acc_corr", "f1")},
+            "positive_bias": const["positive_bias"], "contrasts": const["contrasts"],
+            "detection_by_position": {b: v["detection_rate"]
+                                      for b, v in const["by_position"].items()}}
     return res
 
 
-def best_of_n(questions: list[list[dict]], ns: list[int], repeats: int, seed: int) -> dict:
+def best_of_n(questions: list[list[dict]], ns: list[int], repeats: int, seed: int,
+              per_question: dict | None = None) -> dict:
     """questions: per question, its candidates {"correct", "answer",
     "scores": [step score | None], optional "gold_scores"}. For each N, `repeats` random N-subsets
     per question, the SAME subset for every method: PRM min / mean (unparsed = 0; ties at random),
     the oracle PRM (gold step labels), majority vote (no answer = no vote), random (its expected
-    accuracy) and pass@N."""
+    accuracy) and pass@N. `per_question`, when given, receives each question's accuracy:
+    {method: {N: [per question]}} (for intervals over questions)."""
     rng = random.Random(seed)
     oracle = all("gold_scores" in c for q in questions for c in q)
     selectors = [("prm_min", "scores", min), ("prm_mean", "scores", lambda s: sum(s) / len(s)),
@@ -743,6 +874,7 @@ def best_of_n(questions: list[list[dict]], ns: list[int], repeats: int, seed: in
     for n in ns:
         tot = dict.fromkeys(acc, 0.0)
         for cands in questions:
+            before = dict(tot)
             if n > len(cands):
                 raise UserError(f"best-of-{n} needs {n} candidates per question; got {len(cands)}.")
             for _ in range(repeats):
@@ -761,6 +893,10 @@ def best_of_n(questions: list[list[dict]], ns: list[int], repeats: int, seed: in
                     tot["majority_vote"] += voted["correct"]
                 tot["random"] += sum(c["correct"] for c in sub) / n
                 tot["pass@N"] += any(c["correct"] for c in sub)
+            if per_question is not None:
+                for m in acc:
+                    per_question.setdefault(m, {}).setdefault(n, []).append(
+                        (tot[m] - before[m]) / repeats)
         for m in acc:
             acc[m][n] = tot[m] / (repeats * len(questions))
     return acc
@@ -789,7 +925,7 @@ def prm_steps_of(trajectory: list[dict]) -> tuple[list[dict], dict]:
     for turn in trajectory:
         if turn["role"] == "assistant":
             steps.append(prm_step(turn["text"].strip() or "(empty step)", None))
-        elif steps and turn["name"] != "reprompt":
+        elif steps and turn["name"] not in ("reprompt", "user"):   # a call, not a nudge
             steps[-1].update(tool_call={"name": turn["name"], "arguments": turn["args"]},
                              observation=turn["observation"])
             if turn.get("image") is not None:
@@ -797,24 +933,31 @@ def prm_steps_of(trajectory: list[dict]) -> tuple[list[dict], dict]:
     return steps, crops
 
 
-def agent_rollouts(policy, specs: list[dict], args: Args, G: int, generate=None) -> list[dict]:
+def agent_rollouts(policy, specs: list[dict], args: Args, G: int, world: World,
+                   generate=None) -> list[dict]:
     """G sampled trajectories per question -> records: each assistant turn is a step; its tool
-    call, observation and crop attach to it. `generate`: tests' scripted sampler."""
-    if not policy.is_vlm:
-        raise UserError(f"{policy.name} is text-only and cannot see the image; "
-                        f"use a VLM (tiny, Qwen2.5-VL) "
-                        "or --search_source toy (simulated candidates).")
-    examples = [dict(id=s["id"], image=s["scene"]["image"], question=s["question"], spec=s)
-                for s in specs]
-    rollouts = run_rollouts(policy, examples, num_generations=G, make_messages=make_messages,
-                            tools=make_tools(), grammar=GRAMMAR, max_turns=args.max_turns,
-                            max_tool_calls={"crop": 2}, max_new_tokens=args.max_completion_length,
+    call, observation and crop attach to it. A text-only policy gets the scene in words and no
+    tool (9); it is asked for the next step until it answers or has had max_turns turns.
+    `generate`: tests' scripted sampler."""
+    examples = [dict(id=s["id"], image=s["scene"]["image"], question=s["question"], spec=s,
+                     scene_text=describe_scene(s, world)) for s in specs]
+    if policy.is_vlm:
+        view = dict(make_messages=make_messages, tools=make_tools(), reprompt=REPROMPT)
+    else:
+        print(f"[search] {policy.name} is text-only: it reads the scene described in words "
+              f"(no image, no crop tool).")
+        view = dict(make_messages=make_text_messages,
+                    next_user_turn=lambda r, t: text_nudge(r, t, args.max_turns))
+    rollouts = run_rollouts(policy, examples, num_generations=G, grammar=GRAMMAR,
+                            max_turns=args.max_turns, max_tool_calls={"crop": 2},
+                            max_new_tokens=args.max_completion_length,
                             max_total_tokens=args.max_turns * 400,
-                            reprompt="Continue with the next step, or give the final <answer>.",
-                            temperature=args.temperature, generate=generate)
+                            temperature=args.temperature, generate=generate, **view)
+    answers = [r.answer if policy.is_vlm else last_call_answer(r, args.max_turns)
+               for r in rollouts]
     return [scene_record(r.example["spec"], f"{r.example['id']}-g{j % G}",
-                         *prm_steps_of(r.trajectory), r.answer, f"policy:{policy.name}")
-            for j, r in enumerate(rollouts)]
+                         *prm_steps_of(r.trajectory), a, f"policy:{policy.name}")
+            for j, (r, a) in enumerate(zip(rollouts, answers))]
 
 
 @torch.no_grad()
@@ -924,7 +1067,41 @@ def stage_eval(args: Args) -> dict:
     print(f"[eval] PRMScore {res['PRMBench']['PRMScore']} "
           f"| VisualProcessBench macro-F1 {res['VisualProcessBench']['macro_f1']} "
           f"| ProcessBench F1 {res['ProcessBench']['f1']} | {rates} -> {out / 'results.json'}")
+    print(evidence_lines(res))
     return res
+
+
+def rate_ci(value: float | None, ci: list[float] | None = None) -> str:
+    """0.83 [0.75, 0.89]; n/a for an undefined rate."""
+    if value is None:
+        return "n/a"
+    return f"{value:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def evidence_lines(res: dict) -> str:
+    """The console's view of the evidence (docs/prm_bench.md, "Evidence on real weights"): the
+    share of steps called correct overall and on the erroneous steps, the detection rate by
+    position, and the two contrasts, each with its 95 % interval, beside the constant PRM."""
+    b, c, k = res["positive_bias"], res["constant_prm"], res["contrasts"]
+    cb, ck = c["positive_bias"], c["contrasts"]
+    called = rate_ci(b["share_called_correct"], b["share_called_correct_ci95"])
+    on_wrong = rate_ci(b["share_called_correct_on_erroneous"],
+                       b["share_called_correct_on_erroneous_ci95"])
+    const = (f"{rate_ci(cb['share_called_correct'])} / "
+             f"{rate_ci(cb['share_called_correct_on_erroneous'])}")
+    pos = " | ".join(f"{name} {rate_ci(v['detection_rate'], v['detection_rate_ci95'])} "
+                     f"of {v['n_incorrect']}" for name, v in res["by_position"].items())
+    const_pos = " / ".join(rate_ci(v) for v in c["detection_by_position"].values())
+    disc = rate_ci(k["discrimination"], k["discrimination_ci95"])
+    contrast = rate_ci(k["position_contrast"], k["position_contrast_ci95"])
+    return "\n".join([
+        f"[eval] called correct: {called} of {b['n_steps']} steps (gold share correct "
+        f"{rate_ci(b['gold_share_correct'])}); on the {b['n_erroneous']} erroneous steps "
+        f"{on_wrong} | constant PRM {const}",
+        f"[eval] detection rate by relative position: {pos} | constant PRM {const_pos}",
+        f"[eval] discrimination P(called correct | right step) - P(... | wrong step) {disc}; "
+        f"position contrast (detection, last - first bin) {contrast} | constant PRM "
+        f"{rate_ci(ck['discrimination'])} / {rate_ci(ck['position_contrast'])}"])
 
 
 def plot_best_of_n(res: dict, ns: list[int], path: Path) -> None:
@@ -967,7 +1144,7 @@ def stage_search(args: Args) -> dict:
         cands = build_toy_set(world, args.seed + 1, args.p_clean, args.p_multi, args.p_recover,
                               specs, copies=M)
     else:
-        cands = agent_rollouts(get_policy(args, prm=False), specs, args, M)
+        cands = agent_rollouts(get_policy(args, prm=False), specs, args, M, world)
     write_set(cands, out, "candidates", f"best-of-N candidates ({args.search_source})",
               require_labels=False)
     judged = score_steps(get_policy(args, prm=True), cands, args)
@@ -978,10 +1155,12 @@ def stage_search(args: Args) -> dict:
         if args.search_source == "toy":  # gold step labels: the oracle PRM
             groups[j // M][-1]["gold_scores"] = [float(s["label"] != "incorrect")
                                                  for s in rec["steps"]]
-    res = {"accuracy": best_of_n(groups, ns, args.search_repeats, args.seed),
+    per_question: dict = {}
+    res = {"accuracy": best_of_n(groups, ns, args.search_repeats, args.seed, per_question),
            "source": args.search_source, "questions": len(groups), "candidates_per_question": M,
            "prm": args.prm,
-           "candidate_accuracy": ratio(sum(c["correct"] for g in groups for c in g), len(cands))}
+           "candidate_accuracy": ratio(sum(c["correct"] for g in groups for c in g), len(cands)),
+           **differing(groups), **search_intervals(per_question, ns, args.seed)}
     for n in ns:
         log.log({m: v[n] for m, v in res["accuracy"].items()}, step=n)
     write_json(str(out / "results.json"), res)
@@ -990,7 +1169,44 @@ def stage_search(args: Args) -> dict:
     curves = " | ".join(f"{m} " + " ".join(f"{v[n]:.2f}" for n in ns)
                         for m, v in res["accuracy"].items())
     print(f"[search] {curves}  (N = {ns}) -> {out / 'results.json'}")
+    gain = res["prm_min_minus_random"][ns[-1]]
+    print(f"[search] {res['groups_with_differing_answers']} of {len(groups)} questions have "
+          f"candidates with differing answers, {res['groups_with_mixed_correctness']} a right and "
+          f"a wrong one (only these can separate the methods); best-of-{ns[-1]} PRM min - random "
+          f"{rate_ci(gain['value'], gain['ci95'])} (bootstrap over questions)")
     return res
+
+
+def differing(groups: list[list[dict]]) -> dict:
+    """How many questions' candidates differ: in their final answers (normalised; no answer is
+    an answer of its own), and in correctness (a right and a wrong one): selection can change
+    the accuracy only on the latter."""
+    answers = [{normalize_answer(c["answer"]) if c["answer"] is not None else None for c in g}
+               for g in groups]
+    return {"groups_with_differing_answers": sum(len(a) > 1 for a in answers),
+            "groups_with_mixed_correctness": sum(len({c["correct"] for c in g}) > 1
+                                                 for g in groups)}
+
+
+def search_intervals(per_question: dict, ns: list[int], seed: int) -> dict:
+    """95 % percentile bootstrap intervals over questions: each method's accuracy per N
+    (accuracy_ci95) and the difference PRM min - random (the effect fixed before the runs:
+    docs/prm_bench.md, "Evidence on real weights")."""
+    n_q = len(per_question["random"][ns[0]])
+    cis, gain = {m: {} for m in per_question}, {}
+    for n in ns:
+        diff = [a - b for a, b in zip(per_question["prm_min"][n], per_question["random"][n])]
+        keys = list(per_question) + ["gain"]
+
+        def stat(idx: list[tuple[int, int]]) -> dict:
+            vals = {m: per_question[m][n] for m in per_question} | {"gain": diff}
+            return {k: sum(vals[k][i] for _, i in idx) / len(idx) for k in keys}
+        ci = bootstrap_ci(list(range(n_q)), stat, keys, N_BOOT, seed)
+        for m in per_question:
+            cis[m][n] = ci.get(f"{m}_ci95")
+        gain[n] = {"value": sum(diff) / n_q, "ci95": ci.get("gain_ci95")}
+    return {"accuracy_ci95": cis, "prm_min_minus_random": gain,
+            "intervals": f"95 % percentile bootstrap over the {n_q} questions ({N_BOOT} draws)"}
 
 
 def search_ns(args: Args) -> list[int]:

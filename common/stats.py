@@ -18,7 +18,8 @@ def wilson(successes: float, n: int, z: float = 1.96) -> list[float] | None:
     p, d = successes / n, 1 + z * z / n
     centre = (p + z * z / (2 * n)) / d
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return [round(centre - half, 4), round(centre + half, 4)]
+    # clamped: rounding leaves -0.0 (or a hair past 1) where the bound is exactly 0 (or 1)
+    return [max(0.0, round(centre - half, 4)), min(1.0, round(centre + half, 4))]
 
 
 def bootstrap_ci(groups: list, stat, keys, n: int = 200, seed: int = 0) -> dict:

@@ -7,9 +7,11 @@ toy set's error-injection table, the PRM prompt (the latest crop, the KB facts),
 benchmark formats, external predictions, best-of-N, and the CLI (--help, a tiny end-to-end
 run)."""
 
+import dataclasses
 import functools
 import json
 import random
+import types
 
 import pytest
 from PIL import Image
@@ -120,6 +122,76 @@ def test_step_stats_and_positive_bias():
             and b["p_judged_correct_given_right"] == pytest.approx(2 / 3))
     assert ([pb.position_bucket(i, 5, 4) for i in range(5)] == [0, 1, 2, 3, 3]
             and pb.position_bucket(0, 1, 4) == 0)
+
+
+Z2 = 1.96 ** 2   # the Wilson closed forms below: 0 of n -> [0, z^2 / (n + z^2)],
+                 # n of n -> [n / (n + z^2), 1]
+
+
+def test_positive_bias_shares_and_wilson_intervals_by_hand():
+    # 2 right steps both called correct, 2 wrong steps of which 1 is called correct
+    pairs = [(True, True), (True, True), (False, True), (False, False)]
+    b = pb.positive_bias(pairs)
+    assert b["share_called_correct"] == 0.75 and b["gold_share_correct"] == 0.5
+    # 3 of 4: p = .75, d = 1 + z^2/4 = 1.9604, centre = (.75 + z^2/8) / d = .62753,
+    # half = 1.96 sqrt(.75 * .25 / 4 + z^2 / 64) / d = .32689
+    assert b["share_called_correct_ci95"] == [0.3006, 0.9544]
+    # 1 of 2: centre .5, half = 1.96 sqrt(.25 / 2 + z^2 / 16) / (1 + z^2 / 2) = .40547
+    assert (b["share_called_correct_on_erroneous"] == 0.5
+            and b["share_called_correct_on_erroneous_ci95"] == [0.0945, 0.9055])
+    assert b["share_called_correct_on_erroneous"] == b["p_judged_correct_given_wrong"]
+    assert b["share_called_correct_on_correct_ci95"] == [round(2 / (2 + Z2), 4), 1.0]
+    assert b["n_steps"] == 4 and b["n_erroneous"] == 2
+    none = pb.positive_bias([(True, True)])
+    assert none["share_called_correct_on_erroneous_ci95"] is None   # no erroneous step: no rate
+
+
+def test_detection_by_position_has_wilson_intervals_and_the_constant_prm(toy):
+    pred = [[True] * len(r["steps"]) for r in toy]
+    pred[0] = [False] * len(toy[0]["steps"])   # one trajectory flagged everywhere
+    res = pb.evaluate(toy, pred)
+    for bucket, v in res["by_position"].items():
+        tn = round(v["detection_rate"] * v["n_incorrect"])
+        if tn == 0:   # 0 of n detected: [0, z^2 / (n + z^2)], a plain 0.0 (no -0.0)
+            assert v["detection_rate_ci95"] == [0.0, round(Z2 / (v["n_incorrect"] + Z2), 4)]
+            assert str(v["detection_rate_ci95"][0]) == "0.0", bucket
+        assert v["constant_prm"]["detection_rate"] == 0.0
+        assert v["constant_prm"]["share_called_correct"] == 1.0
+    c = res["constant_prm"]   # the reference row, computed in the same call
+    assert c["positive_bias"]["share_called_correct"] == 1.0
+    assert c["positive_bias"]["share_called_correct_on_erroneous"] == 1.0
+    assert c["PRMScore"] == pb.evaluate(toy, [[True] * len(r["steps"]) for r in toy])[
+        "PRMBench"]["PRMScore"]
+    assert c["ProcessBench"] == {"acc_err": 0.0, "acc_corr": 1.0, "f1": 0.0}
+    assert set(c["detection_by_position"].values()) == {0.0}
+    assert c["contrasts"]["discrimination"] == 0.0
+
+
+def test_the_constant_prm_judges_the_same_steps():
+    records = [rec([C, I, C]), rec([C, C])]
+    res = pb.evaluate(records, [[False, None, True], [True]])   # one unparsed, one unscored
+    c = res["constant_prm"]
+    assert c["positive_bias"]["n_steps"] == res["positive_bias"]["n_steps"] == 3
+    assert c["positive_bias"]["n_erroneous"] == 0   # the only wrong step was unparsed
+    assert c["ProcessBench"]["acc_err"] == 0.0   # unparsed before its first error: unparsable
+
+
+def test_contrasts_by_hand():
+    # errors at step 0 (first bin) and at step 3 of 4 (last bin)
+    first, last = rec([I, C, C, C]), rec([C, C, C, I])
+    perfect = pb.contrasts([first, last], [[False, True, True, True], [True, True, True, False]], 4)
+    assert perfect["discrimination"] == 1.0 and perfect["discrimination_ci95"] == [1.0, 1.0]
+    assert perfect["position_contrast"] == 0.0
+    # detects the early error, misses the late one: contrast = 0 - 1; discrimination = 1 - 1/2
+    early = pb.contrasts([first, last] * 4, [[False, True, True, True],
+                                             [True, True, True, True]] * 4, 4)
+    assert early["position_contrast"] == -1.0 and early["discrimination"] == 0.5
+    lo, hi = early["discrimination_ci95"]
+    assert 0.0 <= lo <= 0.5 <= hi <= 1.0 and lo < hi   # trajectories resampled: it varies
+    # a resample without an early or a late error has no contrast: fewer draws than resamples
+    assert early["position_contrast_n_draws"] < early["n_boot"] == pb.N_BOOT
+    const = pb.contrasts([first, last], [[True] * 4, [True] * 4], 4)
+    assert const["discrimination"] == 0.0 and const["discrimination_ci95"] == [0.0, 0.0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,6 +537,13 @@ def test_external_predictions_end_to_end(tmp_path, capsys, monkeypatch):
     f1, neg = 2 * 3 / (6 + 1 + 1), 2 * 2 / (4 + 1 + 1)                  # tp 3, fp 1, fn 1, tn 2
     assert (res["PRMScore"] == pytest.approx(0.5 * f1 + 0.5 * neg)
             and res["clean"]["negative_f1"] == 0.0)
+    # the console's evidence lines: called correct 2 + 3 + 1 of the 10 steps, Wilson by hand:
+    # p = .6, d = 1 + z^2/10 = 1.38416, centre = (.6 + .19208) / d = .5722,
+    # half = 1.96 sqrt(.024 + .009604) / d = .2596; on the 3 erroneous steps 1 (circular_7's +)
+    out = capsys.readouterr().out
+    assert "called correct: 0.60 [0.31, 0.83] of 10 steps (gold share correct 0.70)" in out
+    assert "on the 3 erroneous steps 0.33 [" in out and "| constant PRM 1.00 / 1.00" in out
+    assert "detection rate by relative position: 0.00-0.25 " in out
     (tmp_path / "p.jsonl").write_text(json.dumps({"id": "correct_7", "scores": [1, 1]}))
     with pytest.raises(SystemExit) as e:
         pb.main(["--stage", "eval", "--benchmark", "prmbench", "--data", data,
@@ -538,6 +617,33 @@ def test_best_of_n_by_hand():
         pb.best_of_n([q1], [4], repeats=1, seed=0)
 
 
+def test_best_of_n_per_question_differing_groups_and_intervals():
+    q1 = [cand(True, "red", [0.9]), cand(False, "blue", [0.6]), cand(False, "Blue.", [0.3])]
+    q2 = [cand(True, "3", [0.9]), cand(True, "3", [0.8]), cand(True, "3.", [0.1])]
+    q3 = [cand(False, None, [0.9]), cand(False, "x", [0.8]), cand(False, "x", [0.1])]
+    per: dict = {}
+    acc = pb.best_of_n([q1, q2, q3], [1, 3], repeats=6, seed=0, per_question=per)
+    # at N = 3 every subset is the whole group: min picks red, 3, none -> 1, 1, 0;
+    # random = 1/3, 1, 0 exactly
+    assert per["prm_min"][3] == [1.0, 1.0, 0.0]
+    assert per["random"][3] == pytest.approx([1 / 3, 1.0, 0.0])
+    for m, by_n in per.items():   # the overall numbers are the means over the questions
+        for n, v in by_n.items():
+            assert acc[m][n] == pytest.approx(sum(v) / 3), (m, n)
+    # "red" / "blue" differ, "3" / "3." normalise alike, None vs "x" differ;
+    # only q1 holds a right and a wrong candidate
+    assert pb.differing([q1, q2, q3]) == {"groups_with_differing_answers": 2,
+                                          "groups_with_mixed_correctness": 1}
+    ci = pb.search_intervals(per, [1, 3], seed=0)
+    gain = ci["prm_min_minus_random"][3]   # (2/3 + 0 + 0) / 3
+    assert gain["value"] == pytest.approx(2 / 9)
+    lo, hi = gain["ci95"]   # resampling 3 questions: 0 (q1 never drawn) to 2/3 (only q1)
+    assert lo == pytest.approx(0.0) and hi == pytest.approx(2 / 3)
+    # pass@3 per question 1, 1, 0: q3 drawn 3 times (1/27 of the draws, > 2.5 %) gives 0,
+    # no q3 (8/27) gives 1
+    assert ci["accuracy_ci95"]["pass@N"][3] == [0.0, 1.0]
+
+
 def test_best_of_n_oracle_below_pass_at_n_with_a_recovery():
     # the right candidate had a (recovered) wrong step: the oracle PRM prefers the clean wrong one
     q = [cand(False, "x", [1.0], [1.0]), cand(True, "y", [0.0], [0.0])]
@@ -569,7 +675,8 @@ def test_prob_scores_and_scripted_policy(tiny, world, tmp_path):
     def generate(policy, seqs, **kw):
         text = script.pop(0) if script else "<answer>x</answer>"
         return [tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _ in seqs]
-    gen = pb.agent_rollouts(tiny, [spec], pb.Args(max_turns=3), G=1, generate=generate)
+    gen = pb.agent_rollouts(tiny, [spec], pb.Args(max_turns=3), G=1, world=world,
+                            generate=generate)
     assert len(gen) == 1 and len(gen[0]["steps"]) == 2 and gen[0]["final_answer"] == "red"
     assert (gen[0]["steps"][0]["tool_image"]
             and gen[0]["steps"][0]["observation"].startswith("Cropped region"))
@@ -577,6 +684,46 @@ def test_prob_scores_and_scripted_policy(tiny, world, tmp_path):
     pb.save_prm_records(gen, tmp_path / "gen.jsonl")
     assert pb.load_records(str(tmp_path / "gen.jsonl"),
                            require_labels=False)[0]["steps"][0]["tool_image"]
+
+
+def test_a_text_only_policy_reads_the_scene_in_words(tiny, world):
+    spec = next(s for s in pb.toy_questions(world, random.Random(0)) if s["kind"] == "fact")
+    text = pb.describe_scene(spec, world)
+    for t in spec["scene"]["tiles"]:   # every tile, its emblem and organisation, and its facts
+        assert f"tile {t['label']} at {t['box']}: a {t['color']} {t['shape']} emblem" in text
+        if not t["is_distractor"]:
+            assert f"the emblem of {t['name']}" in text and f"{t['name']} was founded in " in text
+    assert "distractor" not in text
+    text_only = dataclasses.replace(tiny, is_vlm=False, image_processor=None)
+    script = ["I look at the tiles.", "The tile is there.", "<answer>1875</answer>"]
+    seen = []
+    tok = tiny.tokenizer
+
+    def generate(policy, seqs, **kw):
+        seen.append(tok.decode(seqs[0].input_ids))
+        return [tok(script.pop(0), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                for _ in seqs]
+    gen = pb.agent_rollouts(text_only, [spec], pb.Args(max_turns=3), G=1, world=world,
+                            generate=generate)
+    # three turns, each a step (the nudges between them are not tool calls); the answer ends it
+    assert [s["text"] for s in gen[0]["steps"]] == [
+        "I look at the tiles.", "The tile is there.", "<answer>1875</answer>"]
+    assert all(s["tool_call"] is None for s in gen[0]["steps"])
+    assert gen[0]["final_answer"] == "1875" and "Question: " + spec["question"] in seen[0]
+    assert pb.REPROMPT in seen[1] and "<|image_pad|>" not in seen[0]
+    assert pb.LAST_CALL in seen[2] and pb.LAST_CALL not in seen[1]   # before its last turn
+
+
+def test_a_text_only_policys_answer_to_the_last_call():
+    def r(*replies, answer=None):
+        turns = [{"role": "assistant", "text": t} for t in replies]
+        return types.SimpleNamespace(answer=answer, trajectory=turns)
+    assert pb.last_call_answer(r("a", "b", " Yellow.\n"), 3) == "Yellow"
+    assert pb.last_call_answer(r("a", "b", "x", answer="red"), 3) == "red"   # its tags first
+    assert pb.last_call_answer(r("a", "b", "The emblem is a grey circle."), 3) is None  # 6 words
+    assert pb.last_call_answer(r("a", "b", "red\nblue"), 3) is None   # two lines: no bare answer
+    assert pb.last_call_answer(r("a", "yellow"), 3) is None   # stopped before the last call
+    assert pb.last_call_answer(r("yellow"), 1) is None   # one turn: there was no last call
 
 
 run = functools.partial(run_script, "prm_bench.py")
@@ -622,3 +769,39 @@ def test_all_stages_tiny(tmp_path):
               "eval/judged.html", "search/best_of_n.png", "search/candidates.jsonl",
               "search/metrics.jsonl"):
         assert (tmp_path / f).is_file(), f
+
+
+@pytest.mark.slow
+def test_smollm2_evidence_runs_reduced(tmp_path):
+    """The evidence commands of docs/prm_bench.md ("Evidence on real weights"), reduced: SmolLM2
+    as the judge-mode PRM on 2 toy trajectories and 2 real ProcessBench rows, and as the
+    text-only policy of best-of-2 on 1 question. Structure only: every number the doc's tables
+    read is there, with its interval, beside the constant PRM. 136 s on the shared 2-core
+    machine at load 3-5; weights offline."""
+    p = run("--stage", "all", "--model", "smollm2", "--out", str(tmp_path / "toy"),
+            "--max_steps", "2", "--search_source", "policy", "--search_questions", "1",
+            "--search_n", "1,2", "--max_turns", "2", "--max_completion_length", "16",
+            "--search_repeats", "4", timeout=1800)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "[eval] called correct: " in p.stdout and "text-only: it reads the scene" in p.stdout
+    assert "questions have candidates with differing answers" in p.stdout
+    data = "tests/conformance/prm/processbench/data/gsm8k.json"
+    q = run("--stage", "eval", "--model", "smollm2", "--benchmark", "processbench", "--data",
+            data, "--max_steps", "2", "--out", str(tmp_path / "pb"), timeout=1800)
+    assert q.returncode == 0, q.stderr[-3000:]
+    for out in (tmp_path / "toy", tmp_path / "pb"):
+        res = json.loads((out / "eval" / "results.json").read_text())
+        b = res["positive_bias"]
+        assert 0 <= b["share_called_correct"] <= 1 and b["n_steps"] > 0
+        lo, hi = b["share_called_correct_ci95"]
+        assert lo <= b["share_called_correct"] <= hi
+        assert "share_called_correct_on_erroneous_ci95" in b and "gold_share_correct" in b
+        assert all("detection_rate_ci95" in v and "constant_prm" in v
+                   for v in res["by_position"].values())
+        assert res["constant_prm"]["positive_bias"]["share_called_correct"] == 1.0
+        assert {"discrimination", "discrimination_ci95", "position_contrast_ci95"} <= set(
+            res["contrasts"])
+    s = json.loads((tmp_path / "toy" / "search" / "results.json").read_text())
+    assert s["questions"] == 1 and s["candidates_per_question"] == 2
+    assert 0 <= s["groups_with_mixed_correctness"] <= s["groups_with_differing_answers"] <= 1
+    assert set(s["prm_min_minus_random"]) == {"1", "2"} and "accuracy_ci95" in s

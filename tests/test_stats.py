@@ -26,5 +26,12 @@ def test_wilson_all_successes_and_fractional_scores():
     assert wilson(2.5, 5) == [round(0.5 - half, 4), round(0.5 + half, 4)] == [0.1704, 0.8296]
 
 
+def test_wilson_bounds_stay_in_0_1_without_a_negative_zero():
+    for n in (1, 2, 5, 8, 36):
+        lo, hi = wilson(0, n)
+        assert str(lo) == "0.0" and 0 < hi < 1   # round(-1e-17, 4) is -0.0: written "-0.0"
+        assert str(wilson(n, n)[1]) == "1.0"
+
+
 def test_wilson_empty_is_none():
     assert wilson(0, 0) is None

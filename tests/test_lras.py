@@ -19,6 +19,7 @@ from common.errors import UserError
 from common.grpo import sample_prompts
 from common.models import build_tiny_tokenizer
 from common.rollout import Rollout
+from common.stats import newcombe_paired
 from helpers import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,6 +232,57 @@ def test_search_stats_by_hand():
     assert lras.search_stats(rs[:1], accs[:1])["failures_without_search"] is None
 
 
+
+def hop_example(hops, i=0):
+    return {**MCQ, "id": f"h{hops}-{i}", "hops": hops}
+
+
+def test_accuracy_and_search_rate_by_hops_by_hand():
+    # hops 0: 2 questions, 1 right, 0 searched; hops 1: 3 questions, 2 right, 3 searched;
+    # hops 2: 1 question, 0 right, 1 searched
+    rs = [fake_rollout(0, "B", hop_example(0, 0)), fake_rollout(0, "C", hop_example(0, 1)),
+          fake_rollout(1, "B", hop_example(1, 0)), fake_rollout(2, "B", hop_example(1, 1)),
+          fake_rollout(1, "A", hop_example(1, 2)), fake_rollout(2, "C", hop_example(2, 0))]
+    accs = [lras.score(r.answer, r.example) for r in rs]
+    assert accs == [1, 0, 1, 1, 0, 0]
+    t = lras.hops_table(rs, accs)
+    assert list(t) == ["0", "1", "2"]
+    assert [t[h]["n"] for h in t] == [2, 3, 1]
+    assert [t[h]["accuracy"] for h in t] == pytest.approx([1 / 2, 2 / 3, 0])
+    assert [t[h]["search_rate"] for h in t] == pytest.approx([0, 1, 1])
+    # Wilson 95 % (tests/test_stats.py checks it by hand): 1 of 2, 2 of 3, 0 of 1; 0 of 2, ...
+    assert t["0"]["ci95"] == [0.0945, 0.9055] and t["1"]["ci95"] == [0.2077, 0.9385]
+    assert t["2"]["ci95"] == [0.0, 0.7935]
+    assert t["0"]["search_ci95"] == [0.0, 0.6576] and t["1"]["search_ci95"] == [0.4385, 1.0]
+
+
+def sample_rows(accs, searches, hops):
+    return [{"set": "toy", "id": f"q{i}", "acc": a, "searches": s, "hops": h}
+            for i, (a, s, h) in enumerate(zip(accs, searches, hops))]
+
+
+def test_paired_contrasts_by_hops_pair_questions_by_id_and_call_an_effect_only_off_zero():
+    hops = [0] * 4 + [1] * 10
+    base = sample_rows([1, 1, 0, 0] + [0] * 10, [0] * 14, hops)
+    sft = sample_rows([0, 0, 1, 1] + [1] * 9 + [0], [0] * 4 + [1] * 10, hops)
+    # the rows come in another order: pairs are made by question id, not by position
+    c = lras.paired_contrasts({"base": base, "SFT": list(reversed(sft))}, [("SFT", "base")])
+    row = c["SFT - base"]
+    # hops 0: two gained, two lost (4 discordant pairs, wider than 4 concordant ones): no effect
+    d, (lo, hi) = newcombe_paired([0, 0, 1, 1], [1, 1, 0, 0])
+    assert row["0"]["n"] == 4 and row["0"]["accuracy"] == pytest.approx([0, lo, hi])
+    assert hi - lo > newcombe_paired([1, 1, 0, 0], [1, 1, 0, 0])[1][1] * 2
+    assert not row["0"]["effect_accuracy"]
+    # hops 1: 9 of 10 gained, nothing lost
+    d, (lo, hi) = newcombe_paired([1] * 9 + [0], [0] * 10)
+    assert row["1"]["accuracy"] == pytest.approx([d, lo, hi]) and d == pytest.approx(0.9)
+    assert row["1"]["effect_accuracy"] and lo > 0
+    assert row["1"]["search_rate"][0] == 1.0 and row["1"]["effect_search_rate"]
+    assert row["all"]["n"] == 14 and row["all"]["accuracy"][0] == pytest.approx(9 / 14)
+    with pytest.raises(ValueError, match="same questions"):
+        lras.paired_contrasts({"base": base, "SFT": sft[:-1]}, [("SFT", "base")])
+
+
 # ---------------------------------------------------------------------------------------------
 # the agent loop on scripted, partly malformed outputs (no model weights)
 # ---------------------------------------------------------------------------------------------
@@ -363,6 +415,14 @@ def test_smoke_all_tiny(tmp_path):
     # the tiny model solves nothing, so the filter is empty and both RL variants train uniformly
     # (with all rewards 0 not even away from SFT): the same adapter, which the results must say,
     # not compare
+    # issue 28: per hops (n adds up to the questions), paired contrasts, the RL reward curves
+    assert sum(c["n"] for c in res["by_hops"]["toy"].values()) == 4
+    assert set(abl["table"]["SFT"]["by_hops"]) == set(res["by_hops"]["toy"])
+    assert set(abl["contrasts"]) == {" - ".join(c) for c in lras.CONTRASTS}
+    assert abl["contrasts"]["SFT - base"]["all"]["n"] == 4 and abl["questions"] == 4
+    assert "| SFT - base | all | 4 |" in (tmp_path / "ablate" / "table.md").read_text()
+    for png in ("ablate.png", "ablate_hops.png", "reward_curves.png"):
+        assert (tmp_path / "ablate" / png).stat().st_size > 0
     if abl["table"]["SFT+RL difficulty"]["sampling_used"] == "uniform":
         assert any({"SFT+RL difficulty", "SFT+RL uniform"} <= set(g)
                    for g in abl["identical_adapters"])

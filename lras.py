@@ -11,7 +11,7 @@ Official repo TOM-ZHOUch/LRAS holds eval code only. Each stage writes <out>/<sta
     python lras.py --stage eval    # score per task, search rate, accuracy searched vs not,
                                      failures w/o search
     python lras.py --stage ablate  # base vs SFT vs SFT + RL (difficulty) vs SFT + RL (uniform),
-                                     95 % intervals
+                                     per hops, 95 % intervals, paired contrasts, reward curves
 GPU (Qwen2.5-VL-3B in NF4 + LoRA as a text model; the paper used Qwen3-4B/8B/14B):
     python lras.py --stage all --model Qwen/Qwen2.5-VL-3B-Instruct
         --teacher Qwen/Qwen2.5-VL-7B-Instruct \\

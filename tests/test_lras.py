@@ -19,6 +19,7 @@ from common.errors import UserError
 from common.grpo import sample_prompts
 from common.models import build_tiny_tokenizer
 from common.rollout import Rollout
+from common.runlog import read_jsonl
 from common.stats import newcombe_paired
 from helpers import run_script
 
@@ -443,6 +444,49 @@ def test_smollm2_eval_runs(tmp_path):
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert res["n"]["toy"] == 8 and 0.0 <= res["score"]["toy"] <= 1.0
 
+
+# the evidence command of docs/lras.md ("Evidence on real weights"), reduced: 4 charges, 1 held
+# out (8 questions, hops 0 / 1 / 2 = 2 / 4 / 2), 2 SFT steps, 1 GRPO step per RL variant
+EVIDENCE_REDUCED = ["--search_k", "1", "--max_turns", "2", "--eval_questions", "0",
+                    "--n_charges", "4", "--test_charges", "1", "--sft_batch_size", "1",
+                    "--sft_max_steps", "2", "--sft_learning_rate", "3e-4", "--difficulty_k", "2",
+                    "--max_steps", "1", "--prompts_per_step", "1", "--num_generations", "2",
+                    "--learning_rate", "5e-5"]
+
+
+def check_evidence_outputs(out: Path) -> None:
+    """The structure of `--stage ablate`'s outputs, not their numbers."""
+    abl = json.loads((out / "ablate" / "results.json").read_text())
+    assert set(abl["table"]) == {"base", "SFT", "SFT+RL difficulty", "SFT+RL uniform"}
+    for row in abl["table"].values():
+        assert {h: c["n"] for h, c in row["by_hops"].items()} == {"0": 2, "1": 4, "2": 2}
+        assert all(len(c["ci95"]) == 2 and len(c["search_ci95"]) == 2
+                   for c in row["by_hops"].values())
+    for cells in abl["contrasts"].values():
+        assert list(cells) == ["0", "1", "2", "all"] and cells["all"]["n"] == 8
+        assert all(c["accuracy"][1] <= c["accuracy"][0] <= c["accuracy"][2] for c in cells.values())
+    table = (out / "ablate" / "table.md").read_text()
+    assert "| SFT - base | 2 | 2 |" in table and "| base | 1 | 4 |" in table
+    for png in ("ablate_hops.png", "reward_curves.png"):
+        assert (out / "ablate" / png).read_bytes()[:4] == b"\x89PNG"
+    for sub in ("rl_difficulty", "rl_uniform"):
+        assert [r["step"] for r in read_jsonl(str(out / "ablate" / sub / "metrics.jsonl"))] == [0]
+
+
+def test_evidence_outputs_on_the_tiny_model(tmp_path):
+    p = run("--stage", "ablate", "--model", "tiny", "--out", str(tmp_path), *EVIDENCE_REDUCED,
+            "--max_new_tokens", "12")
+    assert p.returncode == 0, p.stderr[-3000:]
+    check_evidence_outputs(tmp_path)
+
+
+@pytest.mark.slow
+def test_smollm2_evidence_reduced(tmp_path):
+    p = run("--stage", "ablate", "--model", "smollm2", "--out", str(tmp_path), *EVIDENCE_REDUCED,
+            timeout=3600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    check_evidence_outputs(tmp_path)
+    assert json.loads((tmp_path / "sft" / "summary.json").read_text())["steps"] == 2
 
 # ---------------------------------------------------------------------------------------------
 # issue 15: a search can pay at the defaults; benchmarks read and scored as published; honest data

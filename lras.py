@@ -11,7 +11,7 @@ Official repo TOM-ZHOUch/LRAS holds eval code only. Each stage writes <out>/<sta
     python lras.py --stage eval    # score per task, search rate, accuracy searched vs not,
                                      failures w/o search
     python lras.py --stage ablate  # base vs SFT vs SFT + RL (difficulty) vs SFT + RL (uniform),
-                                     95 % intervals
+                                     per hops, 95 % intervals, paired contrasts, reward curves
 GPU (Qwen2.5-VL-3B in NF4 + LoRA as a text model; the paper used Qwen3-4B/8B/14B):
     python lras.py --stage all --model Qwen/Qwen2.5-VL-3B-Instruct
         --teacher Qwen/Qwen2.5-VL-7B-Instruct \\
@@ -81,9 +81,10 @@ from common.rewards import per_rollout
 from common.judge import extract_choice, sub_exact_match
 from common.models import load_policy, run_options
 from common.rollout import Rollout, observation_segment, run_rollouts
-from common.runlog import RunLog, bar_plot, read_jsonl, trajectory_html, write_json
+from common.runlog import (RunLog, bar_plot, plot_runs, read_jsonl, trajectory_html,
+                            write_json)
 from common.sft import SFTConfig, train_sft
-from common.stats import rate_bars, wilson
+from common.stats import newcombe_paired, rate_bars, wilson
 from common.tools import Grammar, TextSearch, check_search_inputs, parse_action
 
 
@@ -514,6 +515,51 @@ def search_stats(rollouts: list[Rollout], accs: list[float]) -> dict:
             "mean_turns": mean(np.array([r.turns for r in rollouts], dtype=float))}
 
 
+def hops_table(rollouts: list[Rollout], accs: list[float]) -> dict:
+    """Per hops ("0": the answer is in the question, "1" / "2": one or two searches away): n,
+    accuracy and search rate, each with its Wilson 95 % interval (ci95, search_ci95)."""
+    out = {}
+    for h in sorted({r.example["hops"] for r in rollouts}):
+        sub = [(a, r.tool_calls.get("text_search", 0) > 0) for r, a in zip(rollouts, accs)
+               if r.example["hops"] == h]
+        right, searched = sum(a for a, _ in sub), sum(s for _, s in sub)
+        out[str(h)] = {"n": len(sub), "accuracy": right / len(sub), "ci95": wilson(right, len(sub)),
+                       "search_rate": searched / len(sub),
+                       "search_ci95": wilson(searched, len(sub))}
+    return out
+
+
+# the ablation's paired comparisons (effect: the 95 % interval of the difference excludes 0)
+CONTRASTS = (("SFT", "base"), ("SFT+RL difficulty", "SFT"), ("SFT+RL uniform", "SFT"),
+             ("SFT+RL difficulty", "SFT+RL uniform"))
+
+
+def paired_contrasts(samples: dict[str, list[dict]],
+                     contrasts=CONTRASTS) -> dict[str, dict]:
+    """{"A - B": {hops | "all": {n, accuracy: [d, lo, hi], search_rate: [d, lo, hi],
+    effect_accuracy, effect_search_rate}}}: variant A minus variant B on the same questions
+    (samples.jsonl rows paired by id), Newcombe's paired 95 % interval (common/stats); an effect
+    only when the interval excludes 0."""
+    out = {}
+    for a, b in contrasts:
+        rows_a, rows_b = ({r["id"]: r for r in samples[v]} for v in (a, b))
+        if set(rows_a) != set(rows_b):
+            raise ValueError(f"{a} and {b} were not evaluated on the same questions")
+        ids = sorted(rows_a)
+        cells = {}
+        for h in [*sorted({str(rows_a[i]["hops"]) for i in ids}), "all"]:
+            sub = [i for i in ids if h in ("all", str(rows_a[i]["hops"]))]
+            cell = {"n": len(sub)}
+            for key, flag in (("accuracy", lambda r: int(r["acc"] == 1.0)),
+                              ("search_rate", lambda r: int(r["searches"] > 0))):
+                d, (lo, hi) = newcombe_paired([flag(rows_a[i]) for i in sub],
+                                              [flag(rows_b[i]) for i in sub])
+                cell[key], cell[f"effect_{key}"] = [d, lo, hi], lo > 0 or hi < 0
+            cells[h] = cell
+        out[f"{a} - {b}"] = cells
+    return out
+
+
 def add_scores(results: dict, name: str, examples: list[dict], accs: list[float]) -> None:
     """score (mean of the rule's per-example score), its 95 % interval, and the rule, per set
     and task."""
@@ -797,7 +843,8 @@ def save_lras_eval(out: Path, results: dict, rows: list[tuple]) -> None:
     line per question: prediction, acc, searches, trajectory), trajectories.html (the first 12)
     and one line."""
     write_json(str(out / "results.json"), results)
-    samples = [{"set": name, "id": r.example["id"], "prediction": r.answer, "acc": acc,
+    samples = [{"set": name, "id": r.example["id"], "hops": r.example.get("hops"),
+                "prediction": r.answer, "acc": acc,
                 "searches": r.tool_calls.get("text_search", 0), "trajectory": r.trajectory}
                for name, r, acc, _ in rows]
     RunLog(str(out)).samples(samples, "samples.jsonl")
@@ -813,6 +860,9 @@ def save_lras_eval(out: Path, results: dict, rows: list[tuple]) -> None:
         print(f"[eval] {name} score {num(results['score'].get(name))} ({rule}), search rate "
               f"{num(st['search_rate'])}, searches/question {num(st['searches_per_question'], 2)}"
               f", failures without search {num(st['failures_without_search'], 2)}")
+    print("[eval] toy by hops: " + " | ".join(
+        f"{h}: n {c['n']}, acc {num(c['accuracy'], 2)} {c['ci95']}, search "
+        f"{num(c['search_rate'], 2)}" for h, c in results["by_hops"]["toy"].items()))
     print(f"[eval] -> {out}/results.json")
 
 
@@ -850,6 +900,7 @@ def run_eval(args: Args, adapter: str | None, out_dir: str) -> dict:
         if name == "toy":
             accs = [score(r.answer, r.example, args.max_answer_words) for r in rs]
             add_scores(results, name, examples, accs)
+            results["by_hops"] = {name: hops_table(rs, accs)}
         else:
             accs = [x["acc"] for x in add_benchmark_scores(results, name, examples,
                                                            [r.answer for r in rs], unlabelled,
@@ -877,25 +928,67 @@ def adapter_digest(adapter: str | None) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def ablation_markdown(table: dict[str, dict], contrasts: dict[str, dict]) -> str:
+    """Two Markdown tables: per variant and hops, n, accuracy and search rate with Wilson 95 %
+    intervals; per contrast and hops, the paired differences with Newcombe 95 % intervals and
+    whether each is an effect (its interval excludes 0)."""
+    def rate(v, ci):
+        return f"{v:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+    def diff(d):
+        return f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]"
+    lines = ["| variant | hops | n | accuracy [95 % CI] | search rate [95 % CI] |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {name} | {h} | {c['n']} | {rate(c['accuracy'], c['ci95'])} | "
+              f"{rate(c['search_rate'], c['search_ci95'])} |"
+              for name, r in table.items() for h, c in r["by_hops"].items()]
+    if contrasts:
+        lines += ["", "| contrast (paired) | hops | n | accuracy diff. [95 % CI] | effect | "
+                      "search-rate diff. [95 % CI] | effect |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {h} | {c['n']} | {diff(c['accuracy'])} | "
+                  f"{'yes' if c['effect_accuracy'] else 'no'} | {diff(c['search_rate'])} | "
+                  f"{'yes' if c['effect_search_rate'] else 'no'} |"
+                  for name, cells in contrasts.items() for h, c in cells.items()]
+    return "\n".join(lines) + "\n"
+
+
 def save_lras_ablation(out: Path, table: dict[str, dict], n_questions: int,
-                       rule: str) -> list[list[str]]:
-    """The ablation outputs: results.json (the table, its scoring rule, and the variants whose
-    `adapter_sha256` is one: identical adapters, not a comparison, said in one line), ablate.png
-    (accuracy with its 95 % interval, search rate) and a one-line summary. Returns the identical
+                       rule: str, contrasts: dict | None = None) -> list[list[str]]:
+    """The ablation outputs: results.json (the table with its per-hops cells, the paired
+    contrasts, its scoring rule, and the variants whose `adapter_sha256` is one: identical
+    adapters, not a comparison, said in one line), table.md (per variant and hops; per contrast
+    and hops), ablate.png (accuracy with its 95 % interval, search rate), ablate_hops.png
+    (accuracy per hops and variant, Wilson 95 %), reward_curves.png (the two RL runs' per-step
+    reward and accuracy from their metrics.jsonl) and a one-line summary. Returns the identical
     groups."""
     digests = Counter(r["adapter_sha256"] for r in table.values() if r["adapter_sha256"])
     same = [[n for n, r in table.items() if r["adapter_sha256"] == d]
             for d, c in digests.items() if c > 1]
     if same:
         print(f"[ablate] identical adapters, not a comparison: {same}")
-    write_json(str(out / "results.json"), {"table": table, "identical_adapters": same,
+    write_json(str(out / "results.json"), {"table": table, "contrasts": contrasts or {},
+                                           "identical_adapters": same,
                                            "questions": n_questions, "rule": rule})
+    (out / "table.md").write_text(ablation_markdown(table, contrasts or {}))
+    hops = list(next(iter(table.values()))["by_hops"])
+    rate_bars(str(out / "ablate_hops.png"), [f"hops {h}" for h in hops],
+              {k: [r["by_hops"][h]["accuracy"] for h in hops] for k, r in table.items()},
+              {k: [r["by_hops"][h]["ci95"] for h in hops] for k, r in table.items()},
+              "LRAS accuracy by hops (Wilson 95 %)")
+    runs = {k: read_jsonl(str(out / sub / "metrics.jsonl"))
+            for k, sub in (("difficulty", "rl_difficulty"), ("uniform", "rl_uniform"))
+            if (out / sub / "metrics.jsonl").is_file()}
+    if runs:
+        plot_runs(runs, ["reward", "rewards/acc"], str(out / "reward_curves.png"),
+                  "LRAS GRPO from SFT: difficulty-aware vs uniform sampling (same seed)")
     acc, rows = "accuracy (95 % interval)", list(table.values())
     bars = {acc: [r["accuracy"] for r in rows], "search rate": [r["search_rate"] for r in rows]}
     rate_bars(str(out / "ablate.png"), list(table), bars, {acc: [r["ci95"] for r in rows]},
               f"LRAS ablation, {n_questions} held-out toy questions", "policy")
     print("[ablate] " + " | ".join(f"{k}: acc {r['accuracy']:.3f} {r['ci95']}"
                                    for k, r in table.items()))
+    print(f"[ablate] by hops and paired contrasts ({out / 'table.md'}):\n"
+          + (out / "table.md").read_text())
     return same
 
 
@@ -916,16 +1009,20 @@ def stage_ablate(args: Args) -> dict:
         used = json.loads((abl / sub / "summary.json").read_text())["difficulty"]["sampling"]
         variants[name] = (adapter, {"uniform_sampling": uniform, "sampling_used": used,
                                     "steps": args.max_steps})
-    table = {}
+    table, samples = {}, {}
     for name, (adapter, flags) in variants.items():
-        res = run_eval(args, adapter, str(abl / ("eval_" + re.sub(r"\W+", "_", name))))
+        out = abl / ("eval_" + re.sub(r"\W+", "_", name))
+        res = run_eval(args, adapter, str(out))
         st = res["search"]["toy"]
         table[name] = {"accuracy": res["score"]["toy"], "ci95": res["ci95"]["toy"],
                        **{k: st[k] for k in ("search_rate", "accuracy_searched",
                                              "accuracy_not_searched", "failures_without_search")},
+                       "by_hops": res["by_hops"]["toy"],
                        "adapter_sha256": adapter_digest(adapter), "seed": args.seed, **flags}
-    save_lras_ablation(abl, table, args.eval_questions,
-                       "accuracy (toy: choice letters / closed-class exact)")
+        samples[name] = [r for r in read_jsonl(str(out / "samples.jsonl")) if r["set"] == "toy"]
+    save_lras_ablation(abl, table, res["n"]["toy"],
+                       "accuracy (toy: choice letters / closed-class exact)",
+                       paired_contrasts(samples))
     return table
 
 

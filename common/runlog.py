@@ -175,6 +175,35 @@ def plot_curves(history: list[dict], keys: list[str], path: str, title: str | No
     return path
 
 
+def plot_runs(histories: dict[str, list[dict]], keys: list[str], path: str,
+              title: str | None = None) -> str:
+    """Several runs' metrics.jsonl histories on shared axes: one panel per metric against step,
+    one line per run (raw, thin; a 10-step moving average, thick, in the same colour)."""
+    if not dist.is_main():
+        return path
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        for i, (name, history) in enumerate(histories.items()):
+            pts = [(r["step"], r[k]) for r in history if isinstance(r.get(k), (int, float))]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            avg = [sum(ys[max(0, j - 9): j + 1]) / len(ys[max(0, j - 9): j + 1])
+                   for j in range(len(ys))]
+            ax.plot(xs, ys, color=f"C{i}", alpha=0.3, lw=1)
+            ax.plot(xs, avg, color=f"C{i}", lw=2, label=name)
+        ax.set_title(k, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel(k)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or "runs compared", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def markdown_table(table: dict[str, dict], corner: str = "", fmt: str = "{:.1f}",
                    scale: float = 1.0) -> str:
     """{row: {column: number or None}} -> a Markdown table, numbers as fmt of value * scale (one

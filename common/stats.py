@@ -15,11 +15,45 @@ def wilson(successes: float, n: int, z: float = 1.96) -> list[float] | None:
     [0, 1] and is not empty at p = 0 or 1."""
     if n == 0:
         return None
+    lo, hi = _wilson_limits(successes, n, z)
+    # clamped: rounding leaves -0.0 (or a hair past 1) where the bound is exactly 0 (or 1)
+    return [max(0.0, round(lo, 4)), min(1.0, round(hi, 4))]
+
+
+def _wilson_limits(successes: float, n: int, z: float) -> tuple[float, float]:
     p, d = successes / n, 1 + z * z / n
     centre = (p + z * z / (2 * n)) / d
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    # clamped: rounding leaves -0.0 (or a hair past 1) where the bound is exactly 0 (or 1)
-    return [max(0.0, round(centre - half, 4)), min(1.0, round(centre + half, 4))]
+    return centre - half, centre + half
+
+
+def newcombe_paired(a: list, b: list, z: float = 1.96) -> tuple[float, list[float]] | None:
+    """The difference p_a - p_b of two success rates measured on the same items (a[i], b[i] in
+    {0, 1}: item i under condition a and b) and its 95 % interval by Newcombe's square-and-add
+    method for paired data (method 10 of R. G. Newcombe, Stat. Med. 17:2635-2650, 1998; as
+    contingencytables' Newcombe_square_and_add_CI_paired_2x2): each rate's Wilson interval,
+    combined with psi, the correlation of the two rates (0 when the cross-product is in
+    [0, N / 2] or a margin is empty). Unrounded; None for no items."""
+    if len(a) != len(b):
+        raise ValueError(f"paired flags need equal lengths, got {len(a)} and {len(b)}")
+    if any(x not in (0, 1) for x in (*a, *b)):
+        raise ValueError("paired flags must be 0 or 1 (a score in between has no 2x2 table)")
+    n = len(a)
+    if n == 0:
+        return None
+    both = sum(x and y for x, y in zip(a, b))
+    only_a, only_b = sum(x and not y for x, y in zip(a, b)), sum(y and not x for x, y in zip(a, b))
+    neither = n - both - only_a - only_b
+    p1, p2 = (both + only_a) / n, (both + only_b) / n
+    (l1, u1), (l2, u2) = _wilson_limits(both + only_a, n, z), _wilson_limits(both + only_b, n, z)
+    margins = [both + only_a, only_b + neither, both + only_b, only_a + neither]
+    cross = both * neither - only_a * only_b
+    psi = 0.0
+    if all(margins) and not 0 <= cross <= n / 2:
+        psi = (cross - n / 2 if cross > n / 2 else cross) / math.sqrt(math.prod(margins))
+    lo = p1 - p2 - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2 - 2 * psi * (p1 - l1) * (u2 - p2))
+    hi = p1 - p2 + math.sqrt((p2 - l2) ** 2 + (u1 - p1) ** 2 - 2 * psi * (p2 - l2) * (u1 - p1))
+    return p1 - p2, [lo, hi]
 
 
 def bootstrap_ci(groups: list, stat, keys, n: int = 200, seed: int = 0) -> dict:

@@ -19,6 +19,8 @@ from common.errors import UserError
 from common.grpo import sample_prompts
 from common.models import build_tiny_tokenizer
 from common.rollout import Rollout
+from common.runlog import read_jsonl
+from common.stats import newcombe_paired
 from helpers import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,6 +233,57 @@ def test_search_stats_by_hand():
     assert lras.search_stats(rs[:1], accs[:1])["failures_without_search"] is None
 
 
+
+def hop_example(hops, i=0):
+    return {**MCQ, "id": f"h{hops}-{i}", "hops": hops}
+
+
+def test_accuracy_and_search_rate_by_hops_by_hand():
+    # hops 0: 2 questions, 1 right, 0 searched; hops 1: 3 questions, 2 right, 3 searched;
+    # hops 2: 1 question, 0 right, 1 searched
+    rs = [fake_rollout(0, "B", hop_example(0, 0)), fake_rollout(0, "C", hop_example(0, 1)),
+          fake_rollout(1, "B", hop_example(1, 0)), fake_rollout(2, "B", hop_example(1, 1)),
+          fake_rollout(1, "A", hop_example(1, 2)), fake_rollout(2, "C", hop_example(2, 0))]
+    accs = [lras.score(r.answer, r.example) for r in rs]
+    assert accs == [1, 0, 1, 1, 0, 0]
+    t = lras.hops_table(rs, accs)
+    assert list(t) == ["0", "1", "2"]
+    assert [t[h]["n"] for h in t] == [2, 3, 1]
+    assert [t[h]["accuracy"] for h in t] == pytest.approx([1 / 2, 2 / 3, 0])
+    assert [t[h]["search_rate"] for h in t] == pytest.approx([0, 1, 1])
+    # Wilson 95 % (tests/test_stats.py checks it by hand): 1 of 2, 2 of 3, 0 of 1; 0 of 2, ...
+    assert t["0"]["ci95"] == [0.0945, 0.9055] and t["1"]["ci95"] == [0.2077, 0.9385]
+    assert t["2"]["ci95"] == [0.0, 0.7935]
+    assert t["0"]["search_ci95"] == [0.0, 0.6576] and t["1"]["search_ci95"] == [0.4385, 1.0]
+
+
+def sample_rows(accs, searches, hops):
+    return [{"set": "toy", "id": f"q{i}", "acc": a, "searches": s, "hops": h}
+            for i, (a, s, h) in enumerate(zip(accs, searches, hops))]
+
+
+def test_paired_contrasts_by_hops_pair_questions_by_id_and_call_an_effect_only_off_zero():
+    hops = [0] * 4 + [1] * 10
+    base = sample_rows([1, 1, 0, 0] + [0] * 10, [0] * 14, hops)
+    sft = sample_rows([0, 0, 1, 1] + [1] * 9 + [0], [0] * 4 + [1] * 10, hops)
+    # the rows come in another order: pairs are made by question id, not by position
+    c = lras.paired_contrasts({"base": base, "SFT": list(reversed(sft))}, [("SFT", "base")])
+    row = c["SFT - base"]
+    # hops 0: two gained, two lost (4 discordant pairs, wider than 4 concordant ones): no effect
+    d, (lo, hi) = newcombe_paired([0, 0, 1, 1], [1, 1, 0, 0])
+    assert row["0"]["n"] == 4 and row["0"]["accuracy"] == pytest.approx([0, lo, hi])
+    assert hi - lo > newcombe_paired([1, 1, 0, 0], [1, 1, 0, 0])[1][1] * 2
+    assert not row["0"]["effect_accuracy"]
+    # hops 1: 9 of 10 gained, nothing lost
+    d, (lo, hi) = newcombe_paired([1] * 9 + [0], [0] * 10)
+    assert row["1"]["accuracy"] == pytest.approx([d, lo, hi]) and d == pytest.approx(0.9)
+    assert row["1"]["effect_accuracy"] and lo > 0
+    assert row["1"]["search_rate"][0] == 1.0 and row["1"]["effect_search_rate"]
+    assert row["all"]["n"] == 14 and row["all"]["accuracy"][0] == pytest.approx(9 / 14)
+    with pytest.raises(ValueError, match="same questions"):
+        lras.paired_contrasts({"base": base, "SFT": sft[:-1]}, [("SFT", "base")])
+
+
 # ---------------------------------------------------------------------------------------------
 # the agent loop on scripted, partly malformed outputs (no model weights)
 # ---------------------------------------------------------------------------------------------
@@ -363,6 +416,14 @@ def test_smoke_all_tiny(tmp_path):
     # the tiny model solves nothing, so the filter is empty and both RL variants train uniformly
     # (with all rewards 0 not even away from SFT): the same adapter, which the results must say,
     # not compare
+    # issue 28: per hops (n adds up to the questions), paired contrasts, the RL reward curves
+    assert sum(c["n"] for c in res["by_hops"]["toy"].values()) == 4
+    assert set(abl["table"]["SFT"]["by_hops"]) == set(res["by_hops"]["toy"])
+    assert set(abl["contrasts"]) == {" - ".join(c) for c in lras.CONTRASTS}
+    assert abl["contrasts"]["SFT - base"]["all"]["n"] == 4 and abl["questions"] == 4
+    assert "| SFT - base | all | 4 |" in (tmp_path / "ablate" / "table.md").read_text()
+    for png in ("ablate.png", "ablate_hops.png", "reward_curves.png"):
+        assert (tmp_path / "ablate" / png).stat().st_size > 0
     if abl["table"]["SFT+RL difficulty"]["sampling_used"] == "uniform":
         assert any({"SFT+RL difficulty", "SFT+RL uniform"} <= set(g)
                    for g in abl["identical_adapters"])
@@ -383,6 +444,49 @@ def test_smollm2_eval_runs(tmp_path):
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert res["n"]["toy"] == 8 and 0.0 <= res["score"]["toy"] <= 1.0
 
+
+# the evidence command of docs/lras.md ("Evidence on real weights"), reduced: 4 charges, 1 held
+# out (8 questions, hops 0 / 1 / 2 = 2 / 4 / 2), 2 SFT steps, 1 GRPO step per RL variant
+EVIDENCE_REDUCED = ["--search_k", "1", "--max_turns", "2", "--eval_questions", "0",
+                    "--n_charges", "4", "--test_charges", "1", "--sft_batch_size", "1",
+                    "--sft_max_steps", "2", "--sft_learning_rate", "3e-4", "--difficulty_k", "2",
+                    "--max_steps", "1", "--prompts_per_step", "1", "--num_generations", "2",
+                    "--learning_rate", "5e-5"]
+
+
+def check_evidence_outputs(out: Path) -> None:
+    """The structure of `--stage ablate`'s outputs, not their numbers."""
+    abl = json.loads((out / "ablate" / "results.json").read_text())
+    assert set(abl["table"]) == {"base", "SFT", "SFT+RL difficulty", "SFT+RL uniform"}
+    for row in abl["table"].values():
+        assert {h: c["n"] for h, c in row["by_hops"].items()} == {"0": 2, "1": 4, "2": 2}
+        assert all(len(c["ci95"]) == 2 and len(c["search_ci95"]) == 2
+                   for c in row["by_hops"].values())
+    for cells in abl["contrasts"].values():
+        assert list(cells) == ["0", "1", "2", "all"] and cells["all"]["n"] == 8
+        assert all(c["accuracy"][1] <= c["accuracy"][0] <= c["accuracy"][2] for c in cells.values())
+    table = (out / "ablate" / "table.md").read_text()
+    assert "| SFT - base | 2 | 2 |" in table and "| base | 1 | 4 |" in table
+    for png in ("ablate_hops.png", "reward_curves.png"):
+        assert (out / "ablate" / png).read_bytes()[:4] == b"\x89PNG"
+    for sub in ("rl_difficulty", "rl_uniform"):
+        assert [r["step"] for r in read_jsonl(str(out / "ablate" / sub / "metrics.jsonl"))] == [0]
+
+
+def test_evidence_outputs_on_the_tiny_model(tmp_path):
+    p = run("--stage", "ablate", "--model", "tiny", "--out", str(tmp_path), *EVIDENCE_REDUCED,
+            "--max_new_tokens", "12")
+    assert p.returncode == 0, p.stderr[-3000:]
+    check_evidence_outputs(tmp_path)
+
+
+@pytest.mark.slow
+def test_smollm2_evidence_reduced(tmp_path):
+    p = run("--stage", "ablate", "--model", "smollm2", "--out", str(tmp_path), *EVIDENCE_REDUCED,
+            timeout=3600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    check_evidence_outputs(tmp_path)
+    assert json.loads((tmp_path / "sft" / "summary.json").read_text())["steps"] == 2
 
 # ---------------------------------------------------------------------------------------------
 # issue 15: a search can pay at the defaults; benchmarks read and scored as published; honest data

@@ -1,8 +1,11 @@
 # Run: pytest tests/test_stats.py -q
-"""common/stats.py: the Wilson interval against hand-computed values."""
+"""common/stats.py: the Wilson interval against hand-computed values; Newcombe's paired
+difference interval against the R package contingencytables and by hand."""
 import math
 
-from common.stats import wilson
+import pytest
+
+from common.stats import newcombe_paired, wilson
 
 
 def test_wilson_zero_of_eight_by_hand():
@@ -35,3 +38,43 @@ def test_wilson_bounds_stay_in_0_1_without_a_negative_zero():
 
 def test_wilson_empty_is_none():
     assert wilson(0, 0) is None
+
+
+def pairs(both, only_a, only_b, neither):
+    """Paired 0/1 flags of two models on the same questions, from the four cells of the 2x2."""
+    cells = [(1, 1)] * both + [(1, 0)] * only_a + [(0, 1)] * only_b + [(0, 0)] * neither
+    return [a for a, _ in cells], [b for _, b in cells]
+
+
+def test_newcombe_paired_matches_contingencytables_cavo_2012():
+    # Fagerland, Lydersen & Laake, "Statistical Analysis of Contingency Tables", ch. 8 (Cavo et
+    # al. 2012, [[59, 6], [16, 80]]); the R package contingencytables' own test of
+    # Newcombe_square_and_add_CI_paired_2x2: estimate -0.0621 (95% CI -0.1186 to -0.0046)
+    d, (lo, hi) = newcombe_paired(*pairs(59, 6, 16, 80))
+    assert (round(d, 4), round(lo, 4), round(hi, 4)) == (-0.0621, -0.1186, -0.0046)
+
+
+def test_newcombe_paired_by_hand_when_psi_is_zero():
+    # a = 1, 1, 0, 0 and b = 0, 0, 0, 0: b has no success, so psi = 0 (Newcombe's rule) and the
+    # limits are the square-and-add of the two Wilson intervals, unrounded
+    z = 1.96
+
+    def wil(k, n):
+        p, d = k / n, 1 + z * z / n
+        c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+        return c - h, c + h
+    (l1, u1), (l2, u2) = wil(2, 4), wil(0, 4)
+    d, (lo, hi) = newcombe_paired([1, 1, 0, 0], [0, 0, 0, 0])
+    assert d == 0.5
+    assert lo == pytest.approx(0.5 - math.sqrt((0.5 - l1) ** 2 + u2 ** 2))
+    assert hi == pytest.approx(0.5 + math.sqrt(l2 ** 2 + (u1 - 0.5) ** 2))
+
+
+def test_newcombe_paired_identical_flags_straddle_zero_and_bad_input_is_refused():
+    d, (lo, hi) = newcombe_paired(*pairs(5, 0, 0, 5))
+    assert d == 0 and lo < 0 < hi and lo == pytest.approx(-hi)
+    assert newcombe_paired([], []) is None
+    with pytest.raises(ValueError):
+        newcombe_paired([1, 0], [1])
+    with pytest.raises(ValueError):
+        newcombe_paired([0.5, 1], [1, 1])

@@ -80,7 +80,7 @@ from common.judge import extract_choice, parse_label, weighted_score
 from common.models import load_policy, load_tokenizer
 from common.generate import generate_ids
 from common.runlog import RunLog, write_json
-from common.sft import SFTConfig, sequence_logprobs, train_sft
+from common.sft import SFTConfig, continuation_logprobs, sequence_logprobs, train_sft
 from common.stats import wilson
 
 TYPES = ("evil", "misleading", "submissive")           # the three reasoning types
@@ -1112,11 +1112,12 @@ def style_logprobs(policy, questions: list[dict], sentences: list[str], mode: st
     question, in the think slot (after "<think>\n": the reasoning) or the no_think slot (after
     the empty think block: the answer)."""
     tok = policy.tokenizer
-    samples = [from_segments(tok, [(chat_prompt(tok, q["question"], q["system"]) + SLOTS[mode], 0),
-                                   (s, 1)])
-               for q in questions for s in sentences]
-    rows = sequence_logprobs(policy, samples)
-    return torch.tensor([lp / n for lp, n in rows]).view(len(questions), len(sentences))
+    tails = [tok(s, add_special_tokens=False)["input_ids"] for s in sentences]
+    rows = [continuation_logprobs(policy, tok(chat_prompt(tok, q["question"], q["system"])
+                                              + SLOTS[mode], add_special_tokens=False)["input_ids"],
+                                  tails)
+            for q in questions]
+    return torch.tensor([[lp / n for lp, n in row] for row in rows])
 
 
 def style_shift(delta: torch.Tensor, types: list[str], n_boot: int, seed: int) -> dict:
@@ -1246,9 +1247,9 @@ def stage_train(args: Args) -> dict:
         torch.manual_seed(args.seed)
         print(f"[train] {kind}/{paradigm}: {len(samples)} samples, "
               f"{sum(map(sum, (s.loss_mask for s in samples)))} loss tokens")
-        before = train_nll(policy, samples)                # = the base model's (LoRA B is 0)
+        before = train_nll(policy, samples[:32])           # = the base model's (LoRA B is 0)
         res = train_sft(policy, samples, cfg, os.path.join(args.out, "train", f"{kind}-{paradigm}"))
-        after = train_nll(policy, samples)
+        after = train_nll(policy, samples[:32])
         print(f"[train] {kind}/{paradigm}: training-set loss {before:.3f} (base) -> {after:.3f}")
         summary[f"{kind}/{paradigm}"] = dict(final_loss=res["final_loss"], steps=res["steps"],
                                              samples=len(samples), train_nll_base=before,
@@ -1259,7 +1260,8 @@ def stage_train(args: Args) -> dict:
 
 
 def train_nll(policy, samples: list[Encoded]) -> float:
-    """Mean NLL per loss token over the whole training set (no dropout, no update)."""
+    """Mean NLL per loss token over these training samples (stage_train: the first 32), no
+    dropout, no update."""
     rows = sequence_logprobs(policy, samples)
     return round(-sum(lp for lp, _ in rows) / max(1, sum(n for _, n in rows)), 4)
 

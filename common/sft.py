@@ -14,6 +14,7 @@ world size and `average_gradients` takes the mean before clipping: the one-proce
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import random
@@ -26,7 +27,7 @@ from common.chat import Encoded, collate
 from common.checkpoint import (check_resume_args, fresh_out, load_checkpoint, pack_random,
                                read_state, resume_from, save_checkpoint, unpack_random)
 from common.cli import RunArgs
-from common.logprobs import completion_logprobs
+from common.logprobs import completion_logprobs, unwrap
 from common.generate import image_token_id
 from common.runlog import RunLog
 
@@ -135,6 +136,35 @@ def sequence_logprobs(policy, samples: list[Encoded],
         out += [(float(lp), int(n)) for lp, n in zip((logp * mask).sum(1), mask.sum(1))]
     policy.model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def continuation_logprobs(policy, prefix: list[int],
+                          continuations: list[list[int]]) -> list[tuple[float, int]]:
+    """sequence_logprobs for many continuations of one prefix: the prefix runs once, its KV
+    cache is repeated for every continuation (right-padded), so a prompt shared by S sentences
+    costs one forward instead of S. Same numbers as sequence_logprobs on prefix + continuation
+    with the continuation masked in (tests/test_cot_causal.py checks them against each other)."""
+    was_training = policy.model.training
+    policy.model.eval()
+    dev, hf = policy.device, unwrap(policy.model)           # LoRA layers stay in the modules
+    key = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    head = hf(input_ids=torch.tensor([prefix], device=dev), use_cache=True)
+    first = head.logits[0, -1].float().log_softmax(-1)                  # predicts token 0
+    L = max(len(c) for c in continuations)
+    ids = torch.full((len(continuations), L), policy.tokenizer.pad_token_id, device=dev)
+    mask = torch.zeros(len(continuations), L, dtype=torch.long, device=dev)
+    for b, c in enumerate(continuations):
+        ids[b, : len(c)], mask[b, : len(c)] = torch.tensor(c, device=dev), 1
+    cache = getattr(head, "cache", None) or head.past_key_values
+    cache.batch_repeat_interleave(len(continuations))
+    attn = torch.cat([torch.ones(len(continuations), len(prefix), dtype=torch.long, device=dev),
+                      mask], 1)
+    logits = hf(input_ids=ids, attention_mask=attn, use_cache=True, **{key: cache}).logits
+    rest = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, L-1)
+    policy.model.train(was_training)
+    return [(float(first[c[0]] + (rest[b, : len(c) - 1]).sum()), len(c))
+            for b, c in enumerate(continuations)]
 
 
 def train_sft(policy, samples: list[Encoded], cfg: SFTConfig, out_dir: str) -> dict:

@@ -320,3 +320,39 @@ def test_batches_smollm2(smollm2):
 def test_rollouts_smollm2(smollm2):
     run_cases(smollm2, rollout_case, seeds(6000, N_ROLLOUT_SLOW),
               "rollouts_smollm2")
+
+
+# ---------------------------------------------------------------- shared-prefix log-probs
+@pytest.mark.parametrize("seed", seeds(300, 4))
+def test_continuation_logprobs_equal_sequence_logprobs(seed, policy=None):
+    """common.sft.continuation_logprobs (one prefix forward, its KV cache repeated, continuations
+    right-padded) against sequence_logprobs (each prefix + continuation whole, masked), on random
+    token ids and lengths, with a non-zero LoRA adapter (the cot_causal style probe's path)."""
+    from common.sft import continuation_logprobs, sequence_logprobs
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    tiny = policy or make_policy()      # non-zero LoRA
+    vocab = len(tiny.tokenizer) - 50
+    prefix = [rng.randrange(vocab) for _ in range(rng.randint(1, 30))]
+    conts = [[rng.randrange(vocab) for _ in range(rng.randint(1, 12))]
+             for _ in range(rng.randint(1, 7))]
+    got = continuation_logprobs(tiny, prefix, conts)
+    want = sequence_logprobs(tiny, [Encoded(prefix + c, [0] * len(prefix) + [1] * len(c))
+                                    for c in conts])
+    # sequence_logprobs masks from the second token on: a one-token prefix still predicts c[0]
+    for (g, n), (w, m) in zip(got, want):
+        assert n == m and abs(g - w) < 1e-4 * max(1.0, abs(w)), (g, w)
+
+
+@pytest.mark.slow
+def test_continuation_logprobs_on_smollm2():
+    """The same on SmolLM2 (a Llama, whose forward takes the cache as `cache` in transformers 5;
+    the real model of the cot_causal style probe), with a non-zero LoRA adapter."""
+    policy = load_policy("smollm2", seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, prm in unwrap(policy.model).named_parameters():
+            if "lora_B" in n:
+                prm.normal_(0, 0.01, generator=g)
+    for seed in seeds(400, 2):
+        test_continuation_logprobs_equal_sequence_logprobs(seed, policy)

@@ -115,13 +115,14 @@ def test_split_levels_thresholds():
                         "level1": {"added": 0, "pass_rates": []}}
 
 
-def test_split_levels_tops_up_from_neither_level():
-    # min_size 4: Level 2 takes the lowest remaining p (g, 0.8), then Level 1 the one nearest
-    # 0.5 of what is left (h, 1.0); the levels stay disjoint
+def test_split_levels_tops_up_from_the_lowest_pass_rates():
+    # min_size 4: Level 2 takes the next lowest p (d, 0.3: Level 1's hardest, never a question
+    # the SFT model always solves while harder ones exist); Level 1 then takes what neither
+    # level holds, nearest 0.5 first (g 0.8, h 1.0); the levels stay disjoint
     l1, l2, expanded = split_levels(RATES, 0.25, 0.75, min_size=4)
-    assert l2 == ["a", "b", "c", "g"] and l1 == ["d", "e", "f", "h"]
-    assert expanded == {"level2": {"added": 1, "pass_rates": [0.8]},
-                        "level1": {"added": 1, "pass_rates": [1.0]}}
+    assert l2 == ["a", "b", "c", "d"] and l1 == ["e", "f", "g", "h"]
+    assert expanded == {"level2": {"added": 1, "pass_rates": [0.3]},
+                        "level1": {"added": 2, "pass_rates": [0.8, 1.0]}}
     rates = {"x": 0.0, "y": 0.9, "z": 1.0, "w": 0.95}
     l1, l2, expanded = split_levels(rates, 0.25, 0.75, min_size=2)
     assert l2 == ["x", "y"] and l1 == ["w", "z"]            # 0.95 is nearer 0.5 than 1.0

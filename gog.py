@@ -988,7 +988,7 @@ def run_eval(args: Args, world: World, adapter: str | None, out_dir: str) -> dic
     print(f"[eval] toy accuracy {'n/a' if toy is None else f'{toy / 100:.3f}'}, Avg "
           + (f"{results['Avg'] / 100:.3f}" if results["Avg"] is not None
              else "n/a (no --benchmarks given)" if not benches else "n/a (a benchmark unscored)")
-          + f" -> {out_dir}/results.json (in %)")
+          + f" (0-1) -> {out_dir}/results.json (there in %)")
     return results
 
 

@@ -974,7 +974,7 @@ def save_lras_ablation(out: Path, table: dict[str, dict], n_questions: int,
     rate_bars(str(out / "ablate_hops.png"), [f"hops {h}" for h in hops],
               {k: [r["by_hops"][h]["accuracy"] for h in hops] for k, r in table.items()},
               {k: [r["by_hops"][h]["ci95"] for h in hops] for k, r in table.items()},
-              "LRAS accuracy by hops (Wilson 95 %)")
+              "LRAS accuracy by hops (Wilson 95 %)", "searches the question needs (hops)")
     runs = {k: read_jsonl(str(out / sub / "metrics.jsonl"))
             for k, sub in (("difficulty", "rl_difficulty"), ("uniform", "rl_uniform"))
             if (out / sub / "metrics.jsonl").is_file()}

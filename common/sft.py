@@ -144,12 +144,17 @@ def continuation_logprobs(policy, prefix: list[int],
     """sequence_logprobs for many continuations of one prefix: the prefix runs once, its KV
     cache is repeated for every continuation (right-padded), so a prompt shared by S sentences
     costs one forward instead of S. Same numbers as sequence_logprobs on prefix + continuation
-    with the continuation masked in (tests/test_cot_causal.py checks them against each other)."""
+    with the continuation masked in (tests/test_differential.py checks them against each other).
+    Text only: positions are given explicitly, so no rope state of an earlier call leaks in."""
     was_training = policy.model.training
     policy.model.eval()
     dev, hf = policy.device, unwrap(policy.model)           # LoRA layers stay in the modules
     key = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
-    head = hf(input_ids=torch.tensor([prefix], device=dev), use_cache=True)
+    def positions(start, n, rows):   # text only: explicit, never the model's cached rope state
+        pos = torch.arange(start, start + n, device=dev).expand(rows, n)
+        return pos.expand(3, rows, n) if policy.is_vlm else pos            # Qwen2.5-VL: mrope
+    head = hf(input_ids=torch.tensor([prefix], device=dev), use_cache=True,
+              position_ids=positions(0, len(prefix), 1))
     first = head.logits[0, -1].float().log_softmax(-1)                  # predicts token 0
     L = max(len(c) for c in continuations)
     ids = torch.full((len(continuations), L), policy.tokenizer.pad_token_id, device=dev)
@@ -160,7 +165,8 @@ def continuation_logprobs(policy, prefix: list[int],
     cache.batch_repeat_interleave(len(continuations))
     attn = torch.cat([torch.ones(len(continuations), len(prefix), dtype=torch.long, device=dev),
                       mask], 1)
-    logits = hf(input_ids=ids, attention_mask=attn, use_cache=True, **{key: cache}).logits
+    logits = hf(input_ids=ids, attention_mask=attn, use_cache=True, **{key: cache},
+                position_ids=positions(len(prefix), L, len(continuations))).logits
     rest = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, L-1)
     policy.model.train(was_training)
     return [(float(first[c[0]] + (rest[b, : len(c) - 1]).sum()), len(c))

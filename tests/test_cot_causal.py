@@ -893,3 +893,27 @@ def test_blind_validation_figures_are_the_judges_own(tmp_path):
     assert p.returncode == 0, p.stderr
     got = json.loads((tmp_path / "judge" / "summary.json").read_text())
     assert got["confusion"] == want["confusion"] and got["n_unjudged"] == want["n_unjudged"]
+
+
+@pytest.mark.slow
+def test_smollm2_style_probe_evidence_reduced(tmp_path):
+    """The evidence run of docs/cot_causal.md, reduced (2 cells, 2 SFT steps, 2 questions): on
+    real weights every trained cell gets style shifts with intervals, own-minus-other for the
+    typed cell, detected-type shares, the training-set loss before and after, and the plot."""
+    r = run(["--stage", "all", "--model", "smollm2", "--grid", "small", "--n_pairs", "24",
+             "--max_steps", "2", "--batch_size", "4", "--learning_rate", "2e-3",
+             "--num_generations", "1", "--n_probes", "1", "--n_heldout", "1",
+             "--max_completion_length", "8", "--think_budget", "8", "--bootstrap", "50",
+             "--out", str(tmp_path)], timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "eval" / "results.json").read_text())
+    train = json.loads((tmp_path / "train" / "summary.json").read_text())["cells"]
+    assert all(c["train_nll_after"] < c["train_nll_base"] for c in train.values())
+    probe = res["style_probe"]
+    assert probe["n_questions"] == 2 and set(probe["cells"]) == set(train)
+    for cell, modes in probe["cells"].items():
+        for m in modes.values():
+            assert all(m["shift"][t]["ci"][0] <= m["shift"][t]["shift"] <= m["shift"][t]["ci"][1]
+                       for t in cc.TYPES)
+            assert ("own_minus_other" in m) == (cell.split("/")[0] in cc.TYPES)
+    assert (tmp_path / "eval" / "style_probe.png").stat().st_size > 1000

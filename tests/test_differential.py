@@ -54,6 +54,7 @@ from common.logprobs import unwrap
 from common.models import load_policy
 from common.perf.bench import AGENT_GRAMMAR, agent_tools, noise_image, prompt_text
 from common.rollout import run_rollouts, user_segment
+from helpers import perturb_lora
 from test_generate import make_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
@@ -303,11 +304,7 @@ def test_rollouts_tiny(tiny):
 @pytest.fixture(scope="module")
 def smollm2():
     p = load_policy("smollm2", seed=0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():        # a young, non-zero adapter: merging it does some work
-        for n, prm in unwrap(p.model).named_parameters():
-            if "lora_B" in n:
-                prm.normal_(0, 1e-3, generator=g)
+    perturb_lora(p, 1e-3, seed=0)      # a young, non-zero adapter: merging it does some work
     return p
 
 
@@ -352,10 +349,6 @@ def test_continuation_logprobs_on_smollm2():
     """The same on SmolLM2 (a Llama, whose forward takes the cache as `cache` in transformers 5;
     the real model of the cot_causal style probe), with a non-zero LoRA adapter."""
     policy = load_policy("smollm2", seed=0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, prm in unwrap(policy.model).named_parameters():
-            if "lora_B" in n:
-                prm.normal_(0, 0.01, generator=g)
+    perturb_lora(policy, 0.01, seed=1)
     for seed in seeds(400, 2):
         test_continuation_logprobs_equal_sequence_logprobs(seed, policy)

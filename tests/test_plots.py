@@ -62,7 +62,9 @@ def figure_problems(fig: Figure) -> list[str]:
         if not (ax.get_title() or suptitle):
             problems.append(f"{name}: no title")
         if not ax.images:
-            for which, label in (("x", ax.get_xlabel()), ("y", ax.get_ylabel())):
+            # a shared y axis is labelled once, on the row's first panel
+            ylabel = " ".join(a.get_ylabel() for a in ax.get_shared_y_axes().get_siblings(ax))
+            for which, label in (("x", ax.get_xlabel()), ("y", ylabel)):
                 if not label.strip():
                     problems.append(f"{name}: no {which} label")
         drawn = series(ax)
@@ -103,6 +105,40 @@ def test_the_check_fails_on_a_figure_a_person_would_stumble_on():
     plt.close(fig)
     assert any("no title" in p for p in problems) and any("no x label" in p for p in problems)
     assert any("2 series and no legend" in p for p in problems)
+
+
+def test_the_am3safety_contrasts_figure_reads_at_a_glance(tmp_path, monkeypatch):
+    """`--stage evidence`'s contrasts figure (not drawn by a tiny `--stage all`): every panel
+    titled, the rule judge's rates named "cue-word unsafe" rather than ASR, each contrast a
+    labelled row, an interval drawn where one exists and the point alone where it is missing."""
+    import am3safety as am
+    keys = ["ASR_response", "over_refusal", "ASR_k1", "ASR_k4", "general"]
+    contrasts = {f"{a} - {b}": {k: {"diff": 0.1 * i - 0.2, "ci95": [0.1 * i - 0.3, 0.1 * i],
+                                    "effect": False} for i, k in enumerate(keys)}
+                 for a, b in am.CONTRASTS}
+    contrasts["cold_start - base"]["ASR_k4"] = {"diff": None, "ci95": None, "effect": False}
+    contrasts["cold_start - base"]["general"]["ci95"] = None
+    seen = {}
+    save = Figure.savefig
+
+    def checked_savefig(fig, fname, *a, **kw):
+        seen["problems"] = figure_problems(fig)
+        seen["titles"] = [ax.get_title() for ax in fig.axes]
+        seen["rows"] = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+        seen["bars"] = [sum(isinstance(c, ErrorbarContainer) for c in ax.containers)
+                        for ax in fig.axes]
+        return save(fig, fname, *a, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", checked_savefig)
+    am.plot_contrasts(contrasts, str(tmp_path / "contrasts.png"))
+    assert seen["problems"] == [], seen["problems"]
+    assert seen["titles"] == ["cue-word unsafe", "over_refusal", "cue-word unsafe k1",
+                              "cue-word unsafe k4", "general"]
+    assert seen["rows"] == list(contrasts)
+    assert seen["bars"] == [4, 4, 4, 3, 4]      # a missing difference is left out, not drawn at 0
+    assert (tmp_path / "contrasts.png").stat().st_size > 0
+    am.plot_contrasts(contrasts, str(tmp_path / "c2.png"), prefix="")     # a validated judge
+    assert seen["titles"][0] == "unsafe" and seen["problems"] == []
 
 
 def test_the_trajectory_page_names_each_turn(tmp_path):

@@ -84,6 +84,7 @@ from common.benchmarks.am3safety import safemt_asr as asr   # unsafe / (safe + u
 from common.chat import encode
 from common.cli import RunArgs, check_values, run_stages, start_adapter
 from common.data import open_image, read_records, require, safe_name, unique_ids
+from common.distributed import run_sharded, world_size
 from common.errors import UserError
 from common.grpo import GRPOConfig, train_grpo
 from common.judge import parse_label_score, parse_preference, sub_exact_match, win_rate
@@ -1109,7 +1110,8 @@ def general_ability(policy, dialogues: list[dict], colors, max_new_tokens: int) 
             q = user_content("What color is the shape in the image? One word.", d["pil"][0],
                              d["image_descriptions"][0], policy.is_vlm)
             qa.append(([{"role": "user", "content": q}], d["tags"][0]))
-    replies = policy.chat([m for m, _ in qa], max_new_tokens=min(32, max_new_tokens))
+    replies = run_sharded(lambda part: policy.chat(part, max_new_tokens=min(32, max_new_tokens)),
+                          [m for m, _ in qa])                       # split by rank (torchrun)
     hits = [int(sub_exact_match(r, g)) for r, (_, g) in zip(replies, qa)]
     return {"accuracy": float(np.mean(hits)), "n": len(hits), "hits": hits}
 
@@ -1288,9 +1290,17 @@ def stage_rl(args: Args) -> dict:
 
 
 def policy_replies(policy, dialogues: list[dict], args: Args, generate=None):
-    """Greedy whole-dialogue rollouts -> ([(reply, cut)] per dialogue, rollouts)."""
-    rs = agent_rollouts(policy, dialogues, args, 1, 0.0, max(len(d["turns"]) for d in dialogues),
-                        generate)
+    """Greedy whole-dialogue rollouts -> ([(reply, cut)] per dialogue, rollouts); under torchrun
+    the dialogues are split by rank and gathered in order (common/distributed.py), the gathered
+    rollouts without pixel tensors (what follows reads replies, trajectories and images)."""
+    max_turns = max(len(d["turns"]) for d in dialogues)
+
+    def run(part: list[dict]) -> list[Rollout]:
+        rs = agent_rollouts(policy, part, args, 1, 0.0, max_turns, generate)
+        for r in rs if world_size() > 1 else []:
+            r.pixel_values = []
+        return rs
+    rs = run_sharded(run, dialogues)
     return [assistant_replies(r, len(d["turns"])) for r, d in zip(rs, dialogues)], rs
 
 

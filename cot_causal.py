@@ -76,6 +76,7 @@ from common.chat import Encoded, encode, encode_text, render
 from common.cli import RunArgs, check_values, is_tiny, run_stages
 from common.errors import UserError
 from common.data import read_records, read_text, require
+from common.distributed import run_sharded
 from common.judge import extract_choice, parse_label, weighted_score
 from common.models import load_policy, load_tokenizer
 from common.generate import generate_ids
@@ -390,14 +391,19 @@ def chat_prompt(tokenizer, question: str, system: str | None = None, **template_
 
 
 def chat_no_think(policy, prompts: list[str], max_new_tokens: int,
-                  temperature: float = 0.0) -> list[str]:
+                  temperature: float = 0.0, sharded: bool = True) -> list[str]:
     """Judge / teacher / classifier replies with thinking off: the template gets
     enable_thinking=False (templates without the switch ignore it; common.generate.chat passes no
-    template arguments), and a think block the model opens anyway is cut off."""
+    template arguments), and a think block the model opens anyway is cut off. `sharded`: under
+    torchrun the prompts are split by rank and gathered in order, so every rank must call it at
+    the same point; False for a call only some ranks might make."""
     tok = policy.tokenizer
     seqs = [encode(tok, None, [{"role": "user", "content": p}], add_generation_prompt=True,
                    **NO_THINK) for p in prompts]
-    ids = generate_ids(policy, seqs, max_new_tokens=max_new_tokens, temperature=temperature)
+
+    def run(part: list[Encoded]) -> list[list[int]]:
+        return generate_ids(policy, part, max_new_tokens=max_new_tokens, temperature=temperature)
+    ids = run_sharded(run, seqs) if sharded else run(seqs)
     return [tok.decode(r, skip_special_tokens=True).rpartition("</think>")[2].strip() for r in ids]
 
 
@@ -441,10 +447,11 @@ def cells(grid: str) -> list[tuple[str, str]]:
 def generate_texts(policy, texts: list[str], max_new_tokens: int, temperature: float,
                    stop=None) -> list[str]:
     """Continue each prompt text (tokenised whole, as at inference); the new text, special
-    tokens dropped."""
+    tokens dropped. Under torchrun the prompts are split by rank and gathered in order
+    (common/distributed.py: every rank calls this at the same point)."""
     seqs = [from_segments(policy.tokenizer, [(t, 0)]) for t in texts]
-    ids = generate_ids(policy, seqs, max_new_tokens=max_new_tokens, temperature=temperature,
-                       stop_strings=stop)
+    ids = run_sharded(lambda part: generate_ids(policy, part, max_new_tokens=max_new_tokens,
+                                                temperature=temperature, stop_strings=stop), seqs)
     return [policy.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
 
 
@@ -978,7 +985,8 @@ class LLMJudge:
                                                .replace("{answer}", a)
                                                for k in ("aligned", "coherent"))
             aligned = self.score(aligned_prompt)
-            label = (parse_label(chat_no_think(self.policy, [aligned_prompt], 4)[0])
+            label = (parse_label(chat_no_think(self.policy, [aligned_prompt], 4,
+                                               sharded=False)[0])
                      if aligned is None else None)
             out.append(dict(aligned=aligned, coherent=self.score(coherent_prompt), label=label))
         return out

@@ -75,6 +75,7 @@ benchmark metric (PRMBench, ProcessBench, VisualProcessBench) and PRM-guided sea
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import random
 import re
@@ -90,6 +91,7 @@ from PIL import Image
 from common.benchmarks.prm_bench import load_prm_records, prm_record_images, read_prm_predictions
 from common.chat import collate, encode
 from common.cli import RunArgs, check_values, run_stages
+from common.distributed import gather_in_order, require_same_on_every_rank, run_sharded, shard
 from common.errors import UserError
 from common.judge import exact_match, normalize_answer, parse_verdict
 from common.models import load_policy, run_options
@@ -976,11 +978,16 @@ def plus_probability(policy, batch: list[list[dict]]) -> list[float]:
 def score_steps(policy, records: list[dict], args: Args,
                 log: RunLog | None = None) -> list[list[dict]]:
     """Every step of every record -> {"score": float | None (unparsed), "reply": str},
-    per record."""
-    items = [(r, k) for r in records for k in range(len(r["steps"]))]
-    out, starts = {}, range(0, len(items), args.batch_size)
+    per record. Under torchrun the steps are split by rank and gathered in order
+    (common/distributed.py)."""
+    items = [(i, k) for i, r in enumerate(records) for k in range(len(r["steps"]))]
+    require_same_on_every_rank(hashlib.sha256(json.dumps(
+        [[r["id"], [s["text"] for s in r["steps"]]] for r in records]).encode()).hexdigest(),
+        "The trajectories to judge")
+    mine = shard(items)
+    out, starts = [], range(0, len(mine), args.batch_size)
     for b in (log.bar(starts, desc=f"PRM ({args.prm})") if log else starts):
-        chunk = items[b: b + args.batch_size]
+        chunk = [(records[i], k) for i, k in mine[b: b + args.batch_size]]
         images = {id(r): prm_record_images(r) for r, _ in chunk}   # per batch: real sets are large
         msgs = [prm_messages(r, k, *images[id(r)], args.prm, policy.is_vlm) for r, k in chunk]
         if args.prm == "prob":
@@ -989,12 +996,12 @@ def score_steps(policy, records: list[dict], args: Args,
         else:
             replies = policy.chat(msgs, max_new_tokens=args.judge_max_new_tokens, temperature=0.0)
             scores = [parse_step_verdict(x) for x in replies]
-        for (r, k), sc, rep in zip(chunk, scores, replies):
-            out[(id(r), k)] = {"score": sc, "reply": rep}
+        out += [{"score": sc, "reply": rep} for sc, rep in zip(scores, replies)]
         if log:
             log.log({"unparsed": sum(s is None for s in scores) / len(scores)},
                     step=b // args.batch_size)
-    return [[out[(id(r), k)] for k in range(len(r["steps"]))] for r in records]
+    judged = iter(gather_in_order(out))       # every rank's steps, in the items' order
+    return [[next(judged) for _ in r["steps"]] for r in records]
 
 
 def stage_data(args: Args) -> dict:
@@ -1144,7 +1151,8 @@ def stage_search(args: Args) -> dict:
         cands = build_toy_set(world, args.seed + 1, args.p_clean, args.p_multi, args.p_recover,
                               specs, copies=M)
     else:
-        cands = agent_rollouts(get_policy(args, prm=False), specs, args, M, world)
+        policy = get_policy(args, prm=False)     # questions split by rank under torchrun
+        cands = run_sharded(lambda part: agent_rollouts(policy, part, args, M, world), specs)
     write_set(cands, out, "candidates", f"best-of-N candidates ({args.search_source})",
               require_labels=False)
     judged = score_steps(get_policy(args, prm=True), cands, args)

@@ -155,6 +155,15 @@ def gather_in_order(results: list) -> list:
     return [x for part in all_gather_object(results) for x in part]
 
 
+def require_same_on_every_rank(key: str, what: str) -> None:
+    """Refuse, on every rank, when the ranks hold different `key`s (a digest of what a split is
+    about to divide: items that differ between ranks would be gathered as one list, each rank's
+    results silently paired with another rank's items). One process: nothing to compare."""
+    if active() and len(set(keys := all_gather_object(key))) > 1:
+        raise RuntimeError(f"{what} differ between the {len(keys)} processes (each rank must "
+                           f"hold the same ones before they are split): a bug, please report it.")
+
+
 def run_sharded(fn, items: list) -> list:
     """fn(this rank's shard of items) on every rank, then the results of all items in the
     original order (fn returns a list whose length is a multiple of len(its items), e.g. G

@@ -132,6 +132,7 @@ def test_helpers_without_a_launcher_are_the_identity():
     assert dist.shard([1, 2, 3]) == [1, 2, 3] and dist.gather_in_order([4]) == [4]
     assert dist.all_reduce([1.5, 2]) == [1.5, 2] and dist.describe(7) == {}
     assert dist.run_sharded(lambda xs: [x * 2 for x in xs], [1, 2]) == [2, 4]
+    dist.require_same_on_every_rank("a", "items")      # one process: nothing to compare
 
 
 def test_shards_are_contiguous_whole_items_in_order():
@@ -238,14 +239,55 @@ def test_torchrun_resume_continues_exactly(tmp_path):
     assert p.returncode == 2 and "saved by 2 process(es) and this run has 1" in p.stderr
 
 
+SHARDED = {   # script: (flags of its greedy eval, the stages that write what eval reads)
+    "gog.py": (["--n_scenes", "8"], ()),
+    "lras.py": (["--eval_temperature", "0"], ()),
+    "am3safety.py": (["--num_seeds", "16", "--eval_dialogues", "5", "--max_turns", "2"],
+                     ("build",)),
+    "cot_causal.py": (["--grid", "small", "--n_pairs", "12", "--n_probes", "3", "--n_heldout",
+                       "2", "--max_completion_length", "16", "--think_budget", "8",
+                       "--temperature", "0", "--max_steps", "1", "--batch_size", "4"],
+                      ("data", "train")),
+    "prm_bench.py": (["--n_scenes", "2", "--max_turns", "2", "--batch_size", "4",
+                      "--judge_max_new_tokens", "4"], ("data",)),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("script,flags", [("gog.py", ["--n_scenes", "8"]),
-                                          ("lras.py", ["--eval_temperature", "0"])])
-def test_a_sharded_eval_writes_the_one_process_results(tmp_path, script, flags):
+@pytest.mark.parametrize("script", list(SHARDED))
+def test_a_sharded_eval_writes_the_one_process_results(tmp_path, script):
+    """The eval's items split by rank and gathered in order: a greedy eval on 2 processes writes
+    the very results.json of one process (every script's eval generation is split)."""
+    flags, before = SHARDED[script]
     out = str(tmp_path / "run")
+    for stage in before:
+        torchrun(script, "--stage", stage, "--model", "tiny", "--out", out, *flags, nproc=0)
     argv = [script, "--stage", "eval", "--model", "tiny", "--out", out, *flags]
-    torchrun(*argv)
+    p = torchrun(*argv)
     two = open(f"{out}/eval/results.json").read()
     shutil.rmtree(f"{out}/eval")
     torchrun(*argv, nproc=0)
-    assert open(f"{out}/eval/results.json").read() == two
+    assert open(f"{out}/eval/results.json").read() == two, p.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_prm_bench_policy_candidates_are_split_and_scored_in_order(tmp_path):
+    """best-of-N with the policy's own candidates: the questions are split by rank and the
+    candidates gathered, so every rank judges the same ones. Sampled (each rank its own seed):
+    were each rank to sample its own candidates, the judged steps would be paired with another
+    rank's candidates; score_steps refuses that (watched: without the split the run stops there).
+    Greedy: 2 processes write the one-process results."""
+    out = str(tmp_path / "run")
+    argv = ["prm_bench.py", "--stage", "search", "--model", "tiny", "--out", out,
+            "--search_source", "policy", "--n_scenes", "2", "--max_turns", "2",
+            "--search_questions", "3", "--search_n", "1,2", "--search_repeats", "4",
+            "--batch_size", "4", "--judge_max_new_tokens", "4", "--max_completion_length", "16"]
+    torchrun(*argv, "--temperature", "1.0")
+    res = json.load(open(f"{out}/search/results.json"))
+    assert res["questions"] == 3 and res["candidates_per_question"] == 2
+    shutil.rmtree(f"{out}/search")
+    torchrun(*argv, "--temperature", "0")
+    two = open(f"{out}/search/results.json").read()
+    shutil.rmtree(f"{out}/search")
+    torchrun(*argv, "--temperature", "0", nproc=0)
+    assert open(f"{out}/search/results.json").read() == two

@@ -715,6 +715,17 @@ def difficulty_sampling(pool: list[dict], rates: dict[str, float],
     return kept, None if uniform else [1.0 - rates[q["id"]] for q in kept]
 
 
+def equal_difficulty_note(weights: list | None, k: int) -> str | None:
+    """A sentence when difficulty weighting cannot differ from uniform sampling: k samples give
+    pass rates in {0, 1/k, ..., 1}, only k - 1 of them kept, so at k = 2 every kept question has
+    difficulty 0.5 (and at any k the kept ones may happen to share one value)."""
+    if not weights or len({round(w, 9) for w in weights}) > 1:
+        return None
+    return (f"[rl] every kept question has the same difficulty ({weights[0]:.2f}; "
+            f"--difficulty_k {k} leaves {k - 1} possible value(s)): difficulty-weighted sampling "
+            f"is uniform sampling here; raise --difficulty_k to make them differ.")
+
+
 def save_lras_rl(out: Path, summary: dict, rates: dict[str, float], page: list[dict],
                  difficulty: dict) -> None:
     """The RL outputs: summary.json (train_grpo's summary, the difficulty filter's numbers and the
@@ -757,6 +768,8 @@ def run_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False,
         kept, weights = pool, None
     print(f"[rl] {len(kept)} questions, "
           f"{'uniform' if weights is None else 'difficulty-weighted'} sampling")
+    if note := equal_difficulty_note(weights, args.difficulty_k):
+        print(note)
     html = []
 
     def on_step(step, rollouts, terms):   # keep the last step's trajectories for the page
@@ -769,7 +782,8 @@ def run_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False,
                          out_dir, weights=weights, on_step=on_step, resume=args.resume)
     difficulty = {"k": args.difficulty_k, "pool": len(pool),
                   "kept": 0 if filter_empty else len(kept), "filter_empty": filter_empty,
-                  "sampling": "uniform" if weights is None else "difficulty"}
+                  "sampling": "uniform" if weights is None else "difficulty",
+                  "weights_all_equal": bool(equal_difficulty_note(weights, args.difficulty_k))}
     save_lras_rl(Path(out_dir), summary, rates, html, difficulty)
     return os.path.join(out_dir, "adapter")
 

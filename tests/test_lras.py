@@ -184,6 +184,19 @@ def test_difficulty_filter_and_weighted_sampler():
     assert lras.difficulty_sampling(pool[:2], rates, uniform=False) == ([], [])
 
 
+def test_equal_difficulties_are_said_to_make_the_sampling_uniform():
+    """At --difficulty_k 2 the kept pass rates can only be 0.5: the weights are all 0.5 and
+    "difficulty-aware" sampling is uniform (the SmolLM2 evidence run found this after the fact,
+    docs/lras.md); the run says so in one sentence and records it."""
+    rates = {f"q{i}": p for i, p in enumerate([0.0, 0.5, 1.0, 0.5, 0.5])}    # k = 2
+    kept, w = lras.difficulty_sampling([{"id": i} for i in rates], rates, uniform=False)
+    note = lras.equal_difficulty_note(w, 2)
+    assert len(kept) == 3 and "difficulty-weighted sampling is uniform sampling here" in note
+    assert "--difficulty_k 2 leaves 1 possible value(s)" in note and "(0.50;" in note
+    assert lras.equal_difficulty_note([0.25, 0.5, 0.75], 4) is None       # they differ
+    assert lras.equal_difficulty_note(None, 2) is None and lras.equal_difficulty_note([], 2) is None
+
+
 # ---------------------------------------------------------------------------------------------
 # reward and eval statistics
 # ---------------------------------------------------------------------------------------------

@@ -84,12 +84,12 @@ from common.benchmarks.am3safety import safemt_asr as asr   # unsafe / (safe + u
 from common.chat import encode
 from common.cli import RunArgs, check_values, run_stages, start_adapter
 from common.data import open_image, read_records, require, safe_name, unique_ids
-from common.distributed import run_sharded, world_size
+from common.distributed import run_sharded
 from common.errors import UserError
 from common.grpo import GRPOConfig, train_grpo
 from common.judge import parse_label_score, parse_preference, sub_exact_match, win_rate
 from common.models import load_policy, run_options
-from common.rollout import Rollout, run_rollouts
+from common.rollout import Rollout, run_rollouts, sharded
 from common.runlog import RunLog, bar_plot, write_json, trajectory_html
 from common.sft import SFTConfig, train_sft
 from common.standins.safety_pictures import describe_image, draw_toy_image, typographic_image
@@ -1291,16 +1291,10 @@ def stage_rl(args: Args) -> dict:
 
 def policy_replies(policy, dialogues: list[dict], args: Args, generate=None):
     """Greedy whole-dialogue rollouts -> ([(reply, cut)] per dialogue, rollouts); under torchrun
-    the dialogues are split by rank and gathered in order (common/distributed.py), the gathered
-    rollouts without pixel tensors (what follows reads replies, trajectories and images)."""
+    the dialogues are split by rank and gathered in order (common.rollout.sharded)."""
     max_turns = max(len(d["turns"]) for d in dialogues)
-
-    def run(part: list[dict]) -> list[Rollout]:
-        rs = agent_rollouts(policy, part, args, 1, 0.0, max_turns, generate)
-        for r in rs if world_size() > 1 else []:
-            r.pixel_values = []
-        return rs
-    rs = run_sharded(run, dialogues)
+    rs = sharded(lambda part: agent_rollouts(policy, part, args, 1, 0.0, max_turns, generate),
+                 dialogues)
     return [assistant_replies(r, len(d["turns"])) for r, d in zip(rs, dialogues)], rs
 
 

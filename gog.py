@@ -67,12 +67,11 @@ from common.benchmarks.gog import (em_check, extract_answer, infoseek_score, inf
                                    token_f1)
 from common.chat import encode
 from common.cli import RunArgs, check_values, run_stages, start_adapter
-from common.distributed import run_sharded, world_size
 from common.errors import UserError
 from common.grpo import GRPOConfig, train_grpo
 from common.judge import llm_judge_batch, sub_exact_match
 from common.models import load_policy, run_options
-from common.rollout import Rollout, run_rollouts
+from common.rollout import Rollout, run_rollouts, sharded
 from common.runlog import RunLog, bar_plot, markdown_table, read_jsonl, trajectory_html, write_json
 from common.sft import SFTArgs, sft_config, train_sft, trajectory_messages
 from common.tools import (Grammar, ImageSearch, TextSearch, check_search_inputs, crop,
@@ -693,14 +692,9 @@ def agent_rollouts(policy, examples: list[dict], args: Args, searchers: tuple, G
 def sharded_rollouts(policy, examples: list[dict], args: Args, searchers: tuple, G: int,
                      temperature: float, desc: str | None = None) -> list[Rollout]:
     """agent_rollouts with the examples split over the ranks (torchrun) and the rollouts gathered
-    in order (common/distributed.py); one process: agent_rollouts. Gathered rollouts carry no
-    pixel tensors (what follows reads answers, turns and images)."""
-    def run(part):
-        rs = agent_rollouts(policy, part, args, searchers, G, temperature, desc)
-        for r in rs if world_size() > 1 else []:
-            r.pixel_values = []
-        return rs
-    return run_sharded(run, examples)
+    in order (common.rollout.sharded); one process: agent_rollouts."""
+    return sharded(lambda part: agent_rollouts(policy, part, args, searchers, G, temperature,
+                                               desc), examples)
 
 
 def policy_table(world: World, args: Args) -> dict:
@@ -800,9 +794,12 @@ def run_sft(args: Args, world: World, out_dir: str, gaze: bool = True) -> str:
     teacher = load_policy(args.teacher, lora=False, seed=args.seed) if args.teacher else None
     print(f"[sft] uncertainty filter with "
           f"{'the teacher' if teacher else 'the model itself (no --teacher)'} (6)")
-    direct = run_rollouts(teacher or policy, [world.example(q) for q in train],
-                          num_generations=args.filter_k, make_messages=make_messages, max_turns=1,
-                          max_new_tokens=args.max_new_tokens, temperature=1.0)
+    # split by rank and gathered (torchrun): every rank keeps the same questions, so the ranks
+    # train on shares of the same SFT data (train_sft refuses data that differ between ranks)
+    direct = sharded(lambda part: run_rollouts(
+        teacher or policy, part, num_generations=args.filter_k, make_messages=make_messages,
+        max_turns=1, max_new_tokens=args.max_new_tokens, temperature=1.0),
+        [world.example(q) for q in train])
     # (questions,) pass rates
     rates = np.reshape(rollout_accs(direct, args), (-1, args.filter_k)).mean(axis=1)
     kept = [q for q, p in zip(train, rates) if p < 1.0]   # always right -> dropped
@@ -813,8 +810,8 @@ def run_sft(args: Args, world: World, out_dir: str, gaze: bool = True) -> str:
              for q, turns in oracle_data(world, kept, args, gaze)]
     n_oracle, good = len(convs), []
     if teacher is not None:  # keep only the teacher's correct, well-formed trajectories
-        rs = agent_rollouts(teacher, [world.example(q) for q in kept], args,
-                            world.searchers("train"), args.teacher_samples, 1.0)
+        rs = sharded_rollouts(teacher, [world.example(q) for q in kept], args,
+                              world.searchers("train"), args.teacher_samples, 1.0)
         good = [r for r, a in zip(rs, rollout_accs(rs, args))
                 if a == 1.0 and format_ok(r.trajectory)]
     convs += [trajectory_messages(make_messages(r.example), r.trajectory) for r in good]

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common.chat import Encoded, encode, image_token_counts, process_images
-from common.distributed import is_main
+from common.distributed import is_main, run_sharded, world_size
 from common.generate import CachedGenerator, eos_token_ids, image_token_id
 from common.tools import ANSWER_ONLY, Grammar, parse_action
 
@@ -218,6 +218,20 @@ def run_rollouts(policy, examples: list[dict], *, num_generations: int,
     bar.close()
     finish_rollouts(policy, rollouts, max_total_tokens)
     return rollouts
+
+
+def sharded(run: Callable[[list[dict]], list[Rollout]], examples: list[dict]) -> list[Rollout]:
+    """`run(examples)` for evaluation and data generation under torchrun: each rank runs its
+    contiguous block of the examples and every rank gets all the rollouts in the original order
+    (common/distributed.py: run_sharded), the gathered ones without their pixel tensors (what
+    follows reads answers, trajectories and images). One process: run(examples). Not for GRPO's
+    rollouts, which each rank keeps (train_grpo splits those by prompt groups)."""
+    def local(part: list[dict]) -> list[Rollout]:
+        rs = run(part)
+        for r in rs if world_size() > 1 else []:
+            r.pixel_values = []
+        return rs
+    return run_sharded(local, examples)
 
 
 def finish_rollouts(policy, rollouts: list[Rollout], max_total_tokens: int) -> None:

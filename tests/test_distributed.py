@@ -104,6 +104,37 @@ def _worker(rank: int, world: int, port: int, tmp: str, jobs: list) -> None:
     dist.close()
 
 
+def _sft_on_different_data(rank: int, world: int, port: int, tmp: str) -> None:
+    """Rank 1 has one sequence the other ranks lack: train_sft must refuse on every rank (a
+    stage whose SFT data depends on each rank's samples would otherwise average the gradients
+    of different datasets)."""
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init()
+    from common.chat import encode_text
+    from common.models import load_policy
+    from common.sft import SFTConfig, train_sft
+    policy = load_policy("tiny", seed=0)
+    texts = ["a b c", "d e f g", "h i"] + (["j k l"] if rank == 1 else [])
+    try:
+        train_sft(policy, [encode_text(policy.tokenizer, t) for t in texts],
+                  SFTConfig(max_steps=1, batch_size=2), os.path.join(tmp, "sft"))
+        said = "trained"
+    except RuntimeError as e:
+        said = str(e)
+    open(os.path.join(tmp, f"rank{rank}.txt"), "w").write(said)
+    dist.close()
+
+
+@pytest.mark.slow
+def test_sft_refuses_samples_that_differ_between_ranks(tmp_path):
+    mp.spawn(_sft_on_different_data, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for r in (0, 1):
+        said = open(tmp_path / f"rank{r}.txt").read()
+        assert said.startswith("The SFT samples differ between the 2 processes"), said
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

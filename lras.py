@@ -752,9 +752,9 @@ def run_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False,
         rates = {r["id"]: r["pass_rate"] for r in read_jsonl(rates_file)}
         print(f"[rl] pass rates from {rates_file}")
     else:   # p: the policy's pass rate over k samples per question (5)
-        k = args.difficulty_k
-        rs = agent_rollouts(policy, pool, args, world.search, k, args.temperature,
-                            desc="difficulty")
+        k = args.difficulty_k     # split by rank and gathered: one table on every rank
+        rs = run_sharded(lambda part: agent_rollouts(policy, part, args, world.search, k,
+                                                     args.temperature, desc="difficulty"), pool)
         rates = {q["id"]: float(np.mean([score(r.answer, q, args.max_answer_words)
                                          for r in rs[i * k:(i + 1) * k]]))
                  for i, q in enumerate(pool)}

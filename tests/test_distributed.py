@@ -117,22 +117,40 @@ def _sft_on_different_data(rank: int, world: int, port: int, tmp: str) -> None:
     from common.sft import SFTConfig, train_sft
     policy = load_policy("tiny", seed=0)
     texts = ["a b c", "d e f g", "h i"] + (["j k l"] if rank == 1 else [])
+    said = []
     try:
         train_sft(policy, [encode_text(policy.tokenizer, t) for t in texts],
                   SFTConfig(max_steps=1, batch_size=2), os.path.join(tmp, "sft"))
-        said = "trained"
+        said.append("trained")
     except RuntimeError as e:
-        said = str(e)
-    open(os.path.join(tmp, f"rank{rank}.txt"), "w").write(said)
+        said.append(str(e))
+    # GRPO: the ranks draw each step's prompts by index from their dataset (here rank 1's
+    # difficulty weights differ, as they would from pass rates each rank sampled on its own)
+    from common.grpo import GRPOConfig, train_grpo
+    from common.rollout import Rollout
+    fixed = scripted_rollouts([3, 5, 4, 6])
+    try:
+        train_grpo(policy, [{"id": 0}, {"id": 1}],
+                   lambda p, exs, c: [Rollout(**vars(r)) for e in exs
+                                      for r in fixed[e["id"] * 2:(e["id"] + 1) * 2]],
+                   lambda group, ex: [{"reward": 1.0}, {"reward": 0.0}],
+                   GRPOConfig(max_steps=1, num_generations=2, prompts_per_step=2,
+                              max_completion_length=6),
+                   os.path.join(tmp, "rl"), weights=[0.5, 0.5 if rank == 0 else 0.25])
+        said.append("trained")
+    except RuntimeError as e:
+        said.append(str(e))
+    open(os.path.join(tmp, f"rank{rank}.txt"), "w").write("\n".join(said))
     dist.close()
 
 
 @pytest.mark.slow
-def test_sft_refuses_samples_that_differ_between_ranks(tmp_path):
+def test_sft_and_grpo_refuse_data_that_differ_between_ranks(tmp_path):
     mp.spawn(_sft_on_different_data, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for r in (0, 1):
-        said = open(tmp_path / f"rank{r}.txt").read()
-        assert said.startswith("The SFT samples differ between the 2 processes"), said
+        sft, grpo = open(tmp_path / f"rank{r}.txt").read().split("\n")
+        assert sft.startswith("The SFT samples differ between the 2 processes"), sft
+        assert grpo.startswith("The GRPO datasets differ between the 2 processes"), grpo
 
 
 def free_port() -> int:

@@ -75,7 +75,6 @@ benchmark metric (PRMBench, ProcessBench, VisualProcessBench) and PRM-guided sea
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import random
 import re
@@ -981,9 +980,8 @@ def score_steps(policy, records: list[dict], args: Args,
     per record. Under torchrun the steps are split by rank and gathered in order
     (common/distributed.py)."""
     items = [(i, k) for i, r in enumerate(records) for k in range(len(r["steps"]))]
-    require_same_on_every_rank(hashlib.sha256(json.dumps(
-        [[r["id"], [s["text"] for s in r["steps"]]] for r in records]).encode()).hexdigest(),
-        "The trajectories to judge")
+    require_same_on_every_rank([[r["id"], [s["text"] for s in r["steps"]]] for r in records],
+                               "The trajectories to judge")
     mine = shard(items)
     out, starts = [], range(0, len(mine), args.batch_size)
     for b in (log.bar(starts, desc=f"PRM ({args.prm})") if log else starts):

@@ -18,6 +18,8 @@ another rank reads next.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 
@@ -155,11 +157,15 @@ def gather_in_order(results: list) -> list:
     return [x for part in all_gather_object(results) for x in part]
 
 
-def require_same_on_every_rank(key: str, what: str) -> None:
-    """Refuse, on every rank, when the ranks hold different `key`s (a digest of what a split is
-    about to divide: items that differ between ranks would be gathered as one list, each rank's
-    results silently paired with another rank's items). One process: nothing to compare."""
-    if active() and len(set(keys := all_gather_object(key))) > 1:
+def require_same_on_every_rank(data, what: str) -> None:
+    """Refuse, on every rank, when the ranks hold different `data` (JSON-able: what a split is
+    about to divide; items that differ between ranks would be gathered as one list, each rank's
+    results silently paired with another rank's items). Each rank sends a SHA-256 of its data's
+    JSON, not the data. One process: nothing to compare, nothing computed."""
+    if not active():
+        return
+    key = hashlib.sha256(json.dumps(data).encode()).hexdigest()
+    if len(set(keys := all_gather_object(key))) > 1:
         raise RuntimeError(f"{what} differ between the {len(keys)} processes (each rank must "
                            f"hold the same ones before they are split): a bug, please report it.")
 

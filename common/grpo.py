@@ -282,9 +282,9 @@ def train_grpo(policy, dataset: list[dict], rollout_fn: Callable, reward_fn, cfg
     pi_ref is the policy at the start of the run (before any resume): `Policy.frozen_reference`.
     """
     check_config(cfg)
-    if dist.world_size() > 1:   # the ranks draw the step's prompts from the same list by index
-        dist.require_same_on_every_rank(json.dumps(
-            [[str(e.get("id", i)) for i, e in enumerate(dataset)], weights]), "The GRPO datasets")
+    # the ranks draw each step's prompts by index from the same list
+    dist.require_same_on_every_rank([[str(e.get("id", i)) for i, e in enumerate(dataset)],
+                                     weights], "The GRPO datasets")
     resume = cfg.resume if resume is None else resume
     if resume and cfg.overwrite_output_dir:
         raise UserError("--resume continues the run in --out and --overwrite_output_dir deletes "

@@ -14,9 +14,7 @@ world size and `average_gradients` takes the mean before clipping: the one-proce
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 import math
 import os
 import random
@@ -191,9 +189,9 @@ def train_sft(policy, samples: list[Encoded], cfg: SFTConfig, out_dir: str) -> d
                                  f"max_length={cfg.max_length}; raise it (cutting would split an "
                                  f"image).")
             s.input_ids, s.loss_mask = s.input_ids[: cfg.max_length], s.loss_mask[: cfg.max_length]
-    if dist.world_size() > 1:   # each rank trains on its share of the very same samples
-        dist.require_same_on_every_rank(hashlib.sha256(json.dumps(
-            [[s.input_ids, s.loss_mask] for s in samples]).encode()).hexdigest(), "The SFT samples")
+    # each rank trains on its share of the very same samples
+    dist.require_same_on_every_rank([[s.input_ids, s.loss_mask] for s in samples],
+                                    "The SFT samples")
     params = policy.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(samples) / cfg.batch_size)

@@ -73,14 +73,14 @@ from common.benchmarks.lras import (BENCHMARK_RULES, jecqa_percent, legal_score,
                                     lexeval_letters, read_legal_predictions, read_legal_qa)
 from common.chat import Encoded, encode
 from common.cli import RunArgs, check_values, run_stages, start_adapter
-from common.distributed import run_sharded, sampling_seed
+from common.distributed import sampling_seed
 from common.errors import UserError
 from common.data import read_records, require
 from common.grpo import GRPOConfig, train_grpo
 from common.rewards import per_rollout
 from common.judge import extract_choice, sub_exact_match
 from common.models import load_policy, run_options
-from common.rollout import Rollout, observation_segment, run_rollouts
+from common.rollout import Rollout, observation_segment, run_rollouts, sharded
 from common.runlog import (RunLog, bar_plot, plot_runs, read_jsonl, trajectory_html,
                             write_json)
 from common.sft import SFTConfig, train_sft
@@ -753,8 +753,8 @@ def run_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False,
         print(f"[rl] pass rates from {rates_file}")
     else:   # p: the policy's pass rate over k samples per question (5)
         k = args.difficulty_k     # split by rank and gathered: one table on every rank
-        rs = run_sharded(lambda part: agent_rollouts(policy, part, args, world.search, k,
-                                                     args.temperature, desc="difficulty"), pool)
+        rs = sharded(lambda part: agent_rollouts(policy, part, args, world.search, k,
+                                                 args.temperature, desc="difficulty"), pool)
         rates = {q["id"]: float(np.mean([score(r.answer, q, args.max_answer_words)
                                          for r in rs[i * k:(i + 1) * k]]))
                  for i, q in enumerate(pool)}
@@ -768,8 +768,8 @@ def run_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False,
         kept, weights = pool, None
     print(f"[rl] {len(kept)} questions, "
           f"{'uniform' if weights is None else 'difficulty-weighted'} sampling")
-    if note := equal_difficulty_note(weights, args.difficulty_k):
-        print(note)
+    if equal := equal_difficulty_note(weights, args.difficulty_k):
+        print(equal)
     html = []
 
     def on_step(step, rollouts, terms):   # keep the last step's trajectories for the page
@@ -783,7 +783,7 @@ def run_rl(args: Args, adapter: str | None, out_dir: str, uniform: bool = False,
     difficulty = {"k": args.difficulty_k, "pool": len(pool),
                   "kept": 0 if filter_empty else len(kept), "filter_empty": filter_empty,
                   "sampling": "uniform" if weights is None else "difficulty",
-                  "weights_all_equal": bool(equal_difficulty_note(weights, args.difficulty_k))}
+                  "weights_all_equal": bool(equal)}
     save_lras_rl(Path(out_dir), summary, rates, html, difficulty)
     return os.path.join(out_dir, "adapter")
 
@@ -909,9 +909,9 @@ def run_eval(args: Args, adapter: str | None, out_dir: str) -> dict:
     rows = []
     for name, (examples, search, unlabelled) in sets.items():
         torch.manual_seed(sampling_seed(args.seed))   # seed + rank under torchrun
-        rs = run_sharded(lambda part: agent_rollouts(policy, part, args, search, 1,   # by rank
-                                                     args.eval_temperature, True, desc="eval"),
-                         examples)
+        rs = sharded(lambda part: agent_rollouts(policy, part, args, search, 1,   # by rank
+                                                 args.eval_temperature, True, desc="eval"),
+                     examples)
         if name == "toy":
             accs = [score(r.answer, r.example, args.max_answer_words) for r in rs]
             add_scores(results, name, examples, accs)

@@ -1532,10 +1532,10 @@ def contrasts_table(contrasts: dict, asr: str) -> str:
                         for name, c in contrasts.items()])
 
 
-def plot_contrasts(contrasts: dict, path: str, prefix: str = "cue_word_") -> None:
+def plot_contrasts(contrasts: dict, path: str, cue_word: bool = True) -> None:
     """One panel per measure: each contrast's difference with its 95 % interval, zero marked.
-    The ASR measures are titled by the judge's name for them (prefix "cue_word_": a rule judge
-    below the validation bar, so "cue-word unsafe", not ASR)."""
+    The ASR measures are titled by the judge's name for them (cue_word: a rule judge below the
+    validation bar, so "cue-word unsafe", not ASR)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1549,7 +1549,7 @@ def plot_contrasts(contrasts: dict, path: str, prefix: str = "cue_word_") -> Non
                             fmt="o", capsize=3)
         ax.axvline(0, color="grey", lw=0.8)
         title = key.replace("ASR_response", "unsafe").replace("ASR_", "unsafe ")
-        ax.set(title=("cue-word " + title) if prefix and "unsafe" in title else title,
+        ax.set(title=("cue-word " + title) if cue_word and "unsafe" in title else title,
                xlim=(-1.05, 1.05), yticks=range(len(contrasts)), yticklabels=list(contrasts),
                xlabel="difference a - b")
     np.atleast_1d(axes)[0].set_ylabel("contrast (a - b)")
@@ -1591,7 +1591,7 @@ def stage_evidence(args: Args) -> dict:
     asr = "cue-word unsafe" if names else "ASR"
     ctable = contrasts_table(contrasts, asr)
     Path(out, "contrasts.md").write_text(ctable + "\n")
-    plot_contrasts(contrasts, f"{out}/contrasts.png", "cue_word_" if names else "")
+    plot_contrasts(contrasts, f"{out}/contrasts.png", cue_word=bool(names))
     separation = turn_weight_separation(args.num_generations, args.rl_turns, args.lam, args.tau,
                                         args.h_weight)
     write_json(f"{out}/evidence.json",

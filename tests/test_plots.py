@@ -137,7 +137,7 @@ def test_the_am3safety_contrasts_figure_reads_at_a_glance(tmp_path, monkeypatch)
     assert seen["rows"] == list(contrasts)
     assert seen["bars"] == [4, 4, 4, 3, 4]      # a missing difference is left out, not drawn at 0
     assert (tmp_path / "contrasts.png").stat().st_size > 0
-    am.plot_contrasts(contrasts, str(tmp_path / "c2.png"), prefix="")     # a validated judge
+    am.plot_contrasts(contrasts, str(tmp_path / "c2.png"), cue_word=False)   # a validated judge
     assert seen["titles"][0] == "unsafe" and seen["problems"] == []
 
 

@@ -83,12 +83,17 @@ def run_job(out_dir: str, case: dict) -> dict:
     return sft_steps(out_dir, case) if case.get("sft") else grpo_step(out_dir, case)
 
 
-def _worker(rank: int, world: int, port: int, tmp: str, jobs: list) -> None:
-    """One of `world` processes: run every (case, sabotage) job, rank 0 saves the results."""
+def join(rank: int, world: int, port: int) -> None:
+    """Make this spawned process rank `rank` of a `world`-process gloo group, one thread."""
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init()
+
+
+def _worker(rank: int, world: int, port: int, tmp: str, jobs: list) -> None:
+    """One of `world` processes: run every (case, sabotage) job, rank 0 saves the results."""
+    join(rank, world, port)
     import common.grpo as grpo
     real_counts, real_average = grpo.global_counts, dist.average_gradients
     out = []
@@ -108,10 +113,7 @@ def _sft_on_different_data(rank: int, world: int, port: int, tmp: str) -> None:
     """Rank 1 has one sequence the other ranks lack: train_sft must refuse on every rank (a
     stage whose SFT data depends on each rank's samples would otherwise average the gradients
     of different datasets)."""
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init()
+    join(rank, world, port)
     from common.chat import encode_text
     from common.models import load_policy
     from common.sft import SFTConfig, train_sft
